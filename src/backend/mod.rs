@@ -1,0 +1,118 @@
+//! The backend interface: every op the transformer needs, with one implementation per device.
+//!
+//! The model and (later) the GRPO step are written once against this trait. The CPU backend is
+//! the readable specification; a CUDA backend implements the same ops with the same semantics.
+//! Buffers are flat arrays of floats; shapes are given by the caller and written next to each
+//! argument as `[rows, cols]` (row-major).
+
+pub mod cpu;
+
+use anyhow::Result;
+use std::ops::Range;
+
+/// Which device runs a command (`--backend`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendKind {
+    Cpu,
+    Cuda,
+    /// CUDA when a usable GPU is present, else CPU.
+    Auto,
+}
+
+/// Where each token of a batch lives in the KV cache: sequence slot and position.
+///
+/// A batch is ragged: tokens of several sequences are concatenated (no padding), each carrying
+/// its slot and position, so prefill and decode are the same forward call.
+#[derive(Debug, Clone, Default)]
+pub struct TokenPlacement {
+    pub slots: Vec<u32>,     // [M]
+    pub positions: Vec<u32>, // [M]
+}
+
+pub trait Backend: Send + Sync {
+    type Buf: Send + Sync;
+    type View<'a>: Copy
+    where
+        Self: 'a;
+    type ViewMut<'a>
+    where
+        Self: 'a;
+
+    fn name(&self) -> &'static str;
+
+    /// A zero-filled buffer of `len` floats.
+    fn zeros(&self, len: usize) -> Result<Self::Buf>;
+    fn upload(&self, host: &[f32]) -> Result<Self::Buf>;
+    fn download(&self, buf: Self::View<'_>) -> Result<Vec<f32>>;
+    fn len(&self, buf: &Self::Buf) -> usize;
+    fn view<'a>(&self, buf: &'a Self::Buf, range: Range<usize>) -> Self::View<'a>;
+    fn view_mut<'a>(&self, buf: &'a mut Self::Buf, range: Range<usize>) -> Self::ViewMut<'a>;
+
+    fn full<'a>(&self, buf: &'a Self::Buf) -> Self::View<'a> {
+        self.view(buf, 0..self.len(buf))
+    }
+    fn full_mut<'a>(&self, buf: &'a mut Self::Buf) -> Self::ViewMut<'a> {
+        let n = self.len(buf);
+        self.view_mut(buf, 0..n)
+    }
+
+    /// out[m, :] = table[ids[m], :]. Ids are checked against the table by the caller.
+    fn embedding_forward(&self, out: Self::ViewMut<'_>, table: Self::View<'_>, ids: &[u32], dim: usize);
+
+    /// out[m, :] = x[m, :] / sqrt(mean(x[m, :]²) + eps) * weight.  x, out: [M, dim]; weight: [dim].
+    fn rmsnorm_forward(&self, out: Self::ViewMut<'_>, x: Self::View<'_>, weight: Self::View<'_>, dim: usize, eps: f32);
+
+    /// out = x · wᵀ + bias.  x: [M, K]; w: [N, K] (the HF/PyTorch `Linear` layout); bias: [N]; out: [M, N].
+    fn matmul_forward(
+        &self,
+        out: Self::ViewMut<'_>,
+        x: Self::View<'_>,
+        w: Self::View<'_>,
+        bias: Option<Self::View<'_>>,
+        m: usize,
+        k: usize,
+        n: usize,
+    );
+
+    /// Rotates x in place (HF `rotate_half` convention: pairs (i, i + head_dim/2)).
+    /// x: [M, n_heads * head_dim]; positions: [M]; inv_freq: [head_dim / 2].
+    fn rope_forward(&self, x: Self::ViewMut<'_>, positions: &[u32], inv_freq: Self::View<'_>, n_heads: usize, head_dim: usize);
+
+    /// Writes this batch's keys and values into one layer's cache.
+    /// k, v: [M, kv_dim]; cache_k, cache_v: [slots, capacity, kv_dim].
+    fn kv_cache_write(
+        &self,
+        cache_k: Self::ViewMut<'_>,
+        cache_v: Self::ViewMut<'_>,
+        k: Self::View<'_>,
+        v: Self::View<'_>,
+        place: &TokenPlacement,
+        capacity: usize,
+        kv_dim: usize,
+    );
+
+    /// Causal grouped-query attention over the cache: token m attends to positions 0..=pos[m] of
+    /// its slot. q, out: [M, n_heads * head_dim]; cache_k, cache_v: [slots, capacity, n_kv_heads * head_dim].
+    #[allow(clippy::too_many_arguments)]
+    fn attention_forward(
+        &self,
+        out: Self::ViewMut<'_>,
+        q: Self::View<'_>,
+        cache_k: Self::View<'_>,
+        cache_v: Self::View<'_>,
+        place: &TokenPlacement,
+        capacity: usize,
+        n_heads: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+    );
+
+    /// out = silu(gate) * up, elementwise.  All [M, I].
+    fn swiglu_forward(&self, out: Self::ViewMut<'_>, gate: Self::View<'_>, up: Self::View<'_>);
+
+    /// x += y, elementwise (the residual stream).
+    fn residual_add(&self, x: Self::ViewMut<'_>, y: Self::View<'_>);
+
+    /// out[r, :] = x[rows[r], :].  x: [M, dim]; out: [rows.len(), dim].
+    fn gather_rows(&self, out: Self::ViewMut<'_>, x: Self::View<'_>, rows: &[usize], dim: usize);
+}

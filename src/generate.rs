@@ -1,0 +1,124 @@
+//! Batched generation with a per-sequence cap on new tokens (the budget cap).
+//!
+//! All sequences are prefilled in one ragged forward pass, then each decode step runs the
+//! still-active sequences together, one token each. A sequence stops at an EOS id, at a stop
+//! string, or at its cap (then it is flagged truncated). The cap truncates; it never inserts a
+//! token the policy did not sample.
+
+use crate::backend::{Backend, TokenPlacement};
+use crate::model::{KvCache, Model};
+use crate::rng;
+use crate::sampling::{sample, SamplingParams};
+use anyhow::{bail, Result};
+
+/// One sequence to continue.
+#[derive(Debug, Clone)]
+pub struct GenerationRequest {
+    pub prompt: Vec<u32>,
+    /// The most new tokens this sequence may generate (EOS included).
+    pub max_new_tokens: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct GenerateConfig {
+    pub sampling: SamplingParams,
+    pub seed: u64,
+    /// RNG stream of request 0; request i draws from stream `first_stream + i`.
+    pub first_stream: u64,
+    pub eos_ids: Vec<u32>,
+    pub stop_strings: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    /// Every sampled token, a final EOS included.
+    pub tokens: Vec<u32>,
+    /// Generated length ℓ: completion tokens without the EOS.
+    pub len: usize,
+    /// Stopped by EOS or a stop string.
+    pub finished: bool,
+    /// Stopped by the cap.
+    pub truncated: bool,
+}
+
+/// Turns token ids into text, for stop strings.
+pub type Detokenize<'a> = &'a dyn Fn(&[u32]) -> Result<String>;
+
+pub fn generate<B: Backend>(
+    model: &Model<B>,
+    requests: &[GenerationRequest],
+    config: &GenerateConfig,
+    detokenize: Option<Detokenize>,
+) -> Result<Vec<Completion>> {
+    config.sampling.validate()?;
+    if !config.stop_strings.is_empty() && detokenize.is_none() {
+        bail!("stop strings need a tokenizer to decode completions");
+    }
+    if let Some(i) = requests.iter().position(|r| r.prompt.is_empty()) {
+        bail!("prompt {i} is empty: generation needs at least one prompt token");
+    }
+    let b = &model.backend;
+    let vocab = model.cfg.vocab_size;
+    let capacity = requests.iter().map(|r| r.prompt.len() + r.max_new_tokens).max().unwrap_or(0);
+    let mut cache = KvCache::new(b, &model.cfg, requests.len(), capacity)?;
+    let mut out: Vec<Completion> = requests
+        .iter()
+        .map(|r| Completion { tokens: Vec::new(), len: 0, finished: false, truncated: r.max_new_tokens == 0 })
+        .collect();
+
+    // Prefill: every prompt at once; the logits of each prompt's last token choose its first token.
+    let mut tokens = Vec::new();
+    let mut place = TokenPlacement::default();
+    let mut logit_rows = Vec::new();
+    let mut active: Vec<usize> = Vec::new(); // request index of each logits row
+    for (i, r) in requests.iter().enumerate() {
+        tokens.extend_from_slice(&r.prompt);
+        place.slots.extend(std::iter::repeat(i as u32).take(r.prompt.len()));
+        place.positions.extend(0..r.prompt.len() as u32);
+        if r.max_new_tokens > 0 {
+            logit_rows.push(tokens.len() - 1);
+            active.push(i);
+        }
+    }
+    let mut logits = b.download(b.full(&model.forward(&tokens, &place, &mut cache, &logit_rows)?))?;
+
+    while !active.is_empty() {
+        let mut next_active = Vec::with_capacity(active.len());
+        let mut next_tokens = Vec::with_capacity(active.len());
+        let mut next_place = TokenPlacement::default();
+        for (row, &i) in active.iter().enumerate() {
+            let c = &mut out[i];
+            let step = c.tokens.len() as u64;
+            let u = rng::uniform(config.seed, config.first_stream + i as u64, step);
+            let tok = sample(&logits[row * vocab..(row + 1) * vocab], &config.sampling, u);
+            c.tokens.push(tok);
+            if config.eos_ids.contains(&tok) {
+                c.finished = true;
+                continue;
+            }
+            c.len += 1;
+            if let Some(detok) = detokenize.filter(|_| !config.stop_strings.is_empty()) {
+                let text = detok(&c.tokens)?;
+                if config.stop_strings.iter().any(|s| text.contains(s.as_str())) {
+                    c.finished = true;
+                    continue;
+                }
+            }
+            if c.tokens.len() >= requests[i].max_new_tokens {
+                c.truncated = true;
+                continue;
+            }
+            next_tokens.push(tok);
+            next_place.slots.push(i as u32);
+            next_place.positions.push((requests[i].prompt.len() + c.tokens.len() - 1) as u32);
+            next_active.push(i);
+        }
+        active = next_active;
+        if active.is_empty() {
+            break;
+        }
+        let rows: Vec<usize> = (0..active.len()).collect();
+        logits = b.download(b.full(&model.forward(&next_tokens, &next_place, &mut cache, &rows)?))?;
+    }
+    Ok(out)
+}

@@ -1,0 +1,184 @@
+//! The decoder-only transformer (Qwen2 / Llama) written once against the `Backend` trait.
+//!
+//! Per layer: x += o_proj(attn(rope(q), rope(k), v)) over RMSNorm(x); x += down(silu(gate) · up)
+//! over RMSNorm(x). Then a final RMSNorm and the LM head on the rows whose logits are wanted.
+
+use crate::backend::{Backend, TokenPlacement};
+use crate::config::ModelConfig;
+use crate::params::ParamLayout;
+use crate::rng::Philox;
+use anyhow::{bail, Result};
+use std::path::Path;
+
+pub struct Model<B: Backend> {
+    pub cfg: ModelConfig,
+    pub layout: ParamLayout,
+    pub backend: B,
+    /// Every parameter, in `layout` order: [num_params].
+    pub params: B::Buf,
+    inv_freq: B::Buf, // [head_dim / 2]
+}
+
+/// Keys and values of every layer for a set of sequence slots.
+pub struct KvCache<B: Backend> {
+    pub k: B::Buf, // [layers, slots, capacity, kv_dim]
+    pub v: B::Buf, // [layers, slots, capacity, kv_dim]
+    pub slots: usize,
+    pub capacity: usize,
+    kv_dim: usize,
+}
+
+impl<B: Backend> KvCache<B> {
+    pub fn new(backend: &B, cfg: &ModelConfig, slots: usize, capacity: usize) -> Result<Self> {
+        let len = cfg.num_layers * slots * capacity * cfg.kv_dim();
+        Ok(KvCache { k: backend.zeros(len)?, v: backend.zeros(len)?, slots, capacity, kv_dim: cfg.kv_dim() })
+    }
+
+    fn layer_range(&self, layer: usize) -> std::ops::Range<usize> {
+        let per_layer = self.slots * self.capacity * self.kv_dim;
+        layer * per_layer..(layer + 1) * per_layer
+    }
+}
+
+impl<B: Backend> Model<B> {
+    /// Loads a Hugging Face model folder (config.json + safetensors).
+    pub fn load(dir: &Path, backend: B) -> Result<Self> {
+        if !dir.is_dir() {
+            bail!("model folder {} does not exist", dir.display());
+        }
+        let cfg = ModelConfig::from_model_dir(dir)?;
+        let layout = ParamLayout::new(&cfg);
+        let host = crate::weights::load_params(dir, &cfg, &layout)?;
+        Self::from_host_params(cfg, layout, &host, backend)
+    }
+
+    /// A model with random weights (normal, std 0.02; norms at 1), for benchmarks and checks
+    /// that need no checkpoint.
+    pub fn random(cfg: ModelConfig, seed: u64, backend: B) -> Result<Self> {
+        let layout = ParamLayout::new(&cfg);
+        let mut rng = Philox::new(seed, 0);
+        let mut host = vec![0.0f32; layout.total_len()];
+        for spec in &layout.specs {
+            let dst = &mut host[spec.range()];
+            if spec.name.ends_with("norm.weight") {
+                dst.fill(1.0);
+            } else {
+                dst.iter_mut().for_each(|v| *v = 0.02 * rng.next_normal());
+            }
+        }
+        Self::from_host_params(cfg, layout, &host, backend)
+    }
+
+    fn from_host_params(cfg: ModelConfig, layout: ParamLayout, host: &[f32], backend: B) -> Result<Self> {
+        let params = backend.upload(host)?;
+        let inv_freq = backend.upload(&cfg.rope_inv_freq())?;
+        Ok(Model { cfg, layout, backend, params, inv_freq })
+    }
+
+    fn p(&self, idx: usize) -> B::View<'_> {
+        self.backend.view(&self.params, self.layout.range(idx))
+    }
+
+    fn p_opt(&self, idx: Option<usize>) -> Option<B::View<'_>> {
+        idx.map(|i| self.p(i))
+    }
+
+    /// Runs the batch `tokens` (placed by `place`) through the model, writing its keys and values
+    /// into `cache`, and returns the logits of the token rows listed in `logit_rows`:
+    /// [logit_rows.len(), vocab].
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        place: &TokenPlacement,
+        cache: &mut KvCache<B>,
+        logit_rows: &[usize],
+    ) -> Result<B::Buf> {
+        let cfg = &self.cfg;
+        let b = &self.backend;
+        let m = tokens.len();
+        if place.slots.len() != m || place.positions.len() != m {
+            bail!("forward: {} tokens but {} slots and {} positions", m, place.slots.len(), place.positions.len());
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+            bail!("token id {bad} is out of range for the model's vocabulary of {} tokens", cfg.vocab_size);
+        }
+        for (&slot, &pos) in place.slots.iter().zip(&place.positions) {
+            if slot as usize >= cache.slots || pos as usize >= cache.capacity {
+                bail!(
+                    "token at slot {slot}, position {pos} does not fit the KV cache ({} slots × {} positions)",
+                    cache.slots,
+                    cache.capacity
+                );
+            }
+        }
+        if let Some(&bad) = logit_rows.iter().find(|&&r| r >= m) {
+            bail!("forward: logit row {bad} is outside the batch of {m} tokens");
+        }
+        let (h, inter, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
+        let (q_dim, kv_dim) = (cfg.q_dim(), cfg.kv_dim());
+        let eps = cfg.rms_norm_eps as f32;
+
+        let mut x = b.zeros(m * h)?; // [M, H] residual stream
+        let mut xn = b.zeros(m * h)?; // [M, H] normalised input of a block
+        let mut q = b.zeros(m * q_dim)?; // [M, n_heads * hd]
+        let mut k = b.zeros(m * kv_dim)?; // [M, n_kv * hd]
+        let mut v = b.zeros(m * kv_dim)?; // [M, n_kv * hd]
+        let mut att = b.zeros(m * q_dim)?; // [M, n_heads * hd]
+        let mut proj = b.zeros(m * h)?; // [M, H] a block's output before the residual add
+        let mut gate = b.zeros(m * inter)?; // [M, I]
+        let mut up = b.zeros(m * inter)?; // [M, I]
+        let mut act = b.zeros(m * inter)?; // [M, I]
+
+        b.embedding_forward(b.full_mut(&mut x), self.p(self.layout.embed), tokens, h);
+        for (l, lp) in self.layout.layers.iter().enumerate() {
+            b.rmsnorm_forward(b.full_mut(&mut xn), b.full(&x), self.p(lp.input_norm), h, eps);
+            b.matmul_forward(b.full_mut(&mut q), b.full(&xn), self.p(lp.q), self.p_opt(lp.q_bias), m, h, q_dim);
+            b.matmul_forward(b.full_mut(&mut k), b.full(&xn), self.p(lp.k), self.p_opt(lp.k_bias), m, h, kv_dim);
+            b.matmul_forward(b.full_mut(&mut v), b.full(&xn), self.p(lp.v), self.p_opt(lp.v_bias), m, h, kv_dim);
+            let inv_freq = b.full(&self.inv_freq);
+            b.rope_forward(b.full_mut(&mut q), &place.positions, inv_freq, cfg.num_heads, hd);
+            b.rope_forward(b.full_mut(&mut k), &place.positions, inv_freq, cfg.num_kv_heads, hd);
+
+            let range = cache.layer_range(l);
+            let (ck, cv) = (&mut cache.k, &mut cache.v);
+            b.kv_cache_write(
+                b.view_mut(ck, range.clone()),
+                b.view_mut(cv, range.clone()),
+                b.full(&k),
+                b.full(&v),
+                place,
+                cache.capacity,
+                kv_dim,
+            );
+            b.attention_forward(
+                b.full_mut(&mut att),
+                b.full(&q),
+                b.view(&cache.k, range.clone()),
+                b.view(&cache.v, range),
+                place,
+                cache.capacity,
+                cfg.num_heads,
+                cfg.num_kv_heads,
+                hd,
+            );
+            b.matmul_forward(b.full_mut(&mut proj), b.full(&att), self.p(lp.o), self.p_opt(lp.o_bias), m, q_dim, h);
+            b.residual_add(b.full_mut(&mut x), b.full(&proj));
+
+            b.rmsnorm_forward(b.full_mut(&mut xn), b.full(&x), self.p(lp.post_norm), h, eps);
+            b.matmul_forward(b.full_mut(&mut gate), b.full(&xn), self.p(lp.gate), self.p_opt(lp.gate_bias), m, h, inter);
+            b.matmul_forward(b.full_mut(&mut up), b.full(&xn), self.p(lp.up), self.p_opt(lp.up_bias), m, h, inter);
+            b.swiglu_forward(b.full_mut(&mut act), b.full(&gate), b.full(&up));
+            b.matmul_forward(b.full_mut(&mut proj), b.full(&act), self.p(lp.down), self.p_opt(lp.down_bias), m, inter, h);
+            b.residual_add(b.full_mut(&mut x), b.full(&proj));
+        }
+
+        let r = logit_rows.len();
+        let mut rows = b.zeros(r * h)?; // [R, H]
+        let mut rows_n = b.zeros(r * h)?; // [R, H]
+        let mut logits = b.zeros(r * cfg.vocab_size)?; // [R, V]
+        b.gather_rows(b.full_mut(&mut rows), b.full(&x), logit_rows, h);
+        b.rmsnorm_forward(b.full_mut(&mut rows_n), b.full(&rows), self.p(self.layout.final_norm), h, eps);
+        b.matmul_forward(b.full_mut(&mut logits), b.full(&rows_n), self.p(self.layout.lm_head), None, r, h, cfg.vocab_size);
+        Ok(logits)
+    }
+}

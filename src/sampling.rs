@@ -1,0 +1,167 @@
+//! Choosing the next token from a row of logits, and the log-probability of a chosen token.
+
+/// Decoding settings. temperature 0 = greedy; top_k 0 = off; top_p 1 = off.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SamplingParams {
+    pub temperature: f32,
+    pub top_k: usize,
+    pub top_p: f32,
+}
+
+impl SamplingParams {
+    pub fn greedy() -> Self {
+        SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0 }
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            anyhow::bail!("temperature must be a finite number >= 0, got {}", self.temperature);
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            anyhow::bail!("top-p must be in (0, 1], got {}", self.top_p);
+        }
+        Ok(())
+    }
+}
+
+/// The index of the largest logit (the lowest index among equals).
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Draws a token with the uniform `u` in [0, 1).
+///
+/// The kept set (top-k, then top-p over the tempered softmax) is walked in vocabulary order for
+/// the inverse CDF, so the result depends only on (logits, params, u): a GPU kernel that draws
+/// the same `u` picks the same token.
+pub fn sample(logits: &[f32], params: &SamplingParams, u: f64) -> u32 {
+    if params.temperature == 0.0 {
+        return argmax(logits);
+    }
+    let inv_t = 1.0 / params.temperature as f64;
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    // Unnormalised probabilities at temperature τ, in f64.
+    let mut probs: Vec<f64> = logits.iter().map(|&z| ((z as f64 - max) * inv_t).exp()).collect();
+
+    let vocab = logits.len();
+    let restrict_k = params.top_k > 0 && params.top_k < vocab;
+    let restrict_p = params.top_p < 1.0;
+    if restrict_k || restrict_p {
+        // Candidates by descending probability, ties to the lower index.
+        let mut order: Vec<usize> = (0..vocab).collect();
+        order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
+        let mut keep = if restrict_k { params.top_k } else { vocab };
+        if restrict_p {
+            let total: f64 = order[..keep].iter().map(|&i| probs[i]).sum();
+            let mut cum = 0.0;
+            for (n, &i) in order[..keep].iter().enumerate() {
+                cum += probs[i] / total;
+                if cum >= params.top_p as f64 {
+                    keep = n + 1;
+                    break;
+                }
+            }
+        }
+        for &i in &order[keep..] {
+            probs[i] = 0.0;
+        }
+    }
+
+    let total: f64 = probs.iter().sum();
+    let target = u * total;
+    let mut cum = 0.0;
+    let mut last_kept = 0;
+    for (i, &p) in probs.iter().enumerate() {
+        if p > 0.0 {
+            cum += p;
+            last_kept = i;
+            if target < cum {
+                return i as u32;
+            }
+        }
+    }
+    last_kept as u32 // rounding left u·total at the very end of the CDF
+}
+
+/// log softmax(logits / τ)[token], accumulated in f64. τ = 1 gives the plain log-probability.
+pub fn token_logprob(logits: &[f32], token: u32, temperature: f32) -> f32 {
+    let inv_t = 1.0 / temperature as f64;
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64 * inv_t;
+    let sum: f64 = logits.iter().map(|&z| (z as f64 * inv_t - max).exp()).sum();
+    (logits[token as usize] as f64 * inv_t - max - sum.ln()) as f32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(temperature: f32, top_k: usize, top_p: f32) -> SamplingParams {
+        SamplingParams { temperature, top_k, top_p }
+    }
+
+    #[test]
+    fn greedy_picks_the_first_maximum() {
+        assert_eq!(sample(&[0.1, 3.0, 3.0, -1.0], &SamplingParams::greedy(), 0.99), 1);
+    }
+
+    #[test]
+    fn inverse_cdf_walks_vocabulary_order() {
+        // softmax(ln [1, 2, 1]) = [0.25, 0.5, 0.25]
+        let logits = [0.0f32, 2f32.ln(), 0.0];
+        let p = params(1.0, 0, 1.0);
+        assert_eq!(sample(&logits, &p, 0.0), 0);
+        assert_eq!(sample(&logits, &p, 0.24), 0);
+        assert_eq!(sample(&logits, &p, 0.26), 1);
+        assert_eq!(sample(&logits, &p, 0.74), 1);
+        assert_eq!(sample(&logits, &p, 0.76), 2);
+    }
+
+    #[test]
+    fn top_k_and_top_p_remove_the_tail() {
+        let logits = [0.0f32, 2f32.ln(), 0.0, 3f32.ln()]; // probs ∝ [1, 2, 1, 3]
+        for i in 0..100 {
+            let u = i as f64 / 100.0;
+            assert!(matches!(sample(&logits, &params(1.0, 2, 1.0), u), 1 | 3));
+            // top-p 0.5: 3/7 < 0.5, 3/7 + 2/7 >= 0.5 → {3, 1}
+            assert!(matches!(sample(&logits, &params(1.0, 0, 0.5), u), 1 | 3));
+            // top-p 0.4: 3/7 >= 0.4 → {3}
+            assert_eq!(sample(&logits, &params(1.0, 0, 0.4), u), 3);
+        }
+    }
+
+    #[test]
+    fn sampling_frequencies_follow_tempered_softmax() {
+        let logits = [0.0f32, 1.0, 2.0];
+        let t = 0.5;
+        let n = 20_000;
+        let mut counts = [0usize; 3];
+        for i in 0..n {
+            counts[sample(&logits, &params(t, 0, 1.0), crate::rng::uniform(3, 0, i)) as usize] += 1;
+        }
+        let z: Vec<f64> = logits.iter().map(|&l| (l as f64 / t as f64).exp()).collect();
+        let total: f64 = z.iter().sum();
+        for (c, zi) in counts.iter().zip(&z) {
+            let expected = zi / total;
+            assert!((*c as f64 / n as f64 - expected).abs() < 0.01, "{counts:?}");
+        }
+    }
+
+    #[test]
+    fn token_logprob_matches_direct_formula() {
+        let logits = [1.0f32, -2.0, 0.5, 3.0];
+        for &t in &[1.0f32, 0.7] {
+            let z: Vec<f64> = logits.iter().map(|&l| l as f64 / t as f64).collect();
+            let lse = z.iter().map(|v| v.exp()).sum::<f64>().ln();
+            for tok in 0..4 {
+                let want = z[tok] - lse;
+                assert!((token_logprob(&logits, tok as u32, t) as f64 - want).abs() < 1e-6);
+            }
+        }
+    }
+}
