@@ -17,7 +17,9 @@ pub enum Arch {
 pub enum RopeScaling {
     None,
     /// Positions divided by `factor` (HF "linear").
-    Linear { factor: f64 },
+    Linear {
+        factor: f64,
+    },
     /// Llama 3.1 frequency-dependent scaling (HF "llama3").
     Llama3 {
         factor: f64,
@@ -56,7 +58,8 @@ impl ModelConfig {
         let path = dir.join("config.json");
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("missing or unreadable model config {}", path.display()))?;
-        Self::from_json_str(&text).with_context(|| format!("invalid model config {}", path.display()))
+        Self::from_json_str(&text)
+            .with_context(|| format!("invalid model config {}", path.display()))
     }
 
     pub fn from_json_str(text: &str) -> Result<Self> {
@@ -68,11 +71,27 @@ impl ModelConfig {
         let arch = match model_type.as_str() {
             "qwen2" => Arch::Qwen2,
             "llama" => Arch::Llama,
-            other => bail!("key `model_type`: unsupported architecture {other:?} (supported: qwen2, llama)"),
+            other => bail!(
+                "key `model_type`: unsupported architecture {other:?} (supported: qwen2, llama)"
+            ),
         };
         if let Some(act) = j.opt_str("hidden_act")? {
             if act != "silu" {
                 bail!("key `hidden_act`: only \"silu\" (SwiGLU) is supported, got {act:?}");
+            }
+        }
+
+        if j.opt_bool("use_sliding_window")? == Some(true) {
+            bail!("key `use_sliding_window`: sliding-window attention is not supported");
+        }
+        if let Some(types) = j.present("layer_types") {
+            let all_full = types
+                .as_array()
+                .is_some_and(|a| a.iter().all(|t| t == "full_attention"));
+            if !all_full {
+                bail!(
+                    "key `layer_types`: only \"full_attention\" layers are supported, got {types}"
+                );
             }
         }
 
@@ -99,7 +118,11 @@ impl ModelConfig {
         let attention_bias = j.opt_bool("attention_bias")?.unwrap_or(false);
         let (qkv_bias, o_bias, mlp_bias) = match arch {
             Arch::Qwen2 => (true, false, false),
-            Arch::Llama => (attention_bias, attention_bias, j.opt_bool("mlp_bias")?.unwrap_or(false)),
+            Arch::Llama => (
+                attention_bias,
+                attention_bias,
+                j.opt_bool("mlp_bias")?.unwrap_or(false),
+            ),
         };
         let rms_norm_eps = j.opt_f64("rms_norm_eps")?.unwrap_or(1e-6);
         if !(rms_norm_eps > 0.0) {
@@ -160,7 +183,8 @@ impl ModelConfig {
                         } else if wavelen > low_freq_wavelen {
                             inv / factor
                         } else {
-                            let smooth = (old_ctx / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                            let smooth = (old_ctx / wavelen - low_freq_factor)
+                                / (high_freq_factor - low_freq_factor);
                             (1.0 - smooth) * inv / factor + smooth * inv
                         }
                     }
@@ -223,7 +247,12 @@ fn parse_rope(j: &Keys) -> Result<(f64, RopeScaling)> {
         },
         other => bail!("key `{key}.rope_type`: unsupported rope type {other:?} (supported: default, linear, llama3)"),
     };
-    if let RopeScaling::Llama3 { low_freq_factor, high_freq_factor, .. } = scaling {
+    if let RopeScaling::Llama3 {
+        low_freq_factor,
+        high_freq_factor,
+        ..
+    } = scaling
+    {
         if !(high_freq_factor > low_freq_factor) {
             bail!("key `{key}`: high_freq_factor must exceed low_freq_factor");
         }
@@ -236,7 +265,9 @@ struct Keys<'a>(&'a Map<String, Value>);
 
 impl Keys<'_> {
     fn get(&self, key: &str) -> Result<&Value> {
-        self.0.get(key).with_context(|| format!("missing key `{key}`"))
+        self.0
+            .get(key)
+            .with_context(|| format!("missing key `{key}`"))
     }
     fn present(&self, key: &str) -> Option<&Value> {
         self.0.get(key).filter(|v| !v.is_null())
@@ -253,14 +284,17 @@ impl Keys<'_> {
     }
     fn f64(&self, key: &str) -> Result<f64> {
         let v = self.get(key)?;
-        v.as_f64().with_context(|| format!("key `{key}`: expected a number, got {v}"))
+        v.as_f64()
+            .with_context(|| format!("key `{key}`: expected a number, got {v}"))
     }
     fn opt_f64(&self, key: &str) -> Result<Option<f64>> {
         self.present(key).map(|_| self.f64(key)).transpose()
     }
     fn str(&self, key: &str) -> Result<String> {
         let v = self.get(key)?;
-        v.as_str().map(str::to_string).with_context(|| format!("key `{key}`: expected a string, got {v}"))
+        v.as_str()
+            .map(str::to_string)
+            .with_context(|| format!("key `{key}`: expected a string, got {v}"))
     }
     fn opt_str(&self, key: &str) -> Result<Option<String>> {
         self.present(key).map(|_| self.str(key)).transpose()
@@ -268,7 +302,10 @@ impl Keys<'_> {
     fn opt_bool(&self, key: &str) -> Result<Option<bool>> {
         match self.present(key) {
             None => Ok(None),
-            Some(v) => v.as_bool().map(Some).with_context(|| format!("key `{key}`: expected true or false, got {v}")),
+            Some(v) => v
+                .as_bool()
+                .map(Some)
+                .with_context(|| format!("key `{key}`: expected true or false, got {v}")),
         }
     }
 }

@@ -59,11 +59,20 @@ pub fn generate<B: Backend>(
     }
     let b = &model.backend;
     let vocab = model.cfg.vocab_size;
-    let capacity = requests.iter().map(|r| r.prompt.len() + r.max_new_tokens).max().unwrap_or(0);
+    let capacity = requests
+        .iter()
+        .map(|r| r.prompt.len() + r.max_new_tokens)
+        .max()
+        .unwrap_or(0);
     let mut cache = KvCache::new(b, &model.cfg, requests.len(), capacity)?;
     let mut out: Vec<Completion> = requests
         .iter()
-        .map(|r| Completion { tokens: Vec::new(), len: 0, finished: false, truncated: r.max_new_tokens == 0 })
+        .map(|r| Completion {
+            tokens: Vec::new(),
+            len: 0,
+            finished: false,
+            truncated: r.max_new_tokens == 0,
+        })
         .collect();
 
     // Prefill: every prompt at once; the logits of each prompt's last token choose its first token.
@@ -73,14 +82,17 @@ pub fn generate<B: Backend>(
     let mut active: Vec<usize> = Vec::new(); // request index of each logits row
     for (i, r) in requests.iter().enumerate() {
         tokens.extend_from_slice(&r.prompt);
-        place.slots.extend(std::iter::repeat(i as u32).take(r.prompt.len()));
+        place
+            .slots
+            .extend(std::iter::repeat(i as u32).take(r.prompt.len()));
         place.positions.extend(0..r.prompt.len() as u32);
         if r.max_new_tokens > 0 {
             logit_rows.push(tokens.len() - 1);
             active.push(i);
         }
     }
-    let mut logits = b.download(b.full(&model.forward(&tokens, &place, &mut cache, &logit_rows)?))?;
+    let mut logits =
+        b.download(b.full(&model.forward(&tokens, &place, &mut cache, &logit_rows)?))?;
 
     while !active.is_empty() {
         let mut next_active = Vec::with_capacity(active.len());
@@ -99,7 +111,11 @@ pub fn generate<B: Backend>(
             c.len += 1;
             if let Some(detok) = detokenize.filter(|_| !config.stop_strings.is_empty()) {
                 let text = detok(&c.tokens)?;
-                if config.stop_strings.iter().any(|s| text.contains(s.as_str())) {
+                if config
+                    .stop_strings
+                    .iter()
+                    .any(|s| text.contains(s.as_str()))
+                {
                     c.finished = true;
                     continue;
                 }
@@ -110,7 +126,9 @@ pub fn generate<B: Backend>(
             }
             next_tokens.push(tok);
             next_place.slots.push(i as u32);
-            next_place.positions.push((requests[i].prompt.len() + c.tokens.len() - 1) as u32);
+            next_place
+                .positions
+                .push((requests[i].prompt.len() + c.tokens.len() - 1) as u32);
             next_active.push(i);
         }
         active = next_active;
@@ -118,7 +136,8 @@ pub fn generate<B: Backend>(
             break;
         }
         let rows: Vec<usize> = (0..active.len()).collect();
-        logits = b.download(b.full(&model.forward(&next_tokens, &next_place, &mut cache, &rows)?))?;
+        logits =
+            b.download(b.full(&model.forward(&next_tokens, &next_place, &mut cache, &rows)?))?;
     }
     Ok(out)
 }

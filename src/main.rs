@@ -1,1 +1,41 @@
-fn main() {}
+//! The `thinkshort` command line.
+
+use clap::{Parser, Subcommand};
+use thinkshort::commands::{doctor, generate, logprobs};
+
+#[derive(Parser)]
+#[command(
+    name = "thinkshort",
+    version,
+    about = "Curriculum GRPO: train language models to reason correctly in fewer tokens"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Continue a prompt (greedy or sampled) under a token budget.
+    Generate(generate::GenerateArgs),
+    /// Per-token log-probabilities of completions given prompts (JSONL in, JSONL out).
+    Logprobs(logprobs::LogprobsArgs),
+    /// Report the version, backends, CUDA driver, kernels and GPUs.
+    Doctor(doctor::DoctorArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Generate(a) => generate::run(a),
+        Command::Logprobs(a) => logprobs::run(a),
+        Command::Doctor(a) => doctor::run(a),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

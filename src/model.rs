@@ -31,7 +31,13 @@ pub struct KvCache<B: Backend> {
 impl<B: Backend> KvCache<B> {
     pub fn new(backend: &B, cfg: &ModelConfig, slots: usize, capacity: usize) -> Result<Self> {
         let len = cfg.num_layers * slots * capacity * cfg.kv_dim();
-        Ok(KvCache { k: backend.zeros(len)?, v: backend.zeros(len)?, slots, capacity, kv_dim: cfg.kv_dim() })
+        Ok(KvCache {
+            k: backend.zeros(len)?,
+            v: backend.zeros(len)?,
+            slots,
+            capacity,
+            kv_dim: cfg.kv_dim(),
+        })
     }
 
     fn layer_range(&self, layer: usize) -> std::ops::Range<usize> {
@@ -69,10 +75,21 @@ impl<B: Backend> Model<B> {
         Self::from_host_params(cfg, layout, &host, backend)
     }
 
-    fn from_host_params(cfg: ModelConfig, layout: ParamLayout, host: &[f32], backend: B) -> Result<Self> {
+    fn from_host_params(
+        cfg: ModelConfig,
+        layout: ParamLayout,
+        host: &[f32],
+        backend: B,
+    ) -> Result<Self> {
         let params = backend.upload(host)?;
         let inv_freq = backend.upload(&cfg.rope_inv_freq())?;
-        Ok(Model { cfg, layout, backend, params, inv_freq })
+        Ok(Model {
+            cfg,
+            layout,
+            backend,
+            params,
+            inv_freq,
+        })
     }
 
     fn p(&self, idx: usize) -> B::View<'_> {
@@ -97,10 +114,18 @@ impl<B: Backend> Model<B> {
         let b = &self.backend;
         let m = tokens.len();
         if place.slots.len() != m || place.positions.len() != m {
-            bail!("forward: {} tokens but {} slots and {} positions", m, place.slots.len(), place.positions.len());
+            bail!(
+                "forward: {} tokens but {} slots and {} positions",
+                m,
+                place.slots.len(),
+                place.positions.len()
+            );
         }
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
-            bail!("token id {bad} is out of range for the model's vocabulary of {} tokens", cfg.vocab_size);
+            bail!(
+                "token id {bad} is out of range for the model's vocabulary of {} tokens",
+                cfg.vocab_size
+            );
         }
         for (&slot, &pos) in place.slots.iter().zip(&place.positions) {
             if slot as usize >= cache.slots || pos as usize >= cache.capacity {
@@ -131,13 +156,55 @@ impl<B: Backend> Model<B> {
 
         b.embedding_forward(b.full_mut(&mut x), self.p(self.layout.embed), tokens, h);
         for (l, lp) in self.layout.layers.iter().enumerate() {
-            b.rmsnorm_forward(b.full_mut(&mut xn), b.full(&x), self.p(lp.input_norm), h, eps);
-            b.matmul_forward(b.full_mut(&mut q), b.full(&xn), self.p(lp.q), self.p_opt(lp.q_bias), m, h, q_dim);
-            b.matmul_forward(b.full_mut(&mut k), b.full(&xn), self.p(lp.k), self.p_opt(lp.k_bias), m, h, kv_dim);
-            b.matmul_forward(b.full_mut(&mut v), b.full(&xn), self.p(lp.v), self.p_opt(lp.v_bias), m, h, kv_dim);
+            b.rmsnorm_forward(
+                b.full_mut(&mut xn),
+                b.full(&x),
+                self.p(lp.input_norm),
+                h,
+                eps,
+            );
+            b.matmul_forward(
+                b.full_mut(&mut q),
+                b.full(&xn),
+                self.p(lp.q),
+                self.p_opt(lp.q_bias),
+                m,
+                h,
+                q_dim,
+            );
+            b.matmul_forward(
+                b.full_mut(&mut k),
+                b.full(&xn),
+                self.p(lp.k),
+                self.p_opt(lp.k_bias),
+                m,
+                h,
+                kv_dim,
+            );
+            b.matmul_forward(
+                b.full_mut(&mut v),
+                b.full(&xn),
+                self.p(lp.v),
+                self.p_opt(lp.v_bias),
+                m,
+                h,
+                kv_dim,
+            );
             let inv_freq = b.full(&self.inv_freq);
-            b.rope_forward(b.full_mut(&mut q), &place.positions, inv_freq, cfg.num_heads, hd);
-            b.rope_forward(b.full_mut(&mut k), &place.positions, inv_freq, cfg.num_kv_heads, hd);
+            b.rope_forward(
+                b.full_mut(&mut q),
+                &place.positions,
+                inv_freq,
+                cfg.num_heads,
+                hd,
+            );
+            b.rope_forward(
+                b.full_mut(&mut k),
+                &place.positions,
+                inv_freq,
+                cfg.num_kv_heads,
+                hd,
+            );
 
             let range = cache.layer_range(l);
             let (ck, cv) = (&mut cache.k, &mut cache.v);
@@ -161,14 +228,52 @@ impl<B: Backend> Model<B> {
                 cfg.num_kv_heads,
                 hd,
             );
-            b.matmul_forward(b.full_mut(&mut proj), b.full(&att), self.p(lp.o), self.p_opt(lp.o_bias), m, q_dim, h);
+            b.matmul_forward(
+                b.full_mut(&mut proj),
+                b.full(&att),
+                self.p(lp.o),
+                self.p_opt(lp.o_bias),
+                m,
+                q_dim,
+                h,
+            );
             b.residual_add(b.full_mut(&mut x), b.full(&proj));
 
-            b.rmsnorm_forward(b.full_mut(&mut xn), b.full(&x), self.p(lp.post_norm), h, eps);
-            b.matmul_forward(b.full_mut(&mut gate), b.full(&xn), self.p(lp.gate), self.p_opt(lp.gate_bias), m, h, inter);
-            b.matmul_forward(b.full_mut(&mut up), b.full(&xn), self.p(lp.up), self.p_opt(lp.up_bias), m, h, inter);
+            b.rmsnorm_forward(
+                b.full_mut(&mut xn),
+                b.full(&x),
+                self.p(lp.post_norm),
+                h,
+                eps,
+            );
+            b.matmul_forward(
+                b.full_mut(&mut gate),
+                b.full(&xn),
+                self.p(lp.gate),
+                self.p_opt(lp.gate_bias),
+                m,
+                h,
+                inter,
+            );
+            b.matmul_forward(
+                b.full_mut(&mut up),
+                b.full(&xn),
+                self.p(lp.up),
+                self.p_opt(lp.up_bias),
+                m,
+                h,
+                inter,
+            );
             b.swiglu_forward(b.full_mut(&mut act), b.full(&gate), b.full(&up));
-            b.matmul_forward(b.full_mut(&mut proj), b.full(&act), self.p(lp.down), self.p_opt(lp.down_bias), m, inter, h);
+            b.matmul_forward(
+                b.full_mut(&mut proj),
+                b.full(&act),
+                self.p(lp.down),
+                self.p_opt(lp.down_bias),
+                m,
+                inter,
+                h,
+            );
             b.residual_add(b.full_mut(&mut x), b.full(&proj));
         }
 
@@ -177,8 +282,22 @@ impl<B: Backend> Model<B> {
         let mut rows_n = b.zeros(r * h)?; // [R, H]
         let mut logits = b.zeros(r * cfg.vocab_size)?; // [R, V]
         b.gather_rows(b.full_mut(&mut rows), b.full(&x), logit_rows, h);
-        b.rmsnorm_forward(b.full_mut(&mut rows_n), b.full(&rows), self.p(self.layout.final_norm), h, eps);
-        b.matmul_forward(b.full_mut(&mut logits), b.full(&rows_n), self.p(self.layout.lm_head), None, r, h, cfg.vocab_size);
+        b.rmsnorm_forward(
+            b.full_mut(&mut rows_n),
+            b.full(&rows),
+            self.p(self.layout.final_norm),
+            h,
+            eps,
+        );
+        b.matmul_forward(
+            b.full_mut(&mut logits),
+            b.full(&rows_n),
+            self.p(self.layout.lm_head),
+            None,
+            r,
+            h,
+            cfg.vocab_size,
+        );
         Ok(logits)
     }
 }

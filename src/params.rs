@@ -62,10 +62,17 @@ impl ParamLayout {
         let mut specs: Vec<ParamSpec> = Vec::new();
         let mut add = |name: String, shape: Vec<usize>| -> usize {
             let offset = specs.last().map_or(0, |s| s.offset + s.len());
-            specs.push(ParamSpec { name, shape, offset });
+            specs.push(ParamSpec {
+                name,
+                shape,
+                offset,
+            });
             specs.len() - 1
         };
-        let add_if = |on: bool, name: String, shape: Vec<usize>, add: &mut dyn FnMut(String, Vec<usize>) -> usize| {
+        let add_if = |on: bool,
+                      name: String,
+                      shape: Vec<usize>,
+                      add: &mut dyn FnMut(String, Vec<usize>) -> usize| {
             on.then(|| add(name, shape))
         };
 
@@ -75,20 +82,55 @@ impl ParamLayout {
             let p = format!("model.layers.{l}");
             let input_norm = add(format!("{p}.input_layernorm.weight"), vec![h]);
             let q_w = add(format!("{p}.self_attn.q_proj.weight"), vec![q, h]);
-            let q_bias = add_if(cfg.qkv_bias, format!("{p}.self_attn.q_proj.bias"), vec![q], &mut add);
+            let q_bias = add_if(
+                cfg.qkv_bias,
+                format!("{p}.self_attn.q_proj.bias"),
+                vec![q],
+                &mut add,
+            );
             let k_w = add(format!("{p}.self_attn.k_proj.weight"), vec![kv, h]);
-            let k_bias = add_if(cfg.qkv_bias, format!("{p}.self_attn.k_proj.bias"), vec![kv], &mut add);
+            let k_bias = add_if(
+                cfg.qkv_bias,
+                format!("{p}.self_attn.k_proj.bias"),
+                vec![kv],
+                &mut add,
+            );
             let v_w = add(format!("{p}.self_attn.v_proj.weight"), vec![kv, h]);
-            let v_bias = add_if(cfg.qkv_bias, format!("{p}.self_attn.v_proj.bias"), vec![kv], &mut add);
+            let v_bias = add_if(
+                cfg.qkv_bias,
+                format!("{p}.self_attn.v_proj.bias"),
+                vec![kv],
+                &mut add,
+            );
             let o = add(format!("{p}.self_attn.o_proj.weight"), vec![h, q]);
-            let o_bias = add_if(cfg.o_bias, format!("{p}.self_attn.o_proj.bias"), vec![h], &mut add);
+            let o_bias = add_if(
+                cfg.o_bias,
+                format!("{p}.self_attn.o_proj.bias"),
+                vec![h],
+                &mut add,
+            );
             let post_norm = add(format!("{p}.post_attention_layernorm.weight"), vec![h]);
             let gate = add(format!("{p}.mlp.gate_proj.weight"), vec![i, h]);
-            let gate_bias = add_if(cfg.mlp_bias, format!("{p}.mlp.gate_proj.bias"), vec![i], &mut add);
+            let gate_bias = add_if(
+                cfg.mlp_bias,
+                format!("{p}.mlp.gate_proj.bias"),
+                vec![i],
+                &mut add,
+            );
             let up = add(format!("{p}.mlp.up_proj.weight"), vec![i, h]);
-            let up_bias = add_if(cfg.mlp_bias, format!("{p}.mlp.up_proj.bias"), vec![i], &mut add);
+            let up_bias = add_if(
+                cfg.mlp_bias,
+                format!("{p}.mlp.up_proj.bias"),
+                vec![i],
+                &mut add,
+            );
             let down = add(format!("{p}.mlp.down_proj.weight"), vec![h, i]);
-            let down_bias = add_if(cfg.mlp_bias, format!("{p}.mlp.down_proj.bias"), vec![h], &mut add);
+            let down_bias = add_if(
+                cfg.mlp_bias,
+                format!("{p}.mlp.down_proj.bias"),
+                vec![h],
+                &mut add,
+            );
             layers.push(LayerParams {
                 input_norm,
                 q: q_w,
@@ -109,8 +151,18 @@ impl ParamLayout {
             });
         }
         let final_norm = add("model.norm.weight".into(), vec![h]);
-        let lm_head = if cfg.tie_word_embeddings { embed } else { add("lm_head.weight".into(), vec![v, h]) };
-        ParamLayout { specs, embed, layers, final_norm, lm_head }
+        let lm_head = if cfg.tie_word_embeddings {
+            embed
+        } else {
+            add("lm_head.weight".into(), vec![v, h])
+        };
+        ParamLayout {
+            specs,
+            embed,
+            layers,
+            final_norm,
+            lm_head,
+        }
     }
 
     pub fn total_len(&self) -> usize {

@@ -55,7 +55,12 @@ pub struct Philox {
 
 impl Philox {
     pub fn new(seed: u64, stream: u64) -> Self {
-        Philox { seed, stream, index: 0, spare_normal: None }
+        Philox {
+            seed,
+            stream,
+            index: 0,
+            spare_normal: None,
+        }
     }
 
     pub fn next_uniform(&mut self) -> f64 {
@@ -85,13 +90,19 @@ mod tests {
     /// Known-answer vectors from the Random123 distribution (kat_vectors, philox4x32_10).
     #[test]
     fn philox_matches_random123_known_answers() {
-        assert_eq!(philox4x32([0, 0, 0, 0], [0, 0]), [0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8]);
+        assert_eq!(
+            philox4x32([0, 0, 0, 0], [0, 0]),
+            [0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8]
+        );
         assert_eq!(
             philox4x32([0xffffffff; 4], [0xffffffff; 2]),
             [0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd]
         );
         assert_eq!(
-            philox4x32([0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344], [0xa4093822, 0x299f31d0]),
+            philox4x32(
+                [0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344],
+                [0xa4093822, 0x299f31d0]
+            ),
             [0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1]
         );
     }
@@ -99,7 +110,11 @@ mod tests {
     #[test]
     fn uniforms_are_in_range_and_roughly_uniform() {
         let n = 100_000;
-        let mean = (0..n).map(|i| uniform(7, 3, i)).inspect(|u| assert!((0.0..1.0).contains(u))).sum::<f64>() / n as f64;
+        let mean = (0..n)
+            .map(|i| uniform(7, 3, i))
+            .inspect(|u| assert!((0.0..1.0).contains(u)))
+            .sum::<f64>()
+            / n as f64;
         assert!((mean - 0.5).abs() < 0.01, "mean {mean}");
     }
 
@@ -109,6 +124,9 @@ mod tests {
         let xs: Vec<f64> = (0..100_000).map(|_| rng.next_normal() as f64).collect();
         let mean = xs.iter().sum::<f64>() / xs.len() as f64;
         let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / xs.len() as f64;
-        assert!(mean.abs() < 0.02 && (var - 1.0).abs() < 0.02, "mean {mean} var {var}");
+        assert!(
+            mean.abs() < 0.02 && (var - 1.0).abs() < 0.02,
+            "mean {mean} var {var}"
+        );
     }
 }

@@ -10,12 +10,19 @@ pub struct SamplingParams {
 
 impl SamplingParams {
     pub fn greedy() -> Self {
-        SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0 }
+        SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+        }
     }
 
     pub fn validate(&self) -> anyhow::Result<()> {
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            anyhow::bail!("temperature must be a finite number >= 0, got {}", self.temperature);
+            anyhow::bail!(
+                "temperature must be a finite number >= 0, got {}",
+                self.temperature
+            );
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             anyhow::bail!("top-p must be in (0, 1], got {}", self.top_p);
@@ -47,7 +54,10 @@ pub fn sample(logits: &[f32], params: &SamplingParams, u: f64) -> u32 {
     let inv_t = 1.0 / params.temperature as f64;
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
     // Unnormalised probabilities at temperature τ, in f64.
-    let mut probs: Vec<f64> = logits.iter().map(|&z| ((z as f64 - max) * inv_t).exp()).collect();
+    let mut probs: Vec<f64> = logits
+        .iter()
+        .map(|&z| ((z as f64 - max) * inv_t).exp())
+        .collect();
 
     let vocab = logits.len();
     let restrict_k = params.top_k > 0 && params.top_k < vocab;
@@ -102,12 +112,19 @@ mod tests {
     use super::*;
 
     fn params(temperature: f32, top_k: usize, top_p: f32) -> SamplingParams {
-        SamplingParams { temperature, top_k, top_p }
+        SamplingParams {
+            temperature,
+            top_k,
+            top_p,
+        }
     }
 
     #[test]
     fn greedy_picks_the_first_maximum() {
-        assert_eq!(sample(&[0.1, 3.0, 3.0, -1.0], &SamplingParams::greedy(), 0.99), 1);
+        assert_eq!(
+            sample(&[0.1, 3.0, 3.0, -1.0], &SamplingParams::greedy(), 0.99),
+            1
+        );
     }
 
     #[test]
@@ -144,7 +161,10 @@ mod tests {
         for i in 0..n {
             counts[sample(&logits, &params(t, 0, 1.0), crate::rng::uniform(3, 0, i)) as usize] += 1;
         }
-        let z: Vec<f64> = logits.iter().map(|&l| (l as f64 / t as f64).exp()).collect();
+        let z: Vec<f64> = logits
+            .iter()
+            .map(|&l| (l as f64 / t as f64).exp())
+            .collect();
         let total: f64 = z.iter().sum();
         for (c, zi) in counts.iter().zip(&z) {
             let expected = zi / total;

@@ -17,7 +17,11 @@ pub struct ScoreItem {
 const TOKENS_PER_FORWARD: usize = 4096;
 
 /// For each item: log p(completion[i] | prompt, completion[..i]) of softmax(logits / τ).
-pub fn completion_logprobs<B: Backend>(model: &Model<B>, items: &[ScoreItem], temperature: f32) -> Result<Vec<Vec<f32>>> {
+pub fn completion_logprobs<B: Backend>(
+    model: &Model<B>,
+    items: &[ScoreItem],
+    temperature: f32,
+) -> Result<Vec<Vec<f32>>> {
     if !(temperature > 0.0) {
         bail!("log-probs need a temperature > 0, got {temperature}");
     }
@@ -32,7 +36,9 @@ pub fn completion_logprobs<B: Backend>(model: &Model<B>, items: &[ScoreItem], te
         // Greedily pack items into one ragged batch.
         let mut end = start;
         let mut total = 0;
-        while end < items.len() && (end == start || total + seq_len(&items[end]) <= TOKENS_PER_FORWARD) {
+        while end < items.len()
+            && (end == start || total + seq_len(&items[end]) <= TOKENS_PER_FORWARD)
+        {
             total += seq_len(&items[end]);
             end += 1;
         }
@@ -46,7 +52,11 @@ fn seq_len(it: &ScoreItem) -> usize {
     it.prompt.len() + it.completion.len()
 }
 
-fn score_batch<B: Backend>(model: &Model<B>, items: &[ScoreItem], temperature: f32) -> Result<Vec<Vec<f32>>> {
+fn score_batch<B: Backend>(
+    model: &Model<B>,
+    items: &[ScoreItem],
+    temperature: f32,
+) -> Result<Vec<Vec<f32>>> {
     let b = &model.backend;
     let capacity = items.iter().map(seq_len).max().unwrap_or(0);
     let mut cache = KvCache::new(b, &model.cfg, items.len(), capacity)?;
@@ -57,7 +67,9 @@ fn score_batch<B: Backend>(model: &Model<B>, items: &[ScoreItem], temperature: f
         let first = tokens.len();
         tokens.extend_from_slice(&it.prompt);
         tokens.extend_from_slice(&it.completion);
-        place.slots.extend(std::iter::repeat(slot as u32).take(seq_len(it)));
+        place
+            .slots
+            .extend(std::iter::repeat(slot as u32).take(seq_len(it)));
         place.positions.extend(0..seq_len(it) as u32);
         // The row before each completion token predicts it.
         rows.extend((0..it.completion.len()).map(|i| first + it.prompt.len() - 1 + i));
@@ -71,7 +83,8 @@ fn score_batch<B: Backend>(model: &Model<B>, items: &[ScoreItem], temperature: f
             it.completion
                 .iter()
                 .map(|&tok| {
-                    let lp = token_logprob(&logits[row * vocab..(row + 1) * vocab], tok, temperature);
+                    let lp =
+                        token_logprob(&logits[row * vocab..(row + 1) * vocab], tok, temperature);
                     row += 1;
                     lp
                 })

@@ -24,18 +24,22 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
             dir.display()
         );
     }
-    let text = std::fs::read_to_string(&index).with_context(|| format!("cannot read {}", index.display()))?;
-    let json: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", index.display()))?;
+    let text = std::fs::read_to_string(&index)
+        .with_context(|| format!("cannot read {}", index.display()))?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not valid JSON", index.display()))?;
     let map = json
         .get("weight_map")
         .and_then(|m| m.as_object())
         .with_context(|| format!("{}: missing key `weight_map` (an object)", index.display()))?;
     let mut files: Vec<PathBuf> = Vec::new();
     for (tensor, file) in map {
-        let file = file
-            .as_str()
-            .with_context(|| format!("{}: `weight_map.{tensor}` is not a file name", index.display()))?;
+        let file = file.as_str().with_context(|| {
+            format!(
+                "{}: `weight_map.{tensor}` is not a file name",
+                index.display()
+            )
+        })?;
         let path = dir.join(file);
         if !files.contains(&path) {
             files.push(path);
@@ -50,18 +54,24 @@ pub fn load_params(dir: &Path, cfg: &ModelConfig, layout: &ParamLayout) -> Resul
     let maps: Vec<(PathBuf, Mmap)> = files
         .into_iter()
         .map(|path| {
-            let file = File::open(&path).with_context(|| format!("missing weights file {}", path.display()))?;
+            let file = File::open(&path)
+                .with_context(|| format!("missing weights file {}", path.display()))?;
             // SAFETY: the mapping is read-only and lives only while we copy out of it; a file
             // changed underneath us would give wrong numbers, not memory unsafety for f32 copies.
-            let map = unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
+            let map = unsafe { Mmap::map(&file) }
+                .with_context(|| format!("cannot map {}", path.display()))?;
             Ok((path, map))
         })
         .collect::<Result<_>>()?;
     let parsed: Vec<(&PathBuf, SafeTensors)> = maps
         .iter()
         .map(|(path, map)| {
-            let st = SafeTensors::deserialize(map)
-                .with_context(|| format!("{} is not a valid safetensors file (truncated or corrupt?)", path.display()))?;
+            let st = SafeTensors::deserialize(map).with_context(|| {
+                format!(
+                    "{} is not a valid safetensors file (truncated or corrupt?)",
+                    path.display()
+                )
+            })?;
             Ok((path, st))
         })
         .collect::<Result<_>>()?;
@@ -75,11 +85,21 @@ pub fn load_params(dir: &Path, cfg: &ModelConfig, layout: &ParamLayout) -> Resul
     let mut params = vec![0.0f32; layout.total_len()];
     for spec in &layout.specs {
         let Some(&i) = where_is.get(&spec.name) else {
-            let hint = if spec.name == "lm_head.weight" { " (the config says tie_word_embeddings = false)" } else { "" };
-            bail!("missing tensor `{}` in the weights of {}{hint}", spec.name, dir.display());
+            let hint = if spec.name == "lm_head.weight" {
+                " (the config says tie_word_embeddings = false)"
+            } else {
+                ""
+            };
+            bail!(
+                "missing tensor `{}` in the weights of {}{hint}",
+                spec.name,
+                dir.display()
+            );
         };
         let (path, st) = &parsed[i];
-        let view = st.tensor(&spec.name).with_context(|| format!("{}: tensor `{}`", path.display(), spec.name))?;
+        let view = st
+            .tensor(&spec.name)
+            .with_context(|| format!("{}: tensor `{}`", path.display(), spec.name))?;
         if view.shape() != spec.shape.as_slice() {
             bail!(
                 "{}: tensor `{}` has shape {:?}, but config.json (vocab {}, hidden {}) implies {:?}",
@@ -95,7 +115,11 @@ pub fn load_params(dir: &Path, cfg: &ModelConfig, layout: &ParamLayout) -> Resul
         convert_to_f32(view.dtype(), view.data(), dst)
             .with_context(|| format!("{}: tensor `{}`", path.display(), spec.name))?;
         if let Some(bad) = dst.iter().position(|v| !v.is_finite()) {
-            bail!("{}: tensor `{}` holds a non-finite value at element {bad}", path.display(), spec.name);
+            bail!(
+                "{}: tensor `{}` holds a non-finite value at element {bad}",
+                path.display(),
+                spec.name
+            );
         }
     }
     Ok(params)
@@ -110,7 +134,12 @@ fn convert_to_f32(dtype: Dtype, bytes: &[u8], dst: &mut [f32]) -> Result<()> {
         other => bail!("unsupported dtype {other:?} (supported: F32, BF16, F16)"),
     };
     if bytes.len() != dst.len() * width {
-        bail!("holds {} bytes, expected {} for {} elements of {dtype:?}", bytes.len(), dst.len() * width, dst.len());
+        bail!(
+            "holds {} bytes, expected {} for {} elements of {dtype:?}",
+            bytes.len(),
+            dst.len() * width,
+            dst.len()
+        );
     }
     match dtype {
         Dtype::F32 => {

@@ -57,10 +57,23 @@ pub trait Backend: Send + Sync {
     }
 
     /// out[m, :] = table[ids[m], :]. Ids are checked against the table by the caller.
-    fn embedding_forward(&self, out: Self::ViewMut<'_>, table: Self::View<'_>, ids: &[u32], dim: usize);
+    fn embedding_forward(
+        &self,
+        out: Self::ViewMut<'_>,
+        table: Self::View<'_>,
+        ids: &[u32],
+        dim: usize,
+    );
 
     /// out[m, :] = x[m, :] / sqrt(mean(x[m, :]²) + eps) * weight.  x, out: [M, dim]; weight: [dim].
-    fn rmsnorm_forward(&self, out: Self::ViewMut<'_>, x: Self::View<'_>, weight: Self::View<'_>, dim: usize, eps: f32);
+    fn rmsnorm_forward(
+        &self,
+        out: Self::ViewMut<'_>,
+        x: Self::View<'_>,
+        weight: Self::View<'_>,
+        dim: usize,
+        eps: f32,
+    );
 
     /// out = x · wᵀ + bias.  x: [M, K]; w: [N, K] (the HF/PyTorch `Linear` layout); bias: [N]; out: [M, N].
     fn matmul_forward(
@@ -76,7 +89,14 @@ pub trait Backend: Send + Sync {
 
     /// Rotates x in place (HF `rotate_half` convention: pairs (i, i + head_dim/2)).
     /// x: [M, n_heads * head_dim]; positions: [M]; inv_freq: [head_dim / 2].
-    fn rope_forward(&self, x: Self::ViewMut<'_>, positions: &[u32], inv_freq: Self::View<'_>, n_heads: usize, head_dim: usize);
+    fn rope_forward(
+        &self,
+        x: Self::ViewMut<'_>,
+        positions: &[u32],
+        inv_freq: Self::View<'_>,
+        n_heads: usize,
+        head_dim: usize,
+    );
 
     /// Writes this batch's keys and values into one layer's cache.
     /// k, v: [M, kv_dim]; cache_k, cache_v: [slots, capacity, kv_dim].

@@ -4,16 +4,26 @@ use rayon::prelude::*;
 
 /// out[m, :] = table[ids[m], :].  table: [V, dim]; out: [M, dim].
 pub fn embedding_forward(out: &mut [f32], table: &[f32], ids: &[u32], dim: usize) {
-    assert_eq!(out.len(), ids.len() * dim, "embedding_forward: out is not [M, dim]");
-    out.par_chunks_mut(dim).zip(ids.par_iter()).for_each(|(row, &id)| {
-        let id = id as usize;
-        row.copy_from_slice(&table[id * dim..(id + 1) * dim]);
-    });
+    assert_eq!(
+        out.len(),
+        ids.len() * dim,
+        "embedding_forward: out is not [M, dim]"
+    );
+    out.par_chunks_mut(dim)
+        .zip(ids.par_iter())
+        .for_each(|(row, &id)| {
+            let id = id as usize;
+            row.copy_from_slice(&table[id * dim..(id + 1) * dim]);
+        });
 }
 
 /// out[r, :] = x[rows[r], :].  x: [M, dim]; out: [R, dim].
 pub fn gather_rows(out: &mut [f32], x: &[f32], rows: &[usize], dim: usize) {
-    assert_eq!(out.len(), rows.len() * dim, "gather_rows: out is not [R, dim]");
+    assert_eq!(
+        out.len(),
+        rows.len() * dim,
+        "gather_rows: out is not [R, dim]"
+    );
     for (o, &r) in out.chunks_exact_mut(dim).zip(rows) {
         o.copy_from_slice(&x[r * dim..(r + 1) * dim]);
     }
@@ -22,5 +32,7 @@ pub fn gather_rows(out: &mut [f32], x: &[f32], rows: &[usize], dim: usize) {
 /// x += y.
 pub fn residual_add(x: &mut [f32], y: &[f32]) {
     assert_eq!(x.len(), y.len(), "residual_add: size mismatch");
-    x.par_iter_mut().zip(y.par_iter()).for_each(|(x, y)| *x += y);
+    x.par_iter_mut()
+        .zip(y.par_iter())
+        .for_each(|(x, y)| *x += y);
 }

@@ -55,10 +55,26 @@ impl Backend for CpuBackend {
     fn rmsnorm_forward(&self, out: &mut [f32], x: &[f32], weight: &[f32], dim: usize, eps: f32) {
         rmsnorm_forward(out, x, weight, dim, eps)
     }
-    fn matmul_forward(&self, out: &mut [f32], x: &[f32], w: &[f32], bias: Option<&[f32]>, m: usize, k: usize, n: usize) {
+    fn matmul_forward(
+        &self,
+        out: &mut [f32],
+        x: &[f32],
+        w: &[f32],
+        bias: Option<&[f32]>,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) {
         matmul_forward(out, x, w, bias, m, k, n)
     }
-    fn rope_forward(&self, x: &mut [f32], positions: &[u32], inv_freq: &[f32], n_heads: usize, head_dim: usize) {
+    fn rope_forward(
+        &self,
+        x: &mut [f32],
+        positions: &[u32],
+        inv_freq: &[f32],
+        n_heads: usize,
+        head_dim: usize,
+    ) {
         rope_forward(x, positions, inv_freq, n_heads, head_dim)
     }
     fn kv_cache_write(
@@ -86,7 +102,9 @@ impl Backend for CpuBackend {
         n_kv_heads: usize,
         head_dim: usize,
     ) {
-        attention_forward(out, q, cache_k, cache_v, place, capacity, n_heads, n_kv_heads, head_dim)
+        attention_forward(
+            out, q, cache_k, cache_v, place, capacity, n_heads, n_kv_heads, head_dim,
+        )
     }
     fn swiglu_forward(&self, out: &mut [f32], gate: &[f32], up: &[f32]) {
         swiglu_forward(out, gate, up)

@@ -3,26 +3,42 @@
 use rayon::prelude::*;
 
 /// x: [M, n_heads * head_dim], rotated in place; positions: [M]; inv_freq: [head_dim / 2].
-pub fn rope_forward(x: &mut [f32], positions: &[u32], inv_freq: &[f32], n_heads: usize, head_dim: usize) {
+pub fn rope_forward(
+    x: &mut [f32],
+    positions: &[u32],
+    inv_freq: &[f32],
+    n_heads: usize,
+    head_dim: usize,
+) {
     let half = head_dim / 2;
-    assert_eq!(inv_freq.len(), half, "rope_forward: inv_freq is not [head_dim / 2]");
-    assert_eq!(x.len(), positions.len() * n_heads * head_dim, "rope_forward: x is not [M, n_heads * head_dim]");
-    x.par_chunks_mut(n_heads * head_dim).zip(positions.par_iter()).for_each(|(row, &pos)| {
-        // The angle is computed in f32 exactly as HF does (position · inv_freq in float32).
-        let cos_sin: Vec<(f32, f32)> = inv_freq
-            .iter()
-            .map(|f| {
-                let a = pos as f32 * f;
-                (a.cos(), a.sin())
-            })
-            .collect();
-        for head in row.chunks_exact_mut(head_dim) {
-            let (lo, hi) = head.split_at_mut(half);
-            for ((x1, x2), (c, s)) in lo.iter_mut().zip(hi.iter_mut()).zip(&cos_sin) {
-                let (a, b) = (*x1, *x2);
-                *x1 = a * c - b * s;
-                *x2 = b * c + a * s;
+    assert_eq!(
+        inv_freq.len(),
+        half,
+        "rope_forward: inv_freq is not [head_dim / 2]"
+    );
+    assert_eq!(
+        x.len(),
+        positions.len() * n_heads * head_dim,
+        "rope_forward: x is not [M, n_heads * head_dim]"
+    );
+    x.par_chunks_mut(n_heads * head_dim)
+        .zip(positions.par_iter())
+        .for_each(|(row, &pos)| {
+            // The angle is computed in f32 exactly as HF does (position · inv_freq in float32).
+            let cos_sin: Vec<(f32, f32)> = inv_freq
+                .iter()
+                .map(|f| {
+                    let a = pos as f32 * f;
+                    (a.cos(), a.sin())
+                })
+                .collect();
+            for head in row.chunks_exact_mut(head_dim) {
+                let (lo, hi) = head.split_at_mut(half);
+                for ((x1, x2), (c, s)) in lo.iter_mut().zip(hi.iter_mut()).zip(&cos_sin) {
+                    let (a, b) = (*x1, *x2);
+                    *x1 = a * c - b * s;
+                    *x2 = b * c + a * s;
+                }
             }
-        }
-    });
+        });
 }

@@ -1,0 +1,102 @@
+// RMSNorm, as used by the Qwen2 and Llama families (Hugging Face Qwen2RMSNorm / LlamaRMSNorm):
+//
+//     rstd = 1 / sqrt(mean(x^2) + eps)          (computed in fp32)
+//     out  = weight * cast(x * rstd)            (cast to the storage dtype, then scaled)
+//
+// In PyTorch the normalised value is cast back to the input dtype *before* the multiplication by
+// the weight (`self.weight * hidden_states.to(input_dtype)`), and the bf16 * bf16 product is
+// computed in fp32 and rounded once more. The bf16 kernel reproduces exactly that double
+// rounding, so it matches transformers bit-for-bit up to the order of the fp32 sum. In the f32
+// variant both casts are the identity and it computes out = weight * (x * rstd) like the CPU
+// reference.
+//
+// Layout: x and out are (rows, dim) row-major and contiguous, weight is (dim).
+// Parallelisation: one thread block per row (grid = rows). blockDim.x must be a multiple of 32,
+// at most 1024; the host picks about one 16-byte vector per thread (see src/cuda/ops.rs). Each
+// thread walks the row with stride blockDim.x:
+//   pass 1: sum of squares in fp32, reduced over the block -> rstd
+//   pass 2: re-read x (it is still in L1/L2: a row is a few KB), normalise, scale, store.
+// Rows whose length is a multiple of the vector width (8 for bf16, 4 for f32) and whose pointers
+// are 16-byte aligned use 128-bit loads and stores; anything else takes the scalar path.
+// out may alias x (in-place): every element is read by the thread that writes it, and all reads of
+// pass 1 finish before the block reduction's barrier.
+
+#include "common.cuh"
+
+// ----------------------------------------------------------------------------
+// the per-element epilogue: normalise, cast to the storage dtype, scale by the weight, cast
+
+template <class T>
+__device__ __forceinline__ T rmsnorm_apply(T x, float rstd, T w) {
+    const T normed = from_f32<T>(to_f32(x) * rstd);  // hidden_states.to(input_dtype)
+    return from_f32<T>(to_f32(w) * to_f32(normed));   // self.weight * (...)
+}
+
+// ----------------------------------------------------------------------------
+// kernel body, shared by the bf16 and f32 entry points
+
+template <class T>
+__device__ __forceinline__ void rmsnorm_forward_block(T* out, const T* x, const T* weight,
+                                                      int rows, int dim, float eps) {
+    constexpr int VEC = Packed128<T>::size;  // elements per 16-byte vector
+    const int row = blockIdx.x;
+    if (row >= rows) { return; }  // uniform over the block, so no thread misses a barrier
+
+    const T* x_row = x + (size_t)row * dim;
+    T* out_row = out + (size_t)row * dim;
+
+    // The 128-bit path needs every row start to be 16-byte aligned: true when the base pointers
+    // are aligned and dim is a multiple of the vector width. Uniform over the grid.
+    const bool vectorised = (dim % VEC == 0) && is_aligned16(x) && is_aligned16(out) && is_aligned16(weight);
+
+    // pass 1: sum of squares, accumulated in fp32
+    float sum_sq = 0.0f;
+    if (vectorised) {
+        for (int i = threadIdx.x * VEC; i < dim; i += blockDim.x * VEC) {
+            const Packed128<T> packed_x = load128(x_row + i);
+            for (int k = 0; k < VEC; k++) {
+                const float v = to_f32(packed_x[k]);
+                sum_sq += v * v;
+            }
+        }
+    } else {
+        for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+            const float v = to_f32(x_row[i]);
+            sum_sq += v * v;
+        }
+    }
+    sum_sq = block_reduce_sum(sum_sq);
+    const float rstd = rsqrtf(sum_sq / (float)dim + eps);
+
+    // pass 2: normalise, scale and store
+    if (vectorised) {
+        for (int i = threadIdx.x * VEC; i < dim; i += blockDim.x * VEC) {
+            const Packed128<T> packed_x = load128(x_row + i);
+            const Packed128<T> packed_w = load128(weight + i);
+            Packed128<T> packed_out;
+            for (int k = 0; k < VEC; k++) {
+                packed_out[k] = rmsnorm_apply(packed_x[k], rstd, packed_w[k]);
+            }
+            store128(out_row + i, packed_out);
+        }
+    } else {
+        for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+            out_row[i] = rmsnorm_apply(x_row[i], rstd, weight[i]);
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------
+// entry points (launched from src/cuda/ops.rs: grid = (rows, 1, 1), block = (threads, 1, 1))
+
+extern "C" __global__ void __launch_bounds__(1024)
+rmsnorm_forward(__nv_bfloat16* out, const __nv_bfloat16* x, const __nv_bfloat16* weight,
+                int rows, int dim, float eps) {
+    rmsnorm_forward_block<__nv_bfloat16>(out, x, weight, rows, dim, eps);
+}
+
+extern "C" __global__ void __launch_bounds__(1024)
+rmsnorm_forward_f32(float* out, const float* x, const float* weight,
+                    int rows, int dim, float eps) {
+    rmsnorm_forward_block<float>(out, x, weight, rows, dim, eps);
+}

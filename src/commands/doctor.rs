@@ -1,0 +1,64 @@
+//! `thinkshort doctor`: what this build and this machine can do.
+
+use anyhow::Result;
+
+#[derive(clap::Args, Debug)]
+pub struct DoctorArgs {
+    /// Also print the ptxas register/spill report of every kernel.
+    #[arg(long)]
+    pub verbose: bool,
+}
+
+pub fn run(args: &DoctorArgs) -> Result<()> {
+    println!("thinkshort {}", env!("CARGO_PKG_VERSION"));
+    println!(
+        "backend cpu:  usable ({} threads)",
+        rayon::current_num_threads()
+    );
+
+    if crate::cuda::kernels_built() {
+        println!(
+            "cuda kernels: built for sm_80, sm_90 (+ compute_80 PTX): {}",
+            crate::cuda::kernel_names().join(", ")
+        );
+    } else {
+        println!("cuda kernels: not built (nvcc was not found when this binary was compiled)");
+    }
+    let probe = crate::cuda::probe();
+    match (&probe.error, probe.driver_present) {
+        (_, false) => println!("cuda driver:  not found (libcuda.so could not be loaded)"),
+        (Some(e), true) => println!("cuda driver:  found, but unusable: {e}"),
+        (None, true) => {
+            let version = probe.driver_version.map_or("unknown".to_string(), |v| {
+                format!("{}.{}", v / 1000, (v % 1000) / 10)
+            });
+            println!("cuda driver:  found (CUDA {version})");
+        }
+    }
+    if probe.devices.is_empty() {
+        println!("gpus:         none");
+    }
+    for d in &probe.devices {
+        println!(
+            "gpu {}:        {} (sm_{}{}, {:.1} GiB)",
+            d.ordinal,
+            d.name,
+            d.compute_capability.0,
+            d.compute_capability.1,
+            d.total_mem_bytes as f64 / (1u64 << 30) as f64
+        );
+    }
+    println!(
+        "backend cuda: {}",
+        match crate::cuda::require_cuda() {
+            Ok(_) =>
+                "GPU usable; the CUDA forward pass is not in this version (commands run on the CPU)"
+                    .to_string(),
+            Err(e) => format!("unavailable: {e}"),
+        }
+    );
+    if args.verbose {
+        println!("\nptxas report:\n{}", crate::cuda::ptxas_report());
+    }
+    Ok(())
+}

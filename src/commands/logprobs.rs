@@ -1,0 +1,147 @@
+//! `thinkshort logprobs`: per-token log-probabilities of completions given prompts.
+//!
+//! Input lines: `{"prompt_ids":[..],"completion_ids":[..]}` or `{"prompt":"..","completion":".."}`.
+//! Output lines: `{"logprobs":[..]}`, one float per completion token, log p(token | prompt,
+//! earlier completion tokens) at the given temperature (default 1).
+
+use crate::backend::{cpu::CpuBackend, BackendKind};
+use crate::model::Model;
+use crate::score::{completion_logprobs, ScoreItem};
+use crate::tokenizer::Tokenizer;
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+#[derive(clap::Args, Debug)]
+pub struct LogprobsArgs {
+    /// Hugging Face model folder.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// JSONL file of prompts and completions (ids or text).
+    #[arg(long)]
+    pub input: PathBuf,
+    /// JSONL file to write, one `{"logprobs": [...]}` line per input line.
+    #[arg(long)]
+    pub output: PathBuf,
+    /// Log-probs of softmax(logits / temperature).
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f32,
+    #[arg(long, value_enum, default_value_t = BackendKind::Auto)]
+    pub backend: BackendKind,
+}
+
+/// Lines scored per batch (bounds memory and paces the progress display).
+const LINES_PER_CHUNK: usize = 64;
+
+pub fn run(args: &LogprobsArgs) -> Result<()> {
+    super::resolve_backend(args.backend)?;
+    let model = Model::load(&args.model, CpuBackend)?;
+    let mut tokenizer = LazyTokenizer {
+        dir: args.model.clone(),
+        tok: None,
+    };
+    let items = read_items(&args.input, model.cfg.vocab_size, &mut tokenizer)?;
+
+    // Write to a temporary name and rename, so an error never leaves a half-written output.
+    let tmp = args.output.with_extension("jsonl.partial");
+    let file =
+        std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    let mut w = BufWriter::new(file);
+    for (c, chunk) in items.chunks(LINES_PER_CHUNK).enumerate() {
+        for lps in completion_logprobs(&model, chunk, args.temperature)? {
+            writeln!(w, "{}", serde_json::json!({ "logprobs": lps }))?;
+        }
+        eprint!(
+            "\rscored {}/{} lines",
+            (c * LINES_PER_CHUNK + chunk.len()),
+            items.len()
+        );
+    }
+    eprintln!();
+    w.flush()
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, &args.output)
+        .with_context(|| format!("cannot write {}", args.output.display()))?;
+    Ok(())
+}
+
+/// The tokenizer is only needed for text lines: it is loaded on first use, so id-only inputs
+/// work with a model folder that has none.
+struct LazyTokenizer {
+    dir: PathBuf,
+    tok: Option<Tokenizer>,
+}
+
+impl LazyTokenizer {
+    fn get(&mut self) -> Result<&Tokenizer> {
+        if self.tok.is_none() {
+            self.tok = Some(Tokenizer::from_model_dir(&self.dir)?);
+        }
+        Ok(self.tok.as_ref().expect("loaded above"))
+    }
+}
+
+/// Parses the input file; every error names the file and line.
+fn read_items(path: &Path, vocab: usize, tokenizer: &mut LazyTokenizer) -> Result<Vec<ScoreItem>> {
+    let file = std::fs::File::open(path)
+        .with_context(|| format!("cannot open input {}", path.display()))?;
+    let mut items = Vec::new();
+    for (n, line) in BufReader::new(file).lines().enumerate() {
+        let at = || format!("{} line {}", path.display(), n + 1);
+        let line = line.with_context(at)?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let item = parse_line(&line, vocab, tokenizer).with_context(at)?;
+        items.push(item);
+    }
+    Ok(items)
+}
+
+fn parse_line(line: &str, vocab: usize, tokenizer: &mut LazyTokenizer) -> Result<ScoreItem> {
+    let v: Value = serde_json::from_str(line).context("not valid JSON")?;
+    let obj = v.as_object().context("expected a JSON object")?;
+    let item = if obj.contains_key("prompt_ids") || obj.contains_key("completion_ids") {
+        ScoreItem {
+            prompt: ids(obj.get("prompt_ids"), "prompt_ids")?,
+            completion: ids(obj.get("completion_ids"), "completion_ids")?,
+        }
+    } else if obj.contains_key("prompt") || obj.contains_key("completion") {
+        let tok = tokenizer.get()?;
+        ScoreItem {
+            prompt: tok.encode(text(obj.get("prompt"), "prompt")?)?,
+            completion: tok.encode(text(obj.get("completion"), "completion")?)?,
+        }
+    } else {
+        bail!("expected keys `prompt_ids` and `completion_ids`, or `prompt` and `completion`");
+    };
+    if item.prompt.is_empty() {
+        bail!("the prompt is empty; at least one prompt token is needed to score a completion");
+    }
+    for &id in item.prompt.iter().chain(&item.completion) {
+        if id as usize >= vocab {
+            bail!("token id {id} is out of range for the model's vocabulary of {vocab} tokens");
+        }
+    }
+    Ok(item)
+}
+
+fn ids(v: Option<&Value>, key: &str) -> Result<Vec<u32>> {
+    let arr = v
+        .and_then(Value::as_array)
+        .with_context(|| format!("key `{key}`: expected an array of token ids"))?;
+    arr.iter()
+        .map(|x| {
+            x.as_u64()
+                .filter(|&i| i <= u32::MAX as u64)
+                .map(|i| i as u32)
+                .with_context(|| format!("key `{key}`: {x} is not a token id"))
+        })
+        .collect()
+}
+
+fn text<'a>(v: Option<&'a Value>, key: &str) -> Result<&'a str> {
+    v.and_then(Value::as_str)
+        .with_context(|| format!("key `{key}`: expected a string"))
+}

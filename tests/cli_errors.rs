@@ -1,0 +1,252 @@
+//! Bad input gives one clear error naming the file, tensor, key or line, a non-zero exit and no
+//! panic. Each case builds a small model folder in a temporary directory and breaks one thing.
+
+use safetensors::{tensor::TensorView, Dtype};
+use std::path::Path;
+use std::process::Command;
+use thinkshort::config::ModelConfig;
+use thinkshort::params::ParamLayout;
+
+const CONFIG: &str = r#"{"model_type":"qwen2","vocab_size":50,"hidden_size":16,"intermediate_size":24,
+    "num_hidden_layers":1,"num_attention_heads":2,"num_key_value_heads":1,"rope_theta":10000.0,
+    "tie_word_embeddings":true}"#;
+
+/// Writes config.json and model.safetensors; `tweak` may change each tensor's (dtype, shape).
+fn write_model(dir: &Path, config: &str, tweak: &dyn Fn(&str, &mut Dtype, &mut Vec<usize>)) {
+    std::fs::write(dir.join("config.json"), config).unwrap();
+    let cfg = ModelConfig::from_json_str(CONFIG).unwrap();
+    let layout = ParamLayout::new(&cfg);
+    let tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = layout
+        .specs
+        .iter()
+        .map(|s| {
+            let (mut dtype, mut shape) = (Dtype::F32, s.shape.clone());
+            tweak(&s.name, &mut dtype, &mut shape);
+            let n: usize = shape.iter().product();
+            let bytes = (0..n)
+                .flat_map(|i| ((i % 7) as f32 * 0.01).to_le_bytes())
+                .collect::<Vec<u8>>();
+            let width = if dtype == Dtype::F32 || dtype == Dtype::I32 {
+                4
+            } else {
+                2
+            };
+            (s.name.clone(), dtype, shape, bytes[..n * width].to_vec())
+        })
+        .collect();
+    let views: Vec<(String, TensorView)> = tensors
+        .iter()
+        .map(|(name, dtype, shape, bytes)| {
+            (
+                name.clone(),
+                TensorView::new(*dtype, shape.clone(), bytes).unwrap(),
+            )
+        })
+        .collect();
+    let bytes = safetensors::tensor::serialize(views, None).unwrap();
+    std::fs::write(dir.join("model.safetensors"), bytes).unwrap();
+}
+
+fn no_tweak(_: &str, _: &mut Dtype, _: &mut Vec<usize>) {}
+
+/// Runs `thinkshort logprobs` on the folder with a valid one-line input, or the given input.
+fn logprobs(dir: &Path, input: Option<&str>) -> (bool, String) {
+    let input_path = dir.join("in.jsonl");
+    std::fs::write(
+        &input_path,
+        input.unwrap_or("{\"prompt_ids\":[1,2,3],\"completion_ids\":[4,5]}\n"),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_thinkshort"))
+        .args(["logprobs", "--backend", "cpu", "--model"])
+        .arg(dir)
+        .arg("--input")
+        .arg(&input_path)
+        .arg("--output")
+        .arg(dir.join("out.jsonl"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!stderr.contains("panicked"), "panic: {stderr}");
+    (out.status.success(), stderr)
+}
+
+fn assert_fails_with(dir: &Path, input: Option<&str>, needles: &[&str]) {
+    let (ok, stderr) = logprobs(dir, input);
+    assert!(!ok, "expected failure, stderr: {stderr}");
+    assert!(stderr.starts_with("error: "), "{stderr}");
+    for n in needles {
+        assert!(stderr.contains(n), "expected {n:?} in: {stderr}");
+    }
+    assert!(
+        !dir.join("out.jsonl").exists(),
+        "a failed run left an output file"
+    );
+}
+
+#[test]
+fn a_valid_model_scores() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_model(tmp.path(), CONFIG, &no_tweak);
+    let (ok, stderr) = logprobs(tmp.path(), None);
+    assert!(ok, "{stderr}");
+    let out = std::fs::read_to_string(tmp.path().join("out.jsonl")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["logprobs"].as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn missing_config_names_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_model(tmp.path(), CONFIG, &no_tweak);
+    std::fs::remove_file(tmp.path().join("config.json")).unwrap();
+    assert_fails_with(tmp.path(), None, &["config.json"]);
+}
+
+#[test]
+fn missing_weights_are_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_model(tmp.path(), CONFIG, &no_tweak);
+    std::fs::remove_file(tmp.path().join("model.safetensors")).unwrap();
+    assert_fails_with(tmp.path(), None, &["missing weights", "model.safetensors"]);
+}
+
+#[test]
+fn missing_tokenizer_names_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_model(tmp.path(), CONFIG, &no_tweak);
+    // Text input needs the tokenizer, which this folder lacks.
+    assert_fails_with(
+        tmp.path(),
+        Some("{\"prompt\":\"a\",\"completion\":\"b\"}\n"),
+        &["tokenizer.json", "line 1"],
+    );
+}
+
+#[test]
+fn truncated_and_garbage_safetensors_are_rejected() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_model(tmp.path(), CONFIG, &no_tweak);
+    let file = tmp.path().join("model.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
+    std::fs::write(&file, &bytes[..bytes.len() - 10]).unwrap();
+    assert_fails_with(
+        tmp.path(),
+        None,
+        &["model.safetensors", "not a valid safetensors"],
+    );
+    std::fs::write(&file, b"this is not a safetensors file at all").unwrap();
+    assert_fails_with(
+        tmp.path(),
+        None,
+        &["model.safetensors", "not a valid safetensors"],
+    );
+}
+
+#[test]
+fn wrong_shape_names_the_tensor() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_model(tmp.path(), CONFIG, &|name, _, shape| {
+        if name == "model.layers.0.self_attn.k_proj.weight" {
+            *shape = vec![16, 16];
+        }
+    });
+    assert_fails_with(
+        tmp.path(),
+        None,
+        &[
+            "model.layers.0.self_attn.k_proj.weight",
+            "[16, 16]",
+            "[8, 16]",
+        ],
+    );
+}
+
+#[test]
+fn wrong_dtype_names_the_tensor() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_model(tmp.path(), CONFIG, &|name, dtype, _| {
+        if name == "model.norm.weight" {
+            *dtype = Dtype::I32;
+        }
+    });
+    assert_fails_with(tmp.path(), None, &["model.norm.weight", "I32"]);
+}
+
+#[test]
+fn missing_tensor_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let untied = CONFIG.replace(
+        "\"tie_word_embeddings\":true",
+        "\"tie_word_embeddings\":false",
+    );
+    write_model(tmp.path(), &untied, &no_tweak);
+    assert_fails_with(tmp.path(), None, &["lm_head.weight", "tie_word_embeddings"]);
+}
+
+#[test]
+fn unknown_model_type_names_the_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_model(tmp.path(), &CONFIG.replace("qwen2", "mamba"), &no_tweak);
+    assert_fails_with(tmp.path(), None, &["config.json", "model_type", "mamba"]);
+}
+
+#[test]
+fn token_id_out_of_range_names_line_and_id() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_model(tmp.path(), CONFIG, &no_tweak);
+    let input = "{\"prompt_ids\":[1],\"completion_ids\":[2]}\n{\"prompt_ids\":[1],\"completion_ids\":[50]}\n";
+    assert_fails_with(
+        tmp.path(),
+        Some(input),
+        &["in.jsonl line 2", "token id 50", "50 tokens"],
+    );
+}
+
+#[test]
+fn invalid_jsonl_names_the_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_model(tmp.path(), CONFIG, &no_tweak);
+    let input = "{\"prompt_ids\":[1],\"completion_ids\":[2]}\n\n{\"prompt_ids\":[1],\n";
+    assert_fails_with(
+        tmp.path(),
+        Some(input),
+        &["in.jsonl line 3", "not valid JSON"],
+    );
+    assert_fails_with(
+        tmp.path(),
+        Some("{\"prompt_ids\":[1]}\n"),
+        &["line 1", "completion_ids"],
+    );
+    assert_fails_with(
+        tmp.path(),
+        Some("{\"prompt_ids\":[],\"completion_ids\":[1]}\n"),
+        &["line 1", "prompt is empty"],
+    );
+}
+
+#[test]
+fn cuda_backend_without_a_gpu_is_one_clear_line() {
+    if thinkshort::cuda::require_cuda().is_ok() {
+        return; // this test is about machines without a GPU
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_thinkshort"))
+        .args([
+            "generate",
+            "--backend",
+            "cuda",
+            "--model",
+            "nowhere",
+            "--prompt",
+            "hi",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("error: ") && stderr.to_lowercase().contains("cuda"),
+        "{stderr}"
+    );
+}
