@@ -11,6 +11,7 @@ pub mod config;
 pub mod cuda;
 pub mod generate;
 pub mod model;
+pub mod model_backward;
 pub mod params;
 pub mod prompt;
 pub mod rng;

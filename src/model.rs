@@ -16,7 +16,7 @@ pub struct Model<B: Backend> {
     pub backend: B,
     /// Every parameter, in `layout` order: [num_params].
     pub params: B::Buf,
-    inv_freq: B::Buf, // [head_dim / 2]
+    pub(crate) inv_freq: B::Buf, // [head_dim / 2]
 }
 
 /// Keys and values of every layer for a set of sequence slots.
@@ -40,7 +40,7 @@ impl<B: Backend> KvCache<B> {
         })
     }
 
-    fn layer_range(&self, layer: usize) -> std::ops::Range<usize> {
+    pub(crate) fn layer_range(&self, layer: usize) -> std::ops::Range<usize> {
         let per_layer = self.slots * self.capacity * self.kv_dim;
         layer * per_layer..(layer + 1) * per_layer
     }
@@ -92,11 +92,11 @@ impl<B: Backend> Model<B> {
         })
     }
 
-    fn p(&self, idx: usize) -> B::View<'_> {
+    pub(crate) fn p(&self, idx: usize) -> B::View<'_> {
         self.backend.view(&self.params, self.layout.range(idx))
     }
 
-    fn p_opt(&self, idx: Option<usize>) -> Option<B::View<'_>> {
+    pub(crate) fn p_opt(&self, idx: Option<usize>) -> Option<B::View<'_>> {
         idx.map(|i| self.p(i))
     }
 
@@ -112,6 +112,54 @@ impl<B: Backend> Model<B> {
     ) -> Result<B::Buf> {
         let cfg = &self.cfg;
         let b = &self.backend;
+        let m = tokens.len();
+        self.check_batch(tokens, place, cache, logit_rows)?;
+        let mut x = b.zeros(m * cfg.hidden_size)?; // [M, H] residual stream
+        let mut acts = LayerActs::new(b, cfg, m)?; // reused by every layer
+        b.embedding_forward(
+            b.full_mut(&mut x),
+            self.p(self.layout.embed),
+            tokens,
+            cfg.hidden_size,
+        );
+        for l in 0..cfg.num_layers {
+            self.layer_forward(l, &mut x, &mut acts, place, cache);
+        }
+        let (r, h) = (logit_rows.len(), cfg.hidden_size);
+        let eps = cfg.rms_norm_eps as f32;
+        let mut rows = b.zeros(r * h)?; // [R, H]
+        let mut rows_n = b.zeros(r * h)?; // [R, H]
+        let mut logits = b.zeros(r * cfg.vocab_size)?; // [R, V]
+        b.gather_rows(b.full_mut(&mut rows), b.full(&x), logit_rows, h);
+        b.rmsnorm_forward(
+            b.full_mut(&mut rows_n),
+            b.full(&rows),
+            self.p(self.layout.final_norm),
+            h,
+            eps,
+        );
+        b.matmul_forward(
+            b.full_mut(&mut logits),
+            b.full(&rows_n),
+            self.p(self.layout.lm_head),
+            None,
+            r,
+            h,
+            cfg.vocab_size,
+        );
+        Ok(logits)
+    }
+
+    /// Rejects tokens outside the vocabulary, placements outside the cache and logit rows
+    /// outside the batch, so the ops can index without checks.
+    pub(crate) fn check_batch(
+        &self,
+        tokens: &[u32],
+        place: &TokenPlacement,
+        cache: &KvCache<B>,
+        logit_rows: &[usize],
+    ) -> Result<()> {
+        let cfg = &self.cfg;
         let m = tokens.len();
         if place.slots.len() != m || place.positions.len() != m {
             bail!(
@@ -139,165 +187,185 @@ impl<B: Backend> Model<B> {
         if let Some(&bad) = logit_rows.iter().find(|&&r| r >= m) {
             bail!("forward: logit row {bad} is outside the batch of {m} tokens");
         }
-        let (h, inter, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
+        Ok(())
+    }
+
+    /// One decoder layer, in place on the residual stream x: [M, H]. Every intermediate lands in
+    /// `a`, which the backward pass reads when training.
+    pub(crate) fn layer_forward(
+        &self,
+        l: usize,
+        x: &mut B::Buf,
+        a: &mut LayerActs<B>,
+        place: &TokenPlacement,
+        cache: &mut KvCache<B>,
+    ) {
+        let (cfg, b, lp) = (&self.cfg, &self.backend, &self.layout.layers[l]);
+        let (m, h, inter, hd) = (
+            place.slots.len(),
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.head_dim,
+        );
         let (q_dim, kv_dim) = (cfg.q_dim(), cfg.kv_dim());
         let eps = cfg.rms_norm_eps as f32;
 
-        let mut x = b.zeros(m * h)?; // [M, H] residual stream
-        let mut xn = b.zeros(m * h)?; // [M, H] normalised input of a block
-        let mut q = b.zeros(m * q_dim)?; // [M, n_heads * hd]
-        let mut k = b.zeros(m * kv_dim)?; // [M, n_kv * hd]
-        let mut v = b.zeros(m * kv_dim)?; // [M, n_kv * hd]
-        let mut att = b.zeros(m * q_dim)?; // [M, n_heads * hd]
-        let mut proj = b.zeros(m * h)?; // [M, H] a block's output before the residual add
-        let mut gate = b.zeros(m * inter)?; // [M, I]
-        let mut up = b.zeros(m * inter)?; // [M, I]
-        let mut act = b.zeros(m * inter)?; // [M, I]
-
-        b.embedding_forward(b.full_mut(&mut x), self.p(self.layout.embed), tokens, h);
-        for (l, lp) in self.layout.layers.iter().enumerate() {
-            b.rmsnorm_forward(
-                b.full_mut(&mut xn),
-                b.full(&x),
-                self.p(lp.input_norm),
-                h,
-                eps,
-            );
-            b.matmul_forward(
-                b.full_mut(&mut q),
-                b.full(&xn),
-                self.p(lp.q),
-                self.p_opt(lp.q_bias),
-                m,
-                h,
-                q_dim,
-            );
-            b.matmul_forward(
-                b.full_mut(&mut k),
-                b.full(&xn),
-                self.p(lp.k),
-                self.p_opt(lp.k_bias),
-                m,
-                h,
-                kv_dim,
-            );
-            b.matmul_forward(
-                b.full_mut(&mut v),
-                b.full(&xn),
-                self.p(lp.v),
-                self.p_opt(lp.v_bias),
-                m,
-                h,
-                kv_dim,
-            );
-            let inv_freq = b.full(&self.inv_freq);
-            b.rope_forward(
-                b.full_mut(&mut q),
-                &place.positions,
-                inv_freq,
-                cfg.num_heads,
-                hd,
-            );
-            b.rope_forward(
-                b.full_mut(&mut k),
-                &place.positions,
-                inv_freq,
-                cfg.num_kv_heads,
-                hd,
-            );
-
-            let range = cache.layer_range(l);
-            let (ck, cv) = (&mut cache.k, &mut cache.v);
-            b.kv_cache_write(
-                b.view_mut(ck, range.clone()),
-                b.view_mut(cv, range.clone()),
-                b.full(&k),
-                b.full(&v),
-                place,
-                cache.capacity,
-                kv_dim,
-            );
-            b.attention_forward(
-                b.full_mut(&mut att),
-                b.full(&q),
-                b.view(&cache.k, range.clone()),
-                b.view(&cache.v, range),
-                place,
-                cache.capacity,
-                cfg.num_heads,
-                cfg.num_kv_heads,
-                hd,
-            );
-            b.matmul_forward(
-                b.full_mut(&mut proj),
-                b.full(&att),
-                self.p(lp.o),
-                self.p_opt(lp.o_bias),
-                m,
-                q_dim,
-                h,
-            );
-            b.residual_add(b.full_mut(&mut x), b.full(&proj));
-
-            b.rmsnorm_forward(
-                b.full_mut(&mut xn),
-                b.full(&x),
-                self.p(lp.post_norm),
-                h,
-                eps,
-            );
-            b.matmul_forward(
-                b.full_mut(&mut gate),
-                b.full(&xn),
-                self.p(lp.gate),
-                self.p_opt(lp.gate_bias),
-                m,
-                h,
-                inter,
-            );
-            b.matmul_forward(
-                b.full_mut(&mut up),
-                b.full(&xn),
-                self.p(lp.up),
-                self.p_opt(lp.up_bias),
-                m,
-                h,
-                inter,
-            );
-            b.swiglu_forward(b.full_mut(&mut act), b.full(&gate), b.full(&up));
-            b.matmul_forward(
-                b.full_mut(&mut proj),
-                b.full(&act),
-                self.p(lp.down),
-                self.p_opt(lp.down_bias),
-                m,
-                inter,
-                h,
-            );
-            b.residual_add(b.full_mut(&mut x), b.full(&proj));
-        }
-
-        let r = logit_rows.len();
-        let mut rows = b.zeros(r * h)?; // [R, H]
-        let mut rows_n = b.zeros(r * h)?; // [R, H]
-        let mut logits = b.zeros(r * cfg.vocab_size)?; // [R, V]
-        b.gather_rows(b.full_mut(&mut rows), b.full(&x), logit_rows, h);
+        b.copy(b.full_mut(&mut a.x_in), b.full(x));
         b.rmsnorm_forward(
-            b.full_mut(&mut rows_n),
-            b.full(&rows),
-            self.p(self.layout.final_norm),
+            b.full_mut(&mut a.xn1),
+            b.full(x),
+            self.p(lp.input_norm),
             h,
             eps,
         );
         b.matmul_forward(
-            b.full_mut(&mut logits),
-            b.full(&rows_n),
-            self.p(self.layout.lm_head),
-            None,
-            r,
+            b.full_mut(&mut a.q),
+            b.full(&a.xn1),
+            self.p(lp.q),
+            self.p_opt(lp.q_bias),
+            m,
             h,
-            cfg.vocab_size,
+            q_dim,
         );
-        Ok(logits)
+        b.matmul_forward(
+            b.full_mut(&mut a.k),
+            b.full(&a.xn1),
+            self.p(lp.k),
+            self.p_opt(lp.k_bias),
+            m,
+            h,
+            kv_dim,
+        );
+        b.matmul_forward(
+            b.full_mut(&mut a.v),
+            b.full(&a.xn1),
+            self.p(lp.v),
+            self.p_opt(lp.v_bias),
+            m,
+            h,
+            kv_dim,
+        );
+        let inv_freq = b.full(&self.inv_freq);
+        b.rope_forward(
+            b.full_mut(&mut a.q),
+            &place.positions,
+            inv_freq,
+            cfg.num_heads,
+            hd,
+        );
+        b.rope_forward(
+            b.full_mut(&mut a.k),
+            &place.positions,
+            inv_freq,
+            cfg.num_kv_heads,
+            hd,
+        );
+
+        let range = cache.layer_range(l);
+        let (ck, cv) = (&mut cache.k, &mut cache.v);
+        b.kv_cache_write(
+            b.view_mut(ck, range.clone()),
+            b.view_mut(cv, range.clone()),
+            b.full(&a.k),
+            b.full(&a.v),
+            place,
+            cache.capacity,
+            kv_dim,
+        );
+        b.attention_forward(
+            b.full_mut(&mut a.att),
+            b.full(&a.q),
+            b.view(&cache.k, range.clone()),
+            b.view(&cache.v, range),
+            place,
+            cache.capacity,
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            hd,
+        );
+        b.matmul_forward(
+            b.full_mut(&mut a.proj),
+            b.full(&a.att),
+            self.p(lp.o),
+            self.p_opt(lp.o_bias),
+            m,
+            q_dim,
+            h,
+        );
+        b.residual_add(b.full_mut(x), b.full(&a.proj));
+
+        b.copy(b.full_mut(&mut a.x_mid), b.full(x));
+        b.rmsnorm_forward(
+            b.full_mut(&mut a.xn2),
+            b.full(x),
+            self.p(lp.post_norm),
+            h,
+            eps,
+        );
+        b.matmul_forward(
+            b.full_mut(&mut a.gate),
+            b.full(&a.xn2),
+            self.p(lp.gate),
+            self.p_opt(lp.gate_bias),
+            m,
+            h,
+            inter,
+        );
+        b.matmul_forward(
+            b.full_mut(&mut a.up),
+            b.full(&a.xn2),
+            self.p(lp.up),
+            self.p_opt(lp.up_bias),
+            m,
+            h,
+            inter,
+        );
+        b.swiglu_forward(b.full_mut(&mut a.act), b.full(&a.gate), b.full(&a.up));
+        b.matmul_forward(
+            b.full_mut(&mut a.proj),
+            b.full(&a.act),
+            self.p(lp.down),
+            self.p_opt(lp.down_bias),
+            m,
+            inter,
+            h,
+        );
+        b.residual_add(b.full_mut(x), b.full(&a.proj));
+    }
+}
+
+/// The intermediates of one decoder layer for a batch of M tokens.
+pub struct LayerActs<B: Backend> {
+    pub x_in: B::Buf,  // [M, H] residual stream entering the layer
+    pub xn1: B::Buf,   // [M, H] RMSNorm before attention
+    pub q: B::Buf,     // [M, n_heads * hd], after RoPE
+    pub k: B::Buf,     // [M, n_kv * hd], after RoPE
+    pub v: B::Buf,     // [M, n_kv * hd]
+    pub att: B::Buf,   // [M, n_heads * hd] attention output
+    pub proj: B::Buf,  // [M, H] a block's output before the residual add
+    pub x_mid: B::Buf, // [M, H] residual stream after attention
+    pub xn2: B::Buf,   // [M, H] RMSNorm before the MLP
+    pub gate: B::Buf,  // [M, I]
+    pub up: B::Buf,    // [M, I]
+    pub act: B::Buf,   // [M, I] silu(gate) · up
+}
+
+impl<B: Backend> LayerActs<B> {
+    pub fn new(b: &B, cfg: &ModelConfig, m: usize) -> Result<Self> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(LayerActs {
+            x_in: b.zeros(m * h)?,
+            xn1: b.zeros(m * h)?,
+            q: b.zeros(m * cfg.q_dim())?,
+            k: b.zeros(m * cfg.kv_dim())?,
+            v: b.zeros(m * cfg.kv_dim())?,
+            att: b.zeros(m * cfg.q_dim())?,
+            proj: b.zeros(m * h)?,
+            x_mid: b.zeros(m * h)?,
+            xn2: b.zeros(m * h)?,
+            gate: b.zeros(m * i)?,
+            up: b.zeros(m * i)?,
+            act: b.zeros(m * i)?,
+        })
     }
 }

@@ -135,4 +135,135 @@ pub trait Backend: Send + Sync {
 
     /// out[r, :] = x[rows[r], :].  x: [M, dim]; out: [rows.len(), dim].
     fn gather_rows(&self, out: Self::ViewMut<'_>, x: Self::View<'_>, rows: &[usize], dim: usize);
+
+    /// out[:] = 0.
+    fn fill_zero(&self, out: Self::ViewMut<'_>);
+
+    /// dst[:] = src[:].
+    fn copy(&self, dst: Self::ViewMut<'_>, src: Self::View<'_>);
+
+    // ---- Training: the chosen token's log-probability and the backward of every op. ----
+    // Gradients named `d<param>` accumulate (+=) so tied and shared weights just work; the
+    // others overwrite unless their doc says otherwise.
+
+    /// logp[r] = log softmax(logits[r] / τ)[targets[r]]; entropy[r] of the same softmax.
+    /// logits: [R, V]; targets, logp, entropy: [R].
+    #[allow(clippy::too_many_arguments)]
+    fn logprob_forward(
+        &self,
+        logp: Self::ViewMut<'_>,
+        entropy: Self::ViewMut<'_>,
+        logits: Self::View<'_>,
+        targets: &[u32],
+        vocab: usize,
+        temperature: f32,
+    );
+
+    /// dlogits[r] = dlogp[r] · (onehot(targets[r]) − softmax(logits[r] / τ)) / τ.
+    #[allow(clippy::too_many_arguments)]
+    fn logprob_backward(
+        &self,
+        dlogits: Self::ViewMut<'_>,
+        dlogp: Self::View<'_>,
+        logits: Self::View<'_>,
+        targets: &[u32],
+        vocab: usize,
+        temperature: f32,
+    );
+
+    /// dx += dout · w (when given); dw += doutᵀ · x.  dout: [M, N]; x, dx: [M, K]; w, dw: [N, K].
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_backward(
+        &self,
+        dx: Option<Self::ViewMut<'_>>,
+        dw: Self::ViewMut<'_>,
+        dout: Self::View<'_>,
+        x: Self::View<'_>,
+        w: Self::View<'_>,
+        m: usize,
+        k: usize,
+        n: usize,
+    );
+
+    /// dbias += Σ_rows dout.  dout: [M, N]; dbias: [N].
+    fn bias_backward(&self, dbias: Self::ViewMut<'_>, dout: Self::View<'_>);
+
+    /// dx = RMSNorm backward (overwritten); dweight += Σ_rows dout ⊙ x / rms.
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_backward(
+        &self,
+        dx: Self::ViewMut<'_>,
+        dweight: Self::ViewMut<'_>,
+        dout: Self::View<'_>,
+        x: Self::View<'_>,
+        weight: Self::View<'_>,
+        dim: usize,
+        eps: f32,
+    );
+
+    /// Rotates the gradient back by the negative angle, in place.
+    fn rope_backward(
+        &self,
+        dx: Self::ViewMut<'_>,
+        positions: &[u32],
+        inv_freq: Self::View<'_>,
+        n_heads: usize,
+        head_dim: usize,
+    );
+
+    /// dx[m] = dcache[slot[m], pos[m]] (the gradient of `kv_cache_write`).
+    fn kv_cache_gather(
+        &self,
+        dx: Self::ViewMut<'_>,
+        dcache: Self::View<'_>,
+        place: &TokenPlacement,
+        capacity: usize,
+        kv_dim: usize,
+    );
+
+    /// dq overwritten; dcache_k, dcache_v accumulate. Shapes as in `attention_forward`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(
+        &self,
+        dq: Self::ViewMut<'_>,
+        dcache_k: Self::ViewMut<'_>,
+        dcache_v: Self::ViewMut<'_>,
+        dout: Self::View<'_>,
+        q: Self::View<'_>,
+        cache_k: Self::View<'_>,
+        cache_v: Self::View<'_>,
+        place: &TokenPlacement,
+        capacity: usize,
+        n_heads: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+    );
+
+    /// dgate, dup overwritten.  All [M, I].
+    fn swiglu_backward(
+        &self,
+        dgate: Self::ViewMut<'_>,
+        dup: Self::ViewMut<'_>,
+        dout: Self::View<'_>,
+        gate: Self::View<'_>,
+        up: Self::View<'_>,
+    );
+
+    /// dtable[ids[m]] += dout[m].  dtable: [V, dim]; dout: [M, dim].
+    fn embedding_backward(
+        &self,
+        dtable: Self::ViewMut<'_>,
+        dout: Self::View<'_>,
+        ids: &[u32],
+        dim: usize,
+    );
+
+    /// dx[rows[r]] += dout[r] (the gradient of `gather_rows`).
+    fn scatter_add_rows(
+        &self,
+        dx: Self::ViewMut<'_>,
+        dout: Self::View<'_>,
+        rows: &[usize],
+        dim: usize,
+    );
 }

@@ -36,3 +36,34 @@ pub fn residual_add(x: &mut [f32], y: &[f32]) {
         .zip(y.par_iter())
         .for_each(|(x, y)| *x += y);
 }
+
+/// Backward of `embedding_forward`: dtable[ids[m], :] += dout[m, :]. Repeated ids accumulate.
+pub fn embedding_backward(dtable: &mut [f32], dout: &[f32], ids: &[u32], dim: usize) {
+    assert_eq!(
+        dout.len(),
+        ids.len() * dim,
+        "embedding_backward: dout is not [M, dim]"
+    );
+    for (row, &id) in dout.chunks_exact(dim).zip(ids) {
+        let id = id as usize;
+        dtable[id * dim..(id + 1) * dim]
+            .iter_mut()
+            .zip(row)
+            .for_each(|(d, g)| *d += g);
+    }
+}
+
+/// Backward of `gather_rows`: dx[rows[r], :] += dout[r, :].
+pub fn scatter_add_rows(dx: &mut [f32], dout: &[f32], rows: &[usize], dim: usize) {
+    assert_eq!(
+        dout.len(),
+        rows.len() * dim,
+        "scatter_add_rows: dout is not [R, dim]"
+    );
+    for (g, &r) in dout.chunks_exact(dim).zip(rows) {
+        dx[r * dim..(r + 1) * dim]
+            .iter_mut()
+            .zip(g)
+            .for_each(|(d, g)| *d += g);
+    }
+}

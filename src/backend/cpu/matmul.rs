@@ -57,3 +57,85 @@ pub fn matmul_forward(
         }
     }
 }
+
+/// Backward of `matmul_forward` without the bias: dx += dout · w, dw += doutᵀ · x.
+/// dout: [M, N]; x, dx: [M, K]; w, dw: [N, K]. Gradients accumulate.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_backward(
+    dx: Option<&mut [f32]>,
+    dw: &mut [f32],
+    dout: &[f32],
+    x: &[f32],
+    w: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+) {
+    assert_eq!(dout.len(), m * n, "matmul_backward: dout is not [M, N]");
+    assert_eq!(x.len(), m * k, "matmul_backward: x is not [M, K]");
+    assert_eq!(w.len(), n * k, "matmul_backward: w is not [N, K]");
+    assert_eq!(dw.len(), n * k, "matmul_backward: dw is not [N, K]");
+    let parallelism = Parallelism::Rayon(rayon::current_num_threads());
+    if let Some(dx) = dx {
+        assert_eq!(dx.len(), m * k, "matmul_backward: dx is not [M, K]");
+        // dx[M, K] += dout[M, N] · w[N, K]; all row-major.
+        // SAFETY: sizes asserted above.
+        unsafe {
+            gemm(
+                m,
+                k,
+                n,
+                dx.as_mut_ptr(),
+                1,
+                k as isize,
+                true,
+                dout.as_ptr(),
+                1,
+                n as isize,
+                w.as_ptr(),
+                1,
+                k as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                parallelism,
+            );
+        }
+    }
+    // dw[N, K] += doutᵀ[N, M] · x[M, K]; element (n, m) of doutᵀ is dout[m * N + n].
+    // SAFETY: sizes asserted above.
+    unsafe {
+        gemm(
+            n,
+            k,
+            m,
+            dw.as_mut_ptr(),
+            1,
+            k as isize,
+            true,
+            dout.as_ptr(),
+            n as isize,
+            1,
+            x.as_ptr(),
+            1,
+            k as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+/// The bias part of `matmul_backward`: dbias += Σ_rows dout.  dout: [M, N]; dbias: [N].
+pub fn bias_backward(dbias: &mut [f32], dout: &[f32]) {
+    let n = dbias.len();
+    assert_eq!(dout.len() % n, 0, "bias_backward: dout is not [M, N]");
+    for row in dout.chunks_exact(n) {
+        dbias.iter_mut().zip(row).for_each(|(d, g)| *d += g);
+    }
+}

@@ -3,17 +3,21 @@
 
 mod attention;
 mod embedding;
+mod logprob;
 mod matmul;
 mod rmsnorm;
 mod rope;
 mod swiglu;
 
-pub use attention::{attention_forward, kv_cache_write};
-pub use embedding::{embedding_forward, gather_rows, residual_add};
-pub use matmul::matmul_forward;
-pub use rmsnorm::rmsnorm_forward;
-pub use rope::rope_forward;
-pub use swiglu::swiglu_forward;
+pub use attention::{attention_backward, attention_forward, kv_cache_gather, kv_cache_write};
+pub use embedding::{
+    embedding_backward, embedding_forward, gather_rows, residual_add, scatter_add_rows,
+};
+pub use logprob::{logprob_backward, logprob_forward};
+pub use matmul::{bias_backward, matmul_backward, matmul_forward};
+pub use rmsnorm::{rmsnorm_backward, rmsnorm_forward};
+pub use rope::{rope_backward, rope_forward};
+pub use swiglu::{swiglu_backward, swiglu_forward};
 
 use super::{Backend, TokenPlacement};
 use anyhow::Result;
@@ -114,5 +118,118 @@ impl Backend for CpuBackend {
     }
     fn gather_rows(&self, out: &mut [f32], x: &[f32], rows: &[usize], dim: usize) {
         gather_rows(out, x, rows, dim)
+    }
+    fn fill_zero(&self, out: &mut [f32]) {
+        out.fill(0.0)
+    }
+    fn copy(&self, dst: &mut [f32], src: &[f32]) {
+        dst.copy_from_slice(src)
+    }
+
+    fn logprob_forward(
+        &self,
+        logp: &mut [f32],
+        entropy: &mut [f32],
+        logits: &[f32],
+        targets: &[u32],
+        vocab: usize,
+        temperature: f32,
+    ) {
+        logprob_forward(logp, entropy, logits, targets, vocab, temperature)
+    }
+    fn logprob_backward(
+        &self,
+        dlogits: &mut [f32],
+        dlogp: &[f32],
+        logits: &[f32],
+        targets: &[u32],
+        vocab: usize,
+        temperature: f32,
+    ) {
+        logprob_backward(dlogits, dlogp, logits, targets, vocab, temperature)
+    }
+    fn matmul_backward(
+        &self,
+        dx: Option<&mut [f32]>,
+        dw: &mut [f32],
+        dout: &[f32],
+        x: &[f32],
+        w: &[f32],
+        m: usize,
+        k: usize,
+        n: usize,
+    ) {
+        matmul_backward(dx, dw, dout, x, w, m, k, n)
+    }
+    fn bias_backward(&self, dbias: &mut [f32], dout: &[f32]) {
+        bias_backward(dbias, dout)
+    }
+    fn rmsnorm_backward(
+        &self,
+        dx: &mut [f32],
+        dweight: &mut [f32],
+        dout: &[f32],
+        x: &[f32],
+        weight: &[f32],
+        dim: usize,
+        eps: f32,
+    ) {
+        rmsnorm_backward(dx, dweight, dout, x, weight, dim, eps)
+    }
+    fn rope_backward(
+        &self,
+        dx: &mut [f32],
+        positions: &[u32],
+        inv_freq: &[f32],
+        n_heads: usize,
+        head_dim: usize,
+    ) {
+        rope_backward(dx, positions, inv_freq, n_heads, head_dim)
+    }
+    fn kv_cache_gather(
+        &self,
+        dx: &mut [f32],
+        dcache: &[f32],
+        place: &TokenPlacement,
+        capacity: usize,
+        kv_dim: usize,
+    ) {
+        kv_cache_gather(dx, dcache, place, capacity, kv_dim)
+    }
+    fn attention_backward(
+        &self,
+        dq: &mut [f32],
+        dcache_k: &mut [f32],
+        dcache_v: &mut [f32],
+        dout: &[f32],
+        q: &[f32],
+        cache_k: &[f32],
+        cache_v: &[f32],
+        place: &TokenPlacement,
+        capacity: usize,
+        n_heads: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+    ) {
+        attention_backward(
+            dq, dcache_k, dcache_v, dout, q, cache_k, cache_v, place, capacity, n_heads,
+            n_kv_heads, head_dim,
+        )
+    }
+    fn swiglu_backward(
+        &self,
+        dgate: &mut [f32],
+        dup: &mut [f32],
+        dout: &[f32],
+        gate: &[f32],
+        up: &[f32],
+    ) {
+        swiglu_backward(dgate, dup, dout, gate, up)
+    }
+    fn embedding_backward(&self, dtable: &mut [f32], dout: &[f32], ids: &[u32], dim: usize) {
+        embedding_backward(dtable, dout, ids, dim)
+    }
+    fn scatter_add_rows(&self, dx: &mut [f32], dout: &[f32], rows: &[usize], dim: usize) {
+        scatter_add_rows(dx, dout, rows, dim)
     }
 }

@@ -20,3 +20,51 @@ pub fn rmsnorm_forward(out: &mut [f32], x: &[f32], weight: &[f32], dim: usize, e
             }
         });
 }
+
+/// Backward of `rmsnorm_forward`. With r = 1/sqrt(mean(x²) + eps) and g = weight ⊙ dout:
+/// dx = r·g − x · r³ · Σ(g ⊙ x) / dim;  dweight += Σ_rows dout ⊙ x · r. dx is overwritten.
+pub fn rmsnorm_backward(
+    dx: &mut [f32],
+    dweight: &mut [f32],
+    dout: &[f32],
+    x: &[f32],
+    weight: &[f32],
+    dim: usize,
+    eps: f32,
+) {
+    assert!(
+        dx.len() == x.len() && dout.len() == x.len(),
+        "rmsnorm_backward: size mismatch"
+    );
+    assert!(
+        dweight.len() == dim && weight.len() == dim,
+        "rmsnorm_backward: weight is not [dim]"
+    );
+    // Per-row dx in parallel; the weight gradient is a sum over rows, reduced per chunk of rows.
+    let partial: Vec<Vec<f32>> = dx
+        .par_chunks_mut(dim)
+        .zip(x.par_chunks(dim).zip(dout.par_chunks(dim)))
+        .fold(
+            || vec![0.0f32; dim],
+            |mut dw, (dx, (x, dout))| {
+                let mean_sq = x.iter().map(|v| v * v).sum::<f32>() / dim as f32;
+                let r = 1.0 / (mean_sq + eps).sqrt();
+                let gx: f32 = x
+                    .iter()
+                    .zip(dout)
+                    .zip(weight)
+                    .map(|((x, d), w)| w * d * x)
+                    .sum();
+                let c = r * r * r * gx / dim as f32;
+                for i in 0..dim {
+                    dx[i] = r * weight[i] * dout[i] - c * x[i];
+                    dw[i] += dout[i] * x[i] * r;
+                }
+                dw
+            },
+        )
+        .collect();
+    for p in partial {
+        dweight.iter_mut().zip(&p).for_each(|(d, p)| *d += p);
+    }
+}

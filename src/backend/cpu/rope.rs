@@ -42,3 +42,39 @@ pub fn rope_forward(
             }
         });
 }
+
+/// Backward of `rope_forward`: the rotation is orthogonal, so the gradient is rotated back by
+/// the negative angle, in place. dx: [M, n_heads * head_dim].
+pub fn rope_backward(
+    dx: &mut [f32],
+    positions: &[u32],
+    inv_freq: &[f32],
+    n_heads: usize,
+    head_dim: usize,
+) {
+    let half = head_dim / 2;
+    assert_eq!(
+        dx.len(),
+        positions.len() * n_heads * head_dim,
+        "rope_backward: dx is not [M, n_heads * head_dim]"
+    );
+    dx.par_chunks_mut(n_heads * head_dim)
+        .zip(positions.par_iter())
+        .for_each(|(row, &pos)| {
+            let cos_sin: Vec<(f32, f32)> = inv_freq
+                .iter()
+                .map(|f| {
+                    let a = pos as f32 * f;
+                    (a.cos(), a.sin())
+                })
+                .collect();
+            for head in row.chunks_exact_mut(head_dim) {
+                let (lo, hi) = head.split_at_mut(half);
+                for ((g1, g2), (c, s)) in lo.iter_mut().zip(hi.iter_mut()).zip(&cos_sin) {
+                    let (a, b) = (*g1, *g2);
+                    *g1 = a * c + b * s;
+                    *g2 = b * c - a * s;
+                }
+            }
+        });
+}

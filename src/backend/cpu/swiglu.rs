@@ -14,3 +14,23 @@ pub fn swiglu_forward(out: &mut [f32], gate: &[f32], up: &[f32]) {
             *o = g / (1.0 + (-g).exp()) * u;
         });
 }
+
+/// Backward of `swiglu_forward`: with σ = sigmoid(gate),
+/// dgate = dout · up · σ · (1 + gate · (1 − σ)),  dup = dout · gate · σ. Outputs are overwritten.
+pub fn swiglu_backward(dgate: &mut [f32], dup: &mut [f32], dout: &[f32], gate: &[f32], up: &[f32]) {
+    let n = dout.len();
+    assert!(
+        dgate.len() == n && dup.len() == n && gate.len() == n && up.len() == n,
+        "swiglu_backward: size mismatch"
+    );
+    dgate
+        .par_iter_mut()
+        .zip(dup.par_iter_mut())
+        .enumerate()
+        .for_each(|(i, (dg, du))| {
+            let g = gate[i];
+            let s = 1.0 / (1.0 + (-g).exp());
+            *dg = dout[i] * up[i] * s * (1.0 + g * (1.0 - s));
+            *du = dout[i] * g * s;
+        });
+}
