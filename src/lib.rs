@@ -6,6 +6,7 @@
 //! are the CLI subcommands.
 
 pub mod backend;
+pub mod checkpoint;
 pub mod commands;
 pub mod config;
 pub mod cuda;

@@ -160,3 +160,28 @@ fn convert_to_f32(dtype: Dtype, bytes: &[u8], dst: &mut [f32]) -> Result<()> {
     }
     Ok(())
 }
+
+/// Writes every parameter of `layout` as an f32 `model.safetensors` in HF tensor names (a tied
+/// LM head is the embedding and is not written twice, as transformers expects).
+pub fn save_params(path: &Path, layout: &ParamLayout, params: &[f32]) -> Result<()> {
+    let bytes: Vec<Vec<u8>> = layout
+        .specs
+        .iter()
+        .map(|s| bytemuck::cast_slice(&params[s.range()]).to_vec())
+        .collect();
+    let views: Vec<(&str, safetensors::tensor::TensorView)> = layout
+        .specs
+        .iter()
+        .zip(&bytes)
+        .map(|(s, b)| {
+            Ok((
+                s.name.as_str(),
+                safetensors::tensor::TensorView::new(Dtype::F32, s.shape.clone(), b)?,
+            ))
+        })
+        .collect::<Result<_>>()?;
+    let mut meta = std::collections::HashMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    safetensors::tensor::serialize_to_file(views, Some(meta), path)
+        .with_context(|| format!("cannot write {}", path.display()))
+}
