@@ -15,6 +15,7 @@ pub mod model;
 pub mod model_backward;
 pub mod params;
 pub mod prompt;
+pub mod rollout;
 pub mod rng;
 pub mod sampling;
 pub mod score;

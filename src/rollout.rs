@@ -1,0 +1,71 @@
+//! Rollouts: G sampled completions for each prompt of a step, under the step's budget cap.
+
+use crate::backend::Backend;
+use crate::generate::{generate, GenerateConfig, GenerationRequest};
+use crate::model::Model;
+use crate::sampling::SamplingParams;
+use crate::tokenizer::Tokenizer;
+use anyhow::Result;
+
+/// One sampled completion of one prompt.
+#[derive(Debug, Clone)]
+pub struct Rollout {
+    /// Index of the prompt within the step's batch (completions of one prompt form a group).
+    pub group: usize,
+    pub prompt_ids: Vec<u32>,
+    /// Sampled tokens, a final EOS included.
+    pub completion_ids: Vec<u32>,
+    /// Decoded completion without special tokens.
+    pub text: String,
+    /// ℓ: generated tokens without the EOS.
+    pub len: usize,
+    pub truncated: bool,
+}
+
+/// Samples `group_size` completions for every prompt; RNG streams are unique per
+/// (step, completion) so a resumed run draws the same numbers as an uninterrupted one.
+#[allow(clippy::too_many_arguments)]
+pub fn sample_groups<B: Backend>(
+    model: &Model<B>,
+    tok: &Tokenizer,
+    prompts: &[Vec<u32>],
+    group_size: usize,
+    cap: usize,
+    sampling: SamplingParams,
+    seed: u64,
+    step: u64,
+) -> Result<Vec<Rollout>> {
+    let requests: Vec<GenerationRequest> = prompts
+        .iter()
+        .flat_map(|p| {
+            std::iter::repeat(GenerationRequest {
+                prompt: p.clone(),
+                max_new_tokens: cap,
+            })
+            .take(group_size)
+        })
+        .collect();
+    let config = GenerateConfig {
+        sampling,
+        seed,
+        first_stream: step * requests.len() as u64,
+        eos_ids: tok.eos_token_ids().to_vec(),
+        stop_strings: Vec::new(),
+    };
+    let completions = generate(model, &requests, &config, None)?;
+    completions
+        .into_iter()
+        .zip(requests)
+        .enumerate()
+        .map(|(i, (c, r))| {
+            Ok(Rollout {
+                group: i / group_size,
+                text: tok.decode(&c.tokens, true)?,
+                prompt_ids: r.prompt,
+                len: c.len,
+                truncated: c.truncated,
+                completion_ids: c.tokens,
+            })
+        })
+        .collect()
+}
