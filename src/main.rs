@@ -1,7 +1,7 @@
 //! The `thinkshort` command line.
 
 use clap::{Parser, Subcommand};
-use thinkshort::commands::{doctor, generate, logprobs};
+use thinkshort::commands::{doctor, generate, logprobs, sft, train};
 
 #[derive(Parser)]
 #[command(
@@ -20,6 +20,10 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Per-token log-probabilities of completions given prompts (JSONL in, JSONL out).
     Logprobs(logprobs::LogprobsArgs),
+    /// Curriculum GRPO; with no arguments, the built-in demo.
+    Train(train::TrainArgs),
+    /// Supervised fine-tuning on prompt/completion pairs (or build the demo model with --demo).
+    Sft(sft::SftArgs),
     /// Report the version, backends, CUDA driver, kernels and GPUs.
     Doctor(doctor::DoctorArgs),
 }
@@ -30,6 +34,8 @@ fn main() -> std::process::ExitCode {
         Command::Generate(a) => generate::run(a),
         Command::Logprobs(a) => logprobs::run(a),
         Command::Doctor(a) => doctor::run(a),
+        Command::Sft(a) => sft::run(a),
+        Command::Train(a) => train::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,7 +1,10 @@
-//! AdamW over the flat parameter buffer, the learning-rate schedule and global-norm clipping.
+//! AdamW over the flat parameter buffer, the learning-rate schedule, global-norm clipping and
+//! the non-finite check that guards an update (METHOD.md §8).
+
+use serde::{Deserialize, Serialize};
 
 /// AdamW (decoupled weight decay) with f32 moments over one contiguous parameter buffer.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AdamW {
     pub beta1: f64,
     pub beta2: f64,
@@ -50,14 +53,55 @@ impl AdamW {
     }
 }
 
+/// What the learning rate does after warm-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LrDecay {
+    /// Cosine from the peak down to `min_ratio`·peak at the last step (default).
+    #[default]
+    Cosine,
+    /// Stay at the peak.
+    Constant,
+}
+
+/// Linear warm-up to `peak` over `warmup` steps, then `decay` over the remaining steps up to
+/// `total`. Step 0 already gets peak/warmup, so no step is spent at lr 0.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LrSchedule {
+    pub peak: f64,
+    pub warmup: usize,
+    pub total: usize,
+    pub decay: LrDecay,
+    pub min_ratio: f64,
+}
+
+impl LrSchedule {
+    pub fn at(&self, step: usize) -> f64 {
+        if step < self.warmup {
+            return self.peak * (step + 1) as f64 / self.warmup as f64;
+        }
+        match self.decay {
+            LrDecay::Constant => self.peak,
+            LrDecay::Cosine => {
+                let span = self.total.saturating_sub(self.warmup).max(1) as f64;
+                let progress = ((step - self.warmup) as f64 / span).min(1.0);
+                let min = self.peak * self.min_ratio;
+                min + (self.peak - min) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+            }
+        }
+    }
+}
+
 /// Linear warm-up over `warmup` steps, then cosine decay to zero at `total` steps.
 pub fn lr_at(step: usize, peak: f64, warmup: usize, total: usize) -> f64 {
-    if step < warmup {
-        return peak * (step + 1) as f64 / warmup as f64;
+    LrSchedule {
+        peak,
+        warmup,
+        total,
+        decay: LrDecay::Cosine,
+        min_ratio: 0.0,
     }
-    let span = total.saturating_sub(warmup).max(1) as f64;
-    let progress = ((step - warmup) as f64 / span).min(1.0);
-    peak * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+    .at(step)
 }
 
 /// Scales `grads` so their global L2 norm is at most `max_norm`; returns the norm before
@@ -73,4 +117,10 @@ pub fn clip_grad_norm(grads: &mut [f32], max_norm: f64) -> f64 {
         grads.iter_mut().for_each(|g| *g *= scale);
     }
     norm
+}
+
+/// The index of the first NaN or infinity in `xs`, if any: a step whose loss or gradient is not
+/// finite is skipped and never reaches the weights, the moments or a checkpoint.
+pub fn first_non_finite(xs: &[f32]) -> Option<usize> {
+    xs.iter().position(|x| !x.is_finite())
 }

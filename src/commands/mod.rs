@@ -4,6 +4,8 @@
 pub mod doctor;
 pub mod generate;
 pub mod logprobs;
+pub mod sft;
+pub mod train;
 
 use crate::backend::BackendKind;
 use anyhow::{bail, Context, Result};

@@ -1,0 +1,160 @@
+//! `thinkshort sft`: supervised fine-tuning on prompt/completion JSONL, or (`--demo`) building
+//! the demo model from scratch on the synthetic arithmetic task.
+
+use crate::backend::{cpu::CpuBackend, BackendKind};
+use crate::checkpoint::{write_folder_atomically, write_model_files};
+use crate::config::ModelConfig;
+use crate::demo::{task, vocab};
+use crate::model::Model;
+use crate::prompt::PromptTemplate;
+use crate::sft::{train_sft, SftExample, SftOptions};
+use crate::tokenizer::Tokenizer;
+use crate::train::progress::Progress;
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+
+#[derive(clap::Args, Debug)]
+pub struct SftArgs {
+    /// Model folder to start from (not with --demo).
+    #[arg(long, required_unless_present = "demo")]
+    pub model: Option<PathBuf>,
+    /// JSONL of `{"prompt": "..", "completion": ".."}` lines (not with --demo).
+    #[arg(long, required_unless_present = "demo")]
+    pub data: Option<PathBuf>,
+    /// Build the demo model: a fresh tiny Qwen2 with the demo tokenizer, trained on the
+    /// synthetic task's long, partly redundant solutions.
+    #[arg(long, conflicts_with_all = ["model", "data"])]
+    pub demo: bool,
+    /// Output model folder (written atomically).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 1000)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// Peak learning rate (AdamW, linear warm-up then cosine decay).
+    #[arg(long, default_value_t = 1e-5)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 20)]
+    pub warmup: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, value_enum, default_value_t = BackendKind::Auto)]
+    pub backend: BackendKind,
+}
+
+/// Demo problems come from this seed; the GRPO demo trains and evaluates on other seeds.
+pub const DEMO_SFT_SEED: u64 = 1;
+
+pub fn run(args: &SftArgs) -> Result<()> {
+    super::resolve_backend(args.backend)?;
+    let staging = tempfile_dir(&args.out)?;
+    let (source_dir, mut model, data) = if args.demo {
+        vocab::write_tokenizer_files(&staging)?;
+        let tok = Tokenizer::from_model_dir(&staging)?;
+        let config = vocab::demo_model_config(tok.vocab_size());
+        std::fs::write(staging.join("config.json"), &config)?;
+        let model = Model::random(ModelConfig::from_json_str(&config)?, args.seed, CpuBackend)?;
+        (staging.clone(), model, demo_examples(&tok, 20_000)?)
+    } else {
+        let dir = args
+            .model
+            .as_ref()
+            .expect("clap requires --model without --demo");
+        let tok = Tokenizer::from_model_dir(dir)?;
+        let data = read_jsonl(args.data.as_ref().expect("clap requires --data"), &tok)?;
+        (dir.clone(), Model::load(dir, CpuBackend)?, data)
+    };
+    eprintln!(
+        "sft: {} parameters, {} examples, {} steps of {}",
+        model.layout.total_len(),
+        data.len(),
+        args.steps,
+        args.batch_size
+    );
+    let opts = SftOptions {
+        steps: args.steps,
+        batch_size: args.batch_size,
+        lr: args.lr,
+        warmup_steps: args.warmup,
+        weight_decay: 0.0,
+        grad_clip: 1.0,
+        seed: args.seed,
+    };
+    let progress = Progress::new(args.steps);
+    let mut recent = Vec::new();
+    train_sft(&mut model, &data, &opts, |s| {
+        recent.push(s.loss);
+        if recent.len() > 20 {
+            recent.remove(0);
+        }
+        let avg = recent.iter().sum::<f64>() / recent.len() as f64;
+        progress.update(s.step + 1, &format!("loss {avg:.4} | lr {:.2e}", s.lr));
+    })?;
+    write_folder_atomically(&args.out, |dir| {
+        write_model_files(dir, &source_dir, &model.layout, &model.params)
+    })?;
+    let _ = std::fs::remove_dir_all(&staging);
+    eprintln!("wrote {}", args.out.display());
+    Ok(())
+}
+
+/// A scratch folder beside `out` for the demo's generated tokenizer and config.
+fn tempfile_dir(out: &Path) -> Result<PathBuf> {
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let dir = parent.join(format!(".sft-staging-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// Demo SFT pairs: the demo prompt at a random budget (so the model first learns to ignore it)
+/// and the long solution style.
+fn demo_examples(tok: &Tokenizer, count: u64) -> Result<Vec<SftExample>> {
+    let template = PromptTemplate::plain(task::PROMPT_TEMPLATE)?;
+    (0..count)
+        .map(|i| {
+            let p = task::problem(DEMO_SFT_SEED, i);
+            let budget = 16 + (crate::rng::uniform(DEMO_SFT_SEED, i, 7) * 113.0) as usize; // 16..=128
+            let prompt = tok.encode(&template.render(&p.question, Some(budget), tok)?)?;
+            let mut completion =
+                tok.encode(&task::sft_completion(&p, task::sft_style(DEMO_SFT_SEED, i)))?;
+            completion.push(vocab::EOS_ID);
+            Ok(SftExample { prompt, completion })
+        })
+        .collect()
+}
+
+fn read_jsonl(path: &Path, tok: &Tokenizer) -> Result<Vec<SftExample>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let eos = tok.eos_token_ids().first().copied();
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let at = || format!("{} line {}", path.display(), n + 1);
+        let v: serde_json::Value =
+            serde_json::from_str(line).with_context(|| format!("{}: not valid JSON", at()))?;
+        let get = |k: &str| {
+            v.get(k)
+                .and_then(|x| x.as_str())
+                .with_context(|| format!("{}: missing string key `{k}`", at()))
+        };
+        let prompt = tok.encode(get("prompt")?)?;
+        let mut completion = tok.encode(get("completion")?)?;
+        if prompt.is_empty() || completion.is_empty() {
+            bail!("{}: empty prompt or completion", at());
+        }
+        // The model learns to stop: the completion ends with EOS.
+        completion.extend(eos);
+        out.push(SftExample { prompt, completion });
+    }
+    if out.is_empty() {
+        bail!("{} holds no examples", path.display());
+    }
+    Ok(out)
+}

@@ -1,0 +1,182 @@
+//! `thinkshort train`: curriculum GRPO. With no arguments it runs the built-in demo: the demo
+//! model (models/demo, built by `thinkshort sft --demo`) on the synthetic arithmetic task.
+
+use crate::backend::BackendKind;
+use crate::demo::task;
+use crate::prompt::PromptTemplate;
+use crate::train::{load_examples, train, EvalResult, Example, RunSummary, TrainInputs};
+use crate::train_config::TrainConfig;
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+
+#[derive(clap::Args, Debug)]
+pub struct TrainArgs {
+    /// TOML file with the training settings (every key has a default; see README).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Override one setting, e.g. `--set loss.beta=0` or `--set schedule.kind=constant`
+    /// (repeatable, applied after --config and --preset).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+    /// Run folder: metrics.jsonl, config.toml, checkpoints, plot.
+    #[arg(long, default_value = "runs/demo")]
+    pub out: PathBuf,
+    /// Continue from a checkpoint folder written by an earlier run (its step-NNNNNN folder).
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// `fixed-budget`: the demo with the final budget from step 0 (the paper's baseline).
+    #[arg(long)]
+    pub preset: Option<String>,
+    #[arg(long, value_enum, default_value_t = BackendKind::Auto)]
+    pub backend: BackendKind,
+}
+
+/// The folder of the checked-in demo model.
+pub const DEMO_MODEL: &str = "models/demo";
+/// Seeds of the demo's training and held-out problems (the SFT data used seed 1).
+const DEMO_TRAIN_SEED: u64 = 2;
+const DEMO_EVAL_SEED: u64 = 3;
+
+/// The demo's settings: small batches and a budget curriculum from 64 down to 24 tokens.
+pub fn demo_config() -> TrainConfig {
+    let text = r#"
+steps = 120
+prompts_per_step = 8
+group_size = 8
+eval_every = 60
+eval_size = 200
+eval_max_tokens = 128
+checkpoint_every = 0
+prompt = "compute : {question} . budget : {budget} tokens ."
+seed = 0
+
+[loss]
+beta = 0.0
+
+[optim]
+lr = 5e-5
+warmup = 5
+
+[schedule]
+kind = "exponential-step"
+b0 = 64
+gamma = 0.6
+interval = 30
+"#;
+    TrainConfig::from_toml_str(text).expect("the demo config is valid")
+}
+
+pub fn run(args: &TrainArgs) -> Result<()> {
+    super::resolve_backend(args.backend)?;
+    let mut cfg = match &args.config {
+        Some(path) => TrainConfig::from_file(path)?,
+        None => demo_config(),
+    };
+    match args.preset.as_deref() {
+        None => {}
+        Some("fixed-budget") => {
+            let final_budget = cfg.curriculum()?.budget_at(cfg.steps - 1);
+            cfg.set("schedule.kind", "\"constant\"")?;
+            cfg.set("schedule.b", &final_budget.to_string())?;
+        }
+        Some(other) => bail!("--preset: unknown preset {other:?} (known: fixed-budget)"),
+    }
+    for s in &args.sets {
+        let (k, v) = s
+            .split_once('=')
+            .with_context(|| format!("--set {s}: expected KEY=VALUE"))?;
+        cfg.set(k.trim(), v.trim())
+            .with_context(|| format!("--set {s}"))?;
+    }
+
+    let model_dir = cfg
+        .model
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEMO_MODEL));
+    if !model_dir.join("config.json").is_file() {
+        bail!(
+            "model folder {} has no config.json{}",
+            model_dir.display(),
+            if cfg.model.is_none() {
+                " (the demo model is built with `thinkshort sft --demo --out models/demo`, see README)"
+            } else {
+                ""
+            }
+        );
+    }
+    let inputs = match &cfg.data {
+        Some(path) => {
+            let mut all = load_examples(path, cfg.data_format)?;
+            if all.len() <= cfg.eval_size {
+                bail!(
+                    "{}: {} examples cannot hold out eval_size = {}",
+                    path.display(),
+                    all.len(),
+                    cfg.eval_size
+                );
+            }
+            let eval = all.split_off(all.len() - cfg.eval_size);
+            TrainInputs {
+                model_dir,
+                template: cfg.prompt_template()?,
+                train: all,
+                eval,
+                is_correct: crate::train::answer_is_correct,
+            }
+        }
+        None => TrainInputs {
+            model_dir,
+            template: PromptTemplate::plain(task::PROMPT_TEMPLATE)?,
+            train: demo_examples(DEMO_TRAIN_SEED, 5000),
+            eval: demo_examples(DEMO_EVAL_SEED, cfg.eval_size as u64),
+            is_correct: crate::train::answer_is_correct,
+        },
+    };
+    let summary = train(&cfg, &inputs, &args.out, args.resume.as_deref())?;
+    report(&summary, &args.out)
+}
+
+fn demo_examples(seed: u64, count: u64) -> Vec<Example> {
+    task::problems(seed, count)
+        .into_iter()
+        .map(|p| Example {
+            gold: p.gold(),
+            question: p.question,
+        })
+        .collect()
+}
+
+/// Prints the before/after table and draws the plot next to metrics.jsonl.
+fn report(s: &RunSummary, out: &Path) -> Result<()> {
+    if let (Some(b), Some(a)) = (s.before, s.after) {
+        println!(
+            "\nheld-out greedy evaluation at the final budget ({} tokens):",
+            s.final_budget
+        );
+        println!("| model | accuracy | mean tokens | truncated |");
+        println!("|---|---|---|---|");
+        let row = |name: &str, e: &EvalResult| {
+            println!(
+                "| {name} | {:.1} % | {:.1} | {:.1} % |",
+                100.0 * e.accuracy,
+                e.mean_len,
+                100.0 * e.truncated_frac
+            )
+        };
+        row("before", &b);
+        row("after", &a);
+        println!(
+            "mean length change: {:+.1} %, accuracy change: {:+.1} points",
+            100.0 * (a.mean_len / b.mean_len - 1.0),
+            100.0 * (a.accuracy - b.accuracy)
+        );
+    }
+    let png = out.join("training.png");
+    crate::train::plot::plot_metrics(&s.metrics, &png)?;
+    println!(
+        "metrics: {}, plot: {}",
+        out.join("metrics.jsonl").display(),
+        png.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,500 @@
+//! Curriculum GRPO (METHOD.md): per step, sample G completions for each of P prompts under the
+//! current budget, score them (correctness, length, format), normalise rewards within each group,
+//! and take clipped policy-gradient steps; the budget tightens on the configured schedule.
+
+pub mod metrics;
+pub mod plot;
+pub mod progress;
+
+use crate::backend::cpu::CpuBackend;
+use crate::checkpoint::{write_folder_atomically, write_model_files};
+use crate::curriculum::Curriculum;
+use crate::grpo::policy_loss::{policy_loss, LossBatch};
+use crate::grpo::reward::reward;
+use crate::model::Model;
+use crate::model_backward::TrainBatch;
+use crate::optim::{clip_grad_norm, AdamW};
+use crate::prompt::PromptTemplate;
+use crate::rollout::sample_groups;
+use crate::sampling::SamplingParams;
+use crate::tokenizer::Tokenizer;
+use crate::train_config::TrainConfig;
+use anyhow::{bail, Context, Result};
+use metrics::{mean, quantile, std, StepMetrics};
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// A training or evaluation problem: the question and its gold answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Example {
+    pub question: String,
+    pub gold: String,
+}
+
+/// Everything a run needs besides its configuration.
+pub struct TrainInputs {
+    pub model_dir: PathBuf,
+    pub template: PromptTemplate,
+    pub train: Vec<Example>,
+    pub eval: Vec<Example>,
+    /// Decides correctness of a completion's text against a gold answer.
+    pub is_correct: fn(&str, &str) -> bool,
+}
+
+/// The trainer state saved next to the weights of a checkpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Steps completed.
+    pub step: usize,
+    pub curriculum: Curriculum,
+    pub optimizer: AdamW,
+}
+
+/// Accuracy and mean generated length of greedy decoding on a set of problems.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct EvalResult {
+    pub accuracy: f64,
+    pub mean_len: f64,
+    pub truncated_frac: f64,
+}
+
+/// The training reward's correctness: the first `<answer>…</answer>` span only (no fallbacks),
+/// judged by the answer verifier.
+pub fn answer_is_correct(text: &str, gold: &str) -> bool {
+    let strict = crate::verify::ExtractOptions {
+        boxed_fallback: false,
+        number_fallback: false,
+    };
+    crate::verify::verify(text, gold, &strict).correct
+}
+
+/// Loads training problems from JSONL (`{question, answer}`; GSM8K answers end in `#### N`).
+pub fn load_examples(path: &Path, format: crate::train_config::DataFormat) -> Result<Vec<Example>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read training data {}", path.display()))?;
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let at = || format!("{} line {}", path.display(), n + 1);
+        let v: serde_json::Value =
+            serde_json::from_str(line).with_context(|| format!("{}: not valid JSON", at()))?;
+        let field = |k: &str| -> Result<String> {
+            match v.get(k) {
+                Some(serde_json::Value::String(s)) => Ok(s.clone()),
+                Some(serde_json::Value::Number(x)) => Ok(x.to_string()),
+                _ => bail!("{}: missing string key `{k}`", at()),
+            }
+        };
+        let (question, answer) = (field("question")?, field("answer")?);
+        let gold = match format {
+            crate::train_config::DataFormat::Gsm8k => match answer.rsplit_once("####") {
+                Some((_, g)) => g.trim().replace(',', ""),
+                None => bail!("{}: GSM8K answer has no `#### N` gold answer", at()),
+            },
+            crate::train_config::DataFormat::Generic => answer.trim().to_string(),
+        };
+        out.push(Example { question, gold });
+    }
+    if out.is_empty() {
+        bail!("training data {} holds no examples", path.display());
+    }
+    Ok(out)
+}
+
+/// Greedy decoding of `examples` at `budget` with cap `max_tokens`: accuracy and lengths.
+pub fn evaluate(
+    model: &Model<CpuBackend>,
+    tok: &Tokenizer,
+    inputs: &TrainInputs,
+    examples: &[Example],
+    budget: usize,
+    max_tokens: usize,
+) -> Result<EvalResult> {
+    let prompts = render_prompts(tok, &inputs.template, examples, budget)?;
+    let rollouts = sample_groups(
+        model,
+        tok,
+        &prompts,
+        1,
+        max_tokens,
+        SamplingParams::greedy(),
+        0,
+        0,
+    )?;
+    let correct: Vec<f64> = rollouts
+        .iter()
+        .map(|r| {
+            if (inputs.is_correct)(&r.text, &examples[r.group].gold) {
+                1.0
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    Ok(EvalResult {
+        accuracy: mean(&correct),
+        mean_len: mean(&rollouts.iter().map(|r| r.len as f64).collect::<Vec<_>>()),
+        truncated_frac: mean(
+            &rollouts
+                .iter()
+                .map(|r| r.truncated as u8 as f64)
+                .collect::<Vec<_>>(),
+        ),
+    })
+}
+
+fn render_prompts(
+    tok: &Tokenizer,
+    template: &PromptTemplate,
+    examples: &[Example],
+    budget: usize,
+) -> Result<Vec<Vec<u32>>> {
+    examples
+        .iter()
+        .map(|e| tok.encode(&template.render(&e.question, Some(budget), tok)?))
+        .collect()
+}
+
+/// The result of a whole run.
+pub struct RunSummary {
+    pub before: Option<EvalResult>,
+    pub after: Option<EvalResult>,
+    pub final_budget: usize,
+    pub metrics: Vec<StepMetrics>,
+}
+
+/// Runs curriculum GRPO from `cfg` (resuming from a checkpoint folder when given), writing
+/// metrics.jsonl, checkpoints and the resolved config into `out`.
+pub fn train(
+    cfg: &TrainConfig,
+    inputs: &TrainInputs,
+    out: &Path,
+    resume: Option<&Path>,
+) -> Result<RunSummary> {
+    cfg.validate()?;
+    if inputs.train.is_empty() {
+        bail!("no training examples");
+    }
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("cannot create run folder {}", out.display()))?;
+    std::fs::write(out.join("config.toml"), cfg.to_toml_string())
+        .with_context(|| format!("cannot write {}", out.join("config.toml").display()))?;
+
+    let weights_dir = resume.unwrap_or(&inputs.model_dir);
+    let tok = Tokenizer::from_model_dir(&inputs.model_dir)?;
+    let mut model = Model::load(weights_dir, CpuBackend)?;
+    let n = model.layout.total_len();
+    let (mut state, mut metrics_log) = match resume {
+        Some(dir) => {
+            let path = dir.join("trainer_state.json");
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("--resume: cannot read {}", path.display()))?;
+            let state: TrainerState = serde_json::from_str(&text)
+                .with_context(|| format!("--resume: {} is not a trainer state", path.display()))?;
+            if state.optimizer.m.len() != n {
+                bail!(
+                    "--resume: {} holds optimizer moments for {} parameters, the model has {n}",
+                    path.display(),
+                    state.optimizer.m.len()
+                );
+            }
+            let log = read_metrics(&out.join("metrics.jsonl"), state.step)?;
+            (state, log)
+        }
+        None => {
+            let o = &cfg.optim;
+            let state = TrainerState {
+                step: 0,
+                curriculum: cfg.curriculum()?,
+                optimizer: AdamW::new(n, o.beta1, o.beta2, o.eps, o.weight_decay),
+            };
+            (state, Vec::new())
+        }
+    };
+    // The reference policy is the model at the start of training; with β = 0 none is kept.
+    let reference = if cfg.loss.beta > 0.0 {
+        Some(Model::load(&inputs.model_dir, CpuBackend)?)
+    } else {
+        None
+    };
+    let loss_opts = cfg.loss_options()?;
+    let lr_schedule = cfg.lr_schedule();
+    let sampling = cfg.sampling_params();
+    let final_budget = state.curriculum.budget_at(cfg.steps - 1);
+
+    let before = if cfg.eval_every > 0 && state.step == 0 {
+        Some(evaluate(
+            &model,
+            &tok,
+            inputs,
+            &inputs.eval,
+            final_budget,
+            cfg.eval_max_tokens,
+        )?)
+    } else {
+        None
+    };
+    let mut metrics_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(out.join("metrics.jsonl"))
+        .with_context(|| format!("cannot open {}", out.join("metrics.jsonl").display()))?;
+    let progress = progress::Progress::new(cfg.steps);
+    let mut grads = vec![0.0f32; n];
+    let (p, g) = (cfg.prompts_per_step, cfg.group_size);
+
+    while state.step < cfg.steps {
+        let step = state.step;
+        let t0 = Instant::now();
+        let budget = state.curriculum.budget_at(step);
+        let cap = cfg.cap_at(&state.curriculum, step);
+
+        // Prompts of this step: drawn by the counter-based RNG from (seed, step) alone.
+        let picks: Vec<Example> = (0..p)
+            .map(|i| {
+                let u = crate::rng::uniform(cfg.seed, 2, (step * p + i) as u64);
+                inputs.train[(u * inputs.train.len() as f64) as usize % inputs.train.len()].clone()
+            })
+            .collect();
+        let prompts = render_prompts(&tok, &inputs.template, &picks, budget)?;
+        let rollouts = sample_groups(
+            &model,
+            &tok,
+            &prompts,
+            g,
+            cap,
+            sampling,
+            cfg.seed,
+            step as u64,
+        )?;
+        let rollout_tokens: usize = rollouts.iter().map(|r| r.completion_ids.len()).sum();
+
+        // Rewards, then advantages within each group of G.
+        let correct: Vec<bool> = rollouts
+            .iter()
+            .map(|r| (inputs.is_correct)(&r.text, &picks[r.group].gold))
+            .collect();
+        let parts: Vec<_> = rollouts
+            .iter()
+            .zip(&correct)
+            .map(|(r, &c)| {
+                reward(
+                    c,
+                    r.len,
+                    budget,
+                    &r.text,
+                    &cfg.reward.weights,
+                    cfg.reward.shape,
+                )
+            })
+            .collect();
+        let totals: Vec<f64> = parts.iter().map(|x| x.total).collect();
+        let advantages = crate::grpo::advantage::advantages(&totals, g, &cfg.advantage)?;
+        let keep = if cfg.advantage.filter_groups {
+            Some(crate::grpo::advantage::keep_mixed_groups(&correct, g)?)
+        } else {
+            None
+        };
+
+        // The update: μ epochs over the batch; logπold from the first forward pass.
+        let seqs: Vec<(&[u32], &[u32])> = rollouts
+            .iter()
+            .map(|r| (r.prompt_ids.as_slice(), r.completion_ids.as_slice()))
+            .collect();
+        let batch = TrainBatch::new(&seqs)?;
+        let lens: Vec<usize> = rollouts.iter().map(|r| r.completion_ids.len()).collect();
+        let truncated: Vec<bool> = rollouts.iter().map(|r| r.truncated).collect();
+        let ref_logp: Option<Vec<f64>> = match &reference {
+            Some(r) => Some(to_f64(
+                &r.forward_train(&batch, sampling_temperature(cfg))?.logp,
+            )),
+            None => None,
+        };
+        let lr = lr_schedule.at(step);
+        let mut old_logp: Option<Vec<f64>> = None;
+        let (mut loss_out, mut entropy, mut grad_norm, mut skipped) = (None, 0.0, 0.0, false);
+        for _ in 0..cfg.loss.epochs {
+            let fwd = model.forward_train(&batch, sampling_temperature(cfg))?;
+            let logp = to_f64(&fwd.logp);
+            let old = old_logp.get_or_insert_with(|| logp.clone());
+            entropy = mean(&to_f64(&fwd.entropy));
+            let lb = LossBatch {
+                logp: &logp,
+                old_logp: old,
+                ref_logp: ref_logp.as_deref(),
+                lens: &lens,
+                advantages: &advantages,
+                truncated: &truncated,
+                keep: keep.as_deref(),
+            };
+            let lo = policy_loss(&lb, &loss_opts)?;
+            let dlogp: Vec<f32> = lo.grad.iter().map(|&x| x as f32).collect();
+            grads.fill(0.0);
+            model.backward(&batch, &fwd.acts, &dlogp, &mut grads)?;
+            grad_norm = clip_grad_norm(&mut grads, cfg.optim.grad_clip);
+            if !(lo.loss.is_finite() && grad_norm.is_finite()) {
+                // A non-finite loss or gradient never reaches the weights (or a checkpoint).
+                eprintln!("\nstep {step}: non-finite loss ({}) or gradient norm ({grad_norm}); update skipped", lo.loss);
+                skipped = true;
+                loss_out = Some(lo);
+                break;
+            }
+            state.optimizer.step(&mut model.params, &grads, lr);
+            loss_out = Some(lo);
+        }
+        let lo = loss_out.expect("at least one epoch");
+
+        let acc = mean(&correct.iter().map(|&c| c as u8 as f64).collect::<Vec<_>>());
+        state.curriculum.observe(step, acc);
+        let lens_f: Vec<f64> = rollouts.iter().map(|r| r.len as f64).collect();
+        let split = |t: bool| {
+            mean(
+                &rollouts
+                    .iter()
+                    .filter(|r| r.truncated == t)
+                    .map(|r| r.len as f64)
+                    .collect::<Vec<_>>(),
+            )
+        };
+        let step_s = t0.elapsed().as_secs_f64();
+        let m = StepMetrics {
+            step,
+            budget,
+            reward: mean(&totals),
+            reward_correct: mean(&parts.iter().map(|x| x.correct).collect::<Vec<_>>()),
+            reward_length: mean(&parts.iter().map(|x| x.length).collect::<Vec<_>>()),
+            reward_format: mean(&parts.iter().map(|x| x.format).collect::<Vec<_>>()),
+            accuracy: acc,
+            mean_len: mean(&lens_f),
+            p50_len: quantile(&lens_f, 0.5),
+            p90_len: quantile(&lens_f, 0.9),
+            truncated_frac: mean(
+                &truncated
+                    .iter()
+                    .map(|&t| t as u8 as f64)
+                    .collect::<Vec<_>>(),
+            ),
+            kl: lo.stats.kl,
+            clip_frac: lo.stats.clip_frac(),
+            entropy,
+            grad_norm,
+            tokens_per_s: (rollout_tokens + batch.tokens.len() * cfg.loss.epochs) as f64
+                / step_s.max(1e-9),
+            step_s,
+            reward_std: std(&totals),
+            clip_frac_low: lo.stats.clip_frac_low,
+            clip_frac_high: lo.stats.clip_frac_high,
+            lr,
+            loss: lo.loss,
+            mean_len_finished: split(false),
+            mean_len_truncated: split(true),
+            skipped,
+        };
+        writeln!(metrics_file, "{}", serde_json::to_string(&m)?)
+            .with_context(|| format!("cannot write {}", out.join("metrics.jsonl").display()))?;
+        state.step += 1;
+        progress.update(
+            state.step,
+            &format!(
+                "budget {budget} | acc {:.2} | len {:.1} | reward {:.3}",
+                m.accuracy, m.mean_len, m.reward
+            ),
+        );
+        metrics_log.push(m);
+
+        if cfg.eval_every > 0 && state.step % cfg.eval_every == 0 && state.step < cfg.steps {
+            let e = evaluate(
+                &model,
+                &tok,
+                inputs,
+                &inputs.eval,
+                final_budget,
+                cfg.eval_max_tokens,
+            )?;
+            eprintln!(
+                "\neval at step {}: accuracy {:.3}, mean length {:.1}",
+                state.step, e.accuracy, e.mean_len
+            );
+        }
+        if (cfg.checkpoint_every > 0 && state.step % cfg.checkpoint_every == 0)
+            || state.step == cfg.steps
+        {
+            save_checkpoint(
+                &out.join(format!("step-{:06}", state.step)),
+                inputs,
+                &model,
+                &state,
+            )?;
+        }
+    }
+    let after = if cfg.eval_every > 0 {
+        Some(evaluate(
+            &model,
+            &tok,
+            inputs,
+            &inputs.eval,
+            final_budget,
+            cfg.eval_max_tokens,
+        )?)
+    } else {
+        None
+    };
+    Ok(RunSummary {
+        before,
+        after,
+        final_budget,
+        metrics: metrics_log,
+    })
+}
+
+/// Log-probs are taken at the sampling temperature (METHOD.md §5); greedy sampling scores at 1.
+fn sampling_temperature(cfg: &TrainConfig) -> f32 {
+    if cfg.sampling.temperature > 0.0 {
+        cfg.sampling.temperature as f32
+    } else {
+        1.0
+    }
+}
+
+fn to_f64(xs: &[f32]) -> Vec<f64> {
+    xs.iter().map(|&x| x as f64).collect()
+}
+
+/// Writes weights, tokenizer files and the trainer state, atomically.
+pub fn save_checkpoint(
+    dir: &Path,
+    inputs: &TrainInputs,
+    model: &Model<CpuBackend>,
+    state: &TrainerState,
+) -> Result<()> {
+    write_folder_atomically(dir, |tmp| {
+        write_model_files(tmp, &inputs.model_dir, &model.layout, &model.params)?;
+        let json = serde_json::to_string(state)?;
+        std::fs::write(tmp.join("trainer_state.json"), json)
+            .with_context(|| format!("cannot write {}", tmp.join("trainer_state.json").display()))
+    })
+}
+
+/// The first `steps` lines of an existing metrics.jsonl (a resumed run rewrites the rest).
+fn read_metrics(path: &Path, steps: usize) -> Result<Vec<StepMetrics>> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut out = Vec::new();
+    for (n, line) in text.lines().take(steps).enumerate() {
+        out.push(
+            serde_json::from_str(line).with_context(|| {
+                format!("{} line {}: not a metrics line", path.display(), n + 1)
+            })?,
+        );
+    }
+    // Drop any lines past the checkpoint so the log continues exactly where the state does.
+    let kept: String = out
+        .iter()
+        .map(|m| serde_json::to_string(m).map(|s| s + "\n"))
+        .collect::<Result<_, _>>()?;
+    std::fs::write(path, kept).with_context(|| format!("cannot rewrite {}", path.display()))?;
+    Ok(out)
+}

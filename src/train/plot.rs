@@ -1,0 +1,65 @@
+//! training.png beside metrics.jsonl: four stacked panels sharing the step axis, top to bottom
+//! budget (black), accuracy (blue), mean length (red, with the budget dashed in grey) and
+//! reward (green). No text is drawn: font rendering would need system libraries.
+
+use super::metrics::StepMetrics;
+use anyhow::{anyhow, Result};
+use plotters::prelude::*;
+use std::path::Path;
+
+pub fn plot_metrics(metrics: &[StepMetrics], path: &Path) -> Result<()> {
+    if metrics.is_empty() {
+        return Ok(());
+    }
+    let err = |e: &dyn std::fmt::Display| anyhow!("cannot draw {}: {e}", path.display());
+    let root = BitMapBackend::new(path, (900, 900)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let panels = root.split_evenly((4, 1));
+    let steps = metrics.last().map_or(1, |m| m.step + 1) as f64;
+    let budget: Vec<f64> = metrics.iter().map(|m| m.budget as f64).collect();
+    let series: [(Vec<f64>, RGBColor, bool); 4] = [
+        (budget.clone(), BLACK, false),
+        (metrics.iter().map(|m| m.accuracy).collect(), BLUE, false),
+        (metrics.iter().map(|m| m.mean_len).collect(), RED, true),
+        (metrics.iter().map(|m| m.reward).collect(), GREEN, false),
+    ];
+    for (area, (ys, color, with_budget)) in panels.iter().zip(series) {
+        let mut top = ys.iter().copied().fold(f64::MIN, f64::max);
+        if with_budget {
+            top = top.max(budget.iter().copied().fold(f64::MIN, f64::max));
+        }
+        let bottom = ys.iter().copied().fold(f64::MAX, f64::min).min(0.0);
+        let top = if top > bottom {
+            top * 1.05
+        } else {
+            bottom + 1.0
+        };
+        let mut chart = ChartBuilder::on(&area.margin(12, 12, 12, 12))
+            .x_label_area_size(4)
+            .y_label_area_size(4)
+            .build_cartesian_2d(0f64..steps, bottom..top)
+            .map_err(|e| err(&e))?;
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .light_line_style(WHITE)
+            .draw()
+            .map_err(|e| err(&e))?;
+        if with_budget {
+            let grey = RGBColor(160, 160, 160);
+            chart
+                .draw_series(LineSeries::new(
+                    metrics.iter().map(|m| (m.step as f64, m.budget as f64)),
+                    grey.stroke_width(1),
+                ))
+                .map_err(|e| err(&e))?;
+        }
+        chart
+            .draw_series(LineSeries::new(
+                metrics.iter().zip(&ys).map(|(m, &y)| (m.step as f64, y)),
+                color.stroke_width(2),
+            ))
+            .map_err(|e| err(&e))?;
+    }
+    root.present().map_err(|e| err(&e))
+}
