@@ -11,6 +11,7 @@ pub mod commands;
 pub mod config;
 pub mod cuda;
 pub mod curriculum;
+pub mod datasets;
 pub mod demo;
 pub mod generate;
 pub mod grpo;

@@ -1,7 +1,7 @@
 //! The `thinkshort` command line.
 
 use clap::{Parser, Subcommand};
-use thinkshort::commands::{doctor, generate, logprobs, sft, train};
+use thinkshort::commands::{doctor, eval, generate, logprobs, sft, train, verify};
 
 #[derive(Parser)]
 #[command(
@@ -24,6 +24,10 @@ enum Command {
     Train(train::TrainArgs),
     /// Supervised fine-tuning on prompt/completion pairs (or build the demo model with --demo).
     Sft(sft::SftArgs),
+    /// Accuracy and mean generated tokens on the math benchmarks, at one or several budgets.
+    Eval(eval::EvalArgs),
+    /// Judge responses against gold answers (JSONL in, JSONL out).
+    Verify(verify::VerifyArgs),
     /// Report the version, backends, CUDA driver, kernels and GPUs.
     Doctor(doctor::DoctorArgs),
 }
@@ -36,6 +40,8 @@ fn main() -> std::process::ExitCode {
         Command::Doctor(a) => doctor::run(a),
         Command::Sft(a) => sft::run(a),
         Command::Train(a) => train::run(a),
+        Command::Eval(a) => eval::run(a),
+        Command::Verify(a) => verify::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

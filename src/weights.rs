@@ -182,6 +182,7 @@ pub fn save_params(path: &Path, layout: &ParamLayout, params: &[f32]) -> Result<
         .collect::<Result<_>>()?;
     let mut meta = std::collections::HashMap::new();
     meta.insert("format".to_string(), "pt".to_string());
-    safetensors::tensor::serialize_to_file(views, Some(meta), path)
-        .with_context(|| format!("cannot write {}", path.display()))
+    // Serialised in memory and written with std::fs, so the file gets the usual permissions.
+    let bytes = safetensors::tensor::serialize(views, Some(meta))?;
+    std::fs::write(path, bytes).with_context(|| format!("cannot write {}", path.display()))
 }

@@ -2,10 +2,12 @@
 //! `main.rs` only parses arguments and reports errors.
 
 pub mod doctor;
+pub mod eval;
 pub mod generate;
 pub mod logprobs;
 pub mod sft;
 pub mod train;
+pub mod verify;
 
 use crate::backend::BackendKind;
 use anyhow::{bail, Context, Result};

@@ -24,6 +24,9 @@ pub struct TrainArgs {
     /// Continue from a checkpoint folder written by an earlier run (its step-NNNNNN folder).
     #[arg(long)]
     pub resume: Option<PathBuf>,
+    /// Stop after this many steps in total (writing a checkpoint), to be continued with --resume.
+    #[arg(long)]
+    pub stop_after: Option<usize>,
     /// `fixed-budget`: the demo with the final budget from step 0 (the paper's baseline).
     #[arg(long)]
     pub preset: Option<String>,
@@ -132,7 +135,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
             is_correct: crate::train::answer_is_correct,
         },
     };
-    let summary = train(&cfg, &inputs, &args.out, args.resume.as_deref())?;
+    let summary = train(&cfg, &inputs, &args.out, args.resume.as_deref(), args.stop_after)?;
     report(&summary, &args.out)
 }
 

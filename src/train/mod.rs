@@ -168,12 +168,15 @@ pub struct RunSummary {
 }
 
 /// Runs curriculum GRPO from `cfg` (resuming from a checkpoint folder when given), writing
-/// metrics.jsonl, checkpoints and the resolved config into `out`.
+/// metrics.jsonl, checkpoints and the resolved config into `out`. `stop_after` ends the run
+/// early after that many steps in total (with a checkpoint), as if interrupted; `--resume`
+/// continues it.
 pub fn train(
     cfg: &TrainConfig,
     inputs: &TrainInputs,
     out: &Path,
     resume: Option<&Path>,
+    stop_after: Option<usize>,
 ) -> Result<RunSummary> {
     cfg.validate()?;
     if inputs.train.is_empty() {
@@ -247,7 +250,8 @@ pub fn train(
     let mut grads = vec![0.0f32; n];
     let (p, g) = (cfg.prompts_per_step, cfg.group_size);
 
-    while state.step < cfg.steps {
+    let last = stop_after.unwrap_or(cfg.steps).min(cfg.steps);
+    while state.step < last {
         let step = state.step;
         let t0 = Instant::now();
         let budget = state.curriculum.budget_at(step);
@@ -421,7 +425,7 @@ pub fn train(
             );
         }
         if (cfg.checkpoint_every > 0 && state.step % cfg.checkpoint_every == 0)
-            || state.step == cfg.steps
+            || state.step == last
         {
             save_checkpoint(
                 &out.join(format!("step-{:06}", state.step)),
@@ -431,7 +435,7 @@ pub fn train(
             )?;
         }
     }
-    let after = if cfg.eval_every > 0 {
+    let after = if cfg.eval_every > 0 && state.step == cfg.steps {
         Some(evaluate(
             &model,
             &tok,

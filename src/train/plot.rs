@@ -39,12 +39,6 @@ pub fn plot_metrics(metrics: &[StepMetrics], path: &Path) -> Result<()> {
             .y_label_area_size(4)
             .build_cartesian_2d(0f64..steps, bottom..top)
             .map_err(|e| err(&e))?;
-        chart
-            .configure_mesh()
-            .disable_x_mesh()
-            .light_line_style(WHITE)
-            .draw()
-            .map_err(|e| err(&e))?;
         if with_budget {
             let grey = RGBColor(160, 160, 160);
             chart

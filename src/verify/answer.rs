@@ -172,7 +172,13 @@ pub fn parse(s: &str) -> Answer {
     if let Some(inner) = s.strip_prefix("\\{").and_then(|r| r.strip_suffix("\\}")) {
         return set_of(split_top(inner, ","));
     }
-    let items = split_top(s, ",");
+    if is_prose(s) {
+        return text(s);
+    }
+    let mut items = split_top(s, ";");
+    if items.len() == 1 {
+        items = split_top(s, ",");
+    }
     if items.len() > 1 {
         return set_of(items);
     }
@@ -237,6 +243,13 @@ fn set_of(parts: Vec<&str>) -> Answer {
 
 /// `\begin{pmatrix} a & b \\ c & d \end{pmatrix}` (also bmatrix, array with a column spec).
 fn matrix(s: &str) -> Option<Answer> {
+    // `\left[\begin{array}..\end{array}\right]`: the brackets drawn around an array.
+    let inner = s.get(1..s.len().saturating_sub(1)).map(str::trim);
+    if let (Some(inner), true) = (inner, s.starts_with(['[', '(']) && s.ends_with([']', ')'])) {
+        if inner.starts_with("\\begin{") {
+            return matrix(inner);
+        }
+    }
     let rest = s.strip_prefix("\\begin{")?;
     let env_end = rest.find('}')?;
     let env = &rest[..env_end];
@@ -332,6 +345,14 @@ fn difference_eq(l1: &Answer, r1: &Answer, l2: &Answer, r2: &Answer, either_sign
     else {
         return false;
     };
+    // Without variables an equation is a statement: `\cos \pi = -1` is not `\cos 3\pi = -1`.
+    let mut names = BTreeSet::new();
+    for e in [l1, r1, l2, r2] {
+        e.vars(&mut names);
+    }
+    if names.is_empty() {
+        return false;
+    }
     let d1 = Expr::Sub(Box::new(l1.clone()), Box::new(r1.clone()));
     let d2 = Expr::Sub(Box::new(l2.clone()), Box::new(r2.clone()));
     expr_eq(&d1, &d2) || (either_sign && expr_eq(&d1, &Expr::Neg(Box::new(d2))))
@@ -375,14 +396,15 @@ fn expr_eq(x: &Expr, y: &Expr) -> bool {
         }
         let mut valid = 0;
         for p in 0..POINTS {
-            // Values in [0.5, 2.5): away from 0 and 1, where distinct expressions often agree.
+            // Values in [0.1, 2.1): away from 0, where distinct expressions often agree, and
+            // small enough that terms like e^{-50t} still count.
             let vars: HashMap<String, C> = names
                 .iter()
                 .enumerate()
                 .map(|(k, n)| {
                     (
                         n.clone(),
-                        C::real(0.5 + 2.0 * crate::rng::uniform(7, k as u64, p)),
+                        C::real(0.1 + 2.0 * crate::rng::uniform(7, k as u64, p)),
                     )
                 })
                 .collect();

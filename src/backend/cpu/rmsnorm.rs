@@ -40,13 +40,17 @@ pub fn rmsnorm_backward(
         dweight.len() == dim && weight.len() == dim,
         "rmsnorm_backward: weight is not [dim]"
     );
-    // Per-row dx in parallel; the weight gradient is a sum over rows, reduced per chunk of rows.
+    // Rows in fixed blocks, in parallel; each block sums its rows' weight gradient, and the
+    // blocks are added in order, so the result does not depend on thread scheduling (resumed
+    // runs must reproduce uninterrupted ones bit for bit).
+    const ROWS_PER_BLOCK: usize = 32;
+    let block = ROWS_PER_BLOCK * dim;
     let partial: Vec<Vec<f32>> = dx
-        .par_chunks_mut(dim)
-        .zip(x.par_chunks(dim).zip(dout.par_chunks(dim)))
-        .fold(
-            || vec![0.0f32; dim],
-            |mut dw, (dx, (x, dout))| {
+        .par_chunks_mut(block)
+        .zip(x.par_chunks(block).zip(dout.par_chunks(block)))
+        .map(|(dx, (x, dout))| {
+            let mut dw = vec![0.0f32; dim];
+            for (dx, (x, dout)) in dx.chunks_mut(dim).zip(x.chunks(dim).zip(dout.chunks(dim))) {
                 let mean_sq = x.iter().map(|v| v * v).sum::<f32>() / dim as f32;
                 let r = 1.0 / (mean_sq + eps).sqrt();
                 let gx: f32 = x
@@ -60,9 +64,9 @@ pub fn rmsnorm_backward(
                     dx[i] = r * weight[i] * dout[i] - c * x[i];
                     dw[i] += dout[i] * x[i] * r;
                 }
-                dw
-            },
-        )
+            }
+            dw
+        })
         .collect();
     for p in partial {
         dweight.iter_mut().zip(&p).for_each(|(d, p)| *d += p);

@@ -1,0 +1,305 @@
+//! `thinkshort eval`: zero-shot accuracy and generated length on the math benchmarks
+//! (METHOD.md §7), greedy by default, at one prompt budget or at several (`--budgets`) to trace
+//! the length/accuracy frontier (one table row per set and budget).
+
+use crate::backend::{cpu::CpuBackend, BackendKind};
+use crate::datasets::{self, Dataset, DEFAULT_DATA_DIR};
+use crate::generate::{generate, GenerateConfig, GenerationRequest};
+use crate::model::Model;
+use crate::prompt::PromptTemplate;
+use crate::sampling::SamplingParams;
+use crate::tokenizer::Tokenizer;
+use crate::verify::{verify, ExtractOptions};
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(clap::Args, Debug)]
+pub struct EvalArgs {
+    /// Hugging Face model folder (config.json, safetensors, tokenizer.json).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Comma-separated benchmarks (gsm8k, math500, svamp, college_math, gsm_plus) or paths to
+    /// `{question, answer}` JSONL files.
+    #[arg(long, default_value = "gsm8k,math500,svamp,college_math,gsm_plus")]
+    pub datasets: String,
+    /// Folder of the benchmark files.
+    #[arg(long, default_value = DEFAULT_DATA_DIR)]
+    pub data_dir: PathBuf,
+    /// Evaluate only the first N items of each set.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Token budget written into the prompt (METHOD.md §7: the final training budget).
+    #[arg(long, default_value_t = 87)]
+    pub budget: usize,
+    /// Several budgets, comma-separated (e.g. 32,64,128,256): one evaluation per budget, each
+    /// with its own rows (accuracy against mean tokens: the frontier); replaces --budget.
+    #[arg(long, value_delimiter = ',')]
+    pub budgets: Vec<usize>,
+    /// Cap on new tokens per response.
+    #[arg(long, default_value_t = 512)]
+    pub max_new_tokens: usize,
+    /// Prompts generated together.
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// Prompt format: `paper`, `chat`, `raw`, or a template file (as in `generate`).
+    #[arg(long, default_value = "paper")]
+    pub template: String,
+    /// Sampling temperature; 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Seed of the sampler when the temperature is above 0.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Folder for results.json, results.md and items.jsonl.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = BackendKind::Auto)]
+    pub backend: BackendKind,
+}
+
+/// One benchmark at one budget.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub dataset: String,
+    pub budget: usize,
+    pub items: usize,
+    pub accuracy: f64,
+    pub mean_tokens: f64,
+    pub truncated: f64,
+    /// Part of the average row (GSM+'s `None` items are not).
+    pub in_average: bool,
+}
+
+#[derive(Serialize)]
+struct ItemRecord<'a> {
+    dataset: &'a str,
+    id: &'a str,
+    budget: usize,
+    gold: &'a str,
+    response: String,
+    extracted: Option<String>,
+    correct: bool,
+    tokens: usize,
+    truncated: bool,
+}
+
+pub fn run(args: &EvalArgs) -> Result<()> {
+    super::resolve_backend(args.backend)?;
+    let budgets = if args.budgets.is_empty() {
+        vec![args.budget]
+    } else {
+        args.budgets.clone()
+    };
+    if budgets.contains(&0) {
+        bail!("budgets must be at least 1");
+    }
+    if args.batch_size == 0 || args.max_new_tokens == 0 {
+        bail!("--batch-size and --max-new-tokens must be at least 1");
+    }
+    let sampling = SamplingParams {
+        temperature: args.temperature,
+        top_k: 0,
+        top_p: 1.0,
+    };
+    sampling.validate()?;
+    // Every set is read before the model loads, so a bad line fails at once.
+    let mut sets: Vec<Dataset> = Vec::new();
+    for spec in args
+        .datasets
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
+        for mut set in datasets::load(spec, &args.data_dir)? {
+            if let Some(n) = args.limit {
+                set.items.truncate(n);
+            }
+            sets.push(set);
+        }
+    }
+    let template = match args.template.as_str() {
+        "raw" => None,
+        "paper" => Some(PromptTemplate::paper()),
+        "chat" => Some(PromptTemplate::default_chat()),
+        path => Some(PromptTemplate::from_file(Path::new(path))?),
+    };
+    let tokenizer = Tokenizer::from_model_dir(&args.model)?;
+    let model = Model::load(&args.model, CpuBackend)?;
+    if let Some(dir) = &args.out {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create --out {}", dir.display()))?;
+    }
+    let mut items_out = match &args.out {
+        Some(dir) => {
+            let p = dir.join("items.jsonl");
+            let f = std::fs::File::create(&p)
+                .with_context(|| format!("cannot create {}", p.display()))?;
+            Some(std::io::BufWriter::new(f))
+        }
+        None => None,
+    };
+
+    let config = GenerateConfig {
+        sampling,
+        seed: args.seed,
+        first_stream: 0,
+        eos_ids: tokenizer.eos_token_ids().to_vec(),
+        stop_strings: Vec::new(),
+    };
+    let total: usize = budgets.len() * sets.iter().map(|s| s.items.len()).sum::<usize>();
+    let mut done = 0;
+    let start = Instant::now();
+    let mut rows = Vec::new();
+    for &budget in &budgets {
+        for set in &sets {
+            let (mut correct, mut tokens, mut truncated) = (0usize, 0usize, 0usize);
+            for (b, batch) in set.items.chunks(args.batch_size).enumerate() {
+                let mut requests = Vec::with_capacity(batch.len());
+                for item in batch {
+                    let text = match &template {
+                        Some(t) => t.render(&item.question, Some(budget), &tokenizer)?,
+                        None => item.question.clone(),
+                    };
+                    requests.push(GenerationRequest {
+                        prompt: tokenizer.encode(&text)?,
+                        max_new_tokens: args.max_new_tokens,
+                    });
+                }
+                // Streams follow the item index, so sampled runs do not depend on --batch-size.
+                let config = GenerateConfig {
+                    first_stream: (b * args.batch_size) as u64,
+                    ..config.clone()
+                };
+                let completions = generate(&model, &requests, &config, None)?;
+                for (item, c) in batch.iter().zip(completions) {
+                    let response = tokenizer.decode(&c.tokens, true)?;
+                    let v = verify(&response, &item.gold, &ExtractOptions::default());
+                    correct += v.correct as usize;
+                    tokens += c.len;
+                    truncated += c.truncated as usize;
+                    if let Some(w) = items_out.as_mut() {
+                        let rec = ItemRecord {
+                            dataset: &set.name,
+                            id: &item.id,
+                            budget,
+                            gold: &item.gold,
+                            response,
+                            extracted: v.extracted,
+                            correct: v.correct,
+                            tokens: c.len,
+                            truncated: c.truncated,
+                        };
+                        writeln!(w, "{}", serde_json::to_string(&rec)?)?;
+                    }
+                }
+                done += batch.len();
+                progress(done, total, &set.name, budget, start);
+            }
+            let n = set.items.len().max(1) as f64;
+            rows.push(Row {
+                dataset: set.name.clone(),
+                budget,
+                items: set.items.len(),
+                accuracy: 100.0 * correct as f64 / n,
+                mean_tokens: tokens as f64 / n,
+                truncated: 100.0 * truncated as f64 / n,
+                in_average: set.in_average,
+            });
+        }
+    }
+    eprintln!();
+    let rows = with_averages(rows, &budgets);
+    let table = markdown_table(&rows);
+    print!("{table}");
+    if let Some(dir) = &args.out {
+        if let Some(mut w) = items_out.take() {
+            w.flush()?;
+        }
+        let report = serde_json::json!({
+            "model": args.model.display().to_string(),
+            "template": args.template,
+            "max_new_tokens": args.max_new_tokens,
+            "temperature": args.temperature,
+            "limit": args.limit,
+            "budgets": budgets,
+            "rows": rows,
+        });
+        write_file(
+            &dir.join("results.json"),
+            &serde_json::to_string_pretty(&report)?,
+        )?;
+        let md = format!(
+            "# Evaluation of {}\n\nTemplate `{}`, cap {} new tokens, temperature {}.\n\n{table}",
+            args.model.display(),
+            args.template,
+            args.max_new_tokens,
+            args.temperature
+        );
+        write_file(&dir.join("results.md"), &md)?;
+        eprintln!(
+            "wrote results.json, results.md and items.jsonl to {}",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+fn write_file(path: &Path, text: &str) -> Result<()> {
+    std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// `[#####.....] 120/500 gsm8k @87  12.3 s`, redrawn in place on stderr.
+fn progress(done: usize, total: usize, set: &str, budget: usize, start: Instant) {
+    const WIDTH: usize = 30;
+    let filled = WIDTH * done / total.max(1);
+    eprint!(
+        "\r[{}{}] {done}/{total} {set} @{budget}  {:.1} s   ",
+        "#".repeat(filled),
+        ".".repeat(WIDTH - filled),
+        start.elapsed().as_secs_f64()
+    );
+}
+
+/// Appends, per budget, the unweighted mean over the sets counted in the average.
+fn with_averages(mut rows: Vec<Row>, budgets: &[usize]) -> Vec<Row> {
+    for &budget in budgets {
+        let counted: Vec<&Row> = rows
+            .iter()
+            .filter(|r| r.budget == budget && r.in_average)
+            .collect();
+        if counted.len() < 2 {
+            continue;
+        }
+        let k = counted.len() as f64;
+        let avg = Row {
+            dataset: "average".into(),
+            budget,
+            items: counted.iter().map(|r| r.items).sum(),
+            accuracy: counted.iter().map(|r| r.accuracy).sum::<f64>() / k,
+            mean_tokens: counted.iter().map(|r| r.mean_tokens).sum::<f64>() / k,
+            truncated: counted.iter().map(|r| r.truncated).sum::<f64>() / k,
+            in_average: false,
+        };
+        rows.push(avg);
+    }
+    // Each budget's average right after its sets (the sort is stable).
+    rows.sort_by_key(|r| r.budget);
+    rows
+}
+
+/// The report table; it is valid Markdown and readable as plain text.
+pub fn markdown_table(rows: &[Row]) -> String {
+    let mut s = String::from(
+        "| dataset | budget | items | accuracy % | mean tokens | truncated % |\n|---|---:|---:|---:|---:|---:|\n",
+    );
+    for r in rows {
+        s.push_str(&format!(
+            "| {} | {} | {} | {:.2} | {:.1} | {:.1} |\n",
+            r.dataset, r.budget, r.items, r.accuracy, r.mean_tokens, r.truncated
+        ));
+    }
+    s
+}

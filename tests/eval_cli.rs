@@ -1,0 +1,173 @@
+//! `thinkshort eval` and `thinkshort verify` end to end: a tiny fixture model on two items of a
+//! real benchmark and of a generic JSONL file, reports on disk, and clear errors for bad lines.
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn thinkshort(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_thinkshort"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn eval_writes_table_json_markdown_and_items() {
+    let dir = tempfile::tempdir().unwrap();
+    let generic = dir.path().join("mine.jsonl");
+    std::fs::write(
+        &generic,
+        "{\"question\": \"What is 2+2?\", \"answer\": 4}\n{\"question\": \"Half of 3?\", \"answer\": \"\\\\frac{3}{2}\"}\n{\"question\": \"unused\", \"answer\": \"1\"}\n",
+    )
+    .unwrap();
+    let out_dir = dir.path().join("report");
+    let data = root().join("../shared/data");
+    let model = root().join("tests/fixtures/qwen2_tied");
+    let datasets = format!("gsm8k,{}", path_str(&generic));
+    let out = thinkshort(&[
+        "eval",
+        "--model",
+        path_str(&model),
+        "--data-dir",
+        path_str(&data),
+        "--datasets",
+        &datasets,
+        "--limit",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--out",
+        path_str(&out_dir),
+        "--backend",
+        "cpu",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("| gsm8k | 87 | 2 |"), "{table}");
+    assert!(table.contains("| mine | 87 | 2 |"), "{table}");
+    assert!(table.contains("| average | 87 | 4 |"), "{table}");
+
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("results.json")).unwrap())
+            .unwrap();
+    let rows = report["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 3);
+    for row in rows {
+        let tokens = row["mean_tokens"].as_f64().unwrap();
+        assert!((0.0..=4.0).contains(&tokens), "{row}");
+        assert!((0.0..=100.0).contains(&row["accuracy"].as_f64().unwrap()));
+    }
+    let md = std::fs::read_to_string(out_dir.join("results.md")).unwrap();
+    assert!(md.contains("| dataset | budget |"), "{md}");
+    let items = std::fs::read_to_string(out_dir.join("items.jsonl")).unwrap();
+    let items: Vec<Value> = items
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(items.len(), 4);
+    assert_eq!(items[0]["gold"], "18");
+    assert_eq!(items[2]["gold"], "4");
+    assert_eq!(items[3]["gold"], "\\frac{3}{2}");
+    assert!(items.iter().all(|it| it["tokens"].as_u64().unwrap() <= 4));
+}
+
+fn bad_data_dir(line2: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("gsm8k")).unwrap();
+    let good = r#"{"question": "1+1?", "answer": "1+1=2\n#### 2"}"#;
+    std::fs::write(
+        dir.path().join("gsm8k/test.jsonl"),
+        format!("{good}\n{line2}\n"),
+    )
+    .unwrap();
+    dir
+}
+
+#[track_caller]
+fn eval_fails_with(data: &Path, expected: &[&str]) {
+    let model = root().join("tests/fixtures/qwen2_tied");
+    let out = thinkshort(&[
+        "eval",
+        "--model",
+        path_str(&model),
+        "--data-dir",
+        path_str(data),
+        "--datasets",
+        "gsm8k",
+        "--backend",
+        "cpu",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    for e in expected {
+        assert!(stderr.contains(e), "expected {e:?} in: {stderr}");
+    }
+}
+
+#[test]
+fn bad_dataset_lines_name_file_line_and_key() {
+    let dir = bad_data_dir("{not json");
+    eval_fails_with(dir.path(), &["gsm8k/test.jsonl line 2", "not valid JSON"]);
+    let dir = bad_data_dir(r#"{"question": "q"}"#);
+    eval_fails_with(
+        dir.path(),
+        &["gsm8k/test.jsonl line 2", "missing key `answer`"],
+    );
+    let dir = bad_data_dir(r#"{"question": "q", "answer": "no final answer"}"#);
+    eval_fails_with(dir.path(), &["gsm8k/test.jsonl line 2", "####"]);
+    let empty = tempfile::tempdir().unwrap();
+    eval_fails_with(empty.path(), &["cannot open", "--data-dir"]);
+}
+
+#[test]
+fn verify_judges_each_line_and_reports_bad_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let input: PathBuf = dir.path().join("in.jsonl");
+    std::fs::write(
+        &input,
+        concat!(
+            r#"{"id": 1, "response": "<think>half</think> <answer>\\frac{1}{2}</answer>", "gold": "0.5"}"#,
+            "\n",
+            r#"{"id": "b", "response": "so it is 12.", "gold": 13}"#,
+            "\n",
+            r#"{"id": 3, "response": "nothing", "gold": "5"}"#,
+            "\n"
+        ),
+    )
+    .unwrap();
+    let out = thinkshort(&["verify", "--input", path_str(&input)]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = std::str::from_utf8(&out.stdout).unwrap().lines().collect();
+    assert_eq!(
+        lines,
+        [
+            r#"{"id":1,"extracted":"\\frac{1}{2}","correct":true}"#,
+            r#"{"id":"b","extracted":"12","correct":false}"#,
+            r#"{"id":3,"extracted":null,"correct":false}"#,
+        ]
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("1/3 correct"));
+
+    std::fs::write(&input, "{\"id\": 1, \"gold\": \"5\"}\n").unwrap();
+    let out = thinkshort(&["verify", "--input", path_str(&input)]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("in.jsonl line 1") && stderr.contains("`response`"),
+        "{stderr}"
+    );
+}

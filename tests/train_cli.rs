@@ -1,0 +1,84 @@
+//! `thinkshort train` end to end on the checked-in demo model: a shortened demo run, resume that
+//! reproduces an uninterrupted run bit for bit, and config errors that name the key.
+
+use serde_json::Value;
+use std::path::Path;
+use std::process::Command;
+
+fn train(out: &Path, extra: &[&str]) -> std::process::Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_thinkshort"));
+    cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["train", "--backend", "cpu", "--out"])
+        .arg(out)
+        .args(["--set", "prompts_per_step=2", "--set", "group_size=4", "--set", "eval_size=4", "--set", "eval_max_tokens=16"]);
+    cmd.args(extra).output().unwrap()
+}
+
+fn metrics(out: &Path) -> Vec<Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+/// Every metric except the timings.
+fn without_timings(mut m: Value) -> Value {
+    for k in ["tokens_per_s", "step_s"] {
+        m.as_object_mut().unwrap().remove(k);
+    }
+    m
+}
+
+#[test]
+fn shortened_demo_runs_end_to_end() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let o = train(&out, &["--set", "steps=3", "--set", "eval_every=3"]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    let m = metrics(&out);
+    assert_eq!(m.len(), 3);
+    let keys = [
+        "step", "budget", "reward", "reward_correct", "reward_length", "reward_format", "accuracy", "mean_len", "p50_len",
+        "p90_len", "truncated_frac", "kl", "clip_frac", "entropy", "grad_norm", "tokens_per_s", "step_s",
+    ];
+    for k in keys {
+        assert!(m[0].get(k).is_some(), "metrics.jsonl lacks `{k}`");
+    }
+    assert_eq!(m[0]["budget"], 64);
+    assert!(out.join("training.png").is_file());
+    assert!(out.join("step-000003/model.safetensors").is_file() && out.join("step-000003/trainer_state.json").is_file());
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("| before |") && stdout.contains("| after |"), "{stdout}");
+}
+
+#[test]
+fn resume_reproduces_an_uninterrupted_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let straight = tmp.path().join("straight");
+    let split = tmp.path().join("split");
+    assert!(train(&straight, &["--set", "steps=4"]).status.success());
+    // The split run: stop after 2 steps (checkpoint), then resume for the rest.
+    let o = train(&split, &["--set", "steps=4", "--set", "checkpoint_every=2", "--stop-after", "2"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(metrics(&split).len(), 2);
+    let o = train(&split, &["--set", "steps=4", "--set", "checkpoint_every=2", "--resume", split.join("step-000002").to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (a, b) = (metrics(&straight), metrics(&split));
+    assert_eq!(a.len(), 4);
+    assert_eq!(b.len(), 4);
+    for (x, y) in a.into_iter().zip(b) {
+        assert_eq!(without_timings(x), without_timings(y));
+    }
+    let w1 = std::fs::read(straight.join("step-000004/model.safetensors")).unwrap();
+    let w2 = std::fs::read(split.join("step-000004/model.safetensors")).unwrap();
+    assert!(w1 == w2, "final weights differ");
+}
+
+#[test]
+fn bad_settings_name_the_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (set, key) in [("schedule.gamma=1.5", "gamma"), ("group_size=1", "group_size"), ("nonsense=3", "nonsense")] {
+        let o = train(&tmp.path().join("x"), &["--set", set]);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{set} was accepted");
+        assert!(stderr.contains(key) && !stderr.contains("panicked"), "{set}: {stderr}");
+    }
+}
