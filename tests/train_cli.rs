@@ -10,12 +10,25 @@ fn train(out: &Path, extra: &[&str]) -> std::process::Output {
     cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
         .args(["train", "--backend", "cpu", "--out"])
         .arg(out)
-        .args(["--set", "prompts_per_step=2", "--set", "group_size=4", "--set", "eval_size=4", "--set", "eval_max_tokens=16"]);
+        .args([
+            "--set",
+            "prompts_per_step=2",
+            "--set",
+            "group_size=4",
+            "--set",
+            "eval_size=4",
+            "--set",
+            "eval_max_tokens=16",
+        ]);
     cmd.args(extra).output().unwrap()
 }
 
 fn metrics(out: &Path) -> Vec<Value> {
-    std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 /// Every metric except the timings.
@@ -36,17 +49,42 @@ fn shortened_demo_runs_end_to_end() {
     let m = metrics(&out);
     assert_eq!(m.len(), 3);
     let keys = [
-        "step", "budget", "reward", "reward_correct", "reward_length", "reward_format", "accuracy", "mean_len", "p50_len",
-        "p90_len", "truncated_frac", "kl", "clip_frac", "entropy", "grad_norm", "tokens_per_s", "step_s",
+        "step",
+        "budget",
+        "reward",
+        "reward_correct",
+        "reward_length",
+        "reward_format",
+        "accuracy",
+        "mean_len",
+        "p50_len",
+        "p90_len",
+        "truncated_frac",
+        "kl",
+        "clip_frac",
+        "entropy",
+        "grad_norm",
+        "tokens_per_s",
+        "step_s",
     ];
     for k in keys {
         assert!(m[0].get(k).is_some(), "metrics.jsonl lacks `{k}`");
     }
-    assert_eq!(m[0]["budget"], 64);
+    let b0 = thinkshort::commands::train::demo_config()
+        .curriculum()
+        .unwrap()
+        .budget_at(0);
+    assert_eq!(m[0]["budget"].as_u64().unwrap() as usize, b0);
     assert!(out.join("training.png").is_file());
-    assert!(out.join("step-000003/model.safetensors").is_file() && out.join("step-000003/trainer_state.json").is_file());
+    assert!(
+        out.join("step-000003/model.safetensors").is_file()
+            && out.join("step-000003/trainer_state.json").is_file()
+    );
     let stdout = String::from_utf8_lossy(&o.stdout);
-    assert!(stdout.contains("| before |") && stdout.contains("| after |"), "{stdout}");
+    assert!(
+        stdout.contains("| before |") && stdout.contains("| after |"),
+        "{stdout}"
+    );
 }
 
 #[test]
@@ -56,10 +94,30 @@ fn resume_reproduces_an_uninterrupted_run() {
     let split = tmp.path().join("split");
     assert!(train(&straight, &["--set", "steps=4"]).status.success());
     // The split run: stop after 2 steps (checkpoint), then resume for the rest.
-    let o = train(&split, &["--set", "steps=4", "--set", "checkpoint_every=2", "--stop-after", "2"]);
+    let o = train(
+        &split,
+        &[
+            "--set",
+            "steps=4",
+            "--set",
+            "checkpoint_every=2",
+            "--stop-after",
+            "2",
+        ],
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(metrics(&split).len(), 2);
-    let o = train(&split, &["--set", "steps=4", "--set", "checkpoint_every=2", "--resume", split.join("step-000002").to_str().unwrap()]);
+    let o = train(
+        &split,
+        &[
+            "--set",
+            "steps=4",
+            "--set",
+            "checkpoint_every=2",
+            "--resume",
+            split.join("step-000002").to_str().unwrap(),
+        ],
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let (a, b) = (metrics(&straight), metrics(&split));
     assert_eq!(a.len(), 4);
@@ -75,10 +133,17 @@ fn resume_reproduces_an_uninterrupted_run() {
 #[test]
 fn bad_settings_name_the_key() {
     let tmp = tempfile::tempdir().unwrap();
-    for (set, key) in [("schedule.gamma=1.5", "gamma"), ("group_size=1", "group_size"), ("nonsense=3", "nonsense")] {
+    for (set, key) in [
+        ("schedule.gamma=1.5", "gamma"),
+        ("group_size=1", "group_size"),
+        ("nonsense=3", "nonsense"),
+    ] {
         let o = train(&tmp.path().join("x"), &["--set", set]);
         let stderr = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success(), "{set} was accepted");
-        assert!(stderr.contains(key) && !stderr.contains("panicked"), "{set}: {stderr}");
+        assert!(
+            stderr.contains(key) && !stderr.contains("panicked"),
+            "{set}: {stderr}"
+        );
     }
 }
