@@ -19,6 +19,7 @@ pub mod model;
 pub mod model_backward;
 pub mod optim;
 pub mod params;
+pub mod plot;
 pub mod prompt;
 pub mod rng;
 pub mod rollout;

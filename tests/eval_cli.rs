@@ -171,3 +171,51 @@ fn verify_judges_each_line_and_reports_bad_ones() {
         "{stderr}"
     );
 }
+
+#[test]
+fn several_budgets_give_rows_per_budget_and_a_frontier_plot() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("frontier");
+    let data = root().join("../shared/data");
+    let model = root().join("tests/fixtures/qwen2_tied");
+    let out = thinkshort(&[
+        "eval",
+        "--model",
+        path_str(&model),
+        "--data-dir",
+        path_str(&data),
+        "--datasets",
+        "gsm8k,svamp",
+        "--limit",
+        "1",
+        "--budgets",
+        "4,8",
+        "--max-new-tokens",
+        "3",
+        "--out",
+        path_str(&out_dir),
+        "--backend",
+        "cpu",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("results.json")).unwrap())
+            .unwrap();
+    let budgets: Vec<u64> = report["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["budget"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        budgets,
+        [4, 4, 4, 8, 8, 8],
+        "two sets and their average at each budget"
+    );
+    let png = std::fs::read(out_dir.join("frontier.png")).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+}

@@ -239,12 +239,36 @@ pub fn run(args: &EvalArgs) -> Result<()> {
             args.temperature
         );
         write_file(&dir.join("results.md"), &md)?;
+        if budgets.len() > 1 {
+            crate::plot::plot_frontier(&frontier(&rows), &dir.join("frontier.png"))?;
+        }
         eprintln!(
             "wrote results.json, results.md and items.jsonl to {}",
             dir.display()
         );
     }
     Ok(())
+}
+
+/// (dataset, [(mean tokens, accuracy %)] in budget order) for the frontier plot.
+fn frontier(rows: &[Row]) -> Vec<(String, Vec<(f64, f64)>)> {
+    let mut series: Vec<(String, Vec<(usize, f64, f64)>)> = Vec::new();
+    for r in rows {
+        match series.iter_mut().find(|(name, _)| *name == r.dataset) {
+            Some((_, pts)) => pts.push((r.budget, r.mean_tokens, r.accuracy)),
+            None => series.push((
+                r.dataset.clone(),
+                vec![(r.budget, r.mean_tokens, r.accuracy)],
+            )),
+        }
+    }
+    series
+        .into_iter()
+        .map(|(name, mut pts)| {
+            pts.sort_by_key(|p| p.0);
+            (name, pts.into_iter().map(|(_, x, y)| (x, y)).collect())
+        })
+        .collect()
 }
 
 fn write_file(path: &Path, text: &str) -> Result<()> {

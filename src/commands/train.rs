@@ -185,7 +185,7 @@ fn report(s: &RunSummary, out: &Path) -> Result<()> {
         );
     }
     let png = out.join("training.png");
-    crate::train::plot::plot_metrics(&s.metrics, &png)?;
+    crate::plot::plot_metrics(&s.metrics, &png)?;
     println!(
         "metrics: {}, plot: {}",
         out.join("metrics.jsonl").display(),

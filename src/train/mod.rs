@@ -3,7 +3,6 @@
 //! and take clipped policy-gradient steps; the budget tightens on the configured schedule.
 
 pub mod metrics;
-pub mod plot;
 pub mod progress;
 
 use crate::backend::cpu::CpuBackend;

@@ -1,8 +1,10 @@
-//! training.png beside metrics.jsonl: four stacked panels sharing the step axis, top to bottom
-//! budget (black), accuracy (blue), mean length (red, with the budget dashed in grey) and
-//! reward (green). No text is drawn: font rendering would need system libraries.
+//! PNG plots, drawn without text (font rendering would need system libraries):
+//! - training.png beside metrics.jsonl: four stacked panels sharing the step axis, top to bottom
+//!   budget (black), accuracy (blue), mean length (red, with the budget in grey), reward (green);
+//! - frontier.png of `eval --budgets`: accuracy (y) against mean tokens (x), one line per
+//!   dataset through its budgets, the average in thick black.
 
-use super::metrics::StepMetrics;
+use crate::train::metrics::StepMetrics;
 use anyhow::{anyhow, Result};
 use plotters::prelude::*;
 use std::path::Path;
@@ -53,6 +55,40 @@ pub fn plot_metrics(metrics: &[StepMetrics], path: &Path) -> Result<()> {
                 metrics.iter().zip(&ys).map(|(m, &y)| (m.step as f64, y)),
                 color.stroke_width(2),
             ))
+            .map_err(|e| err(&e))?;
+    }
+    root.present().map_err(|e| err(&e))
+}
+
+/// Accuracy (%) against mean tokens, one polyline per dataset (points in budget order); the
+/// series named "average" is drawn thick and black, the others in a fixed palette.
+pub fn plot_frontier(series: &[(String, Vec<(f64, f64)>)], path: &Path) -> Result<()> {
+    let err = |e: &dyn std::fmt::Display| anyhow!("cannot draw {}: {e}", path.display());
+    let points = series.iter().flat_map(|(_, p)| p.iter());
+    let max_x = points.clone().map(|p| p.0).fold(1.0, f64::max) * 1.05;
+    let root = BitMapBackend::new(path, (800, 600)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let mut chart = ChartBuilder::on(&root.margin(20, 20, 20, 20))
+        .build_cartesian_2d(0f64..max_x, 0f64..100f64)
+        .map_err(|e| err(&e))?;
+    let palette = [BLUE, RED, GREEN, MAGENTA, CYAN, RGBColor(255, 140, 0)];
+    for (i, (name, pts)) in series.iter().enumerate() {
+        let (color, width) = if name == "average" {
+            (BLACK, 3)
+        } else {
+            (palette[i % palette.len()], 1)
+        };
+        chart
+            .draw_series(LineSeries::new(
+                pts.iter().copied(),
+                color.stroke_width(width),
+            ))
+            .map_err(|e| err(&e))?;
+        chart
+            .draw_series(
+                pts.iter()
+                    .map(|&p| Circle::new(p, 3 + width, color.filled())),
+            )
             .map_err(|e| err(&e))?;
     }
     root.present().map_err(|e| err(&e))
