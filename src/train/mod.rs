@@ -178,6 +178,9 @@ pub fn train(
     stop_after: Option<usize>,
 ) -> Result<RunSummary> {
     cfg.validate()?;
+    if cfg.loss.old_logp == crate::train_config::OldLogp::Sampler {
+        bail!("loss.old_logp = \"sampler\": the sampler does not return log-probs yet; use \"recompute\"");
+    }
     if inputs.train.is_empty() {
         bail!("no training examples");
     }
