@@ -230,16 +230,20 @@ pub fn train(
     let lr_schedule = cfg.lr_schedule();
     let sampling = cfg.sampling_params();
     let final_budget = state.curriculum.budget_at(cfg.steps - 1);
-
-    let before = if cfg.eval_every > 0 && state.step == 0 {
-        Some(evaluate(
-            &model,
+    // Held-out evaluation: greedy, at the final budget.
+    let held_out = |m: &Model<CpuBackend>| {
+        evaluate(
+            m,
             &tok,
             inputs,
             &inputs.eval,
             final_budget,
             cfg.eval_max_tokens,
-        )?)
+        )
+    };
+
+    let before = if cfg.eval_every > 0 && state.step == 0 {
+        Some(held_out(&model)?)
     } else {
         None
     };
@@ -413,14 +417,7 @@ pub fn train(
         metrics_log.push(m);
 
         if cfg.eval_every > 0 && state.step % cfg.eval_every == 0 && state.step < cfg.steps {
-            let e = evaluate(
-                &model,
-                &tok,
-                inputs,
-                &inputs.eval,
-                final_budget,
-                cfg.eval_max_tokens,
-            )?;
+            let e = held_out(&model)?;
             eprintln!(
                 "\neval at step {}: accuracy {:.3}, mean length {:.1}",
                 state.step, e.accuracy, e.mean_len
@@ -438,14 +435,7 @@ pub fn train(
         }
     }
     let after = if cfg.eval_every > 0 && state.step == cfg.steps {
-        Some(evaluate(
-            &model,
-            &tok,
-            inputs,
-            &inputs.eval,
-            final_budget,
-            cfg.eval_max_tokens,
-        )?)
+        Some(held_out(&model)?)
     } else {
         None
     };
