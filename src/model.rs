@@ -125,29 +125,39 @@ impl<B: Backend> Model<B> {
         for l in 0..cfg.num_layers {
             self.layer_forward(l, &mut x, &mut acts, place, cache);
         }
-        let (r, h) = (logit_rows.len(), cfg.hidden_size);
-        let eps = cfg.rms_norm_eps as f32;
-        let mut rows = b.zeros(r * h)?; // [R, H]
-        let mut rows_n = b.zeros(r * h)?; // [R, H]
-        let mut logits = b.zeros(r * cfg.vocab_size)?; // [R, V]
-        b.gather_rows(b.full_mut(&mut rows), b.full(&x), logit_rows, h);
+        Ok(self.head_forward(&x, logit_rows)?.logits)
+    }
+
+    /// The LM head on the rows of the residual stream x: [M, H] listed in `rows`: gather, final
+    /// RMSNorm, logits. The intermediates are kept for the backward pass.
+    pub(crate) fn head_forward(&self, x: &B::Buf, rows: &[usize]) -> Result<HeadActs<B>> {
+        let (cfg, b) = (&self.cfg, &self.backend);
+        let (r, h, v) = (rows.len(), cfg.hidden_size, cfg.vocab_size);
+        let mut a = HeadActs {
+            rows_x: b.zeros(r * h)?,
+            rows_n: b.zeros(r * h)?,
+            logits: b.zeros(r * v)?,
+        };
+        b.gather_rows(b.full_mut(&mut a.rows_x), b.full(x), rows, h);
+        let norm = self.p(self.layout.final_norm);
         b.rmsnorm_forward(
-            b.full_mut(&mut rows_n),
-            b.full(&rows),
-            self.p(self.layout.final_norm),
+            b.full_mut(&mut a.rows_n),
+            b.full(&a.rows_x),
+            norm,
             h,
-            eps,
+            cfg.rms_norm_eps as f32,
         );
+        let head = self.p(self.layout.lm_head);
         b.matmul_forward(
-            b.full_mut(&mut logits),
-            b.full(&rows_n),
-            self.p(self.layout.lm_head),
+            b.full_mut(&mut a.logits),
+            b.full(&a.rows_n),
+            head,
             None,
             r,
             h,
-            cfg.vocab_size,
+            v,
         );
-        Ok(logits)
+        Ok(a)
     }
 
     /// Rejects tokens outside the vocabulary, placements outside the cache and logit rows
@@ -332,6 +342,13 @@ impl<B: Backend> Model<B> {
         );
         b.residual_add(b.full_mut(x), b.full(&a.proj));
     }
+}
+
+/// The intermediates of the LM head for R scored rows.
+pub struct HeadActs<B: Backend> {
+    pub rows_x: B::Buf, // [R, H] residual stream at the scored rows
+    pub rows_n: B::Buf, // [R, H] after the final RMSNorm
+    pub logits: B::Buf, // [R, V]
 }
 
 /// The intermediates of one decoder layer for a batch of M tokens.

@@ -3,7 +3,7 @@
 //! d(loss)/d(logp) into parameter gradients (llm.c style, no autograd).
 
 use crate::backend::{Backend, TokenPlacement};
-use crate::model::{KvCache, LayerActs, Model};
+use crate::model::{HeadActs, KvCache, LayerActs, Model};
 use anyhow::{bail, Result};
 
 /// Sequences (prompt + completion) packed into one ragged batch, with the rows whose next-token
@@ -56,9 +56,7 @@ impl TrainBatch {
 pub struct TrainActivations<B: Backend> {
     layers: Vec<LayerActs<B>>,
     cache: KvCache<B>,
-    rows_x: B::Buf, // [R, H] residual stream at the scored rows
-    rows_n: B::Buf, // [R, H] after the final RMSNorm
-    logits: B::Buf, // [R, V]
+    head: HeadActs<B>,
     temperature: f32,
 }
 
@@ -103,34 +101,14 @@ impl<B: Backend> Model<B> {
             self.layer_forward(l, &mut x, &mut acts, &batch.place, &mut cache);
             layers.push(acts);
         }
-        let eps = cfg.rms_norm_eps as f32;
-        let mut rows_x = b.zeros(r * h)?;
-        let mut rows_n = b.zeros(r * h)?;
-        let mut logits = b.zeros(r * v)?;
-        b.gather_rows(b.full_mut(&mut rows_x), b.full(&x), &batch.rows, h);
-        b.rmsnorm_forward(
-            b.full_mut(&mut rows_n),
-            b.full(&rows_x),
-            self.p(self.layout.final_norm),
-            h,
-            eps,
-        );
-        b.matmul_forward(
-            b.full_mut(&mut logits),
-            b.full(&rows_n),
-            self.p(self.layout.lm_head),
-            None,
-            r,
-            h,
-            v,
-        );
+        let head = self.head_forward(&x, &batch.rows)?;
 
         let mut logp = b.zeros(r)?;
         let mut entropy = b.zeros(r)?;
         b.logprob_forward(
             b.full_mut(&mut logp),
             b.full_mut(&mut entropy),
-            b.full(&logits),
+            b.full(&head.logits),
             &batch.targets,
             v,
             temperature,
@@ -139,9 +117,7 @@ impl<B: Backend> Model<B> {
         let acts = TrainActivations {
             layers,
             cache,
-            rows_x,
-            rows_n,
-            logits,
+            head,
             temperature,
         };
         Ok(TrainOutput {
@@ -199,7 +175,7 @@ impl<B: Backend> Model<B> {
         b.logprob_backward(
             b.full_mut(&mut dlogits),
             b.full(&dlogp),
-            b.full(&acts.logits),
+            b.full(&acts.head.logits),
             &batch.targets,
             v,
             acts.temperature,
@@ -209,7 +185,7 @@ impl<B: Backend> Model<B> {
             Some(b.full_mut(&mut d_rows_n)),
             self.grad(grads, lay.lm_head),
             b.full(&dlogits),
-            b.full(&acts.rows_n),
+            b.full(&acts.head.rows_n),
             self.p(lay.lm_head),
             r,
             h,
@@ -220,7 +196,7 @@ impl<B: Backend> Model<B> {
             b.full_mut(&mut d_rows),
             self.grad(grads, lay.final_norm),
             b.full(&d_rows_n),
-            b.full(&acts.rows_x),
+            b.full(&acts.head.rows_x),
             self.p(lay.final_norm),
             h,
             eps,
