@@ -82,7 +82,7 @@ impl<B: Backend> Model<B> {
         backend: B,
     ) -> Result<Self> {
         let params = backend.upload(host)?;
-        let inv_freq = backend.upload(&cfg.rope_inv_freq())?;
+        let inv_freq = backend.upload_f32(&cfg.rope_inv_freq())?;
         Ok(Model {
             cfg,
             layout,
@@ -136,7 +136,7 @@ impl<B: Backend> Model<B> {
         let mut a = HeadActs {
             rows_x: b.zeros(r * h)?,
             rows_n: b.zeros(r * h)?,
-            logits: b.zeros(r * v)?,
+            logits: b.zeros_f32(r * v)?,
         };
         b.gather_rows(b.full_mut(&mut a.rows_x), b.full(x), rows, h);
         let norm = self.p(self.layout.final_norm);

@@ -103,8 +103,8 @@ impl<B: Backend> Model<B> {
         }
         let head = self.head_forward(&x, &batch.rows)?;
 
-        let mut logp = b.zeros(r)?;
-        let mut entropy = b.zeros(r)?;
+        let mut logp = b.zeros_f32(r)?;
+        let mut entropy = b.zeros_f32(r)?;
         b.logprob_forward(
             b.full_mut(&mut logp),
             b.full_mut(&mut entropy),

@@ -44,6 +44,24 @@ pub trait Backend: Send + Sync {
     fn zeros(&self, len: usize) -> Result<Self::Buf>;
     fn upload(&self, host: &[f32]) -> Result<Self::Buf>;
     fn download(&self, buf: Self::View<'_>) -> Result<Vec<f32>>;
+
+    /// A zero-filled buffer that stays f32 on every backend (log-probs, statistics, logits that
+    /// feed a softmax). Backends that store activations in a narrower type (CUDA: bf16) keep
+    /// these in f32; on the CPU every buffer is f32 already.
+    fn zeros_f32(&self, len: usize) -> Result<Self::Buf> {
+        self.zeros(len)
+    }
+    /// `upload`, kept in f32 on every backend (see `zeros_f32`): e.g. the RoPE frequencies.
+    fn upload_f32(&self, host: &[f32]) -> Result<Self::Buf> {
+        self.upload(host)
+    }
+
+    /// Waits until every queued op has finished and reports the first error any of them hit.
+    /// Ops do not return errors (the CPU ones cannot fail); a device backend records its first
+    /// failure and returns it here and from `download`.
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
     fn len(&self, buf: &Self::Buf) -> usize;
     fn view<'a>(&self, buf: &'a Self::Buf, range: Range<usize>) -> Self::View<'a>;
     fn view_mut<'a>(&self, buf: &'a mut Self::Buf, range: Range<usize>) -> Self::ViewMut<'a>;

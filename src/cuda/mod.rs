@@ -8,6 +8,7 @@
 //! The kernels (`kernels/*.cu`) are compiled by build.rs into one fatbin per file, with SASS for
 //! sm_80 and sm_90 and compute_80 PTX, and embedded in the binary (see [`kernels`]).
 
+pub mod launch;
 pub mod ops;
 
 use std::sync::Arc;

@@ -1,0 +1,5 @@
+//! Launchers for the kernels in `kernels/`, one file per kernel file. Each takes a
+//! [`KernelCtx`](super::launch::KernelCtx), raw device pointers (`u64`) and sizes, checks the
+//! sizes it can, queues the launch on the stream and returns the launch error, if any.
+
+pub mod rmsnorm;
