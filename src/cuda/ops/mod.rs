@@ -2,4 +2,10 @@
 //! [`KernelCtx`](super::launch::KernelCtx), raw device pointers (`u64`) and sizes, checks the
 //! sizes it can, queues the launch on the stream and returns the launch error, if any.
 
+pub mod attention;
+pub mod elementwise;
+pub mod embedding;
+pub mod kv_cache;
+pub mod logprob;
 pub mod rmsnorm;
+pub mod rope;

@@ -1,0 +1,1 @@
+//! Launchers for kernels/kv_cache.cu (being written).

@@ -1,0 +1,1 @@
+//! Launchers for kernels/rope.cu (being written).
