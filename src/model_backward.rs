@@ -2,7 +2,7 @@
 //! and the log-probabilities of the target tokens, and the explicit backward pass that turns
 //! d(loss)/d(logp) into parameter gradients (llm.c style, no autograd).
 
-use crate::backend::{Backend, TokenPlacement};
+use crate::backend::{Backend, TokenPlacement, TrainBackend};
 use crate::model::{HeadActs, KvCache, LayerActs, Model};
 use anyhow::{bail, Result};
 
@@ -69,7 +69,7 @@ pub struct TrainOutput<B: Backend> {
     pub entropy: Vec<f32>,
 }
 
-impl<B: Backend> Model<B> {
+impl<B: TrainBackend> Model<B> {
     /// Forward pass over `batch`, keeping activations; log-probs at temperature τ.
     pub fn forward_train(&self, batch: &TrainBatch, temperature: f32) -> Result<TrainOutput<B>> {
         if !(temperature > 0.0) {

@@ -160,10 +160,6 @@ pub trait Backend: Send + Sync {
     /// dst[:] = src[:].
     fn copy(&self, dst: Self::ViewMut<'_>, src: Self::View<'_>);
 
-    // ---- Training: the chosen token's log-probability and the backward of every op. ----
-    // Gradients named `d<param>` accumulate (+=) so tied and shared weights just work; the
-    // others overwrite unless their doc says otherwise.
-
     /// logp[r] = log softmax(logits[r] / τ)[targets[r]]; entropy[r] of the same softmax.
     /// logits: [R, V]; targets, logp, entropy: [R].
     #[allow(clippy::too_many_arguments)]
@@ -176,7 +172,11 @@ pub trait Backend: Send + Sync {
         vocab: usize,
         temperature: f32,
     );
+}
 
+/// The backward of every op, for training. Gradients named `d<param>` accumulate (+=) so tied and
+/// shared weights just work; the others overwrite unless their doc says otherwise.
+pub trait TrainBackend: Backend {
     /// dlogits[r] = dlogp[r] · (onehot(targets[r]) − softmax(logits[r] / τ)) / τ.
     #[allow(clippy::too_many_arguments)]
     fn logprob_backward(

@@ -19,7 +19,7 @@ pub use rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 pub use rope::{rope_backward, rope_forward};
 pub use swiglu::{swiglu_backward, swiglu_forward};
 
-use super::{Backend, TokenPlacement};
+use super::{Backend, TokenPlacement, TrainBackend};
 use anyhow::Result;
 use std::ops::Range;
 
@@ -137,6 +137,9 @@ impl Backend for CpuBackend {
     ) {
         logprob_forward(logp, entropy, logits, targets, vocab, temperature)
     }
+}
+
+impl TrainBackend for CpuBackend {
     fn logprob_backward(
         &self,
         dlogits: &mut [f32],
