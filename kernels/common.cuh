@@ -140,3 +140,21 @@ template <class T>
 __host__ __device__ constexpr T ceil_div(T dividend, T divisor) {
     return (dividend + divisor - 1) / divisor;
 }
+
+// Max over all threads of the block; every thread receives the result. Same requirements and
+// final_sync rule as block_reduce_sum (its own shared scratch, so the two may be interleaved).
+// Threads with nothing to contribute pass -INFINITY.
+__device__ __forceinline__ float block_reduce_max(float val, bool final_sync = false) {
+    __shared__ float shared_val[WARP_SIZE];
+    const int lane_id = threadIdx.x % WARP_SIZE;
+    const int warp_id = threadIdx.x / WARP_SIZE;
+    const int num_warps = blockDim.x / WARP_SIZE;
+
+    float warp_val = warp_reduce_max(val);
+    if (lane_id == 0) { shared_val[warp_id] = warp_val; }
+    __syncthreads();
+    warp_val = (lane_id < num_warps) ? shared_val[lane_id] : -INFINITY;
+    float block_val = warp_reduce_max(warp_val);
+    if (final_sync) { __syncthreads(); }
+    return block_val;
+}

@@ -6,13 +6,12 @@
 // In PyTorch the normalised value is cast back to the input dtype *before* the multiplication by
 // the weight (`self.weight * hidden_states.to(input_dtype)`), and the bf16 * bf16 product is
 // computed in fp32 and rounded once more. The bf16 kernel reproduces exactly that double
-// rounding, so it matches transformers bit-for-bit up to the order of the fp32 sum. In the f32
-// variant both casts are the identity and it computes out = weight * (x * rstd) like the CPU
-// reference.
+// rounding, so it matches transformers bit-for-bit up to the order of the fp32 sum (the f32 CPU
+// reference computes out = weight * (x * rstd) with no intermediate rounding).
 //
 // Layout: x and out are (rows, dim) row-major and contiguous, weight is (dim).
 // Parallelisation: one thread block per row (grid = rows). blockDim.x must be a multiple of 32,
-// at most 1024; the host picks about one 16-byte vector per thread (see src/cuda/ops.rs). Each
+// at most 1024; the host picks about one 16-byte vector per thread (src/cuda/ops/rmsnorm.rs). Each
 // thread walks the row with stride blockDim.x:
 //   pass 1: sum of squares in fp32, reduced over the block -> rstd
 //   pass 2: re-read x (it is still in L1/L2: a row is a few KB), normalise, scale, store.
@@ -33,7 +32,7 @@ __device__ __forceinline__ T rmsnorm_apply(T x, float rstd, T w) {
 }
 
 // ----------------------------------------------------------------------------
-// kernel body, shared by the bf16 and f32 entry points
+// kernel body (templated on the storage type; only the bf16 instance has an entry point)
 
 template <class T>
 __device__ __forceinline__ void rmsnorm_forward_block(T* out, const T* x, const T* weight,
@@ -66,7 +65,9 @@ __device__ __forceinline__ void rmsnorm_forward_block(T* out, const T* x, const 
         }
     }
     sum_sq = block_reduce_sum(sum_sq);
-    const float rstd = rsqrtf(sum_sq / (float)dim + eps);
+    // 1 / sqrt (both IEEE-rounded) rather than rsqrtf (2 ulp): once per row, and it is exactly
+    // what the CPU reference computes
+    const float rstd = 1.0f / sqrtf(sum_sq / (float)dim + eps);
 
     // pass 2: normalise, scale and store
     if (vectorised) {
@@ -87,16 +88,10 @@ __device__ __forceinline__ void rmsnorm_forward_block(T* out, const T* x, const 
 }
 
 // ----------------------------------------------------------------------------
-// entry points (launched from src/cuda/ops.rs: grid = (rows, 1, 1), block = (threads, 1, 1))
+// entry point (launched from src/cuda/ops/rmsnorm.rs: grid = (rows, 1, 1), block = (threads, 1, 1))
 
 extern "C" __global__ void __launch_bounds__(1024)
 rmsnorm_forward(__nv_bfloat16* out, const __nv_bfloat16* x, const __nv_bfloat16* weight,
                 int rows, int dim, float eps) {
     rmsnorm_forward_block<__nv_bfloat16>(out, x, weight, rows, dim, eps);
-}
-
-extern "C" __global__ void __launch_bounds__(1024)
-rmsnorm_forward_f32(float* out, const float* x, const float* weight,
-                    int rows, int dim, float eps) {
-    rmsnorm_forward_block<float>(out, x, weight, rows, dim, eps);
 }

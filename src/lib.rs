@@ -5,6 +5,7 @@
 //! `score` decode and score sequences; `tokenizer` and `prompt` turn text into ids; `commands`
 //! are the CLI subcommands.
 
+pub mod any_model;
 pub mod backend;
 pub mod checkpoint;
 pub mod commands;

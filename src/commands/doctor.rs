@@ -48,15 +48,17 @@ pub fn run(args: &DoctorArgs) -> Result<()> {
             d.total_mem_bytes as f64 / (1u64 << 30) as f64
         );
     }
-    println!(
-        "backend cuda: {}",
-        match crate::cuda::require_cuda() {
-            Ok(_) =>
-                "GPU usable; the CUDA forward pass is not in this version (commands run on the CPU)"
-                    .to_string(),
-            Err(e) => format!("unavailable: {e}"),
-        }
-    );
+    // Opening the backend also loads cuBLAS and every kernel module: "usable" means all of it.
+    let cuda = match crate::cuda::CudaBackend::new(0) {
+        Ok(b) => format!(
+            "usable on {} (cuBLAS loaded, {} kernel modules loaded); generate, logprobs, eval \
+             and selfcheck run on it, training runs on the CPU",
+            b.device_name(),
+            crate::cuda::kernel_names().len()
+        ),
+        Err(e) => format!("unavailable: {e:#}"),
+    };
+    println!("backend cuda: {cuda}");
     if args.verbose {
         println!("\nptxas report:\n{}", crate::cuda::ptxas_report());
     }

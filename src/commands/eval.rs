@@ -2,10 +2,10 @@
 //! (METHOD.md §7), greedy by default, at one prompt budget or at several (`--budgets`) to trace
 //! the length/accuracy frontier (one table row per set and budget).
 
-use crate::backend::{cpu::CpuBackend, BackendKind};
+use crate::any_model::AnyModel;
+use crate::backend::BackendKind;
 use crate::datasets::{self, Dataset, DEFAULT_DATA_DIR};
-use crate::generate::{generate, GenerateConfig, GenerationRequest};
-use crate::model::Model;
+use crate::generate::{GenerateConfig, GenerationRequest};
 use crate::prompt::PromptTemplate;
 use crate::sampling::SamplingParams;
 use crate::tokenizer::Tokenizer;
@@ -87,7 +87,7 @@ struct ItemRecord<'a> {
 }
 
 pub fn run(args: &EvalArgs) -> Result<()> {
-    super::resolve_backend(args.backend)?;
+    let device = super::resolve_backend(args.backend)?;
     let budgets = if args.budgets.is_empty() {
         vec![args.budget]
     } else {
@@ -127,7 +127,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         path => Some(PromptTemplate::from_file(Path::new(path))?),
     };
     let tokenizer = Tokenizer::from_model_dir(&args.model)?;
-    let model = Model::load(&args.model, CpuBackend)?;
+    let model = AnyModel::load(&args.model, device)?;
     if let Some(dir) = &args.out {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create --out {}", dir.display()))?;
@@ -173,7 +173,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
                     first_stream: (b * args.batch_size) as u64,
                     ..config.clone()
                 };
-                let completions = generate(&model, &requests, &config, None)?;
+                let completions = model.generate(&requests, &config, None)?;
                 for (item, c) in batch.iter().zip(completions) {
                     let response = tokenizer.decode(&c.tokens, true)?;
                     let v = verify(&response, &item.gold, &ExtractOptions::default());

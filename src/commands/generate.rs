@@ -1,8 +1,8 @@
 //! `thinkshort generate`: continue one prompt, greedy or sampled, under a token budget.
 
-use crate::backend::{cpu::CpuBackend, BackendKind};
-use crate::generate::{generate, GenerateConfig, GenerationRequest};
-use crate::model::Model;
+use crate::any_model::AnyModel;
+use crate::backend::BackendKind;
+use crate::generate::{GenerateConfig, GenerationRequest};
 use crate::prompt::PromptTemplate;
 use crate::sampling::SamplingParams;
 use crate::tokenizer::Tokenizer;
@@ -54,7 +54,7 @@ pub struct GenerateArgs {
 }
 
 pub fn run(args: &GenerateArgs) -> Result<()> {
-    super::resolve_backend(args.backend)?;
+    let device = super::resolve_backend(args.backend)?;
     if args.num_samples == 0 {
         bail!("--num-samples must be at least 1");
     }
@@ -68,13 +68,13 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     };
     sampling.validate()?;
     let tokenizer = Tokenizer::from_model_dir(&args.model)?;
-    let model = Model::load(&args.model, CpuBackend)?;
-    if tokenizer.vocab_size() > model.cfg.vocab_size {
+    let model = AnyModel::load(&args.model, device)?;
+    if tokenizer.vocab_size() > model.cfg().vocab_size {
         bail!(
             "{}: the tokenizer has {} tokens but config.json `vocab_size` is {}",
             args.model.display(),
             tokenizer.vocab_size(),
-            model.cfg.vocab_size
+            model.cfg().vocab_size
         );
     }
 
@@ -109,7 +109,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     let detok = |ids: &[u32]| tokenizer.decode(ids, true);
 
     let start = Instant::now();
-    let completions = generate(&model, &requests, &config, Some(&detok))?;
+    let completions = model.generate(&requests, &config, Some(&detok))?;
     let secs = start.elapsed().as_secs_f64();
 
     let mut new_tokens = 0;

@@ -4,9 +4,9 @@
 //! Output lines: `{"logprobs":[..]}`, one float per completion token, log p(token | prompt,
 //! earlier completion tokens) at the given temperature (default 1).
 
-use crate::backend::{cpu::CpuBackend, BackendKind};
-use crate::model::Model;
-use crate::score::{completion_logprobs, ScoreItem};
+use crate::any_model::AnyModel;
+use crate::backend::BackendKind;
+use crate::score::ScoreItem;
 use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
@@ -35,13 +35,13 @@ pub struct LogprobsArgs {
 const LINES_PER_CHUNK: usize = 64;
 
 pub fn run(args: &LogprobsArgs) -> Result<()> {
-    super::resolve_backend(args.backend)?;
-    let model = Model::load(&args.model, CpuBackend)?;
+    let device = super::resolve_backend(args.backend)?;
+    let model = AnyModel::load(&args.model, device)?;
     let mut tokenizer = LazyTokenizer {
         dir: args.model.clone(),
         tok: None,
     };
-    let items = read_items(&args.input, model.cfg.vocab_size, &mut tokenizer)?;
+    let items = read_items(&args.input, model.cfg().vocab_size, &mut tokenizer)?;
 
     // Write to a temporary name and rename, so an error never leaves a half-written output.
     let tmp = args.output.with_extension("jsonl.partial");
@@ -49,7 +49,7 @@ pub fn run(args: &LogprobsArgs) -> Result<()> {
         std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
     let mut w = BufWriter::new(file);
     for (c, chunk) in items.chunks(LINES_PER_CHUNK).enumerate() {
-        for lps in completion_logprobs(&model, chunk, args.temperature)? {
+        for lps in model.completion_logprobs(chunk, args.temperature)? {
             writeln!(w, "{}", serde_json::json!({ "logprobs": lps }))?;
         }
         eprint!(

@@ -12,24 +12,40 @@ pub mod verify;
 use crate::backend::BackendKind;
 use anyhow::{bail, Context, Result};
 
-/// Resolves `--backend` to the device that runs the command, saying on stderr which one `auto`
-/// picked. The CUDA forward pass is not in this version: `cuda` fails with one clear line.
+/// Resolves `--backend` for a command that runs on either device: `cuda` needs a usable GPU
+/// (else one clear error line), `auto` takes the GPU when there is one and says which it took.
 pub fn resolve_backend(kind: BackendKind) -> Result<BackendKind> {
     match kind {
         BackendKind::Cpu => Ok(BackendKind::Cpu),
         BackendKind::Cuda => {
             crate::cuda::require_cuda().context("--backend cuda")?;
-            bail!(
-                "--backend cuda: a GPU is present, but this version has only the CUDA kernel build, not \
-                 the CUDA forward pass; use --backend cpu or auto"
-            )
+            Ok(BackendKind::Cuda)
         }
+        BackendKind::Auto => match crate::cuda::require_cuda() {
+            Ok(probe) => {
+                let name = probe.devices.first().map(|d| d.name.as_str()).unwrap_or("GPU");
+                eprintln!("backend: cuda ({name})");
+                Ok(BackendKind::Cuda)
+            }
+            Err(_) => {
+                eprintln!("backend: cpu (no usable GPU)");
+                Ok(BackendKind::Cpu)
+            }
+        },
+    }
+}
+
+/// Resolves `--backend` for a command that runs on the CPU backend only in this version
+/// (training: the CUDA backward pass and GRPO step are not built yet).
+pub fn resolve_cpu_only(kind: BackendKind, command: &str) -> Result<BackendKind> {
+    match kind {
+        BackendKind::Cpu => Ok(BackendKind::Cpu),
+        BackendKind::Cuda => bail!(
+            "--backend cuda: `{command}` runs on the CPU backend only in this version (the CUDA \
+             backward pass is not built yet); use --backend cpu or auto"
+        ),
         BackendKind::Auto => {
-            let why = match crate::cuda::require_cuda() {
-                Ok(_) => "the CUDA forward pass is not in this version",
-                Err(_) => "no usable GPU",
-            };
-            eprintln!("backend: cpu ({why})");
+            eprintln!("backend: cpu (`{command}` has no CUDA path yet)");
             Ok(BackendKind::Cpu)
         }
     }

@@ -47,7 +47,7 @@ pub struct SftArgs {
 pub const DEMO_SFT_SEED: u64 = 1;
 
 pub fn run(args: &SftArgs) -> Result<()> {
-    super::resolve_backend(args.backend)?;
+    super::resolve_cpu_only(args.backend, "sft")?;
     let staging = tempfile_dir(&args.out)?;
     let (source_dir, mut model, data) = if args.demo {
         vocab::write_tokenizer_files(&staging)?;

@@ -74,7 +74,7 @@ interval = 100
 }
 
 pub fn run(args: &TrainArgs) -> Result<()> {
-    super::resolve_backend(args.backend)?;
+    super::resolve_cpu_only(args.backend, "train")?;
     let mut cfg = match &args.config {
         Some(path) => TrainConfig::from_file(path)?,
         None => demo_config(),

@@ -8,8 +8,11 @@
 //! The kernels (`kernels/*.cu`) are compiled by build.rs into one fatbin per file, with SASS for
 //! sm_80 and sm_90 and compute_80 PTX, and embedded in the binary (see [`kernels`]).
 
+pub mod backend;
 pub mod launch;
 pub mod ops;
+
+pub use backend::CudaBackend;
 
 use std::sync::Arc;
 
@@ -395,7 +398,29 @@ mod tests {
         if !kernels_built() {
             return;
         }
-        for function in ["rmsnorm_forward", "rmsnorm_forward_f32"] {
+        // Every `extern "C" __global__` entry point written in kernels/*.cu.
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels");
+        let mut functions = Vec::new();
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "cu") {
+                let src = std::fs::read_to_string(&path).unwrap();
+                for decl in src.split("extern \"C\" __global__").skip(1) {
+                    // skip `__launch_bounds__(...)`: the name is the word before the next '('
+                    let decl = match decl.find("__launch_bounds__") {
+                        Some(at) if at < decl.find('(').unwrap() => {
+                            &decl[at + decl[at..].find(')').unwrap() + 1..]
+                        }
+                        _ => decl,
+                    };
+                    let open = decl.find('(').unwrap();
+                    functions.push(decl[..open].split_whitespace().last().unwrap().to_string());
+                }
+            }
+        }
+        assert!(functions.len() >= 10, "found only {functions:?}");
+        for function in &functions {
+            let function = function.as_str();
             for arch in ["sm_80", "sm_90"] {
                 let line = report
                     .lines()

@@ -1,1 +1,189 @@
-//! Launchers for kernels/attention.cu (being written).
+//! Launchers for kernels/attention.cu: causal grouped-query attention over a slotted KV cache
+//! (the CPU reference is `backend::cpu::attention::attention_forward`).
+
+use anyhow::{ensure, Context, Result};
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+use crate::cuda::launch::{to_i32, KernelCtx};
+
+/// Threads per block, which is also the number of keys scored per chunk; must equal
+/// `ATTN_THREADS` in kernels/attention.cu (the kernel is compiled with `__launch_bounds__` of it).
+pub const ATTENTION_THREADS: u32 = 128;
+
+/// Largest head_dim the kernel supports (`ATTN_MAX_HEAD_DIM`: the size of its shared q buffer).
+pub const ATTENTION_MAX_HEAD_DIM: usize = 256;
+
+/// Largest gridDim.y, which holds the query head.
+const MAX_GRID_Y: usize = 65_535;
+
+/// The kernel's integer arguments, checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct AttentionDims {
+    m: i32,
+    capacity: i32,
+    n_heads: i32,
+    n_kv_heads: i32,
+    head_dim: i32,
+}
+
+fn check_attention_dims(
+    m: usize,
+    capacity: usize,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+) -> Result<AttentionDims> {
+    const OP: &str = "attention_forward";
+    ensure!(
+        capacity > 0 && n_heads > 0 && n_kv_heads > 0 && head_dim > 0,
+        "{OP}: capacity ({capacity}), n_heads ({n_heads}), n_kv_heads ({n_kv_heads}) and \
+         head_dim ({head_dim}) must be positive"
+    );
+    ensure!(
+        n_heads.is_multiple_of(n_kv_heads),
+        "{OP}: n_heads ({n_heads}) is not a multiple of n_kv_heads ({n_kv_heads})"
+    );
+    ensure!(
+        head_dim <= ATTENTION_MAX_HEAD_DIM,
+        "{OP}: head_dim {head_dim} is larger than the kernel's maximum {ATTENTION_MAX_HEAD_DIM}"
+    );
+    ensure!(
+        n_heads <= MAX_GRID_Y,
+        "{OP}: n_heads {n_heads} exceeds the grid limit {MAX_GRID_Y}"
+    );
+    // the kernel forms n_heads * head_dim and n_kv_heads * head_dim in int
+    to_i32(OP, "n_heads * head_dim", n_heads * head_dim)?;
+    Ok(AttentionDims {
+        m: to_i32(OP, "m", m)?,
+        capacity: to_i32(OP, "capacity", capacity)?,
+        n_heads: n_heads as i32,
+        n_kv_heads: n_kv_heads as i32,
+        head_dim: head_dim as i32,
+    })
+}
+
+/// One block per (token, query head): grid = (m, n_heads, 1), block = (ATTENTION_THREADS, 1, 1);
+/// all shared memory is static (about 1.8 KB).
+fn attention_config(m: usize, n_heads: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (m as u32, n_heads as u32, 1),
+        block_dim: (ATTENTION_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// out[t, h] = softmax_j(q[t, h] · K[slot_t, j, h / group] / sqrt(head_dim)) · V[slot_t, j, ..]
+/// over j = 0..=positions[t], in bf16 storage with fp32 arithmetic.
+///
+/// `out`, `q`: bf16 [m, n_heads * head_dim]; `cache_k`, `cache_v`: bf16 [slots, capacity,
+/// n_kv_heads * head_dim] (one layer); `slots`, `positions`: u32 [m], already checked by the
+/// caller (slot < slots, position < capacity).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_forward(
+    k: &KernelCtx,
+    out: u64,
+    q: u64,
+    cache_k: u64,
+    cache_v: u64,
+    slots: u64,
+    positions: u64,
+    m: usize,
+    capacity: usize,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+) -> Result<()> {
+    let dims = check_attention_dims(m, capacity, n_heads, n_kv_heads, head_dim)?;
+    if m == 0 {
+        return Ok(());
+    }
+    // the same f32 value as the CPU reference
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let f = k.function("attention", "attention_forward")?;
+    let mut b = k.stream.launch_builder(&f);
+    b.arg(&out)
+        .arg(&q)
+        .arg(&cache_k)
+        .arg(&cache_v)
+        .arg(&slots)
+        .arg(&positions)
+        .arg(&dims.m)
+        .arg(&dims.capacity)
+        .arg(&dims.n_heads)
+        .arg(&dims.n_kv_heads)
+        .arg(&dims.head_dim)
+        .arg(&scale);
+    // SAFETY: the arguments match the kernel's signature (bf16* out, const bf16* q,
+    // const bf16* cache_k, const bf16* cache_v, const u32* slots, const u32* positions,
+    // int m, int capacity, int n_heads, int n_kv_heads, int head_dim, float scale); the caller
+    // owns device buffers of the documented shapes and has checked every slot and position, and
+    // the grid covers exactly m x n_heads blocks of the block size the kernel was compiled for.
+    unsafe { b.launch(attention_config(m, n_heads)) }.with_context(|| {
+        format!(
+            "launching attention_forward (m {m}, capacity {capacity}, n_heads {n_heads}, \
+             n_kv_heads {n_kv_heads}, head_dim {head_dim})"
+        )
+    })?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_every_head_dim_up_to_256_and_gqa_groups() {
+        for head_dim in 1..=ATTENTION_MAX_HEAD_DIM {
+            let d = check_attention_dims(3, 17, 14, 2, head_dim).unwrap();
+            assert_eq!(d.head_dim as usize, head_dim);
+        }
+        let d = check_attention_dims(0, 4096, 32, 8, 128).unwrap();
+        assert_eq!(
+            d,
+            AttentionDims {
+                m: 0,
+                capacity: 4096,
+                n_heads: 32,
+                n_kv_heads: 8,
+                head_dim: 128
+            }
+        );
+        // multi-head (group 1) and multi-query (one KV head)
+        assert!(check_attention_dims(5, 8, 12, 12, 64).is_ok());
+        assert!(check_attention_dims(5, 8, 12, 1, 64).is_ok());
+    }
+
+    #[test]
+    fn rejects_bad_shapes_naming_the_op() {
+        let cases = [
+            (1, 8, 14, 2, 257),     // head_dim too large
+            (1, 8, 14, 2, 0),       // head_dim zero
+            (1, 8, 14, 4, 64),      // 14 heads in groups of 4 KV heads
+            (1, 8, 0, 1, 64),       // no heads
+            (1, 8, 4, 0, 64),       // no KV heads
+            (1, 0, 4, 2, 64),       // no capacity
+            (1, 8, 70_000, 1, 1),   // too many heads for gridDim.y
+            (1 << 31, 8, 4, 2, 64), // m beyond i32
+            (1, 1 << 31, 4, 2, 64), // capacity beyond i32
+        ];
+        for (m, capacity, n_heads, n_kv_heads, head_dim) in cases {
+            let e = check_attention_dims(m, capacity, n_heads, n_kv_heads, head_dim).unwrap_err();
+            assert!(
+                e.to_string().starts_with("attention_forward: "),
+                "({m}, {capacity}, {n_heads}, {n_kv_heads}, {head_dim}): {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn one_block_per_token_and_head() {
+        let cfg = attention_config(3000, 28);
+        assert_eq!(cfg.grid_dim, (3000, 28, 1));
+        assert_eq!(cfg.block_dim, (ATTENTION_THREADS, 1, 1));
+        assert_eq!(cfg.shared_mem_bytes, 0);
+        // tokens go on x, which allows far more than gridDim.y's 65535
+        assert_eq!(attention_config(200_000, 1).grid_dim.0, 200_000);
+        assert_eq!(ATTENTION_THREADS % 32, 0);
+        assert_eq!(ATTENTION_MAX_HEAD_DIM % ATTENTION_THREADS as usize, 0);
+    }
+}

@@ -1,1 +1,78 @@
-//! Launchers for kernels/kv_cache.cu (being written).
+//! Launcher for `kernels/kv_cache.cu`: writes one layer's new keys and values into the slotted
+//! cache. grid.x covers kv_dim, grid.y the tokens ([`rows_config`]); one launch writes both caches.
+
+use anyhow::{ensure, Context, Result};
+use cudarc::driver::PushKernelArg;
+
+use super::elementwise::{aligned16, rows_config, BF16_VEC};
+use crate::cuda::launch::{to_i32, KernelCtx};
+
+const MODULE: &str = "kv_cache";
+
+/// Checks the shapes; returns (m, capacity, kv_dim) as the kernel's ints.
+fn check_shapes(m: usize, capacity: usize, kv_dim: usize) -> Result<(i32, i32, i32)> {
+    ensure!(capacity > 0, "kv_cache_write: capacity must be positive");
+    ensure!(kv_dim > 0, "kv_cache_write: kv_dim must be positive");
+    Ok((
+        to_i32("kv_cache_write", "m", m)?,
+        to_i32("kv_cache_write", "capacity", capacity)?,
+        to_i32("kv_cache_write", "kv_dim", kv_dim)?,
+    ))
+}
+
+/// cache_k[slots[i], positions[i], :] = key[i, :] and the same for the values, i < m.
+/// cache_k, cache_v: bf16 [slots, capacity, kv_dim] (one layer); key, value: bf16 [m, kv_dim];
+/// slots, positions: u32 [m], validated by the caller (slot < slots, position < capacity).
+#[allow(clippy::too_many_arguments)]
+pub fn kv_cache_write(
+    k: &KernelCtx,
+    cache_k: u64,
+    cache_v: u64,
+    key: u64,
+    value: u64,
+    slots: u64,
+    positions: u64,
+    m: usize,
+    capacity: usize,
+    kv_dim: usize,
+) -> Result<()> {
+    let (m_i, capacity_i, kv_dim_i) = check_shapes(m, capacity, kv_dim)?;
+    if m == 0 {
+        return Ok(());
+    }
+    let f = k.function(MODULE, "kv_cache_write")?;
+    let vectorised = kv_dim.is_multiple_of(BF16_VEC) && aligned16(&[cache_k, cache_v, key, value]);
+    let cfg = rows_config(m, kv_dim, vectorised);
+    let mut b = k.stream.launch_builder(&f);
+    b.arg(&cache_k)
+        .arg(&cache_v)
+        .arg(&key)
+        .arg(&value)
+        .arg(&slots)
+        .arg(&positions)
+        .arg(&m_i)
+        .arg(&capacity_i)
+        .arg(&kv_dim_i);
+    // SAFETY: matches `(bf16* cache_k, bf16* cache_v, const bf16* key, const bf16* value,
+    // const u32* slots, const u32* positions, int m, int capacity, int kv_dim)`; the caller owns
+    // key/value of m * kv_dim bf16, slots/positions of m u32 with every (slot, position) inside
+    // the caches.
+    unsafe { b.launch(cfg) }.with_context(|| {
+        format!("launching kv_cache_write (m {m}, capacity {capacity}, kv_dim {kv_dim})")
+    })?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shapes_are_checked() {
+        assert_eq!(check_shapes(4, 1024, 128).unwrap(), (4, 1024, 128));
+        assert!(check_shapes(0, 1024, 128).is_ok());
+        assert!(check_shapes(4, 0, 128).is_err());
+        assert!(check_shapes(4, 1024, 0).is_err());
+        assert!(check_shapes(1 << 31, 1024, 128).is_err());
+    }
+}

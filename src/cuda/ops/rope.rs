@@ -1,1 +1,183 @@
-//! Launchers for kernels/rope.cu (being written).
+//! Launchers for `kernels/rope.cu`: rotary position embedding (HF `rotate_half`), in place.
+//!
+//! A work item is (token, chunk of 8 — or 1 on the scalar path — of the head_dim / 2 rotation
+//! frequencies); grid.x covers the items, grid.y splits the heads so that each thread computes
+//! its sines and cosines once for several heads (see [`heads_grid_y`]).
+
+use anyhow::{ensure, Context, Result};
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+use super::elementwise::{aligned16, BF16_VEC, BLOCK_THREADS, MAX_GRID_Y};
+use crate::cuda::launch::{to_i32, KernelCtx};
+
+const MODULE: &str = "rope";
+
+/// Heads one thread rotates with the same sines and cosines when the grid is large enough.
+pub const HEADS_PER_THREAD: usize = 4;
+
+/// Below this many (token, chunk) items (a decode step, a short prefill) the GPU is far from
+/// full, so every head gets its own grid.y slice for parallelism instead of sharing sincosf.
+pub const SMALL_GRID_ITEMS: usize = 16_384;
+
+/// grid.y: how many slices the heads are split into.
+pub fn heads_grid_y(items: usize, n_heads: usize) -> u32 {
+    let slices = if items < SMALL_GRID_ITEMS {
+        n_heads
+    } else {
+        n_heads.div_ceil(HEADS_PER_THREAD)
+    };
+    slices.clamp(1, MAX_GRID_Y) as u32
+}
+
+/// Checks the shapes; returns (m, n_heads, head_dim) as the kernel's ints.
+fn check_shapes(op: &str, m: usize, n_heads: usize, head_dim: usize) -> Result<(i32, i32, i32)> {
+    ensure!(n_heads > 0, "{op}: n_heads must be positive");
+    ensure!(
+        head_dim > 0 && head_dim.is_multiple_of(2),
+        "{op}: head_dim = {head_dim} must be positive and even"
+    );
+    // the kernel indexes (token, frequency) items with 32-bit ints
+    let items = m
+        .checked_mul(head_dim / 2)
+        .context(format!("{op}: m * head_dim / 2 overflows"))?;
+    to_i32(op, "m * head_dim / 2", items)?;
+    m.checked_mul(n_heads)
+        .and_then(|v| v.checked_mul(head_dim))
+        .context(format!("{op}: m * n_heads * head_dim overflows"))?;
+    Ok((
+        to_i32(op, "m", m)?,
+        to_i32(op, "n_heads", n_heads)?,
+        to_i32(op, "head_dim", head_dim)?,
+    ))
+}
+
+/// The launch geometry for `m` tokens; `vectorised` mirrors the kernel's 128-bit condition.
+fn rope_config(m: usize, n_heads: usize, head_dim: usize, vectorised: bool) -> LaunchConfig {
+    let half = head_dim / 2;
+    let items = m * if vectorised { half / BF16_VEC } else { half };
+    let threads = items.next_multiple_of(32).clamp(32, BLOCK_THREADS as usize);
+    LaunchConfig {
+        grid_dim: (
+            items.div_ceil(threads).max(1) as u32,
+            heads_grid_y(items, n_heads),
+            1,
+        ),
+        block_dim: (threads as u32, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn launch_rope(
+    k: &KernelCtx,
+    kernel: &'static str,
+    x: u64,
+    positions: u64,
+    inv_freq: u64,
+    m: usize,
+    n_heads: usize,
+    head_dim: usize,
+) -> Result<()> {
+    let (m_i, n_heads_i, head_dim_i) = check_shapes(kernel, m, n_heads, head_dim)?;
+    if m == 0 {
+        return Ok(());
+    }
+    let f = k.function(MODULE, kernel)?;
+    let vectorised = (head_dim / 2).is_multiple_of(BF16_VEC) && aligned16(&[x]);
+    let cfg = rope_config(m, n_heads, head_dim, vectorised);
+    let mut b = k.stream.launch_builder(&f);
+    b.arg(&x)
+        .arg(&positions)
+        .arg(&inv_freq)
+        .arg(&m_i)
+        .arg(&n_heads_i)
+        .arg(&head_dim_i);
+    // SAFETY: matches `(bf16* x, const u32* positions, const float* inv_freq, int m,
+    // int n_heads, int head_dim)`; the caller owns x of m * n_heads * head_dim bf16, positions of
+    // m u32 and inv_freq of head_dim / 2 f32, and m * head_dim / 2 fits the kernel's int index.
+    unsafe { b.launch(cfg) }.with_context(|| {
+        format!("launching {kernel} (m {m}, n_heads {n_heads}, head_dim {head_dim})")
+    })?;
+    Ok(())
+}
+
+/// Rotates x: bf16 [m, n_heads * head_dim] in place by position[r] · inv_freq[i] for each pair
+/// (i, i + head_dim/2) of every head; positions: u32 [m]; inv_freq: f32 [head_dim / 2].
+pub fn rope_forward(
+    k: &KernelCtx,
+    x: u64,
+    positions: u64,
+    inv_freq: u64,
+    m: usize,
+    n_heads: usize,
+    head_dim: usize,
+) -> Result<()> {
+    launch_rope(
+        k,
+        "rope_forward",
+        x,
+        positions,
+        inv_freq,
+        m,
+        n_heads,
+        head_dim,
+    )
+}
+
+/// Backward of [`rope_forward`]: rotates the gradient dx in place by the negative angle.
+pub fn rope_backward(
+    k: &KernelCtx,
+    dx: u64,
+    positions: u64,
+    inv_freq: u64,
+    m: usize,
+    n_heads: usize,
+    head_dim: usize,
+) -> Result<()> {
+    launch_rope(
+        k,
+        "rope_backward",
+        dx,
+        positions,
+        inv_freq,
+        m,
+        n_heads,
+        head_dim,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shapes_are_checked() {
+        assert_eq!(check_shapes("rope", 3, 14, 64).unwrap(), (3, 14, 64));
+        assert!(check_shapes("rope", 0, 14, 64).is_ok());
+        assert!(check_shapes("rope", 3, 14, 63).is_err()); // odd head_dim
+        assert!(check_shapes("rope", 3, 14, 0).is_err());
+        assert!(check_shapes("rope", 3, 0, 64).is_err());
+        assert!(check_shapes("rope", 1 << 26, 1, 128).is_err()); // m * half > i32::MAX
+        assert!(check_shapes("rope", usize::MAX, 2, 2).is_err());
+    }
+
+    #[test]
+    fn decode_splits_every_head_prefill_shares_sincos() {
+        // decode: 8 tokens of Qwen2.5-0.5B queries (14 heads of 64): 8 * 4 vector items
+        let c = rope_config(8, 14, 64, true);
+        assert_eq!((c.grid_dim, c.block_dim), ((1, 14, 1), (32, 1, 1)));
+        // prefill of 4096 tokens: 4096 * 4 items, heads in slices of 4
+        let c = rope_config(4096, 14, 64, true);
+        assert_eq!((c.grid_dim, c.block_dim), ((64, 4, 1), (256, 1, 1)));
+        // scalar path (head_dim 6: half 3): every frequency is an item
+        let c = rope_config(5, 2, 6, false);
+        assert_eq!((c.grid_dim, c.block_dim), ((1, 2, 1), (32, 1, 1)));
+    }
+
+    #[test]
+    fn grid_y_stays_within_the_driver_limit() {
+        assert_eq!(heads_grid_y(10, 100_000), MAX_GRID_Y as u32);
+        assert_eq!(heads_grid_y(1 << 20, 1), 1);
+        assert_eq!(heads_grid_y(1 << 20, 14), 4);
+    }
+}

@@ -1,0 +1,45 @@
+// Row gathers: the embedding lookup and the selection of rows of an activation.
+//
+//   embedding_forward:  out[r, :] = table[ids[r], :]   table: (vocab, dim), ids: u32 (rows)
+//   gather_rows:        out[r, :] = x[rows[r], :]      x: (*, dim), rows: u32 (rows)
+//
+// Both are the same copy; they have separate entry points only so that a profile names the op.
+// The indices are validated on the host (the backend), so the kernels trust them.
+//
+// Layout: out is (rows, dim), all bf16, row-major and contiguous.
+// Parallelisation (src/cuda/ops/embedding.rs): grid.x strides over the columns of a row, in
+// 8-element 16-byte vectors when dim % 8 == 0 and both pointers are 16-byte aligned (then every
+// row start is aligned too), element by element otherwise; grid.y strides over the rows. The
+// row offsets are size_t: vocab * dim exceeds 2^31 for large vocabularies.
+
+#include "common.cuh"
+
+__device__ __forceinline__ void copy_rows(__nv_bfloat16* out, const __nv_bfloat16* src,
+                                          const uint32_t* index, int rows, int dim) {
+    constexpr int VEC = x128::size;
+    const bool vectorised = (dim % VEC == 0) && is_aligned16(out) && is_aligned16(src);
+    const int step = vectorised ? VEC : 1;
+    // size_t: c + stride must not overflow for dim close to 2^31
+    const size_t first = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * step;
+    const size_t stride = (size_t)gridDim.x * blockDim.x * step;
+    for (int r = blockIdx.y; r < rows; r += gridDim.y) {
+        const __nv_bfloat16* src_row = src + (size_t)index[r] * dim;
+        __nv_bfloat16* out_row = out + (size_t)r * dim;
+        if (vectorised) {
+            // ordinary (cached) load: a repeated id or row is served from L2
+            for (size_t c = first; c < (size_t)dim; c += stride) { store128(out_row + c, load128(src_row + c)); }
+        } else {
+            for (size_t c = first; c < (size_t)dim; c += stride) { out_row[c] = src_row[c]; }
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+embedding_forward(__nv_bfloat16* out, const __nv_bfloat16* table, const uint32_t* ids, int rows, int dim) {
+    copy_rows(out, table, ids, rows, dim);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+gather_rows(__nv_bfloat16* out, const __nv_bfloat16* x, const uint32_t* rows_index, int rows, int dim) {
+    copy_rows(out, x, rows_index, rows, dim);
+}

@@ -1,0 +1,107 @@
+// Rotary position embedding (RoPE), Hugging Face `rotate_half` convention, in place:
+//
+//   for each token r, head h and i < half = head_dim / 2, with angle = position[r] * inv_freq[i]:
+//     x1 = x[r, h, i], x2 = x[r, h, i + half]
+//     x[r, h, i]        = x1 * cos(angle) - x2 * sin(angle)
+//     x[r, h, i + half] = x2 * cos(angle) + x1 * sin(angle)
+//
+// rope_backward is the same rotation by -angle (the rotation is orthogonal), applied to the gradient.
+//
+// x: (m, n_heads * head_dim) bf16; positions: u32 (m); inv_freq: f32 (half), already including
+// any rope scaling (llama3 etc. is folded into inv_freq on the host).
+//
+// Precision, matching the CPU reference (src/backend/cpu/rope.rs) up to the final bf16 rounding:
+// the angle is one f32 product (as HF computes it in float32), cos/sin come from the accurate
+// sincosf (positions reach ~1e5, far beyond where __sincosf is usable; very large angles take
+// sincosf's slow Payne-Hanek path, which is what the small stack frame in the ptxas report is),
+// and the rotation uses explicitly rounded products (__fmul_rn) so that nvcc does not contract
+// them into FMAs the CPU does not use. Each output is rounded to bf16 once.
+//
+// Parallelisation (src/cuda/ops/rope.rs): a work item is (token r, a chunk of V consecutive i),
+// V = 8 when half % 8 == 0 and x is 16-byte aligned (then both halves of every head start
+// 16-byte aligned and are moved with one 128-bit load/store each), V = 1 otherwise. A thread
+// computes the V sines and cosines of its item once and applies them to the heads
+// h = blockIdx.y, blockIdx.y + gridDim.y, ... so the sincosf cost is shared by several heads.
+// grid.x strides over items (grid-stride loop), grid.y over heads.
+
+#include "common.cuh"
+
+// x1 * c - x2 * s and x2 * c + x1 * s, without FMA contraction
+__device__ __forceinline__ void rotate_pair(float& x1, float& x2, float c, float s) {
+    const float a = x1, b = x2;
+    x1 = __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, s));
+    x2 = __fadd_rn(__fmul_rn(b, c), __fmul_rn(a, s));
+}
+
+template <int V>
+__device__ __forceinline__ void rope_rows(__nv_bfloat16* x, const uint32_t* positions,
+                                          const float* inv_freq, int m, int n_heads, int head_dim,
+                                          float sin_sign) {
+    const int half = head_dim / 2;
+    const int chunks = half / V;  // items per token
+    const size_t items = (size_t)m * chunks;
+    const size_t row_len = (size_t)n_heads * head_dim;
+    for (size_t item = (size_t)blockIdx.x * blockDim.x + threadIdx.x; item < items;
+         item += (size_t)gridDim.x * blockDim.x) {
+        // the host guarantees m * half <= INT_MAX, so 32-bit division is exact here
+        const int row = (int)item / chunks;
+        const int i0 = ((int)item - row * chunks) * V;
+
+        const float pos = (float)positions[row];  // u32 -> f32, round to nearest, as `pos as f32`
+        float c[V], s[V];
+        for (int k = 0; k < V; k++) {
+            sincosf(__fmul_rn(pos, inv_freq[i0 + k]), &s[k], &c[k]);
+            s[k] *= sin_sign;  // exact: +-1
+        }
+
+        __nv_bfloat16* row_x = x + (size_t)row * row_len + i0;
+        for (int h = blockIdx.y; h < n_heads; h += gridDim.y) {
+            __nv_bfloat16* lo = row_x + (size_t)h * head_dim;
+            __nv_bfloat16* hi = lo + half;
+            if constexpr (V == x128::size) {
+                const x128 lo_in = load128(lo);
+                const x128 hi_in = load128(hi);
+                x128 lo_out, hi_out;
+                for (int k = 0; k < V; k++) {
+                    float x1 = bf16_to_f32(lo_in[k]), x2 = bf16_to_f32(hi_in[k]);
+                    rotate_pair(x1, x2, c[k], s[k]);
+                    lo_out[k] = f32_to_bf16(x1);
+                    hi_out[k] = f32_to_bf16(x2);
+                }
+                store128(lo, lo_out);
+                store128(hi, hi_out);
+            } else {
+                for (int k = 0; k < V; k++) {
+                    float x1 = bf16_to_f32(lo[k]), x2 = bf16_to_f32(hi[k]);
+                    rotate_pair(x1, x2, c[k], s[k]);
+                    lo[k] = f32_to_bf16(x1);
+                    hi[k] = f32_to_bf16(x2);
+                }
+            }
+        }
+    }
+}
+
+__device__ __forceinline__ void rope_rotate(__nv_bfloat16* x, const uint32_t* positions,
+                                            const float* inv_freq, int m, int n_heads, int head_dim,
+                                            float sin_sign) {
+    constexpr int VEC = x128::size;
+    // uniform over the grid; the host mirrors it only to size the grid (the loop is correct for any grid)
+    if ((head_dim / 2) % VEC == 0 && is_aligned16(x)) {
+        rope_rows<VEC>(x, positions, inv_freq, m, n_heads, head_dim, sin_sign);
+    } else {
+        rope_rows<1>(x, positions, inv_freq, m, n_heads, head_dim, sin_sign);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+rope_forward(__nv_bfloat16* x, const uint32_t* positions, const float* inv_freq, int m, int n_heads,
+             int head_dim) {
+    rope_rotate(x, positions, inv_freq, m, n_heads, head_dim, 1.0f);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+rope_backward(__nv_bfloat16* dx, const uint32_t* positions, const float* inv_freq, int m, int n_heads,
+              int head_dim) {
+    rope_rotate(dx, positions, inv_freq, m, n_heads, head_dim, -1.0f);
+}

@@ -1,0 +1,683 @@
+//! The CUDA backend: the `Backend` ops on one GPU, bf16 storage, fp32 arithmetic.
+//!
+//! Buffers hold bf16 (weights, activations, the KV cache) unless made with `zeros_f32` /
+//! `upload_f32` (log-probs, entropies, logits, RoPE frequencies), which stay f32. `upload` rounds
+//! f32 to bf16 (nearest even) and `download` widens back, so the model code sees f32 on every
+//! backend. GEMMs go through cuBLAS (bf16 operands, fp32 accumulation); everything else is our
+//! kernels (`kernels/*.cu`, launched by `ops/`).
+//!
+//! Everything runs in order on one stream. Ops cannot return errors (the trait's CPU ops cannot
+//! fail), so the first failure (a bad shape or dtype, a launch error) is recorded, later ops are
+//! skipped, and the error comes back from `synchronize` and `download`: a failed forward can never
+//! be read as a result. Buffers come from the driver's stream-ordered pool (cuMemAllocAsync), so a
+//! freed buffer is reused by the next allocation of that size without a device-wide sync.
+//!
+//! Host-side index arrays (token ids, slots, positions, rows, targets) are copied to the device
+//! when an op needs them; the last few are kept and reused when the same values come again (the
+//! placement of a batch is used by every layer).
+
+use std::marker::PhantomData;
+use std::ops::Range;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
+use cudarc::driver::{result as drv, CudaContext, CudaSlice, CudaStream, DevicePtr};
+use half::bf16;
+use rayon::prelude::*;
+
+use super::launch::KernelCtx;
+use super::ops;
+use crate::backend::{Backend, TokenPlacement};
+
+/// The element type of a device buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DType {
+    Bf16,
+    F32,
+}
+
+impl DType {
+    pub fn size(self) -> usize {
+        match self {
+            DType::Bf16 => 2,
+            DType::F32 => 4,
+        }
+    }
+}
+
+/// A device buffer of `len` elements of `dtype`.
+pub struct CudaBuf {
+    _mem: CudaSlice<u8>, // owns the allocation; freed in stream order when dropped
+    ptr: u64,
+    len: usize,
+    dtype: DType,
+}
+
+/// A read-only window into a [`CudaBuf`]: raw device address, element count and type.
+#[derive(Debug, Clone, Copy)]
+pub struct CudaView<'a> {
+    pub ptr: u64,
+    pub len: usize,
+    pub dtype: DType,
+    _buf: PhantomData<&'a CudaBuf>,
+}
+
+/// A writable window into a [`CudaBuf`].
+#[derive(Debug)]
+pub struct CudaViewMut<'a> {
+    pub ptr: u64,
+    pub len: usize,
+    pub dtype: DType,
+    _buf: PhantomData<&'a mut CudaBuf>,
+}
+
+/// How many recently uploaded index arrays are kept for reuse.
+const INDEX_CACHE_ENTRIES: usize = 6;
+
+/// A host index array and its device copy.
+struct DeviceIndices {
+    host: Vec<u32>,
+    _device: CudaSlice<u32>, // owns the copy that `ptr` points to
+    ptr: u64,
+}
+
+pub struct CudaBackend {
+    k: KernelCtx,
+    blas: CudaBlas,
+    device_name: String,
+    /// The first error of any op since the backend was made (sticky, like a CUDA context error).
+    error: Mutex<Option<String>>,
+    /// Recently uploaded index arrays, most recent last.
+    indices: Mutex<Vec<DeviceIndices>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding these locks leaves plain data behind; keep going with it.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl CudaBackend {
+    /// Opens GPU `ordinal`: checks driver, device and embedded kernels (one clear error line
+    /// when any is missing), finds cuBLAS, makes the stream and loads every kernel module.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        let probe = super::require_cuda()?;
+        let info = probe.devices.get(ordinal).ok_or_else(|| {
+            anyhow!(
+                "no CUDA device {ordinal} (this machine has {})",
+                probe.devices.len()
+            )
+        })?;
+        // cudarc panics when it cannot load a library: look first.
+        // SAFETY: only tries to dlopen libcublas.
+        if !unsafe { blas_sys::is_culib_present() } {
+            bail!(
+                "cuBLAS (libcublas.so) could not be loaded: add the CUDA libraries' folder to \
+                 LD_LIBRARY_PATH, or use --backend cpu"
+            );
+        }
+        let ctx = CudaContext::new(ordinal)
+            .with_context(|| format!("creating a CUDA context on device {ordinal}"))?;
+        // One stream orders everything; per-buffer events would only cost time.
+        // SAFETY: every op of this backend runs on `stream`, and buffers are freed on it.
+        unsafe { ctx.disable_event_tracking() };
+        keep_freed_memory_cached(&ctx)?;
+        let stream = ctx.new_stream().context("creating a CUDA stream")?;
+        let blas = CudaBlas::new(stream.clone()).context("creating the cuBLAS handle")?;
+        let k = KernelCtx::new(ctx, stream)?;
+        Ok(CudaBackend {
+            k,
+            blas,
+            device_name: info.name.clone(),
+            error: Mutex::new(None),
+            indices: Mutex::new(Vec::new()),
+        })
+    }
+
+    pub fn device_name(&self) -> String {
+        self.device_name.clone()
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.k.stream
+    }
+
+    /// (free, total) bytes of device memory.
+    pub fn memory_info(&self) -> Result<(usize, usize)> {
+        self.k.ctx.mem_get_info().context("cuMemGetInfo")
+    }
+
+    /// Runs one op unless an earlier one failed; records its error.
+    fn run(&self, op: &str, f: impl FnOnce() -> Result<()>) {
+        let mut error = lock(&self.error);
+        if error.is_some() {
+            return;
+        }
+        if let Err(e) = f() {
+            *error = Some(format!("CUDA {op}: {e:#}"));
+        }
+    }
+
+    fn check_error(&self) -> Result<()> {
+        match &*lock(&self.error) {
+            Some(e) => Err(anyhow!("{e}")),
+            None => Ok(()),
+        }
+    }
+
+    fn alloc(&self, len: usize, dtype: DType) -> Result<CudaBuf> {
+        let bytes = len
+            .checked_mul(dtype.size())
+            .context("buffer size overflows")?;
+        // SAFETY: the memory is written (memset or copy) before any read; see callers.
+        let mem = unsafe { self.k.stream.alloc::<u8>(bytes.max(1)) }.with_context(|| {
+            format!(
+                "allocating {:.1} MiB on the GPU (out of memory? use a smaller batch or model)",
+                bytes as f64 / (1u64 << 20) as f64
+            )
+        })?;
+        let (ptr, _) = mem.device_ptr(&self.k.stream);
+        Ok(CudaBuf {
+            _mem: mem,
+            ptr,
+            len,
+            dtype,
+        })
+    }
+
+    fn zeros_of(&self, len: usize, dtype: DType) -> Result<CudaBuf> {
+        let buf = self.alloc(len, dtype)?;
+        // SAFETY: `buf` holds len * size bytes at `ptr`.
+        unsafe { drv::memset_d8_async(buf.ptr, 0, len * dtype.size(), self.k.stream.cu_stream()) }
+            .context("cuMemsetD8Async")?;
+        Ok(buf)
+    }
+
+    fn upload_bytes<T>(&self, host: &[T], dtype: DType) -> Result<CudaBuf> {
+        let buf = self.alloc(host.len(), dtype)?;
+        self.k.ctx.bind_to_thread()?;
+        // SAFETY: `buf` has room for host.len() elements of T (size_of::<T>() == dtype.size()).
+        // The copy is from pageable memory, so the driver has staged `host` before returning.
+        unsafe { drv::memcpy_htod_async(buf.ptr, host, self.k.stream.cu_stream()) }
+            .context("copying to the GPU")?;
+        Ok(buf)
+    }
+
+    /// The device copy of an index array, uploaded unless one of the last few had these values.
+    fn indices(&self, host: &[u32]) -> Result<u64> {
+        let mut cache = lock(&self.indices);
+        if let Some(i) = cache.iter().position(|e| e.host == host) {
+            let entry = cache.remove(i);
+            let ptr = entry.ptr;
+            cache.push(entry);
+            return Ok(ptr);
+        }
+        let device = self
+            .k
+            .stream
+            .clone_htod(host)
+            .context("copying indices to the GPU")?;
+        let (ptr, _) = device.device_ptr(&self.k.stream);
+        if cache.len() == INDEX_CACHE_ENTRIES {
+            // Freed in stream order: kernels queued before still see it.
+            cache.remove(0);
+        }
+        cache.push(DeviceIndices {
+            host: host.to_vec(),
+            _device: device,
+            ptr,
+        });
+        Ok(ptr)
+    }
+
+    fn placement(&self, place: &TokenPlacement) -> Result<(u64, u64)> {
+        ensure!(
+            place.slots.len() == place.positions.len(),
+            "placement has {} slots but {} positions",
+            place.slots.len(),
+            place.positions.len()
+        );
+        Ok((self.indices(&place.slots)?, self.indices(&place.positions)?))
+    }
+
+    fn row_indices(&self, rows: &[usize]) -> Result<u64> {
+        let rows: Vec<u32> = rows
+            .iter()
+            .map(|&r| u32::try_from(r).map_err(|_| anyhow!("row index {r} exceeds u32")))
+            .collect::<Result<_>>()?;
+        self.indices(&rows)
+    }
+}
+
+/// Makes the device's stream-ordered memory pool keep freed blocks instead of returning them to
+/// the system at every synchronisation (its default threshold is 0): buffers of a repeated step
+/// then come from the pool, and a steady-state forward or training step does not call the
+/// system allocator.
+fn keep_freed_memory_cached(ctx: &Arc<CudaContext>) -> Result<()> {
+    use cudarc::driver::sys;
+    ctx.bind_to_thread()?;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut threshold: u64 = u64::MAX;
+    // SAFETY: plain driver calls on this context's device with valid out-pointers.
+    unsafe {
+        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
+            .result()
+            .context("cuDeviceGetDefaultMemPool")?;
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold) as *mut u64 as *mut _,
+        )
+        .result()
+        .context("cuMemPoolSetAttribute(RELEASE_THRESHOLD)")?;
+    }
+    Ok(())
+}
+
+/// Checks a view's type and size, naming the op and the argument.
+fn expect(arg: &str, dtype: DType, len: usize, want_dtype: DType, want_len: usize) -> Result<()> {
+    ensure!(
+        dtype == want_dtype,
+        "{arg} is {dtype:?}, expected {want_dtype:?}"
+    );
+    ensure!(
+        len == want_len,
+        "{arg} has {len} elements, expected {want_len}"
+    );
+    Ok(())
+}
+
+fn bf16(arg: &str, dtype: DType) -> Result<()> {
+    ensure!(dtype == DType::Bf16, "{arg} is {dtype:?}, expected Bf16");
+    Ok(())
+}
+
+fn rows_of(arg: &str, len: usize, dim: usize) -> Result<usize> {
+    ensure!(dim > 0, "{arg}: row length is 0");
+    ensure!(
+        len.is_multiple_of(dim),
+        "{arg} has {len} elements, not a whole number of rows of {dim}"
+    );
+    Ok(len / dim)
+}
+
+fn check_ids(what: &str, ids: &[u32], limit: usize) -> Result<()> {
+    if let Some(&bad) = ids.iter().find(|&&i| i as usize >= limit) {
+        bail!("{what} {bad} out of range (must be < {limit})");
+    }
+    Ok(())
+}
+
+impl Backend for CudaBackend {
+    type Buf = CudaBuf;
+    type View<'a> = CudaView<'a>;
+    type ViewMut<'a> = CudaViewMut<'a>;
+
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn zeros(&self, len: usize) -> Result<CudaBuf> {
+        self.zeros_of(len, DType::Bf16)
+    }
+
+    fn zeros_f32(&self, len: usize) -> Result<CudaBuf> {
+        self.zeros_of(len, DType::F32)
+    }
+
+    fn upload(&self, host: &[f32]) -> Result<CudaBuf> {
+        let narrow: Vec<bf16> = host.par_iter().map(|&v| bf16::from_f32(v)).collect();
+        self.upload_bytes(&narrow, DType::Bf16)
+    }
+
+    fn upload_f32(&self, host: &[f32]) -> Result<CudaBuf> {
+        self.upload_bytes(host, DType::F32)
+    }
+
+    fn download(&self, buf: CudaView<'_>) -> Result<Vec<f32>> {
+        self.synchronize()?;
+        let stream = self.k.stream.cu_stream();
+        self.k.ctx.bind_to_thread()?;
+        let out = match buf.dtype {
+            DType::F32 => {
+                let mut host = vec![0f32; buf.len];
+                // SAFETY: the view covers buf.len f32 values.
+                unsafe { drv::memcpy_dtoh_async(&mut host, buf.ptr, stream) }
+                    .context("copying from the GPU")?;
+                host
+            }
+            DType::Bf16 => {
+                let mut host = vec![bf16::ZERO; buf.len];
+                // SAFETY: the view covers buf.len bf16 values.
+                unsafe { drv::memcpy_dtoh_async(&mut host, buf.ptr, stream) }
+                    .context("copying from the GPU")?;
+                host.par_iter().map(|v| v.to_f32()).collect()
+            }
+        };
+        self.k
+            .stream
+            .synchronize()
+            .context("waiting for the copy from the GPU")?;
+        Ok(out)
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.check_error()?;
+        self.k
+            .stream
+            .synchronize()
+            .context("CUDA stream synchronize (an earlier kernel failed)")?;
+        self.check_error()
+    }
+
+    fn len(&self, buf: &CudaBuf) -> usize {
+        buf.len
+    }
+
+    fn view<'a>(&self, buf: &'a CudaBuf, range: Range<usize>) -> CudaView<'a> {
+        assert!(
+            range.start <= range.end && range.end <= buf.len,
+            "view {range:?} out of a buffer of {}",
+            buf.len
+        );
+        CudaView {
+            ptr: buf.ptr + (range.start * buf.dtype.size()) as u64,
+            len: range.len(),
+            dtype: buf.dtype,
+            _buf: PhantomData,
+        }
+    }
+
+    fn view_mut<'a>(&self, buf: &'a mut CudaBuf, range: Range<usize>) -> CudaViewMut<'a> {
+        assert!(
+            range.start <= range.end && range.end <= buf.len,
+            "view {range:?} out of a buffer of {}",
+            buf.len
+        );
+        CudaViewMut {
+            ptr: buf.ptr + (range.start * buf.dtype.size()) as u64,
+            len: range.len(),
+            dtype: buf.dtype,
+            _buf: PhantomData,
+        }
+    }
+
+    fn embedding_forward(&self, out: CudaViewMut<'_>, table: CudaView<'_>, ids: &[u32], dim: usize) {
+        self.run("embedding_forward", || {
+            bf16("table", table.dtype)?;
+            let vocab = rows_of("table", table.len, dim)?;
+            expect("out", out.dtype, out.len, DType::Bf16, ids.len() * dim)?;
+            check_ids("token id", ids, vocab)?;
+            let ids_ptr = self.indices(ids)?;
+            ops::embedding::embedding_forward(&self.k, out.ptr, table.ptr, ids_ptr, ids.len(), dim)
+        })
+    }
+
+    fn rmsnorm_forward(
+        &self,
+        out: CudaViewMut<'_>,
+        x: CudaView<'_>,
+        weight: CudaView<'_>,
+        dim: usize,
+        eps: f32,
+    ) {
+        self.run("rmsnorm_forward", || {
+            bf16("x", x.dtype)?;
+            let rows = rows_of("x", x.len, dim)?;
+            expect("out", out.dtype, out.len, DType::Bf16, x.len)?;
+            expect("weight", weight.dtype, weight.len, DType::Bf16, dim)?;
+            ops::rmsnorm::rmsnorm_forward(&self.k, out.ptr, x.ptr, weight.ptr, rows, dim, eps)
+        })
+    }
+
+    fn matmul_forward(
+        &self,
+        out: CudaViewMut<'_>,
+        x: CudaView<'_>,
+        w: CudaView<'_>,
+        bias: Option<CudaView<'_>>,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) {
+        self.run("matmul_forward", || {
+            expect("x", x.dtype, x.len, DType::Bf16, m * k)?;
+            expect("w", w.dtype, w.len, DType::Bf16, n * k)?;
+            ensure!(out.len == m * n, "out has {} elements, expected {m} * {n}", out.len);
+            if m == 0 || n == 0 {
+                return Ok(());
+            }
+            let out_f32 = out.dtype == DType::F32;
+            let (mi, ki, ni) = (
+                super::launch::to_i32("matmul_forward", "m", m)?,
+                super::launch::to_i32("matmul_forward", "k", k.max(1))?,
+                super::launch::to_i32("matmul_forward", "n", n)?,
+            );
+            let (alpha, beta) = (1.0f32, 0.0f32);
+            let c_type = if out_f32 {
+                blas_sys::cudaDataType_t::CUDA_R_32F
+            } else {
+                blas_sys::cudaDataType_t::CUDA_R_16BF
+            };
+            // Row-major out[M, N] = x[M, K] · w[N, K]ᵀ is column-major outᵀ[N, M] = w·xᵀ:
+            // cuBLAS A = w read transposed (lda = K), B = x as is (ldb = K), C = out (ldc = N).
+            self.k.ctx.bind_to_thread()?;
+            // SAFETY: the sizes of x, w and out were checked against m, k, n above; alpha and
+            // beta are f32 as CUBLAS_COMPUTE_32F requires; all on this backend's stream.
+            unsafe {
+                blas::gemm_ex(
+                    *self.blas.handle(),
+                    blas_sys::cublasOperation_t::CUBLAS_OP_T,
+                    blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                    ni,
+                    mi,
+                    ki,
+                    (&alpha) as *const f32 as *const _,
+                    w.ptr as *const _,
+                    blas_sys::cudaDataType_t::CUDA_R_16BF,
+                    ki,
+                    x.ptr as *const _,
+                    blas_sys::cudaDataType_t::CUDA_R_16BF,
+                    ki,
+                    (&beta) as *const f32 as *const _,
+                    out.ptr as *mut _,
+                    c_type,
+                    ni,
+                    blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                )
+            }
+            .map_err(|e| anyhow!("cublasGemmEx (m {m}, k {k}, n {n}): {e:?}"))?;
+            if let Some(bias) = bias {
+                expect("bias", bias.dtype, bias.len, DType::Bf16, n)?;
+                ops::elementwise::bias_add(&self.k, out.ptr, bias.ptr, m, n, out_f32)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn rope_forward(
+        &self,
+        x: CudaViewMut<'_>,
+        positions: &[u32],
+        inv_freq: CudaView<'_>,
+        n_heads: usize,
+        head_dim: usize,
+    ) {
+        self.run("rope_forward", || {
+            let m = positions.len();
+            expect("x", x.dtype, x.len, DType::Bf16, m * n_heads * head_dim)?;
+            expect("inv_freq", inv_freq.dtype, inv_freq.len, DType::F32, head_dim / 2)?;
+            let pos = self.indices(positions)?;
+            ops::rope::rope_forward(&self.k, x.ptr, pos, inv_freq.ptr, m, n_heads, head_dim)
+        })
+    }
+
+    fn kv_cache_write(
+        &self,
+        cache_k: CudaViewMut<'_>,
+        cache_v: CudaViewMut<'_>,
+        k: CudaView<'_>,
+        v: CudaView<'_>,
+        place: &TokenPlacement,
+        capacity: usize,
+        kv_dim: usize,
+    ) {
+        self.run("kv_cache_write", || {
+            let m = place.slots.len();
+            expect("k", k.dtype, k.len, DType::Bf16, m * kv_dim)?;
+            expect("v", v.dtype, v.len, DType::Bf16, m * kv_dim)?;
+            bf16("cache_k", cache_k.dtype)?;
+            expect("cache_v", cache_v.dtype, cache_v.len, DType::Bf16, cache_k.len)?;
+            let slots = rows_of("cache_k", cache_k.len, capacity * kv_dim)?;
+            check_ids("slot", &place.slots, slots)?;
+            check_ids("position", &place.positions, capacity)?;
+            let (slot_ptr, pos_ptr) = self.placement(place)?;
+            ops::kv_cache::kv_cache_write(
+                &self.k, cache_k.ptr, cache_v.ptr, k.ptr, v.ptr, slot_ptr, pos_ptr, m, capacity,
+                kv_dim,
+            )
+        })
+    }
+
+    fn attention_forward(
+        &self,
+        out: CudaViewMut<'_>,
+        q: CudaView<'_>,
+        cache_k: CudaView<'_>,
+        cache_v: CudaView<'_>,
+        place: &TokenPlacement,
+        capacity: usize,
+        n_heads: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+    ) {
+        self.run("attention_forward", || {
+            let m = place.slots.len();
+            let q_dim = n_heads * head_dim;
+            expect("q", q.dtype, q.len, DType::Bf16, m * q_dim)?;
+            expect("out", out.dtype, out.len, DType::Bf16, m * q_dim)?;
+            bf16("cache_k", cache_k.dtype)?;
+            expect("cache_v", cache_v.dtype, cache_v.len, DType::Bf16, cache_k.len)?;
+            let slots = rows_of("cache_k", cache_k.len, capacity * n_kv_heads * head_dim)?;
+            check_ids("slot", &place.slots, slots)?;
+            check_ids("position", &place.positions, capacity)?;
+            let (slot_ptr, pos_ptr) = self.placement(place)?;
+            ops::attention::attention_forward(
+                &self.k, out.ptr, q.ptr, cache_k.ptr, cache_v.ptr, slot_ptr, pos_ptr, m, capacity,
+                n_heads, n_kv_heads, head_dim,
+            )
+        })
+    }
+
+    fn swiglu_forward(&self, out: CudaViewMut<'_>, gate: CudaView<'_>, up: CudaView<'_>) {
+        self.run("swiglu_forward", || {
+            bf16("out", out.dtype)?;
+            expect("gate", gate.dtype, gate.len, DType::Bf16, out.len)?;
+            expect("up", up.dtype, up.len, DType::Bf16, out.len)?;
+            ops::elementwise::swiglu_forward(&self.k, out.ptr, gate.ptr, up.ptr, out.len)
+        })
+    }
+
+    fn residual_add(&self, x: CudaViewMut<'_>, y: CudaView<'_>) {
+        self.run("residual_add", || {
+            bf16("x", x.dtype)?;
+            expect("y", y.dtype, y.len, DType::Bf16, x.len)?;
+            ops::elementwise::residual_add(&self.k, x.ptr, y.ptr, x.len)
+        })
+    }
+
+    fn gather_rows(&self, out: CudaViewMut<'_>, x: CudaView<'_>, rows: &[usize], dim: usize) {
+        self.run("gather_rows", || {
+            bf16("x", x.dtype)?;
+            let x_rows = rows_of("x", x.len, dim)?;
+            expect("out", out.dtype, out.len, DType::Bf16, rows.len() * dim)?;
+            if let Some(&bad) = rows.iter().find(|&&r| r >= x_rows) {
+                bail!("row {bad} out of range (x has {x_rows} rows)");
+            }
+            let rows_ptr = self.row_indices(rows)?;
+            ops::embedding::gather_rows(&self.k, out.ptr, x.ptr, rows_ptr, rows.len(), dim)
+        })
+    }
+
+    fn fill_zero(&self, out: CudaViewMut<'_>) {
+        self.run("fill_zero", || {
+            // SAFETY: the view covers len elements of its dtype.
+            unsafe {
+                drv::memset_d8_async(
+                    out.ptr,
+                    0,
+                    out.len * out.dtype.size(),
+                    self.k.stream.cu_stream(),
+                )
+            }
+            .context("cuMemsetD8Async")
+        })
+    }
+
+    fn copy(&self, dst: CudaViewMut<'_>, src: CudaView<'_>) {
+        self.run("copy", || {
+            ensure!(
+                dst.len == src.len,
+                "dst has {} elements, src {}",
+                dst.len,
+                src.len
+            );
+            match (dst.dtype, src.dtype) {
+                (DType::F32, DType::Bf16) => {
+                    ops::elementwise::convert_bf16_to_f32(&self.k, dst.ptr, src.ptr, src.len)
+                }
+                (DType::Bf16, DType::F32) => {
+                    ops::elementwise::convert_f32_to_bf16(&self.k, dst.ptr, src.ptr, src.len)
+                }
+                (d, _) => {
+                    // SAFETY: both views cover len elements of the same dtype.
+                    unsafe {
+                        drv::memcpy_dtod_async(
+                            dst.ptr,
+                            src.ptr,
+                            src.len * d.size(),
+                            self.k.stream.cu_stream(),
+                        )
+                    }
+                    .context("cuMemcpyDtoDAsync")
+                }
+            }
+        })
+    }
+
+    fn logprob_forward(
+        &self,
+        logp: CudaViewMut<'_>,
+        entropy: CudaViewMut<'_>,
+        logits: CudaView<'_>,
+        targets: &[u32],
+        vocab: usize,
+        temperature: f32,
+    ) {
+        self.run("logprob_forward", || {
+            let r = targets.len();
+            expect("logp", logp.dtype, logp.len, DType::F32, r)?;
+            expect("entropy", entropy.dtype, entropy.len, DType::F32, r)?;
+            ensure!(
+                logits.len == r * vocab,
+                "logits has {} elements, expected {r} * {vocab}",
+                logits.len
+            );
+            ensure!(temperature > 0.0, "temperature must be > 0, got {temperature}");
+            check_ids("target", targets, vocab)?;
+            let t = self.indices(targets)?;
+            ops::logprob::logprob_forward(
+                &self.k,
+                logp.ptr,
+                entropy.ptr,
+                logits.ptr,
+                logits.dtype == DType::F32,
+                t,
+                r,
+                vocab,
+                temperature,
+            )
+        })
+    }
+}
