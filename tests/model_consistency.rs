@@ -110,16 +110,33 @@ fn out_of_range_token_is_an_error() {
     );
 }
 
+/// Decode-like batches (a few tokens per slot: one dot product per key) and prefill-like ones
+/// (many tokens per slot, interleaved across slots: the GEMM path) against float64.
 #[test]
 fn attention_matches_float64_reference() {
-    let (n_heads, n_kv, hd, cap) = (6, 2, 8, 7);
-    let mut rng = Philox::new(9, 0);
-    let mut rand = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.next_normal()).collect() };
     // Two slots; queries at assorted positions.
-    let place = TokenPlacement {
+    check_attention_against_f64(TokenPlacement {
         slots: vec![0, 1, 1, 0],
         positions: vec![0, 6, 3, 4],
-    };
+    });
+    // Slot 0 prefills 0..13 and slot 1 0..9, tokens interleaved and out of order.
+    let mut slots = Vec::new();
+    let mut positions = Vec::new();
+    for i in 0..13u32 {
+        slots.push(0);
+        positions.push((i * 5) % 13);
+        if i < 9 {
+            slots.push(1);
+            positions.push(8 - i);
+        }
+    }
+    check_attention_against_f64(TokenPlacement { slots, positions });
+}
+
+fn check_attention_against_f64(place: TokenPlacement) {
+    let (n_heads, n_kv, hd, cap) = (6, 2, 8, 13);
+    let mut rng = Philox::new(9, 0);
+    let mut rand = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.next_normal()).collect() };
     let q = rand(place.slots.len() * n_heads * hd);
     let ck = rand(2 * cap * n_kv * hd);
     let cv = rand(2 * cap * n_kv * hd);

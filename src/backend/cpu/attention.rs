@@ -25,7 +25,16 @@ pub fn kv_cache_write(
     }
 }
 
+/// Query tokens of a slot at or above which attention uses matrix products (prefill); below it
+/// (decode: one token per slot) a dot product per key is cheaper than setting up a GEMM.
+const GEMM_MIN_TOKENS: usize = 8;
+
 /// q, out: [M, n_heads * head_dim]; cache_k, cache_v: [slots, capacity, n_kv_heads * head_dim].
+///
+/// One task per (slot, query head). A slot's query rows Q [n, hd] see keys 0..=max position:
+/// S = scale · Q·Kᵀ [n, L], row i masked beyond position i, softmax per row, O = P·V [n, hd].
+/// Prefill runs those as two GEMMs on the cache in place (K and V rows are strided by kv_dim);
+/// a slot with few tokens (decode) takes the same steps one key at a time.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_forward(
     out: &mut [f32],
@@ -39,8 +48,6 @@ pub fn attention_forward(
     head_dim: usize,
 ) {
     let q_dim = n_heads * head_dim;
-    let kv_dim = n_kv_heads * head_dim;
-    let group = n_heads / n_kv_heads; // query heads sharing one KV head
     assert_eq!(
         q.len(),
         place.slots.len() * q_dim,
@@ -51,39 +58,185 @@ pub fn attention_forward(
         q.len(),
         "attention_forward: out and q differ in size"
     );
-    let scale = 1.0 / (head_dim as f32).sqrt();
+    let shape = AttentionShape {
+        capacity,
+        n_heads,
+        n_kv_heads,
+        head_dim,
+    };
+    // Tokens of each slot, in batch order.
+    let mut by_slot: Vec<(u32, Vec<usize>)> = Vec::new();
+    for (m, &s) in place.slots.iter().enumerate() {
+        match by_slot.iter_mut().find(|(slot, _)| *slot == s) {
+            Some((_, tokens)) => tokens.push(m),
+            None => by_slot.push((s, vec![m])),
+        }
+    }
+    let tasks: Vec<(usize, usize)> = (0..by_slot.len())
+        .flat_map(|b| (0..n_heads).map(move |h| (b, h)))
+        .collect();
+    // Each task returns its heads' outputs [n, hd]; they are scattered into `out` afterwards.
+    let results: Vec<Vec<f32>> = tasks
+        .par_iter()
+        .map(|&(b, h)| {
+            let (slot, tokens) = &by_slot[b];
+            let positions: Vec<usize> = tokens
+                .iter()
+                .map(|&m| place.positions[m] as usize)
+                .collect();
+            let q_rows: Vec<&[f32]> = tokens
+                .iter()
+                .map(|&m| &q[m * q_dim + h * head_dim..][..head_dim])
+                .collect();
+            let keys = shape.head_of_slot(cache_k, *slot as usize, h);
+            let values = shape.head_of_slot(cache_v, *slot as usize, h);
+            if tokens.len() >= GEMM_MIN_TOKENS {
+                attend_gemm(&q_rows, &positions, keys, values, &shape)
+            } else {
+                attend_dots(&q_rows, &positions, keys, values, &shape)
+            }
+        })
+        .collect();
+    for (&(b, h), o) in tasks.iter().zip(&results) {
+        for (&m, row) in by_slot[b].1.iter().zip(o.chunks_exact(head_dim)) {
+            out[m * q_dim + h * head_dim..][..head_dim].copy_from_slice(row);
+        }
+    }
+}
 
-    // One task per (token, head): out[m, h*hd..(h+1)*hd].
-    out.par_chunks_mut(head_dim).enumerate().for_each_init(
-        Vec::new,
-        |scores: &mut Vec<f32>, (mh, o)| {
-            let (m, h) = (mh / n_heads, mh % n_heads);
-            let (slot, pos) = (place.slots[m] as usize, place.positions[m] as usize);
-            let qh = &q[m * q_dim + h * head_dim..][..head_dim];
-            let kv_off = (h / group) * head_dim;
-            let base = slot * capacity * kv_dim;
+struct AttentionShape {
+    capacity: usize,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+}
 
-            scores.clear();
-            let mut max = f32::NEG_INFINITY;
-            for j in 0..=pos {
-                let k = &cache_k[base + j * kv_dim + kv_off..][..head_dim];
-                let s = qh.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale;
-                max = max.max(s);
-                scores.push(s);
-            }
-            let mut denom = 0.0;
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                denom += *s;
-            }
-            o.fill(0.0);
-            for (j, p) in scores.iter().enumerate() {
-                let v = &cache_v[base + j * kv_dim + kv_off..][..head_dim];
-                let w = p / denom;
-                o.iter_mut().zip(v).for_each(|(o, v)| *o += w * v);
-            }
-        },
+impl AttentionShape {
+    fn kv_dim(&self) -> usize {
+        self.n_kv_heads * self.head_dim
+    }
+
+    /// The cache of one slot from query head h's KV head on: row j starts at j · kv_dim.
+    fn head_of_slot<'a>(&self, cache: &'a [f32], slot: usize, h: usize) -> &'a [f32] {
+        let kv_head = h / (self.n_heads / self.n_kv_heads);
+        &cache[slot * self.capacity * self.kv_dim() + kv_head * self.head_dim..]
+    }
+}
+
+/// Softmax of scores[0..len] in place (shifted by the max, f32).
+fn softmax_prefix(scores: &mut [f32]) {
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut denom = 0.0;
+    for s in scores.iter_mut() {
+        *s = (*s - max).exp();
+        denom += *s;
+    }
+    scores.iter_mut().for_each(|s| *s /= denom);
+}
+
+/// Attention of a few query rows, one key at a time.  Returns O: [n, hd].
+fn attend_dots(
+    q_rows: &[&[f32]],
+    positions: &[usize],
+    keys: &[f32],
+    values: &[f32],
+    shape: &AttentionShape,
+) -> Vec<f32> {
+    let (hd, kv_dim) = (shape.head_dim, shape.kv_dim());
+    let scale = 1.0 / (hd as f32).sqrt();
+    let mut out = vec![0.0f32; q_rows.len() * hd];
+    let mut scores = Vec::new();
+    for ((qh, &pos), o) in q_rows.iter().zip(positions).zip(out.chunks_exact_mut(hd)) {
+        scores.clear();
+        scores.extend((0..=pos).map(|j| {
+            let k = &keys[j * kv_dim..][..hd];
+            qh.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale
+        }));
+        softmax_prefix(&mut scores);
+        for (j, p) in scores.iter().enumerate() {
+            let v = &values[j * kv_dim..][..hd];
+            o.iter_mut().zip(v).for_each(|(o, v)| *o += p * v);
+        }
+    }
+    out
+}
+
+/// Attention of many query rows as two GEMMs over the strided cache.  Returns O: [n, hd].
+fn attend_gemm(
+    q_rows: &[&[f32]],
+    positions: &[usize],
+    keys: &[f32],
+    values: &[f32],
+    shape: &AttentionShape,
+) -> Vec<f32> {
+    let (n, hd, kv_dim) = (q_rows.len(), shape.head_dim, shape.kv_dim());
+    let len = positions.iter().max().map_or(0, |p| p + 1); // keys 0..len
+    let scale = 1.0 / (hd as f32).sqrt();
+    let q: Vec<f32> = q_rows.concat(); // [n, hd]
+    assert!(
+        keys.len() >= (len - 1) * kv_dim + hd && values.len() >= (len - 1) * kv_dim + hd,
+        "attention_forward: positions beyond the cache"
     );
+
+    // S = scale · Q · Kᵀ: [n, len]; Kᵀ element (d, j) is keys[j * kv_dim + d].
+    let mut scores = vec![0.0f32; n * len];
+    // SAFETY: Q is [n, hd] row-major, K rows j < len lie inside `keys` (asserted above), S is
+    // [n, len] row-major; the strides below say exactly that.
+    unsafe {
+        gemm::gemm(
+            n,
+            len,
+            hd,
+            scores.as_mut_ptr(),
+            1,
+            len as isize,
+            false,
+            q.as_ptr(),
+            1,
+            hd as isize,
+            keys.as_ptr(),
+            kv_dim as isize, // next key j
+            1,               // next dim d
+            0.0,
+            scale,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+    // Causal mask: row i sees keys 0..=positions[i]; softmax over those, zeros beyond.
+    for (row, &pos) in scores.chunks_exact_mut(len).zip(positions) {
+        softmax_prefix(&mut row[..=pos]);
+        row[pos + 1..].fill(0.0);
+    }
+    // O = P · V: [n, hd]; V element (j, d) is values[j * kv_dim + d].
+    let mut out = vec![0.0f32; n * hd];
+    // SAFETY: P is [n, len] row-major, V rows j < len lie inside `values`, O is [n, hd].
+    unsafe {
+        gemm::gemm(
+            n,
+            hd,
+            len,
+            out.as_mut_ptr(),
+            1,
+            hd as isize,
+            false,
+            scores.as_ptr(),
+            1,
+            len as isize,
+            values.as_ptr(),
+            1,
+            kv_dim as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+    out
 }
 
 /// The gradient of `kv_cache_write`: dx[m] = dcache[slot[m], pos[m]].
