@@ -1,5 +1,6 @@
 //! Row copies: the embedding lookup, row gathers and the residual add.
 
+use super::ELEMENTS_PER_TASK;
 use rayon::prelude::*;
 
 /// out[m, :] = table[ids[m], :].  table: [V, dim]; out: [M, dim].
@@ -32,9 +33,9 @@ pub fn gather_rows(out: &mut [f32], x: &[f32], rows: &[usize], dim: usize) {
 /// x += y.
 pub fn residual_add(x: &mut [f32], y: &[f32]) {
     assert_eq!(x.len(), y.len(), "residual_add: size mismatch");
-    x.par_iter_mut()
-        .zip(y.par_iter())
-        .for_each(|(x, y)| *x += y);
+    x.par_chunks_mut(ELEMENTS_PER_TASK)
+        .zip(y.par_chunks(ELEMENTS_PER_TASK))
+        .for_each(|(x, y)| x.iter_mut().zip(y).for_each(|(x, y)| *x += y));
 }
 
 /// Backward of `embedding_forward`: dtable[ids[m], :] += dout[m, :]. Repeated ids accumulate.

@@ -23,6 +23,9 @@ use super::{Backend, TokenPlacement, TrainBackend};
 use anyhow::Result;
 use std::ops::Range;
 
+/// Elements per rayon task in the elementwise ops: per-element tasks cost more than the math.
+const ELEMENTS_PER_TASK: usize = 4096;
+
 #[derive(Debug, Default, Clone, Copy)]
 pub struct CpuBackend;
 

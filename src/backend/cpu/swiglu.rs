@@ -1,5 +1,6 @@
 //! The SwiGLU activation of the MLP: silu(gate) · up.
 
+use super::ELEMENTS_PER_TASK;
 use rayon::prelude::*;
 
 /// gate, up, out: [M, I].
@@ -8,10 +9,12 @@ pub fn swiglu_forward(out: &mut [f32], gate: &[f32], up: &[f32]) {
         gate.len() == out.len() && up.len() == out.len(),
         "swiglu_forward: size mismatch"
     );
-    out.par_iter_mut()
-        .zip(gate.par_iter().zip(up.par_iter()))
+    out.par_chunks_mut(ELEMENTS_PER_TASK)
+        .zip(gate.par_chunks(ELEMENTS_PER_TASK).zip(up.par_chunks(ELEMENTS_PER_TASK)))
         .for_each(|(o, (g, u))| {
-            *o = g / (1.0 + (-g).exp()) * u;
+            for ((o, g), u) in o.iter_mut().zip(g).zip(u) {
+                *o = g / (1.0 + (-g).exp()) * u;
+            }
         });
 }
 
