@@ -131,10 +131,16 @@ fn attention_matches_float64_reference() {
         }
     }
     check_attention_against_f64(TokenPlacement { slots, positions });
+    // One long prefill: several blocks of query rows, each with its own key range.
+    check_attention_against_f64(TokenPlacement {
+        slots: vec![1; 150],
+        positions: (0..150).collect(),
+    });
 }
 
 fn check_attention_against_f64(place: TokenPlacement) {
-    let (n_heads, n_kv, hd, cap) = (6, 2, 8, 13);
+    let (n_heads, n_kv, hd) = (6, 2, 8);
+    let cap = *place.positions.iter().max().unwrap() as usize + 1;
     let mut rng = Philox::new(9, 0);
     let mut rand = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.next_normal()).collect() };
     let q = rand(place.slots.len() * n_heads * hd);

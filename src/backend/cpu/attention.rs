@@ -28,6 +28,8 @@ pub fn kv_cache_write(
 /// Query tokens of a slot at or above which attention uses matrix products (prefill); below it
 /// (decode: one token per slot) a dot product per key is cheaper than setting up a GEMM.
 const GEMM_MIN_TOKENS: usize = 8;
+/// Query rows per GEMM block.
+const QUERY_BLOCK: usize = 64;
 
 /// q, out: [M, n_heads * head_dim]; cache_k, cache_v: [slots, capacity, n_kv_heads * head_dim].
 ///
@@ -91,7 +93,13 @@ pub fn attention_forward(
             let keys = shape.head_of_slot(cache_k, *slot as usize, h);
             let values = shape.head_of_slot(cache_v, *slot as usize, h);
             if tokens.len() >= GEMM_MIN_TOKENS {
-                attend_gemm(&q_rows, &positions, keys, values, &shape)
+                // Blocks of query rows, each multiplying only the keys up to its own last
+                // position: a prefill (positions ascending) skips most of the masked triangle.
+                q_rows
+                    .chunks(QUERY_BLOCK)
+                    .zip(positions.chunks(QUERY_BLOCK))
+                    .flat_map(|(q, p)| attend_gemm(q, p, keys, values, &shape))
+                    .collect()
             } else {
                 attend_dots(&q_rows, &positions, keys, values, &shape)
             }
