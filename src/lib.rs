@@ -26,6 +26,7 @@ pub mod rng;
 pub mod rollout;
 pub mod sampling;
 pub mod score;
+pub mod selfcheck;
 pub mod sft;
 pub mod tokenizer;
 pub mod train;

@@ -1,7 +1,9 @@
 //! The `thinkshort` command line.
 
 use clap::{Parser, Subcommand};
-use thinkshort::commands::{doctor, eval, generate, logprobs, sft, train, verify};
+use thinkshort::commands::{
+    bench, doctor, eval, generate, logprobs, selfcheck, sft, train, verify,
+};
 
 #[derive(Parser)]
 #[command(
@@ -30,6 +32,10 @@ enum Command {
     Verify(verify::VerifyArgs),
     /// Report the version, backends, CUDA driver, kernels and GPUs.
     Doctor(doctor::DoctorArgs),
+    /// Compare every op of a device backend (and a tiny model) with the CPU reference.
+    Selfcheck(selfcheck::SelfcheckArgs),
+    /// Throughput benchmarks on random-weight models (`bench forward`).
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -42,6 +48,8 @@ fn main() -> std::process::ExitCode {
         Command::Train(a) => train::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Verify(a) => verify::run(a),
+        Command::Selfcheck(a) => selfcheck::run(a),
+        Command::Bench(a) => bench::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

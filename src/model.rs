@@ -6,8 +6,8 @@
 use crate::backend::{Backend, TokenPlacement};
 use crate::config::ModelConfig;
 use crate::params::ParamLayout;
-use crate::rng::Philox;
 use anyhow::{bail, Result};
+use rayon::prelude::*;
 use std::path::Path;
 
 pub struct Model<B: Backend> {
@@ -60,19 +60,45 @@ impl<B: Backend> Model<B> {
 
     /// A model with random weights (normal, std 0.02; norms at 1), for benchmarks and checks
     /// that need no checkpoint.
+    ///
+    /// The weights are the draws of one sequential `Philox::new(seed, 0)` stream, in layout order
+    /// (norms draw nothing). Draw n depends only on n (Box–Muller on uniforms 2⌊n/2⌋ and
+    /// 2⌊n/2⌋ + 1, cosine for even n, sine for odd), so the tensors are filled in parallel with
+    /// the same values the sequential stream gives: a 1.5B model takes seconds, not minutes.
     pub fn random(cfg: ModelConfig, seed: u64, backend: B) -> Result<Self> {
         let layout = ParamLayout::new(&cfg);
-        let mut rng = Philox::new(seed, 0);
         let mut host = vec![0.0f32; layout.total_len()];
+        let mut first_draw = 0u64; // index of the tensor's first draw in the stream
         for spec in &layout.specs {
             let dst = &mut host[spec.range()];
             if spec.name.ends_with("norm.weight") {
                 dst.fill(1.0);
-            } else {
-                dst.iter_mut().for_each(|v| *v = 0.02 * rng.next_normal());
+                continue;
             }
+            dst.par_chunks_mut(1 << 16)
+                .enumerate()
+                .for_each(|(c, chunk)| {
+                    let start = first_draw + (c << 16) as u64;
+                    for (i, v) in chunk.iter_mut().enumerate() {
+                        *v = 0.02 * normal_draw(seed, start + i as u64);
+                    }
+                });
+            first_draw += dst.len() as u64;
         }
         Self::from_host_params(cfg, layout, &host, backend)
+    }
+
+    /// A model with the given parameters: host: [num_params] in `ParamLayout` order.
+    pub fn from_host(cfg: ModelConfig, host: &[f32], backend: B) -> Result<Self> {
+        let layout = ParamLayout::new(&cfg);
+        if host.len() != layout.total_len() {
+            bail!(
+                "{} parameter values given, but the config needs {}",
+                host.len(),
+                layout.total_len()
+            );
+        }
+        Self::from_host_params(cfg, layout, host, backend)
     }
 
     fn from_host_params(
@@ -342,6 +368,16 @@ impl<B: Backend> Model<B> {
         );
         b.residual_add(b.full_mut(x), b.full(&a.proj));
     }
+}
+
+/// Draw n of the normal stream `Philox::new(seed, 0).next_normal()`, computed directly.
+fn normal_draw(seed: u64, n: u64) -> f32 {
+    let pair = n & !1;
+    let u1 = 1.0 - crate::rng::uniform(seed, 0, pair); // (0, 1]: ln is finite
+    let u2 = crate::rng::uniform(seed, 0, pair + 1);
+    let r = (-2.0 * u1.ln()).sqrt();
+    let t = 2.0 * std::f64::consts::PI * u2;
+    (if n % 2 == 0 { r * t.cos() } else { r * t.sin() }) as f32
 }
 
 /// The intermediates of the LM head for R scored rows.

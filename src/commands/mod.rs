@@ -1,10 +1,12 @@
 //! The `thinkshort` subcommands. Each file holds one command's options and its run function;
 //! `main.rs` only parses arguments and reports errors.
 
+pub mod bench;
 pub mod doctor;
 pub mod eval;
 pub mod generate;
 pub mod logprobs;
+pub mod selfcheck;
 pub mod sft;
 pub mod train;
 pub mod verify;

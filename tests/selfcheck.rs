@@ -1,0 +1,331 @@
+//! The selfcheck on test devices built over the CPU backend (a bf16-storage simulation, and one
+//! with a faulty op), the random model's numerics, and the `selfcheck` / `bench forward` CLI.
+
+use std::ops::Range;
+use std::process::Command;
+use thinkshort::backend::cpu::CpuBackend;
+use thinkshort::backend::{Backend, TokenPlacement};
+use thinkshort::config::ModelConfig;
+use thinkshort::model::Model;
+use thinkshort::rng::Philox;
+use thinkshort::selfcheck::{self, Report};
+
+/// The CPU backend behind the `Backend` interface of a device: with `bf16`, every buffer not made
+/// by `zeros_f32`/`upload_f32` stores bf16 (values rounded on upload and after every op, as a
+/// bf16 GPU backend does); with `faulty_swiglu`, swiglu_forward's output is 5 % too large.
+#[derive(Clone, Copy)]
+struct TestDevice {
+    bf16: bool,
+    faulty_swiglu: bool,
+}
+
+struct Buf {
+    data: Vec<f32>,
+    f32: bool,
+}
+
+#[derive(Clone, Copy)]
+struct View<'a> {
+    data: &'a [f32],
+}
+
+struct ViewMut<'a> {
+    data: &'a mut [f32],
+    round: bool,
+}
+
+impl ViewMut<'_> {
+    /// Stores the op's result: rounded to bf16 unless the buffer is f32.
+    fn store(self) {
+        if self.round {
+            round_bf16(self.data);
+        }
+    }
+}
+
+fn round_bf16(v: &mut [f32]) {
+    v.iter_mut()
+        .for_each(|x| *x = half::bf16::from_f32(*x).to_f32());
+}
+
+const CPU: CpuBackend = CpuBackend;
+
+impl TestDevice {
+    fn buf(&self, mut data: Vec<f32>, f32: bool) -> Buf {
+        if self.bf16 && !f32 {
+            round_bf16(&mut data);
+        }
+        Buf { data, f32 }
+    }
+}
+
+impl Backend for TestDevice {
+    type Buf = Buf;
+    type View<'a> = View<'a>;
+    type ViewMut<'a> = ViewMut<'a>;
+
+    fn name(&self) -> &'static str {
+        "test"
+    }
+    fn zeros(&self, len: usize) -> anyhow::Result<Buf> {
+        Ok(self.buf(vec![0.0; len], false))
+    }
+    fn upload(&self, host: &[f32]) -> anyhow::Result<Buf> {
+        Ok(self.buf(host.to_vec(), false))
+    }
+    fn zeros_f32(&self, len: usize) -> anyhow::Result<Buf> {
+        Ok(self.buf(vec![0.0; len], true))
+    }
+    fn upload_f32(&self, host: &[f32]) -> anyhow::Result<Buf> {
+        Ok(self.buf(host.to_vec(), true))
+    }
+    fn download(&self, buf: View<'_>) -> anyhow::Result<Vec<f32>> {
+        Ok(buf.data.to_vec())
+    }
+    fn len(&self, buf: &Buf) -> usize {
+        buf.data.len()
+    }
+    fn view<'a>(&self, buf: &'a Buf, range: Range<usize>) -> View<'a> {
+        View {
+            data: &buf.data[range],
+        }
+    }
+    fn view_mut<'a>(&self, buf: &'a mut Buf, range: Range<usize>) -> ViewMut<'a> {
+        ViewMut {
+            data: &mut buf.data[range],
+            round: self.bf16 && !buf.f32,
+        }
+    }
+
+    fn embedding_forward(&self, out: ViewMut<'_>, table: View<'_>, ids: &[u32], dim: usize) {
+        CPU.embedding_forward(out.data, table.data, ids, dim);
+    }
+    fn rmsnorm_forward(&self, out: ViewMut<'_>, x: View<'_>, w: View<'_>, dim: usize, eps: f32) {
+        CPU.rmsnorm_forward(&mut *out.data, x.data, w.data, dim, eps);
+        out.store();
+    }
+    fn matmul_forward(
+        &self,
+        out: ViewMut<'_>,
+        x: View<'_>,
+        w: View<'_>,
+        bias: Option<View<'_>>,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) {
+        let bias = bias.map(|b| b.data);
+        CPU.matmul_forward(&mut *out.data, x.data, w.data, bias, m, k, n);
+        out.store();
+    }
+    fn rope_forward(
+        &self,
+        x: ViewMut<'_>,
+        positions: &[u32],
+        inv_freq: View<'_>,
+        n_heads: usize,
+        head_dim: usize,
+    ) {
+        CPU.rope_forward(&mut *x.data, positions, inv_freq.data, n_heads, head_dim);
+        x.store();
+    }
+    fn kv_cache_write(
+        &self,
+        cache_k: ViewMut<'_>,
+        cache_v: ViewMut<'_>,
+        k: View<'_>,
+        v: View<'_>,
+        place: &TokenPlacement,
+        capacity: usize,
+        kv_dim: usize,
+    ) {
+        CPU.kv_cache_write(cache_k.data, cache_v.data, k.data, v.data, place, capacity, kv_dim);
+    }
+    fn attention_forward(
+        &self,
+        out: ViewMut<'_>,
+        q: View<'_>,
+        cache_k: View<'_>,
+        cache_v: View<'_>,
+        place: &TokenPlacement,
+        capacity: usize,
+        n_heads: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+    ) {
+        CPU.attention_forward(
+            &mut *out.data,
+            q.data,
+            cache_k.data,
+            cache_v.data,
+            place,
+            capacity,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+        );
+        out.store();
+    }
+    fn swiglu_forward(&self, out: ViewMut<'_>, gate: View<'_>, up: View<'_>) {
+        CPU.swiglu_forward(&mut *out.data, gate.data, up.data);
+        if self.faulty_swiglu {
+            out.data.iter_mut().for_each(|v| *v *= 1.05);
+        }
+        out.store();
+    }
+    fn residual_add(&self, x: ViewMut<'_>, y: View<'_>) {
+        CPU.residual_add(&mut *x.data, y.data);
+        x.store();
+    }
+    fn gather_rows(&self, out: ViewMut<'_>, x: View<'_>, rows: &[usize], dim: usize) {
+        CPU.gather_rows(out.data, x.data, rows, dim);
+    }
+    fn fill_zero(&self, out: ViewMut<'_>) {
+        CPU.fill_zero(out.data);
+    }
+    fn copy(&self, dst: ViewMut<'_>, src: View<'_>) {
+        CPU.copy(dst.data, src.data);
+    }
+    fn logprob_forward(
+        &self,
+        logp: ViewMut<'_>,
+        entropy: ViewMut<'_>,
+        logits: View<'_>,
+        targets: &[u32],
+        vocab: usize,
+        temperature: f32,
+    ) {
+        CPU.logprob_forward(
+            &mut *logp.data,
+            &mut *entropy.data,
+            logits.data,
+            targets,
+            vocab,
+            temperature,
+        );
+        logp.store();
+        entropy.store();
+    }
+}
+
+fn run(dev: TestDevice) -> Report {
+    selfcheck::run(&|| Ok(dev), 0, &mut |_| {}).unwrap()
+}
+
+#[test]
+fn a_faulty_op_fails_and_only_that_op() {
+    let report = run(TestDevice {
+        bf16: false,
+        faulty_swiglu: true,
+    });
+    let (swiglu, others): (Vec<_>, Vec<_>) = report
+        .rows
+        .iter()
+        .filter(|r| r.op != "model logprobs")
+        .partition(|r| r.op == "swiglu_forward");
+    assert!(!swiglu.is_empty());
+    for row in swiglu {
+        assert!(!row.pass, "{row:?}");
+        assert!((row.error - 0.05).abs() < 1e-3, "{row:?}");
+    }
+    for row in others {
+        assert!(row.pass && row.error == 0.0, "{row:?}");
+    }
+    // The whole model uses swiglu in every layer: it sees the fault as well.
+    let model = report.rows.iter().find(|r| r.op == "model logprobs").unwrap();
+    assert!(!model.pass, "{model:?}");
+}
+
+/// A bf16-storage device that computes exactly as the CPU does passes every tolerance, the op
+/// checks with a margin of 2× at least (they allow for bf16 output rounding and little more).
+#[test]
+fn a_bf16_storage_device_passes_every_check() {
+    let report = run(TestDevice {
+        bf16: true,
+        faulty_swiglu: false,
+    });
+    assert_eq!(report.failures(), 0, "{:#?}", report.rows);
+    for row in report.rows.iter().filter(|r| r.metric == "rel") {
+        assert!(row.error <= row.tolerance / 2.0, "too little margin: {row:?}");
+    }
+    assert_eq!(report.info.len(), 1);
+}
+
+/// Model::random fills the tensors in parallel with exactly the values of one sequential
+/// Philox stream (what the demo model and earlier runs were built with).
+#[test]
+fn random_model_weights_are_the_sequential_philox_stream() {
+    let cfg = ModelConfig::from_json_str(
+        r#"{"model_type":"qwen2","vocab_size":77,"hidden_size":25,"head_dim":6,"intermediate_size":40,
+        "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"tie_word_embeddings":false}"#,
+    )
+    .unwrap();
+    let model = Model::random(cfg, 9, CpuBackend).unwrap();
+    let mut rng = Philox::new(9, 0);
+    let mut odd_tensors = 0;
+    for spec in &model.layout.specs {
+        let got = &model.params[spec.range()];
+        if spec.name.ends_with("norm.weight") {
+            assert!(got.iter().all(|&v| v == 1.0), "{}", spec.name);
+        } else {
+            odd_tensors += spec.len() % 2;
+            for (i, &v) in got.iter().enumerate() {
+                assert_eq!(v, 0.02 * rng.next_normal(), "{}[{i}]", spec.name);
+            }
+        }
+    }
+    assert!(odd_tensors > 0, "no tensor of odd length: a normal pair split across tensors is not exercised");
+}
+
+#[test]
+fn selfcheck_cuda_without_a_gpu_fails_with_one_line() {
+    if thinkshort::cuda::require_cuda().is_ok() {
+        return; // a GPU machine: the real selfcheck runs in tools/gpu_check.sh
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_thinkshort"))
+        .args(["selfcheck", "--backend", "cuda"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("error: ") && stderr.contains("cuda"), "{stderr}");
+}
+
+#[test]
+fn bench_forward_on_the_cpu_reports_every_batch_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_thinkshort"))
+        .args(["bench", "forward", "--model-config", "tools/bench_model_10m.json"])
+        .args(["--backend", "cpu", "--batch", "1,2", "--prompt-len", "8"])
+        .args(["--decode-steps", "2", "--json"])
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("decode tok/s"), "{stdout}");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(v["bytes_per_param"], 4);
+    let results = v["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2);
+    for (r, batch) in results.iter().zip([1, 2]) {
+        assert_eq!(r["batch"], batch);
+        assert_eq!(r["prefill_tokens"], 8 * batch);
+        for key in ["prefill_tokens_per_s", "decode_tokens_per_s", "decode_gb_per_s"] {
+            assert!(r[key].as_f64().unwrap() > 0.0, "{key}: {r}");
+        }
+    }
+}
+
+#[test]
+fn bench_forward_names_a_missing_config_file() {
+    let out = Command::new(env!("CARGO_BIN_EXE_thinkshort"))
+        .args(["bench", "forward", "--model-config", "no/such/config.json", "--backend", "cpu"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no/such/config.json"), "{stderr}");
+}
