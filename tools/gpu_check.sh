@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# Validates and measures thinkshort's CUDA code on a GPU machine that has no Rust toolchain
+# (../shared/GPU.md): one run, full logs in OUT_DIR, a short table printed last.
+#
+# usage: tools/gpu_check.sh BIN_DIR OUT_DIR
+#   BIN_DIR  holds the release `thinkshort` binary, built on the development machine with the
+#            pinned nvcc and REQUIRE_CUDA_KERNELS=1 (the kernels are embedded in it):
+#              NVCC=.../nvcc REQUIRE_CUDA_KERNELS=1 cargo build --release
+#              mkdir -p gpu-carry && cp target/release/thinkshort gpu-carry/
+#   OUT_DIR  receives (flat, 7 files): summary.md, selfcheck.json, logs.txt, ours_0.5b.json,
+#            ours_1.5b.json, torch_0.5b.json, torch_1.5b.json
+#
+# Steps (each under `timeout`; a failing step is logged and the script goes on):
+#   nvidia-smi; locate libcuda / libcublas (LD_LIBRARY_PATH); thinkshort doctor --verbose;
+#   thinkshort selfcheck --backend cuda (every CUDA op and a tiny model vs the CPU reference);
+#   thinkshort bench forward and tools/bench_torch_gpu.py on the Qwen2.5-0.5B and -1.5B shapes
+#   (random weights, tools/model_configs/); the device ceilings (copy GB/s, bf16 matmul TFLOP/s);
+#   selfcheck again under compute-sanitizer memcheck when there is time. Budget: ~5 minutes.
+set -uo pipefail
+if [ $# -ne 2 ]; then
+    sed -n '2,20p' "$0"
+    exit 2
+fi
+BIN=$(cd "$1" && pwd)/thinkshort
+OUT=$2
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+LOG=$OUT/logs.txt
+: >"$LOG"
+START=$(date +%s)
+
+step() { # step NAME TIMEOUT_S CMD... : runs CMD, appends its output to logs.txt, records the status
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $name ($(date +%T), limit ${limit}s): $*" | tee -a "$LOG"
+    local t0=$(date +%s)
+    timeout "$limit" "$@" >>"$LOG" 2>&1
+    local rc=$?
+    echo "=== $name: exit $rc after $(($(date +%s) - t0)) s" | tee -a "$LOG"
+    STATUS+=("$name: exit $rc")
+    return $rc
+}
+STATUS=()
+
+step nvidia-smi 20 nvidia-smi
+
+# cudarc loads libcuda.so and libcublas.so.13 with dlopen: find their folders.
+LIBDIRS=""
+for lib in libcuda.so.1 libcublas.so.13 libcublasLt.so.13; do
+    found=$(find /usr/local /usr/lib /usr/lib64 /opt -maxdepth 9 -name "$lib" 2>/dev/null | head -1)
+    echo "library $lib: ${found:-NOT FOUND}" | tee -a "$LOG"
+    if [ -n "$found" ]; then LIBDIRS="$LIBDIRS:$(dirname "$found")"; fi
+done
+export LD_LIBRARY_PATH="${LIBDIRS#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH" | tee -a "$LOG"
+
+step doctor 30 "$BIN" doctor --verbose
+step selfcheck 150 "$BIN" selfcheck --backend cuda --json "$OUT/selfcheck.json"
+
+for size in 0.5b 1.5b; do
+    cfg=tools/model_configs/qwen2.5-$size.json
+    step "ours $size" 150 "$BIN" bench forward --backend cuda --model-config "$cfg" \
+        --batch 1,8,32 --prompt-len 256 --decode-steps 32 --json "$OUT/ours_$size.json"
+    ceil=""
+    if [ "$size" = 0.5b ]; then ceil=--ceilings; fi
+    step "torch $size" 180 env PYTHONUNBUFFERED=1 python3 tools/bench_torch_gpu.py \
+        --model-config "$cfg" --batch 1,8,32 --prompt-len 256 --decode-steps 32 $ceil \
+        --json "$OUT/torch_$size.json"
+done
+
+# Out-of-bounds accesses and races that happen to give right answers: only with time to spare.
+if [ $(($(date +%s) - START)) -lt 300 ] && command -v compute-sanitizer >/dev/null; then
+    step memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 9 \
+        "$BIN" selfcheck --backend cuda
+fi
+
+python3 - "$OUT" "${STATUS[@]}" <<'EOF' | tee "$OUT/summary.md"
+import json, os, sys
+out, status = sys.argv[1], sys.argv[2:]
+def load(name):
+    try:
+        with open(os.path.join(out, name)) as f:
+            return json.load(f)
+    except Exception:
+        return None
+print("# thinkshort GPU check\n")
+sc = load("selfcheck.json")
+if sc:
+    print(f"selfcheck on {sc['device']}: {sc['passed']} PASS, {sc['failed']} FAIL")
+    for r in sc["rows"]:
+        if not r["pass"]:
+            print(f"  FAIL {r['op']} {r['shape']}: {r['error']:.3e} (tol {r['tolerance']:.1e}) {r.get('message') or ''}")
+    worst = {}
+    for r in sc["rows"]:
+        worst[r["op"]] = max(worst.get(r["op"], 0.0), r["error"] if r["error"] == r["error"] else float("inf"))
+    print("worst error per op: " + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()))
+    for line in sc.get("info", []):
+        print(f"info: {line}")
+else:
+    print("selfcheck: no result (see logs.txt)")
+ceil = (load("torch_0.5b.json") or {}).get("ceilings")
+if ceil:
+    print(f"\nceilings: copy {ceil['copy_gb_per_s']:.0f} GB/s (read + write), bf16 matmul {ceil['bf16_matmul_tflops']:.0f} TFLOP/s")
+print("\n| model | batch | prefill tok/s ours | torch | ours/torch | decode tok/s ours | torch | ours/torch | decode GB/s ours | % of copy GB/s |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+for size in ("0.5b", "1.5b"):
+    ours, torch = load(f"ours_{size}.json"), load(f"torch_{size}.json")
+    if not ours:
+        print(f"| {size} | – | no result | | | | | | | |")
+        continue
+    tby = {r["batch"]: r for r in (torch or {}).get("results", [])}
+    for r in ours["results"]:
+        t = tby.get(r["batch"])
+        pf = f"{t['prefill_tokens_per_s']:.0f}" if t else "–"
+        dc = f"{t['decode_tokens_per_s']:.1f}" if t else "–"
+        pr = f"{r['prefill_tokens_per_s'] / t['prefill_tokens_per_s']:.2f}" if t else "–"
+        dr = f"{r['decode_tokens_per_s'] / t['decode_tokens_per_s']:.2f}" if t else "–"
+        roof = f"{100 * r['decode_gb_per_s'] / ceil['copy_gb_per_s']:.0f} %" if ceil else "–"
+        print(f"| {size} | {r['batch']} | {r['prefill_tokens_per_s']:.0f} | {pf} | {pr} | {r['decode_tokens_per_s']:.1f} | {dc} | {dr} | {r['decode_gb_per_s']:.0f} | {roof} |")
+print("\nsteps: " + "; ".join(status))
+EOF
+echo "total $(($(date +%s) - START)) s"
