@@ -15,7 +15,8 @@
 #   thinkshort selfcheck --backend cuda (every CUDA op and a tiny model vs the CPU reference);
 #   thinkshort bench forward and tools/bench_torch_gpu.py on the Qwen2.5-0.5B and -1.5B shapes
 #   (random weights, tools/model_configs/); the device ceilings (copy GB/s, bf16 matmul TFLOP/s);
-#   selfcheck again under compute-sanitizer memcheck when there is time. Budget: ~5 minutes.
+#   generate and logprobs with the demo model on CPU and CUDA; selfcheck again under
+#   compute-sanitizer memcheck when there is time. Budget: ~5 minutes (about 1 on an H200).
 set -uo pipefail
 if [ $# -ne 2 ]; then
     sed -n '2,20p' "$0"
@@ -44,10 +45,12 @@ STATUS=()
 
 step nvidia-smi 20 nvidia-smi
 
-# cudarc loads libcuda.so and libcublas.so.13 with dlopen: find their folders.
+# cudarc loads libcublas.so.13 with dlopen: find its folder. libcuda comes from the driver's own
+# folder, already on the loader path; CUDA's compat/ libcuda must not be put first (it does not
+# match the installed driver: CUDA_ERROR_SYSTEM_DRIVER_MISMATCH).
 LIBDIRS=""
-for lib in libcuda.so.1 libcublas.so.13 libcublasLt.so.13; do
-    found=$(find /usr/local /usr/lib /usr/lib64 /opt -maxdepth 9 -name "$lib" 2>/dev/null | head -1)
+for lib in libcublas.so.13 libcublasLt.so.13; do
+    found=$(find /usr/local /usr/lib /usr/lib64 /opt -maxdepth 9 -name "$lib" -not -path "*/compat/*" 2>/dev/null | head -1)
     echo "library $lib: ${found:-NOT FOUND}" | tee -a "$LOG"
     if [ -n "$found" ]; then LIBDIRS="$LIBDIRS:$(dirname "$found")"; fi
 done
@@ -67,6 +70,34 @@ for size in 0.5b 1.5b; do
         --model-config "$cfg" --batch 1,8,32 --prompt-len 256 --decode-steps 32 $ceil \
         --json "$OUT/torch_$size.json"
 done
+
+# End to end on the checked-in demo model (real tokenizer): the commands, CUDA against CPU.
+e2e() {
+    local q="compute : 12 + 7 - 5 . budget : 30 tokens ."
+    printf '%s\n' '{"prompt": "compute : 3 + 4 . budget : 20 tokens .", "completion": " <think> 3 + 4 = 7 . </think> <answer> 7 </answer>"}' \
+        '{"prompt": "compute : 9 - 2 + 6 . budget : 30 tokens .", "completion": " <think> 9 - 2 = 7 . 7 + 6 = 13 . </think> <answer> 13 </answer>"}' \
+        >/tmp/e2e_in.jsonl
+    for b in cpu cuda; do
+        "$BIN" generate --model models/demo --template raw --prompt "$q" --num-samples 4 \
+            --temperature 0.7 --seed 1 --json --backend $b >/tmp/e2e_gen_$b.jsonl || return 1
+        "$BIN" logprobs --model models/demo --input /tmp/e2e_in.jsonl --output /tmp/e2e_lp_$b.jsonl \
+            --backend $b || return 1
+    done
+    python3 - <<'PY'
+import json
+gen = {b: [json.loads(l)["text"] for l in open(f"/tmp/e2e_gen_{b}.jsonl")] for b in ("cpu", "cuda")}
+same = sum(a == c for a, c in zip(gen["cpu"], gen["cuda"]))
+print(f"e2e generate (demo model, 4 samples, T=0.7, seed 1): {same}/4 texts identical on cpu and cuda")
+for t in gen["cuda"]:
+    print(f"  cuda: {t}")
+lp = {b: [json.loads(l)["logprobs"] for l in open(f"/tmp/e2e_lp_{b}.jsonl")] for b in ("cpu", "cuda")}
+diff = max(abs(x - y) for a, c in zip(lp["cpu"], lp["cuda"]) for x, y in zip(a, c))
+print(f"e2e logprobs (demo model, 2 completions): max |cpu - cuda| = {diff:.4f} nats")
+PY
+}
+export BIN
+export -f e2e
+step e2e 60 bash -c e2e
 
 # Out-of-bounds accesses and races that happen to give right answers: only with time to spare.
 if [ $(($(date +%s) - START)) -lt 300 ] && command -v compute-sanitizer >/dev/null; then
@@ -119,4 +150,5 @@ for size in ("0.5b", "1.5b"):
         print(f"| {size} | {r['batch']} | {r['prefill_tokens_per_s']:.0f} | {pf} | {pr} | {r['decode_tokens_per_s']:.1f} | {dc} | {dr} | {r['decode_gb_per_s']:.0f} | {roof} |")
 print("\nsteps: " + "; ".join(status))
 EOF
+grep -E "^e2e |^  cuda: " "$LOG" | tee -a "$OUT/summary.md"
 echo "total $(($(date +%s) - START)) s"
