@@ -4,9 +4,12 @@
 #
 # usage: tools/gpu_check.sh BIN_DIR OUT_DIR
 #   BIN_DIR  holds the release `thinkshort` binary, built on the development machine with the
-#            pinned nvcc and REQUIRE_CUDA_KERNELS=1 (the kernels are embedded in it):
+#            pinned nvcc and REQUIRE_CUDA_KERNELS=1 (the kernels are embedded in it), and
+#            optionally the criterion CUDA op benchmarks as `cuda_ops`:
 #              NVCC=.../nvcc REQUIRE_CUDA_KERNELS=1 cargo build --release
+#              NVCC=.../nvcc REQUIRE_CUDA_KERNELS=1 cargo bench --bench cuda_ops --no-run
 #              mkdir -p gpu-carry && cp target/release/thinkshort gpu-carry/
+#              cp target/release/deps/cuda_ops-<hash> gpu-carry/cuda_ops   # the one cargo printed
 #   OUT_DIR  receives (flat, 7 files): summary.md, selfcheck.json, logs.txt, ours_0.5b.json,
 #            ours_1.5b.json, torch_0.5b.json, torch_1.5b.json
 #
@@ -70,6 +73,13 @@ for size in 0.5b 1.5b; do
         --model-config "$cfg" --batch 1,8,32 --prompt-len 256 --decode-steps 32 $ceil \
         --json "$OUT/torch_$size.json"
 done
+
+# Criterion benchmarks of every CUDA op (GB/s, or FLOP/s as elements/s), when the bench binary
+# was copied beside thinkshort as `cuda_ops`.
+BENCH_BIN=$(dirname "$BIN")/cuda_ops
+if [ -x "$BENCH_BIN" ]; then
+    step cuda_ops 150 "$BENCH_BIN" --bench
+fi
 
 # End to end on the checked-in demo model (real tokenizer): the commands, CUDA against CPU.
 e2e() {
@@ -151,4 +161,8 @@ for size in ("0.5b", "1.5b"):
 print("\nsteps: " + "; ".join(status))
 EOF
 grep -E "^e2e |^  cuda: " "$LOG" | tee -a "$OUT/summary.md"
+# One line per criterion benchmark: name and median throughput.
+awk '/^[a-z_]+\/[^ ]+/ {name = $1} /thrpt:/ {print "  " name ": " $4 " " $5}' "$LOG" |
+    sed '1i cuda_ops (criterion median throughput; elem/s = FLOP/s for matmul and prefill attention):' |
+    tee -a "$OUT/summary.md"
 echo "total $(($(date +%s) - START)) s"

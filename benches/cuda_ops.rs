@@ -1,0 +1,305 @@
+//! Throughput of every CUDA forward op at the shapes of Qwen2.5-0.5B (hidden 896, intermediate
+//! 4864, 14 query / 2 KV heads of 64, vocab 151936), for one token (decode) and 2048 tokens
+//! (prefill). Memory-bound ops report bytes/s (each input read once, each output written once);
+//! matmul and prefill attention report elements/s where one element is one FLOP.
+//! On a machine without a usable GPU it prints "no GPU: skipping CUDA benchmarks" and exits 0.
+//!
+//!     cargo bench --bench cuda_ops
+//!     target/release/deps/cuda_ops-<hash> --bench        # the built binary, e.g. on a GPU machine
+//!
+//! Each timed batch queues `iters` launches and waits once at the end (`iter_custom`), so the
+//! numbers are device time plus launch gaps, not host synchronisation per call.
+
+use criterion::{BenchmarkId, Criterion, Throughput};
+use std::time::{Duration, Instant};
+use thinkshort::backend::{Backend, TokenPlacement};
+use thinkshort::cuda::CudaBackend;
+use thinkshort::rng::Philox;
+
+const HIDDEN: usize = 896;
+const INTERMEDIATE: usize = 4864;
+const HEADS: usize = 14;
+const KV_HEADS: usize = 2;
+const HEAD_DIM: usize = 64;
+const VOCAB: usize = 151936;
+const BF16: u64 = 2;
+
+fn random(n: usize, seed: u64) -> Vec<f32> {
+    let mut rng = Philox::new(seed, 3);
+    (0..n).map(|_| rng.next_normal()).collect()
+}
+
+/// Times `op` with criterion: `iters` calls queued, one synchronize.
+fn time(dev: &CudaBackend, iters: u64, mut op: impl FnMut()) -> Duration {
+    dev.synchronize().expect("device error before timing");
+    let start = Instant::now();
+    for _ in 0..iters {
+        op();
+    }
+    dev.synchronize().expect("device error while timing");
+    start.elapsed()
+}
+
+fn elementwise(c: &mut Criterion, dev: &CudaBackend) {
+    let mut g = c.benchmark_group("elementwise");
+    let table = dev.upload(&random(VOCAB * HIDDEN, 6)).unwrap();
+    for m in [1usize, 2048] {
+        let x = dev.upload(&random(m * HIDDEN, 1)).unwrap();
+        let w = dev.upload(&random(HIDDEN, 2)).unwrap();
+        let mut out = dev.zeros(m * HIDDEN).unwrap();
+        g.throughput(Throughput::Bytes(BF16 * (2 * m * HIDDEN + HIDDEN) as u64));
+        g.bench_function(BenchmarkId::new("rmsnorm", format!("{m}x{HIDDEN}")), |b| {
+            b.iter_custom(|n| {
+                time(dev, n, || {
+                    dev.rmsnorm_forward(
+                        dev.full_mut(&mut out),
+                        dev.full(&x),
+                        dev.full(&w),
+                        HIDDEN,
+                        1e-6,
+                    )
+                })
+            })
+        });
+        g.throughput(Throughput::Bytes(BF16 * (3 * m * HIDDEN) as u64));
+        g.bench_function(
+            BenchmarkId::new("residual_add", format!("{m}x{HIDDEN}")),
+            |b| {
+                b.iter_custom(|n| {
+                    time(dev, n, || {
+                        dev.residual_add(dev.full_mut(&mut out), dev.full(&x))
+                    })
+                })
+            },
+        );
+
+        let gate = dev.upload(&random(m * INTERMEDIATE, 3)).unwrap();
+        let up = dev.upload(&random(m * INTERMEDIATE, 4)).unwrap();
+        let mut act = dev.zeros(m * INTERMEDIATE).unwrap();
+        g.throughput(Throughput::Bytes(BF16 * (3 * m * INTERMEDIATE) as u64));
+        g.bench_function(
+            BenchmarkId::new("swiglu", format!("{m}x{INTERMEDIATE}")),
+            |b| {
+                b.iter_custom(|n| {
+                    time(dev, n, || {
+                        dev.swiglu_forward(dev.full_mut(&mut act), dev.full(&gate), dev.full(&up))
+                    })
+                })
+            },
+        );
+
+        let positions: Vec<u32> = (0..m as u32).collect();
+        let inv_freq = dev
+            .upload_f32(
+                &(0..HEAD_DIM / 2)
+                    .map(|i| 1e6f32.powf(-2.0 * i as f32 / HEAD_DIM as f32))
+                    .collect::<Vec<_>>(),
+            )
+            .unwrap();
+        let mut q = dev.upload(&random(m * HEADS * HEAD_DIM, 5)).unwrap();
+        g.throughput(Throughput::Bytes(BF16 * (2 * m * HEADS * HEAD_DIM) as u64));
+        g.bench_function(
+            BenchmarkId::new("rope", format!("{m}x{HEADS}x{HEAD_DIM}")),
+            |b| {
+                b.iter_custom(|n| {
+                    time(dev, n, || {
+                        dev.rope_forward(
+                            dev.full_mut(&mut q),
+                            &positions,
+                            dev.full(&inv_freq),
+                            HEADS,
+                            HEAD_DIM,
+                        )
+                    })
+                })
+            },
+        );
+
+        let ids: Vec<u32> = (0..m as u32).map(|i| (i * 7919) % VOCAB as u32).collect();
+        g.throughput(Throughput::Bytes(BF16 * (2 * m * HIDDEN) as u64));
+        g.bench_function(
+            BenchmarkId::new("embedding", format!("{m}x{HIDDEN}")),
+            |b| {
+                b.iter_custom(|n| {
+                    time(dev, n, || {
+                        dev.embedding_forward(
+                            dev.full_mut(&mut out),
+                            dev.full(&table),
+                            &ids,
+                            HIDDEN,
+                        )
+                    })
+                })
+            },
+        );
+    }
+    g.finish();
+}
+
+fn matmul(c: &mut Criterion, dev: &CudaBackend) {
+    let mut g = c.benchmark_group("matmul_flops");
+    // (k, n): the MLP up/gate projection, the down projection, the tied LM head.
+    for (k, n) in [
+        (HIDDEN, INTERMEDIATE),
+        (INTERMEDIATE, HIDDEN),
+        (HIDDEN, VOCAB),
+    ] {
+        let w = dev.upload(&random(n * k, 8)).unwrap();
+        for m in [1usize, 2048] {
+            let x = dev.upload(&random(m * k, 7)).unwrap();
+            let mut out = if n == VOCAB {
+                dev.zeros_f32(m * n)
+            } else {
+                dev.zeros(m * n)
+            }
+            .unwrap();
+            g.throughput(Throughput::Elements((2 * m * k * n) as u64));
+            g.bench_function(
+                BenchmarkId::new(format!("k{k}_n{n}"), format!("m{m}")),
+                |b| {
+                    b.iter_custom(|iters| {
+                        time(dev, iters, || {
+                            dev.matmul_forward(
+                                dev.full_mut(&mut out),
+                                dev.full(&x),
+                                dev.full(&w),
+                                None,
+                                m,
+                                k,
+                                n,
+                            )
+                        })
+                    })
+                },
+            );
+        }
+    }
+    g.finish();
+}
+
+fn attention(c: &mut Criterion, dev: &CudaBackend) {
+    let kv_dim = KV_HEADS * HEAD_DIM;
+    let q_dim = HEADS * HEAD_DIM;
+    let mut g = c.benchmark_group("attention");
+    // Prefill: one sequence of T tokens; causal FLOPs 4·T²·H·d / 2.
+    for t in [512usize, 2048] {
+        let place = TokenPlacement {
+            slots: vec![0; t],
+            positions: (0..t as u32).collect(),
+        };
+        let q = dev.upload(&random(t * q_dim, 9)).unwrap();
+        let ck = dev.upload(&random(t * kv_dim, 10)).unwrap();
+        let cv = dev.upload(&random(t * kv_dim, 11)).unwrap();
+        let mut out = dev.zeros(t * q_dim).unwrap();
+        g.throughput(Throughput::Elements((2 * t * t * HEADS * HEAD_DIM) as u64));
+        g.bench_function(BenchmarkId::new("prefill_flops", format!("T{t}")), |b| {
+            b.iter_custom(|n| {
+                time(dev, n, || {
+                    dev.attention_forward(
+                        dev.full_mut(&mut out),
+                        dev.full(&q),
+                        dev.full(&ck),
+                        dev.full(&cv),
+                        &place,
+                        t,
+                        HEADS,
+                        KV_HEADS,
+                        HEAD_DIM,
+                    )
+                })
+            })
+        });
+    }
+    // Decode: 32 sequences, one token each at position ctx - 1; bytes = the K and V read.
+    let (seqs, ctx) = (32usize, 2048usize);
+    let place = TokenPlacement {
+        slots: (0..seqs as u32).collect(),
+        positions: vec![ctx as u32 - 1; seqs],
+    };
+    let q = dev.upload(&random(seqs * q_dim, 12)).unwrap();
+    let ck = dev.upload(&random(seqs * ctx * kv_dim, 13)).unwrap();
+    let cv = dev.upload(&random(seqs * ctx * kv_dim, 14)).unwrap();
+    let mut out = dev.zeros(seqs * q_dim).unwrap();
+    g.throughput(Throughput::Bytes(BF16 * (2 * seqs * ctx * kv_dim) as u64));
+    g.bench_function(
+        BenchmarkId::new("decode_bytes", format!("{seqs}x{ctx}")),
+        |b| {
+            b.iter_custom(|n| {
+                time(dev, n, || {
+                    dev.attention_forward(
+                        dev.full_mut(&mut out),
+                        dev.full(&q),
+                        dev.full(&ck),
+                        dev.full(&cv),
+                        &place,
+                        ctx,
+                        HEADS,
+                        KV_HEADS,
+                        HEAD_DIM,
+                    )
+                })
+            })
+        },
+    );
+    g.finish();
+}
+
+fn logprob(c: &mut Criterion, dev: &CudaBackend) {
+    let mut g = c.benchmark_group("logprob");
+    let r = 512;
+    let targets: Vec<u32> = (0..r as u32).map(|i| (i * 104729) % VOCAB as u32).collect();
+    let mut logp = dev.zeros_f32(r).unwrap();
+    let mut entropy = dev.zeros_f32(r).unwrap();
+    for f32_logits in [false, true] {
+        let host = random(r * VOCAB, 15);
+        let logits = if f32_logits {
+            dev.upload_f32(&host)
+        } else {
+            dev.upload(&host)
+        }
+        .unwrap();
+        let bytes = if f32_logits { 4 } else { BF16 };
+        g.throughput(Throughput::Bytes(bytes * (r * VOCAB) as u64));
+        let name = if f32_logits {
+            "f32_logits"
+        } else {
+            "bf16_logits"
+        };
+        g.bench_function(BenchmarkId::new(name, format!("{r}x{VOCAB}")), |b| {
+            b.iter_custom(|n| {
+                time(dev, n, || {
+                    dev.logprob_forward(
+                        dev.full_mut(&mut logp),
+                        dev.full_mut(&mut entropy),
+                        dev.full(&logits),
+                        &targets,
+                        VOCAB,
+                        1.0,
+                    )
+                })
+            })
+        });
+    }
+    g.finish();
+}
+
+fn main() {
+    let dev = match CudaBackend::new(0) {
+        Ok(dev) => dev,
+        Err(e) => {
+            println!("no GPU: skipping CUDA benchmarks ({e:#})");
+            return;
+        }
+    };
+    println!("CUDA op benchmarks on {}", dev.device_name());
+    let mut c = Criterion::default()
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_millis(700))
+        .sample_size(10)
+        .configure_from_args();
+    elementwise(&mut c, &dev);
+    matmul(&mut c, &dev);
+    attention(&mut c, &dev);
+    logprob(&mut c, &dev);
+    c.final_summary();
+}
