@@ -36,24 +36,13 @@ fn random_tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
         .collect()
 }
 
-/// `batch` sequences of `len` tokens each, concatenated, in slots 0..batch at positions
-/// `start..start + len`.
-fn placement(batch: usize, start: usize, len: usize) -> TokenPlacement {
-    let mut place = TokenPlacement::default();
-    for s in 0..batch {
-        place.slots.extend(std::iter::repeat(s as u32).take(len));
-        place.positions.extend(start as u32..(start + len) as u32);
-    }
-    place
-}
-
 fn prefill(c: &mut Criterion) {
     let model = model();
     let vocab = model.cfg.vocab_size;
     let mut group = c.benchmark_group("prefill");
     for (batch, len) in [(1usize, 256usize), (4, 64)] {
         let tokens = random_tokens(batch * len, vocab, 1);
-        let place = placement(batch, 0, len);
+        let place = TokenPlacement::contiguous(batch, 0, len);
         let last_rows: Vec<usize> = (0..batch).map(|s| s * len + len - 1).collect();
         let mut cache = KvCache::new(&CpuBackend, &model.cfg, batch, len).unwrap();
         group.throughput(Throughput::Elements((batch * len) as u64));
@@ -83,13 +72,13 @@ fn decode(c: &mut Criterion) {
         model
             .forward(
                 &prompt,
-                &placement(batch, 0, DECODE_CONTEXT),
+                &TokenPlacement::contiguous(batch, 0, DECODE_CONTEXT),
                 &mut cache,
                 &[0],
             )
             .unwrap();
         let tokens = random_tokens(batch, vocab, 3);
-        let place = placement(batch, DECODE_CONTEXT, 1);
+        let place = TokenPlacement::contiguous(batch, DECODE_CONTEXT, 1);
         let rows: Vec<usize> = (0..batch).collect();
         group.throughput(Throughput::Elements(batch as u64));
         group.bench_function(

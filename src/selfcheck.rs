@@ -138,10 +138,7 @@ pub fn run<D: Backend>(
     };
     op_checks(&mut c)?;
     let info = model_check(&mut c)?;
-    Ok(Report {
-        rows: c.rows,
-        info,
-    })
+    Ok(Report { rows: c.rows, info })
 }
 
 struct Checker<'a, D: Backend> {
@@ -269,30 +266,51 @@ fn op_checks<D: Backend>(c: &mut Checker<D>) -> Result<()> {
     let cpu = CpuBackend;
 
     // embedding_forward: out [M, dim] = table [V, dim] rows.
-    for (m, v, dim) in [(1, 1001, 896), (5, 1001, 7), (64, 1001, 33), (64, 151936, 64)] {
-        c.check("embedding_forward", format!("M={m} V={v} dim={dim}"), TOL_EXACT, |dev, r| {
-            let (table, table_h) = put(dev, &r.normal(v * dim, 1.0))?;
-            let ids = r.ids(m, v);
-            let mut out = dev.zeros(m * dim)?;
-            dev.embedding_forward(dev.full_mut(&mut out), dev.full(&table), &ids, dim);
-            let mut reference = vec![0.0; m * dim];
-            cpu.embedding_forward(&mut reference, &table_h, &ids, dim);
-            Ok(vec![("", get(dev, &out)?, reference)])
-        })?;
+    for (m, v, dim) in [
+        (1, 1001, 896),
+        (5, 1001, 7),
+        (64, 1001, 33),
+        (64, 151936, 64),
+    ] {
+        c.check(
+            "embedding_forward",
+            format!("M={m} V={v} dim={dim}"),
+            TOL_EXACT,
+            |dev, r| {
+                let (table, table_h) = put(dev, &r.normal(v * dim, 1.0))?;
+                let ids = r.ids(m, v);
+                let mut out = dev.zeros(m * dim)?;
+                dev.embedding_forward(dev.full_mut(&mut out), dev.full(&table), &ids, dim);
+                let mut reference = vec![0.0; m * dim];
+                cpu.embedding_forward(&mut reference, &table_h, &ids, dim);
+                Ok(vec![("", get(dev, &out)?, reference)])
+            },
+        )?;
     }
 
     // rmsnorm_forward: x, out [M, dim]; weight [dim].
     for (m, dim) in [(1, 896), (5, 7), (64, 33), (64, 1536)] {
-        c.check("rmsnorm_forward", format!("M={m} dim={dim}"), TOL_BF16, |dev, r| {
-            let (x, x_h) = put(dev, &r.normal(m * dim, 1.0))?;
-            let w_host: Vec<f32> = r.normal(dim, 0.1).iter().map(|d| 1.0 + d).collect();
-            let (w, w_h) = put(dev, &w_host)?;
-            let mut out = dev.zeros(m * dim)?;
-            dev.rmsnorm_forward(dev.full_mut(&mut out), dev.full(&x), dev.full(&w), dim, 1e-6);
-            let mut reference = vec![0.0; m * dim];
-            cpu.rmsnorm_forward(&mut reference, &x_h, &w_h, dim, 1e-6);
-            Ok(vec![("", get(dev, &out)?, reference)])
-        })?;
+        c.check(
+            "rmsnorm_forward",
+            format!("M={m} dim={dim}"),
+            TOL_BF16,
+            |dev, r| {
+                let (x, x_h) = put(dev, &r.normal(m * dim, 1.0))?;
+                let w_host: Vec<f32> = r.normal(dim, 0.1).iter().map(|d| 1.0 + d).collect();
+                let (w, w_h) = put(dev, &w_host)?;
+                let mut out = dev.zeros(m * dim)?;
+                dev.rmsnorm_forward(
+                    dev.full_mut(&mut out),
+                    dev.full(&x),
+                    dev.full(&w),
+                    dim,
+                    1e-6,
+                );
+                let mut reference = vec![0.0; m * dim];
+                cpu.rmsnorm_forward(&mut reference, &x_h, &w_h, dim, 1e-6);
+                Ok(vec![("", get(dev, &out)?, reference)])
+            },
+        )?;
     }
 
     // matmul_forward: out [m, n] = x [m, k] · w [n, k]ᵀ + bias [n]. m = 1 is a decode step; the
@@ -314,9 +332,21 @@ fn op_checks<D: Backend>(c: &mut Checker<D>) -> Result<()> {
             let (x, x_h) = put(dev, &r.normal(m * k, 1.0))?;
             let (w, w_h) = put(dev, &r.normal(n * k, 1.0 / (k as f32).sqrt()))?;
             let (b, b_h) = put(dev, &r.normal(n, 0.5))?;
-            let mut out = if out_f32 { dev.zeros_f32(m * n)? } else { dev.zeros(m * n)? };
+            let mut out = if out_f32 {
+                dev.zeros_f32(m * n)?
+            } else {
+                dev.zeros(m * n)?
+            };
             let bias_view = bias.then(|| dev.full(&b));
-            dev.matmul_forward(dev.full_mut(&mut out), dev.full(&x), dev.full(&w), bias_view, m, k, n);
+            dev.matmul_forward(
+                dev.full_mut(&mut out),
+                dev.full(&x),
+                dev.full(&w),
+                bias_view,
+                m,
+                k,
+                n,
+            );
             let mut reference = vec![0.0; m * n];
             let bias_h = bias.then_some(b_h.as_slice());
             cpu.matmul_forward(&mut reference, &x_h, &w_h, bias_h, m, k, n);
@@ -325,8 +355,12 @@ fn op_checks<D: Backend>(c: &mut Checker<D>) -> Result<()> {
     }
 
     // rope_forward: x [M, heads * head_dim] rotated in place; positions up to 4000.
-    for (m, heads, hd, theta) in [(1, 14, 64, 1e6), (5, 2, 128, 1e4), (64, 3, 6, 1e4), (33, 12, 128, 1e6)]
-    {
+    for (m, heads, hd, theta) in [
+        (1, 14, 64, 1e6),
+        (5, 2, 128, 1e4),
+        (64, 3, 6, 1e4),
+        (33, 12, 128, 1e6),
+    ] {
         let shape = format!("M={m} heads={heads} head_dim={hd} theta={theta:e}");
         c.check("rope_forward", shape, TOL_BF16, |dev, r| {
             let (mut x, mut reference) = put(dev, &r.normal(m * heads * hd, 1.0))?;
@@ -336,7 +370,13 @@ fn op_checks<D: Backend>(c: &mut Checker<D>) -> Result<()> {
                 .map(|i| (1.0 / f64::powf(theta, (2 * i) as f64 / hd as f64)) as f32)
                 .collect();
             let (inv_freq, inv_freq_h) = put_f32(dev, &inv_freq_host)?;
-            dev.rope_forward(dev.full_mut(&mut x), &positions, dev.full(&inv_freq), heads, hd);
+            dev.rope_forward(
+                dev.full_mut(&mut x),
+                &positions,
+                dev.full(&inv_freq),
+                heads,
+                hd,
+            );
             cpu.rope_forward(&mut reference, &positions, &inv_freq_h, heads, hd);
             Ok(vec![("", get(dev, &x)?, reference)])
         })?;
@@ -351,7 +391,8 @@ fn op_checks<D: Backend>(c: &mut Checker<D>) -> Result<()> {
     ];
     for (kind, kv_dim, capacity, starts, lens) in kv_cases {
         let slots = starts.len();
-        let shape = format!("{kind} slots={slots} capacity={capacity} kv_dim={kv_dim} lens={lens:?}");
+        let shape =
+            format!("{kind} slots={slots} capacity={capacity} kv_dim={kv_dim} lens={lens:?}");
         c.check("kv_cache_write", shape, TOL_EXACT, |dev, r| {
             let place = placement(&starts, &lens);
             let m = place.slots.len();
@@ -369,8 +410,19 @@ fn op_checks<D: Backend>(c: &mut Checker<D>) -> Result<()> {
                 capacity,
                 kv_dim,
             );
-            cpu.kv_cache_write(&mut ck_ref, &mut cv_ref, &k_h, &v_h, &place, capacity, kv_dim);
-            Ok(vec![("k", get(dev, &ck)?, ck_ref), ("v", get(dev, &cv)?, cv_ref)])
+            cpu.kv_cache_write(
+                &mut ck_ref,
+                &mut cv_ref,
+                &k_h,
+                &v_h,
+                &place,
+                capacity,
+                kv_dim,
+            );
+            Ok(vec![
+                ("k", get(dev, &ck)?, ck_ref),
+                ("v", get(dev, &cv)?, cv_ref),
+            ])
         })?;
     }
 
@@ -388,7 +440,13 @@ fn op_checks<D: Backend>(c: &mut Checker<D>) -> Result<()> {
         ("decode", 7, 1, 40, vec![0, 99, 5], vec![1; 3]),
     ];
     for (kind, heads, kv_heads, hd, starts, lens) in att_cases {
-        let capacity = starts.iter().zip(&lens).map(|(s, l)| s + l).max().unwrap_or(1) + 3;
+        let capacity = starts
+            .iter()
+            .zip(&lens)
+            .map(|(s, l)| s + l)
+            .max()
+            .unwrap_or(1)
+            + 3;
         let slots = starts.len();
         let shape = if kind == "decode" {
             format!("decode heads={heads}/{kv_heads} head_dim={hd} positions={starts:?}")
@@ -416,7 +474,15 @@ fn op_checks<D: Backend>(c: &mut Checker<D>) -> Result<()> {
             );
             let mut reference = vec![0.0; m * heads * hd];
             cpu.attention_forward(
-                &mut reference, &q_h, &ck_h, &cv_h, &place, capacity, heads, kv_heads, hd,
+                &mut reference,
+                &q_h,
+                &ck_h,
+                &cv_h,
+                &place,
+                capacity,
+                heads,
+                kv_heads,
+                hd,
             );
             Ok(vec![("", get(dev, &out)?, reference)])
         })?;
@@ -424,61 +490,97 @@ fn op_checks<D: Backend>(c: &mut Checker<D>) -> Result<()> {
 
     // swiglu_forward: out = silu(gate) · up, all [M, I].
     for (m, i) in [(1, 4864), (5, 7), (64, 33), (64, 8960)] {
-        c.check("swiglu_forward", format!("M={m} I={i}"), TOL_BF16, |dev, r| {
-            let (gate, gate_h) = put(dev, &r.normal(m * i, 2.0))?;
-            let (up, up_h) = put(dev, &r.normal(m * i, 1.0))?;
-            let mut out = dev.zeros(m * i)?;
-            dev.swiglu_forward(dev.full_mut(&mut out), dev.full(&gate), dev.full(&up));
-            let mut reference = vec![0.0; m * i];
-            cpu.swiglu_forward(&mut reference, &gate_h, &up_h);
-            Ok(vec![("", get(dev, &out)?, reference)])
-        })?;
+        c.check(
+            "swiglu_forward",
+            format!("M={m} I={i}"),
+            TOL_BF16,
+            |dev, r| {
+                let (gate, gate_h) = put(dev, &r.normal(m * i, 2.0))?;
+                let (up, up_h) = put(dev, &r.normal(m * i, 1.0))?;
+                let mut out = dev.zeros(m * i)?;
+                dev.swiglu_forward(dev.full_mut(&mut out), dev.full(&gate), dev.full(&up));
+                let mut reference = vec![0.0; m * i];
+                cpu.swiglu_forward(&mut reference, &gate_h, &up_h);
+                Ok(vec![("", get(dev, &out)?, reference)])
+            },
+        )?;
     }
 
     // residual_add: x += y, [M, dim].
     for (m, dim) in [(1, 896), (5, 7), (64, 1536)] {
-        c.check("residual_add", format!("M={m} dim={dim}"), TOL_BF16, |dev, r| {
-            let (mut x, mut reference) = put(dev, &r.normal(m * dim, 1.0))?;
-            let (y, y_h) = put(dev, &r.normal(m * dim, 1.0))?;
-            dev.residual_add(dev.full_mut(&mut x), dev.full(&y));
-            cpu.residual_add(&mut reference, &y_h);
-            Ok(vec![("", get(dev, &x)?, reference)])
-        })?;
+        c.check(
+            "residual_add",
+            format!("M={m} dim={dim}"),
+            TOL_BF16,
+            |dev, r| {
+                let (mut x, mut reference) = put(dev, &r.normal(m * dim, 1.0))?;
+                let (y, y_h) = put(dev, &r.normal(m * dim, 1.0))?;
+                dev.residual_add(dev.full_mut(&mut x), dev.full(&y));
+                cpu.residual_add(&mut reference, &y_h);
+                Ok(vec![("", get(dev, &x)?, reference)])
+            },
+        )?;
     }
 
     // gather_rows: out [R, dim] = x [M, dim] rows (repeats allowed).
     for (m, rows_n, dim) in [(64, 5, 7), (64, 1, 33), (300, 8, 896)] {
-        c.check("gather_rows", format!("M={m} R={rows_n} dim={dim}"), TOL_EXACT, |dev, r| {
-            let (x, x_h) = put(dev, &r.normal(m * dim, 1.0))?;
-            let rows = r.below(rows_n, m);
-            let mut out = dev.zeros(rows_n * dim)?;
-            dev.gather_rows(dev.full_mut(&mut out), dev.full(&x), &rows, dim);
-            let mut reference = vec![0.0; rows_n * dim];
-            cpu.gather_rows(&mut reference, &x_h, &rows, dim);
-            Ok(vec![("", get(dev, &out)?, reference)])
-        })?;
+        c.check(
+            "gather_rows",
+            format!("M={m} R={rows_n} dim={dim}"),
+            TOL_EXACT,
+            |dev, r| {
+                let (x, x_h) = put(dev, &r.normal(m * dim, 1.0))?;
+                let rows = r.below(rows_n, m);
+                let mut out = dev.zeros(rows_n * dim)?;
+                dev.gather_rows(dev.full_mut(&mut out), dev.full(&x), &rows, dim);
+                let mut reference = vec![0.0; rows_n * dim];
+                cpu.gather_rows(&mut reference, &x_h, &rows, dim);
+                Ok(vec![("", get(dev, &out)?, reference)])
+            },
+        )?;
     }
 
     // fill_zero and copy, on whole buffers and on windows (what lies outside must survive), in
     // bf16 and f32 buffers.
-    for (len, lo, hi, f32_buf) in [(4480, 0, 4480, false), (1000, 101, 778, false), (333, 7, 300, true)] {
+    for (len, lo, hi, f32_buf) in [
+        (4480, 0, 4480, false),
+        (1000, 101, 778, false),
+        (333, 7, 300, true),
+    ] {
         let shape = format!("len={len} window={lo}..{hi} f32={f32_buf}");
         c.check("fill_zero", shape, TOL_EXACT, |dev, r| {
             let host = r.normal(len, 1.0);
-            let (mut buf, mut reference) = if f32_buf { put_f32(dev, &host)? } else { put(dev, &host)? };
+            let (mut buf, mut reference) = if f32_buf {
+                put_f32(dev, &host)?
+            } else {
+                put(dev, &host)?
+            };
             dev.fill_zero(dev.view_mut(&mut buf, lo..hi));
             cpu.fill_zero(&mut reference[lo..hi]);
             Ok(vec![("", get(dev, &buf)?, reference)])
         })?;
     }
-    for (len, lo, hi, src_lo, f32_buf) in [(4480, 0, 4480, 0, false), (1000, 7, 40, 100, false), (333, 1, 300, 20, true)] {
+    for (len, lo, hi, src_lo, f32_buf) in [
+        (4480, 0, 4480, 0, false),
+        (1000, 7, 40, 100, false),
+        (333, 1, 300, 20, true),
+    ] {
         let shape = format!("len={len} dst={lo}..{hi} src={src_lo}.. f32={f32_buf}");
         c.check("copy", shape, TOL_EXACT, |dev, r| {
-            let put_any = |host: &[f32]| if f32_buf { put_f32(dev, host) } else { put(dev, host) };
+            let put_any = |host: &[f32]| {
+                if f32_buf {
+                    put_f32(dev, host)
+                } else {
+                    put(dev, host)
+                }
+            };
             let (mut dst, mut reference) = put_any(&r.normal(len, 1.0))?;
             let (src, src_h) = put_any(&r.normal(len, 1.0))?;
             let src_hi = src_lo + hi - lo;
-            dev.copy(dev.view_mut(&mut dst, lo..hi), dev.view(&src, src_lo..src_hi));
+            dev.copy(
+                dev.view_mut(&mut dst, lo..hi),
+                dev.view(&src, src_lo..src_hi),
+            );
             cpu.copy(&mut reference[lo..hi], &src_h[src_lo..src_hi]);
             Ok(vec![("", get(dev, &dst)?, reference)])
         })?;
@@ -497,7 +599,11 @@ fn op_checks<D: Backend>(c: &mut Checker<D>) -> Result<()> {
         let shape = format!("R={rows} V={vocab} T={temperature} logits={kind}");
         c.check("logprob_forward", shape, TOL_F32, |dev, r| {
             let host = r.normal(rows * vocab, 3.0);
-            let (logits, logits_h) = if logits_f32 { put_f32(dev, &host)? } else { put(dev, &host)? };
+            let (logits, logits_h) = if logits_f32 {
+                put_f32(dev, &host)?
+            } else {
+                put(dev, &host)?
+            };
             let targets = r.ids(rows, vocab);
             let mut logp = dev.zeros_f32(rows)?;
             let mut entropy = dev.zeros_f32(rows)?;
@@ -510,7 +616,14 @@ fn op_checks<D: Backend>(c: &mut Checker<D>) -> Result<()> {
                 temperature,
             );
             let (mut logp_ref, mut entropy_ref) = (vec![0.0; rows], vec![0.0; rows]);
-            cpu.logprob_forward(&mut logp_ref, &mut entropy_ref, &logits_h, &targets, vocab, temperature);
+            cpu.logprob_forward(
+                &mut logp_ref,
+                &mut entropy_ref,
+                &logits_h,
+                &targets,
+                vocab,
+                temperature,
+            );
             Ok(vec![
                 ("logp", get(dev, &logp)?, logp_ref),
                 ("entropy", get(dev, &entropy)?, entropy_ref),
@@ -548,7 +661,9 @@ fn tiny_model_weights(cfg: &ModelConfig, seed: u64) -> Vec<f32> {
         };
         host[spec.range()].copy_from_slice(&values);
     }
-    host.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect()
+    host.iter()
+        .map(|&v| half::bf16::from_f32(v).to_f32())
+        .collect()
 }
 
 /// The whole-model check: log-probs of prompt+completion pairs (one packed prefill) as a row,
@@ -574,7 +689,10 @@ fn model_check<D: Backend>(c: &mut Checker<D>) -> Result<Vec<String>> {
     let scored: usize = items.iter().map(|it| it.completion.len()).sum();
     let reference: Vec<f32> = completion_logprobs(&cpu_model, &items, 1.0)?.concat();
     let name = "model logprobs".to_string();
-    let row_shape = format!("{shape}; {} pairs, {scored} tokens, max |Δ log p|", items.len());
+    let row_shape = format!(
+        "{shape}; {} pairs, {scored} tokens, max |Δ log p|",
+        items.len()
+    );
     match completion_logprobs(&dev_model, &items, 1.0) {
         Ok(out) => {
             let error = max_abs_diff(&out.concat(), &reference);
@@ -582,7 +700,14 @@ fn model_check<D: Backend>(c: &mut Checker<D>) -> Result<Vec<String>> {
         }
         Err(e) => {
             let message = Some(format!("{e:#}"));
-            c.push(name, row_shape, "max_abs_nats", f64::NAN, TOL_MODEL, message);
+            c.push(
+                name,
+                row_shape,
+                "max_abs_nats",
+                f64::NAN,
+                TOL_MODEL,
+                message,
+            );
         }
     }
 
@@ -608,7 +733,13 @@ fn model_check<D: Backend>(c: &mut Checker<D>) -> Result<Vec<String>> {
             let same: usize = got
                 .iter()
                 .zip(&want)
-                .map(|(g, w)| g.tokens.iter().zip(&w.tokens).take_while(|(a, b)| a == b).count())
+                .map(|(g, w)| {
+                    g.tokens
+                        .iter()
+                        .zip(&w.tokens)
+                        .take_while(|(a, b)| a == b)
+                        .count()
+                })
                 .sum();
             format!(
                 "greedy generation ({shape}), {} prompts × {NEW_TOKENS} tokens: {same} of {total} \

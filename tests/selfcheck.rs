@@ -139,7 +139,15 @@ impl Backend for TestDevice {
         capacity: usize,
         kv_dim: usize,
     ) {
-        CPU.kv_cache_write(cache_k.data, cache_v.data, k.data, v.data, place, capacity, kv_dim);
+        CPU.kv_cache_write(
+            cache_k.data,
+            cache_v.data,
+            k.data,
+            v.data,
+            place,
+            capacity,
+            kv_dim,
+        );
     }
     fn attention_forward(
         &self,
@@ -232,7 +240,11 @@ fn a_faulty_op_fails_and_only_that_op() {
         assert!(row.pass && row.error == 0.0, "{row:?}");
     }
     // The whole model uses swiglu in every layer: it sees the fault as well.
-    let model = report.rows.iter().find(|r| r.op == "model logprobs").unwrap();
+    let model = report
+        .rows
+        .iter()
+        .find(|r| r.op == "model logprobs")
+        .unwrap();
     assert!(!model.pass, "{model:?}");
 }
 
@@ -246,7 +258,10 @@ fn a_bf16_storage_device_passes_every_check() {
     });
     assert_eq!(report.failures(), 0, "{:#?}", report.rows);
     for row in report.rows.iter().filter(|r| r.metric == "rel") {
-        assert!(row.error <= row.tolerance / 2.0, "too little margin: {row:?}");
+        assert!(
+            row.error <= row.tolerance / 2.0,
+            "too little margin: {row:?}"
+        );
     }
     assert_eq!(report.info.len(), 1);
 }
@@ -274,7 +289,10 @@ fn random_model_weights_are_the_sequential_philox_stream() {
             }
         }
     }
-    assert!(odd_tensors > 0, "no tensor of odd length: a normal pair split across tensors is not exercised");
+    assert!(
+        odd_tensors > 0,
+        "no tensor of odd length: a normal pair split across tensors is not exercised"
+    );
 }
 
 #[test]
@@ -289,7 +307,10 @@ fn selfcheck_cuda_without_a_gpu_fails_with_one_line() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
-    assert!(stderr.starts_with("error: ") && stderr.contains("cuda"), "{stderr}");
+    assert!(
+        stderr.starts_with("error: ") && stderr.contains("cuda"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -297,23 +318,37 @@ fn bench_forward_on_the_cpu_reports_every_batch_size() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("bench.json");
     let out = Command::new(env!("CARGO_BIN_EXE_thinkshort"))
-        .args(["bench", "forward", "--model-config", "tools/bench_model_10m.json"])
+        .args([
+            "bench",
+            "forward",
+            "--model-config",
+            "tools/bench_model_10m.json",
+        ])
         .args(["--backend", "cpu", "--batch", "1,2", "--prompt-len", "8"])
         .args(["--decode-steps", "2", "--json"])
         .arg(&json)
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("decode tok/s"), "{stdout}");
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(v["bytes_per_param"], 4);
     let results = v["results"].as_array().unwrap();
     assert_eq!(results.len(), 2);
     for (r, batch) in results.iter().zip([1, 2]) {
         assert_eq!(r["batch"], batch);
         assert_eq!(r["prefill_tokens"], 8 * batch);
-        for key in ["prefill_tokens_per_s", "decode_tokens_per_s", "decode_gb_per_s"] {
+        for key in [
+            "prefill_tokens_per_s",
+            "decode_tokens_per_s",
+            "decode_gb_per_s",
+        ] {
             assert!(r[key].as_f64().unwrap() > 0.0, "{key}: {r}");
         }
     }
@@ -322,7 +357,14 @@ fn bench_forward_on_the_cpu_reports_every_batch_size() {
 #[test]
 fn bench_forward_names_a_missing_config_file() {
     let out = Command::new(env!("CARGO_BIN_EXE_thinkshort"))
-        .args(["bench", "forward", "--model-config", "no/such/config.json", "--backend", "cpu"])
+        .args([
+            "bench",
+            "forward",
+            "--model-config",
+            "no/such/config.json",
+            "--backend",
+            "cpu",
+        ])
         .output()
         .unwrap();
     assert!(!out.status.success());

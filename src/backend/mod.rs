@@ -29,6 +29,19 @@ pub struct TokenPlacement {
     pub positions: Vec<u32>, // [M]
 }
 
+impl TokenPlacement {
+    /// `batch` sequences in slots 0..batch, each with `len` tokens at positions start..start + len,
+    /// concatenated sequence by sequence.
+    pub fn contiguous(batch: usize, start: usize, len: usize) -> Self {
+        let mut place = TokenPlacement::default();
+        for s in 0..batch {
+            place.slots.extend(std::iter::repeat_n(s as u32, len));
+            place.positions.extend(start as u32..(start + len) as u32);
+        }
+        place
+    }
+}
+
 pub trait Backend: Send + Sync {
     type Buf: Send + Sync;
     type View<'a>: Copy

@@ -81,7 +81,10 @@ pub struct ForwardResult {
 
 fn forward(args: &ForwardArgs) -> Result<()> {
     if args.batch.is_empty() || args.batch.contains(&0) {
-        bail!("--batch: every batch size must be at least 1, got {:?}", args.batch);
+        bail!(
+            "--batch: every batch size must be at least 1, got {:?}",
+            args.batch
+        );
     }
     if args.prompt_len == 0 || args.decode_steps == 0 {
         bail!("--prompt-len and --decode-steps must be at least 1");
@@ -91,9 +94,21 @@ fn forward(args: &ForwardArgs) -> Result<()> {
         BackendKind::Cuda => {
             let dev = CudaBackend::new(0)?;
             let device = format!("cuda ({})", dev.device_name());
-            report(args, &cfg, &device, 2, Model::random(cfg.clone(), args.seed, dev)?)
+            report(
+                args,
+                &cfg,
+                &device,
+                2,
+                Model::random(cfg.clone(), args.seed, dev)?,
+            )
         }
-        _ => report(args, &cfg, "cpu", 4, Model::random(cfg.clone(), args.seed, CpuBackend)?),
+        _ => report(
+            args,
+            &cfg,
+            "cpu",
+            4,
+            Model::random(cfg.clone(), args.seed, CpuBackend)?,
+        ),
     }
 }
 
@@ -129,12 +144,26 @@ fn report<B: Backend>(
     );
     println!(
         "{:>5} {:>11} {:>13} {:>9} {:>13} {:>12} {:>10} {:>11} {:>11}",
-        "batch", "prefill ms", "prefill tok/s", "TFLOP/s", "decode ms/st", "decode tok/s",
-        "decode GB/s", "weights MB", "KV MB/step"
+        "batch",
+        "prefill ms",
+        "prefill tok/s",
+        "TFLOP/s",
+        "decode ms/st",
+        "decode tok/s",
+        "decode GB/s",
+        "weights MB",
+        "KV MB/step"
     );
     let mut results = Vec::new();
     for &batch in &args.batch {
-        let r = bench_batch(&model, batch, args.prompt_len, args.decode_steps, args.seed, bytes_per_param)?;
+        let r = bench_batch(
+            &model,
+            batch,
+            args.prompt_len,
+            args.decode_steps,
+            args.seed,
+            bytes_per_param,
+        )?;
         println!(
             "{:>5} {:>11.2} {:>13.1} {:>9.2} {:>13.3} {:>12.1} {:>10.1} {:>11.1} {:>11.2}",
             r.batch,
@@ -182,13 +211,15 @@ fn bench_batch<B: Backend>(
     let mut rng = Philox::new(seed, 1);
     let mut tokens = |n: usize| -> Vec<u32> {
         (0..n)
-            .map(|_| ((rng.next_uniform() * cfg.vocab_size as f64) as u32).min(cfg.vocab_size as u32 - 1))
+            .map(|_| {
+                ((rng.next_uniform() * cfg.vocab_size as f64) as u32).min(cfg.vocab_size as u32 - 1)
+            })
             .collect()
     };
 
     // Prefill: [batch × prompt_len] tokens, logits of each sequence's last token.
     let prompt = tokens(batch * prompt_len);
-    let place = placement(batch, 0, prompt_len);
+    let place = TokenPlacement::contiguous(batch, 0, prompt_len);
     let last_rows: Vec<usize> = (0..batch).map(|s| (s + 1) * prompt_len - 1).collect();
     let mut times = Vec::with_capacity(PREFILL_RUNS);
     for run in 0..=PREFILL_RUNS {
@@ -206,11 +237,21 @@ fn bench_batch<B: Backend>(
     // Decode: one token per sequence at position prompt_len + i, logits of every row.
     let rows: Vec<usize> = (0..batch).collect();
     let step_tokens: Vec<Vec<u32>> = (0..steps).map(|_| tokens(batch)).collect();
-    model.forward(&step_tokens[0], &placement(batch, prompt_len, 1), &mut cache, &rows)?;
+    model.forward(
+        &step_tokens[0],
+        &TokenPlacement::contiguous(batch, prompt_len, 1),
+        &mut cache,
+        &rows,
+    )?;
     b.synchronize()?;
     let start = Instant::now();
     for (i, toks) in step_tokens.iter().enumerate() {
-        let logits = model.forward(toks, &placement(batch, prompt_len + i, 1), &mut cache, &rows)?;
+        let logits = model.forward(
+            toks,
+            &TokenPlacement::contiguous(batch, prompt_len + i, 1),
+            &mut cache,
+            &rows,
+        )?;
         b.synchronize()?;
         drop(logits);
     }
@@ -221,8 +262,7 @@ fn bench_batch<B: Backend>(
     let weight_bytes = (read_params * bytes_per_param) as f64;
     // Mean attended context of a decode step: positions 0..=prompt_len + i.
     let mean_ctx = prompt_len as f64 + (steps as f64 + 1.0) / 2.0;
-    let kv_bytes =
-        (2 * cfg.num_layers * batch * cfg.kv_dim() * bytes_per_param) as f64 * mean_ctx;
+    let kv_bytes = (2 * cfg.num_layers * batch * cfg.kv_dim() * bytes_per_param) as f64 * mean_ctx;
     let prefill_tokens = batch * prompt_len;
     Ok(ForwardResult {
         batch,
@@ -236,16 +276,6 @@ fn bench_batch<B: Backend>(
         decode_kv_bytes: kv_bytes,
         decode_gb_per_s: (weight_bytes + kv_bytes) / decode_s / 1e9,
     })
-}
-
-/// `batch` sequences in slots 0..batch at positions start..start + len.
-fn placement(batch: usize, start: usize, len: usize) -> TokenPlacement {
-    let mut place = TokenPlacement::default();
-    for s in 0..batch {
-        place.slots.extend(std::iter::repeat(s as u32).take(len));
-        place.positions.extend(start as u32..(start + len) as u32);
-    }
-    place
 }
 
 /// FLOPs of a prefill: 2 per weight per token in the layer matmuls, causal attention (QKᵀ and PV:

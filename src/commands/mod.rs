@@ -25,7 +25,11 @@ pub fn resolve_backend(kind: BackendKind) -> Result<BackendKind> {
         }
         BackendKind::Auto => match crate::cuda::require_cuda() {
             Ok(probe) => {
-                let name = probe.devices.first().map(|d| d.name.as_str()).unwrap_or("GPU");
+                let name = probe
+                    .devices
+                    .first()
+                    .map(|d| d.name.as_str())
+                    .unwrap_or("GPU");
                 eprintln!("backend: cuda ({name})");
                 Ok(BackendKind::Cuda)
             }

@@ -35,7 +35,10 @@ pub fn run(args: &SelfcheckArgs) -> Result<()> {
     };
     let failed = report.failures();
     let total = report.rows.len();
-    println!("selfcheck: {total} checks, {} PASS, {failed} FAIL", total - failed);
+    println!(
+        "selfcheck: {total} checks, {} PASS, {failed} FAIL",
+        total - failed
+    );
     if failed > 0 {
         bail!("selfcheck: {failed} of {total} checks failed");
     }
@@ -44,9 +47,19 @@ pub fn run(args: &SelfcheckArgs) -> Result<()> {
 
 /// Runs the checks on devices made by `make`, printing one line per row as it comes, then the
 /// information lines; writes `--json`.
-fn check<D: Backend>(device: &str, make: &dyn Fn() -> Result<D>, args: &SelfcheckArgs) -> Result<Report> {
-    println!("selfcheck: {device} against the cpu reference, seed {}", args.seed);
-    println!("{:<26} {:<62} {:>10} {:>8}  result", "op", "shape", "error", "tol");
+fn check<D: Backend>(
+    device: &str,
+    make: &dyn Fn() -> Result<D>,
+    args: &SelfcheckArgs,
+) -> Result<Report> {
+    println!(
+        "selfcheck: {device} against the cpu reference, seed {}",
+        args.seed
+    );
+    println!(
+        "{:<26} {:<62} {:>10} {:>8}  result",
+        "op", "shape", "error", "tol"
+    );
     let report = selfcheck::run(make, args.seed, &mut print_row)?;
     for line in &report.info {
         println!("info: {line}");
@@ -74,6 +87,8 @@ fn print_row(row: &CheckRow) {
         row.error,
         row.tolerance,
         if row.pass { "PASS" } else { "FAIL" },
-        row.message.as_ref().map_or(String::new(), |m| format!("  ({m})")),
+        row.message
+            .as_ref()
+            .map_or(String::new(), |m| format!("  ({m})")),
     );
 }

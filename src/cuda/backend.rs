@@ -402,7 +402,13 @@ impl Backend for CudaBackend {
         }
     }
 
-    fn embedding_forward(&self, out: CudaViewMut<'_>, table: CudaView<'_>, ids: &[u32], dim: usize) {
+    fn embedding_forward(
+        &self,
+        out: CudaViewMut<'_>,
+        table: CudaView<'_>,
+        ids: &[u32],
+        dim: usize,
+    ) {
         self.run("embedding_forward", || {
             bf16("table", table.dtype)?;
             let vocab = rows_of("table", table.len, dim)?;
@@ -443,7 +449,11 @@ impl Backend for CudaBackend {
         self.run("matmul_forward", || {
             expect("x", x.dtype, x.len, DType::Bf16, m * k)?;
             expect("w", w.dtype, w.len, DType::Bf16, n * k)?;
-            ensure!(out.len == m * n, "out has {} elements, expected {m} * {n}", out.len);
+            ensure!(
+                out.len == m * n,
+                "out has {} elements, expected {m} * {n}",
+                out.len
+            );
             if m == 0 || n == 0 {
                 return Ok(());
             }
@@ -507,7 +517,13 @@ impl Backend for CudaBackend {
         self.run("rope_forward", || {
             let m = positions.len();
             expect("x", x.dtype, x.len, DType::Bf16, m * n_heads * head_dim)?;
-            expect("inv_freq", inv_freq.dtype, inv_freq.len, DType::F32, head_dim / 2)?;
+            expect(
+                "inv_freq",
+                inv_freq.dtype,
+                inv_freq.len,
+                DType::F32,
+                head_dim / 2,
+            )?;
             let pos = self.indices(positions)?;
             ops::rope::rope_forward(&self.k, x.ptr, pos, inv_freq.ptr, m, n_heads, head_dim)
         })
@@ -528,13 +544,27 @@ impl Backend for CudaBackend {
             expect("k", k.dtype, k.len, DType::Bf16, m * kv_dim)?;
             expect("v", v.dtype, v.len, DType::Bf16, m * kv_dim)?;
             bf16("cache_k", cache_k.dtype)?;
-            expect("cache_v", cache_v.dtype, cache_v.len, DType::Bf16, cache_k.len)?;
+            expect(
+                "cache_v",
+                cache_v.dtype,
+                cache_v.len,
+                DType::Bf16,
+                cache_k.len,
+            )?;
             let slots = rows_of("cache_k", cache_k.len, capacity * kv_dim)?;
             check_ids("slot", &place.slots, slots)?;
             check_ids("position", &place.positions, capacity)?;
             let (slot_ptr, pos_ptr) = self.placement(place)?;
             ops::kv_cache::kv_cache_write(
-                &self.k, cache_k.ptr, cache_v.ptr, k.ptr, v.ptr, slot_ptr, pos_ptr, m, capacity,
+                &self.k,
+                cache_k.ptr,
+                cache_v.ptr,
+                k.ptr,
+                v.ptr,
+                slot_ptr,
+                pos_ptr,
+                m,
+                capacity,
                 kv_dim,
             )
         })
@@ -558,14 +588,30 @@ impl Backend for CudaBackend {
             expect("q", q.dtype, q.len, DType::Bf16, m * q_dim)?;
             expect("out", out.dtype, out.len, DType::Bf16, m * q_dim)?;
             bf16("cache_k", cache_k.dtype)?;
-            expect("cache_v", cache_v.dtype, cache_v.len, DType::Bf16, cache_k.len)?;
+            expect(
+                "cache_v",
+                cache_v.dtype,
+                cache_v.len,
+                DType::Bf16,
+                cache_k.len,
+            )?;
             let slots = rows_of("cache_k", cache_k.len, capacity * n_kv_heads * head_dim)?;
             check_ids("slot", &place.slots, slots)?;
             check_ids("position", &place.positions, capacity)?;
             let (slot_ptr, pos_ptr) = self.placement(place)?;
             ops::attention::attention_forward(
-                &self.k, out.ptr, q.ptr, cache_k.ptr, cache_v.ptr, slot_ptr, pos_ptr, m, capacity,
-                n_heads, n_kv_heads, head_dim,
+                &self.k,
+                out.ptr,
+                q.ptr,
+                cache_k.ptr,
+                cache_v.ptr,
+                slot_ptr,
+                pos_ptr,
+                m,
+                capacity,
+                n_heads,
+                n_kv_heads,
+                head_dim,
             )
         })
     }
@@ -664,7 +710,10 @@ impl Backend for CudaBackend {
                 "logits has {} elements, expected {r} * {vocab}",
                 logits.len
             );
-            ensure!(temperature > 0.0, "temperature must be > 0, got {temperature}");
+            ensure!(
+                temperature > 0.0,
+                "temperature must be > 0, got {temperature}"
+            );
             check_ids("target", targets, vocab)?;
             let t = self.indices(targets)?;
             ops::logprob::logprob_forward(

@@ -36,7 +36,10 @@ impl KernelCtx {
 
     /// The kernel `function` of `kernels/<module>.cu`.
     pub fn function(&self, module: &'static str, function: &'static str) -> Result<CudaFunction> {
-        let mut cache = self.functions.lock().map_err(|_| anyhow!("kernel cache poisoned"))?;
+        let mut cache = self
+            .functions
+            .lock()
+            .map_err(|_| anyhow!("kernel cache poisoned"))?;
         if let Some(f) = cache.get(&(module, function)) {
             return Ok(f.clone());
         }

@@ -10,7 +10,10 @@ pub fn swiglu_forward(out: &mut [f32], gate: &[f32], up: &[f32]) {
         "swiglu_forward: size mismatch"
     );
     out.par_chunks_mut(ELEMENTS_PER_TASK)
-        .zip(gate.par_chunks(ELEMENTS_PER_TASK).zip(up.par_chunks(ELEMENTS_PER_TASK)))
+        .zip(
+            gate.par_chunks(ELEMENTS_PER_TASK)
+                .zip(up.par_chunks(ELEMENTS_PER_TASK)),
+        )
         .for_each(|(o, (g, u))| {
             for ((o, g), u) in o.iter_mut().zip(g).zip(u) {
                 *o = g / (1.0 + (-g).exp()) * u;
