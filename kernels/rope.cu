@@ -5,8 +5,6 @@
 //     x[r, h, i]        = x1 * cos(angle) - x2 * sin(angle)
 //     x[r, h, i + half] = x2 * cos(angle) + x1 * sin(angle)
 //
-// rope_backward is the same rotation by -angle (the rotation is orthogonal), applied to the gradient.
-//
 // x: (m, n_heads * head_dim) bf16; positions: u32 (m); inv_freq: f32 (half), already including
 // any rope scaling (llama3 etc. is folded into inv_freq on the host).
 //
@@ -35,8 +33,7 @@ __device__ __forceinline__ void rotate_pair(float& x1, float& x2, float c, float
 
 template <int V>
 __device__ __forceinline__ void rope_rows(__nv_bfloat16* x, const uint32_t* positions,
-                                          const float* inv_freq, int m, int n_heads, int head_dim,
-                                          float sin_sign) {
+                                          const float* inv_freq, int m, int n_heads, int head_dim) {
     const int half = head_dim / 2;
     const int chunks = half / V;  // items per token
     const size_t items = (size_t)m * chunks;
@@ -51,7 +48,6 @@ __device__ __forceinline__ void rope_rows(__nv_bfloat16* x, const uint32_t* posi
         float c[V], s[V];
         for (int k = 0; k < V; k++) {
             sincosf(__fmul_rn(pos, inv_freq[i0 + k]), &s[k], &c[k]);
-            s[k] *= sin_sign;  // exact: +-1
         }
 
         __nv_bfloat16* row_x = x + (size_t)row * row_len + i0;
@@ -82,26 +78,14 @@ __device__ __forceinline__ void rope_rows(__nv_bfloat16* x, const uint32_t* posi
     }
 }
 
-__device__ __forceinline__ void rope_rotate(__nv_bfloat16* x, const uint32_t* positions,
-                                            const float* inv_freq, int m, int n_heads, int head_dim,
-                                            float sin_sign) {
-    constexpr int VEC = x128::size;
-    // uniform over the grid; the host mirrors it only to size the grid (the loop is correct for any grid)
-    if ((head_dim / 2) % VEC == 0 && is_aligned16(x)) {
-        rope_rows<VEC>(x, positions, inv_freq, m, n_heads, head_dim, sin_sign);
-    } else {
-        rope_rows<1>(x, positions, inv_freq, m, n_heads, head_dim, sin_sign);
-    }
-}
-
 extern "C" __global__ void __launch_bounds__(256)
 rope_forward(__nv_bfloat16* x, const uint32_t* positions, const float* inv_freq, int m, int n_heads,
              int head_dim) {
-    rope_rotate(x, positions, inv_freq, m, n_heads, head_dim, 1.0f);
-}
-
-extern "C" __global__ void __launch_bounds__(256)
-rope_backward(__nv_bfloat16* dx, const uint32_t* positions, const float* inv_freq, int m, int n_heads,
-              int head_dim) {
-    rope_rotate(dx, positions, inv_freq, m, n_heads, head_dim, -1.0f);
+    constexpr int VEC = x128::size;
+    // uniform over the grid; the host mirrors it only to size the grid (the loop is correct for any grid)
+    if ((head_dim / 2) % VEC == 0 && is_aligned16(x)) {
+        rope_rows<VEC>(x, positions, inv_freq, m, n_heads, head_dim);
+    } else {
+        rope_rows<1>(x, positions, inv_freq, m, n_heads, head_dim);
+    }
 }

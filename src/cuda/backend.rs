@@ -230,13 +230,27 @@ impl CudaBackend {
         Ok(ptr)
     }
 
-    fn placement(&self, place: &TokenPlacement) -> Result<(u64, u64)> {
+    /// Checks one layer's cache views (bf16, equal sizes, whole slots of capacity × kv_dim) and
+    /// the batch's slots and positions against them; returns the device slots and positions.
+    fn cache_placement(
+        &self,
+        place: &TokenPlacement,
+        cache_k: (DType, usize),
+        cache_v: (DType, usize),
+        capacity: usize,
+        kv_dim: usize,
+    ) -> Result<(u64, u64)> {
         ensure!(
             place.slots.len() == place.positions.len(),
             "placement has {} slots but {} positions",
             place.slots.len(),
             place.positions.len()
         );
+        expect_bf16("cache_k", cache_k.0)?;
+        expect("cache_v", cache_v.0, cache_v.1, DType::Bf16, cache_k.1)?;
+        let slots = rows_of("cache_k", cache_k.1, capacity * kv_dim)?;
+        check_ids("slot", &place.slots, slots)?;
+        check_ids("position", &place.positions, capacity)?;
         Ok((self.indices(&place.slots)?, self.indices(&place.positions)?))
     }
 
@@ -287,7 +301,7 @@ fn expect(arg: &str, dtype: DType, len: usize, want_dtype: DType, want_len: usiz
     Ok(())
 }
 
-fn bf16(arg: &str, dtype: DType) -> Result<()> {
+fn expect_bf16(arg: &str, dtype: DType) -> Result<()> {
     ensure!(dtype == DType::Bf16, "{arg} is {dtype:?}, expected Bf16");
     Ok(())
 }
@@ -410,7 +424,7 @@ impl Backend for CudaBackend {
         dim: usize,
     ) {
         self.run("embedding_forward", || {
-            bf16("table", table.dtype)?;
+            expect_bf16("table", table.dtype)?;
             let vocab = rows_of("table", table.len, dim)?;
             expect("out", out.dtype, out.len, DType::Bf16, ids.len() * dim)?;
             check_ids("token id", ids, vocab)?;
@@ -428,7 +442,7 @@ impl Backend for CudaBackend {
         eps: f32,
     ) {
         self.run("rmsnorm_forward", || {
-            bf16("x", x.dtype)?;
+            expect_bf16("x", x.dtype)?;
             let rows = rows_of("x", x.len, dim)?;
             expect("out", out.dtype, out.len, DType::Bf16, x.len)?;
             expect("weight", weight.dtype, weight.len, DType::Bf16, dim)?;
@@ -543,18 +557,13 @@ impl Backend for CudaBackend {
             let m = place.slots.len();
             expect("k", k.dtype, k.len, DType::Bf16, m * kv_dim)?;
             expect("v", v.dtype, v.len, DType::Bf16, m * kv_dim)?;
-            bf16("cache_k", cache_k.dtype)?;
-            expect(
-                "cache_v",
-                cache_v.dtype,
-                cache_v.len,
-                DType::Bf16,
-                cache_k.len,
+            let (slot_ptr, pos_ptr) = self.cache_placement(
+                place,
+                (cache_k.dtype, cache_k.len),
+                (cache_v.dtype, cache_v.len),
+                capacity,
+                kv_dim,
             )?;
-            let slots = rows_of("cache_k", cache_k.len, capacity * kv_dim)?;
-            check_ids("slot", &place.slots, slots)?;
-            check_ids("position", &place.positions, capacity)?;
-            let (slot_ptr, pos_ptr) = self.placement(place)?;
             ops::kv_cache::kv_cache_write(
                 &self.k,
                 cache_k.ptr,
@@ -587,18 +596,13 @@ impl Backend for CudaBackend {
             let q_dim = n_heads * head_dim;
             expect("q", q.dtype, q.len, DType::Bf16, m * q_dim)?;
             expect("out", out.dtype, out.len, DType::Bf16, m * q_dim)?;
-            bf16("cache_k", cache_k.dtype)?;
-            expect(
-                "cache_v",
-                cache_v.dtype,
-                cache_v.len,
-                DType::Bf16,
-                cache_k.len,
+            let (slot_ptr, pos_ptr) = self.cache_placement(
+                place,
+                (cache_k.dtype, cache_k.len),
+                (cache_v.dtype, cache_v.len),
+                capacity,
+                n_kv_heads * head_dim,
             )?;
-            let slots = rows_of("cache_k", cache_k.len, capacity * n_kv_heads * head_dim)?;
-            check_ids("slot", &place.slots, slots)?;
-            check_ids("position", &place.positions, capacity)?;
-            let (slot_ptr, pos_ptr) = self.placement(place)?;
             ops::attention::attention_forward(
                 &self.k,
                 out.ptr,
@@ -618,7 +622,7 @@ impl Backend for CudaBackend {
 
     fn swiglu_forward(&self, out: CudaViewMut<'_>, gate: CudaView<'_>, up: CudaView<'_>) {
         self.run("swiglu_forward", || {
-            bf16("out", out.dtype)?;
+            expect_bf16("out", out.dtype)?;
             expect("gate", gate.dtype, gate.len, DType::Bf16, out.len)?;
             expect("up", up.dtype, up.len, DType::Bf16, out.len)?;
             ops::elementwise::swiglu_forward(&self.k, out.ptr, gate.ptr, up.ptr, out.len)
@@ -627,7 +631,7 @@ impl Backend for CudaBackend {
 
     fn residual_add(&self, x: CudaViewMut<'_>, y: CudaView<'_>) {
         self.run("residual_add", || {
-            bf16("x", x.dtype)?;
+            expect_bf16("x", x.dtype)?;
             expect("y", y.dtype, y.len, DType::Bf16, x.len)?;
             ops::elementwise::residual_add(&self.k, x.ptr, y.ptr, x.len)
         })
@@ -635,7 +639,7 @@ impl Backend for CudaBackend {
 
     fn gather_rows(&self, out: CudaViewMut<'_>, x: CudaView<'_>, rows: &[usize], dim: usize) {
         self.run("gather_rows", || {
-            bf16("x", x.dtype)?;
+            expect_bf16("x", x.dtype)?;
             let x_rows = rows_of("x", x.len, dim)?;
             expect("out", out.dtype, out.len, DType::Bf16, rows.len() * dim)?;
             if let Some(&bad) = rows.iter().find(|&&r| r >= x_rows) {
