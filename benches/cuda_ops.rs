@@ -1,7 +1,8 @@
-//! Throughput of every CUDA forward op at the shapes of Qwen2.5-0.5B (hidden 896, intermediate
-//! 4864, 14 query / 2 KV heads of 64, vocab 151936), for one token (decode) and 2048 tokens
-//! (prefill). Memory-bound ops report bytes/s (each input read once, each output written once);
-//! matmul and prefill attention report elements/s where one element is one FLOP.
+//! Throughput of every CUDA op at the shapes of Qwen2.5-0.5B (hidden 896, intermediate 4864,
+//! 14 query / 2 KV heads of 64, vocab 151936), for one token (decode) and 2048 tokens (prefill),
+//! and of fused attention forward and backward at the FlashAttention benchmark's shapes.
+//! Memory-bound ops report bytes/s (each input read once, each output written once); matmul and
+//! attention (not decode) report elements/s where one element is one FLOP.
 //! On a machine without a usable GPU it prints "no GPU: skipping CUDA benchmarks" and exits 0.
 //!
 //!     cargo bench --bench cuda_ops
@@ -12,7 +13,7 @@
 
 use criterion::{BenchmarkId, Criterion, Throughput};
 use std::time::{Duration, Instant};
-use thinkshort::backend::{Backend, TokenPlacement};
+use thinkshort::backend::{AttentionBackward, Backend, TokenPlacement};
 use thinkshort::cuda::CudaBackend;
 use thinkshort::rng::Philox;
 
@@ -177,70 +178,120 @@ fn matmul(c: &mut Criterion, dev: &CudaBackend) {
     g.finish();
 }
 
-fn attention(c: &mut Criterion, dev: &CudaBackend) {
-    let kv_dim = KV_HEADS * HEAD_DIM;
-    let q_dim = HEADS * HEAD_DIM;
-    let mut g = c.benchmark_group("attention");
-    // Prefill: one sequence of T tokens; causal FLOPs 4·T²·H·d / 2.
-    for t in [512usize, 2048] {
-        let place = TokenPlacement {
-            slots: vec![0; t],
-            positions: (0..t as u32).collect(),
-        };
-        let q = dev.upload(&random(t * q_dim, 9)).unwrap();
-        let ck = dev.upload(&random(t * kv_dim, 10)).unwrap();
-        let cv = dev.upload(&random(t * kv_dim, 11)).unwrap();
-        let mut out = dev.zeros(t * q_dim).unwrap();
-        g.throughput(Throughput::Elements((2 * t * t * HEADS * HEAD_DIM) as u64));
-        g.bench_function(BenchmarkId::new("prefill_flops", format!("T{t}")), |b| {
-            b.iter_custom(|n| {
-                time(dev, n, || {
-                    dev.attention_forward(
-                        dev.full_mut(&mut out),
-                        dev.full(&q),
-                        dev.full(&ck),
-                        dev.full(&cv),
-                        &place,
-                        t,
-                        HEADS,
-                        KV_HEADS,
-                        HEAD_DIM,
-                    )
-                })
-            })
-        });
+/// Fused causal attention at the FlashAttention benchmark's shapes: 16384 tokens in sequences of
+/// T, 2048 / d heads (multi-head). FLOPs: forward 4·B·H·T²·d / 2 (causal), backward 2.5× that;
+/// tools/bench_attention_torch.py times PyTorch's flash SDPA on the same shapes.
+fn flash_attention(c: &mut Criterion, dev: &CudaBackend) {
+    let mut g = c.benchmark_group("flash_attention");
+    for head_dim in [64usize, 128] {
+        let heads = 2048 / head_dim;
+        let dim = heads * head_dim;
+        for t in [512usize, 1024, 2048] {
+            let seqs = 16384 / t;
+            let m = seqs * t;
+            let place = TokenPlacement::contiguous(seqs, 0, t);
+            let q = dev.upload(&random(m * dim, 9)).unwrap();
+            let ck = dev.upload(&random(m * dim, 10)).unwrap();
+            let cv = dev.upload(&random(m * dim, 11)).unwrap();
+            let dout = dev.upload(&random(m * dim, 16)).unwrap();
+            let mut out = dev.zeros(m * dim).unwrap();
+            let mut lse = dev.zeros_f32(m * heads).unwrap();
+            let (mut dq, mut dck, mut dcv) = (
+                dev.zeros(m * dim).unwrap(),
+                dev.zeros(m * dim).unwrap(),
+                dev.zeros(m * dim).unwrap(),
+            );
+            let forward_flops = (4 * seqs * heads * t * t * head_dim / 2) as u64;
+            let id = |what: &str| BenchmarkId::new(format!("{what}_d{head_dim}"), format!("T{t}"));
+            let forward = |out: &mut _, lse: &mut _| {
+                dev.attention_forward(
+                    dev.full_mut(out),
+                    Some(dev.full_mut(lse)),
+                    dev.full(&q),
+                    dev.full(&ck),
+                    dev.full(&cv),
+                    &place,
+                    t,
+                    heads,
+                    heads,
+                    head_dim,
+                )
+            };
+            g.throughput(Throughput::Elements(forward_flops));
+            g.bench_function(id("forward_flops"), |b| {
+                b.iter_custom(|n| time(dev, n, || forward(&mut out, &mut lse)))
+            });
+            forward(&mut out, &mut lse);
+            let backward = |dq: &mut _, dck: &mut _, dcv: &mut _| {
+                dev.attention_backward(
+                    dev.full_mut(dq),
+                    dev.full_mut(dck),
+                    dev.full_mut(dcv),
+                    dev.full(&dout),
+                    dev.full(&out),
+                    dev.full(&lse),
+                    dev.full(&q),
+                    dev.full(&ck),
+                    dev.full(&cv),
+                    &place,
+                    t,
+                    heads,
+                    heads,
+                    head_dim,
+                )
+            };
+            g.throughput(Throughput::Elements(forward_flops * 5 / 2));
+            g.bench_function(id("backward_flops"), |b| {
+                b.iter_custom(|n| time(dev, n, || backward(&mut dq, &mut dck, &mut dcv)))
+            });
+        }
     }
-    // Decode: 32 sequences, one token each at position ctx - 1; bytes = the K and V read.
-    let (seqs, ctx) = (32usize, 2048usize);
-    let place = TokenPlacement {
-        slots: (0..seqs as u32).collect(),
-        positions: vec![ctx as u32 - 1; seqs],
-    };
-    let q = dev.upload(&random(seqs * q_dim, 12)).unwrap();
-    let ck = dev.upload(&random(seqs * ctx * kv_dim, 13)).unwrap();
-    let cv = dev.upload(&random(seqs * ctx * kv_dim, 14)).unwrap();
-    let mut out = dev.zeros(seqs * q_dim).unwrap();
-    g.throughput(Throughput::Bytes(BF16 * (2 * seqs * ctx * kv_dim) as u64));
-    g.bench_function(
-        BenchmarkId::new("decode_bytes", format!("{seqs}x{ctx}")),
-        |b| {
-            b.iter_custom(|n| {
-                time(dev, n, || {
-                    dev.attention_forward(
-                        dev.full_mut(&mut out),
-                        dev.full(&q),
-                        dev.full(&ck),
-                        dev.full(&cv),
-                        &place,
-                        ctx,
-                        HEADS,
-                        KV_HEADS,
-                        HEAD_DIM,
-                    )
-                })
-            })
-        },
-    );
+    g.finish();
+}
+
+/// Attention of one new token per sequence over its cache (Qwen2.5-0.5B heads: 14 / 2 of 64, and
+/// a 7 / 1 group of 128): bytes = the K and V rows read. Many sequences fill the GPU by
+/// themselves; one long sequence needs the split along the keys.
+fn decode_attention(c: &mut Criterion, dev: &CudaBackend) {
+    let mut g = c.benchmark_group("decode_attention");
+    for (heads, kv_heads, head_dim) in [(HEADS, KV_HEADS, HEAD_DIM), (7, 1, 128)] {
+        let (q_dim, kv_dim) = (heads * head_dim, kv_heads * head_dim);
+        for (seqs, ctx) in [(32usize, 2048usize), (1, 16384)] {
+            let place = TokenPlacement {
+                slots: (0..seqs as u32).collect(),
+                positions: vec![ctx as u32 - 1; seqs],
+            };
+            let q = dev.upload(&random(seqs * q_dim, 12)).unwrap();
+            let ck = dev.upload(&random(seqs * ctx * kv_dim, 13)).unwrap();
+            let cv = dev.upload(&random(seqs * ctx * kv_dim, 14)).unwrap();
+            let mut out = dev.zeros(seqs * q_dim).unwrap();
+            g.throughput(Throughput::Bytes(BF16 * (2 * seqs * ctx * kv_dim) as u64));
+            g.bench_function(
+                BenchmarkId::new(
+                    format!("bytes_h{heads}_kv{kv_heads}_d{head_dim}"),
+                    format!("{seqs}x{ctx}"),
+                ),
+                |b| {
+                    b.iter_custom(|n| {
+                        time(dev, n, || {
+                            dev.attention_forward(
+                                dev.full_mut(&mut out),
+                                None,
+                                dev.full(&q),
+                                dev.full(&ck),
+                                dev.full(&cv),
+                                &place,
+                                ctx,
+                                heads,
+                                kv_heads,
+                                head_dim,
+                            )
+                        })
+                    })
+                },
+            );
+        }
+    }
     g.finish();
 }
 
@@ -299,7 +350,8 @@ fn main() {
         .configure_from_args();
     elementwise(&mut c, &dev);
     matmul(&mut c, &dev);
-    attention(&mut c, &dev);
+    flash_attention(&mut c, &dev);
+    decode_attention(&mut c, &dev);
     logprob(&mut c, &dev);
     c.final_summary();
 }

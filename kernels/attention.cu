@@ -4,6 +4,7 @@
 //     token m (slot s = slots[m], position p = positions[m]), query head h, KV head g = h / group:
 //     score_j = scale * q[m, h] . K[s, j, g]        for j = 0..=p      (scale = 1/sqrt(head_dim))
 //     out[m, h] = sum_j softmax(score)_j * V[s, j, g]
+//     lse[m, h] = log sum_j exp(score_j)               (only when lse is not null)
 //
 // Layout: q, out: (m, n_heads * head_dim) bf16; cache_k, cache_v: (slots, capacity,
 // n_kv_heads * head_dim) bf16 (one layer); slots, positions: (m) u32, validated by the host.
@@ -11,7 +12,9 @@
 // and position, the cache already holding their keys/values) and a decode step (one token per
 // sequence) are the same computation.
 //
-// This is the simple, correct version (a fused FlashAttention kernel comes later). Memory is
+// This is the simple, general version: any head_dim up to 256 and any GQA group. The fused
+// kernels (flash_attention.cu for prefill, decode_attention.cu for decode) take the shapes they
+// support; src/cuda/backend.rs chooses. Memory is
 // O(1) per block, never O(p): the keys are visited in chunks of ATTN_THREADS with an online
 // softmax (running max, accumulator rescaled whenever the max grows).
 //
@@ -65,7 +68,7 @@ __device__ __forceinline__ float attn_dot(const float* q_s, const __nv_bfloat16*
 // block = (ATTN_THREADS, 1, 1), no dynamic shared memory)
 
 extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
-attention_forward(__nv_bfloat16* out, const __nv_bfloat16* q, const __nv_bfloat16* cache_k,
+attention_forward(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q, const __nv_bfloat16* cache_k,
                   const __nv_bfloat16* cache_v, const uint32_t* slots, const uint32_t* positions,
                   int m, int capacity, int n_heads, int n_kv_heads, int head_dim, float scale) {
     __shared__ alignas(16) float q_s[ATTN_MAX_HEAD_DIM];
@@ -168,7 +171,9 @@ attention_forward(__nv_bfloat16* out, const __nv_bfloat16* q, const __nv_bfloat1
             if (d < head_dim) { partial_s[group * head_dim + d] = acc[i]; }
         }
     }
-    const float inv_sum = 1.0f / block_reduce_sum(run_sum);  // its barrier also orders partial_s
+    const float sum = block_reduce_sum(run_sum);  // its barrier also orders partial_s
+    const float inv_sum = 1.0f / sum;
+    if (lse != nullptr && tid == 0) { lse[(size_t)token * n_heads + h] = run_max + logf(sum); }
     __nv_bfloat16* out_head = out + q_off;
     for (int d = tid; d < head_dim; d += ATTN_THREADS) {
         float o = 0.0f;

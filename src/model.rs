@@ -310,6 +310,7 @@ impl<B: Backend> Model<B> {
         );
         b.attention_forward(
             b.full_mut(&mut a.att),
+            Some(b.full_mut(&mut a.lse)),
             b.full(&a.q),
             b.view(&cache.k, range.clone()),
             b.view(&cache.v, range),
@@ -395,6 +396,7 @@ pub struct LayerActs<B: Backend> {
     pub k: B::Buf,     // [M, n_kv * hd], after RoPE
     pub v: B::Buf,     // [M, n_kv * hd]
     pub att: B::Buf,   // [M, n_heads * hd] attention output
+    pub lse: B::Buf,   // [M, n_heads] f32 log-sum-exp of each attention row (for the backward)
     pub proj: B::Buf,  // [M, H] a block's output before the residual add
     pub x_mid: B::Buf, // [M, H] residual stream after attention
     pub xn2: B::Buf,   // [M, H] RMSNorm before the MLP
@@ -413,6 +415,7 @@ impl<B: Backend> LayerActs<B> {
             k: b.zeros(m * cfg.kv_dim())?,
             v: b.zeros(m * cfg.kv_dim())?,
             att: b.zeros(m * cfg.q_dim())?,
+            lse: b.zeros_f32(m * cfg.num_heads)?,
             proj: b.zeros(m * h)?,
             x_mid: b.zeros(m * h)?,
             xn2: b.zeros(m * h)?,

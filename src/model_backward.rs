@@ -292,6 +292,8 @@ impl<B: TrainBackend> Model<B> {
                 b.full_mut(&mut dcache_k),
                 b.full_mut(&mut dcache_v),
                 b.full(&d_att),
+                b.full(&a.att),
+                b.full(&a.lse),
                 b.full(&a.q),
                 b.view(&acts.cache.k, range.clone()),
                 b.view(&acts.cache.v, range),

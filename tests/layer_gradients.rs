@@ -168,6 +168,36 @@ fn ref_attention(
     out
 }
 
+/// lse[m, h] = log Σ_j exp(q[m, h]·k_j / sqrt(head_dim)) over j = 0..=pos[m].
+fn ref_attention_lse(
+    q: &[f64],
+    cache_k: &[f64],
+    place: &TokenPlacement,
+    capacity: usize,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+) -> Vec<f64> {
+    let (q_dim, kv_dim) = (n_heads * head_dim, n_kv_heads * head_dim);
+    let group = n_heads / n_kv_heads;
+    let mut lse = Vec::new();
+    for (m, (&slot, &pos)) in place.slots.iter().zip(&place.positions).enumerate() {
+        for h in 0..n_heads {
+            let at = m * q_dim + h * head_dim;
+            let total: f64 = (0..=pos as usize)
+                .map(|j| {
+                    let k = &cache_k
+                        [(slot as usize * capacity + j) * kv_dim + (h / group) * head_dim..]
+                        [..head_dim];
+                    (dot(&q[at..][..head_dim], k) / (head_dim as f64).sqrt()).exp()
+                })
+                .sum();
+            lse.push(total.ln());
+        }
+    }
+    lse
+}
+
 /// The cache after writing x[m] to (slot[m], pos[m]).
 fn ref_kv_write(cache: &[f64], x: &[f64], place: &TokenPlacement, capacity: usize) -> Vec<f64> {
     let kv_dim = x.len() / place.slots.len();
@@ -344,8 +374,18 @@ fn check_attention(n_kv_heads: usize) {
     let what = |name: &str| format!("attention (group {}) {name}", n_heads / n_kv_heads);
 
     let mut out = vec![0.0; m * q_dim];
+    let mut lse = vec![0.0; m * n_heads];
     attention_forward(
-        &mut out, &q, &cache_k, &cache_v, &place, CAPACITY, n_heads, n_kv_heads, head_dim,
+        &mut out,
+        Some(&mut lse),
+        &q,
+        &cache_k,
+        &cache_v,
+        &place,
+        CAPACITY,
+        n_heads,
+        n_kv_heads,
+        head_dim,
     );
     assert_close(
         &what("forward"),
@@ -353,13 +393,16 @@ fn check_attention(n_kv_heads: usize) {
         &reference(&q64, &k64, &v64),
         FWD_TOL,
     );
+    let lse_ref = ref_attention_lse(&q64, &k64, &place, CAPACITY, n_heads, n_kv_heads, head_dim);
+    assert_close(&what("lse"), &lse, &lse_ref, FWD_TOL);
 
-    // dq is overwritten; the cache gradients accumulate.
+    // dq is overwritten; the cache gradients accumulate. The backward takes the forward's output
+    // and log-sum-exp.
     let mut dq = vec![PREFILL; m * q_dim];
     let (mut dk, mut dv) = (vec![PREFILL; cache_len], vec![PREFILL; cache_len]);
     attention_backward(
-        &mut dq, &mut dk, &mut dv, &c, &q, &cache_k, &cache_v, &place, CAPACITY, n_heads,
-        n_kv_heads, head_dim,
+        &mut dq, &mut dk, &mut dv, &c, &out, &lse, &q, &cache_k, &cache_v, &place, CAPACITY,
+        n_heads, n_kv_heads, head_dim,
     );
     let fd_dq = fd_grad(&q, &c, |q| reference(q, &k64, &v64));
     let fd_dk = fd_grad(&cache_k, &c, |k| reference(&q64, k, &v64));

@@ -147,7 +147,19 @@ fn check_attention_against_f64(place: TokenPlacement) {
     let ck = rand(2 * cap * n_kv * hd);
     let cv = rand(2 * cap * n_kv * hd);
     let mut out = vec![0.0; q.len()];
-    attention_forward(&mut out, &q, &ck, &cv, &place, cap, n_heads, n_kv, hd);
+    let mut lse = vec![0.0; place.slots.len() * n_heads];
+    attention_forward(
+        &mut out,
+        Some(&mut lse),
+        &q,
+        &ck,
+        &cv,
+        &place,
+        cap,
+        n_heads,
+        n_kv,
+        hd,
+    );
 
     for m in 0..place.slots.len() {
         let (s, p) = (place.slots[m] as usize, place.positions[m] as usize);
@@ -165,6 +177,11 @@ fn check_attention_against_f64(place: TokenPlacement) {
                 .collect();
             let mx = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let z: f64 = scores.iter().map(|x| (x - mx).exp()).sum();
+            let (got_lse, want_lse) = (lse[m * n_heads + h] as f64, mx + z.ln());
+            assert!(
+                (got_lse - want_lse).abs() < 1e-5,
+                "m {m} h {h} lse: {got_lse} vs {want_lse}"
+            );
             for d in 0..hd {
                 let want: f64 = (0..=p)
                     .map(|j| (scores[j] - mx).exp() / z * kv(&cv, j, d))

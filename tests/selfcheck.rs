@@ -4,15 +4,16 @@
 use std::ops::Range;
 use std::process::Command;
 use thinkshort::backend::cpu::CpuBackend;
-use thinkshort::backend::{Backend, TokenPlacement};
+use thinkshort::backend::{AttentionBackward, Backend, TokenPlacement};
 use thinkshort::config::ModelConfig;
 use thinkshort::model::Model;
 use thinkshort::rng::Philox;
-use thinkshort::selfcheck::{self, Report};
+use thinkshort::selfcheck::{self, Coverage, Report};
 
 /// The CPU backend behind the `Backend` interface of a device: with `bf16`, every buffer not made
 /// by `zeros_f32`/`upload_f32` stores bf16 (values rounded on upload and after every op, as a
-/// bf16 GPU backend does); with `faulty_swiglu`, swiglu_forward's output is 5 % too large.
+/// bf16 GPU backend does), and the attention backward also rounds its intermediate operands as
+/// the fused CUDA kernel does; with `faulty_swiglu`, swiglu_forward's output is 5 % too large.
 #[derive(Clone, Copy)]
 struct TestDevice {
     bf16: bool,
@@ -152,6 +153,7 @@ impl Backend for TestDevice {
     fn attention_forward(
         &self,
         out: ViewMut<'_>,
+        lse: Option<ViewMut<'_>>,
         q: View<'_>,
         cache_k: View<'_>,
         cache_v: View<'_>,
@@ -163,6 +165,7 @@ impl Backend for TestDevice {
     ) {
         CPU.attention_forward(
             &mut *out.data,
+            lse.map(|l| l.data),
             q.data,
             cache_k.data,
             cache_v.data,
@@ -216,8 +219,106 @@ impl Backend for TestDevice {
     }
 }
 
+impl AttentionBackward for TestDevice {
+    fn attention_backward(
+        &self,
+        dq: ViewMut<'_>,
+        dcache_k: ViewMut<'_>,
+        dcache_v: ViewMut<'_>,
+        dout: View<'_>,
+        out: View<'_>,
+        lse: View<'_>,
+        q: View<'_>,
+        cache_k: View<'_>,
+        cache_v: View<'_>,
+        place: &TokenPlacement,
+        capacity: usize,
+        n_heads: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+    ) {
+        if self.bf16 {
+            let shape = [capacity, n_heads, n_kv_heads, head_dim];
+            let (dk, dv) = (&mut *dcache_k.data, &mut *dcache_v.data);
+            let grads = [&mut *dq.data, dk, dv];
+            let inputs = [
+                dout.data,
+                out.data,
+                lse.data,
+                q.data,
+                cache_k.data,
+                cache_v.data,
+            ];
+            attention_backward_bf16_operands(grads, inputs, place, shape);
+        } else {
+            CPU.attention_backward(
+                &mut *dq.data,
+                &mut *dcache_k.data,
+                &mut *dcache_v.data,
+                dout.data,
+                out.data,
+                lse.data,
+                q.data,
+                cache_k.data,
+                cache_v.data,
+                place,
+                capacity,
+                n_heads,
+                n_kv_heads,
+                head_dim,
+            );
+        }
+        dq.store();
+        dcache_k.store();
+        dcache_v.store();
+    }
+}
+
+fn bf16(x: f32) -> f32 {
+    half::bf16::from_f32(x).to_f32()
+}
+
+/// The CPU attention backward with the fused kernel's roundings (kernels/flash_attention.cu):
+/// P is a bf16 operand of dV = Pᵀ·dO and dS of dQ = dS·K and dK = dSᵀ·Q; the sums, lse and
+/// D = dout·out stay f32. grads: [dq, dcache_k, dcache_v]; inputs: [dout, out, lse, q, cache_k,
+/// cache_v]; shape: [capacity, n_heads, n_kv_heads, head_dim].
+fn attention_backward_bf16_operands(
+    [dq, dk, dv]: [&mut [f32]; 3],
+    [dout, out, lse, q, ck, cv]: [&[f32]; 6],
+    place: &TokenPlacement,
+    [capacity, n_heads, n_kv_heads, head_dim]: [usize; 4],
+) {
+    let (q_dim, kv_dim) = (n_heads * head_dim, n_kv_heads * head_dim);
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+    for (m, (&slot, &pos)) in place.slots.iter().zip(&place.positions).enumerate() {
+        for h in 0..n_heads {
+            let row = m * q_dim + h * head_dim;
+            let (qh, go) = (&q[row..][..head_dim], &dout[row..][..head_dim]);
+            let d = dot(go, &out[row..][..head_dim]);
+            let mut dq_row = vec![0.0f32; head_dim];
+            for j in 0..=pos as usize {
+                let at =
+                    (slot as usize * capacity + j) * kv_dim + h / (n_heads / n_kv_heads) * head_dim;
+                let (k, v) = (&ck[at..][..head_dim], &cv[at..][..head_dim]);
+                let p = (dot(qh, k) * scale - lse[m * n_heads + h]).exp();
+                let ds = bf16(p * (dot(go, v) - d));
+                let p = bf16(p);
+                for i in 0..head_dim {
+                    dv[at + i] += p * go[i];
+                    dk[at + i] += ds * qh[i] * scale;
+                    dq_row[i] += ds * k[i];
+                }
+            }
+            for (o, g) in dq[row..][..head_dim].iter_mut().zip(&dq_row) {
+                *o = g * scale;
+            }
+        }
+    }
+}
+
 fn run(dev: TestDevice) -> Report {
-    selfcheck::run(&|| Ok(dev), 0, &mut |_| {}).unwrap()
+    selfcheck::run(&|| Ok(dev), 0, Coverage::Quick, &mut |_| {}).unwrap()
 }
 
 #[test]

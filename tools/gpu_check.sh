@@ -10,16 +10,18 @@
 #              NVCC=.../nvcc REQUIRE_CUDA_KERNELS=1 cargo bench --bench cuda_ops --no-run
 #              mkdir -p gpu-carry && cp target/release/thinkshort gpu-carry/
 #              cp target/release/deps/cuda_ops-<hash> gpu-carry/cuda_ops   # the one cargo printed
-#   OUT_DIR  receives (flat, 7 files): summary.md, selfcheck.json, logs.txt, ours_0.5b.json,
-#            ours_1.5b.json, torch_0.5b.json, torch_1.5b.json
+#   OUT_DIR  receives (flat, 8 files): summary.md, selfcheck.json, logs.txt, ours_0.5b.json,
+#            ours_1.5b.json, torch_0.5b.json, torch_1.5b.json, torch_attention.json
 #
 # Steps (each under `timeout`; a failing step is logged and the script goes on):
 #   nvidia-smi; locate libcuda / libcublas (LD_LIBRARY_PATH); thinkshort doctor --verbose;
 #   thinkshort selfcheck --backend cuda (every CUDA op and a tiny model vs the CPU reference);
 #   thinkshort bench forward and tools/bench_torch_gpu.py on the Qwen2.5-0.5B and -1.5B shapes
 #   (random weights, tools/model_configs/); the device ceilings (copy GB/s, bf16 matmul TFLOP/s);
-#   generate and logprobs with the demo model on CPU and CUDA; selfcheck again under
-#   compute-sanitizer memcheck when there is time. Budget: ~5 minutes (about 1 on an H200).
+#   the criterion op benchmarks and tools/bench_attention_torch.py (flash SDPA on the fused
+#   attention benchmark's shapes); generate and logprobs with the demo model on CPU and CUDA;
+#   selfcheck --quick again under compute-sanitizer memcheck when there is time.
+#   Budget: ~5 minutes (about 2 on an H200).
 set -uo pipefail
 if [ $# -ne 2 ]; then
     sed -n '2,20p' "$0"
@@ -78,8 +80,10 @@ done
 # was copied beside thinkshort as `cuda_ops`.
 BENCH_BIN=$(dirname "$BIN")/cuda_ops
 if [ -x "$BENCH_BIN" ]; then
-    step cuda_ops 150 "$BENCH_BIN" --bench
+    step cuda_ops 180 "$BENCH_BIN" --bench
 fi
+step "torch attention" 120 env PYTHONUNBUFFERED=1 python3 tools/bench_attention_torch.py \
+    --json "$OUT/torch_attention.json"
 
 # End to end on the checked-in demo model (real tokenizer): the commands, CUDA against CPU.
 e2e() {
@@ -112,11 +116,11 @@ step e2e 60 bash -c e2e
 # Out-of-bounds accesses and races that happen to give right answers: only with time to spare.
 if [ $(($(date +%s) - START)) -lt 300 ] && command -v compute-sanitizer >/dev/null; then
     step memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 9 \
-        "$BIN" selfcheck --backend cuda
+        "$BIN" selfcheck --backend cuda --quick
 fi
 
 python3 - "$OUT" "${STATUS[@]}" <<'EOF' | tee "$OUT/summary.md"
-import json, os, sys
+import json, os, re, sys
 out, status = sys.argv[1], sys.argv[2:]
 def load(name):
     try:
@@ -158,11 +162,40 @@ for size in ("0.5b", "1.5b"):
         dr = f"{r['decode_tokens_per_s'] / t['decode_tokens_per_s']:.2f}" if t else "–"
         roof = f"{100 * r['decode_gb_per_s'] / ceil['copy_gb_per_s']:.0f} %" if ceil else "–"
         print(f"| {size} | {r['batch']} | {r['prefill_tokens_per_s']:.0f} | {pf} | {pr} | {r['decode_tokens_per_s']:.1f} | {dc} | {dr} | {r['decode_gb_per_s']:.0f} | {roof} |")
+# criterion medians from the log: name -> value per second
+SCALE = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+crit, name = {}, None
+for line in open(os.path.join(out, "logs.txt"), errors="replace"):
+    m = re.match(r"^([a-z_]+/\S+)", line)
+    if m:
+        name = m.group(1)
+    m = re.search(r"thrpt:\s+\[\s*\S+ \S+\s+(\S+) (K|M|G|T|Ki|Mi|Gi|Ti)?(elem|B)/s", line)
+    if m and name:
+        crit[name] = float(m.group(1)) * SCALE[m.group(2) or ""]
+ta = load("torch_attention.json")
+if any(k.startswith("flash_attention/") for k in crit):
+    print("\n| fused attention (causal, bf16) | T | fwd TFLOP/s ours | torch flash SDPA | bwd ours | torch | fwd+bwd ours | torch |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    tby = {(r["head_dim"], r["T"]): r for r in (ta or {}).get("results", [])}
+    for d in (64, 128):
+        for t in (512, 1024, 2048):
+            f = crit.get(f"flash_attention/forward_flops_d{d}/T{t}")
+            b = crit.get(f"flash_attention/backward_flops_d{d}/T{t}")
+            r = tby.get((d, t))
+            fb = 3.5 / (1 / f + 2.5 / b) if f and b else None  # FLOPs of both over the sum of times
+            cell = lambda v: f"{v / 1e12:.0f}" if v else "–"
+            tcell = lambda k: f"{r[k]:.0f}" if r else "–"
+            print(f"| d={d}, {16384 // t}x{2048 // d} heads | {t} | {cell(f)} | {tcell('forward_tflops')} | {cell(b)} | {tcell('backward_tflops')} | {cell(fb)} | {tcell('fwd_bwd_tflops')} |")
+dec = {k: v for k, v in crit.items() if k.startswith("decode_attention/")}
+if dec:
+    print("\ndecode attention (K+V bytes read): " + ", ".join(
+        f"{k.split('/', 1)[1]} {v / 1e9:.0f} GB/s" + (f" ({100 * v / 1e9 / ceil['copy_gb_per_s']:.0f} % of copy)" if ceil else "")
+        for k, v in dec.items()))
 print("\nsteps: " + "; ".join(status))
 EOF
 grep -E "^e2e |^  cuda: " "$LOG" | tee -a "$OUT/summary.md"
 # One line per criterion benchmark: name and median throughput.
-awk '/^[a-z_]+\/[^ ]+/ {name = $1} /thrpt:/ {print "  " name ": " $4 " " $5}' "$LOG" |
+awk '/^[a-z_]+\/[^ ]+/ {name = $1} /thrpt:/ {sub(/\[ +/, "["); print "  " name ": " $4 " " $5}' "$LOG" |
     sed '1i cuda_ops (criterion median throughput; elem/s = FLOP/s for matmul and prefill attention):' |
     tee -a "$OUT/summary.md"
 echo "total $(($(date +%s) - START)) s"

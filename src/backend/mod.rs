@@ -144,10 +144,13 @@ pub trait Backend: Send + Sync {
 
     /// Causal grouped-query attention over the cache: token m attends to positions 0..=pos[m] of
     /// its slot. q, out: [M, n_heads * head_dim]; cache_k, cache_v: [slots, capacity, n_kv_heads * head_dim].
+    /// When `lse` is given (an f32 buffer, [M, n_heads]) it receives each row's log Σ_j exp(s_j)
+    /// of the scaled scores s_j = q·k_j / sqrt(head_dim): what `attention_backward` needs.
     #[allow(clippy::too_many_arguments)]
     fn attention_forward(
         &self,
         out: Self::ViewMut<'_>,
+        lse: Option<Self::ViewMut<'_>>,
         q: Self::View<'_>,
         cache_k: Self::View<'_>,
         cache_v: Self::View<'_>,
@@ -187,9 +190,35 @@ pub trait Backend: Send + Sync {
     );
 }
 
+/// The backward of attention, on its own because a device may have it before the rest of
+/// `TrainBackend` (the CUDA backend: its fused attention kernels come first).
+pub trait AttentionBackward: Backend {
+    /// The gradient of `attention_forward` from its saved outputs: dq overwritten; dcache_k,
+    /// dcache_v accumulate. dout, out (the forward's output), dq: [M, n_heads * head_dim];
+    /// lse (the forward's, f32): [M, n_heads]; the rest as in `attention_forward`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(
+        &self,
+        dq: Self::ViewMut<'_>,
+        dcache_k: Self::ViewMut<'_>,
+        dcache_v: Self::ViewMut<'_>,
+        dout: Self::View<'_>,
+        out: Self::View<'_>,
+        lse: Self::View<'_>,
+        q: Self::View<'_>,
+        cache_k: Self::View<'_>,
+        cache_v: Self::View<'_>,
+        place: &TokenPlacement,
+        capacity: usize,
+        n_heads: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+    );
+}
+
 /// The backward of every op, for training. Gradients named `d<param>` accumulate (+=) so tied and
 /// shared weights just work; the others overwrite unless their doc says otherwise.
-pub trait TrainBackend: Backend {
+pub trait TrainBackend: AttentionBackward {
     /// dlogits[r] = dlogp[r] · (onehot(targets[r]) − softmax(logits[r] / τ)) / τ.
     #[allow(clippy::too_many_arguments)]
     fn logprob_backward(
@@ -250,24 +279,6 @@ pub trait TrainBackend: Backend {
         place: &TokenPlacement,
         capacity: usize,
         kv_dim: usize,
-    );
-
-    /// dq overwritten; dcache_k, dcache_v accumulate. Shapes as in `attention_forward`.
-    #[allow(clippy::too_many_arguments)]
-    fn attention_backward(
-        &self,
-        dq: Self::ViewMut<'_>,
-        dcache_k: Self::ViewMut<'_>,
-        dcache_v: Self::ViewMut<'_>,
-        dout: Self::View<'_>,
-        q: Self::View<'_>,
-        cache_k: Self::View<'_>,
-        cache_v: Self::View<'_>,
-        place: &TokenPlacement,
-        capacity: usize,
-        n_heads: usize,
-        n_kv_heads: usize,
-        head_dim: usize,
     );
 
     /// dgate, dup overwritten.  All [M, I].

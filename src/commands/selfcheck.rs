@@ -1,9 +1,9 @@
-//! `thinkshort selfcheck`: every forward op of a device backend against the CPU reference, then a
-//! whole tiny model (see `crate::selfcheck`). Exits non-zero when any check fails.
+//! `thinkshort selfcheck`: every forward op and the attention backward of a device backend
+//! against the CPU reference, then a whole tiny model (see `crate::selfcheck`). Exits non-zero when any check fails.
 
-use crate::backend::{cpu::CpuBackend, Backend, BackendKind};
+use crate::backend::{cpu::CpuBackend, AttentionBackward, BackendKind};
 use crate::cuda::CudaBackend;
-use crate::selfcheck::{self, CheckRow, Report};
+use crate::selfcheck::{self, CheckRow, Coverage, Report};
 use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
 
@@ -15,6 +15,9 @@ pub struct SelfcheckArgs {
     /// Seed of the random inputs and of the tiny model's weights.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Skip the long attention sequences (1000 and 2048 tokens): a quicker run.
+    #[arg(long)]
+    pub quick: bool,
     /// Also write every row (op, shape, error, tolerance, pass) to this JSON file.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -47,7 +50,7 @@ pub fn run(args: &SelfcheckArgs) -> Result<()> {
 
 /// Runs the checks on devices made by `make`, printing one line per row as it comes, then the
 /// information lines; writes `--json`.
-fn check<D: Backend>(
+fn check<D: AttentionBackward>(
     device: &str,
     make: &dyn Fn() -> Result<D>,
     args: &SelfcheckArgs,
@@ -60,7 +63,12 @@ fn check<D: Backend>(
         "{:<26} {:<62} {:>10} {:>8}  result",
         "op", "shape", "error", "tol"
     );
-    let report = selfcheck::run(make, args.seed, &mut print_row)?;
+    let coverage = if args.quick {
+        Coverage::Quick
+    } else {
+        Coverage::Full
+    };
+    let report = selfcheck::run(make, args.seed, coverage, &mut print_row)?;
     for line in &report.info {
         println!("info: {line}");
     }

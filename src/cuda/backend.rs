@@ -22,13 +22,18 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
-use cudarc::driver::{result as drv, CudaContext, CudaSlice, CudaStream, DevicePtr};
+use cudarc::driver::{
+    result as drv, sys as drv_sys, CudaContext, CudaSlice, CudaStream, DevicePtr,
+};
 use half::bf16;
 use rayon::prelude::*;
 
+use super::attention_plan::{AttentionKernel, AttentionPlan};
 use super::launch::KernelCtx;
 use super::ops;
-use crate::backend::{Backend, TokenPlacement};
+use super::ops::decode_attention::{plan_splits, scratch_sizes, DecodeProblem};
+use super::ops::flash_attention::{FlashGrads, FlashProblem};
+use crate::backend::{AttentionBackward, Backend, TokenPlacement};
 
 /// The element type of a device buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,7 +78,7 @@ pub struct CudaViewMut<'a> {
 }
 
 /// How many recently uploaded index arrays are kept for reuse.
-const INDEX_CACHE_ENTRIES: usize = 6;
+const INDEX_CACHE_ENTRIES: usize = 8;
 
 /// A host index array and its device copy.
 struct DeviceIndices {
@@ -90,6 +95,8 @@ pub struct CudaBackend {
     error: Mutex<Option<String>>,
     /// Recently uploaded index arrays, most recent last.
     indices: Mutex<Vec<DeviceIndices>>,
+    /// Streaming multiprocessors: how many blocks fill the device (decode attention's splits).
+    sm_count: usize,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -124,6 +131,10 @@ impl CudaBackend {
         keep_freed_memory_cached(&ctx)?;
         let stream = ctx.new_stream().context("creating a CUDA stream")?;
         let blas = CudaBlas::new(stream.clone()).context("creating the cuBLAS handle")?;
+        let sm_count = ctx
+            .attribute(drv_sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .context("reading the multiprocessor count")?
+            .max(1) as usize;
         let k = KernelCtx::new(ctx, stream)?;
         Ok(CudaBackend {
             k,
@@ -131,6 +142,7 @@ impl CudaBackend {
             device_name: info.name.clone(),
             error: Mutex::new(None),
             indices: Mutex::new(Vec::new()),
+            sm_count,
         })
     }
 
@@ -582,6 +594,7 @@ impl Backend for CudaBackend {
     fn attention_forward(
         &self,
         out: CudaViewMut<'_>,
+        lse: Option<CudaViewMut<'_>>,
         q: CudaView<'_>,
         cache_k: CudaView<'_>,
         cache_v: CudaView<'_>,
@@ -596,6 +609,13 @@ impl Backend for CudaBackend {
             let q_dim = n_heads * head_dim;
             expect("q", q.dtype, q.len, DType::Bf16, m * q_dim)?;
             expect("out", out.dtype, out.len, DType::Bf16, m * q_dim)?;
+            let lse_ptr = match &lse {
+                Some(l) => {
+                    expect("lse", l.dtype, l.len, DType::F32, m * n_heads)?;
+                    l.ptr
+                }
+                None => 0,
+            };
             let (slot_ptr, pos_ptr) = self.cache_placement(
                 place,
                 (cache_k.dtype, cache_k.len),
@@ -603,20 +623,80 @@ impl Backend for CudaBackend {
                 capacity,
                 n_kv_heads * head_dim,
             )?;
-            ops::attention::attention_forward(
-                &self.k,
-                out.ptr,
-                q.ptr,
-                cache_k.ptr,
-                cache_v.ptr,
-                slot_ptr,
-                pos_ptr,
-                m,
-                capacity,
-                n_heads,
-                n_kv_heads,
-                head_dim,
-            )
+            // the fused kernels' 16-byte loads and stores
+            let aligned = [cache_k.ptr, cache_v.ptr, q.ptr, out.ptr]
+                .iter()
+                .all(|p| p % 16 == 0);
+            let plan = AttentionPlan::new(place);
+            match AttentionKernel::choose(&plan, m, n_heads, n_kv_heads, head_dim, aligned) {
+                AttentionKernel::Flash => {
+                    let problem = FlashProblem {
+                        q: q.ptr,
+                        cache_k: cache_k.ptr,
+                        cache_v: cache_v.ptr,
+                        tiles: self.indices(&plan.query_tiles)?,
+                        num_tiles: plan.num_query_tiles(),
+                        m,
+                        capacity,
+                        n_heads,
+                        n_kv_heads,
+                        head_dim,
+                    };
+                    ops::flash_attention::flash_attention_forward(
+                        &self.k, &problem, out.ptr, lse_ptr,
+                    )
+                }
+                AttentionKernel::Decode => {
+                    let max_len = place.positions.iter().max().map_or(0, |&p| p as usize + 1);
+                    let split = plan_splits(m, n_kv_heads, max_len, self.sm_count);
+                    // scratch for the splits' partial results, freed in stream order after use
+                    let (out_len, stats_len) = scratch_sizes(split.0, m, n_heads, head_dim);
+                    let scratch = if split.0 > 1 {
+                        Some((
+                            self.alloc(out_len, DType::F32)?,
+                            self.alloc(stats_len, DType::F32)?,
+                        ))
+                    } else {
+                        None
+                    };
+                    let problem = DecodeProblem {
+                        q: q.ptr,
+                        cache_k: cache_k.ptr,
+                        cache_v: cache_v.ptr,
+                        slots: slot_ptr,
+                        positions: pos_ptr,
+                        m,
+                        capacity,
+                        n_heads,
+                        n_kv_heads,
+                        head_dim,
+                    };
+                    let scratch_ptrs = scratch.as_ref().map_or((0, 0), |(o, s)| (o.ptr, s.ptr));
+                    ops::decode_attention::decode_attention(
+                        &self.k,
+                        &problem,
+                        out.ptr,
+                        lse_ptr,
+                        split,
+                        scratch_ptrs,
+                    )
+                }
+                AttentionKernel::Simple => ops::attention::attention_forward(
+                    &self.k,
+                    out.ptr,
+                    lse_ptr,
+                    q.ptr,
+                    cache_k.ptr,
+                    cache_v.ptr,
+                    slot_ptr,
+                    pos_ptr,
+                    m,
+                    capacity,
+                    n_heads,
+                    n_kv_heads,
+                    head_dim,
+                ),
+            }
         })
     }
 
@@ -731,6 +811,95 @@ impl Backend for CudaBackend {
                 vocab,
                 temperature,
             )
+        })
+    }
+}
+
+impl AttentionBackward for CudaBackend {
+    /// The fused backward (kernels/flash_attention.cu) for head dims 32, 64 and 128.
+    fn attention_backward(
+        &self,
+        dq: CudaViewMut<'_>,
+        dcache_k: CudaViewMut<'_>,
+        dcache_v: CudaViewMut<'_>,
+        dout: CudaView<'_>,
+        out: CudaView<'_>,
+        lse: CudaView<'_>,
+        q: CudaView<'_>,
+        cache_k: CudaView<'_>,
+        cache_v: CudaView<'_>,
+        place: &TokenPlacement,
+        capacity: usize,
+        n_heads: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+    ) {
+        self.run("attention_backward", || {
+            ensure!(
+                ops::flash_attention::supports_head_dim(head_dim),
+                "head_dim {head_dim} has no fused backward on CUDA (supported: {:?})",
+                ops::flash_attention::FLASH_HEAD_DIMS
+            );
+            let m = place.slots.len();
+            let q_dim = n_heads * head_dim;
+            for (arg, view) in [("q", &q), ("dout", &dout), ("out", &out)] {
+                expect(arg, view.dtype, view.len, DType::Bf16, m * q_dim)?;
+            }
+            expect("dq", dq.dtype, dq.len, DType::Bf16, m * q_dim)?;
+            expect("lse", lse.dtype, lse.len, DType::F32, m * n_heads)?;
+            expect(
+                "dcache_k",
+                dcache_k.dtype,
+                dcache_k.len,
+                DType::Bf16,
+                cache_k.len,
+            )?;
+            expect(
+                "dcache_v",
+                dcache_v.dtype,
+                dcache_v.len,
+                DType::Bf16,
+                cache_k.len,
+            )?;
+            self.cache_placement(
+                place,
+                (cache_k.dtype, cache_k.len),
+                (cache_v.dtype, cache_v.len),
+                capacity,
+                n_kv_heads * head_dim,
+            )?;
+            let caches = [cache_k.ptr, cache_v.ptr, dcache_k.ptr, dcache_v.ptr];
+            let rows = [q.ptr, dout.ptr, out.ptr, dq.ptr];
+            ensure!(
+                caches.iter().all(|p| p % 16 == 0) && rows.iter().all(|p| p % 4 == 0),
+                "the caches must be 16-byte aligned and q, dout, out, dq 4-byte aligned"
+            );
+            let plan = AttentionPlan::new(place);
+            let problem = FlashProblem {
+                q: q.ptr,
+                cache_k: cache_k.ptr,
+                cache_v: cache_v.ptr,
+                tiles: self.indices(&plan.query_tiles)?,
+                num_tiles: plan.num_query_tiles(),
+                m,
+                capacity,
+                n_heads,
+                n_kv_heads,
+                head_dim,
+            };
+            let dsum = self.alloc(m * n_heads, DType::F32)?; // freed in stream order after use
+            let grads = FlashGrads {
+                dq: dq.ptr,
+                dcache_k: dcache_k.ptr,
+                dcache_v: dcache_v.ptr,
+                dout: dout.ptr,
+                out: out.ptr,
+                lse: lse.ptr,
+                dsum: dsum.ptr,
+                key_tiles: self.indices(&plan.key_tiles)?,
+                num_key_tiles: plan.num_key_tiles(),
+            };
+            ops::flash_attention::flash_attention_backward(&self.k, &problem, &grads)
         })
     }
 }

@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, Context, Result};
+use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, LaunchConfig};
 
 /// The stream plus every embedded kernel module, loaded once; functions are looked up by name
@@ -17,6 +18,8 @@ pub struct KernelCtx {
     pub stream: Arc<CudaStream>,
     modules: HashMap<&'static str, Arc<CudaModule>>,
     functions: Mutex<HashMap<(&'static str, &'static str), CudaFunction>>,
+    /// The dynamic shared-memory limit each function has been raised to.
+    shared_mem: Mutex<HashMap<(&'static str, &'static str), u32>>,
 }
 
 impl KernelCtx {
@@ -31,6 +34,7 @@ impl KernelCtx {
             stream,
             modules,
             functions: Mutex::new(HashMap::new()),
+            shared_mem: Mutex::new(HashMap::new()),
         })
     }
 
@@ -50,6 +54,39 @@ impl KernelCtx {
             .load_function(function)
             .with_context(|| format!("CUDA kernel {function} not found in kernels/{module}.cu"))?;
         cache.insert((module, function), f.clone());
+        Ok(f)
+    }
+}
+
+impl KernelCtx {
+    /// `function`, allowed to use `bytes` of dynamic shared memory. Above 48 KiB a kernel must
+    /// opt in (CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES); the attribute is raised once
+    /// per function to the largest size asked for so far.
+    pub fn function_with_shared_mem(
+        &self,
+        module: &'static str,
+        function: &'static str,
+        bytes: u32,
+    ) -> Result<CudaFunction> {
+        const DEFAULT_LIMIT: u32 = 48 * 1024;
+        let f = self.function(module, function)?;
+        if bytes > DEFAULT_LIMIT {
+            let mut raised = self
+                .shared_mem
+                .lock()
+                .map_err(|_| anyhow!("kernel cache poisoned"))?;
+            let current = raised.entry((module, function)).or_insert(DEFAULT_LIMIT);
+            if bytes > *current {
+                f.set_attribute(
+                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    bytes as i32,
+                )
+                .with_context(|| {
+                    format!("{function}: allowing {bytes} bytes of shared memory (device limit?)")
+                })?;
+                *current = bytes;
+            }
+        }
         Ok(f)
     }
 }

@@ -8,6 +8,7 @@
 //! The kernels (`kernels/*.cu`) are compiled by build.rs into one fatbin per file, with SASS for
 //! sm_80 and sm_90 and compute_80 PTX, and embedded in the binary (see [`kernels`]).
 
+pub mod attention_plan;
 pub mod backend;
 pub mod launch;
 pub mod ops;
@@ -392,6 +393,26 @@ mod tests {
         assert!(kernel_fatbin("no_such_kernel").is_none());
     }
 
+    /// An entry-point name written inside a `#define M(P)` macro as `prefix##P` becomes one
+    /// name per invocation `M(value)` at the start of a line; other names stay as they are.
+    fn expand_macro_name(src: &str, name: &str) -> Vec<String> {
+        let Some((prefix, param)) = name.split_once("##") else {
+            return vec![name.to_string()];
+        };
+        let define = src[..src.find(name).unwrap()].rfind("#define ").unwrap();
+        let macro_name = src[define + 8..].split('(').next().unwrap();
+        let values: Vec<String> = src
+            .lines()
+            .filter_map(|l| l.strip_prefix(&format!("{macro_name}(")))
+            .map(|rest| rest.trim_end().trim_end_matches(')').to_string())
+            .collect();
+        assert!(
+            !values.is_empty(),
+            "{name}: no invocation of {macro_name}({param})"
+        );
+        values.iter().map(|v| format!("{prefix}{v}")).collect()
+    }
+
     #[test]
     fn ptxas_report_covers_every_entry_point_without_spills() {
         let report = ptxas_report();
@@ -414,7 +435,8 @@ mod tests {
                         _ => decl,
                     };
                     let open = decl.find('(').unwrap();
-                    functions.push(decl[..open].split_whitespace().last().unwrap().to_string());
+                    let name = decl[..open].split_whitespace().last().unwrap();
+                    functions.extend(expand_macro_name(&src, name));
                 }
             }
         }

@@ -31,7 +31,9 @@ const GEMM_MIN_TOKENS: usize = 8;
 /// Query rows per GEMM block.
 const QUERY_BLOCK: usize = 64;
 
-/// q, out: [M, n_heads * head_dim]; cache_k, cache_v: [slots, capacity, n_kv_heads * head_dim].
+/// q, out: [M, n_heads * head_dim]; cache_k, cache_v: [slots, capacity, n_kv_heads * head_dim];
+/// lse (when given): [M, n_heads], the log-sum-exp of each row's scaled scores, which the
+/// backward uses to recompute the probabilities.
 ///
 /// One task per (slot, query head). A slot's query rows Q [n, hd] see keys 0..=max position:
 /// S = scale · Q·Kᵀ [n, L], row i masked beyond position i, softmax per row, O = P·V [n, hd].
@@ -40,6 +42,7 @@ const QUERY_BLOCK: usize = 64;
 #[allow(clippy::too_many_arguments)]
 pub fn attention_forward(
     out: &mut [f32],
+    lse: Option<&mut [f32]>,
     q: &[f32],
     cache_k: &[f32],
     cache_v: &[f32],
@@ -77,8 +80,9 @@ pub fn attention_forward(
     let tasks: Vec<(usize, usize)> = (0..by_slot.len())
         .flat_map(|b| (0..n_heads).map(move |h| (b, h)))
         .collect();
-    // Each task returns its heads' outputs [n, hd]; they are scattered into `out` afterwards.
-    let results: Vec<Vec<f32>> = tasks
+    // Each task returns its head's outputs [n, hd] and log-sum-exps [n]; they are scattered into
+    // `out` and `lse` afterwards.
+    let results: Vec<(Vec<f32>, Vec<f32>)> = tasks
         .par_iter()
         .map(|&(b, h)| {
             let (slot, tokens) = &by_slot[b];
@@ -95,19 +99,28 @@ pub fn attention_forward(
             if tokens.len() >= GEMM_MIN_TOKENS {
                 // Blocks of query rows, each multiplying only the keys up to its own last
                 // position: a prefill (positions ascending) skips most of the masked triangle.
-                q_rows
+                let (mut o, mut l) = (Vec::new(), Vec::new());
+                for (q, p) in q_rows
                     .chunks(QUERY_BLOCK)
                     .zip(positions.chunks(QUERY_BLOCK))
-                    .flat_map(|(q, p)| attend_gemm(q, p, keys, values, &shape))
-                    .collect()
+                {
+                    let (ob, lb) = attend_gemm(q, p, keys, values, &shape);
+                    o.extend(ob);
+                    l.extend(lb);
+                }
+                (o, l)
             } else {
                 attend_dots(&q_rows, &positions, keys, values, &shape)
             }
         })
         .collect();
-    for (&(b, h), o) in tasks.iter().zip(&results) {
-        for (&m, row) in by_slot[b].1.iter().zip(o.chunks_exact(head_dim)) {
+    let mut lse = lse;
+    for (&(b, h), (o, l)) in tasks.iter().zip(&results) {
+        for ((&m, row), &row_lse) in by_slot[b].1.iter().zip(o.chunks_exact(head_dim)).zip(l) {
             out[m * q_dim + h * head_dim..][..head_dim].copy_from_slice(row);
+            if let Some(lse) = lse.as_deref_mut() {
+                lse[m * n_heads + h] = row_lse;
+            }
         }
     }
 }
@@ -131,8 +144,8 @@ impl AttentionShape {
     }
 }
 
-/// Softmax of scores[0..len] in place (shifted by the max, f32).
-fn softmax_prefix(scores: &mut [f32]) {
+/// Softmax of scores[0..len] in place (shifted by the max, f32); returns log Σ exp(scores).
+fn softmax_prefix(scores: &mut [f32]) -> f32 {
     let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut denom = 0.0;
     for s in scores.iter_mut() {
@@ -140,19 +153,21 @@ fn softmax_prefix(scores: &mut [f32]) {
         denom += *s;
     }
     scores.iter_mut().for_each(|s| *s /= denom);
+    max + denom.ln()
 }
 
-/// Attention of a few query rows, one key at a time.  Returns O: [n, hd].
+/// Attention of a few query rows, one key at a time.  Returns O: [n, hd] and lse: [n].
 fn attend_dots(
     q_rows: &[&[f32]],
     positions: &[usize],
     keys: &[f32],
     values: &[f32],
     shape: &AttentionShape,
-) -> Vec<f32> {
+) -> (Vec<f32>, Vec<f32>) {
     let (hd, kv_dim) = (shape.head_dim, shape.kv_dim());
     let scale = 1.0 / (hd as f32).sqrt();
     let mut out = vec![0.0f32; q_rows.len() * hd];
+    let mut lse = Vec::with_capacity(q_rows.len());
     let mut scores = Vec::new();
     for ((qh, &pos), o) in q_rows.iter().zip(positions).zip(out.chunks_exact_mut(hd)) {
         scores.clear();
@@ -160,23 +175,24 @@ fn attend_dots(
             let k = &keys[j * kv_dim..][..hd];
             qh.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale
         }));
-        softmax_prefix(&mut scores);
+        lse.push(softmax_prefix(&mut scores));
         for (j, p) in scores.iter().enumerate() {
             let v = &values[j * kv_dim..][..hd];
             o.iter_mut().zip(v).for_each(|(o, v)| *o += p * v);
         }
     }
-    out
+    (out, lse)
 }
 
-/// Attention of many query rows as two GEMMs over the strided cache.  Returns O: [n, hd].
+/// Attention of many query rows as two GEMMs over the strided cache.  Returns O: [n, hd] and
+/// lse: [n].
 fn attend_gemm(
     q_rows: &[&[f32]],
     positions: &[usize],
     keys: &[f32],
     values: &[f32],
     shape: &AttentionShape,
-) -> Vec<f32> {
+) -> (Vec<f32>, Vec<f32>) {
     let (n, hd, kv_dim) = (q_rows.len(), shape.head_dim, shape.kv_dim());
     let len = positions.iter().max().map_or(0, |p| p + 1); // keys 0..len
     let scale = 1.0 / (hd as f32).sqrt();
@@ -214,8 +230,9 @@ fn attend_gemm(
         );
     }
     // Causal mask: row i sees keys 0..=positions[i]; softmax over those, zeros beyond.
+    let mut lse = Vec::with_capacity(n);
     for (row, &pos) in scores.chunks_exact_mut(len).zip(positions) {
-        softmax_prefix(&mut row[..=pos]);
+        lse.push(softmax_prefix(&mut row[..=pos]));
         row[pos + 1..].fill(0.0);
     }
     // O = P · V: [n, hd]; V element (j, d) is values[j * kv_dim + d].
@@ -244,7 +261,7 @@ fn attend_gemm(
             gemm::Parallelism::None,
         );
     }
-    out
+    (out, lse)
 }
 
 /// The gradient of `kv_cache_write`: dx[m] = dcache[slot[m], pos[m]].
@@ -265,17 +282,20 @@ pub fn kv_cache_gather(
     }
 }
 
-/// Backward of `attention_forward`. Probabilities are recomputed from q and the cached keys.
-/// With p = softmax(s), s_j = scale · q·k_j:  dv_j += p_j · dout;  dp_j = dout·v_j;
-/// ds_j = p_j (dp_j − Σ_i p_i dp_i);  dq = scale Σ_j ds_j k_j;  dk_j += scale · ds_j · q.
-/// dq: [M, n_heads * head_dim] (overwritten); dcache_k, dcache_v: [slots, capacity, kv_dim]
-/// (accumulated).
+/// Backward of `attention_forward`, as FlashAttention computes it: the probabilities are
+/// recomputed from the forward's log-sum-exp, p_j = exp(s_j − lse) with s_j = scale · q·k_j, and
+/// with D = dout·out (= Σ_j p_j dp_j):  dv_j += p_j · dout;  dp_j = dout·v_j;
+/// ds_j = p_j (dp_j − D);  dq = scale Σ_j ds_j k_j;  dk_j += scale · ds_j · q.
+/// dq, dout, out: [M, n_heads * head_dim] (dq overwritten); lse: [M, n_heads];
+/// dcache_k, dcache_v: [slots, capacity, kv_dim] (accumulated).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
     dq: &mut [f32],
     dcache_k: &mut [f32],
     dcache_v: &mut [f32],
     dout: &[f32],
+    out: &[f32],
+    lse: &[f32],
     q: &[f32],
     cache_k: &[f32],
     cache_v: &[f32],
@@ -291,6 +311,7 @@ pub fn attention_backward(
     let scale = 1.0 / (head_dim as f32).sqrt();
     let slot_len = capacity * kv_dim;
     let slots = dcache_k.len() / slot_len;
+    let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
 
     // Tokens of each slot, so each task owns one slot's dK/dV and writes no shared memory.
     let mut by_slot: Vec<Vec<usize>> = vec![Vec::new(); slots];
@@ -308,8 +329,6 @@ pub fn attention_backward(
                 &cache_k[base..base + slot_len],
                 &cache_v[base..base + slot_len],
             );
-            let mut p = Vec::new();
-            let mut dp = Vec::new();
             tokens
                 .iter()
                 .map(|&m| {
@@ -317,43 +336,26 @@ pub fn attention_backward(
                     let mut dq_row = vec![0.0f32; q_dim];
                     for h in 0..n_heads {
                         let off = (h / group) * head_dim;
-                        let qh = &q[m * q_dim + h * head_dim..][..head_dim];
-                        let go = &dout[m * q_dim + h * head_dim..][..head_dim];
-                        p.clear();
-                        dp.clear();
-                        let mut max = f32::NEG_INFINITY;
+                        let row = m * q_dim + h * head_dim;
+                        let qh = &q[row..][..head_dim];
+                        let go = &dout[row..][..head_dim];
+                        let d = dot(go, &out[row..][..head_dim]);
+                        let row_lse = lse[m * n_heads + h];
+                        let dqh = &mut dq_row[h * head_dim..(h + 1) * head_dim];
                         for j in 0..=pos {
                             let k = &ck[j * kv_dim + off..][..head_dim];
-                            let s = qh.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale;
-                            max = max.max(s);
-                            p.push(s);
-                        }
-                        let mut denom = 0.0;
-                        for s in p.iter_mut() {
-                            *s = (*s - max).exp();
-                            denom += *s;
-                        }
-                        let mut p_dot_dp = 0.0;
-                        for (j, pj) in p.iter_mut().enumerate() {
-                            *pj /= denom;
                             let v = &cv[j * kv_dim + off..][..head_dim];
-                            let d = go.iter().zip(v).map(|(a, b)| a * b).sum::<f32>();
-                            dp.push(d);
-                            p_dot_dp += *pj * d;
+                            let p = (dot(qh, k) * scale - row_lse).exp();
+                            let ds = p * (dot(go, v) - d) * scale;
                             dv[j * kv_dim + off..][..head_dim]
                                 .iter_mut()
                                 .zip(go)
-                                .for_each(|(dv, g)| *dv += *pj * g);
-                        }
-                        let dqh = &mut dq_row[h * head_dim..(h + 1) * head_dim];
-                        for j in 0..=pos {
-                            let ds = p[j] * (dp[j] - p_dot_dp) * scale;
-                            let k = &ck[j * kv_dim + off..][..head_dim];
-                            dqh.iter_mut().zip(k).for_each(|(d, k)| *d += ds * k);
+                                .for_each(|(dv, g)| *dv += p * g);
+                            dqh.iter_mut().zip(k).for_each(|(dq, k)| *dq += ds * k);
                             dk[j * kv_dim + off..][..head_dim]
                                 .iter_mut()
                                 .zip(qh)
-                                .for_each(|(d, q)| *d += ds * q);
+                                .for_each(|(dk, q)| *dk += ds * q);
                         }
                     }
                     (m, dq_row)

@@ -19,7 +19,7 @@ pub use rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 pub use rope::{rope_backward, rope_forward};
 pub use swiglu::{swiglu_backward, swiglu_forward};
 
-use super::{Backend, TokenPlacement, TrainBackend};
+use super::{AttentionBackward, Backend, TokenPlacement, TrainBackend};
 use anyhow::Result;
 use std::ops::Range;
 
@@ -100,6 +100,7 @@ impl Backend for CpuBackend {
     fn attention_forward(
         &self,
         out: &mut [f32],
+        lse: Option<&mut [f32]>,
         q: &[f32],
         cache_k: &[f32],
         cache_v: &[f32],
@@ -110,7 +111,7 @@ impl Backend for CpuBackend {
         head_dim: usize,
     ) {
         attention_forward(
-            out, q, cache_k, cache_v, place, capacity, n_heads, n_kv_heads, head_dim,
+            out, lse, q, cache_k, cache_v, place, capacity, n_heads, n_kv_heads, head_dim,
         )
     }
     fn swiglu_forward(&self, out: &mut [f32], gate: &[f32], up: &[f32]) {
@@ -139,6 +140,31 @@ impl Backend for CpuBackend {
         temperature: f32,
     ) {
         logprob_forward(logp, entropy, logits, targets, vocab, temperature)
+    }
+}
+
+impl AttentionBackward for CpuBackend {
+    fn attention_backward(
+        &self,
+        dq: &mut [f32],
+        dcache_k: &mut [f32],
+        dcache_v: &mut [f32],
+        dout: &[f32],
+        out: &[f32],
+        lse: &[f32],
+        q: &[f32],
+        cache_k: &[f32],
+        cache_v: &[f32],
+        place: &TokenPlacement,
+        capacity: usize,
+        n_heads: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+    ) {
+        attention_backward(
+            dq, dcache_k, dcache_v, dout, out, lse, q, cache_k, cache_v, place, capacity, n_heads,
+            n_kv_heads, head_dim,
+        )
     }
 }
 
@@ -201,26 +227,6 @@ impl TrainBackend for CpuBackend {
         kv_dim: usize,
     ) {
         kv_cache_gather(dx, dcache, place, capacity, kv_dim)
-    }
-    fn attention_backward(
-        &self,
-        dq: &mut [f32],
-        dcache_k: &mut [f32],
-        dcache_v: &mut [f32],
-        dout: &[f32],
-        q: &[f32],
-        cache_k: &[f32],
-        cache_v: &[f32],
-        place: &TokenPlacement,
-        capacity: usize,
-        n_heads: usize,
-        n_kv_heads: usize,
-        head_dim: usize,
-    ) {
-        attention_backward(
-            dq, dcache_k, dcache_v, dout, q, cache_k, cache_v, place, capacity, n_heads,
-            n_kv_heads, head_dim,
-        )
     }
     fn swiglu_backward(
         &self,

@@ -16,46 +16,47 @@ pub const ATTENTION_MAX_HEAD_DIM: usize = 256;
 /// Largest gridDim.y, which holds the query head.
 const MAX_GRID_Y: usize = 65_535;
 
-/// The kernel's integer arguments, checked.
+/// The kernels' integer arguments, checked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct AttentionDims {
-    m: i32,
-    capacity: i32,
-    n_heads: i32,
-    n_kv_heads: i32,
-    head_dim: i32,
+pub(crate) struct AttentionDims {
+    pub m: i32,
+    pub capacity: i32,
+    pub n_heads: i32,
+    pub n_kv_heads: i32,
+    pub head_dim: i32,
 }
 
-fn check_attention_dims(
+/// Checks the sizes every attention kernel takes (named `op` in errors).
+pub(crate) fn check_attention_dims(
+    op: &str,
     m: usize,
     capacity: usize,
     n_heads: usize,
     n_kv_heads: usize,
     head_dim: usize,
 ) -> Result<AttentionDims> {
-    const OP: &str = "attention_forward";
     ensure!(
         capacity > 0 && n_heads > 0 && n_kv_heads > 0 && head_dim > 0,
-        "{OP}: capacity ({capacity}), n_heads ({n_heads}), n_kv_heads ({n_kv_heads}) and \
+        "{op}: capacity ({capacity}), n_heads ({n_heads}), n_kv_heads ({n_kv_heads}) and \
          head_dim ({head_dim}) must be positive"
     );
     ensure!(
         n_heads.is_multiple_of(n_kv_heads),
-        "{OP}: n_heads ({n_heads}) is not a multiple of n_kv_heads ({n_kv_heads})"
+        "{op}: n_heads ({n_heads}) is not a multiple of n_kv_heads ({n_kv_heads})"
     );
     ensure!(
         head_dim <= ATTENTION_MAX_HEAD_DIM,
-        "{OP}: head_dim {head_dim} is larger than the kernel's maximum {ATTENTION_MAX_HEAD_DIM}"
+        "{op}: head_dim {head_dim} is larger than the kernel's maximum {ATTENTION_MAX_HEAD_DIM}"
     );
     ensure!(
         n_heads <= MAX_GRID_Y,
-        "{OP}: n_heads {n_heads} exceeds the grid limit {MAX_GRID_Y}"
+        "{op}: n_heads {n_heads} exceeds the grid limit {MAX_GRID_Y}"
     );
     // the kernel forms n_heads * head_dim and n_kv_heads * head_dim in int
-    to_i32(OP, "n_heads * head_dim", n_heads * head_dim)?;
+    to_i32(op, "n_heads * head_dim", n_heads * head_dim)?;
     Ok(AttentionDims {
-        m: to_i32(OP, "m", m)?,
-        capacity: to_i32(OP, "capacity", capacity)?,
+        m: to_i32(op, "m", m)?,
+        capacity: to_i32(op, "capacity", capacity)?,
         n_heads: n_heads as i32,
         n_kv_heads: n_kv_heads as i32,
         head_dim: head_dim as i32,
@@ -73,15 +74,17 @@ fn attention_config(m: usize, n_heads: usize) -> LaunchConfig {
 }
 
 /// out[t, h] = softmax_j(q[t, h] · K[slot_t, j, h / group] / sqrt(head_dim)) · V[slot_t, j, ..]
-/// over j = 0..=positions[t], in bf16 storage with fp32 arithmetic.
+/// over j = 0..=positions[t], in bf16 storage with fp32 arithmetic; lse[t, h] = log Σ_j exp(score)
+/// when `lse` is not 0.
 ///
-/// `out`, `q`: bf16 [m, n_heads * head_dim]; `cache_k`, `cache_v`: bf16 [slots, capacity,
+/// `out`, `q`: bf16 [m, n_heads * head_dim]; `lse`: f32 [m, n_heads] or 0; `cache_k`, `cache_v`: bf16 [slots, capacity,
 /// n_kv_heads * head_dim] (one layer); `slots`, `positions`: u32 [m], already checked by the
 /// caller (slot < slots, position < capacity).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_forward(
     k: &KernelCtx,
     out: u64,
+    lse: u64,
     q: u64,
     cache_k: u64,
     cache_v: u64,
@@ -93,7 +96,14 @@ pub fn attention_forward(
     n_kv_heads: usize,
     head_dim: usize,
 ) -> Result<()> {
-    let dims = check_attention_dims(m, capacity, n_heads, n_kv_heads, head_dim)?;
+    let dims = check_attention_dims(
+        "attention_forward",
+        m,
+        capacity,
+        n_heads,
+        n_kv_heads,
+        head_dim,
+    )?;
     if m == 0 {
         return Ok(());
     }
@@ -102,6 +112,7 @@ pub fn attention_forward(
     let f = k.function("attention", "attention_forward")?;
     let mut b = k.stream.launch_builder(&f);
     b.arg(&out)
+        .arg(&lse)
         .arg(&q)
         .arg(&cache_k)
         .arg(&cache_v)
@@ -113,7 +124,8 @@ pub fn attention_forward(
         .arg(&dims.n_kv_heads)
         .arg(&dims.head_dim)
         .arg(&scale);
-    // SAFETY: the arguments match the kernel's signature (bf16* out, const bf16* q,
+    // SAFETY: the arguments match the kernel's signature (bf16* out, float* lse (may be null),
+    // const bf16* q,
     // const bf16* cache_k, const bf16* cache_v, const u32* slots, const u32* positions,
     // int m, int capacity, int n_heads, int n_kv_heads, int head_dim, float scale); the caller
     // owns device buffers of the documented shapes and has checked every slot and position, and
@@ -134,10 +146,10 @@ mod tests {
     #[test]
     fn accepts_every_head_dim_up_to_256_and_gqa_groups() {
         for head_dim in 1..=ATTENTION_MAX_HEAD_DIM {
-            let d = check_attention_dims(3, 17, 14, 2, head_dim).unwrap();
+            let d = check_attention_dims("attention_forward", 3, 17, 14, 2, head_dim).unwrap();
             assert_eq!(d.head_dim as usize, head_dim);
         }
-        let d = check_attention_dims(0, 4096, 32, 8, 128).unwrap();
+        let d = check_attention_dims("attention_forward", 0, 4096, 32, 8, 128).unwrap();
         assert_eq!(
             d,
             AttentionDims {
@@ -149,8 +161,8 @@ mod tests {
             }
         );
         // multi-head (group 1) and multi-query (one KV head)
-        assert!(check_attention_dims(5, 8, 12, 12, 64).is_ok());
-        assert!(check_attention_dims(5, 8, 12, 1, 64).is_ok());
+        assert!(check_attention_dims("attention_forward", 5, 8, 12, 12, 64).is_ok());
+        assert!(check_attention_dims("attention_forward", 5, 8, 12, 1, 64).is_ok());
     }
 
     #[test]
@@ -167,7 +179,15 @@ mod tests {
             (1, 1 << 31, 4, 2, 64), // capacity beyond i32
         ];
         for (m, capacity, n_heads, n_kv_heads, head_dim) in cases {
-            let e = check_attention_dims(m, capacity, n_heads, n_kv_heads, head_dim).unwrap_err();
+            let e = check_attention_dims(
+                "attention_forward",
+                m,
+                capacity,
+                n_heads,
+                n_kv_heads,
+                head_dim,
+            )
+            .unwrap_err();
             assert!(
                 e.to_string().starts_with("attention_forward: "),
                 "({m}, {capacity}, {n_heads}, {n_kv_heads}, {head_dim}): {e}"

@@ -3,8 +3,10 @@
 //! sizes it can, queues the launch on the stream and returns the launch error, if any.
 
 pub mod attention;
+pub mod decode_attention;
 pub mod elementwise;
 pub mod embedding;
+pub mod flash_attention;
 pub mod kv_cache;
 pub mod logprob;
 pub mod rmsnorm;

@@ -1,0 +1,213 @@
+// Decode attention: few query tokens per sequence, each over its own prefix of the slotted KV
+// cache, split along the keys when there are too few (token, KV head) pairs to fill the GPU
+// (flash-decoding). Same semantics as attention_forward in kernels/attention.cu (the CPU
+// reference is src/backend/cpu/attention.rs), plus the log-sum-exp of each row.
+//
+// decode_attention: grid (m tokens, n_kv_heads, splits), DECODE_THREADS threads. A block takes
+// one token, one KV head and every query head of its group (group <= DECODE_MAX_GROUP), so each
+// K/V row is read from memory once for the whole group, and the keys split * split_keys ..
+// (split + 1) * split_keys of the token's 0..=position. Keys are staged DECODE_KEYS at a time
+// in shared memory with cp.async in two stages (the copy of the next step overlaps this one's
+// math); per step:
+//   1. scores [group, DECODE_KEYS]: one fp32 dot product per thread and (head, key) pair;
+//   2. online softmax per head (a warp per head): running max and sum, correction factor;
+//   3. values: a thread owns 8 consecutive output dims of one head (x128 reads of V rows) and
+//      accumulates p * V over the step's keys.
+// With one split the block writes out (bf16) and lse; with several it writes its unnormalised
+// output and (max, sum) in fp32 to scratch, and decode_attention_combine merges the splits.
+// Requires head_dim % 8 == 0, head_dim <= DECODE_MAX_HEAD_DIM, 16-byte aligned cache rows
+// (the launcher, src/cuda/ops/decode_attention.rs, checks; other cases use attention.cu).
+
+#include "common.cuh"
+#include "mma.cuh"
+
+#include <math.h>
+
+#define DECODE_THREADS 128
+#define DECODE_KEYS 64
+#define DECODE_MAX_GROUP 8
+#define DECODE_MAX_HEAD_DIM 256
+// (head, 8-dim chunk) items per block at most, over the threads: the items one thread owns
+#define DECODE_ITEMS ((DECODE_MAX_GROUP * DECODE_MAX_HEAD_DIM / 8 + DECODE_THREADS - 1) / DECODE_THREADS)
+
+static_assert(DECODE_MAX_GROUP <= DECODE_THREADS / WARP_SIZE * 2, "a warp handles at most two heads");
+
+extern "C" __global__ void __launch_bounds__(DECODE_THREADS)
+decode_attention(__nv_bfloat16* out, float* lse, float* partial_out, float* partial_stats,
+                 const __nv_bfloat16* q, const __nv_bfloat16* cache_k, const __nv_bfloat16* cache_v,
+                 const uint32_t* slots, const uint32_t* positions, int m, int capacity, int n_heads,
+                 int n_kv_heads, int head_dim, int split_keys, float scale) {
+    // dynamic shared memory: q_s [group, head_dim] f32 | scores [group, DECODE_KEYS] f32 |
+    // two stages of K, V [DECODE_KEYS, head_dim + TILE_PAD] bf16
+    extern __shared__ __align__(16) unsigned char smem[];
+    __shared__ float max_s[DECODE_MAX_GROUP], sum_s[DECODE_MAX_GROUP], corr_s[DECODE_MAX_GROUP];
+
+    const int token = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
+    const int group = n_heads / n_kv_heads;
+    const int stride = head_dim + TILE_PAD;
+    float* q_s = reinterpret_cast<float*>(smem);
+    float* score_s = q_s + group * head_dim;
+    __nv_bfloat16* kv_s = reinterpret_cast<__nv_bfloat16*>(score_s + group * DECODE_KEYS);
+    const int tile = DECODE_KEYS * stride;  // elements of one K or V stage
+
+    const int tid = threadIdx.x, warp = tid / WARP_SIZE, lane = tid % WARP_SIZE;
+    const int q_dim = n_heads * head_dim, kv_dim = n_kv_heads * head_dim;
+    const int len = (int)positions[token] + 1;
+    const int begin = split * split_keys;
+    const int end = min(len, begin + split_keys);
+    const int h0 = kvh * group;  // first query head of the group
+    const int vecs = head_dim / 8;
+    const int items = group * vecs;
+
+    const size_t row = (size_t)token * n_heads + h0;  // (token, h0) in [m, n_heads] order
+    if (begin >= end) {  // an empty split (a short sequence in a batch with long ones)
+        for (int i = tid; i < group * 2; i += DECODE_THREADS) {
+            partial_stats[((size_t)split * m * n_heads + row) * 2 + i] = i % 2 == 0 ? -INFINITY : 0.0f;
+        }
+        for (int i = tid; i < group * head_dim; i += DECODE_THREADS) {
+            partial_out[((size_t)split * m * n_heads + row) * head_dim + i] = 0.0f;
+        }
+        return;
+    }
+
+    for (int i = tid; i < group * head_dim; i += DECODE_THREADS) {
+        q_s[i] = bf16_to_f32(q[(size_t)token * q_dim + h0 * head_dim + i]);
+    }
+    if (tid < group) {
+        max_s[tid] = -INFINITY;
+        sum_s[tid] = 0.0f;
+    }
+    float acc[DECODE_ITEMS][8];
+    for (int k = 0; k < DECODE_ITEMS; k++) {
+        for (int e = 0; e < 8; e++) { acc[k][e] = 0.0f; }
+    }
+
+    const size_t slot_base = (size_t)slots[token] * capacity * kv_dim + (size_t)kvh * head_dim;
+    const int steps = ceil_div(end - begin, DECODE_KEYS);
+    auto prefetch = [&](int step) {  // the keys of `step` into stage step % 2
+        const int j0 = begin + step * DECODE_KEYS, n = min(DECODE_KEYS, end - j0);
+        __nv_bfloat16* k_dst = kv_s + (step % 2) * 2 * tile;
+        for (int i = tid; i < n * vecs; i += DECODE_THREADS) {
+            const int r = i / vecs, c = (i % vecs) * 8;
+            const size_t at = slot_base + (size_t)(j0 + r) * kv_dim + c;
+            copy_async16(k_dst + r * stride + c, cache_k + at, true);
+            copy_async16(k_dst + tile + r * stride + c, cache_v + at, true);
+        }
+        copy_async_commit();
+    };
+    prefetch(0);
+    for (int step = 0; step < steps; step++) {
+        const int n = min(DECODE_KEYS, end - (begin + step * DECODE_KEYS));
+        if (step + 1 < steps) {
+            prefetch(step + 1);
+            copy_async_wait<1>();
+        } else {
+            copy_async_wait<0>();
+        }
+        __syncthreads();  // this step's keys (and q_s, max_s, sum_s) are visible to every thread
+        const __nv_bfloat16* k_s = kv_s + (step % 2) * 2 * tile;
+        const __nv_bfloat16* v_s = k_s + tile;
+
+        // 1. scores
+        for (int i = tid; i < group * DECODE_KEYS; i += DECODE_THREADS) {
+            const int hh = i / DECODE_KEYS, j = i % DECODE_KEYS;
+            float s = -INFINITY;
+            if (j < n) {
+                const float* qh = q_s + hh * head_dim;
+                const __nv_bfloat16* kr = k_s + j * stride;
+                float dot = 0.0f;
+                for (int d = 0; d < head_dim; d += 8) {
+                    const x128 kv = *reinterpret_cast<const x128*>(kr + d);
+                    for (int e = 0; e < 8; e++) { dot += qh[d + e] * bf16_to_f32(kv[e]); }
+                }
+                s = dot * scale;
+            }
+            score_s[i] = s;
+        }
+        __syncthreads();
+
+        // 2. online softmax, a warp per head; the step has at least one key, so the max is finite
+        for (int hh = warp; hh < group; hh += DECODE_THREADS / WARP_SIZE) {
+            float* sc = score_s + hh * DECODE_KEYS;
+            const float a = sc[lane], b = sc[lane + WARP_SIZE];
+            const float mx = fmaxf(max_s[hh], warp_reduce_max(fmaxf(a, b)));
+            const float pa = expf(a - mx), pb = expf(b - mx);
+            sc[lane] = pa;
+            sc[lane + WARP_SIZE] = pb;
+            const float sum = warp_reduce_sum(pa + pb);
+            if (lane == 0) {
+                const float correction = expf(max_s[hh] - mx);  // 0 on the first step
+                corr_s[hh] = correction;
+                sum_s[hh] = sum_s[hh] * correction + sum;
+                max_s[hh] = mx;
+            }
+        }
+        __syncthreads();
+
+        // 3. values
+        for (int k = 0; k < DECODE_ITEMS; k++) {
+            const int item = tid + k * DECODE_THREADS;
+            if (item >= items) { break; }
+            const int hh = item / vecs, d0 = (item % vecs) * 8;
+            const float correction = corr_s[hh];
+            for (int e = 0; e < 8; e++) { acc[k][e] *= correction; }
+            const float* p = score_s + hh * DECODE_KEYS;
+            for (int j = 0; j < n; j++) {
+                const x128 v = *reinterpret_cast<const x128*>(v_s + j * stride + d0);
+                const float pj = p[j];
+                for (int e = 0; e < 8; e++) { acc[k][e] += pj * bf16_to_f32(v[e]); }
+            }
+        }
+        __syncthreads();  // done with this stage and score_s before they are refilled
+    }
+
+    for (int k = 0; k < DECODE_ITEMS; k++) {
+        const int item = tid + k * DECODE_THREADS;
+        if (item >= items) { break; }
+        const int hh = item / vecs, d0 = (item % vecs) * 8;
+        if (splits == 1) {
+            const float inv = 1.0f / sum_s[hh];
+            x128 o;
+            for (int e = 0; e < 8; e++) { o[e] = f32_to_bf16(acc[k][e] * inv); }
+            store128(out + (row + hh) * head_dim + d0, o);
+        } else {
+            float* dst = partial_out + ((size_t)split * m * n_heads + row + hh) * head_dim + d0;
+            for (int e = 0; e < 8; e++) { dst[e] = acc[k][e]; }
+        }
+    }
+    if (tid < group) {
+        if (splits == 1) {
+            if (lse != nullptr) { lse[row + tid] = max_s[tid] + logf(sum_s[tid]); }
+        } else {
+            float* st = partial_stats + ((size_t)split * m * n_heads + row + tid) * 2;
+            st[0] = max_s[tid];
+            st[1] = sum_s[tid];
+        }
+    }
+}
+
+// Merges the splits of decode_attention: grid (m, n_heads), DECODE_THREADS threads.
+// out = sum_s w_s o_s / sum_s w_s l_s with w_s = exp(max_s - max over splits); split 0 is never
+// empty, so the max is finite and empty splits (max -inf) weigh 0.
+extern "C" __global__ void __launch_bounds__(DECODE_THREADS)
+decode_attention_combine(__nv_bfloat16* out, float* lse, const float* partial_out,
+                         const float* partial_stats, int m, int n_heads, int head_dim, int splits) {
+    const size_t row = (size_t)blockIdx.x * n_heads + blockIdx.y;
+    const size_t split_stride = (size_t)m * n_heads;
+    float mx = -INFINITY;
+    for (int s = 0; s < splits; s++) { mx = fmaxf(mx, partial_stats[(s * split_stride + row) * 2]); }
+    float total = 0.0f;
+    for (int s = 0; s < splits; s++) {
+        const float* st = partial_stats + (s * split_stride + row) * 2;
+        total += expf(st[0] - mx) * st[1];
+    }
+    for (int d = threadIdx.x; d < head_dim; d += DECODE_THREADS) {
+        float o = 0.0f;
+        for (int s = 0; s < splits; s++) {
+            const float w = expf(partial_stats[(s * split_stride + row) * 2] - mx);
+            o += w * partial_out[(s * split_stride + row) * head_dim + d];
+        }
+        out[row * head_dim + d] = f32_to_bf16(o / total);
+    }
+    if (threadIdx.x == 0 && lse != nullptr) { lse[row] = mx + logf(total); }
+}

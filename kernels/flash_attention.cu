@@ -1,0 +1,479 @@
+// Fused causal grouped-query attention for prefill and training (FlashAttention-2 style), forward
+// and backward, over the slotted KV cache. The CPU reference is src/backend/cpu/attention.rs
+// (attention_forward, attention_backward); the semantics are those of kernels/attention.cu.
+//
+//     token m (slot s, position p), query head h, KV head kvh = h / (n_heads / n_kv_heads):
+//     S_j = scale * q[m, h] . K[s, j, kvh]   for j = 0..=p          (scale = 1/sqrt(D))
+//     out[m, h] = sum_j P_j V[s, j, kvh],   P = softmax(S),   lse[m, h] = log sum_j exp(S_j)
+//
+// Work is cut into query tiles: up to FLASH_ROWS tokens of one slot at consecutive positions and
+// consecutive batch rows (a prefill chunk), built on the host (src/cuda/attention_plan.rs) as
+// uint4 (first token, count, slot, first position). The keys a tile sees are 0 .. first position
+// + count of its slot. No score matrix is ever stored: scores live in registers, a tile at a time.
+//
+// Every product is a tensor-core m16n8k16 (kernels/mma.cuh) with fragments loaded by ldmatrix:
+// bf16 operands, fp32 accumulation; probabilities and dS are rounded to bf16 only as operands of
+// the next product, the softmax statistics stay fp32. Key tiles are copied into shared memory
+// with cp.async in two stages, so the copy of the next tile overlaps the math on this one.
+// Head dims 32, 64 and 128 are instantiated (others use attention.cu).
+//
+// Kernels (launchers in src/cuda/ops/flash_attention.rs):
+//   flash_attention_forward_d{D}     grid (query tiles, n_heads), 4 warps; warp w owns query
+//                                    rows 16w..16w+16 of the tile; keys in steps of FWD_KEYS
+//                                    staged in shared memory; online softmax in exp2 units.
+//   flash_attention_backward_dot     dsum[m, h] = dout[m, h] . out[m, h] (FlashAttention's D).
+//   flash_attention_backward_dq_d{D} grid (query tiles, n_heads): recomputes P from lse, then
+//                                    dS = P * (dO V^T - dsum) and dq = scale * dS K (overwritten).
+//   flash_attention_backward_dkdv_d{D} grid (key tiles, n_kv_heads): KV_KEYS keys of one slot,
+//                                    over every query tile of that slot and every query head of
+//                                    the group: dV += P^T dO, dK += scale * dS^T Q, added to the
+//                                    bf16 gradient caches. Each key row has one owner: no atomics,
+//                                    and the result does not depend on scheduling.
+
+#include "common.cuh"
+#include "mma.cuh"
+
+#include <math.h>
+
+#define FLASH_THREADS 128  // 4 warps (src/cuda/ops/flash_attention.rs)
+#define FLASH_ROWS 64      // query rows per tile, 16 per warp (src/cuda/attention_plan.rs)
+#define FWD_KEYS 64        // keys per step of the forward
+#define DQ_KEYS 32         // keys per step of the dq kernel (fewer: it holds two score tiles)
+#define KV_KEYS 64         // keys per block of the dk/dv kernel, 16 per warp
+#define KV_QUERIES 16      // queries per inner step of the dk/dv kernel
+
+#define LOG2E 1.4426950408889634f
+#define LN2 0.6931471805599453f
+
+static_assert(FLASH_ROWS == 16 * (FLASH_THREADS / WARP_SIZE), "one 16-row slab per warp");
+static_assert(KV_KEYS == 16 * (FLASH_THREADS / WARP_SIZE), "one 16-key slab per warp");
+static_assert(KV_QUERIES == 16, "one k-step of the dk/dv products, two score tiles");
+
+// A query tile: batch rows first_token .. first_token + count, positions first_pos .. + count.
+struct QueryTile {
+    int first_token, count, slot, first_pos;
+};
+
+__device__ __forceinline__ QueryTile read_tile(const uint4* tiles, int i) {
+    const uint4 v = tiles[i];
+    return QueryTile{(int)v.x, (int)v.y, (int)v.z, (int)v.w};
+}
+
+// Fragments of a [16 rows, D] slab of a global bf16 matrix (row r at base + r * stride), as the A
+// operand of Q K^T-like products; rows at or beyond `valid` read as zeros.
+template <int D>
+__device__ __forceinline__ void load_rows_as_a(uint32_t frag[D / 16][4], const __nv_bfloat16* base,
+                                               size_t stride, int row0, int valid, int g, int t) {
+    const int r0 = row0 + g, r1 = row0 + g + 8;
+    for (int kk = 0; kk < D / 16; kk++) {
+        const int c = kk * 16 + 2 * t;
+        frag[kk][0] = r0 < valid ? *reinterpret_cast<const uint32_t*>(base + r0 * stride + c) : 0u;
+        frag[kk][1] = r1 < valid ? *reinterpret_cast<const uint32_t*>(base + r1 * stride + c) : 0u;
+        frag[kk][2] = r0 < valid ? *reinterpret_cast<const uint32_t*>(base + r0 * stride + c + 8) : 0u;
+        frag[kk][3] = r1 < valid ? *reinterpret_cast<const uint32_t*>(base + r1 * stride + c + 8) : 0u;
+    }
+}
+
+// ----------------------------------------------------------------------------
+// forward
+
+template <int D>
+__device__ __forceinline__ void flash_forward(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q,
+                                              const __nv_bfloat16* cache_k, const __nv_bfloat16* cache_v,
+                                              const uint4* tiles, int capacity, int n_heads,
+                                              int n_kv_heads, float scale) {
+    constexpr int S = D + TILE_PAD;
+    constexpr int TILE = FWD_KEYS * S;
+    extern __shared__ __align__(16) unsigned char smem[];
+    __nv_bfloat16* kv_s = reinterpret_cast<__nv_bfloat16*>(smem);  // [2 stages][K, V][FWD_KEYS][S]
+
+    const QueryTile tile = read_tile(tiles, blockIdx.x);
+    const int h = blockIdx.y;
+    const int kvh = h / (n_heads / n_kv_heads);
+    const int q_dim = n_heads * D, kv_dim = n_kv_heads * D;
+    const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
+    const int g = lane / 4, t = lane % 4;
+    const int row[2] = {warp * 16 + g, warp * 16 + g + 8};  // this thread's two rows of the tile
+    const int pos[2] = {tile.first_pos + row[0], tile.first_pos + row[1]};
+    const float scale_log2 = scale * LOG2E;  // scores in log2 units: exp2f is one instruction
+
+    uint32_t q_frag[D / 16][4];  // the warp's 16 query rows, [16, D], as A fragments
+    load_rows_as_a<D>(q_frag, q + (size_t)tile.first_token * q_dim + h * D, q_dim, warp * 16,
+                      tile.count, g, t);
+
+    float o[D / 8][4];  // [16, D] output accumulator
+    for (int dn = 0; dn < D / 8; dn++) { o[dn][0] = o[dn][1] = o[dn][2] = o[dn][3] = 0.0f; }
+    float row_max[2] = {-INFINITY, -INFINITY};  // running max of the scores (log2 units)
+    float row_sum[2] = {0.0f, 0.0f};            // this thread's share of sum exp2(score - max)
+
+    const size_t slot_base = (size_t)tile.slot * capacity * kv_dim + (size_t)kvh * D;
+    const int key_end = tile.first_pos + tile.count;  // keys 0..key_end
+    const int steps = ceil_div(key_end, FWD_KEYS);
+    // K and V of step i into stage i % 2: the copy of step i + 1 runs during the math of step i
+    auto prefetch = [&](int step) {
+        const int j0 = step * FWD_KEYS, valid = min(FWD_KEYS, key_end - j0);
+        __nv_bfloat16* k_dst = kv_s + (step % 2) * 2 * TILE;
+        load_tile_async<D, FWD_KEYS>(k_dst, cache_k + slot_base + (size_t)j0 * kv_dim, kv_dim, valid);
+        load_tile_async<D, FWD_KEYS>(k_dst + TILE, cache_v + slot_base + (size_t)j0 * kv_dim, kv_dim, valid);
+        copy_async_commit();
+    };
+    prefetch(0);
+    for (int step = 0; step < steps; step++) {
+        const int j0 = step * FWD_KEYS;
+        if (step + 1 < steps) {
+            prefetch(step + 1);
+            copy_async_wait<1>();
+        } else {
+            copy_async_wait<0>();
+        }
+        __syncthreads();  // this step's tiles are in shared memory for every thread
+        const __nv_bfloat16* k_s = kv_s + (step % 2) * 2 * TILE;
+        const __nv_bfloat16* v_s = k_s + TILE;
+
+        // s = Q K^T: [16, FWD_KEYS] as FWD_KEYS / 8 accumulator tiles
+        float s[FWD_KEYS / 8][4];
+        for (int nt = 0; nt < FWD_KEYS / 8; nt++) { s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f; }
+        for (int nt = 0; nt < FWD_KEYS / 8; nt += 2) {
+            for (int kk = 0; kk < D / 16; kk++) {
+                uint32_t b[2][2];
+                load_b_transposed_x2(b, k_s, S, nt * 8, kk * 16, lane);
+                mma_m16n8k16(s[nt], q_frag[kk], b[0]);
+                mma_m16n8k16(s[nt + 1], q_frag[kk], b[1]);
+            }
+        }
+        // causal mask; a padding key (j >= key_end) is beyond every real row's position
+        for (int nt = 0; nt < FWD_KEYS / 8; nt++) {
+            for (int e = 0; e < 4; e++) {
+                const int j = j0 + nt * 8 + 2 * t + (e & 1);
+                s[nt][e] = j <= pos[e / 2] ? s[nt][e] * scale_log2 : -INFINITY;
+            }
+        }
+        // online softmax per row; the 4 threads of a row (same g) hold its 64 scores between
+        // them. Key 0 is visible to every row, so the max is finite from the first step on.
+        for (int i = 0; i < 2; i++) {
+            float mx = row_max[i];
+            for (int nt = 0; nt < FWD_KEYS / 8; nt++) { mx = fmaxf(mx, fmaxf(s[nt][2 * i], s[nt][2 * i + 1])); }
+            mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 2));
+            const float correction = exp2f(row_max[i] - mx);  // 0 on the first step
+            row_max[i] = mx;
+            float sum = 0.0f;
+            for (int nt = 0; nt < FWD_KEYS / 8; nt++) {
+                s[nt][2 * i] = exp2f(s[nt][2 * i] - mx);
+                s[nt][2 * i + 1] = exp2f(s[nt][2 * i + 1] - mx);
+                sum += s[nt][2 * i] + s[nt][2 * i + 1];
+            }
+            row_sum[i] = row_sum[i] * correction + sum;
+            for (int dn = 0; dn < D / 8; dn++) {
+                o[dn][2 * i] *= correction;
+                o[dn][2 * i + 1] *= correction;
+            }
+        }
+        // o += P V, P straight from the score registers
+        for (int kk = 0; kk < FWD_KEYS / 16; kk++) {
+            uint32_t a[4];
+            accumulators_to_a(a, s[2 * kk], s[2 * kk + 1]);
+            for (int dn = 0; dn < D / 8; dn += 2) {
+                uint32_t b[2][2];
+                load_b_x2(b, v_s, S, kk * 16, dn * 8, lane);
+                mma_m16n8k16(o[dn], a, b[0]);
+                mma_m16n8k16(o[dn + 1], a, b[1]);
+            }
+        }
+        __syncthreads();  // every warp is done with this stage before step + 2 refills it
+    }
+
+    for (int i = 0; i < 2; i++) {
+        float sum = row_sum[i];
+        sum += __shfl_xor_sync(FULL_MASK, sum, 1);
+        sum += __shfl_xor_sync(FULL_MASK, sum, 2);
+        if (row[i] >= tile.count) { continue; }
+        const size_t token = (size_t)tile.first_token + row[i];
+        const float inv = 1.0f / sum;
+        __nv_bfloat16* out_row = out + token * q_dim + h * D;
+        for (int dn = 0; dn < D / 8; dn++) {
+            *reinterpret_cast<uint32_t*>(out_row + dn * 8 + 2 * t) =
+                pack_bf16(o[dn][2 * i] * inv, o[dn][2 * i + 1] * inv);
+        }
+        if (lse != nullptr && t == 0) { lse[token * n_heads + h] = (row_max[i] + log2f(sum)) * LN2; }
+    }
+}
+
+// ----------------------------------------------------------------------------
+// backward: dsum = rowsum(dout * out), one warp per (token, head) row of D values
+
+extern "C" __global__ void __launch_bounds__(FLASH_THREADS)
+flash_attention_backward_dot(float* dsum, const __nv_bfloat16* dout, const __nv_bfloat16* out,
+                             int rows, int head_dim) {
+    const int r = blockIdx.x * (FLASH_THREADS / WARP_SIZE) + threadIdx.x / WARP_SIZE;
+    if (r >= rows) { return; }  // uniform over the warp
+    const int lane = threadIdx.x % WARP_SIZE;
+    const __nv_bfloat16* a = dout + (size_t)r * head_dim;
+    const __nv_bfloat16* b = out + (size_t)r * head_dim;
+    float acc = 0.0f;
+    for (int d = lane; d < head_dim; d += WARP_SIZE) { acc += bf16_to_f32(a[d]) * bf16_to_f32(b[d]); }
+    acc = warp_reduce_sum(acc);
+    if (lane == 0) { dsum[r] = acc; }
+}
+
+// ----------------------------------------------------------------------------
+// backward: dq
+
+template <int D>
+__device__ __forceinline__ void flash_backward_dq(__nv_bfloat16* dq, const __nv_bfloat16* dout,
+                                                  const float* lse, const float* dsum, const __nv_bfloat16* q,
+                                                  const __nv_bfloat16* cache_k, const __nv_bfloat16* cache_v,
+                                                  const uint4* tiles, int capacity, int n_heads,
+                                                  int n_kv_heads, float scale) {
+    constexpr int S = D + TILE_PAD;
+    constexpr int TILE = DQ_KEYS * S;
+    extern __shared__ __align__(16) unsigned char smem[];
+    __nv_bfloat16* kv_s = reinterpret_cast<__nv_bfloat16*>(smem);  // [2 stages][K, V][DQ_KEYS][S]
+
+    const QueryTile tile = read_tile(tiles, blockIdx.x);
+    const int h = blockIdx.y;
+    const int kvh = h / (n_heads / n_kv_heads);
+    const int q_dim = n_heads * D, kv_dim = n_kv_heads * D;
+    const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
+    const int g = lane / 4, t = lane % 4;
+    const int row[2] = {warp * 16 + g, warp * 16 + g + 8};
+    const int pos[2] = {tile.first_pos + row[0], tile.first_pos + row[1]};
+    const float scale_log2 = scale * LOG2E;
+
+    const size_t first = (size_t)tile.first_token * q_dim + h * D;
+    uint32_t q_frag[D / 16][4], do_frag[D / 16][4];
+    load_rows_as_a<D>(q_frag, q + first, q_dim, warp * 16, tile.count, g, t);
+    load_rows_as_a<D>(do_frag, dout + first, q_dim, warp * 16, tile.count, g, t);
+    // per row: lse in log2 units (+inf for padding rows: their P is 0) and dsum
+    float row_lse[2], row_dsum[2];
+    for (int i = 0; i < 2; i++) {
+        const size_t r = ((size_t)tile.first_token + row[i]) * n_heads + h;
+        row_lse[i] = row[i] < tile.count ? lse[r] * LOG2E : INFINITY;
+        row_dsum[i] = row[i] < tile.count ? dsum[r] : 0.0f;
+    }
+
+    float acc[D / 8][4];  // dq [16, D]
+    for (int dn = 0; dn < D / 8; dn++) { acc[dn][0] = acc[dn][1] = acc[dn][2] = acc[dn][3] = 0.0f; }
+
+    const size_t slot_base = (size_t)tile.slot * capacity * kv_dim + (size_t)kvh * D;
+    const int key_end = tile.first_pos + tile.count;
+    const int steps = ceil_div(key_end, DQ_KEYS);
+    auto prefetch = [&](int step) {  // as in the forward
+        const int j0 = step * DQ_KEYS, valid = min(DQ_KEYS, key_end - j0);
+        __nv_bfloat16* k_dst = kv_s + (step % 2) * 2 * TILE;
+        load_tile_async<D, DQ_KEYS>(k_dst, cache_k + slot_base + (size_t)j0 * kv_dim, kv_dim, valid);
+        load_tile_async<D, DQ_KEYS>(k_dst + TILE, cache_v + slot_base + (size_t)j0 * kv_dim, kv_dim, valid);
+        copy_async_commit();
+    };
+    prefetch(0);
+    for (int step = 0; step < steps; step++) {
+        const int j0 = step * DQ_KEYS;
+        if (step + 1 < steps) {
+            prefetch(step + 1);
+            copy_async_wait<1>();
+        } else {
+            copy_async_wait<0>();
+        }
+        __syncthreads();
+        const __nv_bfloat16* k_s = kv_s + (step % 2) * 2 * TILE;
+        const __nv_bfloat16* v_s = k_s + TILE;
+
+        float p[DQ_KEYS / 8][4], dp[DQ_KEYS / 8][4];  // [16, DQ_KEYS] each
+        for (int nt = 0; nt < DQ_KEYS / 8; nt++) {
+            for (int e = 0; e < 4; e++) { p[nt][e] = dp[nt][e] = 0.0f; }
+        }
+        for (int nt = 0; nt < DQ_KEYS / 8; nt += 2) {
+            for (int kk = 0; kk < D / 16; kk++) {
+                uint32_t b[2][2];
+                load_b_transposed_x2(b, k_s, S, nt * 8, kk * 16, lane);
+                mma_m16n8k16(p[nt], q_frag[kk], b[0]);
+                mma_m16n8k16(p[nt + 1], q_frag[kk], b[1]);
+                load_b_transposed_x2(b, v_s, S, nt * 8, kk * 16, lane);
+                mma_m16n8k16(dp[nt], do_frag[kk], b[0]);
+                mma_m16n8k16(dp[nt + 1], do_frag[kk], b[1]);
+            }
+        }
+        // P = exp(S - lse) under the causal mask; dS = P * (dP - dsum), kept in p
+        for (int nt = 0; nt < DQ_KEYS / 8; nt++) {
+            for (int e = 0; e < 4; e++) {
+                const int j = j0 + nt * 8 + 2 * t + (e & 1);
+                const int i = e / 2;
+                const float pj = j <= pos[i] ? exp2f(p[nt][e] * scale_log2 - row_lse[i]) : 0.0f;
+                p[nt][e] = pj * (dp[nt][e] - row_dsum[i]);
+            }
+        }
+        // dq += dS K
+        for (int kk = 0; kk < DQ_KEYS / 16; kk++) {
+            uint32_t a[4];
+            accumulators_to_a(a, p[2 * kk], p[2 * kk + 1]);
+            for (int dn = 0; dn < D / 8; dn += 2) {
+                uint32_t b[2][2];
+                load_b_x2(b, k_s, S, kk * 16, dn * 8, lane);
+                mma_m16n8k16(acc[dn], a, b[0]);
+                mma_m16n8k16(acc[dn + 1], a, b[1]);
+            }
+        }
+        __syncthreads();  // every warp is done with this stage before step + 2 refills it
+    }
+
+    for (int i = 0; i < 2; i++) {
+        if (row[i] >= tile.count) { continue; }
+        __nv_bfloat16* dq_row = dq + ((size_t)tile.first_token + row[i]) * q_dim + h * D;
+        for (int dn = 0; dn < D / 8; dn++) {
+            *reinterpret_cast<uint32_t*>(dq_row + dn * 8 + 2 * t) =
+                pack_bf16(acc[dn][2 * i] * scale, acc[dn][2 * i + 1] * scale);
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------
+// backward: dk, dv
+//
+// A key tile is uint4 (first key, key count, first query tile, end query tile): keys first key ..
+// + key count of the slot whose query tiles are tiles[first .. end) (the host sorts the tiles by
+// slot). Warp w owns keys 16w..16w+16 of the block and computes the transposed products, keys as
+// rows: S^T = K Q^T, dP^T = V dO^T, then dV += P^T dO and dK += dS^T Q.
+
+template <int D>
+__device__ __forceinline__ void flash_backward_dkdv(__nv_bfloat16* dcache_k, __nv_bfloat16* dcache_v,
+                                                    const __nv_bfloat16* dout, const float* lse,
+                                                    const float* dsum, const __nv_bfloat16* q,
+                                                    const __nv_bfloat16* cache_k, const __nv_bfloat16* cache_v,
+                                                    const uint4* tiles, const uint4* key_tiles,
+                                                    int capacity, int n_heads, int n_kv_heads, float scale) {
+    constexpr int S = D + TILE_PAD;
+    extern __shared__ __align__(16) unsigned char smem[];
+    __nv_bfloat16* k_s = reinterpret_cast<__nv_bfloat16*>(smem);  // [KV_KEYS][S]
+    __nv_bfloat16* v_s = k_s + KV_KEYS * S;                         // [KV_KEYS][S]
+    __nv_bfloat16* q_s = v_s + KV_KEYS * S;                         // [FLASH_ROWS][S]
+    __nv_bfloat16* do_s = q_s + FLASH_ROWS * S;                     // [FLASH_ROWS][S]
+    float* lse_s = reinterpret_cast<float*>(do_s + FLASH_ROWS * S); // [FLASH_ROWS], log2 units
+    float* dsum_s = lse_s + FLASH_ROWS;                             // [FLASH_ROWS]
+
+    const uint4 kt = key_tiles[blockIdx.x];
+    const int first_key = (int)kt.x, key_count = (int)kt.y;
+    const int tiles_begin = (int)kt.z, tiles_end = (int)kt.w;
+    const int slot = read_tile(tiles, tiles_begin).slot;
+    const int kvh = blockIdx.y;
+    const int group = n_heads / n_kv_heads;
+    const int q_dim = n_heads * D, kv_dim = n_kv_heads * D;
+    const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
+    const int g = lane / 4, t = lane % 4;
+    const int key[2] = {first_key + warp * 16 + g, first_key + warp * 16 + g + 8};
+    const float scale_log2 = scale * LOG2E;
+
+    const size_t slot_base = (size_t)slot * capacity * kv_dim + (size_t)kvh * D;
+    load_tile_async<D, KV_KEYS>(k_s, cache_k + slot_base + (size_t)first_key * kv_dim, kv_dim, key_count);
+    load_tile_async<D, KV_KEYS>(v_s, cache_v + slot_base + (size_t)first_key * kv_dim, kv_dim, key_count);
+    copy_async_commit();  // waited for with the first query tile
+
+    float dk[D / 8][4], dv[D / 8][4];  // [16 keys, D] each
+    for (int dn = 0; dn < D / 8; dn++) {
+        for (int e = 0; e < 4; e++) { dk[dn][e] = dv[dn][e] = 0.0f; }
+    }
+
+    for (int h = kvh * group; h < (kvh + 1) * group; h++) {
+        for (int ti = tiles_begin; ti < tiles_end; ti++) {
+            const QueryTile tile = read_tile(tiles, ti);
+            if (tile.first_pos + tile.count <= first_key) { continue; }  // sees none of these keys
+            const size_t first = (size_t)tile.first_token * q_dim + h * D;
+            __syncthreads();  // the previous tile's reads of q_s, do_s are done
+            load_tile_async<D, FLASH_ROWS>(q_s, q + first, q_dim, tile.count);
+            load_tile_async<D, FLASH_ROWS>(do_s, dout + first, q_dim, tile.count);
+            copy_async_commit();
+            for (int r = threadIdx.x; r < FLASH_ROWS; r += blockDim.x) {
+                const size_t at = ((size_t)tile.first_token + r) * n_heads + h;
+                lse_s[r] = r < tile.count ? lse[at] * LOG2E : INFINITY;  // padding: P = 0
+                dsum_s[r] = r < tile.count ? dsum[at] : 0.0f;
+            }
+            copy_async_wait<0>();
+            __syncthreads();
+
+            for (int c0 = 0; c0 < tile.count; c0 += KV_QUERIES) {
+                // p = S^T, dp = dP^T: [16 keys, KV_QUERIES queries]
+                float p[KV_QUERIES / 8][4], dp[KV_QUERIES / 8][4];
+                for (int nt = 0; nt < KV_QUERIES / 8; nt++) {
+                    for (int e = 0; e < 4; e++) { p[nt][e] = dp[nt][e] = 0.0f; }
+                }
+                for (int kk = 0; kk < D / 16; kk++) {
+                    uint32_t ka[4], va[4], b[2][2];
+                    load_a(ka, k_s, S, warp * 16, kk * 16, lane);
+                    load_a(va, v_s, S, warp * 16, kk * 16, lane);
+                    load_b_transposed_x2(b, q_s, S, c0, kk * 16, lane);
+                    mma_m16n8k16(p[0], ka, b[0]);
+                    mma_m16n8k16(p[1], ka, b[1]);
+                    load_b_transposed_x2(b, do_s, S, c0, kk * 16, lane);
+                    mma_m16n8k16(dp[0], va, b[0]);
+                    mma_m16n8k16(dp[1], va, b[1]);
+                }
+                // P^T and dS^T (in dp), masked: query c sees key j when j <= its position
+                for (int nt = 0; nt < KV_QUERIES / 8; nt++) {
+                    for (int e = 0; e < 4; e++) {
+                        const int c = c0 + nt * 8 + 2 * t + (e & 1);
+                        const float pj = key[e / 2] <= tile.first_pos + c
+                                             ? exp2f(p[nt][e] * scale_log2 - lse_s[c]) : 0.0f;
+                        p[nt][e] = pj;
+                        dp[nt][e] = pj * (dp[nt][e] - dsum_s[c]);
+                    }
+                }
+                // dv += P^T dO, dk += dS^T Q (one k-step of KV_QUERIES = 16 queries)
+                uint32_t pa[4], dsa[4];
+                accumulators_to_a(pa, p[0], p[1]);
+                accumulators_to_a(dsa, dp[0], dp[1]);
+                for (int dn = 0; dn < D / 8; dn += 2) {
+                    uint32_t b[2][2];
+                    load_b_x2(b, do_s, S, c0, dn * 8, lane);
+                    mma_m16n8k16(dv[dn], pa, b[0]);
+                    mma_m16n8k16(dv[dn + 1], pa, b[1]);
+                    load_b_x2(b, q_s, S, c0, dn * 8, lane);
+                    mma_m16n8k16(dk[dn], dsa, b[0]);
+                    mma_m16n8k16(dk[dn + 1], dsa, b[1]);
+                }
+            }
+        }
+    }
+
+    // add into the gradient caches (each key row of this KV head belongs to this block only)
+    for (int i = 0; i < 2; i++) {
+        if (key[i] >= first_key + key_count) { continue; }
+        const size_t at = slot_base + (size_t)key[i] * kv_dim;
+        for (int dn = 0; dn < D / 8; dn++) {
+            const int d = dn * 8 + 2 * t;
+            __nv_bfloat162* k2 = reinterpret_cast<__nv_bfloat162*>(dcache_k + at + d);
+            __nv_bfloat162* v2 = reinterpret_cast<__nv_bfloat162*>(dcache_v + at + d);
+            const float2 kold = __bfloat1622float2(*k2), vold = __bfloat1622float2(*v2);
+            *k2 = __floats2bfloat162_rn(kold.x + dk[dn][2 * i] * scale, kold.y + dk[dn][2 * i + 1] * scale);
+            *v2 = __floats2bfloat162_rn(vold.x + dv[dn][2 * i], vold.y + dv[dn][2 * i + 1]);
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------
+// entry points, one per head dim (dynamic shared memory sizes: src/cuda/ops/flash_attention.rs)
+
+#define FLASH_ENTRY_POINTS(D)                                                                          \
+    extern "C" __global__ void __launch_bounds__(FLASH_THREADS) flash_attention_forward_d##D(          \
+        __nv_bfloat16* out, float* lse, const __nv_bfloat16* q, const __nv_bfloat16* cache_k,          \
+        const __nv_bfloat16* cache_v, const uint4* tiles, int capacity, int n_heads, int n_kv_heads,   \
+        float scale) {                                                                                 \
+        flash_forward<D>(out, lse, q, cache_k, cache_v, tiles, capacity, n_heads, n_kv_heads, scale);  \
+    }                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(FLASH_THREADS) flash_attention_backward_dq_d##D(      \
+        __nv_bfloat16* dq, const __nv_bfloat16* dout, const float* lse, const float* dsum,             \
+        const __nv_bfloat16* q, const __nv_bfloat16* cache_k, const __nv_bfloat16* cache_v,            \
+        const uint4* tiles, int capacity, int n_heads, int n_kv_heads, float scale) {                  \
+        flash_backward_dq<D>(dq, dout, lse, dsum, q, cache_k, cache_v, tiles, capacity, n_heads,       \
+                             n_kv_heads, scale);                                                       \
+    }                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(FLASH_THREADS, 1) flash_attention_backward_dkdv_d##D( \
+        __nv_bfloat16* dcache_k, __nv_bfloat16* dcache_v, const __nv_bfloat16* dout, const float* lse, \
+        const float* dsum, const __nv_bfloat16* q, const __nv_bfloat16* cache_k,                       \
+        const __nv_bfloat16* cache_v, const uint4* tiles, const uint4* key_tiles, int capacity,        \
+        int n_heads, int n_kv_heads, float scale) {                                                    \
+        flash_backward_dkdv<D>(dcache_k, dcache_v, dout, lse, dsum, q, cache_k, cache_v, tiles,        \
+                               key_tiles, capacity, n_heads, n_kv_heads, scale);                       \
+    }
+
+FLASH_ENTRY_POINTS(32)
+FLASH_ENTRY_POINTS(64)
+FLASH_ENTRY_POINTS(128)

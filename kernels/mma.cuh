@@ -1,0 +1,137 @@
+// Tensor-core tiles for the attention kernels: the m16n8k16 bf16 matrix-multiply-accumulate of
+// PTX (`mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32`, sm_80 and later), the ldmatrix
+// loads that build its fragments from shared-memory tiles, and cp.async copies into those tiles.
+//
+// One warp computes D[16x8] += A[16x16] * B[16x8]. With lane = 4 * g + t (g = lane / 4 in 0..8,
+// t = lane % 4 in 0..4), each thread holds (PTX ISA, "Matrix fragments for mma.m16n8k16"):
+//   A: 4 registers of 2 bf16:  a[0] = A[g][2t, 2t+1]      a[1] = A[g+8][2t, 2t+1]
+//                              a[2] = A[g][2t+8, 2t+9]    a[3] = A[g+8][2t+8, 2t+9]
+//   B: 2 registers of 2 bf16:  b[0] = B[2t, 2t+1][g]      b[1] = B[2t+8, 2t+9][g]
+//   C, D: 4 floats:            c[0], c[1] = C[g][2t, 2t+1]   c[2], c[3] = C[g+8][2t, 2t+1]
+// The lower-indexed element of a pair sits in the low 16 bits.
+//
+// Two facts the kernels lean on:
+//   - The C fragments of two neighbouring 16x8 tiles (columns 0..8 and 8..16) are, rounded to
+//     bf16 and paired, exactly the A fragment of the 16x16 tile they form: a score tile computed
+//     by one mma feeds the next mma (P times V) without leaving registers.
+//   - Shared-memory tiles are row-major with rows of D + TILE_PAD bf16. For every D used here
+//     (32, 64, 128) the row stride in 4-byte words is 4 mod 8, so the 32 lanes of a fragment load
+//     (g rows apart, t words apart) hit 32 different banks, and so do ldmatrix's row reads.
+#pragma once
+
+#include "common.cuh"
+
+// bf16 padding at the end of every shared-memory tile row (16 bytes: rows stay 16-byte aligned).
+#define TILE_PAD 8
+
+// d += a * b for one m16n8k16 tile (fp32 accumulators).
+__device__ __forceinline__ void mma_m16n8k16(float d[4], const uint32_t a[4], const uint32_t b[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// Two floats rounded to bf16 (round-to-nearest-even) in one register, `lo` in the low half.
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// The shared-memory address of a generic pointer into shared memory (for ldmatrix, cp.async).
+__device__ __forceinline__ uint32_t shared_address(const void* p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// ldmatrix: four 8x8 bf16 matrices M0..M3 from shared memory, lanes 8i..8i+7 giving the addresses
+// of the 8 rows (16 bytes each, 16-byte aligned) of M_i. Plain: r[i] = M_i[g][2t, 2t+1];
+// transposed: r[i] = (M_i[2t][g], M_i[2t+1][g]). One instruction replaces four 4-byte loads per
+// thread (or eight 2-byte loads for the transposed pairs). The rows of one matrix are a tile's
+// rows: with the row stride 4 mod 8 words they fall in 8 different groups of 4 banks.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const __nv_bfloat16* row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(shared_address(row)));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t r[4], const __nv_bfloat16* row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(shared_address(row)));
+}
+
+// A fragment of the 16x16 block at (row0, col0) of a row-major tile: the operand is the tile
+// itself (A[i][k] = tile[row0 + i][col0 + k]). M0..M3 = the blocks (+0, +0), (+8, +0), (+0, +8),
+// (+8, +8): exactly a[0..3].
+__device__ __forceinline__ void load_a(uint32_t a[4], const __nv_bfloat16* tile, int stride,
+                                       int row0, int col0, int lane) {
+    const int i = lane / 8, r = lane % 8;
+    ldmatrix_x4(a, tile + (row0 + (i % 2) * 8 + r) * stride + col0 + (i / 2) * 8);
+}
+
+// B fragments of two neighbouring 16x8 blocks (n0 and n0 + 8) of the TRANSPOSE of a row-major
+// tile: B[k][n] = tile[n0 + n][k0 + k] (e.g. B = K^T for S = Q K^T, K stored one key per row).
+// b[j][0] = tile[n0 + 8j + g][k0 + 2t, +1], b[j][1] the same at k0 + 8: M0..M3 = the blocks
+// (rows +0, cols +0), (+0, +8), (+8, +0), (+8, +8).
+__device__ __forceinline__ void load_b_transposed_x2(uint32_t b[2][2], const __nv_bfloat16* tile,
+                                                     int stride, int n0, int k0, int lane) {
+    const int i = lane / 8, r = lane % 8;
+    uint32_t m[4];
+    ldmatrix_x4(m, tile + (n0 + (i / 2) * 8 + r) * stride + k0 + (i % 2) * 8);
+    b[0][0] = m[0];
+    b[0][1] = m[1];
+    b[1][0] = m[2];
+    b[1][1] = m[3];
+}
+
+// B fragments of two neighbouring 16x8 blocks (n0 and n0 + 8) of a row-major tile itself:
+// B[k][n] = tile[k0 + k][n0 + n] (e.g. B = V for O = P V, V stored one key per row): the
+// transposed load of the blocks (rows +0, cols +0), (+8, +0), (+0, +8), (+8, +8).
+__device__ __forceinline__ void load_b_x2(uint32_t b[2][2], const __nv_bfloat16* tile, int stride,
+                                          int k0, int n0, int lane) {
+    const int i = lane / 8, r = lane % 8;
+    uint32_t m[4];
+    ldmatrix_x4_trans(m, tile + (k0 + (i % 2) * 8 + r) * stride + n0 + (i / 2) * 8);
+    b[0][0] = m[0];
+    b[0][1] = m[1];
+    b[1][0] = m[2];
+    b[1][1] = m[3];
+}
+
+// A fragment of the 16x16 block [16 rows, keys 16*kk .. 16*kk + 16) from accumulator tiles
+// c[2kk] (columns 0..8) and c[2kk + 1] (columns 8..16), rounded to bf16 (see the header).
+__device__ __forceinline__ void accumulators_to_a(uint32_t a[4], const float c0[4], const float c1[4]) {
+    a[0] = pack_bf16(c0[0], c0[1]);
+    a[1] = pack_bf16(c0[2], c0[3]);
+    a[2] = pack_bf16(c1[0], c1[1]);
+    a[3] = pack_bf16(c1[2], c1[3]);
+}
+
+// cp.async: 16 bytes global -> shared without passing through registers, so the copy of the
+// next tile overlaps the math on this one. With valid = false nothing is read and the 16 bytes
+// are zero-filled (src must still be a valid address).
+__device__ __forceinline__ void copy_async16(__nv_bfloat16* dst, const __nv_bfloat16* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+                 ::"r"(shared_address(dst)), "l"(src), "r"(valid ? 16 : 0));
+}
+// Closes the group of copies issued since the last commit.
+__device__ __forceinline__ void copy_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+// Waits until at most `pending` of this thread's committed groups are still in flight.
+template <int pending>
+__device__ __forceinline__ void copy_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(pending)); }
+
+// Starts copying rows [0, valid) of a global matrix (row r at src + r * src_stride, D bf16 each,
+// 16-byte aligned, valid >= 1) into a shared tile of ROWS rows of D + TILE_PAD bf16, zero-filling
+// rows valid..ROWS; all threads of the block take part. The caller commits, waits and
+// synchronises before reading the tile.
+template <int D, int ROWS>
+__device__ __forceinline__ void load_tile_async(__nv_bfloat16* tile, const __nv_bfloat16* src,
+                                                size_t src_stride, int valid) {
+    constexpr int VECS = D / 8;  // 16-byte vectors per row
+    for (int i = threadIdx.x; i < ROWS * VECS; i += blockDim.x) {
+        const int r = i / VECS;
+        const int c = (i % VECS) * 8;
+        const bool in = r < valid;
+        copy_async16(tile + r * (D + TILE_PAD) + c, src + (in ? r * src_stride + c : 0), in);
+    }
+}

@@ -1,0 +1,209 @@
+//! Launchers for kernels/decode_attention.cu: attention of a few tokens per sequence over the KV
+//! cache, split along the keys when few (token, KV head) pairs are active (flash-decoding).
+
+use anyhow::{ensure, Context, Result};
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+use super::attention::check_attention_dims;
+use crate::cuda::launch::{to_i32, KernelCtx};
+
+/// `DECODE_THREADS`, `DECODE_KEYS`, `DECODE_MAX_GROUP`, `DECODE_MAX_HEAD_DIM` in the kernel file.
+pub const DECODE_THREADS: u32 = 128;
+const DECODE_KEYS: usize = 64;
+pub const DECODE_MAX_GROUP: usize = 8;
+pub const DECODE_MAX_HEAD_DIM: usize = 256;
+/// bf16 padding per shared-memory row (`TILE_PAD` in kernels/mma.cuh).
+const TILE_PAD: usize = 8;
+/// A split covers at least this many keys (two pipelined steps): fewer would spend more on
+/// merging than they save.
+const MIN_SPLIT_KEYS: usize = 128;
+/// Blocks per multiprocessor the splits aim for (a block is 4 warps: 16 warps per SM in flight).
+const BLOCKS_PER_SM: usize = 4;
+/// Largest gridDim.y / gridDim.z.
+const MAX_GRID_YZ: usize = 65_535;
+
+/// Head dims in 16-byte vectors up to 256 and GQA groups up to 8 (the group's query heads share
+/// one block).
+pub fn supports(n_heads: usize, n_kv_heads: usize, head_dim: usize) -> bool {
+    n_kv_heads > 0
+        && n_heads.is_multiple_of(n_kv_heads)
+        && n_heads / n_kv_heads <= DECODE_MAX_GROUP
+        && head_dim.is_multiple_of(8)
+        && head_dim > 0
+        && head_dim <= DECODE_MAX_HEAD_DIM
+}
+
+/// (splits, keys per split) for `m` tokens whose longest prefix has `max_len` keys: enough blocks
+/// for BLOCKS_PER_SM per multiprocessor, each split at least MIN_SPLIT_KEYS keys, a multiple of
+/// DECODE_KEYS.
+pub fn plan_splits(m: usize, n_kv_heads: usize, max_len: usize, sm_count: usize) -> (usize, usize) {
+    let blocks = (m * n_kv_heads).max(1);
+    let max_splits = max_len.div_ceil(MIN_SPLIT_KEYS).max(1);
+    let splits = (BLOCKS_PER_SM * sm_count)
+        .div_ceil(blocks)
+        .clamp(1, max_splits);
+    let split_keys = max_len
+        .max(1)
+        .div_ceil(splits)
+        .next_multiple_of(DECODE_KEYS);
+    (max_len.max(1).div_ceil(split_keys), split_keys)
+}
+
+/// Elements of the f32 scratch buffers for `splits` > 1: (partial outputs, (max, sum) pairs).
+pub fn scratch_sizes(splits: usize, m: usize, n_heads: usize, head_dim: usize) -> (usize, usize) {
+    (splits * m * n_heads * head_dim, splits * m * n_heads * 2)
+}
+
+fn shared_bytes(group: usize, head_dim: usize) -> u32 {
+    // q [group, head_dim] f32, scores [group, DECODE_KEYS] f32, two stages of K, V in bf16
+    let stages = 2 * 2 * DECODE_KEYS * (head_dim + TILE_PAD) * 2;
+    (group * head_dim * 4 + group * DECODE_KEYS * 4 + stages) as u32
+}
+
+/// The batch and cache, as in `attention::attention_forward`.
+#[derive(Debug, Clone, Copy)]
+pub struct DecodeProblem {
+    pub q: u64,       // bf16 [m, n_heads * head_dim]
+    pub cache_k: u64, // bf16 [slots, capacity, n_kv_heads * head_dim], 16-byte aligned
+    pub cache_v: u64,
+    pub slots: u64,     // u32 [m], checked against the cache
+    pub positions: u64, // u32 [m]
+    pub m: usize,
+    pub capacity: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// out (bf16 [m, n_heads * head_dim]) and lse (f32 [m, n_heads], or 0). With `splits` > 1,
+/// `partial_out` and `partial_stats` are f32 scratch of [`scratch_sizes`] and a second kernel
+/// merges the splits; with 1 they are unused (0).
+pub fn decode_attention(
+    k: &KernelCtx,
+    p: &DecodeProblem,
+    out: u64,
+    lse: u64,
+    (splits, split_keys): (usize, usize),
+    (partial_out, partial_stats): (u64, u64),
+) -> Result<()> {
+    const OP: &str = "decode_attention";
+    let dims = check_attention_dims(OP, p.m, p.capacity, p.n_heads, p.n_kv_heads, p.head_dim)?;
+    ensure!(
+        supports(p.n_heads, p.n_kv_heads, p.head_dim),
+        "{OP}: needs head_dim a multiple of 8 up to {DECODE_MAX_HEAD_DIM} and at most \
+         {DECODE_MAX_GROUP} query heads per KV head (got head_dim {}, {} / {} heads)",
+        p.head_dim,
+        p.n_heads,
+        p.n_kv_heads
+    );
+    ensure!(
+        (1..=MAX_GRID_YZ).contains(&splits) && p.n_kv_heads <= MAX_GRID_YZ,
+        "{OP}: {splits} splits or {} KV heads exceed the grid",
+        p.n_kv_heads
+    );
+    ensure!(
+        splits == 1 || (partial_out != 0 && partial_stats != 0),
+        "{OP}: {splits} splits need scratch buffers"
+    );
+    if p.m == 0 {
+        return Ok(());
+    }
+    let split_keys_i32 = to_i32(OP, "split_keys", split_keys)?;
+    let scale = 1.0 / (p.head_dim as f32).sqrt();
+    let group = p.n_heads / p.n_kv_heads;
+    let shared = shared_bytes(group, p.head_dim);
+    let f = k.function_with_shared_mem("decode_attention", "decode_attention", shared)?;
+    let mut b = k.stream.launch_builder(&f);
+    b.arg(&out)
+        .arg(&lse)
+        .arg(&partial_out)
+        .arg(&partial_stats)
+        .arg(&p.q)
+        .arg(&p.cache_k)
+        .arg(&p.cache_v)
+        .arg(&p.slots)
+        .arg(&p.positions)
+        .arg(&dims.m)
+        .arg(&dims.capacity)
+        .arg(&dims.n_heads)
+        .arg(&dims.n_kv_heads)
+        .arg(&dims.head_dim)
+        .arg(&split_keys_i32)
+        .arg(&scale);
+    let cfg = LaunchConfig {
+        grid_dim: (p.m as u32, p.n_kv_heads as u32, splits as u32),
+        block_dim: (DECODE_THREADS, 1, 1),
+        shared_mem_bytes: shared,
+    };
+    // SAFETY: the arguments match decode_attention(bf16* out, float* lse, float* partial_out,
+    // float* partial_stats, const bf16* q, const bf16* cache_k, const bf16* cache_v,
+    // const u32* slots, const u32* positions, int m, int capacity, int n_heads, int n_kv_heads,
+    // int head_dim, int split_keys, float scale); `supports` holds, the caller checked slots and
+    // positions against the cache and sized the scratch with scratch_sizes(splits, ..).
+    unsafe { b.launch(cfg) }.context("launching decode_attention")?;
+    if splits == 1 {
+        return Ok(());
+    }
+    let splits_i32 = splits as i32;
+    let f = k.function("decode_attention", "decode_attention_combine")?;
+    let mut b = k.stream.launch_builder(&f);
+    b.arg(&out)
+        .arg(&lse)
+        .arg(&partial_out)
+        .arg(&partial_stats)
+        .arg(&dims.m)
+        .arg(&dims.n_heads)
+        .arg(&dims.head_dim)
+        .arg(&splits_i32);
+    let cfg = LaunchConfig {
+        grid_dim: (p.m as u32, p.n_heads as u32, 1),
+        block_dim: (DECODE_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: decode_attention_combine(bf16* out, float* lse, const float* partial_out,
+    // const float* partial_stats, int m, int n_heads, int head_dim, int splits), reading what the
+    // launch above wrote (same stream).
+    unsafe { b.launch(cfg) }.context("launching decode_attention_combine")?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_fill_the_device_only_when_few_blocks_and_long_prefixes() {
+        // one sequence, 2 KV heads, 4096 keys on 132 SMs: 32 splits of 128 keys
+        assert_eq!(plan_splits(1, 2, 4096, 132), (32, 128));
+        // a short prefix gets at most len / 128 splits (rounded up)
+        assert_eq!(plan_splits(1, 2, 300, 132), (3, 128));
+        assert_eq!(plan_splits(1, 2, 100, 132), (1, 128));
+        // 32 sequences: 64 blocks, 8 splits of 256 keys; a big batch fills the device by itself
+        assert_eq!(plan_splits(32, 2, 2048, 132), (8, 256));
+        assert_eq!(plan_splits(512, 2, 4096, 132), (1, 4096));
+        // splits cover max_len with whole DECODE_KEYS steps
+        for (m, len) in [(3, 1000), (1, 1), (7, 65_537), (64, 513)] {
+            let (splits, keys) = plan_splits(m, 4, len, 132);
+            assert_eq!(keys % DECODE_KEYS, 0);
+            assert!(
+                splits * keys >= len && (splits - 1) * keys < len,
+                "{m} {len}"
+            );
+        }
+    }
+
+    #[test]
+    fn supported_shapes_and_shared_memory() {
+        assert!(supports(14, 2, 64) && supports(8, 1, 128) && supports(32, 32, 256));
+        assert!(!supports(16, 1, 64)); // group 16
+        assert!(!supports(4, 2, 36)); // not a multiple of 8
+        assert!(!supports(4, 2, 264));
+        // the largest case needs the opt-in above 48 KiB and fits sm_80's 163 KiB
+        assert!(shared_bytes(DECODE_MAX_GROUP, DECODE_MAX_HEAD_DIM) <= 163 * 1024);
+        assert!(shared_bytes(7, 64) <= 48 * 1024);
+        assert_eq!(
+            shared_bytes(7, 128),
+            7 * 128 * 4 + 7 * 64 * 4 + 4 * 64 * 136 * 2
+        );
+    }
+}

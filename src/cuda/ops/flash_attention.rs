@@ -1,0 +1,277 @@
+//! Launchers for kernels/flash_attention.cu: fused causal attention over query tiles (forward
+//! with log-sum-exp, and backward). The CPU reference is `backend::cpu::attention`; the tiles
+//! come from [`AttentionPlan`](crate::cuda::attention_plan::AttentionPlan).
+
+use anyhow::{ensure, Context, Result};
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+use super::attention::check_attention_dims;
+use crate::cuda::attention_plan::{KEY_TILE_ROWS, QUERY_TILE_ROWS};
+use crate::cuda::launch::{grid_1d, to_i32, KernelCtx};
+
+/// Threads per block of every kernel here (`FLASH_THREADS`).
+pub const FLASH_THREADS: u32 = 128;
+/// Head dims with a fused kernel; others use kernels/attention.cu.
+pub const FLASH_HEAD_DIMS: [usize; 3] = [32, 64, 128];
+/// Keys per step: `FWD_KEYS` and `DQ_KEYS` in the kernel file.
+const FORWARD_KEYS: usize = 64;
+const DQ_KEYS: usize = 32;
+/// bf16 padding per shared-memory row (`TILE_PAD` in kernels/mma.cuh).
+const TILE_PAD: usize = 8;
+/// Largest gridDim.y, which holds the head.
+const MAX_GRID_Y: usize = 65_535;
+
+pub fn supports_head_dim(head_dim: usize) -> bool {
+    FLASH_HEAD_DIMS.contains(&head_dim)
+}
+
+/// Kernel names per head dim, as (forward, dq, dkdv).
+fn kernel_names(head_dim: usize) -> Result<(&'static str, &'static str, &'static str)> {
+    Ok(match head_dim {
+        32 => (
+            "flash_attention_forward_d32",
+            "flash_attention_backward_dq_d32",
+            "flash_attention_backward_dkdv_d32",
+        ),
+        64 => (
+            "flash_attention_forward_d64",
+            "flash_attention_backward_dq_d64",
+            "flash_attention_backward_dkdv_d64",
+        ),
+        128 => (
+            "flash_attention_forward_d128",
+            "flash_attention_backward_dq_d128",
+            "flash_attention_backward_dkdv_d128",
+        ),
+        _ => anyhow::bail!("fused attention supports head_dim {FLASH_HEAD_DIMS:?}, not {head_dim}"),
+    })
+}
+
+/// Dynamic shared memory of each kernel in bytes: bf16 tiles of rows of head_dim + TILE_PAD.
+fn forward_shared_bytes(head_dim: usize) -> u32 {
+    (2 * 2 * FORWARD_KEYS * (head_dim + TILE_PAD) * 2) as u32 // two stages of K, V
+}
+fn dq_shared_bytes(head_dim: usize) -> u32 {
+    (2 * 2 * DQ_KEYS * (head_dim + TILE_PAD) * 2) as u32 // two stages of K, V
+}
+fn dkdv_shared_bytes(head_dim: usize) -> u32 {
+    // K, V of the key tile; Q, dO of a query tile; lse and dsum of a query tile (f32)
+    ((2 * KEY_TILE_ROWS + 2 * QUERY_TILE_ROWS) * (head_dim + TILE_PAD) * 2
+        + 2 * QUERY_TILE_ROWS * 4) as u32
+}
+
+/// The problem every kernel here shares: the batch, the cache and the tiles on the device.
+#[derive(Debug, Clone, Copy)]
+pub struct FlashProblem {
+    pub q: u64,       // bf16 [m, n_heads * head_dim]
+    pub cache_k: u64, // bf16 [slots, capacity, n_kv_heads * head_dim], rows 16-byte aligned
+    pub cache_v: u64,
+    pub tiles: u64, // u32 [query tiles, 4] (AttentionPlan::query_tiles)
+    pub num_tiles: usize,
+    pub m: usize,
+    pub capacity: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl FlashProblem {
+    fn check(&self, op: &str) -> Result<(i32, i32, i32)> {
+        let dims = check_attention_dims(
+            op,
+            self.m,
+            self.capacity,
+            self.n_heads,
+            self.n_kv_heads,
+            self.head_dim,
+        )?;
+        ensure!(
+            self.n_heads <= MAX_GRID_Y,
+            "{op}: n_heads {} exceeds the grid limit",
+            self.n_heads
+        );
+        to_i32(op, "query tiles", self.num_tiles)?;
+        Ok((dims.capacity, dims.n_heads, dims.n_kv_heads))
+    }
+
+    fn scale(&self) -> f32 {
+        // the same f32 value as the CPU reference
+        1.0 / (self.head_dim as f32).sqrt()
+    }
+}
+
+/// out, lse (0 for none) of the causal attention of `p` (see kernels/flash_attention.cu).
+/// `out`: bf16 [m, n_heads * head_dim]; `lse`: f32 [m, n_heads].
+pub fn flash_attention_forward(k: &KernelCtx, p: &FlashProblem, out: u64, lse: u64) -> Result<()> {
+    const OP: &str = "flash_attention_forward";
+    let (capacity, n_heads, n_kv_heads) = p.check(OP)?;
+    let (forward, _, _) = kernel_names(p.head_dim)?;
+    if p.num_tiles == 0 {
+        return Ok(());
+    }
+    let shared = forward_shared_bytes(p.head_dim);
+    let f = k.function_with_shared_mem("flash_attention", forward, shared)?;
+    let scale = p.scale();
+    let mut b = k.stream.launch_builder(&f);
+    b.arg(&out)
+        .arg(&lse)
+        .arg(&p.q)
+        .arg(&p.cache_k)
+        .arg(&p.cache_v)
+        .arg(&p.tiles)
+        .arg(&capacity)
+        .arg(&n_heads)
+        .arg(&n_kv_heads)
+        .arg(&scale);
+    let cfg = LaunchConfig {
+        grid_dim: (p.num_tiles as u32, p.n_heads as u32, 1),
+        block_dim: (FLASH_THREADS, 1, 1),
+        shared_mem_bytes: shared,
+    };
+    // SAFETY: the arguments match flash_attention_forward_d{D}(bf16* out, float* lse (may be
+    // null), const bf16* q, const bf16* cache_k, const bf16* cache_v, const uint4* tiles,
+    // int capacity, int n_heads, int n_kv_heads, float scale); the caller owns buffers of the
+    // documented shapes and built the tiles from a placement checked against the cache; one block
+    // per (tile, head) with the shared memory the kernel carves up.
+    unsafe { b.launch(cfg) }.with_context(|| format!("launching {forward}"))?;
+    Ok(())
+}
+
+/// The gradient buffers of one backward call.
+#[derive(Debug, Clone, Copy)]
+pub struct FlashGrads {
+    pub dq: u64,       // bf16 [m, n_heads * head_dim], overwritten
+    pub dcache_k: u64, // bf16, the cache's shape, accumulated
+    pub dcache_v: u64,
+    pub dout: u64,      // bf16 [m, n_heads * head_dim]
+    pub out: u64,       // bf16 [m, n_heads * head_dim], the forward's output
+    pub lse: u64,       // f32 [m, n_heads], the forward's
+    pub dsum: u64,      // f32 [m, n_heads] scratch
+    pub key_tiles: u64, // u32 [key tiles, 4] (AttentionPlan::key_tiles)
+    pub num_key_tiles: usize,
+}
+
+/// The backward of [`flash_attention_forward`]: dsum = rowsum(dout ∘ out), then dq, then dK/dV.
+pub fn flash_attention_backward(k: &KernelCtx, p: &FlashProblem, g: &FlashGrads) -> Result<()> {
+    const OP: &str = "flash_attention_backward";
+    let (capacity, n_heads, n_kv_heads) = p.check(OP)?;
+    let (_, dq_name, dkdv_name) = kernel_names(p.head_dim)?;
+    ensure!(
+        p.n_kv_heads <= MAX_GRID_Y,
+        "{OP}: n_kv_heads {} exceeds the grid limit",
+        p.n_kv_heads
+    );
+    to_i32(OP, "key tiles", g.num_key_tiles)?;
+    if p.num_tiles == 0 {
+        return Ok(());
+    }
+    let scale = p.scale();
+
+    let rows = p.m * p.n_heads;
+    let rows_i32 = to_i32(OP, "m * n_heads", rows)?;
+    let head_dim = p.head_dim as i32;
+    let f = k.function("flash_attention", "flash_attention_backward_dot")?;
+    let mut b = k.stream.launch_builder(&f);
+    b.arg(&g.dsum)
+        .arg(&g.dout)
+        .arg(&g.out)
+        .arg(&rows_i32)
+        .arg(&head_dim);
+    // SAFETY: flash_attention_backward_dot(float* dsum, const bf16* dout, const bf16* out,
+    // int rows, int head_dim): rows = m * n_heads rows of head_dim values; one warp per row.
+    unsafe { b.launch(grid_1d(rows * 32, FLASH_THREADS)) }
+        .context("launching flash_attention_backward_dot")?;
+
+    let shared = dq_shared_bytes(p.head_dim);
+    let f = k.function_with_shared_mem("flash_attention", dq_name, shared)?;
+    let mut b = k.stream.launch_builder(&f);
+    b.arg(&g.dq)
+        .arg(&g.dout)
+        .arg(&g.lse)
+        .arg(&g.dsum)
+        .arg(&p.q)
+        .arg(&p.cache_k)
+        .arg(&p.cache_v)
+        .arg(&p.tiles)
+        .arg(&capacity)
+        .arg(&n_heads)
+        .arg(&n_kv_heads)
+        .arg(&scale);
+    let cfg = LaunchConfig {
+        grid_dim: (p.num_tiles as u32, p.n_heads as u32, 1),
+        block_dim: (FLASH_THREADS, 1, 1),
+        shared_mem_bytes: shared,
+    };
+    // SAFETY: flash_attention_backward_dq_d{D}(bf16* dq, const bf16* dout, const float* lse,
+    // const float* dsum, const bf16* q, const bf16* cache_k, const bf16* cache_v,
+    // const uint4* tiles, int capacity, int n_heads, int n_kv_heads, float scale); shapes as
+    // documented on FlashProblem and FlashGrads.
+    unsafe { b.launch(cfg) }.with_context(|| format!("launching {dq_name}"))?;
+
+    if g.num_key_tiles == 0 {
+        return Ok(());
+    }
+    let shared = dkdv_shared_bytes(p.head_dim);
+    let f = k.function_with_shared_mem("flash_attention", dkdv_name, shared)?;
+    let mut b = k.stream.launch_builder(&f);
+    b.arg(&g.dcache_k)
+        .arg(&g.dcache_v)
+        .arg(&g.dout)
+        .arg(&g.lse)
+        .arg(&g.dsum)
+        .arg(&p.q)
+        .arg(&p.cache_k)
+        .arg(&p.cache_v)
+        .arg(&p.tiles)
+        .arg(&g.key_tiles)
+        .arg(&capacity)
+        .arg(&n_heads)
+        .arg(&n_kv_heads)
+        .arg(&scale);
+    let cfg = LaunchConfig {
+        grid_dim: (g.num_key_tiles as u32, p.n_kv_heads as u32, 1),
+        block_dim: (FLASH_THREADS, 1, 1),
+        shared_mem_bytes: shared,
+    };
+    // SAFETY: flash_attention_backward_dkdv_d{D}(bf16* dcache_k, bf16* dcache_v,
+    // const bf16* dout, const float* lse, const float* dsum, const bf16* q, const bf16* cache_k,
+    // const bf16* cache_v, const uint4* tiles, const uint4* key_tiles, int capacity, int n_heads,
+    // int n_kv_heads, float scale); each key tile names a slot's range of query tiles, and each
+    // block owns its keys' rows of the gradient caches.
+    unsafe { b.launch(cfg) }.with_context(|| format!("launching {dkdv_name}"))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_memory_fits_the_devices() {
+        // sm_80 allows 163 KiB per block after opting in (launch.rs), sm_90 227 KiB
+        for d in FLASH_HEAD_DIMS {
+            for bytes in [
+                forward_shared_bytes(d),
+                dq_shared_bytes(d),
+                dkdv_shared_bytes(d),
+            ] {
+                assert!(bytes <= 163 * 1024, "d {d}: {bytes}");
+            }
+        }
+        assert_eq!(forward_shared_bytes(128), 69_632);
+        assert_eq!(dq_shared_bytes(128), 34_816);
+        assert_eq!(dkdv_shared_bytes(128), 70_144);
+    }
+
+    #[test]
+    fn every_supported_head_dim_has_kernels_and_others_are_refused() {
+        for d in FLASH_HEAD_DIMS {
+            let (f, dq, dkdv) = kernel_names(d).unwrap();
+            assert!(f.ends_with(&format!("_d{d}")) && dq.ends_with(&format!("_d{d}")));
+            assert!(dkdv.ends_with(&format!("_d{d}")));
+        }
+        assert!(!supports_head_dim(96));
+        let e = kernel_names(96).unwrap_err().to_string();
+        assert!(e.contains("not 96"), "{e}");
+    }
+}

@@ -1,0 +1,262 @@
+//! selfcheck rows for attention: the forward (with its log-sum-exp) on every shape family a device
+//! may route to a different kernel (prefill tiles, decode steps with and without key splits,
+//! head dims without a fused kernel), and the backward.
+//!
+//! Inputs are random everywhere, the cache included (positions after a token's own must not be
+//! read). The backward's gradient caches start at zero except in one case that starts them
+//! random, for the accumulate (+=) semantics: a random start of the same size as the gradients
+//! would hide their errors in long sequences, where dK is small.
+
+use super::{get, placement, put, Checker, Coverage, TOL_BF16};
+use crate::backend::cpu::CpuBackend;
+use crate::backend::{AttentionBackward, Backend};
+use anyhow::Result;
+
+/// One attention problem: heads, KV heads, head dim, and per sequence (slot) its first position
+/// and token count.
+#[derive(Clone)]
+struct Case {
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    starts: Vec<usize>,
+    lens: Vec<usize>,
+}
+
+impl Case {
+    fn prefill(heads: usize, kv_heads: usize, head_dim: usize, lens: &[usize]) -> Self {
+        Case {
+            heads,
+            kv_heads,
+            head_dim,
+            starts: vec![0; lens.len()],
+            lens: lens.to_vec(),
+        }
+    }
+
+    /// One new token per sequence at the given positions.
+    fn decode(heads: usize, kv_heads: usize, head_dim: usize, positions: &[usize]) -> Self {
+        Case {
+            heads,
+            kv_heads,
+            head_dim,
+            starts: positions.to_vec(),
+            lens: vec![1; positions.len()],
+        }
+    }
+
+    /// Room for every position plus a few never attended to.
+    fn capacity(&self) -> usize {
+        let end = self.starts.iter().zip(&self.lens).map(|(s, l)| s + l);
+        end.max().unwrap_or(1) + 3
+    }
+
+    fn cache_len(&self) -> usize {
+        self.starts.len() * self.capacity() * self.kv_heads * self.head_dim
+    }
+
+    fn label(&self) -> String {
+        let (h, kv, d) = (self.heads, self.kv_heads, self.head_dim);
+        if self.lens.iter().all(|&l| l == 1) {
+            format!(
+                "decode heads={h}/{kv} head_dim={d} positions={:?}",
+                self.starts
+            )
+        } else {
+            format!("prefill heads={h}/{kv} head_dim={d} lens={:?}", self.lens)
+        }
+    }
+}
+
+pub(super) fn checks<D: AttentionBackward>(c: &mut Checker<D>, coverage: Coverage) -> Result<()> {
+    let mut forward = vec![
+        // assorted shapes: ragged prefills, decode steps at scattered positions
+        Case::prefill(2, 2, 64, &[1, 7, 64, 300]),
+        Case::prefill(8, 2, 128, &[5, 100]),
+        Case::prefill(14, 2, 64, &[1000, 33]),
+        Case::decode(14, 2, 64, &[0, 17, 511, 999]),
+        Case::decode(8, 2, 128, &[3, 260]),
+        Case::decode(4, 4, 64, &[10, 700]),
+        // long prefixes with few sequences: the keys are split across blocks
+        Case::decode(14, 2, 64, &[4095]),
+        Case::decode(7, 1, 128, &[2047, 5, 3000]),
+        // head dims without a fused kernel, and a GQA group of 16
+        Case::prefill(7, 1, 40, &[3, 50, 17]),
+        Case::decode(7, 1, 40, &[0, 99, 5]),
+        Case::prefill(4, 2, 36, &[20, 9]),
+        Case::decode(4, 2, 36, &[0, 130]),
+        Case::decode(16, 1, 64, &[300, 7]),
+        // the demo model's shape (head_dim 32)
+        Case::prefill(4, 2, 32, &[60, 3]),
+    ];
+    // the fused kernels' matrix: head dims 64 and 128, GQA groups 1, 4 and 7, T = 1, 17, 128 in
+    // one ragged batch, then 1000 and 2048 alone
+    let mut matrix = Vec::new();
+    for head_dim in [64, 128] {
+        for (heads, kv_heads) in [(2, 2), (8, 2), (7, 1)] {
+            matrix.push(Case::prefill(heads, kv_heads, head_dim, &[1, 17, 128]));
+            if coverage == Coverage::Full {
+                matrix.push(Case::prefill(heads, kv_heads, head_dim, &[1000]));
+                matrix.push(Case::prefill(heads, kv_heads, head_dim, &[2048]));
+            }
+        }
+    }
+    forward.extend(matrix.iter().cloned());
+    for case in &forward {
+        forward_check(c, case)?;
+    }
+    let mut backward = matrix;
+    backward.push(Case::prefill(4, 2, 32, &[60, 3]));
+    for case in &backward {
+        backward_check(c, case, 0.0)?;
+    }
+    // accumulation into gradient caches that already hold values
+    backward_check(c, &Case::prefill(4, 2, 32, &[20, 5]), 0.1)?;
+    Ok(())
+}
+
+/// out and lse of `attention_forward` on the device and on the CPU.
+fn forward_check<D: Backend>(c: &mut Checker<D>, case: &Case) -> Result<()> {
+    let cpu = CpuBackend;
+    let Case {
+        heads,
+        kv_heads,
+        head_dim,
+        ..
+    } = *case;
+    c.check("attention_forward", case.label(), TOL_BF16, |dev, r| {
+        let place = placement(&case.starts, &case.lens);
+        let (m, capacity) = (place.slots.len(), case.capacity());
+        let (q, q_h) = put(dev, &r.normal(m * heads * head_dim, 1.0))?;
+        let (ck, ck_h) = put(dev, &r.normal(case.cache_len(), 1.0))?;
+        let (cv, cv_h) = put(dev, &r.normal(case.cache_len(), 1.0))?;
+        let mut out = dev.zeros(m * heads * head_dim)?;
+        let mut lse = dev.zeros_f32(m * heads)?;
+        dev.attention_forward(
+            dev.full_mut(&mut out),
+            Some(dev.full_mut(&mut lse)),
+            dev.full(&q),
+            dev.full(&ck),
+            dev.full(&cv),
+            &place,
+            capacity,
+            heads,
+            kv_heads,
+            head_dim,
+        );
+        let mut out_ref = vec![0.0; m * heads * head_dim];
+        let mut lse_ref = vec![0.0; m * heads];
+        cpu.attention_forward(
+            &mut out_ref,
+            Some(&mut lse_ref),
+            &q_h,
+            &ck_h,
+            &cv_h,
+            &place,
+            capacity,
+            heads,
+            kv_heads,
+            head_dim,
+        );
+        Ok(vec![
+            ("", get(dev, &out)?, out_ref),
+            ("lse", get(dev, &lse)?, lse_ref),
+        ])
+    })
+}
+
+/// dq, dK, dV of `attention_backward`, each side from its own forward (as in training). The
+/// gradient caches start as random values of standard deviation `start` (0: zeros).
+fn backward_check<D: AttentionBackward>(c: &mut Checker<D>, case: &Case, start: f32) -> Result<()> {
+    let cpu = CpuBackend;
+    let Case {
+        heads,
+        kv_heads,
+        head_dim,
+        ..
+    } = *case;
+    let label = if start > 0.0 {
+        format!("{} accumulate", case.label())
+    } else {
+        case.label()
+    };
+    c.check("attention_backward", label, TOL_BF16, |dev, r| {
+        let place = placement(&case.starts, &case.lens);
+        let (m, capacity, cache_len) = (place.slots.len(), case.capacity(), case.cache_len());
+        let q_len = m * heads * head_dim;
+        let (q, q_h) = put(dev, &r.normal(q_len, 1.0))?;
+        let (ck, ck_h) = put(dev, &r.normal(cache_len, 1.0))?;
+        let (cv, cv_h) = put(dev, &r.normal(cache_len, 1.0))?;
+        let (dout, dout_h) = put(dev, &r.normal(q_len, 1.0))?;
+        let (mut dck, mut dk_ref) = put(dev, &r.normal(cache_len, start))?;
+        let (mut dcv, mut dv_ref) = put(dev, &r.normal(cache_len, start))?;
+
+        let mut out = dev.zeros(q_len)?;
+        let mut lse = dev.zeros_f32(m * heads)?;
+        dev.attention_forward(
+            dev.full_mut(&mut out),
+            Some(dev.full_mut(&mut lse)),
+            dev.full(&q),
+            dev.full(&ck),
+            dev.full(&cv),
+            &place,
+            capacity,
+            heads,
+            kv_heads,
+            head_dim,
+        );
+        let mut dq = dev.zeros(q_len)?;
+        dev.attention_backward(
+            dev.full_mut(&mut dq),
+            dev.full_mut(&mut dck),
+            dev.full_mut(&mut dcv),
+            dev.full(&dout),
+            dev.full(&out),
+            dev.full(&lse),
+            dev.full(&q),
+            dev.full(&ck),
+            dev.full(&cv),
+            &place,
+            capacity,
+            heads,
+            kv_heads,
+            head_dim,
+        );
+
+        let (mut out_ref, mut lse_ref) = (vec![0.0; q_len], vec![0.0; m * heads]);
+        cpu.attention_forward(
+            &mut out_ref,
+            Some(&mut lse_ref),
+            &q_h,
+            &ck_h,
+            &cv_h,
+            &place,
+            capacity,
+            heads,
+            kv_heads,
+            head_dim,
+        );
+        let mut dq_ref = vec![0.0; q_len];
+        cpu.attention_backward(
+            &mut dq_ref,
+            &mut dk_ref,
+            &mut dv_ref,
+            &dout_h,
+            &out_ref,
+            &lse_ref,
+            &q_h,
+            &ck_h,
+            &cv_h,
+            &place,
+            capacity,
+            heads,
+            kv_heads,
+            head_dim,
+        );
+        Ok(vec![
+            ("dq", get(dev, &dq)?, dq_ref),
+            ("dk", get(dev, &dck)?, dk_ref),
+            ("dv", get(dev, &dcv)?, dv_ref),
+        ])
+    })
+}
