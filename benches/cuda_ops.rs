@@ -250,13 +250,14 @@ fn flash_attention(c: &mut Criterion, dev: &CudaBackend) {
 }
 
 /// Attention of one new token per sequence over its cache (Qwen2.5-0.5B heads: 14 / 2 of 64, and
-/// a 7 / 1 group of 128): bytes = the K and V rows read. Many sequences fill the GPU by
-/// themselves; one long sequence needs the split along the keys.
+/// a 7 / 1 group of 128): bytes = the K and V rows read. 32 × 2048 is a realistic rollout step
+/// (34 MB: a few microseconds, so launch and host costs show); 32 × 16384 and 4 × 65536 move
+/// 134–268 MB, where the kernel's own bandwidth shows, the latter only with the key splits.
 fn decode_attention(c: &mut Criterion, dev: &CudaBackend) {
     let mut g = c.benchmark_group("decode_attention");
     for (heads, kv_heads, head_dim) in [(HEADS, KV_HEADS, HEAD_DIM), (7, 1, 128)] {
         let (q_dim, kv_dim) = (heads * head_dim, kv_heads * head_dim);
-        for (seqs, ctx) in [(32usize, 2048usize), (1, 16384)] {
+        for (seqs, ctx) in [(32usize, 2048usize), (32, 16384), (4, 65536)] {
             let place = TokenPlacement {
                 slots: (0..seqs as u32).collect(),
                 positions: vec![ctx as u32 - 1; seqs],

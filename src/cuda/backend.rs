@@ -97,6 +97,9 @@ pub struct CudaBackend {
     indices: Mutex<Vec<DeviceIndices>>,
     /// Streaming multiprocessors: how many blocks fill the device (decode attention's splits).
     sm_count: usize,
+    /// f32 scratch for ops that need temporary storage (decode attention's split results, the
+    /// attention backward's row sums): kept and grown, so an op does not allocate and free.
+    scratch: Mutex<Option<CudaBuf>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -143,6 +146,7 @@ impl CudaBackend {
             error: Mutex::new(None),
             indices: Mutex::new(Vec::new()),
             sm_count,
+            scratch: Mutex::new(None),
         })
     }
 
@@ -264,6 +268,17 @@ impl CudaBackend {
         check_ids("slot", &place.slots, slots)?;
         check_ids("position", &place.positions, capacity)?;
         Ok((self.indices(&place.slots)?, self.indices(&place.positions)?))
+    }
+
+    /// A device pointer to at least `len` f32 of scratch, valid until the next call. Ops run in
+    /// stream order, so the previous user is done with it by the time the next one runs; a grown
+    /// buffer replaces the old one, which is freed in stream order after the kernels using it.
+    fn scratch_f32(&self, len: usize) -> Result<u64> {
+        let mut scratch = lock(&self.scratch);
+        if scratch.as_ref().is_none_or(|s| s.len < len) {
+            *scratch = Some(self.alloc(len.next_power_of_two(), DType::F32)?);
+        }
+        Ok(scratch.as_ref().map_or(0, |s| s.ptr))
     }
 
     fn row_indices(&self, rows: &[usize]) -> Result<u64> {
@@ -649,15 +664,13 @@ impl Backend for CudaBackend {
                 AttentionKernel::Decode => {
                     let max_len = place.positions.iter().max().map_or(0, |&p| p as usize + 1);
                     let split = plan_splits(m, n_kv_heads, max_len, self.sm_count);
-                    // scratch for the splits' partial results, freed in stream order after use
+                    // the splits' partial outputs, then their (max, sum) pairs
                     let (out_len, stats_len) = scratch_sizes(split.0, m, n_heads, head_dim);
-                    let scratch = if split.0 > 1 {
-                        Some((
-                            self.alloc(out_len, DType::F32)?,
-                            self.alloc(stats_len, DType::F32)?,
-                        ))
+                    let scratch_ptrs = if split.0 > 1 {
+                        let base = self.scratch_f32(out_len + stats_len)?;
+                        (base, base + 4 * out_len as u64)
                     } else {
-                        None
+                        (0, 0)
                     };
                     let problem = DecodeProblem {
                         q: q.ptr,
@@ -671,7 +684,6 @@ impl Backend for CudaBackend {
                         n_kv_heads,
                         head_dim,
                     };
-                    let scratch_ptrs = scratch.as_ref().map_or((0, 0), |(o, s)| (o.ptr, s.ptr));
                     ops::decode_attention::decode_attention(
                         &self.k,
                         &problem,
@@ -887,7 +899,7 @@ impl AttentionBackward for CudaBackend {
                 n_kv_heads,
                 head_dim,
             };
-            let dsum = self.alloc(m * n_heads, DType::F32)?; // freed in stream order after use
+            let dsum = self.scratch_f32(m * n_heads)?;
             let grads = FlashGrads {
                 dq: dq.ptr,
                 dcache_k: dcache_k.ptr,
@@ -895,7 +907,7 @@ impl AttentionBackward for CudaBackend {
                 dout: dout.ptr,
                 out: out.ptr,
                 lse: lse.ptr,
-                dsum: dsum.ptr,
+                dsum,
                 key_tiles: self.indices(&plan.key_tiles)?,
                 num_key_tiles: plan.num_key_tiles(),
             };

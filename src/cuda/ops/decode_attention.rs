@@ -17,6 +17,9 @@ const TILE_PAD: usize = 8;
 /// A split covers at least this many keys (two pipelined steps): fewer would spend more on
 /// merging than they save.
 const MIN_SPLIT_KEYS: usize = 128;
+/// Prefixes shorter than this are not split: the merge kernel's launch would cost more than the
+/// few microseconds the whole call takes.
+const SPLIT_FROM_KEYS: usize = 1024;
 /// Blocks per multiprocessor the splits aim for (a block is 4 warps: 16 warps per SM in flight).
 const BLOCKS_PER_SM: usize = 4;
 /// Largest gridDim.y / gridDim.z.
@@ -35,10 +38,14 @@ pub fn supports(n_heads: usize, n_kv_heads: usize, head_dim: usize) -> bool {
 
 /// (splits, keys per split) for `m` tokens whose longest prefix has `max_len` keys: enough blocks
 /// for BLOCKS_PER_SM per multiprocessor, each split at least MIN_SPLIT_KEYS keys, a multiple of
-/// DECODE_KEYS.
+/// DECODE_KEYS; no split below SPLIT_FROM_KEYS.
 pub fn plan_splits(m: usize, n_kv_heads: usize, max_len: usize, sm_count: usize) -> (usize, usize) {
     let blocks = (m * n_kv_heads).max(1);
-    let max_splits = max_len.div_ceil(MIN_SPLIT_KEYS).max(1);
+    let max_splits = if max_len < SPLIT_FROM_KEYS {
+        1
+    } else {
+        max_len.div_ceil(MIN_SPLIT_KEYS)
+    };
     let splits = (BLOCKS_PER_SM * sm_count)
         .div_ceil(blocks)
         .clamp(1, max_splits);
@@ -175,8 +182,9 @@ mod tests {
     fn splits_fill_the_device_only_when_few_blocks_and_long_prefixes() {
         // one sequence, 2 KV heads, 4096 keys on 132 SMs: 32 splits of 128 keys
         assert_eq!(plan_splits(1, 2, 4096, 132), (32, 128));
-        // a short prefix gets at most len / 128 splits (rounded up)
-        assert_eq!(plan_splits(1, 2, 300, 132), (3, 128));
+        // at most len / 128 splits (rounded up), none below 1024 keys
+        assert_eq!(plan_splits(1, 2, 1100, 132), (9, 128));
+        assert_eq!(plan_splits(1, 2, 1023, 132), (1, 1024));
         assert_eq!(plan_splits(1, 2, 100, 132), (1, 128));
         // 32 sequences: 64 blocks, 8 splits of 256 keys; a big batch fills the device by itself
         assert_eq!(plan_splits(32, 2, 2048, 132), (8, 256));
