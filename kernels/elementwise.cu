@@ -181,3 +181,36 @@ convert_bf16_to_f32(float* dst, const __nv_bfloat16* src, int n) {
         dst[i] = bf16_to_f32(src[i]);
     }
 }
+
+// ----------------------------------------------------------------------------
+// backward of swiglu_forward (CPU reference: backend::cpu::swiglu::swiglu_backward), with
+// s = sigmoid(gate): dgate = dout * up * s * (1 + gate * (1 - s)), dup = dout * gate * s.
+// All (n) bf16, outputs overwritten; grid-stride over the elements.
+
+extern "C" __global__ void __launch_bounds__(256)
+swiglu_backward(__nv_bfloat16* dgate, __nv_bfloat16* dup, const __nv_bfloat16* dout,
+                const __nv_bfloat16* gate, const __nv_bfloat16* up, size_t n) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        const float g = bf16_to_f32(gate[i]), d = bf16_to_f32(dout[i]);
+        const float s = 1.0f / (1.0f + expf(-g));
+        dgate[i] = f32_to_bf16(d * bf16_to_f32(up[i]) * s * (1.0f + g * (1.0f - s)));
+        dup[i] = f32_to_bf16(d * g * s);
+    }
+}
+
+// dbias[j] += sum over rows of dout[row, j] (CPU reference: backend::cpu::matmul::bias_backward).
+// dout (m, n) bf16, dbias (n) f32. grid = (columns / 256, row chunks): a thread sums
+// BIAS_ROWS_PER_THREAD rows of its column (coalesced across the threads of a warp) and adds the
+// partial sum with one atomicAdd.
+#define BIAS_ROWS_PER_THREAD 256
+
+extern "C" __global__ void __launch_bounds__(256)
+bias_backward(float* dbias, const __nv_bfloat16* dout, int m, int n) {
+    const int col = blockIdx.x * blockDim.x + threadIdx.x;
+    if (col >= n) { return; }
+    const int first = blockIdx.y * BIAS_ROWS_PER_THREAD;
+    const int last = min(m, first + BIAS_ROWS_PER_THREAD);
+    float sum = 0.0f;
+    for (int row = first; row < last; row++) { sum += bf16_to_f32(dout[(size_t)row * n + col]); }
+    atomicAdd(dbias + col, sum);
+}

@@ -43,3 +43,27 @@ extern "C" __global__ void __launch_bounds__(256)
 gather_rows(__nv_bfloat16* out, const __nv_bfloat16* x, const uint32_t* rows_index, int rows, int dim) {
     copy_rows(out, x, rows_index, rows, dim);
 }
+
+// ----------------------------------------------------------------------------
+// backward (CPU reference: backend::cpu::embedding): atomicAdd, since ids may repeat.
+//   embedding_backward: dtable[ids[r], :] += dout[r, :]   dtable f32 (a parameter gradient)
+//   scatter_add_rows:   dx[rows[r], :] += dout[r, :]       dx bf16 (an activation gradient)
+// dout (m, dim) bf16; grid-stride over the m * dim elements.
+
+extern "C" __global__ void __launch_bounds__(256)
+embedding_backward(float* dtable, const __nv_bfloat16* dout, const uint32_t* ids, int m, int dim) {
+    const size_t n = (size_t)m * dim;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        const size_t row = i / dim, col = i % dim;
+        atomicAdd(dtable + (size_t)ids[row] * dim + col, bf16_to_f32(dout[i]));
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+scatter_add_rows(__nv_bfloat16* dx, const __nv_bfloat16* dout, const uint32_t* rows, int m, int dim) {
+    const size_t n = (size_t)m * dim;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        const size_t row = i / dim, col = i % dim;
+        atomicAdd(dx + (size_t)rows[row] * dim + col, dout[i]);
+    }
+}

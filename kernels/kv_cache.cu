@@ -42,3 +42,17 @@ kv_cache_write(__nv_bfloat16* cache_k, __nv_bfloat16* cache_v, const __nv_bfloat
         }
     }
 }
+
+// The gradient of kv_cache_write for one cache: dx[i, :] = dcache[slots[i], positions[i], :]
+// (CPU reference: backend::cpu::attention::kv_cache_gather). Same grid as kv_cache_write.
+extern "C" __global__ void __launch_bounds__(256)
+kv_cache_gather(__nv_bfloat16* dx, const __nv_bfloat16* dcache, const uint32_t* slots,
+                const uint32_t* positions, int m, int capacity, int kv_dim) {
+    const size_t first = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    const size_t stride = (size_t)gridDim.x * blockDim.x;
+    for (int i = blockIdx.y; i < m; i += gridDim.y) {
+        const size_t src = ((size_t)slots[i] * capacity + positions[i]) * kv_dim;
+        const size_t dst = (size_t)i * kv_dim;
+        for (size_t c = first; c < (size_t)kv_dim; c += stride) { dx[dst + c] = dcache[src + c]; }
+    }
+}

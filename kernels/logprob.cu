@@ -164,3 +164,50 @@ logprob_forward_f32(float* logp, float* entropy, const float* logits, const uint
                     int r, int vocab, float inv_temperature) {
     logprob_forward_block<float>(logp, entropy, logits, targets, r, vocab, inv_temperature);
 }
+
+// ----------------------------------------------------------------------------
+// backward: dlogits[r, i] = dlogp[r] / tau * (onehot(targets[r])_i - softmax(logits[r] / tau)_i)
+// (the CPU reference is src/backend/cpu/logprob.rs: logprob_backward). One block per row, as the
+// forward: pass 1 the row's log-sum-exp state, pass 2 the gradient, written as bf16 (it feeds the
+// LM head's bf16 matrix products). Scalar loads: the backward reads each row twice anyway.
+
+template <class T>
+__device__ __forceinline__ void logprob_backward_block(__nv_bfloat16* dlogits, const float* dlogp,
+                                                       const T* logits, const uint32_t* targets,
+                                                       int r, int vocab, float inv_temperature) {
+    __shared__ float stats_s[2];  // max, log(sum)
+    const int row = blockIdx.x;
+    if (row >= r) { return; }  // uniform over the block
+    const T* z = logits + (size_t)row * vocab;
+    LseState st{-INFINITY, 0.0f, 0.0f};
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+        const float s[1] = {to_f32(z[i]) * inv_temperature};
+        lse_add(st, s);
+    }
+    st = block_reduce_lse(st);
+    if (threadIdx.x == 0) {
+        stats_s[0] = st.max;
+        stats_s[1] = logf(st.sum);
+    }
+    __syncthreads();
+    const float shift = stats_s[0] + stats_s[1];  // log-softmax = s - shift
+    const float g = dlogp[row] * inv_temperature;
+    const int target = (int)targets[row];
+    __nv_bfloat16* dz = dlogits + (size_t)row * vocab;
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+        const float p = expf(to_f32(z[i]) * inv_temperature - shift);
+        dz[i] = f32_to_bf16(g * ((i == target ? 1.0f : 0.0f) - p));
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(1024)
+logprob_backward(__nv_bfloat16* dlogits, const float* dlogp, const __nv_bfloat16* logits,
+                 const uint32_t* targets, int r, int vocab, float inv_temperature) {
+    logprob_backward_block<__nv_bfloat16>(dlogits, dlogp, logits, targets, r, vocab, inv_temperature);
+}
+
+extern "C" __global__ void __launch_bounds__(1024)
+logprob_backward_f32(__nv_bfloat16* dlogits, const float* dlogp, const float* logits,
+                     const uint32_t* targets, int r, int vocab, float inv_temperature) {
+    logprob_backward_block<float>(dlogits, dlogp, logits, targets, r, vocab, inv_temperature);
+}

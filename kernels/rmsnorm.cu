@@ -95,3 +95,35 @@ rmsnorm_forward(__nv_bfloat16* out, const __nv_bfloat16* x, const __nv_bfloat16*
                 int rows, int dim, float eps) {
     rmsnorm_forward_block<__nv_bfloat16>(out, x, weight, rows, dim, eps);
 }
+
+// ----------------------------------------------------------------------------
+// backward (the CPU reference is src/backend/cpu/rmsnorm.rs: rmsnorm_backward), with
+// r = 1 / sqrt(mean(x^2) + eps) and g = weight * dout:
+//     dx = r * g - x * r^3 * sum(g * x) / dim          (bf16, overwritten)
+//     dweight += sum over rows of dout * x * r          (f32, atomicAdd: a parameter gradient)
+// One block per row, two block reductions (sum of squares, sum of g * x), scalar loads.
+
+extern "C" __global__ void __launch_bounds__(1024)
+rmsnorm_backward(__nv_bfloat16* dx, float* dweight, const __nv_bfloat16* dout, const __nv_bfloat16* x,
+                 const __nv_bfloat16* weight, int rows, int dim, float eps) {
+    const int row = blockIdx.x;
+    if (row >= rows) { return; }  // uniform over the block
+    const __nv_bfloat16* x_row = x + (size_t)row * dim;
+    const __nv_bfloat16* d_row = dout + (size_t)row * dim;
+    float sum_sq = 0.0f, sum_gx = 0.0f;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+        const float v = bf16_to_f32(x_row[i]);
+        sum_sq += v * v;
+        sum_gx += bf16_to_f32(weight[i]) * bf16_to_f32(d_row[i]) * v;
+    }
+    sum_sq = block_reduce_sum(sum_sq, true);
+    sum_gx = block_reduce_sum(sum_gx);
+    const float r = 1.0f / sqrtf(sum_sq / (float)dim + eps);
+    const float c = r * r * r * sum_gx / (float)dim;
+    __nv_bfloat16* dx_row = dx + (size_t)row * dim;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+        const float v = bf16_to_f32(x_row[i]), d = bf16_to_f32(d_row[i]);
+        dx_row[i] = f32_to_bf16(r * bf16_to_f32(weight[i]) * d - c * v);
+        atomicAdd(dweight + i, d * v * r);
+    }
+}

@@ -31,9 +31,12 @@ __device__ __forceinline__ void rotate_pair(float& x1, float& x2, float c, float
     x2 = __fadd_rn(__fmul_rn(b, c), __fmul_rn(a, s));
 }
 
+// direction = 1 rotates by +angle (the forward), -1 by -angle (the backward: the transpose of a
+// rotation is the rotation back); multiplying the sine by +-1 is exact.
 template <int V>
 __device__ __forceinline__ void rope_rows(__nv_bfloat16* x, const uint32_t* positions,
-                                          const float* inv_freq, int m, int n_heads, int head_dim) {
+                                          const float* inv_freq, int m, int n_heads, int head_dim,
+                                          float direction) {
     const int half = head_dim / 2;
     const int chunks = half / V;  // items per token
     const size_t items = (size_t)m * chunks;
@@ -48,6 +51,7 @@ __device__ __forceinline__ void rope_rows(__nv_bfloat16* x, const uint32_t* posi
         float c[V], s[V];
         for (int k = 0; k < V; k++) {
             sincosf(__fmul_rn(pos, inv_freq[i0 + k]), &s[k], &c[k]);
+            s[k] *= direction;
         }
 
         __nv_bfloat16* row_x = x + (size_t)row * row_len + i0;
@@ -78,14 +82,26 @@ __device__ __forceinline__ void rope_rows(__nv_bfloat16* x, const uint32_t* posi
     }
 }
 
-extern "C" __global__ void __launch_bounds__(256)
-rope_forward(__nv_bfloat16* x, const uint32_t* positions, const float* inv_freq, int m, int n_heads,
-             int head_dim) {
+__device__ __forceinline__ void rope(__nv_bfloat16* x, const uint32_t* positions, const float* inv_freq,
+                                     int m, int n_heads, int head_dim, float direction) {
     constexpr int VEC = x128::size;
     // uniform over the grid; the host mirrors it only to size the grid (the loop is correct for any grid)
     if ((head_dim / 2) % VEC == 0 && is_aligned16(x)) {
-        rope_rows<VEC>(x, positions, inv_freq, m, n_heads, head_dim);
+        rope_rows<VEC>(x, positions, inv_freq, m, n_heads, head_dim, direction);
     } else {
-        rope_rows<1>(x, positions, inv_freq, m, n_heads, head_dim);
+        rope_rows<1>(x, positions, inv_freq, m, n_heads, head_dim, direction);
     }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+rope_forward(__nv_bfloat16* x, const uint32_t* positions, const float* inv_freq, int m, int n_heads,
+             int head_dim) {
+    rope(x, positions, inv_freq, m, n_heads, head_dim, 1.0f);
+}
+
+// the gradient, rotated back in place (CPU reference: backend::cpu::rope::rope_backward)
+extern "C" __global__ void __launch_bounds__(256)
+rope_backward(__nv_bfloat16* dx, const uint32_t* positions, const float* inv_freq, int m, int n_heads,
+              int head_dim) {
+    rope(dx, positions, inv_freq, m, n_heads, head_dim, -1.0f);
 }

@@ -170,7 +170,7 @@ impl<B: TrainBackend> Model<B> {
         }
 
         // Head: logp → logits → final norm → residual stream at the scored rows.
-        let dlogp = b.upload(dlogp)?;
+        let dlogp = b.upload_f32(dlogp)?;
         let mut dlogits = b.zeros(r * v)?;
         b.logprob_backward(
             b.full_mut(&mut dlogits),

@@ -31,7 +31,7 @@
 //! flip a near-tie).
 
 use crate::backend::cpu::CpuBackend;
-use crate::backend::{AttentionBackward, Backend, TokenPlacement};
+use crate::backend::{Backend, TokenPlacement, TrainBackend};
 use crate::config::ModelConfig;
 use crate::generate::{generate, GenerateConfig, GenerationRequest};
 use crate::model::Model;
@@ -43,6 +43,9 @@ use anyhow::Result;
 use serde::Serialize;
 
 mod attention;
+mod backward;
+
+pub use backward::TOL_MODEL_GRADIENT;
 
 /// Ops that only move stored values: bit-exact.
 pub const TOL_EXACT: f64 = 0.0;
@@ -137,7 +140,7 @@ type Compared = (&'static str, Vec<f32>, Vec<f32>);
 /// Runs every op check, then the whole-model check, on devices made by `make_device` (a fresh
 /// one after any device error, since a device may refuse all work after its first error).
 /// `on_row` sees each row as soon as it is known (for progress output).
-pub fn run<D: AttentionBackward>(
+pub fn run<D: TrainBackend>(
     make_device: &dyn Fn() -> Result<D>,
     seed: u64,
     coverage: Coverage,
@@ -152,7 +155,9 @@ pub fn run<D: AttentionBackward>(
         on_row,
     };
     op_checks(&mut c, coverage)?;
+    backward::checks(&mut c)?;
     let info = model_check(&mut c)?;
+    backward::model_gradient_check(&mut c)?;
     Ok(Report { rows: c.rows, info })
 }
 
@@ -277,7 +282,7 @@ pub(crate) fn placement(starts: &[usize], lens: &[usize]) -> TokenPlacement {
     place
 }
 
-fn op_checks<D: AttentionBackward>(c: &mut Checker<D>, coverage: Coverage) -> Result<()> {
+fn op_checks<D: TrainBackend>(c: &mut Checker<D>, coverage: Coverage) -> Result<()> {
     let cpu = CpuBackend;
 
     // embedding_forward: out [M, dim] = table [V, dim] rows.

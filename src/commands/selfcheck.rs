@@ -1,7 +1,7 @@
 //! `thinkshort selfcheck`: every forward op and the attention backward of a device backend
 //! against the CPU reference, then a whole tiny model (see `crate::selfcheck`). Exits non-zero when any check fails.
 
-use crate::backend::{cpu::CpuBackend, AttentionBackward, BackendKind};
+use crate::backend::{cpu::CpuBackend, BackendKind, TrainBackend};
 use crate::cuda::CudaBackend;
 use crate::selfcheck::{self, CheckRow, Coverage, Report};
 use anyhow::{bail, Context, Result};
@@ -50,7 +50,7 @@ pub fn run(args: &SelfcheckArgs) -> Result<()> {
 
 /// Runs the checks on devices made by `make`, printing one line per row as it comes, then the
 /// information lines; writes `--json`.
-fn check<D: AttentionBackward>(
+fn check<D: TrainBackend>(
     device: &str,
     make: &dyn Fn() -> Result<D>,
     args: &SelfcheckArgs,

@@ -33,7 +33,7 @@ use super::launch::KernelCtx;
 use super::ops;
 use super::ops::decode_attention::{plan_splits, scratch_sizes, DecodeProblem};
 use super::ops::flash_attention::{FlashGrads, FlashProblem};
-use crate::backend::{AttentionBackward, Backend, TokenPlacement};
+use crate::backend::{AttentionBackward, Backend, TokenPlacement, TrainBackend};
 
 /// The element type of a device buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -281,6 +281,69 @@ impl CudaBackend {
         Ok(scratch.as_ref().map_or(0, |s| s.ptr))
     }
 
+    /// Column-major C[m, n] = op(A)[m, k] · op(B)[k, n] + beta · C on this stream (cuBLAS
+    /// GemmEx): A and B bf16 with leading dimensions lda, ldb, transposed where `trans` says;
+    /// C bf16 or f32 with ldc; fp32 accumulation. The caller checked the buffers' sizes.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        op: &str,
+        (trans_a, trans_b): (bool, bool),
+        (m, n, k): (usize, usize, usize),
+        (a, lda): (u64, usize),
+        (b, ldb): (u64, usize),
+        beta: f32,
+        (c, c_dtype, ldc): (u64, DType, usize),
+    ) -> Result<()> {
+        let int = |what, v: usize| super::launch::to_i32(op, what, v);
+        let (mi, ni, ki) = (int("m", m)?, int("n", n)?, int("k", k.max(1))?);
+        let (lda, ldb, ldc) = (
+            int("lda", lda.max(1))?,
+            int("ldb", ldb.max(1))?,
+            int("ldc", ldc.max(1))?,
+        );
+        let trans = |t: bool| {
+            if t {
+                blas_sys::cublasOperation_t::CUBLAS_OP_T
+            } else {
+                blas_sys::cublasOperation_t::CUBLAS_OP_N
+            }
+        };
+        let c_type = match c_dtype {
+            DType::F32 => blas_sys::cudaDataType_t::CUDA_R_32F,
+            DType::Bf16 => blas_sys::cudaDataType_t::CUDA_R_16BF,
+        };
+        let alpha = 1.0f32;
+        self.k.ctx.bind_to_thread()?;
+        // SAFETY: the callers checked that A, B and C hold the m, n, k the leading dimensions
+        // describe; alpha and beta are f32 as CUBLAS_COMPUTE_32F requires; the handle is bound
+        // to this backend's stream.
+        unsafe {
+            blas::gemm_ex(
+                *self.blas.handle(),
+                trans(trans_a),
+                trans(trans_b),
+                mi,
+                ni,
+                ki,
+                (&alpha) as *const f32 as *const _,
+                a as *const _,
+                blas_sys::cudaDataType_t::CUDA_R_16BF,
+                lda,
+                b as *const _,
+                blas_sys::cudaDataType_t::CUDA_R_16BF,
+                ldb,
+                (&beta) as *const f32 as *const _,
+                c as *mut _,
+                c_type,
+                ldc,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| anyhow!("cublasGemmEx for {op} (m {m}, n {n}, k {k}): {e:?}"))
+    }
+
     fn row_indices(&self, rows: &[usize]) -> Result<u64> {
         let rows: Vec<u32> = rows
             .iter()
@@ -498,49 +561,20 @@ impl Backend for CudaBackend {
             if m == 0 || n == 0 {
                 return Ok(());
             }
-            let out_f32 = out.dtype == DType::F32;
-            let (mi, ki, ni) = (
-                super::launch::to_i32("matmul_forward", "m", m)?,
-                super::launch::to_i32("matmul_forward", "k", k.max(1))?,
-                super::launch::to_i32("matmul_forward", "n", n)?,
-            );
-            let (alpha, beta) = (1.0f32, 0.0f32);
-            let c_type = if out_f32 {
-                blas_sys::cudaDataType_t::CUDA_R_32F
-            } else {
-                blas_sys::cudaDataType_t::CUDA_R_16BF
-            };
             // Row-major out[M, N] = x[M, K] · w[N, K]ᵀ is column-major outᵀ[N, M] = w·xᵀ:
-            // cuBLAS A = w read transposed (lda = K), B = x as is (ldb = K), C = out (ldc = N).
-            self.k.ctx.bind_to_thread()?;
-            // SAFETY: the sizes of x, w and out were checked against m, k, n above; alpha and
-            // beta are f32 as CUBLAS_COMPUTE_32F requires; all on this backend's stream.
-            unsafe {
-                blas::gemm_ex(
-                    *self.blas.handle(),
-                    blas_sys::cublasOperation_t::CUBLAS_OP_T,
-                    blas_sys::cublasOperation_t::CUBLAS_OP_N,
-                    ni,
-                    mi,
-                    ki,
-                    (&alpha) as *const f32 as *const _,
-                    w.ptr as *const _,
-                    blas_sys::cudaDataType_t::CUDA_R_16BF,
-                    ki,
-                    x.ptr as *const _,
-                    blas_sys::cudaDataType_t::CUDA_R_16BF,
-                    ki,
-                    (&beta) as *const f32 as *const _,
-                    out.ptr as *mut _,
-                    c_type,
-                    ni,
-                    blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                    blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-                )
-            }
-            .map_err(|e| anyhow!("cublasGemmEx (m {m}, k {k}, n {n}): {e:?}"))?;
+            // A = w read transposed (lda = K), B = x as is (ldb = K), C = out (ldc = N).
+            self.gemm(
+                "matmul_forward",
+                (true, false),
+                (n, m, k),
+                (w.ptr, k),
+                (x.ptr, k),
+                0.0,
+                (out.ptr, out.dtype, n),
+            )?;
             if let Some(bias) = bias {
                 expect("bias", bias.dtype, bias.len, DType::Bf16, n)?;
+                let out_f32 = out.dtype == DType::F32;
                 ops::elementwise::bias_add(&self.k, out.ptr, bias.ptr, m, n, out_f32)?;
             }
             Ok(())
@@ -912,6 +946,263 @@ impl AttentionBackward for CudaBackend {
                 num_key_tiles: plan.num_key_tiles(),
             };
             ops::flash_attention::flash_attention_backward(&self.k, &problem, &grads)
+        })
+    }
+}
+
+/// The backward ops. Activation gradients are bf16 like the activations; parameter gradients
+/// (dw of a matmul may be either) are f32, accumulated with atomics where rows share a parameter.
+impl TrainBackend for CudaBackend {
+    fn logprob_backward(
+        &self,
+        dlogits: CudaViewMut<'_>,
+        dlogp: CudaView<'_>,
+        logits: CudaView<'_>,
+        targets: &[u32],
+        vocab: usize,
+        temperature: f32,
+    ) {
+        self.run("logprob_backward", || {
+            let r = targets.len();
+            expect(
+                "dlogits",
+                dlogits.dtype,
+                dlogits.len,
+                DType::Bf16,
+                r * vocab,
+            )?;
+            expect("dlogp", dlogp.dtype, dlogp.len, DType::F32, r)?;
+            ensure!(
+                logits.len == r * vocab,
+                "logits has {} elements, expected {r} * {vocab}",
+                logits.len
+            );
+            check_ids("target", targets, vocab)?;
+            let targets_ptr = self.indices(targets)?;
+            ops::logprob::logprob_backward(
+                &self.k,
+                dlogits.ptr,
+                dlogp.ptr,
+                logits.ptr,
+                targets_ptr,
+                r,
+                vocab,
+                temperature,
+                logits.dtype == DType::F32,
+            )
+        })
+    }
+
+    fn matmul_backward(
+        &self,
+        dx: Option<CudaViewMut<'_>>,
+        dw: CudaViewMut<'_>,
+        dout: CudaView<'_>,
+        x: CudaView<'_>,
+        w: CudaView<'_>,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) {
+        self.run("matmul_backward", || {
+            expect("dout", dout.dtype, dout.len, DType::Bf16, m * n)?;
+            expect("x", x.dtype, x.len, DType::Bf16, m * k)?;
+            expect("w", w.dtype, w.len, DType::Bf16, n * k)?;
+            ensure!(
+                dw.len == n * k,
+                "dw has {} elements, expected {n} * {k}",
+                dw.len
+            );
+            if m == 0 || n == 0 || k == 0 {
+                return Ok(());
+            }
+            if let Some(dx) = dx {
+                expect("dx", dx.dtype, dx.len, DType::Bf16, m * k)?;
+                // dx[M, K] += dout[M, N] · w[N, K]: column-major dxᵀ = wᵀ · doutᵀ, with w and
+                // dout read as stored (column-major K × N and N × M)
+                self.gemm(
+                    "matmul_backward dx",
+                    (false, false),
+                    (k, m, n),
+                    (w.ptr, k),
+                    (dout.ptr, n),
+                    1.0,
+                    (dx.ptr, dx.dtype, k),
+                )?;
+            }
+            // dw[N, K] += dout[M, N]ᵀ · x[M, K]: column-major dwᵀ (K × N) = xᵀ (K × M, as stored)
+            // · dout (M × N: the stored N × M transposed)
+            self.gemm(
+                "matmul_backward dw",
+                (false, true),
+                (k, n, m),
+                (x.ptr, k),
+                (dout.ptr, n),
+                1.0,
+                (dw.ptr, dw.dtype, k),
+            )
+        })
+    }
+
+    fn bias_backward(&self, dbias: CudaViewMut<'_>, dout: CudaView<'_>) {
+        self.run("bias_backward", || {
+            expect("dbias", dbias.dtype, dbias.len, DType::F32, dbias.len)?;
+            expect_bf16("dout", dout.dtype)?;
+            let m = rows_of("dout", dout.len, dbias.len)?;
+            ops::elementwise::bias_backward(&self.k, dbias.ptr, dout.ptr, m, dbias.len)
+        })
+    }
+
+    fn rmsnorm_backward(
+        &self,
+        dx: CudaViewMut<'_>,
+        dweight: CudaViewMut<'_>,
+        dout: CudaView<'_>,
+        x: CudaView<'_>,
+        weight: CudaView<'_>,
+        dim: usize,
+        eps: f32,
+    ) {
+        self.run("rmsnorm_backward", || {
+            expect_bf16("x", x.dtype)?;
+            let rows = rows_of("x", x.len, dim)?;
+            expect("dx", dx.dtype, dx.len, DType::Bf16, x.len)?;
+            expect("dout", dout.dtype, dout.len, DType::Bf16, x.len)?;
+            expect("weight", weight.dtype, weight.len, DType::Bf16, dim)?;
+            expect("dweight", dweight.dtype, dweight.len, DType::F32, dim)?;
+            ops::rmsnorm::rmsnorm_backward(
+                &self.k,
+                dx.ptr,
+                dweight.ptr,
+                dout.ptr,
+                x.ptr,
+                weight.ptr,
+                rows,
+                dim,
+                eps,
+            )
+        })
+    }
+
+    fn rope_backward(
+        &self,
+        dx: CudaViewMut<'_>,
+        positions: &[u32],
+        inv_freq: CudaView<'_>,
+        n_heads: usize,
+        head_dim: usize,
+    ) {
+        self.run("rope_backward", || {
+            let m = positions.len();
+            expect("dx", dx.dtype, dx.len, DType::Bf16, m * n_heads * head_dim)?;
+            expect(
+                "inv_freq",
+                inv_freq.dtype,
+                inv_freq.len,
+                DType::F32,
+                head_dim / 2,
+            )?;
+            let positions_ptr = self.indices(positions)?;
+            ops::rope::rope_backward(
+                &self.k,
+                dx.ptr,
+                positions_ptr,
+                inv_freq.ptr,
+                m,
+                n_heads,
+                head_dim,
+            )
+        })
+    }
+
+    fn kv_cache_gather(
+        &self,
+        dx: CudaViewMut<'_>,
+        dcache: CudaView<'_>,
+        place: &TokenPlacement,
+        capacity: usize,
+        kv_dim: usize,
+    ) {
+        self.run("kv_cache_gather", || {
+            let m = place.slots.len();
+            expect("dx", dx.dtype, dx.len, DType::Bf16, m * kv_dim)?;
+            let cache = (dcache.dtype, dcache.len);
+            let (slots, positions) = self.cache_placement(place, cache, cache, capacity, kv_dim)?;
+            ops::kv_cache::kv_cache_gather(
+                &self.k, dx.ptr, dcache.ptr, slots, positions, m, capacity, kv_dim,
+            )
+        })
+    }
+
+    fn swiglu_backward(
+        &self,
+        dgate: CudaViewMut<'_>,
+        dup: CudaViewMut<'_>,
+        dout: CudaView<'_>,
+        gate: CudaView<'_>,
+        up: CudaView<'_>,
+    ) {
+        self.run("swiglu_backward", || {
+            let n = dout.len;
+            expect_bf16("dout", dout.dtype)?;
+            for (arg, dtype, len) in [
+                ("dgate", dgate.dtype, dgate.len),
+                ("dup", dup.dtype, dup.len),
+                ("gate", gate.dtype, gate.len),
+                ("up", up.dtype, up.len),
+            ] {
+                expect(arg, dtype, len, DType::Bf16, n)?;
+            }
+            ops::elementwise::swiglu_backward(
+                &self.k, dgate.ptr, dup.ptr, dout.ptr, gate.ptr, up.ptr, n,
+            )
+        })
+    }
+
+    fn embedding_backward(
+        &self,
+        dtable: CudaViewMut<'_>,
+        dout: CudaView<'_>,
+        ids: &[u32],
+        dim: usize,
+    ) {
+        self.run("embedding_backward", || {
+            ensure!(
+                dtable.dtype == DType::F32,
+                "dtable is {:?}, expected F32",
+                dtable.dtype
+            );
+            let vocab = rows_of("dtable", dtable.len, dim)?;
+            expect("dout", dout.dtype, dout.len, DType::Bf16, ids.len() * dim)?;
+            check_ids("token id", ids, vocab)?;
+            let ids_ptr = self.indices(ids)?;
+            ops::embedding::embedding_backward(
+                &self.k,
+                dtable.ptr,
+                dout.ptr,
+                ids_ptr,
+                ids.len(),
+                dim,
+            )
+        })
+    }
+
+    fn scatter_add_rows(
+        &self,
+        dx: CudaViewMut<'_>,
+        dout: CudaView<'_>,
+        rows: &[usize],
+        dim: usize,
+    ) {
+        self.run("scatter_add_rows", || {
+            expect_bf16("dx", dx.dtype)?;
+            let m = rows_of("dx", dx.len, dim)?;
+            expect("dout", dout.dtype, dout.len, DType::Bf16, rows.len() * dim)?;
+            if let Some(&bad) = rows.iter().find(|&&r| r >= m) {
+                bail!("row {bad} out of range (must be < {m})");
+            }
+            let rows_ptr = self.row_indices(rows)?;
+            ops::embedding::scatter_add_rows(&self.k, dx.ptr, dout.ptr, rows_ptr, rows.len(), dim)
         })
     }
 }

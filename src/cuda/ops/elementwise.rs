@@ -129,6 +129,65 @@ pub fn convert_bf16_to_f32(k: &KernelCtx, dst: u64, src: u64, n: usize) -> Resul
     launch_flat(k, "convert_bf16_to_f32", &[dst, src], n)
 }
 
+/// The gradient of [`swiglu_forward`]: dgate, dup (overwritten) from dout, gate, up; all n bf16.
+pub fn swiglu_backward(
+    k: &KernelCtx,
+    dgate: u64,
+    dup: u64,
+    dout: u64,
+    gate: u64,
+    up: u64,
+    n: usize,
+) -> Result<()> {
+    if n == 0 {
+        return Ok(());
+    }
+    let f = k.function(MODULE, "swiglu_backward")?;
+    let n_u64 = n as u64;
+    let mut b = k.stream.launch_builder(&f);
+    b.arg(&dgate)
+        .arg(&dup)
+        .arg(&dout)
+        .arg(&gate)
+        .arg(&up)
+        .arg(&n_u64);
+    // SAFETY: matches `(bf16* dgate, bf16* dup, const bf16* dout, const bf16* gate,
+    // const bf16* up, size_t n)`, every buffer n bf16 (a grid-stride loop covers any n).
+    unsafe { b.launch(flat_config(n, false)) }
+        .with_context(|| format!("launching swiglu_backward (n {n})"))?;
+    Ok(())
+}
+
+/// Rows of dout one thread of `bias_backward` sums (`BIAS_ROWS_PER_THREAD`).
+const BIAS_ROWS_PER_THREAD: usize = 256;
+
+/// dbias (f32 [n]) += the column sums of dout (bf16 [m, n]).
+pub fn bias_backward(k: &KernelCtx, dbias: u64, dout: u64, m: usize, n: usize) -> Result<()> {
+    ensure!(n > 0, "bias_backward: n (the bias length) must be positive");
+    let m_i = to_i32("bias_backward", "m", m)?;
+    let n_i = to_i32("bias_backward", "n", n)?;
+    if m == 0 {
+        return Ok(());
+    }
+    let f = k.function(MODULE, "bias_backward")?;
+    let chunks = m.div_ceil(BIAS_ROWS_PER_THREAD).min(MAX_GRID_Y);
+    ensure!(
+        m.div_ceil(BIAS_ROWS_PER_THREAD) <= MAX_GRID_Y,
+        "bias_backward: m = {m} rows exceed the grid"
+    );
+    let cfg = LaunchConfig {
+        grid_dim: (n.div_ceil(BLOCK_THREADS as usize) as u32, chunks as u32, 1),
+        block_dim: (BLOCK_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut b = k.stream.launch_builder(&f);
+    b.arg(&dbias).arg(&dout).arg(&m_i).arg(&n_i);
+    // SAFETY: matches `(float* dbias, const bf16* dout, int m, int n)`; one thread per (column,
+    // chunk of BIAS_ROWS_PER_THREAD rows), the caller owns dbias of n f32 and dout of m * n bf16.
+    unsafe { b.launch(cfg) }.with_context(|| format!("launching bias_backward (m {m}, n {n})"))?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,7 +4,7 @@
 use anyhow::{ensure, Context, Result};
 use cudarc::driver::PushKernelArg;
 
-use super::elementwise::{aligned16, rows_config, BF16_VEC};
+use super::elementwise::{aligned16, flat_config, rows_config, BF16_VEC};
 use crate::cuda::launch::{to_i32, KernelCtx};
 
 const MODULE: &str = "embedding";
@@ -53,4 +53,54 @@ pub fn embedding_forward(
 /// out[r, :] = x[rows[r], :].  out: bf16 [r, dim]; x: bf16 [*, dim]; rows: u32 [r].
 pub fn gather_rows(k: &KernelCtx, out: u64, x: u64, rows: u64, r: usize, dim: usize) -> Result<()> {
     launch_copy_rows(k, "gather_rows", out, x, rows, r, dim)
+}
+
+/// Launches one of the atomic scatter kernels `(T* dst, const bf16* dout, const u32* index,
+/// int m, int dim)`: dst[index[r]] += dout[r].
+fn launch_scatter(
+    k: &KernelCtx,
+    kernel: &'static str,
+    dst: u64,
+    dout: u64,
+    index: u64,
+    m: usize,
+    dim: usize,
+) -> Result<()> {
+    let m_i = to_i32(kernel, "m", m)?;
+    let dim_i = to_i32(kernel, "dim", dim)?;
+    if m == 0 || dim == 0 {
+        return Ok(());
+    }
+    let f = k.function(MODULE, kernel)?;
+    let mut b = k.stream.launch_builder(&f);
+    b.arg(&dst).arg(&dout).arg(&index).arg(&m_i).arg(&dim_i);
+    // SAFETY: matches the kernel's `(T* dst, const bf16* dout, const u32* index, int m,
+    // int dim)`; the caller owns dout of m * dim bf16 and checked every index against dst's rows.
+    unsafe { b.launch(flat_config(m * dim, false)) }
+        .with_context(|| format!("launching {kernel} (m {m}, dim {dim})"))?;
+    Ok(())
+}
+
+/// dtable (f32 [V, dim]) [ids[r]] += dout (bf16 [m, dim]) [r]; ids checked by the caller.
+pub fn embedding_backward(
+    k: &KernelCtx,
+    dtable: u64,
+    dout: u64,
+    ids: u64,
+    m: usize,
+    dim: usize,
+) -> Result<()> {
+    launch_scatter(k, "embedding_backward", dtable, dout, ids, m, dim)
+}
+
+/// dx (bf16 [M, dim]) [rows[i]] += dout (bf16 [r, dim]) [i]; rows checked by the caller.
+pub fn scatter_add_rows(
+    k: &KernelCtx,
+    dx: u64,
+    dout: u64,
+    rows: u64,
+    r: usize,
+    dim: usize,
+) -> Result<()> {
+    launch_scatter(k, "scatter_add_rows", dx, dout, rows, r, dim)
 }

@@ -63,6 +63,39 @@ pub fn kv_cache_write(
     Ok(())
 }
 
+/// dx[i] = dcache[slots[i], positions[i]]: dx bf16 [m, kv_dim], dcache bf16 [slots, capacity,
+/// kv_dim] (one cache of one layer); slots and positions checked by the caller.
+#[allow(clippy::too_many_arguments)]
+pub fn kv_cache_gather(
+    k: &KernelCtx,
+    dx: u64,
+    dcache: u64,
+    slots: u64,
+    positions: u64,
+    m: usize,
+    capacity: usize,
+    kv_dim: usize,
+) -> Result<()> {
+    let (m_i, capacity_i, kv_dim_i) = check_shapes(m, capacity, kv_dim)?;
+    if m == 0 {
+        return Ok(());
+    }
+    let f = k.function("kv_cache", "kv_cache_gather")?;
+    let cfg = rows_config(m, kv_dim, false);
+    let mut b = k.stream.launch_builder(&f);
+    b.arg(&dx)
+        .arg(&dcache)
+        .arg(&slots)
+        .arg(&positions)
+        .arg(&m_i)
+        .arg(&capacity_i)
+        .arg(&kv_dim_i);
+    // SAFETY: matches `(bf16* dx, const bf16* dcache, const u32* slots, const u32* positions,
+    // int m, int capacity, int kv_dim)`; the caller checked every slot and position.
+    unsafe { b.launch(cfg) }.with_context(|| format!("launching kv_cache_gather (m {m})"))?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -98,6 +98,46 @@ pub fn logprob_forward(
     Ok(())
 }
 
+/// dlogits (bf16 [r, vocab], overwritten) = dlogp[i] / τ · (onehot(targets[i]) − softmax(logits /
+/// τ)); dlogp f32 [r]; logits f32 when `logits_f32` else bf16; targets checked by the caller.
+#[allow(clippy::too_many_arguments)]
+pub fn logprob_backward(
+    k: &KernelCtx,
+    dlogits: u64,
+    dlogp: u64,
+    logits: u64,
+    targets: u64,
+    r: usize,
+    vocab: usize,
+    temperature: f32,
+    logits_f32: bool,
+) -> Result<()> {
+    let (r_i, vocab_i, inv_temperature) = check_logprob_args(r, vocab, temperature)?;
+    if r == 0 {
+        return Ok(());
+    }
+    let kernel = if logits_f32 {
+        "logprob_backward_f32"
+    } else {
+        "logprob_backward"
+    };
+    let f = k.function("logprob", kernel)?;
+    let mut b = k.stream.launch_builder(&f);
+    b.arg(&dlogits)
+        .arg(&dlogp)
+        .arg(&logits)
+        .arg(&targets)
+        .arg(&r_i)
+        .arg(&vocab_i)
+        .arg(&inv_temperature);
+    // SAFETY: matches `(bf16* dlogits, const float* dlogp, const T* logits, const u32* targets,
+    // int r, int vocab, float inv_temperature)` with T as chosen above; one block per row, whole
+    // warps up to 1024 threads as the block reduction requires.
+    unsafe { b.launch(logprob_config(r, vocab, logits_f32)) }
+        .with_context(|| format!("launching {kernel} (r {r}, vocab {vocab})"))?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -73,6 +73,54 @@ pub fn rmsnorm_forward(
     Ok(())
 }
 
+/// The gradient of [`rmsnorm_forward`]: dx (bf16 [rows, dim], overwritten) and dweight (f32
+/// [dim], accumulated with atomics) from dout and x (bf16 [rows, dim]) and weight (bf16 [dim]).
+/// grid = (rows, 1, 1), block = (row_block_size(dim, 1, false), 1, 1).
+#[allow(clippy::too_many_arguments)]
+pub fn rmsnorm_backward(
+    k: &KernelCtx,
+    dx: u64,
+    dweight: u64,
+    dout: u64,
+    x: u64,
+    weight: u64,
+    rows: usize,
+    dim: usize,
+    eps: f32,
+) -> Result<()> {
+    const OP: &str = "rmsnorm_backward";
+    ensure!(dim > 0, "{OP}: dim must be positive");
+    ensure!(
+        eps.is_finite() && eps >= 0.0,
+        "{OP}: eps = {eps} is not a finite non-negative number"
+    );
+    let rows_i = to_i32(OP, "rows", rows)?;
+    let dim_i = to_i32(OP, "dim", dim)?;
+    if rows == 0 {
+        return Ok(());
+    }
+    let f = k.function(MODULE, OP)?;
+    let cfg = LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (row_block_size(dim, 1, false), 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut b = k.stream.launch_builder(&f);
+    b.arg(&dx)
+        .arg(&dweight)
+        .arg(&dout)
+        .arg(&x)
+        .arg(&weight)
+        .arg(&rows_i)
+        .arg(&dim_i)
+        .arg(&eps);
+    // SAFETY: matches `(bf16* dx, float* dweight, const bf16* dout, const bf16* x,
+    // const bf16* weight, int rows, int dim, float eps)`; the caller owns buffers of those
+    // shapes; the block is whole warps, at most 1024, as the reductions require.
+    unsafe { b.launch(cfg) }.with_context(|| format!("launching {OP} (rows {rows}, dim {dim})"))?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

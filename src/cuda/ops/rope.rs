@@ -124,6 +124,28 @@ pub fn rope_forward(
     )
 }
 
+/// The gradient of [`rope_forward`]: dx rotated back (by −position · inv_freq) in place.
+pub fn rope_backward(
+    k: &KernelCtx,
+    dx: u64,
+    positions: u64,
+    inv_freq: u64,
+    m: usize,
+    n_heads: usize,
+    head_dim: usize,
+) -> Result<()> {
+    launch_rope(
+        k,
+        "rope_backward",
+        dx,
+        positions,
+        inv_freq,
+        m,
+        n_heads,
+        head_dim,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

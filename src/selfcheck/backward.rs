@@ -1,0 +1,312 @@
+//! selfcheck rows for the backward ops of `TrainBackend` (attention's are in `attention.rs`),
+//! and the whole tiny model's parameter gradients.
+//!
+//! Gradients that accumulate (+=) start from random values, so an op that overwrites instead
+//! fails. Parameter gradients are f32 buffers (`put_f32`) as in training; activation gradients
+//! are stored like activations (bf16 on a bf16 device).
+
+use super::{
+    get, put, put_f32, rel_error, tiny_model_weights, Checker, Rand, TINY_MODEL, TOL_BF16,
+    TOL_EXACT, TOL_F32,
+};
+use crate::backend::cpu::CpuBackend;
+use crate::backend::{TokenPlacement, TrainBackend};
+use crate::config::ModelConfig;
+use crate::model::Model;
+use crate::model_backward::TrainBatch;
+use crate::rng::Philox;
+use anyhow::Result;
+
+/// Relative error of the whole model's parameter gradient (every tensor in one buffer). Both
+/// models hold the same bf16 weights; the device also rounds every activation and activation
+/// gradient to bf16: simulating that on the CPU (tests/selfcheck.rs, with the attention
+/// backward's internal roundings too) gives 8.5e-3 on this model. A 5 % error in one forward op
+/// (swiglu) gives 3.7e-2, and the mistakes this check is for (a wrong transpose, a missing
+/// accumulation, a swapped gradient) give errors of order 1.
+pub const TOL_MODEL_GRADIENT: f64 = 2.5e-2;
+
+pub(super) fn checks<D: TrainBackend>(c: &mut Checker<D>) -> Result<()> {
+    let cpu = CpuBackend;
+
+    // logprob_backward: dlogits [R, V] (bf16) from dlogp [R] (f32) and logits [R, V].
+    for (r, v, f32_logits) in [(3, 151_936, true), (3, 151_936, false), (5, 7, true)] {
+        let shape = format!(
+            "R={r} V={v} T=0.7 logits={}",
+            if f32_logits { "f32" } else { "bf16" }
+        );
+        c.check("logprob_backward", shape, TOL_BF16, |dev, rand| {
+            let host = rand.normal(r * v, 3.0);
+            let (logits, logits_h) = if f32_logits {
+                put_f32(dev, &host)?
+            } else {
+                put(dev, &host)?
+            };
+            let (dlogp, dlogp_h) = put_f32(dev, &rand.normal(r, 1.0))?;
+            let targets = rand.ids(r, v);
+            let mut dlogits = dev.zeros(r * v)?;
+            dev.logprob_backward(
+                dev.full_mut(&mut dlogits),
+                dev.full(&dlogp),
+                dev.full(&logits),
+                &targets,
+                v,
+                0.7,
+            );
+            let mut reference = vec![0.0; r * v];
+            cpu.logprob_backward(&mut reference, &dlogp_h, &logits_h, &targets, v, 0.7);
+            Ok(vec![("", get(dev, &dlogits)?, reference)])
+        })?;
+    }
+
+    // matmul_backward: dx [M, K] += dout [M, N] · w [N, K]; dw [N, K] += doutᵀ · x.
+    for (m, k, n) in [(1, 896, 4864), (5, 7, 3), (64, 33, 17), (128, 896, 896)] {
+        c.check(
+            "matmul_backward",
+            format!("M={m} K={k} N={n}"),
+            TOL_BF16,
+            |dev, rand| {
+                let (dout, dout_h) = put(dev, &rand.normal(m * n, 1.0))?;
+                let (x, x_h) = put(dev, &rand.normal(m * k, 1.0))?;
+                let (w, w_h) = put(dev, &rand.normal(n * k, 0.05))?;
+                let (mut dx, mut dx_ref) = put(dev, &rand.normal(m * k, 0.1))?;
+                let (mut dw, mut dw_ref) = put_f32(dev, &rand.normal(n * k, 1.0))?;
+                dev.matmul_backward(
+                    Some(dev.full_mut(&mut dx)),
+                    dev.full_mut(&mut dw),
+                    dev.full(&dout),
+                    dev.full(&x),
+                    dev.full(&w),
+                    m,
+                    k,
+                    n,
+                );
+                cpu.matmul_backward(Some(&mut dx_ref), &mut dw_ref, &dout_h, &x_h, &w_h, m, k, n);
+                Ok(vec![
+                    ("dx", get(dev, &dx)?, dx_ref),
+                    ("dw", get(dev, &dw)?, dw_ref),
+                ])
+            },
+        )?;
+    }
+
+    // bias_backward: dbias [N] += column sums of dout [M, N] (f32 result from bf16 inputs).
+    for (m, n) in [(1, 896), (300, 7), (600, 128)] {
+        c.check(
+            "bias_backward",
+            format!("M={m} N={n}"),
+            TOL_F32,
+            |dev, rand| {
+                let (dout, dout_h) = put(dev, &rand.normal(m * n, 1.0))?;
+                let (mut dbias, mut reference) = put_f32(dev, &rand.normal(n, 1.0))?;
+                dev.bias_backward(dev.full_mut(&mut dbias), dev.full(&dout));
+                cpu.bias_backward(&mut reference, &dout_h);
+                Ok(vec![("", get(dev, &dbias)?, reference)])
+            },
+        )?;
+    }
+
+    // rmsnorm_backward: dx [M, dim] overwritten (bf16), dweight [dim] accumulated (f32).
+    for (rows, dim) in [(1, 896), (5, 7), (64, 1536)] {
+        c.check(
+            "rmsnorm_backward",
+            format!("rows={rows} dim={dim}"),
+            TOL_BF16,
+            |dev, rand| {
+                let (dout, dout_h) = put(dev, &rand.normal(rows * dim, 1.0))?;
+                let (x, x_h) = put(dev, &rand.normal(rows * dim, 1.0))?;
+                let (w, w_h) = put(dev, &rand.normal(dim, 1.0))?;
+                let (mut dx, _) = put(dev, &rand.normal(rows * dim, 1.0))?;
+                let (mut dweight, mut dweight_ref) = put_f32(dev, &rand.normal(dim, 1.0))?;
+                dev.rmsnorm_backward(
+                    dev.full_mut(&mut dx),
+                    dev.full_mut(&mut dweight),
+                    dev.full(&dout),
+                    dev.full(&x),
+                    dev.full(&w),
+                    dim,
+                    1e-6,
+                );
+                let mut dx_ref = vec![0.0; rows * dim];
+                cpu.rmsnorm_backward(
+                    &mut dx_ref,
+                    &mut dweight_ref,
+                    &dout_h,
+                    &x_h,
+                    &w_h,
+                    dim,
+                    1e-6,
+                );
+                Ok(vec![
+                    ("dx", get(dev, &dx)?, dx_ref),
+                    ("dweight", get(dev, &dweight)?, dweight_ref),
+                ])
+            },
+        )?;
+    }
+
+    // rope_backward: the gradient rotated back in place, [M, heads * head_dim].
+    for (heads, head_dim, positions) in [
+        (14, 64, vec![0u32, 1, 7, 255, 4095]),
+        (3, 6, vec![5, 100_000]),
+    ] {
+        let shape = format!("heads={heads} head_dim={head_dim} positions={positions:?}");
+        c.check("rope_backward", shape, TOL_BF16, |dev, rand| {
+            let m = positions.len();
+            let inv_freq: Vec<f32> = (0..head_dim / 2)
+                .map(|i| 1e6f32.powf(-2.0 * i as f32 / head_dim as f32))
+                .collect();
+            let (freq, freq_h) = put_f32(dev, &inv_freq)?;
+            let (mut dx, mut reference) = put(dev, &rand.normal(m * heads * head_dim, 1.0))?;
+            dev.rope_backward(
+                dev.full_mut(&mut dx),
+                &positions,
+                dev.full(&freq),
+                heads,
+                head_dim,
+            );
+            cpu.rope_backward(&mut reference, &positions, &freq_h, heads, head_dim);
+            Ok(vec![("", get(dev, &dx)?, reference)])
+        })?;
+    }
+
+    // kv_cache_gather: dx [M, kv_dim] = dcache [slot, position] (copies: exact).
+    c.check(
+        "kv_cache_gather",
+        "slots=3 capacity=50 kv_dim=128".into(),
+        TOL_EXACT,
+        |dev, rand| {
+            let (capacity, kv_dim) = (50, 128);
+            let place = TokenPlacement {
+                slots: vec![2, 0, 2, 1],
+                positions: vec![49, 0, 3, 17],
+            };
+            let (dcache, dcache_h) = put(dev, &rand.normal(3 * capacity * kv_dim, 1.0))?;
+            let (mut dx, _) = put(dev, &rand.normal(4 * kv_dim, 1.0))?;
+            dev.kv_cache_gather(
+                dev.full_mut(&mut dx),
+                dev.full(&dcache),
+                &place,
+                capacity,
+                kv_dim,
+            );
+            let mut reference = vec![0.0; 4 * kv_dim];
+            cpu.kv_cache_gather(&mut reference, &dcache_h, &place, capacity, kv_dim);
+            Ok(vec![("", get(dev, &dx)?, reference)])
+        },
+    )?;
+
+    // swiglu_backward: dgate, dup [M, I] overwritten.
+    for (m, i) in [(1, 4864), (5, 7), (64, 8960)] {
+        c.check(
+            "swiglu_backward",
+            format!("M={m} I={i}"),
+            TOL_BF16,
+            |dev, rand| {
+                let (dout, dout_h) = put(dev, &rand.normal(m * i, 1.0))?;
+                let (gate, gate_h) = put(dev, &rand.normal(m * i, 2.0))?;
+                let (up, up_h) = put(dev, &rand.normal(m * i, 1.0))?;
+                let (mut dgate, _) = put(dev, &rand.normal(m * i, 1.0))?;
+                let (mut dup, _) = put(dev, &rand.normal(m * i, 1.0))?;
+                dev.swiglu_backward(
+                    dev.full_mut(&mut dgate),
+                    dev.full_mut(&mut dup),
+                    dev.full(&dout),
+                    dev.full(&gate),
+                    dev.full(&up),
+                );
+                let (mut dgate_ref, mut dup_ref) = (vec![0.0; m * i], vec![0.0; m * i]);
+                cpu.swiglu_backward(&mut dgate_ref, &mut dup_ref, &dout_h, &gate_h, &up_h);
+                Ok(vec![
+                    ("dgate", get(dev, &dgate)?, dgate_ref),
+                    ("dup", get(dev, &dup)?, dup_ref),
+                ])
+            },
+        )?;
+    }
+
+    // embedding_backward: dtable [V, dim] (f32) += dout rows, ids repeating.
+    c.check(
+        "embedding_backward",
+        "V=1000 dim=896 ids=6 (3 repeats)".into(),
+        TOL_F32,
+        |dev, rand| {
+            let (vocab, dim) = (1000, 896);
+            let ids = [4u32, 999, 4, 0, 4, 17];
+            let (dout, dout_h) = put(dev, &rand.normal(ids.len() * dim, 1.0))?;
+            let (mut dtable, mut reference) = put_f32(dev, &rand.normal(vocab * dim, 1.0))?;
+            dev.embedding_backward(dev.full_mut(&mut dtable), dev.full(&dout), &ids, dim);
+            cpu.embedding_backward(&mut reference, &dout_h, &ids, dim);
+            Ok(vec![("", get(dev, &dtable)?, reference)])
+        },
+    )?;
+
+    // scatter_add_rows: dx [M, dim] += dout [R, dim] at rows (one repeated).
+    c.check(
+        "scatter_add_rows",
+        "M=40 dim=896 rows=4".into(),
+        TOL_BF16,
+        |dev, rand| {
+            let (m, dim) = (40, 896);
+            let rows = [39usize, 0, 7, 7];
+            let (dout, dout_h) = put(dev, &rand.normal(rows.len() * dim, 1.0))?;
+            let (mut dx, mut reference) = put(dev, &rand.normal(m * dim, 1.0))?;
+            dev.scatter_add_rows(dev.full_mut(&mut dx), dev.full(&dout), &rows, dim);
+            cpu.scatter_add_rows(&mut reference, &dout_h, &rows, dim);
+            Ok(vec![("", get(dev, &dx)?, reference)])
+        },
+    )?;
+    Ok(())
+}
+
+/// The tiny model's parameter gradient for random d(loss)/d(log p) over a batch of
+/// prompt + completion pairs: one row, relative error over the whole gradient buffer.
+pub(super) fn model_gradient_check<D: TrainBackend>(c: &mut Checker<D>) -> Result<()> {
+    let cfg = ModelConfig::from_json_str(TINY_MODEL)?;
+    let host = tiny_model_weights(&cfg, c.seed);
+    let cpu_model = Model::from_host(cfg.clone(), &host, CpuBackend)?;
+    let mut rand = Rand(Philox::new(c.seed, c.stream));
+    c.stream += 1;
+    let seqs: Vec<(Vec<u32>, Vec<u32>)> = [(1, 15), (17, 40), (100, 60)]
+        .iter()
+        .map(|&(p, q)| (rand.ids(p, cfg.vocab_size), rand.ids(q, cfg.vocab_size)))
+        .collect();
+    let pairs: Vec<(&[u32], &[u32])> = seqs.iter().map(|(p, q)| (&p[..], &q[..])).collect();
+    let batch = TrainBatch::new(&pairs)?;
+    let dlogp = rand.normal(batch.rows.len(), 1.0);
+
+    let mut reference = vec![0.0f32; cpu_model.layout.total_len()];
+    let out = cpu_model.forward_train(&batch, 1.0)?;
+    cpu_model.backward(&batch, &out.acts, &dlogp, &mut reference)?;
+
+    let shape = format!(
+        "{} layers h={} V={}; 3 pairs, {} scored tokens; all {} parameters",
+        cfg.num_layers,
+        cfg.hidden_size,
+        cfg.vocab_size,
+        batch.rows.len(),
+        reference.len()
+    );
+    let result = (|| -> Result<f64> {
+        let dev_model = Model::from_host(cfg.clone(), &host, (c.make_device)()?)?;
+        let b = &dev_model.backend;
+        let mut grads = b.zeros_f32(reference.len())?;
+        let out = dev_model.forward_train(&batch, 1.0)?;
+        dev_model.backward(&batch, &out.acts, &dlogp, &mut grads)?;
+        b.synchronize()?;
+        let got = b.download(b.full(&grads))?;
+        Ok(rel_error(&got, &reference))
+    })();
+    let (error, message) = match result {
+        Ok(rel) => (rel, None),
+        Err(e) => (f64::NAN, Some(format!("{e:#}"))),
+    };
+    c.push(
+        "model gradient".to_string(),
+        shape,
+        "rel",
+        error,
+        TOL_MODEL_GRADIENT,
+        message,
+    );
+    Ok(())
+}
