@@ -344,6 +344,34 @@ impl CudaBackend {
         .map_err(|e| anyhow!("cublasGemmEx for {op} (m {m}, n {n}, k {k}): {e:?}"))
     }
 
+    /// RoPE in place, by +angle (forward) or −angle (the gradient).
+    fn rope(
+        &self,
+        rotation: Rotation,
+        x: CudaViewMut<'_>,
+        positions: &[u32],
+        inv_freq: CudaView<'_>,
+        n_heads: usize,
+        head_dim: usize,
+    ) {
+        let op = match rotation {
+            Rotation::Forward => "rope_forward",
+            Rotation::Backward => "rope_backward",
+        };
+        self.run(op, || {
+            let m = positions.len();
+            expect("x", x.dtype, x.len, DType::Bf16, m * n_heads * head_dim)?;
+            let half = head_dim / 2;
+            expect("inv_freq", inv_freq.dtype, inv_freq.len, DType::F32, half)?;
+            let pos = self.indices(positions)?;
+            let launch = match rotation {
+                Rotation::Forward => ops::rope::rope_forward,
+                Rotation::Backward => ops::rope::rope_backward,
+            };
+            launch(&self.k, x.ptr, pos, inv_freq.ptr, m, n_heads, head_dim)
+        })
+    }
+
     fn row_indices(&self, rows: &[usize]) -> Result<u64> {
         let rows: Vec<u32> = rows
             .iter()
@@ -351,6 +379,13 @@ impl CudaBackend {
             .collect::<Result<_>>()?;
         self.indices(&rows)
     }
+}
+
+/// Which way `CudaBackend::rope` turns.
+#[derive(Clone, Copy)]
+enum Rotation {
+    Forward,
+    Backward,
 }
 
 /// Makes the device's stream-ordered memory pool keep freed blocks instead of returning them to
@@ -589,19 +624,7 @@ impl Backend for CudaBackend {
         n_heads: usize,
         head_dim: usize,
     ) {
-        self.run("rope_forward", || {
-            let m = positions.len();
-            expect("x", x.dtype, x.len, DType::Bf16, m * n_heads * head_dim)?;
-            expect(
-                "inv_freq",
-                inv_freq.dtype,
-                inv_freq.len,
-                DType::F32,
-                head_dim / 2,
-            )?;
-            let pos = self.indices(positions)?;
-            ops::rope::rope_forward(&self.k, x.ptr, pos, inv_freq.ptr, m, n_heads, head_dim)
-        })
+        self.rope(Rotation::Forward, x, positions, inv_freq, n_heads, head_dim)
     }
 
     fn kv_cache_write(
@@ -1092,27 +1115,14 @@ impl TrainBackend for CudaBackend {
         n_heads: usize,
         head_dim: usize,
     ) {
-        self.run("rope_backward", || {
-            let m = positions.len();
-            expect("dx", dx.dtype, dx.len, DType::Bf16, m * n_heads * head_dim)?;
-            expect(
-                "inv_freq",
-                inv_freq.dtype,
-                inv_freq.len,
-                DType::F32,
-                head_dim / 2,
-            )?;
-            let positions_ptr = self.indices(positions)?;
-            ops::rope::rope_backward(
-                &self.k,
-                dx.ptr,
-                positions_ptr,
-                inv_freq.ptr,
-                m,
-                n_heads,
-                head_dim,
-            )
-        })
+        self.rope(
+            Rotation::Backward,
+            dx,
+            positions,
+            inv_freq,
+            n_heads,
+            head_dim,
+        )
     }
 
     fn kv_cache_gather(
