@@ -1,6 +1,7 @@
 //! Throughput of every CUDA op at the shapes of Qwen2.5-0.5B (hidden 896, intermediate 4864,
 //! 14 query / 2 KV heads of 64, vocab 151936), for one token (decode) and 2048 tokens (prefill),
-//! and of fused attention forward and backward at the FlashAttention benchmark's shapes.
+//! of fused attention forward and backward at the FlashAttention benchmark's shapes, and of the
+//! other backward ops.
 //! Memory-bound ops report bytes/s (each input read once, each output written once); matmul and
 //! attention (not decode) report elements/s where one element is one FLOP.
 //! On a machine without a usable GPU it prints "no GPU: skipping CUDA benchmarks" and exits 0.
@@ -13,7 +14,7 @@
 
 use criterion::{BenchmarkId, Criterion, Throughput};
 use std::time::{Duration, Instant};
-use thinkshort::backend::{AttentionBackward, Backend, TokenPlacement};
+use thinkshort::backend::{AttentionBackward, Backend, TokenPlacement, TrainBackend};
 use thinkshort::cuda::CudaBackend;
 use thinkshort::rng::Philox;
 
@@ -335,6 +336,115 @@ fn logprob(c: &mut Criterion, dev: &CudaBackend) {
     g.finish();
 }
 
+/// The backward ops at 2048 tokens of the same shapes: matmul_backward (dx and dW, FLOPs
+/// 4·M·K·N), the row-wise ops in bytes (inputs read once, outputs written once; the f32
+/// parameter gradients' atomics are not counted), logprob_backward over the vocabulary.
+fn backward(c: &mut Criterion, dev: &CudaBackend) {
+    let mut g = c.benchmark_group("backward");
+    let m = 2048usize;
+    for (k, n) in [(HIDDEN, INTERMEDIATE), (INTERMEDIATE, HIDDEN)] {
+        let dout = dev.upload(&random(m * n, 20)).unwrap();
+        let x = dev.upload(&random(m * k, 21)).unwrap();
+        let w = dev.upload(&random(n * k, 22)).unwrap();
+        let mut dx = dev.zeros(m * k).unwrap();
+        let mut dw = dev.zeros_f32(n * k).unwrap();
+        g.throughput(Throughput::Elements((4 * m * k * n) as u64));
+        g.bench_function(
+            BenchmarkId::new(format!("matmul_flops_k{k}_n{n}"), format!("m{m}")),
+            |b| {
+                b.iter_custom(|iters| {
+                    time(dev, iters, || {
+                        dev.matmul_backward(
+                            Some(dev.full_mut(&mut dx)),
+                            dev.full_mut(&mut dw),
+                            dev.full(&dout),
+                            dev.full(&x),
+                            dev.full(&w),
+                            m,
+                            k,
+                            n,
+                        )
+                    })
+                })
+            },
+        );
+    }
+
+    let dout = dev.upload(&random(m * HIDDEN, 23)).unwrap();
+    let x = dev.upload(&random(m * HIDDEN, 24)).unwrap();
+    let weight = dev.upload(&random(HIDDEN, 25)).unwrap();
+    let mut dx = dev.zeros(m * HIDDEN).unwrap();
+    let mut dweight = dev.zeros_f32(HIDDEN).unwrap();
+    g.throughput(Throughput::Bytes(BF16 * (3 * m * HIDDEN) as u64));
+    g.bench_function(
+        BenchmarkId::new("rmsnorm_bytes", format!("{m}x{HIDDEN}")),
+        |b| {
+            b.iter_custom(|iters| {
+                time(dev, iters, || {
+                    dev.rmsnorm_backward(
+                        dev.full_mut(&mut dx),
+                        dev.full_mut(&mut dweight),
+                        dev.full(&dout),
+                        dev.full(&x),
+                        dev.full(&weight),
+                        HIDDEN,
+                        1e-6,
+                    )
+                })
+            })
+        },
+    );
+
+    let n = m * INTERMEDIATE;
+    let dout = dev.upload(&random(n, 26)).unwrap();
+    let gate = dev.upload(&random(n, 27)).unwrap();
+    let up = dev.upload(&random(n, 28)).unwrap();
+    let (mut dgate, mut dup) = (dev.zeros(n).unwrap(), dev.zeros(n).unwrap());
+    g.throughput(Throughput::Bytes(BF16 * (5 * n) as u64));
+    g.bench_function(
+        BenchmarkId::new("swiglu_bytes", format!("{m}x{INTERMEDIATE}")),
+        |b| {
+            b.iter_custom(|iters| {
+                time(dev, iters, || {
+                    dev.swiglu_backward(
+                        dev.full_mut(&mut dgate),
+                        dev.full_mut(&mut dup),
+                        dev.full(&dout),
+                        dev.full(&gate),
+                        dev.full(&up),
+                    )
+                })
+            })
+        },
+    );
+
+    let r = 512;
+    let targets: Vec<u32> = (0..r as u32).map(|i| (i * 104729) % VOCAB as u32).collect();
+    let logits = dev.upload_f32(&random(r * VOCAB, 29)).unwrap();
+    let dlogp = dev.upload_f32(&random(r, 30)).unwrap();
+    let mut dlogits = dev.zeros(r * VOCAB).unwrap();
+    // f32 logits read twice, bf16 gradient written once
+    g.throughput(Throughput::Bytes((2 * 4 + 2) * (r * VOCAB) as u64));
+    g.bench_function(
+        BenchmarkId::new("logprob_bytes", format!("{r}x{VOCAB}")),
+        |b| {
+            b.iter_custom(|iters| {
+                time(dev, iters, || {
+                    dev.logprob_backward(
+                        dev.full_mut(&mut dlogits),
+                        dev.full(&dlogp),
+                        dev.full(&logits),
+                        &targets,
+                        VOCAB,
+                        1.0,
+                    )
+                })
+            })
+        },
+    );
+    g.finish();
+}
+
 fn main() {
     let dev = match CudaBackend::new(0) {
         Ok(dev) => dev,
@@ -354,5 +464,6 @@ fn main() {
     flash_attention(&mut c, &dev);
     decode_attention(&mut c, &dev);
     logprob(&mut c, &dev);
+    backward(&mut c, &dev);
     c.final_summary();
 }

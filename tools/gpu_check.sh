@@ -80,7 +80,7 @@ done
 # was copied beside thinkshort as `cuda_ops`.
 BENCH_BIN=$(dirname "$BIN")/cuda_ops
 if [ -x "$BENCH_BIN" ]; then
-    step cuda_ops 180 "$BENCH_BIN" --bench
+    step cuda_ops 240 "$BENCH_BIN" --bench
 fi
 step "torch attention" 120 env PYTHONUNBUFFERED=1 python3 tools/bench_attention_torch.py \
     --json "$OUT/torch_attention.json"
