@@ -21,7 +21,7 @@
 #   the criterion op benchmarks and tools/bench_attention_torch.py (flash SDPA on the fused
 #   attention benchmark's shapes); generate and logprobs with the demo model on CPU and CUDA;
 #   selfcheck --quick again under compute-sanitizer memcheck when there is time.
-#   Budget: ~5 minutes (about 2 on an H200).
+#   Budget: ~5 minutes (about 4 on an H200).
 set -uo pipefail
 if [ $# -ne 2 ]; then
     sed -n '2,20p' "$0"
