@@ -296,7 +296,8 @@ impl CudaBackend {
         (c, c_dtype, ldc): (u64, DType, usize),
     ) -> Result<()> {
         let int = |what, v: usize| super::launch::to_i32(op, what, v);
-        let (mi, ni, ki) = (int("m", m)?, int("n", n)?, int("k", k.max(1))?);
+        // k = 0 is allowed: cuBLAS then only scales C by beta (a sum over nothing)
+        let (mi, ni, ki) = (int("m", m)?, int("n", n)?, int("k", k)?);
         let (lda, ldb, ldc) = (
             int("lda", lda.max(1))?,
             int("ldb", ldb.max(1))?,

@@ -43,7 +43,7 @@ pub(super) fn checks<D: TrainBackend>(c: &mut Checker<D>) -> Result<()> {
             };
             let (dlogp, dlogp_h) = put_f32(dev, &rand.normal(r, 1.0))?;
             let targets = rand.ids(r, v);
-            let mut dlogits = dev.zeros(r * v)?;
+            let (mut dlogits, _) = put(dev, &rand.normal(r * v, 1.0))?; // overwritten
             dev.logprob_backward(
                 dev.full_mut(&mut dlogits),
                 dev.full(&dlogp),
@@ -58,7 +58,9 @@ pub(super) fn checks<D: TrainBackend>(c: &mut Checker<D>) -> Result<()> {
         })?;
     }
 
-    // matmul_backward: dx [M, K] += dout [M, N] · w [N, K]; dw [N, K] += doutᵀ · x.
+    // matmul_backward: dx [M, K] += dout [M, N] · w [N, K]; dw [N, K] += doutᵀ · x. With dx, a
+    // bf16 dw (both outputs bf16); without dx, an f32 dw (the parameter-gradient case: f32 from
+    // the same inputs).
     for (m, k, n) in [(1, 896, 4864), (5, 7, 3), (64, 33, 17), (128, 896, 896)] {
         c.check(
             "matmul_backward",
@@ -69,7 +71,7 @@ pub(super) fn checks<D: TrainBackend>(c: &mut Checker<D>) -> Result<()> {
                 let (x, x_h) = put(dev, &rand.normal(m * k, 1.0))?;
                 let (w, w_h) = put(dev, &rand.normal(n * k, 0.05))?;
                 let (mut dx, mut dx_ref) = put(dev, &rand.normal(m * k, 0.1))?;
-                let (mut dw, mut dw_ref) = put_f32(dev, &rand.normal(n * k, 1.0))?;
+                let (mut dw, mut dw_ref) = put(dev, &rand.normal(n * k, 1.0))?;
                 dev.matmul_backward(
                     Some(dev.full_mut(&mut dx)),
                     dev.full_mut(&mut dw),
@@ -87,6 +89,26 @@ pub(super) fn checks<D: TrainBackend>(c: &mut Checker<D>) -> Result<()> {
                 ])
             },
         )?;
+        let shape = format!("M={m} K={k} N={n} dw=f32, no dx");
+        c.check("matmul_backward", shape, TOL_F32, |dev, rand| {
+            let (dout, dout_h) = put(dev, &rand.normal(m * n, 1.0))?;
+            let (x, x_h) = put(dev, &rand.normal(m * k, 1.0))?;
+            let (w, w_h) = put(dev, &rand.normal(n * k, 0.05))?;
+            let (mut dw, mut dw_ref) = put_f32(dev, &rand.normal(n * k, 1.0))?;
+            let (dw_view, dout_view) = (dev.full_mut(&mut dw), dev.full(&dout));
+            dev.matmul_backward(
+                None,
+                dw_view,
+                dout_view,
+                dev.full(&x),
+                dev.full(&w),
+                m,
+                k,
+                n,
+            );
+            cpu.matmul_backward(None, &mut dw_ref, &dout_h, &x_h, &w_h, m, k, n);
+            Ok(vec![("dw", get(dev, &dw)?, dw_ref)])
+        })?;
     }
 
     // bias_backward: dbias [N] += column sums of dout [M, N] (f32 result from bf16 inputs).
@@ -259,54 +281,67 @@ pub(super) fn checks<D: TrainBackend>(c: &mut Checker<D>) -> Result<()> {
 }
 
 /// The tiny model's parameter gradient for random d(loss)/d(log p) over a batch of
-/// prompt + completion pairs: one row, relative error over the whole gradient buffer.
+/// prompt + completion pairs, with a separate LM head and with the head tied to the embedding
+/// (whose gradient then sums both uses): one row each, relative error over the whole buffer.
 pub(super) fn model_gradient_check<D: TrainBackend>(c: &mut Checker<D>) -> Result<()> {
-    let cfg = ModelConfig::from_json_str(TINY_MODEL)?;
-    let host = tiny_model_weights(&cfg, c.seed);
-    let cpu_model = Model::from_host(cfg.clone(), &host, CpuBackend)?;
-    let mut rand = Rand(Philox::new(c.seed, c.stream));
-    c.stream += 1;
-    let seqs: Vec<(Vec<u32>, Vec<u32>)> = [(1, 15), (17, 40), (100, 60)]
-        .iter()
-        .map(|&(p, q)| (rand.ids(p, cfg.vocab_size), rand.ids(q, cfg.vocab_size)))
-        .collect();
-    let pairs: Vec<(&[u32], &[u32])> = seqs.iter().map(|(p, q)| (&p[..], &q[..])).collect();
-    let batch = TrainBatch::new(&pairs)?;
-    let dlogp = rand.normal(batch.rows.len(), 1.0);
+    for tied in [false, true] {
+        let json = TINY_MODEL.replace(
+            "\"tie_word_embeddings\": false",
+            &format!("\"tie_word_embeddings\": {tied}"),
+        );
+        let cfg = ModelConfig::from_json_str(&json)?;
+        anyhow::ensure!(
+            cfg.tie_word_embeddings == tied,
+            "TINY_MODEL must say tie_word_embeddings"
+        );
+        let host = tiny_model_weights(&cfg, c.seed);
+        let cpu_model = Model::from_host(cfg.clone(), &host, CpuBackend)?;
+        let mut rand = Rand(Philox::new(c.seed, c.stream));
+        c.stream += 1;
+        let seqs: Vec<(Vec<u32>, Vec<u32>)> = [(1, 15), (17, 40), (100, 60)]
+            .iter()
+            .map(|&(p, q)| (rand.ids(p, cfg.vocab_size), rand.ids(q, cfg.vocab_size)))
+            .collect();
+        let pairs: Vec<(&[u32], &[u32])> = seqs.iter().map(|(p, q)| (&p[..], &q[..])).collect();
+        let batch = TrainBatch::new(&pairs)?;
+        let dlogp = rand.normal(batch.rows.len(), 1.0);
 
-    let mut reference = vec![0.0f32; cpu_model.layout.total_len()];
-    let out = cpu_model.forward_train(&batch, 1.0)?;
-    cpu_model.backward(&batch, &out.acts, &dlogp, &mut reference)?;
+        let mut reference = vec![0.0f32; cpu_model.layout.total_len()];
+        let out = cpu_model.forward_train(&batch, 1.0)?;
+        cpu_model.backward(&batch, &out.acts, &dlogp, &mut reference)?;
 
-    let shape = format!(
-        "{} layers h={} V={}; 3 pairs, {} scored tokens; all {} parameters",
-        cfg.num_layers,
-        cfg.hidden_size,
-        cfg.vocab_size,
-        batch.rows.len(),
-        reference.len()
-    );
-    let result = (|| -> Result<f64> {
-        let dev_model = Model::from_host(cfg.clone(), &host, (c.make_device)()?)?;
-        let b = &dev_model.backend;
-        let mut grads = b.zeros_f32(reference.len())?;
-        let out = dev_model.forward_train(&batch, 1.0)?;
-        dev_model.backward(&batch, &out.acts, &dlogp, &mut grads)?;
-        b.synchronize()?;
-        let got = b.download(b.full(&grads))?;
-        Ok(rel_error(&got, &reference))
-    })();
-    let (error, message) = match result {
-        Ok(rel) => (rel, None),
-        Err(e) => (f64::NAN, Some(format!("{e:#}"))),
-    };
-    c.push(
-        "model gradient".to_string(),
-        shape,
-        "rel",
-        error,
-        TOL_MODEL_GRADIENT,
-        message,
-    );
+        let shape = format!(
+            "{} layers h={} V={} {}; 3 pairs, {} scored tokens; all {} parameters",
+            cfg.num_layers,
+            cfg.hidden_size,
+            cfg.vocab_size,
+            if tied { "tied head" } else { "own head" },
+            batch.rows.len(),
+            reference.len()
+        );
+        let result = (|| -> Result<f64> {
+            let dev_model = Model::from_host(cfg.clone(), &host, (c.make_device)()?)?;
+            let b = &dev_model.backend;
+            let mut grads = b.zeros_f32(reference.len())?;
+            let out = dev_model.forward_train(&batch, 1.0)?;
+            dev_model.backward(&batch, &out.acts, &dlogp, &mut grads)?;
+            b.synchronize()?;
+            let got = b.download(b.full(&grads))?;
+            Ok(rel_error(&got, &reference))
+        })();
+        let (error, message) = match result {
+            Ok(rel) => (rel, None),
+            Err(e) => (f64::NAN, Some(format!("{e:#}"))),
+        };
+        let tolerance = TOL_MODEL_GRADIENT;
+        c.push(
+            "model gradient".to_string(),
+            shape,
+            "rel",
+            error,
+            tolerance,
+            message,
+        );
+    }
     Ok(())
 }

@@ -10,13 +10,13 @@ use crate::cuda::launch::{to_i32, KernelCtx};
 const MODULE: &str = "kv_cache";
 
 /// Checks the shapes; returns (m, capacity, kv_dim) as the kernel's ints.
-fn check_shapes(m: usize, capacity: usize, kv_dim: usize) -> Result<(i32, i32, i32)> {
-    ensure!(capacity > 0, "kv_cache_write: capacity must be positive");
-    ensure!(kv_dim > 0, "kv_cache_write: kv_dim must be positive");
+fn check_shapes(op: &str, m: usize, capacity: usize, kv_dim: usize) -> Result<(i32, i32, i32)> {
+    ensure!(capacity > 0, "{op}: capacity must be positive");
+    ensure!(kv_dim > 0, "{op}: kv_dim must be positive");
     Ok((
-        to_i32("kv_cache_write", "m", m)?,
-        to_i32("kv_cache_write", "capacity", capacity)?,
-        to_i32("kv_cache_write", "kv_dim", kv_dim)?,
+        to_i32(op, "m", m)?,
+        to_i32(op, "capacity", capacity)?,
+        to_i32(op, "kv_dim", kv_dim)?,
     ))
 }
 
@@ -36,7 +36,7 @@ pub fn kv_cache_write(
     capacity: usize,
     kv_dim: usize,
 ) -> Result<()> {
-    let (m_i, capacity_i, kv_dim_i) = check_shapes(m, capacity, kv_dim)?;
+    let (m_i, capacity_i, kv_dim_i) = check_shapes("kv_cache_write", m, capacity, kv_dim)?;
     if m == 0 {
         return Ok(());
     }
@@ -76,7 +76,7 @@ pub fn kv_cache_gather(
     capacity: usize,
     kv_dim: usize,
 ) -> Result<()> {
-    let (m_i, capacity_i, kv_dim_i) = check_shapes(m, capacity, kv_dim)?;
+    let (m_i, capacity_i, kv_dim_i) = check_shapes("kv_cache_gather", m, capacity, kv_dim)?;
     if m == 0 {
         return Ok(());
     }
@@ -102,9 +102,12 @@ mod tests {
 
     #[test]
     fn shapes_are_checked() {
-        assert_eq!(check_shapes(4, 1024, 128).unwrap(), (4, 1024, 128));
-        assert!(check_shapes(0, 1024, 128).is_ok());
-        assert!(check_shapes(4, 0, 128).is_err());
+        assert_eq!(
+            check_shapes("kv_cache_write", 4, 1024, 128).unwrap(),
+            (4, 1024, 128)
+        );
+        assert!(check_shapes("kv_cache_write", 0, 1024, 128).is_ok());
+        assert!(check_shapes("kv_cache_write", 4, 0, 128).is_err());
         assert!(check_shapes(4, 1024, 0).is_err());
         assert!(check_shapes(1 << 31, 1024, 128).is_err());
     }

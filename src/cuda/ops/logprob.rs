@@ -32,22 +32,26 @@ fn logprob_config(r: usize, vocab: usize, logits_f32: bool) -> LaunchConfig {
 }
 
 /// Checks the sizes and the temperature; returns (r, vocab, 1/τ) as the kernel takes them.
-fn check_logprob_args(r: usize, vocab: usize, temperature: f32) -> Result<(i32, i32, f32)> {
-    const OP: &str = "logprob_forward";
-    ensure!(vocab > 0, "{OP}: vocab must be positive");
+fn check_logprob_args(
+    op: &str,
+    r: usize,
+    vocab: usize,
+    temperature: f32,
+) -> Result<(i32, i32, f32)> {
+    ensure!(vocab > 0, "{op}: vocab must be positive");
     ensure!(
         temperature.is_finite() && temperature > 0.0,
-        "{OP}: temperature must be finite and > 0, got {temperature}"
+        "{op}: temperature must be finite and > 0, got {temperature}"
     );
     // 1/τ rounded once from f64, as the CPU reference's inv_t
     let inv_temperature = (1.0 / temperature as f64) as f32;
     ensure!(
         inv_temperature.is_finite(),
-        "{OP}: temperature {temperature} is too small (1/τ overflows f32)"
+        "{op}: temperature {temperature} is too small (1/τ overflows f32)"
     );
     Ok((
-        to_i32(OP, "r", r)?,
-        to_i32(OP, "vocab", vocab)?,
+        to_i32(op, "r", r)?,
+        to_i32(op, "vocab", vocab)?,
         inv_temperature,
     ))
 }
@@ -69,7 +73,8 @@ pub fn logprob_forward(
     vocab: usize,
     temperature: f32,
 ) -> Result<()> {
-    let (r_i, vocab_i, inv_temperature) = check_logprob_args(r, vocab, temperature)?;
+    let (r_i, vocab_i, inv_temperature) =
+        check_logprob_args("logprob_forward", r, vocab, temperature)?;
     if r == 0 {
         return Ok(());
     }
@@ -112,7 +117,8 @@ pub fn logprob_backward(
     temperature: f32,
     logits_f32: bool,
 ) -> Result<()> {
-    let (r_i, vocab_i, inv_temperature) = check_logprob_args(r, vocab, temperature)?;
+    let (r_i, vocab_i, inv_temperature) =
+        check_logprob_args("logprob_backward", r, vocab, temperature)?;
     if r == 0 {
         return Ok(());
     }
@@ -168,10 +174,13 @@ mod tests {
 
     #[test]
     fn checks_sizes_and_temperature() {
-        let (r, v, inv_t) = check_logprob_args(3, 1001, 0.7).unwrap();
+        let (r, v, inv_t) = check_logprob_args("logprob_forward", 3, 1001, 0.7).unwrap();
         assert_eq!((r, v), (3, 1001));
         assert_eq!(inv_t, (1.0 / 0.7f32 as f64) as f32);
-        assert_eq!(check_logprob_args(0, 10, 1.0).unwrap().0, 0);
+        assert_eq!(
+            check_logprob_args("logprob_forward", 0, 10, 1.0).unwrap().0,
+            0
+        );
         for (r, vocab, t) in [
             (1, 0, 1.0),
             (1, 10, 0.0),
@@ -182,7 +191,7 @@ mod tests {
             (1 << 31, 10, 1.0),
             (1, 1 << 31, 1.0),
         ] {
-            let e = check_logprob_args(r, vocab, t).unwrap_err();
+            let e = check_logprob_args("logprob_forward", r, vocab, t).unwrap_err();
             assert!(
                 e.to_string().starts_with("logprob_forward: "),
                 "({r}, {vocab}, {t}): {e}"
