@@ -108,7 +108,7 @@ mod tests {
         );
         assert!(check_shapes("kv_cache_write", 0, 1024, 128).is_ok());
         assert!(check_shapes("kv_cache_write", 4, 0, 128).is_err());
-        assert!(check_shapes(4, 1024, 0).is_err());
-        assert!(check_shapes(1 << 31, 1024, 128).is_err());
+        assert!(check_shapes("kv_cache_write", 4, 1024, 0).is_err());
+        assert!(check_shapes("kv_cache_gather", 1 << 31, 1024, 128).is_err());
     }
 }
