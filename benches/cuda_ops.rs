@@ -14,7 +14,7 @@
 
 use criterion::{BenchmarkId, Criterion, Throughput};
 use std::time::{Duration, Instant};
-use thinkshort::backend::{AttentionBackward, Backend, TokenPlacement, TrainBackend};
+use thinkshort::backend::{Backend, TokenPlacement, TrainBackend};
 use thinkshort::cuda::CudaBackend;
 use thinkshort::rng::Philox;
 

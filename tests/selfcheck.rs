@@ -4,7 +4,7 @@
 use std::ops::Range;
 use std::process::Command;
 use thinkshort::backend::cpu::CpuBackend;
-use thinkshort::backend::{AttentionBackward, Backend, TokenPlacement, TrainBackend};
+use thinkshort::backend::{Backend, TokenPlacement, TrainBackend};
 use thinkshort::config::ModelConfig;
 use thinkshort::model::Model;
 use thinkshort::rng::Philox;
@@ -219,7 +219,8 @@ impl Backend for TestDevice {
     }
 }
 
-impl AttentionBackward for TestDevice {
+/// The CPU backward ops; every output stored like its buffer (bf16 unless made f32).
+impl TrainBackend for TestDevice {
     fn attention_backward(
         &self,
         dq: ViewMut<'_>,
@@ -272,10 +273,7 @@ impl AttentionBackward for TestDevice {
         dcache_k.store();
         dcache_v.store();
     }
-}
 
-/// The CPU backward ops; every output stored like its buffer (bf16 unless made f32).
-impl TrainBackend for TestDevice {
     fn logprob_backward(
         &self,
         dlogits: ViewMut<'_>,

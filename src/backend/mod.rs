@@ -190,35 +190,9 @@ pub trait Backend: Send + Sync {
     );
 }
 
-/// The backward of attention, on its own because a device may have it before the rest of
-/// `TrainBackend` (the CUDA backend: its fused attention kernels come first).
-pub trait AttentionBackward: Backend {
-    /// The gradient of `attention_forward` from its saved outputs: dq overwritten; dcache_k,
-    /// dcache_v accumulate. dout, out (the forward's output), dq: [M, n_heads * head_dim];
-    /// lse (the forward's, f32): [M, n_heads]; the rest as in `attention_forward`.
-    #[allow(clippy::too_many_arguments)]
-    fn attention_backward(
-        &self,
-        dq: Self::ViewMut<'_>,
-        dcache_k: Self::ViewMut<'_>,
-        dcache_v: Self::ViewMut<'_>,
-        dout: Self::View<'_>,
-        out: Self::View<'_>,
-        lse: Self::View<'_>,
-        q: Self::View<'_>,
-        cache_k: Self::View<'_>,
-        cache_v: Self::View<'_>,
-        place: &TokenPlacement,
-        capacity: usize,
-        n_heads: usize,
-        n_kv_heads: usize,
-        head_dim: usize,
-    );
-}
-
 /// The backward of every op, for training. Gradients named `d<param>` accumulate (+=) so tied and
 /// shared weights just work; the others overwrite unless their doc says otherwise.
-pub trait TrainBackend: AttentionBackward {
+pub trait TrainBackend: Backend {
     /// dlogits[r] = dlogp[r] · (onehot(targets[r]) − softmax(logits[r] / τ)) / τ.
     #[allow(clippy::too_many_arguments)]
     fn logprob_backward(
@@ -279,6 +253,28 @@ pub trait TrainBackend: AttentionBackward {
         place: &TokenPlacement,
         capacity: usize,
         kv_dim: usize,
+    );
+
+    /// The gradient of `attention_forward` from its saved outputs: dq overwritten; dcache_k,
+    /// dcache_v accumulate. dout, out (the forward's output), dq: [M, n_heads * head_dim];
+    /// lse (the forward's, f32): [M, n_heads]; the rest as in `attention_forward`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(
+        &self,
+        dq: Self::ViewMut<'_>,
+        dcache_k: Self::ViewMut<'_>,
+        dcache_v: Self::ViewMut<'_>,
+        dout: Self::View<'_>,
+        out: Self::View<'_>,
+        lse: Self::View<'_>,
+        q: Self::View<'_>,
+        cache_k: Self::View<'_>,
+        cache_v: Self::View<'_>,
+        place: &TokenPlacement,
+        capacity: usize,
+        n_heads: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
     );
 
     /// dgate, dup overwritten.  All [M, I].

@@ -33,7 +33,7 @@ use super::launch::KernelCtx;
 use super::ops;
 use super::ops::decode_attention::{plan_splits, scratch_sizes, DecodeProblem};
 use super::ops::flash_attention::{FlashGrads, FlashProblem};
-use crate::backend::{AttentionBackward, Backend, TokenPlacement, TrainBackend};
+use crate::backend::{Backend, TokenPlacement, TrainBackend};
 
 /// The element type of a device buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -885,7 +885,9 @@ impl Backend for CudaBackend {
     }
 }
 
-impl AttentionBackward for CudaBackend {
+/// The backward ops. Activation gradients are bf16 like the activations; parameter gradients
+/// (dw of a matmul may be either) are f32, accumulated with atomics where rows share a parameter.
+impl TrainBackend for CudaBackend {
     /// The fused backward (kernels/flash_attention.cu) for head dims 32, 64 and 128.
     fn attention_backward(
         &self,
@@ -972,11 +974,7 @@ impl AttentionBackward for CudaBackend {
             ops::flash_attention::flash_attention_backward(&self.k, &problem, &grads)
         })
     }
-}
 
-/// The backward ops. Activation gradients are bf16 like the activations; parameter gradients
-/// (dw of a matmul may be either) are f32, accumulated with atomics where rows share a parameter.
-impl TrainBackend for CudaBackend {
     fn logprob_backward(
         &self,
         dlogits: CudaViewMut<'_>,

@@ -7,9 +7,9 @@
 //! random, for the accumulate (+=) semantics: a random start of the same size as the gradients
 //! would hide their errors in long sequences, where dK is small.
 
-use super::{get, placement, put, Checker, Coverage, TOL_BF16};
+use super::{get, placement, put, Checker, Coverage, Rand, TOL_BF16};
 use crate::backend::cpu::CpuBackend;
-use crate::backend::{AttentionBackward, Backend};
+use crate::backend::{Backend, TokenPlacement, TrainBackend};
 use anyhow::Result;
 
 /// One attention problem: heads, KV heads, head dim, and per sequence (slot) its first position
@@ -68,7 +68,7 @@ impl Case {
     }
 }
 
-pub(super) fn checks<D: AttentionBackward>(c: &mut Checker<D>, coverage: Coverage) -> Result<()> {
+pub(super) fn checks<D: TrainBackend>(c: &mut Checker<D>, coverage: Coverage) -> Result<()> {
     let mut forward = vec![
         // assorted shapes: ragged prefills, decode steps at scattered positions
         Case::prefill(2, 2, 64, &[1, 7, 64, 300]),
@@ -115,49 +115,73 @@ pub(super) fn checks<D: AttentionBackward>(c: &mut Checker<D>, coverage: Coverag
     Ok(())
 }
 
-/// out and lse of `attention_forward` on the device and on the CPU.
-fn forward_check<D: Backend>(c: &mut Checker<D>, case: &Case) -> Result<()> {
-    let cpu = CpuBackend;
-    let Case {
-        heads,
-        kv_heads,
-        head_dim,
-        ..
-    } = *case;
-    c.check("attention_forward", case.label(), TOL_BF16, |dev, r| {
-        let place = placement(&case.starts, &case.lens);
-        let (m, capacity) = (place.slots.len(), case.capacity());
-        let (q, q_h) = put(dev, &r.normal(m * heads * head_dim, 1.0))?;
-        let (ck, ck_h) = put(dev, &r.normal(case.cache_len(), 1.0))?;
-        let (cv, cv_h) = put(dev, &r.normal(case.cache_len(), 1.0))?;
-        let mut out = dev.zeros(m * heads * head_dim)?;
-        let mut lse = dev.zeros_f32(m * heads)?;
+/// One case's random inputs (q, then the K and V caches), on the device and as the CPU sees them.
+struct Inputs<D: Backend> {
+    place: TokenPlacement,
+    q: (D::Buf, Vec<f32>),
+    cache_k: (D::Buf, Vec<f32>),
+    cache_v: (D::Buf, Vec<f32>),
+}
+
+impl Case {
+    fn inputs<D: Backend>(&self, dev: &D, r: &mut Rand) -> Result<Inputs<D>> {
+        let place = placement(&self.starts, &self.lens);
+        let q_len = place.slots.len() * self.heads * self.head_dim;
+        Ok(Inputs {
+            q: put(dev, &r.normal(q_len, 1.0))?,
+            cache_k: put(dev, &r.normal(self.cache_len(), 1.0))?,
+            cache_v: put(dev, &r.normal(self.cache_len(), 1.0))?,
+            place,
+        })
+    }
+
+    /// `attention_forward` on the device: out, lse.
+    fn forward<D: Backend>(&self, dev: &D, x: &Inputs<D>) -> Result<(D::Buf, D::Buf)> {
+        let m = x.place.slots.len();
+        let mut out = dev.zeros(m * self.heads * self.head_dim)?;
+        let mut lse = dev.zeros_f32(m * self.heads)?;
         dev.attention_forward(
             dev.full_mut(&mut out),
             Some(dev.full_mut(&mut lse)),
-            dev.full(&q),
-            dev.full(&ck),
-            dev.full(&cv),
-            &place,
-            capacity,
-            heads,
-            kv_heads,
-            head_dim,
+            dev.full(&x.q.0),
+            dev.full(&x.cache_k.0),
+            dev.full(&x.cache_v.0),
+            &x.place,
+            self.capacity(),
+            self.heads,
+            self.kv_heads,
+            self.head_dim,
         );
-        let mut out_ref = vec![0.0; m * heads * head_dim];
-        let mut lse_ref = vec![0.0; m * heads];
-        cpu.attention_forward(
-            &mut out_ref,
-            Some(&mut lse_ref),
-            &q_h,
-            &ck_h,
-            &cv_h,
-            &place,
-            capacity,
-            heads,
-            kv_heads,
-            head_dim,
+        Ok((out, lse))
+    }
+
+    /// `attention_forward` on the CPU reference: out, lse.
+    fn forward_reference<D: Backend>(&self, x: &Inputs<D>) -> (Vec<f32>, Vec<f32>) {
+        let m = x.place.slots.len();
+        let mut out = vec![0.0; m * self.heads * self.head_dim];
+        let mut lse = vec![0.0; m * self.heads];
+        CpuBackend.attention_forward(
+            &mut out,
+            Some(&mut lse),
+            &x.q.1,
+            &x.cache_k.1,
+            &x.cache_v.1,
+            &x.place,
+            self.capacity(),
+            self.heads,
+            self.kv_heads,
+            self.head_dim,
         );
+        (out, lse)
+    }
+}
+
+/// out and lse of `attention_forward` on the device and on the CPU.
+fn forward_check<D: Backend>(c: &mut Checker<D>, case: &Case) -> Result<()> {
+    c.check("attention_forward", case.label(), TOL_BF16, |dev, r| {
+        let x = case.inputs(dev, r)?;
+        let (out, lse) = case.forward(dev, &x)?;
+        let (out_ref, lse_ref) = case.forward_reference(&x);
         Ok(vec![
             ("", get(dev, &out)?, out_ref),
             ("lse", get(dev, &lse)?, lse_ref),
@@ -167,8 +191,7 @@ fn forward_check<D: Backend>(c: &mut Checker<D>, case: &Case) -> Result<()> {
 
 /// dq, dK, dV of `attention_backward`, each side from its own forward (as in training). The
 /// gradient caches start as random values of standard deviation `start` (0: zeros).
-fn backward_check<D: AttentionBackward>(c: &mut Checker<D>, case: &Case, start: f32) -> Result<()> {
-    let cpu = CpuBackend;
+fn backward_check<D: TrainBackend>(c: &mut Checker<D>, case: &Case, start: f32) -> Result<()> {
     let Case {
         heads,
         kv_heads,
@@ -181,30 +204,14 @@ fn backward_check<D: AttentionBackward>(c: &mut Checker<D>, case: &Case, start: 
         case.label()
     };
     c.check("attention_backward", label, TOL_BF16, |dev, r| {
-        let place = placement(&case.starts, &case.lens);
-        let (m, capacity, cache_len) = (place.slots.len(), case.capacity(), case.cache_len());
-        let q_len = m * heads * head_dim;
-        let (q, q_h) = put(dev, &r.normal(q_len, 1.0))?;
-        let (ck, ck_h) = put(dev, &r.normal(cache_len, 1.0))?;
-        let (cv, cv_h) = put(dev, &r.normal(cache_len, 1.0))?;
+        let x = case.inputs(dev, r)?;
+        let (capacity, cache_len) = (case.capacity(), case.cache_len());
+        let q_len = x.q.1.len();
         let (dout, dout_h) = put(dev, &r.normal(q_len, 1.0))?;
         let (mut dck, mut dk_ref) = put(dev, &r.normal(cache_len, start))?;
         let (mut dcv, mut dv_ref) = put(dev, &r.normal(cache_len, start))?;
 
-        let mut out = dev.zeros(q_len)?;
-        let mut lse = dev.zeros_f32(m * heads)?;
-        dev.attention_forward(
-            dev.full_mut(&mut out),
-            Some(dev.full_mut(&mut lse)),
-            dev.full(&q),
-            dev.full(&ck),
-            dev.full(&cv),
-            &place,
-            capacity,
-            heads,
-            kv_heads,
-            head_dim,
-        );
+        let (out, lse) = case.forward(dev, &x)?;
         let mut dq = dev.zeros(q_len)?;
         dev.attention_backward(
             dev.full_mut(&mut dq),
@@ -213,41 +220,29 @@ fn backward_check<D: AttentionBackward>(c: &mut Checker<D>, case: &Case, start: 
             dev.full(&dout),
             dev.full(&out),
             dev.full(&lse),
-            dev.full(&q),
-            dev.full(&ck),
-            dev.full(&cv),
-            &place,
+            dev.full(&x.q.0),
+            dev.full(&x.cache_k.0),
+            dev.full(&x.cache_v.0),
+            &x.place,
             capacity,
             heads,
             kv_heads,
             head_dim,
         );
 
-        let (mut out_ref, mut lse_ref) = (vec![0.0; q_len], vec![0.0; m * heads]);
-        cpu.attention_forward(
-            &mut out_ref,
-            Some(&mut lse_ref),
-            &q_h,
-            &ck_h,
-            &cv_h,
-            &place,
-            capacity,
-            heads,
-            kv_heads,
-            head_dim,
-        );
+        let (out_ref, lse_ref) = case.forward_reference(&x);
         let mut dq_ref = vec![0.0; q_len];
-        cpu.attention_backward(
+        CpuBackend.attention_backward(
             &mut dq_ref,
             &mut dk_ref,
             &mut dv_ref,
             &dout_h,
             &out_ref,
             &lse_ref,
-            &q_h,
-            &ck_h,
-            &cv_h,
-            &place,
+            &x.q.1,
+            &x.cache_k.1,
+            &x.cache_v.1,
+            &x.place,
             capacity,
             heads,
             kv_heads,

@@ -19,7 +19,7 @@ pub use rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 pub use rope::{rope_backward, rope_forward};
 pub use swiglu::{swiglu_backward, swiglu_forward};
 
-use super::{AttentionBackward, Backend, TokenPlacement, TrainBackend};
+use super::{Backend, TokenPlacement, TrainBackend};
 use anyhow::Result;
 use std::ops::Range;
 
@@ -143,7 +143,7 @@ impl Backend for CpuBackend {
     }
 }
 
-impl AttentionBackward for CpuBackend {
+impl TrainBackend for CpuBackend {
     fn attention_backward(
         &self,
         dq: &mut [f32],
@@ -166,9 +166,7 @@ impl AttentionBackward for CpuBackend {
             n_kv_heads, head_dim,
         )
     }
-}
 
-impl TrainBackend for CpuBackend {
     fn logprob_backward(
         &self,
         dlogits: &mut [f32],
