@@ -2,7 +2,7 @@
 # Validates and measures thinkshort's CUDA code on a GPU machine that has no Rust toolchain
 # (../shared/GPU.md): one run, full logs in OUT_DIR, a short table printed last.
 #
-# usage: tools/gpu_check.sh BIN_DIR OUT_DIR
+# usage: tools/gpu_check.sh BIN_DIR OUT_DIR [BENCH_FILTER]
 #   BIN_DIR  holds the release `thinkshort` binary, built on the development machine with the
 #            pinned nvcc and REQUIRE_CUDA_KERNELS=1 (the kernels are embedded in it), and
 #            optionally the criterion CUDA op benchmarks as `cuda_ops`:
@@ -10,6 +10,8 @@
 #              NVCC=.../nvcc REQUIRE_CUDA_KERNELS=1 cargo bench --bench cuda_ops --no-run
 #              mkdir -p gpu-carry && cp target/release/thinkshort gpu-carry/
 #              cp target/release/deps/cuda_ops-<hash> gpu-carry/cuda_ops   # the one cargo printed
+#   BENCH_FILTER  when given, a short validation run (~2 minutes): doctor, selfcheck, only the
+#            criterion benchmarks whose names contain it, memcheck; no model or PyTorch benches.
 #   OUT_DIR  receives (flat, 8 files): summary.md, selfcheck.json, logs.txt, ours_0.5b.json,
 #            ours_1.5b.json, torch_0.5b.json, torch_1.5b.json, torch_attention.json
 #
@@ -23,12 +25,13 @@
 #   selfcheck --quick again under compute-sanitizer memcheck when there is time.
 #   Budget: ~5 minutes (about 4 on an H200).
 set -uo pipefail
-if [ $# -ne 2 ]; then
+if [ $# -lt 2 ] || [ $# -gt 3 ]; then
     sed -n '2,20p' "$0"
     exit 2
 fi
 BIN=$(cd "$1" && pwd)/thinkshort
 OUT=$2
+FILTER=${3:-}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 LOG=$OUT/logs.txt
@@ -65,7 +68,9 @@ echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH" | tee -a "$LOG"
 step doctor 30 "$BIN" doctor --verbose
 step selfcheck 150 "$BIN" selfcheck --backend cuda --json "$OUT/selfcheck.json"
 
-for size in 0.5b 1.5b; do
+SIZES="0.5b 1.5b"
+if [ -n "$FILTER" ]; then SIZES=""; fi
+for size in $SIZES; do
     cfg=tools/model_configs/qwen2.5-$size.json
     step "ours $size" 150 "$BIN" bench forward --backend cuda --model-config "$cfg" \
         --batch 1,8,32 --prompt-len 256 --decode-steps 32 --json "$OUT/ours_$size.json"
@@ -80,9 +85,9 @@ done
 # was copied beside thinkshort as `cuda_ops`.
 BENCH_BIN=$(dirname "$BIN")/cuda_ops
 if [ -x "$BENCH_BIN" ]; then
-    step cuda_ops 240 "$BENCH_BIN" --bench
+    step cuda_ops 240 "$BENCH_BIN" --bench $FILTER
 fi
-step "torch attention" 120 env PYTHONUNBUFFERED=1 python3 tools/bench_attention_torch.py \
+[ -z "$FILTER" ] && step "torch attention" 120 env PYTHONUNBUFFERED=1 python3 tools/bench_attention_torch.py \
     --json "$OUT/torch_attention.json"
 
 # End to end on the checked-in demo model (real tokenizer): the commands, CUDA against CPU.
@@ -111,7 +116,7 @@ PY
 }
 export BIN
 export -f e2e
-step e2e 60 bash -c e2e
+[ -z "$FILTER" ] && step e2e 60 bash -c e2e
 
 # Out-of-bounds accesses and races that happen to give right answers: only with time to spare.
 if [ $(($(date +%s) - START)) -lt 300 ] && command -v compute-sanitizer >/dev/null; then
@@ -134,10 +139,12 @@ if sc:
     print(f"selfcheck on {sc['device']}: {sc['passed']} PASS, {sc['failed']} FAIL")
     for r in sc["rows"]:
         if not r["pass"]:
-            print(f"  FAIL {r['op']} {r['shape']}: {r['error']:.3e} (tol {r['tolerance']:.1e}) {r.get('message') or ''}")
+            err = "no result" if r["error"] is None else f"{r['error']:.3e}"
+            print(f"  FAIL {r['op']} {r['shape']}: {err} (tol {r['tolerance']:.1e}) {r.get('message') or ''}")
     worst = {}
     for r in sc["rows"]:
-        worst[r["op"]] = max(worst.get(r["op"], 0.0), r["error"] if r["error"] == r["error"] else float("inf"))
+        err = r["error"] if r["error"] is not None and r["error"] == r["error"] else float("inf")
+        worst[r["op"]] = max(worst.get(r["op"], 0.0), err)
     print("worst error per op: " + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()))
     for line in sc.get("info", []):
         print(f"info: {line}")
