@@ -35,21 +35,68 @@ impl AdamW {
             params.len() == self.m.len() && grads.len() == self.m.len(),
             "AdamW: size mismatch"
         );
-        self.t += 1;
-        let (b1, b2) = (self.beta1 as f32, self.beta2 as f32);
-        let c1 = 1.0 / (1.0 - self.beta1.powi(self.t as i32)) as f32;
-        let c2 = 1.0 / (1.0 - self.beta2.powi(self.t as i32)) as f32;
-        let (lr, eps, wd) = (lr as f32, self.eps as f32, self.weight_decay as f32);
+        let step = self.next_step(lr, 1.0);
         for (((p, &g), m), v) in params
             .iter_mut()
             .zip(grads)
             .zip(self.m.iter_mut())
             .zip(self.v.iter_mut())
         {
-            *m = b1 * *m + (1.0 - b1) * g;
-            *v = b2 * *v + (1.0 - b2) * g * g;
-            *p -= lr * ((*m * c1) / ((*v * c2).sqrt() + eps) + wd * *p);
+            step.update(p, g, m, v);
         }
+    }
+
+    /// Counts one more update and returns its constants (the bias corrections of step t).
+    pub fn next_step(&mut self, lr: f64, grad_scale: f32) -> AdamWStep {
+        self.t += 1;
+        AdamWStep {
+            lr: lr as f32,
+            beta1: self.beta1 as f32,
+            beta2: self.beta2 as f32,
+            eps: self.eps as f32,
+            weight_decay: self.weight_decay as f32,
+            c1: 1.0 / (1.0 - self.beta1.powi(self.t as i32)) as f32,
+            c2: 1.0 / (1.0 - self.beta2.powi(self.t as i32)) as f32,
+            grad_scale,
+        }
+    }
+}
+
+/// The constants of one AdamW update, in f32 as every backend computes it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWStep {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// Bias corrections 1 / (1 − β1ᵗ) and 1 / (1 − β2ᵗ).
+    pub c1: f32,
+    pub c2: f32,
+    /// Multiplies every gradient first: the global-norm clipping factor (1 when not clipped).
+    pub grad_scale: f32,
+}
+
+impl AdamWStep {
+    /// The update of one parameter p with gradient g and moments m, v (the specification of the
+    /// backends' `adamw_step`).
+    #[inline]
+    pub fn update(&self, p: &mut f32, g: f32, m: &mut f32, v: &mut f32) {
+        let g = g * self.grad_scale;
+        *m = self.beta1 * *m + (1.0 - self.beta1) * g;
+        *v = self.beta2 * *v + (1.0 - self.beta2) * g * g;
+        *p -= self.lr
+            * ((*m * self.c1) / ((*v * self.c2).sqrt() + self.eps) + self.weight_decay * *p);
+    }
+}
+
+/// The global-norm clipping factor: max_norm / norm when the norm is larger, else 1 (also for a
+/// non-finite norm, whose update is skipped anyway, or max_norm ≤ 0, which means no clipping).
+pub fn clip_scale(norm: f64, max_norm: f64) -> f32 {
+    if norm.is_finite() && norm > max_norm && max_norm > 0.0 {
+        (max_norm / norm) as f32
+    } else {
+        1.0
     }
 }
 
@@ -112,8 +159,8 @@ pub fn clip_grad_norm(grads: &mut [f32], max_norm: f64) -> f64 {
         .map(|&g| (g as f64) * (g as f64))
         .sum::<f64>()
         .sqrt();
-    if norm.is_finite() && norm > max_norm && max_norm > 0.0 {
-        let scale = (max_norm / norm) as f32;
+    let scale = clip_scale(norm, max_norm);
+    if scale != 1.0 {
         grads.iter_mut().for_each(|g| *g *= scale);
     }
     norm

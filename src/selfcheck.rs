@@ -44,6 +44,7 @@ use serde::Serialize;
 
 mod attention;
 mod backward;
+mod optimizer;
 
 pub use backward::TOL_MODEL_GRADIENT;
 
@@ -156,6 +157,7 @@ pub fn run<D: TrainBackend>(
     };
     op_checks(&mut c, coverage)?;
     backward::checks(&mut c)?;
+    optimizer::checks(&mut c)?;
     let info = model_check(&mut c)?;
     backward::model_gradient_check(&mut c)?;
     Ok(Report { rows: c.rows, info })
@@ -260,7 +262,7 @@ pub(crate) fn put<D: Backend>(dev: &D, host: &[f32]) -> Result<(D::Buf, Vec<f32>
 }
 
 /// `put` into a buffer that stays f32.
-fn put_f32<D: Backend>(dev: &D, host: &[f32]) -> Result<(D::Buf, Vec<f32>)> {
+pub(crate) fn put_f32<D: Backend>(dev: &D, host: &[f32]) -> Result<(D::Buf, Vec<f32>)> {
     let buf = dev.upload_f32(host)?;
     let held = dev.download(dev.full(&buf))?;
     Ok((buf, held))

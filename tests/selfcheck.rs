@@ -396,6 +396,32 @@ impl TrainBackend for TestDevice {
         CPU.scatter_add_rows(&mut *dx.data, dout.data, rows, dim);
         dx.store();
     }
+    fn sum_squares(&self, out: ViewMut<'_>, x: View<'_>) {
+        CPU.sum_squares(&mut *out.data, x.data);
+        out.store();
+    }
+    fn adamw_step(
+        &self,
+        params: ViewMut<'_>,
+        master: ViewMut<'_>,
+        m: ViewMut<'_>,
+        v: ViewMut<'_>,
+        grads: View<'_>,
+        step: &thinkshort::optim::AdamWStep,
+    ) {
+        CPU.adamw_step(
+            &mut *params.data,
+            &mut *master.data,
+            &mut *m.data,
+            &mut *v.data,
+            grads.data,
+            step,
+        );
+        params.store();
+        master.store();
+        m.store();
+        v.store();
+    }
 }
 
 fn bf16(x: f32) -> f32 {

@@ -304,4 +304,21 @@ pub trait TrainBackend: Backend {
         rows: &[usize],
         dim: usize,
     );
+
+    /// Σ x² over the f32 buffer x, accumulated in f64 in an order fixed by x's length (the same
+    /// value run to run), written as out = [hi, lo] (f32, hi + lo = the f64 sum to ~48 bits).
+    fn sum_squares(&self, out: Self::ViewMut<'_>, x: Self::View<'_>);
+
+    /// One AdamW update (`AdamWStep::update`) of the f32 master weights from the f32 gradients
+    /// times `step.grad_scale`, then params = master in the params' storage type (bf16 on CUDA).
+    /// params, master, m, v, grads: [N].
+    fn adamw_step(
+        &self,
+        params: Self::ViewMut<'_>,
+        master: Self::ViewMut<'_>,
+        m: Self::ViewMut<'_>,
+        v: Self::ViewMut<'_>,
+        grads: Self::View<'_>,
+        step: &crate::optim::AdamWStep,
+    );
 }

@@ -1214,4 +1214,37 @@ impl TrainBackend for CudaBackend {
             ops::embedding::scatter_add_rows(&self.k, dx.ptr, dout.ptr, rows_ptr, rows.len(), dim)
         })
     }
+
+    fn sum_squares(&self, out: CudaViewMut<'_>, x: CudaView<'_>) {
+        self.run("sum_squares", || {
+            expect("out", out.dtype, out.len, DType::F32, 2)?;
+            expect("x", x.dtype, x.len, DType::F32, x.len)?;
+            // f64 partial sums in the f32 scratch: two floats each (allocations are 256-byte
+            // aligned, so the doubles are aligned).
+            let partials = self.scratch_f32(2 * ops::optimizer::SUM_SQUARES_BLOCKS)?;
+            ops::optimizer::sum_squares(&self.k, out.ptr, x.ptr, x.len, partials)
+        })
+    }
+
+    fn adamw_step(
+        &self,
+        params: CudaViewMut<'_>,
+        master: CudaViewMut<'_>,
+        m: CudaViewMut<'_>,
+        v: CudaViewMut<'_>,
+        grads: CudaView<'_>,
+        step: &crate::optim::AdamWStep,
+    ) {
+        self.run("adamw_step", || {
+            let n = master.len;
+            expect("params", params.dtype, params.len, DType::Bf16, n)?;
+            expect("master", master.dtype, master.len, DType::F32, n)?;
+            expect("m", m.dtype, m.len, DType::F32, n)?;
+            expect("v", v.dtype, v.len, DType::F32, n)?;
+            expect("grads", grads.dtype, grads.len, DType::F32, n)?;
+            ops::optimizer::adamw_step(
+                &self.k, params.ptr, master.ptr, m.ptr, v.ptr, grads.ptr, n, step,
+            )
+        })
+    }
 }

@@ -5,6 +5,7 @@ mod attention;
 mod embedding;
 mod logprob;
 mod matmul;
+mod optimizer;
 mod rmsnorm;
 mod rope;
 mod swiglu;
@@ -15,6 +16,7 @@ pub use embedding::{
 };
 pub use logprob::{logprob_backward, logprob_forward};
 pub use matmul::{bias_backward, matmul_backward, matmul_forward};
+pub use optimizer::{adamw_step, split_f64, sum_squares};
 pub use rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 pub use rope::{rope_backward, rope_forward};
 pub use swiglu::{swiglu_backward, swiglu_forward};
@@ -241,5 +243,19 @@ impl TrainBackend for CpuBackend {
     }
     fn scatter_add_rows(&self, dx: &mut [f32], dout: &[f32], rows: &[usize], dim: usize) {
         scatter_add_rows(dx, dout, rows, dim)
+    }
+    fn sum_squares(&self, out: &mut [f32], x: &[f32]) {
+        sum_squares(out, x)
+    }
+    fn adamw_step(
+        &self,
+        params: &mut [f32],
+        master: &mut [f32],
+        m: &mut [f32],
+        v: &mut [f32],
+        grads: &[f32],
+        step: &crate::optim::AdamWStep,
+    ) {
+        adamw_step(params, master, m, v, grads, step)
     }
 }

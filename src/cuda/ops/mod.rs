@@ -9,5 +9,6 @@ pub mod embedding;
 pub mod flash_attention;
 pub mod kv_cache;
 pub mod logprob;
+pub mod optimizer;
 pub mod rmsnorm;
 pub mod rope;
