@@ -49,6 +49,11 @@ impl AdamW {
     /// Counts one more update and returns its constants (the bias corrections of step t).
     pub fn next_step(&mut self, lr: f64, grad_scale: f32) -> AdamWStep {
         self.t += 1;
+        self.step_constants(lr, grad_scale)
+    }
+
+    /// The constants of update number `self.t`.
+    pub fn step_constants(&self, lr: f64, grad_scale: f32) -> AdamWStep {
         AdamWStep {
             lr: lr as f32,
             beta1: self.beta1 as f32,

@@ -69,6 +69,15 @@ pub trait Backend: Send + Sync {
         self.upload(host)
     }
 
+    /// Bytes per value of the buffers made by `zeros` and `upload` (CUDA: bf16).
+    fn storage_bytes(&self) -> usize {
+        4
+    }
+    /// Free memory on the device, when the backend can tell (CUDA; the CPU reports none).
+    fn free_memory(&self) -> Result<Option<usize>> {
+        Ok(None)
+    }
+
     /// Waits until every queued op has finished and reports the first error any of them hit.
     /// Ops do not return errors (the CPU ones cannot fail); a device backend records its first
     /// failure and returns it here and from `download`.

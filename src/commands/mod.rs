@@ -41,14 +41,14 @@ pub fn resolve_backend(kind: BackendKind) -> Result<BackendKind> {
     }
 }
 
-/// Resolves `--backend` for a command that runs on the CPU backend only in this version
-/// (training: the CUDA backward pass and GRPO step are not built yet).
+/// Resolves `--backend` for a command that runs on the CPU backend only in this version (`sft`,
+/// which builds the small demo model).
 pub fn resolve_cpu_only(kind: BackendKind, command: &str) -> Result<BackendKind> {
     match kind {
         BackendKind::Cpu => Ok(BackendKind::Cpu),
         BackendKind::Cuda => bail!(
-            "--backend cuda: `{command}` runs on the CPU backend only in this version (the CUDA \
-             backward pass is not built yet); use --backend cpu or auto"
+            "--backend cuda: `{command}` runs on the CPU backend only in this version; use \
+             --backend cpu or auto"
         ),
         BackendKind::Auto => {
             eprintln!("backend: cpu (`{command}` has no CUDA path yet)");

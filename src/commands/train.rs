@@ -30,6 +30,7 @@ pub struct TrainArgs {
     /// `fixed-budget`: the demo with the final budget from step 0 (the paper's baseline).
     #[arg(long)]
     pub preset: Option<String>,
+    /// Device of the whole run (rollouts, update, evaluation); auto takes the GPU when there is one.
     #[arg(long, value_enum, default_value_t = BackendKind::Auto)]
     pub backend: BackendKind,
 }
@@ -76,7 +77,7 @@ interval = 100
 }
 
 pub fn run(args: &TrainArgs) -> Result<()> {
-    super::resolve_cpu_only(args.backend, "train")?;
+    let device = super::resolve_backend(args.backend)?;
     let mut cfg = match &args.config {
         Some(path) => TrainConfig::from_file(path)?,
         None => demo_config(),
@@ -147,6 +148,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         &args.out,
         args.resume.as_deref(),
         args.stop_after,
+        device,
     )?;
     report(&summary, &args.out)
 }

@@ -457,6 +457,14 @@ impl Backend for CudaBackend {
         "cuda"
     }
 
+    fn storage_bytes(&self) -> usize {
+        DType::Bf16.size()
+    }
+
+    fn free_memory(&self) -> Result<Option<usize>> {
+        Ok(Some(self.memory_info()?.0))
+    }
+
     fn zeros(&self, len: usize) -> Result<CudaBuf> {
         self.zeros_of(len, DType::Bf16)
     }

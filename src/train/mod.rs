@@ -2,17 +2,23 @@
 //! current budget, score them (correctness, length, format), normalise rewards within each group,
 //! and take clipped policy-gradient steps; the budget tightens on the configured schedule.
 
+pub mod memory;
 pub mod metrics;
+pub mod optimizer;
 pub mod progress;
+pub mod update;
 
 use crate::backend::cpu::CpuBackend;
+use crate::backend::{Backend, BackendKind, TrainBackend};
 use crate::checkpoint::{write_folder_atomically, write_model_files};
+use crate::config::ModelConfig;
+use crate::cuda::CudaBackend;
 use crate::curriculum::Curriculum;
-use crate::grpo::policy_loss::{policy_loss, LossBatch};
 use crate::grpo::reward::reward;
 use crate::model::Model;
 use crate::model_backward::TrainBatch;
-use crate::optim::{clip_grad_norm, AdamW};
+use crate::optim::AdamW;
+use crate::params::ParamLayout;
 use crate::prompt::PromptTemplate;
 use crate::rollout::sample_groups;
 use crate::sampling::SamplingParams;
@@ -20,10 +26,12 @@ use crate::tokenizer::Tokenizer;
 use crate::train_config::TrainConfig;
 use anyhow::{bail, Context, Result};
 use metrics::{mean, quantile, std, StepMetrics};
+use optimizer::DeviceOptimizer;
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
+use update::{policy_update, to_f64, UpdateBatch, UpdateOptions};
 
 /// A training or evaluation problem: the question and its gold answer.
 #[derive(Debug, Clone, PartialEq)]
@@ -105,8 +113,8 @@ pub fn load_examples(path: &Path, format: crate::train_config::DataFormat) -> Re
 }
 
 /// Greedy decoding of `examples` at `budget` with cap `max_tokens`: accuracy and lengths.
-pub fn evaluate(
-    model: &Model<CpuBackend>,
+pub fn evaluate<B: Backend>(
+    model: &Model<B>,
     tok: &Tokenizer,
     inputs: &TrainInputs,
     examples: &[Example],
@@ -166,11 +174,27 @@ pub struct RunSummary {
     pub metrics: Vec<StepMetrics>,
 }
 
-/// Runs curriculum GRPO from `cfg` (resuming from a checkpoint folder when given), writing
-/// metrics.jsonl, checkpoints and the resolved config into `out`. `stop_after` ends the run
-/// early after that many steps in total (with a checkpoint), as if interrupted; `--resume`
-/// continues it.
+/// Runs curriculum GRPO from `cfg` on `device` (resolved: CPU or CUDA), resuming from a
+/// checkpoint folder when given, writing metrics.jsonl, checkpoints and the resolved config into
+/// `out`. `stop_after` ends the run early after that many steps in total (with a checkpoint), as
+/// if interrupted; `--resume` continues it.
 pub fn train(
+    cfg: &TrainConfig,
+    inputs: &TrainInputs,
+    out: &Path,
+    resume: Option<&Path>,
+    stop_after: Option<usize>,
+    device: BackendKind,
+) -> Result<RunSummary> {
+    match device {
+        BackendKind::Cpu => train_on(CpuBackend, cfg, inputs, out, resume, stop_after),
+        BackendKind::Cuda => train_on(CudaBackend::new(0)?, cfg, inputs, out, resume, stop_after),
+        BackendKind::Auto => bail!("train needs a resolved backend, not auto"),
+    }
+}
+
+fn train_on<B: TrainBackend>(
+    backend: B,
     cfg: &TrainConfig,
     inputs: &TrainInputs,
     out: &Path,
@@ -191,9 +215,10 @@ pub fn train(
 
     let weights_dir = resume.unwrap_or(&inputs.model_dir);
     let tok = Tokenizer::from_model_dir(&inputs.model_dir)?;
-    let mut model = Model::load(weights_dir, CpuBackend)?;
-    let n = model.layout.total_len();
-    let (mut state, mut metrics_log) = match resume {
+    let model_cfg = ModelConfig::from_model_dir(weights_dir)?;
+    let layout = ParamLayout::new(&model_cfg);
+    let n = layout.total_len();
+    let (state, mut metrics_log) = match resume {
         Some(dir) => {
             let path = dir.join("trainer_state.json");
             let text = std::fs::read_to_string(&path)
@@ -220,18 +245,38 @@ pub fn train(
             (state, Vec::new())
         }
     };
-    // The reference policy is the model at the start of training; with β = 0 none is kept.
-    let reference = if cfg.loss.beta > 0.0 {
-        Some(Model::load(&inputs.model_dir, CpuBackend)?)
+    let memory = memory::TrainMemory::estimate(
+        &model_cfg,
+        backend.storage_bytes(),
+        cfg.prompts_per_step * cfg.group_size,
+        longest_prompt(&tok, inputs, state.curriculum.budget_at(state.step))?
+            + cfg.cap_at(&state.curriculum, state.step),
+        cfg.loss.beta > 0.0,
+    );
+    memory.check(&backend)?;
+    let TrainerState {
+        step: mut current_step,
+        mut curriculum,
+        optimizer,
+    } = state;
+    let host = crate::weights::load_params(weights_dir, &model_cfg, &layout)?;
+    let mut model = Model::from_host(model_cfg, &host, backend)?;
+    let mut opt = DeviceOptimizer::new(&model.backend, &optimizer, &host)?;
+    drop((host, optimizer));
+    // The reference policy is the model at the start of training (β = 0 keeps none): its weights
+    // in a second buffer, swapped into the model for its forward pass.
+    let mut reference_params = if cfg.loss.beta > 0.0 {
+        let start = crate::weights::load_params(&inputs.model_dir, &model.cfg, &model.layout)?;
+        Some(model.backend.upload(&start)?)
     } else {
         None
     };
     let loss_opts = cfg.loss_options()?;
     let lr_schedule = cfg.lr_schedule();
     let sampling = cfg.sampling_params();
-    let final_budget = state.curriculum.budget_at(cfg.steps - 1);
+    let final_budget = curriculum.budget_at(cfg.steps - 1);
     // Held-out evaluation: greedy, at the final budget.
-    let held_out = |m: &Model<CpuBackend>| {
+    let held_out = |m: &Model<B>| {
         evaluate(
             m,
             &tok,
@@ -242,7 +287,7 @@ pub fn train(
         )
     };
 
-    let before = if cfg.eval_every > 0 && state.step == 0 {
+    let before = if cfg.eval_every > 0 && current_step == 0 {
         Some(held_out(&model)?)
     } else {
         None
@@ -253,15 +298,14 @@ pub fn train(
         .open(out.join("metrics.jsonl"))
         .with_context(|| format!("cannot open {}", out.join("metrics.jsonl").display()))?;
     let progress = progress::Progress::new(cfg.steps);
-    let mut grads = vec![0.0f32; n];
     let (p, g) = (cfg.prompts_per_step, cfg.group_size);
 
     let last = stop_after.unwrap_or(cfg.steps).min(cfg.steps);
-    while state.step < last {
-        let step = state.step;
+    while current_step < last {
+        let step = current_step;
         let t0 = Instant::now();
-        let budget = state.curriculum.budget_at(step);
-        let cap = cfg.cap_at(&state.curriculum, step);
+        let budget = curriculum.budget_at(step);
+        let cap = cfg.cap_at(&curriculum, step);
 
         // Prompts of this step: drawn by the counter-based RNG from (seed, step) alone.
         let picks: Vec<Example> = (0..p)
@@ -318,48 +362,51 @@ pub fn train(
         let batch = TrainBatch::new(&seqs)?;
         let lens: Vec<usize> = rollouts.iter().map(|r| r.completion_ids.len()).collect();
         let truncated: Vec<bool> = rollouts.iter().map(|r| r.truncated).collect();
-        let ref_logp: Option<Vec<f64>> = match &reference {
-            Some(r) => Some(to_f64(
-                &r.forward_train(&batch, sampling_temperature(cfg))?.logp,
-            )),
+        let temperature = sampling_temperature(cfg);
+        let ref_logp: Option<Vec<f64>> = match &mut reference_params {
+            Some(reference) => {
+                std::mem::swap(&mut model.params, reference);
+                let fwd = model.forward_train(&batch, temperature);
+                std::mem::swap(&mut model.params, reference);
+                Some(to_f64(&fwd?.logp))
+            }
             None => None,
         };
         let lr = lr_schedule.at(step);
-        let mut old_logp: Option<Vec<f64>> = None;
-        let (mut loss_out, mut entropy, mut grad_norm, mut skipped) = (None, 0.0, 0.0, false);
-        for _ in 0..cfg.loss.epochs {
-            let fwd = model.forward_train(&batch, sampling_temperature(cfg))?;
-            let logp = to_f64(&fwd.logp);
-            let old = old_logp.get_or_insert_with(|| logp.clone());
-            entropy = mean(&to_f64(&fwd.entropy));
-            let lb = LossBatch {
-                logp: &logp,
-                old_logp: old,
-                ref_logp: ref_logp.as_deref(),
+        let update = policy_update(
+            &mut model,
+            &mut opt,
+            &UpdateBatch {
+                batch: &batch,
                 lens: &lens,
                 advantages: &advantages,
                 truncated: &truncated,
                 keep: keep.as_deref(),
-            };
-            let lo = policy_loss(&lb, &loss_opts)?;
-            let dlogp: Vec<f32> = lo.grad.iter().map(|&x| x as f32).collect();
-            grads.fill(0.0);
-            model.backward(&batch, &fwd.acts, &dlogp, &mut grads)?;
-            grad_norm = clip_grad_norm(&mut grads, cfg.optim.grad_clip);
-            if !(lo.loss.is_finite() && grad_norm.is_finite()) {
-                // A non-finite loss or gradient never reaches the weights (or a checkpoint).
-                eprintln!("\nstep {step}: non-finite loss ({}) or gradient norm ({grad_norm}); update skipped", lo.loss);
-                skipped = true;
-                loss_out = Some(lo);
-                break;
-            }
-            state.optimizer.step(&mut model.params, &grads, lr);
-            loss_out = Some(lo);
+                ref_logp: ref_logp.as_deref(),
+            },
+            &UpdateOptions {
+                loss: &loss_opts,
+                epochs: cfg.loss.epochs,
+                temperature,
+                lr,
+                grad_clip: cfg.optim.grad_clip,
+            },
+        )?;
+        if update.skipped {
+            eprintln!(
+                "\nstep {step}: non-finite loss ({}) or gradient norm ({}); update skipped",
+                update.loss.loss, update.grad_norm
+            );
         }
-        let lo = loss_out.expect("at least one epoch");
+        let (lo, entropy, grad_norm, skipped) = (
+            update.loss,
+            update.entropy,
+            update.grad_norm,
+            update.skipped,
+        );
 
         let acc = mean(&correct.iter().map(|&c| c as u8 as f64).collect::<Vec<_>>());
-        state.curriculum.observe(step, acc);
+        curriculum.observe(step, acc);
         let lens_f: Vec<f64> = rollouts.iter().map(|r| r.len as f64).collect();
         let split = |t: bool| {
             mean(
@@ -406,9 +453,9 @@ pub fn train(
         };
         writeln!(metrics_file, "{}", serde_json::to_string(&m)?)
             .with_context(|| format!("cannot write {}", out.join("metrics.jsonl").display()))?;
-        state.step += 1;
+        current_step += 1;
         progress.update(
-            state.step,
+            current_step,
             &format!(
                 "budget {budget} | acc {:.2} | len {:.1} | reward {:.3}",
                 m.accuracy, m.mean_len, m.reward
@@ -416,25 +463,32 @@ pub fn train(
         );
         metrics_log.push(m);
 
-        if cfg.eval_every > 0 && state.step % cfg.eval_every == 0 && state.step < cfg.steps {
+        if cfg.eval_every > 0 && current_step % cfg.eval_every == 0 && current_step < cfg.steps {
             let e = held_out(&model)?;
             eprintln!(
                 "\neval at step {}: accuracy {:.3}, mean length {:.1}",
-                state.step, e.accuracy, e.mean_len
+                current_step, e.accuracy, e.mean_len
             );
         }
-        if (cfg.checkpoint_every > 0 && state.step % cfg.checkpoint_every == 0)
-            || state.step == last
+        if (cfg.checkpoint_every > 0 && current_step % cfg.checkpoint_every == 0)
+            || current_step == last
         {
+            let b = &model.backend;
+            let state = TrainerState {
+                step: current_step,
+                curriculum: curriculum.clone(),
+                optimizer: opt.state(b)?,
+            };
             save_checkpoint(
-                &out.join(format!("step-{:06}", state.step)),
+                &out.join(format!("step-{current_step:06}")),
                 inputs,
-                &model,
+                &model.layout,
+                &opt.master_weights(b)?,
                 &state,
             )?;
         }
     }
-    let after = if cfg.eval_every > 0 && state.step == cfg.steps {
+    let after = if cfg.eval_every > 0 && current_step == cfg.steps {
         Some(held_out(&model)?)
     } else {
         None
@@ -456,19 +510,27 @@ fn sampling_temperature(cfg: &TrainConfig) -> f32 {
     }
 }
 
-fn to_f64(xs: &[f32]) -> Vec<f64> {
-    xs.iter().map(|&x| x as f64).collect()
+/// The longest rendered prompt (in tokens) of the training and evaluation problems at `budget`.
+fn longest_prompt(tok: &Tokenizer, inputs: &TrainInputs, budget: usize) -> Result<usize> {
+    let all: Vec<Example> = inputs.train.iter().chain(&inputs.eval).cloned().collect();
+    Ok(render_prompts(tok, &inputs.template, &all, budget)?
+        .iter()
+        .map(Vec::len)
+        .max()
+        .unwrap_or(0))
 }
 
 /// Writes weights, tokenizer files and the trainer state, atomically.
+/// params: the f32 master weights, [N] in `layout` order.
 pub fn save_checkpoint(
     dir: &Path,
     inputs: &TrainInputs,
-    model: &Model<CpuBackend>,
+    layout: &ParamLayout,
+    params: &[f32],
     state: &TrainerState,
 ) -> Result<()> {
     write_folder_atomically(dir, |tmp| {
-        write_model_files(tmp, &inputs.model_dir, &model.layout, &model.params)?;
+        write_model_files(tmp, &inputs.model_dir, layout, params)?;
         let json = serde_json::to_string(state)?;
         std::fs::write(tmp.join("trainer_state.json"), json)
             .with_context(|| format!("cannot write {}", tmp.join("trainer_state.json").display()))

@@ -1,0 +1,101 @@
+//! What a training run will hold on its device, estimated before anything is allocated, so a
+//! model or batch that does not fit ends in a clear error instead of a failed allocation halfway
+//! through the first step.
+
+use crate::backend::Backend;
+use crate::config::ModelConfig;
+use anyhow::{bail, Result};
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// Bytes, by what holds them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TrainMemory {
+    /// The weights the model computes with, and the reference policy's copy (β > 0).
+    pub weights: usize,
+    /// f32 master weights, both AdamW moments and the gradient buffer.
+    pub optimizer: usize,
+    /// The larger of the rollout (KV cache, logits) and the update (every layer's saved
+    /// activations, the KV cache, logits and the backward pass's scratch).
+    pub activations: usize,
+    pub sequences: usize,
+    pub seq_len: usize,
+}
+
+impl TrainMemory {
+    /// For `sequences` sequences of at most `seq_len` tokens (prompt + completion), activations
+    /// stored in `storage_bytes` per value; f32 where the model keeps f32 (log-sum-exp, logits).
+    pub fn estimate(
+        cfg: &ModelConfig,
+        storage_bytes: usize,
+        sequences: usize,
+        seq_len: usize,
+        reference: bool,
+    ) -> TrainMemory {
+        let n = crate::params::ParamLayout::new(cfg).total_len();
+        let (h, i, v, layers) = (
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.vocab_size,
+            cfg.num_layers,
+        );
+        let (q, kv) = (cfg.q_dim(), cfg.kv_dim());
+        let tokens = sequences * seq_len;
+        let kv_cache = layers * tokens * 2 * kv * storage_bytes;
+        // Rollout: the cache and one row of f32 logits per sequence.
+        let rollout = kv_cache + sequences * v * 4;
+        // Update: LayerActs per layer (5 of [M, H], q and attention output, k and v, gate, up
+        // and act, f32 lse), the head (logits f32 and their bf16 gradient for every scored
+        // row, ≤ M) and the backward scratch (3 of [M, I], 3 of [M, H], 2 of [M, q], 2 of
+        // [M, kv], the cache's gradient).
+        let per_layer =
+            tokens * ((5 * h + 2 * q + 2 * kv + 3 * i) * storage_bytes + cfg.num_heads * 4);
+        let head = tokens * (v * (4 + storage_bytes) + 2 * h * storage_bytes);
+        let backward = tokens * (3 * i + 3 * h + 2 * q + 2 * kv) * storage_bytes
+            + tokens * 2 * kv * storage_bytes;
+        let update = layers * per_layer + kv_cache + head + backward;
+        TrainMemory {
+            weights: n * storage_bytes * if reference { 2 } else { 1 },
+            optimizer: n * 4 * 4,
+            activations: rollout.max(update),
+            sequences,
+            seq_len,
+        }
+    }
+
+    pub fn total(&self) -> usize {
+        self.weights + self.optimizer + self.activations
+    }
+
+    /// Prints the estimate and fails when the device reports less free memory than it needs.
+    pub fn check<B: Backend>(&self, backend: &B) -> Result<()> {
+        let free = backend.free_memory()?;
+        let gib = |b: usize| b as f64 / GIB;
+        eprintln!(
+            "memory estimate ({}): weights {:.2} GiB, optimizer {:.2} GiB, activations {:.2} GiB \
+             for {} sequences of ≤ {} tokens; total {:.2} GiB{}",
+            backend.name(),
+            gib(self.weights),
+            gib(self.optimizer),
+            gib(self.activations),
+            self.sequences,
+            self.seq_len,
+            gib(self.total()),
+            free.map_or(String::new(), |f| format!(" of {:.2} GiB free", gib(f))),
+        );
+        if let Some(free) = free {
+            if self.total() > free {
+                bail!(
+                    "the run needs about {:.2} GiB on the {} device but {:.2} GiB are free: use \
+                     fewer sequences per step (prompts_per_step × group_size = {}), a smaller \
+                     budget or a smaller model",
+                    gib(self.total()),
+                    backend.name(),
+                    gib(free),
+                    self.sequences
+                );
+            }
+        }
+        Ok(())
+    }
+}
