@@ -28,7 +28,8 @@
 //! Then a whole model: a random tiny Qwen2-like model (GQA, qkv bias) with the same bf16-rounded
 //! weights on both backends scores prompt+completion pairs (max |Δ log p| against [`TOL_MODEL`])
 //! and generates greedily (token agreement, reported as information only: bf16 activations may
-//! flip a near-tie).
+//! flip a near-tie). Then training: every backward op, the optimizer's ops, the whole model's
+//! parameter gradient and one whole GRPO update (loss, gradient norm, AdamW step).
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{Backend, TokenPlacement, TrainBackend};
@@ -44,9 +45,11 @@ use serde::Serialize;
 
 mod attention;
 mod backward;
+mod grpo_step;
 mod optimizer;
 
 pub use backward::TOL_MODEL_GRADIENT;
+pub use grpo_step::TOL_GRPO_STEP;
 
 /// Ops that only move stored values: bit-exact.
 pub const TOL_EXACT: f64 = 0.0;
@@ -160,6 +163,7 @@ pub fn run<D: TrainBackend>(
     optimizer::checks(&mut c)?;
     let info = model_check(&mut c)?;
     backward::model_gradient_check(&mut c)?;
+    grpo_step::grpo_step_check(&mut c)?;
     Ok(Report { rows: c.rows, info })
 }
 

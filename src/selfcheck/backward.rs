@@ -280,24 +280,29 @@ pub(super) fn checks<D: TrainBackend>(c: &mut Checker<D>) -> Result<()> {
     Ok(())
 }
 
+/// The tiny selfcheck model with 4 query heads of dimension 32 (as the demo model: the fused
+/// attention backward has head dims 32, 64 and 128 only), its LM head tied or not.
+pub(super) fn tiny_train_config(tied: bool) -> Result<ModelConfig> {
+    let json = TINY_MODEL
+        .replace(
+            "\"tie_word_embeddings\": false",
+            &format!("\"tie_word_embeddings\": {tied}"),
+        )
+        .replace("\"num_attention_heads\": 8", "\"num_attention_heads\": 4");
+    let cfg = ModelConfig::from_json_str(&json)?;
+    anyhow::ensure!(
+        cfg.tie_word_embeddings == tied && cfg.num_heads == 4,
+        "TINY_MODEL must say tie_word_embeddings and num_attention_heads 8"
+    );
+    Ok(cfg)
+}
+
 /// The tiny model's parameter gradient for random d(loss)/d(log p) over a batch of
 /// prompt + completion pairs, with a separate LM head and with the head tied to the embedding
 /// (whose gradient then sums both uses): one row each, relative error over the whole buffer.
 pub(super) fn model_gradient_check<D: TrainBackend>(c: &mut Checker<D>) -> Result<()> {
     for tied in [false, true] {
-        // 4 query heads of dimension 32 (as the demo model): the fused attention backward has
-        // head dims 32, 64 and 128 only.
-        let json = TINY_MODEL
-            .replace(
-                "\"tie_word_embeddings\": false",
-                &format!("\"tie_word_embeddings\": {tied}"),
-            )
-            .replace("\"num_attention_heads\": 8", "\"num_attention_heads\": 4");
-        let cfg = ModelConfig::from_json_str(&json)?;
-        anyhow::ensure!(
-            cfg.tie_word_embeddings == tied && cfg.num_heads == 4,
-            "TINY_MODEL must say tie_word_embeddings and num_attention_heads 8"
-        );
+        let cfg = tiny_train_config(tied)?;
         let host = tiny_model_weights(&cfg, c.seed);
         let cpu_model = Model::from_host(cfg.clone(), &host, CpuBackend)?;
         let mut rand = Rand(Philox::new(c.seed, c.stream));

@@ -1,0 +1,198 @@
+//! One whole GRPO update on the device against the same update on the CPU: the tiny model, a
+//! batch of four completions with advantages, the clipped loss with the k3 KL, global-norm
+//! clipping and AdamW. Compares the loss, the gradient norm and the change of every master
+//! weight.
+//!
+//! One epoch: a second one would start from weights that differ by design (the device computes
+//! with bf16 copies of the master weights, and an update of 1e-4 is below the bf16 spacing of a
+//! weight of 0.1), so it would measure bf16, not the kernels. The policy loss itself (ratios,
+//! clipping) is host code, shared by both backends and tested in tests/grpo_math.rs.
+
+use super::backward::tiny_train_config;
+use super::{rel_error, tiny_model_weights, Checker, Rand};
+use crate::backend::cpu::CpuBackend;
+use crate::backend::TrainBackend;
+use crate::grpo::policy_loss::LossOptions;
+use crate::model::Model;
+use crate::model_backward::TrainBatch;
+use crate::optim::AdamW;
+use crate::rng::Philox;
+use crate::train::optimizer::DeviceOptimizer;
+use crate::train::update::{policy_update, UpdateBatch, UpdateOptions};
+use anyhow::Result;
+
+/// Relative error of the loss, the gradient norm and the weight update. The device rounds every
+/// activation to bf16; simulating that on the CPU (tests/selfcheck.rs) gives 6e-4 (loss), 5e-4
+/// (gradient norm) and 1.1e-2 (update: as the gradient itself, "model gradient"). A missing
+/// clip factor moves the update by ~30 %, a wrong sign or a lost KL term by order 1.
+pub const TOL_GRPO_STEP: f64 = 3e-2;
+
+const TEMPERATURE: f32 = 0.7;
+
+/// The inputs both backends share.
+struct StepInputs {
+    batch: TrainBatch,
+    lens: Vec<usize>,
+    advantages: Vec<f64>,
+    truncated: Vec<bool>,
+    ref_logp: Vec<f64>,
+    loss: LossOptions,
+}
+
+/// What one update gave: last epoch's loss, the gradient norm and master weights after − before.
+struct StepOutcome {
+    loss: f64,
+    grad_norm: f64,
+    update: Vec<f32>,
+}
+
+fn run_update<B: TrainBackend>(
+    mut model: Model<B>,
+    host: &[f32],
+    inputs: &StepInputs,
+    eps: f64,
+    grad_clip: f64,
+) -> Result<StepOutcome> {
+    let n = host.len();
+    let mut opt =
+        DeviceOptimizer::new(&model.backend, &AdamW::new(n, 0.9, 0.999, eps, 0.01), host)?;
+    let result = policy_update(
+        &mut model,
+        &mut opt,
+        &UpdateBatch {
+            batch: &inputs.batch,
+            lens: &inputs.lens,
+            advantages: &inputs.advantages,
+            truncated: &inputs.truncated,
+            keep: None,
+            ref_logp: Some(&inputs.ref_logp),
+        },
+        &UpdateOptions {
+            loss: &inputs.loss,
+            epochs: 1,
+            temperature: TEMPERATURE,
+            lr: 1e-4,
+            grad_clip,
+        },
+    )?;
+    anyhow::ensure!(
+        !result.skipped,
+        "the update was skipped (non-finite loss or gradient)"
+    );
+    let after = opt.master_weights(&model.backend)?;
+    Ok(StepOutcome {
+        loss: result.loss.loss,
+        grad_norm: result.grad_norm,
+        update: after.iter().zip(host).map(|(a, b)| a - b).collect(),
+    })
+}
+
+pub(super) fn grpo_step_check<D: TrainBackend>(c: &mut Checker<D>) -> Result<()> {
+    let cfg = tiny_train_config(false)?;
+    let host = tiny_model_weights(&cfg, c.seed);
+    let mut rand = Rand(Philox::new(c.seed, c.stream));
+    c.stream += 1;
+    let seqs: Vec<(Vec<u32>, Vec<u32>)> = [(1, 15), (17, 40), (100, 60), (9, 3)]
+        .iter()
+        .map(|&(p, q)| (rand.ids(p, cfg.vocab_size), rand.ids(q, cfg.vocab_size)))
+        .collect();
+    let pairs: Vec<(&[u32], &[u32])> = seqs.iter().map(|(p, q)| (&p[..], &q[..])).collect();
+    let batch = TrainBatch::new(&pairs)?;
+    // The reference policy's log-probs: the start model's, moved by noise so the KL term has a
+    // gradient from the first epoch on.
+    let start =
+        Model::from_host(cfg.clone(), &host, CpuBackend)?.forward_train(&batch, TEMPERATURE)?;
+    let noise = rand.normal(start.logp.len(), 0.3);
+    let inputs = StepInputs {
+        lens: seqs.iter().map(|(_, q)| q.len()).collect(),
+        advantages: rand
+            .normal(seqs.len(), 1.0)
+            .iter()
+            .map(|&a| a as f64)
+            .collect(),
+        truncated: vec![false, false, true, false],
+        ref_logp: start
+            .logp
+            .iter()
+            .zip(&noise)
+            .map(|(&l, &e)| (l + e) as f64)
+            .collect(),
+        loss: LossOptions {
+            beta: 0.1,
+            ..LossOptions::default()
+        },
+        batch,
+    };
+    // AdamW's eps at the gradient's RMS keeps the update linear in the gradient for small
+    // gradients (with eps ≈ 0 it is ±lr whatever their size, and bf16 noise flips the sign of
+    // the smallest); the clip at half the norm makes clipping part of the step.
+    let probe = run_update(
+        Model::from_host(cfg.clone(), &host, CpuBackend)?,
+        &host,
+        &inputs,
+        1e-8,
+        0.0,
+    )?;
+    let eps = probe.grad_norm / (host.len() as f64).sqrt();
+    let clip = probe.grad_norm / 2.0;
+    let reference = run_update(
+        Model::from_host(cfg.clone(), &host, CpuBackend)?,
+        &host,
+        &inputs,
+        eps,
+        clip,
+    )?;
+
+    let shape = format!(
+        "{} layers h={} heads={}/{} V={}; 4 completions, {} scored tokens, beta 0.1, clipped",
+        cfg.num_layers,
+        cfg.hidden_size,
+        cfg.num_heads,
+        cfg.num_kv_heads,
+        cfg.vocab_size,
+        inputs.batch.rows.len()
+    );
+    let result = (|| -> Result<StepOutcome> {
+        let dev_model = Model::from_host(cfg.clone(), &host, (c.make_device)()?)?;
+        run_update(dev_model, &host, &inputs, eps, clip)
+    })();
+    let rows: [(&str, Result<f64, String>); 3] = match &result {
+        Ok(got) => [
+            (
+                "loss",
+                Ok(rel_error(&[got.loss as f32], &[reference.loss as f32])),
+            ),
+            (
+                "grad_norm",
+                Ok(rel_error(
+                    &[got.grad_norm as f32],
+                    &[reference.grad_norm as f32],
+                )),
+            ),
+            ("update", Ok(rel_error(&got.update, &reference.update))),
+        ],
+        Err(e) => {
+            let m = format!("{e:#}");
+            [
+                ("loss", Err(m.clone())),
+                ("grad_norm", Err(m.clone())),
+                ("update", Err(m)),
+            ]
+        }
+    };
+    for (name, row) in rows {
+        let (error, message) = match row {
+            Ok(e) => (e, None),
+            Err(m) => (f64::NAN, Some(m)),
+        };
+        c.push(
+            format!("grpo step/{name}"),
+            shape.clone(),
+            "rel",
+            error,
+            TOL_GRPO_STEP,
+            message,
+        );
+    }
+    Ok(())
+}
