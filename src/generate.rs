@@ -91,18 +91,24 @@ pub fn generate<B: Backend>(
             active.push(i);
         }
     }
-    let mut logits =
-        b.download(b.full(&model.forward(&tokens, &place, &mut cache, &logit_rows)?))?;
+    let mut logits = model.forward(&tokens, &place, &mut cache, &logit_rows)?;
 
     while !active.is_empty() {
+        // Row r of `logits` continues request active[r]: its draw is uniform number
+        // (tokens so far) of the request's stream.
+        let uniforms: Vec<f64> = active
+            .iter()
+            .map(|&i| {
+                let step = out[i].tokens.len() as u64;
+                rng::uniform(config.seed, config.first_stream + i as u64, step)
+            })
+            .collect();
+        let drawn = draw_tokens(b, &logits, &uniforms, vocab, &config.sampling)?;
         let mut next_active = Vec::with_capacity(active.len());
         let mut next_tokens = Vec::with_capacity(active.len());
         let mut next_place = TokenPlacement::default();
-        for (row, &i) in active.iter().enumerate() {
+        for (&i, &tok) in active.iter().zip(&drawn) {
             let c = &mut out[i];
-            let step = c.tokens.len() as u64;
-            let u = rng::uniform(config.seed, config.first_stream + i as u64, step);
-            let tok = sample(&logits[row * vocab..(row + 1) * vocab], &config.sampling, u);
             c.tokens.push(tok);
             if config.eos_ids.contains(&tok) {
                 c.finished = true;
@@ -136,8 +142,40 @@ pub fn generate<B: Backend>(
             break;
         }
         let rows: Vec<usize> = (0..active.len()).collect();
-        logits =
-            b.download(b.full(&model.forward(&next_tokens, &next_place, &mut cache, &rows)?))?;
+        logits = model.forward(&next_tokens, &next_place, &mut cache, &rows)?;
     }
     Ok(out)
+}
+
+/// One token per row of `logits` ([R, vocab]) with the draws `uniforms` ([R]): on the device
+/// (`sample_tokens`, one id per row comes back) unless top-k or top-p restrict the candidates,
+/// which the host does on the downloaded logits. Both give `sampling::sample`'s tokens.
+fn draw_tokens<B: Backend>(
+    b: &B,
+    logits: &B::Buf,
+    uniforms: &[f64],
+    vocab: usize,
+    params: &SamplingParams,
+) -> Result<Vec<u32>> {
+    let restricted = (params.top_k > 0 && params.top_k < vocab) || params.top_p < 1.0;
+    if restricted && params.temperature > 0.0 {
+        let host = b.download(b.full(logits))?;
+        return Ok(host
+            .chunks_exact(vocab)
+            .zip(uniforms)
+            .map(|(row, &u)| sample(row, params, u))
+            .collect());
+    }
+    let mut ids = b.zeros_f32(uniforms.len())?;
+    b.sample_tokens(
+        b.full_mut(&mut ids),
+        b.full(logits),
+        uniforms,
+        vocab,
+        params.temperature,
+    );
+    Ok(b.download(b.full(&ids))?
+        .iter()
+        .map(|&t| t as u32)
+        .collect())
 }

@@ -47,6 +47,7 @@ mod attention;
 mod backward;
 mod grpo_step;
 mod optimizer;
+mod sampling;
 
 pub use backward::TOL_MODEL_GRADIENT;
 pub use grpo_step::TOL_GRPO_STEP;
@@ -159,6 +160,7 @@ pub fn run<D: TrainBackend>(
         on_row,
     };
     op_checks(&mut c, coverage)?;
+    sampling::checks(&mut c)?;
     backward::checks(&mut c)?;
     optimizer::checks(&mut c)?;
     let info = model_check(&mut c)?;
@@ -240,7 +242,7 @@ impl<D: Backend> Checker<'_, D> {
 }
 
 /// Random inputs from one Philox stream.
-pub(crate) struct Rand(Philox);
+pub(crate) struct Rand(pub(crate) Philox);
 
 impl Rand {
     pub(crate) fn normal(&mut self, n: usize, std: f32) -> Vec<f32> {

@@ -217,6 +217,18 @@ impl Backend for TestDevice {
         logp.store();
         entropy.store();
     }
+
+    fn sample_tokens(
+        &self,
+        out: ViewMut<'_>,
+        logits: View<'_>,
+        uniforms: &[f64],
+        vocab: usize,
+        temperature: f32,
+    ) {
+        CPU.sample_tokens(&mut *out.data, logits.data, uniforms, vocab, temperature);
+        out.store();
+    }
 }
 
 /// The CPU backward ops; every output stored like its buffer (bf16 unless made f32).
@@ -602,6 +614,79 @@ fn bench_forward_on_the_cpu_reports_every_batch_size() {
             assert!(r[key].as_f64().unwrap() > 0.0, "{key}: {r}");
         }
     }
+}
+
+/// `bench step` on the CPU: one warm-up and two timed GRPO steps of a 10M model; the reported
+/// rates multiply back to the work done (P·G·T sampled tokens, P·G·(L + T) trained tokens) and
+/// the FLOPs to a count made here from the config (6 per matmul weight per token, the LM head on
+/// the T scored rows of each sequence, 3 × 4·q_dim per attended position for attention).
+#[test]
+fn bench_step_on_the_cpu_reports_one_grpo_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("step.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_thinkshort"))
+        .args([
+            "bench",
+            "step",
+            "--model-config",
+            "tools/bench_model_10m.json",
+        ])
+        .args(["--backend", "cpu", "--prompts", "2", "--group", "3"])
+        .args([
+            "--prompt-len",
+            "8",
+            "--new-tokens",
+            "5",
+            "--peak-tflops",
+            "2",
+        ])
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("median step"), "{stdout}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let r = &v["result"];
+    let f = |k: &str| r[k].as_f64().unwrap_or_else(|| panic!("{k}: {r}"));
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-6 * b.abs();
+    assert!(
+        close(f("rollout_tokens_per_s") * f("rollout_s"), 30.0),
+        "{r}"
+    );
+    assert!(close(f("train_tokens_per_s") * f("update_s"), 78.0), "{r}");
+    assert!(f("step_s") >= f("rollout_s") + f("update_s"), "{r}");
+    assert!(f("peak_memory_bytes") > 0.0, "{r}");
+
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string("tools/bench_model_10m.json").unwrap())
+            .unwrap();
+    let c = |k: &str| cfg[k].as_f64().unwrap();
+    let (h, i, v_, layers) = (
+        c("hidden_size"),
+        c("intermediate_size"),
+        c("vocab_size"),
+        c("num_hidden_layers"),
+    );
+    let head_dim = h / c("num_attention_heads");
+    let (q, kv) = (h, c("num_key_value_heads") * head_dim);
+    let matmul_weights = layers * (h * q + 2.0 * h * kv + q * h + 3.0 * h * i);
+    let (seqs, len, scored) = (6.0, 13.0, 30.0);
+    let attended = seqs * len * (len + 1.0) / 2.0;
+    let flops = 6.0 * matmul_weights * seqs * len
+        + 6.0 * h * v_ * scored
+        + 3.0 * 4.0 * q * attended * layers;
+    assert!(
+        close(f("train_tflops") * f("update_s") * 1e12, flops),
+        "{r} vs {flops}"
+    );
+    assert!(close(f("train_mfu"), f("train_tflops") / 2.0), "{r}");
 }
 
 #[test]

@@ -197,6 +197,18 @@ pub trait Backend: Send + Sync {
         vocab: usize,
         temperature: f32,
     );
+
+    /// Draws one token per row: out[r] = `sampling::sample(logits[r], τ = temperature, no top-k
+    /// or top-p, u = uniforms[r])` (argmax when temperature = 0), as a float id. logits: [R, V]
+    /// f32; uniforms, out: [R]. Callers that restrict top-k or top-p sample on the host.
+    fn sample_tokens(
+        &self,
+        out: Self::ViewMut<'_>,
+        logits: Self::View<'_>,
+        uniforms: &[f64],
+        vocab: usize,
+        temperature: f32,
+    );
 }
 
 /// The backward of every op, for training. Gradients named `d<param>` accumulate (+=) so tied and

@@ -1,4 +1,5 @@
-//! `thinkshort bench`: throughput measurements on models with random weights.
+//! `thinkshort bench`: throughput measurements on models with random weights (`bench step`,
+//! the whole GRPO step, lives in bench_step.rs).
 //!
 //! `bench forward` times the inference forward pass of a model built from a Hugging Face
 //! `config.json` alone (no weights): prefill of `batch` prompts of `prompt_len` tokens in one
@@ -25,6 +26,9 @@ pub struct BenchArgs {
 pub enum BenchCommand {
     /// Prefill and decode tokens/s of a random-weight model built from a config.json.
     Forward(ForwardArgs),
+    /// One whole GRPO step (rollout, rewards, advantages, update) of a random-weight model:
+    /// rollout and training tokens/s, MFU, peak memory.
+    Step(super::bench_step::StepArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -54,6 +58,7 @@ pub struct ForwardArgs {
 pub fn run(args: &BenchArgs) -> Result<()> {
     match &args.what {
         BenchCommand::Forward(a) => forward(a),
+        BenchCommand::Step(a) => super::bench_step::step(a),
     }
 }
 
@@ -112,7 +117,7 @@ fn forward(args: &ForwardArgs) -> Result<()> {
     }
 }
 
-fn read_config(path: &Path) -> Result<ModelConfig> {
+pub(super) fn read_config(path: &Path) -> Result<ModelConfig> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read model config {}", path.display()))?;
     ModelConfig::from_json_str(&text)

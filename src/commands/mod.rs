@@ -2,6 +2,7 @@
 //! `main.rs` only parses arguments and reports errors.
 
 pub mod bench;
+pub mod bench_step;
 pub mod doctor;
 pub mod eval;
 pub mod generate;

@@ -891,6 +891,43 @@ impl Backend for CudaBackend {
             )
         })
     }
+
+    fn sample_tokens(
+        &self,
+        out: CudaViewMut<'_>,
+        logits: CudaView<'_>,
+        uniforms: &[f64],
+        vocab: usize,
+        temperature: f32,
+    ) {
+        self.run("sample_tokens", || {
+            let rows = uniforms.len();
+            expect("out", out.dtype, out.len, DType::F32, rows)?;
+            expect("logits", logits.dtype, logits.len, DType::F32, rows * vocab)?;
+            ensure!(
+                temperature >= 0.0 && temperature.is_finite(),
+                "temperature must be finite and >= 0, got {temperature}"
+            );
+            // Each f64 draw as two floats, hi + lo (the kernel adds them back in f64).
+            let split: Vec<f32> = uniforms
+                .iter()
+                .flat_map(|&u| {
+                    let hi = u as f32;
+                    [hi, (u - hi as f64) as f32]
+                })
+                .collect();
+            let uniforms_dev = self.upload_bytes(&split, DType::F32)?;
+            ops::sampling::sample_tokens(
+                &self.k,
+                out.ptr,
+                logits.ptr,
+                uniforms_dev.ptr,
+                rows,
+                vocab,
+                temperature,
+            )
+        })
+    }
 }
 
 /// The backward ops. Activation gradients are bf16 like the activations; parameter gradients

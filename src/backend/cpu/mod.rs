@@ -8,6 +8,7 @@ mod matmul;
 mod optimizer;
 mod rmsnorm;
 mod rope;
+mod sampling;
 mod swiglu;
 
 pub use attention::{attention_backward, attention_forward, kv_cache_gather, kv_cache_write};
@@ -19,6 +20,7 @@ pub use matmul::{bias_backward, matmul_backward, matmul_forward};
 pub use optimizer::{adamw_step, split_f64, sum_squares};
 pub use rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 pub use rope::{rope_backward, rope_forward};
+pub use sampling::sample_tokens;
 pub use swiglu::{swiglu_backward, swiglu_forward};
 
 use super::{Backend, TokenPlacement, TrainBackend};
@@ -142,6 +144,17 @@ impl Backend for CpuBackend {
         temperature: f32,
     ) {
         logprob_forward(logp, entropy, logits, targets, vocab, temperature)
+    }
+
+    fn sample_tokens(
+        &self,
+        out: &mut [f32],
+        logits: &[f32],
+        uniforms: &[f64],
+        vocab: usize,
+        temperature: f32,
+    ) {
+        sample_tokens(out, logits, uniforms, vocab, temperature)
     }
 }
 

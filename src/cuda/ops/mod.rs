@@ -12,3 +12,4 @@ pub mod logprob;
 pub mod optimizer;
 pub mod rmsnorm;
 pub mod rope;
+pub mod sampling;

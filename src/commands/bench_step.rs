@@ -1,0 +1,341 @@
+//! `thinkshort bench step`: one whole GRPO step on a model with random weights built from a
+//! Hugging Face config.json (no weights needed): the rollout (P prompts × G samples of exactly T
+//! new tokens: no EOS, so every run does the same work), rewards, group advantages and the
+//! update (forward pass, policy loss, backward pass, gradient norm, AdamW). Reports rollout and
+//! training tokens/s, the update's model FLOP utilisation and the peak memory.
+//! tools/bench_step_torch.py runs the same step in PyTorch for comparison.
+
+use super::bench::read_config;
+use crate::backend::{cpu::CpuBackend, BackendKind, TrainBackend};
+use crate::config::ModelConfig;
+use crate::cuda::CudaBackend;
+use crate::generate::{generate, GenerateConfig, GenerationRequest};
+use crate::grpo::advantage::{advantages, AdvantageOptions};
+use crate::grpo::policy_loss::LossOptions;
+use crate::grpo::reward::{reward, LengthShape, RewardWeights};
+use crate::model::Model;
+use crate::model_backward::TrainBatch;
+use crate::optim::AdamW;
+use crate::rng::{self, Philox};
+use crate::sampling::SamplingParams;
+use crate::train::optimizer::DeviceOptimizer;
+use crate::train::update::{policy_update, UpdateBatch, UpdateOptions};
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(clap::Args, Debug)]
+pub struct StepArgs {
+    /// Hugging Face config.json of the model (weights are random; e.g. tools/model_configs/).
+    #[arg(long)]
+    pub model_config: PathBuf,
+    #[arg(long, value_enum, default_value_t = BackendKind::Auto)]
+    pub backend: BackendKind,
+    /// P: prompts per step.
+    #[arg(long, default_value_t = 8)]
+    pub prompts: usize,
+    /// G: samples per prompt.
+    #[arg(long, default_value_t = 8)]
+    pub group: usize,
+    /// Tokens of each (random) prompt.
+    #[arg(long, default_value_t = 128)]
+    pub prompt_len: usize,
+    /// T: new tokens per sample (always all of them: the benchmark never stops at an EOS).
+    #[arg(long, default_value_t = 256)]
+    pub new_tokens: usize,
+    /// Timed steps after one warm-up step; the median is reported.
+    #[arg(long, default_value_t = 2)]
+    pub steps: usize,
+    /// The device's dense bf16 peak in TFLOP/s for the MFU; known for A100, H100 and H200.
+    #[arg(long)]
+    pub peak_tflops: Option<f64>,
+    /// Seed of the random weights, prompts, samples and rewards.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Also write the result to this JSON file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+/// The median step's measurements.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepResult {
+    pub rollout_s: f64,
+    /// Sampled tokens (P·G·T) per second of rollout.
+    pub rollout_tokens_per_s: f64,
+    pub update_s: f64,
+    /// Prompt + completion tokens through the update's forward and backward, per second.
+    pub train_tokens_per_s: f64,
+    /// Model FLOPs of the update (forward + backward: 3× the forward's matmuls and attention).
+    pub train_tflops: f64,
+    /// train_tflops over the device's peak, when known.
+    pub train_mfu: Option<f64>,
+    /// The whole step: rollout, rewards, advantages, update.
+    pub step_s: f64,
+    /// Device memory reserved at the end (CUDA: the pool keeps its high-water mark) or the
+    /// process's peak resident memory (CPU), in bytes.
+    pub peak_memory_bytes: Option<u64>,
+}
+
+pub fn step(args: &StepArgs) -> Result<()> {
+    if args.prompts == 0 || args.group == 0 || args.prompt_len == 0 || args.new_tokens == 0 {
+        bail!("--prompts, --group, --prompt-len and --new-tokens must be at least 1");
+    }
+    if args.steps == 0 {
+        bail!("--steps must be at least 1");
+    }
+    let cfg = read_config(&args.model_config)?;
+    match super::resolve_backend(args.backend)? {
+        BackendKind::Cuda => {
+            let dev = CudaBackend::new(0)?;
+            let name = dev.device_name();
+            let peak = args.peak_tflops.or_else(|| peak_bf16_tflops(&name));
+            run(args, &cfg, &format!("cuda ({name})"), peak, dev)
+        }
+        _ => run(args, &cfg, "cpu", args.peak_tflops, CpuBackend),
+    }
+}
+
+fn run<B: TrainBackend>(
+    args: &StepArgs,
+    cfg: &ModelConfig,
+    device: &str,
+    peak_tflops: Option<f64>,
+    backend: B,
+) -> Result<()> {
+    let (p, g, t) = (args.prompts, args.group, args.new_tokens);
+    println!(
+        "bench step: {} ({:.1}M parameters) on {device}; {p} prompts × {g} samples, prompt {} \
+         tokens, {t} new tokens, seed {}",
+        args.model_config.display(),
+        cfg.num_params() as f64 / 1e6,
+        args.prompt_len,
+        args.seed
+    );
+    let free_before = backend.free_memory()?;
+    let mut model = Model::random(cfg.clone(), args.seed, backend)?;
+    let host = model.backend.download(model.backend.full(&model.params))?;
+    let mut opt = DeviceOptimizer::new(
+        &model.backend,
+        &AdamW::new(host.len(), 0.9, 0.999, 1e-8, 0.0),
+        &host,
+    )?;
+    drop(host);
+
+    let mut steps = Vec::new();
+    for s in 0..=args.steps {
+        let r = one_step(&mut model, &mut opt, args, s as u64, peak_tflops)?;
+        println!(
+            "{} rollout {:.2} s ({:.0} tok/s), update {:.2} s ({:.0} tok/s, {:.2} TFLOP/s{}), step {:.2} s",
+            if s == 0 { "warm-up:".to_string() } else { format!("step {s}:") },
+            r.rollout_s,
+            r.rollout_tokens_per_s,
+            r.update_s,
+            r.train_tokens_per_s,
+            r.train_tflops,
+            r.train_mfu.map_or(String::new(), |m| format!(", MFU {:.1} %", 100.0 * m)),
+            r.step_s
+        );
+        if s > 0 {
+            steps.push(r);
+        }
+    }
+    steps.sort_by(|a, b| a.step_s.total_cmp(&b.step_s));
+    let mut median = steps[steps.len() / 2].clone();
+    median.peak_memory_bytes = peak_memory(&model.backend, free_before)?;
+    println!(
+        "median step: {:.2} s; rollout {:.0} tok/s; training {:.0} tok/s, MFU {}; peak memory {}",
+        median.step_s,
+        median.rollout_tokens_per_s,
+        median.train_tokens_per_s,
+        median
+            .train_mfu
+            .map_or("– (peak unknown: --peak-tflops)".to_string(), |m| format!(
+                "{:.1} %",
+                100.0 * m
+            )),
+        median
+            .peak_memory_bytes
+            .map_or("–".to_string(), |b| format!(
+                "{:.2} GiB",
+                b as f64 / (1u64 << 30) as f64
+            )),
+    );
+    if let Some(path) = &args.json {
+        let json = serde_json::json!({
+            "model_config": args.model_config.display().to_string(),
+            "device": device,
+            "num_params": cfg.num_params(),
+            "prompts": p,
+            "group": g,
+            "prompt_len": args.prompt_len,
+            "new_tokens": t,
+            "peak_tflops": peak_tflops,
+            "seed": args.seed,
+            "result": median,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&json)? + "\n")
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// One GRPO step; `step` picks the prompts and samples.
+fn one_step<B: TrainBackend>(
+    model: &mut Model<B>,
+    opt: &mut DeviceOptimizer<B>,
+    args: &StepArgs,
+    step: u64,
+    peak_tflops: Option<f64>,
+) -> Result<StepResult> {
+    let (p, g, t, vocab) = (
+        args.prompts,
+        args.group,
+        args.new_tokens,
+        model.cfg.vocab_size,
+    );
+    let t0 = Instant::now();
+    let mut rng = Philox::new(args.seed, 1_000 + step);
+    let requests: Vec<GenerationRequest> = (0..p)
+        .flat_map(|_| {
+            let prompt: Vec<u32> = (0..args.prompt_len)
+                .map(|_| ((rng.next_uniform() * vocab as f64) as u32).min(vocab as u32 - 1))
+                .collect();
+            std::iter::repeat_n(
+                GenerationRequest {
+                    prompt,
+                    max_new_tokens: t,
+                },
+                g,
+            )
+        })
+        .collect();
+    let config = GenerateConfig {
+        sampling: SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+        },
+        seed: args.seed,
+        first_stream: step * requests.len() as u64,
+        eos_ids: Vec::new(),
+        stop_strings: Vec::new(),
+    };
+    let completions = generate(model, &requests, &config, None)?;
+    let rollout_s = t0.elapsed().as_secs_f64();
+
+    // Rewards: a random model answers nothing, so correctness is a seeded coin flip; the length
+    // reward sees the real lengths against a budget of T/2.
+    let totals: Vec<f64> = completions
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let correct = rng::uniform(args.seed, 2, step * 1_000_000 + i as u64) < 0.5;
+            reward(
+                correct,
+                c.len,
+                t / 2,
+                "",
+                &RewardWeights::default(),
+                LengthShape::Triangular,
+            )
+            .total
+        })
+        .collect();
+    let adv = advantages(&totals, g, &AdvantageOptions::default())?;
+
+    let t1 = Instant::now();
+    let seqs: Vec<(&[u32], &[u32])> = requests
+        .iter()
+        .zip(&completions)
+        .map(|(r, c)| (r.prompt.as_slice(), c.tokens.as_slice()))
+        .collect();
+    let batch = TrainBatch::new(&seqs)?;
+    let lens: Vec<usize> = completions.iter().map(|c| c.tokens.len()).collect();
+    let truncated: Vec<bool> = completions.iter().map(|c| c.truncated).collect();
+    let loss = LossOptions {
+        beta: 0.0,
+        ..LossOptions::default()
+    };
+    policy_update(
+        model,
+        opt,
+        &UpdateBatch {
+            batch: &batch,
+            lens: &lens,
+            advantages: &adv,
+            truncated: &truncated,
+            keep: None,
+            ref_logp: None,
+        },
+        &UpdateOptions {
+            loss: &loss,
+            epochs: 1,
+            temperature: 1.0,
+            lr: 1e-6,
+            grad_clip: 1.0,
+        },
+    )?;
+    model.backend.synchronize()?;
+    let update_s = t1.elapsed().as_secs_f64();
+    let step_s = t0.elapsed().as_secs_f64();
+
+    let flops = train_flops(&model.cfg, p * g, args.prompt_len + t, batch.rows.len());
+    let train_tflops = flops / update_s / 1e12;
+    Ok(StepResult {
+        rollout_s,
+        rollout_tokens_per_s: (p * g * t) as f64 / rollout_s,
+        update_s,
+        train_tokens_per_s: batch.tokens.len() as f64 / update_s,
+        train_tflops,
+        train_mfu: peak_tflops.map(|peak| train_tflops / peak),
+        step_s,
+        peak_memory_bytes: None,
+    })
+}
+
+/// Model FLOPs of one update (forward + backward = 3× the forward) over `seqs` sequences of
+/// `len` tokens with `scored` scored rows: 2 per weight per token in the layer matmuls, causal
+/// attention (QKᵀ and PV: 4 · q_dim per attended position), the LM head on the scored rows.
+pub fn train_flops(cfg: &ModelConfig, seqs: usize, len: usize, scored: usize) -> f64 {
+    let (h, i) = (cfg.hidden_size as f64, cfg.intermediate_size as f64);
+    let (q, kv) = (cfg.q_dim() as f64, cfg.kv_dim() as f64);
+    let layer_weights = h * q + 2.0 * h * kv + q * h + 3.0 * h * i;
+    let tokens = (seqs * len) as f64;
+    let attended = seqs as f64 * (len * (len + 1) / 2) as f64;
+    let layers = cfg.num_layers as f64;
+    let forward = layers * (2.0 * layer_weights * tokens + 4.0 * q * attended)
+        + 2.0 * h * cfg.vocab_size as f64 * scored as f64;
+    3.0 * forward
+}
+
+/// Dense bf16 tensor-core peak of the NVIDIA data-center GPUs we know, by device name.
+fn peak_bf16_tflops(name: &str) -> Option<f64> {
+    let n = name.to_ascii_uppercase();
+    if n.contains("H100") && n.contains("PCIE") {
+        Some(756.0)
+    } else if n.contains("H100") && n.contains("NVL") {
+        Some(835.0)
+    } else if n.contains("H100") || n.contains("H200") {
+        Some(989.0)
+    } else if n.contains("A100") {
+        Some(312.0)
+    } else {
+        None
+    }
+}
+
+/// Device memory taken since `free_before` (the CUDA pool keeps freed memory, so this is its
+/// high-water mark), or the process's peak resident memory where the backend reports none.
+fn peak_memory<B: TrainBackend>(b: &B, free_before: Option<usize>) -> Result<Option<u64>> {
+    if let (Some(before), Some(after)) = (free_before, b.free_memory()?) {
+        return Ok(Some(before.saturating_sub(after) as u64));
+    }
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    Ok(status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024))
+}
