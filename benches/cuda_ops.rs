@@ -1,7 +1,7 @@
 //! Throughput of every CUDA op at the shapes of Qwen2.5-0.5B (hidden 896, intermediate 4864,
 //! 14 query / 2 KV heads of 64, vocab 151936), for one token (decode) and 2048 tokens (prefill),
-//! of fused attention forward and backward at the FlashAttention benchmark's shapes, and of the
-//! other backward ops.
+//! of fused attention forward and backward at the FlashAttention benchmark's shapes, of the
+//! other backward ops, and of AdamW, the gradient norm and token sampling.
 //! Memory-bound ops report bytes/s (each input read once, each output written once); matmul and
 //! attention (not decode) report elements/s where one element is one FLOP.
 //! On a machine without a usable GPU it prints "no GPU: skipping CUDA benchmarks" and exits 0.
@@ -445,6 +445,68 @@ fn backward(c: &mut Criterion, dev: &CudaBackend) {
     g.finish();
 }
 
+/// The GRPO step's other ops: AdamW over 494M parameters (the Qwen2.5-0.5B count; bytes: f32
+/// master, m, v and grads read, master, m, v written, bf16 weights written), the gradient's sum
+/// of squares (f32 read), and drawing 64 tokens from 64 rows of f32 logits (read twice).
+fn optimizer_and_sampling(c: &mut Criterion, dev: &CudaBackend) {
+    let mut g = c.benchmark_group("grpo_step");
+    let n = 494_032_768usize;
+    let mut params = dev.zeros(n).unwrap();
+    let mut master = dev.zeros_f32(n).unwrap();
+    let mut m = dev.zeros_f32(n).unwrap();
+    let mut v = dev.zeros_f32(n).unwrap();
+    let grads = dev.zeros_f32(n).unwrap();
+    let step = thinkshort::optim::AdamW::new(0, 0.9, 0.999, 1e-8, 0.0).next_step(1e-6, 1.0);
+    g.throughput(Throughput::Bytes(((4 * 4 + 3 * 4 + 2) * n) as u64));
+    g.bench_function(BenchmarkId::new("adamw_bytes", format!("{n}")), |b| {
+        b.iter_custom(|iters| {
+            time(dev, iters, || {
+                dev.adamw_step(
+                    dev.full_mut(&mut params),
+                    dev.full_mut(&mut master),
+                    dev.full_mut(&mut m),
+                    dev.full_mut(&mut v),
+                    dev.full(&grads),
+                    &step,
+                )
+            })
+        })
+    });
+    let mut out = dev.zeros_f32(2).unwrap();
+    g.throughput(Throughput::Bytes((4 * n) as u64));
+    g.bench_function(BenchmarkId::new("sum_squares_bytes", format!("{n}")), |b| {
+        b.iter_custom(|iters| {
+            time(dev, iters, || {
+                dev.sum_squares(dev.full_mut(&mut out), dev.full(&grads))
+            })
+        })
+    });
+    drop((params, master, m, v, grads));
+
+    let rows = 64;
+    let logits = dev.upload_f32(&random(rows * VOCAB, 31)).unwrap();
+    let uniforms: Vec<f64> = (0..rows).map(|r| (r as f64 + 0.5) / rows as f64).collect();
+    let mut ids = dev.zeros_f32(rows).unwrap();
+    g.throughput(Throughput::Bytes((2 * 4 * rows * VOCAB) as u64));
+    g.bench_function(
+        BenchmarkId::new("sample_tokens_bytes", format!("{rows}x{VOCAB}")),
+        |b| {
+            b.iter_custom(|iters| {
+                time(dev, iters, || {
+                    dev.sample_tokens(
+                        dev.full_mut(&mut ids),
+                        dev.full(&logits),
+                        &uniforms,
+                        VOCAB,
+                        1.0,
+                    )
+                })
+            })
+        },
+    );
+    g.finish();
+}
+
 fn main() {
     let dev = match CudaBackend::new(0) {
         Ok(dev) => dev,
@@ -465,5 +527,6 @@ fn main() {
     decode_attention(&mut c, &dev);
     logprob(&mut c, &dev);
     backward(&mut c, &dev);
+    optimizer_and_sampling(&mut c, &dev);
     c.final_summary();
 }

@@ -10,20 +10,23 @@
 #              NVCC=.../nvcc REQUIRE_CUDA_KERNELS=1 cargo bench --bench cuda_ops --no-run
 #              mkdir -p gpu-carry && cp target/release/thinkshort gpu-carry/
 #              cp target/release/deps/cuda_ops-<hash> gpu-carry/cuda_ops   # the one cargo printed
-#   BENCH_FILTER  when given, a short validation run (~2 minutes): doctor, selfcheck, only the
-#            criterion benchmarks whose names contain it, memcheck; no model or PyTorch benches.
-#   OUT_DIR  receives (flat, 8 files): summary.md, selfcheck.json, logs.txt, ours_0.5b.json,
-#            ours_1.5b.json, torch_0.5b.json, torch_1.5b.json, torch_attention.json
+#   BENCH_FILTER  when given, a shorter run (~5 minutes): doctor, selfcheck, memcheck, the GRPO
+#            step benchmarks and the demo's training run, and only the criterion benchmarks whose
+#            names contain BENCH_FILTER; no forward, attention or end-to-end comparisons.
+#   OUT_DIR  receives (flat): summary.md, selfcheck.json, logs.txt, ours_0.5b.json,
+#            ours_1.5b.json, torch_0.5b.json, torch_1.5b.json, torch_attention.json,
+#            ours_step_{0.5b,1.5b}.json, torch_step_{0.5b,1.5b}.json, train_cuda_metrics.jsonl
 #
 # Steps (each under `timeout`; a failing step is logged and the script goes on):
 #   nvidia-smi; locate libcuda / libcublas (LD_LIBRARY_PATH); thinkshort doctor --verbose;
-#   thinkshort selfcheck --backend cuda (every CUDA op and a tiny model vs the CPU reference);
+#   thinkshort selfcheck --backend cuda (every CUDA op, a tiny model's forward, gradient and GRPO
+#   update vs the CPU reference), then `selfcheck --quick` under compute-sanitizer memcheck;
 #   thinkshort bench forward and tools/bench_torch_gpu.py on the Qwen2.5-0.5B and -1.5B shapes
 #   (random weights, tools/model_configs/); the device ceilings (copy GB/s, bf16 matmul TFLOP/s);
-#   the criterion op benchmarks and tools/bench_attention_torch.py (flash SDPA on the fused
-#   attention benchmark's shapes); generate and logprobs with the demo model on CPU and CUDA;
-#   selfcheck --quick again under compute-sanitizer memcheck when there is time.
-#   Budget: ~5 minutes (about 4 on an H200).
+#   thinkshort bench step and tools/bench_step_torch.py (one GRPO step) on both shapes; the
+#   demo's training run on CUDA; the criterion op benchmarks and tools/bench_attention_torch.py
+#   (flash SDPA on the fused attention benchmark's shapes); generate and logprobs with the demo
+#   model on CPU and CUDA. Budget: ~8 minutes; with BENCH_FILTER ~5.
 set -uo pipefail
 if [ $# -lt 2 ] || [ $# -gt 3 ]; then
     sed -n '2,20p' "$0"
@@ -67,6 +70,11 @@ echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH" | tee -a "$LOG"
 
 step doctor 30 "$BIN" doctor --verbose
 step selfcheck 150 "$BIN" selfcheck --backend cuda --json "$OUT/selfcheck.json"
+# Out-of-bounds accesses and races that happen to give right answers.
+if command -v compute-sanitizer >/dev/null; then
+    step memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 9 \
+        "$BIN" selfcheck --backend cuda --quick
+fi
 
 SIZES="0.5b 1.5b"
 if [ -n "$FILTER" ]; then SIZES=""; fi
@@ -80,6 +88,23 @@ for size in $SIZES; do
         --model-config "$cfg" --batch 1,8,32 --prompt-len 256 --decode-steps 32 $ceil \
         --json "$OUT/torch_$size.json"
 done
+
+# One whole GRPO step (rollout, rewards, advantages, update) against PyTorch on the same card:
+# 8 prompts x 8 samples for 0.5B, 4 x 8 for 1.5B (so both sides fit an 80 GB H100).
+for size in 0.5b 1.5b; do
+    cfg=tools/model_configs/qwen2.5-$size.json
+    prompts=8
+    if [ "$size" = 1.5b ]; then prompts=4; fi
+    shape="--prompts $prompts --group 8 --prompt-len 128 --new-tokens 256"
+    step "ours step $size" 100 "$BIN" bench step --backend cuda --model-config "$cfg" $shape \
+        --json "$OUT/ours_step_$size.json"
+    step "torch step $size" 150 env PYTHONUNBUFFERED=1 python3 tools/bench_step_torch.py \
+        --model-config "$cfg" $shape --json "$OUT/torch_step_$size.json"
+done
+
+# The demo's whole curriculum GRPO run on the GPU (README numbers are the CPU's).
+step "train cuda" 150 "$BIN" train --backend cuda --out /tmp/train_cuda
+cp /tmp/train_cuda/metrics.jsonl "$OUT/train_cuda_metrics.jsonl" 2>/dev/null
 
 # Criterion benchmarks of every CUDA op (GB/s, or FLOP/s as elements/s), when the bench binary
 # was copied beside thinkshort as `cuda_ops`.
@@ -117,12 +142,6 @@ PY
 export BIN
 export -f e2e
 [ -z "$FILTER" ] && step e2e 60 bash -c e2e
-
-# Out-of-bounds accesses and races that happen to give right answers: only with time to spare.
-if [ $(($(date +%s) - START)) -lt 300 ] && command -v compute-sanitizer >/dev/null; then
-    step memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 9 \
-        "$BIN" selfcheck --backend cuda --quick
-fi
 
 python3 - "$OUT" "${STATUS[@]}" <<'EOF' | tee "$OUT/summary.md"
 import json, os, re, sys
@@ -193,6 +212,21 @@ if any(k.startswith("flash_attention/") for k in crit):
             cell = lambda v: f"{v / 1e12:.0f}" if v else "–"
             tcell = lambda k: f"{r[k]:.0f}" if r else "–"
             print(f"| d={d}, {16384 // t}x{2048 // d} heads | {t} | {cell(f)} | {tcell('forward_tflops')} | {cell(b)} | {tcell('backward_tflops')} | {cell(fb)} | {tcell('fwd_bwd_tflops')} |")
+print("\n| GRPO step | P x G | rollout tok/s ours | torch | update tok/s ours | torch | MFU ours | torch | step s ours | torch | torch/ours | peak GiB ours | torch |")
+print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+for size in ("0.5b", "1.5b"):
+    o, t = load(f"ours_step_{size}.json"), load(f"torch_step_{size}.json")
+    if not o and not t:
+        continue
+    ro, rt = (o or {}).get("result", {}), (t or {}).get("result", {})
+    num = lambda r, k, f: f.format(r[k]) if r.get(k) is not None else "–"
+    pg = f"{(o or t)['prompts']} x {(o or t)['group']}"
+    speedup = f"{rt['step_s'] / ro['step_s']:.2f}" if ro and rt else "–"
+    gib = lambda r: f"{r['peak_memory_bytes'] / 2**30:.1f}" if r.get("peak_memory_bytes") else "–"
+    mfu = lambda r: f"{100 * r['train_mfu']:.1f} %" if r.get("train_mfu") else "–"
+    print(f"| {size} | {pg} | {num(ro, 'rollout_tokens_per_s', '{:.0f}')} | {num(rt, 'rollout_tokens_per_s', '{:.0f}')} "
+          f"| {num(ro, 'train_tokens_per_s', '{:.0f}')} | {num(rt, 'train_tokens_per_s', '{:.0f}')} | {mfu(ro)} | {mfu(rt)} "
+          f"| {num(ro, 'step_s', '{:.2f}')} | {num(rt, 'step_s', '{:.2f}')} | {speedup} | {gib(ro)} | {gib(rt)} |")
 dec = {k: v for k, v in crit.items() if k.startswith("decode_attention/")}
 if dec:
     print("\ndecode attention (K+V bytes read): " + ", ".join(
@@ -201,6 +235,9 @@ if dec:
 print("\nsteps: " + "; ".join(status))
 EOF
 grep -E "^e2e |^  cuda: " "$LOG" | tee -a "$OUT/summary.md"
+# The demo run on CUDA: its before/after table.
+grep -E "^\| (before|after) \||^mean length change" "$LOG" | sed '1i train --backend cuda (the demo):' |
+    tee -a "$OUT/summary.md"
 # One line per criterion benchmark: name and median throughput.
 awk '/^[a-z_]+\/[^ ]+/ {name = $1} /thrpt:/ {sub(/\[ +/, "["); print "  " name ": " $4 " " $5}' "$LOG" |
     sed '1i cuda_ops (criterion median throughput; elem/s = FLOP/s for matmul and prefill attention):' |
