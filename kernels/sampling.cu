@@ -4,37 +4,13 @@
 //
 // The draw is the CPU's inverse CDF: p_i = exp((z_i − max) / τ) in f64, target = u · Σ p, and
 // the token is the first i (vocabulary order) whose running sum exceeds the target. The block
-// cuts the vocabulary into one contiguous chunk per thread, scans the chunk sums, and the thread
-// whose chunk holds the target walks it. Only the summation order differs from the CPU (chunk
-// sums, then their sum), which can move a token only when u lands within ~1e-15 of a boundary.
+// cuts the vocabulary into one contiguous chunk per thread; thread 0 finds the chunk that holds
+// the target from the chunk sums, and that chunk's thread walks it. Only the summation order
+// differs from the CPU (chunk sums, then their sum), which can move a token only when u lands
+// within ~1e-15 of a boundary.
 #include "common.cuh"
 
-#define SAMPLE_THREADS 1024
-#define NO_HOLDER 0x7fffffff
-
-// Inclusive prefix sum of `val` over the block's threads (f64).
-__device__ double block_inclusive_scan_f64(double val) {
-    __shared__ double warp_totals[32];
-    const int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE;
-    for (int offset = 1; offset < WARP_SIZE; offset *= 2) {
-        const double other = __shfl_up_sync(FULL_MASK, val, offset);
-        if (lane >= offset) { val += other; }
-    }
-    if (lane == WARP_SIZE - 1) { warp_totals[warp] = val; }
-    __syncthreads();
-    if (warp == 0) {
-        const int warps = blockDim.x / WARP_SIZE;
-        double w = lane < warps ? warp_totals[lane] : 0.0;
-        for (int offset = 1; offset < WARP_SIZE; offset *= 2) {
-            const double other = __shfl_up_sync(FULL_MASK, w, offset);
-            if (lane >= offset) { w += other; }
-        }
-        if (lane < warps) { warp_totals[lane] = w; }  // inclusive over warps
-    }
-    __syncthreads();
-    if (warp > 0) { val += warp_totals[warp - 1]; }
-    return val;
-}
+#define SAMPLE_THREADS 512
 
 // out[row] = the drawn token id (as a float: exact below 2^24) for each row of logits.
 // logits (rows, vocab) f32; uniforms (rows, 2) f32: u = hi + lo, the f64 draw split in two
@@ -83,43 +59,52 @@ sample_tokens(float* out, const float* logits, const float* uniforms, int vocab,
 
     double chunk_sum = 0.0;
     for (int i = first; i < last; i++) { chunk_sum += exp(((double)z[i] - max) * inv_t); }
-    // Each chunk's interval of the CDF is [previous thread's inclusive sum, its own): the same
-    // doubles on both sides of every boundary, so every target in [0, total) lies in one.
-    __shared__ double inclusive_sums[SAMPLE_THREADS];
-    inclusive_sums[threadIdx.x] = block_inclusive_scan_f64(chunk_sum);
-    __syncthreads();
-    const double inclusive = inclusive_sums[threadIdx.x];
-    const double exclusive = threadIdx.x > 0 ? inclusive_sums[threadIdx.x - 1] : 0.0;
-    const double total = inclusive_sums[blockDim.x - 1];
-    const double u = (double)uniforms[2 * blockIdx.x] + (double)uniforms[2 * blockIdx.x + 1];
-    const double target = u * total;
 
-    // The first chunk whose interval holds the target walks it (the scans round each sum on
-    // its own, so neighbouring intervals may overlap by an ulp; the first one is the CPU's
-    // answer). When rounding leaves the target at or past the end of the CDF, the last chunk
-    // with any probability answers with its last kept token, as the CPU does.
-    __shared__ int first_holder, last_nonzero;
+    // Thread 0 walks the chunk sums in order, as the CPU walks the probabilities: the total,
+    // the target u · total, and the first chunk whose running sum passes the target. Sequential
+    // sums of non-negative values only grow, so chunks without probability are never chosen.
+    // When rounding leaves the target at or past the end, the last chunk with any probability
+    // answers with its last kept token, as the CPU does.
+    __shared__ double chunk_sums[SAMPLE_THREADS];
+    __shared__ double walk_start, walk_target;
+    __shared__ int walker;
+    chunk_sums[threadIdx.x] = chunk_sum;
+    __syncthreads();
     if (threadIdx.x == 0) {
-        first_holder = NO_HOLDER;
-        last_nonzero = -1;
+        double total = 0.0;
+        // (not unrolled: unrolling these two loops spills registers on sm_90)
+#pragma unroll 1
+        for (int t = 0; t < (int)blockDim.x; t++) { total += chunk_sums[t]; }
+        const double u = (double)uniforms[2 * blockIdx.x] + (double)uniforms[2 * blockIdx.x + 1];
+        const double target = u * total;
+        double cum = 0.0;
+        int chosen = -1;
+#pragma unroll 1
+        for (int t = 0; t < (int)blockDim.x; t++) {
+            const double sum = chunk_sums[t];
+            if (sum > 0.0) {
+                chosen = t;
+                walk_start = cum;
+                if (target < cum + sum) { break; }
+            }
+            cum += sum;
+        }
+        walker = chosen;
+        walk_target = target;
     }
     __syncthreads();
-    if (exclusive <= target && target < inclusive) { atomicMin(&first_holder, (int)threadIdx.x); }
-    if (chunk_sum > 0.0) { atomicMax(&last_nonzero, (int)threadIdx.x); }
-    __syncthreads();
-    const int walker = first_holder != NO_HOLDER ? first_holder : last_nonzero;
     if ((int)threadIdx.x == walker) {
-        double cum = exclusive;
+        double cum = walk_start;
         int last_kept = first;
         for (int i = first; i < last; i++) {
             const double p = exp(((double)z[i] - max) * inv_t);
             if (p > 0.0) {
                 cum += p;
                 last_kept = i;
-                if (target < cum) { break; }
+                if (walk_target < cum) { break; }
             }
         }
-        // A walk whose own running sum ends just below the scanned boundary answers with the
+        // A walk whose own running sum ends just below the chunk's scanned end answers with the
         // chunk's last kept token.
         out[blockIdx.x] = (float)last_kept;
     }
