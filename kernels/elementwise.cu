@@ -198,19 +198,32 @@ swiglu_backward(__nv_bfloat16* dgate, __nv_bfloat16* dup, const __nv_bfloat16* d
     }
 }
 
-// dbias[j] += sum over rows of dout[row, j] (CPU reference: backend::cpu::matmul::bias_backward).
-// dout (m, n) bf16, dbias (n) f32. grid = (columns / 256, row chunks): a thread sums
-// BIAS_ROWS_PER_THREAD rows of its column (coalesced across the threads of a warp) and adds the
-// partial sum with one atomicAdd.
+// Column sums of dout (m, n) bf16 in two deterministic passes (the order of the additions depends
+// on m only, so gradients repeat bit for bit run to run; CPU reference:
+// backend::cpu::matmul::bias_backward):
+//   bias_backward_partial: partials[chunk, j] = sum of dout[row, j] over the chunk's
+//       BIAS_ROWS_PER_THREAD rows; grid = (columns / 256, chunks), one thread per (column,
+//       chunk), coalesced across the threads of a warp.
+//   add_column_sums: out[j] += sum over chunks of partials[chunk, j], chunks in order.
 #define BIAS_ROWS_PER_THREAD 256
 
 extern "C" __global__ void __launch_bounds__(256)
-bias_backward(float* dbias, const __nv_bfloat16* dout, int m, int n) {
+bias_backward_partial(float* partials, const __nv_bfloat16* dout, int m, int n) {
     const int col = blockIdx.x * blockDim.x + threadIdx.x;
     if (col >= n) { return; }
     const int first = blockIdx.y * BIAS_ROWS_PER_THREAD;
     const int last = min(m, first + BIAS_ROWS_PER_THREAD);
     float sum = 0.0f;
     for (int row = first; row < last; row++) { sum += bf16_to_f32(dout[(size_t)row * n + col]); }
-    atomicAdd(dbias + col, sum);
+    partials[(size_t)blockIdx.y * n + col] = sum;
+}
+
+// out (n) f32 += column sums of partials (chunks, n) f32. grid-stride over the n columns.
+extern "C" __global__ void __launch_bounds__(256)
+add_column_sums(float* out, const float* partials, int chunks, int n) {
+    for (int col = blockIdx.x * blockDim.x + threadIdx.x; col < n; col += gridDim.x * blockDim.x) {
+        float sum = 0.0f;
+        for (int c = 0; c < chunks; c++) { sum += partials[(size_t)c * n + col]; }
+        out[col] += sum;
+    }
 }

@@ -45,25 +45,37 @@ gather_rows(__nv_bfloat16* out, const __nv_bfloat16* x, const uint32_t* rows_ind
 }
 
 // ----------------------------------------------------------------------------
-// backward (CPU reference: backend::cpu::embedding): atomicAdd, since ids may repeat.
-//   embedding_backward: dtable[ids[r], :] += dout[r, :]   dtable f32 (a parameter gradient)
-//   scatter_add_rows:   dx[rows[r], :] += dout[r, :]       dx bf16 (an activation gradient)
-// dout (m, dim) bf16; grid-stride over the m * dim elements.
+// backward (CPU reference: backend::cpu::embedding), dst[index[r], :] += dout[r, :]:
+//   embedding_backward: dst = dtable f32 (a parameter gradient), index = token ids
+//   scatter_add_rows:   dst = dx bf16 (an activation gradient), index = rows
+// Indices may repeat, so the host groups the sources by destination (sources in increasing r):
+// group g adds the rows src_rows[offsets[g] .. offsets[g + 1]] of dout, in that order, to row
+// dst_rows[g] of dst. No atomics: the same result run to run.
+// dout (m, dim) bf16; grid = (columns / 256, groups up to 65535; the y loop covers the rest).
 
-extern "C" __global__ void __launch_bounds__(256)
-embedding_backward(float* dtable, const __nv_bfloat16* dout, const uint32_t* ids, int m, int dim) {
-    const size_t n = (size_t)m * dim;
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        const size_t row = i / dim, col = i % dim;
-        atomicAdd(dtable + (size_t)ids[row] * dim + col, bf16_to_f32(dout[i]));
+template <class T>
+__device__ void add_rows_grouped(T* dst, const __nv_bfloat16* dout, const uint32_t* offsets,
+                                 const uint32_t* src_rows, const uint32_t* dst_rows, int groups, int dim) {
+    const int col = blockIdx.x * blockDim.x + threadIdx.x;
+    if (col >= dim) { return; }
+    for (int g = blockIdx.y; g < groups; g += gridDim.y) {
+        float sum = 0.0f;
+        for (uint32_t k = offsets[g]; k < offsets[g + 1]; k++) {
+            sum += bf16_to_f32(dout[(size_t)src_rows[k] * dim + col]);
+        }
+        T* out = dst + (size_t)dst_rows[g] * dim + col;
+        *out = from_f32<T>(to_f32(*out) + sum);
     }
 }
 
 extern "C" __global__ void __launch_bounds__(256)
-scatter_add_rows(__nv_bfloat16* dx, const __nv_bfloat16* dout, const uint32_t* rows, int m, int dim) {
-    const size_t n = (size_t)m * dim;
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        const size_t row = i / dim, col = i % dim;
-        atomicAdd(dx + (size_t)rows[row] * dim + col, dout[i]);
-    }
+embedding_backward(float* dtable, const __nv_bfloat16* dout, const uint32_t* offsets,
+                   const uint32_t* src_rows, const uint32_t* dst_rows, int groups, int dim) {
+    add_rows_grouped(dtable, dout, offsets, src_rows, dst_rows, groups, dim);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+scatter_add_rows(__nv_bfloat16* dx, const __nv_bfloat16* dout, const uint32_t* offsets,
+                 const uint32_t* src_rows, const uint32_t* dst_rows, int groups, int dim) {
+    add_rows_grouped(dx, dout, offsets, src_rows, dst_rows, groups, dim);
 }

@@ -100,30 +100,43 @@ rmsnorm_forward(__nv_bfloat16* out, const __nv_bfloat16* x, const __nv_bfloat16*
 // backward (the CPU reference is src/backend/cpu/rmsnorm.rs: rmsnorm_backward), with
 // r = 1 / sqrt(mean(x^2) + eps) and g = weight * dout:
 //     dx = r * g - x * r^3 * sum(g * x) / dim          (bf16, overwritten)
-//     dweight += sum over rows of dout * x * r          (f32, atomicAdd: a parameter gradient)
-// One block per row, two block reductions (sum of squares, sum of g * x), scalar loads.
+//     dweight += sum over rows of dout * x * r          (f32: a parameter gradient)
+// A block takes RMSNORM_ROWS_PER_BLOCK consecutive rows one after the other (two block
+// reductions per row, scalar loads) and sums its rows' dweight terms in shared memory (dim f32,
+// dynamic), each thread owning its columns; it writes that sum to partials[block, :], which
+// add_column_sums (elementwise.cu) adds to dweight in block order: no atomics, the same
+// result run to run.
+#define RMSNORM_ROWS_PER_BLOCK 32
 
 extern "C" __global__ void __launch_bounds__(1024)
-rmsnorm_backward(__nv_bfloat16* dx, float* dweight, const __nv_bfloat16* dout, const __nv_bfloat16* x,
+rmsnorm_backward(__nv_bfloat16* dx, float* partials, const __nv_bfloat16* dout, const __nv_bfloat16* x,
                  const __nv_bfloat16* weight, int rows, int dim, float eps) {
-    const int row = blockIdx.x;
-    if (row >= rows) { return; }  // uniform over the block
-    const __nv_bfloat16* x_row = x + (size_t)row * dim;
-    const __nv_bfloat16* d_row = dout + (size_t)row * dim;
-    float sum_sq = 0.0f, sum_gx = 0.0f;
-    for (int i = threadIdx.x; i < dim; i += blockDim.x) {
-        const float v = bf16_to_f32(x_row[i]);
-        sum_sq += v * v;
-        sum_gx += bf16_to_f32(weight[i]) * bf16_to_f32(d_row[i]) * v;
+    extern __shared__ float dweight_sum[];  // [dim]
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) { dweight_sum[i] = 0.0f; }
+    const int first = blockIdx.x * RMSNORM_ROWS_PER_BLOCK;
+    const int last = min(rows, first + RMSNORM_ROWS_PER_BLOCK);
+    for (int row = first; row < last; row++) {
+        const __nv_bfloat16* x_row = x + (size_t)row * dim;
+        const __nv_bfloat16* d_row = dout + (size_t)row * dim;
+        float sum_sq = 0.0f, sum_gx = 0.0f;
+        for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+            const float v = bf16_to_f32(x_row[i]);
+            sum_sq += v * v;
+            sum_gx += bf16_to_f32(weight[i]) * bf16_to_f32(d_row[i]) * v;
+        }
+        // final syncs: both reductions share one scratch, reused by the next row
+        sum_sq = block_reduce_sum(sum_sq, true);
+        sum_gx = block_reduce_sum(sum_gx, true);
+        const float r = 1.0f / sqrtf(sum_sq / (float)dim + eps);
+        const float c = r * r * r * sum_gx / (float)dim;
+        __nv_bfloat16* dx_row = dx + (size_t)row * dim;
+        for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+            const float v = bf16_to_f32(x_row[i]), d = bf16_to_f32(d_row[i]);
+            dx_row[i] = f32_to_bf16(r * bf16_to_f32(weight[i]) * d - c * v);
+            dweight_sum[i] += d * v * r;
+        }
     }
-    sum_sq = block_reduce_sum(sum_sq, true);
-    sum_gx = block_reduce_sum(sum_gx);
-    const float r = 1.0f / sqrtf(sum_sq / (float)dim + eps);
-    const float c = r * r * r * sum_gx / (float)dim;
-    __nv_bfloat16* dx_row = dx + (size_t)row * dim;
     for (int i = threadIdx.x; i < dim; i += blockDim.x) {
-        const float v = bf16_to_f32(x_row[i]), d = bf16_to_f32(d_row[i]);
-        dx_row[i] = f32_to_bf16(r * bf16_to_f32(weight[i]) * d - c * v);
-        atomicAdd(dweight + i, d * v * r);
+        partials[(size_t)blockIdx.x * dim + i] = dweight_sum[i];
     }
 }

@@ -13,6 +13,8 @@
 #   BENCH_FILTER  when given, a shorter run (~5 minutes): doctor, selfcheck, memcheck, the GRPO
 #            step benchmarks and the demo's training run, and only the criterion benchmarks whose
 #            names contain BENCH_FILTER; no forward, attention or end-to-end comparisons.
+#   TORCH_STEP=0 (environment) skips the PyTorch GRPO step baseline (it does not change with
+#            thinkshort's code).
 #   OUT_DIR  receives (flat): summary.md, selfcheck.json, logs.txt, ours_0.5b.json,
 #            ours_1.5b.json, torch_0.5b.json, torch_1.5b.json, torch_attention.json,
 #            ours_step_{0.5b,1.5b}.json, torch_step_{0.5b,1.5b}.json, train_cuda_metrics.jsonl
@@ -98,7 +100,7 @@ for size in 0.5b 1.5b; do
     shape="--prompts $prompts --group 8 --prompt-len 128 --new-tokens 256"
     step "ours step $size" 100 "$BIN" bench step --backend cuda --model-config "$cfg" $shape \
         --json "$OUT/ours_step_$size.json"
-    step "torch step $size" 150 env PYTHONUNBUFFERED=1 python3 tools/bench_step_torch.py \
+    [ "${TORCH_STEP:-1}" = 1 ] && step "torch step $size" 150 env PYTHONUNBUFFERED=1 python3 tools/bench_step_torch.py \
         --model-config "$cfg" $shape --json "$OUT/torch_step_$size.json"
 done
 

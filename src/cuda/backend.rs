@@ -373,6 +373,16 @@ impl CudaBackend {
         })
     }
 
+    /// The device copies (offsets, src_rows, dst_rows) of `RowGroups::new(index)` and the number
+    /// of groups, for the deterministic scatter kernels.
+    fn row_groups(&self, index: &[u32]) -> Result<((u64, u64, u64), usize)> {
+        let g = ops::embedding::RowGroups::new(index);
+        let offsets = self.indices(&g.offsets)?;
+        let src_rows = self.indices(&g.src_rows)?;
+        let dst_rows = self.indices(&g.dst_rows)?;
+        Ok(((offsets, src_rows, dst_rows), g.dst_rows.len()))
+    }
+
     fn row_indices(&self, rows: &[usize]) -> Result<u64> {
         let rows: Vec<u32> = rows
             .iter()
@@ -1116,7 +1126,9 @@ impl TrainBackend for CudaBackend {
             expect("dbias", dbias.dtype, dbias.len, DType::F32, dbias.len)?;
             expect_bf16("dout", dout.dtype)?;
             let m = rows_of("dout", dout.len, dbias.len)?;
-            ops::elementwise::bias_backward(&self.k, dbias.ptr, dout.ptr, m, dbias.len)
+            let partials =
+                self.scratch_f32(ops::elementwise::bias_backward_scratch(m, dbias.len))?;
+            ops::elementwise::bias_backward(&self.k, dbias.ptr, dout.ptr, m, dbias.len, partials)
         })
     }
 
@@ -1137,6 +1149,7 @@ impl TrainBackend for CudaBackend {
             expect("dout", dout.dtype, dout.len, DType::Bf16, x.len)?;
             expect("weight", weight.dtype, weight.len, DType::Bf16, dim)?;
             expect("dweight", dweight.dtype, dweight.len, DType::F32, dim)?;
+            let partials = self.scratch_f32(ops::rmsnorm::rmsnorm_backward_scratch(rows, dim))?;
             ops::rmsnorm::rmsnorm_backward(
                 &self.k,
                 dx.ptr,
@@ -1147,6 +1160,7 @@ impl TrainBackend for CudaBackend {
                 rows,
                 dim,
                 eps,
+                partials,
             )
         })
     }
@@ -1229,15 +1243,8 @@ impl TrainBackend for CudaBackend {
             let vocab = rows_of("dtable", dtable.len, dim)?;
             expect("dout", dout.dtype, dout.len, DType::Bf16, ids.len() * dim)?;
             check_ids("token id", ids, vocab)?;
-            let ids_ptr = self.indices(ids)?;
-            ops::embedding::embedding_backward(
-                &self.k,
-                dtable.ptr,
-                dout.ptr,
-                ids_ptr,
-                ids.len(),
-                dim,
-            )
+            let (groups, count) = self.row_groups(ids)?;
+            ops::embedding::embedding_backward(&self.k, dtable.ptr, dout.ptr, groups, count, dim)
         })
     }
 
@@ -1255,8 +1262,9 @@ impl TrainBackend for CudaBackend {
             if let Some(&bad) = rows.iter().find(|&&r| r >= m) {
                 bail!("row {bad} out of range (must be < {m})");
             }
-            let rows_ptr = self.row_indices(rows)?;
-            ops::embedding::scatter_add_rows(&self.k, dx.ptr, dout.ptr, rows_ptr, rows.len(), dim)
+            let index: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+            let (groups, count) = self.row_groups(&index)?;
+            ops::embedding::scatter_add_rows(&self.k, dx.ptr, dout.ptr, groups, count, dim)
         })
     }
 

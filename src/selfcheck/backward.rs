@@ -128,7 +128,8 @@ pub(super) fn checks<D: TrainBackend>(c: &mut Checker<D>) -> Result<()> {
     }
 
     // rmsnorm_backward: dx [M, dim] overwritten (bf16), dweight [dim] accumulated (f32).
-    for (rows, dim) in [(1, 896), (5, 7), (64, 1536)] {
+    // 100 rows: four blocks of the kernel's 32 rows, the last one partial.
+    for (rows, dim) in [(1, 896), (5, 7), (64, 1536), (100, 896)] {
         c.check(
             "rmsnorm_backward",
             format!("rows={rows} dim={dim}"),
@@ -299,7 +300,8 @@ pub(super) fn tiny_train_config(tied: bool) -> Result<ModelConfig> {
 
 /// The tiny model's parameter gradient for random d(loss)/d(log p) over a batch of
 /// prompt + completion pairs, with a separate LM head and with the head tied to the embedding
-/// (whose gradient then sums both uses): one row each, relative error over the whole buffer.
+/// (whose gradient then sums both uses): one row each, relative error over the whole buffer, and
+/// one row each that the gradient repeats exactly when computed again (no atomics anywhere).
 pub(super) fn model_gradient_check<D: TrainBackend>(c: &mut Checker<D>) -> Result<()> {
     for tied in [false, true] {
         let cfg = tiny_train_config(tied)?;
@@ -330,29 +332,43 @@ pub(super) fn model_gradient_check<D: TrainBackend>(c: &mut Checker<D>) -> Resul
             batch.rows.len(),
             reference.len()
         );
-        let result = (|| -> Result<f64> {
+        let result = (|| -> Result<(f64, f64)> {
             let dev_model = Model::from_host(cfg.clone(), &host, (c.make_device)()?)?;
             let b = &dev_model.backend;
-            let mut grads = b.zeros_f32(reference.len())?;
-            let out = dev_model.forward_train(&batch, 1.0)?;
-            dev_model.backward(&batch, &out.acts, &dlogp, &mut grads)?;
-            b.synchronize()?;
-            let got = b.download(b.full(&grads))?;
-            Ok(rel_error(&got, &reference))
+            // Twice: the second must repeat the first bit for bit (fixed-order reductions).
+            let mut runs = Vec::new();
+            for _ in 0..2 {
+                let mut grads = b.zeros_f32(reference.len())?;
+                let out = dev_model.forward_train(&batch, 1.0)?;
+                dev_model.backward(&batch, &out.acts, &dlogp, &mut grads)?;
+                b.synchronize()?;
+                runs.push(b.download(b.full(&grads))?);
+            }
+            Ok((
+                rel_error(&runs[0], &reference),
+                rel_error(&runs[1], &runs[0]),
+            ))
         })();
-        let (error, message) = match result {
-            Ok(rel) => (rel, None),
-            Err(e) => (f64::NAN, Some(format!("{e:#}"))),
+        let rows = match result {
+            Ok((rel, repeat)) => [(rel, None), (repeat, None)],
+            Err(e) => {
+                let m = format!("{e:#}");
+                [(f64::NAN, Some(m.clone())), (f64::NAN, Some(m))]
+            }
         };
-        let tolerance = TOL_MODEL_GRADIENT;
-        c.push(
-            "model gradient".to_string(),
-            shape,
-            "rel",
-            error,
-            tolerance,
-            message,
-        );
+        for ((error, message), (op, tolerance)) in rows.into_iter().zip([
+            ("model gradient", TOL_MODEL_GRADIENT),
+            ("model gradient repeat", TOL_EXACT),
+        ]) {
+            c.push(
+                op.to_string(),
+                shape.clone(),
+                "rel",
+                error,
+                tolerance,
+                message,
+            );
+        }
     }
     Ok(())
 }

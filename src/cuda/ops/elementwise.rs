@@ -158,33 +158,73 @@ pub fn swiglu_backward(
     Ok(())
 }
 
-/// Rows of dout one thread of `bias_backward` sums (`BIAS_ROWS_PER_THREAD`).
+/// Rows of dout one thread of `bias_backward_partial` sums (`BIAS_ROWS_PER_THREAD`).
 const BIAS_ROWS_PER_THREAD: usize = 256;
 
-/// dbias (f32 [n]) += the column sums of dout (bf16 [m, n]).
-pub fn bias_backward(k: &KernelCtx, dbias: u64, dout: u64, m: usize, n: usize) -> Result<()> {
+/// The f32 scratch `bias_backward` needs for m rows of n columns: one partial sum per
+/// (chunk of BIAS_ROWS_PER_THREAD rows, column).
+pub fn bias_backward_scratch(m: usize, n: usize) -> usize {
+    m.div_ceil(BIAS_ROWS_PER_THREAD) * n
+}
+
+/// dbias (f32 [n]) += column sums of dout (bf16 [m, n]), in a fixed order: partial sums per
+/// chunk of rows into `partials` (f32, [`bias_backward_scratch`] values), then
+/// [`add_column_sums`].
+pub fn bias_backward(
+    k: &KernelCtx,
+    dbias: u64,
+    dout: u64,
+    m: usize,
+    n: usize,
+    partials: u64,
+) -> Result<()> {
     ensure!(n > 0, "bias_backward: n (the bias length) must be positive");
     let m_i = to_i32("bias_backward", "m", m)?;
     let n_i = to_i32("bias_backward", "n", n)?;
     if m == 0 {
         return Ok(());
     }
-    let f = k.function(MODULE, "bias_backward")?;
-    let chunks = m.div_ceil(BIAS_ROWS_PER_THREAD).min(MAX_GRID_Y);
+    let chunks = m.div_ceil(BIAS_ROWS_PER_THREAD);
     ensure!(
-        m.div_ceil(BIAS_ROWS_PER_THREAD) <= MAX_GRID_Y,
+        chunks <= MAX_GRID_Y,
         "bias_backward: m = {m} rows exceed the grid"
     );
+    let f = k.function(MODULE, "bias_backward_partial")?;
     let cfg = LaunchConfig {
         grid_dim: (n.div_ceil(BLOCK_THREADS as usize) as u32, chunks as u32, 1),
         block_dim: (BLOCK_THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
     let mut b = k.stream.launch_builder(&f);
-    b.arg(&dbias).arg(&dout).arg(&m_i).arg(&n_i);
-    // SAFETY: matches `(float* dbias, const bf16* dout, int m, int n)`; one thread per (column,
-    // chunk of BIAS_ROWS_PER_THREAD rows), the caller owns dbias of n f32 and dout of m * n bf16.
-    unsafe { b.launch(cfg) }.with_context(|| format!("launching bias_backward (m {m}, n {n})"))?;
+    b.arg(&partials).arg(&dout).arg(&m_i).arg(&n_i);
+    // SAFETY: matches `(float* partials, const bf16* dout, int m, int n)`; one thread per
+    // (column, chunk of BIAS_ROWS_PER_THREAD rows), the caller owns dout of m * n bf16 and
+    // partials of chunks * n f32.
+    unsafe { b.launch(cfg) }
+        .with_context(|| format!("launching bias_backward_partial (m {m}, n {n})"))?;
+    add_column_sums(k, dbias, partials, chunks, n)
+}
+
+/// out (f32 [n]) += Σ over chunks of partials (f32 [chunks, n]), chunk by chunk in order.
+pub fn add_column_sums(
+    k: &KernelCtx,
+    out: u64,
+    partials: u64,
+    chunks: usize,
+    n: usize,
+) -> Result<()> {
+    let chunks_i = to_i32("add_column_sums", "chunks", chunks)?;
+    let n_i = to_i32("add_column_sums", "n", n)?;
+    if n == 0 {
+        return Ok(());
+    }
+    let f = k.function(MODULE, "add_column_sums")?;
+    let mut b = k.stream.launch_builder(&f);
+    b.arg(&out).arg(&partials).arg(&chunks_i).arg(&n_i);
+    // SAFETY: matches `(float* out, const float* partials, int chunks, int n)`; the caller owns
+    // out of n f32 and partials of chunks * n f32; grid-stride over the n columns.
+    unsafe { b.launch(flat_config(n, false)) }
+        .with_context(|| format!("launching add_column_sums (chunks {chunks}, n {n})"))?;
     Ok(())
 }
 

@@ -2,9 +2,9 @@
 //! grid.x covers the columns of a row, grid.y the rows ([`rows_config`]).
 
 use anyhow::{ensure, Context, Result};
-use cudarc::driver::PushKernelArg;
+use cudarc::driver::{LaunchConfig, PushKernelArg};
 
-use super::elementwise::{aligned16, flat_config, rows_config, BF16_VEC};
+use super::elementwise::{aligned16, rows_config, BF16_VEC, BLOCK_THREADS, MAX_GRID_Y};
 use crate::cuda::launch::{to_i32, KernelCtx};
 
 const MODULE: &str = "embedding";
@@ -55,52 +55,123 @@ pub fn gather_rows(k: &KernelCtx, out: u64, x: u64, rows: u64, r: usize, dim: us
     launch_copy_rows(k, "gather_rows", out, x, rows, r, dim)
 }
 
-/// Launches one of the atomic scatter kernels `(T* dst, const bf16* dout, const u32* index,
-/// int m, int dim)`: dst[index[r]] += dout[r].
+/// Sources grouped by destination row, for the scatter kernels: group g adds the source rows
+/// `src_rows[offsets[g]..offsets[g + 1]]` (increasing) to destination row `dst_rows[g]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowGroups {
+    pub dst_rows: Vec<u32>,
+    pub offsets: Vec<u32>,
+    pub src_rows: Vec<u32>,
+}
+
+impl RowGroups {
+    /// Groups source r = 0..index.len() by its destination index[r].
+    pub fn new(index: &[u32]) -> Self {
+        let mut order: Vec<u32> = (0..index.len() as u32).collect();
+        order.sort_by_key(|&r| (index[r as usize], r));
+        let mut groups = RowGroups {
+            dst_rows: Vec::new(),
+            offsets: vec![0],
+            src_rows: order,
+        };
+        for (k, &r) in groups.src_rows.iter().enumerate() {
+            let dst = index[r as usize];
+            if groups.dst_rows.last() != Some(&dst) {
+                if k > 0 {
+                    groups.offsets.push(k as u32);
+                }
+                groups.dst_rows.push(dst);
+            }
+        }
+        groups.offsets.push(groups.src_rows.len() as u32);
+        if groups.dst_rows.is_empty() {
+            groups.offsets.truncate(1);
+        }
+        groups
+    }
+}
+
+/// Launches one of the grouped scatter kernels `(T* dst, const bf16* dout, const u32* offsets,
+/// const u32* src_rows, const u32* dst_rows, int groups, int dim)` with the device copies of a
+/// [`RowGroups`]: dst[dst_rows[g]] += Σ dout[src_rows[k]] for each group g.
+#[allow(clippy::too_many_arguments)]
 fn launch_scatter(
     k: &KernelCtx,
     kernel: &'static str,
     dst: u64,
     dout: u64,
-    index: u64,
-    m: usize,
+    (offsets, src_rows, dst_rows): (u64, u64, u64),
+    groups: usize,
     dim: usize,
 ) -> Result<()> {
-    let m_i = to_i32(kernel, "m", m)?;
+    let groups_i = to_i32(kernel, "groups", groups)?;
     let dim_i = to_i32(kernel, "dim", dim)?;
-    if m == 0 || dim == 0 {
+    if groups == 0 || dim == 0 {
         return Ok(());
     }
     let f = k.function(MODULE, kernel)?;
+    let cfg = LaunchConfig {
+        grid_dim: (
+            dim.div_ceil(BLOCK_THREADS as usize) as u32,
+            groups.min(MAX_GRID_Y) as u32,
+            1,
+        ),
+        block_dim: (BLOCK_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
     let mut b = k.stream.launch_builder(&f);
-    b.arg(&dst).arg(&dout).arg(&index).arg(&m_i).arg(&dim_i);
-    // SAFETY: matches the kernel's `(T* dst, const bf16* dout, const u32* index, int m,
-    // int dim)`; the caller owns dout of m * dim bf16 and checked every index against dst's rows.
-    unsafe { b.launch(flat_config(m * dim, false)) }
-        .with_context(|| format!("launching {kernel} (m {m}, dim {dim})"))?;
+    b.arg(&dst)
+        .arg(&dout)
+        .arg(&offsets)
+        .arg(&src_rows)
+        .arg(&dst_rows);
+    b.arg(&groups_i).arg(&dim_i);
+    // SAFETY: matches the kernel's `(T* dst, const bf16* dout, const u32* offsets,
+    // const u32* src_rows, const u32* dst_rows, int groups, int dim)`; the caller uploaded a
+    // RowGroups whose source rows index dout and whose destination rows were checked against
+    // dst's rows; one thread per column, the y loop covers the groups past the grid.
+    unsafe { b.launch(cfg) }
+        .with_context(|| format!("launching {kernel} (groups {groups}, dim {dim})"))?;
     Ok(())
 }
 
-/// dtable (f32 [V, dim]) [ids[r]] += dout (bf16 [m, dim]) [r]; ids checked by the caller.
+/// dtable (f32 [V, dim]) [ids[r]] += dout (bf16 [m, dim]) [r], through the device copies of
+/// `RowGroups::new(ids)` (offsets, src_rows, dst_rows); ids checked by the caller.
 pub fn embedding_backward(
     k: &KernelCtx,
     dtable: u64,
     dout: u64,
-    ids: u64,
-    m: usize,
+    groups: (u64, u64, u64),
+    count: usize,
     dim: usize,
 ) -> Result<()> {
-    launch_scatter(k, "embedding_backward", dtable, dout, ids, m, dim)
+    launch_scatter(k, "embedding_backward", dtable, dout, groups, count, dim)
 }
 
-/// dx (bf16 [M, dim]) [rows[i]] += dout (bf16 [r, dim]) [i]; rows checked by the caller.
+/// dx (bf16 [M, dim]) [rows[i]] += dout (bf16 [r, dim]) [i], through the device copies of
+/// `RowGroups::new(rows)`; rows checked by the caller.
 pub fn scatter_add_rows(
     k: &KernelCtx,
     dx: u64,
     dout: u64,
-    rows: u64,
-    r: usize,
+    groups: (u64, u64, u64),
+    count: usize,
     dim: usize,
 ) -> Result<()> {
-    launch_scatter(k, "scatter_add_rows", dx, dout, rows, r, dim)
+    launch_scatter(k, "scatter_add_rows", dx, dout, groups, count, dim)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RowGroups;
+
+    #[test]
+    fn row_groups_list_each_destination_once_with_its_sources_in_order() {
+        let g = RowGroups::new(&[5, 2, 5, 9, 2, 5]);
+        assert_eq!(g.dst_rows, vec![2, 5, 9]);
+        assert_eq!(g.offsets, vec![0, 2, 5, 6]);
+        assert_eq!(g.src_rows, vec![1, 4, 0, 2, 5, 3]);
+        let empty = RowGroups::new(&[]);
+        assert_eq!((empty.dst_rows.len(), empty.offsets), (0, vec![0]));
+    }
 }

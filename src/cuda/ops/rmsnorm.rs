@@ -73,9 +73,19 @@ pub fn rmsnorm_forward(
     Ok(())
 }
 
+/// Rows one block of `rmsnorm_backward` takes (the kernel's RMSNORM_ROWS_PER_BLOCK).
+const ROWS_PER_BLOCK: usize = 32;
+
+/// The f32 scratch `rmsnorm_backward` needs: one dweight partial sum per block of rows.
+pub fn rmsnorm_backward_scratch(rows: usize, dim: usize) -> usize {
+    rows.div_ceil(ROWS_PER_BLOCK) * dim
+}
+
 /// The gradient of [`rmsnorm_forward`]: dx (bf16 [rows, dim], overwritten) and dweight (f32
-/// [dim], accumulated with atomics) from dout and x (bf16 [rows, dim]) and weight (bf16 [dim]).
-/// grid = (rows, 1, 1), block = (row_block_size(dim, 1, false), 1, 1).
+/// [dim], accumulated in a fixed order through `partials`, f32 [`rmsnorm_backward_scratch`])
+/// from dout and x (bf16 [rows, dim]) and weight (bf16 [dim]).
+/// grid = (rows / ROWS_PER_BLOCK, 1, 1), block = (row_block_size(dim, 1, false), 1, 1), dim
+/// f32 of dynamic shared memory; then add_column_sums over the blocks' partial sums.
 #[allow(clippy::too_many_arguments)]
 pub fn rmsnorm_backward(
     k: &KernelCtx,
@@ -87,9 +97,13 @@ pub fn rmsnorm_backward(
     rows: usize,
     dim: usize,
     eps: f32,
+    partials: u64,
 ) -> Result<()> {
     const OP: &str = "rmsnorm_backward";
+    /// The kernel's shared dweight sums stay within the default 48 KiB.
+    const MAX_DIM: usize = 12 * 1024;
     ensure!(dim > 0, "{OP}: dim must be positive");
+    ensure!(dim <= MAX_DIM, "{OP}: dim = {dim} exceeds {MAX_DIM}");
     ensure!(
         eps.is_finite() && eps >= 0.0,
         "{OP}: eps = {eps} is not a finite non-negative number"
@@ -99,26 +113,28 @@ pub fn rmsnorm_backward(
     if rows == 0 {
         return Ok(());
     }
+    let blocks = rows.div_ceil(ROWS_PER_BLOCK);
     let f = k.function(MODULE, OP)?;
     let cfg = LaunchConfig {
-        grid_dim: (rows as u32, 1, 1),
+        grid_dim: (blocks as u32, 1, 1),
         block_dim: (row_block_size(dim, 1, false), 1, 1),
-        shared_mem_bytes: 0,
+        shared_mem_bytes: (dim * 4) as u32,
     };
     let mut b = k.stream.launch_builder(&f);
     b.arg(&dx)
-        .arg(&dweight)
+        .arg(&partials)
         .arg(&dout)
         .arg(&x)
         .arg(&weight)
         .arg(&rows_i)
         .arg(&dim_i)
         .arg(&eps);
-    // SAFETY: matches `(bf16* dx, float* dweight, const bf16* dout, const bf16* x,
+    // SAFETY: matches `(bf16* dx, float* partials, const bf16* dout, const bf16* x,
     // const bf16* weight, int rows, int dim, float eps)`; the caller owns buffers of those
-    // shapes; the block is whole warps, at most 1024, as the reductions require.
+    // shapes and partials of blocks * dim f32; the block is whole warps, at most 1024, as the
+    // reductions require, with dim f32 of shared memory.
     unsafe { b.launch(cfg) }.with_context(|| format!("launching {OP} (rows {rows}, dim {dim})"))?;
-    Ok(())
+    super::elementwise::add_column_sums(k, dweight, partials, blocks, dim)
 }
 
 #[cfg(test)]
