@@ -101,20 +101,18 @@ rmsnorm_forward(__nv_bfloat16* out, const __nv_bfloat16* x, const __nv_bfloat16*
 // r = 1 / sqrt(mean(x^2) + eps) and g = weight * dout:
 //     dx = r * g - x * r^3 * sum(g * x) / dim          (bf16, overwritten)
 //     dweight += sum over rows of dout * x * r          (f32: a parameter gradient)
-// A block takes RMSNORM_ROWS_PER_BLOCK consecutive rows one after the other (two block
-// reductions per row, scalar loads) and sums its rows' dweight terms in shared memory (dim f32,
-// dynamic), each thread owning its columns; it writes that sum to partials[block, :], which
-// add_column_sums (elementwise.cu) adds to dweight in block order: no atomics, the same
-// result run to run.
-#define RMSNORM_ROWS_PER_BLOCK 32
+// A block takes `rows_per_block` consecutive rows one after the other (two block reductions per
+// row, scalar loads) and sums its rows' dweight terms in shared memory (dim f32, dynamic), each
+// thread owning its columns; it writes that sum to partials[block, :], which add_column_sums
+// (elementwise.cu) adds to dweight in block order: no atomics, the same result run to run.
 
 extern "C" __global__ void __launch_bounds__(1024)
 rmsnorm_backward(__nv_bfloat16* dx, float* partials, const __nv_bfloat16* dout, const __nv_bfloat16* x,
-                 const __nv_bfloat16* weight, int rows, int dim, float eps) {
+                 const __nv_bfloat16* weight, int rows, int dim, float eps, int rows_per_block) {
     extern __shared__ float dweight_sum[];  // [dim]
     for (int i = threadIdx.x; i < dim; i += blockDim.x) { dweight_sum[i] = 0.0f; }
-    const int first = blockIdx.x * RMSNORM_ROWS_PER_BLOCK;
-    const int last = min(rows, first + RMSNORM_ROWS_PER_BLOCK);
+    const int first = blockIdx.x * rows_per_block;
+    const int last = min(rows, first + rows_per_block);
     for (int row = first; row < last; row++) {
         const __nv_bfloat16* x_row = x + (size_t)row * dim;
         const __nv_bfloat16* d_row = dout + (size_t)row * dim;

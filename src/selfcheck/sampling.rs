@@ -1,6 +1,6 @@
 //! `sample_tokens` against the CPU's `sampling::sample`: the same draws must give the same token
 //! ids (exact), greedy and at two temperatures, for vocabularies below, near and far above the
-//! kernel's 512 threads, with ties for the argmax and draws at both ends of [0, 1).
+//! kernel's 32 warps × 32 lanes, with ties for the argmax and draws at both ends of [0, 1).
 
 use super::{get, put_f32, Checker, TOL_EXACT};
 use crate::backend::cpu::CpuBackend;

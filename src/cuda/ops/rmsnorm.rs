@@ -73,18 +73,22 @@ pub fn rmsnorm_forward(
     Ok(())
 }
 
-/// Rows one block of `rmsnorm_backward` takes (the kernel's RMSNORM_ROWS_PER_BLOCK).
-const ROWS_PER_BLOCK: usize = 32;
+/// Rows one block of `rmsnorm_backward` takes: enough blocks to fill the GPU (about 1024), at
+/// most 32 rows each. A function of `rows` alone, so the summation order (and the result) only
+/// depends on the input.
+fn rows_per_block(rows: usize) -> usize {
+    rows.div_ceil(1024).clamp(1, 32)
+}
 
 /// The f32 scratch `rmsnorm_backward` needs: one dweight partial sum per block of rows.
 pub fn rmsnorm_backward_scratch(rows: usize, dim: usize) -> usize {
-    rows.div_ceil(ROWS_PER_BLOCK) * dim
+    rows.div_ceil(rows_per_block(rows)) * dim
 }
 
 /// The gradient of [`rmsnorm_forward`]: dx (bf16 [rows, dim], overwritten) and dweight (f32
 /// [dim], accumulated in a fixed order through `partials`, f32 [`rmsnorm_backward_scratch`])
 /// from dout and x (bf16 [rows, dim]) and weight (bf16 [dim]).
-/// grid = (rows / ROWS_PER_BLOCK, 1, 1), block = (row_block_size(dim, 1, false), 1, 1), dim
+/// grid = (rows / rows_per_block, 1, 1), block = (row_block_size(dim, 1, false), 1, 1), dim
 /// f32 of dynamic shared memory; then add_column_sums over the blocks' partial sums.
 #[allow(clippy::too_many_arguments)]
 pub fn rmsnorm_backward(
@@ -113,7 +117,9 @@ pub fn rmsnorm_backward(
     if rows == 0 {
         return Ok(());
     }
-    let blocks = rows.div_ceil(ROWS_PER_BLOCK);
+    let per_block = rows_per_block(rows);
+    let blocks = rows.div_ceil(per_block);
+    let per_block_i = per_block as i32;
     let f = k.function(MODULE, OP)?;
     let cfg = LaunchConfig {
         grid_dim: (blocks as u32, 1, 1),
@@ -128,9 +134,11 @@ pub fn rmsnorm_backward(
         .arg(&weight)
         .arg(&rows_i)
         .arg(&dim_i)
-        .arg(&eps);
+        .arg(&eps)
+        .arg(&per_block_i);
     // SAFETY: matches `(bf16* dx, float* partials, const bf16* dout, const bf16* x,
-    // const bf16* weight, int rows, int dim, float eps)`; the caller owns buffers of those
+    // const bf16* weight, int rows, int dim, float eps, int rows_per_block)`; the caller owns
+    // buffers of those
     // shapes and partials of blocks * dim f32; the block is whole warps, at most 1024, as the
     // reductions require, with dim f32 of shared memory.
     unsafe { b.launch(cfg) }.with_context(|| format!("launching {OP} (rows {rows}, dim {dim})"))?;

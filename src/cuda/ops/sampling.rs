@@ -7,7 +7,7 @@ use crate::cuda::launch::{to_i32, KernelCtx};
 
 const MODULE: &str = "sampling";
 /// The kernel's SAMPLE_THREADS.
-const SAMPLE_THREADS: u32 = 512;
+const SAMPLE_THREADS: u32 = 1024;
 
 /// out[r] = the token drawn from logits row r with the uniform uniforms[2r] + uniforms[2r + 1]
 /// at `temperature` (0 = argmax). out: [rows] f32; logits: [rows, vocab] f32; uniforms:
