@@ -230,23 +230,30 @@ fn cuda_backend_without_a_gpu_is_one_clear_line() {
     if thinkshort::cuda::require_cuda().is_ok() {
         return; // this test is about machines without a GPU
     }
-    let out = Command::new(env!("CARGO_BIN_EXE_thinkshort"))
-        .args([
-            "generate",
-            "--backend",
-            "cuda",
-            "--model",
-            "nowhere",
-            "--prompt",
-            "hi",
-        ])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
-    assert!(
-        stderr.starts_with("error: ") && stderr.to_lowercase().contains("cuda"),
-        "{stderr}"
-    );
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("run");
+    for args in [
+        vec!["generate", "--model", "nowhere", "--prompt", "hi"],
+        vec!["train", "--out", out_dir.to_str().unwrap()],
+        vec![
+            "bench",
+            "step",
+            "--model-config",
+            "tools/bench_model_10m.json",
+        ],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_thinkshort"))
+            .args(&args)
+            .args(["--backend", "cuda"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{args:?}: {stderr}");
+        assert!(
+            stderr.starts_with("error: ") && stderr.to_lowercase().contains("cuda"),
+            "{args:?}: {stderr}"
+        );
+    }
+    assert!(!out_dir.exists(), "train wrote a run folder before failing");
 }

@@ -99,3 +99,31 @@ impl TrainMemory {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The estimate, counted by hand for a small config: h = 8, I = 16, V = 10, 2 layers,
+    /// 2 query heads and 1 KV head of 4 (q = 8, kv = 4), tied head; 3 sequences of 5 tokens.
+    #[test]
+    fn estimate_counts_weights_optimizer_and_activations() {
+        let cfg = ModelConfig::from_json_str(
+            r#"{"model_type": "qwen2", "vocab_size": 10, "hidden_size": 8,
+            "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "num_key_value_heads": 1, "tie_word_embeddings": true}"#,
+        )
+        .unwrap();
+        let n = crate::params::ParamLayout::new(&cfg).total_len();
+        let m = TrainMemory::estimate(&cfg, 2, 3, 5, true);
+        assert_eq!(m.weights, 2 * n * 2);
+        assert_eq!(m.optimizer, 16 * n);
+        let tokens = 15;
+        let kv_cache = 2 * tokens * 2 * 4 * 2; // layers × tokens × (k, v) × kv × bytes
+        let per_layer = tokens * ((5 * 8 + 2 * 8 + 2 * 4 + 3 * 16) * 2 + 2 * 4);
+        let head = tokens * (10 * (4 + 2) + 2 * 8 * 2);
+        let backward = tokens * (3 * 16 + 3 * 8 + 2 * 8 + 2 * 4) * 2 + tokens * 2 * 4 * 2;
+        assert_eq!(m.activations, 2 * per_layer + kv_cache + head + backward);
+        assert_eq!(m.total(), m.weights + m.optimizer + m.activations);
+    }
+}
