@@ -575,19 +575,15 @@ fn selfcheck_cuda_without_a_gpu_fails_with_one_line() {
     );
 }
 
-#[test]
-fn bench_forward_on_the_cpu_reports_every_batch_size() {
+/// Runs `thinkshort bench ARGS --json FILE` on the CPU, checks it succeeded and that stdout holds
+/// `expect`, and returns the JSON it wrote.
+fn run_bench(args: &[&str], expect: &str) -> serde_json::Value {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("bench.json");
     let out = Command::new(env!("CARGO_BIN_EXE_thinkshort"))
-        .args([
-            "bench",
-            "forward",
-            "--model-config",
-            "tools/bench_model_10m.json",
-        ])
-        .args(["--backend", "cpu", "--batch", "1,2", "--prompt-len", "8"])
-        .args(["--decode-steps", "2", "--json"])
+        .arg("bench")
+        .args(args)
+        .args(["--backend", "cpu", "--json"])
         .arg(&json)
         .output()
         .unwrap();
@@ -597,9 +593,26 @@ fn bench_forward_on_the_cpu_reports_every_batch_size() {
         "{stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(stdout.contains("decode tok/s"), "{stdout}");
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert!(stdout.contains(expect), "{stdout}");
+    serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap()
+}
+
+#[test]
+fn bench_forward_on_the_cpu_reports_every_batch_size() {
+    let v = run_bench(
+        &[
+            "forward",
+            "--model-config",
+            "tools/bench_model_10m.json",
+            "--batch",
+            "1,2",
+            "--prompt-len",
+            "8",
+            "--decode-steps",
+            "2",
+        ],
+        "decode tok/s",
+    );
     assert_eq!(v["bytes_per_param"], 4);
     let results = v["results"].as_array().unwrap();
     assert_eq!(results.len(), 2);
@@ -622,37 +635,24 @@ fn bench_forward_on_the_cpu_reports_every_batch_size() {
 /// the T scored rows of each sequence, 3 × 4·q_dim per attended position for attention).
 #[test]
 fn bench_step_on_the_cpu_reports_one_grpo_step() {
-    let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("step.json");
-    let out = Command::new(env!("CARGO_BIN_EXE_thinkshort"))
-        .args([
-            "bench",
+    let v = run_bench(
+        &[
             "step",
             "--model-config",
             "tools/bench_model_10m.json",
-        ])
-        .args(["--backend", "cpu", "--prompts", "2", "--group", "3"])
-        .args([
+            "--prompts",
+            "2",
+            "--group",
+            "3",
             "--prompt-len",
             "8",
             "--new-tokens",
             "5",
             "--peak-tflops",
             "2",
-        ])
-        .arg("--json")
-        .arg(&json)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
+        "median step",
     );
-    assert!(stdout.contains("median step"), "{stdout}");
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let r = &v["result"];
     let f = |k: &str| r[k].as_f64().unwrap_or_else(|| panic!("{k}: {r}"));
     let close = |a: f64, b: f64| (a - b).abs() <= 1e-6 * b.abs();
