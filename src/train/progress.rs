@@ -43,7 +43,7 @@ impl Progress {
             if done >= self.total {
                 let _ = writeln!(err);
             }
-        } else if done % self.every == 0 || done >= self.total {
+        } else if done.is_multiple_of(self.every) || done >= self.total {
             let _ = writeln!(err, "{line}");
         }
         let _ = err.flush();
