@@ -23,15 +23,18 @@ pub struct TrainMemory {
 }
 
 impl TrainMemory {
-    /// For `sequences` sequences of at most `seq_len` tokens (prompt + completion), activations
-    /// stored in `storage_bytes` per value; f32 where the model keeps f32 (log-sum-exp, logits).
+    /// For `sequences` sequences of at most `prompt_len` + `cap` tokens, of which the `cap`
+    /// completion tokens are scored (have logits), activations stored in `storage_bytes` per
+    /// value; f32 where the model keeps f32 (log-sum-exp, logits).
     pub fn estimate(
         cfg: &ModelConfig,
         storage_bytes: usize,
         sequences: usize,
-        seq_len: usize,
+        prompt_len: usize,
+        cap: usize,
         reference: bool,
     ) -> TrainMemory {
+        let seq_len = prompt_len + cap;
         let n = crate::params::ParamLayout::new(cfg).total_len();
         let (h, i, v, layers) = (
             cfg.hidden_size,
@@ -41,16 +44,17 @@ impl TrainMemory {
         );
         let (q, kv) = (cfg.q_dim(), cfg.kv_dim());
         let tokens = sequences * seq_len;
+        let scored = sequences * cap;
         let kv_cache = layers * tokens * 2 * kv * storage_bytes;
         // Rollout: the cache and one row of f32 logits per sequence.
         let rollout = kv_cache + sequences * v * 4;
         // Update: LayerActs per layer (5 of [M, H], q and attention output, k and v, gate, up
-        // and act, f32 lse), the head (logits f32 and their bf16 gradient for every scored
-        // row, ≤ M) and the backward scratch (3 of [M, I], 3 of [M, H], 2 of [M, q], 2 of
+        // and act, f32 lse), the head (for every scored row: logits f32, their gradient, the
+        // normed and unnormed rows and their gradients) and the backward scratch (3 of [M, I], 3 of [M, H], 2 of [M, q], 2 of
         // [M, kv], the cache's gradient).
         let per_layer =
             tokens * ((5 * h + 2 * q + 2 * kv + 3 * i) * storage_bytes + cfg.num_heads * 4);
-        let head = tokens * (v * (4 + storage_bytes) + 2 * h * storage_bytes);
+        let head = scored * (v * (4 + storage_bytes) + 4 * h * storage_bytes);
         let backward = tokens * (3 * i + 3 * h + 2 * q + 2 * kv) * storage_bytes
             + tokens * 2 * kv * storage_bytes;
         let update = layers * per_layer + kv_cache + head + backward;
@@ -105,7 +109,8 @@ mod tests {
     use super::*;
 
     /// The estimate, counted by hand for a small config: h = 8, I = 16, V = 10, 2 layers,
-    /// 2 query heads and 1 KV head of 4 (q = 8, kv = 4), tied head; 3 sequences of 5 tokens.
+    /// 2 query heads and 1 KV head of 4 (q = 8, kv = 4), tied head; 3 sequences of 2 prompt and
+    /// 3 completion tokens.
     #[test]
     fn estimate_counts_weights_optimizer_and_activations() {
         let cfg = ModelConfig::from_json_str(
@@ -115,13 +120,13 @@ mod tests {
         )
         .unwrap();
         let n = crate::params::ParamLayout::new(&cfg).total_len();
-        let m = TrainMemory::estimate(&cfg, 2, 3, 5, true);
+        let m = TrainMemory::estimate(&cfg, 2, 3, 2, 3, true);
         assert_eq!(m.weights, 2 * n * 2);
         assert_eq!(m.optimizer, 16 * n);
         let tokens = 15;
         let kv_cache = 2 * tokens * 2 * 4 * 2; // layers × tokens × (k, v) × kv × bytes
         let per_layer = tokens * ((5 * 8 + 2 * 8 + 2 * 4 + 3 * 16) * 2 + 2 * 4);
-        let head = tokens * (10 * (4 + 2) + 2 * 8 * 2);
+        let head = 9 * (10 * (4 + 2) + 4 * 8 * 2); // 9 scored rows
         let backward = tokens * (3 * 16 + 3 * 8 + 2 * 8 + 2 * 4) * 2 + tokens * 2 * 4 * 2;
         assert_eq!(m.activations, 2 * per_layer + kv_cache + head + backward);
         assert_eq!(m.total(), m.weights + m.optimizer + m.activations);

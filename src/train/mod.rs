@@ -249,8 +249,8 @@ fn train_on<B: TrainBackend>(
         &model_cfg,
         backend.storage_bytes(),
         cfg.prompts_per_step * cfg.group_size,
-        longest_prompt(&tok, inputs, state.curriculum.budget_at(state.step))?
-            + cfg.cap_at(&state.curriculum, state.step),
+        longest_prompt(&tok, inputs, state.curriculum.budget_at(state.step))?,
+        cfg.cap_at(&state.curriculum, state.step),
         cfg.loss.beta > 0.0,
     );
     memory.check(&backend)?;
