@@ -242,11 +242,15 @@ impl<D: Backend> Checker<'_, D> {
 }
 
 /// Random inputs from one Philox stream.
-pub(crate) struct Rand(pub(crate) Philox);
+pub(crate) struct Rand(Philox);
 
 impl Rand {
     pub(crate) fn normal(&mut self, n: usize, std: f32) -> Vec<f32> {
         (0..n).map(|_| std * self.0.next_normal()).collect()
+    }
+    /// n draws from [0, 1).
+    pub(crate) fn uniform(&mut self, n: usize) -> Vec<f64> {
+        (0..n).map(|_| self.0.next_uniform()).collect()
     }
     /// n integers in 0..below.
     fn below(&mut self, n: usize, below: usize) -> Vec<usize> {

@@ -117,6 +117,13 @@ fn forward(args: &ForwardArgs) -> Result<()> {
     }
 }
 
+/// `n` token ids drawn uniformly from 0..vocab.
+pub(super) fn random_tokens(rng: &mut Philox, n: usize, vocab: usize) -> Vec<u32> {
+    (0..n)
+        .map(|_| ((rng.next_uniform() * vocab as f64) as u32).min(vocab as u32 - 1))
+        .collect()
+}
+
 pub(super) fn read_config(path: &Path) -> Result<ModelConfig> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read model config {}", path.display()))?;
@@ -214,13 +221,7 @@ fn bench_batch<B: Backend>(
     let (cfg, b) = (&model.cfg, &model.backend);
     let mut cache = KvCache::new(b, cfg, batch, prompt_len + steps)?;
     let mut rng = Philox::new(seed, 1);
-    let mut tokens = |n: usize| -> Vec<u32> {
-        (0..n)
-            .map(|_| {
-                ((rng.next_uniform() * cfg.vocab_size as f64) as u32).min(cfg.vocab_size as u32 - 1)
-            })
-            .collect()
-    };
+    let mut tokens = |n: usize| random_tokens(&mut rng, n, cfg.vocab_size);
 
     // Prefill: [batch × prompt_len] tokens, logits of each sequence's last token.
     let prompt = tokens(batch * prompt_len);

@@ -5,7 +5,7 @@
 //! training tokens/s, the update's model FLOP utilisation and the peak memory.
 //! tools/bench_step_torch.py runs the same step in PyTorch for comparison.
 
-use super::bench::read_config;
+use super::bench::{random_tokens, read_config};
 use crate::backend::{cpu::CpuBackend, BackendKind, TrainBackend};
 use crate::config::ModelConfig;
 use crate::cuda::CudaBackend;
@@ -199,9 +199,7 @@ fn one_step<B: TrainBackend>(
     let mut rng = Philox::new(args.seed, 1_000 + step);
     let requests: Vec<GenerationRequest> = (0..p)
         .flat_map(|_| {
-            let prompt: Vec<u32> = (0..args.prompt_len)
-                .map(|_| ((rng.next_uniform() * vocab as f64) as u32).min(vocab as u32 - 1))
-                .collect();
+            let prompt = random_tokens(&mut rng, args.prompt_len, vocab);
             std::iter::repeat_n(
                 GenerationRequest {
                     prompt,

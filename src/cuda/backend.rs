@@ -919,13 +919,10 @@ impl Backend for CudaBackend {
                 "temperature must be finite and >= 0, got {temperature}"
             );
             // Each f64 draw as two floats, hi + lo (the kernel adds them back in f64).
-            let split: Vec<f32> = uniforms
-                .iter()
-                .flat_map(|&u| {
-                    let hi = u as f32;
-                    [hi, (u - hi as f64) as f32]
-                })
-                .collect();
+            let mut split = vec![0.0f32; 2 * rows];
+            for (pair, &u) in split.chunks_exact_mut(2).zip(uniforms) {
+                crate::backend::cpu::split_f64(pair, u);
+            }
             let uniforms_dev = self.upload_bytes(&split, DType::F32)?;
             ops::sampling::sample_tokens(
                 &self.k,

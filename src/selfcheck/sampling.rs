@@ -20,7 +20,7 @@ pub(super) fn checks<D: TrainBackend>(c: &mut Checker<D>) -> Result<()> {
                     .iter_mut()
                     .for_each(|x| *x = x.round().min(4.0));
                 let (logits, logits_h) = put_f32(dev, &host)?;
-                let mut uniforms: Vec<f64> = (0..rows).map(|_| rand.0.next_uniform()).collect();
+                let mut uniforms = rand.uniform(rows);
                 uniforms[0] = 0.0;
                 uniforms[rows - 1] = 1.0 - f64::EPSILON / 2.0;
                 let (mut out, _) = put_f32(dev, &rand.normal(rows, 1.0))?; // overwritten

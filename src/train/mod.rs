@@ -208,17 +208,12 @@ fn train_on<B: TrainBackend>(
     if inputs.train.is_empty() {
         bail!("no training examples");
     }
-    std::fs::create_dir_all(out)
-        .with_context(|| format!("cannot create run folder {}", out.display()))?;
-    std::fs::write(out.join("config.toml"), cfg.to_toml_string())
-        .with_context(|| format!("cannot write {}", out.join("config.toml").display()))?;
-
     let weights_dir = resume.unwrap_or(&inputs.model_dir);
     let tok = Tokenizer::from_model_dir(&inputs.model_dir)?;
     let model_cfg = ModelConfig::from_model_dir(weights_dir)?;
     let layout = ParamLayout::new(&model_cfg);
     let n = layout.total_len();
-    let (state, mut metrics_log) = match resume {
+    let state = match resume {
         Some(dir) => {
             let path = dir.join("trainer_state.json");
             let text = std::fs::read_to_string(&path)
@@ -232,17 +227,15 @@ fn train_on<B: TrainBackend>(
                     state.optimizer.m.len()
                 );
             }
-            let log = read_metrics(&out.join("metrics.jsonl"), state.step)?;
-            (state, log)
+            state
         }
         None => {
             let o = &cfg.optim;
-            let state = TrainerState {
+            TrainerState {
                 step: 0,
                 curriculum: cfg.curriculum()?,
                 optimizer: AdamW::new(n, o.beta1, o.beta2, o.eps, o.weight_decay),
-            };
-            (state, Vec::new())
+            }
         }
     };
     let memory = memory::TrainMemory::estimate(
@@ -254,6 +247,15 @@ fn train_on<B: TrainBackend>(
         cfg.loss.beta > 0.0,
     );
     memory.check(&backend)?;
+    // Only a run that fits writes anything.
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("cannot create run folder {}", out.display()))?;
+    std::fs::write(out.join("config.toml"), cfg.to_toml_string())
+        .with_context(|| format!("cannot write {}", out.join("config.toml").display()))?;
+    let mut metrics_log = match resume {
+        Some(_) => read_metrics(&out.join("metrics.jsonl"), state.step)?,
+        None => Vec::new(),
+    };
     let TrainerState {
         step: mut current_step,
         mut curriculum,
