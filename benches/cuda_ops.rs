@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use thinkshort::backend::{Backend, TokenPlacement, TrainBackend};
 use thinkshort::cuda::CudaBackend;
 use thinkshort::rng::Philox;
+use thinkshort::sampling::{SamplingParams, TokenDraws};
 
 const HIDDEN: usize = 896;
 const INTERMEDIATE: usize = 4864;
@@ -485,25 +486,39 @@ fn optimizer_and_sampling(c: &mut Criterion, dev: &CudaBackend) {
 
     let rows = 64;
     let logits = dev.upload_f32(&random(rows * VOCAB, 31)).unwrap();
-    let uniforms: Vec<f64> = (0..rows).map(|r| (r as f64 + 0.5) / rows as f64).collect();
+    let streams: Vec<u32> = (0..rows as u32).collect();
+    let draws = TokenDraws::Philox {
+        seed: 1,
+        first_stream: 0,
+        streams: &streams,
+        step: 0,
+    };
     let mut ids = dev.zeros_f32(rows).unwrap();
     g.throughput(Throughput::Bytes((2 * 4 * rows * VOCAB) as u64));
-    g.bench_function(
-        BenchmarkId::new("sample_tokens_bytes", format!("{rows}x{VOCAB}")),
-        |b| {
+    // Plain sampling, then top-k 50 + top-p 0.95 (the radix searches read the row some 35 more times).
+    for (name, top_k, top_p) in [
+        ("sample_tokens_bytes", 0, 1.0),
+        ("sample_tokens_top_p_bytes", 50, 0.95),
+    ] {
+        let params = SamplingParams {
+            temperature: 1.0,
+            top_k,
+            top_p,
+        };
+        g.bench_function(BenchmarkId::new(name, format!("{rows}x{VOCAB}")), |b| {
             b.iter_custom(|iters| {
                 time(dev, iters, || {
                     dev.sample_tokens(
                         dev.full_mut(&mut ids),
                         dev.full(&logits),
-                        &uniforms,
+                        &draws,
                         VOCAB,
-                        1.0,
+                        &params,
                     )
                 })
             })
-        },
-    );
+        });
+    }
     g.finish();
 }
 

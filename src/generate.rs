@@ -7,8 +7,7 @@
 
 use crate::backend::{Backend, TokenPlacement};
 use crate::model::{KvCache, Model};
-use crate::rng;
-use crate::sampling::{sample, SamplingParams};
+use crate::sampling::{SamplingParams, TokenDraws};
 use anyhow::{bail, Result};
 
 /// One sequence to continue.
@@ -93,21 +92,34 @@ pub fn generate<B: Backend>(
     }
     let mut logits = model.forward(&tokens, &place, &mut cache, &logit_rows)?;
 
+    // Every active sequence has `step` tokens: all drew their first at the prefill's logits and
+    // one more at each decode step since.
+    let mut step = 0u64;
     while !active.is_empty() {
-        // Row r of `logits` continues request active[r]: its draw is uniform number
-        // (tokens so far) of the request's stream.
-        let uniforms: Vec<f64> = active
-            .iter()
-            .map(|&i| {
-                let step = out[i].tokens.len() as u64;
-                rng::uniform(config.seed, config.first_stream + i as u64, step)
-            })
-            .collect();
-        let drawn = draw_tokens(b, &logits, &uniforms, vocab, &config.sampling)?;
+        // Row r of `logits` continues request active[r]: its draw is uniform number `step` of
+        // the request's stream, computed where the logits are.
+        let streams: Vec<u32> = active.iter().map(|&i| i as u32).collect();
+        let draws = TokenDraws::Philox {
+            seed: config.seed,
+            first_stream: config.first_stream,
+            streams: &streams,
+            step,
+        };
+        let mut ids = b.zeros_f32(active.len())?;
+        b.sample_tokens(
+            b.full_mut(&mut ids),
+            b.full(&logits),
+            &draws,
+            vocab,
+            &config.sampling,
+        );
+        let drawn = b.download(b.full(&ids))?;
+        step += 1;
         let mut next_active = Vec::with_capacity(active.len());
         let mut next_tokens = Vec::with_capacity(active.len());
         let mut next_place = TokenPlacement::default();
-        for (&i, &tok) in active.iter().zip(&drawn) {
+        for (&i, &id) in active.iter().zip(&drawn) {
+            let tok = id as u32;
             let c = &mut out[i];
             c.tokens.push(tok);
             if config.eos_ids.contains(&tok) {
@@ -145,37 +157,4 @@ pub fn generate<B: Backend>(
         logits = model.forward(&next_tokens, &next_place, &mut cache, &rows)?;
     }
     Ok(out)
-}
-
-/// One token per row of `logits` ([R, vocab]) with the draws `uniforms` ([R]): on the device
-/// (`sample_tokens`, one id per row comes back) unless top-k or top-p restrict the candidates,
-/// which the host does on the downloaded logits. Both give `sampling::sample`'s tokens.
-fn draw_tokens<B: Backend>(
-    b: &B,
-    logits: &B::Buf,
-    uniforms: &[f64],
-    vocab: usize,
-    params: &SamplingParams,
-) -> Result<Vec<u32>> {
-    let restricted = (params.top_k > 0 && params.top_k < vocab) || params.top_p < 1.0;
-    if restricted && params.temperature > 0.0 {
-        let host = b.download(b.full(logits))?;
-        return Ok(host
-            .chunks_exact(vocab)
-            .zip(uniforms)
-            .map(|(row, &u)| sample(row, params, u))
-            .collect());
-    }
-    let mut ids = b.zeros_f32(uniforms.len())?;
-    b.sample_tokens(
-        b.full_mut(&mut ids),
-        b.full(logits),
-        uniforms,
-        vocab,
-        params.temperature,
-    );
-    Ok(b.download(b.full(&ids))?
-        .iter()
-        .map(|&t| t as u32)
-        .collect())
 }

@@ -31,6 +31,43 @@ impl SamplingParams {
     }
 }
 
+/// Where the uniform of each row of a batched draw comes from.
+#[derive(Debug, Clone, Copy)]
+pub enum TokenDraws<'a> {
+    /// Row r draws `u[r]` (tests pick edge values this way).
+    Given(&'a [f64]),
+    /// Row r draws `rng::uniform(seed, first_stream + streams[r], step)`: the generation loop's
+    /// numbers, which a GPU computes itself (Philox is a pure function of its counter).
+    Philox {
+        seed: u64,
+        first_stream: u64,
+        streams: &'a [u32],
+        step: u64,
+    },
+}
+
+impl TokenDraws<'_> {
+    pub fn rows(&self) -> usize {
+        match self {
+            TokenDraws::Given(u) => u.len(),
+            TokenDraws::Philox { streams, .. } => streams.len(),
+        }
+    }
+
+    /// The uniform of row r.
+    pub fn uniform(&self, r: usize) -> f64 {
+        match *self {
+            TokenDraws::Given(u) => u[r],
+            TokenDraws::Philox {
+                seed,
+                first_stream,
+                streams,
+                step,
+            } => crate::rng::uniform(seed, first_stream + streams[r] as u64, step),
+        }
+    }
+}
+
 /// The index of the largest logit (the lowest index among equals).
 pub fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0;
@@ -44,9 +81,12 @@ pub fn argmax(logits: &[f32]) -> u32 {
 
 /// Draws a token with the uniform `u` in [0, 1).
 ///
-/// The kept set (top-k, then top-p over the tempered softmax) is walked in vocabulary order for
-/// the inverse CDF, so the result depends only on (logits, params, u): a GPU kernel that draws
-/// the same `u` picks the same token.
+/// Candidates are ranked by logit (descending, ties to the lower index); top-k keeps the first
+/// k, top-p then keeps the shortest prefix of those whose probability mass reaches top_p of
+/// theirs. Either way the kept set is every token ranked at or above one cut-off token, which a
+/// GPU kernel finds by a radix search instead of a sort. The kept set is walked in vocabulary
+/// order for the inverse CDF, so the result depends only on (logits, params, u): a kernel that
+/// draws the same `u` picks the same token.
 pub fn sample(logits: &[f32], params: &SamplingParams, u: f64) -> u32 {
     if params.temperature == 0.0 {
         return argmax(logits);
@@ -63,16 +103,17 @@ pub fn sample(logits: &[f32], params: &SamplingParams, u: f64) -> u32 {
     let restrict_k = params.top_k > 0 && params.top_k < vocab;
     let restrict_p = params.top_p < 1.0;
     if restrict_k || restrict_p {
-        // Candidates by descending probability, ties to the lower index.
+        // Ranked by logit (the order of the probabilities, which only ties where they underflow).
         let mut order: Vec<usize> = (0..vocab).collect();
-        order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
+        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
         let mut keep = if restrict_k { params.top_k } else { vocab };
         if restrict_p {
-            let total: f64 = order[..keep].iter().map(|&i| probs[i]).sum();
+            let mass: f64 = order[..keep].iter().map(|&i| probs[i]).sum();
+            let target = params.top_p as f64 * mass;
             let mut cum = 0.0;
             for (n, &i) in order[..keep].iter().enumerate() {
-                cum += probs[i] / total;
-                if cum >= params.top_p as f64 {
+                cum += probs[i];
+                if cum >= target {
                     keep = n + 1;
                     break;
                 }
@@ -150,6 +191,48 @@ mod tests {
             // top-p 0.4: 3/7 >= 0.4 → {3}
             assert_eq!(sample(&logits, &params(1.0, 0, 0.4), u), 3);
         }
+    }
+
+    #[test]
+    fn top_k_and_top_p_break_ties_towards_the_lower_index() {
+        // Ranked: 1 (logit 2), then the tied 2, 3, 4 (logit 1) in index order, then 0 and 5.
+        let logits = [0.0f32, 2.0, 1.0, 1.0, 1.0, 0.0];
+        let drawn = |p: &SamplingParams| -> Vec<u32> {
+            let mut ids: Vec<u32> = (0..200)
+                .map(|i| sample(&logits, p, (i as f64 + 0.5) / 200.0))
+                .collect();
+            ids.sort();
+            ids.dedup();
+            ids
+        };
+        assert_eq!(drawn(&params(1.0, 3, 1.0)), [1, 2, 3]);
+        // Mass (in units of e⁻²) e² + 3e + 2 ≈ 17.54; half of it, 8.77, is passed by e² + e ≈
+        // 10.11: token 1 and the first of the ties.
+        assert_eq!(drawn(&params(1.0, 0, 0.5)), [1, 2]);
+        // -0.0 ranks below +0.0 (f32 total order): top-2 of [-0, +0, -1] keeps 0 and 1 only.
+        let signed = [-0.0f32, 0.0, -1.0];
+        for i in 0..50 {
+            let u = i as f64 / 50.0;
+            assert!(matches!(sample(&signed, &params(1.0, 2, 1.0), u), 0 | 1));
+            assert_eq!(sample(&signed, &params(1.0, 1, 1.0), u), 1);
+        }
+    }
+
+    #[test]
+    fn philox_draws_are_the_generation_streams() {
+        let streams = [4u32, 0, 9];
+        let draws = TokenDraws::Philox {
+            seed: 5,
+            first_stream: 100,
+            streams: &streams,
+            step: 7,
+        };
+        assert_eq!(draws.rows(), 3);
+        for (r, &s) in streams.iter().enumerate() {
+            assert_eq!(draws.uniform(r), crate::rng::uniform(5, 100 + s as u64, 7));
+        }
+        let given = [0.25, 0.75];
+        assert_eq!(TokenDraws::Given(&given).uniform(1), 0.75);
     }
 
     #[test]

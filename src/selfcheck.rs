@@ -155,7 +155,6 @@ pub fn run<D: TrainBackend>(
         make_device,
         dev: make_device()?,
         seed,
-        stream: 0,
         rows: Vec::new(),
         on_row,
     };
@@ -173,8 +172,6 @@ pub(crate) struct Checker<'a, D: Backend> {
     make_device: &'a dyn Fn() -> Result<D>,
     dev: D,
     seed: u64,
-    /// The Philox stream of the next check: each check draws its own inputs.
-    stream: u64,
     rows: Vec<CheckRow>,
     on_row: &'a mut dyn FnMut(&CheckRow),
 }
@@ -189,8 +186,7 @@ impl<D: Backend> Checker<'_, D> {
         tolerance: f64,
         f: impl FnOnce(&D, &mut Rand) -> Result<Vec<Compared>>,
     ) -> Result<()> {
-        let mut rand = Rand(Philox::new(self.seed, self.stream));
-        self.stream += 1;
+        let mut rand = self.rand(&format!("{op} {shape}"));
         match f(&self.dev, &mut rand) {
             Ok(outputs) => {
                 for (suffix, out, reference) in outputs {
@@ -216,6 +212,15 @@ impl<D: Backend> Checker<'_, D> {
             }
         }
         Ok(())
+    }
+
+    /// The random inputs of the check named `name`: a Philox stream chosen by the name (FNV-1a),
+    /// so adding or reordering checks leaves every other check's inputs as they were.
+    pub(crate) fn rand(&self, name: &str) -> Rand {
+        let stream = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+        });
+        Rand(Philox::new(self.seed, stream))
     }
 
     fn push(
@@ -650,7 +655,7 @@ fn model_check<D: Backend>(c: &mut Checker<D>) -> Result<Vec<String>> {
         cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.vocab_size
     );
 
-    let mut rand = Rand(Philox::new(c.seed, c.stream));
+    let mut rand = c.rand("model logprobs");
     let items: Vec<ScoreItem> = [(1, 15), (17, 40), (100, 60), (250, 30)]
         .iter()
         .map(|&(p, q)| ScoreItem {

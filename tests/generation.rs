@@ -110,3 +110,34 @@ fn greedy_is_the_argmax_chain() {
         seq.push(tok);
     }
 }
+
+/// Token t of request i is `sample(logits, params, rng::uniform(seed, first_stream + i, t))`:
+/// the numbers a GPU draws for itself, with top-k and top-p applied (the device path now).
+#[test]
+fn sampled_tokens_use_the_stream_of_their_request_and_step() {
+    let m = model();
+    let reqs = requests(&[7, 9]);
+    let mut cfg = config(0.8, 11, vec![]);
+    cfg.sampling.top_k = 5;
+    cfg.sampling.top_p = 0.9;
+    cfg.first_stream = 3;
+    let out = generate(&m, &reqs, &cfg, None).unwrap();
+    for (i, (r, c)) in reqs.iter().zip(&out).enumerate() {
+        let mut seq = r.prompt.clone();
+        for (step, &tok) in c.tokens.iter().enumerate() {
+            let mut cache =
+                thinkshort::model::KvCache::new(&CpuBackend, &m.cfg, 1, seq.len()).unwrap();
+            let place = thinkshort::backend::TokenPlacement {
+                slots: vec![0; seq.len()],
+                positions: (0..seq.len() as u32).collect(),
+            };
+            let logits = m
+                .forward(&seq, &place, &mut cache, &[seq.len() - 1])
+                .unwrap();
+            let u = thinkshort::rng::uniform(11, 3 + i as u64, step as u64);
+            let want = thinkshort::sampling::sample(&logits, &cfg.sampling, u);
+            assert_eq!(tok, want, "request {i} step {step}");
+            seq.push(tok);
+        }
+    }
+}

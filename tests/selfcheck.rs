@@ -8,6 +8,7 @@ use thinkshort::backend::{Backend, TokenPlacement, TrainBackend};
 use thinkshort::config::ModelConfig;
 use thinkshort::model::Model;
 use thinkshort::rng::Philox;
+use thinkshort::sampling::{SamplingParams, TokenDraws};
 use thinkshort::selfcheck::{self, Coverage, Report};
 
 /// The CPU backend behind the `Backend` interface of a device: with `bf16`, every buffer not made
@@ -222,11 +223,11 @@ impl Backend for TestDevice {
         &self,
         out: ViewMut<'_>,
         logits: View<'_>,
-        uniforms: &[f64],
+        draws: &TokenDraws,
         vocab: usize,
-        temperature: f32,
+        params: &SamplingParams,
     ) {
-        CPU.sample_tokens(&mut *out.data, logits.data, uniforms, vocab, temperature);
+        CPU.sample_tokens(&mut *out.data, logits.data, draws, vocab, params);
         out.store();
     }
 }

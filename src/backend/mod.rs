@@ -7,6 +7,7 @@
 
 pub mod cpu;
 
+use crate::sampling::{SamplingParams, TokenDraws};
 use anyhow::Result;
 use std::ops::Range;
 
@@ -198,16 +199,16 @@ pub trait Backend: Send + Sync {
         temperature: f32,
     );
 
-    /// Draws one token per row: out[r] = `sampling::sample(logits[r], τ = temperature, no top-k
-    /// or top-p, u = uniforms[r])` (argmax when temperature = 0), as a float id. logits: [R, V]
-    /// f32; uniforms, out: [R]. Callers that restrict top-k or top-p sample on the host.
+    /// Draws one token per row: out[r] = `sampling::sample(logits[r], params, draws.uniform(r))`
+    /// (argmax when the temperature is 0), as a float id. logits: [R, V] f32; out: [R] f32;
+    /// R = draws.rows().
     fn sample_tokens(
         &self,
         out: Self::ViewMut<'_>,
         logits: Self::View<'_>,
-        uniforms: &[f64],
+        draws: &TokenDraws,
         vocab: usize,
-        temperature: f32,
+        params: &SamplingParams,
     );
 }
 

@@ -33,7 +33,9 @@ use super::launch::KernelCtx;
 use super::ops;
 use super::ops::decode_attention::{plan_splits, scratch_sizes, DecodeProblem};
 use super::ops::flash_attention::{FlashGrads, FlashProblem};
+use super::ops::sampling::DeviceDraws;
 use crate::backend::{Backend, TokenPlacement, TrainBackend};
+use crate::sampling::{SamplingParams, TokenDraws};
 
 /// The element type of a device buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -906,32 +908,47 @@ impl Backend for CudaBackend {
         &self,
         out: CudaViewMut<'_>,
         logits: CudaView<'_>,
-        uniforms: &[f64],
+        draws: &TokenDraws,
         vocab: usize,
-        temperature: f32,
+        params: &SamplingParams,
     ) {
         self.run("sample_tokens", || {
-            let rows = uniforms.len();
+            let rows = draws.rows();
             expect("out", out.dtype, out.len, DType::F32, rows)?;
             expect("logits", logits.dtype, logits.len, DType::F32, rows * vocab)?;
-            ensure!(
-                temperature >= 0.0 && temperature.is_finite(),
-                "temperature must be finite and >= 0, got {temperature}"
-            );
-            // Each f64 draw as two floats, hi + lo (the kernel adds them back in f64).
-            let mut split = vec![0.0f32; 2 * rows];
-            for (pair, &u) in split.chunks_exact_mut(2).zip(uniforms) {
-                crate::backend::cpu::split_f64(pair, u);
-            }
-            let uniforms_dev = self.upload_bytes(&split, DType::F32)?;
+            params.validate()?;
+            // Kept alive until the launch is queued (freed in stream order).
+            let mut given = None;
+            let device_draws = match *draws {
+                TokenDraws::Given(uniforms) => {
+                    // Each f64 draw as two floats, hi + lo (the kernel adds them back in f64).
+                    let mut split = vec![0.0f32; 2 * rows];
+                    for (pair, &u) in split.chunks_exact_mut(2).zip(uniforms) {
+                        crate::backend::cpu::split_f64(pair, u);
+                    }
+                    let buf = given.insert(self.upload_bytes(&split, DType::F32)?);
+                    DeviceDraws::Given { uniforms: buf.ptr }
+                }
+                TokenDraws::Philox {
+                    seed,
+                    first_stream,
+                    streams,
+                    step,
+                } => DeviceDraws::Philox {
+                    seed,
+                    first_stream,
+                    streams: self.indices(streams)?,
+                    step,
+                },
+            };
             ops::sampling::sample_tokens(
                 &self.k,
                 out.ptr,
                 logits.ptr,
-                uniforms_dev.ptr,
+                &device_draws,
                 rows,
                 vocab,
-                temperature,
+                params,
             )
         })
     }

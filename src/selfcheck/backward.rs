@@ -6,15 +6,14 @@
 //! are stored like activations (bf16 on a bf16 device).
 
 use super::{
-    get, put, put_f32, rel_error, tiny_model_weights, Checker, Rand, TINY_MODEL, TOL_BF16,
-    TOL_EXACT, TOL_F32,
+    get, put, put_f32, rel_error, tiny_model_weights, Checker, TINY_MODEL, TOL_BF16, TOL_EXACT,
+    TOL_F32,
 };
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{TokenPlacement, TrainBackend};
 use crate::config::ModelConfig;
 use crate::model::Model;
 use crate::model_backward::TrainBatch;
-use crate::rng::Philox;
 use anyhow::Result;
 
 /// Relative error of the whole model's parameter gradient (every tensor in one buffer). Both
@@ -307,8 +306,7 @@ pub(super) fn model_gradient_check<D: TrainBackend>(c: &mut Checker<D>) -> Resul
         let cfg = tiny_train_config(tied)?;
         let host = tiny_model_weights(&cfg, c.seed);
         let cpu_model = Model::from_host(cfg.clone(), &host, CpuBackend)?;
-        let mut rand = Rand(Philox::new(c.seed, c.stream));
-        c.stream += 1;
+        let mut rand = c.rand(&format!("model gradient tied={tied}"));
         let seqs: Vec<(Vec<u32>, Vec<u32>)> = [(1, 15), (17, 40), (100, 60)]
             .iter()
             .map(|&(p, q)| (rand.ids(p, cfg.vocab_size), rand.ids(q, cfg.vocab_size)))

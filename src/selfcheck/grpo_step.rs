@@ -9,14 +9,13 @@
 //! clipping) is host code, shared by both backends and tested in tests/grpo_math.rs.
 
 use super::backward::tiny_train_config;
-use super::{rel_error, tiny_model_weights, Checker, Rand};
+use super::{rel_error, tiny_model_weights, Checker};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::TrainBackend;
 use crate::grpo::policy_loss::LossOptions;
 use crate::model::Model;
 use crate::model_backward::TrainBatch;
 use crate::optim::AdamW;
-use crate::rng::Philox;
 use crate::train::optimizer::DeviceOptimizer;
 use crate::train::update::{policy_update, UpdateBatch, UpdateOptions};
 use anyhow::Result;
@@ -90,8 +89,7 @@ fn run_update<B: TrainBackend>(
 pub(super) fn grpo_step_check<D: TrainBackend>(c: &mut Checker<D>) -> Result<()> {
     let cfg = tiny_train_config(false)?;
     let host = tiny_model_weights(&cfg, c.seed);
-    let mut rand = Rand(Philox::new(c.seed, c.stream));
-    c.stream += 1;
+    let mut rand = c.rand("grpo step");
     let seqs: Vec<(Vec<u32>, Vec<u32>)> = [(1, 15), (17, 40), (100, 60), (9, 3)]
         .iter()
         .map(|&(p, q)| (rand.ids(p, cfg.vocab_size), rand.ids(q, cfg.vocab_size)))

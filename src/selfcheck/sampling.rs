@@ -1,41 +1,129 @@
 //! `sample_tokens` against the CPU's `sampling::sample`: the same draws must give the same token
 //! ids (exact), greedy and at two temperatures, for vocabularies below, near and far above the
-//! kernel's 32 warps × 32 lanes, with ties for the argmax and draws at both ends of [0, 1).
+//! kernel's 32 warps × 32 lanes, with ties for the argmax and draws at both ends of [0, 1); then
+//! top-k and top-p (the kernel's radix search for the cut-off), with rows of tied logits; then
+//! the uniforms drawn on the device by Philox (flat logits: a wrong uniform moves the id).
 
-use super::{get, put_f32, Checker, TOL_EXACT};
+use super::{get, put_f32, Checker, Compared, Rand, TOL_EXACT};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{Backend, TrainBackend};
+use crate::sampling::{SamplingParams, TokenDraws};
 use anyhow::Result;
 
 pub(super) fn checks<D: TrainBackend>(c: &mut Checker<D>) -> Result<()> {
-    let cpu = CpuBackend;
     for (rows, vocab) in [(5, 7), (64, 1001), (64, 151_936)] {
         for temperature in [0.0f32, 0.7, 1.0] {
-            let shape = format!("R={rows} V={vocab} T={temperature}");
-            c.check("sample_tokens", shape, TOL_EXACT, |dev, rand| {
-                // Logits of std 3 (peaked, as a trained model's); row 0 holds integers, so its
-                // maximum is tied between many entries and argmax must take the first.
-                let mut host = rand.normal(rows * vocab, 3.0);
-                host[..vocab]
-                    .iter_mut()
-                    .for_each(|x| *x = x.round().min(4.0));
-                let (logits, logits_h) = put_f32(dev, &host)?;
-                let mut uniforms = rand.uniform(rows);
-                uniforms[0] = 0.0;
-                uniforms[rows - 1] = 1.0 - f64::EPSILON / 2.0;
-                let (mut out, _) = put_f32(dev, &rand.normal(rows, 1.0))?; // overwritten
-                dev.sample_tokens(
-                    dev.full_mut(&mut out),
-                    dev.full(&logits),
-                    &uniforms,
-                    vocab,
-                    temperature,
-                );
-                let mut reference = vec![0.0; rows];
-                cpu.sample_tokens(&mut reference, &logits_h, &uniforms, vocab, temperature);
-                Ok(vec![("", get(dev, &out)?, reference)])
-            })?;
+            check_given(c, rows, vocab, &params(temperature, 0, 1.0))?;
         }
     }
+    // Top-k 1 is argmax by sampling; 50 and 0.5 keep a few tokens, top-p 0.95 thousands.
+    let restricted = [
+        params(1.0, 1, 1.0),
+        params(0.7, 50, 1.0),
+        params(1.0, 0, 0.95),
+        params(1.0, 50, 0.5),
+    ];
+    for (rows, vocab) in [(5, 7), (16, 1001), (8, 151_936)] {
+        for p in &restricted {
+            check_given(c, rows, vocab, p)?;
+        }
+    }
+    for p in [params(1.0, 0, 1.0), params(1.0, 0, 0.95)] {
+        check_philox(c, 64, 151_936, &p)?;
+    }
     Ok(())
+}
+
+fn params(temperature: f32, top_k: usize, top_p: f32) -> SamplingParams {
+    SamplingParams {
+        temperature,
+        top_k,
+        top_p,
+    }
+}
+
+fn shape(rows: usize, vocab: usize, p: &SamplingParams) -> String {
+    format!(
+        "R={rows} V={vocab} T={} k={} p={}",
+        p.temperature, p.top_k, p.top_p
+    )
+}
+
+/// Logits of std 3 (peaked, as a trained model's); row 0 holds integers (its maximum and every
+/// top-k/top-p cut-off is tied between many entries: the first ones must win) and row 1 one
+/// value repeated (every token tied).
+fn tied_logits(rand: &mut Rand, rows: usize, vocab: usize) -> Vec<f32> {
+    let mut host = rand.normal(rows * vocab, 3.0);
+    host[..vocab]
+        .iter_mut()
+        .for_each(|x| *x = x.round().min(4.0));
+    if rows > 2 {
+        host[vocab..2 * vocab].fill(0.5);
+    }
+    host
+}
+
+/// Draws given by the host, with 0 and the largest double below 1 among them.
+fn check_given<D: TrainBackend>(
+    c: &mut Checker<D>,
+    rows: usize,
+    vocab: usize,
+    params: &SamplingParams,
+) -> Result<()> {
+    c.check(
+        "sample_tokens",
+        shape(rows, vocab, params),
+        TOL_EXACT,
+        |dev, rand| {
+            let (logits, logits_h) = put_f32(dev, &tied_logits(rand, rows, vocab))?;
+            let mut uniforms = rand.uniform(rows);
+            uniforms[0] = 0.0;
+            uniforms[rows - 1] = 1.0 - f64::EPSILON / 2.0;
+            let draws = TokenDraws::Given(&uniforms);
+            compare(dev, &logits, &logits_h, &draws, vocab, params)
+        },
+    )
+}
+
+/// Draws computed by the device: stream and step above 2^32 (both counter words in use).
+fn check_philox<D: TrainBackend>(
+    c: &mut Checker<D>,
+    rows: usize,
+    vocab: usize,
+    params: &SamplingParams,
+) -> Result<()> {
+    let shape = format!("{} philox", shape(rows, vocab, params));
+    c.check("sample_tokens", shape, TOL_EXACT, |dev, rand| {
+        let (logits, logits_h) = put_f32(dev, &rand.normal(rows * vocab, 0.1))?;
+        let streams: Vec<u32> = (0..rows as u32).rev().map(|s| 3 * s + 1).collect();
+        let draws = TokenDraws::Philox {
+            seed: 0x5EED_0000_0001,
+            first_stream: (1 << 33) + 7,
+            streams: &streams,
+            step: (1 << 32) + 11,
+        };
+        compare(dev, &logits, &logits_h, &draws, vocab, params)
+    })
+}
+
+fn compare<D: TrainBackend>(
+    dev: &D,
+    logits: &D::Buf,
+    logits_h: &[f32],
+    draws: &TokenDraws,
+    vocab: usize,
+    params: &SamplingParams,
+) -> Result<Vec<Compared>> {
+    let rows = draws.rows();
+    let mut out = dev.upload_f32(&vec![-1.0; rows])?; // overwritten
+    dev.sample_tokens(
+        dev.full_mut(&mut out),
+        dev.full(logits),
+        draws,
+        vocab,
+        params,
+    );
+    let mut reference = vec![0.0; rows];
+    CpuBackend.sample_tokens(&mut reference, logits_h, draws, vocab, params);
+    Ok(vec![("", get(dev, &out)?, reference)])
 }

@@ -24,6 +24,7 @@ pub use sampling::sample_tokens;
 pub use swiglu::{swiglu_backward, swiglu_forward};
 
 use super::{Backend, TokenPlacement, TrainBackend};
+use crate::sampling::{SamplingParams, TokenDraws};
 use anyhow::Result;
 use std::ops::Range;
 
@@ -150,11 +151,11 @@ impl Backend for CpuBackend {
         &self,
         out: &mut [f32],
         logits: &[f32],
-        uniforms: &[f64],
+        draws: &TokenDraws,
         vocab: usize,
-        temperature: f32,
+        params: &SamplingParams,
     ) {
-        sample_tokens(out, logits, uniforms, vocab, temperature)
+        sample_tokens(out, logits, draws, vocab, params)
     }
 }
 

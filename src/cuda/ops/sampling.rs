@@ -4,27 +4,51 @@ use anyhow::{Context, Result};
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use crate::cuda::launch::{to_i32, KernelCtx};
+use crate::sampling::SamplingParams;
 
 const MODULE: &str = "sampling";
 /// The kernel's SAMPLE_THREADS.
 const SAMPLE_THREADS: u32 = 1024;
 
-/// out[r] = the token drawn from logits row r with the uniform uniforms[2r] + uniforms[2r + 1]
-/// at `temperature` (0 = argmax). out: [rows] f32; logits: [rows, vocab] f32; uniforms:
-/// [rows, 2] f32.
+/// Where the kernel takes each row's uniform from.
+pub enum DeviceDraws {
+    /// [rows, 2] f32 on the device: u = hi + lo.
+    Given { uniforms: u64 },
+    /// Philox (seed, first_stream + streams[row], step); streams: [rows] u32 on the device.
+    Philox {
+        seed: u64,
+        first_stream: u64,
+        streams: u64,
+        step: u64,
+    },
+}
+
+/// out[r] = the token drawn from logits row r with its uniform under `params` (temperature 0 =
+/// argmax). out: [rows] f32; logits: [rows, vocab] f32.
 pub fn sample_tokens(
     k: &KernelCtx,
     out: u64,
     logits: u64,
-    uniforms: u64,
+    draws: &DeviceDraws,
     rows: usize,
     vocab: usize,
-    temperature: f32,
+    params: &SamplingParams,
 ) -> Result<()> {
     let vocab_i = to_i32("sample_tokens", "vocab", vocab)?;
+    // top_k >= vocab keeps every token, as 0 does.
+    let top_k = to_i32("sample_tokens", "top_k", params.top_k.min(vocab))?;
     if rows == 0 {
         return Ok(());
     }
+    let (uniforms, streams, seed, first_stream, step) = match *draws {
+        DeviceDraws::Given { uniforms } => (uniforms, 0u64, 0u64, 0u64, 0u64),
+        DeviceDraws::Philox {
+            seed,
+            first_stream,
+            streams,
+            step,
+        } => (0, streams, seed, first_stream, step),
+    };
     let f = k.function(MODULE, "sample_tokens")?;
     let cfg = LaunchConfig {
         grid_dim: (rows as u32, 1, 1),
@@ -35,11 +59,19 @@ pub fn sample_tokens(
     b.arg(&out)
         .arg(&logits)
         .arg(&uniforms)
+        .arg(&streams)
         .arg(&vocab_i)
-        .arg(&temperature);
-    // SAFETY: matches `(float* out, const float* logits, const float* uniforms, int vocab,
-    // float temperature)`; the caller owns out of rows f32, logits of rows × vocab f32 and
-    // uniforms of 2 × rows f32; one block per row.
+        .arg(&params.temperature)
+        .arg(&top_k)
+        .arg(&params.top_p)
+        .arg(&seed)
+        .arg(&first_stream)
+        .arg(&step);
+    // SAFETY: matches `(float* out, const float* logits, const float* uniforms, const unsigned*
+    // streams, int vocab, float temperature, int top_k, float top_p, unsigned long long seed,
+    // unsigned long long first_stream, unsigned long long step)`; the caller owns out of rows
+    // f32, logits of rows × vocab f32, and either uniforms of 2 × rows f32 (streams null) or
+    // streams of rows u32 (uniforms null); one block per row.
     unsafe { b.launch(cfg) }
         .with_context(|| format!("launching sample_tokens (rows {rows}, vocab {vocab})"))?;
     Ok(())
