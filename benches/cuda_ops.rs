@@ -494,6 +494,7 @@ fn optimizer_and_sampling(c: &mut Criterion, dev: &CudaBackend) {
         step: 0,
     };
     let mut ids = dev.zeros_f32(rows).unwrap();
+    let mut logp = dev.zeros_f32(rows).unwrap();
     g.throughput(Throughput::Bytes((2 * 4 * rows * VOCAB) as u64));
     // Plain sampling, then top-k 50 + top-p 0.95 (the radix searches read the row some 35 more times).
     for (name, top_k, top_p) in [
@@ -510,6 +511,7 @@ fn optimizer_and_sampling(c: &mut Criterion, dev: &CudaBackend) {
                 time(dev, iters, || {
                     dev.sample_tokens(
                         dev.full_mut(&mut ids),
+                        dev.full_mut(&mut logp),
                         dev.full(&logits),
                         &draws,
                         VOCAB,

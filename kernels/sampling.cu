@@ -5,7 +5,8 @@
 // The draw is the CPU's inverse CDF: p_i = exp((z_i − max) / τ) in f64, target = u · Σ p over
 // the kept tokens, and the token is the first kept i (vocabulary order) whose running sum
 // exceeds the target. u is given (two floats, hi + lo) or drawn here with Philox from (seed,
-// stream, step), the CPU's numbers.
+// stream, step), the CPU's numbers. The chosen token's log-probability under the whole tempered
+// softmax (crate::sampling::token_logprob) comes out too, for GRPO's old log-probs.
 //
 // Kept tokens: the CPU ranks tokens by logit (descending, ties to the lower index) and keeps a
 // ranked prefix (top-k, then top-p). A prefix is "every token ranked at or above a cut-off
@@ -241,20 +242,24 @@ __device__ Cut select_cut(const float* z, int vocab, bool by_prob, double max, d
     return Cut{key, nth_tie(z, vocab, key, within, n)};
 }
 
-// out[row] = the drawn token id (as a float: exact below 2^24) for each row of logits.
-// logits (rows, vocab) f32. The uniform of a row: uniforms[2 row] + uniforms[2 row + 1] (the f64
+// out[row] = the drawn token id (as a float: exact below 2^24) for each row of logits, and
+// logp[row] = its log-probability log softmax(z / τ)[id] over the whole vocabulary (0 when
+// greedy: the draw is certain). logits (rows, vocab) f32. The uniform of a row: uniforms[2 row] + uniforms[2 row + 1] (the f64
 // draw split in two floats) when uniforms is given, else Philox's (seed, first_stream +
 // streams[row], step). temperature 0 = greedy (argmax, lowest index among equals; top-k and
 // top-p do not apply); top_k <= 0 or >= vocab = off; top_p >= 1 = off. grid = rows,
 // block = SAMPLE_THREADS (one block per SM at most: ptxas would otherwise aim at two and spill).
 extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS, 1)
-sample_tokens(float* out, const float* logits, const float* uniforms, const unsigned* streams,
+sample_tokens(float* out, float* logp, const float* logits, const float* uniforms, const unsigned* streams,
               int vocab, float temperature, int top_k, float top_p, unsigned long long seed,
               unsigned long long first_stream, unsigned long long step) {
     const float* z = logits + (size_t)blockIdx.x * vocab;
     if (temperature == 0.0f) {
         const int token = argmax_row(z, vocab);
-        if (threadIdx.x == 0) { out[blockIdx.x] = (float)token; }
+        if (threadIdx.x == 0) {
+            out[blockIdx.x] = (float)token;
+            logp[blockIdx.x] = 0.0f;
+        }
         return;
     }
     const int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE;
@@ -267,9 +272,13 @@ sample_tokens(float* out, const float* logits, const float* uniforms, const unsi
     const double inv_t = 1.0 / (double)temperature;
 
     Cut cut = Cut{0u, vocab};  // every token
+    const bool restricted = (top_k > 0 && top_k < vocab) || top_p < 1.0f;
+    // Σ p over the whole vocabulary, for the log-probability (the walk's total when nothing is cut).
+    const double softmax_total = restricted ? kept_mass(z, vocab, max, inv_t, cut) : 0.0;
     if (top_k > 0 && top_k < vocab) { cut = select_cut(z, vocab, false, max, inv_t, cut, (double)top_k); }
     if (top_p < 1.0f) {
-        const double mass = kept_mass(z, vocab, max, inv_t, cut);
+        const bool cut_by_k = top_k > 0 && top_k < vocab;
+        const double mass = cut_by_k ? kept_mass(z, vocab, max, inv_t, cut) : softmax_total;
         cut = select_cut(z, vocab, true, max, inv_t, cut, (double)top_p * mass);
     }
 
@@ -285,7 +294,7 @@ sample_tokens(float* out, const float* logits, const float* uniforms, const unsi
     // rounding leaves the target at or past the end, the last chunk with any probability
     // answers with its last kept token, as the CPU does.
     __shared__ double chunk_sums[SAMPLE_WARPS];
-    __shared__ double walk_start, walk_target;
+    __shared__ double walk_start, walk_target, log_total;
     __shared__ int walker;
     if (lane == 0) { chunk_sums[warp] = chunk_sum; }
     __syncthreads();
@@ -311,6 +320,7 @@ sample_tokens(float* out, const float* logits, const float* uniforms, const unsi
         }
         walker = chosen;
         walk_target = target;
+        log_total = log(restricted ? softmax_total : total);
     }
     __syncthreads();
     if (warp != walker) { return; }
@@ -342,5 +352,8 @@ sample_tokens(float* out, const float* logits, const float* uniforms, const unsi
     }
     // A walk whose own running sum ends just below the chunk's sum answers with the chunk's
     // last kept token.
-    if (lane == 0) { out[blockIdx.x] = (float)last_kept; }
+    if (lane == 0) {
+        out[blockIdx.x] = (float)last_kept;
+        logp[blockIdx.x] = (float)(((double)z[last_kept] - max) * inv_t - log_total);
+    }
 }

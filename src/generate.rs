@@ -32,6 +32,9 @@ pub struct GenerateConfig {
 pub struct Completion {
     /// Every sampled token, a final EOS included.
     pub tokens: Vec<u32>,
+    /// log softmax(logits / τ) of each sampled token as the sampler saw it (0 when greedy):
+    /// GRPO's old log-probs with `old_logp = "sampler"`.
+    pub logprobs: Vec<f32>,
     /// Generated length ℓ: completion tokens without the EOS.
     pub len: usize,
     /// Stopped by EOS or a stop string.
@@ -68,6 +71,7 @@ pub fn generate<B: Backend>(
         .iter()
         .map(|r| Completion {
             tokens: Vec::new(),
+            logprobs: Vec::new(),
             len: 0,
             finished: false,
             truncated: r.max_new_tokens == 0,
@@ -106,22 +110,26 @@ pub fn generate<B: Backend>(
             step,
         };
         let mut ids = b.zeros_f32(active.len())?;
+        let mut logp = b.zeros_f32(active.len())?;
         b.sample_tokens(
             b.full_mut(&mut ids),
+            b.full_mut(&mut logp),
             b.full(&logits),
             &draws,
             vocab,
             &config.sampling,
         );
         let drawn = b.download(b.full(&ids))?;
+        let drawn_logp = b.download(b.full(&logp))?;
         step += 1;
         let mut next_active = Vec::with_capacity(active.len());
         let mut next_tokens = Vec::with_capacity(active.len());
         let mut next_place = TokenPlacement::default();
-        for (&i, &id) in active.iter().zip(&drawn) {
+        for ((&i, &id), &lp) in active.iter().zip(&drawn).zip(&drawn_logp) {
             let tok = id as u32;
             let c = &mut out[i];
             c.tokens.push(tok);
+            c.logprobs.push(lp);
             if config.eos_ids.contains(&tok) {
                 c.finished = true;
                 continue;

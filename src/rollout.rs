@@ -15,6 +15,8 @@ pub struct Rollout {
     pub prompt_ids: Vec<u32>,
     /// Sampled tokens, a final EOS included.
     pub completion_ids: Vec<u32>,
+    /// The sampler's log-probability of each sampled token (at the sampling temperature).
+    pub logprobs: Vec<f32>,
     /// Decoded completion without special tokens.
     pub text: String,
     /// ℓ: generated tokens without the EOS.
@@ -65,6 +67,7 @@ pub fn sample_groups<B: Backend>(
                 len: c.len,
                 truncated: c.truncated,
                 completion_ids: c.tokens,
+                logprobs: c.logprobs,
             })
         })
         .collect()

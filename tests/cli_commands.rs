@@ -126,6 +126,9 @@ fn generate_command_respects_the_cap_and_the_seed() {
     for s in samples {
         let n = s["tokens"].as_array().unwrap().len();
         assert!(n <= 8, "cap is 2 × budget = 8, got {n}");
+        let logprobs = s["logprobs"].as_array().unwrap();
+        assert_eq!(logprobs.len(), n);
+        assert!(logprobs.iter().all(|lp| lp.as_f64().unwrap() < 0.0));
         assert_eq!(
             s["truncated"].as_bool().unwrap(),
             n == 8 && !s["finished"].as_bool().unwrap()

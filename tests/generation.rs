@@ -109,10 +109,13 @@ fn greedy_is_the_argmax_chain() {
         assert_eq!(tok, thinkshort::sampling::argmax(&logits));
         seq.push(tok);
     }
+    // A greedy draw is certain: log-prob 0.
+    assert!(out[0].logprobs.iter().all(|&lp| lp == 0.0));
 }
 
 /// Token t of request i is `sample(logits, params, rng::uniform(seed, first_stream + i, t))`:
-/// the numbers a GPU draws for itself, with top-k and top-p applied (the device path now).
+/// the numbers a GPU draws for itself, with top-k and top-p applied (the device path now); its
+/// log-prob is `token_logprob` at the temperature over the whole vocabulary.
 #[test]
 fn sampled_tokens_use_the_stream_of_their_request_and_step() {
     let m = model();
@@ -137,6 +140,11 @@ fn sampled_tokens_use_the_stream_of_their_request_and_step() {
             let u = thinkshort::rng::uniform(11, 3 + i as u64, step as u64);
             let want = thinkshort::sampling::sample(&logits, &cfg.sampling, u);
             assert_eq!(tok, want, "request {i} step {step}");
+            let logp = thinkshort::sampling::token_logprob(&logits, tok, 0.8);
+            assert!(
+                (c.logprobs[step] - logp).abs() < 1e-4,
+                "request {i} step {step}"
+            );
             seq.push(tok);
         }
     }

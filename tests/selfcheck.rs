@@ -222,13 +222,22 @@ impl Backend for TestDevice {
     fn sample_tokens(
         &self,
         out: ViewMut<'_>,
+        logp: ViewMut<'_>,
         logits: View<'_>,
         draws: &TokenDraws,
         vocab: usize,
         params: &SamplingParams,
     ) {
-        CPU.sample_tokens(&mut *out.data, logits.data, draws, vocab, params);
+        CPU.sample_tokens(
+            &mut *out.data,
+            &mut *logp.data,
+            logits.data,
+            draws,
+            vocab,
+            params,
+        );
         out.store();
+        logp.store();
     }
 }
 

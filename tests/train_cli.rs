@@ -130,6 +130,23 @@ fn resume_reproduces_an_uninterrupted_run() {
     assert!(w1 == w2, "final weights differ");
 }
 
+/// `old_logp = "sampler"`: the ratio's logπold are the sampler's log-probs; on the CPU both
+/// paths compute in f32 from the same weights, so the logged gap is tiny but present in both modes.
+#[test]
+fn sampler_old_logprobs_train_and_log_the_gap() {
+    let tmp = tempfile::tempdir().unwrap();
+    for mode in ["sampler", "recompute"] {
+        let out = tmp.path().join(mode);
+        let set = format!("loss.old_logp={mode}");
+        let o = train(&out, &["--set", "steps=2", "--set", &set]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        for m in metrics(&out) {
+            let gap = m["logp_gap"].as_f64().unwrap();
+            assert!((0.0..1e-3).contains(&gap), "{mode}: gap {gap}");
+        }
+    }
+}
+
 #[test]
 fn bad_settings_name_the_key() {
     let tmp = tempfile::tempdir().unwrap();

@@ -200,11 +200,13 @@ pub trait Backend: Send + Sync {
     );
 
     /// Draws one token per row: out[r] = `sampling::sample(logits[r], params, draws.uniform(r))`
-    /// (argmax when the temperature is 0), as a float id. logits: [R, V] f32; out: [R] f32;
-    /// R = draws.rows().
+    /// (argmax when the temperature is 0), as a float id, and logp[r] = its log-probability
+    /// `sampling::token_logprob(logits[r], out[r], temperature)` over the whole vocabulary (0 when
+    /// greedy). logits: [R, V] f32; out, logp: [R] f32; R = draws.rows().
     fn sample_tokens(
         &self,
         out: Self::ViewMut<'_>,
+        logp: Self::ViewMut<'_>,
         logits: Self::View<'_>,
         draws: &TokenDraws,
         vocab: usize,

@@ -266,6 +266,7 @@ fn one_step<B: TrainBackend>(
             truncated: &truncated,
             keep: None,
             ref_logp: None,
+            old_logp: None,
         },
         &UpdateOptions {
             loss: &loss,

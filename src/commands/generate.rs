@@ -118,8 +118,8 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         let text = tokenizer.decode(&c.tokens, true)?;
         if args.json {
             let line = serde_json::json!({
-                "sample": i, "text": text, "tokens": c.tokens, "len": c.len,
-                "finished": c.finished, "truncated": c.truncated,
+                "sample": i, "text": text, "tokens": c.tokens, "logprobs": c.logprobs,
+                "len": c.len, "finished": c.finished, "truncated": c.truncated,
             });
             println!("{line}");
         } else {

@@ -907,6 +907,7 @@ impl Backend for CudaBackend {
     fn sample_tokens(
         &self,
         out: CudaViewMut<'_>,
+        logp: CudaViewMut<'_>,
         logits: CudaView<'_>,
         draws: &TokenDraws,
         vocab: usize,
@@ -915,6 +916,7 @@ impl Backend for CudaBackend {
         self.run("sample_tokens", || {
             let rows = draws.rows();
             expect("out", out.dtype, out.len, DType::F32, rows)?;
+            expect("logp", logp.dtype, logp.len, DType::F32, rows)?;
             expect("logits", logits.dtype, logits.len, DType::F32, rows * vocab)?;
             params.validate()?;
             // Kept alive until the launch is queued (freed in stream order).
@@ -944,6 +946,7 @@ impl Backend for CudaBackend {
             ops::sampling::sample_tokens(
                 &self.k,
                 out.ptr,
+                logp.ptr,
                 logits.ptr,
                 &device_draws,
                 rows,

@@ -65,6 +65,7 @@ fn run_update<B: TrainBackend>(
             truncated: &inputs.truncated,
             keep: None,
             ref_logp: Some(&inputs.ref_logp),
+            old_logp: None,
         },
         &UpdateOptions {
             loss: &inputs.loss,

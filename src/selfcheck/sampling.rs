@@ -2,9 +2,10 @@
 //! ids (exact), greedy and at two temperatures, for vocabularies below, near and far above the
 //! kernel's 32 warps × 32 lanes, with ties for the argmax and draws at both ends of [0, 1); then
 //! top-k and top-p (the kernel's radix search for the cut-off), with rows of tied logits; then
-//! the uniforms drawn on the device by Philox (flat logits: a wrong uniform moves the id).
+//! the uniforms drawn on the device by Philox (flat logits: a wrong uniform moves the id). Every
+//! shape has a second row, the drawn tokens' log-probabilities (f32 from f64 sums: TOL_F32).
 
-use super::{get, put_f32, Checker, Compared, Rand, TOL_EXACT};
+use super::{get, put_f32, Checker, Compared, Rand, TOL_EXACT, TOL_F32};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{Backend, TrainBackend};
 use crate::sampling::{SamplingParams, TokenDraws};
@@ -70,19 +71,22 @@ fn check_given<D: TrainBackend>(
     vocab: usize,
     params: &SamplingParams,
 ) -> Result<()> {
-    c.check(
-        "sample_tokens",
-        shape(rows, vocab, params),
-        TOL_EXACT,
-        |dev, rand| {
-            let (logits, logits_h) = put_f32(dev, &tied_logits(rand, rows, vocab))?;
-            let mut uniforms = rand.uniform(rows);
-            uniforms[0] = 0.0;
-            uniforms[rows - 1] = 1.0 - f64::EPSILON / 2.0;
-            let draws = TokenDraws::Given(&uniforms);
-            compare(dev, &logits, &logits_h, &draws, vocab, params)
-        },
-    )
+    for output in [Output::Ids, Output::Logp] {
+        c.check(
+            output.op(),
+            shape(rows, vocab, params),
+            output.tolerance(),
+            |dev, rand| {
+                let (logits, logits_h) = put_f32(dev, &tied_logits(rand, rows, vocab))?;
+                let mut uniforms = rand.uniform(rows);
+                uniforms[0] = 0.0;
+                uniforms[rows - 1] = 1.0 - f64::EPSILON / 2.0;
+                let draws = TokenDraws::Given(&uniforms);
+                compare(dev, &logits, &logits_h, &draws, vocab, params, output)
+            },
+        )?;
+    }
+    Ok(())
 }
 
 /// Draws computed by the device: stream and step above 2^32 (both counter words in use).
@@ -93,17 +97,48 @@ fn check_philox<D: TrainBackend>(
     params: &SamplingParams,
 ) -> Result<()> {
     let shape = format!("{} philox", shape(rows, vocab, params));
-    c.check("sample_tokens", shape, TOL_EXACT, |dev, rand| {
-        let (logits, logits_h) = put_f32(dev, &rand.normal(rows * vocab, 0.1))?;
-        let streams: Vec<u32> = (0..rows as u32).rev().map(|s| 3 * s + 1).collect();
-        let draws = TokenDraws::Philox {
-            seed: 0x5EED_0000_0001,
-            first_stream: (1 << 33) + 7,
-            streams: &streams,
-            step: (1 << 32) + 11,
-        };
-        compare(dev, &logits, &logits_h, &draws, vocab, params)
-    })
+    for output in [Output::Ids, Output::Logp] {
+        c.check(
+            output.op(),
+            shape.clone(),
+            output.tolerance(),
+            |dev, rand| {
+                let (logits, logits_h) = put_f32(dev, &rand.normal(rows * vocab, 0.1))?;
+                let streams: Vec<u32> = (0..rows as u32).rev().map(|s| 3 * s + 1).collect();
+                let draws = TokenDraws::Philox {
+                    seed: 0x5EED_0000_0001,
+                    first_stream: (1 << 33) + 7,
+                    streams: &streams,
+                    step: (1 << 32) + 11,
+                };
+                compare(dev, &logits, &logits_h, &draws, vocab, params, output)
+            },
+        )?;
+    }
+    Ok(())
+}
+
+/// Which output of `sample_tokens` a row compares.
+#[derive(Clone, Copy)]
+enum Output {
+    Ids,
+    Logp,
+}
+
+impl Output {
+    fn op(self) -> &'static str {
+        match self {
+            Output::Ids => "sample_tokens",
+            Output::Logp => "sample_tokens/logp",
+        }
+    }
+
+    fn tolerance(self) -> f64 {
+        match self {
+            Output::Ids => TOL_EXACT,
+            Output::Logp => TOL_F32,
+        }
+    }
 }
 
 fn compare<D: TrainBackend>(
@@ -113,17 +148,23 @@ fn compare<D: TrainBackend>(
     draws: &TokenDraws,
     vocab: usize,
     params: &SamplingParams,
+    output: Output,
 ) -> Result<Vec<Compared>> {
     let rows = draws.rows();
-    let mut out = dev.upload_f32(&vec![-1.0; rows])?; // overwritten
+    let mut ids = dev.upload_f32(&vec![-1.0; rows])?; // overwritten
+    let mut logp = dev.upload_f32(&vec![1.0; rows])?; // overwritten
     dev.sample_tokens(
-        dev.full_mut(&mut out),
+        dev.full_mut(&mut ids),
+        dev.full_mut(&mut logp),
         dev.full(logits),
         draws,
         vocab,
         params,
     );
-    let mut reference = vec![0.0; rows];
-    CpuBackend.sample_tokens(&mut reference, logits_h, draws, vocab, params);
-    Ok(vec![("", get(dev, &out)?, reference)])
+    let (mut ids_ref, mut logp_ref) = (vec![0.0; rows], vec![0.0; rows]);
+    CpuBackend.sample_tokens(&mut ids_ref, &mut logp_ref, logits_h, draws, vocab, params);
+    Ok(vec![match output {
+        Output::Ids => ("", get(dev, &ids)?, ids_ref),
+        Output::Logp => ("", get(dev, &logp)?, logp_ref),
+    }])
 }

@@ -31,6 +31,10 @@ pub struct StepMetrics {
     pub mean_len_truncated: f64,
     /// The update was skipped because the loss or the gradient was not finite.
     pub skipped: bool,
+    /// Mean |logπθ − logπsampler| over the scored tokens: the trainer's log-probs at the step's
+    /// first forward pass against those the sampler saw (decode path, same weights).
+    #[serde(default)]
+    pub logp_gap: f64,
 }
 
 pub fn mean(xs: &[f64]) -> f64 {

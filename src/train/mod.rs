@@ -23,7 +23,7 @@ use crate::prompt::PromptTemplate;
 use crate::rollout::sample_groups;
 use crate::sampling::SamplingParams;
 use crate::tokenizer::Tokenizer;
-use crate::train_config::TrainConfig;
+use crate::train_config::{OldLogp, TrainConfig};
 use anyhow::{bail, Context, Result};
 use metrics::{mean, quantile, std, StepMetrics};
 use optimizer::DeviceOptimizer;
@@ -202,9 +202,6 @@ fn train_on<B: TrainBackend>(
     stop_after: Option<usize>,
 ) -> Result<RunSummary> {
     cfg.validate()?;
-    if cfg.loss.old_logp == crate::train_config::OldLogp::Sampler {
-        bail!("loss.old_logp = \"sampler\": the sampler does not return log-probs yet; use \"recompute\"");
-    }
     if inputs.train.is_empty() {
         bail!("no training examples");
     }
@@ -364,6 +361,11 @@ fn train_on<B: TrainBackend>(
         let batch = TrainBatch::new(&seqs)?;
         let lens: Vec<usize> = rollouts.iter().map(|r| r.completion_ids.len()).collect();
         let truncated: Vec<bool> = rollouts.iter().map(|r| r.truncated).collect();
+        let sampler_logp: Vec<f64> = rollouts
+            .iter()
+            .flat_map(|r| r.logprobs.iter().map(|&x| x as f64))
+            .collect();
+        let old_from_sampler = cfg.loss.old_logp == OldLogp::Sampler;
         let temperature = sampling_temperature(cfg);
         let ref_logp: Option<Vec<f64>> = match &mut reference_params {
             Some(reference) => {
@@ -385,6 +387,7 @@ fn train_on<B: TrainBackend>(
                 truncated: &truncated,
                 keep: keep.as_deref(),
                 ref_logp: ref_logp.as_deref(),
+                old_logp: old_from_sampler.then_some(sampler_logp.as_slice()),
             },
             &UpdateOptions {
                 loss: &loss_opts,
@@ -400,6 +403,15 @@ fn train_on<B: TrainBackend>(
                 update.loss.loss, update.grad_norm
             );
         }
+        // How far the sampler's log-probs (decode path) are from the trainer's (training forward).
+        let logp_gap = mean(
+            &update
+                .first_logp
+                .iter()
+                .zip(&sampler_logp)
+                .map(|(t, s)| (t - s).abs())
+                .collect::<Vec<_>>(),
+        );
         let (lo, entropy, grad_norm, skipped) = (
             update.loss,
             update.entropy,
@@ -452,6 +464,7 @@ fn train_on<B: TrainBackend>(
             mean_len_finished: split(false),
             mean_len_truncated: split(true),
             skipped,
+            logp_gap,
         };
         writeln!(metrics_file, "{}", serde_json::to_string(&m)?)
             .with_context(|| format!("cannot write {}", out.join("metrics.jsonl").display()))?;

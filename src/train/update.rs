@@ -22,6 +22,8 @@ pub struct UpdateBatch<'a> {
     pub keep: Option<&'a [bool]>,
     /// Per-token log-probs under the reference policy, when β > 0.
     pub ref_logp: Option<&'a [f64]>,
+    /// Per-token logπold when given (the sampler's); else the first epoch's, recomputed.
+    pub old_logp: Option<&'a [f64]>,
 }
 
 /// The settings of an update.
@@ -46,6 +48,8 @@ pub struct UpdateResult {
     pub grad_norm: f64,
     /// The loss or gradient was not finite: that epoch's update (and any later) was skipped.
     pub skipped: bool,
+    /// The policy's per-token log-probs at the first forward pass (before any step).
+    pub first_logp: Vec<f64>,
 }
 
 /// Runs the update on `model` and `opt`.
@@ -55,12 +59,13 @@ pub fn policy_update<B: TrainBackend>(
     u: &UpdateBatch,
     o: &UpdateOptions,
 ) -> Result<UpdateResult> {
-    let mut old_logp: Option<Vec<f64>> = None;
-    let mut result = None;
+    let mut first_logp: Option<Vec<f64>> = None;
+    let mut last = None;
     for _ in 0..o.epochs.max(1) {
         let fwd = model.forward_train(u.batch, o.temperature)?;
         let logp = to_f64(&fwd.logp);
-        let old = old_logp.get_or_insert_with(|| logp.clone());
+        let first = first_logp.get_or_insert_with(|| logp.clone());
+        let old = u.old_logp.unwrap_or(first);
         let entropy = mean(&to_f64(&fwd.entropy));
         let lb = LossBatch {
             logp: &logp,
@@ -80,20 +85,98 @@ pub fn policy_update<B: TrainBackend>(
         if !skipped {
             opt.step(model, o.lr, clip_scale(grad_norm, o.grad_clip));
         }
-        result = Some(UpdateResult {
-            loss,
-            entropy,
-            grad_norm,
-            skipped,
-        });
+        last = Some((loss, entropy, grad_norm, skipped));
         if skipped {
             // A non-finite loss or gradient never reaches the weights (or a checkpoint).
             break;
         }
     }
-    Ok(result.expect("at least one epoch"))
+    let (loss, entropy, grad_norm, skipped) = last.expect("at least one epoch");
+    Ok(UpdateResult {
+        loss,
+        entropy,
+        grad_norm,
+        skipped,
+        first_logp: first_logp.expect("at least one epoch"),
+    })
 }
 
 pub(crate) fn to_f64(xs: &[f32]) -> Vec<f64> {
     xs.iter().map(|&x| x as f64).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::CpuBackend;
+    use crate::backend::Backend;
+    use crate::config::ModelConfig;
+    use crate::grpo::policy_loss::LossOptions;
+    use crate::optim::AdamW;
+
+    fn tiny_model() -> Model<CpuBackend> {
+        let cfg = ModelConfig::from_json_str(
+            r#"{"model_type":"llama","vocab_size":32,"hidden_size":16,"intermediate_size":32,
+                "num_hidden_layers":1,"num_attention_heads":2,"num_key_value_heads":1}"#,
+        )
+        .unwrap();
+        Model::random(cfg, 3, CpuBackend).unwrap()
+    }
+
+    /// One update of a fresh tiny model on two completions; `old_logp` as the sampler's.
+    fn run(old_logp: Option<&[f64]>) -> UpdateResult {
+        let mut model = tiny_model();
+        let host = model
+            .backend
+            .download(model.backend.full(&model.params))
+            .unwrap();
+        let adam = AdamW::new(host.len(), 0.9, 0.999, 1e-8, 0.0);
+        let mut opt = DeviceOptimizer::new(&model.backend, &adam, &host).unwrap();
+        let seqs: [(&[u32], &[u32]); 2] = [(&[1, 2, 3], &[4, 5]), (&[6], &[7, 8, 9])];
+        let batch = TrainBatch::new(&seqs).unwrap();
+        let loss = LossOptions {
+            beta: 0.0,
+            ..LossOptions::default()
+        };
+        let u = UpdateBatch {
+            batch: &batch,
+            lens: &[2, 3],
+            advantages: &[1.0, -0.5],
+            truncated: &[false, false],
+            keep: None,
+            ref_logp: None,
+            old_logp,
+        };
+        let options = UpdateOptions {
+            loss: &loss,
+            epochs: 1,
+            temperature: 1.0,
+            lr: 1e-3,
+            grad_clip: 0.0,
+        };
+        policy_update(&mut model, &mut opt, &u, &options).unwrap()
+    }
+
+    /// Recomputed: ρ = 1 and the loss is −mean over completions of A (= −0.25). Given old
+    /// log-probs δ = 0.1 below the policy's: ρ = e^0.1 (inside the clip range) on every token,
+    /// so the loss is e^0.1 times as large; the first forward's log-probs are the same.
+    #[test]
+    fn given_old_logprobs_set_the_ratio() {
+        let recomputed = run(None);
+        let old: Vec<f64> = recomputed.first_logp.iter().map(|lp| lp - 0.1).collect();
+        let given = run(Some(&old));
+        assert!(
+            (recomputed.loss.loss + 0.25).abs() < 1e-12,
+            "{}",
+            recomputed.loss.loss
+        );
+        let want = 0.1f64.exp() * recomputed.loss.loss;
+        assert!(
+            (given.loss.loss - want).abs() < 1e-9,
+            "{} vs {want}",
+            given.loss.loss
+        );
+        assert_eq!(given.first_logp, recomputed.first_logp);
+        assert_eq!(given.first_logp.len(), 5);
+    }
 }

@@ -150,12 +150,13 @@ impl Backend for CpuBackend {
     fn sample_tokens(
         &self,
         out: &mut [f32],
+        logp: &mut [f32],
         logits: &[f32],
         draws: &TokenDraws,
         vocab: usize,
         params: &SamplingParams,
     ) {
-        sample_tokens(out, logits, draws, vocab, params)
+        sample_tokens(out, logp, logits, draws, vocab, params)
     }
 }
 

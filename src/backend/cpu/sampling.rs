@@ -1,21 +1,29 @@
 //! Drawing one token per row of logits (the op behind the sampling kernel): the CPU runs the
 //! specification itself, `crate::sampling::sample`, row by row.
 
-use crate::sampling::{sample, SamplingParams, TokenDraws};
+use crate::sampling::{sample, token_logprob, SamplingParams, TokenDraws};
 
-/// out[r] = sample(logits[r], params, draws.uniform(r)) as a float id.  logits: [R, V]; out: [R].
+/// out[r] = sample(logits[r], params, draws.uniform(r)) as a float id, logp[r] = its
+/// log-probability at the temperature (0 when greedy).  logits: [R, V]; out, logp: [R].
 pub fn sample_tokens(
     out: &mut [f32],
+    logp: &mut [f32],
     logits: &[f32],
     draws: &TokenDraws,
     vocab: usize,
     params: &SamplingParams,
 ) {
     assert!(
-        out.len() == draws.rows() && logits.len() == out.len() * vocab,
-        "sample_tokens: out [R], draws [R] and logits [R, vocab] disagree"
+        out.len() == draws.rows() && logp.len() == out.len() && logits.len() == out.len() * vocab,
+        "sample_tokens: out [R], logp [R], draws [R] and logits [R, vocab] disagree"
     );
-    for (r, (o, row)) in out.iter_mut().zip(logits.chunks_exact(vocab)).enumerate() {
-        *o = sample(row, params, draws.uniform(r)) as f32;
+    for (r, row) in logits.chunks_exact(vocab).enumerate() {
+        let token = sample(row, params, draws.uniform(r));
+        out[r] = token as f32;
+        logp[r] = if params.temperature == 0.0 {
+            0.0
+        } else {
+            token_logprob(row, token, params.temperature)
+        };
     }
 }

@@ -24,10 +24,13 @@ pub enum DeviceDraws {
 }
 
 /// out[r] = the token drawn from logits row r with its uniform under `params` (temperature 0 =
-/// argmax). out: [rows] f32; logits: [rows, vocab] f32.
+/// argmax), logp[r] = its log-probability at the temperature (0 when greedy). out, logp: [rows]
+/// f32; logits: [rows, vocab] f32.
+#[allow(clippy::too_many_arguments)]
 pub fn sample_tokens(
     k: &KernelCtx,
     out: u64,
+    logp: u64,
     logits: u64,
     draws: &DeviceDraws,
     rows: usize,
@@ -57,6 +60,7 @@ pub fn sample_tokens(
     };
     let mut b = k.stream.launch_builder(&f);
     b.arg(&out)
+        .arg(&logp)
         .arg(&logits)
         .arg(&uniforms)
         .arg(&streams)
@@ -67,11 +71,11 @@ pub fn sample_tokens(
         .arg(&seed)
         .arg(&first_stream)
         .arg(&step);
-    // SAFETY: matches `(float* out, const float* logits, const float* uniforms, const unsigned*
-    // streams, int vocab, float temperature, int top_k, float top_p, unsigned long long seed,
-    // unsigned long long first_stream, unsigned long long step)`; the caller owns out of rows
-    // f32, logits of rows × vocab f32, and either uniforms of 2 × rows f32 (streams null) or
-    // streams of rows u32 (uniforms null); one block per row.
+    // SAFETY: matches `(float* out, float* logp, const float* logits, const float* uniforms,
+    // const unsigned* streams, int vocab, float temperature, int top_k, float top_p, unsigned
+    // long long seed, unsigned long long first_stream, unsigned long long step)`; the caller owns
+    // out and logp of rows f32 each, logits of rows × vocab f32, and either uniforms of 2 × rows
+    // f32 (streams null) or streams of rows u32 (uniforms null); one block per row.
     unsafe { b.launch(cfg) }
         .with_context(|| format!("launching sample_tokens (rows {rows}, vocab {vocab})"))?;
     Ok(())
