@@ -1,10 +1,14 @@
 // Row gathers: the embedding lookup and the selection of rows of an activation.
 //
-//   embedding_forward:  out[r, :] = table[ids[r], :]   table: (vocab, dim), ids: u32 (rows)
-//   gather_rows:        out[r, :] = x[rows[r], :]      x: (*, dim), rows: u32 (rows)
+//   embedding_forward:          out[r, :] = table[ids[r], :]         ids: u32 (rows)
+//   embedding_forward_sampled:  out[r, :] = table[sampled[rows[r]], :]  sampled: f32 ids (as
+//                               sample_tokens writes them), rows: u32 (rows)
+//   gather_rows:                out[r, :] = x[rows[r], :]            x: (*, dim), rows: u32 (rows)
 //
-// Both are the same copy; they have separate entry points only so that a profile names the op.
-// The indices are validated on the host (the backend), so the kernels trust them.
+// All are the same copy; they have separate entry points so that a profile names the op. The
+// u32 indices are validated on the host (the backend), so the kernels trust them; the sampled
+// ids never visit the host before the lookup, so an id outside the table gives a row of NaN
+// (the decode loop checks every id when it downloads them).
 //
 // Layout: out is (rows, dim), all bf16, row-major and contiguous.
 // Parallelisation (src/cuda/ops/embedding.rs): grid.x strides over the columns of a row, in
@@ -14,8 +18,27 @@
 
 #include "common.cuh"
 
+// The source row of each output row: index[r].
+struct ListedRow {
+    const uint32_t* index;
+    __device__ size_t operator()(int r) const { return index[r]; }
+};
+
+// The source row of each output row: the sampled id sampled[rows[r]]; vocab (one past the
+// table) when the id is not a valid row.
+struct SampledRow {
+    const float* sampled;
+    const uint32_t* rows;
+    int vocab;
+    __device__ size_t operator()(int r) const {
+        const float id = sampled[rows[r]];
+        return (id >= 0.0f && id < (float)vocab) ? (size_t)id : (size_t)vocab;
+    }
+};
+
+template <class SourceRow>
 __device__ __forceinline__ void copy_rows(__nv_bfloat16* out, const __nv_bfloat16* src,
-                                          const uint32_t* index, int rows, int dim) {
+                                          SourceRow source_row, size_t src_rows, int rows, int dim) {
     constexpr int VEC = x128::size;
     const bool vectorised = (dim % VEC == 0) && is_aligned16(out) && is_aligned16(src);
     const int step = vectorised ? VEC : 1;
@@ -23,8 +46,13 @@ __device__ __forceinline__ void copy_rows(__nv_bfloat16* out, const __nv_bfloat1
     const size_t first = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * step;
     const size_t stride = (size_t)gridDim.x * blockDim.x * step;
     for (int r = blockIdx.y; r < rows; r += gridDim.y) {
-        const __nv_bfloat16* src_row = src + (size_t)index[r] * dim;
+        const size_t source = source_row(r);
         __nv_bfloat16* out_row = out + (size_t)r * dim;
+        if (source >= src_rows) {
+            for (size_t c = first / step; c < (size_t)dim; c += stride / step) { out_row[c] = __float2bfloat16(NAN); }
+            continue;
+        }
+        const __nv_bfloat16* src_row = src + source * dim;
         if (vectorised) {
             // ordinary (cached) load: a repeated id or row is served from L2
             for (size_t c = first; c < (size_t)dim; c += stride) { store128(out_row + c, load128(src_row + c)); }
@@ -36,12 +64,19 @@ __device__ __forceinline__ void copy_rows(__nv_bfloat16* out, const __nv_bfloat1
 
 extern "C" __global__ void __launch_bounds__(256)
 embedding_forward(__nv_bfloat16* out, const __nv_bfloat16* table, const uint32_t* ids, int rows, int dim) {
-    copy_rows(out, table, ids, rows, dim);
+    copy_rows(out, table, ListedRow{ids}, SIZE_MAX, rows, dim);
+}
+
+// vocab: rows of the table.
+extern "C" __global__ void __launch_bounds__(256)
+embedding_forward_sampled(__nv_bfloat16* out, const __nv_bfloat16* table, const float* sampled,
+                          const uint32_t* rows_index, int rows, int dim, int vocab) {
+    copy_rows(out, table, SampledRow{sampled, rows_index, vocab}, (size_t)vocab, rows, dim);
 }
 
 extern "C" __global__ void __launch_bounds__(256)
 gather_rows(__nv_bfloat16* out, const __nv_bfloat16* x, const uint32_t* rows_index, int rows, int dim) {
-    copy_rows(out, x, rows_index, rows, dim);
+    copy_rows(out, x, ListedRow{rows_index}, SIZE_MAX, rows, dim);
 }
 
 // ----------------------------------------------------------------------------

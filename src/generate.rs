@@ -26,6 +26,9 @@ pub struct GenerateConfig {
     pub first_stream: u64,
     pub eos_ids: Vec<u32>,
     pub stop_strings: Vec<String>,
+    /// Decode steps between host syncs (None: the backend's `decode_sync_every`). The output
+    /// does not depend on it.
+    pub sync_every: Option<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -97,7 +100,16 @@ pub fn generate<B: Backend>(
     let mut logits = model.forward(&tokens, &place, &mut cache, &logit_rows)?;
 
     // Every active sequence has `step` tokens: all drew their first at the prefill's logits and
-    // one more at each decode step since.
+    // one more at each decode step since. The ids stay on the device and feed the next step
+    // directly; the host learns them (and so EOS and stop strings) only every `sync_every`
+    // steps. Caps need no sync: the host drops a sequence at its cap by counting steps. A
+    // sequence that ended in between runs on until the sync and its extra tokens are dropped,
+    // so the result is the same for every interval (draws are per sequence and step).
+    let sync_every = config
+        .sync_every
+        .unwrap_or_else(|| b.decode_sync_every())
+        .max(1);
+    let mut pending: Vec<Drawn<B>> = Vec::new();
     let mut step = 0u64;
     while !active.is_empty() {
         // Row r of `logits` continues request active[r]: its draw is uniform number `step` of
@@ -119,15 +131,76 @@ pub fn generate<B: Backend>(
             vocab,
             &config.sampling,
         );
-        let drawn = b.download(b.full(&ids))?;
-        let drawn_logp = b.download(b.full(&logp))?;
         step += 1;
-        let mut next_active = Vec::with_capacity(active.len());
-        let mut next_tokens = Vec::with_capacity(active.len());
+        pending.push(Drawn {
+            requests: active.clone(),
+            ids,
+            logp,
+        });
+        let under_cap = |i: usize| step < requests[i].max_new_tokens as u64;
+        let mut running: Vec<usize> = (0..active.len())
+            .filter(|&r| under_cap(active[r]))
+            .collect();
+        let sync = running.is_empty() || pending.len() >= sync_every;
+        if sync {
+            record(b, &pending, &mut out, requests, config, detokenize, vocab)?;
+            running.retain(|&r| !out[active[r]].finished);
+        }
+        if running.is_empty() {
+            break;
+        }
+        // Row m of the next step: the token just drawn in row running[m].
+        let rows: Vec<u32> = running.iter().map(|&r| r as u32).collect();
         let mut next_place = TokenPlacement::default();
-        for ((&i, &id), &lp) in active.iter().zip(&drawn).zip(&drawn_logp) {
-            let tok = id as u32;
+        for &r in &running {
+            let i = active[r];
+            next_place.slots.push(i as u32);
+            next_place
+                .positions
+                .push((requests[i].prompt.len() as u64 + step - 1) as u32);
+        }
+        active = running.iter().map(|&r| active[r]).collect();
+        let sampled = &pending.last().expect("this step's draws").ids;
+        let logit_rows: Vec<usize> = (0..rows.len()).collect();
+        logits = model.forward_sampled(sampled, &rows, &next_place, &mut cache, &logit_rows)?;
+        if sync {
+            pending.clear(); // recorded; the forward above is queued (buffers free in stream order)
+        }
+    }
+    Ok(out)
+}
+
+/// One decode step's draws, still on the device: row r continues request `requests[r]`.
+struct Drawn<B: Backend> {
+    requests: Vec<usize>,
+    ids: B::Buf,
+    logp: B::Buf,
+}
+
+/// Downloads the pending steps' draws (oldest first) and appends each to its request unless the
+/// request has already ended: at an EOS id or a stop string it is finished, at its cap
+/// truncated.
+fn record<B: Backend>(
+    b: &B,
+    pending: &[Drawn<B>],
+    out: &mut [Completion],
+    requests: &[GenerationRequest],
+    config: &GenerateConfig,
+    detokenize: Option<Detokenize>,
+    vocab: usize,
+) -> Result<()> {
+    for drawn in pending {
+        let ids = b.download(b.full(&drawn.ids))?;
+        let logp = b.download(b.full(&drawn.logp))?;
+        for ((&i, &id), &lp) in drawn.requests.iter().zip(&ids).zip(&logp) {
             let c = &mut out[i];
+            if c.finished || c.truncated {
+                continue;
+            }
+            if !(id >= 0.0 && id < vocab as f32) {
+                bail!("the sampler returned token id {id}, outside the vocabulary of {vocab}");
+            }
+            let tok = id as u32;
             c.tokens.push(tok);
             c.logprobs.push(lp);
             if config.eos_ids.contains(&tok) {
@@ -148,21 +221,8 @@ pub fn generate<B: Backend>(
             }
             if c.tokens.len() >= requests[i].max_new_tokens {
                 c.truncated = true;
-                continue;
             }
-            next_tokens.push(tok);
-            next_place.slots.push(i as u32);
-            next_place
-                .positions
-                .push((requests[i].prompt.len() + c.tokens.len() - 1) as u32);
-            next_active.push(i);
         }
-        active = next_active;
-        if active.is_empty() {
-            break;
-        }
-        let rows: Vec<usize> = (0..active.len()).collect();
-        logits = model.forward(&next_tokens, &next_place, &mut cache, &rows)?;
     }
-    Ok(out)
+    Ok(())
 }

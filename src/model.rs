@@ -136,18 +136,50 @@ impl<B: Backend> Model<B> {
         cache: &mut KvCache<B>,
         logit_rows: &[usize],
     ) -> Result<B::Buf> {
+        self.check_batch(tokens, place, cache, logit_rows)?;
+        let b = &self.backend;
+        self.forward_embedded(place, cache, logit_rows, |x| {
+            b.embedding_forward(x, self.p(self.layout.embed), tokens, self.cfg.hidden_size)
+        })
+    }
+
+    /// `forward` of tokens that `sample_tokens` left on the device: token m is the id
+    /// sampled[rows[m]] (f32 ids; an id outside the vocabulary makes NaN logits).
+    pub fn forward_sampled(
+        &self,
+        sampled: &B::Buf,
+        rows: &[u32],
+        place: &TokenPlacement,
+        cache: &mut KvCache<B>,
+        logit_rows: &[usize],
+    ) -> Result<B::Buf> {
+        self.check_placement(rows.len(), place, cache, logit_rows)?;
+        let b = &self.backend;
+        self.forward_embedded(place, cache, logit_rows, |x| {
+            b.embedding_forward_sampled(
+                x,
+                self.p(self.layout.embed),
+                b.full(sampled),
+                rows,
+                self.cfg.hidden_size,
+            )
+        })
+    }
+
+    /// The layers and the head after `embed` has written the batch's embeddings into x: [M, H].
+    fn forward_embedded(
+        &self,
+        place: &TokenPlacement,
+        cache: &mut KvCache<B>,
+        logit_rows: &[usize],
+        embed: impl FnOnce(B::ViewMut<'_>),
+    ) -> Result<B::Buf> {
         let cfg = &self.cfg;
         let b = &self.backend;
-        let m = tokens.len();
-        self.check_batch(tokens, place, cache, logit_rows)?;
+        let m = place.slots.len();
         let mut x = b.zeros(m * cfg.hidden_size)?; // [M, H] residual stream
         let mut acts = LayerActs::new(b, cfg, m)?; // reused by every layer
-        b.embedding_forward(
-            b.full_mut(&mut x),
-            self.p(self.layout.embed),
-            tokens,
-            cfg.hidden_size,
-        );
+        embed(b.full_mut(&mut x));
         for l in 0..cfg.num_layers {
             self.layer_forward(l, &mut x, &mut acts, place, cache);
         }
@@ -195,20 +227,30 @@ impl<B: Backend> Model<B> {
         cache: &KvCache<B>,
         logit_rows: &[usize],
     ) -> Result<()> {
-        let cfg = &self.cfg;
-        let m = tokens.len();
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+            bail!(
+                "token id {bad} is out of range for the model's vocabulary of {} tokens",
+                self.cfg.vocab_size
+            );
+        }
+        self.check_placement(tokens.len(), place, cache, logit_rows)
+    }
+
+    /// Rejects a placement that does not give each of the m tokens a slot and position inside
+    /// the cache, and logit rows outside the batch.
+    fn check_placement(
+        &self,
+        m: usize,
+        place: &TokenPlacement,
+        cache: &KvCache<B>,
+        logit_rows: &[usize],
+    ) -> Result<()> {
         if place.slots.len() != m || place.positions.len() != m {
             bail!(
                 "forward: {} tokens but {} slots and {} positions",
                 m,
                 place.slots.len(),
                 place.positions.len()
-            );
-        }
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
-            bail!(
-                "token id {bad} is out of range for the model's vocabulary of {} tokens",
-                cfg.vocab_size
             );
         }
         for (&slot, &pos) in place.slots.iter().zip(&place.positions) {

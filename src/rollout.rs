@@ -53,6 +53,7 @@ pub fn sample_groups<B: Backend>(
         first_stream: step * requests.len() as u64,
         eos_ids: tok.eos_token_ids().to_vec(),
         stop_strings: Vec::new(),
+        sync_every: None,
     };
     let completions = generate(model, &requests, &config, None)?;
     completions

@@ -325,6 +325,34 @@ fn op_checks<D: TrainBackend>(c: &mut Checker<D>, coverage: Coverage) -> Result<
         )?;
     }
 
+    // embedding_forward_sampled: out [M, dim] = table rows of the f32 ids sampled [R] picked by
+    // rows [M] (a subset, out of order, one twice).
+    for (r_count, v, dim) in [(5, 1001, 7), (64, 151936, 64)] {
+        c.check(
+            "embedding_forward_sampled",
+            format!("R={r_count} V={v} dim={dim}"),
+            TOL_EXACT,
+            |dev, r| {
+                let (table, table_h) = put(dev, &r.normal(v * dim, 1.0))?;
+                let ids: Vec<f32> = r.ids(r_count, v).iter().map(|&i| i as f32).collect();
+                let (sampled, sampled_h) = put_f32(dev, &ids)?;
+                let mut rows: Vec<u32> = (0..r_count as u32).rev().step_by(2).collect();
+                rows.push(rows[0]);
+                let mut out = dev.zeros(rows.len() * dim)?;
+                dev.embedding_forward_sampled(
+                    dev.full_mut(&mut out),
+                    dev.full(&table),
+                    dev.full(&sampled),
+                    &rows,
+                    dim,
+                );
+                let mut reference = vec![0.0; rows.len() * dim];
+                cpu.embedding_forward_sampled(&mut reference, &table_h, &sampled_h, &rows, dim);
+                Ok(vec![("", get(dev, &out)?, reference)])
+            },
+        )?;
+    }
+
     // rmsnorm_forward: x, out [M, dim]; weight [dim].
     for (m, dim) in [(1, 896), (5, 7), (64, 33), (64, 1536)] {
         c.check(
@@ -702,6 +730,7 @@ fn model_check<D: Backend>(c: &mut Checker<D>) -> Result<Vec<String>> {
         first_stream: 0,
         eos_ids: Vec::new(),
         stop_strings: Vec::new(),
+        sync_every: None,
     };
     let want = generate(&cpu_model, &requests, &config, None)?;
     let info = match generate(&dev_model, &requests, &config, None) {

@@ -27,6 +27,7 @@ fn config(temperature: f32, seed: u64, eos: Vec<u32>) -> GenerateConfig {
         first_stream: 0,
         eos_ids: eos,
         stop_strings: vec![],
+        sync_every: None,
     }
 }
 
@@ -146,6 +147,33 @@ fn sampled_tokens_use_the_stream_of_their_request_and_step() {
                 "request {i} step {step}"
             );
             seq.push(tok);
+        }
+    }
+}
+
+/// Deferred host syncs: the decode loop learns the sampled ids (and so EOS and stop strings)
+/// only every few steps and drops the extra tokens of sequences that ended in between; the
+/// completions must be those of a sync after every step, for any interval.
+#[test]
+fn the_host_sync_interval_does_not_change_the_completions() {
+    let m = model();
+    let reqs = requests(&[0, 1, 9, 14, 20, 6]);
+    // Text "a<id>b" per token; the stop string "7b" ends a sequence at token 7 (or 17, 27, ...).
+    let detok = |ids: &[u32]| -> anyhow::Result<String> {
+        Ok(ids.iter().map(|i| format!("a{i}b")).collect())
+    };
+    for (eos, stops) in [(vec![3, 11], vec![]), (vec![], vec!["7b".to_string()])] {
+        let run = |sync_every: usize| {
+            let mut cfg = config(1.0, 5, eos.clone());
+            cfg.stop_strings = stops.clone();
+            cfg.sync_every = Some(sync_every);
+            generate(&m, &reqs, &cfg, Some(&detok)).unwrap()
+        };
+        let every_step = run(1);
+        // Some sequences end before their cap, so the later syncs have tokens to drop.
+        assert!(every_step.iter().any(|c| c.finished), "{every_step:?}");
+        for sync_every in [2, 3, 8, 100] {
+            assert_eq!(run(sync_every), every_step, "sync every {sync_every}");
         }
     }
 }

@@ -137,6 +137,7 @@ fn greedy_generation_matches_transformers() {
             first_stream: 0,
             eos_ids: tok.eos_token_ids().to_vec(),
             stop_strings: vec![],
+            sync_every: None,
         };
         // All prompts as one batch of different lengths.
         let out = generate(&model, &requests, &config, None).unwrap();

@@ -102,6 +102,16 @@ impl Backend for TestDevice {
     fn embedding_forward(&self, out: ViewMut<'_>, table: View<'_>, ids: &[u32], dim: usize) {
         CPU.embedding_forward(out.data, table.data, ids, dim);
     }
+    fn embedding_forward_sampled(
+        &self,
+        out: ViewMut<'_>,
+        table: View<'_>,
+        sampled: View<'_>,
+        rows: &[u32],
+        dim: usize,
+    ) {
+        CPU.embedding_forward_sampled(out.data, table.data, sampled.data, rows, dim);
+    }
     fn rmsnorm_forward(&self, out: ViewMut<'_>, x: View<'_>, w: View<'_>, dim: usize, eps: f32) {
         CPU.rmsnorm_forward(&mut *out.data, x.data, w.data, dim, eps);
         out.store();

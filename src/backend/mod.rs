@@ -106,6 +106,25 @@ pub trait Backend: Send + Sync {
         dim: usize,
     );
 
+    /// Decode steps between host syncs in `generate`: 1 where the host computes anyway (CPU);
+    /// more where each sync idles the device.
+    fn decode_sync_every(&self) -> usize {
+        1
+    }
+
+    /// out[m, :] = table[sampled[rows[m]], :]: the embedding of ids that `sample_tokens` left on
+    /// the device (f32 ids), so a decode step needs no trip through the host. sampled: [R] f32;
+    /// rows: [M] indices into it; out: [M, dim]. An id outside the table gives a row of NaN;
+    /// callers check the ids when they download them.
+    fn embedding_forward_sampled(
+        &self,
+        out: Self::ViewMut<'_>,
+        table: Self::View<'_>,
+        sampled: Self::View<'_>,
+        rows: &[u32],
+        dim: usize,
+    );
+
     /// out[m, :] = x[m, :] / sqrt(mean(x[m, :]²) + eps) * weight.  x, out: [M, dim]; weight: [dim].
     fn rmsnorm_forward(
         &self,

@@ -219,6 +219,7 @@ fn one_step<B: TrainBackend>(
         first_stream: step * requests.len() as u64,
         eos_ids: Vec::new(),
         stop_strings: Vec::new(),
+        sync_every: None,
     };
     let completions = generate(model, &requests, &config, None)?;
     let rollout_s = t0.elapsed().as_secs_f64();

@@ -148,6 +148,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         first_stream: 0,
         eos_ids: tokenizer.eos_token_ids().to_vec(),
         stop_strings: Vec::new(),
+        sync_every: None,
     };
     let total: usize = budgets.len() * sets.iter().map(|s| s.items.len()).sum::<usize>();
     let mut done = 0;

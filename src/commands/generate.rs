@@ -105,6 +105,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         first_stream: 0,
         eos_ids: tokenizer.eos_token_ids().to_vec(),
         stop_strings: args.stop.clone(),
+        sync_every: None,
     };
     let detok = |ids: &[u32]| tokenizer.decode(ids, true);
 

@@ -469,6 +469,12 @@ impl Backend for CudaBackend {
         "cuda"
     }
 
+    /// A sync idles the GPU while the host catches up, and a sequence that ended meanwhile costs
+    /// one row of a decode step per step: 8 keeps both small.
+    fn decode_sync_every(&self) -> usize {
+        8
+    }
+
     fn storage_bytes(&self) -> usize {
         DType::Bf16.size()
     }
@@ -576,6 +582,38 @@ impl Backend for CudaBackend {
             check_ids("token id", ids, vocab)?;
             let ids_ptr = self.indices(ids)?;
             ops::embedding::embedding_forward(&self.k, out.ptr, table.ptr, ids_ptr, ids.len(), dim)
+        })
+    }
+
+    fn embedding_forward_sampled(
+        &self,
+        out: CudaViewMut<'_>,
+        table: CudaView<'_>,
+        sampled: CudaView<'_>,
+        rows: &[u32],
+        dim: usize,
+    ) {
+        self.run("embedding_forward_sampled", || {
+            expect_bf16("table", table.dtype)?;
+            let vocab = rows_of("table", table.len, dim)?;
+            expect("out", out.dtype, out.len, DType::Bf16, rows.len() * dim)?;
+            ensure!(
+                sampled.dtype == DType::F32,
+                "sampled ids must be f32, got {:?}",
+                sampled.dtype
+            );
+            check_ids("sampled row", rows, sampled.len)?;
+            let rows_ptr = self.indices(rows)?;
+            ops::embedding::embedding_forward_sampled(
+                &self.k,
+                out.ptr,
+                table.ptr,
+                sampled.ptr,
+                rows_ptr,
+                rows.len(),
+                dim,
+                vocab,
+            )
         })
     }
 

@@ -13,7 +13,8 @@ mod swiglu;
 
 pub use attention::{attention_backward, attention_forward, kv_cache_gather, kv_cache_write};
 pub use embedding::{
-    embedding_backward, embedding_forward, gather_rows, residual_add, scatter_add_rows,
+    embedding_backward, embedding_forward, embedding_forward_sampled, gather_rows, residual_add,
+    scatter_add_rows,
 };
 pub use logprob::{logprob_backward, logprob_forward};
 pub use matmul::{bias_backward, matmul_backward, matmul_forward};
@@ -63,6 +64,16 @@ impl Backend for CpuBackend {
 
     fn embedding_forward(&self, out: &mut [f32], table: &[f32], ids: &[u32], dim: usize) {
         embedding_forward(out, table, ids, dim)
+    }
+    fn embedding_forward_sampled(
+        &self,
+        out: &mut [f32],
+        table: &[f32],
+        sampled: &[f32],
+        rows: &[u32],
+        dim: usize,
+    ) {
+        embedding_forward_sampled(out, table, sampled, rows, dim)
     }
     fn rmsnorm_forward(&self, out: &mut [f32], x: &[f32], weight: &[f32], dim: usize, eps: f32) {
         rmsnorm_forward(out, x, weight, dim, eps)

@@ -50,6 +50,47 @@ pub fn embedding_forward(
     launch_copy_rows(k, "embedding_forward", out, table, ids, m, dim)
 }
 
+/// out[r, :] = table[sampled[rows[r]], :], a row of NaN where that id is not a row of the table.
+/// out: bf16 [m, dim]; table: bf16 [vocab, dim]; sampled: f32 ids; rows: u32 [m].
+#[allow(clippy::too_many_arguments)]
+pub fn embedding_forward_sampled(
+    k: &KernelCtx,
+    out: u64,
+    table: u64,
+    sampled: u64,
+    rows: u64,
+    m: usize,
+    dim: usize,
+    vocab: usize,
+) -> Result<()> {
+    const KERNEL: &str = "embedding_forward_sampled";
+    ensure!(dim > 0, "{KERNEL}: dim must be positive");
+    let m_i = to_i32(KERNEL, "rows", m)?;
+    let dim_i = to_i32(KERNEL, "dim", dim)?;
+    let vocab_i = to_i32(KERNEL, "vocab", vocab)?;
+    if m == 0 {
+        return Ok(());
+    }
+    let f = k.function(MODULE, KERNEL)?;
+    let vectorised = dim.is_multiple_of(BF16_VEC) && aligned16(&[out, table]);
+    let cfg = rows_config(m, dim, vectorised);
+    let mut b = k.stream.launch_builder(&f);
+    b.arg(&out)
+        .arg(&table)
+        .arg(&sampled)
+        .arg(&rows)
+        .arg(&m_i)
+        .arg(&dim_i)
+        .arg(&vocab_i);
+    // SAFETY: matches `(bf16* out, const bf16* table, const float* sampled, const u32* rows_index,
+    // int rows, int dim, int vocab)`; the caller owns out of m * dim bf16, table of vocab * dim
+    // bf16, rows of m u32 each selecting an element of sampled (validated on the host); the
+    // kernel checks each sampled id against vocab.
+    unsafe { b.launch(cfg) }
+        .with_context(|| format!("launching {KERNEL} (rows {m}, dim {dim})"))?;
+    Ok(())
+}
+
 /// out[r, :] = x[rows[r], :].  out: bf16 [r, dim]; x: bf16 [*, dim]; rows: u32 [r].
 pub fn gather_rows(k: &KernelCtx, out: u64, x: u64, rows: u64, r: usize, dim: usize) -> Result<()> {
     launch_copy_rows(k, "gather_rows", out, x, rows, r, dim)
