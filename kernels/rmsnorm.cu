@@ -18,7 +18,8 @@
 // Rows whose length is a multiple of the vector width (8 for bf16, 4 for f32) and whose pointers
 // are 16-byte aligned use 128-bit loads and stores; anything else takes the scalar path.
 // out may alias x (in-place): every element is read by the thread that writes it, and all reads of
-// pass 1 finish before the block reduction's barrier.
+// pass 1 finish before the block reduction's barrier. add_rmsnorm_forward first adds a residual
+// row into x (x += residual, the residual_add of the model), in the same pass 1.
 
 #include "common.cuh"
 
@@ -34,25 +35,35 @@ __device__ __forceinline__ T rmsnorm_apply(T x, float rstd, T w) {
 // ----------------------------------------------------------------------------
 // kernel body (templated on the storage type; only the bf16 instance has an entry point)
 
+// With `residual` (not null), x is the residual stream: pass 1 first adds the row of residual
+// to it (rounded to T once, as residual_add does) and stores the sum back into x, which pass 2
+// then re-reads (each thread reads back only what it wrote).
 template <class T>
-__device__ __forceinline__ void rmsnorm_forward_block(T* out, const T* x, const T* weight,
+__device__ __forceinline__ void rmsnorm_forward_block(T* out, T* x, const T* residual, const T* weight,
                                                       int rows, int dim, float eps) {
     constexpr int VEC = Packed128<T>::size;  // elements per 16-byte vector
     const int row = blockIdx.x;
     if (row >= rows) { return; }  // uniform over the block, so no thread misses a barrier
 
-    const T* x_row = x + (size_t)row * dim;
+    T* x_row = x + (size_t)row * dim;
+    const T* residual_row = residual ? residual + (size_t)row * dim : nullptr;
     T* out_row = out + (size_t)row * dim;
 
     // The 128-bit path needs every row start to be 16-byte aligned: true when the base pointers
     // are aligned and dim is a multiple of the vector width. Uniform over the grid.
-    const bool vectorised = (dim % VEC == 0) && is_aligned16(x) && is_aligned16(out) && is_aligned16(weight);
+    const bool vectorised = (dim % VEC == 0) && is_aligned16(x) && is_aligned16(out) && is_aligned16(weight) &&
+                            (residual == nullptr || is_aligned16(residual));
 
     // pass 1: sum of squares, accumulated in fp32
     float sum_sq = 0.0f;
     if (vectorised) {
         for (int i = threadIdx.x * VEC; i < dim; i += blockDim.x * VEC) {
-            const Packed128<T> packed_x = load128(x_row + i);
+            Packed128<T> packed_x = load128(x_row + i);
+            if (residual_row) {
+                const Packed128<T> packed_r = load128cs(residual_row + i);  // not read again
+                for (int k = 0; k < VEC; k++) { packed_x[k] = from_f32<T>(to_f32(packed_x[k]) + to_f32(packed_r[k])); }
+                store128(x_row + i, packed_x);
+            }
             for (int k = 0; k < VEC; k++) {
                 const float v = to_f32(packed_x[k]);
                 sum_sq += v * v;
@@ -60,6 +71,7 @@ __device__ __forceinline__ void rmsnorm_forward_block(T* out, const T* x, const 
         }
     } else {
         for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+            if (residual_row) { x_row[i] = from_f32<T>(to_f32(x_row[i]) + to_f32(residual_row[i])); }
             const float v = to_f32(x_row[i]);
             sum_sq += v * v;
         }
@@ -93,7 +105,16 @@ __device__ __forceinline__ void rmsnorm_forward_block(T* out, const T* x, const 
 extern "C" __global__ void __launch_bounds__(1024)
 rmsnorm_forward(__nv_bfloat16* out, const __nv_bfloat16* x, const __nv_bfloat16* weight,
                 int rows, int dim, float eps) {
-    rmsnorm_forward_block<__nv_bfloat16>(out, x, weight, rows, dim, eps);
+    // x is only read when there is no residual
+    rmsnorm_forward_block<__nv_bfloat16>(out, const_cast<__nv_bfloat16*>(x), nullptr, weight, rows, dim, eps);
+}
+
+// x += residual, then out = rmsnorm(x): the residual add that closes the attention block and the
+// norm that opens the MLP, in one launch (CPU reference: backend::cpu::rmsnorm::add_rmsnorm_forward).
+extern "C" __global__ void __launch_bounds__(1024)
+add_rmsnorm_forward(__nv_bfloat16* out, __nv_bfloat16* x, const __nv_bfloat16* residual,
+                    const __nv_bfloat16* weight, int rows, int dim, float eps) {
+    rmsnorm_forward_block<__nv_bfloat16>(out, x, residual, weight, rows, dim, eps);
 }
 
 // ----------------------------------------------------------------------------

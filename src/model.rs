@@ -178,7 +178,7 @@ impl<B: Backend> Model<B> {
         let b = &self.backend;
         let m = place.slots.len();
         let mut x = b.zeros(m * cfg.hidden_size)?; // [M, H] residual stream
-        let mut acts = LayerActs::new(b, cfg, m)?; // reused by every layer
+        let mut acts = LayerActs::new(b, cfg, m, false)?; // reused by every layer
         embed(b.full_mut(&mut x));
         for l in 0..cfg.num_layers {
             self.layer_forward(l, &mut x, &mut acts, place, cache);
@@ -288,7 +288,9 @@ impl<B: Backend> Model<B> {
         let (q_dim, kv_dim) = (cfg.q_dim(), cfg.kv_dim());
         let eps = cfg.rms_norm_eps as f32;
 
-        b.copy(b.full_mut(&mut a.x_in), b.full(x));
+        if let Some(x_in) = &mut a.x_in {
+            b.copy(b.full_mut(x_in), b.full(x));
+        }
         b.rmsnorm_forward(
             b.full_mut(&mut a.xn1),
             b.full(x),
@@ -296,11 +298,12 @@ impl<B: Backend> Model<B> {
             h,
             eps,
         );
+        // q and k biases are added by qk_rope_forward, with the rotation.
         b.matmul_forward(
             b.full_mut(&mut a.q),
             b.full(&a.xn1),
             self.p(lp.q),
-            self.p_opt(lp.q_bias),
+            None,
             m,
             h,
             q_dim,
@@ -309,7 +312,7 @@ impl<B: Backend> Model<B> {
             b.full_mut(&mut a.k),
             b.full(&a.xn1),
             self.p(lp.k),
-            self.p_opt(lp.k_bias),
+            None,
             m,
             h,
             kv_dim,
@@ -323,18 +326,14 @@ impl<B: Backend> Model<B> {
             h,
             kv_dim,
         );
-        let inv_freq = b.full(&self.inv_freq);
-        b.rope_forward(
+        b.qk_rope_forward(
             b.full_mut(&mut a.q),
-            &place.positions,
-            inv_freq,
-            cfg.num_heads,
-            hd,
-        );
-        b.rope_forward(
             b.full_mut(&mut a.k),
+            self.p_opt(lp.q_bias),
+            self.p_opt(lp.k_bias),
             &place.positions,
-            inv_freq,
+            b.full(&self.inv_freq),
+            cfg.num_heads,
             cfg.num_kv_heads,
             hd,
         );
@@ -371,16 +370,17 @@ impl<B: Backend> Model<B> {
             q_dim,
             h,
         );
-        b.residual_add(b.full_mut(x), b.full(&a.proj));
-
-        b.copy(b.full_mut(&mut a.x_mid), b.full(x));
-        b.rmsnorm_forward(
+        b.add_rmsnorm_forward(
+            b.full_mut(x),
+            b.full(&a.proj),
             b.full_mut(&mut a.xn2),
-            b.full(x),
             self.p(lp.post_norm),
             h,
             eps,
         );
+        if let Some(x_mid) = &mut a.x_mid {
+            b.copy(b.full_mut(x_mid), b.full(x));
+        }
         b.matmul_forward(
             b.full_mut(&mut a.gate),
             b.full(&a.xn2),
@@ -432,26 +432,35 @@ pub struct HeadActs<B: Backend> {
 
 /// The intermediates of one decoder layer for a batch of M tokens.
 pub struct LayerActs<B: Backend> {
-    pub x_in: B::Buf,  // [M, H] residual stream entering the layer
-    pub xn1: B::Buf,   // [M, H] RMSNorm before attention
-    pub q: B::Buf,     // [M, n_heads * hd], after RoPE
-    pub k: B::Buf,     // [M, n_kv * hd], after RoPE
-    pub v: B::Buf,     // [M, n_kv * hd]
-    pub att: B::Buf,   // [M, n_heads * hd] attention output
-    pub lse: B::Buf,   // [M, n_heads] f32 log-sum-exp of each attention row (for the backward)
-    pub proj: B::Buf,  // [M, H] a block's output before the residual add
-    pub x_mid: B::Buf, // [M, H] residual stream after attention
-    pub xn2: B::Buf,   // [M, H] RMSNorm before the MLP
-    pub gate: B::Buf,  // [M, I]
-    pub up: B::Buf,    // [M, I]
-    pub act: B::Buf,   // [M, I] silu(gate) · up
+    pub x_in: Option<B::Buf>, // [M, H] residual stream entering the layer (training only)
+    pub xn1: B::Buf,          // [M, H] RMSNorm before attention
+    pub q: B::Buf,            // [M, n_heads * hd], after RoPE
+    pub k: B::Buf,            // [M, n_kv * hd], after RoPE
+    pub v: B::Buf,            // [M, n_kv * hd]
+    pub att: B::Buf,          // [M, n_heads * hd] attention output
+    pub lse: B::Buf, // [M, n_heads] f32 log-sum-exp of each attention row (for the backward)
+    pub proj: B::Buf, // [M, H] a block's output before the residual add
+    pub x_mid: Option<B::Buf>, // [M, H] residual stream after attention (training only)
+    pub xn2: B::Buf, // [M, H] RMSNorm before the MLP
+    pub gate: B::Buf, // [M, I]
+    pub up: B::Buf,  // [M, I]
+    pub act: B::Buf, // [M, I] silu(gate) · up
 }
 
 impl<B: Backend> LayerActs<B> {
-    pub fn new(b: &B, cfg: &ModelConfig, m: usize) -> Result<Self> {
+    /// With `training`, the layer also keeps copies of the residual stream for the backward pass
+    /// (two copies per layer that inference does not launch).
+    pub fn new(b: &B, cfg: &ModelConfig, m: usize, training: bool) -> Result<Self> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let residual = || -> Result<Option<B::Buf>> {
+            Ok(if training {
+                Some(b.zeros(m * h)?)
+            } else {
+                None
+            })
+        };
         Ok(LayerActs {
-            x_in: b.zeros(m * h)?,
+            x_in: residual()?,
             xn1: b.zeros(m * h)?,
             q: b.zeros(m * cfg.q_dim())?,
             k: b.zeros(m * cfg.kv_dim())?,
@@ -459,11 +468,21 @@ impl<B: Backend> LayerActs<B> {
             att: b.zeros(m * cfg.q_dim())?,
             lse: b.zeros_f32(m * cfg.num_heads)?,
             proj: b.zeros(m * h)?,
-            x_mid: b.zeros(m * h)?,
+            x_mid: residual()?,
             xn2: b.zeros(m * h)?,
             gate: b.zeros(m * i)?,
             up: b.zeros(m * i)?,
             act: b.zeros(m * i)?,
         })
+    }
+
+    /// The saved residual streams (x_in, x_mid) for the backward pass.
+    pub fn residuals(&self) -> Result<(&B::Buf, &B::Buf)> {
+        match (&self.x_in, &self.x_mid) {
+            (Some(x_in), Some(x_mid)) => Ok((x_in, x_mid)),
+            _ => {
+                bail!("backward: the layer activations were made for inference (no residuals kept)")
+            }
+        }
     }
 }

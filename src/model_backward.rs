@@ -97,7 +97,7 @@ impl<B: TrainBackend> Model<B> {
         );
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for l in 0..cfg.num_layers {
-            let mut acts = LayerActs::new(b, cfg, m)?;
+            let mut acts = LayerActs::new(b, cfg, m, true)?;
             self.layer_forward(l, &mut x, &mut acts, &batch.place, &mut cache);
             layers.push(acts);
         }
@@ -220,6 +220,7 @@ impl<B: TrainBackend> Model<B> {
         let place = &batch.place;
 
         for (l, (lp, a)) in lay.layers.iter().zip(&acts.layers).enumerate().rev() {
+            let (x_in, x_mid) = a.residuals()?;
             // MLP block: x_out = x_mid + down(silu(gate(xn2)) · up(xn2)).
             b.fill_zero(b.full_mut(&mut d_act));
             b.matmul_backward(
@@ -262,7 +263,7 @@ impl<B: TrainBackend> Model<B> {
                 b.full_mut(&mut d_norm_in),
                 self.grad(grads, lp.post_norm),
                 b.full(&d_norm_out),
-                b.full(&a.x_mid),
+                b.full(x_mid),
                 self.p(lp.post_norm),
                 h,
                 eps,
@@ -356,7 +357,7 @@ impl<B: TrainBackend> Model<B> {
                 b.full_mut(&mut d_norm_in),
                 self.grad(grads, lp.input_norm),
                 b.full(&d_norm_out),
-                b.full(&a.x_in),
+                b.full(x_in),
                 self.p(lp.input_norm),
                 h,
                 eps,

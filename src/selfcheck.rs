@@ -378,6 +378,36 @@ fn op_checks<D: TrainBackend>(c: &mut Checker<D>, coverage: Coverage) -> Result<
         )?;
     }
 
+    // add_rmsnorm_forward: x += residual (the residual stream, compared too), out = rmsnorm(x).
+    for (m, dim) in [(1, 896), (5, 7), (64, 1536)] {
+        c.check(
+            "add_rmsnorm_forward",
+            format!("M={m} dim={dim}"),
+            TOL_BF16,
+            |dev, r| {
+                let (mut x, mut x_ref) = put(dev, &r.normal(m * dim, 1.0))?;
+                let (residual, residual_h) = put(dev, &r.normal(m * dim, 1.0))?;
+                let w_host: Vec<f32> = r.normal(dim, 0.1).iter().map(|d| 1.0 + d).collect();
+                let (w, w_h) = put(dev, &w_host)?;
+                let mut out = dev.zeros(m * dim)?;
+                dev.add_rmsnorm_forward(
+                    dev.full_mut(&mut x),
+                    dev.full(&residual),
+                    dev.full_mut(&mut out),
+                    dev.full(&w),
+                    dim,
+                    1e-6,
+                );
+                let mut reference = vec![0.0; m * dim];
+                cpu.add_rmsnorm_forward(&mut x_ref, &residual_h, &mut reference, &w_h, dim, 1e-6);
+                Ok(vec![
+                    ("x", get(dev, &x)?, x_ref),
+                    ("out", get(dev, &out)?, reference),
+                ])
+            },
+        )?;
+    }
+
     // matmul_forward: out [m, n] = x [m, k] · w [n, k]ᵀ + bias [n]. m = 1 is a decode step; the
     // f32 outputs are logits (zeros_f32), with the vocabulary sizes of real models.
     for (m, k, n, bias, out_f32) in [
@@ -419,31 +449,53 @@ fn op_checks<D: TrainBackend>(c: &mut Checker<D>, coverage: Coverage) -> Result<
         })?;
     }
 
-    // rope_forward: x [M, heads * head_dim] rotated in place; positions up to 4000.
-    for (m, heads, hd, theta) in [
-        (1, 14, 64, 1e6),
-        (5, 2, 128, 1e4),
-        (64, 3, 6, 1e4),
-        (33, 12, 128, 1e6),
+    // qk_rope_forward: q [M, heads * head_dim] and k [M, kv_heads * head_dim] rotated in place
+    // after their biases (when given); positions up to 4000.
+    for (m, heads, kv_heads, hd, theta, biased) in [
+        (1, 14, 2, 64, 1e6, true),
+        (5, 2, 2, 128, 1e4, false),
+        (64, 3, 1, 6, 1e4, true),
+        (33, 12, 2, 128, 1e6, true),
     ] {
-        let shape = format!("M={m} heads={heads} head_dim={hd} theta={theta:e}");
-        c.check("rope_forward", shape, TOL_BF16, |dev, r| {
-            let (mut x, mut reference) = put(dev, &r.normal(m * heads * hd, 1.0))?;
+        let shape =
+            format!("M={m} heads={heads}/{kv_heads} head_dim={hd} theta={theta:e} bias={biased}");
+        c.check("qk_rope_forward", shape, TOL_BF16, |dev, r| {
+            let (mut q, mut q_ref) = put(dev, &r.normal(m * heads * hd, 1.0))?;
+            let (mut k, mut k_ref) = put(dev, &r.normal(m * kv_heads * hd, 1.0))?;
+            let (q_bias, q_bias_h) = put(dev, &r.normal(heads * hd, 0.5))?;
+            let (k_bias, k_bias_h) = put(dev, &r.normal(kv_heads * hd, 0.5))?;
             let mut positions = r.ids(m, 4001);
             positions[0] = 4000;
             let inv_freq_host: Vec<f32> = (0..hd / 2)
                 .map(|i| (1.0 / f64::powf(theta, (2 * i) as f64 / hd as f64)) as f32)
                 .collect();
             let (inv_freq, inv_freq_h) = put_f32(dev, &inv_freq_host)?;
-            dev.rope_forward(
-                dev.full_mut(&mut x),
+            dev.qk_rope_forward(
+                dev.full_mut(&mut q),
+                dev.full_mut(&mut k),
+                biased.then(|| dev.full(&q_bias)),
+                biased.then(|| dev.full(&k_bias)),
                 &positions,
                 dev.full(&inv_freq),
                 heads,
+                kv_heads,
                 hd,
             );
-            cpu.rope_forward(&mut reference, &positions, &inv_freq_h, heads, hd);
-            Ok(vec![("", get(dev, &x)?, reference)])
+            cpu.qk_rope_forward(
+                &mut q_ref,
+                &mut k_ref,
+                biased.then_some(&q_bias_h[..]),
+                biased.then_some(&k_bias_h[..]),
+                &positions,
+                &inv_freq_h,
+                heads,
+                kv_heads,
+                hd,
+            );
+            Ok(vec![
+                ("q", get(dev, &q)?, q_ref),
+                ("k", get(dev, &k)?, k_ref),
+            ])
         })?;
     }
 

@@ -112,6 +112,23 @@ impl Backend for TestDevice {
     ) {
         CPU.embedding_forward_sampled(out.data, table.data, sampled.data, rows, dim);
     }
+    fn add_rmsnorm_forward(
+        &self,
+        x: ViewMut<'_>,
+        residual: View<'_>,
+        out: ViewMut<'_>,
+        w: View<'_>,
+        dim: usize,
+        eps: f32,
+    ) {
+        // Two ops on a device: x is stored (rounded) before the norm reads it.
+        CPU.residual_add(&mut *x.data, residual.data);
+        if x.round {
+            round_bf16(x.data);
+        }
+        CPU.rmsnorm_forward(&mut *out.data, x.data, w.data, dim, eps);
+        out.store();
+    }
     fn rmsnorm_forward(&self, out: ViewMut<'_>, x: View<'_>, w: View<'_>, dim: usize, eps: f32) {
         CPU.rmsnorm_forward(&mut *out.data, x.data, w.data, dim, eps);
         out.store();
@@ -130,16 +147,31 @@ impl Backend for TestDevice {
         CPU.matmul_forward(&mut *out.data, x.data, w.data, bias, m, k, n);
         out.store();
     }
-    fn rope_forward(
+    fn qk_rope_forward(
         &self,
-        x: ViewMut<'_>,
+        q: ViewMut<'_>,
+        k: ViewMut<'_>,
+        q_bias: Option<View<'_>>,
+        k_bias: Option<View<'_>>,
         positions: &[u32],
         inv_freq: View<'_>,
         n_heads: usize,
+        n_kv_heads: usize,
         head_dim: usize,
     ) {
-        CPU.rope_forward(&mut *x.data, positions, inv_freq.data, n_heads, head_dim);
-        x.store();
+        CPU.qk_rope_forward(
+            &mut *q.data,
+            &mut *k.data,
+            q_bias.map(|b| b.data),
+            k_bias.map(|b| b.data),
+            positions,
+            inv_freq.data,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+        );
+        q.store();
+        k.store();
     }
     fn kv_cache_write(
         &self,

@@ -125,6 +125,18 @@ pub trait Backend: Send + Sync {
         dim: usize,
     );
 
+    /// x += residual, then out = rmsnorm_forward(x): a block's residual add and the next norm in
+    /// one op. x, residual, out: [M, dim]; weight: [dim].
+    fn add_rmsnorm_forward(
+        &self,
+        x: Self::ViewMut<'_>,
+        residual: Self::View<'_>,
+        out: Self::ViewMut<'_>,
+        weight: Self::View<'_>,
+        dim: usize,
+        eps: f32,
+    );
+
     /// out[m, :] = x[m, :] / sqrt(mean(x[m, :]²) + eps) * weight.  x, out: [M, dim]; weight: [dim].
     fn rmsnorm_forward(
         &self,
@@ -147,14 +159,22 @@ pub trait Backend: Send + Sync {
         n: usize,
     );
 
-    /// Rotates x in place (HF `rotate_half` convention: pairs (i, i + head_dim/2)).
-    /// x: [M, n_heads * head_dim]; positions: [M]; inv_freq: [head_dim / 2].
-    fn rope_forward(
+    /// The attention's queries and keys after their projections, in place: q = rope(q + q_bias)
+    /// and k = rope(k + k_bias), a bias added to every row when given (HF `rotate_half`
+    /// convention: pairs (i, i + head_dim/2)). One op for both so a device launches once.
+    /// q: [M, n_heads * head_dim]; k: [M, n_kv_heads * head_dim]; q_bias: [n_heads * head_dim];
+    /// k_bias: [n_kv_heads * head_dim]; positions: [M]; inv_freq: [head_dim / 2].
+    #[allow(clippy::too_many_arguments)]
+    fn qk_rope_forward(
         &self,
-        x: Self::ViewMut<'_>,
+        q: Self::ViewMut<'_>,
+        k: Self::ViewMut<'_>,
+        q_bias: Option<Self::View<'_>>,
+        k_bias: Option<Self::View<'_>>,
         positions: &[u32],
         inv_freq: Self::View<'_>,
         n_heads: usize,
+        n_kv_heads: usize,
         head_dim: usize,
     );
 

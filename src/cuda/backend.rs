@@ -347,34 +347,6 @@ impl CudaBackend {
         .map_err(|e| anyhow!("cublasGemmEx for {op} (m {m}, n {n}, k {k}): {e:?}"))
     }
 
-    /// RoPE in place, by +angle (forward) or −angle (the gradient).
-    fn rope(
-        &self,
-        rotation: Rotation,
-        x: CudaViewMut<'_>,
-        positions: &[u32],
-        inv_freq: CudaView<'_>,
-        n_heads: usize,
-        head_dim: usize,
-    ) {
-        let op = match rotation {
-            Rotation::Forward => "rope_forward",
-            Rotation::Backward => "rope_backward",
-        };
-        self.run(op, || {
-            let m = positions.len();
-            expect("x", x.dtype, x.len, DType::Bf16, m * n_heads * head_dim)?;
-            let half = head_dim / 2;
-            expect("inv_freq", inv_freq.dtype, inv_freq.len, DType::F32, half)?;
-            let pos = self.indices(positions)?;
-            let launch = match rotation {
-                Rotation::Forward => ops::rope::rope_forward,
-                Rotation::Backward => ops::rope::rope_backward,
-            };
-            launch(&self.k, x.ptr, pos, inv_freq.ptr, m, n_heads, head_dim)
-        })
-    }
-
     /// The device copies (offsets, src_rows, dst_rows) of `RowGroups::new(index)` and the number
     /// of groups, for the deterministic scatter kernels.
     fn row_groups(&self, index: &[u32]) -> Result<((u64, u64, u64), usize)> {
@@ -392,13 +364,6 @@ impl CudaBackend {
             .collect::<Result<_>>()?;
         self.indices(&rows)
     }
-}
-
-/// Which way `CudaBackend::rope` turns.
-#[derive(Clone, Copy)]
-enum Rotation {
-    Forward,
-    Backward,
 }
 
 /// Makes the device's stream-ordered memory pool keep freed blocks instead of returning them to
@@ -617,6 +582,34 @@ impl Backend for CudaBackend {
         })
     }
 
+    fn add_rmsnorm_forward(
+        &self,
+        x: CudaViewMut<'_>,
+        residual: CudaView<'_>,
+        out: CudaViewMut<'_>,
+        weight: CudaView<'_>,
+        dim: usize,
+        eps: f32,
+    ) {
+        self.run("add_rmsnorm_forward", || {
+            expect_bf16("x", x.dtype)?;
+            let rows = rows_of("x", x.len, dim)?;
+            expect("residual", residual.dtype, residual.len, DType::Bf16, x.len)?;
+            expect("out", out.dtype, out.len, DType::Bf16, x.len)?;
+            expect("weight", weight.dtype, weight.len, DType::Bf16, dim)?;
+            ops::rmsnorm::add_rmsnorm_forward(
+                &self.k,
+                out.ptr,
+                x.ptr,
+                residual.ptr,
+                weight.ptr,
+                rows,
+                dim,
+                eps,
+            )
+        })
+    }
+
     fn rmsnorm_forward(
         &self,
         out: CudaViewMut<'_>,
@@ -675,15 +668,55 @@ impl Backend for CudaBackend {
         })
     }
 
-    fn rope_forward(
+    fn qk_rope_forward(
         &self,
-        x: CudaViewMut<'_>,
+        q: CudaViewMut<'_>,
+        k: CudaViewMut<'_>,
+        q_bias: Option<CudaView<'_>>,
+        k_bias: Option<CudaView<'_>>,
         positions: &[u32],
         inv_freq: CudaView<'_>,
         n_heads: usize,
+        n_kv_heads: usize,
         head_dim: usize,
     ) {
-        self.rope(Rotation::Forward, x, positions, inv_freq, n_heads, head_dim)
+        self.run("qk_rope_forward", || {
+            let m = positions.len();
+            expect("q", q.dtype, q.len, DType::Bf16, m * n_heads * head_dim)?;
+            expect("k", k.dtype, k.len, DType::Bf16, m * n_kv_heads * head_dim)?;
+            expect(
+                "inv_freq",
+                inv_freq.dtype,
+                inv_freq.len,
+                DType::F32,
+                head_dim / 2,
+            )?;
+            let bias_ptr = |name: &str, bias: Option<CudaView<'_>>, heads: usize| -> Result<u64> {
+                match bias {
+                    Some(b) => {
+                        expect(name, b.dtype, b.len, DType::Bf16, heads * head_dim)?;
+                        Ok(b.ptr)
+                    }
+                    None => Ok(0),
+                }
+            };
+            let q_bias = bias_ptr("q_bias", q_bias, n_heads)?;
+            let k_bias = bias_ptr("k_bias", k_bias, n_kv_heads)?;
+            let pos = self.indices(positions)?;
+            ops::rope::qk_rope_forward(
+                &self.k,
+                q.ptr,
+                k.ptr,
+                q_bias,
+                k_bias,
+                pos,
+                inv_freq.ptr,
+                m,
+                n_heads,
+                n_kv_heads,
+                head_dim,
+            )
+        })
     }
 
     fn kv_cache_write(
@@ -1228,14 +1261,19 @@ impl TrainBackend for CudaBackend {
         n_heads: usize,
         head_dim: usize,
     ) {
-        self.rope(
-            Rotation::Backward,
-            dx,
-            positions,
-            inv_freq,
-            n_heads,
-            head_dim,
-        )
+        self.run("rope_backward", || {
+            let m = positions.len();
+            expect("dx", dx.dtype, dx.len, DType::Bf16, m * n_heads * head_dim)?;
+            expect(
+                "inv_freq",
+                inv_freq.dtype,
+                inv_freq.len,
+                DType::F32,
+                head_dim / 2,
+            )?;
+            let pos = self.indices(positions)?;
+            ops::rope::rope_backward(&self.k, dx.ptr, pos, inv_freq.ptr, m, n_heads, head_dim)
+        })
     }
 
     fn kv_cache_gather(

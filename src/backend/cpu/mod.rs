@@ -20,7 +20,7 @@ pub use logprob::{logprob_backward, logprob_forward};
 pub use matmul::{bias_backward, matmul_backward, matmul_forward};
 pub use optimizer::{adamw_step, split_f64, sum_squares};
 pub use rmsnorm::{rmsnorm_backward, rmsnorm_forward};
-pub use rope::{rope_backward, rope_forward};
+pub use rope::{rope_backward, rope_forward, rope_forward_with_bias};
 pub use sampling::sample_tokens;
 pub use swiglu::{swiglu_backward, swiglu_forward};
 
@@ -75,6 +75,18 @@ impl Backend for CpuBackend {
     ) {
         embedding_forward_sampled(out, table, sampled, rows, dim)
     }
+    fn add_rmsnorm_forward(
+        &self,
+        x: &mut [f32],
+        residual: &[f32],
+        out: &mut [f32],
+        weight: &[f32],
+        dim: usize,
+        eps: f32,
+    ) {
+        residual_add(x, residual);
+        rmsnorm_forward(out, x, weight, dim, eps)
+    }
     fn rmsnorm_forward(&self, out: &mut [f32], x: &[f32], weight: &[f32], dim: usize, eps: f32) {
         rmsnorm_forward(out, x, weight, dim, eps)
     }
@@ -90,15 +102,23 @@ impl Backend for CpuBackend {
     ) {
         matmul_forward(out, x, w, bias, m, k, n)
     }
-    fn rope_forward(
+    fn qk_rope_forward(
         &self,
-        x: &mut [f32],
+        q: &mut [f32],
+        k: &mut [f32],
+        q_bias: Option<&[f32]>,
+        k_bias: Option<&[f32]>,
         positions: &[u32],
         inv_freq: &[f32],
         n_heads: usize,
+        n_kv_heads: usize,
         head_dim: usize,
     ) {
-        rope_forward(x, positions, inv_freq, n_heads, head_dim)
+        let rope = |x: &mut [f32], bias, heads| {
+            rope_forward_with_bias(x, bias, positions, inv_freq, heads, head_dim)
+        };
+        rope(q, q_bias, n_heads);
+        rope(k, k_bias, n_kv_heads);
     }
     fn kv_cache_write(
         &self,

@@ -13,6 +13,28 @@ pub fn rope_forward(
     rotate(x, positions, inv_freq, n_heads, head_dim, 1.0);
 }
 
+/// x = rope(x + bias), the bias ([n_heads * head_dim]) added to every row when given.
+pub fn rope_forward_with_bias(
+    x: &mut [f32],
+    bias: Option<&[f32]>,
+    positions: &[u32],
+    inv_freq: &[f32],
+    n_heads: usize,
+    head_dim: usize,
+) {
+    if let Some(bias) = bias {
+        assert_eq!(
+            bias.len(),
+            n_heads * head_dim,
+            "rope: bias is not [n_heads * head_dim]"
+        );
+        for row in x.chunks_exact_mut(bias.len()) {
+            row.iter_mut().zip(bias).for_each(|(x, b)| *x += b);
+        }
+    }
+    rope_forward(x, positions, inv_freq, n_heads, head_dim);
+}
+
 /// Backward of `rope_forward`: the rotation is orthogonal, so the gradient is rotated back by
 /// the negative angle, in place. dx: [M, n_heads * head_dim].
 pub fn rope_backward(

@@ -40,36 +40,79 @@ pub fn rmsnorm_forward(
     dim: usize,
     eps: f32,
 ) -> Result<()> {
-    ensure!(dim > 0, "rmsnorm_forward: dim must be positive");
+    launch_forward(k, "rmsnorm_forward", out, x, None, weight, rows, dim, eps)
+}
+
+/// x += residual (bf16, rounded once), then `rmsnorm_forward` of x into out; residual is bf16
+/// [rows, dim].
+#[allow(clippy::too_many_arguments)]
+pub fn add_rmsnorm_forward(
+    k: &KernelCtx,
+    out: u64,
+    x: u64,
+    residual: u64,
+    weight: u64,
+    rows: usize,
+    dim: usize,
+    eps: f32,
+) -> Result<()> {
+    launch_forward(
+        k,
+        "add_rmsnorm_forward",
+        out,
+        x,
+        Some(residual),
+        weight,
+        rows,
+        dim,
+        eps,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn launch_forward(
+    k: &KernelCtx,
+    kernel: &'static str,
+    out: u64,
+    x: u64,
+    residual: Option<u64>,
+    weight: u64,
+    rows: usize,
+    dim: usize,
+    eps: f32,
+) -> Result<()> {
+    ensure!(dim > 0, "{kernel}: dim must be positive");
     ensure!(
         eps.is_finite() && eps >= 0.0,
-        "rmsnorm_forward: eps = {eps} is not a finite non-negative number"
+        "{kernel}: eps = {eps} is not a finite non-negative number"
     );
-    let rows_i = to_i32("rmsnorm_forward", "rows", rows)?;
-    let dim_i = to_i32("rmsnorm_forward", "dim", dim)?;
+    let rows_i = to_i32(kernel, "rows", rows)?;
+    let dim_i = to_i32(kernel, "dim", dim)?;
     if rows == 0 {
         return Ok(());
     }
-    let f = k.function(MODULE, "rmsnorm_forward")?;
+    let f = k.function(MODULE, kernel)?;
     // the kernel's 128-bit condition (it decides itself; this only sizes the block)
-    let vectorised = dim.is_multiple_of(BF16_VEC) && aligned16(&[out, x, weight]);
+    let vectorised = dim.is_multiple_of(BF16_VEC)
+        && aligned16(&[out, x, weight])
+        && residual.is_none_or(|r| aligned16(&[r]));
     let cfg = LaunchConfig {
         grid_dim: (rows as u32, 1, 1),
         block_dim: (row_block_size(dim, BF16_VEC, vectorised), 1, 1),
         shared_mem_bytes: 0,
     };
     let mut b = k.stream.launch_builder(&f);
-    b.arg(&out)
-        .arg(&x)
-        .arg(&weight)
-        .arg(&rows_i)
-        .arg(&dim_i)
-        .arg(&eps);
-    // SAFETY: matches `(bf16* out, const bf16* x, const bf16* weight, int rows, int dim,
-    // float eps)`; the caller owns x and out of rows * dim bf16 and weight of dim bf16, and the
-    // block is a multiple of 32 threads, at most 1024, as the kernel's reduction requires.
+    b.arg(&out).arg(&x);
+    if let Some(r) = &residual {
+        b.arg(r);
+    }
+    b.arg(&weight).arg(&rows_i).arg(&dim_i).arg(&eps);
+    // SAFETY: matches `(bf16* out, [const] bf16* x, [const bf16* residual,] const bf16* weight,
+    // int rows, int dim, float eps)` (the residual argument exactly for add_rmsnorm_forward); the
+    // caller owns x, out (and residual) of rows * dim bf16 and weight of dim bf16, and the block
+    // is a multiple of 32 threads, at most 1024, as the kernel's reduction requires.
     unsafe { b.launch(cfg) }
-        .with_context(|| format!("launching rmsnorm_forward (rows {rows}, dim {dim})"))?;
+        .with_context(|| format!("launching {kernel} (rows {rows}, dim {dim})"))?;
     Ok(())
 }
 

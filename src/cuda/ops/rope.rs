@@ -67,64 +67,57 @@ fn rope_config(m: usize, n_heads: usize, head_dim: usize, vectorised: bool) -> L
     }
 }
 
+/// Rotates q: bf16 [m, n_heads * head_dim] and k: bf16 [m, n_kv_heads * head_dim] in place by
+/// position[r] · inv_freq[i] for each pair (i, i + head_dim/2) of every head, after adding
+/// q_bias / k_bias (bf16 [heads * head_dim], 0 = none) to every row; positions: u32 [m];
+/// inv_freq: f32 [head_dim / 2].
 #[allow(clippy::too_many_arguments)]
-fn launch_rope(
+pub fn qk_rope_forward(
     k: &KernelCtx,
-    kernel: &'static str,
-    x: u64,
+    q: u64,
+    kk: u64,
+    q_bias: u64,
+    k_bias: u64,
     positions: u64,
     inv_freq: u64,
     m: usize,
     n_heads: usize,
+    n_kv_heads: usize,
     head_dim: usize,
 ) -> Result<()> {
-    let (m_i, n_heads_i, head_dim_i) = check_shapes(kernel, m, n_heads, head_dim)?;
+    const KERNEL: &str = "qk_rope_forward";
+    let (m_i, n_heads_i, head_dim_i) = check_shapes(KERNEL, m, n_heads, head_dim)?;
+    let (_, n_kv_i, _) = check_shapes(KERNEL, m, n_kv_heads, head_dim)?;
     if m == 0 {
         return Ok(());
     }
-    let f = k.function(MODULE, kernel)?;
-    let vectorised = (head_dim / 2).is_multiple_of(BF16_VEC) && aligned16(&[x]);
-    let cfg = rope_config(m, n_heads, head_dim, vectorised);
+    let f = k.function(MODULE, KERNEL)?;
+    let vectorised = (head_dim / 2).is_multiple_of(BF16_VEC) && aligned16(&[q, kk]);
+    let cfg = rope_config(m, n_heads + n_kv_heads, head_dim, vectorised);
     let mut b = k.stream.launch_builder(&f);
-    b.arg(&x)
+    b.arg(&q)
+        .arg(&kk)
+        .arg(&q_bias)
+        .arg(&k_bias)
         .arg(&positions)
         .arg(&inv_freq)
         .arg(&m_i)
         .arg(&n_heads_i)
+        .arg(&n_kv_i)
         .arg(&head_dim_i);
-    // SAFETY: matches `(bf16* x, const u32* positions, const float* inv_freq, int m,
-    // int n_heads, int head_dim)`; the caller owns x of m * n_heads * head_dim bf16, positions of
-    // m u32 and inv_freq of head_dim / 2 f32, and m * head_dim / 2 fits the kernel's int index.
+    // SAFETY: matches `(bf16* q, bf16* k, const bf16* q_bias, const bf16* k_bias, const u32*
+    // positions, const float* inv_freq, int m, int n_heads, int n_kv_heads, int head_dim)`; the
+    // caller owns q of m * n_heads * head_dim bf16, k of m * n_kv_heads * head_dim bf16, the
+    // biases (when not 0) of n_heads * head_dim and n_kv_heads * head_dim bf16, positions of m
+    // u32 and inv_freq of head_dim / 2 f32, and m * head_dim / 2 fits the kernel's int index.
     unsafe { b.launch(cfg) }.with_context(|| {
-        format!("launching {kernel} (m {m}, n_heads {n_heads}, head_dim {head_dim})")
+        format!("launching {KERNEL} (m {m}, heads {n_heads} + {n_kv_heads}, head_dim {head_dim})")
     })?;
     Ok(())
 }
 
-/// Rotates x: bf16 [m, n_heads * head_dim] in place by position[r] · inv_freq[i] for each pair
-/// (i, i + head_dim/2) of every head; positions: u32 [m]; inv_freq: f32 [head_dim / 2].
-pub fn rope_forward(
-    k: &KernelCtx,
-    x: u64,
-    positions: u64,
-    inv_freq: u64,
-    m: usize,
-    n_heads: usize,
-    head_dim: usize,
-) -> Result<()> {
-    launch_rope(
-        k,
-        "rope_forward",
-        x,
-        positions,
-        inv_freq,
-        m,
-        n_heads,
-        head_dim,
-    )
-}
-
-/// The gradient of [`rope_forward`]: dx rotated back (by −position · inv_freq) in place.
+/// The gradient of the rotation: dx: bf16 [m, n_heads * head_dim] rotated back (by −position ·
+/// inv_freq) in place.
 pub fn rope_backward(
     k: &KernelCtx,
     dx: u64,
@@ -134,16 +127,28 @@ pub fn rope_backward(
     n_heads: usize,
     head_dim: usize,
 ) -> Result<()> {
-    launch_rope(
-        k,
-        "rope_backward",
-        dx,
-        positions,
-        inv_freq,
-        m,
-        n_heads,
-        head_dim,
-    )
+    const KERNEL: &str = "rope_backward";
+    let (m_i, n_heads_i, head_dim_i) = check_shapes(KERNEL, m, n_heads, head_dim)?;
+    if m == 0 {
+        return Ok(());
+    }
+    let f = k.function(MODULE, KERNEL)?;
+    let vectorised = (head_dim / 2).is_multiple_of(BF16_VEC) && aligned16(&[dx]);
+    let cfg = rope_config(m, n_heads, head_dim, vectorised);
+    let mut b = k.stream.launch_builder(&f);
+    b.arg(&dx)
+        .arg(&positions)
+        .arg(&inv_freq)
+        .arg(&m_i)
+        .arg(&n_heads_i)
+        .arg(&head_dim_i);
+    // SAFETY: matches `(bf16* dx, const u32* positions, const float* inv_freq, int m,
+    // int n_heads, int head_dim)`; the caller owns dx of m * n_heads * head_dim bf16, positions of
+    // m u32 and inv_freq of head_dim / 2 f32, and m * head_dim / 2 fits the kernel's int index.
+    unsafe { b.launch(cfg) }.with_context(|| {
+        format!("launching {KERNEL} (m {m}, n_heads {n_heads}, head_dim {head_dim})")
+    })?;
+    Ok(())
 }
 
 #[cfg(test)]
