@@ -180,8 +180,15 @@ impl<B: Backend> Model<B> {
         let mut x = b.zeros(m * cfg.hidden_size)?; // [M, H] residual stream
         let mut acts = LayerActs::new(b, cfg, m, false)?; // reused by every layer
         embed(b.full_mut(&mut x));
+        // Each layer's last residual add also normalises x for the next layer (into the shared
+        // acts.xn1), one launch instead of two.
         for l in 0..cfg.num_layers {
-            self.layer_forward(l, &mut x, &mut acts, place, cache);
+            let edges = LayerEdges {
+                input_normed: l > 0,
+                next_norm: (l + 1 < cfg.num_layers)
+                    .then(|| self.p(self.layout.layers[l + 1].input_norm)),
+            };
+            self.layer_forward(l, &mut x, &mut acts, place, cache, edges);
         }
         Ok(self.head_forward(&x, logit_rows)?.logits)
     }
@@ -277,6 +284,7 @@ impl<B: Backend> Model<B> {
         a: &mut LayerActs<B>,
         place: &TokenPlacement,
         cache: &mut KvCache<B>,
+        edges: LayerEdges<'_, B>,
     ) {
         let (cfg, b, lp) = (&self.cfg, &self.backend, &self.layout.layers[l]);
         let (m, h, inter, hd) = (
@@ -291,13 +299,15 @@ impl<B: Backend> Model<B> {
         if let Some(x_in) = &mut a.x_in {
             b.copy(b.full_mut(x_in), b.full(x));
         }
-        b.rmsnorm_forward(
-            b.full_mut(&mut a.xn1),
-            b.full(x),
-            self.p(lp.input_norm),
-            h,
-            eps,
-        );
+        if !edges.input_normed {
+            b.rmsnorm_forward(
+                b.full_mut(&mut a.xn1),
+                b.full(x),
+                self.p(lp.input_norm),
+                h,
+                eps,
+            );
+        }
         // q and k biases are added by qk_rope_forward, with the rotation.
         b.matmul_forward(
             b.full_mut(&mut a.q),
@@ -409,7 +419,35 @@ impl<B: Backend> Model<B> {
             inter,
             h,
         );
-        b.residual_add(b.full_mut(x), b.full(&a.proj));
+        match edges.next_norm {
+            Some(weight) => b.add_rmsnorm_forward(
+                b.full_mut(x),
+                b.full(&a.proj),
+                b.full_mut(&mut a.xn1),
+                weight,
+                h,
+                eps,
+            ),
+            None => b.residual_add(b.full_mut(x), b.full(&a.proj)),
+        }
+    }
+}
+
+/// How a layer meets its neighbours. `input_normed`: a.xn1 already holds the layer's input norm
+/// (the previous layer wrote it); `next_norm`: the next layer's input-norm weight, to normalise x
+/// into a.xn1 with the closing residual add. Inference shares one `LayerActs` across layers and
+/// uses both; training keeps each layer's activations apart and uses neither.
+pub(crate) struct LayerEdges<'w, B: Backend + 'w> {
+    pub input_normed: bool,
+    pub next_norm: Option<B::View<'w>>,
+}
+
+impl<B: Backend> LayerEdges<'_, B> {
+    pub fn separate() -> Self {
+        LayerEdges {
+            input_normed: false,
+            next_norm: None,
+        }
     }
 }
 

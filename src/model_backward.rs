@@ -3,7 +3,7 @@
 //! d(loss)/d(logp) into parameter gradients (llm.c style, no autograd).
 
 use crate::backend::{Backend, TokenPlacement, TrainBackend};
-use crate::model::{HeadActs, KvCache, LayerActs, Model};
+use crate::model::{HeadActs, KvCache, LayerActs, LayerEdges, Model};
 use anyhow::{bail, Result};
 
 /// Sequences (prompt + completion) packed into one ragged batch, with the rows whose next-token
@@ -98,7 +98,14 @@ impl<B: TrainBackend> Model<B> {
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for l in 0..cfg.num_layers {
             let mut acts = LayerActs::new(b, cfg, m, true)?;
-            self.layer_forward(l, &mut x, &mut acts, &batch.place, &mut cache);
+            self.layer_forward(
+                l,
+                &mut x,
+                &mut acts,
+                &batch.place,
+                &mut cache,
+                LayerEdges::separate(),
+            );
             layers.push(acts);
         }
         let head = self.head_forward(&x, &batch.rows)?;
