@@ -101,20 +101,24 @@ fn elementwise(c: &mut Criterion, dev: &CudaBackend) {
             .unwrap();
         let mut q = dev.upload(&random(m * HEADS * HEAD_DIM, 5)).unwrap();
         let mut k = dev.upload(&random(m * KV_HEADS * HEAD_DIM, 6)).unwrap();
-        let q_bias = dev.upload(&random(HEADS * HEAD_DIM, 7)).unwrap();
-        let k_bias = dev.upload(&random(KV_HEADS * HEAD_DIM, 8)).unwrap();
-        let rotated = m * (HEADS + KV_HEADS) * HEAD_DIM;
-        g.throughput(Throughput::Bytes(BF16 * (2 * rotated) as u64));
+        let mut v = dev.upload(&random(m * KV_HEADS * HEAD_DIM, 7)).unwrap();
+        let q_bias = dev.upload(&random(HEADS * HEAD_DIM, 8)).unwrap();
+        let k_bias = dev.upload(&random(KV_HEADS * HEAD_DIM, 9)).unwrap();
+        let v_bias = dev.upload(&random(KV_HEADS * HEAD_DIM, 10)).unwrap();
+        let touched = m * (HEADS + 2 * KV_HEADS) * HEAD_DIM;
+        g.throughput(Throughput::Bytes(BF16 * (2 * touched) as u64));
         g.bench_function(
-            BenchmarkId::new("qk_rope", format!("{m}x{HEADS}+{KV_HEADS}x{HEAD_DIM}")),
+            BenchmarkId::new("qkv_rope", format!("{m}x{HEADS}+2x{KV_HEADS}x{HEAD_DIM}")),
             |b| {
                 b.iter_custom(|n| {
                     time(dev, n, || {
-                        dev.qk_rope_forward(
-                            dev.full_mut(&mut q),
-                            dev.full_mut(&mut k),
-                            Some(dev.full(&q_bias)),
-                            Some(dev.full(&k_bias)),
+                        dev.qkv_rope_forward(
+                            [
+                                dev.full_mut(&mut q),
+                                dev.full_mut(&mut k),
+                                dev.full_mut(&mut v),
+                            ],
+                            [&q_bias, &k_bias, &v_bias].map(|b| Some(dev.full(b))),
                             &positions,
                             dev.full(&inv_freq),
                             HEADS,

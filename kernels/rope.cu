@@ -1,5 +1,5 @@
 // Rotary position embedding (RoPE), Hugging Face `rotate_half` convention, in place, with the
-// projection's bias added first in the forward (q and k in one launch):
+// projections' biases added first in the forward (q, k and v's bias in one launch):
 //
 //   for each token r, head h and i < half = head_dim / 2, with angle = position[r] * inv_freq[i]:
 //     x1 = x[r, h, i], x2 = x[r, h, i + half]
@@ -17,7 +17,7 @@
 // them into FMAs the CPU does not use. Each output is rounded to bf16 once.
 //
 // Parallelisation (src/cuda/ops/rope.rs): a work item is (token r, a chunk of V consecutive i),
-// V = 8 when half % 8 == 0 and q and k are 16-byte aligned (then both halves of every head start
+// V = 8 when half % 8 == 0 and q, k and v are 16-byte aligned (then both halves of every head start
 // 16-byte aligned and are moved with one 128-bit load/store each), V = 1 otherwise. A thread
 // computes the V sines and cosines of its item once and applies them to the heads
 // h = blockIdx.y, blockIdx.y + gridDim.y, ... so the sincosf cost is shared by several heads.
@@ -32,9 +32,10 @@ __device__ __forceinline__ void rotate_pair(float& x1, float& x2, float c, float
     x2 = __fadd_rn(__fmul_rn(b, c), __fmul_rn(a, s));
 }
 
-// The tensors one launch rotates: heads [0, a_heads) of a, then heads [0, b_heads) of b (q and k
-// in the forward; b_heads = 0 in the backward). A bias (bf16, one row of heads × head_dim, or
-// null) is added before the rotation, in f32, so each output is still rounded to bf16 once.
+// The tensors one launch handles: heads [0, a_heads) of a, then [0, b_heads) of b, both rotated,
+// then [0, c_heads) of c, only biased (q, k and v in the forward; b_heads = c_heads = 0 in the
+// backward). A bias (bf16, one row of heads × head_dim, or null) is added before the rotation, in
+// f32, so each output is still rounded to bf16 once.
 struct RopeTensors {
     __nv_bfloat16* a;
     const __nv_bfloat16* a_bias;
@@ -42,6 +43,9 @@ struct RopeTensors {
     __nv_bfloat16* b;
     const __nv_bfloat16* b_bias;
     int b_heads;
+    __nv_bfloat16* c;
+    const __nv_bfloat16* c_bias;
+    int c_heads;
 };
 
 // direction = 1 rotates by +angle (the forward), -1 by -angle (the backward: the transpose of a
@@ -52,7 +56,8 @@ __device__ __forceinline__ void rope_rows(RopeTensors t, const uint32_t* positio
     const int half = head_dim / 2;
     const int chunks = half / V;  // items per token
     const size_t items = (size_t)m * chunks;
-    const int heads = t.a_heads + t.b_heads;
+    const int rotated = t.a_heads + t.b_heads;
+    const int heads = rotated + t.c_heads;
     for (size_t item = (size_t)blockIdx.x * blockDim.x + threadIdx.x; item < items;
          item += (size_t)gridDim.x * blockDim.x) {
         // the host guarantees m * half <= INT_MAX, so 32-bit division is exact here
@@ -67,12 +72,14 @@ __device__ __forceinline__ void rope_rows(RopeTensors t, const uint32_t* positio
         }
 
         for (int h = blockIdx.y; h < heads; h += gridDim.y) {
-            const bool in_a = h < t.a_heads;
-            const int head = in_a ? h : h - t.a_heads;
-            const int row_heads = in_a ? t.a_heads : t.b_heads;
-            __nv_bfloat16* lo = (in_a ? t.a : t.b) + ((size_t)row * row_heads + head) * head_dim + i0;
+            const int group = h < t.a_heads ? 0 : (h < rotated ? 1 : 2);
+            const int head = h - (group == 0 ? 0 : (group == 1 ? t.a_heads : rotated));
+            const int row_heads = group == 0 ? t.a_heads : (group == 1 ? t.b_heads : t.c_heads);
+            __nv_bfloat16* base = group == 0 ? t.a : (group == 1 ? t.b : t.c);
+            const __nv_bfloat16* bias = group == 0 ? t.a_bias : (group == 1 ? t.b_bias : t.c_bias);
+            const bool rotate = group < 2;
+            __nv_bfloat16* lo = base + ((size_t)row * row_heads + head) * head_dim + i0;
             __nv_bfloat16* hi = lo + half;
-            const __nv_bfloat16* bias = in_a ? t.a_bias : t.b_bias;
             float b_lo[V], b_hi[V];
             for (int k = 0; k < V; k++) {
                 b_lo[k] = bias ? bf16_to_f32(bias[head * head_dim + i0 + k]) : 0.0f;
@@ -84,7 +91,7 @@ __device__ __forceinline__ void rope_rows(RopeTensors t, const uint32_t* positio
                 x128 lo_out, hi_out;
                 for (int k = 0; k < V; k++) {
                     float x1 = bf16_to_f32(lo_in[k]) + b_lo[k], x2 = bf16_to_f32(hi_in[k]) + b_hi[k];
-                    rotate_pair(x1, x2, c[k], s[k]);
+                    if (rotate) { rotate_pair(x1, x2, c[k], s[k]); }
                     lo_out[k] = f32_to_bf16(x1);
                     hi_out[k] = f32_to_bf16(x2);
                 }
@@ -93,7 +100,7 @@ __device__ __forceinline__ void rope_rows(RopeTensors t, const uint32_t* positio
             } else {
                 for (int k = 0; k < V; k++) {
                     float x1 = bf16_to_f32(lo[k]) + b_lo[k], x2 = bf16_to_f32(hi[k]) + b_hi[k];
-                    rotate_pair(x1, x2, c[k], s[k]);
+                    if (rotate) { rotate_pair(x1, x2, c[k], s[k]); }
                     lo[k] = f32_to_bf16(x1);
                     hi[k] = f32_to_bf16(x2);
                 }
@@ -106,26 +113,28 @@ __device__ __forceinline__ void rope(RopeTensors t, const uint32_t* positions, c
                                      int m, int head_dim, float direction) {
     constexpr int VEC = x128::size;
     // uniform over the grid; the host mirrors it only to size the grid (the loop is correct for any grid)
-    if ((head_dim / 2) % VEC == 0 && is_aligned16(t.a) && is_aligned16(t.b)) {
+    if ((head_dim / 2) % VEC == 0 && is_aligned16(t.a) && is_aligned16(t.b) && is_aligned16(t.c)) {
         rope_rows<VEC>(t, positions, inv_freq, m, head_dim, direction);
     } else {
         rope_rows<1>(t, positions, inv_freq, m, head_dim, direction);
     }
 }
 
-// q = rope(q + q_bias) and k = rope(k + k_bias) in one launch (CPU reference:
-// backend::cpu::rope::qk_rope_forward); a null bias adds nothing. q: (m, n_heads * head_dim),
-// k: (m, n_kv_heads * head_dim); grid.y covers the n_heads + n_kv_heads heads.
+// The attention inputs after their projections, in one launch (CPU reference:
+// backend::cpu::rope::qkv_rope_forward): q = rope(q + q_bias), k = rope(k + k_bias),
+// v = v + v_bias; a null bias adds nothing (the host passes v_heads = 0 without a v bias).
+// q: (m, n_heads * head_dim); k, v: (m, n_kv_heads * head_dim); grid.y covers every head.
 extern "C" __global__ void __launch_bounds__(256)
-qk_rope_forward(__nv_bfloat16* q, __nv_bfloat16* k, const __nv_bfloat16* q_bias, const __nv_bfloat16* k_bias,
-                const uint32_t* positions, const float* inv_freq, int m, int n_heads, int n_kv_heads,
-                int head_dim) {
-    rope(RopeTensors{q, q_bias, n_heads, k, k_bias, n_kv_heads}, positions, inv_freq, m, head_dim, 1.0f);
+qkv_rope_forward(__nv_bfloat16* q, __nv_bfloat16* k, __nv_bfloat16* v, const __nv_bfloat16* q_bias,
+                 const __nv_bfloat16* k_bias, const __nv_bfloat16* v_bias, const uint32_t* positions,
+                 const float* inv_freq, int m, int n_heads, int n_kv_heads, int v_heads, int head_dim) {
+    const RopeTensors t{q, q_bias, n_heads, k, k_bias, n_kv_heads, v, v_bias, v_heads};
+    rope(t, positions, inv_freq, m, head_dim, 1.0f);
 }
 
 // the gradient, rotated back in place (CPU reference: backend::cpu::rope::rope_backward)
 extern "C" __global__ void __launch_bounds__(256)
 rope_backward(__nv_bfloat16* dx, const uint32_t* positions, const float* inv_freq, int m, int n_heads,
               int head_dim) {
-    rope(RopeTensors{dx, nullptr, n_heads, dx, nullptr, 0}, positions, inv_freq, m, head_dim, -1.0f);
+    rope(RopeTensors{dx, nullptr, n_heads, dx, nullptr, 0, dx, nullptr, 0}, positions, inv_freq, m, head_dim, -1.0f);
 }

@@ -308,7 +308,7 @@ impl<B: Backend> Model<B> {
                 eps,
             );
         }
-        // q and k biases are added by qk_rope_forward, with the rotation.
+        // The q, k and v biases are added by qkv_rope_forward (with the rotation of q and k).
         b.matmul_forward(
             b.full_mut(&mut a.q),
             b.full(&a.xn1),
@@ -331,16 +331,22 @@ impl<B: Backend> Model<B> {
             b.full_mut(&mut a.v),
             b.full(&a.xn1),
             self.p(lp.v),
-            self.p_opt(lp.v_bias),
+            None,
             m,
             h,
             kv_dim,
         );
-        b.qk_rope_forward(
-            b.full_mut(&mut a.q),
-            b.full_mut(&mut a.k),
-            self.p_opt(lp.q_bias),
-            self.p_opt(lp.k_bias),
+        b.qkv_rope_forward(
+            [
+                b.full_mut(&mut a.q),
+                b.full_mut(&mut a.k),
+                b.full_mut(&mut a.v),
+            ],
+            [
+                self.p_opt(lp.q_bias),
+                self.p_opt(lp.k_bias),
+                self.p_opt(lp.v_bias),
+            ],
             &place.positions,
             b.full(&self.inv_freq),
             cfg.num_heads,

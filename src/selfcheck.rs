@@ -449,8 +449,8 @@ fn op_checks<D: TrainBackend>(c: &mut Checker<D>, coverage: Coverage) -> Result<
         })?;
     }
 
-    // qk_rope_forward: q [M, heads * head_dim] and k [M, kv_heads * head_dim] rotated in place
-    // after their biases (when given); positions up to 4000.
+    // qkv_rope_forward: q [M, heads * head_dim] and k, v [M, kv_heads * head_dim] in place: q and
+    // k rotated after their biases, v biased (when the biases are given); positions up to 4000.
     for (m, heads, kv_heads, hd, theta, biased) in [
         (1, 14, 2, 64, 1e6, true),
         (5, 2, 2, 128, 1e4, false),
@@ -459,33 +459,35 @@ fn op_checks<D: TrainBackend>(c: &mut Checker<D>, coverage: Coverage) -> Result<
     ] {
         let shape =
             format!("M={m} heads={heads}/{kv_heads} head_dim={hd} theta={theta:e} bias={biased}");
-        c.check("qk_rope_forward", shape, TOL_BF16, |dev, r| {
+        c.check("qkv_rope_forward", shape, TOL_BF16, |dev, r| {
             let (mut q, mut q_ref) = put(dev, &r.normal(m * heads * hd, 1.0))?;
             let (mut k, mut k_ref) = put(dev, &r.normal(m * kv_heads * hd, 1.0))?;
+            let (mut v, mut v_ref) = put(dev, &r.normal(m * kv_heads * hd, 1.0))?;
             let (q_bias, q_bias_h) = put(dev, &r.normal(heads * hd, 0.5))?;
             let (k_bias, k_bias_h) = put(dev, &r.normal(kv_heads * hd, 0.5))?;
+            let (v_bias, v_bias_h) = put(dev, &r.normal(kv_heads * hd, 0.5))?;
             let mut positions = r.ids(m, 4001);
             positions[0] = 4000;
             let inv_freq_host: Vec<f32> = (0..hd / 2)
                 .map(|i| (1.0 / f64::powf(theta, (2 * i) as f64 / hd as f64)) as f32)
                 .collect();
             let (inv_freq, inv_freq_h) = put_f32(dev, &inv_freq_host)?;
-            dev.qk_rope_forward(
-                dev.full_mut(&mut q),
-                dev.full_mut(&mut k),
-                biased.then(|| dev.full(&q_bias)),
-                biased.then(|| dev.full(&k_bias)),
+            dev.qkv_rope_forward(
+                [
+                    dev.full_mut(&mut q),
+                    dev.full_mut(&mut k),
+                    dev.full_mut(&mut v),
+                ],
+                [&q_bias, &k_bias, &v_bias].map(|b| biased.then(|| dev.full(b))),
                 &positions,
                 dev.full(&inv_freq),
                 heads,
                 kv_heads,
                 hd,
             );
-            cpu.qk_rope_forward(
-                &mut q_ref,
-                &mut k_ref,
-                biased.then_some(&q_bias_h[..]),
-                biased.then_some(&k_bias_h[..]),
+            cpu.qkv_rope_forward(
+                [&mut q_ref, &mut k_ref, &mut v_ref],
+                [&q_bias_h, &k_bias_h, &v_bias_h].map(|b| biased.then_some(&b[..])),
                 &positions,
                 &inv_freq_h,
                 heads,
@@ -495,6 +497,7 @@ fn op_checks<D: TrainBackend>(c: &mut Checker<D>, coverage: Coverage) -> Result<
             Ok(vec![
                 ("q", get(dev, &q)?, q_ref),
                 ("k", get(dev, &k)?, k_ref),
+                ("v", get(dev, &v)?, v_ref),
             ])
         })?;
     }

@@ -147,23 +147,19 @@ impl Backend for TestDevice {
         CPU.matmul_forward(&mut *out.data, x.data, w.data, bias, m, k, n);
         out.store();
     }
-    fn qk_rope_forward(
+    fn qkv_rope_forward(
         &self,
-        q: ViewMut<'_>,
-        k: ViewMut<'_>,
-        q_bias: Option<View<'_>>,
-        k_bias: Option<View<'_>>,
+        [q, k, v]: [ViewMut<'_>; 3],
+        biases: [Option<View<'_>>; 3],
         positions: &[u32],
         inv_freq: View<'_>,
         n_heads: usize,
         n_kv_heads: usize,
         head_dim: usize,
     ) {
-        CPU.qk_rope_forward(
-            &mut *q.data,
-            &mut *k.data,
-            q_bias.map(|b| b.data),
-            k_bias.map(|b| b.data),
+        CPU.qkv_rope_forward(
+            [&mut *q.data, &mut *k.data, &mut *v.data],
+            biases.map(|b| b.map(|b| b.data)),
             positions,
             inv_freq.data,
             n_heads,
@@ -172,6 +168,7 @@ impl Backend for TestDevice {
         );
         q.store();
         k.store();
+        v.store();
     }
     fn kv_cache_write(
         &self,

@@ -159,18 +159,16 @@ pub trait Backend: Send + Sync {
         n: usize,
     );
 
-    /// The attention's queries and keys after their projections, in place: q = rope(q + q_bias)
-    /// and k = rope(k + k_bias), a bias added to every row when given (HF `rotate_half`
-    /// convention: pairs (i, i + head_dim/2)). One op for both so a device launches once.
-    /// q: [M, n_heads * head_dim]; k: [M, n_kv_heads * head_dim]; q_bias: [n_heads * head_dim];
-    /// k_bias: [n_kv_heads * head_dim]; positions: [M]; inv_freq: [head_dim / 2].
+    /// The attention inputs after their projections, in place: q = rope(q + q_bias),
+    /// k = rope(k + k_bias), v = v + v_bias, each bias added to every row when given (HF
+    /// `rotate_half` convention: pairs (i, i + head_dim/2)). One op so a device launches once.
+    /// q: [M, n_heads * head_dim]; k, v: [M, n_kv_heads * head_dim]; biases: [heads * head_dim];
+    /// positions: [M]; inv_freq: [head_dim / 2].
     #[allow(clippy::too_many_arguments)]
-    fn qk_rope_forward(
+    fn qkv_rope_forward(
         &self,
-        q: Self::ViewMut<'_>,
-        k: Self::ViewMut<'_>,
-        q_bias: Option<Self::View<'_>>,
-        k_bias: Option<Self::View<'_>>,
+        qkv: [Self::ViewMut<'_>; 3],
+        biases: [Option<Self::View<'_>>; 3],
         positions: &[u32],
         inv_freq: Self::View<'_>,
         n_heads: usize,

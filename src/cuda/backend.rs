@@ -668,22 +668,21 @@ impl Backend for CudaBackend {
         })
     }
 
-    fn qk_rope_forward(
+    fn qkv_rope_forward(
         &self,
-        q: CudaViewMut<'_>,
-        k: CudaViewMut<'_>,
-        q_bias: Option<CudaView<'_>>,
-        k_bias: Option<CudaView<'_>>,
+        [q, k, v]: [CudaViewMut<'_>; 3],
+        [q_bias, k_bias, v_bias]: [Option<CudaView<'_>>; 3],
         positions: &[u32],
         inv_freq: CudaView<'_>,
         n_heads: usize,
         n_kv_heads: usize,
         head_dim: usize,
     ) {
-        self.run("qk_rope_forward", || {
+        self.run("qkv_rope_forward", || {
             let m = positions.len();
             expect("q", q.dtype, q.len, DType::Bf16, m * n_heads * head_dim)?;
             expect("k", k.dtype, k.len, DType::Bf16, m * n_kv_heads * head_dim)?;
+            expect("v", v.dtype, v.len, DType::Bf16, m * n_kv_heads * head_dim)?;
             expect(
                 "inv_freq",
                 inv_freq.dtype,
@@ -700,15 +699,16 @@ impl Backend for CudaBackend {
                     None => Ok(0),
                 }
             };
-            let q_bias = bias_ptr("q_bias", q_bias, n_heads)?;
-            let k_bias = bias_ptr("k_bias", k_bias, n_kv_heads)?;
+            let biases = (
+                bias_ptr("q_bias", q_bias, n_heads)?,
+                bias_ptr("k_bias", k_bias, n_kv_heads)?,
+                bias_ptr("v_bias", v_bias, n_kv_heads)?,
+            );
             let pos = self.indices(positions)?;
-            ops::rope::qk_rope_forward(
+            ops::rope::qkv_rope_forward(
                 &self.k,
-                q.ptr,
-                k.ptr,
-                q_bias,
-                k_bias,
+                (q.ptr, k.ptr, v.ptr),
+                biases,
                 pos,
                 inv_freq.ptr,
                 m,

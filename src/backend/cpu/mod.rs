@@ -20,7 +20,7 @@ pub use logprob::{logprob_backward, logprob_forward};
 pub use matmul::{bias_backward, matmul_backward, matmul_forward};
 pub use optimizer::{adamw_step, split_f64, sum_squares};
 pub use rmsnorm::{rmsnorm_backward, rmsnorm_forward};
-pub use rope::{rope_backward, rope_forward, rope_forward_with_bias};
+pub use rope::{add_bias_rows, rope_backward, rope_forward, rope_forward_with_bias};
 pub use sampling::sample_tokens;
 pub use swiglu::{swiglu_backward, swiglu_forward};
 
@@ -102,23 +102,21 @@ impl Backend for CpuBackend {
     ) {
         matmul_forward(out, x, w, bias, m, k, n)
     }
-    fn qk_rope_forward(
+    fn qkv_rope_forward(
         &self,
-        q: &mut [f32],
-        k: &mut [f32],
-        q_bias: Option<&[f32]>,
-        k_bias: Option<&[f32]>,
+        [q, k, v]: [&mut [f32]; 3],
+        [q_bias, k_bias, v_bias]: [Option<&[f32]>; 3],
         positions: &[u32],
         inv_freq: &[f32],
         n_heads: usize,
         n_kv_heads: usize,
         head_dim: usize,
     ) {
-        let rope = |x: &mut [f32], bias, heads| {
-            rope_forward_with_bias(x, bias, positions, inv_freq, heads, head_dim)
-        };
-        rope(q, q_bias, n_heads);
-        rope(k, k_bias, n_kv_heads);
+        rope_forward_with_bias(q, q_bias, positions, inv_freq, n_heads, head_dim);
+        rope_forward_with_bias(k, k_bias, positions, inv_freq, n_kv_heads, head_dim);
+        if let Some(bias) = v_bias {
+            add_bias_rows(v, bias);
+        }
     }
     fn kv_cache_write(
         &self,

@@ -28,11 +28,16 @@ pub fn rope_forward_with_bias(
             n_heads * head_dim,
             "rope: bias is not [n_heads * head_dim]"
         );
-        for row in x.chunks_exact_mut(bias.len()) {
-            row.iter_mut().zip(bias).for_each(|(x, b)| *x += b);
-        }
+        add_bias_rows(x, bias);
     }
     rope_forward(x, positions, inv_freq, n_heads, head_dim);
+}
+
+/// x[r, :] += bias for every row r of x: [M, bias.len()].
+pub fn add_bias_rows(x: &mut [f32], bias: &[f32]) {
+    for row in x.chunks_exact_mut(bias.len()) {
+        row.iter_mut().zip(bias).for_each(|(x, b)| *x += b);
+    }
 }
 
 /// Backward of `rope_forward`: the rotation is orthogonal, so the gradient is rotated back by

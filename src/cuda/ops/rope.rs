@@ -67,17 +67,16 @@ fn rope_config(m: usize, n_heads: usize, head_dim: usize, vectorised: bool) -> L
     }
 }
 
-/// Rotates q: bf16 [m, n_heads * head_dim] and k: bf16 [m, n_kv_heads * head_dim] in place by
-/// position[r] · inv_freq[i] for each pair (i, i + head_dim/2) of every head, after adding
-/// q_bias / k_bias (bf16 [heads * head_dim], 0 = none) to every row; positions: u32 [m];
+/// The attention inputs after their projections, in place: q: bf16 [m, n_heads * head_dim] and
+/// k: bf16 [m, n_kv_heads * head_dim] rotated by position[r] · inv_freq[i] for each pair (i, i +
+/// head_dim/2) of every head after adding q_bias / k_bias, and v: bf16 [m, n_kv_heads *
+/// head_dim] plus v_bias (biases bf16 [heads * head_dim], 0 = none); positions: u32 [m];
 /// inv_freq: f32 [head_dim / 2].
 #[allow(clippy::too_many_arguments)]
-pub fn qk_rope_forward(
+pub fn qkv_rope_forward(
     k: &KernelCtx,
-    q: u64,
-    kk: u64,
-    q_bias: u64,
-    k_bias: u64,
+    (q, kk, v): (u64, u64, u64),
+    (q_bias, k_bias, v_bias): (u64, u64, u64),
     positions: u64,
     inv_freq: u64,
     m: usize,
@@ -85,31 +84,38 @@ pub fn qk_rope_forward(
     n_kv_heads: usize,
     head_dim: usize,
 ) -> Result<()> {
-    const KERNEL: &str = "qk_rope_forward";
+    const KERNEL: &str = "qkv_rope_forward";
     let (m_i, n_heads_i, head_dim_i) = check_shapes(KERNEL, m, n_heads, head_dim)?;
     let (_, n_kv_i, _) = check_shapes(KERNEL, m, n_kv_heads, head_dim)?;
+    // v's heads only take a bias: without one the kernel leaves them alone
+    let v_heads = if v_bias == 0 { 0 } else { n_kv_heads };
+    let v_heads_i = to_i32(KERNEL, "v_heads", v_heads)?;
     if m == 0 {
         return Ok(());
     }
     let f = k.function(MODULE, KERNEL)?;
-    let vectorised = (head_dim / 2).is_multiple_of(BF16_VEC) && aligned16(&[q, kk]);
-    let cfg = rope_config(m, n_heads + n_kv_heads, head_dim, vectorised);
+    let vectorised = (head_dim / 2).is_multiple_of(BF16_VEC) && aligned16(&[q, kk, v]);
+    let cfg = rope_config(m, n_heads + n_kv_heads + v_heads, head_dim, vectorised);
     let mut b = k.stream.launch_builder(&f);
     b.arg(&q)
         .arg(&kk)
+        .arg(&v)
         .arg(&q_bias)
         .arg(&k_bias)
+        .arg(&v_bias)
         .arg(&positions)
         .arg(&inv_freq)
         .arg(&m_i)
         .arg(&n_heads_i)
         .arg(&n_kv_i)
+        .arg(&v_heads_i)
         .arg(&head_dim_i);
-    // SAFETY: matches `(bf16* q, bf16* k, const bf16* q_bias, const bf16* k_bias, const u32*
-    // positions, const float* inv_freq, int m, int n_heads, int n_kv_heads, int head_dim)`; the
-    // caller owns q of m * n_heads * head_dim bf16, k of m * n_kv_heads * head_dim bf16, the
-    // biases (when not 0) of n_heads * head_dim and n_kv_heads * head_dim bf16, positions of m
-    // u32 and inv_freq of head_dim / 2 f32, and m * head_dim / 2 fits the kernel's int index.
+    // SAFETY: matches `(bf16* q, bf16* k, bf16* v, const bf16* q_bias, const bf16* k_bias, const
+    // bf16* v_bias, const u32* positions, const float* inv_freq, int m, int n_heads, int
+    // n_kv_heads, int v_heads, int head_dim)`; the caller owns q of m * n_heads * head_dim bf16, k
+    // and v of m * n_kv_heads * head_dim bf16, the biases (when not 0) of their heads * head_dim
+    // bf16, positions of m u32 and inv_freq of head_dim / 2 f32, and m * head_dim / 2 fits the
+    // kernel's int index.
     unsafe { b.launch(cfg) }.with_context(|| {
         format!("launching {KERNEL} (m {m}, heads {n_heads} + {n_kv_heads}, head_dim {head_dim})")
     })?;
