@@ -91,6 +91,17 @@ fn a_sequence_samples_the_same_alone_or_in_a_batch() {
     }
 }
 
+/// The logits after `seq`, from one full forward pass over it (no decode steps).
+fn last_logits(m: &Model<CpuBackend>, seq: &[u32]) -> Vec<f32> {
+    let mut cache = thinkshort::model::KvCache::new(&CpuBackend, &m.cfg, 1, seq.len()).unwrap();
+    let place = thinkshort::backend::TokenPlacement {
+        slots: vec![0; seq.len()],
+        positions: (0..seq.len() as u32).collect(),
+    };
+    m.forward(seq, &place, &mut cache, &[seq.len() - 1])
+        .unwrap()
+}
+
 #[test]
 fn greedy_is_the_argmax_chain() {
     let m = model();
@@ -99,14 +110,7 @@ fn greedy_is_the_argmax_chain() {
     // Recompute step by step with full forward passes over the growing sequence.
     let mut seq = reqs[0].prompt.clone();
     for &tok in &out[0].tokens {
-        let mut cache = thinkshort::model::KvCache::new(&CpuBackend, &m.cfg, 1, seq.len()).unwrap();
-        let place = thinkshort::backend::TokenPlacement {
-            slots: vec![0; seq.len()],
-            positions: (0..seq.len() as u32).collect(),
-        };
-        let logits = m
-            .forward(&seq, &place, &mut cache, &[seq.len() - 1])
-            .unwrap();
+        let logits = last_logits(&m, &seq);
         assert_eq!(tok, thinkshort::sampling::argmax(&logits));
         seq.push(tok);
     }
@@ -129,15 +133,7 @@ fn sampled_tokens_use_the_stream_of_their_request_and_step() {
     for (i, (r, c)) in reqs.iter().zip(&out).enumerate() {
         let mut seq = r.prompt.clone();
         for (step, &tok) in c.tokens.iter().enumerate() {
-            let mut cache =
-                thinkshort::model::KvCache::new(&CpuBackend, &m.cfg, 1, seq.len()).unwrap();
-            let place = thinkshort::backend::TokenPlacement {
-                slots: vec![0; seq.len()],
-                positions: (0..seq.len() as u32).collect(),
-            };
-            let logits = m
-                .forward(&seq, &place, &mut cache, &[seq.len() - 1])
-                .unwrap();
+            let logits = last_logits(&m, &seq);
             let u = thinkshort::rng::uniform(11, 3 + i as u64, step as u64);
             let want = thinkshort::sampling::sample(&logits, &cfg.sampling, u);
             assert_eq!(tok, want, "request {i} step {step}");
