@@ -8,6 +8,7 @@ use crate::config::ModelConfig;
 use crate::params::ParamLayout;
 use anyhow::{bail, Result};
 use rayon::prelude::*;
+use std::ops::Range;
 use std::path::Path;
 
 pub struct Model<B: Backend> {
@@ -17,7 +18,14 @@ pub struct Model<B: Backend> {
     /// Every parameter, in `layout` order: [num_params].
     pub params: B::Buf,
     pub(crate) inv_freq: B::Buf, // [head_dim / 2]
+    /// The training pass computes the head's f32 logits (and recomputes them in the backward)
+    /// for as many scored rows at a time as fit in this many bytes, so the head's memory does
+    /// not grow with the batch (default [`HEAD_CHUNK_BYTES`]).
+    pub head_chunk_bytes: usize,
 }
+
+/// Default [`Model::head_chunk_bytes`]: 1 GiB of logits (1767 rows of Qwen2.5's 151936 tokens).
+pub const HEAD_CHUNK_BYTES: usize = 1 << 30;
 
 /// Keys and values of every layer for a set of sequence slots.
 pub struct KvCache<B: Backend> {
@@ -115,6 +123,7 @@ impl<B: Backend> Model<B> {
             backend,
             params,
             inv_freq,
+            head_chunk_bytes: HEAD_CHUNK_BYTES,
         })
     }
 
@@ -190,18 +199,18 @@ impl<B: Backend> Model<B> {
             };
             self.layer_forward(l, &mut x, &mut acts, place, cache, edges);
         }
-        Ok(self.head_forward(&x, logit_rows)?.logits)
+        let head = self.head_norm(&x, logit_rows)?;
+        self.head_logits(&head.rows_n, 0..logit_rows.len())
     }
 
-    /// The LM head on the rows of the residual stream x: [M, H] listed in `rows`: gather, final
-    /// RMSNorm, logits. The intermediates are kept for the backward pass.
-    pub(crate) fn head_forward(&self, x: &B::Buf, rows: &[usize]) -> Result<HeadActs<B>> {
+    /// The LM head's first half on the rows of the residual stream x: [M, H] listed in `rows`:
+    /// gather and final RMSNorm, kept for the backward pass.
+    pub(crate) fn head_norm(&self, x: &B::Buf, rows: &[usize]) -> Result<HeadActs<B>> {
         let (cfg, b) = (&self.cfg, &self.backend);
-        let (r, h, v) = (rows.len(), cfg.hidden_size, cfg.vocab_size);
+        let (r, h) = (rows.len(), cfg.hidden_size);
         let mut a = HeadActs {
             rows_x: b.zeros(r * h)?,
             rows_n: b.zeros(r * h)?,
-            logits: b.zeros_f32(r * v)?,
         };
         b.gather_rows(b.full_mut(&mut a.rows_x), b.full(x), rows, h);
         let norm = self.p(self.layout.final_norm);
@@ -212,17 +221,32 @@ impl<B: Backend> Model<B> {
             h,
             cfg.rms_norm_eps as f32,
         );
-        let head = self.p(self.layout.lm_head);
+        Ok(a)
+    }
+
+    /// The logits of the normed rows `chunk` of rows_n: [R, H]: [chunk.len(), V] f32.
+    pub(crate) fn head_logits(&self, rows_n: &B::Buf, chunk: Range<usize>) -> Result<B::Buf> {
+        let (cfg, b) = (&self.cfg, &self.backend);
+        let (h, v) = (cfg.hidden_size, cfg.vocab_size);
+        let mut logits = b.zeros_f32(chunk.len() * v)?;
         b.matmul_forward(
-            b.full_mut(&mut a.logits),
-            b.full(&a.rows_n),
-            head,
+            b.full_mut(&mut logits),
+            b.view(rows_n, chunk.start * h..chunk.end * h),
+            self.p(self.layout.lm_head),
             None,
-            r,
+            chunk.len(),
             h,
             v,
         );
-        Ok(a)
+        Ok(logits)
+    }
+
+    /// The scored rows 0..r in chunks whose f32 logits fit `head_chunk_bytes`.
+    pub(crate) fn head_chunks(&self, r: usize) -> impl Iterator<Item = Range<usize>> {
+        let rows = (self.head_chunk_bytes / (4 * self.cfg.vocab_size)).max(1);
+        (0..r)
+            .step_by(rows)
+            .map(move |start| start..(start + rows).min(r))
     }
 
     /// Rejects tokens outside the vocabulary, placements outside the cache and logit rows
@@ -467,11 +491,10 @@ fn normal_draw(seed: u64, n: u64) -> f32 {
     (if n % 2 == 0 { r * t.cos() } else { r * t.sin() }) as f32
 }
 
-/// The intermediates of the LM head for R scored rows.
+/// The intermediates of the LM head for R scored rows (the logits are made chunk by chunk).
 pub struct HeadActs<B: Backend> {
     pub rows_x: B::Buf, // [R, H] residual stream at the scored rows
     pub rows_n: B::Buf, // [R, H] after the final RMSNorm
-    pub logits: B::Buf, // [R, V]
 }
 
 /// The intermediates of one decoder layer for a batch of M tokens.

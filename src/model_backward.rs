@@ -108,18 +108,22 @@ impl<B: TrainBackend> Model<B> {
             );
             layers.push(acts);
         }
-        let head = self.head_forward(&x, &batch.rows)?;
-
+        // The head, a chunk of scored rows at a time: its logits are dropped here and made
+        // again in the backward (one more matmul of the head instead of [R, V] f32 kept).
+        let head = self.head_norm(&x, &batch.rows)?;
         let mut logp = b.zeros_f32(r)?;
         let mut entropy = b.zeros_f32(r)?;
-        b.logprob_forward(
-            b.full_mut(&mut logp),
-            b.full_mut(&mut entropy),
-            b.full(&head.logits),
-            &batch.targets,
-            v,
-            temperature,
-        );
+        for chunk in self.head_chunks(r) {
+            let logits = self.head_logits(&head.rows_n, chunk.clone())?;
+            b.logprob_forward(
+                b.view_mut(&mut logp, chunk.clone()),
+                b.view_mut(&mut entropy, chunk.clone()),
+                b.full(&logits),
+                &batch.targets[chunk],
+                v,
+                temperature,
+            );
+        }
         let (logp, entropy) = (b.download(b.full(&logp))?, b.download(b.full(&entropy))?);
         let acts = TrainActivations {
             layers,
@@ -176,28 +180,34 @@ impl<B: TrainBackend> Model<B> {
             );
         }
 
-        // Head: logp → logits → final norm → residual stream at the scored rows.
+        // Head: logp → logits (recomputed chunk by chunk, as in the forward) → final norm →
+        // residual stream at the scored rows.
         let dlogp = b.upload_f32(dlogp)?;
-        let mut dlogits = b.zeros(r * v)?;
-        b.logprob_backward(
-            b.full_mut(&mut dlogits),
-            b.full(&dlogp),
-            b.full(&acts.head.logits),
-            &batch.targets,
-            v,
-            acts.temperature,
-        );
         let mut d_rows_n = b.zeros(r * h)?;
-        b.matmul_backward(
-            Some(b.full_mut(&mut d_rows_n)),
-            self.grad(grads, lay.lm_head),
-            b.full(&dlogits),
-            b.full(&acts.head.rows_n),
-            self.p(lay.lm_head),
-            r,
-            h,
-            v,
-        );
+        for chunk in self.head_chunks(r) {
+            let c = chunk.len();
+            let logits = self.head_logits(&acts.head.rows_n, chunk.clone())?;
+            let mut dlogits = b.zeros(c * v)?;
+            b.logprob_backward(
+                b.full_mut(&mut dlogits),
+                b.view(&dlogp, chunk.clone()),
+                b.full(&logits),
+                &batch.targets[chunk.clone()],
+                v,
+                acts.temperature,
+            );
+            let rows = chunk.start * h..chunk.end * h;
+            b.matmul_backward(
+                Some(b.view_mut(&mut d_rows_n, rows.clone())),
+                self.grad(grads, lay.lm_head),
+                b.full(&dlogits),
+                b.view(&acts.head.rows_n, rows),
+                self.p(lay.lm_head),
+                c,
+                h,
+                v,
+            );
+        }
         let mut d_rows = b.zeros(r * h)?;
         b.rmsnorm_backward(
             b.full_mut(&mut d_rows),
@@ -374,5 +384,54 @@ impl<B: TrainBackend> Model<B> {
         // Tied embeddings: the LM head's gradient already sits in the same range and this adds to it.
         b.embedding_backward(self.grad(grads, lay.embed), b.full(&dx), &batch.tokens, h);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::CpuBackend;
+    use crate::config::ModelConfig;
+
+    /// Log-probs, entropies and the parameter gradient for a random d(loss)/d(logp).
+    fn train_pass(model: &Model<CpuBackend>, batch: &TrainBatch) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let out = model.forward_train(batch, 0.8).unwrap();
+        let dlogp: Vec<f32> = (0..out.logp.len())
+            .map(|i| ((i * 7 % 5) as f32 - 2.0) / 3.0)
+            .collect();
+        let mut grads = vec![0.0; model.layout.total_len()];
+        model
+            .backward(batch, &out.acts, &dlogp, &mut grads)
+            .unwrap();
+        (out.logp, out.entropy, grads)
+    }
+
+    /// A head computed three rows of logits at a time (and recomputed so in the backward) gives
+    /// the log-probs of the whole head exactly, and its gradient up to the order of the LM
+    /// head's gradient sums.
+    #[test]
+    fn a_chunked_head_gives_the_whole_heads_results() {
+        let cfg = ModelConfig::from_json_str(
+            r#"{"model_type":"llama","vocab_size":40,"hidden_size":16,"intermediate_size":32,
+                "num_hidden_layers":1,"num_attention_heads":2,"num_key_value_heads":1}"#,
+        )
+        .unwrap();
+        let mut model = Model::random(cfg, 4, CpuBackend).unwrap();
+        let seqs: [(&[u32], &[u32]); 2] = [(&[1, 2, 3], &[4, 5, 6, 7]), (&[8], &[9, 10, 11])];
+        let batch = TrainBatch::new(&seqs).unwrap();
+        let whole = train_pass(&model, &batch);
+        model.head_chunk_bytes = 3 * 4 * 40;
+        assert_eq!(model.head_chunks(7).count(), 3);
+        let chunked = train_pass(&model, &batch);
+        assert_eq!(chunked.0, whole.0);
+        assert_eq!(chunked.1, whole.1);
+        let diff: f32 = chunked
+            .2
+            .iter()
+            .zip(&whole.2)
+            .map(|(a, b)| (a - b).abs())
+            .sum();
+        let norm: f32 = whole.2.iter().map(|g| g.abs()).sum();
+        assert!(norm > 0.0 && diff <= 1e-5 * norm, "{diff} vs {norm}");
     }
 }

@@ -24,8 +24,10 @@ pub struct TrainMemory {
 
 impl TrainMemory {
     /// For `sequences` sequences of at most `prompt_len` + `cap` tokens, of which the `cap`
-    /// completion tokens are scored (have logits), activations stored in `storage_bytes` per
-    /// value; f32 where the model keeps f32 (log-sum-exp, logits).
+    /// completion tokens are scored (have logits, `head_chunk_bytes` of f32 logits at a time:
+    /// `Model::head_chunk_bytes`), activations stored in `storage_bytes` per value; f32 where the
+    /// model keeps f32 (log-sum-exp, logits).
+    #[allow(clippy::too_many_arguments)]
     pub fn estimate(
         cfg: &ModelConfig,
         storage_bytes: usize,
@@ -33,6 +35,7 @@ impl TrainMemory {
         prompt_len: usize,
         cap: usize,
         reference: bool,
+        head_chunk_bytes: usize,
     ) -> TrainMemory {
         let seq_len = prompt_len + cap;
         let n = crate::params::ParamLayout::new(cfg).total_len();
@@ -49,12 +52,13 @@ impl TrainMemory {
         // Rollout: the cache and one row of f32 logits per sequence.
         let rollout = kv_cache + sequences * v * 4;
         // Update: LayerActs per layer (5 of [M, H], q and attention output, k and v, gate, up
-        // and act, f32 lse), the head (for every scored row: logits f32, their gradient, the
-        // normed and unnormed rows and their gradients) and the backward scratch (3 of [M, I], 3 of [M, H], 2 of [M, q], 2 of
-        // [M, kv], the cache's gradient).
+        // and act, f32 lse), the head (one chunk of rows' f32 logits and their gradient; for
+        // every scored row the normed and unnormed rows and their gradients) and the backward
+        // scratch (3 of [M, I], 3 of [M, H], 2 of [M, q], 2 of [M, kv], the cache's gradient).
         let per_layer =
             tokens * ((5 * h + 2 * q + 2 * kv + 3 * i) * storage_bytes + cfg.num_heads * 4);
-        let head = scored * (v * (4 + storage_bytes) + 4 * h * storage_bytes);
+        let chunk_rows = scored.min((head_chunk_bytes / (4 * v)).max(1));
+        let head = chunk_rows * v * (4 + storage_bytes) + scored * 4 * h * storage_bytes;
         let backward = tokens * (3 * i + 3 * h + 2 * q + 2 * kv) * storage_bytes
             + tokens * 2 * kv * storage_bytes;
         let update = layers * per_layer + kv_cache + head + backward;
@@ -120,7 +124,7 @@ mod tests {
         )
         .unwrap();
         let n = crate::params::ParamLayout::new(&cfg).total_len();
-        let m = TrainMemory::estimate(&cfg, 2, 3, 2, 3, true);
+        let m = TrainMemory::estimate(&cfg, 2, 3, 2, 3, true, 1 << 30);
         assert_eq!(m.weights, 2 * n * 2);
         assert_eq!(m.optimizer, 16 * n);
         let tokens = 15;
@@ -130,5 +134,12 @@ mod tests {
         let backward = tokens * (3 * 16 + 3 * 8 + 2 * 8 + 2 * 4) * 2 + tokens * 2 * 4 * 2;
         assert_eq!(m.activations, 2 * per_layer + kv_cache + head + backward);
         assert_eq!(m.total(), m.weights + m.optimizer + m.activations);
+        // Logits 4 rows at a time (160 bytes): the head holds 4 rows of logits, not 9.
+        let chunked = TrainMemory::estimate(&cfg, 2, 3, 2, 3, true, 160);
+        let head_chunked = 4 * 10 * (4 + 2) + 9 * 4 * 8 * 2;
+        assert_eq!(
+            chunked.activations,
+            2 * per_layer + kv_cache + head_chunked + backward
+        );
     }
 }

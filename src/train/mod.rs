@@ -242,6 +242,7 @@ fn train_on<B: TrainBackend>(
         longest_prompt(&tok, inputs, state.curriculum.budget_at(state.step))?,
         cfg.cap_at(&state.curriculum, state.step),
         cfg.loss.beta > 0.0,
+        crate::model::HEAD_CHUNK_BYTES,
     );
     memory.check(&backend)?;
     // Only a run that fits writes anything.
