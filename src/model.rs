@@ -24,7 +24,7 @@ pub struct Model<B: Backend> {
     pub head_chunk_bytes: usize,
 }
 
-/// Default [`Model::head_chunk_bytes`]: 1 GiB of logits (1767 rows of Qwen2.5's 151936 tokens).
+/// Default [`Model::head_chunk_bytes`]: 1 GiB of logits (1766 rows of Qwen2.5's 151936 tokens).
 pub const HEAD_CHUNK_BYTES: usize = 1 << 30;
 
 /// Keys and values of every layer for a set of sequence slots.
