@@ -20,8 +20,8 @@
 // a time), thread 0 walks the 32 chunk sums in order to find the chunk that holds the target,
 // and that warp walks its chunk tile by tile with a warp scan or ballot. Every sum is taken in a
 // fixed order (thread, lane tree, warps in order), so a draw does not depend on timing; only the
-// summation order differs from the CPU, which can move a token only when a running sum lands
-// within ~1e-15 of its target.
+// summation order (and CUDA's f64 exp, within 1 ulp of the CPU's) differs from the CPU, which can
+// move a token only when a running sum lands within ~1e-15 of its target.
 #include "common.cuh"
 #include "philox.cuh"
 
@@ -131,7 +131,11 @@ __device__ int nth_tie(const float* z, int vocab, unsigned key, Cut within, int 
     if (lane == 0) { warp_counts[warp] = count; }
     __syncthreads();
     if (threadIdx.x == 0) {
-        int left = n, chosen = 0;
+        int total = 0;
+#pragma unroll 1
+        for (int w = 0; w < SAMPLE_WARPS; w++) { total += warp_counts[w]; }
+        // n past the last tie (a rounded top-p count can be) asks for the last one
+        int left = min(n, total), chosen = 0;
 #pragma unroll 1
         for (int w = 0; w < SAMPLE_WARPS; w++) {
             if (warp_counts[w] > 0) {

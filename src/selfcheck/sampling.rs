@@ -81,6 +81,13 @@ fn check_given<D: TrainBackend>(
                 let mut uniforms = rand.uniform(rows);
                 uniforms[0] = 0.0;
                 uniforms[rows - 1] = 1.0 - f64::EPSILON / 2.0;
+                // The device receives each draw as two floats (hi + lo, ~48 bits): both sides
+                // draw with that value.
+                for u in &mut uniforms {
+                    let mut pair = [0.0f32; 2];
+                    crate::backend::cpu::split_f64(&mut pair, *u);
+                    *u = pair[0] as f64 + pair[1] as f64;
+                }
                 let draws = TokenDraws::Given(&uniforms);
                 compare(dev, &logits, &logits_h, &draws, vocab, params, output)
             },
