@@ -130,10 +130,11 @@ fn resume_reproduces_an_uninterrupted_run() {
     assert!(w1 == w2, "final weights differ");
 }
 
-/// `old_logp = "sampler"`: the ratio's logπold are the sampler's log-probs; on the CPU both
-/// paths compute in f32 from the same weights, so the logged gap is tiny but present in both modes.
+/// `old_logp = "sampler"` is accepted and trains; both modes log `logp_gap`, which on the CPU
+/// (decode path and training forward in f32 from the same weights) is tiny. That the update then
+/// uses the sampler's log-probs as logπold is tested in train::update.
 #[test]
-fn sampler_old_logprobs_train_and_log_the_gap() {
+fn both_old_logp_modes_train_and_log_a_small_gap() {
     let tmp = tempfile::tempdir().unwrap();
     for mode in ["sampler", "recompute"] {
         let out = tmp.path().join(mode);

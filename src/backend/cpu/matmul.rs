@@ -52,9 +52,14 @@ pub fn matmul_forward(
     }
     if let Some(b) = bias {
         assert_eq!(b.len(), n, "matmul_forward: bias is not [N]");
-        for row in out.chunks_exact_mut(n) {
-            row.iter_mut().zip(b).for_each(|(o, b)| *o += b);
-        }
+        add_bias_rows(out, b);
+    }
+}
+
+/// x[r, :] += bias for every row r of x: [M, bias.len()].
+pub fn add_bias_rows(x: &mut [f32], bias: &[f32]) {
+    for row in x.chunks_exact_mut(bias.len()) {
+        row.iter_mut().zip(bias).for_each(|(x, b)| *x += b);
     }
 }
 

@@ -17,10 +17,10 @@ pub use embedding::{
     scatter_add_rows,
 };
 pub use logprob::{logprob_backward, logprob_forward};
-pub use matmul::{bias_backward, matmul_backward, matmul_forward};
+pub use matmul::{add_bias_rows, bias_backward, matmul_backward, matmul_forward};
 pub use optimizer::{adamw_step, split_f64, sum_squares};
 pub use rmsnorm::{rmsnorm_backward, rmsnorm_forward};
-pub use rope::{add_bias_rows, rope_backward, rope_forward, rope_forward_with_bias};
+pub use rope::{rope_backward, rope_forward, rope_forward_with_bias};
 pub use sampling::sample_tokens;
 pub use swiglu::{swiglu_backward, swiglu_forward};
 

@@ -1,5 +1,6 @@
 //! Rotary position embedding, HF `rotate_half` convention: element i pairs with i + head_dim/2.
 
+use super::matmul::add_bias_rows;
 use rayon::prelude::*;
 
 /// x: [M, n_heads * head_dim], rotated in place; positions: [M]; inv_freq: [head_dim / 2].
@@ -31,13 +32,6 @@ pub fn rope_forward_with_bias(
         add_bias_rows(x, bias);
     }
     rope_forward(x, positions, inv_freq, n_heads, head_dim);
-}
-
-/// x[r, :] += bias for every row r of x: [M, bias.len()].
-pub fn add_bias_rows(x: &mut [f32], bias: &[f32]) {
-    for row in x.chunks_exact_mut(bias.len()) {
-        row.iter_mut().zip(bias).for_each(|(x, b)| *x += b);
-    }
 }
 
 /// Backward of `rope_forward`: the rotation is orthogonal, so the gradient is rotated back by
