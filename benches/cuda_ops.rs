@@ -14,8 +14,9 @@
 
 use criterion::{BenchmarkId, Criterion, Throughput};
 use std::time::{Duration, Instant};
-use thinkshort::backend::{Backend, TokenPlacement, TrainBackend};
+use thinkshort::backend::{Backend, PolicyTokens, TokenPlacement, TrainBackend, POLICY_STATS};
 use thinkshort::cuda::CudaBackend;
+use thinkshort::grpo::LossOptions;
 use thinkshort::rng::Philox;
 use thinkshort::sampling::{SamplingParams, TokenDraws};
 
@@ -450,6 +451,44 @@ fn backward(c: &mut Criterion, dev: &CudaBackend) {
                         &targets,
                         VOCAB,
                         1.0,
+                    )
+                })
+            })
+        },
+    );
+
+    // The same rows with the GRPO loss fused in (64 completions of 8 rows, old and reference
+    // log-probs given): the same bytes, plus a few per row.
+    let seqs: Vec<u32> = (0..r as u32).map(|i| i / 8).collect();
+    let advantages = dev.upload_f32(&random(r / 8, 31)).unwrap();
+    let weights = dev.upload_f32(&vec![1.0 / r as f32; r / 8]).unwrap();
+    let old = dev.upload_f32(&vec![-12.0; r]).unwrap();
+    let reference = dev.upload_f32(&vec![-12.1; r]).unwrap();
+    let mut logp = dev.zeros_f32(r).unwrap();
+    let mut stats = dev.zeros_f32(r * POLICY_STATS).unwrap();
+    let loss = LossOptions::default();
+    g.bench_function(
+        BenchmarkId::new("policy_loss_bytes", format!("{r}x{VOCAB}")),
+        |b| {
+            b.iter_custom(|iters| {
+                time(dev, iters, || {
+                    let tokens = PolicyTokens::<CudaBackend> {
+                        seqs: &seqs,
+                        advantages: dev.full(&advantages),
+                        weights: dev.full(&weights),
+                        old_logp: Some(dev.full(&old)),
+                        ref_logp: Some(dev.full(&reference)),
+                    };
+                    dev.policy_loss_backward(
+                        dev.full_mut(&mut dlogits),
+                        dev.full_mut(&mut logp),
+                        dev.full_mut(&mut stats),
+                        dev.full(&logits),
+                        &targets,
+                        &tokens,
+                        VOCAB,
+                        1.0,
+                        &loss,
                     )
                 })
             })

@@ -19,90 +19,7 @@
 // vector path whatever its alignment (vocab may be odd).
 // Shared memory: 3 x 32 floats (static).
 
-#include "common.cuh"
-
-#include <math.h>
-
-// The online log-sum-exp state of a set of tempered logits, relative to its max m:
-// sum = sum exp(s - m), sum_s = sum exp(s - m) * (s - m). The empty set is {-inf, 0, 0}.
-struct LseState {
-    float max;
-    float sum;
-    float sum_s;
-};
-
-// Re-expresses a non-empty state relative to new_max >= st.max.
-__device__ __forceinline__ void lse_rebase(LseState& st, float new_max) {
-    const float shift = st.max - new_max;  // <= 0
-    const float c = expf(shift);
-    st.sum_s = c * (st.sum_s + shift * st.sum);
-    st.sum *= c;
-    st.max = new_max;
-}
-
-// The state of the union of two sets.
-__device__ __forceinline__ LseState lse_combine(LseState a, LseState b) {
-    // an empty side would give (-inf) * 0 = NaN in the rebase: skip it
-    if (a.max == -INFINITY) { return b; }
-    if (b.max == -INFINITY) { return a; }
-    const float new_max = fmaxf(a.max, b.max);
-    lse_rebase(a, new_max);
-    lse_rebase(b, new_max);
-    return LseState{new_max, a.sum + b.sum, a.sum_s + b.sum_s};
-}
-
-// Adds n tempered logits s[0..n) to the state: one rebase for the whole group.
-template <int N>
-__device__ __forceinline__ void lse_add(LseState& st, const float (&s)[N]) {
-    float group_max = s[0];
-    for (int k = 1; k < N; k++) { group_max = fmaxf(group_max, s[k]); }
-    if (group_max > st.max) {
-        if (st.max == -INFINITY) {
-            st.max = group_max;  // empty state: nothing to rescale
-        } else {
-            lse_rebase(st, group_max);
-        }
-    }
-    for (int k = 0; k < N; k++) {
-        const float d = s[k] - st.max;
-        const float e = expf(d);
-        st.sum += e;
-        st.sum_s += e * d;
-    }
-}
-
-// Combines the states of all threads of the block; thread 0 receives the result.
-// blockDim.x is a multiple of 32, at most 1024.
-__device__ __forceinline__ LseState block_reduce_lse(LseState st) {
-    __shared__ float max_s[WARP_SIZE], sum_s[WARP_SIZE], sums_s[WARP_SIZE];
-    const int lane_id = threadIdx.x % WARP_SIZE;
-    const int warp_id = threadIdx.x / WARP_SIZE;
-    const int num_warps = blockDim.x / WARP_SIZE;
-
-    for (int offset = WARP_SIZE / 2; offset > 0; offset /= 2) {
-        const LseState other{__shfl_xor_sync(FULL_MASK, st.max, offset),
-                             __shfl_xor_sync(FULL_MASK, st.sum, offset),
-                             __shfl_xor_sync(FULL_MASK, st.sum_s, offset)};
-        st = lse_combine(st, other);
-    }
-    if (lane_id == 0) {
-        max_s[warp_id] = st.max;
-        sum_s[warp_id] = st.sum;
-        sums_s[warp_id] = st.sum_s;
-    }
-    __syncthreads();
-    if (warp_id == 0) {
-        st = (lane_id < num_warps) ? LseState{max_s[lane_id], sum_s[lane_id], sums_s[lane_id]}
-                                   : LseState{-INFINITY, 0.0f, 0.0f};
-        for (int offset = WARP_SIZE / 2; offset > 0; offset /= 2) {
-            const LseState other{__shfl_xor_sync(FULL_MASK, st.max, offset),
-                                 __shfl_xor_sync(FULL_MASK, st.sum, offset),
-                                 __shfl_xor_sync(FULL_MASK, st.sum_s, offset)};
-            st = lse_combine(st, other);
-        }
-    }
-    return st;
-}
+#include "logprob.cuh"
 
 // ----------------------------------------------------------------------------
 // kernel body (templated on the logits' storage type)
@@ -168,36 +85,18 @@ logprob_forward_f32(float* logp, float* entropy, const float* logits, const uint
 // ----------------------------------------------------------------------------
 // backward: dlogits[r, i] = dlogp[r] / tau * (onehot(targets[r])_i - softmax(logits[r] / tau)_i)
 // (the CPU reference is src/backend/cpu/logprob.rs: logprob_backward). One block per row, as the
-// forward: pass 1 the row's log-sum-exp state, pass 2 the gradient, written as bf16 (it feeds the
-// LM head's bf16 matrix products). Scalar loads: the backward reads each row twice anyway.
+// forward; the row body is logprob.cuh's logprob_backward_row.
 
 template <class T>
 __device__ __forceinline__ void logprob_backward_block(__nv_bfloat16* dlogits, const float* dlogp,
                                                        const T* logits, const uint32_t* targets,
                                                        int r, int vocab, float inv_temperature) {
-    __shared__ float stats_s[2];  // max, log(sum)
     const int row = blockIdx.x;
     if (row >= r) { return; }  // uniform over the block
-    const T* z = logits + (size_t)row * vocab;
-    LseState st{-INFINITY, 0.0f, 0.0f};
-    for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
-        const float s[1] = {to_f32(z[i]) * inv_temperature};
-        lse_add(st, s);
-    }
-    st = block_reduce_lse(st);
-    if (threadIdx.x == 0) {
-        stats_s[0] = st.max;
-        stats_s[1] = logf(st.sum);
-    }
-    __syncthreads();
-    const float shift = stats_s[0] + stats_s[1];  // log-softmax = s - shift
-    const float g = dlogp[row] * inv_temperature;
-    const int target = (int)targets[row];
-    __nv_bfloat16* dz = dlogits + (size_t)row * vocab;
-    for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
-        const float p = expf(to_f32(z[i]) * inv_temperature - shift);
-        dz[i] = f32_to_bf16(g * ((i == target ? 1.0f : 0.0f) - p));
-    }
+    const float g = dlogp[row];
+    logprob_backward_row(dlogits + (size_t)row * vocab, logits + (size_t)row * vocab,
+                         (int)targets[row], vocab, inv_temperature,
+                         [g](float, float) { return g; });
 }
 
 extern "C" __global__ void __launch_bounds__(1024)

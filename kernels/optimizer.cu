@@ -1,6 +1,7 @@
-// The optimizer's kernels: the sum of squares behind the global gradient norm, and the fused
-// AdamW update of the f32 master weights that also writes the bf16 weights the model computes
-// with. CPU reference: src/backend/cpu/optimizer.rs (and AdamWStep::update in src/optim.rs).
+// The optimizer's kernels: the sum of squares behind the global gradient norm, the fixed-order
+// column sums that reduce the loss statistics, and the fused AdamW update of the f32 master
+// weights that also writes the bf16 weights the model computes with. CPU reference:
+// src/backend/cpu/optimizer.rs (and AdamWStep::update in src/optim.rs).
 #include "common.cuh"
 
 // sum_squares runs with a fixed grid so the order of the additions depends on n only: every
@@ -50,6 +51,22 @@ sum_squares_final(float* out, const double* partials) {
         const float hi = (float)total;
         out[0] = hi;
         out[1] = (float)(total - (double)hi);
+    }
+}
+
+// out[2j], out[2j + 1] = hi, lo of the f64 sum of column j of x (rows, cols) f32: one block per
+// column, each thread a fixed stride of rows, then the block's tree; the order depends on the
+// shape only. grid = (cols, 1, 1), block = (SUM_SQUARES_THREADS, 1, 1).
+extern "C" __global__ void __launch_bounds__(SUM_SQUARES_THREADS)
+column_sums(float* out, const float* x, int rows, int cols) {
+    const int col = blockIdx.x;
+    double sum = 0.0;
+    for (int r = threadIdx.x; r < rows; r += blockDim.x) { sum += x[(size_t)r * cols + col]; }
+    sum = block_reduce_sum_f64(sum);
+    if (threadIdx.x == 0) {
+        const float hi = (float)sum;
+        out[2 * col] = hi;
+        out[2 * col + 1] = (float)(sum - (double)hi);
     }
 }
 

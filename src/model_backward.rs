@@ -2,9 +2,11 @@
 //! and the log-probabilities of the target tokens, and the explicit backward pass that turns
 //! d(loss)/d(logp) into parameter gradients (llm.c style, no autograd).
 
-use crate::backend::{Backend, TokenPlacement, TrainBackend};
+use crate::backend::{Backend, PolicyTokens, TokenPlacement, TrainBackend, POLICY_STATS};
+use crate::grpo::LossOptions;
 use crate::model::{HeadActs, KvCache, LayerActs, LayerEdges, Model};
 use anyhow::{bail, Result};
+use std::ops::Range;
 
 /// Sequences (prompt + completion) packed into one ragged batch, with the rows whose next-token
 /// log-probabilities are scored.
@@ -69,19 +71,68 @@ pub struct TrainOutput<B: Backend> {
     pub entropy: Vec<f32>,
 }
 
+/// The GRPO loss inputs of [`Model::backward_policy`], on the device.
+pub struct PolicyInputs<'a, B: Backend> {
+    /// The completion each scored row belongs to: [R].
+    pub seqs: &'a [u32],
+    /// Each completion's advantage: [N] f32.
+    pub advantages: &'a B::Buf,
+    /// Each completion's aggregation weight per token, 0 when it is left out: [N] f32.
+    pub weights: &'a B::Buf,
+    /// logπold per scored row, [R] f32; None: logπold = logπθ (ρ = 1).
+    pub old_logp: Option<&'a B::Buf>,
+    /// logπref per scored row, [R] f32.
+    pub ref_logp: Option<&'a B::Buf>,
+}
+
+/// What the fused loss backward leaves on the device.
+pub struct PolicyRows<B: Backend> {
+    /// logπθ per scored row: [R] f32.
+    pub logp: B::Buf,
+    /// Per-row statistics (`backend::policy_stat`): [R, POLICY_STATS] f32.
+    pub stats: B::Buf,
+}
+
 impl<B: TrainBackend> Model<B> {
     /// Forward pass over `batch`, keeping activations; log-probs at temperature τ.
     pub fn forward_train(&self, batch: &TrainBatch, temperature: f32) -> Result<TrainOutput<B>> {
+        let acts = self.forward_activations(batch, temperature)?;
+        let (b, r, v) = (&self.backend, batch.rows.len(), self.cfg.vocab_size);
+        // The head, a chunk of scored rows at a time: its logits are dropped here and made
+        // again in the backward (one more matmul of the head instead of [R, V] f32 kept).
+        let mut logp = b.zeros_f32(r)?;
+        let mut entropy = b.zeros_f32(r)?;
+        for chunk in self.head_chunks(r) {
+            let logits = self.head_logits(&acts.head.rows_n, chunk.clone())?;
+            b.logprob_forward(
+                b.view_mut(&mut logp, chunk.clone()),
+                b.view_mut(&mut entropy, chunk.clone()),
+                b.full(&logits),
+                &batch.targets[chunk],
+                v,
+                temperature,
+            );
+        }
+        let (logp, entropy) = (b.download(b.full(&logp))?, b.download(b.full(&entropy))?);
+        Ok(TrainOutput {
+            acts,
+            logp,
+            entropy,
+        })
+    }
+
+    /// The forward pass over `batch` up to the head's final norm, keeping what the backward
+    /// reads; the logits are left to the backward (`backward_policy` computes the loss there).
+    pub fn forward_activations(
+        &self,
+        batch: &TrainBatch,
+        temperature: f32,
+    ) -> Result<TrainActivations<B>> {
         if !(temperature > 0.0) {
             bail!("training log-probs need a temperature > 0, got {temperature}");
         }
         let (cfg, b) = (&self.cfg, &self.backend);
-        let (m, r, h, v) = (
-            batch.tokens.len(),
-            batch.rows.len(),
-            cfg.hidden_size,
-            cfg.vocab_size,
-        );
+        let (m, h, v) = (batch.tokens.len(), cfg.hidden_size, cfg.vocab_size);
         let mut cache = KvCache::new(b, cfg, batch.slots, batch.capacity)?;
         self.check_batch(&batch.tokens, &batch.place, &cache, &batch.rows)?;
         if let Some(&bad) = batch.targets.iter().find(|&&t| t as usize >= v) {
@@ -108,33 +159,11 @@ impl<B: TrainBackend> Model<B> {
             );
             layers.push(acts);
         }
-        // The head, a chunk of scored rows at a time: its logits are dropped here and made
-        // again in the backward (one more matmul of the head instead of [R, V] f32 kept).
-        let head = self.head_norm(&x, &batch.rows)?;
-        let mut logp = b.zeros_f32(r)?;
-        let mut entropy = b.zeros_f32(r)?;
-        for chunk in self.head_chunks(r) {
-            let logits = self.head_logits(&head.rows_n, chunk.clone())?;
-            b.logprob_forward(
-                b.view_mut(&mut logp, chunk.clone()),
-                b.view_mut(&mut entropy, chunk.clone()),
-                b.full(&logits),
-                &batch.targets[chunk],
-                v,
-                temperature,
-            );
-        }
-        let (logp, entropy) = (b.download(b.full(&logp))?, b.download(b.full(&entropy))?);
-        let acts = TrainActivations {
+        Ok(TrainActivations {
             layers,
             cache,
-            head,
+            head: self.head_norm(&x, &batch.rows)?,
             temperature,
-        };
-        Ok(TrainOutput {
-            acts,
-            logp,
-            entropy,
         })
     }
 
@@ -152,6 +181,91 @@ impl<B: TrainBackend> Model<B> {
         dlogp: &[f32],
         grads: &mut B::Buf,
     ) -> Result<()> {
+        let (b, r, v) = (&self.backend, batch.rows.len(), self.cfg.vocab_size);
+        if dlogp.len() != r {
+            bail!(
+                "backward: {} log-prob gradients for {r} scored tokens",
+                dlogp.len()
+            );
+        }
+        let dlogp = b.upload_f32(dlogp)?;
+        self.backward_from_head(batch, acts, grads, |chunk, logits, dlogits| {
+            b.logprob_backward(
+                dlogits,
+                b.view(&dlogp, chunk.clone()),
+                logits,
+                &batch.targets[chunk],
+                v,
+                acts.temperature,
+            )
+        })
+    }
+
+    /// The backward of the GRPO policy loss (METHOD.md §5): the loss of every scored token is
+    /// computed inside the head's backward, from the logits made there (`policy_loss_backward`),
+    /// so the forward pass needs no head (`forward_activations`). Accumulates the gradients
+    /// into `grads`; returns logπθ and the per-row statistics, left on the device.
+    pub fn backward_policy(
+        &self,
+        batch: &TrainBatch,
+        acts: &TrainActivations<B>,
+        inputs: &PolicyInputs<B>,
+        loss: &LossOptions,
+        grads: &mut B::Buf,
+    ) -> Result<PolicyRows<B>> {
+        let (b, r, v) = (&self.backend, batch.rows.len(), self.cfg.vocab_size);
+        let n = b.len(inputs.advantages);
+        let per_row = |x: Option<&B::Buf>| x.is_none_or(|x| b.len(x) == r);
+        if inputs.seqs.len() != r || !per_row(inputs.old_logp) || !per_row(inputs.ref_logp) {
+            bail!("backward_policy: completion indices, old and reference log-probs must have one entry per scored token ({r})");
+        }
+        if b.len(inputs.weights) != n {
+            bail!(
+                "backward_policy: {} weights for {n} advantages",
+                b.len(inputs.weights)
+            );
+        }
+        if let Some(&bad) = inputs.seqs.iter().find(|&&i| i as usize >= n) {
+            bail!("backward_policy: completion {bad} out of range for {n} completions");
+        }
+        let mut logp = b.zeros_f32(r)?;
+        let mut stats = b.zeros_f32(r * POLICY_STATS)?;
+        self.backward_from_head(batch, acts, grads, |chunk, logits, dlogits| {
+            let tokens = PolicyTokens {
+                seqs: &inputs.seqs[chunk.clone()],
+                advantages: b.full(inputs.advantages),
+                weights: b.full(inputs.weights),
+                old_logp: inputs.old_logp.map(|x| b.view(x, chunk.clone())),
+                ref_logp: inputs.ref_logp.map(|x| b.view(x, chunk.clone())),
+            };
+            b.policy_loss_backward(
+                dlogits,
+                b.view_mut(&mut logp, chunk.clone()),
+                b.view_mut(
+                    &mut stats,
+                    chunk.start * POLICY_STATS..chunk.end * POLICY_STATS,
+                ),
+                logits,
+                &batch.targets[chunk],
+                &tokens,
+                v,
+                acts.temperature,
+                loss,
+            )
+        })?;
+        Ok(PolicyRows { logp, stats })
+    }
+
+    /// The backward from the logits down: `head_grad(rows, logits, dlogits)` writes d(loss)/d(logits)
+    /// for each chunk of scored rows (logits recomputed chunk by chunk, as in the forward), then
+    /// logits → final norm → residual stream at the scored rows → every layer.
+    fn backward_from_head(
+        &self,
+        batch: &TrainBatch,
+        acts: &TrainActivations<B>,
+        grads: &mut B::Buf,
+        mut head_grad: impl for<'x> FnMut(Range<usize>, B::View<'x>, B::ViewMut<'x>),
+    ) -> Result<()> {
         let (cfg, b, lay) = (&self.cfg, &self.backend, &self.layout);
         let (m, r, h, v) = (
             batch.tokens.len(),
@@ -166,12 +280,6 @@ impl<B: TrainBackend> Model<B> {
             cfg.kv_dim(),
         );
         let eps = cfg.rms_norm_eps as f32;
-        if dlogp.len() != r {
-            bail!(
-                "backward: {} log-prob gradients for {r} scored tokens",
-                dlogp.len()
-            );
-        }
         if b.len(grads) != lay.total_len() {
             bail!(
                 "backward: gradient buffer holds {} floats, the model has {}",
@@ -180,22 +288,12 @@ impl<B: TrainBackend> Model<B> {
             );
         }
 
-        // Head: logp → logits (recomputed chunk by chunk, as in the forward) → final norm →
-        // residual stream at the scored rows.
-        let dlogp = b.upload_f32(dlogp)?;
         let mut d_rows_n = b.zeros(r * h)?;
         for chunk in self.head_chunks(r) {
             let c = chunk.len();
             let logits = self.head_logits(&acts.head.rows_n, chunk.clone())?;
             let mut dlogits = b.zeros(c * v)?;
-            b.logprob_backward(
-                b.full_mut(&mut dlogits),
-                b.view(&dlogp, chunk.clone()),
-                b.full(&logits),
-                &batch.targets[chunk.clone()],
-                v,
-                acts.temperature,
-            );
+            head_grad(chunk.clone(), b.full(&logits), b.full_mut(&mut dlogits));
             let rows = chunk.start * h..chunk.end * h;
             b.matmul_backward(
                 Some(b.view_mut(&mut d_rows_n, rows.clone())),
@@ -433,5 +531,157 @@ mod tests {
             .sum();
         let norm: f32 = whole.2.iter().map(|g| g.abs()).sum();
         assert!(norm > 0.0 && diff <= 1e-5 * norm, "{diff} vs {norm}");
+    }
+
+    /// Sums of the columns of the per-row statistics, as f64.
+    fn stat_sums(b: &CpuBackend, stats: &[f32]) -> Vec<f64> {
+        let mut out = vec![0.0; 2 * POLICY_STATS];
+        b.column_sums(&mut out, stats, POLICY_STATS);
+        out.chunks(2).map(|p| p[0] as f64 + p[1] as f64).collect()
+    }
+
+    /// The fused loss backward (loss computed inside the head's backward, the head skipped in
+    /// the forward) gives what the host loss `grpo::policy_loss` followed by the plain
+    /// log-prob backward gives: log-probs exactly, the gradient and the loss up to the f32
+    /// rounding of the advantages and weights, the same clip counts. Every aggregation and
+    /// truncation mode, old log-probs recomputed and given (far enough to clip both ways), with
+    /// and without the KL term, a filtered group, and a head in chunks of three rows.
+    #[test]
+    fn the_fused_policy_backward_equals_the_host_loss_then_the_logprob_backward() {
+        use crate::backend::policy_stat;
+        use crate::grpo::{
+            advantages, completion_weights, included_completions, policy_loss, AdvantageOptions,
+            Aggregation, LossBatch, LossOptions, Truncated,
+        };
+        let cfg = ModelConfig::from_json_str(
+            r#"{"model_type":"llama","vocab_size":40,"hidden_size":16,"intermediate_size":32,
+                "num_hidden_layers":1,"num_attention_heads":2,"num_key_value_heads":1}"#,
+        )
+        .unwrap();
+        let mut model = Model::random(cfg, 5, CpuBackend).unwrap();
+        model.head_chunk_bytes = 3 * 4 * 40;
+        let seqs: [(&[u32], &[u32]); 4] = [
+            (&[1, 2, 3], &[4, 5, 6, 7]),
+            (&[8], &[9, 10, 11]),
+            (&[12, 13], &[14, 15]),
+            (&[16], &[17, 18, 19]),
+        ];
+        let batch = TrainBatch::new(&seqs).unwrap();
+        let lens = [4usize, 3, 2, 3];
+        let rewards = [1.0, 0.2, 0.7, 0.0];
+        let truncated = [false, true, false, false];
+        let keep = [true, true, false, false];
+        let temperature = 0.8;
+        let adv = advantages(&rewards, 2, &AdvantageOptions::default()).unwrap();
+        let b = &model.backend;
+        let mut adv_buf = vec![0.0; 4];
+        b.group_advantages(&mut adv_buf, &rewards, 2, &AdvantageOptions::default());
+        let row_seqs: Vec<u32> = (0..4u32)
+            .flat_map(|i| std::iter::repeat_n(i, lens[i as usize]))
+            .collect();
+
+        let out = model.forward_train(&batch, temperature).unwrap();
+        let logp: Vec<f64> = out.logp.iter().map(|&x| x as f64).collect();
+        let r = logp.len();
+        let shifted = |scale: f32| -> Vec<f32> {
+            (0..r)
+                .map(|i| out.logp[i] + scale * ((i * 5 % 7) as f32 - 3.0))
+                .collect()
+        };
+        let (old_given, reference) = (shifted(0.2), shifted(0.1));
+        let (mut clipped_low, mut clipped_high) = (0.0, 0.0);
+        for aggregation in [
+            Aggregation::SeqMeanTokenMean,
+            Aggregation::TokenMean,
+            Aggregation::SeqMeanTokenSumNorm { max_len: 6 },
+        ] {
+            for truncation in [Truncated::Keep, Truncated::Mask] {
+                for (old, beta) in [(false, 0.0), (true, 0.05)] {
+                    let case = format!("{aggregation:?} {truncation:?} old {old} beta {beta}");
+                    let o = LossOptions {
+                        beta,
+                        aggregation,
+                        truncated: truncation,
+                        ..LossOptions::default()
+                    };
+                    let old64: Vec<f64> = if old {
+                        old_given.iter().map(|&x| x as f64).collect()
+                    } else {
+                        logp.clone()
+                    };
+                    let ref64: Vec<f64> = reference.iter().map(|&x| x as f64).collect();
+                    let host = policy_loss(
+                        &LossBatch {
+                            logp: &logp,
+                            old_logp: &old64,
+                            ref_logp: old.then_some(&ref64[..]),
+                            lens: &lens,
+                            advantages: &adv,
+                            truncated: &truncated,
+                            keep: Some(&keep),
+                        },
+                        &o,
+                    )
+                    .unwrap();
+                    let dlogp: Vec<f32> = host.grad.iter().map(|&g| g as f32).collect();
+                    let mut want = vec![0.0; model.layout.total_len()];
+                    model
+                        .backward(&batch, &out.acts, &dlogp, &mut want)
+                        .unwrap();
+
+                    let included = included_completions(&truncated, Some(&keep), truncation);
+                    let weights: Vec<f32> = completion_weights(&lens, &included, aggregation)
+                        .iter()
+                        .map(|&w| w as f32)
+                        .collect();
+                    let acts = model.forward_activations(&batch, temperature).unwrap();
+                    let inputs = PolicyInputs {
+                        seqs: &row_seqs,
+                        advantages: &adv_buf,
+                        weights: &weights,
+                        old_logp: old.then_some(&old_given),
+                        ref_logp: old.then_some(&reference),
+                    };
+                    let mut got = vec![0.0; model.layout.total_len()];
+                    let rows = model
+                        .backward_policy(&batch, &acts, &inputs, &o, &mut got)
+                        .unwrap();
+                    assert_eq!(rows.logp, out.logp, "{case}");
+                    let diff: f32 = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).sum();
+                    let norm: f32 = want.iter().map(|g| g.abs()).sum();
+                    assert!(
+                        norm > 0.0 && diff <= 1e-5 * norm,
+                        "{case}: {diff} vs {norm}"
+                    );
+                    let sums = stat_sums(b, &rows.stats);
+                    let n_tok = host.stats.tokens as f64;
+                    let close = |a: f64, b: f64| (a - b).abs() <= 1e-5 * b.abs().max(1e-2);
+                    assert!(close(sums[policy_stat::LOSS], host.loss), "{case}: loss");
+                    assert!(
+                        close(sums[policy_stat::KL] / n_tok, host.stats.kl),
+                        "{case}"
+                    );
+                    assert!(
+                        close(sums[policy_stat::RATIO] / n_tok, host.stats.ratio_mean),
+                        "{case}"
+                    );
+                    assert_eq!(
+                        sums[policy_stat::CLIP_LOW] / n_tok,
+                        host.stats.clip_frac_low,
+                        "{case}"
+                    );
+                    assert_eq!(
+                        sums[policy_stat::CLIP_HIGH] / n_tok,
+                        host.stats.clip_frac_high,
+                        "{case}"
+                    );
+                    let entropy: f64 = out.entropy.iter().map(|&e| e as f64).sum();
+                    assert!(close(sums[policy_stat::ENTROPY], entropy), "{case}");
+                    clipped_low += sums[policy_stat::CLIP_LOW];
+                    clipped_high += sums[policy_stat::CLIP_HIGH];
+                }
+            }
+        }
+        assert!(clipped_low > 0.0 && clipped_high > 0.0);
     }
 }

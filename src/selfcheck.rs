@@ -47,6 +47,7 @@ mod attention;
 mod backward;
 mod grpo_step;
 mod optimizer;
+mod policy_loss;
 mod sampling;
 
 pub use backward::TOL_MODEL_GRADIENT;
@@ -162,6 +163,7 @@ pub fn run<D: TrainBackend>(
     sampling::checks(&mut c)?;
     backward::checks(&mut c)?;
     optimizer::checks(&mut c)?;
+    policy_loss::checks(&mut c)?;
     let info = model_check(&mut c)?;
     backward::model_gradient_check(&mut c)?;
     grpo_step::grpo_step_check(&mut c)?;

@@ -4,8 +4,9 @@
 use std::ops::Range;
 use std::process::Command;
 use thinkshort::backend::cpu::CpuBackend;
-use thinkshort::backend::{Backend, TokenPlacement, TrainBackend};
+use thinkshort::backend::{Backend, PolicyTokens, TokenPlacement, TrainBackend};
 use thinkshort::config::ModelConfig;
+use thinkshort::grpo::{AdvantageOptions, LossOptions};
 use thinkshort::model::Model;
 use thinkshort::rng::Philox;
 use thinkshort::sampling::{SamplingParams, TokenDraws};
@@ -459,6 +460,54 @@ impl TrainBackend for TestDevice {
     }
     fn sum_squares(&self, out: ViewMut<'_>, x: View<'_>) {
         CPU.sum_squares(&mut *out.data, x.data);
+        out.store();
+    }
+    fn policy_loss_backward(
+        &self,
+        dlogits: ViewMut<'_>,
+        logp: ViewMut<'_>,
+        stats: ViewMut<'_>,
+        logits: View<'_>,
+        targets: &[u32],
+        tokens: &PolicyTokens<'_, Self>,
+        vocab: usize,
+        temperature: f32,
+        loss: &LossOptions,
+    ) {
+        let cpu_tokens = PolicyTokens::<CpuBackend> {
+            seqs: tokens.seqs,
+            advantages: tokens.advantages.data,
+            weights: tokens.weights.data,
+            old_logp: tokens.old_logp.map(|v| v.data),
+            ref_logp: tokens.ref_logp.map(|v| v.data),
+        };
+        CPU.policy_loss_backward(
+            &mut *dlogits.data,
+            &mut *logp.data,
+            &mut *stats.data,
+            logits.data,
+            targets,
+            &cpu_tokens,
+            vocab,
+            temperature,
+            loss,
+        );
+        dlogits.store();
+        logp.store();
+        stats.store();
+    }
+    fn group_advantages(
+        &self,
+        out: ViewMut<'_>,
+        rewards: &[f64],
+        group_size: usize,
+        opts: &AdvantageOptions,
+    ) {
+        CPU.group_advantages(&mut *out.data, rewards, group_size, opts);
+        out.store();
+    }
+    fn column_sums(&self, out: ViewMut<'_>, x: View<'_>, cols: usize) {
+        CPU.column_sums(&mut *out.data, x.data, cols);
         out.store();
     }
     fn adamw_step(

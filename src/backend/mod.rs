@@ -7,6 +7,7 @@
 
 pub mod cpu;
 
+use crate::grpo::{AdvantageOptions, LossOptions};
 use crate::sampling::{SamplingParams, TokenDraws};
 use anyhow::Result;
 use std::ops::Range;
@@ -41,6 +42,39 @@ impl TokenPlacement {
         }
         place
     }
+}
+
+/// The columns of `policy_loss_backward`'s per-row statistics, [R, POLICY_STATS] f32. Rows of
+/// completions left out of the loss hold 0 in every column but the entropy.
+pub mod policy_stat {
+    /// Entropy of softmax(logits / τ) (every row).
+    pub const ENTROPY: usize = 0;
+    /// w·L_t: the row's share of the loss.
+    pub const LOSS: usize = 1;
+    /// k3 KL to the reference (0 without reference log-probs).
+    pub const KL: usize = 2;
+    /// ρ = exp(logπθ − logπold).
+    pub const RATIO: usize = 3;
+    /// 1 where min() took the clipped branch at the lower bound, else 0.
+    pub const CLIP_LOW: usize = 4;
+    /// 1 where min() took the clipped branch at the upper bound, else 0.
+    pub const CLIP_HIGH: usize = 5;
+}
+/// Columns of `policy_loss_backward`'s statistics.
+pub const POLICY_STATS: usize = 6;
+
+/// What `policy_loss_backward` needs about its rows besides their logits and targets.
+pub struct PolicyTokens<'a, B: Backend + ?Sized + 'a> {
+    /// The completion each row belongs to (an index into `advantages` and `weights`): [R].
+    pub seqs: &'a [u32],
+    /// Each completion's advantage: [N] f32.
+    pub advantages: B::View<'a>,
+    /// Each completion's aggregation weight per token, 0 when it is left out: [N] f32.
+    pub weights: B::View<'a>,
+    /// logπold per row, [R] f32; None: logπold = logπθ (ρ = 1, the first epoch when recomputed).
+    pub old_logp: Option<B::View<'a>>,
+    /// logπref per row, [R] f32; None: no KL term and a KL statistic of 0.
+    pub ref_logp: Option<B::View<'a>>,
 }
 
 pub trait Backend: Send + Sync {
@@ -265,6 +299,42 @@ pub trait TrainBackend: Backend {
         vocab: usize,
         temperature: f32,
     );
+
+    /// The GRPO policy loss fused with `logprob_backward`: for each row, logp[r] = log
+    /// softmax(logits[r] / τ)[targets[r]] (as `logprob_forward`), the token's loss
+    /// `grpo::token_loss(logp, old, ref, A)` of its completion, and dlogits[r] = w·∂L_t/∂logp ·
+    /// (onehot(targets[r]) − softmax(logits[r] / τ)) / τ, overwritten (0 for rows left out). The
+    /// per-token arithmetic is f64. stats: [R, POLICY_STATS] (see `policy_stat`); logits,
+    /// dlogits: [R, V]; logp: [R] f32; targets: [R].
+    #[allow(clippy::too_many_arguments)]
+    fn policy_loss_backward(
+        &self,
+        dlogits: Self::ViewMut<'_>,
+        logp: Self::ViewMut<'_>,
+        stats: Self::ViewMut<'_>,
+        logits: Self::View<'_>,
+        targets: &[u32],
+        tokens: &PolicyTokens<'_, Self>,
+        vocab: usize,
+        temperature: f32,
+        loss: &LossOptions,
+    );
+
+    /// out[i] = `grpo::advantages(rewards, group_size, opts)[i]` (f64 arithmetic, written as
+    /// f32). rewards: [N] host values (the verifier's); out: [N] f32. The caller checks that
+    /// group_size divides N.
+    fn group_advantages(
+        &self,
+        out: Self::ViewMut<'_>,
+        rewards: &[f64],
+        group_size: usize,
+        opts: &AdvantageOptions,
+    );
+
+    /// The sum of each column of x in f64, in an order fixed by x's shape, written as
+    /// out[2j] = hi, out[2j + 1] = lo (f32, hi + lo = the f64 sum to ~48 bits).
+    /// x: [R, cols] f32; out: [cols, 2] f32.
+    fn column_sums(&self, out: Self::ViewMut<'_>, x: Self::View<'_>, cols: usize);
 
     /// dx += dout · w (when given); dw += doutᵀ · x.  dout: [M, N]; x, dx: [M, K]; w, dw: [N, K].
     #[allow(clippy::too_many_arguments)]

@@ -10,7 +10,7 @@ use crate::backend::{cpu::CpuBackend, BackendKind, TrainBackend};
 use crate::config::ModelConfig;
 use crate::cuda::CudaBackend;
 use crate::generate::{generate, GenerateConfig, GenerationRequest};
-use crate::grpo::advantage::{advantages, AdvantageOptions};
+use crate::grpo::advantage::AdvantageOptions;
 use crate::grpo::policy_loss::LossOptions;
 use crate::grpo::reward::{reward, LengthShape, RewardWeights};
 use crate::model::Model;
@@ -242,7 +242,6 @@ fn one_step<B: TrainBackend>(
             .total
         })
         .collect();
-    let adv = advantages(&totals, g, &AdvantageOptions::default())?;
 
     let t1 = Instant::now();
     let seqs: Vec<(&[u32], &[u32])> = requests
@@ -263,7 +262,8 @@ fn one_step<B: TrainBackend>(
         &UpdateBatch {
             batch: &batch,
             lens: &lens,
-            advantages: &adv,
+            rewards: &totals,
+            group_size: g,
             truncated: &truncated,
             keep: None,
             ref_logp: None,
@@ -271,6 +271,7 @@ fn one_step<B: TrainBackend>(
         },
         &UpdateOptions {
             loss: &loss,
+            advantage: &AdvantageOptions::default(),
             epochs: 1,
             temperature: 1.0,
             lr: 1e-6,

@@ -34,7 +34,8 @@ use super::ops;
 use super::ops::decode_attention::{plan_splits, scratch_sizes, DecodeProblem};
 use super::ops::flash_attention::{FlashGrads, FlashProblem};
 use super::ops::sampling::DeviceDraws;
-use crate::backend::{Backend, TokenPlacement, TrainBackend};
+use crate::backend::{Backend, PolicyTokens, TokenPlacement, TrainBackend, POLICY_STATS};
+use crate::grpo::{AdvantageOptions, LossOptions};
 use crate::sampling::{SamplingParams, TokenDraws};
 
 /// The element type of a device buffer.
@@ -1358,6 +1359,114 @@ impl TrainBackend for CudaBackend {
             let index: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
             let (groups, count) = self.row_groups(&index)?;
             ops::embedding::scatter_add_rows(&self.k, dx.ptr, dout.ptr, groups, count, dim)
+        })
+    }
+
+    fn policy_loss_backward(
+        &self,
+        dlogits: CudaViewMut<'_>,
+        logp: CudaViewMut<'_>,
+        stats: CudaViewMut<'_>,
+        logits: CudaView<'_>,
+        targets: &[u32],
+        tokens: &PolicyTokens<'_, Self>,
+        vocab: usize,
+        temperature: f32,
+        loss: &LossOptions,
+    ) {
+        self.run("policy_loss_backward", || {
+            let r = targets.len();
+            expect(
+                "dlogits",
+                dlogits.dtype,
+                dlogits.len,
+                DType::Bf16,
+                r * vocab,
+            )?;
+            expect("logp", logp.dtype, logp.len, DType::F32, r)?;
+            expect(
+                "stats",
+                stats.dtype,
+                stats.len,
+                DType::F32,
+                r * POLICY_STATS,
+            )?;
+            ensure!(
+                logits.len == r * vocab,
+                "logits has {} elements, expected {r} * {vocab}",
+                logits.len
+            );
+            let n = tokens.advantages.len;
+            expect("advantages", tokens.advantages.dtype, n, DType::F32, n)?;
+            expect(
+                "weights",
+                tokens.weights.dtype,
+                tokens.weights.len,
+                DType::F32,
+                n,
+            )?;
+            ensure!(
+                tokens.seqs.len() == r,
+                "seqs has {} entries, expected {r}",
+                tokens.seqs.len()
+            );
+            let per_row = |name: &str, v: Option<CudaView<'_>>| -> Result<u64> {
+                match v {
+                    Some(v) => expect(name, v.dtype, v.len, DType::F32, r).map(|_| v.ptr),
+                    None => Ok(0),
+                }
+            };
+            let old_logp = per_row("old_logp", tokens.old_logp)?;
+            let ref_logp = per_row("ref_logp", tokens.ref_logp)?;
+            check_ids("target", targets, vocab)?;
+            check_ids("completion", tokens.seqs, n)?;
+            let args = ops::policy_loss::PolicyLossArgs {
+                dlogits: dlogits.ptr,
+                logp: logp.ptr,
+                stats: stats.ptr,
+                logits: logits.ptr,
+                logits_f32: logits.dtype == DType::F32,
+                targets: self.indices(targets)?,
+                seqs: self.indices(tokens.seqs)?,
+                advantages: tokens.advantages.ptr,
+                weights: tokens.weights.ptr,
+                old_logp,
+                ref_logp,
+            };
+            ops::policy_loss::policy_loss_backward(&self.k, &args, r, vocab, temperature, loss)
+        })
+    }
+
+    fn group_advantages(
+        &self,
+        out: CudaViewMut<'_>,
+        rewards: &[f64],
+        group_size: usize,
+        opts: &AdvantageOptions,
+    ) {
+        self.run("group_advantages", || {
+            let n = rewards.len();
+            expect("out", out.dtype, out.len, DType::F32, n)?;
+            if n == 0 {
+                return Ok(());
+            }
+            // Freed in stream order when dropped, after the kernel has read it.
+            let device = self
+                .k
+                .stream
+                .clone_htod(rewards)
+                .context("copying rewards to the GPU")?;
+            let (ptr, _) = device.device_ptr(&self.k.stream);
+            ops::advantage::group_advantages(&self.k, out.ptr, ptr, n, group_size, opts)
+        })
+    }
+
+    fn column_sums(&self, out: CudaViewMut<'_>, x: CudaView<'_>, cols: usize) {
+        self.run("column_sums", || {
+            expect("out", out.dtype, out.len, DType::F32, 2 * cols)?;
+            let rows = rows_of("x", x.len, cols)?;
+            expect("x", x.dtype, x.len, DType::F32, x.len)?;
+            ops::optimizer::column_sums(&self.k, out.ptr, x.ptr, rows, cols)
         })
     }
 

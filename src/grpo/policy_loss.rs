@@ -144,14 +144,116 @@ fn check(b: &LossBatch, o: &LossOptions) -> Result<()> {
     Ok(())
 }
 
+/// Which completions enter the loss: kept by the filter (all when `keep` is None) and, under
+/// `Truncated::Mask`, not stopped by the cap.
+pub fn included_completions(
+    truncated: &[bool],
+    keep: Option<&[bool]>,
+    mode: Truncated,
+) -> Vec<bool> {
+    (0..truncated.len())
+        .map(|i| keep.is_none_or(|k| k[i]) && !(mode == Truncated::Mask && truncated[i]))
+        .collect()
+}
+
+/// The aggregation weight w_i of every token of completion i (the same for all its tokens);
+/// 0 for completions left out (and for empty ones, which have no tokens). lens, included: [N].
+pub fn completion_weights(lens: &[usize], included: &[bool], aggregation: Aggregation) -> Vec<f64> {
+    let kept = || {
+        lens.iter()
+            .zip(included)
+            .filter(|(_, &k)| k)
+            .map(|(&l, _)| l)
+    };
+    let n_tok: usize = kept().sum();
+    let n_nonempty = kept().filter(|&l| l > 0).count();
+    let n_seq = kept().count();
+    lens.iter()
+        .zip(included)
+        .map(|(&len, &inc)| match (inc && len > 0, aggregation) {
+            (false, _) => 0.0,
+            (true, Aggregation::SeqMeanTokenMean) => 1.0 / (n_nonempty as f64 * len as f64),
+            (true, Aggregation::TokenMean) => 1.0 / n_tok as f64,
+            (true, Aggregation::SeqMeanTokenSumNorm { max_len }) => {
+                1.0 / (n_seq as f64 * max_len as f64)
+            }
+        })
+        .collect()
+}
+
+/// Which side of min() won for a token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Clip {
+    /// The unclipped branch (it carries the gradient).
+    None,
+    /// Clipped at the lower bound (A < 0, ρ < 1 − ε_low).
+    Low,
+    /// Clipped at the upper bound (A > 0, ρ > 1 + ε_high).
+    High,
+}
+
+/// One token's loss before its aggregation weight.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TokenLoss {
+    /// L_t.
+    pub loss: f64,
+    /// ∂L_t/∂logπθ.
+    pub grad: f64,
+    /// k3 KL to the reference (0 without reference log-probs).
+    pub kl: f64,
+    pub ratio: f64,
+    pub clip: Clip,
+}
+
+/// L_t and its gradient for a token with log-probs `logp` (πθ), `old_logp`, `ref_logp` and its
+/// completion's advantage: the formula of the module doc. The device kernels compute the same in
+/// f64 (kernels/logprob.cu: token_loss).
+pub fn token_loss(
+    logp: f64,
+    old_logp: f64,
+    ref_logp: Option<f64>,
+    advantage: f64,
+    o: &LossOptions,
+) -> TokenLoss {
+    let a = advantage;
+    let rho = (logp - old_logp).exp();
+    let unclipped = rho * a;
+    let clipped = rho.clamp(1.0 - o.eps_low, 1.0 + o.eps_high) * a;
+    // min() takes the clipped branch only when it is strictly smaller; that branch is constant
+    // in logπθ, so it passes no gradient.
+    let (surrogate, d_surrogate, clip) = if clipped < unclipped {
+        let side = if rho < 1.0 - o.eps_low {
+            Clip::Low
+        } else {
+            Clip::High
+        };
+        (clipped, 0.0, side)
+    } else {
+        (unclipped, a * rho, Clip::None)
+    };
+    let mut t = TokenLoss {
+        loss: -surrogate,
+        grad: -d_surrogate,
+        kl: 0.0,
+        ratio: rho,
+        clip,
+    };
+    if let Some(r) = ref_logp {
+        let d = r - logp;
+        t.kl = d.exp() - d - 1.0;
+        if o.beta != 0.0 {
+            t.loss += o.beta * t.kl;
+            t.grad += o.beta * (1.0 - d.exp());
+        }
+    }
+    t
+}
+
 /// The loss, its gradient per token and statistics for one batch.
 pub fn policy_loss(b: &LossBatch, o: &LossOptions) -> Result<LossOutput> {
     check(b, o)?;
-    let included: Vec<bool> = (0..b.lens.len())
-        .map(|i| b.keep.is_none_or(|k| k[i]) && !(o.truncated == Truncated::Mask && b.truncated[i]))
-        .collect();
-
-    // Aggregation weight of each token of completion i: w_i (the same for all its tokens).
+    let included = included_completions(b.truncated, b.keep, o.truncated);
+    let weights = completion_weights(b.lens, &included, o.aggregation);
     let n_tok: usize = b
         .lens
         .iter()
@@ -159,20 +261,7 @@ pub fn policy_loss(b: &LossBatch, o: &LossOptions) -> Result<LossOutput> {
         .filter(|(_, &k)| k)
         .map(|(l, _)| l)
         .sum();
-    let n_nonempty = b
-        .lens
-        .iter()
-        .zip(&included)
-        .filter(|(&l, &k)| k && l > 0)
-        .count();
     let n_seq = included.iter().filter(|&&k| k).count();
-    let weight = |len: usize| -> f64 {
-        match o.aggregation {
-            Aggregation::SeqMeanTokenMean => 1.0 / (n_nonempty as f64 * len as f64),
-            Aggregation::TokenMean => 1.0 / n_tok as f64,
-            Aggregation::SeqMeanTokenSumNorm { max_len } => 1.0 / (n_seq as f64 * max_len as f64),
-        }
-    };
 
     let mut grad = vec![0.0; b.logp.len()];
     let (mut loss, mut kl_sum, mut ratio_sum) = (0.0, 0.0, 0.0);
@@ -181,41 +270,27 @@ pub fn policy_loss(b: &LossBatch, o: &LossOptions) -> Result<LossOutput> {
     for (i, &len) in b.lens.iter().enumerate() {
         let range = start..start + len;
         start += len;
-        if !included[i] || len == 0 {
+        if !included[i] {
             continue;
         }
-        let (w, a) = (weight(len), b.advantages[i]);
+        let w = weights[i];
         for t in range {
-            let lp = b.logp[t];
-            let rho = (lp - b.old_logp[t]).exp();
-            let unclipped = rho * a;
-            let clipped = rho.clamp(1.0 - o.eps_low, 1.0 + o.eps_high) * a;
-            // min() takes the clipped branch only when it is strictly smaller; that branch is
-            // constant in logπθ, so it passes no gradient.
-            let (surrogate, d_surrogate) = if clipped < unclipped {
-                if rho < 1.0 - o.eps_low {
-                    clip_low += 1;
-                } else {
-                    clip_high += 1;
-                }
-                (clipped, 0.0)
-            } else {
-                (unclipped, a * rho)
-            };
-            let mut l_t = -surrogate;
-            let mut g_t = -d_surrogate;
-            if let Some(r) = b.ref_logp {
-                let d = r[t] - lp;
-                let kl = d.exp() - d - 1.0;
-                kl_sum += kl;
-                if o.beta != 0.0 {
-                    l_t += o.beta * kl;
-                    g_t += o.beta * (1.0 - d.exp());
-                }
+            let tl = token_loss(
+                b.logp[t],
+                b.old_logp[t],
+                b.ref_logp.map(|r| r[t]),
+                b.advantages[i],
+                o,
+            );
+            match tl.clip {
+                Clip::Low => clip_low += 1,
+                Clip::High => clip_high += 1,
+                Clip::None => {}
             }
-            loss += w * l_t;
-            grad[t] = w * g_t;
-            ratio_sum += rho;
+            kl_sum += tl.kl;
+            loss += w * tl.loss;
+            grad[t] = w * tl.grad;
+            ratio_sum += tl.ratio;
         }
     }
 

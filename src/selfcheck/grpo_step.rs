@@ -1,18 +1,19 @@
 //! One whole GRPO update on the device against the same update on the CPU: the tiny model, a
-//! batch of four completions with advantages, the clipped loss with the k3 KL, global-norm
-//! clipping and AdamW. Compares the loss, the gradient norm and the change of every master
-//! weight.
+//! batch of two groups of two completions with rewards, the group advantages, the clipped loss
+//! with the k3 KL fused with the head's backward, global-norm clipping and AdamW. Compares the
+//! loss, the gradient norm and the change of every master weight.
 //!
 //! One epoch: a second one would start from weights that differ by design (the device computes
 //! with bf16 copies of the master weights, and an update of 1e-4 is below the bf16 spacing of a
-//! weight of 0.1), so it would measure bf16, not the kernels. The policy loss itself (ratios,
-//! clipping) is host code, shared by both backends and tested in tests/grpo_math.rs.
+//! weight of 0.1), so it would measure bf16, not the kernels. The loss ops alone are checked
+//! against the CPU in src/selfcheck/policy_loss.rs.
 
 use super::backward::tiny_train_config;
 use super::{rel_error, tiny_model_weights, Checker};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::TrainBackend;
-use crate::grpo::policy_loss::LossOptions;
+use crate::grpo::advantage::AdvantageOptions;
+use crate::grpo::policy_loss::{Aggregation, LossOptions};
 use crate::model::Model;
 use crate::model_backward::TrainBatch;
 use crate::optim::AdamW;
@@ -21,7 +22,7 @@ use crate::train::update::{policy_update, UpdateBatch, UpdateOptions};
 use anyhow::Result;
 
 /// Relative error of the loss, the gradient norm and the weight update. The device rounds every
-/// activation to bf16; simulating that on the CPU (tests/selfcheck.rs) gives 6e-4 (loss), 5e-4
+/// activation to bf16; simulating that on the CPU (tests/selfcheck.rs) gives 2e-4 (loss), 6e-5
 /// (gradient norm) and 1.1e-2 (update: as the gradient itself, "model gradient"). A missing
 /// clip factor moves the update by ~30 %, a wrong sign or a lost KL term by order 1.
 pub const TOL_GRPO_STEP: f64 = 3e-2;
@@ -32,9 +33,9 @@ const TEMPERATURE: f32 = 0.7;
 struct StepInputs {
     batch: TrainBatch,
     lens: Vec<usize>,
-    advantages: Vec<f64>,
+    rewards: Vec<f64>,
     truncated: Vec<bool>,
-    ref_logp: Vec<f64>,
+    ref_logp: Vec<f32>,
     loss: LossOptions,
 }
 
@@ -61,7 +62,8 @@ fn run_update<B: TrainBackend>(
         &UpdateBatch {
             batch: &inputs.batch,
             lens: &inputs.lens,
-            advantages: &inputs.advantages,
+            rewards: &inputs.rewards,
+            group_size: 2,
             truncated: &inputs.truncated,
             keep: None,
             ref_logp: Some(&inputs.ref_logp),
@@ -69,6 +71,7 @@ fn run_update<B: TrainBackend>(
         },
         &UpdateOptions {
             loss: &inputs.loss,
+            advantage: &AdvantageOptions::default(),
             epochs: 1,
             temperature: TEMPERATURE,
             lr: 1e-4,
@@ -81,7 +84,7 @@ fn run_update<B: TrainBackend>(
     );
     let after = opt.master_weights(&model.backend)?;
     Ok(StepOutcome {
-        loss: result.loss.loss,
+        loss: result.loss,
         grad_norm: result.grad_norm,
         update: after.iter().zip(host).map(|(a, b)| a - b).collect(),
     })
@@ -104,7 +107,7 @@ pub(super) fn grpo_step_check<D: TrainBackend>(c: &mut Checker<D>) -> Result<()>
     let noise = rand.normal(start.logp.len(), 0.3);
     let inputs = StepInputs {
         lens: seqs.iter().map(|(_, q)| q.len()).collect(),
-        advantages: rand
+        rewards: rand
             .normal(seqs.len(), 1.0)
             .iter()
             .map(|&a| a as f64)
@@ -114,10 +117,13 @@ pub(super) fn grpo_step_check<D: TrainBackend>(c: &mut Checker<D>) -> Result<()>
             .logp
             .iter()
             .zip(&noise)
-            .map(|(&l, &e)| (l + e) as f64)
+            .map(|(&l, &e)| l + e)
             .collect(),
+        // Token-mean: under a per-completion mean the first epoch's policy term (ρ = 1, advantages
+        // summing to 0 in each group) would cancel exactly and leave only the KL in the loss.
         loss: LossOptions {
             beta: 0.1,
+            aggregation: Aggregation::TokenMean,
             ..LossOptions::default()
         },
         batch,
@@ -143,7 +149,7 @@ pub(super) fn grpo_step_check<D: TrainBackend>(c: &mut Checker<D>) -> Result<()>
     )?;
 
     let shape = format!(
-        "{} layers h={} heads={}/{} V={}; 4 completions, {} scored tokens, beta 0.1, clipped",
+        "{} layers h={} heads={}/{} V={}; 2 groups of 2, {} scored tokens, token-mean, beta 0.1, clipped",
         cfg.num_layers,
         cfg.hidden_size,
         cfg.num_heads,

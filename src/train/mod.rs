@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use update::{policy_update, to_f64, UpdateBatch, UpdateOptions};
+use update::{policy_update, UpdateBatch, UpdateOptions};
 
 /// A training or evaluation problem: the question and its gold answer.
 #[derive(Debug, Clone, PartialEq)]
@@ -347,14 +347,14 @@ fn train_on<B: TrainBackend>(
             })
             .collect();
         let totals: Vec<f64> = parts.iter().map(|x| x.total).collect();
-        let advantages = crate::grpo::advantage::advantages(&totals, g, &cfg.advantage)?;
         let keep = if cfg.advantage.filter_groups {
             Some(crate::grpo::advantage::keep_mixed_groups(&correct, g)?)
         } else {
             None
         };
 
-        // The update: μ epochs over the batch; logπold from the first forward pass.
+        // The update: advantages within each group of G, then μ epochs over the batch;
+        // logπold from the first forward pass.
         let seqs: Vec<(&[u32], &[u32])> = rollouts
             .iter()
             .map(|r| (r.prompt_ids.as_slice(), r.completion_ids.as_slice()))
@@ -362,18 +362,18 @@ fn train_on<B: TrainBackend>(
         let batch = TrainBatch::new(&seqs)?;
         let lens: Vec<usize> = rollouts.iter().map(|r| r.completion_ids.len()).collect();
         let truncated: Vec<bool> = rollouts.iter().map(|r| r.truncated).collect();
-        let sampler_logp: Vec<f64> = rollouts
+        let sampler_logp: Vec<f32> = rollouts
             .iter()
-            .flat_map(|r| r.logprobs.iter().map(|&x| x as f64))
+            .flat_map(|r| r.logprobs.iter().copied())
             .collect();
         let old_from_sampler = cfg.loss.old_logp == OldLogp::Sampler;
         let temperature = sampling_temperature(cfg);
-        let ref_logp: Option<Vec<f64>> = match &mut reference_params {
+        let ref_logp: Option<Vec<f32>> = match &mut reference_params {
             Some(reference) => {
                 std::mem::swap(&mut model.params, reference);
                 let fwd = model.forward_train(&batch, temperature);
                 std::mem::swap(&mut model.params, reference);
-                Some(to_f64(&fwd?.logp))
+                Some(fwd?.logp)
             }
             None => None,
         };
@@ -384,7 +384,8 @@ fn train_on<B: TrainBackend>(
             &UpdateBatch {
                 batch: &batch,
                 lens: &lens,
-                advantages: &advantages,
+                rewards: &totals,
+                group_size: g,
                 truncated: &truncated,
                 keep: keep.as_deref(),
                 ref_logp: ref_logp.as_deref(),
@@ -392,6 +393,7 @@ fn train_on<B: TrainBackend>(
             },
             &UpdateOptions {
                 loss: &loss_opts,
+                advantage: &cfg.advantage,
                 epochs: cfg.loss.epochs,
                 temperature,
                 lr,
@@ -401,7 +403,7 @@ fn train_on<B: TrainBackend>(
         if update.skipped {
             eprintln!(
                 "\nstep {step}: non-finite loss ({}) or gradient norm ({}); update skipped",
-                update.loss.loss, update.grad_norm
+                update.loss, update.grad_norm
             );
         }
         // How far the sampler's log-probs (decode path) are from the trainer's (training forward).
@@ -410,11 +412,12 @@ fn train_on<B: TrainBackend>(
                 .first_logp
                 .iter()
                 .zip(&sampler_logp)
-                .map(|(t, s)| (t - s).abs())
+                .map(|(&t, &s)| (t as f64 - s as f64).abs())
                 .collect::<Vec<_>>(),
         );
-        let (lo, entropy, grad_norm, skipped) = (
+        let (loss, lo, entropy, grad_norm, skipped) = (
             update.loss,
+            update.stats,
             update.entropy,
             update.grad_norm,
             update.skipped,
@@ -450,18 +453,18 @@ fn train_on<B: TrainBackend>(
                     .map(|&t| t as u8 as f64)
                     .collect::<Vec<_>>(),
             ),
-            kl: lo.stats.kl,
-            clip_frac: lo.stats.clip_frac(),
+            kl: lo.kl,
+            clip_frac: lo.clip_frac(),
             entropy,
             grad_norm,
             tokens_per_s: (rollout_tokens + batch.tokens.len() * cfg.loss.epochs) as f64
                 / step_s.max(1e-9),
             step_s,
             reward_std: std(&totals),
-            clip_frac_low: lo.stats.clip_frac_low,
-            clip_frac_high: lo.stats.clip_frac_high,
+            clip_frac_low: lo.clip_frac_low,
+            clip_frac_high: lo.clip_frac_high,
             lr,
-            loss: lo.loss,
+            loss,
             mean_len_finished: split(false),
             mean_len_truncated: split(true),
             skipped,

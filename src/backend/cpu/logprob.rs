@@ -22,20 +22,49 @@ pub fn logprob_forward(
     logp.par_iter_mut()
         .zip(entropy.par_iter_mut())
         .zip(logits.par_chunks(vocab).zip(targets.par_iter()))
-        .for_each(|((lp, ent), (z, &y))| {
-            let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64 * inv_t;
-            let (mut sum, mut sum_zs) = (0.0f64, 0.0f64);
-            for &v in z {
-                let s = v as f64 * inv_t - max;
-                let e = s.exp();
-                sum += e;
-                sum_zs += e * s;
-            }
-            let lse = sum.ln();
-            *lp = (z[y as usize] as f64 * inv_t - max - lse) as f32;
-            // H = lse − E[s] with s the shifted, tempered logits.
-            *ent = (lse - sum_zs / sum) as f32;
-        });
+        .for_each(|((lp, ent), (z, &y))| (*lp, *ent) = row_logprob(z, y, inv_t));
+}
+
+/// The shifted log-sum-exp statistics of one row of tempered logits s = z / τ: its max M,
+/// S = Σ exp(s − M) and Σ exp(s − M)·(s − M), summed in f64 in index order.
+struct RowStats {
+    max: f64,
+    sum: f64,
+    sum_s: f64,
+}
+
+fn row_stats(z: &[f32], inv_t: f64) -> RowStats {
+    let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64 * inv_t;
+    let (mut sum, mut sum_s) = (0.0f64, 0.0f64);
+    for &v in z {
+        let s = v as f64 * inv_t - max;
+        let e = s.exp();
+        sum += e;
+        sum_s += e * s;
+    }
+    RowStats { max, sum, sum_s }
+}
+
+/// (log-prob of token y, entropy) of one row of logits at 1/τ = inv_t.
+pub(super) fn row_logprob(z: &[f32], y: u32, inv_t: f64) -> (f32, f32) {
+    let RowStats { max, sum, sum_s } = row_stats(z, inv_t);
+    let lse = sum.ln();
+    // H = lse − E[s] with s the shifted, tempered logits.
+    (
+        (z[y as usize] as f64 * inv_t - max - lse) as f32,
+        (lse - sum_s / sum) as f32,
+    )
+}
+
+/// dz = g · (onehot(y) − softmax(z / τ)) / τ for one row, overwritten.
+pub(super) fn row_logprob_backward(dz: &mut [f32], z: &[f32], y: u32, g: f32, inv_t: f64) {
+    let RowStats { max, sum, .. } = row_stats(z, inv_t);
+    let g = g as f64 * inv_t;
+    for (i, (d, &v)) in dz.iter_mut().zip(z).enumerate() {
+        let p = (v as f64 * inv_t - max).exp() / sum;
+        let onehot = if i == y as usize { 1.0 } else { 0.0 };
+        *d = (g * (onehot - p)) as f32;
+    }
 }
 
 /// dlogits[r] = dlogp[r] · (onehot(targets[r]) − softmax(logits[r] / τ)) / τ. Overwrites dlogits.
@@ -57,14 +86,5 @@ pub fn logprob_backward(
         .par_chunks_mut(vocab)
         .zip(logits.par_chunks(vocab))
         .zip(dlogp.par_iter().zip(targets.par_iter()))
-        .for_each(|((dz, z), (&g, &y))| {
-            let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64 * inv_t;
-            let sum: f64 = z.iter().map(|&v| (v as f64 * inv_t - max).exp()).sum();
-            let g = g as f64 * inv_t;
-            for (i, (d, &v)) in dz.iter_mut().zip(z).enumerate() {
-                let p = (v as f64 * inv_t - max).exp() / sum;
-                let onehot = if i == y as usize { 1.0 } else { 0.0 };
-                *d = (g * (onehot - p)) as f32;
-            }
-        });
+        .for_each(|((dz, z), (&g, &y))| row_logprob_backward(dz, z, y, g, inv_t));
 }

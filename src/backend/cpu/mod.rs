@@ -6,6 +6,7 @@ mod embedding;
 mod logprob;
 mod matmul;
 mod optimizer;
+mod policy_loss;
 mod rmsnorm;
 mod rope;
 mod sampling;
@@ -18,13 +19,15 @@ pub use embedding::{
 };
 pub use logprob::{logprob_backward, logprob_forward};
 pub use matmul::{add_bias_rows, bias_backward, matmul_backward, matmul_forward};
-pub use optimizer::{adamw_step, split_f64, sum_squares};
+pub use optimizer::{adamw_step, column_sums, split_f64, sum_squares};
+pub use policy_loss::{group_advantages, policy_loss_backward};
 pub use rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 pub use rope::{rope_backward, rope_forward, rope_forward_with_bias};
 pub use sampling::sample_tokens;
 pub use swiglu::{swiglu_backward, swiglu_forward};
 
-use super::{Backend, TokenPlacement, TrainBackend};
+use super::{Backend, PolicyTokens, TokenPlacement, TrainBackend};
+use crate::grpo::{AdvantageOptions, LossOptions};
 use crate::sampling::{SamplingParams, TokenDraws};
 use anyhow::Result;
 use std::ops::Range;
@@ -287,6 +290,42 @@ impl TrainBackend for CpuBackend {
     }
     fn scatter_add_rows(&self, dx: &mut [f32], dout: &[f32], rows: &[usize], dim: usize) {
         scatter_add_rows(dx, dout, rows, dim)
+    }
+    fn policy_loss_backward(
+        &self,
+        dlogits: &mut [f32],
+        logp: &mut [f32],
+        stats: &mut [f32],
+        logits: &[f32],
+        targets: &[u32],
+        tokens: &PolicyTokens<'_, Self>,
+        vocab: usize,
+        temperature: f32,
+        loss: &LossOptions,
+    ) {
+        policy_loss_backward(
+            dlogits,
+            logp,
+            stats,
+            logits,
+            targets,
+            tokens,
+            vocab,
+            temperature,
+            loss,
+        )
+    }
+    fn group_advantages(
+        &self,
+        out: &mut [f32],
+        rewards: &[f64],
+        group_size: usize,
+        opts: &AdvantageOptions,
+    ) {
+        group_advantages(out, rewards, group_size, opts)
+    }
+    fn column_sums(&self, out: &mut [f32], x: &[f32], cols: usize) {
+        column_sums(out, x, cols)
     }
     fn sum_squares(&self, out: &mut [f32], x: &[f32]) {
         sum_squares(out, x)

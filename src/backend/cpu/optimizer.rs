@@ -1,5 +1,6 @@
-//! The optimizer's ops: the sum of squares behind the global gradient norm, and the AdamW update
-//! of the f32 master weights that also writes the weights the model computes with.
+//! The optimizer's ops: the sum of squares behind the global gradient norm, the AdamW update of
+//! the f32 master weights that also writes the weights the model computes with, and the
+//! fixed-order column sums that reduce the loss statistics.
 
 use crate::optim::AdamWStep;
 
@@ -9,6 +10,19 @@ pub fn sum_squares(out: &mut [f32], x: &[f32]) {
     assert_eq!(out.len(), 2, "sum_squares: out must hold [hi, lo]");
     let total: f64 = x.iter().map(|&v| (v as f64) * (v as f64)).sum();
     split_f64(out, total);
+}
+
+/// out[2j..2j + 2] = [hi, lo] of Σ_r x[r, j], accumulated in f64 in row order.
+/// x: [R, cols]; out: [cols, 2].
+pub fn column_sums(out: &mut [f32], x: &[f32], cols: usize) {
+    assert!(
+        cols > 0 && out.len() == 2 * cols && x.len().is_multiple_of(cols),
+        "column_sums: x is not [R, {cols}] or out is not [{cols}, 2]"
+    );
+    for (j, o) in out.chunks_exact_mut(2).enumerate() {
+        let total: f64 = x.iter().skip(j).step_by(cols).map(|&v| v as f64).sum();
+        split_f64(o, total);
+    }
 }
 
 /// Writes `value` as hi = f32(value), lo = f32(value − hi).

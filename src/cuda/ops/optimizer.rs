@@ -1,10 +1,10 @@
-//! Launchers for `kernels/optimizer.cu`: the fixed-order sum of squares (global gradient norm)
-//! and the fused AdamW step.
+//! Launchers for `kernels/optimizer.cu`: the fixed-order sum of squares (global gradient norm),
+//! the fixed-order column sums (loss statistics) and the fused AdamW step.
 
 use anyhow::{Context, Result};
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
-use crate::cuda::launch::KernelCtx;
+use crate::cuda::launch::{to_i32, KernelCtx};
 use crate::optim::AdamWStep;
 
 const MODULE: &str = "optimizer";
@@ -41,6 +41,27 @@ pub fn sum_squares(k: &KernelCtx, out: u64, x: u64, n: usize, partials: u64) -> 
     // SAFETY: matches `(float* out, const double* partials)`: out holds 2 f32, partials the
     // SUM_SQUARES_BLOCKS values written above; one thread per partial.
     unsafe { b.launch(cfg) }.context("launching sum_squares_final")?;
+    Ok(())
+}
+
+/// out (f32 [cols, 2]) = [hi, lo] of each column's f64 sum over x (f32 [rows, cols]).
+pub fn column_sums(k: &KernelCtx, out: u64, x: u64, rows: usize, cols: usize) -> Result<()> {
+    let rows_i = to_i32("column_sums", "rows", rows)?;
+    let cols_i = to_i32("column_sums", "cols", cols)?;
+    if cols == 0 {
+        return Ok(());
+    }
+    let f = k.function(MODULE, "column_sums")?;
+    let cfg = LaunchConfig {
+        grid_dim: (cols as u32, 1, 1),
+        block_dim: (SUM_SQUARES_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut b = k.stream.launch_builder(&f);
+    b.arg(&out).arg(&x).arg(&rows_i).arg(&cols_i);
+    // SAFETY: matches `(float* out, const float* x, int rows, int cols)`; the caller owns x of
+    // rows × cols f32 and out of 2 × cols f32; one block per column.
+    unsafe { b.launch(cfg) }.with_context(|| format!("launching column_sums ({rows} × {cols})"))?;
     Ok(())
 }
 
