@@ -40,7 +40,8 @@ group_advantages(float* out, const double* rewards, int n, int group_size, int s
         const double* r = rewards + (size_t)g * group_size;
         float* a = out + (size_t)g * group_size;
         bool all_equal = true;
-        for (int i = 1; i < group_size; i++) { all_equal = all_equal && r[i] == r[0]; }
+        // from i = 0 as the host's all(): a NaN reward is not equal to itself
+        for (int i = 0; i < group_size; i++) { all_equal = all_equal && r[i] == r[0]; }
         if (all_equal) {
             for (int i = 0; i < group_size; i++) { a[i] = 0.0f; }
             continue;

@@ -17,6 +17,10 @@
 #define WARP_SIZE 32
 #define FULL_MASK 0xffffffffu
 
+// log2(e) and ln(2): softmax in exp2 units (exp2f is one instruction)
+#define LOG2E 1.4426950408889634f
+#define LN2 0.6931471805599453f
+
 // ----------------------------------------------------------------------------
 // bf16 <-> f32 conversion
 

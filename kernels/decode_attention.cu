@@ -17,6 +17,8 @@
 // output and (max, sum) in fp32 to scratch, and decode_attention_combine merges the splits.
 // Requires head_dim % 8 == 0, head_dim <= DECODE_MAX_HEAD_DIM, 16-byte aligned cache rows
 // (the launcher, src/cuda/ops/decode_attention.rs, checks; other cases use attention.cu).
+// Head dims 64 and 128 (groups up to 16) take decode_attention_mma_d{D} instead, the same
+// computation on tensor cores (at the end of this file).
 
 #include "common.cuh"
 #include "mma.cuh"
@@ -211,3 +213,192 @@ decode_attention_combine(__nv_bfloat16* out, float* lse, const float* partial_ou
     }
     if (threadIdx.x == 0 && lse != nullptr) { lse[row] = mx + logf(total); }
 }
+
+// ----------------------------------------------------------------------------
+// Tensor-core decode: decode_attention_mma_d{D} (D = 64, 128; up to 16 query heads per KV head,
+// which the launcher checks: the merge below holds 16 rows per warp).
+// The same grid, splits, outputs and scratch as decode_attention (decode_attention_combine merges
+// its splits), but the group's query heads are the 16 rows of an m16n8k16 tile (rows >= group are
+// zeros), so the scores and the value sums are tensor-core products (kernels/mma.cuh) and the
+// block is a stream of K and V. Per step of DECODE_KEYS keys (staged with cp.async in two
+// stages), warp w takes keys 16w .. 16w + 16 of the step: S = Q K^T [16, 16], an online softmax
+// per row in exp2 units, O_w += P V [16, D]. At the end the 4 warps' (max, sum, O) are merged
+// through shared memory (the K/V stages, no longer needed). Scores and statistics fp32; P is
+// rounded to bf16 as the operand of P V, as in flash_attention_forward.
+
+#define DECODE_WARPS (DECODE_THREADS / WARP_SIZE)
+
+static_assert(DECODE_KEYS == 16 * DECODE_WARPS, "one 16-key slab per warp and step");
+
+template <int D>
+__device__ __forceinline__ void decode_attention_mma(
+    __nv_bfloat16* out, float* lse, float* partial_out, float* partial_stats,
+    const __nv_bfloat16* q, const __nv_bfloat16* cache_k, const __nv_bfloat16* cache_v,
+    const uint32_t* slots, const uint32_t* positions, int m, int capacity, int n_heads,
+    int n_kv_heads, int split_keys, float scale) {
+    constexpr int S = D + TILE_PAD;
+    constexpr int TILE = DECODE_KEYS * S;
+    // dynamic shared memory: two stages of K, V [DECODE_KEYS, S] bf16; after the keys, the
+    // warps' O [DECODE_WARPS, 16, D] f32 and (max, sum) [DECODE_WARPS, 16, 2] f32
+    extern __shared__ __align__(16) unsigned char smem[];
+    __nv_bfloat16* kv_s = reinterpret_cast<__nv_bfloat16*>(smem);
+
+    const int token = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
+    const int group = n_heads / n_kv_heads;
+    const int q_dim = n_heads * D, kv_dim = n_kv_heads * D;
+    const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
+    const int g = lane / 4, t = lane % 4;
+    const int len = (int)positions[token] + 1;
+    const int begin = split * split_keys;
+    const int end = min(len, begin + split_keys);
+    const int h0 = kvh * group;  // first query head of the group
+    const size_t row = (size_t)token * n_heads + h0;  // (token, h0) in [m, n_heads] order
+    const size_t split_row = (size_t)split * m * n_heads + row;
+
+    if (begin >= end) {  // an empty split (a short sequence in a batch with long ones)
+        for (int i = threadIdx.x; i < group * 2; i += DECODE_THREADS) {
+            partial_stats[split_row * 2 + i] = i % 2 == 0 ? -INFINITY : 0.0f;
+        }
+        for (int i = threadIdx.x; i < group * D; i += DECODE_THREADS) {
+            partial_out[split_row * D + i] = 0.0f;
+        }
+        return;
+    }
+
+    uint32_t q_frag[D / 16][4];  // the group's query heads as the rows of a [16, D] A operand
+    load_rows_as_a<D>(q_frag, q + (size_t)token * q_dim + h0 * D, D, 0, group, g, t);
+    float o[D / 8][4];  // [16, D] output accumulator over this warp's keys
+    for (int dn = 0; dn < D / 8; dn++) { o[dn][0] = o[dn][1] = o[dn][2] = o[dn][3] = 0.0f; }
+    float row_max[2] = {-INFINITY, -INFINITY};  // rows g and g + 8, log2 units
+    float row_sum[2] = {0.0f, 0.0f};            // this thread's share of sum exp2(score - max)
+    const float scale_log2 = scale * LOG2E;
+
+    const size_t slot_base = (size_t)slots[token] * capacity * kv_dim + (size_t)kvh * D;
+    const int steps = ceil_div(end - begin, DECODE_KEYS);
+    auto prefetch = [&](int step) {  // the keys of `step` into stage step % 2, zero-filled past end
+        const int j0 = begin + step * DECODE_KEYS, valid = min(DECODE_KEYS, end - j0);
+        __nv_bfloat16* k_dst = kv_s + (step % 2) * 2 * TILE;
+        load_tile_async<D, DECODE_KEYS>(k_dst, cache_k + slot_base + (size_t)j0 * kv_dim, kv_dim, valid);
+        load_tile_async<D, DECODE_KEYS>(k_dst + TILE, cache_v + slot_base + (size_t)j0 * kv_dim, kv_dim, valid);
+        copy_async_commit();
+    };
+    prefetch(0);
+    for (int step = 0; step < steps; step++) {
+        const int j0 = begin + step * DECODE_KEYS + warp * 16;  // this warp's first key
+        if (step + 1 < steps) {
+            prefetch(step + 1);
+            copy_async_wait<1>();
+        } else {
+            copy_async_wait<0>();
+        }
+        __syncthreads();  // this step's tiles are in shared memory for every thread
+        const __nv_bfloat16* k_s = kv_s + (step % 2) * 2 * TILE;
+        const __nv_bfloat16* v_s = k_s + TILE;
+
+        // s = Q K^T over the warp's 16 keys: two [16, 8] accumulator tiles
+        float s[2][4];
+        for (int nt = 0; nt < 2; nt++) { s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f; }
+        for (int kk = 0; kk < D / 16; kk++) {
+            uint32_t b[2][2];
+            load_b_transposed_x2(b, k_s, S, warp * 16, kk * 16, lane);
+            mma_m16n8k16(s[0], q_frag[kk], b[0]);
+            mma_m16n8k16(s[1], q_frag[kk], b[1]);
+        }
+        for (int nt = 0; nt < 2; nt++) {
+            for (int e = 0; e < 4; e++) {
+                const int j = j0 + nt * 8 + 2 * t + (e & 1);
+                s[nt][e] = j < end ? s[nt][e] * scale_log2 : -INFINITY;
+            }
+        }
+        // online softmax per row over the warp's keys; the 4 threads of a row (same g) hold its
+        // 16 scores between them. A warp past the end (the last step's tail) sees only -inf:
+        // it then rescales by 0 and adds 0, staying empty.
+        for (int i = 0; i < 2; i++) {
+            float mx = fmaxf(row_max[i], fmaxf(fmaxf(s[0][2 * i], s[0][2 * i + 1]),
+                                               fmaxf(s[1][2 * i], s[1][2 * i + 1])));
+            mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 2));
+            const float base = mx == -INFINITY ? 0.0f : mx;
+            const float correction = exp2f(row_max[i] - base);  // 0 while the row is empty
+            row_max[i] = mx;
+            float sum = 0.0f;
+            for (int nt = 0; nt < 2; nt++) {
+                s[nt][2 * i] = exp2f(s[nt][2 * i] - base);
+                s[nt][2 * i + 1] = exp2f(s[nt][2 * i + 1] - base);
+                sum += s[nt][2 * i] + s[nt][2 * i + 1];
+            }
+            row_sum[i] = row_sum[i] * correction + sum;
+            for (int dn = 0; dn < D / 8; dn++) {
+                o[dn][2 * i] *= correction;
+                o[dn][2 * i + 1] *= correction;
+            }
+        }
+        // o += P V over the warp's keys, P straight from the score registers
+        uint32_t a[4];
+        accumulators_to_a(a, s[0], s[1]);
+        for (int dn = 0; dn < D / 8; dn += 2) {
+            uint32_t b[2][2];
+            load_b_x2(b, v_s, S, warp * 16, dn * 8, lane);
+            mma_m16n8k16(o[dn], a, b[0]);
+            mma_m16n8k16(o[dn + 1], a, b[1]);
+        }
+        __syncthreads();  // every warp is done with this stage before step + 2 refills it
+    }
+
+    // the warps' states into shared memory (the stages are free: the loop ended with a barrier)
+    float* o_s = reinterpret_cast<float*>(smem);        // [DECODE_WARPS, 16, D]
+    float* stat_s = o_s + DECODE_WARPS * 16 * D;        // [DECODE_WARPS, 16, 2]: max, sum
+    for (int i = 0; i < 2; i++) {
+        float sum = row_sum[i];
+        sum += __shfl_xor_sync(FULL_MASK, sum, 1);
+        sum += __shfl_xor_sync(FULL_MASK, sum, 2);
+        const int r = warp * 16 + g + 8 * i;
+        for (int dn = 0; dn < D / 8; dn++) {
+            o_s[r * D + dn * 8 + 2 * t] = o[dn][2 * i];
+            o_s[r * D + dn * 8 + 2 * t + 1] = o[dn][2 * i + 1];
+        }
+        if (t == 0) {
+            stat_s[r * 2] = row_max[i];
+            stat_s[r * 2 + 1] = sum;
+        }
+    }
+    __syncthreads();
+    // merge per (head, dim): warp 0 holds the split's first key, so the max is finite and empty
+    // warps (max -inf) weigh 0
+    for (int i = threadIdx.x; i < group * D; i += DECODE_THREADS) {
+        const int r = i / D, d = i % D;
+        float mx = -INFINITY;
+        for (int w = 0; w < DECODE_WARPS; w++) { mx = fmaxf(mx, stat_s[(w * 16 + r) * 2]); }
+        float total = 0.0f, acc = 0.0f;
+        for (int w = 0; w < DECODE_WARPS; w++) {
+            const float c = exp2f(stat_s[(w * 16 + r) * 2] - mx);
+            total += c * stat_s[(w * 16 + r) * 2 + 1];
+            acc += c * o_s[(w * 16 + r) * D + d];
+        }
+        if (splits == 1) {
+            out[(row + r) * D + d] = f32_to_bf16(acc / total);
+            if (d == 0 && lse != nullptr) { lse[row + r] = (mx + log2f(total)) * LN2; }
+        } else {
+            partial_out[(split_row + r) * D + d] = acc;  // relative to the max, as decode_attention
+            if (d == 0) {
+                partial_stats[(split_row + r) * 2] = mx * LN2;  // natural-log units for the combine
+                partial_stats[(split_row + r) * 2 + 1] = total;
+            }
+        }
+    }
+}
+
+// entry points: grid (m, n_kv_heads, splits), DECODE_THREADS threads, dynamic shared memory
+// 2 * 2 * DECODE_KEYS * (D + TILE_PAD) bf16 (src/cuda/ops/decode_attention.rs)
+#define DECODE_MMA_ENTRY_POINT(D)                                                                 \
+    extern "C" __global__ void __launch_bounds__(DECODE_THREADS) decode_attention_mma_d##D(       \
+        __nv_bfloat16* out, float* lse, float* partial_out, float* partial_stats,                 \
+        const __nv_bfloat16* q, const __nv_bfloat16* cache_k, const __nv_bfloat16* cache_v,       \
+        const uint32_t* slots, const uint32_t* positions, int m, int capacity, int n_heads,       \
+        int n_kv_heads, int split_keys, float scale) {                                            \
+        decode_attention_mma<D>(out, lse, partial_out, partial_stats, q, cache_k, cache_v, slots, \
+                                positions, m, capacity, n_heads, n_kv_heads, split_keys, scale);  \
+    }
+
+DECODE_MMA_ENTRY_POINT(64)
+DECODE_MMA_ENTRY_POINT(128)

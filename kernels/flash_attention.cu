@@ -42,9 +42,6 @@
 #define KV_KEYS 64         // keys per block of the dk/dv kernel, 16 per warp
 #define KV_QUERIES 16      // queries per inner step of the dk/dv kernel
 
-#define LOG2E 1.4426950408889634f
-#define LN2 0.6931471805599453f
-
 static_assert(FLASH_ROWS == 16 * (FLASH_THREADS / WARP_SIZE), "one 16-row slab per warp");
 static_assert(KV_KEYS == 16 * (FLASH_THREADS / WARP_SIZE), "one 16-key slab per warp");
 static_assert(KV_QUERIES == 16, "one k-step of the dk/dv products, two score tiles");
@@ -57,21 +54,6 @@ struct QueryTile {
 __device__ __forceinline__ QueryTile read_tile(const uint4* tiles, int i) {
     const uint4 v = tiles[i];
     return QueryTile{(int)v.x, (int)v.y, (int)v.z, (int)v.w};
-}
-
-// Fragments of a [16 rows, D] slab of a global bf16 matrix (row r at base + r * stride), as the A
-// operand of Q K^T-like products; rows at or beyond `valid` read as zeros.
-template <int D>
-__device__ __forceinline__ void load_rows_as_a(uint32_t frag[D / 16][4], const __nv_bfloat16* base,
-                                               size_t stride, int row0, int valid, int g, int t) {
-    const int r0 = row0 + g, r1 = row0 + g + 8;
-    for (int kk = 0; kk < D / 16; kk++) {
-        const int c = kk * 16 + 2 * t;
-        frag[kk][0] = r0 < valid ? *reinterpret_cast<const uint32_t*>(base + r0 * stride + c) : 0u;
-        frag[kk][1] = r1 < valid ? *reinterpret_cast<const uint32_t*>(base + r1 * stride + c) : 0u;
-        frag[kk][2] = r0 < valid ? *reinterpret_cast<const uint32_t*>(base + r0 * stride + c + 8) : 0u;
-        frag[kk][3] = r1 < valid ? *reinterpret_cast<const uint32_t*>(base + r1 * stride + c + 8) : 0u;
-    }
 }
 
 // ----------------------------------------------------------------------------

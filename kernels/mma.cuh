@@ -135,3 +135,18 @@ __device__ __forceinline__ void load_tile_async(__nv_bfloat16* tile, const __nv_
         copy_async16(tile + r * (D + TILE_PAD) + c, src + (in ? r * src_stride + c : 0), in);
     }
 }
+
+// Fragments of a [16 rows, D] slab of a global bf16 matrix (row r at base + r * stride), as the A
+// operand of Q K^T-like products; rows at or beyond `valid` read as zeros.
+template <int D>
+__device__ __forceinline__ void load_rows_as_a(uint32_t frag[D / 16][4], const __nv_bfloat16* base,
+                                               size_t stride, int row0, int valid, int g, int t) {
+    const int r0 = row0 + g, r1 = row0 + g + 8;
+    for (int kk = 0; kk < D / 16; kk++) {
+        const int c = kk * 16 + 2 * t;
+        frag[kk][0] = r0 < valid ? *reinterpret_cast<const uint32_t*>(base + r0 * stride + c) : 0u;
+        frag[kk][1] = r1 < valid ? *reinterpret_cast<const uint32_t*>(base + r1 * stride + c) : 0u;
+        frag[kk][2] = r0 < valid ? *reinterpret_cast<const uint32_t*>(base + r0 * stride + c + 8) : 0u;
+        frag[kk][3] = r1 < valid ? *reinterpret_cast<const uint32_t*>(base + r1 * stride + c + 8) : 0u;
+    }
+}

@@ -2,7 +2,7 @@
 // src/backend/cpu/policy_loss.rs: policy_loss_backward, which runs src/grpo/policy_loss.rs:
 // token_loss). For each scored row r of completion i = seqs[r] with weight w = weights[i]:
 //
-//     logp    = log softmax(logits[r] / tau)[targets[r]]           (fp32, as logprob_forward)
+//     logp    = log softmax(logits[r] / tau)[targets[r]]           (fp32, logprob_forward's formula)
 //     rho     = exp(logp - old)          old = old_logp[r], or logp when old_logp is null
 //     L_t     = -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A) + beta k3(ref - logp)
 //     g       = w dL_t/dlogp             (f64 arithmetic, as the host specification)
@@ -38,7 +38,7 @@ __device__ __forceinline__ TokenLoss token_loss(double logp, double old_logp, co
     t.kl = 0.0;
     if (clipped < unclipped) {  // the clipped branch is constant in logp: no gradient
         t.loss = -clipped;
-        t.grad = 0.0;
+        t.grad = -0.0;  // -(0): the sign the host's negation gives
         t.clip = rho < lo ? 1 : 2;
     } else {
         t.loss = -unclipped;

@@ -109,7 +109,11 @@ pub fn generate<B: Backend>(
         .sync_every
         .unwrap_or_else(|| b.decode_sync_every())
         .max(1);
-    let mut pending: Vec<Drawn<B>> = Vec::new();
+    // The draws of the steps since the last sync, so a sync is two downloads: step k of the
+    // window writes its ids and log-probs at k·n (n requests).
+    let n = requests.len();
+    let mut window: Option<(B::Buf, B::Buf)> = None;
+    let mut pending: Vec<Drawn> = Vec::new();
     let mut step = 0u64;
     while !active.is_empty() {
         // Row r of `logits` continues request active[r]: its draw is uniform number `step` of
@@ -121,11 +125,15 @@ pub fn generate<B: Backend>(
             streams: &streams,
             step,
         };
-        let mut ids = b.zeros_f32(active.len())?;
-        let mut logp = b.zeros_f32(active.len())?;
+        if pending.is_empty() {
+            // a new window; the old one is freed in stream order, after the forward reading it
+            window = Some((b.zeros_f32(sync_every * n)?, b.zeros_f32(sync_every * n)?));
+        }
+        let (window_ids, window_logp) = window.as_mut().expect("made at the window's first step");
+        let rows = pending.len() * n..pending.len() * n + active.len();
         b.sample_tokens(
-            b.full_mut(&mut ids),
-            b.full_mut(&mut logp),
+            b.view_mut(window_ids, rows.clone()),
+            b.view_mut(window_logp, rows.clone()),
             b.full(&logits),
             &draws,
             vocab,
@@ -134,8 +142,7 @@ pub fn generate<B: Backend>(
         step += 1;
         pending.push(Drawn {
             requests: active.clone(),
-            ids,
-            logp,
+            rows,
         });
         let under_cap = |i: usize| step < requests[i].max_new_tokens as u64;
         let mut running: Vec<usize> = (0..active.len())
@@ -143,7 +150,11 @@ pub fn generate<B: Backend>(
             .collect();
         let sync = running.is_empty() || pending.len() >= sync_every;
         if sync {
-            record(b, &pending, &mut out, requests, config, detokenize, vocab)?;
+            let ids = b.download(b.view(window_ids, 0..pending.len() * n))?;
+            let logp = b.download(b.view(window_logp, 0..pending.len() * n))?;
+            record(
+                &pending, &ids, &logp, &mut out, requests, config, detokenize, vocab,
+            )?;
             running.retain(|&r| !out[active[r]].finished);
         }
         if running.is_empty() {
@@ -160,7 +171,10 @@ pub fn generate<B: Backend>(
                 .push((requests[i].prompt.len() as u64 + step - 1) as u32);
         }
         active = running.iter().map(|&r| active[r]).collect();
-        let sampled = &pending.last().expect("this step's draws").ids;
+        let sampled = b.view(
+            window_ids,
+            pending.last().expect("this step's draws").rows.clone(),
+        );
         let logit_rows: Vec<usize> = (0..rows.len()).collect();
         logits = model.forward_sampled(sampled, &rows, &next_place, &mut cache, &logit_rows)?;
         if sync {
@@ -170,19 +184,21 @@ pub fn generate<B: Backend>(
     Ok(out)
 }
 
-/// One decode step's draws, still on the device: row r continues request `requests[r]`.
-struct Drawn<B: Backend> {
+/// One decode step's draws: row r continues request `requests[r]`; its id and log-prob are at
+/// `rows.start + r` of the window buffers.
+struct Drawn {
     requests: Vec<usize>,
-    ids: B::Buf,
-    logp: B::Buf,
+    rows: std::ops::Range<usize>,
 }
 
-/// Downloads the pending steps' draws (oldest first) and appends each to its request unless the
-/// request has already ended: at an EOS id or a stop string it is finished, at its cap
-/// truncated.
-fn record<B: Backend>(
-    b: &B,
-    pending: &[Drawn<B>],
+/// Appends the pending steps' draws (oldest first; ids and logp are the window buffers,
+/// downloaded) to their requests unless a request has already ended: at an EOS id or a stop
+/// string it is finished, at its cap truncated.
+#[allow(clippy::too_many_arguments)]
+fn record(
+    pending: &[Drawn],
+    ids: &[f32],
+    logp: &[f32],
     out: &mut [Completion],
     requests: &[GenerationRequest],
     config: &GenerateConfig,
@@ -190,9 +206,8 @@ fn record<B: Backend>(
     vocab: usize,
 ) -> Result<()> {
     for drawn in pending {
-        let ids = b.download(b.full(&drawn.ids))?;
-        let logp = b.download(b.full(&drawn.logp))?;
-        for ((&i, &id), &lp) in drawn.requests.iter().zip(&ids).zip(&logp) {
+        let (ids, logp) = (&ids[drawn.rows.clone()], &logp[drawn.rows.clone()]);
+        for ((&i, &id), &lp) in drawn.requests.iter().zip(ids).zip(logp) {
             let c = &mut out[i];
             if c.finished || c.truncated {
                 continue;

@@ -156,7 +156,7 @@ impl<B: Backend> Model<B> {
     /// sampled[rows[m]] (f32 ids; an id outside the vocabulary makes NaN logits).
     pub fn forward_sampled(
         &self,
-        sampled: &B::Buf,
+        sampled: B::View<'_>,
         rows: &[u32],
         place: &TokenPlacement,
         cache: &mut KvCache<B>,
@@ -168,7 +168,7 @@ impl<B: Backend> Model<B> {
             b.embedding_forward_sampled(
                 x,
                 self.p(self.layout.embed),
-                b.full(sampled),
+                sampled,
                 rows,
                 self.cfg.hidden_size,
             )

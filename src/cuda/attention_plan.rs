@@ -202,6 +202,9 @@ mod tests {
         let plan = AttentionPlan::new(&decode);
         assert_eq!(choose(&plan, 4, 14, 2, 64, true), AttentionKernel::Decode);
         assert_eq!(choose(&plan, 4, 14, 2, 36, true), AttentionKernel::Simple);
+        // a group of 16 query heads: the tensor-core decode kernel at head dims 64 and 128 only
+        assert_eq!(choose(&plan, 4, 16, 1, 64, true), AttentionKernel::Decode);
+        assert_eq!(choose(&plan, 4, 16, 1, 96, true), AttentionKernel::Simple);
     }
 
     #[test]

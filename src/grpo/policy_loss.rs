@@ -55,6 +55,25 @@ impl Default for LossOptions {
     }
 }
 
+impl LossOptions {
+    /// Checks the ranges: 0 ≤ ε_low < 1, ε_high ≥ 0, β ≥ 0, and a max_len ≥ 1 to divide by.
+    pub fn validate(&self) -> Result<()> {
+        if !(self.eps_low >= 0.0 && self.eps_low < 1.0 && self.eps_high >= 0.0 && self.beta >= 0.0)
+        {
+            bail!(
+                "policy loss: need 0 ≤ ε_low < 1, ε_high ≥ 0, β ≥ 0 (got {}, {}, {})",
+                self.eps_low,
+                self.eps_high,
+                self.beta
+            );
+        }
+        if self.aggregation == (Aggregation::SeqMeanTokenSumNorm { max_len: 0 }) {
+            bail!("policy loss: seq-mean-token-sum-norm needs max_len ≥ 1");
+        }
+        Ok(())
+    }
+}
+
 /// One batch of completions, their tokens back to back: completion i owns the next `lens[i]`
 /// entries of the per-token slices. Lengths are generated token counts (EOS excluded), so masks
 /// come from positions, never from token ids.
@@ -130,18 +149,7 @@ fn check(b: &LossBatch, o: &LossOptions) -> Result<()> {
             b.truncated.len()
         );
     }
-    if !(o.eps_low >= 0.0 && o.eps_low < 1.0 && o.eps_high >= 0.0 && o.beta >= 0.0) {
-        bail!(
-            "policy loss: need 0 ≤ ε_low < 1, ε_high ≥ 0, β ≥ 0 (got {}, {}, {})",
-            o.eps_low,
-            o.eps_high,
-            o.beta
-        );
-    }
-    if o.aggregation == (Aggregation::SeqMeanTokenSumNorm { max_len: 0 }) {
-        bail!("policy loss: seq-mean-token-sum-norm needs max_len ≥ 1");
-    }
-    Ok(())
+    o.validate()
 }
 
 /// Which completions enter the loss: kept by the filter (all when `keep` is None) and, under
@@ -207,7 +215,7 @@ pub struct TokenLoss {
 
 /// L_t and its gradient for a token with log-probs `logp` (πθ), `old_logp`, `ref_logp` and its
 /// completion's advantage: the formula of the module doc. The device kernels compute the same in
-/// f64 (kernels/logprob.cu: token_loss).
+/// f64 (kernels/policy_loss.cu: token_loss).
 pub fn token_loss(
     logp: f64,
     old_logp: f64,

@@ -98,6 +98,7 @@ pub fn policy_update<B: TrainBackend>(
     o: &UpdateOptions,
 ) -> Result<UpdateResult> {
     check(u)?;
+    o.loss.validate()?;
     if o.loss.beta != 0.0 && u.ref_logp.is_none() {
         bail!("update: β = {} needs reference log-probs", o.loss.beta);
     }

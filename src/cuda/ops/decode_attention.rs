@@ -1,7 +1,9 @@
 //! Launchers for kernels/decode_attention.cu: attention of a few tokens per sequence over the KV
-//! cache, split along the keys when few (token, KV head) pairs are active (flash-decoding).
+//! cache, split along the keys when few (token, KV head) pairs are active (flash-decoding). Head
+//! dims 64 and 128 with up to 16 query heads per KV head run the tensor-core kernel
+//! (decode_attention_mma_d{64,128}); other supported shapes the fp32 one (decode_attention).
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use super::attention::check_attention_dims;
@@ -25,15 +27,31 @@ const BLOCKS_PER_SM: usize = 4;
 /// Largest gridDim.y / gridDim.z.
 const MAX_GRID_YZ: usize = 65_535;
 
-/// Head dims in 16-byte vectors up to 256 and GQA groups up to 8 (the group's query heads share
-/// one block).
+/// `DECODE_MMA_MAX_GROUP`: the query heads of a group are the rows of one m16 tile.
+const DECODE_MMA_MAX_GROUP: usize = 16;
+
+/// The shapes some decode kernel takes: `supports_fp32` or `supports_mma`.
 pub fn supports(n_heads: usize, n_kv_heads: usize, head_dim: usize) -> bool {
+    supports_fp32(n_heads, n_kv_heads, head_dim) || supports_mma(n_heads, n_kv_heads, head_dim)
+}
+
+/// The fp32 kernel: head dims in 16-byte vectors up to 256 and GQA groups up to 8 (the group's
+/// query heads share one block).
+fn supports_fp32(n_heads: usize, n_kv_heads: usize, head_dim: usize) -> bool {
     n_kv_heads > 0
         && n_heads.is_multiple_of(n_kv_heads)
         && n_heads / n_kv_heads <= DECODE_MAX_GROUP
         && head_dim.is_multiple_of(8)
         && head_dim > 0
         && head_dim <= DECODE_MAX_HEAD_DIM
+}
+
+/// The tensor-core kernel: head dims 64 and 128, GQA groups up to 16.
+fn supports_mma(n_heads: usize, n_kv_heads: usize, head_dim: usize) -> bool {
+    n_kv_heads > 0
+        && n_heads.is_multiple_of(n_kv_heads)
+        && n_heads / n_kv_heads <= DECODE_MMA_MAX_GROUP
+        && matches!(head_dim, 64 | 128)
 }
 
 /// (splits, keys per split) for `m` tokens whose longest prefix has `max_len` keys: enough blocks
@@ -59,6 +77,11 @@ pub fn plan_splits(m: usize, n_kv_heads: usize, max_len: usize, sm_count: usize)
 /// Elements of the f32 scratch buffers for `splits` > 1: (partial outputs, (max, sum) pairs).
 pub fn scratch_sizes(splits: usize, m: usize, n_heads: usize, head_dim: usize) -> (usize, usize) {
     (splits * m * n_heads * head_dim, splits * m * n_heads * 2)
+}
+
+/// The tensor-core kernel's two stages of K, V in bf16 (its merge reuses them).
+fn mma_shared_bytes(head_dim: usize) -> u32 {
+    (2 * 2 * DECODE_KEYS * (head_dim + TILE_PAD) * 2) as u32
 }
 
 fn shared_bytes(group: usize, head_dim: usize) -> u32 {
@@ -98,7 +121,8 @@ pub fn decode_attention(
     ensure!(
         supports(p.n_heads, p.n_kv_heads, p.head_dim),
         "{OP}: needs head_dim a multiple of 8 up to {DECODE_MAX_HEAD_DIM} and at most \
-         {DECODE_MAX_GROUP} query heads per KV head (got head_dim {}, {} / {} heads)",
+         {DECODE_MAX_GROUP} query heads per KV head, or head_dim 64 or 128 and at most \
+         {DECODE_MMA_MAX_GROUP} (got head_dim {}, {} / {} heads)",
         p.head_dim,
         p.n_heads,
         p.n_kv_heads
@@ -118,8 +142,14 @@ pub fn decode_attention(
     let split_keys_i32 = to_i32(OP, "split_keys", split_keys)?;
     let scale = 1.0 / (p.head_dim as f32).sqrt();
     let group = p.n_heads / p.n_kv_heads;
-    let shared = shared_bytes(group, p.head_dim);
-    let f = k.function_with_shared_mem("decode_attention", "decode_attention", shared)?;
+    let mma = supports_mma(p.n_heads, p.n_kv_heads, p.head_dim);
+    let (name, shared) = match (mma, p.head_dim) {
+        (true, 64) => ("decode_attention_mma_d64", mma_shared_bytes(64)),
+        (true, 128) => ("decode_attention_mma_d128", mma_shared_bytes(128)),
+        (true, d) => bail!("{OP}: no tensor-core kernel for head_dim {d}"),
+        (false, _) => ("decode_attention", shared_bytes(group, p.head_dim)),
+    };
+    let f = k.function_with_shared_mem("decode_attention", name, shared)?;
     let mut b = k.stream.launch_builder(&f);
     b.arg(&out)
         .arg(&lse)
@@ -133,10 +163,11 @@ pub fn decode_attention(
         .arg(&dims.m)
         .arg(&dims.capacity)
         .arg(&dims.n_heads)
-        .arg(&dims.n_kv_heads)
-        .arg(&dims.head_dim)
-        .arg(&split_keys_i32)
-        .arg(&scale);
+        .arg(&dims.n_kv_heads);
+    if !mma {
+        b.arg(&dims.head_dim); // the mma kernels have it as their template parameter
+    }
+    b.arg(&split_keys_i32).arg(&scale);
     let cfg = LaunchConfig {
         grid_dim: (p.m as u32, p.n_kv_heads as u32, splits as u32),
         block_dim: (DECODE_THREADS, 1, 1),
@@ -145,9 +176,10 @@ pub fn decode_attention(
     // SAFETY: the arguments match decode_attention(bf16* out, float* lse, float* partial_out,
     // float* partial_stats, const bf16* q, const bf16* cache_k, const bf16* cache_v,
     // const u32* slots, const u32* positions, int m, int capacity, int n_heads, int n_kv_heads,
-    // int head_dim, int split_keys, float scale); `supports` holds, the caller checked slots and
+    // int head_dim, int split_keys, float scale), and decode_attention_mma_d{D} the same without
+    // head_dim (= D); `supports` holds for the kernel chosen, the caller checked slots and
     // positions against the cache and sized the scratch with scratch_sizes(splits, ..).
-    unsafe { b.launch(cfg) }.context("launching decode_attention")?;
+    unsafe { b.launch(cfg) }.with_context(|| format!("launching {name}"))?;
     if splits == 1 {
         return Ok(());
     }
@@ -203,9 +235,19 @@ mod tests {
     #[test]
     fn supported_shapes_and_shared_memory() {
         assert!(supports(14, 2, 64) && supports(8, 1, 128) && supports(32, 32, 256));
-        assert!(!supports(16, 1, 64)); // group 16
+        // group 16: only the tensor-core kernel, at head dims 64 and 128
+        assert!(!supports_fp32(16, 1, 64) && supports_mma(16, 1, 64) && supports(16, 1, 128));
+        assert!(!supports(16, 1, 96) && !supports(17, 1, 64));
+        assert!(supports_mma(14, 2, 64) && supports_mma(7, 1, 128) && !supports_mma(4, 2, 32));
         assert!(!supports(4, 2, 36)); // not a multiple of 8
         assert!(!supports(4, 2, 264));
+        // the tensor-core kernel's stages, which its merge (16 rows × 4 warps of f32 O and
+        // stats) reuses; 128 needs the opt-in above 48 KiB
+        assert_eq!(mma_shared_bytes(64), 2 * 2 * 64 * 72 * 2);
+        assert_eq!(mma_shared_bytes(128), 2 * 2 * 64 * 136 * 2);
+        for d in [64, 128] {
+            assert!(mma_shared_bytes(d) as usize >= 4 * 16 * (d + 2) * 4);
+        }
         // the largest case needs the opt-in above 48 KiB and fits sm_80's 163 KiB
         assert!(shared_bytes(DECODE_MAX_GROUP, DECODE_MAX_HEAD_DIM) <= 163 * 1024);
         assert!(shared_bytes(7, 64) <= 48 * 1024);
