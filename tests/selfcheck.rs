@@ -787,6 +787,34 @@ fn bench_step_on_the_cpu_reports_one_grpo_step() {
     assert!(close(f("train_mfu"), f("train_tflops") / 2.0), "{r}");
 }
 
+/// `--profile` times ops with CUDA events: on the CPU it stops with an error naming the option,
+/// before any step runs.
+#[test]
+fn bench_step_profile_needs_the_cuda_backend() {
+    let out = Command::new(env!("CARGO_BIN_EXE_thinkshort"))
+        .args([
+            "bench",
+            "step",
+            "--model-config",
+            "tools/bench_model_10m.json",
+            "--backend",
+            "cpu",
+            "--profile",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("--profile") && stderr.contains("--backend cuda"),
+        "{stderr}"
+    );
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("warm-up"),
+        "ran a step first"
+    );
+}
+
 #[test]
 fn bench_forward_names_a_missing_config_file() {
     let out = Command::new(env!("CARGO_BIN_EXE_thinkshort"))

@@ -92,14 +92,15 @@ for size in $SIZES; do
 done
 
 # One whole GRPO step (rollout, rewards, advantages, update) against PyTorch on the same card:
-# 8 prompts x 8 samples for 0.5B, 4 x 8 for 1.5B (so both sides fit an 80 GB H100).
+# 8 prompts x 8 samples for 0.5B, 4 x 8 for 1.5B (so both sides fit an 80 GB H100); then one
+# more step of ours with every op timed (--profile: the tables land in logs.txt and the JSON).
 for size in 0.5b 1.5b; do
     cfg=tools/model_configs/qwen2.5-$size.json
     prompts=8
     if [ "$size" = 1.5b ]; then prompts=4; fi
     shape="--prompts $prompts --group 8 --prompt-len 128 --new-tokens 256"
     step "ours step $size" 100 "$BIN" bench step --backend cuda --model-config "$cfg" $shape \
-        --json "$OUT/ours_step_$size.json"
+        --profile --json "$OUT/ours_step_$size.json"
     [ "${TORCH_STEP:-1}" = 1 ] && step "torch step $size" 150 env PYTHONUNBUFFERED=1 python3 tools/bench_step_torch.py \
         --model-config "$cfg" $shape --json "$OUT/torch_step_$size.json"
 done

@@ -77,6 +77,34 @@ pub struct PolicyTokens<'a, B: Backend + ?Sized + 'a> {
     pub ref_logp: Option<B::View<'a>>,
 }
 
+/// Device time of one op over a profiled stretch of work (`Backend::take_op_profile`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct OpTime {
+    pub op: String,
+    pub calls: usize,
+    pub seconds: f64,
+}
+
+/// Sums (op, seconds) samples by op: largest total first, ties by name.
+pub fn summarize_ops(samples: &[(&str, f64)]) -> Vec<OpTime> {
+    let mut ops: Vec<OpTime> = Vec::new();
+    for &(op, seconds) in samples {
+        match ops.iter_mut().find(|o| o.op == op) {
+            Some(o) => {
+                o.calls += 1;
+                o.seconds += seconds;
+            }
+            None => ops.push(OpTime {
+                op: op.to_string(),
+                calls: 1,
+                seconds,
+            }),
+        }
+    }
+    ops.sort_by(|a, b| b.seconds.total_cmp(&a.seconds).then(a.op.cmp(&b.op)));
+    ops
+}
+
 pub trait Backend: Send + Sync {
     type Buf: Send + Sync;
     type View<'a>: Copy
@@ -111,6 +139,16 @@ pub trait Backend: Send + Sync {
     /// Free memory on the device, when the backend can tell (CUDA; the CPU reports none).
     fn free_memory(&self) -> Result<Option<usize>> {
         Ok(None)
+    }
+
+    /// Starts timing every op on the device (`bench step --profile`); false where the backend
+    /// cannot (the CPU: its ops are plain calls, for a CPU profiler to see).
+    fn start_op_profile(&self) -> bool {
+        false
+    }
+    /// Waits for the profiled ops, stops timing and returns their device time by op.
+    fn take_op_profile(&self) -> Result<Vec<OpTime>> {
+        Ok(Vec::new())
     }
 
     /// Waits until every queued op has finished and reports the first error any of them hit.
@@ -452,4 +490,32 @@ pub trait TrainBackend: Backend {
         grads: Self::View<'_>,
         step: &crate::optim::AdamWStep,
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn op_samples_sum_by_op_largest_first() {
+        let ops = summarize_ops(&[
+            ("matmul_forward", 2.0),
+            ("rmsnorm_forward", 0.5),
+            ("matmul_forward", 1.5),
+            ("copy", 0.5),
+        ]);
+        let got: Vec<(&str, usize, f64)> = ops
+            .iter()
+            .map(|o| (o.op.as_str(), o.calls, o.seconds))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("matmul_forward", 2, 3.5),
+                ("copy", 1, 0.5),
+                ("rmsnorm_forward", 1, 0.5)
+            ]
+        );
+        assert!(summarize_ops(&[]).is_empty());
+    }
 }

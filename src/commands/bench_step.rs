@@ -6,7 +6,7 @@
 //! tools/bench_step_torch.py runs the same step in PyTorch for comparison.
 
 use super::bench::{random_tokens, read_config};
-use crate::backend::{cpu::CpuBackend, BackendKind, TrainBackend};
+use crate::backend::{cpu::CpuBackend, BackendKind, OpTime, TrainBackend};
 use crate::config::ModelConfig;
 use crate::cuda::CudaBackend;
 use crate::generate::{generate, GenerateConfig, GenerationRequest};
@@ -56,6 +56,10 @@ pub struct StepArgs {
     /// Also write the result to this JSON file.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// After the timed steps, run one more with every op timed on the device (CUDA events)
+    /// and print where the rollout's and the update's time goes, op by op (CUDA only).
+    #[arg(long)]
+    pub profile: bool,
 }
 
 /// The median step's measurements.
@@ -76,6 +80,15 @@ pub struct StepResult {
     /// Device memory reserved at the end (CUDA: the pool keeps its high-water mark) or the
     /// process's peak resident memory (CPU), in bytes.
     pub peak_memory_bytes: Option<u64>,
+}
+
+/// Device time by op of one profiled step (`--profile`), per phase.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepProfile {
+    pub rollout_s: f64,
+    pub rollout_ops: Vec<OpTime>,
+    pub update_s: f64,
+    pub update_ops: Vec<OpTime>,
 }
 
 pub fn step(args: &StepArgs) -> Result<()> {
@@ -122,10 +135,16 @@ fn run<B: TrainBackend>(
         &host,
     )?;
     drop(host);
+    if args.profile {
+        if !model.backend.start_op_profile() {
+            bail!("--profile times ops on the device with CUDA events: it needs --backend cuda");
+        }
+        model.backend.take_op_profile()?;
+    }
 
     let mut steps = Vec::new();
     for s in 0..=args.steps {
-        let r = one_step(&mut model, &mut opt, args, s as u64, peak_tflops)?;
+        let (r, _) = one_step(&mut model, &mut opt, args, s as u64, peak_tflops, false)?;
         println!(
             "{} rollout {:.2} s ({:.0} tok/s), update {:.2} s ({:.0} tok/s, {:.2} TFLOP/s{}), step {:.2} s",
             if s == 0 { "warm-up:".to_string() } else { format!("step {s}:") },
@@ -162,6 +181,16 @@ fn run<B: TrainBackend>(
                 b as f64 / (1u64 << 30) as f64
             )),
     );
+    let profile = if args.profile {
+        let step = args.steps as u64 + 1;
+        let (_, profile) = one_step(&mut model, &mut opt, args, step, peak_tflops, true)?;
+        let profile = profile.expect("profiled");
+        print_profile("rollout", profile.rollout_s, &profile.rollout_ops);
+        print_profile("update", profile.update_s, &profile.update_ops);
+        Some(profile)
+    } else {
+        None
+    };
     if let Some(path) = &args.json {
         let json = serde_json::json!({
             "model_config": args.model_config.display().to_string(),
@@ -174,6 +203,7 @@ fn run<B: TrainBackend>(
             "peak_tflops": peak_tflops,
             "seed": args.seed,
             "result": median,
+            "profile": profile,
         });
         std::fs::write(path, serde_json::to_string_pretty(&json)? + "\n")
             .with_context(|| format!("cannot write {}", path.display()))?;
@@ -181,14 +211,16 @@ fn run<B: TrainBackend>(
     Ok(())
 }
 
-/// One GRPO step; `step` picks the prompts and samples.
+/// One GRPO step; `step` picks the prompts and samples. With `profile`, each phase's ops are
+/// timed on the device (the backend supports it: checked by the caller).
 fn one_step<B: TrainBackend>(
     model: &mut Model<B>,
     opt: &mut DeviceOptimizer<B>,
     args: &StepArgs,
     step: u64,
     peak_tflops: Option<f64>,
-) -> Result<StepResult> {
+    profile: bool,
+) -> Result<(StepResult, Option<StepProfile>)> {
     let (p, g, t, vocab) = (
         args.prompts,
         args.group,
@@ -221,8 +253,16 @@ fn one_step<B: TrainBackend>(
         stop_strings: Vec::new(),
         sync_every: None,
     };
+    if profile {
+        model.backend.start_op_profile();
+    }
     let completions = generate(model, &requests, &config, None)?;
     let rollout_s = t0.elapsed().as_secs_f64();
+    let rollout_ops = if profile {
+        model.backend.take_op_profile()?
+    } else {
+        Vec::new()
+    };
 
     // Rewards: a random model answers nothing, so correctness is a seeded coin flip; the length
     // reward sees the real lengths against a budget of T/2.
@@ -243,6 +283,9 @@ fn one_step<B: TrainBackend>(
         })
         .collect();
 
+    if profile {
+        model.backend.start_op_profile();
+    }
     let t1 = Instant::now();
     let seqs: Vec<(&[u32], &[u32])> = requests
         .iter()
@@ -281,10 +324,20 @@ fn one_step<B: TrainBackend>(
     model.backend.synchronize()?;
     let update_s = t1.elapsed().as_secs_f64();
     let step_s = t0.elapsed().as_secs_f64();
+    let profile = if profile {
+        Some(StepProfile {
+            rollout_s,
+            rollout_ops,
+            update_s,
+            update_ops: model.backend.take_op_profile()?,
+        })
+    } else {
+        None
+    };
 
     let flops = train_flops(&model.cfg, p * g, args.prompt_len + t, batch.rows.len());
     let train_tflops = flops / update_s / 1e12;
-    Ok(StepResult {
+    let result = StepResult {
         rollout_s,
         rollout_tokens_per_s: (p * g * t) as f64 / rollout_s,
         update_s,
@@ -293,7 +346,34 @@ fn one_step<B: TrainBackend>(
         train_mfu: peak_tflops.map(|peak| train_tflops / peak),
         step_s,
         peak_memory_bytes: None,
-    })
+    };
+    Ok((result, profile))
+}
+
+/// The ops of one profiled phase, largest device time first. The events add host work to every
+/// launch, so the wall time here is longer than an unprofiled step's; the sum of the ops'
+/// device times against it shows how much of the phase is launch gaps and host work.
+fn print_profile(phase: &str, wall_s: f64, ops: &[OpTime]) {
+    let total: f64 = ops.iter().map(|o| o.seconds).sum();
+    println!(
+        "profile {phase}: {:.1} ms of ops on the device in {:.1} ms of wall time (profiled step)",
+        1e3 * total,
+        1e3 * wall_s
+    );
+    println!(
+        "  {:<28} {:>8} {:>11} {:>10} {:>7}",
+        "op", "calls", "total ms", "mean µs", "share"
+    );
+    for o in ops {
+        println!(
+            "  {:<28} {:>8} {:>11.2} {:>10.1} {:>6.1} %",
+            o.op,
+            o.calls,
+            1e3 * o.seconds,
+            1e6 * o.seconds / o.calls as f64,
+            100.0 * o.seconds / total.max(f64::MIN_POSITIVE)
+        );
+    }
 }
 
 /// Model FLOPs of one update (forward + backward = 3× the forward) over `seqs` sequences of

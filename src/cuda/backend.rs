@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use cudarc::driver::{
-    result as drv, sys as drv_sys, CudaContext, CudaSlice, CudaStream, DevicePtr,
+    result as drv, sys as drv_sys, CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtr,
 };
 use half::bf16;
 use rayon::prelude::*;
@@ -34,7 +34,9 @@ use super::ops;
 use super::ops::decode_attention::{plan_splits, scratch_sizes, DecodeProblem};
 use super::ops::flash_attention::{FlashGrads, FlashProblem};
 use super::ops::sampling::DeviceDraws;
-use crate::backend::{Backend, PolicyTokens, TokenPlacement, TrainBackend, POLICY_STATS};
+use crate::backend::{
+    summarize_ops, Backend, OpTime, PolicyTokens, TokenPlacement, TrainBackend, POLICY_STATS,
+};
 use crate::grpo::{AdvantageOptions, LossOptions};
 use crate::sampling::{SamplingParams, TokenDraws};
 
@@ -103,6 +105,9 @@ pub struct CudaBackend {
     /// f32 scratch for ops that need temporary storage (decode attention's split results, the
     /// attention backward's row sums): kept and grown, so an op does not allocate and free.
     scratch: Mutex<Option<CudaBuf>>,
+    /// While profiling (`start_op_profile`): each op's name and the events recorded on the
+    /// stream before and after its launches.
+    profile: Mutex<Option<Vec<(&'static str, CudaEvent, CudaEvent)>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -150,6 +155,7 @@ impl CudaBackend {
             indices: Mutex::new(Vec::new()),
             sm_count,
             scratch: Mutex::new(None),
+            profile: Mutex::new(None),
         })
     }
 
@@ -166,15 +172,34 @@ impl CudaBackend {
         self.k.ctx.mem_get_info().context("cuMemGetInfo")
     }
 
-    /// Runs one op unless an earlier one failed; records its error.
-    fn run(&self, op: &str, f: impl FnOnce() -> Result<()>) {
+    /// Runs one op unless an earlier one failed; records its error. While profiling, brackets
+    /// the op's launches with timing events.
+    fn run(&self, op: &'static str, f: impl FnOnce() -> Result<()>) {
         let mut error = lock(&self.error);
         if error.is_some() {
             return;
         }
-        if let Err(e) = f() {
+        let mut profile = lock(&self.profile);
+        let result = match profile.as_mut() {
+            None => f(),
+            Some(events) => (|| {
+                let start = self.timing_event()?;
+                f()?;
+                events.push((op, start, self.timing_event()?));
+                Ok(())
+            })(),
+        };
+        if let Err(e) = result {
             *error = Some(format!("CUDA {op}: {e:#}"));
         }
+    }
+
+    /// An event that records the stream's work so far, with timing.
+    fn timing_event(&self) -> Result<CudaEvent> {
+        self.k
+            .stream
+            .record_event(Some(drv_sys::CUevent_flags::CU_EVENT_DEFAULT))
+            .context("recording a timing event")
     }
 
     fn check_error(&self) -> Result<()> {
@@ -491,6 +516,22 @@ impl Backend for CudaBackend {
             .synchronize()
             .context("waiting for the copy from the GPU")?;
         Ok(out)
+    }
+
+    fn start_op_profile(&self) -> bool {
+        *lock(&self.profile) = Some(Vec::new());
+        true
+    }
+
+    fn take_op_profile(&self) -> Result<Vec<OpTime>> {
+        let events = lock(&self.profile).take().unwrap_or_default();
+        self.synchronize()?;
+        let mut samples = Vec::with_capacity(events.len());
+        for (op, start, end) in &events {
+            let ms = start.elapsed_ms(end).context("reading a timing event")?;
+            samples.push((*op, ms as f64 / 1e3));
+        }
+        Ok(summarize_ops(&samples))
     }
 
     fn synchronize(&self) -> Result<()> {
