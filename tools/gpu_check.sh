@@ -230,6 +230,15 @@ for size in ("0.5b", "1.5b"):
     print(f"| {size} | {pg} | {num(ro, 'rollout_tokens_per_s', '{:.0f}')} | {num(rt, 'rollout_tokens_per_s', '{:.0f}')} "
           f"| {num(ro, 'train_tokens_per_s', '{:.0f}')} | {num(rt, 'train_tokens_per_s', '{:.0f}')} | {mfu(ro)} | {mfu(rt)} "
           f"| {num(ro, 'step_s', '{:.2f}')} | {num(rt, 'step_s', '{:.2f}')} | {speedup} | {gib(ro)} | {gib(rt)} |")
+for size in ("0.5b", "1.5b"):
+    prof = (load(f"ours_step_{size}.json") or {}).get("profile")
+    if not prof:
+        continue
+    for phase in ("rollout", "update"):
+        ops = prof[f"{phase}_ops"]
+        total = sum(o["seconds"] for o in ops)
+        top = ", ".join(f"{o['op']} {1e3 * o['seconds']:.1f} ms" for o in ops[:6])
+        print(f"\nprofile {size} {phase}: ops {1e3 * total:.0f} ms on the device in {1e3 * prof[phase + '_s']:.0f} ms wall; top: {top}")
 dec = {k: v for k, v in crit.items() if k.startswith("decode_attention/")}
 if dec:
     print("\ndecode attention (K+V bytes read): " + ", ".join(
