@@ -100,13 +100,8 @@ decode_attention(__nv_bfloat16* out, float* lse, float* partial_out, float* part
     prefetch(0);
     for (int step = 0; step < steps; step++) {
         const int n = min(DECODE_KEYS, end - (begin + step * DECODE_KEYS));
-        if (step + 1 < steps) {
-            prefetch(step + 1);
-            copy_async_wait<1>();
-        } else {
-            copy_async_wait<0>();
-        }
-        __syncthreads();  // this step's keys (and q_s, max_s, sum_s) are visible to every thread
+        // then this step's keys (and q_s, max_s, sum_s) are visible to every thread
+        pipeline_advance(step, steps, prefetch);
         const __nv_bfloat16* k_s = kv_s + (step % 2) * 2 * tile;
         const __nv_bfloat16* v_s = k_s + tile;
 
@@ -277,21 +272,17 @@ __device__ __forceinline__ void decode_attention_mma(
     const int steps = ceil_div(end - begin, DECODE_KEYS);
     auto prefetch = [&](int step) {  // the keys of `step` into stage step % 2, zero-filled past end
         const int j0 = begin + step * DECODE_KEYS, valid = min(DECODE_KEYS, end - j0);
+        const size_t at = slot_base + (size_t)j0 * kv_dim;
         __nv_bfloat16* k_dst = kv_s + (step % 2) * 2 * TILE;
-        load_tile_async<D, DECODE_KEYS>(k_dst, cache_k + slot_base + (size_t)j0 * kv_dim, kv_dim, valid);
-        load_tile_async<D, DECODE_KEYS>(k_dst + TILE, cache_v + slot_base + (size_t)j0 * kv_dim, kv_dim, valid);
+        load_tile_async<D, DECODE_KEYS>(k_dst, cache_k + at, kv_dim, valid);
+        load_tile_async<D, DECODE_KEYS>(k_dst + TILE, cache_v + at, kv_dim, valid);
         copy_async_commit();
     };
     prefetch(0);
     for (int step = 0; step < steps; step++) {
         const int j0 = begin + step * DECODE_KEYS + warp * 16;  // this warp's first key
-        if (step + 1 < steps) {
-            prefetch(step + 1);
-            copy_async_wait<1>();
-        } else {
-            copy_async_wait<0>();
-        }
-        __syncthreads();  // this step's tiles are in shared memory for every thread
+        // then this step's tiles are in shared memory for every thread
+        pipeline_advance(step, steps, prefetch);
         const __nv_bfloat16* k_s = kv_s + (step % 2) * 2 * TILE;
         const __nv_bfloat16* v_s = k_s + TILE;
 
@@ -310,29 +301,9 @@ __device__ __forceinline__ void decode_attention_mma(
                 s[nt][e] = j < end ? s[nt][e] * scale_log2 : -INFINITY;
             }
         }
-        // online softmax per row over the warp's keys; the 4 threads of a row (same g) hold its
-        // 16 scores between them. A warp past the end (the last step's tail) sees only -inf:
-        // it then rescales by 0 and adds 0, staying empty.
-        for (int i = 0; i < 2; i++) {
-            float mx = fmaxf(row_max[i], fmaxf(fmaxf(s[0][2 * i], s[0][2 * i + 1]),
-                                               fmaxf(s[1][2 * i], s[1][2 * i + 1])));
-            mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 2));
-            const float base = mx == -INFINITY ? 0.0f : mx;
-            const float correction = exp2f(row_max[i] - base);  // 0 while the row is empty
-            row_max[i] = mx;
-            float sum = 0.0f;
-            for (int nt = 0; nt < 2; nt++) {
-                s[nt][2 * i] = exp2f(s[nt][2 * i] - base);
-                s[nt][2 * i + 1] = exp2f(s[nt][2 * i + 1] - base);
-                sum += s[nt][2 * i] + s[nt][2 * i + 1];
-            }
-            row_sum[i] = row_sum[i] * correction + sum;
-            for (int dn = 0; dn < D / 8; dn++) {
-                o[dn][2 * i] *= correction;
-                o[dn][2 * i + 1] *= correction;
-            }
-        }
+        // online softmax per row over the warp's keys. A warp past the end (the last step's
+        // tail) sees only -inf: it rescales by 0 and adds 0, staying empty.
+        online_softmax_step(s, o, row_max, row_sum);
         // o += P V over the warp's keys, P straight from the score registers
         uint32_t a[4];
         accumulators_to_a(a, s[0], s[1]);

@@ -102,13 +102,8 @@ __device__ __forceinline__ void flash_forward(__nv_bfloat16* out, float* lse, co
     prefetch(0);
     for (int step = 0; step < steps; step++) {
         const int j0 = step * FWD_KEYS;
-        if (step + 1 < steps) {
-            prefetch(step + 1);
-            copy_async_wait<1>();
-        } else {
-            copy_async_wait<0>();
-        }
-        __syncthreads();  // this step's tiles are in shared memory for every thread
+        // then this step's tiles are in shared memory for every thread
+        pipeline_advance(step, steps, prefetch);
         const __nv_bfloat16* k_s = kv_s + (step % 2) * 2 * TILE;
         const __nv_bfloat16* v_s = k_s + TILE;
 
@@ -130,27 +125,9 @@ __device__ __forceinline__ void flash_forward(__nv_bfloat16* out, float* lse, co
                 s[nt][e] = j <= pos[e / 2] ? s[nt][e] * scale_log2 : -INFINITY;
             }
         }
-        // online softmax per row; the 4 threads of a row (same g) hold its 64 scores between
-        // them. Key 0 is visible to every row, so the max is finite from the first step on.
-        for (int i = 0; i < 2; i++) {
-            float mx = row_max[i];
-            for (int nt = 0; nt < FWD_KEYS / 8; nt++) { mx = fmaxf(mx, fmaxf(s[nt][2 * i], s[nt][2 * i + 1])); }
-            mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 2));
-            const float correction = exp2f(row_max[i] - mx);  // 0 on the first step
-            row_max[i] = mx;
-            float sum = 0.0f;
-            for (int nt = 0; nt < FWD_KEYS / 8; nt++) {
-                s[nt][2 * i] = exp2f(s[nt][2 * i] - mx);
-                s[nt][2 * i + 1] = exp2f(s[nt][2 * i + 1] - mx);
-                sum += s[nt][2 * i] + s[nt][2 * i + 1];
-            }
-            row_sum[i] = row_sum[i] * correction + sum;
-            for (int dn = 0; dn < D / 8; dn++) {
-                o[dn][2 * i] *= correction;
-                o[dn][2 * i + 1] *= correction;
-            }
-        }
+        // online softmax per row (key 0 is visible to every row: the max is finite from the
+        // first step on)
+        online_softmax_step(s, o, row_max, row_sum);
         // o += P V, P straight from the score registers
         for (int kk = 0; kk < FWD_KEYS / 16; kk++) {
             uint32_t a[4];
@@ -250,13 +227,7 @@ __device__ __forceinline__ void flash_backward_dq(__nv_bfloat16* dq, const __nv_
     prefetch(0);
     for (int step = 0; step < steps; step++) {
         const int j0 = step * DQ_KEYS;
-        if (step + 1 < steps) {
-            prefetch(step + 1);
-            copy_async_wait<1>();
-        } else {
-            copy_async_wait<0>();
-        }
-        __syncthreads();
+        pipeline_advance(step, steps, prefetch);
         const __nv_bfloat16* k_s = kv_s + (step % 2) * 2 * TILE;
         const __nv_bfloat16* v_s = k_s + TILE;
 

@@ -107,6 +107,37 @@ __device__ __forceinline__ void accumulators_to_a(uint32_t a[4], const float c0[
     a[3] = pack_bf16(c1[2], c1[3]);
 }
 
+// One step of the online softmax of an m16 score tile, for this thread's two rows (g and g + 8):
+// s holds NT [16, 8] accumulator tiles of scores in log2 units (-inf where masked), which become
+// exp2(score - max); the running max, this thread's share of the running sum and the output
+// accumulator o (DN [16, 8] tiles) are rescaled to the new max. The 4 threads of a row (same g)
+// hold its scores between them. A row with no finite score so far stays empty (max -inf, sum
+// and o 0): the exponent base is then 0, not -inf, which would give NaN.
+template <int NT, int DN>
+__device__ __forceinline__ void online_softmax_step(float (&s)[NT][4], float (&o)[DN][4],
+                                                    float row_max[2], float row_sum[2]) {
+    for (int i = 0; i < 2; i++) {
+        float mx = row_max[i];
+        for (int nt = 0; nt < NT; nt++) { mx = fmaxf(mx, fmaxf(s[nt][2 * i], s[nt][2 * i + 1])); }
+        mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 2));
+        const float base = mx == -INFINITY ? 0.0f : mx;
+        const float correction = exp2f(row_max[i] - base);  // 0 while the row was empty
+        row_max[i] = mx;
+        float sum = 0.0f;
+        for (int nt = 0; nt < NT; nt++) {
+            s[nt][2 * i] = exp2f(s[nt][2 * i] - base);
+            s[nt][2 * i + 1] = exp2f(s[nt][2 * i + 1] - base);
+            sum += s[nt][2 * i] + s[nt][2 * i + 1];
+        }
+        row_sum[i] = row_sum[i] * correction + sum;
+        for (int dn = 0; dn < DN; dn++) {
+            o[dn][2 * i] *= correction;
+            o[dn][2 * i + 1] *= correction;
+        }
+    }
+}
+
 // cp.async: 16 bytes global -> shared without passing through registers, so the copy of the
 // next tile overlaps the math on this one. With valid = false nothing is read and the 16 bytes
 // are zero-filled (src must still be a valid address).
@@ -119,6 +150,20 @@ __device__ __forceinline__ void copy_async_commit() { asm volatile("cp.async.com
 // Waits until at most `pending` of this thread's committed groups are still in flight.
 template <int pending>
 __device__ __forceinline__ void copy_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(pending)); }
+
+// One turn of a two-stage cp.async pipeline over `steps` steps: starts copying step + 1 (when
+// there is one) into the other stage with `prefetch`, waits for this step's copies and makes
+// them visible to the whole block.
+template <class Prefetch>
+__device__ __forceinline__ void pipeline_advance(int step, int steps, Prefetch prefetch) {
+    if (step + 1 < steps) {
+        prefetch(step + 1);
+        copy_async_wait<1>();
+    } else {
+        copy_async_wait<0>();
+    }
+    __syncthreads();
+}
 
 // Starts copying rows [0, valid) of a global matrix (row r at src + r * src_stride, D bf16 each,
 // 16-byte aligned, valid >= 1) into a shared tile of ROWS rows of D + TILE_PAD bf16, zero-filling

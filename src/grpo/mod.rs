@@ -8,8 +8,8 @@ pub mod reward;
 
 pub use advantage::{advantages, keep_mixed_groups, AdvantageOptions, Scale, StdKind};
 pub use policy_loss::{
-    completion_weights, included_completions, policy_loss, token_loss, Aggregation, Clip,
-    LossBatch, LossOptions, LossOutput, LossStats, TokenLoss, Truncated,
+    completion_weights, included_completions, included_counts, policy_loss, token_loss,
+    Aggregation, Clip, LossBatch, LossOptions, LossOutput, LossStats, TokenLoss, Truncated,
 };
 pub use reward::{
     has_answer, has_think, length_reward, reward, tag_span, LengthShape, RewardParts, RewardWeights,

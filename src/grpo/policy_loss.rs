@@ -164,6 +164,12 @@ pub fn included_completions(
         .collect()
 }
 
+/// (tokens, completions) that enter the loss.  lens, included: [N].
+pub fn included_counts(lens: &[usize], included: &[bool]) -> (usize, usize) {
+    let kept = lens.iter().zip(included).filter(|(_, &k)| k);
+    (kept.clone().map(|(l, _)| l).sum(), kept.count())
+}
+
 /// The aggregation weight w_i of every token of completion i (the same for all its tokens);
 /// 0 for completions left out (and for empty ones, which have no tokens). lens, included: [N].
 pub fn completion_weights(lens: &[usize], included: &[bool], aggregation: Aggregation) -> Vec<f64> {
@@ -262,14 +268,7 @@ pub fn policy_loss(b: &LossBatch, o: &LossOptions) -> Result<LossOutput> {
     check(b, o)?;
     let included = included_completions(b.truncated, b.keep, o.truncated);
     let weights = completion_weights(b.lens, &included, o.aggregation);
-    let n_tok: usize = b
-        .lens
-        .iter()
-        .zip(&included)
-        .filter(|(_, &k)| k)
-        .map(|(l, _)| l)
-        .sum();
-    let n_seq = included.iter().filter(|&&k| k).count();
+    let (n_tok, n_seq) = included_counts(b.lens, &included);
 
     let mut grad = vec![0.0; b.logp.len()];
     let (mut loss, mut kl_sum, mut ratio_sum) = (0.0, 0.0, 0.0);

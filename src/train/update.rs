@@ -7,7 +7,9 @@
 use super::optimizer::DeviceOptimizer;
 use crate::backend::{policy_stat, TrainBackend, POLICY_STATS};
 use crate::grpo::advantage::AdvantageOptions;
-use crate::grpo::policy_loss::{completion_weights, included_completions, LossOptions, LossStats};
+use crate::grpo::policy_loss::{
+    completion_weights, included_completions, included_counts, LossOptions, LossStats,
+};
 use crate::model::Model;
 use crate::model_backward::{PolicyInputs, TrainBatch};
 use crate::optim::clip_scale;
@@ -122,14 +124,7 @@ pub fn policy_update<B: TrainBackend>(
         .collect();
     let given_old = u.old_logp.map(|x| b.upload_f32(x)).transpose()?;
     let ref_logp = u.ref_logp.map(|x| b.upload_f32(x)).transpose()?;
-    let tokens: usize = u
-        .lens
-        .iter()
-        .zip(&included)
-        .filter(|(_, &k)| k)
-        .map(|(l, _)| l)
-        .sum();
-    let sequences = included.iter().filter(|&&k| k).count();
+    let (tokens, sequences) = included_counts(u.lens, &included);
     let per_token = |x: f64| if tokens == 0 { 0.0 } else { x / tokens as f64 };
 
     let mut first_logp: Option<B::Buf> = None;
