@@ -391,7 +391,7 @@ impl<B: Backend> Model<B> {
         );
         b.attention_forward(
             b.full_mut(&mut a.att),
-            Some(b.full_mut(&mut a.lse)),
+            a.lse.as_mut().map(|lse| b.full_mut(lse)),
             b.full(&a.q),
             b.view(&cache.k, range.clone()),
             b.view(&cache.v, range),
@@ -505,27 +505,24 @@ pub struct LayerActs<B: Backend> {
     pub k: B::Buf,            // [M, n_kv * hd], after RoPE
     pub v: B::Buf,            // [M, n_kv * hd]
     pub att: B::Buf,          // [M, n_heads * hd] attention output
-    pub lse: B::Buf, // [M, n_heads] f32 log-sum-exp of each attention row (for the backward)
-    pub proj: B::Buf, // [M, H] a block's output before the residual add
+    pub lse: Option<B::Buf>,  // [M, n_heads] f32 log-sum-exp of each attention row (training only)
+    pub proj: B::Buf,         // [M, H] a block's output before the residual add
     pub x_mid: Option<B::Buf>, // [M, H] residual stream after attention (training only)
-    pub xn2: B::Buf, // [M, H] RMSNorm before the MLP
-    pub gate: B::Buf, // [M, I]
-    pub up: B::Buf,  // [M, I]
-    pub act: B::Buf, // [M, I] silu(gate) · up
+    pub xn2: B::Buf,          // [M, H] RMSNorm before the MLP
+    pub gate: B::Buf,         // [M, I]
+    pub up: B::Buf,           // [M, I]
+    pub act: B::Buf,          // [M, I] silu(gate) · up
 }
 
 impl<B: Backend> LayerActs<B> {
-    /// With `training`, the layer also keeps copies of the residual stream for the backward pass
-    /// (two copies per layer that inference does not launch).
+    /// With `training`, the layer also keeps copies of the residual stream and the attention's
+    /// log-sum-exp for the backward pass (work inference does not do).
     pub fn new(b: &B, cfg: &ModelConfig, m: usize, training: bool) -> Result<Self> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
-        let residual = || -> Result<Option<B::Buf>> {
-            Ok(if training {
-                Some(b.zeros(m * h)?)
-            } else {
-                None
-            })
+        let kept = |make: &dyn Fn() -> Result<B::Buf>| -> Result<Option<B::Buf>> {
+            Ok(if training { Some(make()?) } else { None })
         };
+        let residual = || kept(&|| b.zeros(m * h));
         Ok(LayerActs {
             x_in: residual()?,
             xn1: b.zeros(m * h)?,
@@ -533,7 +530,7 @@ impl<B: Backend> LayerActs<B> {
             k: b.zeros(m * cfg.kv_dim())?,
             v: b.zeros(m * cfg.kv_dim())?,
             att: b.zeros(m * cfg.q_dim())?,
-            lse: b.zeros_f32(m * cfg.num_heads)?,
+            lse: kept(&|| b.zeros_f32(m * cfg.num_heads))?,
             proj: b.zeros(m * h)?,
             x_mid: residual()?,
             xn2: b.zeros(m * h)?,
@@ -543,12 +540,12 @@ impl<B: Backend> LayerActs<B> {
         })
     }
 
-    /// The saved residual streams (x_in, x_mid) for the backward pass.
-    pub fn residuals(&self) -> Result<(&B::Buf, &B::Buf)> {
-        match (&self.x_in, &self.x_mid) {
-            (Some(x_in), Some(x_mid)) => Ok((x_in, x_mid)),
+    /// The saved residual streams (x_in, x_mid) and attention log-sum-exp for the backward pass.
+    pub fn saved(&self) -> Result<(&B::Buf, &B::Buf, &B::Buf)> {
+        match (&self.x_in, &self.x_mid, &self.lse) {
+            (Some(x_in), Some(x_mid), Some(lse)) => Ok((x_in, x_mid, lse)),
             _ => {
-                bail!("backward: the layer activations were made for inference (no residuals kept)")
+                bail!("backward: the layer activations were made for inference (nothing kept)")
             }
         }
     }

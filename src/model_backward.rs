@@ -335,7 +335,7 @@ impl<B: TrainBackend> Model<B> {
         let place = &batch.place;
 
         for (l, (lp, a)) in lay.layers.iter().zip(&acts.layers).enumerate().rev() {
-            let (x_in, x_mid) = a.residuals()?;
+            let (x_in, x_mid, lse) = a.saved()?;
             // MLP block: x_out = x_mid + down(silu(gate(xn2)) · up(xn2)).
             b.fill_zero(b.full_mut(&mut d_act));
             b.matmul_backward(
@@ -409,7 +409,7 @@ impl<B: TrainBackend> Model<B> {
                 b.full_mut(&mut dcache_v),
                 b.full(&d_att),
                 b.full(&a.att),
-                b.full(&a.lse),
+                b.full(lse),
                 b.full(&a.q),
                 b.view(&acts.cache.k, range.clone()),
                 b.view(&acts.cache.v, range),
