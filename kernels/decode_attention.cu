@@ -307,12 +307,7 @@ __device__ __forceinline__ void decode_attention_mma(
         // o += P V over the warp's keys, P straight from the score registers
         uint32_t a[4];
         accumulators_to_a(a, s[0], s[1]);
-        for (int dn = 0; dn < D / 8; dn += 2) {
-            uint32_t b[2][2];
-            load_b_x2(b, v_s, S, warp * 16, dn * 8, lane);
-            mma_m16n8k16(o[dn], a, b[0]);
-            mma_m16n8k16(o[dn + 1], a, b[1]);
-        }
+        mma_accumulate_rows<D>(o, a, v_s, S, warp * 16, lane);
         __syncthreads();  // every warp is done with this stage before step + 2 refills it
     }
 

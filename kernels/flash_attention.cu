@@ -132,12 +132,7 @@ __device__ __forceinline__ void flash_forward(__nv_bfloat16* out, float* lse, co
         for (int kk = 0; kk < FWD_KEYS / 16; kk++) {
             uint32_t a[4];
             accumulators_to_a(a, s[2 * kk], s[2 * kk + 1]);
-            for (int dn = 0; dn < D / 8; dn += 2) {
-                uint32_t b[2][2];
-                load_b_x2(b, v_s, S, kk * 16, dn * 8, lane);
-                mma_m16n8k16(o[dn], a, b[0]);
-                mma_m16n8k16(o[dn + 1], a, b[1]);
-            }
+            mma_accumulate_rows<D>(o, a, v_s, S, kk * 16, lane);
         }
         __syncthreads();  // every warp is done with this stage before step + 2 refills it
     }

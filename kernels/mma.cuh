@@ -98,6 +98,20 @@ __device__ __forceinline__ void load_b_x2(uint32_t b[2][2], const __nv_bfloat16*
     b[1][1] = m[3];
 }
 
+// o [16, D] += a [16, 16] times rows k0 .. k0 + 16 of a row-major [rows, D] tile (e.g. P V with
+// V stored one key per row): D / 8 accumulator tiles, two per B load.
+template <int D>
+__device__ __forceinline__ void mma_accumulate_rows(float (&o)[D / 8][4], const uint32_t a[4],
+                                                    const __nv_bfloat16* tile, int stride, int k0,
+                                                    int lane) {
+    for (int dn = 0; dn < D / 8; dn += 2) {
+        uint32_t b[2][2];
+        load_b_x2(b, tile, stride, k0, dn * 8, lane);
+        mma_m16n8k16(o[dn], a, b[0]);
+        mma_m16n8k16(o[dn + 1], a, b[1]);
+    }
+}
+
 // A fragment of the 16x16 block [16 rows, keys 16*kk .. 16*kk + 16) from accumulator tiles
 // c[2kk] (columns 0..8) and c[2kk + 1] (columns 8..16), rounded to bf16 (see the header).
 __device__ __forceinline__ void accumulators_to_a(uint32_t a[4], const float c0[4], const float c1[4]) {
