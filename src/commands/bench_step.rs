@@ -211,7 +211,7 @@ fn run<B: TrainBackend>(
     Ok(())
 }
 
-/// One GRPO step; `step` picks the prompts and samples. With `profile`, each phase's ops are
+/// One GRPO step; `step` picks the prompts and samples. When `profiled`, each phase's ops are
 /// timed on the device (the backend supports it: checked by the caller).
 fn one_step<B: TrainBackend>(
     model: &mut Model<B>,
@@ -219,7 +219,7 @@ fn one_step<B: TrainBackend>(
     args: &StepArgs,
     step: u64,
     peak_tflops: Option<f64>,
-    profile: bool,
+    profiled: bool,
 ) -> Result<(StepResult, Option<StepProfile>)> {
     let (p, g, t, vocab) = (
         args.prompts,
@@ -253,12 +253,12 @@ fn one_step<B: TrainBackend>(
         stop_strings: Vec::new(),
         sync_every: None,
     };
-    if profile {
+    if profiled {
         model.backend.start_op_profile();
     }
     let completions = generate(model, &requests, &config, None)?;
     let rollout_s = t0.elapsed().as_secs_f64();
-    let rollout_ops = if profile {
+    let rollout_ops = if profiled {
         model.backend.take_op_profile()?
     } else {
         Vec::new()
@@ -283,7 +283,7 @@ fn one_step<B: TrainBackend>(
         })
         .collect();
 
-    if profile {
+    if profiled {
         model.backend.start_op_profile();
     }
     let t1 = Instant::now();
@@ -324,7 +324,7 @@ fn one_step<B: TrainBackend>(
     model.backend.synchronize()?;
     let update_s = t1.elapsed().as_secs_f64();
     let step_s = t0.elapsed().as_secs_f64();
-    let profile = if profile {
+    let profile = if profiled {
         Some(StepProfile {
             rollout_s,
             rollout_ops,

@@ -53,7 +53,8 @@ impl Default for AdvantageOptions {
     }
 }
 
-fn check_groups(n: usize, group_size: usize) -> Result<()> {
+/// Checks that `n` completions split into whole groups of `group_size`.
+pub fn check_groups(n: usize, group_size: usize) -> Result<()> {
     if group_size == 0 || !n.is_multiple_of(group_size) {
         bail!("{n} completions do not split into groups of {group_size}");
     }

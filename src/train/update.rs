@@ -6,7 +6,7 @@
 
 use super::optimizer::DeviceOptimizer;
 use crate::backend::{policy_stat, TrainBackend, POLICY_STATS};
-use crate::grpo::advantage::AdvantageOptions;
+use crate::grpo::advantage::{check_groups, AdvantageOptions};
 use crate::grpo::policy_loss::{
     completion_weights, included_completions, included_counts, LossOptions, LossStats,
 };
@@ -78,12 +78,7 @@ fn check(u: &UpdateBatch) -> Result<()> {
             u.lens.iter().sum::<usize>()
         );
     }
-    if u.group_size == 0 || !n.is_multiple_of(u.group_size) {
-        bail!(
-            "update: {n} completions do not split into groups of {}",
-            u.group_size
-        );
-    }
+    check_groups(n, u.group_size)?;
     for (name, x) in [("reference", u.ref_logp), ("old", u.old_logp)] {
         if let Some(x) = x.filter(|x| x.len() != r) {
             bail!("update: {} {name} log-probs for {r} scored tokens", x.len());

@@ -22,18 +22,21 @@ pub fn logprob_forward(
     logp.par_iter_mut()
         .zip(entropy.par_iter_mut())
         .zip(logits.par_chunks(vocab).zip(targets.par_iter()))
-        .for_each(|((lp, ent), (z, &y))| (*lp, *ent) = row_logprob(z, y, inv_t));
+        .for_each(|((lp, ent), (z, &y))| {
+            (*lp, *ent) = row_logprob(&row_stats(z, inv_t), z, y, inv_t)
+        });
 }
 
 /// The shifted log-sum-exp statistics of one row of tempered logits s = z / τ: its max M,
 /// S = Σ exp(s − M) and Σ exp(s − M)·(s − M), summed in f64 in index order.
-struct RowStats {
+#[derive(Clone, Copy)]
+pub(super) struct RowStats {
     max: f64,
     sum: f64,
     sum_s: f64,
 }
 
-fn row_stats(z: &[f32], inv_t: f64) -> RowStats {
+pub(super) fn row_stats(z: &[f32], inv_t: f64) -> RowStats {
     let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64 * inv_t;
     let (mut sum, mut sum_s) = (0.0f64, 0.0f64);
     for &v in z {
@@ -45,9 +48,9 @@ fn row_stats(z: &[f32], inv_t: f64) -> RowStats {
     RowStats { max, sum, sum_s }
 }
 
-/// (log-prob of token y, entropy) of one row of logits at 1/τ = inv_t.
-pub(super) fn row_logprob(z: &[f32], y: u32, inv_t: f64) -> (f32, f32) {
-    let RowStats { max, sum, sum_s } = row_stats(z, inv_t);
+/// (log-prob of token y, entropy) of one row of logits at 1/τ = inv_t, from its `row_stats`.
+pub(super) fn row_logprob(stats: &RowStats, z: &[f32], y: u32, inv_t: f64) -> (f32, f32) {
+    let RowStats { max, sum, sum_s } = *stats;
     let lse = sum.ln();
     // H = lse − E[s] with s the shifted, tempered logits.
     (
@@ -56,9 +59,16 @@ pub(super) fn row_logprob(z: &[f32], y: u32, inv_t: f64) -> (f32, f32) {
     )
 }
 
-/// dz = g · (onehot(y) − softmax(z / τ)) / τ for one row, overwritten.
-pub(super) fn row_logprob_backward(dz: &mut [f32], z: &[f32], y: u32, g: f32, inv_t: f64) {
-    let RowStats { max, sum, .. } = row_stats(z, inv_t);
+/// dz = g · (onehot(y) − softmax(z / τ)) / τ for one row, overwritten, given its `row_stats`.
+pub(super) fn row_logprob_backward(
+    stats: &RowStats,
+    dz: &mut [f32],
+    z: &[f32],
+    y: u32,
+    g: f32,
+    inv_t: f64,
+) {
+    let RowStats { max, sum, .. } = *stats;
     let g = g as f64 * inv_t;
     for (i, (d, &v)) in dz.iter_mut().zip(z).enumerate() {
         let p = (v as f64 * inv_t - max).exp() / sum;
@@ -86,5 +96,7 @@ pub fn logprob_backward(
         .par_chunks_mut(vocab)
         .zip(logits.par_chunks(vocab))
         .zip(dlogp.par_iter().zip(targets.par_iter()))
-        .for_each(|((dz, z), (&g, &y))| row_logprob_backward(dz, z, y, g, inv_t));
+        .for_each(|((dz, z), (&g, &y))| {
+            row_logprob_backward(&row_stats(z, inv_t), dz, z, y, g, inv_t)
+        });
 }

@@ -1,7 +1,7 @@
 //! The GRPO loss ops on the CPU: group advantages and the policy loss fused with the log-prob
 //! backward. Both run the host specification (`crate::grpo`) on the values a device would see.
 
-use super::logprob::{row_logprob, row_logprob_backward};
+use super::logprob::{row_logprob, row_logprob_backward, row_stats};
 use super::CpuBackend;
 use crate::backend::{policy_stat, PolicyTokens, POLICY_STATS};
 use crate::grpo::{advantages, token_loss, AdvantageOptions, Clip, LossOptions};
@@ -35,7 +35,7 @@ pub fn policy_loss_backward(
     stats: &mut [f32],
     logits: &[f32],
     targets: &[u32],
-    rows: &PolicyTokens<'_, CpuBackend>,
+    tokens: &PolicyTokens<'_, CpuBackend>,
     vocab: usize,
     temperature: f32,
     o: &LossOptions,
@@ -46,10 +46,10 @@ pub fn policy_loss_backward(
             && logits.len() == r * vocab
             && logp.len() == r
             && stats.len() == r * POLICY_STATS
-            && rows.seqs.len() == r
-            && rows.old_logp.is_none_or(|x| x.len() == r)
-            && rows.ref_logp.is_none_or(|x| x.len() == r)
-            && rows.advantages.len() == rows.weights.len(),
+            && tokens.seqs.len() == r
+            && tokens.old_logp.is_none_or(|x| x.len() == r)
+            && tokens.ref_logp.is_none_or(|x| x.len() == r)
+            && tokens.advantages.len() == tokens.weights.len(),
         "policy_loss_backward: dlogits, logits [R, V], logp, targets, seqs, old, ref [R], stats \
          [R, {POLICY_STATS}] and advantages, weights [N] disagree"
     );
@@ -60,20 +60,22 @@ pub fn policy_loss_backward(
         .zip(logp.par_iter_mut().zip(stats.par_chunks_mut(POLICY_STATS)))
         .enumerate()
         .for_each(|(row, ((dz, z), (lp, st)))| {
-            let (y, seq) = (targets[row], rows.seqs[row] as usize);
-            let (logp_row, entropy) = row_logprob(z, y, inv_t);
+            let (y, seq) = (targets[row], tokens.seqs[row] as usize);
+            // one pass for the row's softmax statistics, shared by the log-prob and its gradient
+            let softmax = row_stats(z, inv_t);
+            let (logp_row, entropy) = row_logprob(&softmax, z, y, inv_t);
             *lp = logp_row;
             st.fill(0.0);
             st[policy_stat::ENTROPY] = entropy;
-            let w = rows.weights[seq] as f64;
+            let w = tokens.weights[seq] as f64;
             let mut g = 0.0f32;
             if w != 0.0 {
                 let lp = logp_row as f64;
                 let t = token_loss(
                     lp,
-                    rows.old_logp.map_or(lp, |x| x[row] as f64),
-                    rows.ref_logp.map(|x| x[row] as f64),
-                    rows.advantages[seq] as f64,
+                    tokens.old_logp.map_or(lp, |x| x[row] as f64),
+                    tokens.ref_logp.map(|x| x[row] as f64),
+                    tokens.advantages[seq] as f64,
                     o,
                 );
                 g = (w * t.grad) as f32;
@@ -83,6 +85,6 @@ pub fn policy_loss_backward(
                 st[policy_stat::CLIP_LOW] = (t.clip == Clip::Low) as u8 as f32;
                 st[policy_stat::CLIP_HIGH] = (t.clip == Clip::High) as u8 as f32;
             }
-            row_logprob_backward(dz, z, y, g, inv_t);
+            row_logprob_backward(&softmax, dz, z, y, g, inv_t);
         });
 }
