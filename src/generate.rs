@@ -97,6 +97,8 @@ pub fn generate<B: Backend>(
             active.push(i);
         }
     }
+    // [rows, V]: the prefill's logits, then each decode step's in its first rows (steps have
+    // no more rows than the prefill), so a recorded step writes to the same place every time.
     let mut logits = model.forward(&tokens, &place, &mut cache, &logit_rows)?;
 
     // Every active sequence has `step` tokens: all drew their first at the prefill's logits and
@@ -114,6 +116,9 @@ pub fn generate<B: Backend>(
     let n = requests.len();
     let mut window: Option<(B::Buf, B::Buf)> = None;
     let mut pending: Vec<Drawn> = Vec::new();
+    // The latest step's ids, copied out of the window: [n] f32, where the next step reads them.
+    let mut step_ids = b.zeros_f32(n)?;
+    let mut graph = b.decode_graph(); // after the buffers its steps use: dropped before them
     let mut step = 0u64;
     while !active.is_empty() {
         // Row r of `logits` continues request active[r]: its draw is uniform number `step` of
@@ -126,7 +131,7 @@ pub fn generate<B: Backend>(
             step,
         };
         if pending.is_empty() {
-            // a new window; the old one is freed in stream order, after the forward reading it
+            // a new window; the old one is freed in stream order, after the copy reading it
             window = Some((b.zeros_f32(sync_every * n)?, b.zeros_f32(sync_every * n)?));
         }
         let (window_ids, window_logp) = window.as_mut().expect("made at the window's first step");
@@ -134,7 +139,7 @@ pub fn generate<B: Backend>(
         b.sample_tokens(
             b.view_mut(window_ids, rows.clone()),
             b.view_mut(window_logp, rows.clone()),
-            b.full(&logits),
+            b.view(&logits, 0..active.len() * vocab),
             &draws,
             vocab,
             &config.sampling,
@@ -170,13 +175,20 @@ pub fn generate<B: Backend>(
                 .positions
                 .push((requests[i].prompt.len() as u64 + step - 1) as u32);
         }
-        active = running.iter().map(|&r| active[r]).collect();
-        let sampled = b.view(
-            window_ids,
-            pending.last().expect("this step's draws").rows.clone(),
+        let drawn = pending.last().expect("this step's draws").rows.clone();
+        b.copy(
+            b.view_mut(&mut step_ids, 0..active.len()),
+            b.view(window_ids, drawn),
         );
-        let logit_rows: Vec<usize> = (0..rows.len()).collect();
-        logits = model.forward_sampled(sampled, &rows, &next_place, &mut cache, &logit_rows)?;
+        active = running.iter().map(|&r| active[r]).collect();
+        model.decode_step(
+            &mut graph,
+            &mut logits,
+            b.view(&step_ids, 0..n),
+            &rows,
+            &next_place,
+            &mut cache,
+        )?;
         if sync {
             pending.clear(); // recorded; the forward above is queued (buffers free in stream order)
         }

@@ -152,30 +152,48 @@ impl<B: Backend> Model<B> {
         })
     }
 
-    /// `forward` of tokens that `sample_tokens` left on the device: token m is the id
-    /// sampled[rows[m]] (f32 ids; an id outside the vocabulary makes NaN logits).
-    pub fn forward_sampled(
+    /// One decode step of `generate`: the tokens that `sample_tokens` left on the device (token m
+    /// is the id sampled[rows[m]], f32 ids; an id outside the vocabulary makes NaN logits) through
+    /// the model, every token's logits into the first rows of `logits` ([≥ M, V] f32). Runs
+    /// through `Backend::decode_step`, which may record it and replay the recording at the next
+    /// steps: `sampled`, `logits` and `cache` must outlive `graph` and stay where they are.
+    pub fn decode_step(
         &self,
+        graph: &mut B::DecodeGraph,
+        logits: &mut B::Buf,
         sampled: B::View<'_>,
         rows: &[u32],
         place: &TokenPlacement,
         cache: &mut KvCache<B>,
-        logit_rows: &[usize],
-    ) -> Result<B::Buf> {
-        self.check_placement(rows.len(), place, cache, logit_rows)?;
+    ) -> Result<()> {
+        let m = rows.len();
+        let logit_rows: Vec<usize> = (0..m).collect();
+        self.check_placement(m, place, cache, &logit_rows)?;
         let b = &self.backend;
-        self.forward_embedded(place, cache, logit_rows, |x| {
-            b.embedding_forward_sampled(
-                x,
-                self.p(self.layout.embed),
-                sampled,
-                rows,
-                self.cfg.hidden_size,
-            )
+        let v = self.cfg.vocab_size;
+        if b.len(logits) < m * v {
+            bail!(
+                "decode step: the logits buffer holds {} values, {m} rows of {v} need {}",
+                b.len(logits),
+                m * v
+            );
+        }
+        b.decode_step(graph, place, &mut || {
+            let out = b.view_mut(logits, 0..m * v);
+            self.forward_embedded_into(out, place, cache, &logit_rows, |x| {
+                b.embedding_forward_sampled(
+                    x,
+                    self.p(self.layout.embed),
+                    sampled,
+                    rows,
+                    self.cfg.hidden_size,
+                )
+            })
         })
     }
 
-    /// The layers and the head after `embed` has written the batch's embeddings into x: [M, H].
+    /// The layers and the head after `embed` has written the batch's embeddings into x: [M, H];
+    /// returns the logits of `logit_rows`: [logit_rows.len(), V] f32.
     fn forward_embedded(
         &self,
         place: &TokenPlacement,
@@ -183,6 +201,21 @@ impl<B: Backend> Model<B> {
         logit_rows: &[usize],
         embed: impl FnOnce(B::ViewMut<'_>),
     ) -> Result<B::Buf> {
+        let b = &self.backend;
+        let mut logits = b.zeros_f32(logit_rows.len() * self.cfg.vocab_size)?;
+        self.forward_embedded_into(b.full_mut(&mut logits), place, cache, logit_rows, embed)?;
+        Ok(logits)
+    }
+
+    /// `forward_embedded` into logits: [logit_rows.len(), V] f32.
+    fn forward_embedded_into(
+        &self,
+        logits: B::ViewMut<'_>,
+        place: &TokenPlacement,
+        cache: &mut KvCache<B>,
+        logit_rows: &[usize],
+        embed: impl FnOnce(B::ViewMut<'_>),
+    ) -> Result<()> {
         let cfg = &self.cfg;
         let b = &self.backend;
         let m = place.slots.len();
@@ -200,7 +233,8 @@ impl<B: Backend> Model<B> {
             self.layer_forward(l, &mut x, &mut acts, place, cache, edges);
         }
         let head = self.head_norm(&x, logit_rows)?;
-        self.head_logits(&head.rows_n, 0..logit_rows.len())
+        self.head_logits_into(logits, &head.rows_n, 0..logit_rows.len());
+        Ok(())
     }
 
     /// The LM head's first half on the rows of the residual stream x: [M, H] listed in `rows`:
@@ -226,11 +260,18 @@ impl<B: Backend> Model<B> {
 
     /// The logits of the normed rows `chunk` of rows_n: [R, H]: [chunk.len(), V] f32.
     pub(crate) fn head_logits(&self, rows_n: &B::Buf, chunk: Range<usize>) -> Result<B::Buf> {
+        let b = &self.backend;
+        let mut logits = b.zeros_f32(chunk.len() * self.cfg.vocab_size)?;
+        self.head_logits_into(b.full_mut(&mut logits), rows_n, chunk);
+        Ok(logits)
+    }
+
+    /// `head_logits` into logits: [chunk.len(), V] f32.
+    fn head_logits_into(&self, logits: B::ViewMut<'_>, rows_n: &B::Buf, chunk: Range<usize>) {
         let (cfg, b) = (&self.cfg, &self.backend);
         let (h, v) = (cfg.hidden_size, cfg.vocab_size);
-        let mut logits = b.zeros_f32(chunk.len() * v)?;
         b.matmul_forward(
-            b.full_mut(&mut logits),
+            logits,
             b.view(rows_n, chunk.start * h..chunk.end * h),
             self.p(self.layout.lm_head),
             None,
@@ -238,7 +279,6 @@ impl<B: Backend> Model<B> {
             h,
             v,
         );
-        Ok(logits)
     }
 
     /// The scored rows 0..r in chunks whose f32 logits fit `head_chunk_bytes`.

@@ -28,7 +28,8 @@
 //! Then a whole model: a random tiny Qwen2-like model (GQA, qkv bias) with the same bf16-rounded
 //! weights on both backends scores prompt+completion pairs (max |Δ log p| against [`TOL_MODEL`])
 //! and generates greedily (token agreement, reported as information only: bf16 activations may
-//! flip a near-tie). Then training: every backward op, the optimizer's ops, the whole model's
+//! flip a near-tie), and sampled generation with recorded decode steps (CUDA graphs) against the
+//! same generation op by op (selfcheck/decode_graph.rs). Then training: every backward op, the optimizer's ops, the whole model's
 //! parameter gradient and one whole GRPO update (loss, gradient norm, AdamW step).
 
 use crate::backend::cpu::CpuBackend;
@@ -45,6 +46,7 @@ use serde::Serialize;
 
 mod attention;
 mod backward;
+mod decode_graph;
 mod grpo_step;
 mod optimizer;
 mod policy_loss;
@@ -164,7 +166,8 @@ pub fn run<D: TrainBackend>(
     backward::checks(&mut c)?;
     optimizer::checks(&mut c)?;
     policy_loss::checks(&mut c)?;
-    let info = model_check(&mut c)?;
+    let mut info = model_check(&mut c)?;
+    info.extend(decode_graph::decode_graph_check(&mut c)?);
     backward::model_gradient_check(&mut c)?;
     grpo_step::grpo_step_check(&mut c)?;
     Ok(Report { rows: c.rows, info })

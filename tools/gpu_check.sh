@@ -17,7 +17,8 @@
 #            thinkshort's code).
 #   OUT_DIR  receives (flat): summary.md, selfcheck.json, logs.txt, ours_0.5b.json,
 #            ours_1.5b.json, torch_0.5b.json, torch_1.5b.json, torch_attention.json,
-#            ours_step_{0.5b,1.5b}.json, torch_step_{0.5b,1.5b}.json, train_cuda_metrics.jsonl
+#            ours_step_{0.5b,1.5b}.json, ours_step_{0.5b,1.5b}_eager.json (THINKSHORT_CUDA_GRAPHS=0),
+#            torch_step_{0.5b,1.5b}.json, train_cuda_metrics.jsonl
 #
 # Steps (each under `timeout`; a failing step is logged and the script goes on):
 #   nvidia-smi; locate libcuda / libcublas (LD_LIBRARY_PATH); thinkshort doctor --verbose;
@@ -101,6 +102,9 @@ for size in 0.5b 1.5b; do
     shape="--prompts $prompts --group 8 --prompt-len 128 --new-tokens 256"
     step "ours step $size" 100 "$BIN" bench step --backend cuda --model-config "$cfg" $shape \
         --profile --json "$OUT/ours_step_$size.json"
+    # the same step with every decode step run op by op: what the CUDA graphs save
+    step "ours step $size eager" 100 env THINKSHORT_CUDA_GRAPHS=0 "$BIN" bench step --backend cuda \
+        --model-config "$cfg" $shape --json "$OUT/ours_step_${size}_eager.json"
     [ "${TORCH_STEP:-1}" = 1 ] && step "torch step $size" 150 env PYTHONUNBUFFERED=1 python3 tools/bench_step_torch.py \
         --model-config "$cfg" $shape --json "$OUT/torch_step_$size.json"
 done
@@ -230,6 +234,12 @@ for size in ("0.5b", "1.5b"):
     print(f"| {size} | {pg} | {num(ro, 'rollout_tokens_per_s', '{:.0f}')} | {num(rt, 'rollout_tokens_per_s', '{:.0f}')} "
           f"| {num(ro, 'train_tokens_per_s', '{:.0f}')} | {num(rt, 'train_tokens_per_s', '{:.0f}')} | {mfu(ro)} | {mfu(rt)} "
           f"| {num(ro, 'step_s', '{:.2f}')} | {num(rt, 'step_s', '{:.2f}')} | {speedup} | {gib(ro)} | {gib(rt)} |")
+for size in ("0.5b", "1.5b"):
+    o, e = load(f"ours_step_{size}.json"), load(f"ours_step_{size}_eager.json")
+    if o and e:
+        d = o.get("decode_graph") or {}
+        print(f"\ndecode CUDA graphs {size}: rollout {o['result']['rollout_s']:.3f} s with, {e['result']['rollout_s']:.3f} s without "
+              f"({d.get('captured')} steps recorded, {d.get('replayed')} replayed, {d.get('eager')} op by op; fallback: {d.get('fallback')})")
 for size in ("0.5b", "1.5b"):
     prof = (load(f"ours_step_{size}.json") or {}).get("profile")
     if not prof:

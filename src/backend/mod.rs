@@ -85,6 +85,19 @@ pub struct OpTime {
     pub seconds: f64,
 }
 
+/// Counts of `Backend::decode_step` calls by how they ran.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct DecodeGraphStats {
+    /// Steps run op by op.
+    pub eager: u64,
+    /// Steps recorded (and run by launching the new recording).
+    pub captured: u64,
+    /// Steps run by replaying a recording.
+    pub replayed: u64,
+    /// Why recording was given up, the last time it was (then the steps ran op by op).
+    pub fallback: Option<String>,
+}
+
 /// Sums (op, seconds) samples by op: largest total first, ties by name.
 pub fn summarize_ops(samples: &[(&str, f64)]) -> Vec<OpTime> {
     let mut ops: Vec<OpTime> = Vec::new();
@@ -182,6 +195,30 @@ pub trait Backend: Send + Sync {
     /// more where each sync idles the device.
     fn decode_sync_every(&self) -> usize {
         1
+    }
+
+    /// What one decode loop has recorded of its steps (`decode_step`): nothing on the CPU, a CUDA
+    /// graph on CUDA. Dropped before the buffers its steps use (declare it after them).
+    type DecodeGraph;
+    fn decode_graph(&self) -> Self::DecodeGraph;
+
+    /// Runs `step`, one decode step's forward over the batch `place`, which the caller has
+    /// checked. A backend that records (CUDA graphs) may record the step and, while later steps
+    /// have the same slots with every position one further on, replay the recording instead of
+    /// calling `step`; so `step` must read and write only buffers that outlive `graph` (or that
+    /// it allocates and frees itself), at the same addresses every time.
+    fn decode_step(
+        &self,
+        graph: &mut Self::DecodeGraph,
+        place: &TokenPlacement,
+        step: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<()>;
+
+    /// Turns the recording of decode steps on or off (on by default where it exists).
+    fn set_decode_graphs(&self, _on: bool) {}
+    /// How the decode steps ran since the backend was made; None where nothing is recorded.
+    fn decode_graph_stats(&self) -> Option<DecodeGraphStats> {
+        None
     }
 
     /// out[m, :] = table[sampled[rows[m]], :]: the embedding of ids that `sample_tokens` left on

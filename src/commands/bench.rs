@@ -64,6 +64,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
 
 /// Timed prefill runs; the median is reported.
 const PREFILL_RUNS: usize = 3;
+/// Untimed decode steps: on CUDA the first runs op by op and the second is recorded as a graph,
+/// which the timed steps replay.
+const DECODE_WARMUP: usize = 2;
 
 /// One batch size's measurements.
 #[derive(Debug, Clone, Serialize)]
@@ -207,9 +210,10 @@ fn report<B: Backend>(
     Ok(())
 }
 
-/// Prefill (median of `PREFILL_RUNS` after one warm-up) and decode (one warm-up step, then
-/// `steps` steps at positions prompt_len.., each waited for, as sampling would) of `batch`
-/// sequences. Decode feeds fixed random tokens and computes the logits of every row.
+/// Prefill (median of `PREFILL_RUNS` after one warm-up) and decode (`DECODE_WARMUP` steps, then
+/// `steps` steps, each waited for, as sampling would) of `batch` sequences. Decode runs as
+/// `generate` does (`Model::decode_step`: recorded as a CUDA graph on CUDA) on fixed random
+/// tokens already on the device, and computes the logits of every row.
 fn bench_batch<B: Backend>(
     model: &Model<B>,
     batch: usize,
@@ -219,7 +223,7 @@ fn bench_batch<B: Backend>(
     bytes_per_param: usize,
 ) -> Result<ForwardResult> {
     let (cfg, b) = (&model.cfg, &model.backend);
-    let mut cache = KvCache::new(b, cfg, batch, prompt_len + steps)?;
+    let mut cache = KvCache::new(b, cfg, batch, prompt_len + DECODE_WARMUP + steps)?;
     let mut rng = Philox::new(seed, 1);
     let mut tokens = |n: usize| random_tokens(&mut rng, n, cfg.vocab_size);
 
@@ -240,34 +244,43 @@ fn bench_batch<B: Backend>(
     times.sort_by(f64::total_cmp);
     let prefill_s = times[times.len() / 2];
 
-    // Decode: one token per sequence at position prompt_len + i, logits of every row.
-    let rows: Vec<usize> = (0..batch).collect();
-    let step_tokens: Vec<Vec<u32>> = (0..steps).map(|_| tokens(batch)).collect();
-    model.forward(
-        &step_tokens[0],
-        &TokenPlacement::contiguous(batch, prompt_len, 1),
-        &mut cache,
-        &rows,
-    )?;
-    b.synchronize()?;
-    let start = Instant::now();
-    for (i, toks) in step_tokens.iter().enumerate() {
-        let logits = model.forward(
-            toks,
+    // Decode: one token per sequence at position prompt_len + i, logits of every row. Each
+    // step's ids are copied into `ids`, where the step reads them (as `generate` copies the
+    // sampled ids).
+    let step_ids: Vec<B::Buf> = (0..DECODE_WARMUP + steps)
+        .map(|_| {
+            let ids: Vec<f32> = tokens(batch).iter().map(|&t| t as f32).collect();
+            b.upload_f32(&ids)
+        })
+        .collect::<Result<_>>()?;
+    let mut ids = b.zeros_f32(batch)?;
+    let mut logits = b.zeros_f32(batch * cfg.vocab_size)?;
+    let rows: Vec<u32> = (0..batch as u32).collect();
+    let mut graph = b.decode_graph();
+    let mut start = Instant::now();
+    for (i, step) in step_ids.iter().enumerate() {
+        if i == DECODE_WARMUP {
+            start = Instant::now();
+        }
+        b.copy(b.full_mut(&mut ids), b.full(step));
+        model.decode_step(
+            &mut graph,
+            &mut logits,
+            b.full(&ids),
+            &rows,
             &TokenPlacement::contiguous(batch, prompt_len + i, 1),
             &mut cache,
-            &rows,
         )?;
         b.synchronize()?;
-        drop(logits);
     }
     let decode_s = start.elapsed().as_secs_f64() / steps as f64;
+    drop(graph);
 
     let embed = cfg.vocab_size * cfg.hidden_size;
     let read_params = cfg.num_params() - if cfg.tie_word_embeddings { 0 } else { embed };
     let weight_bytes = (read_params * bytes_per_param) as f64;
-    // Mean attended context of a decode step: positions 0..=prompt_len + i.
-    let mean_ctx = prompt_len as f64 + (steps as f64 + 1.0) / 2.0;
+    // Mean attended context of a timed decode step: positions 0..=prompt_len + DECODE_WARMUP + i.
+    let mean_ctx = (prompt_len + DECODE_WARMUP) as f64 + (steps as f64 + 1.0) / 2.0;
     let kv_bytes = (2 * cfg.num_layers * batch * cfg.kv_dim() * bytes_per_param) as f64 * mean_ctx;
     let prefill_tokens = batch * prompt_len;
     Ok(ForwardResult {

@@ -181,6 +181,19 @@ fn run<B: TrainBackend>(
                 b as f64 / (1u64 << 30) as f64
             )),
     );
+    // Before the profiled step, which runs every decode step op by op.
+    let decode_graph = model.backend.decode_graph_stats();
+    if let Some(d) = &decode_graph {
+        println!(
+            "decode steps (all steps above): {} recorded as CUDA graphs, {} replayed, {} op by op{}",
+            d.captured,
+            d.replayed,
+            d.eager,
+            d.fallback
+                .as_ref()
+                .map_or(String::new(), |f| format!(" (recording failed: {f})"))
+        );
+    }
     let profile = if args.profile {
         let step = args.steps as u64 + 1;
         let (_, profile) = one_step(&mut model, &mut opt, args, step, peak_tflops, true)?;
@@ -203,6 +216,7 @@ fn run<B: TrainBackend>(
             "peak_tflops": peak_tflops,
             "seed": args.seed,
             "result": median,
+            "decode_graph": decode_graph,
             "profile": profile,
         });
         std::fs::write(path, serde_json::to_string_pretty(&json)? + "\n")

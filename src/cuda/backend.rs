@@ -16,8 +16,11 @@
 //! when an op needs them; the last few are kept and reused when the same values come again (the
 //! placement of a batch is used by every layer).
 
+mod decode_graph;
+
 use std::marker::PhantomData;
 use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
@@ -35,10 +38,13 @@ use super::ops::decode_attention::{plan_splits, scratch_sizes, DecodeProblem};
 use super::ops::flash_attention::{FlashGrads, FlashProblem};
 use super::ops::sampling::DeviceDraws;
 use crate::backend::{
-    summarize_ops, Backend, OpTime, PolicyTokens, TokenPlacement, TrainBackend, POLICY_STATS,
+    summarize_ops, Backend, DecodeGraphStats, OpTime, PolicyTokens, TokenPlacement, TrainBackend,
+    POLICY_STATS,
 };
 use crate::grpo::{AdvantageOptions, LossOptions};
 use crate::sampling::{SamplingParams, TokenDraws};
+pub use decode_graph::CudaDecodeGraph;
+use decode_graph::RecordedInputs;
 
 /// The element type of a device buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,7 +94,7 @@ const INDEX_CACHE_ENTRIES: usize = 8;
 /// A host index array and its device copy.
 struct DeviceIndices {
     host: Vec<u32>,
-    _device: CudaSlice<u32>, // owns the copy that `ptr` points to
+    device: Arc<CudaSlice<u32>>, // owns the copy that `ptr` points to (with a recording using it)
     ptr: u64,
 }
 
@@ -104,10 +110,16 @@ pub struct CudaBackend {
     sm_count: usize,
     /// f32 scratch for ops that need temporary storage (decode attention's split results, the
     /// attention backward's row sums): kept and grown, so an op does not allocate and free.
-    scratch: Mutex<Option<CudaBuf>>,
+    scratch: Mutex<Option<Arc<CudaBuf>>>,
     /// While profiling (`start_op_profile`): each op's name and the events recorded on the
     /// stream before and after its launches.
     profile: Mutex<Option<Vec<(&'static str, CudaEvent, CudaEvent)>>>,
+    /// Whether `decode_step` records steps as CUDA graphs (`THINKSHORT_CUDA_GRAPHS=0`: no).
+    decode_graphs: AtomicBool,
+    /// While a decode step is being recorded: the backend's buffers it reads (ops must not
+    /// upload or allocate outside the graph then).
+    recording: Mutex<Option<RecordedInputs>>,
+    graph_stats: Mutex<DecodeGraphStats>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -156,6 +168,9 @@ impl CudaBackend {
             sm_count,
             scratch: Mutex::new(None),
             profile: Mutex::new(None),
+            decode_graphs: AtomicBool::new(decode_graphs_from_env()?),
+            recording: Mutex::new(None),
+            graph_stats: Mutex::new(DecodeGraphStats::default()),
         })
     }
 
@@ -250,12 +265,21 @@ impl CudaBackend {
     /// The device copy of an index array, uploaded unless one of the last few had these values.
     fn indices(&self, host: &[u32]) -> Result<u64> {
         let mut cache = lock(&self.indices);
+        let mut recording = lock(&self.recording);
         if let Some(i) = cache.iter().position(|e| e.host == host) {
             let entry = cache.remove(i);
             let ptr = entry.ptr;
+            if let Some(inputs) = recording.as_mut() {
+                inputs.indices.push(entry.device.clone());
+            }
             cache.push(entry);
             return Ok(ptr);
         }
+        ensure!(
+            recording.is_none(),
+            "an index array of {} values would be uploaded while recording a decode step",
+            host.len()
+        );
         let device = self
             .k
             .stream
@@ -268,7 +292,7 @@ impl CudaBackend {
         }
         cache.push(DeviceIndices {
             host: host.to_vec(),
-            _device: device,
+            device: Arc::new(device),
             ptr,
         });
         Ok(ptr)
@@ -303,10 +327,19 @@ impl CudaBackend {
     /// buffer replaces the old one, which is freed in stream order after the kernels using it.
     fn scratch_f32(&self, len: usize) -> Result<u64> {
         let mut scratch = lock(&self.scratch);
+        let mut recording = lock(&self.recording);
         if scratch.as_ref().is_none_or(|s| s.len < len) {
-            *scratch = Some(self.alloc(len.next_power_of_two(), DType::F32)?);
+            ensure!(
+                recording.is_none(),
+                "the scratch buffer would grow to {len} floats while recording a decode step"
+            );
+            *scratch = Some(Arc::new(self.alloc(len.next_power_of_two(), DType::F32)?));
         }
-        Ok(scratch.as_ref().map_or(0, |s| s.ptr))
+        let buf = scratch.as_ref().expect("made above");
+        if let Some(inputs) = recording.as_mut() {
+            inputs.scratch.push(buf.clone());
+        }
+        Ok(buf.ptr)
     }
 
     /// Column-major C[m, n] = op(A)[m, k] · op(B)[k, n] + beta · C on this stream (cuBLAS
@@ -392,6 +425,16 @@ impl CudaBackend {
     }
 }
 
+/// `THINKSHORT_CUDA_GRAPHS`: unset or 1 records decode steps as CUDA graphs, 0 runs them op by op.
+fn decode_graphs_from_env() -> Result<bool> {
+    match std::env::var("THINKSHORT_CUDA_GRAPHS") {
+        Err(_) => Ok(true),
+        Ok(v) if v == "1" => Ok(true),
+        Ok(v) if v == "0" => Ok(false),
+        Ok(v) => bail!("THINKSHORT_CUDA_GRAPHS must be 0 or 1, got {v:?}"),
+    }
+}
+
 /// Makes the device's stream-ordered memory pool keep freed blocks instead of returning them to
 /// the system at every synchronisation (its default threshold is 0): buffers of a repeated step
 /// then come from the pool, and a steady-state forward or training step does not call the
@@ -464,6 +507,25 @@ impl Backend for CudaBackend {
     /// one row of a decode step per step: 8 keeps both small.
     fn decode_sync_every(&self) -> usize {
         8
+    }
+
+    type DecodeGraph = CudaDecodeGraph;
+    fn decode_graph(&self) -> CudaDecodeGraph {
+        CudaDecodeGraph::default()
+    }
+    fn decode_step(
+        &self,
+        graph: &mut CudaDecodeGraph,
+        place: &TokenPlacement,
+        step: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<()> {
+        self.run_decode_step(graph, place, step)
+    }
+    fn set_decode_graphs(&self, on: bool) {
+        self.decode_graphs.store(on, Ordering::Relaxed);
+    }
+    fn decode_graph_stats(&self) -> Option<DecodeGraphStats> {
+        Some(lock(&self.graph_stats).clone())
     }
 
     fn storage_bytes(&self) -> usize {
@@ -853,8 +915,11 @@ impl Backend for CudaBackend {
                     )
                 }
                 AttentionKernel::Decode => {
-                    let max_len = place.positions.iter().max().map_or(0, |&p| p as usize + 1);
-                    let split = plan_splits(m, n_kv_heads, max_len, self.sm_count);
+                    // Planned for the cache's capacity, not the longest prefix of this batch:
+                    // the plan is then the same at every step of a decode loop, and a recorded
+                    // step (decode_graph.rs) replays it unchanged. Splits past a prefix's end
+                    // are empty and cost a block each.
+                    let split = plan_splits(m, n_kv_heads, capacity, self.sm_count);
                     // the splits' partial outputs, then their (max, sum) pairs
                     let (out_len, stats_len) = scratch_sizes(split.0, m, n_heads, head_dim);
                     let scratch_ptrs = if split.0 > 1 {

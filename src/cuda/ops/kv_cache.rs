@@ -5,7 +5,7 @@ use anyhow::{ensure, Context, Result};
 use cudarc::driver::PushKernelArg;
 
 use super::elementwise::{aligned16, rows_config, BF16_VEC};
-use crate::cuda::launch::{to_i32, KernelCtx};
+use crate::cuda::launch::{grid_1d, to_i32, KernelCtx};
 
 const MODULE: &str = "kv_cache";
 
@@ -80,7 +80,7 @@ pub fn kv_cache_gather(
     if m == 0 {
         return Ok(());
     }
-    let f = k.function("kv_cache", "kv_cache_gather")?;
+    let f = k.function(MODULE, "kv_cache_gather")?;
     let cfg = rows_config(m, kv_dim, false);
     let mut b = k.stream.launch_builder(&f);
     b.arg(&dx)
@@ -93,6 +93,21 @@ pub fn kv_cache_gather(
     // SAFETY: matches `(bf16* dx, const bf16* dcache, const u32* slots, const u32* positions,
     // int m, int capacity, int kv_dim)`; the caller checked every slot and position.
     unsafe { b.launch(cfg) }.with_context(|| format!("launching kv_cache_gather (m {m})"))?;
+    Ok(())
+}
+
+/// positions[i] += 1 for i < m (u32): a recorded decode step's positions move on by one.
+pub fn advance_positions(k: &KernelCtx, positions: u64, m: usize) -> Result<()> {
+    let m_i = to_i32("advance_positions", "m", m)?;
+    if m == 0 {
+        return Ok(());
+    }
+    let f = k.function(MODULE, "advance_positions")?;
+    let mut b = k.stream.launch_builder(&f);
+    b.arg(&positions).arg(&m_i);
+    // SAFETY: matches `(u32* positions, int m)`; the caller owns m u32 at `positions`.
+    unsafe { b.launch(grid_1d(m, 256)) }
+        .with_context(|| format!("launching advance_positions (m {m})"))?;
     Ok(())
 }
 

@@ -1,0 +1,158 @@
+//! Recorded decode steps (CUDA graphs) against the same steps run op by op, on the device: the
+//! tiny model samples four sequences whose caps end at different steps (so the batch changes
+//! rows, drops its recording and records again), once with recording off and once with it on.
+//!
+//! Both runs launch the same kernels on the same values, so the tokens must be identical and the
+//! log-probs equal to within float noise (TOL_F32: only a GEMM picking another algorithm under
+//! capture could move them at all). A replay at the wrong positions, or reading a stale input,
+//! changes the logits by order 1 and, under sampling at temperature 1, the tokens with them. The
+//! check fails outright when the device records nothing or never replays a recording.
+
+use super::{rel_error, tiny_model_weights, Checker, TOL_EXACT, TOL_F32};
+use crate::backend::Backend;
+use crate::config::ModelConfig;
+use crate::generate::{generate, Completion, GenerateConfig, GenerationRequest};
+use crate::model::Model;
+use crate::sampling::SamplingParams;
+use anyhow::{bail, Result};
+
+/// Prompt lengths and caps: the 12-token cap leaves at step 12, the 21-token one at 21.
+const REQUESTS: [(usize, usize); 4] = [(1, 30), (9, 21), (40, 12), (17, 30)];
+/// Host syncs every 4 steps: windows end in the middle of recorded stretches.
+const SYNC_EVERY: usize = 4;
+
+/// Adds the rows (tokens, log-probs); returns an information line with the step counts.
+pub(super) fn decode_graph_check<D: Backend>(c: &mut Checker<D>) -> Result<Vec<String>> {
+    let cfg = ModelConfig::from_json_str(super::TINY_MODEL)?;
+    let host = tiny_model_weights(&cfg, c.seed);
+    let mut rand = c.rand("decode graph");
+    let requests: Vec<GenerationRequest> = REQUESTS
+        .iter()
+        .map(|&(p, cap)| GenerationRequest {
+            prompt: rand.ids(p, cfg.vocab_size),
+            max_new_tokens: cap,
+        })
+        .collect();
+    let config = GenerateConfig {
+        sampling: SamplingParams {
+            temperature: 1.0,
+            ..SamplingParams::greedy()
+        },
+        seed: c.seed,
+        first_stream: 0,
+        eos_ids: Vec::new(),
+        stop_strings: Vec::new(),
+        sync_every: Some(SYNC_EVERY),
+    };
+    let shape = format!(
+        "tiny model, {} sequences, caps {:?}, sync every {SYNC_EVERY}",
+        REQUESTS.len(),
+        REQUESTS.map(|r| r.1)
+    );
+    let model = Model::from_host(cfg, &host, (c.make_device)()?)?;
+    let rows = [("tokens", TOL_EXACT), ("logprobs", TOL_F32)];
+    let (outcome, info) = match both_ways(&model, &requests, &config) {
+        Ok((got, want, counts)) => {
+            let outcome = [
+                rel_error(&token_values(&got), &token_values(&want)),
+                rel_error(&logprobs(&got), &logprobs(&want)),
+            ];
+            let info = counts.map(|(captured, replayed, eager)| {
+                format!(
+                    "decode graph ({shape}): {captured} steps recorded, {replayed} replayed, \
+                     {eager} op by op"
+                )
+            });
+            (Ok(outcome), info)
+        }
+        Err(e) => (Err(format!("{e:#}")), None),
+    };
+    for (i, (suffix, tolerance)) in rows.into_iter().enumerate() {
+        let op = format!("decode_graph/{suffix}");
+        match &outcome {
+            Ok(errors) => c.push(op, shape.clone(), "rel", errors[i], tolerance, None),
+            Err(message) => c.push(
+                op,
+                shape.clone(),
+                "rel",
+                f64::NAN,
+                tolerance,
+                Some(message.clone()),
+            ),
+        }
+    }
+    Ok(info.into_iter().collect())
+}
+
+/// Generates with recording off, then on: (with, without, the recording's step counts
+/// (recorded, replayed, op by op) where the backend records). An error when it records but
+/// never replayed a step.
+#[allow(clippy::type_complexity)]
+fn both_ways<D: Backend>(
+    model: &Model<D>,
+    requests: &[GenerationRequest],
+    config: &GenerateConfig,
+) -> Result<(Vec<Completion>, Vec<Completion>, Option<(u64, u64, u64)>)> {
+    let dev = &model.backend;
+    dev.set_decode_graphs(false);
+    let without = generate(model, requests, config, None);
+    dev.set_decode_graphs(true);
+    let without = without?;
+    let before = dev.decode_graph_stats();
+    let with = generate(model, requests, config, None)?;
+    let counts = match (before, dev.decode_graph_stats()) {
+        (Some(before), Some(after)) => {
+            let replayed = after.replayed - before.replayed;
+            let captured = after.captured - before.captured;
+            if replayed == 0 {
+                bail!(
+                    "no decode step was replayed ({captured} recorded): {}",
+                    after.fallback.as_deref().unwrap_or("no step was recorded")
+                );
+            }
+            Some((captured, replayed, after.eager - before.eager))
+        }
+        _ => None,
+    };
+    Ok((with, without, counts))
+}
+
+/// Every sampled id, then each sequence's length and flags, as floats (a different stop shows).
+fn token_values(completions: &[Completion]) -> Vec<f32> {
+    let mut v: Vec<f32> = completions
+        .iter()
+        .flat_map(|c| c.tokens.iter().map(|&t| t as f32))
+        .collect();
+    for c in completions {
+        v.extend([
+            c.len as f32,
+            c.finished as u8 as f32,
+            c.truncated as u8 as f32,
+        ]);
+    }
+    v
+}
+
+fn logprobs(completions: &[Completion]) -> Vec<f32> {
+    completions
+        .iter()
+        .flat_map(|c| c.logprobs.clone())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_values_show_ids_lengths_and_flags() {
+        let c = Completion {
+            tokens: vec![5, 7],
+            logprobs: vec![-1.0, -2.0],
+            len: 1,
+            finished: true,
+            truncated: false,
+        };
+        assert_eq!(token_values(&[c]), vec![5.0, 7.0, 1.0, 1.0, 0.0]);
+    }
+}
