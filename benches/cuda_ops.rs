@@ -384,30 +384,33 @@ fn backward(c: &mut Criterion, dev: &CudaBackend) {
         );
     }
 
-    let dout = dev.upload(&random(m * HIDDEN, 23)).unwrap();
-    let x = dev.upload(&random(m * HIDDEN, 24)).unwrap();
-    let weight = dev.upload(&random(HIDDEN, 25)).unwrap();
-    let mut dx = dev.zeros(m * HIDDEN).unwrap();
-    let mut dweight = dev.zeros_f32(HIDDEN).unwrap();
-    g.throughput(Throughput::Bytes(BF16 * (3 * m * HIDDEN) as u64));
-    g.bench_function(
-        BenchmarkId::new("rmsnorm_bytes", format!("{m}x{HIDDEN}")),
-        |b| {
-            b.iter_custom(|iters| {
-                time(dev, iters, || {
-                    dev.rmsnorm_backward(
-                        dev.full_mut(&mut dx),
-                        dev.full_mut(&mut dweight),
-                        dev.full(&dout),
-                        dev.full(&x),
-                        dev.full(&weight),
-                        HIDDEN,
-                        1e-6,
-                    )
+    // 24576 rows: the 0.5B GRPO step's update batch (64 sequences of 384 tokens)
+    for rows in [m, 24_576] {
+        let dout = dev.upload(&random(rows * HIDDEN, 23)).unwrap();
+        let x = dev.upload(&random(rows * HIDDEN, 24)).unwrap();
+        let weight = dev.upload(&random(HIDDEN, 25)).unwrap();
+        let mut dx = dev.zeros(rows * HIDDEN).unwrap();
+        let mut dweight = dev.zeros_f32(HIDDEN).unwrap();
+        g.throughput(Throughput::Bytes(BF16 * (3 * rows * HIDDEN) as u64));
+        g.bench_function(
+            BenchmarkId::new("rmsnorm_bytes", format!("{rows}x{HIDDEN}")),
+            |b| {
+                b.iter_custom(|iters| {
+                    time(dev, iters, || {
+                        dev.rmsnorm_backward(
+                            dev.full_mut(&mut dx),
+                            dev.full_mut(&mut dweight),
+                            dev.full(&dout),
+                            dev.full(&x),
+                            dev.full(&weight),
+                            HIDDEN,
+                            1e-6,
+                        )
+                    })
                 })
-            })
-        },
-    );
+            },
+        );
+    }
 
     let n = m * INTERMEDIATE;
     let dout = dev.upload(&random(n, 26)).unwrap();

@@ -137,6 +137,23 @@ __device__ __forceinline__ float block_reduce_sum(float val, bool final_sync = f
     return block_val;
 }
 
+// block_reduce_sum of two values at once (one barrier instead of two): every thread receives
+// both sums. Same requirements and final_sync rule as block_reduce_sum (its own scratch).
+__device__ __forceinline__ float2 block_reduce_sum2(float2 val, bool final_sync = false) {
+    __shared__ float2 shared_val[WARP_SIZE];
+    const int lane_id = threadIdx.x % WARP_SIZE;
+    const int warp_id = threadIdx.x / WARP_SIZE;
+    const int num_warps = blockDim.x / WARP_SIZE;
+
+    float2 warp_val = make_float2(warp_reduce_sum(val.x), warp_reduce_sum(val.y));
+    if (lane_id == 0) { shared_val[warp_id] = warp_val; }
+    __syncthreads();
+    warp_val = (lane_id < num_warps) ? shared_val[lane_id] : make_float2(0.0f, 0.0f);
+    const float2 block_val = make_float2(warp_reduce_sum(warp_val.x), warp_reduce_sum(warp_val.y));
+    if (final_sync) { __syncthreads(); }
+    return block_val;
+}
+
 // ----------------------------------------------------------------------------
 // misc
 

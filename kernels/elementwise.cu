@@ -204,7 +204,8 @@ swiglu_backward(__nv_bfloat16* dgate, __nv_bfloat16* dup, const __nv_bfloat16* d
 //   bias_backward_partial: partials[chunk, j] = sum of dout[row, j] over the chunk's
 //       BIAS_ROWS_PER_THREAD rows; grid = (columns / 256, chunks), one thread per (column,
 //       chunk), coalesced across the threads of a warp.
-//   add_column_sums: out[j] += sum over chunks of partials[chunk, j], chunks in order.
+//   add_column_sums: out[j] += sum over chunks of partials[chunk, j], in an order fixed by the
+//       sizes (below).
 #define BIAS_ROWS_PER_THREAD 256
 
 extern "C" __global__ void __launch_bounds__(256)
@@ -218,12 +219,26 @@ bias_backward_partial(float* partials, const __nv_bfloat16* dout, int m, int n) 
     partials[(size_t)blockIdx.y * n + col] = sum;
 }
 
-// out (n) f32 += column sums of partials (chunks, n) f32. grid-stride over the n columns.
-extern "C" __global__ void __launch_bounds__(256)
+// out (n) f32 += column sums of partials (chunks, n) f32. Block (32, COLUMN_SUM_LANES) takes 32
+// columns: thread (x, y) sums chunks y, y + LANES, y + 2 LANES, ... of column x in order
+// (a warp reads 32 adjacent columns of one chunk), then the LANES sums of a column are added in
+// a fixed tree in shared memory. Many threads per column keep enough loads in flight (one thread
+// per column waited on a thousand dependent loads); the order depends on chunks and n only.
+#define COLUMN_SUM_LANES 32
+
+extern "C" __global__ void __launch_bounds__(32 * COLUMN_SUM_LANES)
 add_column_sums(float* out, const float* partials, int chunks, int n) {
-    for (int col = blockIdx.x * blockDim.x + threadIdx.x; col < n; col += gridDim.x * blockDim.x) {
-        float sum = 0.0f;
-        for (int c = 0; c < chunks; c++) { sum += partials[(size_t)c * n + col]; }
-        out[col] += sum;
+    __shared__ float lane_sums[COLUMN_SUM_LANES][WARP_SIZE + 1];  // +1: no bank conflicts
+    const int col = blockIdx.x * WARP_SIZE + threadIdx.x;
+    float sum = 0.0f;
+    if (col < n) {
+        for (int c = threadIdx.y; c < chunks; c += COLUMN_SUM_LANES) { sum += partials[(size_t)c * n + col]; }
     }
+    lane_sums[threadIdx.y][threadIdx.x] = sum;
+    __syncthreads();
+    for (int half = COLUMN_SUM_LANES / 2; half > 0; half /= 2) {
+        if (threadIdx.y < half) { lane_sums[threadIdx.y][threadIdx.x] += lane_sums[threadIdx.y + half][threadIdx.x]; }
+        __syncthreads();
+    }
+    if (threadIdx.y == 0 && col < n) { out[col] += lane_sums[0][threadIdx.x]; }
 }

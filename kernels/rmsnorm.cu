@@ -122,10 +122,66 @@ add_rmsnorm_forward(__nv_bfloat16* out, __nv_bfloat16* x, const __nv_bfloat16* r
 // r = 1 / sqrt(mean(x^2) + eps) and g = weight * dout:
 //     dx = r * g - x * r^3 * sum(g * x) / dim          (bf16, overwritten)
 //     dweight += sum over rows of dout * x * r          (f32: a parameter gradient)
-// A block takes `rows_per_block` consecutive rows one after the other (two block reductions per
-// row, scalar loads) and sums its rows' dweight terms in shared memory (dim f32, dynamic), each
-// thread owning its columns; it writes that sum to partials[block, :], which add_column_sums
-// (elementwise.cu) adds to dweight in block order: no atomics, the same result run to run.
+// A block takes `rows_per_block` consecutive rows one after the other and sums its rows' dweight
+// terms, each thread owning the same columns in every row; it writes that sum to
+// partials[block, :], which add_column_sums (elementwise.cu) adds to dweight in block order: no
+// atomics, the same result run to run. Two kernels:
+//   rmsnorm_backward_vec (dim % 8 == 0, dim <= 8 * 1024, 16-byte aligned tensors): thread t owns
+//       the 8 columns of one 16-byte vector (blockDim.x = dim / 8 rounded up to whole warps), so
+//       its weight and dweight terms stay in registers; one block reduction per row.
+//   rmsnorm_backward (any other shape): scalar loads, strided columns, dweight terms in shared
+//       memory (dim f32, dynamic), two block reductions per row.
+
+extern "C" __global__ void __launch_bounds__(1024)
+rmsnorm_backward_vec(__nv_bfloat16* dx, float* partials, const __nv_bfloat16* dout, const __nv_bfloat16* x,
+                     const __nv_bfloat16* weight, int rows, int dim, float eps, int rows_per_block) {
+    constexpr int VEC = x128::size;
+    const int col = threadIdx.x * VEC;
+    const bool owner = col < dim;  // the last warp may have threads past the row
+    float w[VEC], dweight_sum[VEC];
+    const x128 packed_w = owner ? load128(weight + col) : x128::zeros();
+    for (int k = 0; k < VEC; k++) {
+        w[k] = bf16_to_f32(packed_w[k]);
+        dweight_sum[k] = 0.0f;
+    }
+    const int first = blockIdx.x * rows_per_block;
+    const int last = min(rows, first + rows_per_block);
+    for (int row = first; row < last; row++) {
+        const size_t at = (size_t)row * dim + col;
+        // x and dout are read once (streaming); zeros past the row add nothing to the sums
+        const x128 packed_x = owner ? load128cs(x + at) : x128::zeros();
+        const x128 packed_d = owner ? load128cs(dout + at) : x128::zeros();
+        float v[VEC], d[VEC];
+        float2 sums = make_float2(0.0f, 0.0f);  // (sum x^2, sum g * x)
+        for (int k = 0; k < VEC; k++) {
+            v[k] = bf16_to_f32(packed_x[k]);
+            d[k] = bf16_to_f32(packed_d[k]);
+            sums.x += v[k] * v[k];
+            sums.y += w[k] * d[k] * v[k];
+        }
+        sums = block_reduce_sum2(sums, true);  // final sync: the scratch is reused by the next row
+        const float r = 1.0f / sqrtf(sums.x / (float)dim + eps);
+        const float c = r * r * r * sums.y / (float)dim;
+        if (owner) {
+            x128 packed_dx;
+            for (int k = 0; k < VEC; k++) {
+                packed_dx[k] = f32_to_bf16(r * w[k] * d[k] - c * v[k]);
+                dweight_sum[k] += d[k] * v[k] * r;
+            }
+            store128(dx + at, packed_dx);
+        }
+    }
+    if (owner) {
+        f128 low, high;
+        for (int k = 0; k < f128::size; k++) {
+            low[k] = dweight_sum[k];
+            high[k] = dweight_sum[k + f128::size];
+        }
+        float* out = partials + (size_t)blockIdx.x * dim + col;
+        store128(out, low);
+        store128(out + f128::size, high);
+    }
+}
 
 extern "C" __global__ void __launch_bounds__(1024)
 rmsnorm_backward(__nv_bfloat16* dx, float* partials, const __nv_bfloat16* dout, const __nv_bfloat16* x,

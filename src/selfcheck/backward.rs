@@ -111,7 +111,8 @@ pub(super) fn checks<D: TrainBackend>(c: &mut Checker<D>) -> Result<()> {
     }
 
     // bias_backward: dbias [N] += column sums of dout [M, N] (f32 result from bf16 inputs).
-    for (m, n) in [(1, 896), (300, 7), (600, 128)] {
+    // 20000 rows: 79 partial sums per column, more than the 32 lanes that add them up.
+    for (m, n) in [(1, 896), (300, 7), (600, 128), (20_000, 40)] {
         c.check(
             "bias_backward",
             format!("M={m} N={n}"),
@@ -126,9 +127,10 @@ pub(super) fn checks<D: TrainBackend>(c: &mut Checker<D>) -> Result<()> {
         )?;
     }
 
-    // rmsnorm_backward: dx [M, dim] overwritten (bf16), dweight [dim] accumulated (f32).
-    // 3000 rows: blocks of 3 rows (the last one partial), each summing its rows' dweight.
-    for (rows, dim) in [(1, 896), (5, 7), (64, 1536), (3000, 896)] {
+    // rmsnorm_backward: dx [M, dim] overwritten (bf16), dweight [dim] accumulated (f32). Dims
+    // that are multiples of 8 take the vector kernel, 7 and 100 the scalar one; 4999 and 4099
+    // rows make blocks of 3 rows, the last one partial, each summing its rows' dweight.
+    for (rows, dim) in [(1, 896), (5, 7), (64, 1536), (4999, 896), (4099, 100)] {
         c.check(
             "rmsnorm_backward",
             format!("rows={rows} dim={dim}"),

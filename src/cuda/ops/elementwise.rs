@@ -205,7 +205,11 @@ pub fn bias_backward(
     add_column_sums(k, dbias, partials, chunks, n)
 }
 
-/// out (f32 [n]) += Σ over chunks of partials (f32 [chunks, n]), chunk by chunk in order.
+/// `COLUMN_SUM_LANES` in kernels/elementwise.cu: threads that share a column's chunks.
+const COLUMN_SUM_LANES: u32 = 32;
+
+/// out (f32 [n]) += Σ over chunks of partials (f32 [chunks, n]), in an order that depends on
+/// chunks and n only (so a gradient repeats bit for bit).
 pub fn add_column_sums(
     k: &KernelCtx,
     out: u64,
@@ -219,11 +223,17 @@ pub fn add_column_sums(
         return Ok(());
     }
     let f = k.function(MODULE, "add_column_sums")?;
+    let cfg = LaunchConfig {
+        grid_dim: (n.div_ceil(32) as u32, 1, 1),
+        block_dim: (32, COLUMN_SUM_LANES, 1),
+        shared_mem_bytes: 0,
+    };
     let mut b = k.stream.launch_builder(&f);
     b.arg(&out).arg(&partials).arg(&chunks_i).arg(&n_i);
     // SAFETY: matches `(float* out, const float* partials, int chunks, int n)`; the caller owns
-    // out of n f32 and partials of chunks * n f32; grid-stride over the n columns.
-    unsafe { b.launch(flat_config(n, false)) }
+    // out of n f32 and partials of chunks * n f32; a block of (32, COLUMN_SUM_LANES) threads per
+    // 32 columns, as the kernel expects.
+    unsafe { b.launch(cfg) }
         .with_context(|| format!("launching add_column_sums (chunks {chunks}, n {n})"))?;
     Ok(())
 }

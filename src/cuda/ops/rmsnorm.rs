@@ -116,11 +116,11 @@ fn launch_forward(
     Ok(())
 }
 
-/// Rows one block of `rmsnorm_backward` takes: enough blocks to fill the GPU (about 1024), at
-/// most 32 rows each. A function of `rows` alone, so the summation order (and the result) only
-/// depends on the input.
+/// Rows one block of `rmsnorm_backward` takes: enough blocks to fill the GPU many times over
+/// (about 2048), at most 32 rows each. A function of `rows` alone, so the summation order (and the result) only depends on
+/// the input.
 fn rows_per_block(rows: usize) -> usize {
-    rows.div_ceil(1024).clamp(1, 32)
+    rows.div_ceil(2048).clamp(1, 32)
 }
 
 /// The f32 scratch `rmsnorm_backward` needs: one dweight partial sum per block of rows.
@@ -128,11 +128,16 @@ pub fn rmsnorm_backward_scratch(rows: usize, dim: usize) -> usize {
     rows.div_ceil(rows_per_block(rows)) * dim
 }
 
+/// Rows up to this many 16-byte vectors go to `rmsnorm_backward_vec` (a thread per vector).
+const VEC_KERNEL_MAX_DIM: usize = MAX_THREADS_PER_BLOCK as usize * BF16_VEC;
+
 /// The gradient of [`rmsnorm_forward`]: dx (bf16 [rows, dim], overwritten) and dweight (f32
 /// [dim], accumulated in a fixed order through `partials`, f32 [`rmsnorm_backward_scratch`])
 /// from dout and x (bf16 [rows, dim]) and weight (bf16 [dim]).
-/// grid = (rows / rows_per_block, 1, 1), block = (row_block_size(dim, 1, false), 1, 1), dim
-/// f32 of dynamic shared memory; then add_column_sums over the blocks' partial sums.
+/// grid = (rows / rows_per_block, 1, 1); `rmsnorm_backward_vec` (dim a multiple of 8 up to
+/// 8192, 16-byte aligned) with one thread per 16-byte vector, else `rmsnorm_backward` with
+/// row_block_size(dim, 1, false) threads and dim f32 of dynamic shared memory; then
+/// add_column_sums over the blocks' partial sums.
 #[allow(clippy::too_many_arguments)]
 pub fn rmsnorm_backward(
     k: &KernelCtx,
@@ -147,7 +152,7 @@ pub fn rmsnorm_backward(
     partials: u64,
 ) -> Result<()> {
     const OP: &str = "rmsnorm_backward";
-    /// The kernel's shared dweight sums stay within the default 48 KiB.
+    /// The scalar kernel's shared dweight sums stay within the default 48 KiB.
     const MAX_DIM: usize = 12 * 1024;
     ensure!(dim > 0, "{OP}: dim must be positive");
     ensure!(dim <= MAX_DIM, "{OP}: dim = {dim} exceeds {MAX_DIM}");
@@ -163,11 +168,23 @@ pub fn rmsnorm_backward(
     let per_block = rows_per_block(rows);
     let blocks = rows.div_ceil(per_block);
     let per_block_i = per_block as i32;
-    let f = k.function(MODULE, OP)?;
-    let cfg = LaunchConfig {
-        grid_dim: (blocks as u32, 1, 1),
-        block_dim: (row_block_size(dim, 1, false), 1, 1),
-        shared_mem_bytes: (dim * 4) as u32,
+    let vectorised = dim.is_multiple_of(BF16_VEC)
+        && dim <= VEC_KERNEL_MAX_DIM
+        && aligned16(&[dx, dout, x, weight, partials]);
+    let (f, cfg) = if vectorised {
+        let cfg = LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (row_block_size(dim, BF16_VEC, true), 1, 1),
+            shared_mem_bytes: 0,
+        };
+        (k.function(MODULE, "rmsnorm_backward_vec")?, cfg)
+    } else {
+        let cfg = LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (row_block_size(dim, 1, false), 1, 1),
+            shared_mem_bytes: (dim * 4) as u32,
+        };
+        (k.function(MODULE, OP)?, cfg)
     };
     let mut b = k.stream.launch_builder(&f);
     b.arg(&dx)
@@ -179,11 +196,11 @@ pub fn rmsnorm_backward(
         .arg(&dim_i)
         .arg(&eps)
         .arg(&per_block_i);
-    // SAFETY: matches `(bf16* dx, float* partials, const bf16* dout, const bf16* x,
+    // SAFETY: both kernels take `(bf16* dx, float* partials, const bf16* dout, const bf16* x,
     // const bf16* weight, int rows, int dim, float eps, int rows_per_block)`; the caller owns
-    // buffers of those
-    // shapes and partials of blocks * dim f32; the block is whole warps, at most 1024, as the
-    // reductions require, with dim f32 of shared memory.
+    // buffers of those shapes and partials of blocks * dim f32; the block is whole warps, at most
+    // 1024, as the reductions require: one thread per 16-byte vector of a row for the vector
+    // kernel (whose conditions were checked above), dim f32 of shared memory for the other.
     unsafe { b.launch(cfg) }.with_context(|| format!("launching {OP} (rows {rows}, dim {dim})"))?;
     super::elementwise::add_column_sums(k, dweight, partials, blocks, dim)
 }
