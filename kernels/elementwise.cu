@@ -4,7 +4,7 @@
 // All arithmetic is fp32; a bf16 result is rounded once (round to nearest even), so each op matches
 // the f32 CPU reference (src/backend/cpu/) followed by a single cast to bf16.
 //
-// Flat kernels (residual_add, swiglu_forward, convert_*): 1-D grid-stride loops. When every pointer
+// Flat kernels (residual_add, swiglu_forward, swiglu_backward, convert_*): 1-D grid-stride loops. When every pointer
 // is 16-byte aligned, each step handles one 8-element vector (one 128-bit load per bf16 operand,
 // two per f32 operand) over the first n - n % 8 elements, and the n % 8 tail is done element by
 // element; otherwise everything takes the scalar path. The host sizes the grid for ceil(n / 8)
@@ -185,16 +185,34 @@ convert_bf16_to_f32(float* dst, const __nv_bfloat16* src, int n) {
 // ----------------------------------------------------------------------------
 // backward of swiglu_forward (CPU reference: backend::cpu::swiglu::swiglu_backward), with
 // s = sigmoid(gate): dgate = dout * up * s * (1 + gate * (1 - s)), dup = dout * gate * s.
-// All (n) bf16, outputs overwritten; grid-stride over the elements.
+// All (n) bf16, outputs overwritten; a flat kernel like swiglu_forward (vectors, then the tail).
+// Every input is read once and every output written once (streaming loads and stores).
+
+__device__ __forceinline__ void swiglu_backward_one(__nv_bfloat16& dgate, __nv_bfloat16& dup, __nv_bfloat16 dout,
+                                                    __nv_bfloat16 gate, __nv_bfloat16 up) {
+    const float g = bf16_to_f32(gate), d = bf16_to_f32(dout);
+    const float s = 1.0f / (1.0f + expf(-g));
+    dgate = f32_to_bf16(d * bf16_to_f32(up) * s * (1.0f + g * (1.0f - s)));
+    dup = f32_to_bf16(d * g * s);
+}
 
 extern "C" __global__ void __launch_bounds__(256)
 swiglu_backward(__nv_bfloat16* dgate, __nv_bfloat16* dup, const __nv_bfloat16* dout,
-                const __nv_bfloat16* gate, const __nv_bfloat16* up, size_t n) {
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        const float g = bf16_to_f32(gate[i]), d = bf16_to_f32(dout[i]);
-        const float s = 1.0f / (1.0f + expf(-g));
-        dgate[i] = f32_to_bf16(d * bf16_to_f32(up[i]) * s * (1.0f + g * (1.0f - s)));
-        dup[i] = f32_to_bf16(d * g * s);
+                const __nv_bfloat16* gate, const __nv_bfloat16* up, int n) {
+    const bool vectorised = is_aligned16(dgate) && is_aligned16(dup) && is_aligned16(dout) &&
+                            is_aligned16(gate) && is_aligned16(up);
+    const size_t end = vector_end(vectorised, n);
+    for (size_t i = global_thread() * BF16_VEC; i < end; i += grid_threads() * BF16_VEC) {
+        const x128 d = load128cs(dout + i);
+        const x128 g = load128cs(gate + i);
+        const x128 u = load128cs(up + i);
+        x128 dg, du;
+        for (int k = 0; k < BF16_VEC; k++) { swiglu_backward_one(dg[k], du[k], d[k], g[k], u[k]); }
+        store128cs(dgate + i, dg);
+        store128cs(dup + i, du);
+    }
+    for (size_t i = end + global_thread(); i < (size_t)n; i += grid_threads()) {
+        swiglu_backward_one(dgate[i], dup[i], dout[i], gate[i], up[i]);
     }
 }
 

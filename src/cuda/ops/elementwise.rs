@@ -142,18 +142,19 @@ pub fn swiglu_backward(
     if n == 0 {
         return Ok(());
     }
+    let n_i = to_i32("swiglu_backward", "n", n)?;
     let f = k.function(MODULE, "swiglu_backward")?;
-    let n_u64 = n as u64;
+    let vectorised = aligned16(&[dgate, dup, dout, gate, up]);
     let mut b = k.stream.launch_builder(&f);
     b.arg(&dgate)
         .arg(&dup)
         .arg(&dout)
         .arg(&gate)
         .arg(&up)
-        .arg(&n_u64);
+        .arg(&n_i);
     // SAFETY: matches `(bf16* dgate, bf16* dup, const bf16* dout, const bf16* gate,
-    // const bf16* up, size_t n)`, every buffer n bf16 (a grid-stride loop covers any n).
-    unsafe { b.launch(flat_config(n, false)) }
+    // const bf16* up, int n)`, every buffer n bf16 (a grid-stride loop covers any n).
+    unsafe { b.launch(flat_config(n, vectorised)) }
         .with_context(|| format!("launching swiglu_backward (n {n})"))?;
     Ok(())
 }
