@@ -57,7 +57,7 @@ kv_cache_gather(__nv_bfloat16* dx, const __nv_bfloat16* dcache, const uint32_t* 
     }
 }
 
-// positions[i] += 1 for i < m: the last node of a recorded decode step (src/cuda/decode_graph.rs),
+// positions[i] += 1 for i < m: the last node of a recorded decode step (src/cuda/backend/decode_graph.rs),
 // so each replay of the recording writes and attends one position further on, as the host's
 // placement for that step says (the host checks that it does before replaying).
 extern "C" __global__ void __launch_bounds__(256) advance_positions(uint32_t* positions, int m) {

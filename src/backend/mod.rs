@@ -214,8 +214,11 @@ pub trait Backend: Send + Sync {
         step: &mut dyn FnMut() -> Result<()>,
     ) -> Result<()>;
 
-    /// Turns the recording of decode steps on or off (on by default where it exists).
-    fn set_decode_graphs(&self, _on: bool) {}
+    /// Turns the recording of decode steps on or off (on by default where it exists); returns
+    /// the previous setting.
+    fn set_decode_graphs(&self, _on: bool) -> bool {
+        false
+    }
     /// How the decode steps ran since the backend was made; None where nothing is recorded.
     fn decode_graph_stats(&self) -> Option<DecodeGraphStats> {
         None

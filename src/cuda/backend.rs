@@ -101,6 +101,9 @@ struct DeviceIndices {
 pub struct CudaBackend {
     k: KernelCtx,
     blas: CudaBlas,
+    /// cuBLAS's workspace, given to it once (so a GEMM recorded in a CUDA graph uses the same
+    /// memory, and the same algorithms, as one run op by op).
+    _blas_workspace: CudaSlice<u8>,
     device_name: String,
     /// The first error of any op since the backend was made (sticky, like a CUDA context error).
     error: Mutex<Option<String>>,
@@ -154,6 +157,7 @@ impl CudaBackend {
         keep_freed_memory_cached(&ctx)?;
         let stream = ctx.new_stream().context("creating a CUDA stream")?;
         let blas = CudaBlas::new(stream.clone()).context("creating the cuBLAS handle")?;
+        let blas_workspace = set_blas_workspace(&blas, &stream)?;
         let sm_count = ctx
             .attribute(drv_sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .context("reading the multiprocessor count")?
@@ -162,6 +166,7 @@ impl CudaBackend {
         Ok(CudaBackend {
             k,
             blas,
+            _blas_workspace: blas_workspace,
             device_name: info.name.clone(),
             error: Mutex::new(None),
             indices: Mutex::new(Vec::new()),
@@ -319,7 +324,10 @@ impl CudaBackend {
         let slots = rows_of("cache_k", cache_k.1, capacity * kv_dim)?;
         check_ids("slot", &place.slots, slots)?;
         check_ids("position", &place.positions, capacity)?;
-        Ok((self.indices(&place.slots)?, self.indices(&place.positions)?))
+        Ok((
+            self.indices(&place.slots)?,
+            self.positions(&place.positions)?,
+        ))
     }
 
     /// A device pointer to at least `len` f32 of scratch, valid until the next call. Ops run in
@@ -425,6 +433,30 @@ impl CudaBackend {
     }
 }
 
+/// cuBLAS's workspace: 32 MiB, what its documentation recommends for Hopper.
+const BLAS_WORKSPACE_BYTES: usize = 32 << 20;
+
+/// Gives the cuBLAS handle a workspace of its own for every later call on `stream`.
+fn set_blas_workspace(blas: &CudaBlas, stream: &Arc<CudaStream>) -> Result<CudaSlice<u8>> {
+    let workspace = stream
+        .alloc_zeros::<u8>(BLAS_WORKSPACE_BYTES)
+        .context("allocating cuBLAS's workspace")?;
+    let (ptr, _) = workspace.device_ptr(stream);
+    // SAFETY: the handle is valid and runs on `stream`; the workspace lives as long as the
+    // backend, which owns both (dropped after the handle: field order).
+    let status = unsafe {
+        blas_sys::cublasSetWorkspace_v2(
+            *blas.handle(),
+            ptr as *mut std::ffi::c_void,
+            BLAS_WORKSPACE_BYTES,
+        )
+    };
+    if status != blas_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+        bail!("cublasSetWorkspace: {status:?}");
+    }
+    Ok(workspace)
+}
+
 /// `THINKSHORT_CUDA_GRAPHS`: unset or 1 records decode steps as CUDA graphs, 0 runs them op by op.
 fn decode_graphs_from_env() -> Result<bool> {
     match std::env::var("THINKSHORT_CUDA_GRAPHS") {
@@ -521,8 +553,8 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         self.run_decode_step(graph, place, step)
     }
-    fn set_decode_graphs(&self, on: bool) {
-        self.decode_graphs.store(on, Ordering::Relaxed);
+    fn set_decode_graphs(&self, on: bool) -> bool {
+        self.decode_graphs.swap(on, Ordering::Relaxed)
     }
     fn decode_graph_stats(&self) -> Option<DecodeGraphStats> {
         Some(lock(&self.graph_stats).clone())
@@ -808,7 +840,7 @@ impl Backend for CudaBackend {
                 bias_ptr("k_bias", k_bias, n_kv_heads)?,
                 bias_ptr("v_bias", v_bias, n_kv_heads)?,
             );
-            let pos = self.indices(positions)?;
+            let pos = self.positions(positions)?;
             ops::rope::qkv_rope_forward(
                 &self.k,
                 (q.ptr, k.ptr, v.ptr),

@@ -1,6 +1,11 @@
-//! Recorded decode steps (CUDA graphs) against the same steps run op by op, on the device: the
-//! tiny model samples four sequences whose caps end at different steps (so the batch changes
-//! rows, drops its recording and records again), once with recording off and once with it on.
+//! Recorded decode steps (CUDA graphs) against the same steps run op by op, on the device, in
+//! two batches:
+//! - the tiny selfcheck model (head dim 16: the fp32 decode kernel), four sequences whose caps
+//!   end at different steps, so the batch changes rows, drops its recording and records again;
+//! - a head-dim-64 model (the tensor-core decode kernel) whose 1100-token prompt makes the cache
+//!   capacity large enough for split decode attention (its scratch inside the recording), and
+//!   whose last sequence is recorded alone in slot 3 at position 3, the same values as its slots
+//!   (a recording's positions must not be confused with another index array).
 //!
 //! Both runs launch the same kernels on the same values, so the tokens must be identical and the
 //! log-probs equal to within float noise (TOL_F32: only a GEMM picking another algorithm under
@@ -16,17 +21,53 @@ use crate::model::Model;
 use crate::sampling::SamplingParams;
 use anyhow::{bail, Result};
 
-/// Prompt lengths and caps: the 12-token cap leaves at step 12, the 21-token one at 21.
-const REQUESTS: [(usize, usize); 4] = [(1, 30), (9, 21), (40, 12), (17, 30)];
-/// Host syncs every 4 steps: windows end in the middle of recorded stretches.
-const SYNC_EVERY: usize = 4;
+/// The second batch's model: the selfcheck model with 2 query heads of 64 over 1 KV head.
+const HEAD_DIM_64_MODEL: &str = r#"{"model_type": "qwen2", "vocab_size": 1000, "hidden_size": 128,
+    "intermediate_size": 352, "num_hidden_layers": 2, "num_attention_heads": 2,
+    "num_key_value_heads": 1, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+    "max_position_embeddings": 4096, "tie_word_embeddings": false}"#;
 
-/// Adds the rows (tokens, log-probs); returns an information line with the step counts.
+/// One batch: the model, (prompt length, cap) per sequence, host syncs every `sync_every` steps.
+struct Batch {
+    name: &'static str,
+    model: &'static str,
+    requests: &'static [(usize, usize)],
+    sync_every: usize,
+}
+
+const BATCHES: [Batch; 2] = [
+    // the 12-token cap leaves at step 12, the 21-token one at 21; windows end mid-recording
+    Batch {
+        name: "head dim 16",
+        model: super::TINY_MODEL,
+        requests: &[(1, 30), (9, 21), (40, 12), (17, 30)],
+        sync_every: 4,
+    },
+    // after the first step only slot 3 runs: op by op at position 2, recorded at position 3
+    Batch {
+        name: "head dim 64, split keys",
+        model: HEAD_DIM_64_MODEL,
+        requests: &[(1100, 1), (5, 1), (9, 1), (2, 24)],
+        sync_every: 8,
+    },
+];
+
+/// Adds the rows (tokens, log-probs) of each batch; returns information lines with the step
+/// counts.
 pub(super) fn decode_graph_check<D: Backend>(c: &mut Checker<D>) -> Result<Vec<String>> {
-    let cfg = ModelConfig::from_json_str(super::TINY_MODEL)?;
+    let mut info = Vec::new();
+    for batch in &BATCHES {
+        info.extend(check_batch(c, batch)?);
+    }
+    Ok(info)
+}
+
+fn check_batch<D: Backend>(c: &mut Checker<D>, batch: &Batch) -> Result<Option<String>> {
+    let cfg = ModelConfig::from_json_str(batch.model)?;
     let host = tiny_model_weights(&cfg, c.seed);
-    let mut rand = c.rand("decode graph");
-    let requests: Vec<GenerationRequest> = REQUESTS
+    let mut rand = c.rand(&format!("decode graph {}", batch.name));
+    let requests: Vec<GenerationRequest> = batch
+        .requests
         .iter()
         .map(|&(p, cap)| GenerationRequest {
             prompt: rand.ids(p, cfg.vocab_size),
@@ -42,15 +83,13 @@ pub(super) fn decode_graph_check<D: Backend>(c: &mut Checker<D>) -> Result<Vec<S
         first_stream: 0,
         eos_ids: Vec::new(),
         stop_strings: Vec::new(),
-        sync_every: Some(SYNC_EVERY),
+        sync_every: Some(batch.sync_every),
     };
     let shape = format!(
-        "tiny model, {} sequences, caps {:?}, sync every {SYNC_EVERY}",
-        REQUESTS.len(),
-        REQUESTS.map(|r| r.1)
+        "{}: (prompt, cap) {:?}, sync every {}",
+        batch.name, batch.requests, batch.sync_every
     );
     let model = Model::from_host(cfg, &host, (c.make_device)()?)?;
-    let rows = [("tokens", TOL_EXACT), ("logprobs", TOL_F32)];
     let (outcome, info) = match both_ways(&model, &requests, &config) {
         Ok((got, want, counts)) => {
             let outcome = [
@@ -67,6 +106,7 @@ pub(super) fn decode_graph_check<D: Backend>(c: &mut Checker<D>) -> Result<Vec<S
         }
         Err(e) => (Err(format!("{e:#}")), None),
     };
+    let rows = [("tokens", TOL_EXACT), ("logprobs", TOL_F32)];
     for (i, (suffix, tolerance)) in rows.into_iter().enumerate() {
         let op = format!("decode_graph/{suffix}");
         match &outcome {
@@ -81,12 +121,12 @@ pub(super) fn decode_graph_check<D: Backend>(c: &mut Checker<D>) -> Result<Vec<S
             ),
         }
     }
-    Ok(info.into_iter().collect())
+    Ok(info)
 }
 
 /// Generates with recording off, then on: (with, without, the recording's step counts
-/// (recorded, replayed, op by op) where the backend records). An error when it records but
-/// never replayed a step.
+/// (recorded, replayed, op by op) where the backend records), leaving the setting as it was.
+/// An error when the backend records but never replayed a step.
 #[allow(clippy::type_complexity)]
 fn both_ways<D: Backend>(
     model: &Model<D>,
@@ -94,13 +134,15 @@ fn both_ways<D: Backend>(
     config: &GenerateConfig,
 ) -> Result<(Vec<Completion>, Vec<Completion>, Option<(u64, u64, u64)>)> {
     let dev = &model.backend;
-    dev.set_decode_graphs(false);
+    let setting = dev.set_decode_graphs(false);
     let without = generate(model, requests, config, None);
     dev.set_decode_graphs(true);
-    let without = without?;
     let before = dev.decode_graph_stats();
-    let with = generate(model, requests, config, None)?;
-    let counts = match (before, dev.decode_graph_stats()) {
+    let with = generate(model, requests, config, None);
+    let after = dev.decode_graph_stats();
+    dev.set_decode_graphs(setting);
+    let (without, with) = (without?, with?);
+    let counts = match (before, after) {
         (Some(before), Some(after)) => {
             let replayed = after.replayed - before.replayed;
             let captured = after.captured - before.captured;

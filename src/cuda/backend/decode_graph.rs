@@ -2,12 +2,14 @@
 //! the head, the host work around each) recorded once and then replayed with one launch per
 //! step while the batch keeps its rows.
 //!
-//! A step's kernels find the batch's slots and positions in device arrays (`indices`); every
-//! other input is the same from step to step while the rows stay: shapes, buffers, and the
-//! decode attention's split plan (made for the cache's capacity, not the current length). So a
-//! recording owns its own copy of the positions and ends with a kernel that advances them by
-//! one: replay k of a recording made at positions p runs the step at p + 1 + k, and a step is
-//! replayed only when the host's placement for it says exactly that.
+//! A step's kernels find the batch's slots and positions in device arrays; every other input is
+//! the same from step to step while the rows stay: shapes, buffers, and the decode attention's
+//! split plan (made for the cache's capacity, not the current length). So a recording owns its
+//! own copy of the positions (`CudaBackend::positions` hands it to the ops while recording; it
+//! never enters the index cache, where an array of the same values could be taken for it) and
+//! ends with a kernel that advances them by one: replay k of a recording made at positions p
+//! runs the step at p + 1 + k, and a step is replayed only when the host's placement for it
+//! says exactly that.
 //!
 //! A step is recorded when it has the previous step's slots (that step warmed the index cache
 //! and the scratch buffer for these shapes); a step with new slots runs op by op. While
@@ -18,11 +20,11 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use anyhow::{anyhow, Context, Result};
-use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use anyhow::{anyhow, bail, Context, Result};
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode, CUstreamCaptureStatus};
 use cudarc::driver::{CudaGraph, CudaSlice, DevicePtr};
 
-use super::{lock, CudaBackend, CudaBuf, DeviceIndices, INDEX_CACHE_ENTRIES};
+use super::{lock, CudaBackend, CudaBuf};
 use crate::backend::TokenPlacement;
 use crate::cuda::ops;
 
@@ -44,13 +46,17 @@ struct Recording {
     slots: Vec<u32>,
     /// The positions of the step the next replay runs.
     next_positions: Vec<u32>,
-    /// The index arrays (its own positions among them) and scratch the graph reads.
+    /// The positions the graph's kernels read and its last kernel advances: [M] u32.
+    _positions: CudaSlice<u32>,
+    /// The index arrays and scratch the graph reads.
     _inputs: RecordedInputs,
 }
 
-/// The backend's buffers that a recording reads, kept alive as long as it is.
-#[derive(Default)]
+/// What the ops see while a step is being recorded: the recording's positions, and the
+/// backend's buffers they used (kept alive as long as the recording is).
 pub(in crate::cuda) struct RecordedInputs {
+    /// The step's positions (host values) and the recording's device copy of them.
+    pub positions: (Vec<u32>, u64),
     pub indices: Vec<Arc<CudaSlice<u32>>>,
     pub scratch: Vec<Arc<CudaBuf>>,
 }
@@ -80,12 +86,15 @@ impl CudaBackend {
         }
         graph.recording = None;
         if recording_on && graph.previous_slots == place.slots {
-            match self.record(place, step)? {
+            // A recording that cannot be launched has run nothing either: op by op then.
+            let recorded =
+                self.record(place, step)?
+                    .and_then(|recording| match recording.graph.launch() {
+                        Ok(()) => Ok(recording),
+                        Err(e) => Err(format!("launching the recorded step: {e:?}")),
+                    });
+            match recorded {
                 Ok(recording) => {
-                    recording
-                        .graph
-                        .launch()
-                        .context("launching a recorded decode step")?;
                     graph.recording = Some(recording);
                     lock(&self.graph_stats).captured += 1;
                     return Ok(());
@@ -94,7 +103,10 @@ impl CudaBackend {
                     graph.failures += 1;
                     let mut stats = lock(&self.graph_stats);
                     if stats.fallback.is_none() {
-                        eprintln!("note: a decode step could not be recorded as a CUDA graph ({reason}); it runs op by op");
+                        eprintln!(
+                            "note: a decode step could not be recorded as a CUDA graph \
+                             ({reason}); it runs op by op"
+                        );
                     }
                     stats.fallback = Some(reason);
                 }
@@ -107,32 +119,41 @@ impl CudaBackend {
         step()
     }
 
+    /// The device positions of a batch for the ops that read them (RoPE, the KV-cache write,
+    /// attention): while a step is being recorded, the recording's own (which its replays
+    /// advance); else the index cache's upload.
+    pub(super) fn positions(&self, host: &[u32]) -> Result<u64> {
+        let recorded = lock(&self.recording)
+            .as_ref()
+            .map(|inputs| inputs.positions.clone());
+        match recorded {
+            Some((values, ptr)) => {
+                anyhow::ensure!(
+                    values == host,
+                    "an op of the recorded decode step asked for other positions than the step's"
+                );
+                Ok(ptr)
+            }
+            None => self.indices(host),
+        }
+    }
+
     /// Records `step` (not running it) followed by the advance of its positions. Ok(Err(reason))
-    /// when it cannot be recorded: nothing of it ran, and the caller runs it op by op.
+    /// when it cannot be recorded: nothing of it ran, and the caller runs it op by op. An error
+    /// only when the stream could not be brought out of capture.
     fn record(
         &self,
         place: &TokenPlacement,
         step: &mut dyn FnMut() -> Result<()>,
     ) -> Result<std::result::Result<Recording, String>> {
         let m = place.positions.len();
-        // The recording's positions, where the step's ops look them up; uploaded outside it.
+        // The recording's positions, uploaded outside it.
         let positions = self
             .k
             .stream
             .clone_htod(&place.positions)
             .context("copying a decode step's positions to the GPU")?;
         let (positions_ptr, _) = positions.device_ptr(&self.k.stream);
-        {
-            let mut cache = lock(&self.indices);
-            if cache.len() == INDEX_CACHE_ENTRIES {
-                cache.remove(0);
-            }
-            cache.push(DeviceIndices {
-                host: place.positions.clone(),
-                device: Arc::new(positions),
-                ptr: positions_ptr,
-            });
-        }
 
         let began = self
             .k
@@ -140,48 +161,55 @@ impl CudaBackend {
             .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL);
         let capture_began = began.is_ok();
         let mut outcome = began.map_err(|e| anyhow!("cuStreamBeginCapture: {e:?}"));
-        let mut inputs = RecordedInputs::default();
+        let mut inputs = None;
         if capture_began {
-            *lock(&self.recording) = Some(RecordedInputs::default());
+            *lock(&self.recording) = Some(RecordedInputs {
+                positions: (place.positions.clone(), positions_ptr),
+                indices: Vec::new(),
+                scratch: Vec::new(),
+            });
             outcome = step()
                 .and_then(|()| self.check_error())
                 .and_then(|()| ops::kv_cache::advance_positions(&self.k, positions_ptr, m));
-            inputs = lock(&self.recording).take().unwrap_or_default();
+            inputs = lock(&self.recording).take();
         }
-        let ended = match outcome {
-            Ok(()) => self
-                .k
+        // Errors that cudarc kept from buffers freed on a capture that had failed: taken now,
+        // or end_capture would return one of them without ending the capture.
+        let driver_error = self.k.ctx.check_err().err();
+        let ended = if capture_began {
+            self.k
                 .stream
                 .end_capture(CUgraphInstantiate_flags(0))
-                .map_err(|e| anyhow!("cuStreamEndCapture / cuGraphInstantiate: {e:?}")),
-            Err(_) => {
-                if capture_began {
-                    // ends the capture that failed; nothing recorded runs
-                    let _ = self.k.stream.end_capture(CUgraphInstantiate_flags(0));
-                }
-                Ok(None)
-            }
+                .map_err(|e| anyhow!("cuStreamEndCapture / cuGraphInstantiate: {e:?}"))
+        } else {
+            Ok(None)
         };
-        // Errors of ops queued while recording (none of them ran), and of buffers freed on a
-        // capture that had failed (cudarc keeps those for the next driver call).
+        // Errors of ops queued while recording: none of them ran.
         let op_error = lock(&self.error).take();
-        let driver_error = self.k.ctx.check_err().err();
-        // The positions change at every replay: no later op may find them in the cache.
-        lock(&self.indices).retain(|e| e.ptr != positions_ptr);
+        let status = self
+            .k
+            .stream
+            .capture_status()
+            .context("querying the stream's capture status after recording a decode step")?;
+        if status != CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE {
+            bail!("the CUDA stream is still capturing after recording a decode step ({status:?})");
+        }
 
-        let reason = match (outcome, ended, op_error, driver_error) {
-            (Ok(()), Ok(Some(graph)), None, None) => {
+        let reason = match (outcome, ended, op_error, driver_error, inputs) {
+            (Ok(()), Ok(Some(graph)), None, None, Some(inputs)) => {
                 return Ok(Ok(Recording {
                     graph,
                     slots: place.slots.clone(),
                     next_positions: place.positions.iter().map(|p| p + 1).collect(),
+                    _positions: positions,
                     _inputs: inputs,
                 }))
             }
-            (_, _, Some(op_error), _) => op_error,
-            (Err(e), _, _, _) | (_, Err(e), _, _) => format!("{e:#}"),
-            (_, _, _, Some(e)) => format!("{e:?}"),
-            (_, Ok(None), _, _) => "the capture recorded nothing".to_string(),
+            (_, _, Some(op_error), _, _) => op_error,
+            (Err(e), _, _, _, _) | (_, Err(e), _, _, _) => format!("{e:#}"),
+            (_, _, _, Some(e), _) => format!("{e:?}"),
+            (_, Ok(None), _, _, _) => "the capture recorded nothing".to_string(),
+            (_, _, _, _, None) => "the recorded inputs went missing".to_string(),
         };
         Ok(Err(reason))
     }
