@@ -29,6 +29,10 @@ pub struct GenerateConfig {
     /// Decode steps between host syncs (None: the backend's `decode_sync_every`). The output
     /// does not depend on it.
     pub sync_every: Option<usize>,
+    /// Whether sequences that ended stay in the decode batch (their draws dropped) while at
+    /// least half of its rows are live, so a backend that records decode steps can replay them
+    /// (None: when the backend records them). The output does not depend on it.
+    pub keep_ended_rows: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -118,6 +122,9 @@ pub fn generate<B: Backend>(
     let mut pending: Vec<Drawn> = Vec::new();
     // The latest step's ids, copied out of the window: [n] f32, where the next step reads them.
     let mut step_ids = b.zeros_f32(n)?;
+    let keep_ended = config
+        .keep_ended_rows
+        .unwrap_or_else(|| b.records_decode_steps());
     let mut graph = b.decode_graph(); // after the buffers its steps use: dropped before them
     let mut step = 0u64;
     while !active.is_empty() {
@@ -160,7 +167,15 @@ pub fn generate<B: Backend>(
             record(
                 &pending, &ids, &logp, &mut out, requests, config, detokenize, vocab,
             )?;
-            running.retain(|&r| !out[active[r]].finished);
+            let live = running
+                .iter()
+                .filter(|&&r| !out[active[r]].finished)
+                .count();
+            // A recorded decode step is replayed only while the batch keeps its rows: with
+            // keep_ended, it changes a few times instead of at nearly every sync.
+            if !(keep_ended && 2 * live >= active.len()) {
+                running.retain(|&r| !out[active[r]].finished);
+            }
         }
         if running.is_empty() {
             break;

@@ -54,6 +54,7 @@ pub fn sample_groups<B: Backend>(
         eos_ids: tok.eos_token_ids().to_vec(),
         stop_strings: Vec::new(),
         sync_every: None,
+        keep_ended_rows: None,
     };
     let completions = generate(model, &requests, &config, None)?;
     completions

@@ -791,6 +791,7 @@ fn model_check<D: Backend>(c: &mut Checker<D>) -> Result<Vec<String>> {
         eos_ids: Vec::new(),
         stop_strings: Vec::new(),
         sync_every: None,
+        keep_ended_rows: None,
     };
     let want = generate(&cpu_model, &requests, &config, None)?;
     let info = match generate(&dev_model, &requests, &config, None) {

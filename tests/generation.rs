@@ -28,6 +28,7 @@ fn config(temperature: f32, seed: u64, eos: Vec<u32>) -> GenerateConfig {
         eos_ids: eos,
         stop_strings: vec![],
         sync_every: None,
+        keep_ended_rows: None,
     }
 }
 
@@ -149,7 +150,8 @@ fn sampled_tokens_use_the_stream_of_their_request_and_step() {
 
 /// Deferred host syncs: the decode loop learns the sampled ids (and so EOS and stop strings)
 /// only every few steps and drops the extra tokens of sequences that ended in between; the
-/// completions must be those of a sync after every step, for any interval.
+/// completions must be those of a sync after every step, for any interval, and whether or not
+/// ended sequences stay in the decode batch (as they do for a backend that records steps).
 #[test]
 fn the_host_sync_interval_does_not_change_the_completions() {
     let m = model();
@@ -159,17 +161,24 @@ fn the_host_sync_interval_does_not_change_the_completions() {
         Ok(ids.iter().map(|i| format!("a{i}b")).collect())
     };
     for (eos, stops) in [(vec![3, 11], vec![]), (vec![], vec!["7b".to_string()])] {
-        let run = |sync_every: usize| {
+        let run = |sync_every: usize, keep_ended: bool| {
             let mut cfg = config(1.0, 5, eos.clone());
             cfg.stop_strings = stops.clone();
             cfg.sync_every = Some(sync_every);
+            cfg.keep_ended_rows = Some(keep_ended);
             generate(&m, &reqs, &cfg, Some(&detok)).unwrap()
         };
-        let every_step = run(1);
+        let every_step = run(1, false);
         // Some sequences end before their cap, so the later syncs have tokens to drop.
         assert!(every_step.iter().any(|c| c.finished), "{every_step:?}");
-        for sync_every in [2, 3, 8, 100] {
-            assert_eq!(run(sync_every), every_step, "sync every {sync_every}");
+        for sync_every in [1, 2, 3, 8, 100] {
+            for keep_ended in [false, true] {
+                assert_eq!(
+                    run(sync_every, keep_ended),
+                    every_step,
+                    "sync every {sync_every}, ended rows kept: {keep_ended}"
+                );
+            }
         }
     }
 }

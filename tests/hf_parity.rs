@@ -138,6 +138,7 @@ fn greedy_generation_matches_transformers() {
             eos_ids: tok.eos_token_ids().to_vec(),
             stop_strings: vec![],
             sync_every: None,
+            keep_ended_rows: None,
         };
         // All prompts as one batch of different lengths.
         let out = generate(&model, &requests, &config, None).unwrap();

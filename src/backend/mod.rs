@@ -214,6 +214,10 @@ pub trait Backend: Send + Sync {
         step: &mut dyn FnMut() -> Result<()>,
     ) -> Result<()>;
 
+    /// Whether `decode_step` records steps (and so gains from batches that keep their rows).
+    fn records_decode_steps(&self) -> bool {
+        false
+    }
     /// Turns the recording of decode steps on or off (on by default where it exists); returns
     /// the previous setting.
     fn set_decode_graphs(&self, _on: bool) -> bool {

@@ -266,6 +266,7 @@ fn one_step<B: TrainBackend>(
         eos_ids: Vec::new(),
         stop_strings: Vec::new(),
         sync_every: None,
+        keep_ended_rows: None,
     };
     if profiled {
         model.backend.start_op_profile();

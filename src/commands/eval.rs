@@ -149,6 +149,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         eos_ids: tokenizer.eos_token_ids().to_vec(),
         stop_strings: Vec::new(),
         sync_every: None,
+        keep_ended_rows: None,
     };
     let total: usize = budgets.len() * sets.iter().map(|s| s.items.len()).sum::<usize>();
     let mut done = 0;

@@ -106,6 +106,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         eos_ids: tokenizer.eos_token_ids().to_vec(),
         stop_strings: args.stop.clone(),
         sync_every: None,
+        keep_ended_rows: None,
     };
     let detok = |ids: &[u32]| tokenizer.decode(ids, true);
 

@@ -553,6 +553,9 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         self.run_decode_step(graph, place, step)
     }
+    fn records_decode_steps(&self) -> bool {
+        self.decode_graphs.load(Ordering::Relaxed)
+    }
     fn set_decode_graphs(&self, on: bool) -> bool {
         self.decode_graphs.swap(on, Ordering::Relaxed)
     }

@@ -84,6 +84,7 @@ fn check_batch<D: Backend>(c: &mut Checker<D>, batch: &Batch) -> Result<Option<S
         eos_ids: Vec::new(),
         stop_strings: Vec::new(),
         sync_every: Some(batch.sync_every),
+        keep_ended_rows: None,
     };
     let shape = format!(
         "{}: (prompt, cap) {:?}, sync every {}",
