@@ -102,14 +102,6 @@ impl Backend for TestDevice {
 
     type DecodeGraph = ();
     fn decode_graph(&self) {}
-    fn decode_step(
-        &self,
-        _graph: &mut (),
-        _place: &TokenPlacement,
-        step: &mut dyn FnMut() -> anyhow::Result<()>,
-    ) -> anyhow::Result<()> {
-        step()
-    }
 
     fn embedding_forward(&self, out: ViewMut<'_>, table: View<'_>, ids: &[u32], dim: usize) {
         CPU.embedding_forward(out.data, table.data, ids, dim);

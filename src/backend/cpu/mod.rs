@@ -68,14 +68,6 @@ impl Backend for CpuBackend {
     /// Ops are plain calls here: nothing to record.
     type DecodeGraph = ();
     fn decode_graph(&self) {}
-    fn decode_step(
-        &self,
-        _graph: &mut (),
-        _place: &TokenPlacement,
-        step: &mut dyn FnMut() -> Result<()>,
-    ) -> Result<()> {
-        step()
-    }
 
     fn embedding_forward(&self, out: &mut [f32], table: &[f32], ids: &[u32], dim: usize) {
         embedding_forward(out, table, ids, dim)
