@@ -14,7 +14,9 @@
 
 use criterion::{BenchmarkId, Criterion, Throughput};
 use std::time::{Duration, Instant};
-use thinkshort::backend::{Backend, PolicyTokens, TokenPlacement, TrainBackend, POLICY_STATS};
+use thinkshort::backend::{
+    Backend, GradWrite, PolicyTokens, TokenPlacement, TrainBackend, POLICY_STATS,
+};
 use thinkshort::cuda::CudaBackend;
 use thinkshort::grpo::LossOptions;
 use thinkshort::rng::Philox;
@@ -370,6 +372,7 @@ fn backward(c: &mut Criterion, dev: &CudaBackend) {
                     time(dev, iters, || {
                         dev.matmul_backward(
                             Some(dev.full_mut(&mut dx)),
+                            GradWrite::Overwrite,
                             dev.full_mut(&mut dw),
                             dev.full(&dout),
                             dev.full(&x),
@@ -399,6 +402,7 @@ fn backward(c: &mut Criterion, dev: &CudaBackend) {
                     time(dev, iters, || {
                         dev.rmsnorm_backward(
                             dev.full_mut(&mut dx),
+                            GradWrite::Add,
                             dev.full_mut(&mut dweight),
                             dev.full(&dout),
                             dev.full(&x),

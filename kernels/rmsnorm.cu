@@ -120,7 +120,8 @@ add_rmsnorm_forward(__nv_bfloat16* out, __nv_bfloat16* x, const __nv_bfloat16* r
 // ----------------------------------------------------------------------------
 // backward (the CPU reference is src/backend/cpu/rmsnorm.rs: rmsnorm_backward), with
 // r = 1 / sqrt(mean(x^2) + eps) and g = weight * dout:
-//     dx = r * g - x * r^3 * sum(g * x) / dim          (bf16, overwritten)
+//     dx = r * g - x * r^3 * sum(g * x) / dim          (bf16, overwritten; with `accumulate`
+//                                                       added to dx in fp32, rounded once)
 //     dweight += sum over rows of dout * x * r          (f32: a parameter gradient)
 // A block takes `rows_per_block` consecutive rows one after the other and sums its rows' dweight
 // terms, each thread owning the same columns in every row; it writes that sum to
@@ -134,7 +135,8 @@ add_rmsnorm_forward(__nv_bfloat16* out, __nv_bfloat16* x, const __nv_bfloat16* r
 
 extern "C" __global__ void __launch_bounds__(1024)
 rmsnorm_backward_vec(__nv_bfloat16* dx, float* partials, const __nv_bfloat16* dout, const __nv_bfloat16* x,
-                     const __nv_bfloat16* weight, int rows, int dim, float eps, int rows_per_block) {
+                     const __nv_bfloat16* weight, int rows, int dim, float eps, int rows_per_block,
+                     int accumulate) {
     constexpr int VEC = x128::size;
     const int col = threadIdx.x * VEC;
     const bool owner = col < dim;  // the last warp may have threads past the row
@@ -163,9 +165,9 @@ rmsnorm_backward_vec(__nv_bfloat16* dx, float* partials, const __nv_bfloat16* do
         const float r = 1.0f / sqrtf(sums.x / (float)dim + eps);
         const float c = r * r * r * sums.y / (float)dim;
         if (owner) {
-            x128 packed_dx;
+            x128 packed_dx = accumulate ? load128(dx + at) : x128::zeros();
             for (int k = 0; k < VEC; k++) {
-                packed_dx[k] = f32_to_bf16(r * w[k] * d[k] - c * v[k]);
+                packed_dx[k] = f32_to_bf16(bf16_to_f32(packed_dx[k]) + (r * w[k] * d[k] - c * v[k]));
                 dweight_sum[k] += d[k] * v[k] * r;
             }
             store128(dx + at, packed_dx);
@@ -185,7 +187,7 @@ rmsnorm_backward_vec(__nv_bfloat16* dx, float* partials, const __nv_bfloat16* do
 
 extern "C" __global__ void __launch_bounds__(1024)
 rmsnorm_backward(__nv_bfloat16* dx, float* partials, const __nv_bfloat16* dout, const __nv_bfloat16* x,
-                 const __nv_bfloat16* weight, int rows, int dim, float eps, int rows_per_block) {
+                 const __nv_bfloat16* weight, int rows, int dim, float eps, int rows_per_block, int accumulate) {
     extern __shared__ float dweight_sum[];  // [dim]
     for (int i = threadIdx.x; i < dim; i += blockDim.x) { dweight_sum[i] = 0.0f; }
     const int first = blockIdx.x * rows_per_block;
@@ -207,7 +209,8 @@ rmsnorm_backward(__nv_bfloat16* dx, float* partials, const __nv_bfloat16* dout, 
         __nv_bfloat16* dx_row = dx + (size_t)row * dim;
         for (int i = threadIdx.x; i < dim; i += blockDim.x) {
             const float v = bf16_to_f32(x_row[i]), d = bf16_to_f32(d_row[i]);
-            dx_row[i] = f32_to_bf16(r * bf16_to_f32(weight[i]) * d - c * v);
+            const float before = accumulate ? bf16_to_f32(dx_row[i]) : 0.0f;
+            dx_row[i] = f32_to_bf16(before + (r * bf16_to_f32(weight[i]) * d - c * v));
             dweight_sum[i] += d * v * r;
         }
     }

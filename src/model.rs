@@ -202,7 +202,7 @@ impl<B: Backend> Model<B> {
         embed: impl FnOnce(B::ViewMut<'_>),
     ) -> Result<B::Buf> {
         let b = &self.backend;
-        let mut logits = b.zeros_f32(logit_rows.len() * self.cfg.vocab_size)?;
+        let mut logits = b.empty_f32(logit_rows.len() * self.cfg.vocab_size)?;
         self.forward_embedded_into(b.full_mut(&mut logits), place, cache, logit_rows, embed)?;
         Ok(logits)
     }
@@ -219,7 +219,7 @@ impl<B: Backend> Model<B> {
         let cfg = &self.cfg;
         let b = &self.backend;
         let m = place.slots.len();
-        let mut x = b.zeros(m * cfg.hidden_size)?; // [M, H] residual stream
+        let mut x = b.empty(m * cfg.hidden_size)?; // [M, H] residual stream, embedded next
         let mut acts = LayerActs::new(b, cfg, m, false)?; // reused by every layer
         embed(b.full_mut(&mut x));
         // Each layer's last residual add also normalises x for the next layer (into the shared
@@ -243,8 +243,8 @@ impl<B: Backend> Model<B> {
         let (cfg, b) = (&self.cfg, &self.backend);
         let (r, h) = (rows.len(), cfg.hidden_size);
         let mut a = HeadActs {
-            rows_x: b.zeros(r * h)?,
-            rows_n: b.zeros(r * h)?,
+            rows_x: b.empty(r * h)?,
+            rows_n: b.empty(r * h)?,
         };
         b.gather_rows(b.full_mut(&mut a.rows_x), b.full(x), rows, h);
         let norm = self.p(self.layout.final_norm);
@@ -261,7 +261,7 @@ impl<B: Backend> Model<B> {
     /// The logits of the normed rows `chunk` of rows_n: [R, H]: [chunk.len(), V] f32.
     pub(crate) fn head_logits(&self, rows_n: &B::Buf, chunk: Range<usize>) -> Result<B::Buf> {
         let b = &self.backend;
-        let mut logits = b.zeros_f32(chunk.len() * self.cfg.vocab_size)?;
+        let mut logits = b.empty_f32(chunk.len() * self.cfg.vocab_size)?;
         self.head_logits_into(b.full_mut(&mut logits), rows_n, chunk);
         Ok(logits)
     }
@@ -562,21 +562,22 @@ impl<B: Backend> LayerActs<B> {
         let kept = |make: &dyn Fn() -> Result<B::Buf>| -> Result<Option<B::Buf>> {
             Ok(if training { Some(make()?) } else { None })
         };
-        let residual = || kept(&|| b.zeros(m * h));
+        // Every one is written whole by the op that makes it before anything reads it.
+        let residual = || kept(&|| b.empty(m * h));
         Ok(LayerActs {
             x_in: residual()?,
-            xn1: b.zeros(m * h)?,
-            q: b.zeros(m * cfg.q_dim())?,
-            k: b.zeros(m * cfg.kv_dim())?,
-            v: b.zeros(m * cfg.kv_dim())?,
-            att: b.zeros(m * cfg.q_dim())?,
-            lse: kept(&|| b.zeros_f32(m * cfg.num_heads))?,
-            proj: b.zeros(m * h)?,
+            xn1: b.empty(m * h)?,
+            q: b.empty(m * cfg.q_dim())?,
+            k: b.empty(m * cfg.kv_dim())?,
+            v: b.empty(m * cfg.kv_dim())?,
+            att: b.empty(m * cfg.q_dim())?,
+            lse: kept(&|| b.empty_f32(m * cfg.num_heads))?,
+            proj: b.empty(m * h)?,
             x_mid: residual()?,
-            xn2: b.zeros(m * h)?,
-            gate: b.zeros(m * i)?,
-            up: b.zeros(m * i)?,
-            act: b.zeros(m * i)?,
+            xn2: b.empty(m * h)?,
+            gate: b.empty(m * i)?,
+            up: b.empty(m * i)?,
+            act: b.empty(m * i)?,
         })
     }
 

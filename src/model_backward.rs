@@ -2,7 +2,9 @@
 //! and the log-probabilities of the target tokens, and the explicit backward pass that turns
 //! d(loss)/d(logp) into parameter gradients (llm.c style, no autograd).
 
-use crate::backend::{Backend, PolicyTokens, TokenPlacement, TrainBackend, POLICY_STATS};
+use crate::backend::{
+    Backend, GradWrite, PolicyTokens, TokenPlacement, TrainBackend, POLICY_STATS,
+};
 use crate::grpo::LossOptions;
 use crate::model::{HeadActs, KvCache, LayerActs, LayerEdges, Model};
 use anyhow::{bail, Result};
@@ -139,7 +141,7 @@ impl<B: TrainBackend> Model<B> {
             bail!("target token id {bad} is out of range for the model's vocabulary of {v} tokens");
         }
 
-        let mut x = b.zeros(m * h)?;
+        let mut x = b.empty(m * h)?; // [M, H] residual stream, embedded next
         b.embedding_forward(
             b.full_mut(&mut x),
             self.p(self.layout.embed),
@@ -288,15 +290,16 @@ impl<B: TrainBackend> Model<B> {
             );
         }
 
-        let mut d_rows_n = b.zeros(r * h)?;
+        let mut d_rows_n = b.empty(r * h)?; // each chunk writes its rows
         for chunk in self.head_chunks(r) {
             let c = chunk.len();
             let logits = self.head_logits(&acts.head.rows_n, chunk.clone())?;
-            let mut dlogits = b.zeros(c * v)?;
+            let mut dlogits = b.empty(c * v)?; // written whole by head_grad
             head_grad(chunk.clone(), b.full(&logits), b.full_mut(&mut dlogits));
             let rows = chunk.start * h..chunk.end * h;
             b.matmul_backward(
                 Some(b.view_mut(&mut d_rows_n, rows.clone())),
+                GradWrite::Overwrite,
                 self.grad(grads, lay.lm_head),
                 b.full(&dlogits),
                 b.view(&acts.head.rows_n, rows),
@@ -306,9 +309,10 @@ impl<B: TrainBackend> Model<B> {
                 v,
             );
         }
-        let mut d_rows = b.zeros(r * h)?;
+        let mut d_rows = b.empty(r * h)?;
         b.rmsnorm_backward(
             b.full_mut(&mut d_rows),
+            GradWrite::Overwrite,
             self.grad(grads, lay.final_norm),
             b.full(&d_rows_n),
             b.full(&acts.head.rows_x),
@@ -319,16 +323,16 @@ impl<B: TrainBackend> Model<B> {
         let mut dx = b.zeros(m * h)?; // [M, H] gradient of the residual stream
         b.scatter_add_rows(b.full_mut(&mut dx), b.full(&d_rows), &batch.rows, h);
 
-        // Scratch gradients, reused by every layer.
-        let mut d_act = b.zeros(m * inter)?;
-        let mut d_gate = b.zeros(m * inter)?;
-        let mut d_up = b.zeros(m * inter)?;
-        let mut d_norm_out = b.zeros(m * h)?; // gradient at a block's RMSNorm output
-        let mut d_norm_in = b.zeros(m * h)?; // gradient at a block's RMSNorm input
-        let mut d_att = b.zeros(m * q_dim)?;
-        let mut dq = b.zeros(m * q_dim)?;
-        let mut dk = b.zeros(m * kv_dim)?;
-        let mut dv = b.zeros(m * kv_dim)?;
+        // Scratch gradients, reused by every layer; each is overwritten whole where it is made
+        // (the first product into it overwrites, later ones add).
+        let mut d_act = b.empty(m * inter)?;
+        let mut d_gate = b.empty(m * inter)?;
+        let mut d_up = b.empty(m * inter)?;
+        let mut d_norm_out = b.empty(m * h)?; // gradient at a block's RMSNorm output
+        let mut d_att = b.empty(m * q_dim)?;
+        let mut dq = b.empty(m * q_dim)?;
+        let mut dk = b.empty(m * kv_dim)?;
+        let mut dv = b.empty(m * kv_dim)?;
         let cache_len = batch.slots * batch.capacity * kv_dim;
         let mut dcache_k = b.zeros(cache_len)?;
         let mut dcache_v = b.zeros(cache_len)?;
@@ -337,9 +341,9 @@ impl<B: TrainBackend> Model<B> {
         for (l, (lp, a)) in lay.layers.iter().zip(&acts.layers).enumerate().rev() {
             let (x_in, x_mid, lse) = a.saved()?;
             // MLP block: x_out = x_mid + down(silu(gate(xn2)) · up(xn2)).
-            b.fill_zero(b.full_mut(&mut d_act));
             b.matmul_backward(
                 Some(b.full_mut(&mut d_act)),
+                GradWrite::Overwrite,
                 self.grad(grads, lp.down),
                 b.full(&dx),
                 b.full(&a.act),
@@ -358,10 +362,14 @@ impl<B: TrainBackend> Model<B> {
                 b.full(&a.gate),
                 b.full(&a.up),
             );
-            b.fill_zero(b.full_mut(&mut d_norm_out));
-            for (w, bias, dy) in [(lp.gate, lp.gate_bias, &d_gate), (lp.up, lp.up_bias, &d_up)] {
+            let products = [
+                (lp.gate, lp.gate_bias, &d_gate, GradWrite::Overwrite),
+                (lp.up, lp.up_bias, &d_up, GradWrite::Add),
+            ];
+            for (w, bias, dy, write) in products {
                 b.matmul_backward(
                     Some(b.full_mut(&mut d_norm_out)),
+                    write,
                     self.grad(grads, w),
                     b.full(dy),
                     b.full(&a.xn2),
@@ -374,8 +382,10 @@ impl<B: TrainBackend> Model<B> {
                     b.bias_backward(self.grad(grads, i), b.full(dy));
                 }
             }
+            // the norm's input is the residual stream: its gradient adds to dx
             b.rmsnorm_backward(
-                b.full_mut(&mut d_norm_in),
+                b.full_mut(&mut dx),
+                GradWrite::Add,
                 self.grad(grads, lp.post_norm),
                 b.full(&d_norm_out),
                 b.full(x_mid),
@@ -383,12 +393,11 @@ impl<B: TrainBackend> Model<B> {
                 h,
                 eps,
             );
-            b.residual_add(b.full_mut(&mut dx), b.full(&d_norm_in));
 
             // Attention block: x_mid = x_in + o(attn(rope(q(xn1)), rope(k(xn1)), v(xn1))).
-            b.fill_zero(b.full_mut(&mut d_att));
             b.matmul_backward(
                 Some(b.full_mut(&mut d_att)),
+                GradWrite::Overwrite,
                 self.grad(grads, lp.o),
                 b.full(&dx),
                 b.full(&a.att),
@@ -448,14 +457,15 @@ impl<B: TrainBackend> Model<B> {
                 cfg.num_kv_heads,
                 hd,
             );
-            b.fill_zero(b.full_mut(&mut d_norm_out));
-            for (w, bias, dy, n) in [
-                (lp.q, lp.q_bias, &dq, q_dim),
-                (lp.k, lp.k_bias, &dk, kv_dim),
-                (lp.v, lp.v_bias, &dv, kv_dim),
-            ] {
+            let products = [
+                (lp.q, lp.q_bias, &dq, q_dim, GradWrite::Overwrite),
+                (lp.k, lp.k_bias, &dk, kv_dim, GradWrite::Add),
+                (lp.v, lp.v_bias, &dv, kv_dim, GradWrite::Add),
+            ];
+            for (w, bias, dy, n, write) in products {
                 b.matmul_backward(
                     Some(b.full_mut(&mut d_norm_out)),
+                    write,
                     self.grad(grads, w),
                     b.full(dy),
                     b.full(&a.xn1),
@@ -469,7 +479,8 @@ impl<B: TrainBackend> Model<B> {
                 }
             }
             b.rmsnorm_backward(
-                b.full_mut(&mut d_norm_in),
+                b.full_mut(&mut dx),
+                GradWrite::Add,
                 self.grad(grads, lp.input_norm),
                 b.full(&d_norm_out),
                 b.full(x_in),
@@ -477,7 +488,6 @@ impl<B: TrainBackend> Model<B> {
                 h,
                 eps,
             );
-            b.residual_add(b.full_mut(&mut dx), b.full(&d_norm_in));
         }
         // Tied embeddings: the LM head's gradient already sits in the same range and this adds to it.
         b.embedding_backward(self.grad(grads, lay.embed), b.full(&dx), &batch.tokens, h);

@@ -11,7 +11,7 @@ use thinkshort::backend::cpu::{
     matmul_backward, matmul_forward, rmsnorm_backward, rmsnorm_forward, rope_backward,
     rope_forward, scatter_add_rows, swiglu_backward, swiglu_forward,
 };
-use thinkshort::backend::TokenPlacement;
+use thinkshort::backend::{GradWrite, TokenPlacement};
 use thinkshort::rng::Philox;
 
 /// Finite-difference step; in f64 both truncation (h²) and round-off (ε/h) stay far below 1e-4.
@@ -250,15 +250,30 @@ fn check_matmul(with_bias: bool) {
     assert_close(&what("forward"), &out, &expected, FWD_TOL);
 
     let (mut dx, mut dw) = (vec![PREFILL; m * k], vec![PREFILL; n * k]);
-    matmul_backward(Some(&mut dx), &mut dw, &c, &x, &w, m, k, n);
+    matmul_backward(Some(&mut dx), GradWrite::Add, &mut dw, &c, &x, &w, m, k, n);
     let fd_dx = fd_grad(&x, &c, |x| ref_matmul(x, &w64, bias64, m, k, n));
     let fd_dw = fd_grad(&w, &c, |w| ref_matmul(&x64, w, bias64, m, k, n));
     assert_close(&what("dx"), &added(&dx), &fd_dx, GRAD_TOL);
     assert_close(&what("dw"), &added(&dw), &fd_dw, GRAD_TOL);
 
+    // Overwriting dx: the gradient alone, whatever dx held (NaN here).
+    let (mut dx_set, mut dw_set) = (vec![f32::NAN; m * k], vec![PREFILL; n * k]);
+    matmul_backward(
+        Some(&mut dx_set),
+        GradWrite::Overwrite,
+        &mut dw_set,
+        &c,
+        &x,
+        &w,
+        m,
+        k,
+        n,
+    );
+    assert_close(&what("dx overwritten"), &dx_set, &fd_dx, GRAD_TOL);
+
     // Without dx (the first layer's input needs none) dw must come out the same.
     let mut dw_only = vec![PREFILL; n * k];
-    matmul_backward(None, &mut dw_only, &c, &x, &w, m, k, n);
+    matmul_backward(None, GradWrite::Add, &mut dw_only, &c, &x, &w, m, k, n);
     assert_close(&what("dw, dx = None"), &added(&dw_only), &fd_dw, GRAD_TOL);
 
     if with_bias {
@@ -290,13 +305,34 @@ fn rmsnorm() {
     let expected = ref_rmsnorm(&x64, &w64, dim, eps as f64);
     assert_close("rmsnorm forward", &out, &expected, FWD_TOL);
 
-    // dx is overwritten, dweight accumulates.
-    let (mut dx, mut dweight) = (vec![PREFILL; m * dim], vec![PREFILL; dim]);
-    rmsnorm_backward(&mut dx, &mut dweight, &c, &x, &weight, dim, eps);
+    // dx is overwritten (whatever it held: NaN here) or added to; dweight accumulates.
+    let (mut dx, mut dweight) = (vec![f32::NAN; m * dim], vec![PREFILL; dim]);
+    rmsnorm_backward(
+        &mut dx,
+        GradWrite::Overwrite,
+        &mut dweight,
+        &c,
+        &x,
+        &weight,
+        dim,
+        eps,
+    );
     let fd_dx = fd_grad(&x, &c, |x| ref_rmsnorm(x, &w64, dim, eps as f64));
     let fd_dw = fd_grad(&weight, &c, |w| ref_rmsnorm(&x64, w, dim, eps as f64));
     assert_close("rmsnorm dx", &dx, &fd_dx, GRAD_TOL);
     assert_close("rmsnorm dweight", &added(&dweight), &fd_dw, GRAD_TOL);
+    let (mut dx_add, mut dweight) = (vec![PREFILL; m * dim], vec![PREFILL; dim]);
+    rmsnorm_backward(
+        &mut dx_add,
+        GradWrite::Add,
+        &mut dweight,
+        &c,
+        &x,
+        &weight,
+        dim,
+        eps,
+    );
+    assert_close("rmsnorm dx added", &added(&dx_add), &fd_dx, GRAD_TOL);
 }
 
 #[test]

@@ -4,7 +4,7 @@
 use std::ops::Range;
 use std::process::Command;
 use thinkshort::backend::cpu::CpuBackend;
-use thinkshort::backend::{Backend, PolicyTokens, TokenPlacement, TrainBackend};
+use thinkshort::backend::{Backend, GradWrite, PolicyTokens, TokenPlacement, TrainBackend};
 use thinkshort::config::ModelConfig;
 use thinkshort::grpo::{AdvantageOptions, LossOptions};
 use thinkshort::model::Model;
@@ -78,6 +78,12 @@ impl Backend for TestDevice {
     }
     fn zeros_f32(&self, len: usize) -> anyhow::Result<Buf> {
         Ok(self.buf(vec![0.0; len], true))
+    }
+    fn empty(&self, len: usize) -> anyhow::Result<Buf> {
+        Ok(self.buf(vec![f32::NAN; len], false))
+    }
+    fn empty_f32(&self, len: usize) -> anyhow::Result<Buf> {
+        Ok(self.buf(vec![f32::NAN; len], true))
     }
     fn upload_f32(&self, host: &[f32]) -> anyhow::Result<Buf> {
         Ok(self.buf(host.to_vec(), true))
@@ -361,6 +367,7 @@ impl TrainBackend for TestDevice {
     fn matmul_backward(
         &self,
         dx: Option<ViewMut<'_>>,
+        dx_write: GradWrite,
         dw: ViewMut<'_>,
         dout: View<'_>,
         x: View<'_>,
@@ -373,6 +380,7 @@ impl TrainBackend for TestDevice {
             Some(dx) => {
                 CPU.matmul_backward(
                     Some(&mut *dx.data),
+                    dx_write,
                     &mut *dw.data,
                     dout.data,
                     x.data,
@@ -383,7 +391,17 @@ impl TrainBackend for TestDevice {
                 );
                 dx.store();
             }
-            None => CPU.matmul_backward(None, &mut *dw.data, dout.data, x.data, w.data, m, k, n),
+            None => CPU.matmul_backward(
+                None,
+                dx_write,
+                &mut *dw.data,
+                dout.data,
+                x.data,
+                w.data,
+                m,
+                k,
+                n,
+            ),
         }
         dw.store();
     }
@@ -394,6 +412,7 @@ impl TrainBackend for TestDevice {
     fn rmsnorm_backward(
         &self,
         dx: ViewMut<'_>,
+        dx_write: GradWrite,
         dweight: ViewMut<'_>,
         dout: View<'_>,
         x: View<'_>,
@@ -403,6 +422,7 @@ impl TrainBackend for TestDevice {
     ) {
         CPU.rmsnorm_backward(
             &mut *dx.data,
+            dx_write,
             &mut *dweight.data,
             dout.data,
             x.data,

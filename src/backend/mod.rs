@@ -44,6 +44,15 @@ impl TokenPlacement {
     }
 }
 
+/// How a backward op writes an activation gradient: added to what the buffer holds (several
+/// paths meet there), or in place of it (the buffer's old contents are never read, so it needs no
+/// clearing first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GradWrite {
+    Add,
+    Overwrite,
+}
+
 /// The columns of `policy_loss_backward`'s per-row statistics, [R, POLICY_STATS] f32. Rows of
 /// completions left out of the loss hold 0 in every column but the entropy.
 pub mod policy_stat {
@@ -143,6 +152,17 @@ pub trait Backend: Send + Sync {
     /// `upload`, kept in f32 on every backend (see `zeros_f32`): e.g. the RoPE frequencies.
     fn upload_f32(&self, host: &[f32]) -> Result<Self::Buf> {
         self.upload(host)
+    }
+
+    /// A buffer of `len` values for ops that overwrite it whole before anything reads it: its
+    /// contents are unspecified until written. CUDA leaves the memory as it was (no clearing
+    /// pass); the CPU fills it with NaN, so a value read before it is written shows.
+    fn empty(&self, len: usize) -> Result<Self::Buf> {
+        self.zeros(len)
+    }
+    /// `empty`, kept in f32 on every backend (see `zeros_f32`).
+    fn empty_f32(&self, len: usize) -> Result<Self::Buf> {
+        self.zeros_f32(len)
     }
 
     /// Bytes per value of the buffers made by `zeros` and `upload` (CUDA: bf16).
@@ -420,11 +440,13 @@ pub trait TrainBackend: Backend {
     /// x: [R, cols] f32; out: [cols, 2] f32.
     fn column_sums(&self, out: Self::ViewMut<'_>, x: Self::View<'_>, cols: usize);
 
-    /// dx += dout · w (when given); dw += doutᵀ · x.  dout: [M, N]; x, dx: [M, K]; w, dw: [N, K].
+    /// dx += dout · w, or dx = dout · w with `GradWrite::Overwrite` (when dx is given);
+    /// dw += doutᵀ · x.  dout: [M, N]; x, dx: [M, K]; w, dw: [N, K].
     #[allow(clippy::too_many_arguments)]
     fn matmul_backward(
         &self,
         dx: Option<Self::ViewMut<'_>>,
+        dx_write: GradWrite,
         dw: Self::ViewMut<'_>,
         dout: Self::View<'_>,
         x: Self::View<'_>,
@@ -437,11 +459,13 @@ pub trait TrainBackend: Backend {
     /// dbias += Σ_rows dout.  dout: [M, N]; dbias: [N].
     fn bias_backward(&self, dbias: Self::ViewMut<'_>, dout: Self::View<'_>);
 
-    /// dx = RMSNorm backward (overwritten); dweight += Σ_rows dout ⊙ x / rms.
+    /// dx = RMSNorm backward (`GradWrite::Overwrite`), or dx += it (`Add`: straight into the
+    /// residual stream's gradient); dweight += Σ_rows dout ⊙ x / rms.
     #[allow(clippy::too_many_arguments)]
     fn rmsnorm_backward(
         &self,
         dx: Self::ViewMut<'_>,
+        dx_write: GradWrite,
         dweight: Self::ViewMut<'_>,
         dout: Self::View<'_>,
         x: Self::View<'_>,

@@ -38,8 +38,8 @@ use super::ops::decode_attention::{plan_splits, scratch_sizes, DecodeProblem};
 use super::ops::flash_attention::{FlashGrads, FlashProblem};
 use super::ops::sampling::DeviceDraws;
 use crate::backend::{
-    summarize_ops, Backend, DecodeGraphStats, OpTime, PolicyTokens, TokenPlacement, TrainBackend,
-    POLICY_STATS,
+    summarize_ops, Backend, DecodeGraphStats, GradWrite, OpTime, PolicyTokens, TokenPlacement,
+    TrainBackend, POLICY_STATS,
 };
 use crate::grpo::{AdvantageOptions, LossOptions};
 use crate::sampling::{SamplingParams, TokenDraws};
@@ -577,6 +577,14 @@ impl Backend for CudaBackend {
 
     fn zeros_f32(&self, len: usize) -> Result<CudaBuf> {
         self.zeros_of(len, DType::F32)
+    }
+
+    fn empty(&self, len: usize) -> Result<CudaBuf> {
+        self.alloc(len, DType::Bf16)
+    }
+
+    fn empty_f32(&self, len: usize) -> Result<CudaBuf> {
+        self.alloc(len, DType::F32)
     }
 
     fn upload(&self, host: &[f32]) -> Result<CudaBuf> {
@@ -1303,6 +1311,7 @@ impl TrainBackend for CudaBackend {
     fn matmul_backward(
         &self,
         dx: Option<CudaViewMut<'_>>,
+        dx_write: GradWrite,
         dw: CudaViewMut<'_>,
         dout: CudaView<'_>,
         x: CudaView<'_>,
@@ -1325,15 +1334,19 @@ impl TrainBackend for CudaBackend {
             }
             if let Some(dx) = dx {
                 expect("dx", dx.dtype, dx.len, DType::Bf16, m * k)?;
-                // dx[M, K] += dout[M, N] · w[N, K]: column-major dxᵀ = wᵀ · doutᵀ, with w and
-                // dout read as stored (column-major K × N and N × M)
+                // dx[M, K] (+)= dout[M, N] · w[N, K]: column-major dxᵀ = wᵀ · doutᵀ, with w and
+                // dout read as stored (column-major K × N and N × M); beta 0 never reads dx
+                let beta = match dx_write {
+                    GradWrite::Add => 1.0,
+                    GradWrite::Overwrite => 0.0,
+                };
                 self.gemm(
                     "matmul_backward dx",
                     (false, false),
                     (k, m, n),
                     (w.ptr, k),
                     (dout.ptr, n),
-                    1.0,
+                    beta,
                     (dx.ptr, dx.dtype, k),
                 )?;
             }
@@ -1365,6 +1378,7 @@ impl TrainBackend for CudaBackend {
     fn rmsnorm_backward(
         &self,
         dx: CudaViewMut<'_>,
+        dx_write: GradWrite,
         dweight: CudaViewMut<'_>,
         dout: CudaView<'_>,
         x: CudaView<'_>,
@@ -1382,7 +1396,7 @@ impl TrainBackend for CudaBackend {
             let partials = self.scratch_f32(ops::rmsnorm::rmsnorm_backward_scratch(rows, dim))?;
             ops::rmsnorm::rmsnorm_backward(
                 &self.k,
-                dx.ptr,
+                (dx.ptr, dx_write == GradWrite::Add),
                 dweight.ptr,
                 dout.ptr,
                 x.ptr,

@@ -10,7 +10,7 @@ use super::{
     TOL_F32,
 };
 use crate::backend::cpu::CpuBackend;
-use crate::backend::{TokenPlacement, TrainBackend};
+use crate::backend::{GradWrite, TokenPlacement, TrainBackend};
 use crate::config::ModelConfig;
 use crate::model::Model;
 use crate::model_backward::TrainBatch;
@@ -60,34 +60,48 @@ pub(super) fn checks<D: TrainBackend>(c: &mut Checker<D>) -> Result<()> {
     // matmul_backward: dx [M, K] += dout [M, N] · w [N, K]; dw [N, K] += doutᵀ · x. With dx, a
     // bf16 dw (both outputs bf16); without dx, an f32 dw (the parameter-gradient case: f32 from
     // the same inputs).
+    // dx starts random: overwriting must not read it, adding must.
     for (m, k, n) in [(1, 896, 4864), (5, 7, 3), (64, 33, 17), (128, 896, 896)] {
-        c.check(
-            "matmul_backward",
-            format!("M={m} K={k} N={n}"),
-            TOL_BF16,
-            |dev, rand| {
-                let (dout, dout_h) = put(dev, &rand.normal(m * n, 1.0))?;
-                let (x, x_h) = put(dev, &rand.normal(m * k, 1.0))?;
-                let (w, w_h) = put(dev, &rand.normal(n * k, 0.05))?;
-                let (mut dx, mut dx_ref) = put(dev, &rand.normal(m * k, 0.1))?;
-                let (mut dw, mut dw_ref) = put(dev, &rand.normal(n * k, 1.0))?;
-                dev.matmul_backward(
-                    Some(dev.full_mut(&mut dx)),
-                    dev.full_mut(&mut dw),
-                    dev.full(&dout),
-                    dev.full(&x),
-                    dev.full(&w),
-                    m,
-                    k,
-                    n,
-                );
-                cpu.matmul_backward(Some(&mut dx_ref), &mut dw_ref, &dout_h, &x_h, &w_h, m, k, n);
-                Ok(vec![
-                    ("dx", get(dev, &dx)?, dx_ref),
-                    ("dw", get(dev, &dw)?, dw_ref),
-                ])
-            },
-        )?;
+        for write in [GradWrite::Add, GradWrite::Overwrite] {
+            c.check(
+                "matmul_backward",
+                format!("M={m} K={k} N={n} dx {write:?}"),
+                TOL_BF16,
+                |dev, rand| {
+                    let (dout, dout_h) = put(dev, &rand.normal(m * n, 1.0))?;
+                    let (x, x_h) = put(dev, &rand.normal(m * k, 1.0))?;
+                    let (w, w_h) = put(dev, &rand.normal(n * k, 0.05))?;
+                    let (mut dx, mut dx_ref) = put(dev, &rand.normal(m * k, 0.1))?;
+                    let (mut dw, mut dw_ref) = put(dev, &rand.normal(n * k, 1.0))?;
+                    dev.matmul_backward(
+                        Some(dev.full_mut(&mut dx)),
+                        write,
+                        dev.full_mut(&mut dw),
+                        dev.full(&dout),
+                        dev.full(&x),
+                        dev.full(&w),
+                        m,
+                        k,
+                        n,
+                    );
+                    cpu.matmul_backward(
+                        Some(&mut dx_ref),
+                        write,
+                        &mut dw_ref,
+                        &dout_h,
+                        &x_h,
+                        &w_h,
+                        m,
+                        k,
+                        n,
+                    );
+                    Ok(vec![
+                        ("dx", get(dev, &dx)?, dx_ref),
+                        ("dw", get(dev, &dw)?, dw_ref),
+                    ])
+                },
+            )?;
+        }
         let shape = format!("M={m} K={k} N={n} dw=f32, no dx");
         c.check("matmul_backward", shape, TOL_F32, |dev, rand| {
             let (dout, dout_h) = put(dev, &rand.normal(m * n, 1.0))?;
@@ -97,6 +111,7 @@ pub(super) fn checks<D: TrainBackend>(c: &mut Checker<D>) -> Result<()> {
             let (dw_view, dout_view) = (dev.full_mut(&mut dw), dev.full(&dout));
             dev.matmul_backward(
                 None,
+                GradWrite::Add,
                 dw_view,
                 dout_view,
                 dev.full(&x),
@@ -105,7 +120,17 @@ pub(super) fn checks<D: TrainBackend>(c: &mut Checker<D>) -> Result<()> {
                 k,
                 n,
             );
-            cpu.matmul_backward(None, &mut dw_ref, &dout_h, &x_h, &w_h, m, k, n);
+            cpu.matmul_backward(
+                None,
+                GradWrite::Add,
+                &mut dw_ref,
+                &dout_h,
+                &x_h,
+                &w_h,
+                m,
+                k,
+                n,
+            );
             Ok(vec![("dw", get(dev, &dw)?, dw_ref)])
         })?;
     }
@@ -131,41 +156,44 @@ pub(super) fn checks<D: TrainBackend>(c: &mut Checker<D>) -> Result<()> {
     // that are multiples of 8 take the vector kernel, 7 and 100 the scalar one; 4999 and 4099
     // rows make blocks of 3 rows, the last one partial, each summing its rows' dweight.
     for (rows, dim) in [(1, 896), (5, 7), (64, 1536), (4999, 896), (4099, 100)] {
-        c.check(
-            "rmsnorm_backward",
-            format!("rows={rows} dim={dim}"),
-            TOL_BF16,
-            |dev, rand| {
-                let (dout, dout_h) = put(dev, &rand.normal(rows * dim, 1.0))?;
-                let (x, x_h) = put(dev, &rand.normal(rows * dim, 1.0))?;
-                let (w, w_h) = put(dev, &rand.normal(dim, 1.0))?;
-                let (mut dx, _) = put(dev, &rand.normal(rows * dim, 1.0))?;
-                let (mut dweight, mut dweight_ref) = put_f32(dev, &rand.normal(dim, 1.0))?;
-                dev.rmsnorm_backward(
-                    dev.full_mut(&mut dx),
-                    dev.full_mut(&mut dweight),
-                    dev.full(&dout),
-                    dev.full(&x),
-                    dev.full(&w),
-                    dim,
-                    1e-6,
-                );
-                let mut dx_ref = vec![0.0; rows * dim];
-                cpu.rmsnorm_backward(
-                    &mut dx_ref,
-                    &mut dweight_ref,
-                    &dout_h,
-                    &x_h,
-                    &w_h,
-                    dim,
-                    1e-6,
-                );
-                Ok(vec![
-                    ("dx", get(dev, &dx)?, dx_ref),
-                    ("dweight", get(dev, &dweight)?, dweight_ref),
-                ])
-            },
-        )?;
+        for write in [GradWrite::Overwrite, GradWrite::Add] {
+            c.check(
+                "rmsnorm_backward",
+                format!("rows={rows} dim={dim} dx {write:?}"),
+                TOL_BF16,
+                |dev, rand| {
+                    let (dout, dout_h) = put(dev, &rand.normal(rows * dim, 1.0))?;
+                    let (x, x_h) = put(dev, &rand.normal(rows * dim, 1.0))?;
+                    let (w, w_h) = put(dev, &rand.normal(dim, 1.0))?;
+                    let (mut dx, mut dx_ref) = put(dev, &rand.normal(rows * dim, 1.0))?;
+                    let (mut dweight, mut dweight_ref) = put_f32(dev, &rand.normal(dim, 1.0))?;
+                    dev.rmsnorm_backward(
+                        dev.full_mut(&mut dx),
+                        write,
+                        dev.full_mut(&mut dweight),
+                        dev.full(&dout),
+                        dev.full(&x),
+                        dev.full(&w),
+                        dim,
+                        1e-6,
+                    );
+                    cpu.rmsnorm_backward(
+                        &mut dx_ref,
+                        write,
+                        &mut dweight_ref,
+                        &dout_h,
+                        &x_h,
+                        &w_h,
+                        dim,
+                        1e-6,
+                    );
+                    Ok(vec![
+                        ("dx", get(dev, &dx)?, dx_ref),
+                        ("dweight", get(dev, &dweight)?, dweight_ref),
+                    ])
+                },
+            )?;
+        }
     }
 
     // rope_backward: the gradient rotated back in place, [M, heads * head_dim].

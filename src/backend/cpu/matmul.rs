@@ -1,5 +1,6 @@
 //! out = x · wᵀ + bias, with weights in the PyTorch `Linear` layout [N, K].
 
+use crate::backend::GradWrite;
 use gemm::{gemm, Parallelism};
 
 /// x: [M, K]; w: [N, K]; bias: [N]; out: [M, N].
@@ -63,11 +64,12 @@ pub fn add_bias_rows(x: &mut [f32], bias: &[f32]) {
     }
 }
 
-/// Backward of `matmul_forward` without the bias: dx += dout · w, dw += doutᵀ · x.
-/// dout: [M, N]; x, dx: [M, K]; w, dw: [N, K]. Gradients accumulate.
+/// Backward of `matmul_forward` without the bias: dx += dout · w (dx = dout · w with
+/// `GradWrite::Overwrite`), dw += doutᵀ · x. dout: [M, N]; x, dx: [M, K]; w, dw: [N, K].
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_backward(
     dx: Option<&mut [f32]>,
+    dx_write: GradWrite,
     dw: &mut [f32],
     dout: &[f32],
     x: &[f32],
@@ -83,7 +85,7 @@ pub fn matmul_backward(
     let parallelism = Parallelism::Rayon(rayon::current_num_threads());
     if let Some(dx) = dx {
         assert_eq!(dx.len(), m * k, "matmul_backward: dx is not [M, K]");
-        // dx[M, K] += dout[M, N] · w[N, K]; all row-major.
+        // dx[M, K] (+)= dout[M, N] · w[N, K]; all row-major. Overwriting never reads dx.
         // SAFETY: sizes asserted above.
         unsafe {
             gemm(
@@ -93,7 +95,7 @@ pub fn matmul_backward(
                 dx.as_mut_ptr(),
                 1,
                 k as isize,
-                true,
+                dx_write == GradWrite::Add,
                 dout.as_ptr(),
                 1,
                 n as isize,

@@ -26,7 +26,7 @@ pub use rope::{rope_backward, rope_forward, rope_forward_with_bias};
 pub use sampling::sample_tokens;
 pub use swiglu::{swiglu_backward, swiglu_forward};
 
-use super::{Backend, PolicyTokens, TokenPlacement, TrainBackend};
+use super::{Backend, GradWrite, PolicyTokens, TokenPlacement, TrainBackend};
 use crate::grpo::{AdvantageOptions, LossOptions};
 use crate::sampling::{SamplingParams, TokenDraws};
 use anyhow::Result;
@@ -48,6 +48,12 @@ impl Backend for CpuBackend {
     }
     fn zeros(&self, len: usize) -> Result<Vec<f32>> {
         Ok(vec![0.0; len])
+    }
+    fn empty(&self, len: usize) -> Result<Vec<f32>> {
+        Ok(vec![f32::NAN; len])
+    }
+    fn empty_f32(&self, len: usize) -> Result<Vec<f32>> {
+        self.empty(len)
     }
     fn upload(&self, host: &[f32]) -> Result<Vec<f32>> {
         Ok(host.to_vec())
@@ -234,6 +240,7 @@ impl TrainBackend for CpuBackend {
     fn matmul_backward(
         &self,
         dx: Option<&mut [f32]>,
+        dx_write: GradWrite,
         dw: &mut [f32],
         dout: &[f32],
         x: &[f32],
@@ -242,7 +249,7 @@ impl TrainBackend for CpuBackend {
         k: usize,
         n: usize,
     ) {
-        matmul_backward(dx, dw, dout, x, w, m, k, n)
+        matmul_backward(dx, dx_write, dw, dout, x, w, m, k, n)
     }
     fn bias_backward(&self, dbias: &mut [f32], dout: &[f32]) {
         bias_backward(dbias, dout)
@@ -250,6 +257,7 @@ impl TrainBackend for CpuBackend {
     fn rmsnorm_backward(
         &self,
         dx: &mut [f32],
+        dx_write: GradWrite,
         dweight: &mut [f32],
         dout: &[f32],
         x: &[f32],
@@ -257,7 +265,7 @@ impl TrainBackend for CpuBackend {
         dim: usize,
         eps: f32,
     ) {
-        rmsnorm_backward(dx, dweight, dout, x, weight, dim, eps)
+        rmsnorm_backward(dx, dx_write, dweight, dout, x, weight, dim, eps)
     }
     fn rope_backward(
         &self,

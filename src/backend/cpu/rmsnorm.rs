@@ -1,5 +1,6 @@
 //! RMSNorm as in HF Qwen2/Llama: normalise in f32, then scale by the weight.
 
+use crate::backend::GradWrite;
 use rayon::prelude::*;
 
 /// x, out: [M, dim]; weight: [dim].
@@ -22,9 +23,11 @@ pub fn rmsnorm_forward(out: &mut [f32], x: &[f32], weight: &[f32], dim: usize, e
 }
 
 /// Backward of `rmsnorm_forward`. With r = 1/sqrt(mean(x²) + eps) and g = weight ⊙ dout:
-/// dx = r·g − x · r³ · Σ(g ⊙ x) / dim;  dweight += Σ_rows dout ⊙ x · r. dx is overwritten.
+/// dx = r·g − x · r³ · Σ(g ⊙ x) / dim (overwritten, or added to dx with `GradWrite::Add`);
+/// dweight += Σ_rows dout ⊙ x · r.
 pub fn rmsnorm_backward(
     dx: &mut [f32],
+    dx_write: GradWrite,
     dweight: &mut [f32],
     dout: &[f32],
     x: &[f32],
@@ -61,7 +64,11 @@ pub fn rmsnorm_backward(
                     .sum();
                 let c = r * r * r * gx / dim as f32;
                 for i in 0..dim {
-                    dx[i] = r * weight[i] * dout[i] - c * x[i];
+                    let g = r * weight[i] * dout[i] - c * x[i];
+                    match dx_write {
+                        GradWrite::Add => dx[i] += g,
+                        GradWrite::Overwrite => dx[i] = g,
+                    }
                     dw[i] += dout[i] * x[i] * r;
                 }
             }

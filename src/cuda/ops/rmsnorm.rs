@@ -131,9 +131,9 @@ pub fn rmsnorm_backward_scratch(rows: usize, dim: usize) -> usize {
 /// Rows up to this many 16-byte vectors go to `rmsnorm_backward_vec` (a thread per vector).
 const VEC_KERNEL_MAX_DIM: usize = MAX_THREADS_PER_BLOCK as usize * BF16_VEC;
 
-/// The gradient of [`rmsnorm_forward`]: dx (bf16 [rows, dim], overwritten) and dweight (f32
-/// [dim], accumulated in a fixed order through `partials`, f32 [`rmsnorm_backward_scratch`])
-/// from dout and x (bf16 [rows, dim]) and weight (bf16 [dim]).
+/// The gradient of [`rmsnorm_forward`]: dx (bf16 [rows, dim], overwritten, or added to when
+/// `dx.1`) and dweight (f32 [dim], accumulated in a fixed order through `partials`, f32
+/// [`rmsnorm_backward_scratch`]) from dout and x (bf16 [rows, dim]) and weight (bf16 [dim]).
 /// grid = (rows / rows_per_block, 1, 1); `rmsnorm_backward_vec` (dim a multiple of 8 up to
 /// 8192, 16-byte aligned) with one thread per 16-byte vector, else `rmsnorm_backward` with
 /// row_block_size(dim, 1, false) threads and dim f32 of dynamic shared memory; then
@@ -141,7 +141,7 @@ const VEC_KERNEL_MAX_DIM: usize = MAX_THREADS_PER_BLOCK as usize * BF16_VEC;
 #[allow(clippy::too_many_arguments)]
 pub fn rmsnorm_backward(
     k: &KernelCtx,
-    dx: u64,
+    (dx, add_to_dx): (u64, bool),
     dweight: u64,
     dout: u64,
     x: u64,
@@ -168,6 +168,7 @@ pub fn rmsnorm_backward(
     let per_block = rows_per_block(rows);
     let blocks = rows.div_ceil(per_block);
     let per_block_i = per_block as i32;
+    let accumulate = add_to_dx as i32;
     let vectorised = dim.is_multiple_of(BF16_VEC)
         && dim <= VEC_KERNEL_MAX_DIM
         && aligned16(&[dx, dout, x, weight, partials]);
@@ -195,9 +196,11 @@ pub fn rmsnorm_backward(
         .arg(&rows_i)
         .arg(&dim_i)
         .arg(&eps)
-        .arg(&per_block_i);
+        .arg(&per_block_i)
+        .arg(&accumulate);
     // SAFETY: both kernels take `(bf16* dx, float* partials, const bf16* dout, const bf16* x,
-    // const bf16* weight, int rows, int dim, float eps, int rows_per_block)`; the caller owns
+    // const bf16* weight, int rows, int dim, float eps, int rows_per_block, int accumulate)`;
+    // the caller owns
     // buffers of those shapes and partials of blocks * dim f32; the block is whole warps, at most
     // 1024, as the reductions require: one thread per 16-byte vector of a row for the vector
     // kernel (whose conditions were checked above), dim f32 of shared memory for the other.
