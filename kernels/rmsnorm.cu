@@ -125,8 +125,8 @@ add_rmsnorm_forward(__nv_bfloat16* out, __nv_bfloat16* x, const __nv_bfloat16* r
 //     dweight += sum over rows of dout * x * r          (f32: a parameter gradient)
 // A block takes `rows_per_block` consecutive rows one after the other and sums its rows' dweight
 // terms, each thread owning the same columns in every row; it writes that sum to
-// partials[block, :], which add_column_sums (elementwise.cu) adds to dweight in block order: no
-// atomics, the same result run to run. Two kernels:
+// partials[block, :], which add_column_sums (elementwise.cu) adds to dweight in an order fixed by
+// the sizes: no atomics, the same result run to run. Two kernels:
 //   rmsnorm_backward_vec (dim % 8 == 0, dim <= 8 * 1024, 16-byte aligned tensors): thread t owns
 //       the 8 columns of one 16-byte vector (blockDim.x = dim / 8 rounded up to whole warps), so
 //       its weight and dweight terms stay in registers; one block reduction per row.

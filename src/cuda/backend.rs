@@ -1329,11 +1329,21 @@ impl TrainBackend for CudaBackend {
                 "dw has {} elements, expected {n} * {k}",
                 dw.len
             );
+            if let Some(dx) = &dx {
+                expect("dx", dx.dtype, dx.len, DType::Bf16, m * k)?;
+                if n == 0 && dx_write == GradWrite::Overwrite {
+                    // an empty product: dx = 0 (cuBLAS would not touch it)
+                    // SAFETY: dx covers m * k bf16.
+                    unsafe {
+                        drv::memset_d8_async(dx.ptr, 0, 2 * dx.len, self.k.stream.cu_stream())
+                    }
+                    .context("cuMemsetD8Async")?;
+                }
+            }
             if m == 0 || n == 0 || k == 0 {
                 return Ok(());
             }
             if let Some(dx) = dx {
-                expect("dx", dx.dtype, dx.len, DType::Bf16, m * k)?;
                 // dx[M, K] (+)= dout[M, N] · w[N, K]: column-major dxᵀ = wᵀ · doutᵀ, with w and
                 // dout read as stored (column-major K × N and N × M); beta 0 never reads dx
                 let beta = match dx_write {

@@ -146,3 +146,39 @@ pub fn bias_backward(dbias: &mut [f32], dout: &[f32]) {
         dbias.iter_mut().zip(row).for_each(|(d, g)| *d += g);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_product_overwrites_dx_with_zeros_and_adds_nothing() {
+        let (m, k) = (2, 3);
+        let mut dx = vec![f32::NAN; m * k];
+        matmul_backward(
+            Some(&mut dx),
+            GradWrite::Overwrite,
+            &mut [],
+            &[],
+            &[1.0; 6],
+            &[],
+            m,
+            k,
+            0,
+        );
+        assert_eq!(dx, vec![0.0; m * k]);
+        let mut dx = vec![0.5; m * k];
+        matmul_backward(
+            Some(&mut dx),
+            GradWrite::Add,
+            &mut [],
+            &[],
+            &[1.0; 6],
+            &[],
+            m,
+            k,
+            0,
+        );
+        assert_eq!(dx, vec![0.5; m * k]);
+    }
+}
