@@ -459,11 +459,14 @@ fn set_blas_workspace(blas: &CudaBlas, stream: &Arc<CudaStream>) -> Result<CudaS
 
 /// `THINKSHORT_CUDA_GRAPHS`: unset or 1 records decode steps as CUDA graphs, 0 runs them op by op.
 fn decode_graphs_from_env() -> Result<bool> {
-    match std::env::var("THINKSHORT_CUDA_GRAPHS") {
-        Err(_) => Ok(true),
-        Ok(v) if v == "1" => Ok(true),
-        Ok(v) if v == "0" => Ok(false),
-        Ok(v) => bail!("THINKSHORT_CUDA_GRAPHS must be 0 or 1, got {v:?}"),
+    parse_decode_graphs(std::env::var("THINKSHORT_CUDA_GRAPHS").ok().as_deref())
+}
+
+fn parse_decode_graphs(value: Option<&str>) -> Result<bool> {
+    match value {
+        None | Some("1") => Ok(true),
+        Some("0") => Ok(false),
+        Some(v) => bail!("THINKSHORT_CUDA_GRAPHS must be 0 or 1, got {v:?}"),
     }
 }
 
@@ -1666,5 +1669,22 @@ impl TrainBackend for CudaBackend {
                 &self.k, params.ptr, master.ptr, m.ptr, v.ptr, grads.ptr, n, step,
             )
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_graph_setting_is_on_unless_set_to_0_and_anything_else_is_an_error() {
+        assert!(parse_decode_graphs(None).unwrap());
+        assert!(parse_decode_graphs(Some("1")).unwrap());
+        assert!(!parse_decode_graphs(Some("0")).unwrap());
+        let err = parse_decode_graphs(Some("off")).unwrap_err().to_string();
+        assert!(
+            err.contains("THINKSHORT_CUDA_GRAPHS") && err.contains("off"),
+            "{err}"
+        );
     }
 }
