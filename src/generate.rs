@@ -9,6 +9,7 @@ use crate::backend::{Backend, TokenPlacement};
 use crate::model::{KvCache, Model};
 use crate::sampling::{SamplingParams, TokenDraws};
 use anyhow::{bail, Result};
+use std::collections::HashMap;
 
 /// One sequence to continue.
 #[derive(Debug, Clone)]
@@ -85,25 +86,43 @@ pub fn generate<B: Backend>(
         })
         .collect();
 
-    // Prefill: every prompt at once; the logits of each prompt's last token choose its first token.
+    // Prefill: every distinct prompt once, in the slot of the first request that has it (GRPO
+    // asks for G samples of each prompt); the others copy its keys and values into their slots
+    // and take their first token from the same logits, the logits of the prompt's last token.
+    let mut first_with: HashMap<&[u32], usize> = HashMap::new();
+    let source: Vec<usize> = requests
+        .iter()
+        .enumerate()
+        .map(|(i, r)| *first_with.entry(r.prompt.as_slice()).or_insert(i))
+        .collect();
     let mut tokens = Vec::new();
     let mut place = TokenPlacement::default();
-    let mut logit_rows = Vec::new();
-    let mut active: Vec<usize> = Vec::new(); // request index of each logits row
+    let mut last_row = vec![0; requests.len()]; // of each prefilled prompt, in `tokens`
+    let mut copies = Vec::new(); // (from slot, to slot, positions)
     for (i, r) in requests.iter().enumerate() {
+        if source[i] != i {
+            copies.push((source[i], i, r.prompt.len()));
+            continue;
+        }
         tokens.extend_from_slice(&r.prompt);
         place
             .slots
-            .extend(std::iter::repeat(i as u32).take(r.prompt.len()));
+            .extend(std::iter::repeat_n(i as u32, r.prompt.len()));
         place.positions.extend(0..r.prompt.len() as u32);
+        last_row[i] = tokens.len() - 1;
+    }
+    let mut logit_rows = Vec::new();
+    let mut active: Vec<usize> = Vec::new(); // request index of each logits row
+    for (i, r) in requests.iter().enumerate() {
         if r.max_new_tokens > 0 {
-            logit_rows.push(tokens.len() - 1);
+            logit_rows.push(last_row[source[i]]);
             active.push(i);
         }
     }
     // [rows, V]: the prefill's logits, then each decode step's in its first rows (steps have
     // no more rows than the prefill), so a recorded step writes to the same place every time.
     let mut logits = model.forward(&tokens, &place, &mut cache, &logit_rows)?;
+    cache.copy_prefixes(b, &copies)?;
 
     // Every active sequence has `step` tokens: all drew their first at the prefill's logits and
     // one more at each decode step since. The ids stay on the device and feed the next step

@@ -52,6 +52,60 @@ impl<B: Backend> KvCache<B> {
         let per_layer = self.slots * self.capacity * self.kv_dim;
         layer * per_layer..(layer + 1) * per_layer
     }
+
+    /// Copies the keys and values of positions 0..len of slot `from` into slot `to`, in every
+    /// layer, for each (from, to, len) of `copies`: a prompt computed once for several slots.
+    pub fn copy_prefixes(&mut self, b: &B, copies: &[(usize, usize, usize)]) -> Result<()> {
+        let (mut from, mut to) = (TokenPlacement::default(), TokenPlacement::default());
+        for &(src, dst, len) in copies {
+            if src >= self.slots || dst >= self.slots || len > self.capacity {
+                bail!(
+                    "copying {len} positions from slot {src} to slot {dst}: outside the KV cache \
+                     ({} slots × {} positions)",
+                    self.slots,
+                    self.capacity
+                );
+            }
+            from.slots.extend(std::iter::repeat_n(src as u32, len));
+            to.slots.extend(std::iter::repeat_n(dst as u32, len));
+            from.positions.extend(0..len as u32);
+            to.positions.extend(0..len as u32);
+        }
+        let rows = from.slots.len();
+        if rows == 0 {
+            return Ok(());
+        }
+        let (mut k, mut v) = (b.empty(rows * self.kv_dim)?, b.empty(rows * self.kv_dim)?); // [rows, kv_dim]
+        let layers = b.len(&self.k) / self.layer_range(0).len();
+        for l in 0..layers {
+            let range = self.layer_range(l);
+            let (cap, kv) = (self.capacity, self.kv_dim);
+            b.kv_cache_gather(
+                b.full_mut(&mut k),
+                b.view(&self.k, range.clone()),
+                &from,
+                cap,
+                kv,
+            );
+            b.kv_cache_gather(
+                b.full_mut(&mut v),
+                b.view(&self.v, range.clone()),
+                &from,
+                cap,
+                kv,
+            );
+            b.kv_cache_write(
+                b.view_mut(&mut self.k, range.clone()),
+                b.view_mut(&mut self.v, range),
+                b.full(&k),
+                b.full(&v),
+                &to,
+                cap,
+                kv,
+            );
+        }
+        Ok(())
+    }
 }
 
 impl<B: Backend> Model<B> {

@@ -92,6 +92,33 @@ fn a_sequence_samples_the_same_alone_or_in_a_batch() {
     }
 }
 
+/// GRPO's batches repeat each prompt: a repeated prompt is prefilled once and its keys and
+/// values copied to the other slots; every sequence must still sample what it samples alone.
+#[test]
+fn a_repeated_prompt_is_computed_once_and_samples_as_alone() {
+    let m = model();
+    let (a, b) = (
+        requests(&[9])[0].prompt.clone(),
+        requests(&[0, 9])[1].prompt.clone(),
+    );
+    let reqs: Vec<GenerationRequest> = [(&a, 9), (&a, 6), (&b, 9), (&a, 0), (&b, 4), (&a, 9)]
+        .iter()
+        .map(|&(prompt, cap)| GenerationRequest {
+            prompt: prompt.clone(),
+            max_new_tokens: cap,
+        })
+        .collect();
+    let batch = generate(&m, &reqs, &config(0.8, 3, vec![]), None).unwrap();
+    for (i, r) in reqs.iter().enumerate() {
+        let mut cfg = config(0.8, 3, vec![]);
+        cfg.first_stream = i as u64;
+        let alone: Vec<Completion> = generate(&m, std::slice::from_ref(r), &cfg, None).unwrap();
+        assert_eq!(alone[0], batch[i], "sequence {i}");
+    }
+    // the samples of one prompt differ (their own streams), so the test is not vacuous
+    assert_ne!(batch[0].tokens, batch[5].tokens);
+}
+
 /// The logits after `seq`, from one full forward pass over it (no decode steps).
 fn last_logits(m: &Model<CpuBackend>, seq: &[u32]) -> Vec<f32> {
     let mut cache = thinkshort::model::KvCache::new(&CpuBackend, &m.cfg, 1, seq.len()).unwrap();

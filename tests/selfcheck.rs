@@ -200,6 +200,17 @@ impl Backend for TestDevice {
             kv_dim,
         );
     }
+    fn kv_cache_gather(
+        &self,
+        dx: ViewMut<'_>,
+        dcache: View<'_>,
+        place: &TokenPlacement,
+        capacity: usize,
+        kv_dim: usize,
+    ) {
+        CPU.kv_cache_gather(&mut *dx.data, dcache.data, place, capacity, kv_dim);
+        dx.store();
+    }
     fn attention_forward(
         &self,
         out: ViewMut<'_>,
@@ -442,17 +453,6 @@ impl TrainBackend for TestDevice {
         head_dim: usize,
     ) {
         CPU.rope_backward(&mut *dx.data, positions, inv_freq.data, n_heads, head_dim);
-        dx.store();
-    }
-    fn kv_cache_gather(
-        &self,
-        dx: ViewMut<'_>,
-        dcache: View<'_>,
-        place: &TokenPlacement,
-        capacity: usize,
-        kv_dim: usize,
-    ) {
-        CPU.kv_cache_gather(&mut *dx.data, dcache.data, place, capacity, kv_dim);
         dx.store();
     }
     fn swiglu_backward(

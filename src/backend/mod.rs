@@ -327,6 +327,18 @@ pub trait Backend: Send + Sync {
         kv_dim: usize,
     );
 
+    /// dx[m] = dcache[slot[m], pos[m]]: the rows of one cache at a placement. The gradient of
+    /// `kv_cache_write`; `generate` also copies a shared prompt's keys and values with it.
+    /// dx: [M, kv_dim]; dcache: [slots, capacity, kv_dim].
+    fn kv_cache_gather(
+        &self,
+        dx: Self::ViewMut<'_>,
+        dcache: Self::View<'_>,
+        place: &TokenPlacement,
+        capacity: usize,
+        kv_dim: usize,
+    );
+
     /// Causal grouped-query attention over the cache: token m attends to positions 0..=pos[m] of
     /// its slot. q, out: [M, n_heads * head_dim]; cache_k, cache_v: [slots, capacity, n_kv_heads * head_dim].
     /// When `lse` is given (an f32 buffer, [M, n_heads]) it receives each row's log Σ_j exp(s_j)
@@ -482,16 +494,6 @@ pub trait TrainBackend: Backend {
         inv_freq: Self::View<'_>,
         n_heads: usize,
         head_dim: usize,
-    );
-
-    /// dx[m] = dcache[slot[m], pos[m]] (the gradient of `kv_cache_write`).
-    fn kv_cache_gather(
-        &self,
-        dx: Self::ViewMut<'_>,
-        dcache: Self::View<'_>,
-        place: &TokenPlacement,
-        capacity: usize,
-        kv_dim: usize,
     );
 
     /// The gradient of `attention_forward` from its saved outputs: dq overwritten; dcache_k,

@@ -904,6 +904,24 @@ impl Backend for CudaBackend {
             )
         })
     }
+    fn kv_cache_gather(
+        &self,
+        dx: CudaViewMut<'_>,
+        dcache: CudaView<'_>,
+        place: &TokenPlacement,
+        capacity: usize,
+        kv_dim: usize,
+    ) {
+        self.run("kv_cache_gather", || {
+            let m = place.slots.len();
+            expect("dx", dx.dtype, dx.len, DType::Bf16, m * kv_dim)?;
+            let cache = (dcache.dtype, dcache.len);
+            let (slots, positions) = self.cache_placement(place, cache, cache, capacity, kv_dim)?;
+            ops::kv_cache::kv_cache_gather(
+                &self.k, dx.ptr, dcache.ptr, slots, positions, m, capacity, kv_dim,
+            )
+        })
+    }
 
     fn attention_forward(
         &self,
@@ -1442,25 +1460,6 @@ impl TrainBackend for CudaBackend {
             )?;
             let pos = self.indices(positions)?;
             ops::rope::rope_backward(&self.k, dx.ptr, pos, inv_freq.ptr, m, n_heads, head_dim)
-        })
-    }
-
-    fn kv_cache_gather(
-        &self,
-        dx: CudaViewMut<'_>,
-        dcache: CudaView<'_>,
-        place: &TokenPlacement,
-        capacity: usize,
-        kv_dim: usize,
-    ) {
-        self.run("kv_cache_gather", || {
-            let m = place.slots.len();
-            expect("dx", dx.dtype, dx.len, DType::Bf16, m * kv_dim)?;
-            let cache = (dcache.dtype, dcache.len);
-            let (slots, positions) = self.cache_placement(place, cache, cache, capacity, kv_dim)?;
-            ops::kv_cache::kv_cache_gather(
-                &self.k, dx.ptr, dcache.ptr, slots, positions, m, capacity, kv_dim,
-            )
         })
     }
 

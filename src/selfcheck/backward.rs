@@ -10,7 +10,7 @@ use super::{
     TOL_F32,
 };
 use crate::backend::cpu::CpuBackend;
-use crate::backend::{GradWrite, TokenPlacement, TrainBackend};
+use crate::backend::{Backend, GradWrite, TokenPlacement, TrainBackend};
 use crate::config::ModelConfig;
 use crate::model::Model;
 use crate::model_backward::TrainBatch;

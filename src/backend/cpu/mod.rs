@@ -144,6 +144,16 @@ impl Backend for CpuBackend {
         kv_cache_write(cache_k, k, place, capacity, kv_dim);
         kv_cache_write(cache_v, v, place, capacity, kv_dim);
     }
+    fn kv_cache_gather(
+        &self,
+        dx: &mut [f32],
+        dcache: &[f32],
+        place: &TokenPlacement,
+        capacity: usize,
+        kv_dim: usize,
+    ) {
+        kv_cache_gather(dx, dcache, place, capacity, kv_dim)
+    }
     fn attention_forward(
         &self,
         out: &mut [f32],
@@ -276,16 +286,6 @@ impl TrainBackend for CpuBackend {
         head_dim: usize,
     ) {
         rope_backward(dx, positions, inv_freq, n_heads, head_dim)
-    }
-    fn kv_cache_gather(
-        &self,
-        dx: &mut [f32],
-        dcache: &[f32],
-        place: &TokenPlacement,
-        capacity: usize,
-        kv_dim: usize,
-    ) {
-        kv_cache_gather(dx, dcache, place, capacity, kv_dim)
     }
     fn swiglu_backward(
         &self,
