@@ -89,35 +89,34 @@ pub fn generate<B: Backend>(
     // Prefill: every distinct prompt once, in the slot of the first request that has it (GRPO
     // asks for G samples of each prompt); the others copy its keys and values into their slots
     // and take their first token from the same logits, the logits of the prompt's last token.
+    // Requests with no new tokens to make are left out.
     let mut first_with: HashMap<&[u32], usize> = HashMap::new();
-    let source: Vec<usize> = requests
-        .iter()
-        .enumerate()
-        .map(|(i, r)| *first_with.entry(r.prompt.as_slice()).or_insert(i))
-        .collect();
     let mut tokens = Vec::new();
     let mut place = TokenPlacement::default();
+    let mut logit_rows = Vec::new();
+    let mut active: Vec<usize> = Vec::new(); // request index of each logits row
     let mut last_row = vec![0; requests.len()]; // of each prefilled prompt, in `tokens`
     let mut copies = Vec::new(); // (from slot, to slot, positions)
     for (i, r) in requests.iter().enumerate() {
-        if source[i] != i {
-            copies.push((source[i], i, r.prompt.len()));
+        if r.max_new_tokens == 0 {
             continue;
         }
-        tokens.extend_from_slice(&r.prompt);
-        place
-            .slots
-            .extend(std::iter::repeat_n(i as u32, r.prompt.len()));
-        place.positions.extend(0..r.prompt.len() as u32);
-        last_row[i] = tokens.len() - 1;
-    }
-    let mut logit_rows = Vec::new();
-    let mut active: Vec<usize> = Vec::new(); // request index of each logits row
-    for (i, r) in requests.iter().enumerate() {
-        if r.max_new_tokens > 0 {
-            logit_rows.push(last_row[source[i]]);
-            active.push(i);
+        let source = *first_with.entry(r.prompt.as_slice()).or_insert(i);
+        if source == i {
+            tokens.extend_from_slice(&r.prompt);
+            place
+                .slots
+                .extend(std::iter::repeat_n(i as u32, r.prompt.len()));
+            place.positions.extend(0..r.prompt.len() as u32);
+            last_row[i] = tokens.len() - 1;
+        } else {
+            copies.push((source, i, r.prompt.len()));
         }
+        logit_rows.push(last_row[source]);
+        active.push(i);
+    }
+    if active.is_empty() {
+        return Ok(out);
     }
     // [rows, V]: the prefill's logits, then each decode step's in its first rows (steps have
     // no more rows than the prefill), so a recorded step writes to the same place every time.

@@ -53,6 +53,9 @@ fn cap_of_n_yields_at_most_n_tokens_flagged_truncated() {
         assert_eq!(c.len, cap);
         assert!(c.truncated && !c.finished);
     }
+    // nothing to generate at all: no forward pass, empty truncated completions
+    let out = generate(&m, &requests(&[0, 0]), &config(1.0, 1, vec![]), None).unwrap();
+    assert!(out.iter().all(|c| c.tokens.is_empty() && c.truncated));
 }
 
 #[test]
