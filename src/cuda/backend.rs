@@ -103,7 +103,7 @@ pub struct CudaBackend {
     blas: CudaBlas,
     /// cuBLAS's workspace, given to it once (so a GEMM recorded in a CUDA graph uses the same
     /// memory, and the same algorithms, as one run op by op).
-    _blas_workspace: CudaSlice<u8>,
+    _blas_workspace: Option<CudaSlice<u8>>,
     device_name: String,
     /// The first error of any op since the backend was made (sticky, like a CUDA context error).
     error: Mutex<Option<String>>,
@@ -157,7 +157,10 @@ impl CudaBackend {
         keep_freed_memory_cached(&ctx)?;
         let stream = ctx.new_stream().context("creating a CUDA stream")?;
         let blas = CudaBlas::new(stream.clone()).context("creating the cuBLAS handle")?;
-        let blas_workspace = set_blas_workspace(&blas, &stream)?;
+        // Without it cuBLAS manages its own workspace (also under capture, since CUDA 12.2).
+        let blas_workspace = set_blas_workspace(&blas, &stream)
+            .map_err(|e| eprintln!("note: cuBLAS keeps its own workspace ({e:#})"))
+            .ok();
         let sm_count = ctx
             .attribute(drv_sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .context("reading the multiprocessor count")?
