@@ -27,12 +27,15 @@ pub struct GenerateConfig {
     pub first_stream: u64,
     pub eos_ids: Vec<u32>,
     pub stop_strings: Vec<String>,
-    /// Decode steps between host syncs (None: the backend's `decode_sync_every`). The output
-    /// does not depend on it.
+    /// Decode steps between host syncs (None: the backend's `decode_sync_every`).
     pub sync_every: Option<usize>,
     /// Whether sequences that ended stay in the decode batch (their draws dropped) while at
     /// least half of its rows are live, so a backend that records decode steps can replay them
-    /// (None: when the backend records them). The output does not depend on it.
+    /// (None: when the backend records them).
+    ///
+    /// Neither setting changes what a sequence computes, only how many rows the steps after it
+    /// ended have: the tokens are the same, and the log-probs too up to the last bits, which
+    /// the matrix products' summation may change with the batch's size.
     pub keep_ended_rows: Option<bool>,
 }
 
@@ -128,7 +131,7 @@ pub fn generate<B: Backend>(
     // directly; the host learns them (and so EOS and stop strings) only every `sync_every`
     // steps. Caps need no sync: the host drops a sequence at its cap by counting steps. A
     // sequence that ended in between runs on until the sync and its extra tokens are dropped,
-    // so the result is the same for every interval (draws are per sequence and step).
+    // so the tokens are the same for every interval (draws are per sequence and step).
     let sync_every = config
         .sync_every
         .unwrap_or_else(|| b.decode_sync_every())

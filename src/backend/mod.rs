@@ -226,7 +226,8 @@ pub trait Backend: Send + Sync {
     /// checked. A backend that records (CUDA graphs) may record the step and, while later steps
     /// have the same slots with every position one further on, replay the recording instead of
     /// calling `step`; so `step` must read and write only buffers that outlive `graph` (or that
-    /// it allocates and frees itself), at the same addresses every time.
+    /// it allocates and frees itself), at the same addresses every time, and every other input
+    /// (the index arrays it passes to ops included) must be the same whenever the slots are.
     fn decode_step(
         &self,
         _graph: &mut Self::DecodeGraph,
