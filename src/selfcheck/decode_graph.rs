@@ -1,11 +1,13 @@
 //! Recorded decode steps (CUDA graphs) against the same steps run op by op, on the device, in
-//! two batches:
+//! three batches:
 //! - the tiny selfcheck model (head dim 16: the fp32 decode kernel), four sequences whose caps
 //!   end at different steps, so the batch changes rows, drops its recording and records again;
 //! - a head-dim-64 model (the tensor-core decode kernel) whose 1100-token prompt makes the cache
 //!   capacity large enough for split decode attention (its scratch inside the recording), and
 //!   whose last sequence is recorded alone in slot 3 at position 3, the same values as its slots
-//!   (a recording's positions must not be confused with another index array).
+//!   (a recording's positions must not be confused with another index array);
+//! - a GRPO group: 8 samples of one prompt (prefilled once, its cache copied) that mostly end at
+//!   an EOS on the way, their rows kept in the batch while half of it is live.
 //!
 //! Both runs launch the same kernels on the same values, so the tokens must be identical and the
 //! log-probs equal to within float noise (TOL_F32: only a GEMM picking another algorithm under
@@ -27,21 +29,28 @@ const HEAD_DIM_64_MODEL: &str = r#"{"model_type": "qwen2", "vocab_size": 1000, "
     "num_key_value_heads": 1, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
     "max_position_embeddings": 4096, "tie_word_embeddings": false}"#;
 
-/// One batch: the model, (prompt length, cap) per sequence, host syncs every `sync_every` steps.
+/// One batch: the model, (prompt length, cap) per sequence, host syncs every `sync_every` steps;
+/// with `group`, every sequence has the same prompt (a GRPO group: one prefill, copied), and
+/// token ids below `eos` end a sequence (kept in the batch while half of it is live, in both
+/// runs, so both have the same rows).
 struct Batch {
     name: &'static str,
     model: &'static str,
     requests: &'static [(usize, usize)],
     sync_every: usize,
+    group: bool,
+    eos: u32,
 }
 
-const BATCHES: [Batch; 2] = [
+const BATCHES: [Batch; 3] = [
     // the 12-token cap leaves at step 12, the 21-token one at 21; windows end mid-recording
     Batch {
         name: "head dim 16",
         model: super::TINY_MODEL,
         requests: &[(1, 30), (9, 21), (40, 12), (17, 30)],
         sync_every: 4,
+        group: false,
+        eos: 0,
     },
     // after the first step only slot 3 runs: op by op at position 2, recorded at position 3
     Batch {
@@ -49,6 +58,17 @@ const BATCHES: [Batch; 2] = [
         model: HEAD_DIM_64_MODEL,
         requests: &[(1100, 1), (5, 1), (9, 1), (2, 24)],
         sync_every: 8,
+        group: false,
+        eos: 0,
+    },
+    // 8 samples of one prompt; 3 % of the vocabulary ends a sequence, so most end on the way
+    Batch {
+        name: "GRPO group with EOS",
+        model: super::TINY_MODEL,
+        requests: &[(20, 40); 8],
+        sync_every: 4,
+        group: true,
+        eos: 30,
     },
 ];
 
@@ -66,11 +86,16 @@ fn check_batch<D: Backend>(c: &mut Checker<D>, batch: &Batch) -> Result<Option<S
     let cfg = ModelConfig::from_json_str(batch.model)?;
     let host = tiny_model_weights(&cfg, c.seed);
     let mut rand = c.rand(&format!("decode graph {}", batch.name));
+    let shared = rand.ids(batch.requests[0].0, cfg.vocab_size);
     let requests: Vec<GenerationRequest> = batch
         .requests
         .iter()
         .map(|&(p, cap)| GenerationRequest {
-            prompt: rand.ids(p, cfg.vocab_size),
+            prompt: if batch.group {
+                shared.clone()
+            } else {
+                rand.ids(p, cfg.vocab_size)
+            },
             max_new_tokens: cap,
         })
         .collect();
@@ -81,10 +106,10 @@ fn check_batch<D: Backend>(c: &mut Checker<D>, batch: &Batch) -> Result<Option<S
         },
         seed: c.seed,
         first_stream: 0,
-        eos_ids: Vec::new(),
+        eos_ids: (0..batch.eos).collect(),
         stop_strings: Vec::new(),
         sync_every: Some(batch.sync_every),
-        keep_ended_rows: None,
+        keep_ended_rows: (batch.eos > 0).then_some(true),
     };
     let shape = format!(
         "{}: (prompt, cap) {:?}, sync every {}",
