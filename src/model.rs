@@ -75,25 +75,20 @@ impl<B: Backend> KvCache<B> {
         if rows == 0 {
             return Ok(());
         }
-        let (mut k, mut v) = (b.empty(rows * self.kv_dim)?, b.empty(rows * self.kv_dim)?); // [rows, kv_dim]
+        let (cap, kv) = (self.capacity, self.kv_dim);
+        let (mut k, mut v) = (b.empty(rows * kv)?, b.empty(rows * kv)?); // [rows, kv_dim]
         let layers = b.len(&self.k) / self.layer_range(0).len();
         for l in 0..layers {
             let range = self.layer_range(l);
-            let (cap, kv) = (self.capacity, self.kv_dim);
-            b.kv_cache_gather(
-                b.full_mut(&mut k),
-                b.view(&self.k, range.clone()),
-                &from,
-                cap,
-                kv,
-            );
-            b.kv_cache_gather(
-                b.full_mut(&mut v),
-                b.view(&self.v, range.clone()),
-                &from,
-                cap,
-                kv,
-            );
+            for (out, cache) in [(&mut k, &self.k), (&mut v, &self.v)] {
+                b.kv_cache_gather(
+                    b.full_mut(out),
+                    b.view(cache, range.clone()),
+                    &from,
+                    cap,
+                    kv,
+                );
+            }
             b.kv_cache_write(
                 b.view_mut(&mut self.k, range.clone()),
                 b.view_mut(&mut self.v, range),

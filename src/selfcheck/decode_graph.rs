@@ -16,7 +16,7 @@
 //! check fails outright when the device records nothing or never replays a recording.
 
 use super::{rel_error, tiny_model_weights, Checker, TOL_EXACT, TOL_F32};
-use crate::backend::Backend;
+use crate::backend::{Backend, DecodeGraphStats};
 use crate::config::ModelConfig;
 use crate::generate::{generate, Completion, GenerateConfig, GenerationRequest};
 use crate::model::Model;
@@ -122,10 +122,10 @@ fn check_batch<D: Backend>(c: &mut Checker<D>, batch: &Batch) -> Result<Option<S
                 rel_error(&token_values(&got), &token_values(&want)),
                 rel_error(&logprobs(&got), &logprobs(&want)),
             ];
-            let info = counts.map(|(captured, replayed, eager)| {
+            let info = counts.map(|c| {
                 format!(
-                    "decode graph ({shape}): {captured} steps recorded, {replayed} replayed, \
-                     {eager} op by op"
+                    "decode graph ({shape}): {} steps recorded, {} replayed, {} op by op",
+                    c.captured, c.replayed, c.eager
                 )
             });
             (Ok(outcome), info)
@@ -150,15 +150,14 @@ fn check_batch<D: Backend>(c: &mut Checker<D>, batch: &Batch) -> Result<Option<S
     Ok(info)
 }
 
-/// Generates with recording off, then on: (with, without, the recording's step counts
-/// (recorded, replayed, op by op) where the backend records), leaving the setting as it was.
-/// An error when the backend records but never replayed a step.
-#[allow(clippy::type_complexity)]
+/// Generates with recording off, then on: (with, without, the steps of the second run where the
+/// backend records), leaving the setting as it was. An error when the backend records but never
+/// replayed a step.
 fn both_ways<D: Backend>(
     model: &Model<D>,
     requests: &[GenerationRequest],
     config: &GenerateConfig,
-) -> Result<(Vec<Completion>, Vec<Completion>, Option<(u64, u64, u64)>)> {
+) -> Result<(Vec<Completion>, Vec<Completion>, Option<DecodeGraphStats>)> {
     let dev = &model.backend;
     let setting = dev.set_decode_graphs(false);
     let without = generate(model, requests, config, None);
@@ -178,7 +177,12 @@ fn both_ways<D: Backend>(
                     after.fallback.as_deref().unwrap_or("no step was recorded")
                 );
             }
-            Some((captured, replayed, after.eager - before.eager))
+            Some(DecodeGraphStats {
+                eager: after.eager - before.eager,
+                captured,
+                replayed,
+                fallback: after.fallback,
+            })
         }
         _ => None,
     };
