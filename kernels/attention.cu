@@ -71,7 +71,7 @@ extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
 attention_forward(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q, const __nv_bfloat16* cache_k,
                   const __nv_bfloat16* cache_v, const uint32_t* slots, const uint32_t* positions,
                   int m, int capacity, int n_heads, int n_kv_heads, int head_dim, float scale) {
-    __shared__ alignas(16) float q_s[ATTN_MAX_HEAD_DIM];
+    __align__(16) __shared__ float q_s[ATTN_MAX_HEAD_DIM];
     __shared__ float probs_s[ATTN_THREADS];               // this chunk's exp(score - max)
     __shared__ float partial_s[ATTN_VEC * ATTN_THREADS];  // [groups, head_dim] output partials
 

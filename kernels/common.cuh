@@ -11,11 +11,18 @@
 //   - blockDim.x is a multiple of 32 and at most 1024 (the block reductions rely on full warps).
 #pragma once
 
+#ifndef THINKSHORT_EMULATION  // the tests' CPU emulator brings its own (tests/cuda_emulator)
 #include <cuda_bf16.h>
+#endif
 #include <stdint.h>
 
 #define WARP_SIZE 32
 #define FULL_MASK 0xffffffffu
+
+// The block's dynamic shared memory (its size is set at launch) as `type* name`.
+#ifndef THINKSHORT_EMULATION
+#define DYNAMIC_SHARED(type, name) extern __shared__ __align__(16) type name[]
+#endif
 
 // log2(e) and ln(2): softmax in exp2 units (exp2f is one instruction)
 #define LOG2E 1.4426950408889634f

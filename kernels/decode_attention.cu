@@ -41,7 +41,7 @@ decode_attention(__nv_bfloat16* out, float* lse, float* partial_out, float* part
                  int n_kv_heads, int head_dim, int split_keys, float scale) {
     // dynamic shared memory: q_s [group, head_dim] f32 | scores [group, DECODE_KEYS] f32 |
     // two stages of K, V [DECODE_KEYS, head_dim + TILE_PAD] bf16
-    extern __shared__ __align__(16) unsigned char smem[];
+    DYNAMIC_SHARED(unsigned char, smem);
     __shared__ float max_s[DECODE_MAX_GROUP], sum_s[DECODE_MAX_GROUP], corr_s[DECODE_MAX_GROUP];
 
     const int token = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
@@ -235,7 +235,7 @@ __device__ __forceinline__ void decode_attention_mma(
     constexpr int TILE = DECODE_KEYS * S;
     // dynamic shared memory: two stages of K, V [DECODE_KEYS, S] bf16; after the keys, the
     // warps' O [DECODE_WARPS, 16, D] f32 and (max, sum) [DECODE_WARPS, 16, 2] f32
-    extern __shared__ __align__(16) unsigned char smem[];
+    DYNAMIC_SHARED(unsigned char, smem);
     __nv_bfloat16* kv_s = reinterpret_cast<__nv_bfloat16*>(smem);
 
     const int token = blockIdx.x, kvh = blockIdx.y, split = blockIdx.z, splits = gridDim.z;

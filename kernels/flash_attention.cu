@@ -66,7 +66,7 @@ __device__ __forceinline__ void flash_forward(__nv_bfloat16* out, float* lse, co
                                               int n_kv_heads, float scale) {
     constexpr int S = D + TILE_PAD;
     constexpr int TILE = FWD_KEYS * S;
-    extern __shared__ __align__(16) unsigned char smem[];
+    DYNAMIC_SHARED(unsigned char, smem);
     __nv_bfloat16* kv_s = reinterpret_cast<__nv_bfloat16*>(smem);  // [2 stages][K, V][FWD_KEYS][S]
 
     const QueryTile tile = read_tile(tiles, blockIdx.x);
@@ -181,7 +181,7 @@ __device__ __forceinline__ void flash_backward_dq(__nv_bfloat16* dq, const __nv_
                                                   int n_kv_heads, float scale) {
     constexpr int S = D + TILE_PAD;
     constexpr int TILE = DQ_KEYS * S;
-    extern __shared__ __align__(16) unsigned char smem[];
+    DYNAMIC_SHARED(unsigned char, smem);
     __nv_bfloat16* kv_s = reinterpret_cast<__nv_bfloat16*>(smem);  // [2 stages][K, V][DQ_KEYS][S]
 
     const QueryTile tile = read_tile(tiles, blockIdx.x);
@@ -290,7 +290,7 @@ __device__ __forceinline__ void flash_backward_dkdv(__nv_bfloat16* dcache_k, __n
                                                     const uint4* tiles, const uint4* key_tiles,
                                                     int capacity, int n_heads, int n_kv_heads, float scale) {
     constexpr int S = D + TILE_PAD;
-    extern __shared__ __align__(16) unsigned char smem[];
+    DYNAMIC_SHARED(unsigned char, smem);
     __nv_bfloat16* k_s = reinterpret_cast<__nv_bfloat16*>(smem);  // [KV_KEYS][S]
     __nv_bfloat16* v_s = k_s + KV_KEYS * S;                         // [KV_KEYS][S]
     __nv_bfloat16* q_s = v_s + KV_KEYS * S;                         // [FLASH_ROWS][S]

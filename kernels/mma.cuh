@@ -24,6 +24,17 @@
 // bf16 padding at the end of every shared-memory tile row (16 bytes: rows stay 16-byte aligned).
 #define TILE_PAD 8
 
+// Two floats rounded to bf16 (round-to-nearest-even) in one register, `lo` in the low half.
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// The PTX instructions. The tests' CPU emulator (tests/cuda_emulator) defines the same functions.
+#ifdef THINKSHORT_EMULATION
+#include "ptx_emulation.h"
+#else
+
 // d += a * b for one m16n8k16 tile (fp32 accumulators).
 __device__ __forceinline__ void mma_m16n8k16(float d[4], const uint32_t a[4], const uint32_t b[2]) {
     asm volatile(
@@ -31,12 +42,6 @@ __device__ __forceinline__ void mma_m16n8k16(float d[4], const uint32_t a[4], co
         "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-
-// Two floats rounded to bf16 (round-to-nearest-even) in one register, `lo` in the low half.
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&v);
 }
 
 // The shared-memory address of a generic pointer into shared memory (for ldmatrix, cp.async).
@@ -59,6 +64,21 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t r[4], const __nv_bflo
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(shared_address(row)));
 }
+
+// cp.async: 16 bytes global -> shared without passing through registers, so the copy of the
+// next tile overlaps the math on this one. With valid = false nothing is read and the 16 bytes
+// are zero-filled (src must still be a valid address).
+__device__ __forceinline__ void copy_async16(__nv_bfloat16* dst, const __nv_bfloat16* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+                 ::"r"(shared_address(dst)), "l"(src), "r"(valid ? 16 : 0));
+}
+// Closes the group of copies issued since the last commit.
+__device__ __forceinline__ void copy_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+// Waits until at most `pending` of this thread's committed groups are still in flight.
+template <int pending>
+__device__ __forceinline__ void copy_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(pending)); }
+
+#endif  // THINKSHORT_EMULATION
 
 // A fragment of the 16x16 block at (row0, col0) of a row-major tile: the operand is the tile
 // itself (A[i][k] = tile[row0 + i][col0 + k]). M0..M3 = the blocks (+0, +0), (+8, +0), (+0, +8),
@@ -151,19 +171,6 @@ __device__ __forceinline__ void online_softmax_step(float (&s)[NT][4], float (&o
         }
     }
 }
-
-// cp.async: 16 bytes global -> shared without passing through registers, so the copy of the
-// next tile overlaps the math on this one. With valid = false nothing is read and the 16 bytes
-// are zero-filled (src must still be a valid address).
-__device__ __forceinline__ void copy_async16(__nv_bfloat16* dst, const __nv_bfloat16* src, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
-                 ::"r"(shared_address(dst)), "l"(src), "r"(valid ? 16 : 0));
-}
-// Closes the group of copies issued since the last commit.
-__device__ __forceinline__ void copy_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-// Waits until at most `pending` of this thread's committed groups are still in flight.
-template <int pending>
-__device__ __forceinline__ void copy_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(pending)); }
 
 // One turn of a two-stage cp.async pipeline over `steps` steps: starts copying step + 1 (when
 // there is one) into the other stage with `prefetch`, waits for this step's copies and makes

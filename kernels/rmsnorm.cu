@@ -188,7 +188,7 @@ rmsnorm_backward_vec(__nv_bfloat16* dx, float* partials, const __nv_bfloat16* do
 extern "C" __global__ void __launch_bounds__(1024)
 rmsnorm_backward(__nv_bfloat16* dx, float* partials, const __nv_bfloat16* dout, const __nv_bfloat16* x,
                  const __nv_bfloat16* weight, int rows, int dim, float eps, int rows_per_block, int accumulate) {
-    extern __shared__ float dweight_sum[];  // [dim]
+    DYNAMIC_SHARED(float, dweight_sum);  // [dim]
     for (int i = threadIdx.x; i < dim; i += blockDim.x) { dweight_sum[i] = 0.0f; }
     const int first = blockIdx.x * rows_per_block;
     const int last = min(rows, first + rows_per_block);

@@ -47,7 +47,7 @@ fn supports_fp32(n_heads: usize, n_kv_heads: usize, head_dim: usize) -> bool {
 }
 
 /// The tensor-core kernel: head dims 64 and 128, GQA groups up to 16.
-fn supports_mma(n_heads: usize, n_kv_heads: usize, head_dim: usize) -> bool {
+pub fn supports_mma(n_heads: usize, n_kv_heads: usize, head_dim: usize) -> bool {
     n_kv_heads > 0
         && n_heads.is_multiple_of(n_kv_heads)
         && n_heads / n_kv_heads <= DECODE_MMA_MAX_GROUP
@@ -80,11 +80,11 @@ pub fn scratch_sizes(splits: usize, m: usize, n_heads: usize, head_dim: usize) -
 }
 
 /// The tensor-core kernel's two stages of K, V in bf16 (its merge reuses them).
-fn mma_shared_bytes(head_dim: usize) -> u32 {
+pub fn mma_shared_bytes(head_dim: usize) -> u32 {
     (2 * 2 * DECODE_KEYS * (head_dim + TILE_PAD) * 2) as u32
 }
 
-fn shared_bytes(group: usize, head_dim: usize) -> u32 {
+pub fn shared_bytes(group: usize, head_dim: usize) -> u32 {
     // q [group, head_dim] f32, scores [group, DECODE_KEYS] f32, two stages of K, V in bf16
     let stages = 2 * 2 * DECODE_KEYS * (head_dim + TILE_PAD) * 2;
     (group * head_dim * 4 + group * DECODE_KEYS * 4 + stages) as u32

@@ -48,13 +48,13 @@ fn kernel_names(head_dim: usize) -> Result<(&'static str, &'static str, &'static
 }
 
 /// Dynamic shared memory of each kernel in bytes: bf16 tiles of rows of head_dim + TILE_PAD.
-fn forward_shared_bytes(head_dim: usize) -> u32 {
+pub fn forward_shared_bytes(head_dim: usize) -> u32 {
     (2 * 2 * FORWARD_KEYS * (head_dim + TILE_PAD) * 2) as u32 // two stages of K, V
 }
-fn dq_shared_bytes(head_dim: usize) -> u32 {
+pub fn dq_shared_bytes(head_dim: usize) -> u32 {
     (2 * 2 * DQ_KEYS * (head_dim + TILE_PAD) * 2) as u32 // two stages of K, V
 }
-fn dkdv_shared_bytes(head_dim: usize) -> u32 {
+pub fn dkdv_shared_bytes(head_dim: usize) -> u32 {
     // K, V of the key tile; Q, dO of a query tile; lse and dsum of a query tile (f32)
     ((2 * KEY_TILE_ROWS + 2 * QUERY_TILE_ROWS) * (head_dim + TILE_PAD) * 2
         + 2 * QUERY_TILE_ROWS * 4) as u32

@@ -1,0 +1,563 @@
+//! The attention kernels' real source (kernels/flash_attention.cu, kernels/decode_attention.cu),
+//! run on the CPU by the emulator in tests/cuda_emulator, against the CPU reference
+//! (`backend::cpu::attention_forward` / `attention_backward`) on bf16-rounded inputs: tensor-core
+//! fragment layouts, causal masks, ragged tiles, GQA, key splits and the cp.async pipeline, with
+//! the launch shapes of the launchers (src/cuda/ops). Tolerance as in `selfcheck` (bf16
+//! operands of the products: about 3e-3 expected).
+
+use cuda_emulator::{kernels as k, launch, Launch};
+use half::bf16;
+use thinkshort::backend::{cpu, TokenPlacement};
+use thinkshort::cuda::attention_plan::AttentionPlan;
+use thinkshort::cuda::ops::{decode_attention as decode, flash_attention as flash};
+
+const TOL: f64 = 1e-2;
+
+struct Rand(u64);
+
+impl Rand {
+    /// Uniform in [-1, 1) (splitmix64).
+    fn next(&mut self) -> f32 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        (z >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+
+    /// n bf16 values of scale `scale`: (bits for the kernel, the same values in f32).
+    fn bf16s(&mut self, n: usize, scale: f32) -> (Vec<u16>, Vec<f32>) {
+        let v: Vec<bf16> = (0..n)
+            .map(|_| bf16::from_f32(self.next() * scale))
+            .collect();
+        (
+            v.iter().map(|x| x.to_bits()).collect(),
+            v.iter().map(|x| x.to_f32()).collect(),
+        )
+    }
+}
+
+fn to_f32(bits: &[u16]) -> Vec<f32> {
+    bits.iter().map(|&b| bf16::from_bits(b).to_f32()).collect()
+}
+
+fn to_bits(v: &[f32]) -> Vec<u16> {
+    v.iter().map(|&x| bf16::from_f32(x).to_bits()).collect()
+}
+
+/// ‖a − b‖ / ‖b‖; NaN anywhere gives infinity.
+fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        if !x.is_finite() || !y.is_finite() {
+            return f64::INFINITY;
+        }
+        num += (x as f64 - y as f64).powi(2);
+        den += (y as f64).powi(2);
+    }
+    (num / den.max(1e-30)).sqrt()
+}
+
+fn assert_close(what: &str, got: &[f32], want: &[f32]) {
+    let e = rel_err(got, want);
+    assert!(
+        e < TOL,
+        "{what}: relative error {e:.3e} (tolerance {TOL:.0e})"
+    );
+}
+
+/// A batch and its cache: every cache row holds random values, also beyond the positions a token
+/// may see, so a key the mask should hide changes the result.
+struct Problem {
+    heads: usize,
+    kv_heads: usize,
+    d: usize,
+    capacity: usize,
+    place: TokenPlacement,
+    q: (Vec<u16>, Vec<f32>),
+    cache_k: (Vec<u16>, Vec<f32>),
+    cache_v: (Vec<u16>, Vec<f32>),
+}
+
+impl Problem {
+    /// `runs`: (slot, first position, tokens) in batch order.
+    fn new(
+        seed: u64,
+        (heads, kv_heads, d): (usize, usize, usize),
+        capacity: usize,
+        runs: &[(u32, u32, u32)],
+    ) -> Self {
+        let mut place = TokenPlacement::default();
+        for &(slot, first, len) in runs {
+            place.slots.extend(std::iter::repeat_n(slot, len as usize));
+            place.positions.extend(first..first + len);
+        }
+        let slots = runs.iter().map(|r| r.0 as usize + 1).max().unwrap_or(1);
+        let mut r = Rand(seed);
+        let m = place.slots.len();
+        Problem {
+            heads,
+            kv_heads,
+            d,
+            capacity,
+            q: r.bf16s(m * heads * d, 1.0),
+            cache_k: r.bf16s(slots * capacity * kv_heads * d, 1.0),
+            cache_v: r.bf16s(slots * capacity * kv_heads * d, 1.0),
+            place,
+        }
+    }
+
+    fn m(&self) -> usize {
+        self.place.slots.len()
+    }
+
+    fn scale(&self) -> f32 {
+        1.0 / (self.d as f32).sqrt()
+    }
+
+    /// (out, lse) of the CPU reference.
+    fn forward_reference(&self) -> (Vec<f32>, Vec<f32>) {
+        let mut out = vec![0.0; self.m() * self.heads * self.d];
+        let mut lse = vec![0.0; self.m() * self.heads];
+        cpu::attention_forward(
+            &mut out,
+            Some(&mut lse),
+            &self.q.1,
+            &self.cache_k.1,
+            &self.cache_v.1,
+            &self.place,
+            self.capacity,
+            self.heads,
+            self.kv_heads,
+            self.d,
+        );
+        (out, lse)
+    }
+}
+
+type FlashForward = unsafe extern "C" fn(
+    *mut u16,
+    *mut f32,
+    *const u16,
+    *const u16,
+    *const u16,
+    *const u32,
+    i32,
+    i32,
+    i32,
+    f32,
+);
+type FlashDq = unsafe extern "C" fn(
+    *mut u16,
+    *const u16,
+    *const f32,
+    *const f32,
+    *const u16,
+    *const u16,
+    *const u16,
+    *const u32,
+    i32,
+    i32,
+    i32,
+    f32,
+);
+type FlashDkdv = unsafe extern "C" fn(
+    *mut u16,
+    *mut u16,
+    *const u16,
+    *const f32,
+    *const f32,
+    *const u16,
+    *const u16,
+    *const u16,
+    *const u32,
+    *const u32,
+    i32,
+    i32,
+    i32,
+    f32,
+);
+
+fn flash_kernels(d: usize) -> (FlashForward, FlashDq, FlashDkdv) {
+    match d {
+        32 => (
+            k::flash_attention_forward_d32,
+            k::flash_attention_backward_dq_d32,
+            k::flash_attention_backward_dkdv_d32,
+        ),
+        64 => (
+            k::flash_attention_forward_d64,
+            k::flash_attention_backward_dq_d64,
+            k::flash_attention_backward_dkdv_d64,
+        ),
+        128 => (
+            k::flash_attention_forward_d128,
+            k::flash_attention_backward_dq_d128,
+            k::flash_attention_backward_dkdv_d128,
+        ),
+        _ => panic!("no fused kernel for head dim {d}"),
+    }
+}
+
+fn flash_block() -> (u32, u32, u32) {
+    (flash::FLASH_THREADS, 1, 1)
+}
+
+/// (out, lse) of flash_attention_forward_d{D}, launched as the launcher does.
+fn flash_forward(p: &Problem) -> (Vec<u16>, Vec<f32>) {
+    let plan = AttentionPlan::new(&p.place);
+    let (forward, _, _) = flash_kernels(p.d);
+    let mut out = vec![0xffffu16; p.m() * p.heads * p.d];
+    let mut lse = vec![f32::NAN; p.m() * p.heads];
+    let (o, l) = (out.as_mut_ptr(), lse.as_mut_ptr());
+    let cfg = Launch {
+        grid: (plan.num_query_tiles() as u32, p.heads as u32, 1),
+        block: flash_block(),
+        shared_bytes: flash::forward_shared_bytes(p.d) as usize,
+    };
+    launch(cfg, || unsafe {
+        forward(
+            o,
+            l,
+            p.q.0.as_ptr(),
+            p.cache_k.0.as_ptr(),
+            p.cache_v.0.as_ptr(),
+            plan.query_tiles.as_ptr(),
+            p.capacity as i32,
+            p.heads as i32,
+            p.kv_heads as i32,
+            p.scale(),
+        )
+    })
+    .unwrap_or_else(|e| panic!("flash_attention_forward_d{}: {e}", p.d));
+    (out, lse)
+}
+
+fn check_flash_forward(p: &Problem) {
+    let (out, lse) = flash_forward(p);
+    let (out_ref, lse_ref) = p.forward_reference();
+    assert_close(
+        &format!("flash forward d{} out", p.d),
+        &to_f32(&out),
+        &out_ref,
+    );
+    assert_close(&format!("flash forward d{} lse", p.d), &lse, &lse_ref);
+}
+
+/// Ragged prefill (1, 17 and 70 tokens from position 0: tiles of 1, 17, 64 and 6 rows, two key
+/// steps) with a GQA group of 4; head dim 64.
+#[test]
+fn flash_forward_ragged_prefill_with_gqa_matches_the_cpu() {
+    check_flash_forward(&Problem::new(
+        1,
+        (4, 1, 64),
+        80,
+        &[(0, 0, 1), (1, 0, 17), (2, 0, 70)],
+    ));
+}
+
+/// A prefill chunk continuing at position 40 (tiles not aligned to the key steps, 3 steps) beside
+/// one decode token at position 100; head dim 128, no GQA.
+#[test]
+fn flash_forward_chunk_after_a_prefix_matches_the_cpu_d128() {
+    check_flash_forward(&Problem::new(
+        2,
+        (2, 2, 128),
+        144,
+        &[(0, 40, 100), (1, 100, 1)],
+    ));
+}
+
+/// Head dim 32 with a group of 7 query heads per KV head.
+#[test]
+fn flash_forward_group_of_seven_matches_the_cpu_d32() {
+    check_flash_forward(&Problem::new(3, (7, 1, 32), 48, &[(0, 0, 33)]));
+}
+
+/// dq, dK, dV of the three backward kernels (dot, dq, dk/dv) from the CPU forward's out and lse,
+/// the gradient caches starting from random values (the kernel adds to them).
+fn check_flash_backward(p: &Problem, seed: u64) {
+    let plan = AttentionPlan::new(&p.place);
+    let (_, dq_kernel, dkdv_kernel) = flash_kernels(p.d);
+    let (m, q_len, cache_len) = (p.m(), p.m() * p.heads * p.d, p.cache_k.0.len());
+    let mut r = Rand(seed);
+    let dout = r.bf16s(q_len, 1.0);
+    let dk_start = r.bf16s(cache_len, 0.1);
+    let dv_start = r.bf16s(cache_len, 0.1);
+    let (out_ref, lse_ref) = p.forward_reference();
+    let out_bits = to_bits(&out_ref);
+    let out_rounded = to_f32(&out_bits);
+
+    // dsum = rowsum(dout * out): one warp per row
+    let rows = m * p.heads;
+    let mut dsum = vec![f32::NAN; rows];
+    let ds = dsum.as_mut_ptr();
+    let warps_per_block = flash::FLASH_THREADS as usize / 32;
+    let cfg = Launch {
+        grid: (rows.div_ceil(warps_per_block) as u32, 1, 1),
+        block: flash_block(),
+        shared_bytes: 0,
+    };
+    launch(cfg, || unsafe {
+        k::flash_attention_backward_dot(
+            ds,
+            dout.0.as_ptr(),
+            out_bits.as_ptr(),
+            rows as i32,
+            p.d as i32,
+        )
+    })
+    .expect("flash_attention_backward_dot");
+
+    let mut dq = vec![0xffffu16; q_len];
+    let dqp = dq.as_mut_ptr();
+    let cfg = Launch {
+        grid: (plan.num_query_tiles() as u32, p.heads as u32, 1),
+        block: flash_block(),
+        shared_bytes: flash::dq_shared_bytes(p.d) as usize,
+    };
+    launch(cfg, || unsafe {
+        dq_kernel(
+            dqp,
+            dout.0.as_ptr(),
+            lse_ref.as_ptr(),
+            dsum.as_ptr(),
+            p.q.0.as_ptr(),
+            p.cache_k.0.as_ptr(),
+            p.cache_v.0.as_ptr(),
+            plan.query_tiles.as_ptr(),
+            p.capacity as i32,
+            p.heads as i32,
+            p.kv_heads as i32,
+            p.scale(),
+        )
+    })
+    .unwrap_or_else(|e| panic!("flash_attention_backward_dq_d{}: {e}", p.d));
+
+    let (mut dk, mut dv) = (dk_start.0.clone(), dv_start.0.clone());
+    let (dkp, dvp) = (dk.as_mut_ptr(), dv.as_mut_ptr());
+    let cfg = Launch {
+        grid: (plan.num_key_tiles() as u32, p.kv_heads as u32, 1),
+        block: flash_block(),
+        shared_bytes: flash::dkdv_shared_bytes(p.d) as usize,
+    };
+    launch(cfg, || unsafe {
+        dkdv_kernel(
+            dkp,
+            dvp,
+            dout.0.as_ptr(),
+            lse_ref.as_ptr(),
+            dsum.as_ptr(),
+            p.q.0.as_ptr(),
+            p.cache_k.0.as_ptr(),
+            p.cache_v.0.as_ptr(),
+            plan.query_tiles.as_ptr(),
+            plan.key_tiles.as_ptr(),
+            p.capacity as i32,
+            p.heads as i32,
+            p.kv_heads as i32,
+            p.scale(),
+        )
+    })
+    .unwrap_or_else(|e| panic!("flash_attention_backward_dkdv_d{}: {e}", p.d));
+
+    let mut dq_ref = vec![0.0; q_len];
+    let (mut dk_ref, mut dv_ref) = (dk_start.1.clone(), dv_start.1.clone());
+    cpu::attention_backward(
+        &mut dq_ref,
+        &mut dk_ref,
+        &mut dv_ref,
+        &dout.1,
+        &out_rounded,
+        &lse_ref,
+        &p.q.1,
+        &p.cache_k.1,
+        &p.cache_v.1,
+        &p.place,
+        p.capacity,
+        p.heads,
+        p.kv_heads,
+        p.d,
+    );
+    let dsum_ref: Vec<f32> = dout
+        .1
+        .chunks(p.d)
+        .zip(out_rounded.chunks(p.d))
+        .map(|(a, b)| a.iter().zip(b).map(|(x, y)| x * y).sum())
+        .collect();
+    assert_close("flash backward dsum", &dsum, &dsum_ref);
+    assert_close(
+        &format!("flash backward d{} dq", p.d),
+        &to_f32(&dq),
+        &dq_ref,
+    );
+    assert_close(
+        &format!("flash backward d{} dk", p.d),
+        &to_f32(&dk),
+        &dk_ref,
+    );
+    assert_close(
+        &format!("flash backward d{} dv", p.d),
+        &to_f32(&dv),
+        &dv_ref,
+    );
+    // rows of the gradient caches no query attends to keep their start values exactly
+    let kv_dim = p.kv_heads * p.d;
+    let last_seen: Vec<usize> = (0..p.cache_k.0.len() / (p.capacity * kv_dim))
+        .map(|s| {
+            p.place
+                .slots
+                .iter()
+                .zip(&p.place.positions)
+                .filter(|(&slot, _)| slot as usize == s)
+                .map(|(_, &pos)| pos as usize + 1)
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    for (s, &seen) in last_seen.iter().enumerate() {
+        let unseen = (s * p.capacity + seen) * kv_dim..(s + 1) * p.capacity * kv_dim;
+        assert_eq!(
+            dk[unseen.clone()],
+            dk_start.0[unseen.clone()],
+            "dk beyond the keys of slot {s}"
+        );
+        assert_eq!(
+            dv[unseen.clone()],
+            dv_start.0[unseen],
+            "dv beyond the keys of slot {s}"
+        );
+    }
+}
+
+#[test]
+fn flash_backward_ragged_prefill_with_gqa_matches_the_cpu() {
+    check_flash_backward(
+        &Problem::new(4, (4, 1, 64), 80, &[(0, 0, 1), (1, 0, 17), (2, 0, 70)]),
+        40,
+    );
+}
+
+#[test]
+fn flash_backward_chunk_after_a_prefix_matches_the_cpu_d128() {
+    check_flash_backward(
+        &Problem::new(5, (2, 2, 128), 144, &[(0, 40, 100), (1, 100, 1)]),
+        50,
+    );
+}
+
+#[test]
+fn flash_backward_group_of_seven_matches_the_cpu_d32() {
+    check_flash_backward(&Problem::new(6, (7, 1, 32), 48, &[(0, 0, 33)]), 60);
+}
+
+/// Decode attention (one token per sequence) with `split_keys` keys per split: the fp32 or the
+/// tensor-core kernel as the launcher picks it, then the merge when there are several splits.
+fn check_decode(p: &Problem, split_keys: usize) {
+    let (m, heads, d, kv_heads) = (p.m(), p.heads, p.d, p.kv_heads);
+    let max_len = p
+        .place
+        .positions
+        .iter()
+        .map(|&x| x as usize + 1)
+        .max()
+        .unwrap();
+    let splits = max_len.div_ceil(split_keys);
+    let (partial_len, stats_len) = decode::scratch_sizes(splits, m, heads, d);
+    let mut partial = vec![f32::NAN; partial_len.max(1)];
+    let mut stats = vec![f32::NAN; stats_len.max(1)];
+    let mut out = vec![0xffffu16; m * heads * d];
+    let mut lse = vec![f32::NAN; m * heads];
+    let (o, l, po, ps) = (
+        out.as_mut_ptr(),
+        lse.as_mut_ptr(),
+        partial.as_mut_ptr(),
+        stats.as_mut_ptr(),
+    );
+    let (slots, positions) = (p.place.slots.as_ptr(), p.place.positions.as_ptr());
+    let mma = decode::supports_mma(heads, kv_heads, d);
+    let cfg = Launch {
+        grid: (m as u32, kv_heads as u32, splits as u32),
+        block: (decode::DECODE_THREADS, 1, 1),
+        shared_bytes: if mma {
+            decode::mma_shared_bytes(d)
+        } else {
+            decode::shared_bytes(heads / kv_heads, d)
+        } as usize,
+    };
+    let (q, ck, cv) = (p.q.0.as_ptr(), p.cache_k.0.as_ptr(), p.cache_v.0.as_ptr());
+    let (mi, cap, nh, nkv, sk, scale) = (
+        m as i32,
+        p.capacity as i32,
+        heads as i32,
+        kv_heads as i32,
+        split_keys as i32,
+        p.scale(),
+    );
+    let name = if mma {
+        format!("decode_attention_mma_d{d}")
+    } else {
+        "decode_attention".into()
+    };
+    launch(cfg, || unsafe {
+        match (mma, d) {
+            (true, 64) => k::decode_attention_mma_d64(
+                o, l, po, ps, q, ck, cv, slots, positions, mi, cap, nh, nkv, sk, scale,
+            ),
+            (true, 128) => k::decode_attention_mma_d128(
+                o, l, po, ps, q, ck, cv, slots, positions, mi, cap, nh, nkv, sk, scale,
+            ),
+            _ => k::decode_attention(
+                o, l, po, ps, q, ck, cv, slots, positions, mi, cap, nh, nkv, d as i32, sk, scale,
+            ),
+        }
+    })
+    .unwrap_or_else(|e| panic!("{name}: {e}"));
+    if splits > 1 {
+        let cfg = Launch {
+            grid: (m as u32, heads as u32, 1),
+            block: (decode::DECODE_THREADS, 1, 1),
+            shared_bytes: 0,
+        };
+        launch(cfg, || unsafe {
+            k::decode_attention_combine(o, l, po, ps, mi, nh, d as i32, splits as i32)
+        })
+        .expect("decode_attention_combine");
+    }
+    let (out_ref, lse_ref) = p.forward_reference();
+    let what = format!("{name} ({splits} splits)");
+    assert_close(&format!("{what} out"), &to_f32(&out), &out_ref);
+    assert_close(&format!("{what} lse"), &lse, &lse_ref);
+}
+
+/// Four sequences at positions 0, 5, 70 and 150 (prefixes of 1 to 151 keys), one split.
+fn decode_problem(seed: u64, heads: (usize, usize, usize)) -> Problem {
+    Problem::new(
+        seed,
+        heads,
+        160,
+        &[(0, 5, 1), (1, 150, 1), (2, 0, 1), (3, 70, 1)],
+    )
+}
+
+#[test]
+fn decode_fp32_kernel_matches_the_cpu() {
+    check_decode(&decode_problem(7, (6, 2, 40)), 1024);
+}
+
+#[test]
+fn decode_fp32_kernel_with_key_splits_matches_the_cpu() {
+    check_decode(&decode_problem(8, (8, 1, 64 + 8)), 64);
+}
+
+#[test]
+fn decode_tensor_core_kernel_matches_the_cpu_d64() {
+    check_decode(&decode_problem(9, (14, 2, 64)), 1024);
+}
+
+#[test]
+fn decode_tensor_core_kernel_with_key_splits_matches_the_cpu_d128() {
+    check_decode(&decode_problem(10, (16, 1, 128)), 64);
+}
