@@ -5,13 +5,153 @@
 //! the launch shapes of the launchers (src/cuda/ops). Tolerance as in `selfcheck` (bf16
 //! operands of the products: about 3e-3 expected).
 
-use cuda_emulator::{kernels as k, launch, Launch};
+use cuda_emulator::{launch, Launch};
 use half::bf16;
 use thinkshort::backend::{cpu, TokenPlacement};
 use thinkshort::cuda::attention_plan::AttentionPlan;
 use thinkshort::cuda::ops::{decode_attention as decode, flash_attention as flash};
 
 const TOL: f64 = 1e-2;
+
+/// Entry points of kernels/flash_attention.cu and kernels/decode_attention.cu (bf16 = u16).
+mod k {
+    macro_rules! flash_kernels {
+        ($fwd:ident, $dq:ident, $dkdv:ident) => {
+            extern "C" {
+                pub fn $fwd(
+                    out: *mut u16,
+                    lse: *mut f32,
+                    q: *const u16,
+                    cache_k: *const u16,
+                    cache_v: *const u16,
+                    tiles: *const u32,
+                    capacity: i32,
+                    n_heads: i32,
+                    n_kv_heads: i32,
+                    scale: f32,
+                );
+                pub fn $dq(
+                    dq: *mut u16,
+                    dout: *const u16,
+                    lse: *const f32,
+                    dsum: *const f32,
+                    q: *const u16,
+                    cache_k: *const u16,
+                    cache_v: *const u16,
+                    tiles: *const u32,
+                    capacity: i32,
+                    n_heads: i32,
+                    n_kv_heads: i32,
+                    scale: f32,
+                );
+                pub fn $dkdv(
+                    dcache_k: *mut u16,
+                    dcache_v: *mut u16,
+                    dout: *const u16,
+                    lse: *const f32,
+                    dsum: *const f32,
+                    q: *const u16,
+                    cache_k: *const u16,
+                    cache_v: *const u16,
+                    tiles: *const u32,
+                    key_tiles: *const u32,
+                    capacity: i32,
+                    n_heads: i32,
+                    n_kv_heads: i32,
+                    scale: f32,
+                );
+            }
+        };
+    }
+    flash_kernels!(
+        flash_attention_forward_d32,
+        flash_attention_backward_dq_d32,
+        flash_attention_backward_dkdv_d32
+    );
+    flash_kernels!(
+        flash_attention_forward_d64,
+        flash_attention_backward_dq_d64,
+        flash_attention_backward_dkdv_d64
+    );
+    flash_kernels!(
+        flash_attention_forward_d128,
+        flash_attention_backward_dq_d128,
+        flash_attention_backward_dkdv_d128
+    );
+
+    extern "C" {
+        pub fn flash_attention_backward_dot(
+            dsum: *mut f32,
+            dout: *const u16,
+            out: *const u16,
+            rows: i32,
+            head_dim: i32,
+        );
+
+        pub fn decode_attention(
+            out: *mut u16,
+            lse: *mut f32,
+            partial_out: *mut f32,
+            partial_stats: *mut f32,
+            q: *const u16,
+            cache_k: *const u16,
+            cache_v: *const u16,
+            slots: *const u32,
+            positions: *const u32,
+            m: i32,
+            capacity: i32,
+            n_heads: i32,
+            n_kv_heads: i32,
+            head_dim: i32,
+            split_keys: i32,
+            scale: f32,
+        );
+        pub fn decode_attention_mma_d64(
+            out: *mut u16,
+            lse: *mut f32,
+            partial_out: *mut f32,
+            partial_stats: *mut f32,
+            q: *const u16,
+            cache_k: *const u16,
+            cache_v: *const u16,
+            slots: *const u32,
+            positions: *const u32,
+            m: i32,
+            capacity: i32,
+            n_heads: i32,
+            n_kv_heads: i32,
+            split_keys: i32,
+            scale: f32,
+        );
+        pub fn decode_attention_mma_d128(
+            out: *mut u16,
+            lse: *mut f32,
+            partial_out: *mut f32,
+            partial_stats: *mut f32,
+            q: *const u16,
+            cache_k: *const u16,
+            cache_v: *const u16,
+            slots: *const u32,
+            positions: *const u32,
+            m: i32,
+            capacity: i32,
+            n_heads: i32,
+            n_kv_heads: i32,
+            split_keys: i32,
+            scale: f32,
+        );
+        pub fn decode_attention_combine(
+            out: *mut u16,
+            lse: *mut f32,
+            partial_out: *const f32,
+            partial_stats: *const f32,
+            m: i32,
+            n_heads: i32,
+            head_dim: i32,
+            splits: i32,
+        );
+    }
+}
 
 struct Rand(u64);
 

@@ -7,8 +7,9 @@
 //! with thinkshort's CPU reference: wrong indices, masks, fragment layouts or pipeline steps show
 //! on a machine without a GPU. Speed, and races the emulation does not provoke, still need one.
 //!
-//! Device pointers are host pointers here: bf16 tensors are `u16` slices, `uint4` arrays `u32`
-//! slices of 4 × n.
+//! The kernels' `extern "C"` entry points are in the library this crate links; a test declares
+//! the ones it calls with their signatures from kernels/*.cu (bf16 as `u16`, `uint4` as 4 × `u32`,
+//! pointers are host pointers) and calls them only inside [`launch`].
 
 use std::ffi::{c_char, c_int, c_void};
 
@@ -36,7 +37,7 @@ pub struct Launch {
     pub shared_bytes: usize,
 }
 
-/// Runs `thread` (which calls one kernel from [`kernels`]) as every thread of `cfg`, block after
+/// Runs `thread` (which calls one kernel entry point) as every thread of `cfg`, block after
 /// block. Errors: a deadlock, lanes of a warp at different collectives, a misaligned or
 /// out-of-shared-memory ldmatrix or cp.async address, or a bad block size.
 pub fn launch<F: Fn()>(cfg: Launch, thread: F) -> Result<(), String> {
@@ -68,145 +69,4 @@ pub fn launch<F: Fn()>(cfg: Launch, thread: F) -> Result<(), String> {
     }
     let end = error.iter().position(|&b| b == 0).unwrap_or(error.len());
     Err(String::from_utf8_lossy(&error[..end]).into_owned())
-}
-
-/// The kernels' entry points (the `extern "C"` signatures of kernels/*.cu; bf16 = u16).
-/// Calling one outside [`launch`] is undefined behaviour.
-pub mod kernels {
-    macro_rules! flash_kernels {
-        ($fwd:ident, $dq:ident, $dkdv:ident) => {
-            extern "C" {
-                pub fn $fwd(
-                    out: *mut u16,
-                    lse: *mut f32,
-                    q: *const u16,
-                    cache_k: *const u16,
-                    cache_v: *const u16,
-                    tiles: *const u32,
-                    capacity: i32,
-                    n_heads: i32,
-                    n_kv_heads: i32,
-                    scale: f32,
-                );
-                pub fn $dq(
-                    dq: *mut u16,
-                    dout: *const u16,
-                    lse: *const f32,
-                    dsum: *const f32,
-                    q: *const u16,
-                    cache_k: *const u16,
-                    cache_v: *const u16,
-                    tiles: *const u32,
-                    capacity: i32,
-                    n_heads: i32,
-                    n_kv_heads: i32,
-                    scale: f32,
-                );
-                pub fn $dkdv(
-                    dcache_k: *mut u16,
-                    dcache_v: *mut u16,
-                    dout: *const u16,
-                    lse: *const f32,
-                    dsum: *const f32,
-                    q: *const u16,
-                    cache_k: *const u16,
-                    cache_v: *const u16,
-                    tiles: *const u32,
-                    key_tiles: *const u32,
-                    capacity: i32,
-                    n_heads: i32,
-                    n_kv_heads: i32,
-                    scale: f32,
-                );
-            }
-        };
-    }
-    flash_kernels!(
-        flash_attention_forward_d32,
-        flash_attention_backward_dq_d32,
-        flash_attention_backward_dkdv_d32
-    );
-    flash_kernels!(
-        flash_attention_forward_d64,
-        flash_attention_backward_dq_d64,
-        flash_attention_backward_dkdv_d64
-    );
-    flash_kernels!(
-        flash_attention_forward_d128,
-        flash_attention_backward_dq_d128,
-        flash_attention_backward_dkdv_d128
-    );
-
-    extern "C" {
-        pub fn flash_attention_backward_dot(
-            dsum: *mut f32,
-            dout: *const u16,
-            out: *const u16,
-            rows: i32,
-            head_dim: i32,
-        );
-
-        pub fn decode_attention(
-            out: *mut u16,
-            lse: *mut f32,
-            partial_out: *mut f32,
-            partial_stats: *mut f32,
-            q: *const u16,
-            cache_k: *const u16,
-            cache_v: *const u16,
-            slots: *const u32,
-            positions: *const u32,
-            m: i32,
-            capacity: i32,
-            n_heads: i32,
-            n_kv_heads: i32,
-            head_dim: i32,
-            split_keys: i32,
-            scale: f32,
-        );
-        pub fn decode_attention_mma_d64(
-            out: *mut u16,
-            lse: *mut f32,
-            partial_out: *mut f32,
-            partial_stats: *mut f32,
-            q: *const u16,
-            cache_k: *const u16,
-            cache_v: *const u16,
-            slots: *const u32,
-            positions: *const u32,
-            m: i32,
-            capacity: i32,
-            n_heads: i32,
-            n_kv_heads: i32,
-            split_keys: i32,
-            scale: f32,
-        );
-        pub fn decode_attention_mma_d128(
-            out: *mut u16,
-            lse: *mut f32,
-            partial_out: *mut f32,
-            partial_stats: *mut f32,
-            q: *const u16,
-            cache_k: *const u16,
-            cache_v: *const u16,
-            slots: *const u32,
-            positions: *const u32,
-            m: i32,
-            capacity: i32,
-            n_heads: i32,
-            n_kv_heads: i32,
-            split_keys: i32,
-            scale: f32,
-        );
-        pub fn decode_attention_combine(
-            out: *mut u16,
-            lse: *mut f32,
-            partial_out: *const f32,
-            partial_stats: *const f32,
-            m: i32,
-            n_heads: i32,
-            head_dim: i32,
-            splits: i32,
-        );
-    }
 }
