@@ -5,13 +5,13 @@
 //! the launch shapes of the launchers (src/cuda/ops). Tolerance as in `selfcheck` (bf16
 //! operands of the products: about 3e-3 expected).
 
+mod emulation_support;
+
 use cuda_emulator::{launch, Launch};
-use half::bf16;
+use emulation_support::{assert_close, to_bits, to_f32, Rand};
 use thinkshort::backend::{cpu, TokenPlacement};
 use thinkshort::cuda::attention_plan::AttentionPlan;
 use thinkshort::cuda::ops::{decode_attention as decode, flash_attention as flash};
-
-const TOL: f64 = 1e-2;
 
 /// Entry points of kernels/flash_attention.cu and kernels/decode_attention.cu (bf16 = u16).
 mod k {
@@ -151,61 +151,6 @@ mod k {
             splits: i32,
         );
     }
-}
-
-struct Rand(u64);
-
-impl Rand {
-    /// Uniform in [-1, 1) (splitmix64).
-    fn next(&mut self) -> f32 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^= z >> 31;
-        (z >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-    }
-
-    /// n bf16 values of scale `scale`: (bits for the kernel, the same values in f32).
-    fn bf16s(&mut self, n: usize, scale: f32) -> (Vec<u16>, Vec<f32>) {
-        let v: Vec<bf16> = (0..n)
-            .map(|_| bf16::from_f32(self.next() * scale))
-            .collect();
-        (
-            v.iter().map(|x| x.to_bits()).collect(),
-            v.iter().map(|x| x.to_f32()).collect(),
-        )
-    }
-}
-
-fn to_f32(bits: &[u16]) -> Vec<f32> {
-    bits.iter().map(|&b| bf16::from_bits(b).to_f32()).collect()
-}
-
-fn to_bits(v: &[f32]) -> Vec<u16> {
-    v.iter().map(|&x| bf16::from_f32(x).to_bits()).collect()
-}
-
-/// ‖a − b‖ / ‖b‖; NaN anywhere gives infinity.
-fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let (mut num, mut den) = (0.0f64, 0.0f64);
-    for (&x, &y) in a.iter().zip(b) {
-        if !x.is_finite() || !y.is_finite() {
-            return f64::INFINITY;
-        }
-        num += (x as f64 - y as f64).powi(2);
-        den += (y as f64).powi(2);
-    }
-    (num / den.max(1e-30)).sqrt()
-}
-
-fn assert_close(what: &str, got: &[f32], want: &[f32]) {
-    let e = rel_err(got, want);
-    assert!(
-        e < TOL,
-        "{what}: relative error {e:.3e} (tolerance {TOL:.0e})"
-    );
 }
 
 /// A batch and its cache: every cache row holds random values, also beyond the positions a token
