@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use thinkshort::backend::{
     Backend, GradWrite, PolicyTokens, TokenPlacement, TrainBackend, POLICY_STATS,
 };
+use thinkshort::cuda::ops::flash_attention::FlashForward;
 use thinkshort::cuda::CudaBackend;
 use thinkshort::grpo::LossOptions;
 use thinkshort::rng::Philox;
@@ -197,7 +198,8 @@ fn matmul(c: &mut Criterion, dev: &CudaBackend) {
 
 /// Fused causal attention at the FlashAttention benchmark's shapes: 16384 tokens in sequences of
 /// T, 2048 / d heads (multi-head). FLOPs: forward 4·B·H·T²·d / 2 (causal), backward 2.5× that;
-/// tools/bench_attention_torch.py times PyTorch's flash SDPA on the same shapes.
+/// tools/bench_attention_torch.py times PyTorch's flash SDPA on the same shapes. The forward is
+/// timed with each fused kernel (64 and 128 query rows per block).
 fn flash_attention(c: &mut Criterion, dev: &CudaBackend) {
     let mut g = c.benchmark_group("flash_attention");
     for head_dim in [64usize, 128] {
@@ -235,9 +237,17 @@ fn flash_attention(c: &mut Criterion, dev: &CudaBackend) {
                 )
             };
             g.throughput(Throughput::Elements(forward_flops));
-            g.bench_function(id("forward_flops"), |b| {
-                b.iter_custom(|n| time(dev, n, || forward(&mut out, &mut lse)))
-            });
+            // the 64-row kernel, then the 128-row one (the default for these shapes)
+            for (what, variant) in [
+                ("forward_flops", FlashForward::Narrow),
+                ("forward_wide_flops", FlashForward::Wide),
+            ] {
+                dev.set_flash_forward(Some(variant));
+                g.bench_function(id(what), |b| {
+                    b.iter_custom(|n| time(dev, n, || forward(&mut out, &mut lse)))
+                });
+            }
+            dev.set_flash_forward(None);
             forward(&mut out, &mut lse);
             let backward = |dq: &mut _, dck: &mut _, dcv: &mut _| {
                 dev.attention_backward(

@@ -262,7 +262,8 @@ __device__ __forceinline__ void decode_attention_mma(
 
     uint32_t q_frag[D / 16][4];  // the group's query heads as the rows of a [16, D] A operand
     load_rows_as_a<D>(q_frag, q + (size_t)token * q_dim + h0 * D, D, 0, group, g, t);
-    float o[D / 8][4];  // [16, D] output accumulator over this warp's keys
+    float o_slab[1][D / 8][4];  // [16, D] output accumulator over this warp's keys
+    float (&o)[D / 8][4] = o_slab[0];
     for (int dn = 0; dn < D / 8; dn++) { o[dn][0] = o[dn][1] = o[dn][2] = o[dn][3] = 0.0f; }
     float row_max[2] = {-INFINITY, -INFINITY};  // rows g and g + 8, log2 units
     float row_sum[2] = {0.0f, 0.0f};            // this thread's share of sum exp2(score - max)
@@ -305,9 +306,9 @@ __device__ __forceinline__ void decode_attention_mma(
         // tail) sees only -inf: it rescales by 0 and adds 0, staying empty.
         online_softmax_step(s, o, row_max, row_sum);
         // o += P V over the warp's keys, P straight from the score registers
-        uint32_t a[4];
-        accumulators_to_a(a, s[0], s[1]);
-        mma_accumulate_rows<D>(o, a, v_s, S, warp * 16, lane);
+        uint32_t a[1][4];
+        accumulators_to_a(a[0], s[0], s[1]);
+        mma_accumulate_rows<D, 1>(o_slab, a, v_s, S, warp * 16, lane);
         __syncthreads();  // every warp is done with this stage before step + 2 refills it
     }
 

@@ -6,9 +6,10 @@
 //     S_j = scale * q[m, h] . K[s, j, kvh]   for j = 0..=p          (scale = 1/sqrt(D))
 //     out[m, h] = sum_j P_j V[s, j, kvh],   P = softmax(S),   lse[m, h] = log sum_j exp(S_j)
 //
-// Work is cut into query tiles: up to FLASH_ROWS tokens of one slot at consecutive positions and
-// consecutive batch rows (a prefill chunk), built on the host (src/cuda/attention_plan.rs) as
-// uint4 (first token, count, slot, first position). The keys a tile sees are 0 .. first position
+// Work is cut into query tiles: up to FLASH_ROWS tokens (2 * FLASH_ROWS for the wide forward) of
+// one slot at consecutive positions and consecutive batch rows (a prefill chunk), built on the
+// host (src/cuda/attention_plan.rs) as uint4 (first token, count, slot, first position); the
+// forward and dq kernels take them last to first, so the tiles with the most keys start first. The keys a tile sees are 0 .. first position
 // + count of its slot. No score matrix is ever stored: scores live in registers, a tile at a time.
 //
 // Every product is a tensor-core m16n8k16 (kernels/mma.cuh) with fragments loaded by ldmatrix:
@@ -21,6 +22,9 @@
 //   flash_attention_forward_d{D}     grid (query tiles, n_heads), 4 warps; warp w owns query
 //                                    rows 16w..16w+16 of the tile; keys in steps of FWD_KEYS
 //                                    staged in shared memory; online softmax in exp2 units.
+//   flash_attention_forward_wide_d{D} the same over tiles of 128 rows, 32 per warp (two m16
+//                                    slabs sharing each K/V fragment); for d = 128 the query
+//                                    tile waits in shared memory and keys come 32 per step.
 //   flash_attention_backward_dot     dsum[m, h] = dout[m, h] . out[m, h] (FlashAttention's D).
 //   flash_attention_backward_dq_d{D} grid (query tiles, n_heads): recomputes P from lse, then
 //                                    dS = P * (dO V^T - dsum) and dq = scale * dS K (overwritten).
@@ -59,97 +63,176 @@ __device__ __forceinline__ QueryTile read_tile(const uint4* tiles, int i) {
 // ----------------------------------------------------------------------------
 // forward
 
-template <int D>
+// The forward takes SLABS slabs of 16 query rows per warp: FLASH_ROWS rows per block with one,
+// 2 * FLASH_ROWS in the wide variant, where every K and V fragment loaded from shared memory
+// feeds two m16 products (FlashAttention-2's 128-row blocks).
+
+// Whether the query fragments stay in registers for the whole key loop ([16 * SLABS, D] bf16:
+// D / 4 * SLABS registers); the wide d = 128 variant reads them from a shared tile instead, to
+// leave room for its 2 x [16, 128] output accumulators.
+template <int D, int SLABS>
+__host__ __device__ constexpr bool forward_q_in_registers() {
+    return SLABS * D <= 128;
+}
+
+// Keys per step of the forward: FWD_KEYS, or half that where two [16, 128] output accumulators
+// per warp leave no registers for a [16, 64] score tile per slab.
+template <int D, int SLABS>
+__host__ __device__ constexpr int forward_keys() {
+    return SLABS * D > 128 ? FWD_KEYS / 2 : FWD_KEYS;
+}
+
+template <int D, int SLABS>
 __device__ __forceinline__ void flash_forward(__nv_bfloat16* out, float* lse, const __nv_bfloat16* q,
                                               const __nv_bfloat16* cache_k, const __nv_bfloat16* cache_v,
                                               const uint4* tiles, int capacity, int n_heads,
                                               int n_kv_heads, float scale) {
+    constexpr int KEYS = forward_keys<D, SLABS>();
     constexpr int S = D + TILE_PAD;
-    constexpr int TILE = FWD_KEYS * S;
+    constexpr int TILE = KEYS * S;
+    constexpr int ROWS = FLASH_ROWS * SLABS;
+    constexpr bool Q_IN_REGISTERS = forward_q_in_registers<D, SLABS>();
     DYNAMIC_SHARED(unsigned char, smem);
-    __nv_bfloat16* kv_s = reinterpret_cast<__nv_bfloat16*>(smem);  // [2 stages][K, V][FWD_KEYS][S]
+    __nv_bfloat16* kv_s = reinterpret_cast<__nv_bfloat16*>(smem);  // [2 stages][K, V][KEYS][S]
+    __nv_bfloat16* q_s = kv_s + 4 * TILE;  // [ROWS][S], when !Q_IN_REGISTERS
 
-    const QueryTile tile = read_tile(tiles, blockIdx.x);
+    // The heaviest tiles (latest positions: most keys) start first, so the grid ends on light ones.
+    const QueryTile tile = read_tile(tiles, gridDim.x - 1 - blockIdx.x);
     const int h = blockIdx.y;
     const int kvh = h / (n_heads / n_kv_heads);
     const int q_dim = n_heads * D, kv_dim = n_kv_heads * D;
     const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
     const int g = lane / 4, t = lane % 4;
-    const int row[2] = {warp * 16 + g, warp * 16 + g + 8};  // this thread's two rows of the tile
-    const int pos[2] = {tile.first_pos + row[0], tile.first_pos + row[1]};
+    const int warp_row0 = warp * 16 * SLABS;  // the warp owns rows warp_row0 .. + 16 * SLABS
+    // a warp whose rows are all padding only helps with the copies
+    const bool warp_live = warp_row0 < tile.count;
+    // positions of the warp's first and last real row
+    const int warp_first_pos = tile.first_pos + warp_row0;
+    const int warp_last_pos = tile.first_pos + min(warp_row0 + 16 * SLABS, tile.count) - 1;
     const float scale_log2 = scale * LOG2E;  // scores in log2 units: exp2f is one instruction
+    const __nv_bfloat16* q_tile = q + (size_t)tile.first_token * q_dim + h * D;
 
-    uint32_t q_frag[D / 16][4];  // the warp's 16 query rows, [16, D], as A fragments
-    load_rows_as_a<D>(q_frag, q + (size_t)tile.first_token * q_dim + h * D, q_dim, warp * 16,
-                      tile.count, g, t);
+    uint32_t q_frag[Q_IN_REGISTERS ? SLABS : 1][Q_IN_REGISTERS ? D / 16 : 1][4];  // [16, D] per slab
+    if constexpr (Q_IN_REGISTERS) {
+#pragma unroll
+        for (int i = 0; i < SLABS; i++) {
+            load_rows_as_a<D>(q_frag[i], q_tile, q_dim, warp_row0 + 16 * i, tile.count, g, t);
+        }
+    } else {
+        load_tile_async<D, ROWS>(q_s, q_tile, q_dim, tile.count);  // lands with step 0's keys
+    }
 
-    float o[D / 8][4];  // [16, D] output accumulator
-    for (int dn = 0; dn < D / 8; dn++) { o[dn][0] = o[dn][1] = o[dn][2] = o[dn][3] = 0.0f; }
-    float row_max[2] = {-INFINITY, -INFINITY};  // running max of the scores (log2 units)
-    float row_sum[2] = {0.0f, 0.0f};            // this thread's share of sum exp2(score - max)
+    float o[SLABS][D / 8][4];  // [16, D] output accumulator per slab
+    float row_max[SLABS][2], row_sum[SLABS][2];  // per slab, this thread's rows g and g + 8
+#pragma unroll
+    for (int i = 0; i < SLABS; i++) {
+#pragma unroll
+        for (int dn = 0; dn < D / 8; dn++) { o[i][dn][0] = o[i][dn][1] = o[i][dn][2] = o[i][dn][3] = 0.0f; }
+        row_max[i][0] = row_max[i][1] = -INFINITY;  // running max of the scores (log2 units)
+        row_sum[i][0] = row_sum[i][1] = 0.0f;       // this thread's share of sum exp2(score - max)
+    }
 
     const size_t slot_base = (size_t)tile.slot * capacity * kv_dim + (size_t)kvh * D;
     const int key_end = tile.first_pos + tile.count;  // keys 0..key_end
-    const int steps = ceil_div(key_end, FWD_KEYS);
+    const int steps = ceil_div(key_end, KEYS);
     // K and V of step i into stage i % 2: the copy of step i + 1 runs during the math of step i
     auto prefetch = [&](int step) {
-        const int j0 = step * FWD_KEYS, valid = min(FWD_KEYS, key_end - j0);
+        const int j0 = step * KEYS, valid = min(KEYS, key_end - j0);
         __nv_bfloat16* k_dst = kv_s + (step % 2) * 2 * TILE;
-        load_tile_async<D, FWD_KEYS>(k_dst, cache_k + slot_base + (size_t)j0 * kv_dim, kv_dim, valid);
-        load_tile_async<D, FWD_KEYS>(k_dst + TILE, cache_v + slot_base + (size_t)j0 * kv_dim, kv_dim, valid);
+        load_tile_async<D, KEYS>(k_dst, cache_k + slot_base + (size_t)j0 * kv_dim, kv_dim, valid);
+        load_tile_async<D, KEYS>(k_dst + TILE, cache_v + slot_base + (size_t)j0 * kv_dim, kv_dim, valid);
         copy_async_commit();
     };
     prefetch(0);
     for (int step = 0; step < steps; step++) {
-        const int j0 = step * FWD_KEYS;
+        const int j0 = step * KEYS;
         // then this step's tiles are in shared memory for every thread
         pipeline_advance(step, steps, prefetch);
         const __nv_bfloat16* k_s = kv_s + (step % 2) * 2 * TILE;
         const __nv_bfloat16* v_s = k_s + TILE;
 
-        // s = Q K^T: [16, FWD_KEYS] as FWD_KEYS / 8 accumulator tiles
-        float s[FWD_KEYS / 8][4];
-        for (int nt = 0; nt < FWD_KEYS / 8; nt++) { s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f; }
-        for (int nt = 0; nt < FWD_KEYS / 8; nt += 2) {
+        // keys all beyond the warp's rows (the diagonal's far side) change nothing: skip them
+        if (warp_live && j0 <= warp_last_pos) {
+            // s = Q K^T: [16, KEYS] per slab as KEYS / 8 accumulator tiles
+            float s[SLABS][KEYS / 8][4];
+#pragma unroll
+            for (int i = 0; i < SLABS; i++) {
+#pragma unroll
+                for (int nt = 0; nt < KEYS / 8; nt++) { s[i][nt][0] = s[i][nt][1] = s[i][nt][2] = s[i][nt][3] = 0.0f; }
+            }
+#pragma unroll
             for (int kk = 0; kk < D / 16; kk++) {
-                uint32_t b[2][2];
-                load_b_transposed_x2(b, k_s, S, nt * 8, kk * 16, lane);
-                mma_m16n8k16(s[nt], q_frag[kk], b[0]);
-                mma_m16n8k16(s[nt + 1], q_frag[kk], b[1]);
+                uint32_t a[SLABS][4];
+#pragma unroll
+                for (int i = 0; i < SLABS; i++) {
+                    if constexpr (Q_IN_REGISTERS) {
+#pragma unroll
+                        for (int e = 0; e < 4; e++) { a[i][e] = q_frag[i][kk][e]; }
+                    } else {
+                        load_a(a[i], q_s, S, warp_row0 + 16 * i, kk * 16, lane);
+                    }
+                }
+#pragma unroll
+                for (int nt = 0; nt < KEYS / 8; nt += 2) {
+                    uint32_t b[2][2];
+                    load_b_transposed_x2(b, k_s, S, nt * 8, kk * 16, lane);
+#pragma unroll
+                    for (int i = 0; i < SLABS; i++) {
+                        mma_m16n8k16(s[i][nt], a[i], b[0]);
+                        mma_m16n8k16(s[i][nt + 1], a[i], b[1]);
+                    }
+                }
             }
-        }
-        // causal mask; a padding key (j >= key_end) is beyond every real row's position
-        for (int nt = 0; nt < FWD_KEYS / 8; nt++) {
-            for (int e = 0; e < 4; e++) {
-                const int j = j0 + nt * 8 + 2 * t + (e & 1);
-                s[nt][e] = j <= pos[e / 2] ? s[nt][e] * scale_log2 : -INFINITY;
+            // scale; the causal mask only where the step reaches past the warp's first row (a
+            // padding key, j >= key_end, is beyond every real row's position)
+            const bool diagonal = j0 + KEYS - 1 > warp_first_pos;
+#pragma unroll
+            for (int i = 0; i < SLABS; i++) {
+                const int pos0 = warp_first_pos + 16 * i + g;  // rows g and g + 8 of slab i
+#pragma unroll
+                for (int nt = 0; nt < KEYS / 8; nt++) {
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        const int j = j0 + nt * 8 + 2 * t + (e & 1);
+                        const bool visible = !diagonal || j <= pos0 + 8 * (e / 2);
+                        s[i][nt][e] = visible ? s[i][nt][e] * scale_log2 : -INFINITY;
+                    }
+                }
+                // online softmax per row (key 0 is visible to every row: the max is finite from
+                // the first step on; padding rows see real keys too)
+                online_softmax_step(s[i], o[i], row_max[i], row_sum[i]);
             }
-        }
-        // online softmax per row (key 0 is visible to every row: the max is finite from the
-        // first step on)
-        online_softmax_step(s, o, row_max, row_sum);
-        // o += P V, P straight from the score registers
-        for (int kk = 0; kk < FWD_KEYS / 16; kk++) {
-            uint32_t a[4];
-            accumulators_to_a(a, s[2 * kk], s[2 * kk + 1]);
-            mma_accumulate_rows<D>(o, a, v_s, S, kk * 16, lane);
+            // o += P V, P straight from the score registers
+#pragma unroll
+            for (int kk = 0; kk < KEYS / 16; kk++) {
+                uint32_t a[SLABS][4];
+#pragma unroll
+                for (int i = 0; i < SLABS; i++) { accumulators_to_a(a[i], s[i][2 * kk], s[i][2 * kk + 1]); }
+                mma_accumulate_rows<D, SLABS>(o, a, v_s, S, kk * 16, lane);
+            }
         }
         __syncthreads();  // every warp is done with this stage before step + 2 refills it
     }
 
-    for (int i = 0; i < 2; i++) {
-        float sum = row_sum[i];
-        sum += __shfl_xor_sync(FULL_MASK, sum, 1);
-        sum += __shfl_xor_sync(FULL_MASK, sum, 2);
-        if (row[i] >= tile.count) { continue; }
-        const size_t token = (size_t)tile.first_token + row[i];
-        const float inv = 1.0f / sum;
-        __nv_bfloat16* out_row = out + token * q_dim + h * D;
-        for (int dn = 0; dn < D / 8; dn++) {
-            *reinterpret_cast<uint32_t*>(out_row + dn * 8 + 2 * t) =
-                pack_bf16(o[dn][2 * i] * inv, o[dn][2 * i + 1] * inv);
+#pragma unroll
+    for (int i = 0; i < SLABS; i++) {
+#pragma unroll
+        for (int half = 0; half < 2; half++) {
+            float sum = row_sum[i][half];
+            sum += __shfl_xor_sync(FULL_MASK, sum, 1);
+            sum += __shfl_xor_sync(FULL_MASK, sum, 2);
+            const int row = warp_row0 + 16 * i + 8 * half + g;
+            if (row >= tile.count) { continue; }
+            const size_t token = (size_t)tile.first_token + row;
+            const float inv = 1.0f / sum;
+            __nv_bfloat16* out_row = out + token * q_dim + h * D;
+#pragma unroll
+            for (int dn = 0; dn < D / 8; dn++) {
+                *reinterpret_cast<uint32_t*>(out_row + dn * 8 + 2 * t) =
+                    pack_bf16(o[i][dn][2 * half] * inv, o[i][dn][2 * half + 1] * inv);
+            }
+            if (lse != nullptr && t == 0) { lse[token * n_heads + h] = (row_max[i][half] + log2f(sum)) * LN2; }
         }
-        if (lse != nullptr && t == 0) { lse[token * n_heads + h] = (row_max[i] + log2f(sum)) * LN2; }
     }
 }
 
@@ -184,7 +267,7 @@ __device__ __forceinline__ void flash_backward_dq(__nv_bfloat16* dq, const __nv_
     DYNAMIC_SHARED(unsigned char, smem);
     __nv_bfloat16* kv_s = reinterpret_cast<__nv_bfloat16*>(smem);  // [2 stages][K, V][DQ_KEYS][S]
 
-    const QueryTile tile = read_tile(tiles, blockIdx.x);
+    const QueryTile tile = read_tile(tiles, gridDim.x - 1 - blockIdx.x);  // heaviest first, as the forward
     const int h = blockIdx.y;
     const int kvh = h / (n_heads / n_kv_heads);
     const int q_dim = n_heads * D, kv_dim = n_kv_heads * D;
@@ -404,7 +487,13 @@ __device__ __forceinline__ void flash_backward_dkdv(__nv_bfloat16* dcache_k, __n
         __nv_bfloat16* out, float* lse, const __nv_bfloat16* q, const __nv_bfloat16* cache_k,          \
         const __nv_bfloat16* cache_v, const uint4* tiles, int capacity, int n_heads, int n_kv_heads,   \
         float scale) {                                                                                 \
-        flash_forward<D>(out, lse, q, cache_k, cache_v, tiles, capacity, n_heads, n_kv_heads, scale);  \
+        flash_forward<D, 1>(out, lse, q, cache_k, cache_v, tiles, capacity, n_heads, n_kv_heads, scale); \
+    }                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(FLASH_THREADS) flash_attention_forward_wide_d##D(     \
+        __nv_bfloat16* out, float* lse, const __nv_bfloat16* q, const __nv_bfloat16* cache_k,          \
+        const __nv_bfloat16* cache_v, const uint4* tiles, int capacity, int n_heads, int n_kv_heads,   \
+        float scale) {                                                                                 \
+        flash_forward<D, 2>(out, lse, q, cache_k, cache_v, tiles, capacity, n_heads, n_kv_heads, scale); \
     }                                                                                                  \
     extern "C" __global__ void __launch_bounds__(FLASH_THREADS) flash_attention_backward_dq_d##D(      \
         __nv_bfloat16* dq, const __nv_bfloat16* dout, const float* lse, const float* dsum,             \

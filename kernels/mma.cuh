@@ -118,17 +118,22 @@ __device__ __forceinline__ void load_b_x2(uint32_t b[2][2], const __nv_bfloat16*
     b[1][1] = m[3];
 }
 
-// o [16, D] += a [16, 16] times rows k0 .. k0 + 16 of a row-major [rows, D] tile (e.g. P V with
-// V stored one key per row): D / 8 accumulator tiles, two per B load.
-template <int D>
-__device__ __forceinline__ void mma_accumulate_rows(float (&o)[D / 8][4], const uint32_t a[4],
+// o[i] [16, D] += a[i] [16, 16] times rows k0 .. k0 + 16 of a row-major [rows, D] tile, for M
+// slabs of 16 rows i (e.g. P V with V stored one key per row): D / 8 accumulator tiles per slab,
+// two per B load, each B load shared by the M slabs.
+template <int D, int M>
+__device__ __forceinline__ void mma_accumulate_rows(float (&o)[M][D / 8][4], const uint32_t (&a)[M][4],
                                                     const __nv_bfloat16* tile, int stride, int k0,
                                                     int lane) {
+#pragma unroll
     for (int dn = 0; dn < D / 8; dn += 2) {
         uint32_t b[2][2];
         load_b_x2(b, tile, stride, k0, dn * 8, lane);
-        mma_m16n8k16(o[dn], a, b[0]);
-        mma_m16n8k16(o[dn + 1], a, b[1]);
+#pragma unroll
+        for (int i = 0; i < M; i++) {
+            mma_m16n8k16(o[i][dn], a[i], b[0]);
+            mma_m16n8k16(o[i][dn + 1], a[i], b[1]);
+        }
     }
 }
 

@@ -10,15 +10,28 @@ mod emulation_support;
 use cuda_emulator::{launch, Launch};
 use emulation_support::{assert_close, to_bits, to_f32, Rand};
 use thinkshort::backend::{cpu, TokenPlacement};
-use thinkshort::cuda::attention_plan::AttentionPlan;
+use thinkshort::cuda::attention_plan::{wide_query_tiles, AttentionPlan};
+use thinkshort::cuda::ops::flash_attention::FlashForward;
 use thinkshort::cuda::ops::{decode_attention as decode, flash_attention as flash};
 
 /// Entry points of kernels/flash_attention.cu and kernels/decode_attention.cu (bf16 = u16).
 mod k {
     macro_rules! flash_kernels {
-        ($fwd:ident, $dq:ident, $dkdv:ident) => {
+        ($fwd:ident, $wide:ident, $dq:ident, $dkdv:ident) => {
             extern "C" {
                 pub fn $fwd(
+                    out: *mut u16,
+                    lse: *mut f32,
+                    q: *const u16,
+                    cache_k: *const u16,
+                    cache_v: *const u16,
+                    tiles: *const u32,
+                    capacity: i32,
+                    n_heads: i32,
+                    n_kv_heads: i32,
+                    scale: f32,
+                );
+                pub fn $wide(
                     out: *mut u16,
                     lse: *mut f32,
                     q: *const u16,
@@ -65,16 +78,19 @@ mod k {
     }
     flash_kernels!(
         flash_attention_forward_d32,
+        flash_attention_forward_wide_d32,
         flash_attention_backward_dq_d32,
         flash_attention_backward_dkdv_d32
     );
     flash_kernels!(
         flash_attention_forward_d64,
+        flash_attention_forward_wide_d64,
         flash_attention_backward_dq_d64,
         flash_attention_backward_dkdv_d64
     );
     flash_kernels!(
         flash_attention_forward_d128,
+        flash_attention_forward_wide_d128,
         flash_attention_backward_dq_d128,
         flash_attention_backward_dkdv_d128
     );
@@ -222,7 +238,7 @@ impl Problem {
     }
 }
 
-type FlashForward = unsafe extern "C" fn(
+type FlashForwardFn = unsafe extern "C" fn(
     *mut u16,
     *mut f32,
     *const u16,
@@ -265,20 +281,24 @@ type FlashDkdv = unsafe extern "C" fn(
     f32,
 );
 
-fn flash_kernels(d: usize) -> (FlashForward, FlashDq, FlashDkdv) {
+/// (forward, wide forward, dq, dk/dv) of head dim d.
+fn flash_kernels(d: usize) -> (FlashForwardFn, FlashForwardFn, FlashDq, FlashDkdv) {
     match d {
         32 => (
             k::flash_attention_forward_d32,
+            k::flash_attention_forward_wide_d32,
             k::flash_attention_backward_dq_d32,
             k::flash_attention_backward_dkdv_d32,
         ),
         64 => (
             k::flash_attention_forward_d64,
+            k::flash_attention_forward_wide_d64,
             k::flash_attention_backward_dq_d64,
             k::flash_attention_backward_dkdv_d64,
         ),
         128 => (
             k::flash_attention_forward_d128,
+            k::flash_attention_forward_wide_d128,
             k::flash_attention_backward_dq_d128,
             k::flash_attention_backward_dkdv_d128,
         ),
@@ -290,17 +310,21 @@ fn flash_block() -> (u32, u32, u32) {
     (flash::FLASH_THREADS, 1, 1)
 }
 
-/// (out, lse) of flash_attention_forward_d{D}, launched as the launcher does.
-fn flash_forward(p: &Problem) -> (Vec<u16>, Vec<f32>) {
-    let plan = AttentionPlan::new(&p.place);
-    let (forward, _, _) = flash_kernels(p.d);
+/// (out, lse) of flash_attention_forward{,_wide}_d{D} over the variant's tiles, launched as the
+/// launcher does.
+fn flash_forward(p: &Problem, variant: FlashForward) -> (Vec<u16>, Vec<f32>) {
+    let (narrow, wide, _, _) = flash_kernels(p.d);
+    let (forward, tiles) = match variant {
+        FlashForward::Narrow => (narrow, AttentionPlan::new(&p.place).query_tiles),
+        FlashForward::Wide => (wide, wide_query_tiles(&p.place)),
+    };
     let mut out = vec![0xffffu16; p.m() * p.heads * p.d];
     let mut lse = vec![f32::NAN; p.m() * p.heads];
     let (o, l) = (out.as_mut_ptr(), lse.as_mut_ptr());
     let cfg = Launch {
-        grid: (plan.num_query_tiles() as u32, p.heads as u32, 1),
+        grid: (tiles.len() as u32 / 4, p.heads as u32, 1),
         block: flash_block(),
-        shared_bytes: flash::forward_shared_bytes(p.d) as usize,
+        shared_bytes: flash::forward_shared_bytes(p.d, variant) as usize,
     };
     launch(cfg, || unsafe {
         forward(
@@ -309,26 +333,26 @@ fn flash_forward(p: &Problem) -> (Vec<u16>, Vec<f32>) {
             p.q.0.as_ptr(),
             p.cache_k.0.as_ptr(),
             p.cache_v.0.as_ptr(),
-            plan.query_tiles.as_ptr(),
+            tiles.as_ptr(),
             p.capacity as i32,
             p.heads as i32,
             p.kv_heads as i32,
             p.scale(),
         )
     })
-    .unwrap_or_else(|e| panic!("flash_attention_forward_d{}: {e}", p.d));
+    .unwrap_or_else(|e| panic!("{variant:?} flash forward d{}: {e}", p.d));
     (out, lse)
 }
 
+/// Both forward kernels against the CPU.
 fn check_flash_forward(p: &Problem) {
-    let (out, lse) = flash_forward(p);
     let (out_ref, lse_ref) = p.forward_reference();
-    assert_close(
-        &format!("flash forward d{} out", p.d),
-        &to_f32(&out),
-        &out_ref,
-    );
-    assert_close(&format!("flash forward d{} lse", p.d), &lse, &lse_ref);
+    for variant in [FlashForward::Narrow, FlashForward::Wide] {
+        let (out, lse) = flash_forward(p, variant);
+        let what = format!("{variant:?} flash forward d{}", p.d);
+        assert_close(&format!("{what} out"), &to_f32(&out), &out_ref);
+        assert_close(&format!("{what} lse"), &lse, &lse_ref);
+    }
 }
 
 /// Ragged prefill (1, 17 and 70 tokens from position 0: tiles of 1, 17, 64 and 6 rows, two key
@@ -355,6 +379,13 @@ fn flash_forward_chunk_after_a_prefix_matches_the_cpu_d128() {
     ));
 }
 
+/// One sequence of 200 tokens: wide tiles of 128 and 72 rows (a warp's far-side key steps
+/// skipped, the second tile's last warps idle), narrow ones of 64, 64, 64 and 8; GQA group 2.
+#[test]
+fn flash_forward_two_hundred_tokens_matches_the_cpu() {
+    check_flash_forward(&Problem::new(11, (2, 1, 64), 208, &[(0, 0, 200)]));
+}
+
 /// Head dim 32 with a group of 7 query heads per KV head.
 #[test]
 fn flash_forward_group_of_seven_matches_the_cpu_d32() {
@@ -365,7 +396,7 @@ fn flash_forward_group_of_seven_matches_the_cpu_d32() {
 /// the gradient caches starting from random values (the kernel adds to them).
 fn check_flash_backward(p: &Problem, seed: u64) {
     let plan = AttentionPlan::new(&p.place);
-    let (_, dq_kernel, dkdv_kernel) = flash_kernels(p.d);
+    let (_, _, dq_kernel, dkdv_kernel) = flash_kernels(p.d);
     let (m, q_len, cache_len) = (p.m(), p.m() * p.heads * p.d, p.cache_k.0.len());
     let mut r = Rand(seed);
     let dout = r.bf16s(q_len, 1.0);

@@ -3,12 +3,15 @@
 //! A query tile is up to `QUERY_TILE_ROWS` tokens of one slot that sit at consecutive batch rows
 //! and consecutive positions: a prefill chunk, or a whole training sequence in pieces. A key tile
 //! is up to `KEY_TILE_ROWS` cache positions of one slot, for the dK/dV kernel, which also needs
-//! the range of query tiles of that slot (the tiles are sorted by slot for that).
+//! the range of query tiles of that slot (the tiles are sorted by slot for that). The wide forward
+//! kernel takes tiles of up to `WIDE_QUERY_TILE_ROWS` instead ([`wide_query_tiles`]).
 
 use crate::backend::TokenPlacement;
 
 /// Query rows per tile: `FLASH_ROWS` in kernels/flash_attention.cu.
 pub const QUERY_TILE_ROWS: usize = 64;
+/// Query rows per tile of the wide forward kernel (`2 * FLASH_ROWS`).
+pub const WIDE_QUERY_TILE_ROWS: usize = 128;
 /// Keys per dK/dV block: `KV_KEYS` in kernels/flash_attention.cu.
 pub const KEY_TILE_ROWS: usize = 64;
 
@@ -21,24 +24,37 @@ pub struct AttentionPlan {
     pub key_tiles: Vec<u32>,
 }
 
+/// Runs of consecutive batch rows with the same slot and consecutive positions, cut at
+/// `max_rows`, as (first row, count, slot, first position), sorted by slot (stable: batch order
+/// within a slot).
+fn runs(place: &TokenPlacement, max_rows: usize) -> Vec<[u32; 4]> {
+    let mut tiles: Vec<[u32; 4]> = Vec::new();
+    for (m, (&slot, &pos)) in place.slots.iter().zip(&place.positions).enumerate() {
+        match tiles.last_mut() {
+            Some(t)
+                if t[2] == slot
+                    && t[3] + t[1] == pos
+                    && t[0] + t[1] == m as u32
+                    && (t[1] as usize) < max_rows =>
+            {
+                t[1] += 1
+            }
+            _ => tiles.push([m as u32, 1, slot, pos]),
+        }
+    }
+    tiles.sort_by_key(|t| t[2]);
+    tiles
+}
+
+/// The wide forward kernel's query tiles: as [`AttentionPlan::query_tiles`], cut at
+/// `WIDE_QUERY_TILE_ROWS` rows.
+pub fn wide_query_tiles(place: &TokenPlacement) -> Vec<u32> {
+    runs(place, WIDE_QUERY_TILE_ROWS).concat()
+}
+
 impl AttentionPlan {
     pub fn new(place: &TokenPlacement) -> Self {
-        // runs of consecutive rows with the same slot and consecutive positions, cut at 64 rows
-        let mut tiles: Vec<[u32; 4]> = Vec::new();
-        for (m, (&slot, &pos)) in place.slots.iter().zip(&place.positions).enumerate() {
-            match tiles.last_mut() {
-                Some(t)
-                    if t[2] == slot
-                        && t[3] + t[1] == pos
-                        && t[0] + t[1] == m as u32
-                        && (t[1] as usize) < QUERY_TILE_ROWS =>
-                {
-                    t[1] += 1
-                }
-                _ => tiles.push([m as u32, 1, slot, pos]),
-            }
-        }
-        tiles.sort_by_key(|t| t[2]); // stable: batch order within a slot
+        let tiles = runs(place, QUERY_TILE_ROWS);
 
         let mut key_tiles = Vec::new();
         let mut begin = 0;

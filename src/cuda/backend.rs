@@ -31,11 +31,11 @@ use cudarc::driver::{
 use half::bf16;
 use rayon::prelude::*;
 
-use super::attention_plan::{AttentionKernel, AttentionPlan};
+use super::attention_plan::{wide_query_tiles, AttentionKernel, AttentionPlan};
 use super::launch::KernelCtx;
 use super::ops;
 use super::ops::decode_attention::{plan_splits, scratch_sizes, DecodeProblem};
-use super::ops::flash_attention::{FlashGrads, FlashProblem};
+use super::ops::flash_attention::{FlashForward, FlashGrads, FlashProblem};
 use super::ops::sampling::DeviceDraws;
 use crate::backend::{
     summarize_ops, Backend, DecodeGraphStats, GradWrite, OpTime, PolicyTokens, TokenPlacement,
@@ -119,6 +119,9 @@ pub struct CudaBackend {
     profile: Mutex<Option<Vec<(&'static str, CudaEvent, CudaEvent)>>>,
     /// Whether `decode_step` records steps as CUDA graphs (`THINKSHORT_CUDA_GRAPHS=0`: no).
     decode_graphs: AtomicBool,
+    /// The fused forward kernel every attention forward takes (benchmarks compare them); None:
+    /// chosen per batch by `FlashForward::choose`.
+    flash_forward: Mutex<Option<FlashForward>>,
     /// While a decode step is being recorded: the backend's buffers it reads (ops must not
     /// upload or allocate outside the graph then).
     recording: Mutex<Option<RecordedInputs>>,
@@ -177,6 +180,7 @@ impl CudaBackend {
             scratch: Mutex::new(None),
             profile: Mutex::new(None),
             decode_graphs: AtomicBool::new(decode_graphs_from_env()?),
+            flash_forward: Mutex::new(None),
             recording: Mutex::new(None),
             graph_stats: Mutex::new(DecodeGraphStats::default()),
         })
@@ -184,6 +188,12 @@ impl CudaBackend {
 
     pub fn device_name(&self) -> String {
         self.device_name.clone()
+    }
+
+    /// Makes every fused attention forward take `variant` (None: chosen per batch, the
+    /// default); returns the previous setting. For benchmarks that compare the kernels.
+    pub fn set_flash_forward(&self, variant: Option<FlashForward>) -> Option<FlashForward> {
+        std::mem::replace(&mut *lock(&self.flash_forward), variant)
     }
 
     pub fn stream(&self) -> &Arc<CudaStream> {
@@ -965,12 +975,19 @@ impl Backend for CudaBackend {
             let plan = AttentionPlan::new(place);
             match AttentionKernel::choose(&plan, m, n_heads, n_kv_heads, head_dim, aligned) {
                 AttentionKernel::Flash => {
+                    let wide_tiles = wide_query_tiles(place);
+                    let variant = lock(&self.flash_forward)
+                        .unwrap_or_else(|| FlashForward::choose(wide_tiles.len() / 4, m));
+                    let tiles = match variant {
+                        FlashForward::Narrow => &plan.query_tiles,
+                        FlashForward::Wide => &wide_tiles,
+                    };
                     let problem = FlashProblem {
                         q: q.ptr,
                         cache_k: cache_k.ptr,
                         cache_v: cache_v.ptr,
-                        tiles: self.indices(&plan.query_tiles)?,
-                        num_tiles: plan.num_query_tiles(),
+                        tiles: self.indices(tiles)?,
+                        num_tiles: tiles.len() / 4,
                         m,
                         capacity,
                         n_heads,
@@ -978,7 +995,7 @@ impl Backend for CudaBackend {
                         head_dim,
                     };
                     ops::flash_attention::flash_attention_forward(
-                        &self.k, &problem, out.ptr, lse_ptr,
+                        &self.k, &problem, variant, out.ptr, lse_ptr,
                     )
                 }
                 AttentionKernel::Decode => {

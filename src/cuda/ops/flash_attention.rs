@@ -6,7 +6,7 @@ use anyhow::{ensure, Context, Result};
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use super::attention::check_attention_dims;
-use crate::cuda::attention_plan::{KEY_TILE_ROWS, QUERY_TILE_ROWS};
+use crate::cuda::attention_plan::{KEY_TILE_ROWS, QUERY_TILE_ROWS, WIDE_QUERY_TILE_ROWS};
 use crate::cuda::launch::{grid_1d, to_i32, KernelCtx};
 
 /// Threads per block of every kernel here (`FLASH_THREADS`).
@@ -25,31 +25,79 @@ pub fn supports_head_dim(head_dim: usize) -> bool {
     FLASH_HEAD_DIMS.contains(&head_dim)
 }
 
-/// Kernel names per head dim, as (forward, dq, dkdv).
-fn kernel_names(head_dim: usize) -> Result<(&'static str, &'static str, &'static str)> {
+/// Which fused forward kernel: query tiles of 64 rows (16 per warp) or 128 (32 per warp, each
+/// K/V fragment feeding two products; attention_plan::wide_query_tiles).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlashForward {
+    Narrow,
+    Wide,
+}
+
+impl FlashForward {
+    /// Wide when its 128-row tiles are at least half full on average (long prefill runs,
+    /// training sequences); a batch of short chunks would leave most of its rows idle.
+    pub fn choose(wide_tiles: usize, tokens: usize) -> Self {
+        if tokens >= wide_tiles.max(1) * WIDE_QUERY_TILE_ROWS / 2 {
+            FlashForward::Wide
+        } else {
+            FlashForward::Narrow
+        }
+    }
+
+    /// m16 row slabs per warp: `SLABS` of the kernel's flash_forward.
+    fn slabs(self) -> usize {
+        match self {
+            FlashForward::Narrow => 1,
+            FlashForward::Wide => 2,
+        }
+    }
+}
+
+/// The kernels of one head dim.
+struct Kernels {
+    forward: &'static str,
+    forward_wide: &'static str,
+    dq: &'static str,
+    dkdv: &'static str,
+}
+
+macro_rules! kernels_of {
+    ($d:literal) => {
+        Kernels {
+            forward: concat!("flash_attention_forward_d", $d),
+            forward_wide: concat!("flash_attention_forward_wide_d", $d),
+            dq: concat!("flash_attention_backward_dq_d", $d),
+            dkdv: concat!("flash_attention_backward_dkdv_d", $d),
+        }
+    };
+}
+
+fn kernels(head_dim: usize) -> Result<Kernels> {
     Ok(match head_dim {
-        32 => (
-            "flash_attention_forward_d32",
-            "flash_attention_backward_dq_d32",
-            "flash_attention_backward_dkdv_d32",
-        ),
-        64 => (
-            "flash_attention_forward_d64",
-            "flash_attention_backward_dq_d64",
-            "flash_attention_backward_dkdv_d64",
-        ),
-        128 => (
-            "flash_attention_forward_d128",
-            "flash_attention_backward_dq_d128",
-            "flash_attention_backward_dkdv_d128",
-        ),
+        32 => kernels_of!(32),
+        64 => kernels_of!(64),
+        128 => kernels_of!(128),
         _ => anyhow::bail!("fused attention supports head_dim {FLASH_HEAD_DIMS:?}, not {head_dim}"),
     })
 }
 
 /// Dynamic shared memory of each kernel in bytes: bf16 tiles of rows of head_dim + TILE_PAD.
-pub fn forward_shared_bytes(head_dim: usize) -> u32 {
-    (2 * 2 * FORWARD_KEYS * (head_dim + TILE_PAD) * 2) as u32 // two stages of K, V
+/// The forward stages two steps of K and V; its keys per step and whether the query tile waits
+/// in shared memory follow forward_keys() and forward_q_in_registers() of the kernel file.
+pub fn forward_shared_bytes(head_dim: usize, variant: FlashForward) -> u32 {
+    let slabs = variant.slabs();
+    let q_in_registers = slabs * head_dim <= 128;
+    let keys = if q_in_registers {
+        FORWARD_KEYS
+    } else {
+        FORWARD_KEYS / 2
+    };
+    let q_rows = if q_in_registers {
+        0
+    } else {
+        slabs * QUERY_TILE_ROWS
+    };
+    ((2 * 2 * keys + q_rows) * (head_dim + TILE_PAD) * 2) as u32
 }
 pub fn dq_shared_bytes(head_dim: usize) -> u32 {
     (2 * 2 * DQ_KEYS * (head_dim + TILE_PAD) * 2) as u32 // two stages of K, V
@@ -100,16 +148,27 @@ impl FlashProblem {
     }
 }
 
-/// out, lse (0 for none) of the causal attention of `p` (see kernels/flash_attention.cu).
+/// out, lse (0 for none) of the causal attention of `p` (see kernels/flash_attention.cu), whose
+/// tiles are those of `variant` (AttentionPlan::query_tiles or attention_plan::wide_query_tiles).
 /// `out`: bf16 [m, n_heads * head_dim]; `lse`: f32 [m, n_heads].
-pub fn flash_attention_forward(k: &KernelCtx, p: &FlashProblem, out: u64, lse: u64) -> Result<()> {
+pub fn flash_attention_forward(
+    k: &KernelCtx,
+    p: &FlashProblem,
+    variant: FlashForward,
+    out: u64,
+    lse: u64,
+) -> Result<()> {
     const OP: &str = "flash_attention_forward";
     let (capacity, n_heads, n_kv_heads) = p.check(OP)?;
-    let (forward, _, _) = kernel_names(p.head_dim)?;
+    let names = kernels(p.head_dim)?;
+    let forward = match variant {
+        FlashForward::Narrow => names.forward,
+        FlashForward::Wide => names.forward_wide,
+    };
     if p.num_tiles == 0 {
         return Ok(());
     }
-    let shared = forward_shared_bytes(p.head_dim);
+    let shared = forward_shared_bytes(p.head_dim, variant);
     let f = k.function_with_shared_mem("flash_attention", forward, shared)?;
     let scale = p.scale();
     let mut b = k.stream.launch_builder(&f);
@@ -128,7 +187,7 @@ pub fn flash_attention_forward(k: &KernelCtx, p: &FlashProblem, out: u64, lse: u
         block_dim: (FLASH_THREADS, 1, 1),
         shared_mem_bytes: shared,
     };
-    // SAFETY: the arguments match flash_attention_forward_d{D}(bf16* out, float* lse (may be
+    // SAFETY: the arguments match flash_attention_forward{,_wide}_d{D}(bf16* out, float* lse (may be
     // null), const bf16* q, const bf16* cache_k, const bf16* cache_v, const uint4* tiles,
     // int capacity, int n_heads, int n_kv_heads, float scale); the caller owns buffers of the
     // documented shapes and built the tiles from a placement checked against the cache; one block
@@ -155,7 +214,8 @@ pub struct FlashGrads {
 pub fn flash_attention_backward(k: &KernelCtx, p: &FlashProblem, g: &FlashGrads) -> Result<()> {
     const OP: &str = "flash_attention_backward";
     let (capacity, n_heads, n_kv_heads) = p.check(OP)?;
-    let (_, dq_name, dkdv_name) = kernel_names(p.head_dim)?;
+    let names = kernels(p.head_dim)?;
+    let (dq_name, dkdv_name) = (names.dq, names.dkdv);
     ensure!(
         p.n_kv_heads <= MAX_GRID_Y,
         "{OP}: n_kv_heads {} exceeds the grid limit",
@@ -251,14 +311,18 @@ mod tests {
         // sm_80 allows 163 KiB per block after opting in (launch.rs), sm_90 227 KiB
         for d in FLASH_HEAD_DIMS {
             for bytes in [
-                forward_shared_bytes(d),
+                forward_shared_bytes(d, FlashForward::Narrow),
+                forward_shared_bytes(d, FlashForward::Wide),
                 dq_shared_bytes(d),
                 dkdv_shared_bytes(d),
             ] {
                 assert!(bytes <= 163 * 1024, "d {d}: {bytes}");
             }
         }
-        assert_eq!(forward_shared_bytes(128), 69_632);
+        assert_eq!(forward_shared_bytes(128, FlashForward::Narrow), 69_632);
+        // 32 keys per step in two stages of K and V, and the 128-row query tile
+        assert_eq!(forward_shared_bytes(128, FlashForward::Wide), 69_632);
+        assert_eq!(forward_shared_bytes(64, FlashForward::Wide), 36_864);
         assert_eq!(dq_shared_bytes(128), 34_816);
         assert_eq!(dkdv_shared_bytes(128), 70_144);
     }
@@ -266,12 +330,23 @@ mod tests {
     #[test]
     fn every_supported_head_dim_has_kernels_and_others_are_refused() {
         for d in FLASH_HEAD_DIMS {
-            let (f, dq, dkdv) = kernel_names(d).unwrap();
-            assert!(f.ends_with(&format!("_d{d}")) && dq.ends_with(&format!("_d{d}")));
-            assert!(dkdv.ends_with(&format!("_d{d}")));
+            let k = kernels(d).unwrap();
+            for name in [k.forward, k.forward_wide, k.dq, k.dkdv] {
+                assert!(name.ends_with(&format!("_d{d}")), "{name}");
+            }
+            assert_eq!(k.forward_wide, format!("flash_attention_forward_wide_d{d}"));
         }
         assert!(!supports_head_dim(96));
-        let e = kernel_names(96).unwrap_err().to_string();
+        let e = kernels(96).map(|_| ()).unwrap_err().to_string();
         assert!(e.contains("not 96"), "{e}");
+    }
+
+    #[test]
+    fn the_wide_forward_takes_tiles_at_least_half_full() {
+        // 2 × 100 tokens: tiles of 100 rows
+        assert_eq!(FlashForward::choose(2, 200), FlashForward::Wide);
+        // chunks of 17 tokens: one tile each
+        assert_eq!(FlashForward::choose(3, 51), FlashForward::Narrow);
+        assert_eq!(FlashForward::choose(0, 0), FlashForward::Narrow);
     }
 }
