@@ -65,7 +65,7 @@ pub(crate) fn check_attention_dims(
 
 /// One block per (token, query head): grid = (m, n_heads, 1), block = (ATTENTION_THREADS, 1, 1);
 /// all shared memory is static (about 5.8 KB).
-fn attention_config(m: usize, n_heads: usize) -> LaunchConfig {
+pub fn attention_config(m: usize, n_heads: usize) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (m as u32, n_heads as u32, 1),
         block_dim: (ATTENTION_THREADS, 1, 1),

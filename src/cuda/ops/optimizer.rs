@@ -12,7 +12,7 @@ const MODULE: &str = "optimizer";
 /// The kernels' SUM_SQUARES_BLOCKS: the fixed grid of the first pass, and the number of f64
 /// partial sums the caller's scratch must hold.
 pub const SUM_SQUARES_BLOCKS: usize = 1024;
-const SUM_SQUARES_THREADS: u32 = 256;
+pub const SUM_SQUARES_THREADS: u32 = 256;
 
 /// out[0..2] = [hi, lo] of Σ x² over n f32 values, via `partials` (SUM_SQUARES_BLOCKS f64 of
 /// scratch, 8-byte aligned).

@@ -52,7 +52,7 @@ fn check_shapes(op: &str, m: usize, n_heads: usize, head_dim: usize) -> Result<(
 }
 
 /// The launch geometry for `m` tokens; `vectorised` mirrors the kernel's 128-bit condition.
-fn rope_config(m: usize, n_heads: usize, head_dim: usize, vectorised: bool) -> LaunchConfig {
+pub fn rope_config(m: usize, n_heads: usize, head_dim: usize, vectorised: bool) -> LaunchConfig {
     let half = head_dim / 2;
     let items = m * if vectorised { half / BF16_VEC } else { half };
     let threads = items.next_multiple_of(32).clamp(32, BLOCK_THREADS as usize);

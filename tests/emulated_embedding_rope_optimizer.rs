@@ -1,0 +1,835 @@
+//! The real source of kernels/rope.cu, kernels/embedding.cu, kernels/optimizer.cu and the simple
+//! attention kernel of kernels/attention.cu, run on the CPU by the emulator in tests/cuda_emulator
+//! with the launch shapes of their launchers (src/cuda/ops), against the CPU reference
+//! (`thinkshort::backend::cpu`): the fused q/k/v bias + RoPE with the Qwen2 layout and its
+//! backward, on the 128-bit and the scalar paths and with heads sharing a thread's sines; row
+//! gathers and the grouped scatter-adds; AdamW, the f64 sum of squares and column sums; causal
+//! GQA attention for head dims without a fused kernel, prefill and decode placements.
+//!
+//! Write-only outputs start as NaN (0xffff in bf16) so an unwritten element fails; in-place and
+//! accumulating ones start from random values. Copies are compared bit for bit, single-rounding
+//! ops element by element, reductions and attention as in `selfcheck`.
+
+mod emulation_support;
+
+use cuda_emulator::{launch, Launch};
+use cudarc::driver::LaunchConfig;
+use emulation_support::{assert_close, to_bits, to_f32, Rand};
+use thinkshort::backend::cpu::{self, CpuBackend};
+use thinkshort::backend::{Backend, TokenPlacement};
+use thinkshort::cuda::ops::attention::attention_config;
+use thinkshort::cuda::ops::elementwise::{
+    aligned16, rows_config, BF16_VEC, BLOCK_THREADS, MAX_GRID_Y,
+};
+use thinkshort::cuda::ops::embedding::RowGroups;
+use thinkshort::cuda::ops::optimizer::{SUM_SQUARES_BLOCKS, SUM_SQUARES_THREADS};
+use thinkshort::cuda::ops::rope::rope_config;
+use thinkshort::optim::AdamW;
+
+/// Entry points of kernels/rope.cu, embedding.cu, optimizer.cu and attention.cu (bf16 = u16).
+mod k {
+    extern "C" {
+        pub fn qkv_rope_forward(
+            q: *mut u16,
+            k: *mut u16,
+            v: *mut u16,
+            q_bias: *const u16,
+            k_bias: *const u16,
+            v_bias: *const u16,
+            positions: *const u32,
+            inv_freq: *const f32,
+            m: i32,
+            n_heads: i32,
+            n_kv_heads: i32,
+            v_heads: i32,
+            head_dim: i32,
+        );
+        pub fn rope_backward(
+            dx: *mut u16,
+            positions: *const u32,
+            inv_freq: *const f32,
+            m: i32,
+            n_heads: i32,
+            head_dim: i32,
+        );
+
+        pub fn embedding_forward(
+            out: *mut u16,
+            table: *const u16,
+            ids: *const u32,
+            rows: i32,
+            dim: i32,
+        );
+        pub fn embedding_forward_sampled(
+            out: *mut u16,
+            table: *const u16,
+            sampled: *const f32,
+            rows_index: *const u32,
+            rows: i32,
+            dim: i32,
+            vocab: i32,
+        );
+        pub fn gather_rows(
+            out: *mut u16,
+            x: *const u16,
+            rows_index: *const u32,
+            rows: i32,
+            dim: i32,
+        );
+        pub fn embedding_backward(
+            dtable: *mut f32,
+            dout: *const u16,
+            offsets: *const u32,
+            src_rows: *const u32,
+            dst_rows: *const u32,
+            groups: i32,
+            dim: i32,
+        );
+        pub fn scatter_add_rows(
+            dx: *mut u16,
+            dout: *const u16,
+            offsets: *const u32,
+            src_rows: *const u32,
+            dst_rows: *const u32,
+            groups: i32,
+            dim: i32,
+        );
+
+        pub fn sum_squares_partial(partials: *mut f64, x: *const f32, n: i64);
+        pub fn sum_squares_final(out: *mut f32, partials: *const f64);
+        pub fn column_sums(out: *mut f32, x: *const f32, rows: i32, cols: i32);
+        pub fn adamw_step(
+            params: *mut u16,
+            master: *mut f32,
+            m: *mut f32,
+            v: *mut f32,
+            grads: *const f32,
+            n: i64,
+            lr: f32,
+            beta1: f32,
+            beta2: f32,
+            eps: f32,
+            weight_decay: f32,
+            c1: f32,
+            c2: f32,
+            grad_scale: f32,
+        );
+
+        pub fn attention_forward(
+            out: *mut u16,
+            lse: *mut f32,
+            q: *const u16,
+            cache_k: *const u16,
+            cache_v: *const u16,
+            slots: *const u32,
+            positions: *const u32,
+            m: i32,
+            capacity: i32,
+            n_heads: i32,
+            n_kv_heads: i32,
+            head_dim: i32,
+            scale: f32,
+        );
+    }
+}
+
+fn launch_of(c: LaunchConfig) -> Launch {
+    Launch {
+        grid: c.grid_dim,
+        block: c.block_dim,
+        shared_bytes: c.shared_mem_bytes as usize,
+    }
+}
+
+/// bf16 values in a buffer that starts 16-byte aligned, or 2 bytes past a 16-byte boundary
+/// (`misaligned`), which takes the kernels off their 128-bit path.
+struct Bf16Buf {
+    storage: Vec<u16>,
+    start: usize,
+    len: usize,
+}
+
+impl Bf16Buf {
+    fn new(values: &[u16], misaligned: bool) -> Self {
+        let mut storage = vec![0u16; values.len() + 8];
+        let addr = storage.as_ptr() as usize;
+        let want = if misaligned { 2 } else { 0 };
+        let start = (0..8).find(|i| (addr + 2 * i) % 16 == want).unwrap();
+        storage[start..start + values.len()].copy_from_slice(values);
+        Bf16Buf {
+            storage,
+            start,
+            len: values.len(),
+        }
+    }
+
+    fn ptr(&self) -> *const u16 {
+        self.storage[self.start..].as_ptr()
+    }
+
+    fn ptr_mut(&mut self) -> *mut u16 {
+        self.storage[self.start..].as_mut_ptr()
+    }
+
+    fn values(&self) -> &[u16] {
+        &self.storage[self.start..][..self.len]
+    }
+}
+
+/// Each element of `got` within `bound(want)` of `want`; NaN fails.
+fn assert_each(what: &str, got: &[f32], want: &[f32], bound: impl Fn(f32) -> f32) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (g - w).abs() <= bound(w),
+            "{what}[{i}]: {g} where the reference has {w}"
+        );
+    }
+}
+
+/// Each bf16 element is the f32 reference rounded once: within half a bf16 ulp (≤ |x| / 256),
+/// plus 1e-6 for the f32 arithmetic (sines, order of additions) the two sides do differently.
+fn assert_rounded(what: &str, got: &[u16], want: &[f32]) {
+    assert_each(what, &to_f32(got), want, |w| w.abs() / 256.0 + 1e-6);
+}
+
+/// Each bf16 element is exactly the reference (a copy), NaN where the reference is NaN.
+fn assert_copied(what: &str, got: &[u16], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (&g, &w)) in to_f32(got).iter().zip(want).enumerate() {
+        let same = if w.is_nan() { g.is_nan() } else { g == w };
+        assert!(same, "{what}[{i}]: {g} where the reference has {w}");
+    }
+}
+
+// ----------------------------------------------------------------------------
+// rope.cu
+
+/// Qwen2's inverse frequencies (rope_theta = 1e6), as `ModelConfig::rope_inv_freq` computes them.
+fn qwen2_inv_freq(head_dim: usize) -> Vec<f32> {
+    (0..head_dim / 2)
+        .map(|i| (1.0 / 1e6f64.powf((2 * i) as f64 / head_dim as f64)) as f32)
+        .collect()
+}
+
+/// qkv_rope_forward on q [m, n_heads * head_dim], k and v [m, n_kv_heads * head_dim], with
+/// biases of scale 0.5 on all three or none; returns the launch it used.
+fn check_qkv_rope(
+    seed: u64,
+    positions: &[u32],
+    (n_heads, n_kv_heads, head_dim): (usize, usize, usize),
+    biases: bool,
+) -> Launch {
+    let m = positions.len();
+    let mut r = Rand(seed);
+    let q = r.bf16s(m * n_heads * head_dim, 1.0);
+    let k = r.bf16s(m * n_kv_heads * head_dim, 1.0);
+    let v = r.bf16s(m * n_kv_heads * head_dim, 1.0);
+    let q_bias = r.bf16s(n_heads * head_dim, 0.5);
+    let k_bias = r.bf16s(n_kv_heads * head_dim, 0.5);
+    let v_bias = r.bf16s(n_kv_heads * head_dim, 0.5);
+    let inv_freq = qwen2_inv_freq(head_dim);
+
+    let (mut qd, mut kd, mut vd) = (
+        Bf16Buf::new(&q.0, false),
+        Bf16Buf::new(&k.0, false),
+        Bf16Buf::new(&v.0, false),
+    );
+    let (qp, kp, vp) = (qd.ptr_mut(), kd.ptr_mut(), vd.ptr_mut());
+    let bias_ptr = |b: &(Vec<u16>, Vec<f32>)| {
+        if biases {
+            b.0.as_ptr()
+        } else {
+            std::ptr::null()
+        }
+    };
+    let (qb, kb, vb) = (bias_ptr(&q_bias), bias_ptr(&k_bias), bias_ptr(&v_bias));
+    let v_heads = if biases { n_kv_heads } else { 0 };
+    let vectorised =
+        (head_dim / 2).is_multiple_of(BF16_VEC) && aligned16(&[qp as u64, kp as u64, vp as u64]);
+    let cfg = launch_of(rope_config(
+        m,
+        n_heads + n_kv_heads + v_heads,
+        head_dim,
+        vectorised,
+    ));
+    launch(cfg, || unsafe {
+        k::qkv_rope_forward(
+            qp,
+            kp,
+            vp,
+            qb,
+            kb,
+            vb,
+            positions.as_ptr(),
+            inv_freq.as_ptr(),
+            m as i32,
+            n_heads as i32,
+            n_kv_heads as i32,
+            v_heads as i32,
+            head_dim as i32,
+        )
+    })
+    .expect("qkv_rope_forward");
+
+    let (mut q_ref, mut k_ref, mut v_ref) = (q.1.clone(), k.1.clone(), v.1.clone());
+    let bias = |b: &(Vec<u16>, Vec<f32>)| biases.then(|| b.1.clone());
+    let (qb_ref, kb_ref, vb_ref) = (bias(&q_bias), bias(&k_bias), bias(&v_bias));
+    CpuBackend.qkv_rope_forward(
+        [&mut q_ref, &mut k_ref, &mut v_ref],
+        [qb_ref.as_deref(), kb_ref.as_deref(), vb_ref.as_deref()],
+        positions,
+        &inv_freq,
+        n_heads,
+        n_kv_heads,
+        head_dim,
+    );
+    assert_rounded("q", qd.values(), &q_ref);
+    assert_rounded("k", kd.values(), &k_ref);
+    if biases {
+        assert_rounded("v", vd.values(), &v_ref);
+    } else {
+        assert_eq!(
+            vd.values(),
+            &v.0[..],
+            "v without a bias must stay untouched"
+        );
+    }
+    cfg
+}
+
+/// Qwen2 layout (6 query heads, 2 KV heads of 64: 128-bit path) with q, k and v biases: 70
+/// tokens of a chunk continuing at position 40 and one at 100000 (280 items: two blocks of x).
+#[test]
+fn qkv_rope_forward_with_biases_matches_the_cpu() {
+    let positions: Vec<u32> = (40..110).chain([100_000]).collect();
+    check_qkv_rope(1, &positions, (6, 2, 64), true);
+}
+
+/// No biases (v left alone, v_heads = 0) and head dim 40 (half 20: the scalar path), GQA of 4:1.
+#[test]
+fn qkv_rope_forward_without_biases_on_the_scalar_path_matches_the_cpu() {
+    check_qkv_rope(2, &[7, 8, 9, 300, 4095], (4, 1, 40), false);
+}
+
+/// A prefill of 4100 tokens (16400 items, past SMALL_GRID_ITEMS): 5 heads in 2 slices of grid.y,
+/// so each thread rotates several heads with the same sines; the last block is partial.
+#[test]
+fn qkv_rope_forward_sharing_sines_over_heads_matches_the_cpu() {
+    let positions: Vec<u32> = (1..=4100).collect();
+    let cfg = check_qkv_rope(3, &positions, (3, 1, 64), true);
+    assert!(cfg.grid.1 < 5, "the case should give threads several heads");
+}
+
+/// rope_backward: 14 heads of 64 (Qwen2.5-0.5B's queries) on the 128-bit path and on the scalar
+/// path (dx 2 bytes off alignment), and head dim 6 (half 3) at position 100000.
+#[test]
+fn rope_backward_rotates_back_like_the_cpu() {
+    for (seed, heads, head_dim, positions, misaligned) in [
+        (4, 14, 64, vec![0u32, 1, 7, 255, 4095], false),
+        (5, 14, 64, vec![3, 4, 5, 1000], true),
+        (6, 3, 6, vec![5, 100_000], false),
+    ] {
+        let m = positions.len();
+        let (bits, mut reference) = Rand(seed).bf16s(m * heads * head_dim, 1.0);
+        let inv_freq = qwen2_inv_freq(head_dim);
+        let mut dx = Bf16Buf::new(&bits, misaligned);
+        let p = dx.ptr_mut();
+        let vectorised = (head_dim / 2).is_multiple_of(BF16_VEC) && aligned16(&[p as u64]);
+        let cfg = launch_of(rope_config(m, heads, head_dim, vectorised));
+        launch(cfg, || unsafe {
+            k::rope_backward(
+                p,
+                positions.as_ptr(),
+                inv_freq.as_ptr(),
+                m as i32,
+                heads as i32,
+                head_dim as i32,
+            )
+        })
+        .expect("rope_backward");
+        cpu::rope_backward(&mut reference, &positions, &inv_freq, heads, head_dim);
+        let what =
+            format!("rope_backward heads {heads} head_dim {head_dim} misaligned {misaligned}");
+        assert_rounded(&what, dx.values(), &reference);
+    }
+}
+
+// ----------------------------------------------------------------------------
+// embedding.cu
+
+/// The launch of a row copy, as `launch_copy_rows` sizes it.
+fn copy_rows_launch(rows: usize, dim: usize, out: *const u16, src: *const u16) -> Launch {
+    let vectorised = dim.is_multiple_of(BF16_VEC) && aligned16(&[out as u64, src as u64]);
+    launch_of(rows_config(rows, dim, vectorised))
+}
+
+/// Dims 2056 (128-bit path: 257 vectors, two blocks of x) and 300 (scalar: two blocks of x).
+const COPY_DIMS: [usize; 2] = [2056, 300];
+
+/// embedding_forward over a table of 40 rows, ids repeating and at both ends of the table.
+#[test]
+fn embedding_forward_copies_the_rows_of_the_ids() {
+    let (vocab, ids) = (40, [3u32, 39, 3, 0, 17]);
+    for dim in COPY_DIMS {
+        let table = Rand(7).bf16s(vocab * dim, 1.0);
+        let mut out = Bf16Buf::new(&vec![0xffff; ids.len() * dim], false);
+        let o = out.ptr_mut();
+        let cfg = copy_rows_launch(ids.len(), dim, o, table.0.as_ptr());
+        launch(cfg, || unsafe {
+            k::embedding_forward(
+                o,
+                table.0.as_ptr(),
+                ids.as_ptr(),
+                ids.len() as i32,
+                dim as i32,
+            )
+        })
+        .expect("embedding_forward");
+        let mut reference = vec![0.0; ids.len() * dim];
+        cpu::embedding_forward(&mut reference, &table.1, &ids, dim);
+        assert_copied(
+            &format!("embedding_forward dim {dim}"),
+            out.values(),
+            &reference,
+        );
+    }
+}
+
+/// embedding_forward_sampled: ids read through `rows` from f32 samples, 0 and vocab − 1 among
+/// them; the ids vocab, -1, 1e9 and NaN are not rows of the table and give rows of NaN (out starts finite here so that those
+/// show being written).
+#[test]
+fn embedding_forward_sampled_gives_nan_rows_for_ids_outside_the_table() {
+    let vocab = 40;
+    let sampled = [2.0f32, 39.0, vocab as f32, -1.0, f32::NAN, 0.0, 1e9];
+    let rows = [6u32, 0, 2, 1, 3, 5, 4, 0];
+    for dim in COPY_DIMS {
+        let mut r = Rand(8);
+        let table = r.bf16s(vocab * dim, 1.0);
+        let mut out = Bf16Buf::new(&r.bf16s(rows.len() * dim, 1.0).0, false);
+        let o = out.ptr_mut();
+        let cfg = copy_rows_launch(rows.len(), dim, o, table.0.as_ptr());
+        launch(cfg, || unsafe {
+            k::embedding_forward_sampled(
+                o,
+                table.0.as_ptr(),
+                sampled.as_ptr(),
+                rows.as_ptr(),
+                rows.len() as i32,
+                dim as i32,
+                vocab as i32,
+            )
+        })
+        .expect("embedding_forward_sampled");
+        let mut reference = vec![0.0; rows.len() * dim];
+        cpu::embedding_forward_sampled(&mut reference, &table.1, &sampled, &rows, dim);
+        assert_copied(
+            &format!("embedding_forward_sampled dim {dim}"),
+            out.values(),
+            &reference,
+        );
+    }
+}
+
+/// gather_rows of dim 64 from 9 rows, with out aligned (128-bit path) and 2 bytes off (scalar).
+#[test]
+fn gather_rows_copies_the_listed_rows() {
+    let (dim, rows) = (64, [8u32, 0, 8, 3]);
+    let x = Rand(9).bf16s(9 * dim, 1.0);
+    for misaligned in [false, true] {
+        let mut out = Bf16Buf::new(&vec![0xffff; rows.len() * dim], misaligned);
+        let o = out.ptr_mut();
+        let cfg = copy_rows_launch(rows.len(), dim, o, x.0.as_ptr());
+        launch(cfg, || unsafe {
+            k::gather_rows(
+                o,
+                x.0.as_ptr(),
+                rows.as_ptr(),
+                rows.len() as i32,
+                dim as i32,
+            )
+        })
+        .expect("gather_rows");
+        let rows_usize: Vec<usize> = rows.iter().map(|&r| r as usize).collect();
+        let mut reference = vec![0.0; rows.len() * dim];
+        cpu::gather_rows(&mut reference, &x.1, &rows_usize, dim);
+        assert_copied(
+            &format!("gather_rows misaligned {misaligned}"),
+            out.values(),
+            &reference,
+        );
+    }
+}
+
+/// 65538 rows of dim 8 (one vector each): grid.y stops at 65535, the kernel's row loop does the
+/// last 3 rows.
+#[test]
+fn embedding_forward_loops_over_rows_past_the_grid_limit() {
+    let (vocab, dim) = (16, 8);
+    let ids: Vec<u32> = (0..MAX_GRID_Y as u32 + 3)
+        .map(|r| (r * 7) % vocab)
+        .collect();
+    let table = Rand(19).bf16s(vocab as usize * dim, 1.0);
+    let mut out = Bf16Buf::new(&vec![0xffff; ids.len() * dim], false);
+    let o = out.ptr_mut();
+    let cfg = copy_rows_launch(ids.len(), dim, o, table.0.as_ptr());
+    launch(cfg, || unsafe {
+        k::embedding_forward(
+            o,
+            table.0.as_ptr(),
+            ids.as_ptr(),
+            ids.len() as i32,
+            dim as i32,
+        )
+    })
+    .expect("embedding_forward");
+    let mut reference = vec![0.0; ids.len() * dim];
+    cpu::embedding_forward(&mut reference, &table.1, &ids, dim);
+    assert_copied("embedding_forward past grid.y", out.values(), &reference);
+}
+
+/// The launch of a grouped scatter, as `launch_scatter` sizes it.
+fn scatter_launch(groups: usize, dim: usize) -> Launch {
+    Launch {
+        grid: (
+            dim.div_ceil(BLOCK_THREADS as usize) as u32,
+            groups.min(MAX_GRID_Y) as u32,
+            1,
+        ),
+        block: (BLOCK_THREADS, 1, 1),
+        shared_bytes: 0,
+    }
+}
+
+/// embedding_backward: dtable (f32 [30, 300]: two blocks of columns, the second partial) +=
+/// dout rows of ids with a three-fold repeat; the other rows keep their values.
+#[test]
+fn embedding_backward_adds_repeated_ids_into_the_f32_table() {
+    let (vocab, dim, ids) = (30, 300, [4u32, 29, 4, 0, 4, 17]);
+    let mut r = Rand(10);
+    let dout = r.bf16s(ids.len() * dim, 1.0);
+    let start: Vec<f32> = (0..vocab * dim).map(|_| r.next()).collect();
+    let g = RowGroups::new(&ids);
+    let mut dtable = start.clone();
+    let d = dtable.as_mut_ptr();
+    launch(scatter_launch(g.dst_rows.len(), dim), || unsafe {
+        k::embedding_backward(
+            d,
+            dout.0.as_ptr(),
+            g.offsets.as_ptr(),
+            g.src_rows.as_ptr(),
+            g.dst_rows.as_ptr(),
+            g.dst_rows.len() as i32,
+            dim as i32,
+        )
+    })
+    .expect("embedding_backward");
+    let mut reference = start;
+    cpu::embedding_backward(&mut reference, &dout.1, &ids, dim);
+    // f32 sums of at most 4 terms below 4 in another order
+    assert_each("embedding_backward", &dtable, &reference, |_| 2e-6);
+}
+
+/// scatter_add_rows: dx (bf16 [40, 896]: four blocks of columns) += dout rows at rows with a
+/// repeat, rounded once.
+#[test]
+fn scatter_add_rows_adds_into_the_bf16_rows() {
+    let (m, dim, rows) = (40, 896, [39u32, 0, 7, 7]);
+    let mut r = Rand(11);
+    let dout = r.bf16s(rows.len() * dim, 1.0);
+    let (dx_start, mut reference) = r.bf16s(m * dim, 1.0);
+    let g = RowGroups::new(&rows);
+    let mut dx = dx_start;
+    let d = dx.as_mut_ptr();
+    launch(scatter_launch(g.dst_rows.len(), dim), || unsafe {
+        k::scatter_add_rows(
+            d,
+            dout.0.as_ptr(),
+            g.offsets.as_ptr(),
+            g.src_rows.as_ptr(),
+            g.dst_rows.as_ptr(),
+            g.dst_rows.len() as i32,
+            dim as i32,
+        )
+    })
+    .expect("scatter_add_rows");
+    let rows_usize: Vec<usize> = rows.iter().map(|&r| r as usize).collect();
+    cpu::scatter_add_rows(&mut reference, &dout.1, &rows_usize, dim);
+    assert_rounded("scatter_add_rows", &dx, &reference);
+}
+
+// ----------------------------------------------------------------------------
+// optimizer.cu
+
+/// hi + lo of a [hi, lo] pair, in f64.
+fn total(pair: &[f32]) -> f64 {
+    pair[0] as f64 + pair[1] as f64
+}
+
+/// The f64 sums agree to ~1e-15 (only the order differs); a lost partial or an f32 accumulator
+/// is off by 1e-7 or more.
+fn assert_same_sum(what: &str, got: &[f32], want: &[f32]) {
+    let (g, w) = (total(got), total(want));
+    assert!(
+        (g - w).abs() <= 1e-12 * w.abs(),
+        "{what}: {g:e} where the reference has {w:e}"
+    );
+}
+
+/// sum_squares_partial + sum_squares_final as `ops::optimizer::sum_squares` launches them.
+fn sum_squares(x: &[f32]) -> Vec<f32> {
+    let mut partials = vec![f64::NAN; SUM_SQUARES_BLOCKS];
+    let mut out = vec![f32::NAN; 2];
+    let (p, o) = (partials.as_mut_ptr(), out.as_mut_ptr());
+    let cfg = Launch {
+        grid: (SUM_SQUARES_BLOCKS as u32, 1, 1),
+        block: (SUM_SQUARES_THREADS, 1, 1),
+        shared_bytes: 0,
+    };
+    launch(cfg, || unsafe {
+        k::sum_squares_partial(p, x.as_ptr(), x.len() as i64)
+    })
+    .expect("sum_squares_partial");
+    let cfg = Launch {
+        grid: (1, 1, 1),
+        block: (SUM_SQUARES_BLOCKS as u32, 1, 1),
+        shared_bytes: 0,
+    };
+    launch(cfg, || unsafe { k::sum_squares_final(o, p) }).expect("sum_squares_final");
+    out
+}
+
+/// Σ x² for n = 1000 (most blocks empty) and n = 2 · 1024 · 256 + 1001 (three grid-stride rounds,
+/// the last one ragged).
+#[test]
+fn sum_squares_matches_the_cpu_f64_sum() {
+    for n in [
+        1000,
+        2 * SUM_SQUARES_BLOCKS * SUM_SQUARES_THREADS as usize + 1001,
+    ] {
+        let mut r = Rand(12);
+        let x: Vec<f32> = (0..n).map(|_| r.next() * 1e-3).collect();
+        let mut reference = vec![0.0; 2];
+        cpu::sum_squares(&mut reference, &x);
+        assert_same_sum(&format!("sum_squares n {n}"), &sum_squares(&x), &reference);
+    }
+}
+
+/// column_sums of x [600, 5] (each block's 256 threads take 2 or 3 rows).
+#[test]
+fn column_sums_match_the_cpu_f64_sums() {
+    let (rows, cols) = (600, 5);
+    let mut r = Rand(13);
+    let x: Vec<f32> = (0..rows * cols).map(|_| r.next()).collect();
+    let mut out = vec![f32::NAN; 2 * cols];
+    let o = out.as_mut_ptr();
+    let cfg = Launch {
+        grid: (cols as u32, 1, 1),
+        block: (SUM_SQUARES_THREADS, 1, 1),
+        shared_bytes: 0,
+    };
+    launch(cfg, || unsafe {
+        k::column_sums(o, x.as_ptr(), rows as i32, cols as i32)
+    })
+    .expect("column_sums");
+    let mut reference = vec![0.0; 2 * cols];
+    cpu::column_sums(&mut reference, &x, cols);
+    for j in 0..cols {
+        let pair = 2 * j..2 * j + 2;
+        assert_same_sum(
+            &format!("column_sums column {j}"),
+            &out[pair.clone()],
+            &reference[pair],
+        );
+    }
+}
+
+/// adamw_step at step t = 5 (bias corrections 1/(1 − β^5)) with weight decay 0.1 and clipping
+/// (grad_scale 0.5) over n = 1001 (four blocks, the last partial): master, m and v within 2 f32
+/// ulps of the CPU (the same f32 expression, FMA-contracted on a GPU), params = bf16(master).
+#[test]
+fn adamw_step_matches_the_cpu_update_within_f32_rounding() {
+    let n = 1001;
+    let mut opt = AdamW::new(n, 0.9, 0.999, 1e-8, 0.1);
+    opt.t = 4;
+    let step = opt.next_step(1e-3, 0.5);
+    let mut r = Rand(14);
+    let mut uniform = |scale: f32| -> Vec<f32> { (0..n).map(|_| r.next() * scale).collect() };
+    let master_start = uniform(0.05);
+    let m_start = uniform(1e-3);
+    let v_start: Vec<f32> = uniform(1e-3).iter().map(|x| x * x).collect();
+    let grads = uniform(2e-3);
+
+    let mut params = vec![0xffffu16; n];
+    let (mut master, mut m, mut v) = (master_start.clone(), m_start.clone(), v_start.clone());
+    let (pp, wp, mp, vp) = (
+        params.as_mut_ptr(),
+        master.as_mut_ptr(),
+        m.as_mut_ptr(),
+        v.as_mut_ptr(),
+    );
+    // as `ops::optimizer::adamw_step` sizes it
+    let cfg = Launch {
+        grid: (n.div_ceil(256).min(65_536) as u32, 1, 1),
+        block: (256, 1, 1),
+        shared_bytes: 0,
+    };
+    launch(cfg, || unsafe {
+        k::adamw_step(
+            pp,
+            wp,
+            mp,
+            vp,
+            grads.as_ptr(),
+            n as i64,
+            step.lr,
+            step.beta1,
+            step.beta2,
+            step.eps,
+            step.weight_decay,
+            step.c1,
+            step.c2,
+            step.grad_scale,
+        )
+    })
+    .expect("adamw_step");
+
+    let mut params_ref = vec![0.0; n];
+    let (mut master_ref, mut m_ref, mut v_ref) = (master_start, m_start, v_start);
+    cpu::adamw_step(
+        &mut params_ref,
+        &mut master_ref,
+        &mut m_ref,
+        &mut v_ref,
+        &grads,
+        &step,
+    );
+    let two_ulps = |w: f32| 2.0 * f32::EPSILON * w.abs();
+    assert_each("master", &master, &master_ref, two_ulps);
+    assert_each("m", &m, &m_ref, two_ulps);
+    assert_each("v", &v, &v_ref, two_ulps);
+    assert_eq!(params, to_bits(&master), "params must be bf16(master)");
+}
+
+// ----------------------------------------------------------------------------
+// attention.cu
+
+/// `runs`: (slot, first position, tokens) in batch order; every cache row random, also past
+/// the positions a token may see, so a key the causal mask should hide changes the result.
+/// V starts 2 bytes off alignment when `misaligned_v` (the value phase's scalar path); lse is
+/// not asked for (a null pointer) unless `with_lse`.
+fn check_attention(
+    seed: u64,
+    (heads, kv_heads, d): (usize, usize, usize),
+    capacity: usize,
+    runs: &[(u32, u32, u32)],
+    misaligned_v: bool,
+    with_lse: bool,
+) {
+    let mut place = TokenPlacement::default();
+    for &(slot, first, len) in runs {
+        place.slots.extend(std::iter::repeat_n(slot, len as usize));
+        place.positions.extend(first..first + len);
+    }
+    let m = place.slots.len();
+    let slots = runs.iter().map(|r| r.0 as usize + 1).max().unwrap();
+    let mut r = Rand(seed);
+    let q = r.bf16s(m * heads * d, 1.0);
+    let cache_k = r.bf16s(slots * capacity * kv_heads * d, 1.0);
+    let cache_v = r.bf16s(slots * capacity * kv_heads * d, 1.0);
+    let (kd, vd) = (
+        Bf16Buf::new(&cache_k.0, false),
+        Bf16Buf::new(&cache_v.0, misaligned_v),
+    );
+    let mut out = vec![0xffffu16; m * heads * d];
+    let mut lse = vec![f32::NAN; m * heads];
+    let o = out.as_mut_ptr();
+    let l = if with_lse {
+        lse.as_mut_ptr()
+    } else {
+        std::ptr::null_mut()
+    };
+    let scale = 1.0 / (d as f32).sqrt();
+    launch(launch_of(attention_config(m, heads)), || unsafe {
+        k::attention_forward(
+            o,
+            l,
+            q.0.as_ptr(),
+            kd.ptr(),
+            vd.ptr(),
+            place.slots.as_ptr(),
+            place.positions.as_ptr(),
+            m as i32,
+            capacity as i32,
+            heads as i32,
+            kv_heads as i32,
+            d as i32,
+            scale,
+        )
+    })
+    .unwrap_or_else(|e| panic!("attention_forward d{d}: {e}"));
+
+    let mut out_ref = vec![0.0; m * heads * d];
+    let mut lse_ref = vec![0.0; m * heads];
+    cpu::attention_forward(
+        &mut out_ref,
+        Some(&mut lse_ref),
+        &q.1,
+        &cache_k.1,
+        &cache_v.1,
+        &place,
+        capacity,
+        heads,
+        kv_heads,
+        d,
+    );
+    assert_close(&format!("attention d{d} out"), &to_f32(&out), &out_ref);
+    if with_lse {
+        assert_close(&format!("attention d{d} lse"), &lse, &lse_ref);
+    } else {
+        assert!(lse.iter().all(|x| x.is_nan()), "lse written though null");
+    }
+}
+
+/// Prefill, head dim 40 (128-bit path: 25 groups of 5 threads, 3 idle), 6 query heads on 2 KV
+/// heads: 20 tokens from position 0 and 20 from 120 (crossing the 128-key chunk), lse asked for.
+#[test]
+fn attention_prefill_with_gqa_across_key_chunks_matches_the_cpu_d40() {
+    check_attention(
+        15,
+        (6, 2, 40),
+        160,
+        &[(0, 0, 20), (1, 120, 20)],
+        false,
+        true,
+    );
+}
+
+/// Decode (one token per sequence at positions 5, 300, 0 and 129: 1 to 3 key chunks; slots not
+/// in batch order), head dim 96 (12 threads per group), 4 query heads on one KV head.
+#[test]
+fn attention_decode_with_one_kv_head_matches_the_cpu_d96() {
+    let runs = [(2, 5, 1), (0, 300, 1), (3, 0, 1), (1, 129, 1)];
+    check_attention(16, (4, 1, 96), 320, &runs, false, true);
+}
+
+/// Head dim 130 (not a multiple of 8: scalar K and V, each thread owning dims d and d + 128),
+/// a 10-token chunk from position 3 beside a decode token at 140; no lse.
+#[test]
+fn attention_scalar_path_with_two_dims_per_thread_matches_the_cpu_d130() {
+    check_attention(
+        17,
+        (2, 2, 130),
+        150,
+        &[(1, 3, 10), (0, 140, 1)],
+        false,
+        false,
+    );
+}
+
+/// Head dim 40 with V 2 bytes off alignment: 128-bit K loads, scalar V (2 groups of 64 threads).
+#[test]
+fn attention_with_unaligned_values_matches_the_cpu_d40() {
+    check_attention(18, (4, 2, 40), 140, &[(0, 0, 9), (1, 133, 1)], true, true);
+}
