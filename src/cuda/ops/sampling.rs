@@ -8,7 +8,7 @@ use crate::sampling::SamplingParams;
 
 const MODULE: &str = "sampling";
 /// The kernel's SAMPLE_THREADS.
-const SAMPLE_THREADS: u32 = 1024;
+pub const SAMPLE_THREADS: u32 = 1024;
 
 /// Where the kernel takes each row's uniform from.
 pub enum DeviceDraws {
