@@ -160,7 +160,7 @@ pub fn swiglu_backward(
 }
 
 /// Rows of dout one thread of `bias_backward_partial` sums (`BIAS_ROWS_PER_THREAD`).
-const BIAS_ROWS_PER_THREAD: usize = 256;
+pub const BIAS_ROWS_PER_THREAD: usize = 256;
 
 /// The f32 scratch `bias_backward` needs for m rows of n columns: one partial sum per
 /// (chunk of BIAS_ROWS_PER_THREAD rows, column).
@@ -207,7 +207,7 @@ pub fn bias_backward(
 }
 
 /// `COLUMN_SUM_LANES` in kernels/elementwise.cu: threads that share a column's chunks.
-const COLUMN_SUM_LANES: u32 = 32;
+pub const COLUMN_SUM_LANES: u32 = 32;
 
 /// out (f32 [n]) += Σ over chunks of partials (f32 [chunks, n]), in an order that depends on
 /// chunks and n only (so a gradient repeats bit for bit).

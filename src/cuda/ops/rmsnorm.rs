@@ -119,7 +119,7 @@ fn launch_forward(
 /// Rows one block of `rmsnorm_backward` takes: enough blocks to fill the GPU many times over
 /// (about 2048), at most 32 rows each. A function of `rows` alone, so the summation order (and the result) only depends on
 /// the input.
-fn rows_per_block(rows: usize) -> usize {
+pub fn rows_per_block(rows: usize) -> usize {
     rows.div_ceil(2048).clamp(1, 32)
 }
 
@@ -129,7 +129,7 @@ pub fn rmsnorm_backward_scratch(rows: usize, dim: usize) -> usize {
 }
 
 /// Rows up to this many 16-byte vectors go to `rmsnorm_backward_vec` (a thread per vector).
-const VEC_KERNEL_MAX_DIM: usize = MAX_THREADS_PER_BLOCK as usize * BF16_VEC;
+pub const VEC_KERNEL_MAX_DIM: usize = MAX_THREADS_PER_BLOCK as usize * BF16_VEC;
 
 /// The gradient of [`rmsnorm_forward`]: dx (bf16 [rows, dim], overwritten, or added to when
 /// `dx.1`) and dweight (f32 [dim], accumulated in a fixed order through `partials`, f32

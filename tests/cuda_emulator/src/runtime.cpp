@@ -128,14 +128,16 @@ bool run_block(Launch& l, uint3 block_idx, dim3 grid, dim3 block) {
         makecontext(&f.context, fiber_main, 0);
     }
     // Each warp runs as far as it can (until its lanes wait at __syncthreads or return) before
-    // the next one starts, first to last and then last to first: a warp that leaves a barrier
-    // gets ahead of the others, as on the GPU, so a missing __syncthreads shows (e.g. a stage
-    // refilled while a slower warp still reads it).
+    // the next one starts, first to last and then last to first, starting the other way round in
+    // every other block: a warp that leaves a barrier gets ahead of the others in either order,
+    // as on the GPU, so a missing __syncthreads shows (e.g. a stage refilled while a slower warp
+    // still reads it, or a reduction step reading a value its writer has not updated yet).
     const int warps = (int)l.warps.size();
+    const int parity = (int)((block_idx.x + block_idx.y + block_idx.z) % 2);
     for (int round = 0;; round++) {
         bool progressed = false, all_done = true;
         for (int i = 0; i < warps; i++) {
-            const int w = round % 2 == 0 ? i : warps - 1 - i;
+            const int w = (round + parity) % 2 == 0 ? i : warps - 1 - i;
             const int first = w * 32, last = std::min(threads, first + 32);
             for (bool warp_progressed = true; warp_progressed;) {
                 warp_progressed = false;

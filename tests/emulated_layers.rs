@@ -1,0 +1,889 @@
+//! The layer kernels' real source (kernels/rmsnorm.cu, kernels/elementwise.cu,
+//! kernels/kv_cache.cu), run on the CPU by the emulator in tests/cuda_emulator with the launch
+//! shapes of their launchers (src/cuda/ops/{rmsnorm,elementwise,kv_cache}.rs), against the CPU
+//! reference (`backend::cpu`): the 16-byte vector paths and their scalar fallbacks (lengths not a
+//! multiple of 8, misaligned pointers, RMSNorm rows beyond the vector kernel), the n % 8 tails of
+//! the flat kernels, RMSNorm backward blocks of several rows, both `GradWrite` modes, and the
+//! fixed-order dweight / dbias reduction (per-block partial sums, then add_column_sums) end to end.
+//!
+//! Outputs start as NaN (0xffff in bf16) and are followed by GUARD more, so an element left
+//! unwritten or written past the end shows. Copies, additions and conversions must match the
+//! reference (rounded once to bf16) bit for bit, SwiGLU to one bf16 unit in the last place (an
+//! fma or another expf may flip a rounding); RMSNorm within TOL (the kernel rounds twice, as
+//! transformers does) and the f32 parameter gradients within F32_TOL (sums in another order).
+
+mod emulation_support;
+
+use cuda_emulator::{launch, Launch};
+use cudarc::driver::LaunchConfig;
+use emulation_support::{assert_close, rel_err, to_bits, to_f32, Rand};
+use half::bf16;
+use thinkshort::backend::{cpu, GradWrite, TokenPlacement};
+use thinkshort::cuda::launch::grid_1d;
+use thinkshort::cuda::ops::elementwise::{
+    self as ew, aligned16, flat_config, rows_config, BF16_VEC, BLOCK_THREADS,
+};
+use thinkshort::cuda::ops::rmsnorm as rn;
+
+/// Entry points of kernels/rmsnorm.cu, kernels/elementwise.cu and kernels/kv_cache.cu
+/// (bf16 = u16).
+mod k {
+    extern "C" {
+        pub fn rmsnorm_forward(
+            out: *mut u16,
+            x: *const u16,
+            weight: *const u16,
+            rows: i32,
+            dim: i32,
+            eps: f32,
+        );
+        pub fn add_rmsnorm_forward(
+            out: *mut u16,
+            x: *mut u16,
+            residual: *const u16,
+            weight: *const u16,
+            rows: i32,
+            dim: i32,
+            eps: f32,
+        );
+        pub fn rmsnorm_backward_vec(
+            dx: *mut u16,
+            partials: *mut f32,
+            dout: *const u16,
+            x: *const u16,
+            weight: *const u16,
+            rows: i32,
+            dim: i32,
+            eps: f32,
+            rows_per_block: i32,
+            accumulate: i32,
+        );
+        pub fn rmsnorm_backward(
+            dx: *mut u16,
+            partials: *mut f32,
+            dout: *const u16,
+            x: *const u16,
+            weight: *const u16,
+            rows: i32,
+            dim: i32,
+            eps: f32,
+            rows_per_block: i32,
+            accumulate: i32,
+        );
+
+        pub fn residual_add(x: *mut u16, y: *const u16, n: i32);
+        pub fn swiglu_forward(out: *mut u16, gate: *const u16, up: *const u16, n: i32);
+        pub fn swiglu_backward(
+            dgate: *mut u16,
+            dup: *mut u16,
+            dout: *const u16,
+            gate: *const u16,
+            up: *const u16,
+            n: i32,
+        );
+        pub fn bias_add_bf16(out: *mut u16, bias: *const u16, m: i32, n: i32);
+        pub fn bias_add_f32(out: *mut f32, bias: *const u16, m: i32, n: i32);
+        pub fn convert_f32_to_bf16(dst: *mut u16, src: *const f32, n: i32);
+        pub fn convert_bf16_to_f32(dst: *mut f32, src: *const u16, n: i32);
+        pub fn bias_backward_partial(partials: *mut f32, dout: *const u16, m: i32, n: i32);
+        pub fn add_column_sums(out: *mut f32, partials: *const f32, chunks: i32, n: i32);
+
+        pub fn kv_cache_write(
+            cache_k: *mut u16,
+            cache_v: *mut u16,
+            key: *const u16,
+            value: *const u16,
+            slots: *const u32,
+            positions: *const u32,
+            m: i32,
+            capacity: i32,
+            kv_dim: i32,
+        );
+        pub fn kv_cache_gather(
+            dx: *mut u16,
+            dcache: *const u16,
+            slots: *const u32,
+            positions: *const u32,
+            m: i32,
+            capacity: i32,
+            kv_dim: i32,
+        );
+        pub fn advance_positions(positions: *mut u32, m: i32);
+    }
+}
+
+const EPS: f32 = 1e-6;
+/// bf16 NaN, the fill of bf16 outputs.
+const NAN16: u16 = 0xffff;
+/// Values after each output that the kernel must leave alone.
+const GUARD: usize = 8;
+/// Relative error of f32 sums taken in another order than the reference's (whose own sums of
+/// thousands of terms are good to about 1e-6).
+const F32_TOL: f64 = 1e-4;
+
+fn launch_as(name: &str, cfg: LaunchConfig, thread: impl Fn()) {
+    let cfg = Launch {
+        grid: cfg.grid_dim,
+        block: cfg.block_dim,
+        shared_bytes: cfg.shared_mem_bytes as usize,
+    };
+    launch(cfg, thread).unwrap_or_else(|e| panic!("{name}: {e}"));
+}
+
+/// A host pointer as the launchers see a device pointer (for their alignment checks).
+fn addr<T>(p: *const T) -> u64 {
+    p as u64
+}
+
+/// The bits of an output value, to compare fills (NaN included) exactly.
+trait Bits: Copy {
+    fn bits(self) -> u32;
+}
+impl Bits for u16 {
+    fn bits(self) -> u32 {
+        self.into()
+    }
+}
+impl Bits for u32 {
+    fn bits(self) -> u32 {
+        self
+    }
+}
+impl Bits for f32 {
+    fn bits(self) -> u32 {
+        self.to_bits()
+    }
+}
+
+/// `values` followed by GUARD copies of `fill`.
+fn guarded<T: Copy>(mut values: Vec<T>, fill: T) -> Vec<T> {
+    values.extend([fill; GUARD]);
+    values
+}
+
+/// `buf` without its guard, after checking that the guard still holds `fill`.
+fn unguarded<'a, T: Bits>(what: &str, buf: &'a [T], fill: T) -> &'a [T] {
+    let n = buf.len() - GUARD;
+    assert!(
+        buf[n..].iter().all(|v| v.bits() == fill.bits()),
+        "{what}: written past its end"
+    );
+    &buf[..n]
+}
+
+fn assert_bits_eq<T: Bits + std::fmt::Debug>(what: &str, got: &[T], want: &[T]) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let wrong: Vec<usize> = (0..got.len())
+        .filter(|&i| got[i].bits() != want[i].bits())
+        .collect();
+    if let Some(&i) = wrong.first() {
+        panic!(
+            "{what}: {} of {} values differ, the first at {i}: {:?}, expected {:?}",
+            wrong.len(),
+            got.len(),
+            got[i],
+            want[i]
+        );
+    }
+}
+
+/// Each bf16 of `got` is `want` rounded to bf16, give or take one unit in the last place.
+fn assert_rounded(what: &str, got: &[u16], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let g = bf16::from_bits(g).to_f32();
+        let ulp = f32::from_bits(w.abs().to_bits() & 0x7f80_0000) / 128.0;
+        assert!(
+            (g - w).abs() <= ulp,
+            "{what}[{i}]: {g}, expected {w} rounded to bf16"
+        );
+    }
+}
+
+fn assert_f32_close(what: &str, got: &[f32], want: &[f32]) {
+    let e = rel_err(got, want);
+    assert!(
+        e < F32_TOL,
+        "{what}: relative error {e:.3e} (tolerance {F32_TOL:.0e})"
+    );
+}
+
+/// An input copied `offset` elements into its buffer: offset 1 puts it 2 bytes off the 16-byte
+/// alignment of a fresh buffer, which sends the kernels down their scalar path.
+struct Shifted {
+    buf: Vec<u16>,
+    offset: usize,
+}
+
+impl Shifted {
+    fn new(values: &[u16], offset: usize) -> Self {
+        let mut buf = vec![0x3f80; offset]; // 1.0
+        buf.extend_from_slice(values);
+        Shifted { buf, offset }
+    }
+
+    fn ptr(&self) -> *const u16 {
+        self.buf[self.offset..].as_ptr()
+    }
+}
+
+// ----------------------------------------------------------------------------------------------
+// RMSNorm forward
+
+/// rmsnorm_forward's launch (`launch_forward`): a block of about one vector per thread per row.
+fn forward_config(rows: usize, dim: usize, vectorised: bool) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (rn::row_block_size(dim, BF16_VEC, vectorised), 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// rmsnorm_forward of [rows, dim] (into x itself when `in_place`); `vector_path`: whether the
+/// launcher sees the 128-bit path.
+fn check_rmsnorm_forward(seed: u64, rows: usize, dim: usize, in_place: bool, vector_path: bool) {
+    let mut r = Rand(seed);
+    let (x_bits, x) = r.bf16s(rows * dim, 2.0);
+    let weight = r.bf16s(dim, 1.0);
+    let mut x_dev = guarded(x_bits, NAN16);
+    let mut out = guarded(vec![NAN16; rows * dim], NAN16);
+    let xp = x_dev.as_mut_ptr();
+    let op = if in_place { xp } else { out.as_mut_ptr() };
+    let wp = weight.0.as_ptr();
+    let vectorised = dim.is_multiple_of(BF16_VEC) && aligned16(&[addr(op), addr(xp), addr(wp)]);
+    assert_eq!(vectorised, vector_path, "the 128-bit path");
+    launch_as(
+        "rmsnorm_forward",
+        forward_config(rows, dim, vectorised),
+        || unsafe { k::rmsnorm_forward(op, xp, wp, rows as i32, dim as i32, EPS) },
+    );
+    let mut want = vec![0.0; rows * dim];
+    cpu::rmsnorm_forward(&mut want, &x, &weight.1, dim, EPS);
+    let got = if in_place { &x_dev } else { &out };
+    assert_close(
+        &format!("rmsnorm_forward [{rows}, {dim}]"),
+        &to_f32(unguarded("rmsnorm_forward", got, NAN16)),
+        &want,
+    );
+}
+
+/// 896 (Qwen2.5-0.5B): 112 vectors on 128 threads, 16 of them idle; 40 rows, 40 blocks.
+#[test]
+fn rmsnorm_forward_vector_path_matches_the_cpu() {
+    check_rmsnorm_forward(1, 40, 896, false, true);
+}
+
+/// 897 columns (not a multiple of 8): scalar loads on 928 threads, one column each.
+#[test]
+fn rmsnorm_forward_scalar_path_matches_the_cpu() {
+    check_rmsnorm_forward(2, 12, 897, false, false);
+}
+
+/// out = x, which the kernel allows: [8, 904] on the vector path.
+#[test]
+fn rmsnorm_forward_in_place_matches_the_cpu() {
+    check_rmsnorm_forward(3, 8, 904, true, true);
+}
+
+/// x += residual (stored in x, rounded once), then out = rmsnorm(x).
+fn check_add_rmsnorm_forward(seed: u64, rows: usize, dim: usize, vector_path: bool) {
+    let mut r = Rand(seed);
+    let (x_bits, x) = r.bf16s(rows * dim, 2.0);
+    let residual = r.bf16s(rows * dim, 2.0);
+    let weight = r.bf16s(dim, 1.0);
+    let mut x_dev = guarded(x_bits, NAN16);
+    let mut out = guarded(vec![NAN16; rows * dim], NAN16);
+    let (op, xp) = (out.as_mut_ptr(), x_dev.as_mut_ptr());
+    let (rp, wp) = (residual.0.as_ptr(), weight.0.as_ptr());
+    let vectorised = dim.is_multiple_of(BF16_VEC)
+        && aligned16(&[addr(op), addr(xp), addr(wp)])
+        && aligned16(&[addr(rp)]);
+    assert_eq!(vectorised, vector_path, "the 128-bit path");
+    launch_as(
+        "add_rmsnorm_forward",
+        forward_config(rows, dim, vectorised),
+        || unsafe { k::add_rmsnorm_forward(op, xp, rp, wp, rows as i32, dim as i32, EPS) },
+    );
+    let mut sum = x;
+    cpu::residual_add(&mut sum, &residual.1);
+    let sum_bits = to_bits(&sum);
+    assert_bits_eq(
+        &format!("add_rmsnorm_forward x + residual [{rows}, {dim}]"),
+        unguarded("add_rmsnorm_forward x", &x_dev, NAN16),
+        &sum_bits,
+    );
+    // the norm of the sum as stored (bf16)
+    let mut want = vec![0.0; rows * dim];
+    cpu::rmsnorm_forward(&mut want, &to_f32(&sum_bits), &weight.1, dim, EPS);
+    assert_close(
+        &format!("add_rmsnorm_forward out [{rows}, {dim}]"),
+        &to_f32(unguarded("add_rmsnorm_forward out", &out, NAN16)),
+        &want,
+    );
+}
+
+/// [24, 896] on the vector path; [10, 300] on the scalar one.
+#[test]
+fn add_rmsnorm_forward_stores_the_sum_and_normalises_it_like_the_cpu() {
+    check_add_rmsnorm_forward(4, 24, 896, true);
+    check_add_rmsnorm_forward(5, 10, 300, false);
+}
+
+// ----------------------------------------------------------------------------------------------
+// RMSNorm backward: dx, and dweight through the blocks' partial sums and add_column_sums
+
+/// add_column_sums as `elementwise::add_column_sums` launches it: out (f32 [n]) += the column
+/// sums of partials (f32 [chunks, n]).
+fn add_column_sums(out: *mut f32, partials: *const f32, chunks: usize, n: usize) {
+    let cfg = LaunchConfig {
+        grid_dim: (n.div_ceil(32) as u32, 1, 1),
+        block_dim: (32, ew::COLUMN_SUM_LANES, 1),
+        shared_mem_bytes: 0,
+    };
+    launch_as("add_column_sums", cfg, || unsafe {
+        k::add_column_sums(out, partials, chunks as i32, n as i32)
+    });
+}
+
+type RmsnormBackward = unsafe extern "C" fn(
+    *mut u16,
+    *mut f32,
+    *const u16,
+    *const u16,
+    *const u16,
+    i32,
+    i32,
+    f32,
+    i32,
+    i32,
+);
+
+/// `rmsnorm::rmsnorm_backward` on [rows, dim]: the kernel the launcher picks (`vec_kernel` says
+/// which one that must be), on its grid of rows_per_block(rows) rows per block, then
+/// add_column_sums into a dweight that starts from random values.
+fn check_rmsnorm_backward(seed: u64, rows: usize, dim: usize, write: GradWrite, vec_kernel: bool) {
+    let mut r = Rand(seed);
+    let x = r.bf16s(rows * dim, 2.0);
+    let dout = r.bf16s(rows * dim, 1.0);
+    let weight = r.bf16s(dim, 1.0);
+    let dx_start = r.bf16s(rows * dim, 1.0);
+    let dweight_start: Vec<f32> = (0..dim).map(|_| r.next()).collect();
+    let accumulate = write == GradWrite::Add;
+
+    let per_block = rn::rows_per_block(rows);
+    let blocks = rows.div_ceil(per_block);
+    let scratch = rn::rmsnorm_backward_scratch(rows, dim);
+    assert_eq!(scratch, blocks * dim);
+    let mut dx = guarded(
+        if accumulate {
+            dx_start.0.clone()
+        } else {
+            vec![NAN16; rows * dim]
+        },
+        NAN16,
+    );
+    let mut partials = guarded(vec![f32::NAN; scratch], f32::NAN);
+    let mut dweight = guarded(dweight_start.clone(), f32::NAN);
+    let (dxp, pp) = (dx.as_mut_ptr(), partials.as_mut_ptr());
+    let (dp, xp, wp) = (dout.0.as_ptr(), x.0.as_ptr(), weight.0.as_ptr());
+    let vectorised = dim.is_multiple_of(BF16_VEC)
+        && dim <= rn::VEC_KERNEL_MAX_DIM
+        && aligned16(&[addr(dxp), addr(pp), addr(dp), addr(xp), addr(wp)]);
+    assert_eq!(vectorised, vec_kernel, "the launcher's choice of kernel");
+    let (name, kernel, block, shared): (_, RmsnormBackward, _, _) = if vectorised {
+        let block = rn::row_block_size(dim, BF16_VEC, true);
+        ("rmsnorm_backward_vec", k::rmsnorm_backward_vec, block, 0)
+    } else {
+        let block = rn::row_block_size(dim, 1, false);
+        ("rmsnorm_backward", k::rmsnorm_backward, block, dim * 4)
+    };
+    let cfg = LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: shared as u32,
+    };
+    launch_as(name, cfg, || unsafe {
+        kernel(
+            dxp,
+            pp,
+            dp,
+            xp,
+            wp,
+            rows as i32,
+            dim as i32,
+            EPS,
+            per_block as i32,
+            accumulate as i32,
+        )
+    });
+    unguarded("partials", &partials, f32::NAN);
+    add_column_sums(dweight.as_mut_ptr(), pp, blocks, dim);
+
+    let mut dx_want = if accumulate {
+        dx_start.1
+    } else {
+        vec![f32::NAN; rows * dim]
+    };
+    let mut dweight_want = dweight_start;
+    cpu::rmsnorm_backward(
+        &mut dx_want,
+        write,
+        &mut dweight_want,
+        &dout.1,
+        &x.1,
+        &weight.1,
+        dim,
+        EPS,
+    );
+    let what = format!("{name} [{rows}, {dim}] ({write:?}, {per_block} rows per block)");
+    assert_close(
+        &format!("{what} dx"),
+        &to_f32(unguarded("dx", &dx, NAN16)),
+        &dx_want,
+    );
+    assert_f32_close(
+        &format!("{what} dweight"),
+        unguarded("dweight", &dweight, f32::NAN),
+        &dweight_want,
+    );
+}
+
+/// [40, 896]: 112 vectors on 128 threads, one row per block, 40 partial sums.
+#[test]
+fn rmsnorm_backward_vec_overwrites_dx_and_adds_dweight_like_the_cpu() {
+    check_rmsnorm_backward(10, 40, 896, GradWrite::Overwrite, true);
+}
+
+/// The same shape, dx added to (GradWrite::Add).
+#[test]
+fn rmsnorm_backward_vec_adds_to_dx_and_dweight_like_the_cpu() {
+    check_rmsnorm_backward(11, 40, 896, GradWrite::Add, true);
+}
+
+/// 2049 rows: two per block (1025 blocks, the last with one row), so dweight sums rows in
+/// registers, the reduction scratch is reused row after row, and add_column_sums sums 1025
+/// partials (33 per lane); dim 392: 49 vectors on two warps, the second with 15 idle lanes.
+#[test]
+fn rmsnorm_backward_vec_with_several_rows_per_block_matches_the_cpu() {
+    check_rmsnorm_backward(12, 2049, 392, GradWrite::Overwrite, true);
+}
+
+/// dim 8192, the vector kernel's widest row: 1024 threads.
+#[test]
+fn rmsnorm_backward_vec_at_its_widest_row_matches_the_cpu() {
+    check_rmsnorm_backward(13, 3, rn::VEC_KERNEL_MAX_DIM, GradWrite::Overwrite, true);
+}
+
+/// dim 897 (not a multiple of 8): the scalar kernel, 928 threads, in both modes.
+#[test]
+fn rmsnorm_backward_scalar_matches_the_cpu_in_both_modes() {
+    check_rmsnorm_backward(14, 12, 897, GradWrite::Overwrite, false);
+    check_rmsnorm_backward(15, 12, 897, GradWrite::Add, false);
+}
+
+/// 2049 rows of 36 (two warps): two rows per block through the shared dweight sums, the two
+/// reductions' scratch reused row after row.
+#[test]
+fn rmsnorm_backward_scalar_with_several_rows_per_block_matches_the_cpu() {
+    check_rmsnorm_backward(16, 2049, 36, GradWrite::Add, false);
+}
+
+/// dim 8200 (a multiple of 8 past the vector kernel): the scalar kernel on 1024 threads, 8 or 9
+/// columns each.
+#[test]
+fn rmsnorm_backward_scalar_beyond_the_vector_kernel_matches_the_cpu() {
+    check_rmsnorm_backward(17, 3, rn::VEC_KERNEL_MAX_DIM + 8, GradWrite::Add, false);
+}
+
+// ----------------------------------------------------------------------------------------------
+// bias backward: bias_backward_partial, then add_column_sums
+
+/// `elementwise::bias_backward` on dout [m, n] into a dbias that starts from random values.
+fn check_bias_backward(seed: u64, m: usize, n: usize) {
+    let mut r = Rand(seed);
+    let dout = r.bf16s(m * n, 1.0);
+    let dbias_start: Vec<f32> = (0..n).map(|_| r.next()).collect();
+    let chunks = m.div_ceil(ew::BIAS_ROWS_PER_THREAD);
+    let scratch = ew::bias_backward_scratch(m, n);
+    assert_eq!(scratch, chunks * n);
+    let mut partials = guarded(vec![f32::NAN; scratch], f32::NAN);
+    let mut dbias = guarded(dbias_start.clone(), f32::NAN);
+    let (pp, dp) = (partials.as_mut_ptr(), dout.0.as_ptr());
+    let cfg = LaunchConfig {
+        grid_dim: (n.div_ceil(BLOCK_THREADS as usize) as u32, chunks as u32, 1),
+        block_dim: (BLOCK_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    launch_as("bias_backward_partial", cfg, || unsafe {
+        k::bias_backward_partial(pp, dp, m as i32, n as i32)
+    });
+    unguarded("partials", &partials, f32::NAN);
+    add_column_sums(dbias.as_mut_ptr(), pp, chunks, n);
+
+    let mut want = dbias_start;
+    cpu::bias_backward(&mut want, &dout.1);
+    assert_f32_close(
+        &format!("bias_backward [{m}, {n}] ({chunks} chunks)"),
+        unguarded("dbias", &dbias, f32::NAN),
+        &want,
+    );
+}
+
+/// [8455, 300]: 34 chunks of 256 rows (the last of 7), so two lanes of add_column_sums take two
+/// chunks; two blocks of columns, the second with 44. [100, 40]: one chunk.
+#[test]
+fn bias_backward_adds_the_column_sums_like_the_cpu() {
+    check_bias_backward(20, 33 * ew::BIAS_ROWS_PER_THREAD + 7, 300);
+    check_bias_backward(21, 100, 40);
+}
+
+// ----------------------------------------------------------------------------------------------
+// flat kernels
+
+/// residual_add on n values; `shift` misaligns y (the scalar path).
+fn check_residual_add(seed: u64, n: usize, shift: bool) {
+    let mut r = Rand(seed);
+    let (x_bits, x) = r.bf16s(n, 1.0);
+    let (y_bits, y) = r.bf16s(n, 1.0);
+    let y_dev = Shifted::new(&y_bits, shift as usize);
+    let mut x_dev = guarded(x_bits, NAN16);
+    let (xp, yp) = (x_dev.as_mut_ptr(), y_dev.ptr());
+    let vectorised = aligned16(&[addr(xp), addr(yp)]);
+    assert_eq!(vectorised, !shift, "the 128-bit path");
+    launch_as("residual_add", flat_config(n, vectorised), || unsafe {
+        k::residual_add(xp, yp, n as i32)
+    });
+    let mut want = x;
+    cpu::residual_add(&mut want, &y);
+    assert_bits_eq(
+        &format!("residual_add (n {n}, shifted {shift})"),
+        unguarded("residual_add", &x_dev, NAN16),
+        &to_bits(&want),
+    );
+}
+
+/// 3587 = 448 vectors (two blocks) + a tail of 3; 1001 misaligned: all scalar.
+#[test]
+fn residual_add_matches_the_cpu_bit_for_bit() {
+    check_residual_add(30, 3587, false);
+    check_residual_add(31, 1001, true);
+}
+
+/// n gates of scale 4, with the extremes the kernels' comments name: −100 (exp(100) overflows
+/// to inf, so sigmoid is 0) in the vectors and the tail, +100 (sigmoid 1) in the tail.
+fn gates(r: &mut Rand, n: usize) -> (Vec<u16>, Vec<f32>) {
+    let (mut bits, mut values) = r.bf16s(n, 4.0);
+    for (i, g) in [(3, -100.0f32), (n - 2, 100.0), (n - 1, -100.0)] {
+        bits[i] = bf16::from_f32(g).to_bits();
+        values[i] = g;
+    }
+    (bits, values)
+}
+
+/// swiglu_forward on 3587 values: 448 vectors on two blocks, then a tail of 3.
+#[test]
+fn swiglu_forward_matches_the_cpu_to_a_bf16_ulp() {
+    let n = 3587;
+    let mut r = Rand(32);
+    let gate = gates(&mut r, n);
+    let up = r.bf16s(n, 1.0);
+    let mut out = guarded(vec![NAN16; n], NAN16);
+    let (op, gp, upp) = (out.as_mut_ptr(), gate.0.as_ptr(), up.0.as_ptr());
+    assert!(aligned16(&[addr(op), addr(gp), addr(upp)]));
+    launch_as("swiglu_forward", flat_config(n, true), || unsafe {
+        k::swiglu_forward(op, gp, upp, n as i32)
+    });
+    let mut want = vec![0.0; n];
+    cpu::swiglu_forward(&mut want, &gate.1, &up.1);
+    assert_rounded(
+        "swiglu_forward",
+        unguarded("swiglu_forward", &out, NAN16),
+        &want,
+    );
+}
+
+/// swiglu_backward on n values as the launcher runs it; `shift` misaligns up (the scalar path).
+fn check_swiglu_backward(seed: u64, n: usize, shift: bool) {
+    let mut r = Rand(seed);
+    let gate = gates(&mut r, n);
+    let up = r.bf16s(n, 1.0);
+    let dout = r.bf16s(n, 1.0);
+    let up_dev = Shifted::new(&up.0, shift as usize);
+    let mut dgate = guarded(vec![NAN16; n], NAN16);
+    let mut dup = guarded(vec![NAN16; n], NAN16);
+    let (dgp, dup_p) = (dgate.as_mut_ptr(), dup.as_mut_ptr());
+    let (dp, gp, upp) = (dout.0.as_ptr(), gate.0.as_ptr(), up_dev.ptr());
+    let vectorised = aligned16(&[addr(dgp), addr(dup_p), addr(dp), addr(gp), addr(upp)]);
+    assert_eq!(vectorised, !shift, "the 128-bit path");
+    launch_as("swiglu_backward", flat_config(n, vectorised), || unsafe {
+        k::swiglu_backward(dgp, dup_p, dp, gp, upp, n as i32)
+    });
+    let (mut dgate_want, mut dup_want) = (vec![0.0; n], vec![0.0; n]);
+    cpu::swiglu_backward(&mut dgate_want, &mut dup_want, &dout.1, &gate.1, &up.1);
+    let what = format!("swiglu_backward (n {n}, shifted {shift})");
+    assert_rounded(
+        &format!("{what} dgate"),
+        unguarded("dgate", &dgate, NAN16),
+        &dgate_want,
+    );
+    assert_rounded(
+        &format!("{what} dup"),
+        unguarded("dup", &dup, NAN16),
+        &dup_want,
+    );
+}
+
+/// 3587: 448 vectors on two blocks and a tail of 3.
+#[test]
+fn swiglu_backward_vectors_and_tail_match_the_cpu_to_a_bf16_ulp() {
+    check_swiglu_backward(33, 3587, false);
+}
+
+/// 5 values (no whole vector: the tail only), and 1003 misaligned (scalar throughout).
+#[test]
+fn swiglu_backward_tail_only_and_misaligned_match_the_cpu_to_a_bf16_ulp() {
+    check_swiglu_backward(34, 5, false);
+    check_swiglu_backward(35, 1003, true);
+}
+
+/// f32 -> bf16 on 1003 values (125 vectors + a tail of 3), aligned or with src 4 bytes off:
+/// round to nearest even (ties both ways), overflow to inf, infinities, NaN and a subnormal
+/// among random values, in the vectors and the tail.
+fn check_convert_f32_to_bf16(seed: u64, shift: bool) {
+    let n = 1003;
+    let mut r = Rand(seed);
+    let mut src: Vec<f32> = (0..=n).map(|_| r.next() * 4.0).collect();
+    let specials = [
+        f32::NAN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::MAX,                    // above the largest bf16: inf
+        f32::from_bits(0x3f80_8000), // halfway between 1 and its successor: to 1 (even)
+        f32::from_bits(0x3f81_8000), // halfway again: up to the even 0x3f82
+        f32::from_bits(0xbf80_8000),
+        1e-40, // subnormal
+    ];
+    let src_at = shift as usize;
+    for (j, &v) in specials.iter().enumerate() {
+        src[src_at + j] = v;
+        src[src_at + n - 1 - j % 3] = v;
+    }
+    let mut dst = guarded(vec![NAN16; n], NAN16);
+    let (dp, sp) = (dst.as_mut_ptr(), src[src_at..].as_ptr());
+    let vectorised = aligned16(&[addr(dp), addr(sp)]);
+    assert_eq!(vectorised, !shift, "the 128-bit path");
+    launch_as(
+        "convert_f32_to_bf16",
+        flat_config(n, vectorised),
+        || unsafe { k::convert_f32_to_bf16(dp, sp, n as i32) },
+    );
+    let got = unguarded("convert_f32_to_bf16", &dst, NAN16);
+    for (i, (&g, &s)) in got.iter().zip(&src[src_at..]).enumerate() {
+        let want = bf16::from_f32(s);
+        assert!(
+            g == want.to_bits() || (want.is_nan() && bf16::from_bits(g).is_nan()),
+            "convert_f32_to_bf16 (shifted {shift})[{i}]: {s:e} gave {g:#06x}, expected {:#06x}",
+            want.to_bits()
+        );
+    }
+}
+
+#[test]
+fn convert_f32_to_bf16_rounds_to_nearest_even_like_half() {
+    check_convert_f32_to_bf16(36, false);
+    check_convert_f32_to_bf16(37, true);
+}
+
+/// bf16 -> f32 on 1003 values (vectors and a tail of 3) with infinities, NaN and a subnormal;
+/// src shifted by one element or not.
+fn check_convert_bf16_to_f32(seed: u64, shift: bool) {
+    let n = 1003;
+    let mut r = Rand(seed);
+    let (mut src, _) = r.bf16s(n, 4.0);
+    for (j, v) in [0x7f80, 0xff80, 0x7fc0, 0x0001].into_iter().enumerate() {
+        src[j] = v;
+        src[n - 1 - j % 3] = v;
+    }
+    let src_dev = Shifted::new(&src, shift as usize);
+    let mut dst = guarded(vec![f32::NAN; n], f32::NAN);
+    let (dp, sp) = (dst.as_mut_ptr(), src_dev.ptr());
+    let vectorised = aligned16(&[addr(dp), addr(sp)]);
+    assert_eq!(vectorised, !shift, "the 128-bit path");
+    launch_as(
+        "convert_bf16_to_f32",
+        flat_config(n, vectorised),
+        || unsafe { k::convert_bf16_to_f32(dp, sp, n as i32) },
+    );
+    let want: Vec<f32> = src.iter().map(|&b| bf16::from_bits(b).to_f32()).collect();
+    assert_bits_eq(
+        &format!("convert_bf16_to_f32 (shifted {shift})"),
+        unguarded("convert_bf16_to_f32", &dst, f32::NAN),
+        &want,
+    );
+}
+
+#[test]
+fn convert_bf16_to_f32_is_exact() {
+    check_convert_bf16_to_f32(38, false);
+    check_convert_bf16_to_f32(39, true);
+}
+
+/// bias_add_bf16 and bias_add_f32 on [m, n] as `bias_add` launches them (out starting from random
+/// values), against add_bias_rows; `vector_path`: whether the launcher sees the 128-bit path.
+fn check_bias_add(seed: u64, m: usize, n: usize, vector_path: bool) {
+    let mut r = Rand(seed);
+    let bias = r.bf16s(n, 1.0);
+    let bp = bias.0.as_ptr();
+
+    let (start_bits, start) = r.bf16s(m * n, 1.0);
+    let mut out = guarded(start_bits, NAN16);
+    let op = out.as_mut_ptr();
+    let vectorised = n.is_multiple_of(BF16_VEC) && aligned16(&[addr(op), addr(bp)]);
+    assert_eq!(vectorised, vector_path, "the 128-bit path");
+    launch_as("bias_add_bf16", rows_config(m, n, vectorised), || unsafe {
+        k::bias_add_bf16(op, bp, m as i32, n as i32)
+    });
+    let mut want = start;
+    cpu::add_bias_rows(&mut want, &bias.1);
+    assert_bits_eq(
+        &format!("bias_add_bf16 [{m}, {n}]"),
+        unguarded("bias_add_bf16", &out, NAN16),
+        &to_bits(&want),
+    );
+
+    let start: Vec<f32> = (0..m * n).map(|_| r.next()).collect();
+    let mut out = guarded(start.clone(), f32::NAN);
+    let op = out.as_mut_ptr();
+    let vectorised = n.is_multiple_of(BF16_VEC) && aligned16(&[addr(op), addr(bp)]);
+    assert_eq!(vectorised, vector_path, "the 128-bit path");
+    launch_as("bias_add_f32", rows_config(m, n, vectorised), || unsafe {
+        k::bias_add_f32(op, bp, m as i32, n as i32)
+    });
+    let mut want = start;
+    cpu::add_bias_rows(&mut want, &bias.1);
+    assert_bits_eq(
+        &format!("bias_add_f32 [{m}, {n}]"),
+        unguarded("bias_add_f32", &out, f32::NAN),
+        &want,
+    );
+}
+
+/// [5, 904]: 113 vectors on 128 threads; [3, 2056]: 257 vectors, two blocks of columns;
+/// [4, 300]: scalar, two blocks of columns.
+#[test]
+fn bias_add_bf16_and_f32_match_the_cpu_bit_for_bit() {
+    check_bias_add(40, 5, 904, true);
+    check_bias_add(41, 3, 2056, true);
+    check_bias_add(42, 4, 300, false);
+}
+
+// ----------------------------------------------------------------------------------------------
+// KV cache
+
+const CACHE_SLOTS: usize = 3;
+const CAPACITY: usize = 16;
+
+/// Six tokens scattered over three slots of 16 positions (first and last positions included).
+fn placement() -> TokenPlacement {
+    TokenPlacement {
+        slots: vec![2, 0, 1, 2, 0, 1],
+        positions: vec![5, 0, 15, 6, 9, 3],
+    }
+}
+
+/// kv_cache_write of six tokens into caches of random values; only their rows may change.
+fn check_kv_cache_write(seed: u64, kv_dim: usize, vector_path: bool) {
+    let place = placement();
+    let m = place.slots.len();
+    let mut r = Rand(seed);
+    let cache_len = CACHE_SLOTS * CAPACITY * kv_dim;
+    let (cache_k_start, cache_v_start) = (r.bf16s(cache_len, 1.0), r.bf16s(cache_len, 1.0));
+    let (key, value) = (r.bf16s(m * kv_dim, 1.0), r.bf16s(m * kv_dim, 1.0));
+    let (mut cache_k, mut cache_v) = (cache_k_start.0, cache_v_start.0);
+    let (ckp, cvp) = (cache_k.as_mut_ptr(), cache_v.as_mut_ptr());
+    let (kp, vp) = (key.0.as_ptr(), value.0.as_ptr());
+    let (sp, pp) = (place.slots.as_ptr(), place.positions.as_ptr());
+    let vectorised =
+        kv_dim.is_multiple_of(BF16_VEC) && aligned16(&[addr(ckp), addr(cvp), addr(kp), addr(vp)]);
+    assert_eq!(vectorised, vector_path, "the 128-bit path");
+    launch_as(
+        "kv_cache_write",
+        rows_config(m, kv_dim, vectorised),
+        || unsafe {
+            k::kv_cache_write(
+                ckp,
+                cvp,
+                kp,
+                vp,
+                sp,
+                pp,
+                m as i32,
+                CAPACITY as i32,
+                kv_dim as i32,
+            )
+        },
+    );
+    let (mut k_want, mut v_want) = (cache_k_start.1, cache_v_start.1);
+    cpu::kv_cache_write(&mut k_want, &key.1, &place, CAPACITY, kv_dim);
+    cpu::kv_cache_write(&mut v_want, &value.1, &place, CAPACITY, kv_dim);
+    let what = format!("kv_cache_write (kv_dim {kv_dim})");
+    assert_bits_eq(&format!("{what} keys"), &cache_k, &to_bits(&k_want));
+    assert_bits_eq(&format!("{what} values"), &cache_v, &to_bits(&v_want));
+}
+
+/// kv_dim 2056: 257 vectors, two blocks of columns; kv_dim 300: scalar, two blocks.
+#[test]
+fn kv_cache_write_fills_exactly_the_tokens_rows() {
+    check_kv_cache_write(50, 2056, true);
+    check_kv_cache_write(51, 300, false);
+}
+
+/// kv_cache_gather (always scalar) of six tokens' rows from a cache of random values.
+fn check_kv_cache_gather(seed: u64, kv_dim: usize) {
+    let place = placement();
+    let m = place.slots.len();
+    let mut r = Rand(seed);
+    let dcache = r.bf16s(CACHE_SLOTS * CAPACITY * kv_dim, 1.0);
+    let mut dx = guarded(vec![NAN16; m * kv_dim], NAN16);
+    let (dxp, dcp) = (dx.as_mut_ptr(), dcache.0.as_ptr());
+    let (sp, pp) = (place.slots.as_ptr(), place.positions.as_ptr());
+    launch_as(
+        "kv_cache_gather",
+        rows_config(m, kv_dim, false),
+        || unsafe {
+            k::kv_cache_gather(dxp, dcp, sp, pp, m as i32, CAPACITY as i32, kv_dim as i32)
+        },
+    );
+    let mut want = vec![0.0; m * kv_dim];
+    cpu::kv_cache_gather(&mut want, &dcache.1, &place, CAPACITY, kv_dim);
+    assert_bits_eq(
+        &format!("kv_cache_gather (kv_dim {kv_dim})"),
+        unguarded("kv_cache_gather", &dx, NAN16),
+        &to_bits(&want),
+    );
+}
+
+/// kv_dim 300 (two blocks of 256 columns) and 2056 (nine).
+#[test]
+fn kv_cache_gather_copies_the_tokens_rows() {
+    check_kv_cache_gather(52, 300);
+    check_kv_cache_gather(53, 2056);
+}
+
+/// 300 positions: two blocks of 256, the second partly idle.
+#[test]
+fn advance_positions_adds_one_to_each_position() {
+    let m = 300;
+    let start: Vec<u32> = (0..m as u32).map(|i| (i * 37) % 1000 + 1).collect();
+    let mut positions = guarded(start.clone(), u32::MAX);
+    let p = positions.as_mut_ptr();
+    launch_as("advance_positions", grid_1d(m, 256), || unsafe {
+        k::advance_positions(p, m as i32)
+    });
+    let want: Vec<u32> = start.iter().map(|p| p + 1).collect();
+    assert_bits_eq(
+        "advance_positions",
+        unguarded("advance_positions", &positions, u32::MAX),
+        &want,
+    );
+}
