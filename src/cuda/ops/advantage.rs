@@ -8,7 +8,7 @@ use crate::cuda::launch::{to_i32, KernelCtx};
 use crate::grpo::{AdvantageOptions, Scale, StdKind};
 
 /// Threads of the one block of `group_advantages` (its ADVANTAGE_THREADS).
-const ADVANTAGE_THREADS: u32 = 256;
+pub const ADVANTAGE_THREADS: u32 = 256;
 
 /// out (f32 [n]) = the group-normalised advantages of rewards (f64 [n] on the device).
 pub fn group_advantages(

@@ -22,7 +22,7 @@ fn logprob_block_size(vocab: usize, vec_width: usize) -> u32 {
 
 /// One block per row: grid = (r, 1, 1), block = (logprob_block_size(..), 1, 1); all shared
 /// memory is static (384 bytes).
-pub(super) fn logprob_config(r: usize, vocab: usize, logits_f32: bool) -> LaunchConfig {
+pub fn logprob_config(r: usize, vocab: usize, logits_f32: bool) -> LaunchConfig {
     let vec_width = if logits_f32 { 4 } else { 8 };
     LaunchConfig {
         grid_dim: (r as u32, 1, 1),
@@ -32,7 +32,7 @@ pub(super) fn logprob_config(r: usize, vocab: usize, logits_f32: bool) -> Launch
 }
 
 /// Checks the sizes and the temperature; returns (r, vocab, 1/τ) as the kernel takes them.
-pub(super) fn check_logprob_args(
+pub fn check_logprob_args(
     op: &str,
     r: usize,
     vocab: usize,
