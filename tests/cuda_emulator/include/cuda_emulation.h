@@ -16,7 +16,13 @@
 //   - cp.async (ptx_emulation.h): the destination is poisoned (0xff) when the copy is issued and
 //     written when the issuing thread waits for its group, the earliest and latest moments the
 //     hardware may choose, so reading a tile too early or refilling one still in use reads NaN.
-//   - Memory is plain host memory; no data race between threads is detected beyond that.
+//   - Scheduling (src/runtime.cpp): each warp runs until its lanes wait at __syncthreads or
+//     return, then the next; the warp order alternates between rounds and between blocks, so a
+//     warp gets ahead of the others in either direction and a missing __syncthreads shows as a
+//     stale or poisoned read.
+//   - Memory is plain host memory; no data race between threads is detected beyond that. A
+//     misaligned 16-byte vector access faults (SIGSEGV ends the test binary), as it would on the
+//     GPU, but without a message.
 #pragma once
 
 #define THINKSHORT_EMULATION 1
