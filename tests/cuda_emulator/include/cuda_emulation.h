@@ -21,8 +21,8 @@
 //     warp gets ahead of the others in either direction and a missing __syncthreads shows as a
 //     stale or poisoned read.
 //   - Memory is plain host memory; no data race between threads is detected beyond that. A
-//     misaligned 16-byte vector access faults (SIGSEGV ends the test binary), as it would on the
-//     GPU, but without a message.
+//     misaligned 16-byte vector access faults, as it would on the GPU: the test binary ends
+//     (SIGSEGV) after a line on stderr naming the block and thread.
 #pragma once
 
 #define THINKSHORT_EMULATION 1

@@ -4,6 +4,7 @@
 
 #include "cuda_emulation.h"
 
+#include <signal.h>
 #include <sys/mman.h>
 #include <ucontext.h>
 #include <unistd.h>
@@ -175,6 +176,39 @@ bool run_block(Launch& l, uint3 block_idx, dim3 grid, dim3 block) {
     }
 }
 
+// A memory fault inside a kernel (out of bounds, or a misaligned 16-byte vector access) cannot be
+// turned into a launch error; this names the emulated thread on stderr, then lets the previous
+// handler (or the default action) end the process on the same fault.
+struct sigaction previous_segv, previous_bus;
+
+void append_number(char*& at, unsigned v) {
+    char digits[12];
+    int n = 0;
+    do { digits[n++] = (char)('0' + v % 10); v /= 10; } while (v != 0);
+    while (n > 0) { *at++ = digits[--n]; }
+}
+
+void on_fault(int sig, siginfo_t*, void*) {
+    char message[160];
+    char* at = message;
+    auto text = [&](const char* t) { while (*t != 0) { *at++ = *t++; } };
+    text("cuda emulator: memory fault in a kernel at block (");
+    if (current != nullptr) {
+        append_number(at, current->block_idx.x);
+        text(", ");
+        append_number(at, current->block_idx.y);
+        text(", ");
+        append_number(at, current->block_idx.z);
+        text(") thread ");
+        append_number(at, current->thread_idx.x);
+    } else {
+        text("?)");
+    }
+    text(" (out of bounds, or a misaligned 16-byte access)\n");
+    if (write(STDERR_FILENO, message, (size_t)(at - message)) < 0) {}
+    sigaction(sig, sig == SIGSEGV ? &previous_segv : &previous_bus, nullptr);  // the fault repeats
+}
+
 }  // namespace
 
 const Coords* current = nullptr;
@@ -297,6 +331,11 @@ extern "C" int emu_launch(unsigned grid_x, unsigned grid_y, unsigned grid_z, uns
             l.shared = guard_page - rounded;
             l.shared_bytes = shared_bytes;
             emu::launch_state = &l;
+            struct sigaction fault = {};
+            fault.sa_sigaction = emu::on_fault;
+            fault.sa_flags = SA_SIGINFO;
+            sigaction(SIGSEGV, &fault, &emu::previous_segv);
+            sigaction(SIGBUS, &fault, &emu::previous_bus);
             const dim3 grid{grid_x, grid_y, grid_z}, block{block_x, block_y, block_z};
             for (unsigned z = 0; z < grid_z && message.empty(); z++) {
                 for (unsigned y = 0; y < grid_y && message.empty(); y++) {
@@ -305,6 +344,8 @@ extern "C" int emu_launch(unsigned grid_x, unsigned grid_y, unsigned grid_z, uns
                     }
                 }
             }
+            sigaction(SIGSEGV, &emu::previous_segv, nullptr);
+            sigaction(SIGBUS, &emu::previous_bus, nullptr);
             emu::launch_state = nullptr;
             emu::current = nullptr;
         }
