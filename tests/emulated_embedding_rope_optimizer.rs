@@ -367,32 +367,34 @@ fn copy_rows_launch(rows: usize, dim: usize, out: *const u16, src: *const u16) -
 /// Dims 2056 (128-bit path: 257 vectors, two blocks of x) and 300 (scalar: two blocks of x).
 const COPY_DIMS: [usize; 2] = [2056, 300];
 
+/// embedding_forward of `ids` over a random [vocab, dim] table, launched as the launcher does,
+/// against the CPU: rows copied bit for bit.
+fn check_embedding_forward(what: &str, ids: &[u32], vocab: usize, dim: usize, seed: u64) {
+    let table = Rand(seed).bf16s(vocab * dim, 1.0);
+    let mut out = Bf16Buf::new(&vec![0xffff; ids.len() * dim], false);
+    let o = out.ptr_mut();
+    let cfg = copy_rows_launch(ids.len(), dim, o, table.0.as_ptr());
+    launch(cfg, || unsafe {
+        k::embedding_forward(
+            o,
+            table.0.as_ptr(),
+            ids.as_ptr(),
+            ids.len() as i32,
+            dim as i32,
+        )
+    })
+    .expect("embedding_forward");
+    let mut reference = vec![0.0; ids.len() * dim];
+    cpu::embedding_forward(&mut reference, &table.1, ids, dim);
+    assert_copied(what, out.values(), &reference);
+}
+
 /// embedding_forward over a table of 40 rows, ids repeating and at both ends of the table.
 #[test]
 fn embedding_forward_copies_the_rows_of_the_ids() {
-    let (vocab, ids) = (40, [3u32, 39, 3, 0, 17]);
     for dim in COPY_DIMS {
-        let table = Rand(7).bf16s(vocab * dim, 1.0);
-        let mut out = Bf16Buf::new(&vec![0xffff; ids.len() * dim], false);
-        let o = out.ptr_mut();
-        let cfg = copy_rows_launch(ids.len(), dim, o, table.0.as_ptr());
-        launch(cfg, || unsafe {
-            k::embedding_forward(
-                o,
-                table.0.as_ptr(),
-                ids.as_ptr(),
-                ids.len() as i32,
-                dim as i32,
-            )
-        })
-        .expect("embedding_forward");
-        let mut reference = vec![0.0; ids.len() * dim];
-        cpu::embedding_forward(&mut reference, &table.1, &ids, dim);
-        assert_copied(
-            &format!("embedding_forward dim {dim}"),
-            out.values(),
-            &reference,
-        );
+        let what = format!("embedding_forward dim {dim}");
+        check_embedding_forward(&what, &[3, 39, 3, 0, 17], 40, dim, 7);
     }
 }
 
@@ -470,23 +472,13 @@ fn embedding_forward_loops_over_rows_past_the_grid_limit() {
     let ids: Vec<u32> = (0..MAX_GRID_Y as u32 + 3)
         .map(|r| (r * 7) % vocab)
         .collect();
-    let table = Rand(19).bf16s(vocab as usize * dim, 1.0);
-    let mut out = Bf16Buf::new(&vec![0xffff; ids.len() * dim], false);
-    let o = out.ptr_mut();
-    let cfg = copy_rows_launch(ids.len(), dim, o, table.0.as_ptr());
-    launch(cfg, || unsafe {
-        k::embedding_forward(
-            o,
-            table.0.as_ptr(),
-            ids.as_ptr(),
-            ids.len() as i32,
-            dim as i32,
-        )
-    })
-    .expect("embedding_forward");
-    let mut reference = vec![0.0; ids.len() * dim];
-    cpu::embedding_forward(&mut reference, &table.1, &ids, dim);
-    assert_copied("embedding_forward past grid.y", out.values(), &reference);
+    check_embedding_forward(
+        "embedding_forward past grid.y",
+        &ids,
+        vocab as usize,
+        dim,
+        19,
+    );
 }
 
 /// The launch of a grouped scatter, as `launch_scatter` sizes it.
