@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use thinkshort::backend::{
     Backend, GradWrite, PolicyTokens, TokenPlacement, TrainBackend, POLICY_STATS,
 };
-use thinkshort::cuda::ops::flash_attention::FlashForward;
+use thinkshort::cuda::ops::flash_attention::{FlashBackward, FlashForward};
 use thinkshort::cuda::CudaBackend;
 use thinkshort::grpo::LossOptions;
 use thinkshort::rng::Philox;
@@ -199,7 +199,8 @@ fn matmul(c: &mut Criterion, dev: &CudaBackend) {
 /// Fused causal attention at the FlashAttention benchmark's shapes: 16384 tokens in sequences of
 /// T, 2048 / d heads (multi-head). FLOPs: forward 4·B·H·T²·d / 2 (causal), backward 2.5× that;
 /// tools/bench_attention_torch.py times PyTorch's flash SDPA on the same shapes. The forward is
-/// timed with each fused kernel (64 and 128 query rows per block).
+/// timed with each fused kernel (64 and 128 query rows per block), the backward with each
+/// variant (the dq and dk/dv kernels; the fused kernel).
 fn flash_attention(c: &mut Criterion, dev: &CudaBackend) {
     let mut g = c.benchmark_group("flash_attention");
     for head_dim in [64usize, 128] {
@@ -268,9 +269,16 @@ fn flash_attention(c: &mut Criterion, dev: &CudaBackend) {
                 )
             };
             g.throughput(Throughput::Elements(forward_flops * 5 / 2));
-            g.bench_function(id("backward_flops"), |b| {
-                b.iter_custom(|n| time(dev, n, || backward(&mut dq, &mut dck, &mut dcv)))
-            });
+            for (what, variant) in [
+                ("backward_flops", FlashBackward::Split),
+                ("backward_fused_flops", FlashBackward::Fused),
+            ] {
+                let previous = dev.set_flash_backward(variant);
+                g.bench_function(id(what), |b| {
+                    b.iter_custom(|n| time(dev, n, || backward(&mut dq, &mut dck, &mut dcv)))
+                });
+                dev.set_flash_backward(previous);
+            }
         }
     }
     g.finish();

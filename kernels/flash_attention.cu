@@ -33,6 +33,10 @@
 //                                    the group: dV += P^T dO, dK += scale * dS^T Q, added to the
 //                                    bf16 gradient caches. Each key row has one owner: no atomics,
 //                                    and the result does not depend on scheduling.
+//   flash_attention_backward_fused_d{D} the dk/dv kernel that also computes dq (5 products instead
+//                                    of the dq and dk/dv kernels' 7): dS goes through shared
+//                                    memory, dq = scale * dS K is summed in f32 over the key tiles
+//                                    in key order (see below), then converted to bf16.
 
 #include "common.cuh"
 #include "mma.cuh"
@@ -45,6 +49,8 @@
 #define DQ_KEYS 32         // keys per step of the dq kernel (fewer: it holds two score tiles)
 #define KV_KEYS 64         // keys per block of the dk/dv kernel, 16 per warp
 #define KV_QUERIES 16      // queries per inner step of the dk/dv kernel
+#define DS_STRIDE (FLASH_ROWS + TILE_PAD)  // bf16 per row of the fused kernel's dS^T tile
+#define MAX_TURN_SPINS (1 << 26)  // polls of a dq turn before the fused kernel gives up (trap)
 
 static_assert(FLASH_ROWS == 16 * (FLASH_THREADS / WARP_SIZE), "one 16-row slab per warp");
 static_assert(KV_KEYS == 16 * (FLASH_THREADS / WARP_SIZE), "one 16-key slab per warp");
@@ -358,15 +364,99 @@ __device__ __forceinline__ void flash_backward_dq(__nv_bfloat16* dq, const __nv_
 }
 
 // ----------------------------------------------------------------------------
-// backward: dk, dv
+// backward: dk, dv (and dq, fused)
 //
 // A key tile is uint4 (first key, key count, first query tile, end query tile): keys first key ..
 // + key count of the slot whose query tiles are tiles[first .. end) (the host sorts the tiles by
 // slot). Warp w owns keys 16w..16w+16 of the block and computes the transposed products, keys as
 // rows: S^T = K Q^T, dP^T = V dO^T, then dV += P^T dO and dK += dS^T Q.
+//
+// FUSED: dq of a query tile is also the sum over key tiles of scale * dS K. The block puts its
+// dS^T [KV_KEYS keys, FLASH_ROWS queries] in shared memory, then warp w computes rows 16w..16w+16
+// of scale * dS K [FLASH_ROWS, D] and adds them to the tile's rows of `dq_acc` (f32 [m, q_dim];
+// the host converts it to bf16 dq after the kernel). The key tiles of a slot take turns per
+// (query tile, head) in key order, counted in `turns` (zero at launch): key tile r (keys
+// 64r..64r+64) waits until turns[] == r, adds, and passes the turn on. So every dq element is the
+// same sum in the same order on every run, key tile 0's part stored (no zeroing of dq_acc), the
+// others added. The host orders the blocks by r (key tile r - 1 of a slot has a lower block index
+// than key tile r), and blocks start in index order, so the tile a block waits for has started;
+// each block does its query tiles in the same order, so a wait lasts about one query tile's work
+// at most (none once the tiles before have finished).
 
+// A fragment of the 16x16 block of A = the TRANSPOSE of a row-major tile, at A rows row0 and
+// columns col0: A[i][k] = tile[col0 + k][row0 + i]. M0..M3 = a[0..3] are the transposed 8x8
+// blocks at tile (rows, cols) (+0, +0), (+0, +8), (+8, +0), (+8, +8).
+__device__ __forceinline__ void load_a_transposed(uint32_t a[4], const __nv_bfloat16* tile, int stride,
+                                                  int row0, int col0, int lane) {
+    const int i = lane / 8, r = lane % 8;
+    ldmatrix_x4_trans(a, tile + (col0 + (i / 2) * 8 + r) * stride + row0 + (i % 2) * 8);
+}
+
+// Waits (thread 0 polling, then the block) until `turn` holds `value`; traps after
+// MAX_TURN_SPINS polls, which only a broken block order could cause.
+__device__ __forceinline__ void wait_for_turn(const int* turn, int value) {
+    if (threadIdx.x == 0) {
+        int spins = 0;
+        while (*reinterpret_cast<const volatile int*>(turn) != value) {
+            if (++spins > MAX_TURN_SPINS) { __trap(); }
+        }
+        __threadfence();  // the previous tile's dq_acc writes are visible from here on
+    }
+    __syncthreads();
+}
+
+// Publishes this block's writes, then hands the turn to the next key tile.
+__device__ __forceinline__ void pass_turn(int* turn) {
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) { atomicAdd(turn, 1); }
+}
+
+// rows 16 * warp .. + 16 of scale * dS K over this key tile's keys into the query tile's rows of
+// dq_acc: stored by the first key tile, added (fire-and-forget reductions in L2) by the others.
 template <int D>
-__device__ __forceinline__ void flash_backward_dkdv(__nv_bfloat16* dcache_k, __nv_bfloat16* dcache_v,
+__device__ __forceinline__ void add_dq_of_key_tile(float* dq_acc, const __nv_bfloat16* ds_s,
+                                                   const __nv_bfloat16* k_s, size_t first, int q_dim,
+                                                   int count, bool first_turn, float scale, int warp,
+                                                   int lane) {
+    constexpr int S = D + TILE_PAD;
+    const int g = lane / 4, t = lane % 4;
+    if (warp * 16 >= count) { return; }  // padding rows only
+    uint32_t a[KV_KEYS / 16][4];  // dS [16 queries, KV_KEYS keys] from the dS^T tile
+#pragma unroll
+    for (int kk = 0; kk < KV_KEYS / 16; kk++) { load_a_transposed(a[kk], ds_s, DS_STRIDE, warp * 16, kk * 16, lane); }
+#pragma unroll
+    for (int dn = 0; dn < D / 8; dn += 2) {
+        float acc[2][4] = {};  // [16, 16]: columns dn * 8 .. + 16
+#pragma unroll
+        for (int kk = 0; kk < KV_KEYS / 16; kk++) {
+            uint32_t b[2][2];
+            load_b_x2(b, k_s, S, kk * 16, dn * 8, lane);
+            mma_m16n8k16(acc[0], a[kk], b[0]);
+            mma_m16n8k16(acc[1], a[kk], b[1]);
+        }
+#pragma unroll
+        for (int j = 0; j < 2; j++) {
+#pragma unroll
+            for (int half = 0; half < 2; half++) {
+                const int row = warp * 16 + g + 8 * half;
+                if (row >= count) { continue; }
+                float* at = dq_acc + first + (size_t)row * q_dim + (dn + j) * 8 + 2 * t;
+                const float x = acc[j][2 * half] * scale, y = acc[j][2 * half + 1] * scale;
+                if (first_turn) {
+                    __stcg(reinterpret_cast<float2*>(at), make_float2(x, y));
+                } else {
+                    atomicAdd(at, x);
+                    atomicAdd(at + 1, y);
+                }
+            }
+        }
+    }
+}
+
+template <int D, bool FUSED>
+__device__ __forceinline__ void flash_backward_dkdv(float* dq_acc, int* turns,
+                                                    __nv_bfloat16* dcache_k, __nv_bfloat16* dcache_v,
                                                     const __nv_bfloat16* dout, const float* lse,
                                                     const float* dsum, const __nv_bfloat16* q,
                                                     const __nv_bfloat16* cache_k, const __nv_bfloat16* cache_v,
@@ -380,12 +470,15 @@ __device__ __forceinline__ void flash_backward_dkdv(__nv_bfloat16* dcache_k, __n
     __nv_bfloat16* do_s = q_s + FLASH_ROWS * S;                     // [FLASH_ROWS][S]
     float* lse_s = reinterpret_cast<float*>(do_s + FLASH_ROWS * S); // [FLASH_ROWS], log2 units
     float* dsum_s = lse_s + FLASH_ROWS;                             // [FLASH_ROWS]
+    __nv_bfloat16* ds_s = reinterpret_cast<__nv_bfloat16*>(dsum_s + FLASH_ROWS);  // FUSED: [KV_KEYS][DS_STRIDE]
 
-    const uint4 kt = key_tiles[blockIdx.x];
+    // the fused kernel's grid is 1-D, key tile major (the block order its turns rely on)
+    const int key_tile = FUSED ? blockIdx.x / n_kv_heads : blockIdx.x;
+    const int kvh = FUSED ? blockIdx.x % n_kv_heads : blockIdx.y;
+    const uint4 kt = key_tiles[key_tile];
     const int first_key = (int)kt.x, key_count = (int)kt.y;
     const int tiles_begin = (int)kt.z, tiles_end = (int)kt.w;
     const int slot = read_tile(tiles, tiles_begin).slot;
-    const int kvh = blockIdx.y;
     const int group = n_heads / n_kv_heads;
     const int q_dim = n_heads * D, kv_dim = n_kv_heads * D;
     const int warp = threadIdx.x / WARP_SIZE, lane = threadIdx.x % WARP_SIZE;
@@ -408,7 +501,7 @@ __device__ __forceinline__ void flash_backward_dkdv(__nv_bfloat16* dcache_k, __n
             const QueryTile tile = read_tile(tiles, ti);
             if (tile.first_pos + tile.count <= first_key) { continue; }  // sees none of these keys
             const size_t first = (size_t)tile.first_token * q_dim + h * D;
-            __syncthreads();  // the previous tile's reads of q_s, do_s are done
+            __syncthreads();  // the previous tile's reads of q_s, do_s (and ds_s) are done
             load_tile_async<D, FLASH_ROWS>(q_s, q + first, q_dim, tile.count);
             load_tile_async<D, FLASH_ROWS>(do_s, dout + first, q_dim, tile.count);
             copy_async_commit();
@@ -451,6 +544,14 @@ __device__ __forceinline__ void flash_backward_dkdv(__nv_bfloat16* dcache_k, __n
                 uint32_t pa[4], dsa[4];
                 accumulators_to_a(pa, p[0], p[1]);
                 accumulators_to_a(dsa, dp[0], dp[1]);
+                if constexpr (FUSED) {
+                    // dS^T as bf16 (the operand dk uses too): rows g and g + 8 of the warp's keys
+                    __nv_bfloat16* ds_rows = ds_s + (warp * 16 + g) * DS_STRIDE + c0 + 2 * t;
+                    *reinterpret_cast<uint32_t*>(ds_rows) = dsa[0];
+                    *reinterpret_cast<uint32_t*>(ds_rows + 8 * DS_STRIDE) = dsa[1];
+                    *reinterpret_cast<uint32_t*>(ds_rows + 8) = dsa[2];
+                    *reinterpret_cast<uint32_t*>(ds_rows + 8 * DS_STRIDE + 8) = dsa[3];
+                }
                 for (int dn = 0; dn < D / 8; dn += 2) {
                     uint32_t b[2][2];
                     load_b_x2(b, do_s, S, c0, dn * 8, lane);
@@ -460,6 +561,18 @@ __device__ __forceinline__ void flash_backward_dkdv(__nv_bfloat16* dcache_k, __n
                     mma_m16n8k16(dk[dn], dsa, b[0]);
                     mma_m16n8k16(dk[dn + 1], dsa, b[1]);
                 }
+            }
+
+            if constexpr (FUSED) {
+                // (the dS^T columns of queries past the last 16-query step are not written: the
+                // warps whose dq rows they are skip the product)
+                const int rank = first_key / KV_KEYS;
+                int* turn = turns + (size_t)ti * n_heads + h;
+                __syncthreads();  // the whole dS^T tile is in shared memory
+                wait_for_turn(turn, rank);
+                add_dq_of_key_tile<D>(dq_acc, ds_s, k_s, first, q_dim, tile.count, rank == 0, scale,
+                                      warp, lane);
+                pass_turn(turn);
             }
         }
     }
@@ -507,8 +620,18 @@ __device__ __forceinline__ void flash_backward_dkdv(__nv_bfloat16* dcache_k, __n
         const float* dsum, const __nv_bfloat16* q, const __nv_bfloat16* cache_k,                       \
         const __nv_bfloat16* cache_v, const uint4* tiles, const uint4* key_tiles, int capacity,        \
         int n_heads, int n_kv_heads, float scale) {                                                    \
-        flash_backward_dkdv<D>(dcache_k, dcache_v, dout, lse, dsum, q, cache_k, cache_v, tiles,        \
-                               key_tiles, capacity, n_heads, n_kv_heads, scale);                       \
+        flash_backward_dkdv<D, false>(nullptr, nullptr, dcache_k, dcache_v, dout, lse, dsum, q,       \
+                                      cache_k, cache_v, tiles, key_tiles, capacity, n_heads,           \
+                                      n_kv_heads, scale);                                              \
+    }                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(FLASH_THREADS, 1) flash_attention_backward_fused_d##D( \
+        float* dq_acc, int* turns, __nv_bfloat16* dcache_k, __nv_bfloat16* dcache_v,                  \
+        const __nv_bfloat16* dout, const float* lse, const float* dsum, const __nv_bfloat16* q,        \
+        const __nv_bfloat16* cache_k, const __nv_bfloat16* cache_v, const uint4* tiles,               \
+        const uint4* key_tiles, int capacity, int n_heads, int n_kv_heads, float scale) {              \
+        flash_backward_dkdv<D, true>(dq_acc, turns, dcache_k, dcache_v, dout, lse, dsum, q,            \
+                                     cache_k, cache_v, tiles, key_tiles, capacity, n_heads,            \
+                                     n_kv_heads, scale);                                               \
     }
 
 FLASH_ENTRY_POINTS(32)

@@ -10,14 +10,14 @@ mod emulation_support;
 use cuda_emulator::{launch, Launch};
 use emulation_support::{assert_close, to_bits, to_f32, Rand};
 use thinkshort::backend::{cpu, TokenPlacement};
-use thinkshort::cuda::attention_plan::{wide_query_tiles, AttentionPlan};
+use thinkshort::cuda::attention_plan::{wide_query_tiles, AttentionPlan, KEY_TILE_ROWS};
 use thinkshort::cuda::ops::flash_attention::FlashForward;
 use thinkshort::cuda::ops::{decode_attention as decode, flash_attention as flash};
 
 /// Entry points of kernels/flash_attention.cu and kernels/decode_attention.cu (bf16 = u16).
 mod k {
     macro_rules! flash_kernels {
-        ($fwd:ident, $wide:ident, $dq:ident, $dkdv:ident) => {
+        ($fwd:ident, $wide:ident, $dq:ident, $dkdv:ident, $fused:ident) => {
             extern "C" {
                 pub fn $fwd(
                     out: *mut u16,
@@ -57,6 +57,24 @@ mod k {
                     n_kv_heads: i32,
                     scale: f32,
                 );
+                pub fn $fused(
+                    dq_acc: *mut f32,
+                    turns: *mut i32,
+                    dcache_k: *mut u16,
+                    dcache_v: *mut u16,
+                    dout: *const u16,
+                    lse: *const f32,
+                    dsum: *const f32,
+                    q: *const u16,
+                    cache_k: *const u16,
+                    cache_v: *const u16,
+                    tiles: *const u32,
+                    key_tiles: *const u32,
+                    capacity: i32,
+                    n_heads: i32,
+                    n_kv_heads: i32,
+                    scale: f32,
+                );
                 pub fn $dkdv(
                     dcache_k: *mut u16,
                     dcache_v: *mut u16,
@@ -80,19 +98,22 @@ mod k {
         flash_attention_forward_d32,
         flash_attention_forward_wide_d32,
         flash_attention_backward_dq_d32,
-        flash_attention_backward_dkdv_d32
+        flash_attention_backward_dkdv_d32,
+        flash_attention_backward_fused_d32
     );
     flash_kernels!(
         flash_attention_forward_d64,
         flash_attention_forward_wide_d64,
         flash_attention_backward_dq_d64,
-        flash_attention_backward_dkdv_d64
+        flash_attention_backward_dkdv_d64,
+        flash_attention_backward_fused_d64
     );
     flash_kernels!(
         flash_attention_forward_d128,
         flash_attention_forward_wide_d128,
         flash_attention_backward_dq_d128,
-        flash_attention_backward_dkdv_d128
+        flash_attention_backward_dkdv_d128,
+        flash_attention_backward_fused_d128
     );
 
     extern "C" {
@@ -281,6 +302,35 @@ type FlashDkdv = unsafe extern "C" fn(
     f32,
 );
 
+type FlashFused = unsafe extern "C" fn(
+    *mut f32,
+    *mut i32,
+    *mut u16,
+    *mut u16,
+    *const u16,
+    *const f32,
+    *const f32,
+    *const u16,
+    *const u16,
+    *const u16,
+    *const u32,
+    *const u32,
+    i32,
+    i32,
+    i32,
+    f32,
+);
+
+/// The fused backward of head dim d.
+fn fused_backward_kernel(d: usize) -> FlashFused {
+    match d {
+        32 => k::flash_attention_backward_fused_d32,
+        64 => k::flash_attention_backward_fused_d64,
+        128 => k::flash_attention_backward_fused_d128,
+        _ => panic!("no fused kernel for head dim {d}"),
+    }
+}
+
 /// (forward, wide forward, dq, dk/dv) of head dim d.
 fn flash_kernels(d: usize) -> (FlashForwardFn, FlashForwardFn, FlashDq, FlashDkdv) {
     match d {
@@ -392,160 +442,247 @@ fn flash_forward_group_of_seven_matches_the_cpu_d32() {
     check_flash_forward(&Problem::new(3, (7, 1, 32), 48, &[(0, 0, 33)]));
 }
 
-/// dq, dK, dV of the three backward kernels (dot, dq, dk/dv) from the CPU forward's out and lse,
-/// the gradient caches starting from random values (the kernel adds to them).
-fn check_flash_backward(p: &Problem, seed: u64) {
-    let plan = AttentionPlan::new(&p.place);
-    let (_, _, dq_kernel, dkdv_kernel) = flash_kernels(p.d);
-    let (m, q_len, cache_len) = (p.m(), p.m() * p.heads * p.d, p.cache_k.0.len());
-    let mut r = Rand(seed);
-    let dout = r.bf16s(q_len, 1.0);
-    let dk_start = r.bf16s(cache_len, 0.1);
-    let dv_start = r.bf16s(cache_len, 0.1);
-    let (out_ref, lse_ref) = p.forward_reference();
-    let out_bits = to_bits(&out_ref);
-    let out_rounded = to_f32(&out_bits);
+/// dq (bf16 bits, or the fused kernel's f32), dK, dV (bf16 bits).
+type Grads<Dq> = (Vec<Dq>, Vec<u16>, Vec<u16>);
 
-    // dsum = rowsum(dout * out): one warp per row
-    let rows = m * p.heads;
-    let mut dsum = vec![f32::NAN; rows];
-    let ds = dsum.as_mut_ptr();
-    let warps_per_block = flash::FLASH_THREADS as usize / 32;
-    let cfg = Launch {
-        grid: (rows.div_ceil(warps_per_block) as u32, 1, 1),
-        block: flash_block(),
-        shared_bytes: 0,
-    };
-    launch(cfg, || unsafe {
-        k::flash_attention_backward_dot(
-            ds,
-            dout.0.as_ptr(),
-            out_bits.as_ptr(),
-            rows as i32,
-            p.d as i32,
-        )
-    })
-    .expect("flash_attention_backward_dot");
+/// A backward problem: the forward's output and log-sum-exp (CPU), dout, and the gradient caches'
+/// start values (the kernels add to them), with dsum from flash_attention_backward_dot.
+struct Backward {
+    plan: AttentionPlan,
+    dout: (Vec<u16>, Vec<f32>),
+    out: (Vec<u16>, Vec<f32>),
+    lse: Vec<f32>,
+    dsum: Vec<f32>,
+    dk_start: (Vec<u16>, Vec<f32>),
+    dv_start: (Vec<u16>, Vec<f32>),
+}
 
-    let mut dq = vec![0xffffu16; q_len];
-    let dqp = dq.as_mut_ptr();
-    let cfg = Launch {
-        grid: (plan.num_query_tiles() as u32, p.heads as u32, 1),
-        block: flash_block(),
-        shared_bytes: flash::dq_shared_bytes(p.d) as usize,
-    };
-    launch(cfg, || unsafe {
-        dq_kernel(
-            dqp,
-            dout.0.as_ptr(),
-            lse_ref.as_ptr(),
-            dsum.as_ptr(),
-            p.q.0.as_ptr(),
-            p.cache_k.0.as_ptr(),
-            p.cache_v.0.as_ptr(),
-            plan.query_tiles.as_ptr(),
-            p.capacity as i32,
-            p.heads as i32,
-            p.kv_heads as i32,
-            p.scale(),
-        )
-    })
-    .unwrap_or_else(|e| panic!("flash_attention_backward_dq_d{}: {e}", p.d));
+impl Backward {
+    fn new(p: &Problem, seed: u64) -> Self {
+        let (m, q_len, cache_len) = (p.m(), p.m() * p.heads * p.d, p.cache_k.0.len());
+        let mut r = Rand(seed);
+        let dout = r.bf16s(q_len, 1.0);
+        let dk_start = r.bf16s(cache_len, 0.1);
+        let dv_start = r.bf16s(cache_len, 0.1);
+        let (out_ref, lse) = p.forward_reference();
+        let out_bits = to_bits(&out_ref);
+        let out = (out_bits.clone(), to_f32(&out_bits));
 
-    let (mut dk, mut dv) = (dk_start.0.clone(), dv_start.0.clone());
-    let (dkp, dvp) = (dk.as_mut_ptr(), dv.as_mut_ptr());
-    let cfg = Launch {
-        grid: (plan.num_key_tiles() as u32, p.kv_heads as u32, 1),
-        block: flash_block(),
-        shared_bytes: flash::dkdv_shared_bytes(p.d) as usize,
-    };
-    launch(cfg, || unsafe {
-        dkdv_kernel(
-            dkp,
-            dvp,
-            dout.0.as_ptr(),
-            lse_ref.as_ptr(),
-            dsum.as_ptr(),
-            p.q.0.as_ptr(),
-            p.cache_k.0.as_ptr(),
-            p.cache_v.0.as_ptr(),
-            plan.query_tiles.as_ptr(),
-            plan.key_tiles.as_ptr(),
-            p.capacity as i32,
-            p.heads as i32,
-            p.kv_heads as i32,
-            p.scale(),
-        )
-    })
-    .unwrap_or_else(|e| panic!("flash_attention_backward_dkdv_d{}: {e}", p.d));
+        // dsum = rowsum(dout * out): one warp per row
+        let rows = m * p.heads;
+        let mut dsum = vec![f32::NAN; rows];
+        let ds = dsum.as_mut_ptr();
+        let warps_per_block = flash::FLASH_THREADS as usize / 32;
+        let cfg = Launch {
+            grid: (rows.div_ceil(warps_per_block) as u32, 1, 1),
+            block: flash_block(),
+            shared_bytes: 0,
+        };
+        launch(cfg, || unsafe {
+            k::flash_attention_backward_dot(
+                ds,
+                dout.0.as_ptr(),
+                out_bits.as_ptr(),
+                rows as i32,
+                p.d as i32,
+            )
+        })
+        .expect("flash_attention_backward_dot");
+        let dsum_ref: Vec<f32> = dout
+            .1
+            .chunks(p.d)
+            .zip(out.1.chunks(p.d))
+            .map(|(a, b)| a.iter().zip(b).map(|(x, y)| x * y).sum())
+            .collect();
+        assert_close("flash backward dsum", &dsum, &dsum_ref);
+        Backward {
+            plan: AttentionPlan::new(&p.place),
+            dout,
+            out,
+            lse,
+            dsum,
+            dk_start,
+            dv_start,
+        }
+    }
 
-    let mut dq_ref = vec![0.0; q_len];
-    let (mut dk_ref, mut dv_ref) = (dk_start.1.clone(), dv_start.1.clone());
-    cpu::attention_backward(
-        &mut dq_ref,
-        &mut dk_ref,
-        &mut dv_ref,
-        &dout.1,
-        &out_rounded,
-        &lse_ref,
-        &p.q.1,
-        &p.cache_k.1,
-        &p.cache_v.1,
-        &p.place,
-        p.capacity,
-        p.heads,
-        p.kv_heads,
-        p.d,
-    );
-    let dsum_ref: Vec<f32> = dout
-        .1
-        .chunks(p.d)
-        .zip(out_rounded.chunks(p.d))
-        .map(|(a, b)| a.iter().zip(b).map(|(x, y)| x * y).sum())
-        .collect();
-    assert_close("flash backward dsum", &dsum, &dsum_ref);
-    assert_close(
-        &format!("flash backward d{} dq", p.d),
-        &to_f32(&dq),
-        &dq_ref,
-    );
-    assert_close(
-        &format!("flash backward d{} dk", p.d),
-        &to_f32(&dk),
-        &dk_ref,
-    );
-    assert_close(
-        &format!("flash backward d{} dv", p.d),
-        &to_f32(&dv),
-        &dv_ref,
-    );
-    // rows of the gradient caches no query attends to keep their start values exactly
-    let kv_dim = p.kv_heads * p.d;
-    let last_seen: Vec<usize> = (0..p.cache_k.0.len() / (p.capacity * kv_dim))
-        .map(|s| {
-            p.place
-                .slots
-                .iter()
-                .zip(&p.place.positions)
+    /// (dq, dK, dV) of the dq kernel then the dk/dv kernel, launched as the launcher does.
+    fn split(&self, p: &Problem) -> Grads<u16> {
+        let (_, _, dq_kernel, dkdv_kernel) = flash_kernels(p.d);
+        let plan = &self.plan;
+        let mut dq = vec![0xffffu16; p.m() * p.heads * p.d];
+        let dqp = dq.as_mut_ptr();
+        let cfg = Launch {
+            grid: (plan.num_query_tiles() as u32, p.heads as u32, 1),
+            block: flash_block(),
+            shared_bytes: flash::dq_shared_bytes(p.d) as usize,
+        };
+        launch(cfg, || unsafe {
+            dq_kernel(
+                dqp,
+                self.dout.0.as_ptr(),
+                self.lse.as_ptr(),
+                self.dsum.as_ptr(),
+                p.q.0.as_ptr(),
+                p.cache_k.0.as_ptr(),
+                p.cache_v.0.as_ptr(),
+                plan.query_tiles.as_ptr(),
+                p.capacity as i32,
+                p.heads as i32,
+                p.kv_heads as i32,
+                p.scale(),
+            )
+        })
+        .unwrap_or_else(|e| panic!("flash_attention_backward_dq_d{}: {e}", p.d));
+
+        let (mut dk, mut dv) = (self.dk_start.0.clone(), self.dv_start.0.clone());
+        let (dkp, dvp) = (dk.as_mut_ptr(), dv.as_mut_ptr());
+        let cfg = Launch {
+            grid: (plan.num_key_tiles() as u32, p.kv_heads as u32, 1),
+            block: flash_block(),
+            shared_bytes: flash::dkdv_shared_bytes(p.d) as usize,
+        };
+        launch(cfg, || unsafe {
+            dkdv_kernel(
+                dkp,
+                dvp,
+                self.dout.0.as_ptr(),
+                self.lse.as_ptr(),
+                self.dsum.as_ptr(),
+                p.q.0.as_ptr(),
+                p.cache_k.0.as_ptr(),
+                p.cache_v.0.as_ptr(),
+                plan.query_tiles.as_ptr(),
+                plan.key_tiles.as_ptr(),
+                p.capacity as i32,
+                p.heads as i32,
+                p.kv_heads as i32,
+                p.scale(),
+            )
+        })
+        .unwrap_or_else(|e| panic!("flash_attention_backward_dkdv_d{}: {e}", p.d));
+        (dq, dk, dv)
+    }
+
+    /// (dq_acc, dK, dV) of the fused kernel over `key_tiles` (the plan's, unless a test changes
+    /// their order), launched as the launcher does: 1-D grid, key tile major, turns zeroed.
+    fn fused(&self, p: &Problem, key_tiles: &[u32]) -> Result<Grads<f32>, String> {
+        let plan = &self.plan;
+        let mut dq_acc = vec![f32::NAN; p.m() * p.heads * p.d];
+        let mut turns = vec![0i32; plan.num_query_tiles() * p.heads];
+        let (mut dk, mut dv) = (self.dk_start.0.clone(), self.dv_start.0.clone());
+        let (accp, turnp, dkp, dvp) = (
+            dq_acc.as_mut_ptr(),
+            turns.as_mut_ptr(),
+            dk.as_mut_ptr(),
+            dv.as_mut_ptr(),
+        );
+        let cfg = Launch {
+            grid: ((key_tiles.len() / 4 * p.kv_heads) as u32, 1, 1),
+            block: flash_block(),
+            shared_bytes: flash::fused_backward_shared_bytes(p.d) as usize,
+        };
+        let kernel = fused_backward_kernel(p.d);
+        launch(cfg, || unsafe {
+            kernel(
+                accp,
+                turnp,
+                dkp,
+                dvp,
+                self.dout.0.as_ptr(),
+                self.lse.as_ptr(),
+                self.dsum.as_ptr(),
+                p.q.0.as_ptr(),
+                p.cache_k.0.as_ptr(),
+                p.cache_v.0.as_ptr(),
+                plan.query_tiles.as_ptr(),
+                key_tiles.as_ptr(),
+                p.capacity as i32,
+                p.heads as i32,
+                p.kv_heads as i32,
+                p.scale(),
+            )
+        })?;
+        // every key tile of a slot took its turn on every (query tile, head) it sees
+        for (i, &turn) in turns.iter().enumerate() {
+            let tile = &plan.query_tiles[i / p.heads * 4..][..4];
+            let seen = (tile[3] + tile[1]).div_ceil(KEY_TILE_ROWS as u32);
+            assert_eq!(
+                turn as u32,
+                seen,
+                "turns of query tile {} head {}",
+                i / p.heads,
+                i % p.heads
+            );
+        }
+        Ok((dq_acc, dk, dv))
+    }
+
+    /// dq, dK, dV of the CPU reference.
+    fn reference(&self, p: &Problem) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let mut dq = vec![0.0; p.m() * p.heads * p.d];
+        let (mut dk, mut dv) = (self.dk_start.1.clone(), self.dv_start.1.clone());
+        cpu::attention_backward(
+            &mut dq,
+            &mut dk,
+            &mut dv,
+            &self.dout.1,
+            &self.out.1,
+            &self.lse,
+            &p.q.1,
+            &p.cache_k.1,
+            &p.cache_v.1,
+            &p.place,
+            p.capacity,
+            p.heads,
+            p.kv_heads,
+            p.d,
+        );
+        (dq, dk, dv)
+    }
+
+    /// The kernels' dq, dK, dV against the CPU; rows of the gradient caches no query attends to
+    /// keep their start values exactly.
+    fn check(&self, p: &Problem, what: &str, dq: &[f32], dk: &[u16], dv: &[u16]) {
+        let (dq_ref, dk_ref, dv_ref) = self.reference(p);
+        assert_close(&format!("{what} d{} dq", p.d), dq, &dq_ref);
+        assert_close(&format!("{what} d{} dk", p.d), &to_f32(dk), &dk_ref);
+        assert_close(&format!("{what} d{} dv", p.d), &to_f32(dv), &dv_ref);
+        let kv_dim = p.kv_heads * p.d;
+        for s in 0..p.cache_k.0.len() / (p.capacity * kv_dim) {
+            let seen = (p.place.slots.iter().zip(&p.place.positions))
                 .filter(|(&slot, _)| slot as usize == s)
                 .map(|(_, &pos)| pos as usize + 1)
                 .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    for (s, &seen) in last_seen.iter().enumerate() {
-        let unseen = (s * p.capacity + seen) * kv_dim..(s + 1) * p.capacity * kv_dim;
-        assert_eq!(
-            dk[unseen.clone()],
-            dk_start.0[unseen.clone()],
-            "dk beyond the keys of slot {s}"
-        );
-        assert_eq!(
-            dv[unseen.clone()],
-            dv_start.0[unseen],
-            "dv beyond the keys of slot {s}"
-        );
+                .unwrap_or(0);
+            let unseen = (s * p.capacity + seen) * kv_dim..(s + 1) * p.capacity * kv_dim;
+            assert_eq!(
+                dk[unseen.clone()],
+                self.dk_start.0[unseen.clone()],
+                "{what}: dk beyond the keys of slot {s}"
+            );
+            assert_eq!(
+                dv[unseen.clone()],
+                self.dv_start.0[unseen],
+                "{what}: dv beyond the keys of slot {s}"
+            );
+        }
     }
+}
+
+/// Both backward variants against the CPU: the dq and dk/dv kernels, and the fused kernel (its
+/// f32 dq before the launcher's conversion to bf16).
+fn check_flash_backward(p: &Problem, seed: u64) {
+    let b = Backward::new(p, seed);
+    let (dq, dk, dv) = b.split(p);
+    b.check(p, "flash backward", &to_f32(&dq), &dk, &dv);
+    let (dq_acc, dk_fused, dv_fused) = b
+        .fused(p, &b.plan.key_tiles)
+        .unwrap_or_else(|e| panic!("flash_attention_backward_fused_d{}: {e}", p.d));
+    b.check(p, "fused flash backward", &dq_acc, &dk_fused, &dv_fused);
+    // the same dS products and roundings as the dk/dv kernel
+    assert_eq!(dk_fused, dk, "fused dk is the dk/dv kernel's");
+    assert_eq!(dv_fused, dv, "fused dv is the dk/dv kernel's");
 }
 
 #[test]
@@ -567,6 +704,28 @@ fn flash_backward_chunk_after_a_prefix_matches_the_cpu_d128() {
 #[test]
 fn flash_backward_group_of_seven_matches_the_cpu_d32() {
     check_flash_backward(&Problem::new(6, (7, 1, 32), 48, &[(0, 0, 33)]), 60);
+}
+
+#[test]
+fn flash_backward_of_several_key_tiles_per_query_tile_matches_the_cpu_d64() {
+    // slot 1: 230 tokens (4 query and 4 key tiles: up to 4 turns per query tile), slot 0: 70
+    check_flash_backward(
+        &Problem::new(7, (4, 2, 64), 240, &[(1, 0, 230), (0, 0, 70)]),
+        70,
+    );
+}
+
+#[test]
+fn fused_backward_traps_when_a_key_tile_would_add_out_of_turn() {
+    // key tile 1 (keys 64..130) ahead of key tile 0 in block order: its turn never comes while
+    // it waits, and the kernel must trap rather than add first
+    let p = Problem::new(8, (2, 1, 32), 130, &[(0, 0, 130)]);
+    let b = Backward::new(&p, 80);
+    let tiles = &b.plan.key_tiles;
+    assert_eq!(tiles.len(), 3 * 4);
+    let swapped: Vec<u32> = [&tiles[4..8], &tiles[0..4], &tiles[8..12]].concat();
+    let e = b.fused(&p, &swapped).map(|_| ()).unwrap_err();
+    assert!(e.contains("__trap"), "{e}");
 }
 
 /// Decode attention (one token per sequence) with `split_keys` keys per split: the fp32 or the

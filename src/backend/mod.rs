@@ -519,6 +519,17 @@ pub trait TrainBackend: Backend {
         head_dim: usize,
     );
 
+    /// The kernels `attention_backward` can run with, where there is a choice (CUDA: "split",
+    /// "fused"); selfcheck checks each. Empty: one way only.
+    fn attention_backward_variants(&self) -> &'static [&'static str] {
+        &[]
+    }
+    /// Makes `attention_backward` run the named variant (one of `attention_backward_variants`);
+    /// returns the previous one.
+    fn set_attention_backward_variant(&self, name: &str) -> Result<&'static str> {
+        anyhow::bail!("this backend has no attention backward variant {name:?}")
+    }
+
     /// dgate, dup overwritten.  All [M, I].
     fn swiglu_backward(
         &self,

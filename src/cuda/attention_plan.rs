@@ -2,9 +2,11 @@
 //!
 //! A query tile is up to `QUERY_TILE_ROWS` tokens of one slot that sit at consecutive batch rows
 //! and consecutive positions: a prefill chunk, or a whole training sequence in pieces. A key tile
-//! is up to `KEY_TILE_ROWS` cache positions of one slot, for the dK/dV kernel, which also needs
-//! the range of query tiles of that slot (the tiles are sorted by slot for that). The wide forward
-//! kernel takes tiles of up to `WIDE_QUERY_TILE_ROWS` instead ([`wide_query_tiles`]).
+//! is up to `KEY_TILE_ROWS` cache positions of one slot, for the dK/dV kernels, which also need
+//! the range of query tiles of that slot (the tiles are sorted by slot for that). Key tiles come
+//! in key order: every slot's first tile (keys 0..64, the most queries), then every slot's second,
+//! and so on, which the fused backward's turns rely on (kernels/flash_attention.cu). The wide
+//! forward kernel takes tiles of up to `WIDE_QUERY_TILE_ROWS` instead ([`wide_query_tiles`]).
 
 use crate::backend::TokenPlacement;
 
@@ -20,7 +22,8 @@ pub const KEY_TILE_ROWS: usize = 64;
 pub struct AttentionPlan {
     /// [tiles, 4]: first batch row, row count, slot, first position; sorted by slot.
     pub query_tiles: Vec<u32>,
-    /// [key tiles, 4]: first key, key count, first and end index of the slot's query tiles.
+    /// [key tiles, 4]: first key, key count, first and end index of the slot's query tiles;
+    /// sorted by first key, then slot.
     pub key_tiles: Vec<u32>,
 }
 
@@ -56,7 +59,7 @@ impl AttentionPlan {
     pub fn new(place: &TokenPlacement) -> Self {
         let tiles = runs(place, QUERY_TILE_ROWS);
 
-        let mut key_tiles = Vec::new();
+        let mut key_tiles: Vec<[u32; 4]> = Vec::new();
         let mut begin = 0;
         while begin < tiles.len() {
             let slot = tiles[begin][2];
@@ -69,13 +72,14 @@ impl AttentionPlan {
                 .unwrap_or(0);
             for first in (0..key_end).step_by(KEY_TILE_ROWS) {
                 let count = (key_end - first).min(KEY_TILE_ROWS as u32);
-                key_tiles.extend([first, count, begin as u32, end as u32]);
+                key_tiles.push([first, count, begin as u32, end as u32]);
             }
             begin = end;
         }
+        key_tiles.sort_by_key(|t| t[0]); // stable: slot order within the same keys
         AttentionPlan {
             query_tiles: tiles.concat(),
-            key_tiles,
+            key_tiles: key_tiles.concat(),
         }
     }
 
@@ -154,7 +158,8 @@ mod tests {
                 128, 2, 3, 128,
             ]
         );
-        // slot 1 (tile 0) sees keys 0..15; slot 3 (tiles 1..4) keys 0..130
+        // slot 1 (tile 0) sees keys 0..15; slot 3 (tiles 1..4) keys 0..130; the first key
+        // tile of each slot, then the second...
         assert_eq!(
             plan.key_tiles,
             vec![
@@ -195,6 +200,23 @@ mod tests {
             ]
         );
         assert_eq!(plan.key_tiles, vec![0, 7, 0, 3, 0, 1, 3, 4]);
+    }
+
+    #[test]
+    fn key_tiles_come_in_key_order_across_slots() {
+        // slot 0: 200 tokens, slot 2: 70, slot 1: 10 (batch order 0, 2, 1)
+        let mut place = TokenPlacement::contiguous(1, 0, 200);
+        place.slots.extend([2; 70]);
+        place.positions.extend(0..70);
+        place.slots.extend([1; 10]);
+        place.positions.extend(0..10);
+        let plan = AttentionPlan::new(&place);
+        // query tiles by slot: slot 0 (0..4), slot 1 (4..5), slot 2 (5..7)
+        let firsts: Vec<[u32; 2]> = plan.key_tiles.chunks(4).map(|t| [t[0], t[2]]).collect();
+        assert_eq!(
+            firsts,
+            vec![[0, 0], [0, 4], [0, 5], [64, 0], [64, 5], [128, 0], [192, 0]]
+        );
     }
 
     #[test]

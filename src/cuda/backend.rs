@@ -35,7 +35,7 @@ use super::attention_plan::{wide_query_tiles, AttentionKernel, AttentionPlan};
 use super::launch::KernelCtx;
 use super::ops;
 use super::ops::decode_attention::{plan_splits, scratch_sizes, DecodeProblem};
-use super::ops::flash_attention::{FlashForward, FlashGrads, FlashProblem};
+use super::ops::flash_attention::{FlashBackward, FlashForward, FlashGrads, FlashProblem};
 use super::ops::sampling::DeviceDraws;
 use crate::backend::{
     summarize_ops, Backend, DecodeGraphStats, GradWrite, OpTime, PolicyTokens, TokenPlacement,
@@ -122,6 +122,9 @@ pub struct CudaBackend {
     /// The fused forward kernel every attention forward takes (benchmarks compare them); None:
     /// chosen per batch by `FlashForward::choose`.
     flash_forward: Mutex<Option<FlashForward>>,
+    /// The fused backward every attention backward takes (`THINKSHORT_FLASH_BACKWARD`, default
+    /// split).
+    flash_backward: Mutex<FlashBackward>,
     /// While a decode step is being recorded: the backend's buffers it reads (ops must not
     /// upload or allocate outside the graph then).
     recording: Mutex<Option<RecordedInputs>>,
@@ -181,6 +184,7 @@ impl CudaBackend {
             profile: Mutex::new(None),
             decode_graphs: AtomicBool::new(decode_graphs_from_env()?),
             flash_forward: Mutex::new(None),
+            flash_backward: Mutex::new(flash_backward_from_env()?),
             recording: Mutex::new(None),
             graph_stats: Mutex::new(DecodeGraphStats::default()),
         })
@@ -194,6 +198,11 @@ impl CudaBackend {
     /// default); returns the previous setting. For benchmarks that compare the kernels.
     pub fn set_flash_forward(&self, variant: Option<FlashForward>) -> Option<FlashForward> {
         std::mem::replace(&mut *lock(&self.flash_forward), variant)
+    }
+
+    /// Makes every fused attention backward take `variant`; returns the previous setting.
+    pub fn set_flash_backward(&self, variant: FlashBackward) -> FlashBackward {
+        std::mem::replace(&mut *lock(&self.flash_backward), variant)
     }
 
     pub fn stream(&self) -> &Arc<CudaStream> {
@@ -480,6 +489,18 @@ fn parse_decode_graphs(value: Option<&str>) -> Result<bool> {
         None | Some("1") => Ok(true),
         Some("0") => Ok(false),
         Some(v) => bail!("THINKSHORT_CUDA_GRAPHS must be 0 or 1, got {v:?}"),
+    }
+}
+
+fn flash_backward_from_env() -> Result<FlashBackward> {
+    parse_flash_backward(std::env::var("THINKSHORT_FLASH_BACKWARD").ok().as_deref())
+}
+
+fn parse_flash_backward(value: Option<&str>) -> Result<FlashBackward> {
+    match value {
+        None => Ok(FlashBackward::Split),
+        Some(v) => FlashBackward::from_name(v)
+            .ok_or_else(|| anyhow!("THINKSHORT_FLASH_BACKWARD must be split or fused, got {v:?}")),
     }
 }
 
@@ -1222,6 +1243,17 @@ impl Backend for CudaBackend {
 /// The backward ops. Activation gradients are bf16 like the activations; parameter gradients
 /// (dw of a matmul may be either) are f32, accumulated with atomics where rows share a parameter.
 impl TrainBackend for CudaBackend {
+    fn attention_backward_variants(&self) -> &'static [&'static str] {
+        const NAMES: [&str; 2] = [FlashBackward::Split.name(), FlashBackward::Fused.name()];
+        &NAMES
+    }
+
+    fn set_attention_backward_variant(&self, name: &str) -> Result<&'static str> {
+        let variant = FlashBackward::from_name(name)
+            .ok_or_else(|| anyhow!("no attention backward variant {name:?} (split, fused)"))?;
+        Ok(self.set_flash_backward(variant).name())
+    }
+
     /// The fused backward (kernels/flash_attention.cu) for head dims 32, 64 and 128.
     fn attention_backward(
         &self,
@@ -1293,7 +1325,22 @@ impl TrainBackend for CudaBackend {
                 n_kv_heads,
                 head_dim,
             };
-            let dsum = self.scratch_f32(m * n_heads)?;
+            let variant = *lock(&self.flash_backward);
+            // scratch: dsum [m, n_heads], then for the fused kernel dq_acc [m, q_dim] (from an
+            // even float: 8-byte aligned) and the turns [query tiles, n_heads]
+            let dsum_len = (m * n_heads).next_multiple_of(2);
+            let fused_len = match variant {
+                FlashBackward::Split => 0,
+                FlashBackward::Fused => m * q_dim + plan.num_query_tiles() * n_heads,
+            };
+            let dsum = self.scratch_f32(dsum_len + fused_len)?;
+            let (dq_acc, turns) = match variant {
+                FlashBackward::Split => (0, 0),
+                FlashBackward::Fused => {
+                    let dq_acc = dsum + 4 * dsum_len as u64;
+                    (dq_acc, dq_acc + 4 * (m * q_dim) as u64)
+                }
+            };
             let grads = FlashGrads {
                 dq: dq.ptr,
                 dcache_k: dcache_k.ptr,
@@ -1304,8 +1351,10 @@ impl TrainBackend for CudaBackend {
                 dsum,
                 key_tiles: self.indices(&plan.key_tiles)?,
                 num_key_tiles: plan.num_key_tiles(),
+                dq_acc,
+                turns,
             };
-            ops::flash_attention::flash_attention_backward(&self.k, &problem, &grads)
+            ops::flash_attention::flash_attention_backward(&self.k, &problem, &grads, variant)
         })
     }
 
@@ -1705,5 +1754,20 @@ mod tests {
             err.contains("THINKSHORT_CUDA_GRAPHS") && err.contains("off"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn the_backward_setting_is_split_unless_named_and_anything_else_is_an_error() {
+        assert_eq!(parse_flash_backward(None).unwrap(), FlashBackward::Split);
+        assert_eq!(
+            parse_flash_backward(Some("split")).unwrap(),
+            FlashBackward::Split
+        );
+        assert_eq!(
+            parse_flash_backward(Some("fused")).unwrap(),
+            FlashBackward::Fused
+        );
+        let err = parse_flash_backward(Some("1")).unwrap_err().to_string();
+        assert!(err.contains("THINKSHORT_FLASH_BACKWARD"), "{err}");
     }
 }

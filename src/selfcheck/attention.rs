@@ -7,7 +7,7 @@
 //! random, for the accumulate (+=) semantics: a random start of the same size as the gradients
 //! would hide their errors in long sequences, where dK is small.
 
-use super::{get, placement, put, Checker, Coverage, Rand, TOL_BF16};
+use super::{get, placement, put, Checker, Coverage, Rand, TOL_BF16, TOL_EXACT};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{Backend, TokenPlacement, TrainBackend};
 use anyhow::Result;
@@ -107,11 +107,23 @@ pub(super) fn checks<D: TrainBackend>(c: &mut Checker<D>, coverage: Coverage) ->
     }
     let mut backward = matrix;
     backward.push(Case::prefill(4, 2, 32, &[60, 3]));
-    for case in &backward {
-        backward_check(c, case, 0.0)?;
+    // every backward kernel the device has (CUDA: split and fused), each on the whole matrix
+    let variants: Vec<Option<&str>> = match c.dev.attention_backward_variants() {
+        [] => vec![None],
+        names => names.iter().copied().map(Some).collect(),
+    };
+    for variant in variants {
+        for case in &backward {
+            backward_check(c, case, 0.0, variant)?;
+        }
+        // accumulation into gradient caches that already hold values
+        backward_check(c, &Case::prefill(4, 2, 32, &[20, 5]), 0.1, variant)?;
+        // bit-for-bit repeats: many key tiles per query tile, several sequences
+        backward_repeat_check(c, &Case::prefill(8, 2, 64, &[300, 130, 17]), variant)?;
+        if coverage == Coverage::Full {
+            backward_repeat_check(c, &Case::prefill(7, 1, 128, &[2048, 1000]), variant)?;
+        }
     }
-    // accumulation into gradient caches that already hold values
-    backward_check(c, &Case::prefill(4, 2, 32, &[20, 5]), 0.1)?;
     Ok(())
 }
 
@@ -155,6 +167,42 @@ impl Case {
         Ok((out, lse))
     }
 
+    /// `attention_backward` on the device with its backward `variant` (the setting restored
+    /// after): dq, with dck and dcv accumulated.
+    fn backward<D: TrainBackend>(
+        &self,
+        dev: &D,
+        x: &Inputs<D>,
+        variant: Option<&str>,
+        (dout, out, lse): (&D::Buf, &D::Buf, &D::Buf),
+        (dck, dcv): (&mut D::Buf, &mut D::Buf),
+    ) -> Result<D::Buf> {
+        let previous = variant
+            .map(|v| dev.set_attention_backward_variant(v))
+            .transpose()?;
+        let mut dq = dev.zeros(x.q.1.len())?;
+        dev.attention_backward(
+            dev.full_mut(&mut dq),
+            dev.full_mut(dck),
+            dev.full_mut(dcv),
+            dev.full(dout),
+            dev.full(out),
+            dev.full(lse),
+            dev.full(&x.q.0),
+            dev.full(&x.cache_k.0),
+            dev.full(&x.cache_v.0),
+            &x.place,
+            self.capacity(),
+            self.heads,
+            self.kv_heads,
+            self.head_dim,
+        );
+        if let Some(previous) = previous {
+            dev.set_attention_backward_variant(previous)?;
+        }
+        Ok(dq)
+    }
+
     /// `attention_forward` on the CPU reference: out, lse.
     fn forward_reference<D: Backend>(&self, x: &Inputs<D>) -> (Vec<f32>, Vec<f32>) {
         let m = x.place.slots.len();
@@ -189,46 +237,32 @@ fn forward_check<D: Backend>(c: &mut Checker<D>, case: &Case) -> Result<()> {
     })
 }
 
-/// dq, dK, dV of `attention_backward`, each side from its own forward (as in training). The
-/// gradient caches start as random values of standard deviation `start` (0: zeros).
-fn backward_check<D: TrainBackend>(c: &mut Checker<D>, case: &Case, start: f32) -> Result<()> {
-    let Case {
-        heads,
-        kv_heads,
-        head_dim,
-        ..
-    } = *case;
-    let label = if start > 0.0 {
-        format!("{} accumulate", case.label())
-    } else {
-        case.label()
-    };
+/// dq, dK, dV of `attention_backward`, each side from its own forward (as in training), with the
+/// device's backward `variant` where it has several. The gradient caches start as random values
+/// of standard deviation `start` (0: zeros).
+fn backward_check<D: TrainBackend>(
+    c: &mut Checker<D>,
+    case: &Case,
+    start: f32,
+    variant: Option<&str>,
+) -> Result<()> {
+    let mut label = case.label();
+    if start > 0.0 {
+        label += " accumulate";
+    }
+    if let Some(v) = variant {
+        label += &format!(" {v}");
+    }
     c.check("attention_backward", label, TOL_BF16, |dev, r| {
         let x = case.inputs(dev, r)?;
-        let (capacity, cache_len) = (case.capacity(), case.cache_len());
+        let cache_len = case.cache_len();
         let q_len = x.q.1.len();
         let (dout, dout_h) = put(dev, &r.normal(q_len, 1.0))?;
         let (mut dck, mut dk_ref) = put(dev, &r.normal(cache_len, start))?;
         let (mut dcv, mut dv_ref) = put(dev, &r.normal(cache_len, start))?;
 
         let (out, lse) = case.forward(dev, &x)?;
-        let mut dq = dev.zeros(q_len)?;
-        dev.attention_backward(
-            dev.full_mut(&mut dq),
-            dev.full_mut(&mut dck),
-            dev.full_mut(&mut dcv),
-            dev.full(&dout),
-            dev.full(&out),
-            dev.full(&lse),
-            dev.full(&x.q.0),
-            dev.full(&x.cache_k.0),
-            dev.full(&x.cache_v.0),
-            &x.place,
-            capacity,
-            heads,
-            kv_heads,
-            head_dim,
-        );
+        let dq = case.backward(dev, &x, variant, (&dout, &out, &lse), (&mut dck, &mut dcv))?;
 
         let (out_ref, lse_ref) = case.forward_reference(&x);
         let mut dq_ref = vec![0.0; q_len];
@@ -243,15 +277,43 @@ fn backward_check<D: TrainBackend>(c: &mut Checker<D>, case: &Case, start: f32) 
             &x.cache_k.1,
             &x.cache_v.1,
             &x.place,
-            capacity,
-            heads,
-            kv_heads,
-            head_dim,
+            case.capacity(),
+            case.heads,
+            case.kv_heads,
+            case.head_dim,
         );
         Ok(vec![
             ("dq", get(dev, &dq)?, dq_ref),
             ("dk", get(dev, &dck)?, dk_ref),
             ("dv", get(dev, &dcv)?, dv_ref),
         ])
+    })
+}
+
+/// `attention_backward` twice on the same inputs with the device's backward `variant`: the
+/// second must repeat the first bit for bit (no sum may depend on how blocks are scheduled, the
+/// fused kernel's dq included).
+fn backward_repeat_check<D: TrainBackend>(
+    c: &mut Checker<D>,
+    case: &Case,
+    variant: Option<&str>,
+) -> Result<()> {
+    let mut label = case.label();
+    if let Some(v) = variant {
+        label += &format!(" {v}");
+    }
+    c.check("attention_backward repeat", label, TOL_EXACT, |dev, r| {
+        let x = case.inputs(dev, r)?;
+        let dout = put(dev, &r.normal(x.q.1.len(), 1.0))?.0;
+        let (out, lse) = case.forward(dev, &x)?;
+        let run = || -> Result<[Vec<f32>; 3]> {
+            let mut dck = dev.zeros(case.cache_len())?;
+            let mut dcv = dev.zeros(case.cache_len())?;
+            let dq = case.backward(dev, &x, variant, (&dout, &out, &lse), (&mut dck, &mut dcv))?;
+            Ok([get(dev, &dq)?, get(dev, &dck)?, get(dev, &dcv)?])
+        };
+        let [dq, dk, dv] = run()?;
+        let [dq2, dk2, dv2] = run()?;
+        Ok(vec![("dq", dq2, dq), ("dk", dk2, dk), ("dv", dv2, dv)])
     })
 }

@@ -8,6 +8,7 @@ use cudarc::driver::{LaunchConfig, PushKernelArg};
 use super::attention::check_attention_dims;
 use crate::cuda::attention_plan::{KEY_TILE_ROWS, QUERY_TILE_ROWS, WIDE_QUERY_TILE_ROWS};
 use crate::cuda::launch::{grid_1d, to_i32, KernelCtx};
+use cudarc::driver::result as drv;
 
 /// Threads per block of every kernel here (`FLASH_THREADS`).
 pub const FLASH_THREADS: u32 = 128;
@@ -53,12 +54,36 @@ impl FlashForward {
     }
 }
 
+/// Which fused backward: the dq kernel then the dk/dv kernel (7 products: each recomputes S and
+/// dP), or one kernel for all three (5 products; dq summed over key tiles in turns, in f32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlashBackward {
+    Split,
+    Fused,
+}
+
+impl FlashBackward {
+    pub const ALL: [FlashBackward; 2] = [FlashBackward::Split, FlashBackward::Fused];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            FlashBackward::Split => "split",
+            FlashBackward::Fused => "fused",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|v| v.name() == name)
+    }
+}
+
 /// The kernels of one head dim.
 struct Kernels {
     forward: &'static str,
     forward_wide: &'static str,
     dq: &'static str,
     dkdv: &'static str,
+    fused_backward: &'static str,
 }
 
 macro_rules! kernels_of {
@@ -68,6 +93,7 @@ macro_rules! kernels_of {
             forward_wide: concat!("flash_attention_forward_wide_d", $d),
             dq: concat!("flash_attention_backward_dq_d", $d),
             dkdv: concat!("flash_attention_backward_dkdv_d", $d),
+            fused_backward: concat!("flash_attention_backward_fused_d", $d),
         }
     };
 }
@@ -106,6 +132,10 @@ pub fn dkdv_shared_bytes(head_dim: usize) -> u32 {
     // K, V of the key tile; Q, dO of a query tile; lse and dsum of a query tile (f32)
     ((2 * KEY_TILE_ROWS + 2 * QUERY_TILE_ROWS) * (head_dim + TILE_PAD) * 2
         + 2 * QUERY_TILE_ROWS * 4) as u32
+}
+pub fn fused_backward_shared_bytes(head_dim: usize) -> u32 {
+    // the dk/dv kernel's, and dS^T [KV_KEYS, FLASH_ROWS + TILE_PAD] bf16
+    dkdv_shared_bytes(head_dim) + (KEY_TILE_ROWS * (QUERY_TILE_ROWS + TILE_PAD) * 2) as u32
 }
 
 /// The problem every kernel here shares: the batch, the cache and the tiles on the device.
@@ -208,20 +238,36 @@ pub struct FlashGrads {
     pub dsum: u64,      // f32 [m, n_heads] scratch
     pub key_tiles: u64, // u32 [key tiles, 4] (AttentionPlan::key_tiles)
     pub num_key_tiles: usize,
+    /// Scratch of FlashBackward::Fused (0 for Split): f32 [m, n_heads * head_dim], 8-byte
+    /// aligned, and i32 [query tiles, n_heads] (zeroed here).
+    pub dq_acc: u64,
+    pub turns: u64,
 }
 
-/// The backward of [`flash_attention_forward`]: dsum = rowsum(dout ∘ out), then dq, then dK/dV.
-pub fn flash_attention_backward(k: &KernelCtx, p: &FlashProblem, g: &FlashGrads) -> Result<()> {
+/// The backward of [`flash_attention_forward`] by `variant`: dsum = rowsum(dout ∘ out), then dq
+/// and dK/dV (Split: two kernels; Fused: one, then dq_acc converted to dq).
+pub fn flash_attention_backward(
+    k: &KernelCtx,
+    p: &FlashProblem,
+    g: &FlashGrads,
+    variant: FlashBackward,
+) -> Result<()> {
     const OP: &str = "flash_attention_backward";
     let (capacity, n_heads, n_kv_heads) = p.check(OP)?;
     let names = kernels(p.head_dim)?;
-    let (dq_name, dkdv_name) = (names.dq, names.dkdv);
     ensure!(
         p.n_kv_heads <= MAX_GRID_Y,
         "{OP}: n_kv_heads {} exceeds the grid limit",
         p.n_kv_heads
     );
     to_i32(OP, "key tiles", g.num_key_tiles)?;
+    to_i32(OP, "key tiles * n_kv_heads", g.num_key_tiles * p.n_kv_heads)?;
+    if variant == FlashBackward::Fused {
+        ensure!(
+            g.dq_acc != 0 && g.dq_acc.is_multiple_of(8) && g.turns != 0,
+            "{OP}: the fused backward needs an 8-byte aligned dq_acc and turns"
+        );
+    }
     if p.num_tiles == 0 {
         return Ok(());
     }
@@ -242,8 +288,39 @@ pub fn flash_attention_backward(k: &KernelCtx, p: &FlashProblem, g: &FlashGrads)
     unsafe { b.launch(grid_1d(rows * 32, FLASH_THREADS)) }
         .context("launching flash_attention_backward_dot")?;
 
+    match variant {
+        FlashBackward::Split => {
+            launch_dq(k, p, g, names.dq, (capacity, n_heads, n_kv_heads), scale)?;
+            launch_dkdv(k, p, g, names.dkdv, (capacity, n_heads, n_kv_heads), scale)
+        }
+        FlashBackward::Fused => {
+            let turns = p.num_tiles * p.n_heads;
+            // SAFETY: turns holds num_tiles * n_heads i32 (FlashGrads).
+            unsafe { drv::memset_d8_async(g.turns, 0, turns * 4, k.stream.cu_stream()) }
+                .context("cuMemsetD8Async (turns)")?;
+            launch_fused(
+                k,
+                p,
+                g,
+                names.fused_backward,
+                (capacity, n_heads, n_kv_heads),
+                scale,
+            )?;
+            super::elementwise::convert_f32_to_bf16(k, g.dq, g.dq_acc, p.m * p.n_heads * p.head_dim)
+        }
+    }
+}
+
+fn launch_dq(
+    k: &KernelCtx,
+    p: &FlashProblem,
+    g: &FlashGrads,
+    name: &'static str,
+    (capacity, n_heads, n_kv_heads): (i32, i32, i32),
+    scale: f32,
+) -> Result<()> {
     let shared = dq_shared_bytes(p.head_dim);
-    let f = k.function_with_shared_mem("flash_attention", dq_name, shared)?;
+    let f = k.function_with_shared_mem("flash_attention", name, shared)?;
     let mut b = k.stream.launch_builder(&f);
     b.arg(&g.dq)
         .arg(&g.dout)
@@ -266,13 +343,23 @@ pub fn flash_attention_backward(k: &KernelCtx, p: &FlashProblem, g: &FlashGrads)
     // const float* dsum, const bf16* q, const bf16* cache_k, const bf16* cache_v,
     // const uint4* tiles, int capacity, int n_heads, int n_kv_heads, float scale); shapes as
     // documented on FlashProblem and FlashGrads.
-    unsafe { b.launch(cfg) }.with_context(|| format!("launching {dq_name}"))?;
+    unsafe { b.launch(cfg) }.with_context(|| format!("launching {name}"))?;
+    Ok(())
+}
 
+fn launch_dkdv(
+    k: &KernelCtx,
+    p: &FlashProblem,
+    g: &FlashGrads,
+    name: &'static str,
+    (capacity, n_heads, n_kv_heads): (i32, i32, i32),
+    scale: f32,
+) -> Result<()> {
     if g.num_key_tiles == 0 {
         return Ok(());
     }
     let shared = dkdv_shared_bytes(p.head_dim);
-    let f = k.function_with_shared_mem("flash_attention", dkdv_name, shared)?;
+    let f = k.function_with_shared_mem("flash_attention", name, shared)?;
     let mut b = k.stream.launch_builder(&f);
     b.arg(&g.dcache_k)
         .arg(&g.dcache_v)
@@ -298,7 +385,50 @@ pub fn flash_attention_backward(k: &KernelCtx, p: &FlashProblem, g: &FlashGrads)
     // const bf16* cache_v, const uint4* tiles, const uint4* key_tiles, int capacity, int n_heads,
     // int n_kv_heads, float scale); each key tile names a slot's range of query tiles, and each
     // block owns its keys' rows of the gradient caches.
-    unsafe { b.launch(cfg) }.with_context(|| format!("launching {dkdv_name}"))?;
+    unsafe { b.launch(cfg) }.with_context(|| format!("launching {name}"))?;
+    Ok(())
+}
+
+fn launch_fused(
+    k: &KernelCtx,
+    p: &FlashProblem,
+    g: &FlashGrads,
+    name: &'static str,
+    (capacity, n_heads, n_kv_heads): (i32, i32, i32),
+    scale: f32,
+) -> Result<()> {
+    let shared = fused_backward_shared_bytes(p.head_dim);
+    let f = k.function_with_shared_mem("flash_attention", name, shared)?;
+    let mut b = k.stream.launch_builder(&f);
+    b.arg(&g.dq_acc)
+        .arg(&g.turns)
+        .arg(&g.dcache_k)
+        .arg(&g.dcache_v)
+        .arg(&g.dout)
+        .arg(&g.lse)
+        .arg(&g.dsum)
+        .arg(&p.q)
+        .arg(&p.cache_k)
+        .arg(&p.cache_v)
+        .arg(&p.tiles)
+        .arg(&g.key_tiles)
+        .arg(&capacity)
+        .arg(&n_heads)
+        .arg(&n_kv_heads)
+        .arg(&scale);
+    // 1-D, key tile major: key tile r - 1 of a slot starts before key tile r (the turns)
+    let cfg = LaunchConfig {
+        grid_dim: ((g.num_key_tiles * p.n_kv_heads) as u32, 1, 1),
+        block_dim: (FLASH_THREADS, 1, 1),
+        shared_mem_bytes: shared,
+    };
+    // SAFETY: flash_attention_backward_fused_d{D}(float* dq_acc, int* turns, bf16* dcache_k,
+    // bf16* dcache_v, const bf16* dout, const float* lse, const float* dsum, const bf16* q,
+    // const bf16* cache_k, const bf16* cache_v, const uint4* tiles, const uint4* key_tiles,
+    // int capacity, int n_heads, int n_kv_heads, float scale); dq_acc [m, q_dim] f32 and the
+    // zeroed turns [query tiles, n_heads] as documented on FlashGrads; the key tiles in key order
+    // (AttentionPlan), every slot's key 0 in a tile, so every dq row is stored before it is added to.
+    unsafe { b.launch(cfg) }.with_context(|| format!("launching {name}"))?;
     Ok(())
 }
 
@@ -315,6 +445,7 @@ mod tests {
                 forward_shared_bytes(d, FlashForward::Wide),
                 dq_shared_bytes(d),
                 dkdv_shared_bytes(d),
+                fused_backward_shared_bytes(d),
             ] {
                 assert!(bytes <= 163 * 1024, "d {d}: {bytes}");
             }
@@ -325,13 +456,14 @@ mod tests {
         assert_eq!(forward_shared_bytes(64, FlashForward::Wide), 36_864);
         assert_eq!(dq_shared_bytes(128), 34_816);
         assert_eq!(dkdv_shared_bytes(128), 70_144);
+        assert_eq!(fused_backward_shared_bytes(128), 70_144 + 64 * 72 * 2);
     }
 
     #[test]
     fn every_supported_head_dim_has_kernels_and_others_are_refused() {
         for d in FLASH_HEAD_DIMS {
             let k = kernels(d).unwrap();
-            for name in [k.forward, k.forward_wide, k.dq, k.dkdv] {
+            for name in [k.forward, k.forward_wide, k.dq, k.dkdv, k.fused_backward] {
                 assert!(name.ends_with(&format!("_d{d}")), "{name}");
             }
             assert_eq!(k.forward_wide, format!("flash_attention_forward_wide_d{d}"));
@@ -348,5 +480,13 @@ mod tests {
         // chunks of 17 tokens: one tile each
         assert_eq!(FlashForward::choose(3, 51), FlashForward::Narrow);
         assert_eq!(FlashForward::choose(0, 0), FlashForward::Narrow);
+    }
+
+    #[test]
+    fn backward_variants_round_trip_their_names() {
+        for v in FlashBackward::ALL {
+            assert_eq!(FlashBackward::from_name(v.name()), Some(v));
+        }
+        assert_eq!(FlashBackward::from_name("fast"), None);
     }
 }

@@ -223,6 +223,15 @@ inline unsigned __float_as_uint(float f) { unsigned u; memcpy(&u, &f, 4); return
 // cache-hinted loads and stores: plain ones
 template <class T> inline T __ldcs(const T* p) { return *p; }
 template <class T> inline void __stcs(T* p, T v) { *p = v; }
+template <class T> inline T __ldcg(const T* p) { return *p; }
+template <class T> inline void __stcg(T* p, T v) { *p = v; }
+
+// Atomics and fences: one block runs at a time, and its threads switch only at barriers and
+// warp collectives, so a plain read-modify-write is atomic and every write is visible at once.
+inline float atomicAdd(float* p, float v) { const float old = *p; *p = old + v; return old; }
+inline int atomicAdd(int* p, int v) { const int old = *p; *p = old + v; return old; }
+inline void __threadfence() {}
+[[noreturn]] inline void __trap() { emu::fail("__trap() in a kernel"); }
 
 inline size_t __cvta_generic_to_shared(const void* p) {
     return (size_t)((const unsigned char*)p - emu::dynamic_shared());
