@@ -50,7 +50,8 @@
 #define KV_KEYS 64         // keys per block of the dk/dv kernel, 16 per warp
 #define KV_QUERIES 16      // queries per inner step of the dk/dv kernel
 #define DS_STRIDE (FLASH_ROWS + TILE_PAD)  // bf16 per row of the fused kernel's dS^T tile
-#define MAX_TURN_SPINS (1 << 26)  // polls of a dq turn before the fused kernel gives up (trap)
+#define MAX_TURN_SPINS (1 << 22)  // polls of a dq turn before the fused kernel gives up (trap):
+                                  // seconds, where a real wait is a few query tiles' work
 
 static_assert(FLASH_ROWS == 16 * (FLASH_THREADS / WARP_SIZE), "one 16-row slab per warp");
 static_assert(KV_KEYS == 16 * (FLASH_THREADS / WARP_SIZE), "one 16-key slab per warp");
@@ -405,11 +406,14 @@ __device__ __forceinline__ void wait_for_turn(const int* turn, int value) {
     __syncthreads();
 }
 
-// Publishes this block's writes, then hands the turn to the next key tile.
+// Hands the turn to the next key tile once the whole block's writes are visible device-wide
+// (the barrier, then one thread's fence: the pattern of cooperative groups' grid sync).
 __device__ __forceinline__ void pass_turn(int* turn) {
-    __threadfence();
     __syncthreads();
-    if (threadIdx.x == 0) { atomicAdd(turn, 1); }
+    if (threadIdx.x == 0) {
+        __threadfence();
+        atomicAdd(turn, 1);
+    }
 }
 
 // rows 16 * warp .. + 16 of scale * dS K over this key tile's keys into the query tile's rows of
