@@ -200,7 +200,7 @@ fn matmul(c: &mut Criterion, dev: &CudaBackend) {
 /// T, 2048 / d heads (multi-head). FLOPs: forward 4·B·H·T²·d / 2 (causal), backward 2.5× that;
 /// tools/bench_attention_torch.py times PyTorch's flash SDPA on the same shapes. The forward is
 /// timed with each fused kernel (64 and 128 query rows per block), the backward with each
-/// variant (the dq and dk/dv kernels; the fused kernel).
+/// variant (the dq and dk/dv kernels; the fused kernel over 64- and 128-key tiles).
 fn flash_attention(c: &mut Criterion, dev: &CudaBackend) {
     let mut g = c.benchmark_group("flash_attention");
     for head_dim in [64usize, 128] {
@@ -272,6 +272,7 @@ fn flash_attention(c: &mut Criterion, dev: &CudaBackend) {
             for (what, variant) in [
                 ("backward_flops", FlashBackward::Split),
                 ("backward_fused_flops", FlashBackward::Fused),
+                ("backward_fused_wide_flops", FlashBackward::FusedWide),
             ] {
                 let previous = dev.set_flash_backward(variant);
                 g.bench_function(id(what), |b| {

@@ -36,7 +36,10 @@
 //   flash_attention_backward_fused_d{D} the dk/dv kernel that also computes dq (5 products instead
 //                                    of the dq and dk/dv kernels' 7): dS goes through shared
 //                                    memory, dq = scale * dS K is summed in f32 over the key tiles
-//                                    in key order (see below), then converted to bf16.
+//                                    in key order (see below), then converted to bf16. 1-D grid.
+//   flash_attention_backward_fused_wide_d{D} the same with 8 warps over key tiles of 2 * KV_KEYS:
+//                                    each query tile copied and each dq row added to half as often
+//                                    (FlashAttention-2's 128-key blocks).
 
 #include "common.cuh"
 #include "mma.cuh"
@@ -47,7 +50,8 @@
 #define FLASH_ROWS 64      // query rows per tile, 16 per warp (src/cuda/attention_plan.rs)
 #define FWD_KEYS 64        // keys per step of the forward
 #define DQ_KEYS 32         // keys per step of the dq kernel (fewer: it holds two score tiles)
-#define KV_KEYS 64         // keys per block of the dk/dv kernel, 16 per warp
+#define KV_KEYS 64         // keys per block of the dk/dv kernel, 16 per warp (the wide fused
+                           // backward: 2 * KV_KEYS, 8 warps)
 #define KV_QUERIES 16      // queries per inner step of the dk/dv kernel
 #define DS_STRIDE (FLASH_ROWS + TILE_PAD)  // bf16 per row of the fused kernel's dS^T tile
 #define MAX_TURN_SPINS (1 << 22)  // polls of a dq turn before the fused kernel gives up (trap):
@@ -372,12 +376,12 @@ __device__ __forceinline__ void flash_backward_dq(__nv_bfloat16* dq, const __nv_
 // slot). Warp w owns keys 16w..16w+16 of the block and computes the transposed products, keys as
 // rows: S^T = K Q^T, dP^T = V dO^T, then dV += P^T dO and dK += dS^T Q.
 //
-// FUSED: dq of a query tile is also the sum over key tiles of scale * dS K. The block puts its
-// dS^T [KV_KEYS keys, FLASH_ROWS queries] in shared memory, then warp w computes rows 16w..16w+16
-// of scale * dS K [FLASH_ROWS, D] and adds them to the tile's rows of `dq_acc` (f32 [m, q_dim];
-// the host converts it to bf16 dq after the kernel). The key tiles of a slot take turns per
-// (query tile, head) in key order, counted in `turns` (zero at launch): key tile r (keys
-// 64r..64r+64) waits until turns[] == r, adds, and passes the turn on. So every dq element is the
+// FUSED: dq of a query tile is also the sum over key tiles of scale * dS K. The block (WARPS warps,
+// KEYS = 16 * WARPS keys) puts its dS^T [KEYS keys, FLASH_ROWS queries] in shared memory, then
+// the warps compute scale * dS K [FLASH_ROWS, D] and add it to the tile's rows of `dq_acc` (f32
+// [m, q_dim]; the host converts it to bf16 dq after the kernel). The key tiles of a slot take
+// turns per (query tile, head) in key order, counted in `turns` (zero at launch): key tile r (keys
+// KEYS * r .. + KEYS) waits until turns[] == r, adds, and passes the turn on. So every dq element is the
 // same sum in the same order on every run, key tile 0's part stored (no zeroing of dq_acc), the
 // others added. The host orders the blocks by r (key tile r - 1 of a slot has a lower block index
 // than key tile r), and blocks start in index order, so the tile a block waits for has started;
@@ -400,6 +404,7 @@ __device__ __forceinline__ void wait_for_turn(const int* turn, int value) {
         int spins = 0;
         while (*reinterpret_cast<const volatile int*>(turn) != value) {
             if (++spins > MAX_TURN_SPINS) { __trap(); }
+            __nanosleep(64);  // fewer polls competing with the other blocks' dq additions
         }
         __threadfence();  // the previous tile's dq_acc writes are visible from here on
     }
@@ -416,24 +421,29 @@ __device__ __forceinline__ void pass_turn(int* turn) {
     }
 }
 
-// rows 16 * warp .. + 16 of scale * dS K over this key tile's keys into the query tile's rows of
-// dq_acc: stored by the first key tile, added (fire-and-forget reductions in L2) by the others.
-template <int D>
+// scale * dS K over this key tile's KEYS keys into the query tile's rows of dq_acc: stored by the
+// first key tile, added (fire-and-forget reductions in L2) by the others. Warp w takes query rows
+// 16 (w % 4) .. + 16 and, with 8 warps, half of the columns (w / 4).
+template <int D, int KEYS, int WARPS>
 __device__ __forceinline__ void add_dq_of_key_tile(float* dq_acc, const __nv_bfloat16* ds_s,
                                                    const __nv_bfloat16* k_s, size_t first, int q_dim,
                                                    int count, bool first_turn, float scale, int warp,
                                                    int lane) {
     constexpr int S = D + TILE_PAD;
+    constexpr int SLABS = FLASH_ROWS / 16;
+    constexpr int COLS = D / (WARPS / SLABS);  // columns per warp
+    static_assert(WARPS % SLABS == 0 && COLS % 16 == 0, "whole 16-column steps per warp");
     const int g = lane / 4, t = lane % 4;
-    if (warp * 16 >= count) { return; }  // padding rows only
-    uint32_t a[KV_KEYS / 16][4];  // dS [16 queries, KV_KEYS keys] from the dS^T tile
+    const int row0 = (warp % SLABS) * 16, col0 = (warp / SLABS) * COLS;
+    if (row0 >= count) { return; }  // padding rows only
+    uint32_t a[KEYS / 16][4];  // dS [16 queries, KEYS keys] from the dS^T tile
 #pragma unroll
-    for (int kk = 0; kk < KV_KEYS / 16; kk++) { load_a_transposed(a[kk], ds_s, DS_STRIDE, warp * 16, kk * 16, lane); }
+    for (int kk = 0; kk < KEYS / 16; kk++) { load_a_transposed(a[kk], ds_s, DS_STRIDE, row0, kk * 16, lane); }
 #pragma unroll
-    for (int dn = 0; dn < D / 8; dn += 2) {
+    for (int dn = col0 / 8; dn < (col0 + COLS) / 8; dn += 2) {
         float acc[2][4] = {};  // [16, 16]: columns dn * 8 .. + 16
 #pragma unroll
-        for (int kk = 0; kk < KV_KEYS / 16; kk++) {
+        for (int kk = 0; kk < KEYS / 16; kk++) {
             uint32_t b[2][2];
             load_b_x2(b, k_s, S, kk * 16, dn * 8, lane);
             mma_m16n8k16(acc[0], a[kk], b[0]);
@@ -443,7 +453,7 @@ __device__ __forceinline__ void add_dq_of_key_tile(float* dq_acc, const __nv_bfl
         for (int j = 0; j < 2; j++) {
 #pragma unroll
             for (int half = 0; half < 2; half++) {
-                const int row = warp * 16 + g + 8 * half;
+                const int row = row0 + g + 8 * half;
                 if (row >= count) { continue; }
                 float* at = dq_acc + first + (size_t)row * q_dim + (dn + j) * 8 + 2 * t;
                 const float x = acc[j][2 * half] * scale, y = acc[j][2 * half + 1] * scale;
@@ -458,7 +468,7 @@ __device__ __forceinline__ void add_dq_of_key_tile(float* dq_acc, const __nv_bfl
     }
 }
 
-template <int D, bool FUSED>
+template <int D, bool FUSED, int WARPS>
 __device__ __forceinline__ void flash_backward_dkdv(float* dq_acc, int* turns,
                                                     __nv_bfloat16* dcache_k, __nv_bfloat16* dcache_v,
                                                     const __nv_bfloat16* dout, const float* lse,
@@ -467,14 +477,15 @@ __device__ __forceinline__ void flash_backward_dkdv(float* dq_acc, int* turns,
                                                     const uint4* tiles, const uint4* key_tiles,
                                                     int capacity, int n_heads, int n_kv_heads, float scale) {
     constexpr int S = D + TILE_PAD;
+    constexpr int KEYS = 16 * WARPS;  // one 16-key slab per warp
     DYNAMIC_SHARED(unsigned char, smem);
-    __nv_bfloat16* k_s = reinterpret_cast<__nv_bfloat16*>(smem);  // [KV_KEYS][S]
-    __nv_bfloat16* v_s = k_s + KV_KEYS * S;                         // [KV_KEYS][S]
-    __nv_bfloat16* q_s = v_s + KV_KEYS * S;                         // [FLASH_ROWS][S]
+    __nv_bfloat16* k_s = reinterpret_cast<__nv_bfloat16*>(smem);  // [KEYS][S]
+    __nv_bfloat16* v_s = k_s + KEYS * S;                            // [KEYS][S]
+    __nv_bfloat16* q_s = v_s + KEYS * S;                            // [FLASH_ROWS][S]
     __nv_bfloat16* do_s = q_s + FLASH_ROWS * S;                     // [FLASH_ROWS][S]
     float* lse_s = reinterpret_cast<float*>(do_s + FLASH_ROWS * S); // [FLASH_ROWS], log2 units
     float* dsum_s = lse_s + FLASH_ROWS;                             // [FLASH_ROWS]
-    __nv_bfloat16* ds_s = reinterpret_cast<__nv_bfloat16*>(dsum_s + FLASH_ROWS);  // FUSED: [KV_KEYS][DS_STRIDE]
+    __nv_bfloat16* ds_s = reinterpret_cast<__nv_bfloat16*>(dsum_s + FLASH_ROWS);  // FUSED: [KEYS][DS_STRIDE]
 
     // the fused kernel's grid is 1-D, key tile major (the block order its turns rely on)
     const int key_tile = FUSED ? blockIdx.x / n_kv_heads : blockIdx.x;
@@ -491,8 +502,8 @@ __device__ __forceinline__ void flash_backward_dkdv(float* dq_acc, int* turns,
     const float scale_log2 = scale * LOG2E;
 
     const size_t slot_base = (size_t)slot * capacity * kv_dim + (size_t)kvh * D;
-    load_tile_async<D, KV_KEYS>(k_s, cache_k + slot_base + (size_t)first_key * kv_dim, kv_dim, key_count);
-    load_tile_async<D, KV_KEYS>(v_s, cache_v + slot_base + (size_t)first_key * kv_dim, kv_dim, key_count);
+    load_tile_async<D, KEYS>(k_s, cache_k + slot_base + (size_t)first_key * kv_dim, kv_dim, key_count);
+    load_tile_async<D, KEYS>(v_s, cache_v + slot_base + (size_t)first_key * kv_dim, kv_dim, key_count);
     copy_async_commit();  // waited for with the first query tile
 
     float dk[D / 8][4], dv[D / 8][4];  // [16 keys, D] each
@@ -570,12 +581,12 @@ __device__ __forceinline__ void flash_backward_dkdv(float* dq_acc, int* turns,
             if constexpr (FUSED) {
                 // (the dS^T columns of queries past the last 16-query step are not written: the
                 // warps whose dq rows they are skip the product)
-                const int rank = first_key / KV_KEYS;
+                const int rank = first_key / KEYS;
                 int* turn = turns + (size_t)ti * n_heads + h;
                 __syncthreads();  // the whole dS^T tile is in shared memory
                 wait_for_turn(turn, rank);
-                add_dq_of_key_tile<D>(dq_acc, ds_s, k_s, first, q_dim, tile.count, rank == 0, scale,
-                                      warp, lane);
+                add_dq_of_key_tile<D, KEYS, WARPS>(dq_acc, ds_s, k_s, first, q_dim, tile.count,
+                                                   rank == 0, scale, warp, lane);
                 pass_turn(turn);
             }
         }
@@ -624,7 +635,7 @@ __device__ __forceinline__ void flash_backward_dkdv(float* dq_acc, int* turns,
         const float* dsum, const __nv_bfloat16* q, const __nv_bfloat16* cache_k,                       \
         const __nv_bfloat16* cache_v, const uint4* tiles, const uint4* key_tiles, int capacity,        \
         int n_heads, int n_kv_heads, float scale) {                                                    \
-        flash_backward_dkdv<D, false>(nullptr, nullptr, dcache_k, dcache_v, dout, lse, dsum, q,       \
+        flash_backward_dkdv<D, false, 4>(nullptr, nullptr, dcache_k, dcache_v, dout, lse, dsum, q,    \
                                       cache_k, cache_v, tiles, key_tiles, capacity, n_heads,           \
                                       n_kv_heads, scale);                                              \
     }                                                                                                  \
@@ -633,9 +644,19 @@ __device__ __forceinline__ void flash_backward_dkdv(float* dq_acc, int* turns,
         const __nv_bfloat16* dout, const float* lse, const float* dsum, const __nv_bfloat16* q,        \
         const __nv_bfloat16* cache_k, const __nv_bfloat16* cache_v, const uint4* tiles,               \
         const uint4* key_tiles, int capacity, int n_heads, int n_kv_heads, float scale) {              \
-        flash_backward_dkdv<D, true>(dq_acc, turns, dcache_k, dcache_v, dout, lse, dsum, q,            \
-                                     cache_k, cache_v, tiles, key_tiles, capacity, n_heads,            \
-                                     n_kv_heads, scale);                                               \
+        flash_backward_dkdv<D, true, 4>(dq_acc, turns, dcache_k, dcache_v, dout, lse, dsum, q,         \
+                                        cache_k, cache_v, tiles, key_tiles, capacity, n_heads,         \
+                                        n_kv_heads, scale);                                            \
+    }                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(2 * FLASH_THREADS, 1)                                 \
+        flash_attention_backward_fused_wide_d##D(                                                      \
+            float* dq_acc, int* turns, __nv_bfloat16* dcache_k, __nv_bfloat16* dcache_v,               \
+            const __nv_bfloat16* dout, const float* lse, const float* dsum, const __nv_bfloat16* q,    \
+            const __nv_bfloat16* cache_k, const __nv_bfloat16* cache_v, const uint4* tiles,           \
+            const uint4* key_tiles, int capacity, int n_heads, int n_kv_heads, float scale) {          \
+        flash_backward_dkdv<D, true, 8>(dq_acc, turns, dcache_k, dcache_v, dout, lse, dsum, q,         \
+                                        cache_k, cache_v, tiles, key_tiles, capacity, n_heads,         \
+                                        n_kv_heads, scale);                                            \
     }
 
 FLASH_ENTRY_POINTS(32)

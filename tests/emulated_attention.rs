@@ -10,14 +10,14 @@ mod emulation_support;
 use cuda_emulator::{launch, Launch};
 use emulation_support::{assert_close, to_bits, to_f32, Rand};
 use thinkshort::backend::{cpu, TokenPlacement};
-use thinkshort::cuda::attention_plan::{wide_query_tiles, AttentionPlan, KEY_TILE_ROWS};
-use thinkshort::cuda::ops::flash_attention::FlashForward;
+use thinkshort::cuda::attention_plan::{wide_query_tiles, AttentionPlan};
+use thinkshort::cuda::ops::flash_attention::{FlashBackward, FlashForward};
 use thinkshort::cuda::ops::{decode_attention as decode, flash_attention as flash};
 
 /// Entry points of kernels/flash_attention.cu and kernels/decode_attention.cu (bf16 = u16).
 mod k {
     macro_rules! flash_kernels {
-        ($fwd:ident, $wide:ident, $dq:ident, $dkdv:ident, $fused:ident) => {
+        ($fwd:ident, $wide:ident, $dq:ident, $dkdv:ident, $fused:ident, $fused_wide:ident) => {
             extern "C" {
                 pub fn $fwd(
                     out: *mut u16,
@@ -75,6 +75,24 @@ mod k {
                     n_kv_heads: i32,
                     scale: f32,
                 );
+                pub fn $fused_wide(
+                    dq_acc: *mut f32,
+                    turns: *mut i32,
+                    dcache_k: *mut u16,
+                    dcache_v: *mut u16,
+                    dout: *const u16,
+                    lse: *const f32,
+                    dsum: *const f32,
+                    q: *const u16,
+                    cache_k: *const u16,
+                    cache_v: *const u16,
+                    tiles: *const u32,
+                    key_tiles: *const u32,
+                    capacity: i32,
+                    n_heads: i32,
+                    n_kv_heads: i32,
+                    scale: f32,
+                );
                 pub fn $dkdv(
                     dcache_k: *mut u16,
                     dcache_v: *mut u16,
@@ -99,21 +117,24 @@ mod k {
         flash_attention_forward_wide_d32,
         flash_attention_backward_dq_d32,
         flash_attention_backward_dkdv_d32,
-        flash_attention_backward_fused_d32
+        flash_attention_backward_fused_d32,
+        flash_attention_backward_fused_wide_d32
     );
     flash_kernels!(
         flash_attention_forward_d64,
         flash_attention_forward_wide_d64,
         flash_attention_backward_dq_d64,
         flash_attention_backward_dkdv_d64,
-        flash_attention_backward_fused_d64
+        flash_attention_backward_fused_d64,
+        flash_attention_backward_fused_wide_d64
     );
     flash_kernels!(
         flash_attention_forward_d128,
         flash_attention_forward_wide_d128,
         flash_attention_backward_dq_d128,
         flash_attention_backward_dkdv_d128,
-        flash_attention_backward_fused_d128
+        flash_attention_backward_fused_d128,
+        flash_attention_backward_fused_wide_d128
     );
 
     extern "C" {
@@ -321,12 +342,15 @@ type FlashFused = unsafe extern "C" fn(
     f32,
 );
 
-/// The fused backward of head dim d.
-fn fused_backward_kernel(d: usize) -> FlashFused {
-    match d {
-        32 => k::flash_attention_backward_fused_d32,
-        64 => k::flash_attention_backward_fused_d64,
-        128 => k::flash_attention_backward_fused_d128,
+/// The fused backward of head dim d: 4 warps over 64-key tiles, or (wide) 8 over 128.
+fn fused_backward_kernel(d: usize, wide: bool) -> FlashFused {
+    match (d, wide) {
+        (32, false) => k::flash_attention_backward_fused_d32,
+        (64, false) => k::flash_attention_backward_fused_d64,
+        (128, false) => k::flash_attention_backward_fused_d128,
+        (32, true) => k::flash_attention_backward_fused_wide_d32,
+        (64, true) => k::flash_attention_backward_fused_wide_d64,
+        (128, true) => k::flash_attention_backward_fused_wide_d128,
         _ => panic!("no fused kernel for head dim {d}"),
     }
 }
@@ -564,9 +588,15 @@ impl Backward {
         (dq, dk, dv)
     }
 
-    /// (dq_acc, dK, dV) of the fused kernel over `key_tiles` (the plan's, unless a test changes
-    /// their order), launched as the launcher does: 1-D grid, key tile major, turns zeroed.
-    fn fused(&self, p: &Problem, key_tiles: &[u32]) -> Result<Grads<f32>, String> {
+    /// (dq_acc, dK, dV) of the fused kernel `variant` over `key_tiles` (the plan's of its size,
+    /// unless a test changes their order), launched as the launcher does: 1-D grid, key tile
+    /// major, a warp per 16 keys, turns zeroed.
+    fn fused(
+        &self,
+        p: &Problem,
+        variant: FlashBackward,
+        key_tiles: &[u32],
+    ) -> Result<Grads<f32>, String> {
         let plan = &self.plan;
         let mut dq_acc = vec![f32::NAN; p.m() * p.heads * p.d];
         let mut turns = vec![0i32; plan.num_query_tiles() * p.heads];
@@ -579,10 +609,10 @@ impl Backward {
         );
         let cfg = Launch {
             grid: ((key_tiles.len() / 4 * p.kv_heads) as u32, 1, 1),
-            block: flash_block(),
-            shared_bytes: flash::fused_backward_shared_bytes(p.d) as usize,
+            block: ((variant.key_tile_rows() / 16 * 32) as u32, 1, 1),
+            shared_bytes: flash::fused_backward_shared_bytes(p.d, variant) as usize,
         };
-        let kernel = fused_backward_kernel(p.d);
+        let kernel = fused_backward_kernel(p.d, variant == FlashBackward::FusedWide);
         launch(cfg, || unsafe {
             kernel(
                 accp,
@@ -606,7 +636,7 @@ impl Backward {
         // every key tile of a slot took its turn on every (query tile, head) it sees
         for (i, &turn) in turns.iter().enumerate() {
             let tile = &plan.query_tiles[i / p.heads * 4..][..4];
-            let seen = (tile[3] + tile[1]).div_ceil(KEY_TILE_ROWS as u32);
+            let seen = (tile[3] + tile[1]).div_ceil(variant.key_tile_rows() as u32);
             assert_eq!(
                 turn as u32,
                 seen,
@@ -670,19 +700,25 @@ impl Backward {
     }
 }
 
-/// Both backward variants against the CPU: the dq and dk/dv kernels, and the fused kernel (its
-/// f32 dq before the launcher's conversion to bf16).
+/// Every backward variant against the CPU: the dq and dk/dv kernels, and the fused kernels over
+/// 64- and 128-key tiles (their f32 dq before the launcher's conversion to bf16).
 fn check_flash_backward(p: &Problem, seed: u64) {
     let b = Backward::new(p, seed);
     let (dq, dk, dv) = b.split(p);
     b.check(p, "flash backward", &to_f32(&dq), &dk, &dv);
-    let (dq_acc, dk_fused, dv_fused) = b
-        .fused(p, &b.plan.key_tiles)
-        .unwrap_or_else(|e| panic!("flash_attention_backward_fused_d{}: {e}", p.d));
-    b.check(p, "fused flash backward", &dq_acc, &dk_fused, &dv_fused);
-    // the same dS products and roundings as the dk/dv kernel
-    assert_eq!(dk_fused, dk, "fused dk is the dk/dv kernel's");
-    assert_eq!(dv_fused, dv, "fused dv is the dk/dv kernel's");
+    for (variant, key_tiles) in [
+        (FlashBackward::Fused, b.plan.key_tiles.clone()),
+        (FlashBackward::FusedWide, b.plan.wide_key_tiles()),
+    ] {
+        let what = format!("{} flash backward", variant.name());
+        let (dq_acc, dk_fused, dv_fused) = b
+            .fused(p, variant, &key_tiles)
+            .unwrap_or_else(|e| panic!("{what} d{}: {e}", p.d));
+        b.check(p, &what, &dq_acc, &dk_fused, &dv_fused);
+        // the same dS products and roundings as the dk/dv kernel, key by key
+        assert_eq!(dk_fused, dk, "{what}: dk is the dk/dv kernel's");
+        assert_eq!(dv_fused, dv, "{what}: dv is the dk/dv kernel's");
+    }
 }
 
 #[test]
@@ -724,7 +760,10 @@ fn fused_backward_traps_when_a_key_tile_would_add_out_of_turn() {
     let tiles = &b.plan.key_tiles;
     assert_eq!(tiles.len(), 3 * 4);
     let swapped: Vec<u32> = [&tiles[4..8], &tiles[0..4], &tiles[8..12]].concat();
-    let e = b.fused(&p, &swapped).map(|_| ()).unwrap_err();
+    let e = b
+        .fused(&p, FlashBackward::Fused, &swapped)
+        .map(|_| ())
+        .unwrap_err();
     assert!(e.contains("__trap"), "{e}");
 }
 

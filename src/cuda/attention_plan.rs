@@ -16,6 +16,8 @@ pub const QUERY_TILE_ROWS: usize = 64;
 pub const WIDE_QUERY_TILE_ROWS: usize = 128;
 /// Keys per dK/dV block: `KV_KEYS` in kernels/flash_attention.cu.
 pub const KEY_TILE_ROWS: usize = 64;
+/// Keys per block of the wide fused backward (`2 * KV_KEYS`; [`AttentionPlan::wide_key_tiles`]).
+pub const WIDE_KEY_TILE_ROWS: usize = 128;
 
 /// The tiles of one batch, as the kernels read them (u32 quadruples, uploaded as uint4).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,32 +57,47 @@ pub fn wide_query_tiles(place: &TokenPlacement) -> Vec<u32> {
     runs(place, WIDE_QUERY_TILE_ROWS).concat()
 }
 
+/// Key tiles of up to `rows` keys over query tiles sorted by slot (see `AttentionPlan::key_tiles`).
+fn key_tiles(tiles: &[[u32; 4]], rows: usize) -> Vec<u32> {
+    let mut key_tiles: Vec<[u32; 4]> = Vec::new();
+    let mut begin = 0;
+    while begin < tiles.len() {
+        let slot = tiles[begin][2];
+        let end = begin + tiles[begin..].iter().take_while(|t| t[2] == slot).count();
+        // keys 0..key_end: every position some query of the slot attends to
+        let key_end = tiles[begin..end]
+            .iter()
+            .map(|t| t[3] + t[1])
+            .max()
+            .unwrap_or(0);
+        for first in (0..key_end).step_by(rows) {
+            let count = (key_end - first).min(rows as u32);
+            key_tiles.push([first, count, begin as u32, end as u32]);
+        }
+        begin = end;
+    }
+    key_tiles.sort_by_key(|t| t[0]); // stable: slot order within the same keys
+    key_tiles.concat()
+}
+
 impl AttentionPlan {
     pub fn new(place: &TokenPlacement) -> Self {
         let tiles = runs(place, QUERY_TILE_ROWS);
-
-        let mut key_tiles: Vec<[u32; 4]> = Vec::new();
-        let mut begin = 0;
-        while begin < tiles.len() {
-            let slot = tiles[begin][2];
-            let end = begin + tiles[begin..].iter().take_while(|t| t[2] == slot).count();
-            // keys 0..key_end: every position some query of the slot attends to
-            let key_end = tiles[begin..end]
-                .iter()
-                .map(|t| t[3] + t[1])
-                .max()
-                .unwrap_or(0);
-            for first in (0..key_end).step_by(KEY_TILE_ROWS) {
-                let count = (key_end - first).min(KEY_TILE_ROWS as u32);
-                key_tiles.push([first, count, begin as u32, end as u32]);
-            }
-            begin = end;
-        }
-        key_tiles.sort_by_key(|t| t[0]); // stable: slot order within the same keys
         AttentionPlan {
+            key_tiles: key_tiles(&tiles, KEY_TILE_ROWS),
             query_tiles: tiles.concat(),
-            key_tiles: key_tiles.concat(),
         }
+    }
+
+    /// Key tiles of up to `WIDE_KEY_TILE_ROWS` keys over the same query tiles, in the same
+    /// order as `key_tiles`: the wide fused backward's.
+    pub fn wide_key_tiles(&self) -> Vec<u32> {
+        let tiles: Vec<[u32; 4]> = self
+            .query_tiles
+            .chunks(4)
+            .map(|t| [t[0], t[1], t[2], t[3]])
+            .collect();
+        key_tiles(&tiles, WIDE_KEY_TILE_ROWS)
     }
 
     pub fn num_query_tiles(&self) -> usize {
@@ -216,6 +233,16 @@ mod tests {
         assert_eq!(
             firsts,
             vec![[0, 0], [0, 4], [0, 5], [64, 0], [64, 5], [128, 0], [192, 0]]
+        );
+        // 128-key tiles: slot 0 keys 0..128, 128..200; slot 1 0..10; slot 2 0..70
+        assert_eq!(
+            plan.wide_key_tiles(),
+            vec![
+                0, 128, 0, 4, //
+                0, 10, 4, 5, //
+                0, 70, 5, 7, //
+                128, 72, 0, 4,
+            ]
         );
     }
 

@@ -499,8 +499,9 @@ fn flash_backward_from_env() -> Result<FlashBackward> {
 fn parse_flash_backward(value: Option<&str>) -> Result<FlashBackward> {
     match value {
         None => Ok(FlashBackward::Split),
-        Some(v) => FlashBackward::from_name(v)
-            .ok_or_else(|| anyhow!("THINKSHORT_FLASH_BACKWARD must be split or fused, got {v:?}")),
+        Some(v) => FlashBackward::from_name(v).ok_or_else(|| {
+            anyhow!("THINKSHORT_FLASH_BACKWARD must be split, fused or fused-wide, got {v:?}")
+        }),
     }
 }
 
@@ -1244,13 +1245,18 @@ impl Backend for CudaBackend {
 /// (dw of a matmul may be either) are f32, accumulated with atomics where rows share a parameter.
 impl TrainBackend for CudaBackend {
     fn attention_backward_variants(&self) -> &'static [&'static str] {
-        const NAMES: [&str; 2] = [FlashBackward::Split.name(), FlashBackward::Fused.name()];
+        const NAMES: [&str; 3] = [
+            FlashBackward::Split.name(),
+            FlashBackward::Fused.name(),
+            FlashBackward::FusedWide.name(),
+        ];
         &NAMES
     }
 
     fn set_attention_backward_variant(&self, name: &str) -> Result<&'static str> {
-        let variant = FlashBackward::from_name(name)
-            .ok_or_else(|| anyhow!("no attention backward variant {name:?} (split, fused)"))?;
+        let variant = FlashBackward::from_name(name).ok_or_else(|| {
+            anyhow!("no attention backward variant {name:?} (split, fused, fused-wide)")
+        })?;
         Ok(self.set_flash_backward(variant).name())
     }
 
@@ -1329,17 +1335,22 @@ impl TrainBackend for CudaBackend {
             // scratch: dsum [m, n_heads], then for the fused kernel dq_acc [m, q_dim] (from an
             // even float: 8-byte aligned) and the turns [query tiles, n_heads]
             let dsum_len = (m * n_heads).next_multiple_of(2);
-            let fused_len = match variant {
-                FlashBackward::Split => 0,
-                FlashBackward::Fused => m * q_dim + plan.num_query_tiles() * n_heads,
+            let fused = variant != FlashBackward::Split;
+            let fused_len = if fused {
+                m * q_dim + plan.num_query_tiles() * n_heads
+            } else {
+                0
             };
             let dsum = self.scratch_f32(dsum_len + fused_len)?;
-            let (dq_acc, turns) = match variant {
-                FlashBackward::Split => (0, 0),
-                FlashBackward::Fused => {
-                    let dq_acc = dsum + 4 * dsum_len as u64;
-                    (dq_acc, dq_acc + 4 * (m * q_dim) as u64)
-                }
+            let (dq_acc, turns) = if fused {
+                let dq_acc = dsum + 4 * dsum_len as u64;
+                (dq_acc, dq_acc + 4 * (m * q_dim) as u64)
+            } else {
+                (0, 0)
+            };
+            let key_tiles = match variant {
+                FlashBackward::FusedWide => plan.wide_key_tiles(),
+                _ => plan.key_tiles.clone(),
             };
             let grads = FlashGrads {
                 dq: dq.ptr,
@@ -1349,8 +1360,8 @@ impl TrainBackend for CudaBackend {
                 out: out.ptr,
                 lse: lse.ptr,
                 dsum,
-                key_tiles: self.indices(&plan.key_tiles)?,
-                num_key_tiles: plan.num_key_tiles(),
+                key_tiles: self.indices(&key_tiles)?,
+                num_key_tiles: key_tiles.len() / 4,
                 dq_acc,
                 turns,
             };
@@ -1766,6 +1777,10 @@ mod tests {
         assert_eq!(
             parse_flash_backward(Some("fused")).unwrap(),
             FlashBackward::Fused
+        );
+        assert_eq!(
+            parse_flash_backward(Some("fused-wide")).unwrap(),
+            FlashBackward::FusedWide
         );
         let err = parse_flash_backward(Some("1")).unwrap_err().to_string();
         assert!(err.contains("THINKSHORT_FLASH_BACKWARD"), "{err}");

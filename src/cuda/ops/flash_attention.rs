@@ -6,7 +6,9 @@ use anyhow::{ensure, Context, Result};
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use super::attention::check_attention_dims;
-use crate::cuda::attention_plan::{KEY_TILE_ROWS, QUERY_TILE_ROWS, WIDE_QUERY_TILE_ROWS};
+use crate::cuda::attention_plan::{
+    KEY_TILE_ROWS, QUERY_TILE_ROWS, WIDE_KEY_TILE_ROWS, WIDE_QUERY_TILE_ROWS,
+};
 use crate::cuda::launch::{grid_1d, to_i32, KernelCtx};
 use cudarc::driver::result as drv;
 
@@ -55,20 +57,35 @@ impl FlashForward {
 }
 
 /// Which fused backward: the dq kernel then the dk/dv kernel (7 products: each recomputes S and
-/// dP), or one kernel for all three (5 products; dq summed over key tiles in turns, in f32).
+/// dP), or one kernel for all three (5 products; dq summed over key tiles in turns, in f32) over
+/// key tiles of 64 (4 warps) or 128 keys (8 warps: AttentionPlan::wide_key_tiles).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FlashBackward {
     Split,
     Fused,
+    FusedWide,
 }
 
 impl FlashBackward {
-    pub const ALL: [FlashBackward; 2] = [FlashBackward::Split, FlashBackward::Fused];
+    pub const ALL: [FlashBackward; 3] = [
+        FlashBackward::Split,
+        FlashBackward::Fused,
+        FlashBackward::FusedWide,
+    ];
 
     pub const fn name(self) -> &'static str {
         match self {
             FlashBackward::Split => "split",
             FlashBackward::Fused => "fused",
+            FlashBackward::FusedWide => "fused-wide",
+        }
+    }
+
+    /// Keys per key tile (the tiles `FlashGrads::key_tiles` must hold).
+    pub fn key_tile_rows(self) -> usize {
+        match self {
+            FlashBackward::Split | FlashBackward::Fused => KEY_TILE_ROWS,
+            FlashBackward::FusedWide => WIDE_KEY_TILE_ROWS,
         }
     }
 
@@ -84,6 +101,7 @@ struct Kernels {
     dq: &'static str,
     dkdv: &'static str,
     fused_backward: &'static str,
+    fused_backward_wide: &'static str,
 }
 
 macro_rules! kernels_of {
@@ -94,6 +112,7 @@ macro_rules! kernels_of {
             dq: concat!("flash_attention_backward_dq_d", $d),
             dkdv: concat!("flash_attention_backward_dkdv_d", $d),
             fused_backward: concat!("flash_attention_backward_fused_d", $d),
+            fused_backward_wide: concat!("flash_attention_backward_fused_wide_d", $d),
         }
     };
 }
@@ -133,9 +152,12 @@ pub fn dkdv_shared_bytes(head_dim: usize) -> u32 {
     ((2 * KEY_TILE_ROWS + 2 * QUERY_TILE_ROWS) * (head_dim + TILE_PAD) * 2
         + 2 * QUERY_TILE_ROWS * 4) as u32
 }
-pub fn fused_backward_shared_bytes(head_dim: usize) -> u32 {
-    // the dk/dv kernel's, and dS^T [KV_KEYS, FLASH_ROWS + TILE_PAD] bf16
-    dkdv_shared_bytes(head_dim) + (KEY_TILE_ROWS * (QUERY_TILE_ROWS + TILE_PAD) * 2) as u32
+pub fn fused_backward_shared_bytes(head_dim: usize, variant: FlashBackward) -> u32 {
+    // as the dk/dv kernel's for the variant's key tile, and dS^T [keys, FLASH_ROWS + TILE_PAD] bf16
+    let keys = variant.key_tile_rows();
+    ((2 * keys + 2 * QUERY_TILE_ROWS) * (head_dim + TILE_PAD) * 2
+        + 2 * QUERY_TILE_ROWS * 4
+        + keys * (QUERY_TILE_ROWS + TILE_PAD) * 2) as u32
 }
 
 /// The problem every kernel here shares: the batch, the cache and the tiles on the device.
@@ -238,8 +260,8 @@ pub struct FlashGrads {
     pub dsum: u64,      // f32 [m, n_heads] scratch
     pub key_tiles: u64, // u32 [key tiles, 4] (AttentionPlan::key_tiles)
     pub num_key_tiles: usize,
-    /// Scratch of FlashBackward::Fused (0 for Split): f32 [m, n_heads * head_dim], 8-byte
-    /// aligned, and i32 [query tiles, n_heads] (zeroed here).
+    /// Scratch of the fused variants (0 for Split): f32 [m, n_heads * head_dim], 8-byte aligned,
+    /// and i32 [query tiles, n_heads] (zeroed here).
     pub dq_acc: u64,
     pub turns: u64,
 }
@@ -262,7 +284,7 @@ pub fn flash_attention_backward(
     );
     to_i32(OP, "key tiles", g.num_key_tiles)?;
     to_i32(OP, "key tiles * n_kv_heads", g.num_key_tiles * p.n_kv_heads)?;
-    if variant == FlashBackward::Fused {
+    if variant != FlashBackward::Split {
         ensure!(
             g.dq_acc != 0 && g.dq_acc.is_multiple_of(8) && g.turns != 0,
             "{OP}: the fused backward needs an 8-byte aligned dq_acc and turns"
@@ -293,16 +315,21 @@ pub fn flash_attention_backward(
             launch_dq(k, p, g, names.dq, (capacity, n_heads, n_kv_heads), scale)?;
             launch_dkdv(k, p, g, names.dkdv, (capacity, n_heads, n_kv_heads), scale)
         }
-        FlashBackward::Fused => {
+        FlashBackward::Fused | FlashBackward::FusedWide => {
             let turns = p.num_tiles * p.n_heads;
             // SAFETY: turns holds num_tiles * n_heads i32 (FlashGrads).
             unsafe { drv::memset_d8_async(g.turns, 0, turns * 4, k.stream.cu_stream()) }
                 .context("cuMemsetD8Async (turns)")?;
+            let name = match variant {
+                FlashBackward::FusedWide => names.fused_backward_wide,
+                _ => names.fused_backward,
+            };
             launch_fused(
                 k,
                 p,
                 g,
-                names.fused_backward,
+                variant,
+                name,
                 (capacity, n_heads, n_kv_heads),
                 scale,
             )?;
@@ -393,11 +420,17 @@ fn launch_fused(
     k: &KernelCtx,
     p: &FlashProblem,
     g: &FlashGrads,
+    variant: FlashBackward,
     name: &'static str,
     (capacity, n_heads, n_kv_heads): (i32, i32, i32),
     scale: f32,
 ) -> Result<()> {
-    let shared = fused_backward_shared_bytes(p.head_dim);
+    if g.num_key_tiles == 0 {
+        return Ok(());
+    }
+    let shared = fused_backward_shared_bytes(p.head_dim, variant);
+    // one warp per 16 keys of the tile
+    let threads = (variant.key_tile_rows() / 16 * 32) as u32;
     let f = k.function_with_shared_mem("flash_attention", name, shared)?;
     let mut b = k.stream.launch_builder(&f);
     b.arg(&g.dq_acc)
@@ -419,15 +452,16 @@ fn launch_fused(
     // 1-D, key tile major: key tile r - 1 of a slot starts before key tile r (the turns)
     let cfg = LaunchConfig {
         grid_dim: ((g.num_key_tiles * p.n_kv_heads) as u32, 1, 1),
-        block_dim: (FLASH_THREADS, 1, 1),
+        block_dim: (threads, 1, 1),
         shared_mem_bytes: shared,
     };
-    // SAFETY: flash_attention_backward_fused_d{D}(float* dq_acc, int* turns, bf16* dcache_k,
+    // SAFETY: flash_attention_backward_fused{,_wide}_d{D}(float* dq_acc, int* turns, bf16* dcache_k,
     // bf16* dcache_v, const bf16* dout, const float* lse, const float* dsum, const bf16* q,
     // const bf16* cache_k, const bf16* cache_v, const uint4* tiles, const uint4* key_tiles,
     // int capacity, int n_heads, int n_kv_heads, float scale); dq_acc [m, q_dim] f32 and the
-    // zeroed turns [query tiles, n_heads] as documented on FlashGrads; the key tiles in key order
-    // (AttentionPlan), every slot's key 0 in a tile, so every dq row is stored before it is added to.
+    // zeroed turns [query tiles, n_heads] as documented on FlashGrads; the key tiles (of the
+    // variant's size) in key order (AttentionPlan), every slot's key 0 in a tile, so every dq row
+    // is stored before it is added to; 128 or 256 threads as the kernel's key tile needs.
     unsafe { b.launch(cfg) }.with_context(|| format!("launching {name}"))?;
     Ok(())
 }
@@ -445,7 +479,8 @@ mod tests {
                 forward_shared_bytes(d, FlashForward::Wide),
                 dq_shared_bytes(d),
                 dkdv_shared_bytes(d),
-                fused_backward_shared_bytes(d),
+                fused_backward_shared_bytes(d, FlashBackward::Fused),
+                fused_backward_shared_bytes(d, FlashBackward::FusedWide),
             ] {
                 assert!(bytes <= 163 * 1024, "d {d}: {bytes}");
             }
@@ -456,14 +491,29 @@ mod tests {
         assert_eq!(forward_shared_bytes(64, FlashForward::Wide), 36_864);
         assert_eq!(dq_shared_bytes(128), 34_816);
         assert_eq!(dkdv_shared_bytes(128), 70_144);
-        assert_eq!(fused_backward_shared_bytes(128), 70_144 + 64 * 72 * 2);
+        assert_eq!(
+            fused_backward_shared_bytes(128, FlashBackward::Fused),
+            70_144 + 64 * 72 * 2
+        );
+        // 128 keys of K and V, the query tile, its statistics, dS^T [128, 72]
+        assert_eq!(
+            fused_backward_shared_bytes(128, FlashBackward::FusedWide),
+            (2 * 128 + 2 * 64) * 136 * 2 + 512 + 128 * 72 * 2
+        );
     }
 
     #[test]
     fn every_supported_head_dim_has_kernels_and_others_are_refused() {
         for d in FLASH_HEAD_DIMS {
             let k = kernels(d).unwrap();
-            for name in [k.forward, k.forward_wide, k.dq, k.dkdv, k.fused_backward] {
+            for name in [
+                k.forward,
+                k.forward_wide,
+                k.dq,
+                k.dkdv,
+                k.fused_backward,
+                k.fused_backward_wide,
+            ] {
                 assert!(name.ends_with(&format!("_d{d}")), "{name}");
             }
             assert_eq!(k.forward_wide, format!("flash_attention_forward_wide_d{d}"));

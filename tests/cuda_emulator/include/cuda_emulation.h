@@ -231,6 +231,7 @@ template <class T> inline void __stcg(T* p, T v) { *p = v; }
 inline float atomicAdd(float* p, float v) { const float old = *p; *p = old + v; return old; }
 inline int atomicAdd(int* p, int v) { const int old = *p; *p = old + v; return old; }
 inline void __threadfence() {}
+inline void __nanosleep(unsigned) {}
 [[noreturn]] inline void __trap() { emu::fail("__trap() in a kernel"); }
 
 inline size_t __cvta_generic_to_shared(const void* p) {
