@@ -39,7 +39,8 @@
 //                                    in key order (see below), then converted to bf16. 1-D grid.
 //   flash_attention_backward_fused_wide_d{D} the same with 8 warps over key tiles of 2 * KV_KEYS:
 //                                    each query tile copied and each dq row added to half as often
-//                                    (FlashAttention-2's 128-key blocks).
+//                                    (FlashAttention-2's 128-key blocks); one block per SM, so the
+//                                    next query tile is copied during the math on this one.
 
 #include "common.cuh"
 #include "mma.cuh"
@@ -468,7 +469,9 @@ __device__ __forceinline__ void add_dq_of_key_tile(float* dq_acc, const __nv_bfl
     }
 }
 
-template <int D, bool FUSED, int WARPS>
+// Query tiles are copied in STAGES stages: with 2 the copy of the next (head, query tile) runs
+// during the math on this one (the wide fused kernel: one block per SM, nothing else to overlap).
+template <int D, bool FUSED, int WARPS, int STAGES>
 __device__ __forceinline__ void flash_backward_dkdv(float* dq_acc, int* turns,
                                                     __nv_bfloat16* dcache_k, __nv_bfloat16* dcache_v,
                                                     const __nv_bfloat16* dout, const float* lse,
@@ -478,14 +481,16 @@ __device__ __forceinline__ void flash_backward_dkdv(float* dq_acc, int* turns,
                                                     int capacity, int n_heads, int n_kv_heads, float scale) {
     constexpr int S = D + TILE_PAD;
     constexpr int KEYS = 16 * WARPS;  // one 16-key slab per warp
+    constexpr int QTILE = FLASH_ROWS * S;
+    static_assert(STAGES == 1 || STAGES == 2, "one or two stages of query tiles");
     DYNAMIC_SHARED(unsigned char, smem);
     __nv_bfloat16* k_s = reinterpret_cast<__nv_bfloat16*>(smem);  // [KEYS][S]
     __nv_bfloat16* v_s = k_s + KEYS * S;                            // [KEYS][S]
-    __nv_bfloat16* q_s = v_s + KEYS * S;                            // [FLASH_ROWS][S]
-    __nv_bfloat16* do_s = q_s + FLASH_ROWS * S;                     // [FLASH_ROWS][S]
-    float* lse_s = reinterpret_cast<float*>(do_s + FLASH_ROWS * S); // [FLASH_ROWS], log2 units
-    float* dsum_s = lse_s + FLASH_ROWS;                             // [FLASH_ROWS]
-    __nv_bfloat16* ds_s = reinterpret_cast<__nv_bfloat16*>(dsum_s + FLASH_ROWS);  // FUSED: [KEYS][DS_STRIDE]
+    __nv_bfloat16* q_stages = v_s + KEYS * S;                       // [STAGES][FLASH_ROWS][S]
+    __nv_bfloat16* do_stages = q_stages + STAGES * QTILE;           // [STAGES][FLASH_ROWS][S]
+    float* lse_stages = reinterpret_cast<float*>(do_stages + STAGES * QTILE);  // [STAGES][FLASH_ROWS], log2 units
+    float* dsum_stages = lse_stages + STAGES * FLASH_ROWS;                     // [STAGES][FLASH_ROWS]
+    __nv_bfloat16* ds_s = reinterpret_cast<__nv_bfloat16*>(dsum_stages + STAGES * FLASH_ROWS);  // FUSED: [KEYS][DS_STRIDE]
 
     // the fused kernel's grid is 1-D, key tile major (the block order its turns rely on)
     const int key_tile = FUSED ? blockIdx.x / n_kv_heads : blockIdx.x;
@@ -511,85 +516,124 @@ __device__ __forceinline__ void flash_backward_dkdv(float* dq_acc, int* turns,
         for (int e = 0; e < 4; e++) { dk[dn][e] = dv[dn][e] = 0.0f; }
     }
 
-    for (int h = kvh * group; h < (kvh + 1) * group; h++) {
-        for (int ti = tiles_begin; ti < tiles_end; ti++) {
-            const QueryTile tile = read_tile(tiles, ti);
-            if (tile.first_pos + tile.count <= first_key) { continue; }  // sees none of these keys
-            const size_t first = (size_t)tile.first_token * q_dim + h * D;
-            __syncthreads();  // the previous tile's reads of q_s, do_s (and ds_s) are done
-            load_tile_async<D, FLASH_ROWS>(q_s, q + first, q_dim, tile.count);
-            load_tile_async<D, FLASH_ROWS>(do_s, dout + first, q_dim, tile.count);
-            copy_async_commit();
-            for (int r = threadIdx.x; r < FLASH_ROWS; r += blockDim.x) {
-                const size_t at = ((size_t)tile.first_token + r) * n_heads + h;
-                lse_s[r] = r < tile.count ? lse[at] * LOG2E : INFINITY;  // padding: P = 0
-                dsum_s[r] = r < tile.count ? dsum[at] : 0.0f;
+    // The work items: every query head h of the group times every query tile ti of the slot that
+    // sees some of these keys, h major. advance() steps (h, ti) to the next (h == h_end: done).
+    const int h_end = (kvh + 1) * group;
+    auto sees_none = [&](int i) {
+        const QueryTile tile = read_tile(tiles, i);
+        return tile.first_pos + tile.count <= first_key;
+    };
+    auto advance = [&](int& h, int& ti) {
+        do {
+            if (++ti == tiles_end) {
+                ti = tiles_begin;
+                h++;
             }
+        } while (h < h_end && sees_none(ti));
+    };
+    // Starts copying item (h, ti)'s Q and dO rows into a stage (one cp.async group) and fills its
+    // statistics (visible after the next barrier).
+    auto load_item = [&](int stage, int h, int ti) {
+        const QueryTile tile = read_tile(tiles, ti);
+        const size_t first = (size_t)tile.first_token * q_dim + h * D;
+        load_tile_async<D, FLASH_ROWS>(q_stages + stage * QTILE, q + first, q_dim, tile.count);
+        load_tile_async<D, FLASH_ROWS>(do_stages + stage * QTILE, dout + first, q_dim, tile.count);
+        copy_async_commit();
+        for (int r = threadIdx.x; r < FLASH_ROWS; r += blockDim.x) {
+            const size_t at = ((size_t)tile.first_token + r) * n_heads + h;
+            lse_stages[stage * FLASH_ROWS + r] = r < tile.count ? lse[at] * LOG2E : INFINITY;  // padding: P = 0
+            dsum_stages[stage * FLASH_ROWS + r] = r < tile.count ? dsum[at] : 0.0f;
+        }
+    };
+
+    int h = kvh * group, ti = tiles_begin - 1;
+    advance(h, ti);
+    if (STAGES == 2 && h < h_end) { load_item(0, h, ti); }
+    for (int stage = 0; h < h_end; stage = (stage + 1) % STAGES) {
+        int next_h = h, next_ti = ti;
+        advance(next_h, next_ti);
+        if (STAGES == 1) {
+            load_item(0, h, ti);
             copy_async_wait<0>();
-            __syncthreads();
+        } else if (next_h < h_end) {
+            load_item((stage + 1) % STAGES, next_h, next_ti);  // the stage the last item used
+            copy_async_wait<1>();
+        } else {
+            copy_async_wait<0>();
+        }
+        __syncthreads();  // this item's tiles and statistics are in shared memory
+        const QueryTile tile = read_tile(tiles, ti);
+        const size_t first = (size_t)tile.first_token * q_dim + h * D;
+        const __nv_bfloat16* q_s = q_stages + stage * QTILE;
+        const __nv_bfloat16* do_s = do_stages + stage * QTILE;
+        const float* lse_s = lse_stages + stage * FLASH_ROWS;
+        const float* dsum_s = dsum_stages + stage * FLASH_ROWS;
 
-            for (int c0 = 0; c0 < tile.count; c0 += KV_QUERIES) {
-                // p = S^T, dp = dP^T: [16 keys, KV_QUERIES queries]
-                float p[KV_QUERIES / 8][4], dp[KV_QUERIES / 8][4];
-                for (int nt = 0; nt < KV_QUERIES / 8; nt++) {
-                    for (int e = 0; e < 4; e++) { p[nt][e] = dp[nt][e] = 0.0f; }
-                }
-                for (int kk = 0; kk < D / 16; kk++) {
-                    uint32_t ka[4], va[4], b[2][2];
-                    load_a(ka, k_s, S, warp * 16, kk * 16, lane);
-                    load_a(va, v_s, S, warp * 16, kk * 16, lane);
-                    load_b_transposed_x2(b, q_s, S, c0, kk * 16, lane);
-                    mma_m16n8k16(p[0], ka, b[0]);
-                    mma_m16n8k16(p[1], ka, b[1]);
-                    load_b_transposed_x2(b, do_s, S, c0, kk * 16, lane);
-                    mma_m16n8k16(dp[0], va, b[0]);
-                    mma_m16n8k16(dp[1], va, b[1]);
-                }
-                // P^T and dS^T (in dp), masked: query c sees key j when j <= its position
-                for (int nt = 0; nt < KV_QUERIES / 8; nt++) {
-                    for (int e = 0; e < 4; e++) {
-                        const int c = c0 + nt * 8 + 2 * t + (e & 1);
-                        const float pj = key[e / 2] <= tile.first_pos + c
-                                             ? exp2f(p[nt][e] * scale_log2 - lse_s[c]) : 0.0f;
-                        p[nt][e] = pj;
-                        dp[nt][e] = pj * (dp[nt][e] - dsum_s[c]);
-                    }
-                }
-                // dv += P^T dO, dk += dS^T Q (one k-step of KV_QUERIES = 16 queries)
-                uint32_t pa[4], dsa[4];
-                accumulators_to_a(pa, p[0], p[1]);
-                accumulators_to_a(dsa, dp[0], dp[1]);
-                if constexpr (FUSED) {
-                    // dS^T as bf16 (the operand dk uses too): rows g and g + 8 of the warp's keys
-                    __nv_bfloat16* ds_rows = ds_s + (warp * 16 + g) * DS_STRIDE + c0 + 2 * t;
-                    *reinterpret_cast<uint32_t*>(ds_rows) = dsa[0];
-                    *reinterpret_cast<uint32_t*>(ds_rows + 8 * DS_STRIDE) = dsa[1];
-                    *reinterpret_cast<uint32_t*>(ds_rows + 8) = dsa[2];
-                    *reinterpret_cast<uint32_t*>(ds_rows + 8 * DS_STRIDE + 8) = dsa[3];
-                }
-                for (int dn = 0; dn < D / 8; dn += 2) {
-                    uint32_t b[2][2];
-                    load_b_x2(b, do_s, S, c0, dn * 8, lane);
-                    mma_m16n8k16(dv[dn], pa, b[0]);
-                    mma_m16n8k16(dv[dn + 1], pa, b[1]);
-                    load_b_x2(b, q_s, S, c0, dn * 8, lane);
-                    mma_m16n8k16(dk[dn], dsa, b[0]);
-                    mma_m16n8k16(dk[dn + 1], dsa, b[1]);
+        for (int c0 = 0; c0 < tile.count; c0 += KV_QUERIES) {
+            // p = S^T, dp = dP^T: [16 keys, KV_QUERIES queries]
+            float p[KV_QUERIES / 8][4], dp[KV_QUERIES / 8][4];
+            for (int nt = 0; nt < KV_QUERIES / 8; nt++) {
+                for (int e = 0; e < 4; e++) { p[nt][e] = dp[nt][e] = 0.0f; }
+            }
+            for (int kk = 0; kk < D / 16; kk++) {
+                uint32_t ka[4], va[4], b[2][2];
+                load_a(ka, k_s, S, warp * 16, kk * 16, lane);
+                load_a(va, v_s, S, warp * 16, kk * 16, lane);
+                load_b_transposed_x2(b, q_s, S, c0, kk * 16, lane);
+                mma_m16n8k16(p[0], ka, b[0]);
+                mma_m16n8k16(p[1], ka, b[1]);
+                load_b_transposed_x2(b, do_s, S, c0, kk * 16, lane);
+                mma_m16n8k16(dp[0], va, b[0]);
+                mma_m16n8k16(dp[1], va, b[1]);
+            }
+            // P^T and dS^T (in dp), masked: query c sees key j when j <= its position
+            for (int nt = 0; nt < KV_QUERIES / 8; nt++) {
+                for (int e = 0; e < 4; e++) {
+                    const int c = c0 + nt * 8 + 2 * t + (e & 1);
+                    const float pj = key[e / 2] <= tile.first_pos + c
+                                         ? exp2f(p[nt][e] * scale_log2 - lse_s[c]) : 0.0f;
+                    p[nt][e] = pj;
+                    dp[nt][e] = pj * (dp[nt][e] - dsum_s[c]);
                 }
             }
-
+            // dv += P^T dO, dk += dS^T Q (one k-step of KV_QUERIES = 16 queries)
+            uint32_t pa[4], dsa[4];
+            accumulators_to_a(pa, p[0], p[1]);
+            accumulators_to_a(dsa, dp[0], dp[1]);
             if constexpr (FUSED) {
-                // (the dS^T columns of queries past the last 16-query step are not written: the
-                // warps whose dq rows they are skip the product)
-                const int rank = first_key / KEYS;
-                int* turn = turns + (size_t)ti * n_heads + h;
-                __syncthreads();  // the whole dS^T tile is in shared memory
-                wait_for_turn(turn, rank);
-                add_dq_of_key_tile<D, KEYS, WARPS>(dq_acc, ds_s, k_s, first, q_dim, tile.count,
-                                                   rank == 0, scale, warp, lane);
-                pass_turn(turn);
+                // dS^T as bf16 (the operand dk uses too): rows g and g + 8 of the warp's keys
+                __nv_bfloat16* ds_rows = ds_s + (warp * 16 + g) * DS_STRIDE + c0 + 2 * t;
+                *reinterpret_cast<uint32_t*>(ds_rows) = dsa[0];
+                *reinterpret_cast<uint32_t*>(ds_rows + 8 * DS_STRIDE) = dsa[1];
+                *reinterpret_cast<uint32_t*>(ds_rows + 8) = dsa[2];
+                *reinterpret_cast<uint32_t*>(ds_rows + 8 * DS_STRIDE + 8) = dsa[3];
+            }
+            for (int dn = 0; dn < D / 8; dn += 2) {
+                uint32_t b[2][2];
+                load_b_x2(b, do_s, S, c0, dn * 8, lane);
+                mma_m16n8k16(dv[dn], pa, b[0]);
+                mma_m16n8k16(dv[dn + 1], pa, b[1]);
+                load_b_x2(b, q_s, S, c0, dn * 8, lane);
+                mma_m16n8k16(dk[dn], dsa, b[0]);
+                mma_m16n8k16(dk[dn + 1], dsa, b[1]);
             }
         }
+
+        if constexpr (FUSED) {
+            // (the dS^T columns of queries past the last 16-query step are not written: the
+            // warps whose dq rows they are skip the product)
+            const int rank = first_key / KEYS;
+            int* turn = turns + (size_t)ti * n_heads + h;
+            __syncthreads();  // the whole dS^T tile is in shared memory
+            wait_for_turn(turn, rank);
+            add_dq_of_key_tile<D, KEYS, WARPS>(dq_acc, ds_s, k_s, first, q_dim, tile.count,
+                                               rank == 0, scale, warp, lane);
+            pass_turn(turn);  // its barrier: every warp is done with this stage and with ds_s
+        } else {
+            __syncthreads();  // every warp is done with this stage before it is refilled
+        }
+        h = next_h;
+        ti = next_ti;
     }
 
     // add into the gradient caches (each key row of this KV head belongs to this block only)
@@ -635,7 +679,7 @@ __device__ __forceinline__ void flash_backward_dkdv(float* dq_acc, int* turns,
         const float* dsum, const __nv_bfloat16* q, const __nv_bfloat16* cache_k,                       \
         const __nv_bfloat16* cache_v, const uint4* tiles, const uint4* key_tiles, int capacity,        \
         int n_heads, int n_kv_heads, float scale) {                                                    \
-        flash_backward_dkdv<D, false, 4>(nullptr, nullptr, dcache_k, dcache_v, dout, lse, dsum, q,    \
+        flash_backward_dkdv<D, false, 4, 1>(nullptr, nullptr, dcache_k, dcache_v, dout, lse, dsum, q,    \
                                       cache_k, cache_v, tiles, key_tiles, capacity, n_heads,           \
                                       n_kv_heads, scale);                                              \
     }                                                                                                  \
@@ -644,7 +688,7 @@ __device__ __forceinline__ void flash_backward_dkdv(float* dq_acc, int* turns,
         const __nv_bfloat16* dout, const float* lse, const float* dsum, const __nv_bfloat16* q,        \
         const __nv_bfloat16* cache_k, const __nv_bfloat16* cache_v, const uint4* tiles,               \
         const uint4* key_tiles, int capacity, int n_heads, int n_kv_heads, float scale) {              \
-        flash_backward_dkdv<D, true, 4>(dq_acc, turns, dcache_k, dcache_v, dout, lse, dsum, q,         \
+        flash_backward_dkdv<D, true, 4, 1>(dq_acc, turns, dcache_k, dcache_v, dout, lse, dsum, q,         \
                                         cache_k, cache_v, tiles, key_tiles, capacity, n_heads,         \
                                         n_kv_heads, scale);                                            \
     }                                                                                                  \
@@ -654,7 +698,7 @@ __device__ __forceinline__ void flash_backward_dkdv(float* dq_acc, int* turns,
             const __nv_bfloat16* dout, const float* lse, const float* dsum, const __nv_bfloat16* q,    \
             const __nv_bfloat16* cache_k, const __nv_bfloat16* cache_v, const uint4* tiles,           \
             const uint4* key_tiles, int capacity, int n_heads, int n_kv_heads, float scale) {          \
-        flash_backward_dkdv<D, true, 8>(dq_acc, turns, dcache_k, dcache_v, dout, lse, dsum, q,         \
+        flash_backward_dkdv<D, true, 8, 2>(dq_acc, turns, dcache_k, dcache_v, dout, lse, dsum, q,         \
                                         cache_k, cache_v, tiles, key_tiles, capacity, n_heads,         \
                                         n_kv_heads, scale);                                            \
     }

@@ -89,6 +89,15 @@ impl FlashBackward {
         }
     }
 
+    /// Query tiles in shared memory at once (`STAGES` of the dk/dv kernels): the wide kernel
+    /// copies the next while it works on one.
+    fn query_stages(self) -> usize {
+        match self {
+            FlashBackward::Split | FlashBackward::Fused => 1,
+            FlashBackward::FusedWide => 2,
+        }
+    }
+
     pub fn from_name(name: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|v| v.name() == name)
     }
@@ -153,10 +162,11 @@ pub fn dkdv_shared_bytes(head_dim: usize) -> u32 {
         + 2 * QUERY_TILE_ROWS * 4) as u32
 }
 pub fn fused_backward_shared_bytes(head_dim: usize, variant: FlashBackward) -> u32 {
-    // as the dk/dv kernel's for the variant's key tile, and dS^T [keys, FLASH_ROWS + TILE_PAD] bf16
-    let keys = variant.key_tile_rows();
-    ((2 * keys + 2 * QUERY_TILE_ROWS) * (head_dim + TILE_PAD) * 2
-        + 2 * QUERY_TILE_ROWS * 4
+    // as the dk/dv kernel's for the variant's key tile and stages of query tiles, and dS^T
+    // [keys, FLASH_ROWS + TILE_PAD] bf16
+    let (keys, stages) = (variant.key_tile_rows(), variant.query_stages());
+    ((2 * keys + stages * 2 * QUERY_TILE_ROWS) * (head_dim + TILE_PAD) * 2
+        + stages * 2 * QUERY_TILE_ROWS * 4
         + keys * (QUERY_TILE_ROWS + TILE_PAD) * 2) as u32
 }
 
@@ -495,10 +505,10 @@ mod tests {
             fused_backward_shared_bytes(128, FlashBackward::Fused),
             70_144 + 64 * 72 * 2
         );
-        // 128 keys of K and V, the query tile, its statistics, dS^T [128, 72]
+        // 128 keys of K and V, two stages of query tiles and statistics, dS^T [128, 72]
         assert_eq!(
             fused_backward_shared_bytes(128, FlashBackward::FusedWide),
-            (2 * 128 + 2 * 64) * 136 * 2 + 512 + 128 * 72 * 2
+            (2 * 128 + 2 * 2 * 64) * 136 * 2 + 2 * 512 + 128 * 72 * 2
         );
     }
 
