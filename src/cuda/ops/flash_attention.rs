@@ -323,7 +323,15 @@ pub fn flash_attention_backward(
     match variant {
         FlashBackward::Split => {
             launch_dq(k, p, g, names.dq, (capacity, n_heads, n_kv_heads), scale)?;
-            launch_dkdv(k, p, g, names.dkdv, (capacity, n_heads, n_kv_heads), scale)
+            launch_dkdv(
+                k,
+                p,
+                g,
+                variant,
+                names.dkdv,
+                (capacity, n_heads, n_kv_heads),
+                scale,
+            )
         }
         FlashBackward::Fused | FlashBackward::FusedWide => {
             let turns = p.num_tiles * p.n_heads;
@@ -334,7 +342,7 @@ pub fn flash_attention_backward(
                 FlashBackward::FusedWide => names.fused_backward_wide,
                 _ => names.fused_backward,
             };
-            launch_fused(
+            launch_dkdv(
                 k,
                 p,
                 g,
@@ -384,10 +392,13 @@ fn launch_dq(
     Ok(())
 }
 
+/// The dK/dV kernel (Split), or a fused kernel that also sums dq: the same arguments after the
+/// fused kernels' dq_acc and turns.
 fn launch_dkdv(
     k: &KernelCtx,
     p: &FlashProblem,
     g: &FlashGrads,
+    variant: FlashBackward,
     name: &'static str,
     (capacity, n_heads, n_kv_heads): (i32, i32, i32),
     scale: f32,
@@ -395,9 +406,25 @@ fn launch_dkdv(
     if g.num_key_tiles == 0 {
         return Ok(());
     }
-    let shared = dkdv_shared_bytes(p.head_dim);
-    let f = k.function_with_shared_mem("flash_attention", name, shared)?;
+    let cfg = match variant {
+        FlashBackward::Split => LaunchConfig {
+            grid_dim: (g.num_key_tiles as u32, p.n_kv_heads as u32, 1),
+            block_dim: (FLASH_THREADS, 1, 1),
+            shared_mem_bytes: dkdv_shared_bytes(p.head_dim),
+        },
+        // 1-D, key tile major: key tile r - 1 of a slot starts before key tile r (the turns);
+        // one warp per 16 keys of the tile
+        FlashBackward::Fused | FlashBackward::FusedWide => LaunchConfig {
+            grid_dim: ((g.num_key_tiles * p.n_kv_heads) as u32, 1, 1),
+            block_dim: ((variant.key_tile_rows() / 16 * 32) as u32, 1, 1),
+            shared_mem_bytes: fused_backward_shared_bytes(p.head_dim, variant),
+        },
+    };
+    let f = k.function_with_shared_mem("flash_attention", name, cfg.shared_mem_bytes)?;
     let mut b = k.stream.launch_builder(&f);
+    if variant != FlashBackward::Split {
+        b.arg(&g.dq_acc).arg(&g.turns);
+    }
     b.arg(&g.dcache_k)
         .arg(&g.dcache_v)
         .arg(&g.dout)
@@ -412,66 +439,15 @@ fn launch_dkdv(
         .arg(&n_heads)
         .arg(&n_kv_heads)
         .arg(&scale);
-    let cfg = LaunchConfig {
-        grid_dim: (g.num_key_tiles as u32, p.n_kv_heads as u32, 1),
-        block_dim: (FLASH_THREADS, 1, 1),
-        shared_mem_bytes: shared,
-    };
-    // SAFETY: flash_attention_backward_dkdv_d{D}(bf16* dcache_k, bf16* dcache_v,
-    // const bf16* dout, const float* lse, const float* dsum, const bf16* q, const bf16* cache_k,
-    // const bf16* cache_v, const uint4* tiles, const uint4* key_tiles, int capacity, int n_heads,
-    // int n_kv_heads, float scale); each key tile names a slot's range of query tiles, and each
-    // block owns its keys' rows of the gradient caches.
-    unsafe { b.launch(cfg) }.with_context(|| format!("launching {name}"))?;
-    Ok(())
-}
-
-fn launch_fused(
-    k: &KernelCtx,
-    p: &FlashProblem,
-    g: &FlashGrads,
-    variant: FlashBackward,
-    name: &'static str,
-    (capacity, n_heads, n_kv_heads): (i32, i32, i32),
-    scale: f32,
-) -> Result<()> {
-    if g.num_key_tiles == 0 {
-        return Ok(());
-    }
-    let shared = fused_backward_shared_bytes(p.head_dim, variant);
-    // one warp per 16 keys of the tile
-    let threads = (variant.key_tile_rows() / 16 * 32) as u32;
-    let f = k.function_with_shared_mem("flash_attention", name, shared)?;
-    let mut b = k.stream.launch_builder(&f);
-    b.arg(&g.dq_acc)
-        .arg(&g.turns)
-        .arg(&g.dcache_k)
-        .arg(&g.dcache_v)
-        .arg(&g.dout)
-        .arg(&g.lse)
-        .arg(&g.dsum)
-        .arg(&p.q)
-        .arg(&p.cache_k)
-        .arg(&p.cache_v)
-        .arg(&p.tiles)
-        .arg(&g.key_tiles)
-        .arg(&capacity)
-        .arg(&n_heads)
-        .arg(&n_kv_heads)
-        .arg(&scale);
-    // 1-D, key tile major: key tile r - 1 of a slot starts before key tile r (the turns)
-    let cfg = LaunchConfig {
-        grid_dim: ((g.num_key_tiles * p.n_kv_heads) as u32, 1, 1),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: shared,
-    };
-    // SAFETY: flash_attention_backward_fused{,_wide}_d{D}(float* dq_acc, int* turns, bf16* dcache_k,
+    // SAFETY: the arguments match flash_attention_backward_dkdv_d{D}(bf16* dcache_k,
     // bf16* dcache_v, const bf16* dout, const float* lse, const float* dsum, const bf16* q,
     // const bf16* cache_k, const bf16* cache_v, const uint4* tiles, const uint4* key_tiles,
-    // int capacity, int n_heads, int n_kv_heads, float scale); dq_acc [m, q_dim] f32 and the
-    // zeroed turns [query tiles, n_heads] as documented on FlashGrads; the key tiles (of the
-    // variant's size) in key order (AttentionPlan), every slot's key 0 in a tile, so every dq row
-    // is stored before it is added to; 128 or 256 threads as the kernel's key tile needs.
+    // int capacity, int n_heads, int n_kv_heads, float scale), and the fused kernels' the same
+    // after (float* dq_acc, int* turns): dq_acc [m, q_dim] f32 and the zeroed turns [query
+    // tiles, n_heads] as documented on FlashGrads. Each key tile (of the variant's size, in key
+    // order: AttentionPlan) names a slot's range of query tiles, every slot's key 0 is in a tile
+    // (so every dq row is stored before it is added to), each block owns its keys' rows of the
+    // gradient caches, and has the threads and shared memory its kernel carves up.
     unsafe { b.launch(cfg) }.with_context(|| format!("launching {name}"))?;
     Ok(())
 }
