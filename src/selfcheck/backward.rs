@@ -330,9 +330,17 @@ pub(super) fn tiny_train_config(tied: bool) -> Result<ModelConfig> {
 /// The tiny model's parameter gradient for random d(loss)/d(log p) over a batch of
 /// prompt + completion pairs, with a separate LM head and with the head tied to the embedding
 /// (whose gradient then sums both uses): one row each, relative error over the whole buffer, and
-/// one row each that the gradient repeats exactly when computed again (no atomics anywhere).
+/// one row each that the gradient repeats exactly when computed again (no atomics anywhere); with
+/// each attention backward the device has.
 pub(super) fn model_gradient_check<D: TrainBackend>(c: &mut Checker<D>) -> Result<()> {
-    for tied in [false, true] {
+    let variants: Vec<Option<&str>> = match c.dev.attention_backward_variants() {
+        [] => vec![None],
+        names => names.iter().copied().map(Some).collect(),
+    };
+    for (tied, variant) in [false, true]
+        .into_iter()
+        .flat_map(|tied| variants.iter().map(move |&v| (tied, v)))
+    {
         let cfg = tiny_train_config(tied)?;
         let host = tiny_model_weights(&cfg, c.seed);
         let cpu_model = Model::from_host(cfg.clone(), &host, CpuBackend)?;
@@ -349,8 +357,9 @@ pub(super) fn model_gradient_check<D: TrainBackend>(c: &mut Checker<D>) -> Resul
         let out = cpu_model.forward_train(&batch, 1.0)?;
         cpu_model.backward(&batch, &out.acts, &dlogp, &mut reference)?;
 
-        let shape = format!(
-            "{} layers h={} heads={}/{} V={} {}; 3 pairs, {} scored tokens; all {} parameters",
+        let shape =
+            format!(
+            "{} layers h={} heads={}/{} V={} {}; 3 pairs, {} scored tokens; all {} parameters{}",
             cfg.num_layers,
             cfg.hidden_size,
             cfg.num_heads,
@@ -358,11 +367,15 @@ pub(super) fn model_gradient_check<D: TrainBackend>(c: &mut Checker<D>) -> Resul
             cfg.vocab_size,
             if tied { "tied head" } else { "own head" },
             batch.rows.len(),
-            reference.len()
+            reference.len(),
+            variant.map(|v| format!("; {v} attention backward")).unwrap_or_default()
         );
         let result = (|| -> Result<(f64, f64)> {
             let dev_model = Model::from_host(cfg.clone(), &host, (c.make_device)()?)?;
             let b = &dev_model.backend;
+            if let Some(v) = variant {
+                b.set_attention_backward_variant(v)?;
+            }
             // Twice: the second must repeat the first bit for bit (fixed-order reductions).
             let mut runs = Vec::new();
             for _ in 0..2 {
