@@ -381,13 +381,16 @@ __device__ __forceinline__ void flash_backward_dq(__nv_bfloat16* dq, const __nv_
 // KEYS = 16 * WARPS keys) puts its dS^T [KEYS keys, FLASH_ROWS queries] in shared memory, then
 // the warps compute scale * dS K [FLASH_ROWS, D] and add it to the tile's rows of `dq_acc` (f32
 // [m, q_dim]; the host converts it to bf16 dq after the kernel). The key tiles of a slot take
-// turns per (query tile, head) in key order, counted in `turns` (zero at launch): key tile r (keys
-// KEYS * r .. + KEYS) waits until turns[] == r, adds, and passes the turn on. So every dq element is the
-// same sum in the same order on every run, key tile 0's part stored (no zeroing of dq_acc), the
-// others added. The host orders the blocks by r (key tile r - 1 of a slot has a lower block index
-// than key tile r), and blocks start in index order, so the tile a block waits for has started;
-// each block does its query tiles in the same order, so a wait lasts about one query tile's work
-// at most (none once the tiles before have finished).
+// turns per (query tile, head) in key order, counted in `turns`: key tile r (keys
+// KEYS * r .. + KEYS) waits until turns[] == r, adds, and passes the turn on. So every dq element
+// is the same sum in the same order on every run, key tile 0's part stored (no zeroing of dq_acc),
+// the others added (`turns`: [1 + query tiles * n_heads] i32, zero at launch: turns[0] counts the
+// tickets, then one turn per (query tile, head)). A block takes its work by ticket (so a lower
+// ticket's block has provably started), and tickets go key tile major over the key tiles,
+// which the host sorts by r: the block a block waits for is running or done, never waiting on it
+// in turn. Each block does its query tiles in the same order, so once a tile's predecessor is
+// ahead they proceed in step; when both start together, rank r's first wait lasts until the
+// ranks before it reach its first query tile (the pipeline filling), none once they have finished.
 
 // A fragment of the 16x16 block of A = the TRANSPOSE of a row-major tile, at A rows row0 and
 // columns col0: A[i][k] = tile[col0 + k][row0 + i]. M0..M3 = a[0..3] are the transposed 8x8
@@ -415,6 +418,8 @@ __device__ __forceinline__ void wait_for_turn(const int* turn, int value) {
 // Hands the turn to the next key tile once the whole block's writes are visible device-wide
 // (the barrier, then one thread's fence: the pattern of cooperative groups' grid sync).
 __device__ __forceinline__ void pass_turn(int* turn) {
+    // (also what orders every warp's dq additions before the turn passes: not redundant with the
+    // barriers that protect shared memory)
     __syncthreads();
     if (threadIdx.x == 0) {
         __threadfence();
@@ -441,7 +446,8 @@ __device__ __forceinline__ void add_dq_of_key_tile(float* dq_acc, const __nv_bfl
 #pragma unroll
     for (int kk = 0; kk < KEYS / 16; kk++) { load_a_transposed(a[kk], ds_s, DS_STRIDE, row0, kk * 16, lane); }
 #pragma unroll
-    for (int dn = col0 / 8; dn < (col0 + COLS) / 8; dn += 2) {
+    for (int step = 0; step < COLS / 16; step++) {
+        const int dn = col0 / 8 + 2 * step;
         float acc[2][4] = {};  // [16, 16]: columns dn * 8 .. + 16
 #pragma unroll
         for (int kk = 0; kk < KEYS / 16; kk++) {
@@ -493,8 +499,15 @@ __device__ __forceinline__ void flash_backward_dkdv(float* dq_acc, int* turns,
     __nv_bfloat16* ds_s = reinterpret_cast<__nv_bfloat16*>(dsum_stages + STAGES * FLASH_ROWS);  // FUSED: [KEYS][DS_STRIDE]
 
     // the fused kernel's grid is 1-D, key tile major (the block order its turns rely on)
-    const int key_tile = FUSED ? blockIdx.x / n_kv_heads : blockIdx.x;
-    const int kvh = FUSED ? blockIdx.x % n_kv_heads : blockIdx.y;
+    int block = blockIdx.x;
+    if constexpr (FUSED) {  // the ticket (see above): turns[0] counts them
+        __shared__ int ticket;
+        if (threadIdx.x == 0) { ticket = atomicAdd(turns, 1); }
+        __syncthreads();
+        block = ticket;
+    }
+    const int key_tile = FUSED ? block / n_kv_heads : block;
+    const int kvh = FUSED ? block % n_kv_heads : blockIdx.y;
     const uint4 kt = key_tiles[key_tile];
     const int first_key = (int)kt.x, key_count = (int)kt.y;
     const int tiles_begin = (int)kt.z, tiles_end = (int)kt.w;
@@ -623,12 +636,11 @@ __device__ __forceinline__ void flash_backward_dkdv(float* dq_acc, int* turns,
             // (the dS^T columns of queries past the last 16-query step are not written: the
             // warps whose dq rows they are skip the product)
             const int rank = first_key / KEYS;
-            int* turn = turns + (size_t)ti * n_heads + h;
-            __syncthreads();  // the whole dS^T tile is in shared memory
-            wait_for_turn(turn, rank);
+            int* turn = turns + 1 + (size_t)ti * n_heads + h;
+            wait_for_turn(turn, rank);  // (its barrier: the whole dS^T tile is in shared memory)
             add_dq_of_key_tile<D, KEYS, WARPS>(dq_acc, ds_s, k_s, first, q_dim, tile.count,
                                                rank == 0, scale, warp, lane);
-            pass_turn(turn);  // its barrier: every warp is done with this stage and with ds_s
+            pass_turn(turn);  // its barrier also ends every warp's use of this stage and of ds_s
         } else {
             __syncthreads();  // every warp is done with this stage before it is refilled
         }

@@ -168,8 +168,14 @@ pub fn run<D: TrainBackend>(
     policy_loss::checks(&mut c)?;
     let mut info = model_check(&mut c)?;
     info.extend(decode_graph::decode_graph_check(&mut c)?);
-    backward::model_gradient_check(&mut c)?;
+    let variants = c.dev.attention_backward_variants();
+    backward::model_gradient_check(&mut c, variants.first().copied())?;
     grpo_step::grpo_step_check(&mut c)?;
+    // the device's other attention backward kernels last (see attention::backward_checks)
+    for &variant in variants.iter().skip(1) {
+        attention::backward_checks(&mut c, coverage, Some(variant))?;
+        backward::model_gradient_check(&mut c, Some(variant))?;
+    }
     Ok(Report { rows: c.rows, info })
 }
 

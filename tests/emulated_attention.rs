@@ -599,7 +599,8 @@ impl Backward {
     ) -> Result<Grads<f32>, String> {
         let plan = &self.plan;
         let mut dq_acc = vec![f32::NAN; p.m() * p.heads * p.d];
-        let mut turns = vec![0i32; plan.num_query_tiles() * p.heads];
+        // the ticket counter, then a turn per (query tile, head)
+        let mut turns = vec![0i32; 1 + plan.num_query_tiles() * p.heads];
         let (mut dk, mut dv) = (self.dk_start.0.clone(), self.dv_start.0.clone());
         let (accp, turnp, dkp, dvp) = (
             dq_acc.as_mut_ptr(),
@@ -607,8 +608,9 @@ impl Backward {
             dk.as_mut_ptr(),
             dv.as_mut_ptr(),
         );
+        let blocks = key_tiles.len() / 4 * p.kv_heads;
         let cfg = Launch {
-            grid: ((key_tiles.len() / 4 * p.kv_heads) as u32, 1, 1),
+            grid: (blocks as u32, 1, 1),
             block: ((variant.key_tile_rows() / 16 * 32) as u32, 1, 1),
             shared_bytes: flash::fused_backward_shared_bytes(p.d, variant) as usize,
         };
@@ -633,8 +635,10 @@ impl Backward {
                 p.scale(),
             )
         })?;
-        // every key tile of a slot took its turn on every (query tile, head) it sees
-        for (i, &turn) in turns.iter().enumerate() {
+        // every block took a ticket, and every key tile of a slot its turn on every (query tile,
+        // head) it sees
+        assert_eq!(turns[0] as usize, blocks, "tickets");
+        for (i, &turn) in turns[1..].iter().enumerate() {
             let tile = &plan.query_tiles[i / p.heads * 4..][..4];
             let seen = (tile[3] + tile[1]).div_ceil(variant.key_tile_rows() as u32);
             assert_eq!(
@@ -753,18 +757,20 @@ fn flash_backward_of_several_key_tiles_per_query_tile_matches_the_cpu_d64() {
 
 #[test]
 fn fused_backward_traps_when_a_key_tile_would_add_out_of_turn() {
-    // key tile 1 (keys 64..130) ahead of key tile 0 in block order: its turn never comes while
-    // it waits, and the kernel must trap rather than add first
+    // key tile 1 (keys 64..130, or 128..130 for the wide kernel) ahead of key tile 0 in ticket
+    // order: its turn never comes while it waits, and the kernel must trap rather than add first
     let p = Problem::new(8, (2, 1, 32), 130, &[(0, 0, 130)]);
     let b = Backward::new(&p, 80);
-    let tiles = &b.plan.key_tiles;
-    assert_eq!(tiles.len(), 3 * 4);
-    let swapped: Vec<u32> = [&tiles[4..8], &tiles[0..4], &tiles[8..12]].concat();
-    let e = b
-        .fused(&p, FlashBackward::Fused, &swapped)
-        .map(|_| ())
-        .unwrap_err();
-    assert!(e.contains("__trap"), "{e}");
+    for (variant, tiles) in [
+        (FlashBackward::Fused, b.plan.key_tiles.clone()),
+        (FlashBackward::FusedWide, b.plan.wide_key_tiles()),
+    ] {
+        let mut swapped = tiles.clone();
+        swapped[..8].rotate_left(4);
+        assert_ne!(swapped, tiles);
+        let e = b.fused(&p, variant, &swapped).map(|_| ()).unwrap_err();
+        assert!(e.contains("__trap"), "{}: {e}", variant.name());
+    }
 }
 
 /// Decode attention (one token per sequence) with `split_keys` keys per split: the fp32 or the

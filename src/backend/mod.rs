@@ -520,7 +520,8 @@ pub trait TrainBackend: Backend {
     );
 
     /// The kernels `attention_backward` can run with, where there is a choice (CUDA: "split",
-    /// "fused"); selfcheck checks each. Empty: one way only.
+    /// "fused", "fused-wide"), the one selfcheck runs with the other ops first; selfcheck checks
+    /// each. Empty: one way only.
     fn attention_backward_variants(&self) -> &'static [&'static str] {
         &[]
     }

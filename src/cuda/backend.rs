@@ -1332,12 +1332,12 @@ impl TrainBackend for CudaBackend {
                 head_dim,
             };
             let variant = *lock(&self.flash_backward);
-            // scratch: dsum [m, n_heads], then for the fused kernel dq_acc [m, q_dim] (from an
-            // even float: 8-byte aligned) and the turns [query tiles, n_heads]
+            // scratch: dsum [m, n_heads], then for the fused kernels dq_acc [m, q_dim] (from an
+            // even float: 8-byte aligned) and the turns [1 + query tiles * n_heads]
             let dsum_len = (m * n_heads).next_multiple_of(2);
             let fused = variant != FlashBackward::Split;
             let fused_len = if fused {
-                m * q_dim + plan.num_query_tiles() * n_heads
+                m * q_dim + 1 + plan.num_query_tiles() * n_heads
             } else {
                 0
             };

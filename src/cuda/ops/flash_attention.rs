@@ -271,7 +271,7 @@ pub struct FlashGrads {
     pub key_tiles: u64, // u32 [key tiles, 4] (AttentionPlan::key_tiles)
     pub num_key_tiles: usize,
     /// Scratch of the fused variants (0 for Split): f32 [m, n_heads * head_dim], 8-byte aligned,
-    /// and i32 [query tiles, n_heads] (zeroed here).
+    /// and i32 [1 + query tiles * n_heads] (zeroed here: a ticket counter, then the turns).
     pub dq_acc: u64,
     pub turns: u64,
 }
@@ -334,8 +334,8 @@ pub fn flash_attention_backward(
             )
         }
         FlashBackward::Fused | FlashBackward::FusedWide => {
-            let turns = p.num_tiles * p.n_heads;
-            // SAFETY: turns holds num_tiles * n_heads i32 (FlashGrads).
+            let turns = 1 + p.num_tiles * p.n_heads;
+            // SAFETY: turns holds 1 + num_tiles * n_heads i32 (FlashGrads).
             unsafe { drv::memset_d8_async(g.turns, 0, turns * 4, k.stream.cu_stream()) }
                 .context("cuMemsetD8Async (turns)")?;
             let name = match variant {
@@ -412,8 +412,8 @@ fn launch_dkdv(
             block_dim: (FLASH_THREADS, 1, 1),
             shared_mem_bytes: dkdv_shared_bytes(p.head_dim),
         },
-        // 1-D, key tile major: key tile r - 1 of a slot starts before key tile r (the turns);
-        // one warp per 16 keys of the tile
+        // 1-D (blocks take their key tile and KV head by ticket, key tile major); one warp per 16
+        // keys of the tile
         FlashBackward::Fused | FlashBackward::FusedWide => LaunchConfig {
             grid_dim: ((g.num_key_tiles * p.n_kv_heads) as u32, 1, 1),
             block_dim: ((variant.key_tile_rows() / 16 * 32) as u32, 1, 1),
@@ -443,8 +443,8 @@ fn launch_dkdv(
     // bf16* dcache_v, const bf16* dout, const float* lse, const float* dsum, const bf16* q,
     // const bf16* cache_k, const bf16* cache_v, const uint4* tiles, const uint4* key_tiles,
     // int capacity, int n_heads, int n_kv_heads, float scale), and the fused kernels' the same
-    // after (float* dq_acc, int* turns): dq_acc [m, q_dim] f32 and the zeroed turns [query
-    // tiles, n_heads] as documented on FlashGrads. Each key tile (of the variant's size, in key
+    // after (float* dq_acc, int* turns): dq_acc [m, q_dim] f32 and the zeroed turns [1 + query
+    // tiles * n_heads] as documented on FlashGrads. Each key tile (of the variant's size, in key
     // order: AttentionPlan) names a slot's range of query tiles, every slot's key 0 is in a tile
     // (so every dq row is stored before it is added to), each block owns its keys' rows of the
     // gradient caches, and has the threads and shared memory its kernel carves up.
