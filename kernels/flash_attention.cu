@@ -402,7 +402,7 @@ __device__ __forceinline__ void load_a_transposed(uint32_t a[4], const __nv_bflo
 }
 
 // Waits (thread 0 polling, then the block) until `turn` holds `value`; traps after
-// MAX_TURN_SPINS polls, which only a broken block order could cause.
+// MAX_TURN_SPINS polls, which only key tiles out of key order could cause.
 __device__ __forceinline__ void wait_for_turn(const int* turn, int value) {
     if (threadIdx.x == 0) {
         int spins = 0;
@@ -498,7 +498,7 @@ __device__ __forceinline__ void flash_backward_dkdv(float* dq_acc, int* turns,
     float* dsum_stages = lse_stages + STAGES * FLASH_ROWS;                     // [STAGES][FLASH_ROWS]
     __nv_bfloat16* ds_s = reinterpret_cast<__nv_bfloat16*>(dsum_stages + STAGES * FLASH_ROWS);  // FUSED: [KEYS][DS_STRIDE]
 
-    // the fused kernel's grid is 1-D, key tile major (the block order its turns rely on)
+    // the fused kernels' grid is 1-D, and a block's work is its ticket's, key tile major
     int block = blockIdx.x;
     if constexpr (FUSED) {  // the ticket (see above): turns[0] counts them
         __shared__ int ticket;
