@@ -104,7 +104,12 @@ pub fn step(args: &StepArgs) -> Result<()> {
             let dev = CudaBackend::new(0)?;
             let name = dev.device_name();
             let peak = args.peak_tflops.or_else(|| peak_bf16_tflops(&name));
-            run(args, &cfg, &format!("cuda ({name})"), peak, dev)
+            // the attention backward kernels (THINKSHORT_FLASH_BACKWARD) belong to what is timed
+            let device = format!(
+                "cuda ({name}; {} attention backward)",
+                dev.flash_backward().name()
+            );
+            run(args, &cfg, &device, peak, dev)
         }
         _ => run(args, &cfg, "cpu", args.peak_tflops, CpuBackend),
     }

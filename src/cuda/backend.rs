@@ -200,6 +200,11 @@ impl CudaBackend {
         std::mem::replace(&mut *lock(&self.flash_forward), variant)
     }
 
+    /// The fused attention backward every attention backward takes now.
+    pub fn flash_backward(&self) -> FlashBackward {
+        *lock(&self.flash_backward)
+    }
+
     /// Makes every fused attention backward take `variant`; returns the previous setting.
     pub fn set_flash_backward(&self, variant: FlashBackward) -> FlashBackward {
         std::mem::replace(&mut *lock(&self.flash_backward), variant)
