@@ -34,6 +34,24 @@ impl Case {
         }
     }
 
+    /// Prefill chunks after a prefix: sequence i's tokens at positions starts[i] .. + lens[i],
+    /// the cache holding (random) keys before them.
+    fn chunks(
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        starts: &[usize],
+        lens: &[usize],
+    ) -> Self {
+        Case {
+            heads,
+            kv_heads,
+            head_dim,
+            starts: starts.to_vec(),
+            lens: lens.to_vec(),
+        }
+    }
+
     /// One new token per sequence at the given positions.
     fn decode(heads: usize, kv_heads: usize, head_dim: usize, positions: &[usize]) -> Self {
         Case {
@@ -62,8 +80,13 @@ impl Case {
                 "decode heads={h}/{kv} head_dim={d} positions={:?}",
                 self.starts
             )
-        } else {
+        } else if self.starts.iter().all(|&s| s == 0) {
             format!("prefill heads={h}/{kv} head_dim={d} lens={:?}", self.lens)
+        } else {
+            format!(
+                "prefill heads={h}/{kv} head_dim={d} lens={:?} from positions {:?}",
+                self.lens, self.starts
+            )
         }
     }
 }
@@ -127,6 +150,8 @@ pub(super) fn backward_checks<D: TrainBackend>(
 ) -> Result<()> {
     let mut backward = fused_matrix(coverage);
     backward.push(Case::prefill(4, 2, 32, &[60, 3]));
+    // chunks after a prefix: query tiles that start mid-sequence, key tiles they all see
+    backward.push(Case::chunks(8, 2, 64, &[40, 150], &[100, 30]));
     for case in &backward {
         backward_check(c, case, 0.0, variant)?;
     }
