@@ -1353,9 +1353,12 @@ impl TrainBackend for CudaBackend {
             } else {
                 (0, 0)
             };
-            let key_tiles = match variant {
-                FlashBackward::FusedWide => plan.wide_key_tiles(),
-                _ => plan.key_tiles.clone(),
+            let wide_key_tiles;
+            let key_tiles: &[u32] = if variant == FlashBackward::FusedWide {
+                wide_key_tiles = plan.wide_key_tiles();
+                &wide_key_tiles
+            } else {
+                &plan.key_tiles
             };
             let grads = FlashGrads {
                 dq: dq.ptr,
@@ -1365,7 +1368,7 @@ impl TrainBackend for CudaBackend {
                 out: out.ptr,
                 lse: lse.ptr,
                 dsum,
-                key_tiles: self.indices(&key_tiles)?,
+                key_tiles: self.indices(key_tiles)?,
                 num_key_tiles: key_tiles.len() / 4,
                 dq_acc,
                 turns,

@@ -25,13 +25,7 @@ struct Case {
 
 impl Case {
     fn prefill(heads: usize, kv_heads: usize, head_dim: usize, lens: &[usize]) -> Self {
-        Case {
-            heads,
-            kv_heads,
-            head_dim,
-            starts: vec![0; lens.len()],
-            lens: lens.to_vec(),
-        }
+        Case::chunks(heads, kv_heads, head_dim, &vec![0; lens.len()], lens)
     }
 
     /// Prefill chunks after a prefix: sequence i's tokens at positions starts[i] .. + lens[i],
@@ -284,13 +278,8 @@ fn backward_check<D: TrainBackend>(
     start: f32,
     variant: Option<&str>,
 ) -> Result<()> {
-    let mut label = case.label();
-    if start > 0.0 {
-        label += " accumulate";
-    }
-    if let Some(v) = variant {
-        label += &format!(" {v}");
-    }
+    let accumulate = if start > 0.0 { " accumulate" } else { "" };
+    let label = with_variant(format!("{}{accumulate}", case.label()), variant);
     c.check("attention_backward", label, TOL_BF16, |dev, r| {
         let x = case.inputs(dev, r)?;
         let cache_len = case.cache_len();
@@ -328,6 +317,14 @@ fn backward_check<D: TrainBackend>(
     })
 }
 
+/// A row's shape label, followed by the backward variant where the device has several.
+fn with_variant(label: String, variant: Option<&str>) -> String {
+    match variant {
+        Some(v) => format!("{label} {v}"),
+        None => label,
+    }
+}
+
 /// `attention_backward` twice on the same inputs with the device's backward `variant`: the
 /// second must repeat the first bit for bit (no sum may depend on how blocks are scheduled, the
 /// fused kernel's dq included).
@@ -336,10 +333,7 @@ fn backward_repeat_check<D: TrainBackend>(
     case: &Case,
     variant: Option<&str>,
 ) -> Result<()> {
-    let mut label = case.label();
-    if let Some(v) = variant {
-        label += &format!(" {v}");
-    }
+    let label = with_variant(case.label(), variant);
     c.check("attention_backward repeat", label, TOL_EXACT, |dev, r| {
         let x = case.inputs(dev, r)?;
         let dout = put(dev, &r.normal(x.q.1.len(), 1.0))?.0;

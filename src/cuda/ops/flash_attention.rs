@@ -157,17 +157,27 @@ pub fn dq_shared_bytes(head_dim: usize) -> u32 {
     (2 * 2 * DQ_KEYS * (head_dim + TILE_PAD) * 2) as u32 // two stages of K, V
 }
 pub fn dkdv_shared_bytes(head_dim: usize) -> u32 {
-    // K, V of the key tile; Q, dO of a query tile; lse and dsum of a query tile (f32)
-    ((2 * KEY_TILE_ROWS + 2 * QUERY_TILE_ROWS) * (head_dim + TILE_PAD) * 2
-        + 2 * QUERY_TILE_ROWS * 4) as u32
+    key_tile_kernel_bytes(head_dim, KEY_TILE_ROWS, 1, false)
 }
 pub fn fused_backward_shared_bytes(head_dim: usize, variant: FlashBackward) -> u32 {
-    // as the dk/dv kernel's for the variant's key tile and stages of query tiles, and dS^T
-    // [keys, FLASH_ROWS + TILE_PAD] bf16
-    let (keys, stages) = (variant.key_tile_rows(), variant.query_stages());
+    key_tile_kernel_bytes(
+        head_dim,
+        variant.key_tile_rows(),
+        variant.query_stages(),
+        true,
+    )
+}
+/// The dK/dV kernels' carve-up: K and V of `keys` keys; `stages` query tiles of Q and dO, each
+/// with its lse and dsum (f32); with `ds`, the fused kernels' dS^T [keys, FLASH_ROWS + TILE_PAD].
+fn key_tile_kernel_bytes(head_dim: usize, keys: usize, stages: usize, ds: bool) -> u32 {
+    let ds_bytes = if ds {
+        keys * (QUERY_TILE_ROWS + TILE_PAD) * 2
+    } else {
+        0
+    };
     ((2 * keys + stages * 2 * QUERY_TILE_ROWS) * (head_dim + TILE_PAD) * 2
         + stages * 2 * QUERY_TILE_ROWS * 4
-        + keys * (QUERY_TILE_ROWS + TILE_PAD) * 2) as u32
+        + ds_bytes) as u32
 }
 
 /// The problem every kernel here shares: the batch, the cache and the tiles on the device.
