@@ -32,7 +32,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 use super::attention_plan::{wide_query_tiles, AttentionKernel, AttentionPlan};
-use super::launch::KernelCtx;
+use super::launch::{KernelCtx, Launcher};
 use super::ops;
 use super::ops::decode_attention::{plan_splits, scratch_sizes, DecodeProblem};
 use super::ops::flash_attention::{FlashBackward, FlashForward, FlashGrads, FlashProblem};
@@ -279,8 +279,7 @@ impl CudaBackend {
     fn zeros_of(&self, len: usize, dtype: DType) -> Result<CudaBuf> {
         let buf = self.alloc(len, dtype)?;
         // SAFETY: `buf` holds len * size bytes at `ptr`.
-        unsafe { drv::memset_d8_async(buf.ptr, 0, len * dtype.size(), self.k.stream.cu_stream()) }
-            .context("cuMemsetD8Async")?;
+        unsafe { self.k.fill_zero(buf.ptr, len * dtype.size()) }?;
         Ok(buf)
     }
 
@@ -1112,15 +1111,7 @@ impl Backend for CudaBackend {
     fn fill_zero(&self, out: CudaViewMut<'_>) {
         self.run("fill_zero", || {
             // SAFETY: the view covers len elements of its dtype.
-            unsafe {
-                drv::memset_d8_async(
-                    out.ptr,
-                    0,
-                    out.len * out.dtype.size(),
-                    self.k.stream.cu_stream(),
-                )
-            }
-            .context("cuMemsetD8Async")
+            unsafe { self.k.fill_zero(out.ptr, out.len * out.dtype.size()) }
         })
     }
 
@@ -1443,10 +1434,7 @@ impl TrainBackend for CudaBackend {
                 if n == 0 && dx_write == GradWrite::Overwrite {
                     // an empty product: dx = 0 (cuBLAS would not touch it)
                     // SAFETY: dx covers m * k bf16.
-                    unsafe {
-                        drv::memset_d8_async(dx.ptr, 0, 2 * dx.len, self.k.stream.cu_stream())
-                    }
-                    .context("cuMemsetD8Async")?;
+                    unsafe { self.k.fill_zero(dx.ptr, 2 * dx.len) }?;
                 }
             }
             if m == 0 || n == 0 || k == 0 {

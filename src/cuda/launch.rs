@@ -1,15 +1,93 @@
 //! Loading the embedded kernel modules and launching kernels on the one compute stream.
 //!
-//! Every launcher in `ops/` takes a [`KernelCtx`] and raw device pointers (`u64`, CUdeviceptr):
-//! the CUDA backend owns its buffers and runs everything on a single stream, so ordering is the
-//! stream's order and cudarc's per-buffer event tracking is not needed (it is switched off).
+//! Every launcher in `ops/` takes a [`Launcher`] and raw device pointers (`u64`, CUdeviceptr), and
+//! describes each launch as data ([`KernelLaunch`]: module, kernel, grid and arguments). The CUDA
+//! backend's [`KernelCtx`] runs it with cudarc; the tests' emulator (tests/cuda_emulator) runs the
+//! same description on the CPU, checking the arguments against the kernel's parameter types. The
+//! backend owns its buffers and runs everything on a single stream, so ordering is the stream's
+//! order and cudarc's per-buffer event tracking is not needed (it is switched off).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, Context, Result};
+use cudarc::driver::result as drv;
 use cudarc::driver::sys::CUfunction_attribute;
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, LaunchConfig};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaStream, LaunchConfig, PushKernelArg,
+};
+
+/// One argument of a kernel launch, typed as the kernel's parameter (`u64` device pointers for
+/// every pointer type).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum KernelArg {
+    Ptr(u64),
+    I32(i32),
+    I64(i64),
+    U64(u64),
+    F32(f32),
+    F64(f64),
+}
+
+/// One launch of `function` from `kernels/<module>.cu`, its arguments in parameter order.
+#[derive(Debug, Clone)]
+pub struct KernelLaunch {
+    pub module: &'static str,
+    pub function: &'static str,
+    pub config: LaunchConfig,
+    pub args: Vec<KernelArg>,
+}
+
+impl KernelLaunch {
+    pub fn new(module: &'static str, function: &'static str, config: LaunchConfig) -> Self {
+        KernelLaunch {
+            module,
+            function,
+            config,
+            args: Vec::new(),
+        }
+    }
+    pub fn ptr(mut self, device_pointer: u64) -> Self {
+        self.args.push(KernelArg::Ptr(device_pointer));
+        self
+    }
+    pub fn i32(mut self, v: i32) -> Self {
+        self.args.push(KernelArg::I32(v));
+        self
+    }
+    pub fn i64(mut self, v: i64) -> Self {
+        self.args.push(KernelArg::I64(v));
+        self
+    }
+    pub fn u64(mut self, v: u64) -> Self {
+        self.args.push(KernelArg::U64(v));
+        self
+    }
+    pub fn f32(mut self, v: f32) -> Self {
+        self.args.push(KernelArg::F32(v));
+        self
+    }
+    pub fn f64(mut self, v: f64) -> Self {
+        self.args.push(KernelArg::F64(v));
+        self
+    }
+}
+
+/// Where the launchers' kernels run: the GPU stream ([`KernelCtx`]) or the tests' emulator.
+pub trait Launcher {
+    /// Runs `l` (asynchronously on a GPU, in order with every earlier launch and fill).
+    ///
+    /// # Safety
+    /// `l.args` match the kernel's parameters in order and type, and every pointer is a buffer of
+    /// the device this launcher runs on, large enough for what the kernel touches with `l.config`.
+    unsafe fn launch(&self, l: &KernelLaunch) -> Result<()>;
+
+    /// Sets `bytes` bytes from `ptr` to zero, in order with the launches.
+    ///
+    /// # Safety
+    /// `ptr` is a buffer of this launcher's device of at least `bytes` bytes.
+    unsafe fn fill_zero(&self, ptr: u64, bytes: usize) -> Result<()>;
+}
 
 /// The stream plus every embedded kernel module, loaded once; functions are looked up by name
 /// and cached.
@@ -88,6 +166,37 @@ impl KernelCtx {
             }
         }
         Ok(f)
+    }
+}
+
+impl Launcher for KernelCtx {
+    unsafe fn launch(&self, l: &KernelLaunch) -> Result<()> {
+        let f = self.function_with_shared_mem(l.module, l.function, l.config.shared_mem_bytes)?;
+        let mut b = self.stream.launch_builder(&f);
+        for a in &l.args {
+            match a {
+                KernelArg::Ptr(v) | KernelArg::U64(v) => b.arg(v),
+                KernelArg::I32(v) => b.arg(v),
+                KernelArg::I64(v) => b.arg(v),
+                KernelArg::F32(v) => b.arg(v),
+                KernelArg::F64(v) => b.arg(v),
+            };
+        }
+        let c = &l.config;
+        // SAFETY: the caller's contract (Launcher::launch).
+        unsafe { b.launch(l.config) }.with_context(|| {
+            format!(
+                "launching {} (grid {:?}, block {:?}, {} bytes of shared memory)",
+                l.function, c.grid_dim, c.block_dim, c.shared_mem_bytes
+            )
+        })?;
+        Ok(())
+    }
+
+    unsafe fn fill_zero(&self, ptr: u64, bytes: usize) -> Result<()> {
+        // SAFETY: the caller's contract (Launcher::fill_zero).
+        unsafe { drv::memset_d8_async(ptr, 0, bytes, self.stream.cu_stream()) }
+            .context("cuMemsetD8Async")
     }
 }
 

@@ -1,8 +1,58 @@
 //! Shared by the tests/emulated_*.rs files (kernels run on the CPU by tests/cuda_emulator):
-//! random bf16 inputs, bf16 conversions and the relative-error check `selfcheck` uses.
+//! the [`Emulator`] that runs thinkshort's launchers, random bf16 inputs, bf16 conversions and
+//! the relative-error check `selfcheck` uses.
 #![allow(dead_code)] // each test file uses its own subset
 
+use anyhow::anyhow;
+use cuda_emulator::{launch_kernel, Arg, Launch};
 use half::bf16;
+use thinkshort::cuda::launch::{KernelArg, KernelLaunch, Launcher};
+
+/// Runs the launchers of `thinkshort::cuda::ops` on the CPU: their launches go to the emulator
+/// (which checks the arguments against the kernel's parameters) and a device pointer is the
+/// address of a host buffer (`ptr` / `ptr_mut`).
+pub struct Emulator;
+
+impl Launcher for Emulator {
+    unsafe fn launch(&self, l: &KernelLaunch) -> anyhow::Result<()> {
+        let args: Vec<Arg> = l
+            .args
+            .iter()
+            .map(|a| match *a {
+                KernelArg::Ptr(p) => Arg::Pointer(p),
+                KernelArg::I32(v) => Arg::Int32(v),
+                KernelArg::I64(v) => Arg::Int64(v),
+                KernelArg::U64(v) => Arg::Int64(v as i64),
+                KernelArg::F32(v) => Arg::Float32(v),
+                KernelArg::F64(v) => Arg::Float64(v),
+            })
+            .collect();
+        let c = &l.config;
+        let cfg = Launch {
+            grid: c.grid_dim,
+            block: c.block_dim,
+            shared_bytes: c.shared_mem_bytes as usize,
+        };
+        // SAFETY: the launcher's contract: the pointers are host buffers of the sizes the kernel
+        // touches.
+        unsafe { launch_kernel(l.module, l.function, cfg, &args) }
+            .map_err(|e| anyhow!("{} (kernels/{}.cu): {e}", l.function, l.module))
+    }
+
+    unsafe fn fill_zero(&self, ptr: u64, bytes: usize) -> anyhow::Result<()> {
+        // SAFETY: the caller's contract: ptr is a host buffer of at least `bytes` bytes.
+        unsafe { std::ptr::write_bytes(ptr as *mut u8, 0, bytes) };
+        Ok(())
+    }
+}
+
+/// A host buffer as the device pointer the launchers take.
+pub fn ptr<T>(v: &[T]) -> u64 {
+    v.as_ptr() as u64
+}
+pub fn ptr_mut<T>(v: &mut [T]) -> u64 {
+    v.as_mut_ptr() as u64
+}
 
 /// Relative-error tolerance for bf16 results, as in `selfcheck`.
 pub const TOL: f64 = 1e-2;
@@ -60,4 +110,12 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32]) {
         e < TOL,
         "{what}: relative error {e:.3e} (tolerance {TOL:.0e})"
     );
+}
+
+/// Fails naming the first element where `got` and `want` differ (without printing both vectors).
+pub fn assert_same<T: PartialEq + std::fmt::Debug>(what: &str, got: &[T], want: &[T]) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
+        panic!("{what}: element {i} is {:?}, not {:?}", got[i], want[i]);
+    }
 }

@@ -1,10 +1,10 @@
 //! Launcher for kernels/advantage.cu: group-normalised advantages (the reference is
 //! `grpo::advantages`).
 
-use anyhow::{ensure, Context, Result};
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use anyhow::{ensure, Result};
+use cudarc::driver::LaunchConfig;
 
-use crate::cuda::launch::{to_i32, KernelCtx};
+use crate::cuda::launch::{to_i32, KernelLaunch, Launcher};
 use crate::grpo::{AdvantageOptions, Scale, StdKind};
 
 /// Threads of the one block of `group_advantages` (its ADVANTAGE_THREADS).
@@ -12,7 +12,7 @@ pub const ADVANTAGE_THREADS: u32 = 256;
 
 /// out (f32 [n]) = the group-normalised advantages of rewards (f64 [n] on the device).
 pub fn group_advantages(
-    k: &KernelCtx,
+    k: &dyn Launcher,
     out: u64,
     rewards: u64,
     n: usize,
@@ -37,23 +37,20 @@ pub fn group_advantages(
         Scale::Batch => 1,
         Scale::None => 2,
     };
-    let f = k.function("advantage", "group_advantages")?;
     let cfg = LaunchConfig {
         grid_dim: (1, 1, 1),
         block_dim: (ADVANTAGE_THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
-    let mut b = k.stream.launch_builder(&f);
-    b.arg(&out)
-        .arg(&rewards)
-        .arg(&n_i)
-        .arg(&group_i)
-        .arg(&std_kind)
-        .arg(&scale)
-        .arg(&opts.eps);
+    let l = KernelLaunch::new("advantage", "group_advantages", cfg)
+        .ptr(out)
+        .ptr(rewards)
+        .i32(n_i)
+        .i32(group_i)
+        .i32(std_kind)
+        .i32(scale)
+        .f64(opts.eps);
     // SAFETY: matches `(float* out, const double* rewards, int n, int group_size, int std_kind,
     // int scale, double eps)`; out holds n f32 and rewards n f64; group_size > 0 divides n.
-    unsafe { b.launch(cfg) }
-        .with_context(|| format!("launching group_advantages (n {n}, groups of {group_size})"))?;
-    Ok(())
+    unsafe { k.launch(&l) }
 }

@@ -1,10 +1,10 @@
 //! Launchers for kernels/attention.cu: causal grouped-query attention over a slotted KV cache
 //! (the CPU reference is `backend::cpu::attention::attention_forward`).
 
-use anyhow::{ensure, Context, Result};
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use anyhow::{ensure, Result};
+use cudarc::driver::LaunchConfig;
 
-use crate::cuda::launch::{to_i32, KernelCtx};
+use crate::cuda::launch::{to_i32, KernelLaunch, Launcher};
 
 /// Threads per block, which is also the number of keys scored per chunk; must equal
 /// `ATTN_THREADS` in kernels/attention.cu (the kernel is compiled with `__launch_bounds__` of it).
@@ -82,7 +82,7 @@ pub fn attention_config(m: usize, n_heads: usize) -> LaunchConfig {
 /// caller (slot < slots, position < capacity).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_forward(
-    k: &KernelCtx,
+    k: &dyn Launcher,
     out: u64,
     lse: u64,
     q: u64,
@@ -109,34 +109,31 @@ pub fn attention_forward(
     }
     // the same f32 value as the CPU reference
     let scale = 1.0 / (head_dim as f32).sqrt();
-    let f = k.function("attention", "attention_forward")?;
-    let mut b = k.stream.launch_builder(&f);
-    b.arg(&out)
-        .arg(&lse)
-        .arg(&q)
-        .arg(&cache_k)
-        .arg(&cache_v)
-        .arg(&slots)
-        .arg(&positions)
-        .arg(&dims.m)
-        .arg(&dims.capacity)
-        .arg(&dims.n_heads)
-        .arg(&dims.n_kv_heads)
-        .arg(&dims.head_dim)
-        .arg(&scale);
+    let l = KernelLaunch::new(
+        "attention",
+        "attention_forward",
+        attention_config(m, n_heads),
+    )
+    .ptr(out)
+    .ptr(lse)
+    .ptr(q)
+    .ptr(cache_k)
+    .ptr(cache_v)
+    .ptr(slots)
+    .ptr(positions)
+    .i32(dims.m)
+    .i32(dims.capacity)
+    .i32(dims.n_heads)
+    .i32(dims.n_kv_heads)
+    .i32(dims.head_dim)
+    .f32(scale);
     // SAFETY: the arguments match the kernel's signature (bf16* out, float* lse (may be null),
     // const bf16* q,
     // const bf16* cache_k, const bf16* cache_v, const u32* slots, const u32* positions,
     // int m, int capacity, int n_heads, int n_kv_heads, int head_dim, float scale); the caller
     // owns device buffers of the documented shapes and has checked every slot and position, and
     // the grid covers exactly m x n_heads blocks of the block size the kernel was compiled for.
-    unsafe { b.launch(attention_config(m, n_heads)) }.with_context(|| {
-        format!(
-            "launching attention_forward (m {m}, capacity {capacity}, n_heads {n_heads}, \
-             n_kv_heads {n_kv_heads}, head_dim {head_dim})"
-        )
-    })?;
-    Ok(())
+    unsafe { k.launch(&l) }
 }
 
 #[cfg(test)]

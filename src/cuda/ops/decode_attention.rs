@@ -3,11 +3,11 @@
 //! dims 64 and 128 with up to 16 query heads per KV head run the tensor-core kernel
 //! (decode_attention_mma_d{64,128}); other supported shapes the fp32 one (decode_attention).
 
-use anyhow::{bail, ensure, Context, Result};
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use anyhow::{bail, ensure, Result};
+use cudarc::driver::LaunchConfig;
 
 use super::attention::check_attention_dims;
-use crate::cuda::launch::{to_i32, KernelCtx};
+use crate::cuda::launch::{to_i32, KernelLaunch, Launcher};
 
 /// `DECODE_THREADS`, `DECODE_KEYS`, `DECODE_MAX_GROUP`, `DECODE_MAX_HEAD_DIM` in the kernel file.
 pub const DECODE_THREADS: u32 = 128;
@@ -109,7 +109,7 @@ pub struct DecodeProblem {
 /// `partial_out` and `partial_stats` are f32 scratch of [`scratch_sizes`] and a second kernel
 /// merges the splits; with 1 they are unused (0).
 pub fn decode_attention(
-    k: &KernelCtx,
+    k: &dyn Launcher,
     p: &DecodeProblem,
     out: u64,
     lse: u64,
@@ -149,61 +149,58 @@ pub fn decode_attention(
         (true, d) => bail!("{OP}: no tensor-core kernel for head_dim {d}"),
         (false, _) => ("decode_attention", shared_bytes(group, p.head_dim)),
     };
-    let f = k.function_with_shared_mem("decode_attention", name, shared)?;
-    let mut b = k.stream.launch_builder(&f);
-    b.arg(&out)
-        .arg(&lse)
-        .arg(&partial_out)
-        .arg(&partial_stats)
-        .arg(&p.q)
-        .arg(&p.cache_k)
-        .arg(&p.cache_v)
-        .arg(&p.slots)
-        .arg(&p.positions)
-        .arg(&dims.m)
-        .arg(&dims.capacity)
-        .arg(&dims.n_heads)
-        .arg(&dims.n_kv_heads);
-    if !mma {
-        b.arg(&dims.head_dim); // the mma kernels have it as their template parameter
-    }
-    b.arg(&split_keys_i32).arg(&scale);
     let cfg = LaunchConfig {
         grid_dim: (p.m as u32, p.n_kv_heads as u32, splits as u32),
         block_dim: (DECODE_THREADS, 1, 1),
         shared_mem_bytes: shared,
     };
+    let mut l = KernelLaunch::new("decode_attention", name, cfg)
+        .ptr(out)
+        .ptr(lse)
+        .ptr(partial_out)
+        .ptr(partial_stats)
+        .ptr(p.q)
+        .ptr(p.cache_k)
+        .ptr(p.cache_v)
+        .ptr(p.slots)
+        .ptr(p.positions)
+        .i32(dims.m)
+        .i32(dims.capacity)
+        .i32(dims.n_heads)
+        .i32(dims.n_kv_heads);
+    if !mma {
+        l = l.i32(dims.head_dim); // the mma kernels have it as their template parameter
+    }
+    let l = l.i32(split_keys_i32).f32(scale);
     // SAFETY: the arguments match decode_attention(bf16* out, float* lse, float* partial_out,
     // float* partial_stats, const bf16* q, const bf16* cache_k, const bf16* cache_v,
     // const u32* slots, const u32* positions, int m, int capacity, int n_heads, int n_kv_heads,
     // int head_dim, int split_keys, float scale), and decode_attention_mma_d{D} the same without
     // head_dim (= D); `supports` holds for the kernel chosen, the caller checked slots and
     // positions against the cache and sized the scratch with scratch_sizes(splits, ..).
-    unsafe { b.launch(cfg) }.with_context(|| format!("launching {name}"))?;
+    unsafe { k.launch(&l) }?;
     if splits == 1 {
         return Ok(());
     }
     let splits_i32 = splits as i32;
-    let f = k.function("decode_attention", "decode_attention_combine")?;
-    let mut b = k.stream.launch_builder(&f);
-    b.arg(&out)
-        .arg(&lse)
-        .arg(&partial_out)
-        .arg(&partial_stats)
-        .arg(&dims.m)
-        .arg(&dims.n_heads)
-        .arg(&dims.head_dim)
-        .arg(&splits_i32);
     let cfg = LaunchConfig {
         grid_dim: (p.m as u32, p.n_heads as u32, 1),
         block_dim: (DECODE_THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
+    let l = KernelLaunch::new("decode_attention", "decode_attention_combine", cfg)
+        .ptr(out)
+        .ptr(lse)
+        .ptr(partial_out)
+        .ptr(partial_stats)
+        .i32(dims.m)
+        .i32(dims.n_heads)
+        .i32(dims.head_dim)
+        .i32(splits_i32);
     // SAFETY: decode_attention_combine(bf16* out, float* lse, const float* partial_out,
     // const float* partial_stats, int m, int n_heads, int head_dim, int splits), reading what the
     // launch above wrote (same stream).
-    unsafe { b.launch(cfg) }.context("launching decode_attention_combine")?;
-    Ok(())
+    unsafe { k.launch(&l) }
 }
 
 #[cfg(test)]

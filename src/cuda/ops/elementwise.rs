@@ -6,10 +6,10 @@
 //! kernels a row length that is a multiple of 8) and use grid-stride loops, so any grid is
 //! correct; the host mirrors the kernel's condition only to size the grid.
 
-use anyhow::{ensure, Context, Result};
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use anyhow::{ensure, Result};
+use cudarc::driver::LaunchConfig;
 
-use crate::cuda::launch::{grid_1d, to_i32, KernelCtx};
+use crate::cuda::launch::{grid_1d, to_i32, KernelLaunch, Launcher};
 
 const MODULE: &str = "elementwise";
 
@@ -58,39 +58,37 @@ pub fn rows_config(rows: usize, cols: usize, vectorised: bool) -> LaunchConfig {
 }
 
 /// Launches one of the flat kernels `(T* a, const U* b, [const V* c,] int n)`.
-fn launch_flat(k: &KernelCtx, kernel: &'static str, ptrs: &[u64], n: usize) -> Result<()> {
+fn launch_flat(k: &dyn Launcher, kernel: &'static str, ptrs: &[u64], n: usize) -> Result<()> {
     let n_i = to_i32(kernel, "n", n)?;
     if n == 0 {
         return Ok(());
     }
-    let f = k.function(MODULE, kernel)?;
     let cfg = flat_config(n, aligned16(ptrs));
-    let mut b = k.stream.launch_builder(&f);
-    for p in ptrs {
-        b.arg(p);
+    let mut l = KernelLaunch::new(MODULE, kernel, cfg);
+    for &p in ptrs {
+        l = l.ptr(p);
     }
-    b.arg(&n_i);
+    let l = l.i32(n_i);
     // SAFETY: every kernel launched here takes its device pointers in the order of `ptrs`
     // followed by `int n`; the caller (the backend) owns buffers of at least n elements of the
     // kernel's types, and the kernel touches no element at or past n.
-    unsafe { b.launch(cfg) }.with_context(|| format!("launching {kernel} (n {n})"))?;
-    Ok(())
+    unsafe { k.launch(&l) }
 }
 
 /// x[i] += y[i] for n bf16 values (the sum is taken in f32 and rounded once).
-pub fn residual_add(k: &KernelCtx, x: u64, y: u64, n: usize) -> Result<()> {
+pub fn residual_add(k: &dyn Launcher, x: u64, y: u64, n: usize) -> Result<()> {
     launch_flat(k, "residual_add", &[x, y], n)
 }
 
 /// out = silu(gate) · up = gate / (1 + exp(−gate)) · up for n bf16 values, f32 math.
-pub fn swiglu_forward(k: &KernelCtx, out: u64, gate: u64, up: u64, n: usize) -> Result<()> {
+pub fn swiglu_forward(k: &dyn Launcher, out: u64, gate: u64, up: u64, n: usize) -> Result<()> {
     launch_flat(k, "swiglu_forward", &[out, gate, up], n)
 }
 
 /// out[r, c] += bias[c]: out is [m, n] bf16 (rounded once) or f32 when `out_is_f32`; bias is
 /// bf16 [n].
 pub fn bias_add(
-    k: &KernelCtx,
+    k: &dyn Launcher,
     out: u64,
     bias: u64,
     m: usize,
@@ -108,30 +106,31 @@ pub fn bias_add(
     } else {
         "bias_add_bf16"
     };
-    let f = k.function(MODULE, kernel)?;
     let vectorised = n.is_multiple_of(BF16_VEC) && aligned16(&[out, bias]);
     let cfg = rows_config(m, n, vectorised);
-    let mut b = k.stream.launch_builder(&f);
-    b.arg(&out).arg(&bias).arg(&m_i).arg(&n_i);
+    let l = KernelLaunch::new(MODULE, kernel, cfg)
+        .ptr(out)
+        .ptr(bias)
+        .i32(m_i)
+        .i32(n_i);
     // SAFETY: matches `(T* out, const bf16* bias, int m, int n)` with T = f32 or bf16 as chosen
     // above; the caller owns out of m * n elements of that type and bias of n bf16.
-    unsafe { b.launch(cfg) }.with_context(|| format!("launching {kernel} (m {m}, n {n})"))?;
-    Ok(())
+    unsafe { k.launch(&l) }
 }
 
 /// dst (bf16) = src (f32) rounded to nearest even, n values.
-pub fn convert_f32_to_bf16(k: &KernelCtx, dst: u64, src: u64, n: usize) -> Result<()> {
+pub fn convert_f32_to_bf16(k: &dyn Launcher, dst: u64, src: u64, n: usize) -> Result<()> {
     launch_flat(k, "convert_f32_to_bf16", &[dst, src], n)
 }
 
 /// dst (f32) = src (bf16), exact, n values.
-pub fn convert_bf16_to_f32(k: &KernelCtx, dst: u64, src: u64, n: usize) -> Result<()> {
+pub fn convert_bf16_to_f32(k: &dyn Launcher, dst: u64, src: u64, n: usize) -> Result<()> {
     launch_flat(k, "convert_bf16_to_f32", &[dst, src], n)
 }
 
 /// The gradient of [`swiglu_forward`]: dgate, dup (overwritten) from dout, gate, up; all n bf16.
 pub fn swiglu_backward(
-    k: &KernelCtx,
+    k: &dyn Launcher,
     dgate: u64,
     dup: u64,
     dout: u64,
@@ -143,20 +142,17 @@ pub fn swiglu_backward(
         return Ok(());
     }
     let n_i = to_i32("swiglu_backward", "n", n)?;
-    let f = k.function(MODULE, "swiglu_backward")?;
     let vectorised = aligned16(&[dgate, dup, dout, gate, up]);
-    let mut b = k.stream.launch_builder(&f);
-    b.arg(&dgate)
-        .arg(&dup)
-        .arg(&dout)
-        .arg(&gate)
-        .arg(&up)
-        .arg(&n_i);
+    let l = KernelLaunch::new(MODULE, "swiglu_backward", flat_config(n, vectorised))
+        .ptr(dgate)
+        .ptr(dup)
+        .ptr(dout)
+        .ptr(gate)
+        .ptr(up)
+        .i32(n_i);
     // SAFETY: matches `(bf16* dgate, bf16* dup, const bf16* dout, const bf16* gate,
     // const bf16* up, int n)`, every buffer n bf16 (a grid-stride loop covers any n).
-    unsafe { b.launch(flat_config(n, vectorised)) }
-        .with_context(|| format!("launching swiglu_backward (n {n})"))?;
-    Ok(())
+    unsafe { k.launch(&l) }
 }
 
 /// Rows of dout one thread of `bias_backward_partial` sums (`BIAS_ROWS_PER_THREAD`).
@@ -172,7 +168,7 @@ pub fn bias_backward_scratch(m: usize, n: usize) -> usize {
 /// chunk of rows into `partials` (f32, [`bias_backward_scratch`] values), then
 /// [`add_column_sums`].
 pub fn bias_backward(
-    k: &KernelCtx,
+    k: &dyn Launcher,
     dbias: u64,
     dout: u64,
     m: usize,
@@ -190,19 +186,20 @@ pub fn bias_backward(
         chunks <= MAX_GRID_Y,
         "bias_backward: m = {m} rows exceed the grid"
     );
-    let f = k.function(MODULE, "bias_backward_partial")?;
     let cfg = LaunchConfig {
         grid_dim: (n.div_ceil(BLOCK_THREADS as usize) as u32, chunks as u32, 1),
         block_dim: (BLOCK_THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
-    let mut b = k.stream.launch_builder(&f);
-    b.arg(&partials).arg(&dout).arg(&m_i).arg(&n_i);
+    let l = KernelLaunch::new(MODULE, "bias_backward_partial", cfg)
+        .ptr(partials)
+        .ptr(dout)
+        .i32(m_i)
+        .i32(n_i);
     // SAFETY: matches `(float* partials, const bf16* dout, int m, int n)`; one thread per
     // (column, chunk of BIAS_ROWS_PER_THREAD rows), the caller owns dout of m * n bf16 and
     // partials of chunks * n f32.
-    unsafe { b.launch(cfg) }
-        .with_context(|| format!("launching bias_backward_partial (m {m}, n {n})"))?;
+    unsafe { k.launch(&l) }?;
     add_column_sums(k, dbias, partials, chunks, n)
 }
 
@@ -212,7 +209,7 @@ pub const COLUMN_SUM_LANES: u32 = 32;
 /// out (f32 [n]) += Σ over chunks of partials (f32 [chunks, n]), in an order that depends on
 /// chunks and n only (so a gradient repeats bit for bit).
 pub fn add_column_sums(
-    k: &KernelCtx,
+    k: &dyn Launcher,
     out: u64,
     partials: u64,
     chunks: usize,
@@ -223,20 +220,20 @@ pub fn add_column_sums(
     if n == 0 {
         return Ok(());
     }
-    let f = k.function(MODULE, "add_column_sums")?;
     let cfg = LaunchConfig {
         grid_dim: (n.div_ceil(32) as u32, 1, 1),
         block_dim: (32, COLUMN_SUM_LANES, 1),
         shared_mem_bytes: 0,
     };
-    let mut b = k.stream.launch_builder(&f);
-    b.arg(&out).arg(&partials).arg(&chunks_i).arg(&n_i);
+    let l = KernelLaunch::new(MODULE, "add_column_sums", cfg)
+        .ptr(out)
+        .ptr(partials)
+        .i32(chunks_i)
+        .i32(n_i);
     // SAFETY: matches `(float* out, const float* partials, int chunks, int n)`; the caller owns
     // out of n f32 and partials of chunks * n f32; a block of (32, COLUMN_SUM_LANES) threads per
     // 32 columns, as the kernel expects.
-    unsafe { b.launch(cfg) }
-        .with_context(|| format!("launching add_column_sums (chunks {chunks}, n {n})"))?;
-    Ok(())
+    unsafe { k.launch(&l) }
 }
 
 #[cfg(test)]

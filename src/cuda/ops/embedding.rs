@@ -1,17 +1,17 @@
 //! Launchers for `kernels/embedding.cu`: row gathers (embedding lookup, row selection).
 //! grid.x covers the columns of a row, grid.y the rows ([`rows_config`]).
 
-use anyhow::{ensure, Context, Result};
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use anyhow::{ensure, Result};
+use cudarc::driver::LaunchConfig;
 
 use super::elementwise::{aligned16, rows_config, BF16_VEC, BLOCK_THREADS, MAX_GRID_Y};
-use crate::cuda::launch::{to_i32, KernelCtx};
+use crate::cuda::launch::{to_i32, KernelLaunch, Launcher};
 
 const MODULE: &str = "embedding";
 
 /// Launches `kernel(bf16* out, const bf16* src, const u32* index, int rows, int dim)`.
 fn launch_copy_rows(
-    k: &KernelCtx,
+    k: &dyn Launcher,
     kernel: &'static str,
     out: u64,
     src: u64,
@@ -25,22 +25,23 @@ fn launch_copy_rows(
     if rows == 0 {
         return Ok(());
     }
-    let f = k.function(MODULE, kernel)?;
     let vectorised = dim.is_multiple_of(BF16_VEC) && aligned16(&[out, src]);
     let cfg = rows_config(rows, dim, vectorised);
-    let mut b = k.stream.launch_builder(&f);
-    b.arg(&out).arg(&src).arg(&index).arg(&rows_i).arg(&dim_i);
+    let l = KernelLaunch::new(MODULE, kernel, cfg)
+        .ptr(out)
+        .ptr(src)
+        .ptr(index)
+        .i32(rows_i)
+        .i32(dim_i);
     // SAFETY: matches `(bf16* out, const bf16* src, const u32* index, int rows, int dim)`; the
     // caller owns out of rows * dim bf16 and index of rows u32, each index selecting a row of
     // src (validated on the host).
-    unsafe { b.launch(cfg) }
-        .with_context(|| format!("launching {kernel} (rows {rows}, dim {dim})"))?;
-    Ok(())
+    unsafe { k.launch(&l) }
 }
 
 /// out[r, :] = table[ids[r], :].  out: bf16 [m, dim]; table: bf16 [vocab, dim]; ids: u32 [m].
 pub fn embedding_forward(
-    k: &KernelCtx,
+    k: &dyn Launcher,
     out: u64,
     table: u64,
     ids: u64,
@@ -54,7 +55,7 @@ pub fn embedding_forward(
 /// out: bf16 [m, dim]; table: bf16 [vocab, dim]; sampled: f32 ids; rows: u32 [m].
 #[allow(clippy::too_many_arguments)]
 pub fn embedding_forward_sampled(
-    k: &KernelCtx,
+    k: &dyn Launcher,
     out: u64,
     table: u64,
     sampled: u64,
@@ -71,28 +72,32 @@ pub fn embedding_forward_sampled(
     if m == 0 {
         return Ok(());
     }
-    let f = k.function(MODULE, KERNEL)?;
     let vectorised = dim.is_multiple_of(BF16_VEC) && aligned16(&[out, table]);
     let cfg = rows_config(m, dim, vectorised);
-    let mut b = k.stream.launch_builder(&f);
-    b.arg(&out)
-        .arg(&table)
-        .arg(&sampled)
-        .arg(&rows)
-        .arg(&m_i)
-        .arg(&dim_i)
-        .arg(&vocab_i);
+    let l = KernelLaunch::new(MODULE, KERNEL, cfg)
+        .ptr(out)
+        .ptr(table)
+        .ptr(sampled)
+        .ptr(rows)
+        .i32(m_i)
+        .i32(dim_i)
+        .i32(vocab_i);
     // SAFETY: matches `(bf16* out, const bf16* table, const float* sampled, const u32* rows_index,
     // int rows, int dim, int vocab)`; the caller owns out of m * dim bf16, table of vocab * dim
     // bf16, rows of m u32 each selecting an element of sampled (validated on the host); the
     // kernel checks each sampled id against vocab.
-    unsafe { b.launch(cfg) }
-        .with_context(|| format!("launching {KERNEL} (rows {m}, dim {dim})"))?;
-    Ok(())
+    unsafe { k.launch(&l) }
 }
 
 /// out[r, :] = x[rows[r], :].  out: bf16 [r, dim]; x: bf16 [*, dim]; rows: u32 [r].
-pub fn gather_rows(k: &KernelCtx, out: u64, x: u64, rows: u64, r: usize, dim: usize) -> Result<()> {
+pub fn gather_rows(
+    k: &dyn Launcher,
+    out: u64,
+    x: u64,
+    rows: u64,
+    r: usize,
+    dim: usize,
+) -> Result<()> {
     launch_copy_rows(k, "gather_rows", out, x, rows, r, dim)
 }
 
@@ -137,7 +142,7 @@ impl RowGroups {
 /// [`RowGroups`]: dst[dst_rows[g]] += Σ dout[src_rows[k]] for each group g.
 #[allow(clippy::too_many_arguments)]
 fn launch_scatter(
-    k: &KernelCtx,
+    k: &dyn Launcher,
     kernel: &'static str,
     dst: u64,
     dout: u64,
@@ -150,7 +155,6 @@ fn launch_scatter(
     if groups == 0 || dim == 0 {
         return Ok(());
     }
-    let f = k.function(MODULE, kernel)?;
     let cfg = LaunchConfig {
         grid_dim: (
             dim.div_ceil(BLOCK_THREADS as usize) as u32,
@@ -160,26 +164,25 @@ fn launch_scatter(
         block_dim: (BLOCK_THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
-    let mut b = k.stream.launch_builder(&f);
-    b.arg(&dst)
-        .arg(&dout)
-        .arg(&offsets)
-        .arg(&src_rows)
-        .arg(&dst_rows);
-    b.arg(&groups_i).arg(&dim_i);
+    let l = KernelLaunch::new(MODULE, kernel, cfg)
+        .ptr(dst)
+        .ptr(dout)
+        .ptr(offsets)
+        .ptr(src_rows)
+        .ptr(dst_rows)
+        .i32(groups_i)
+        .i32(dim_i);
     // SAFETY: matches the kernel's `(T* dst, const bf16* dout, const u32* offsets,
     // const u32* src_rows, const u32* dst_rows, int groups, int dim)`; the caller uploaded a
     // RowGroups whose source rows index dout and whose destination rows were checked against
     // dst's rows; one thread per column, the y loop covers the groups past the grid.
-    unsafe { b.launch(cfg) }
-        .with_context(|| format!("launching {kernel} (groups {groups}, dim {dim})"))?;
-    Ok(())
+    unsafe { k.launch(&l) }
 }
 
 /// dtable (f32 [V, dim]) [ids[r]] += dout (bf16 [m, dim]) [r], through the device copies of
 /// `RowGroups::new(ids)` (offsets, src_rows, dst_rows); ids checked by the caller.
 pub fn embedding_backward(
-    k: &KernelCtx,
+    k: &dyn Launcher,
     dtable: u64,
     dout: u64,
     groups: (u64, u64, u64),
@@ -192,7 +195,7 @@ pub fn embedding_backward(
 /// dx (bf16 [M, dim]) [rows[i]] += dout (bf16 [r, dim]) [i], through the device copies of
 /// `RowGroups::new(rows)`; rows checked by the caller.
 pub fn scatter_add_rows(
-    k: &KernelCtx,
+    k: &dyn Launcher,
     dx: u64,
     dout: u64,
     groups: (u64, u64, u64),

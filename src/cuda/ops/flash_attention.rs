@@ -3,14 +3,13 @@
 //! come from [`AttentionPlan`](crate::cuda::attention_plan::AttentionPlan).
 
 use anyhow::{ensure, Context, Result};
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 
 use super::attention::check_attention_dims;
 use crate::cuda::attention_plan::{
     KEY_TILE_ROWS, QUERY_TILE_ROWS, WIDE_KEY_TILE_ROWS, WIDE_QUERY_TILE_ROWS,
 };
-use crate::cuda::launch::{grid_1d, to_i32, KernelCtx};
-use cudarc::driver::result as drv;
+use crate::cuda::launch::{grid_1d, to_i32, KernelLaunch, Launcher};
 
 /// Threads per block of every kernel here (`FLASH_THREADS`).
 pub const FLASH_THREADS: u32 = 128;
@@ -224,7 +223,7 @@ impl FlashProblem {
 /// tiles are those of `variant` (AttentionPlan::query_tiles or attention_plan::wide_query_tiles).
 /// `out`: bf16 [m, n_heads * head_dim]; `lse`: f32 [m, n_heads].
 pub fn flash_attention_forward(
-    k: &KernelCtx,
+    k: &dyn Launcher,
     p: &FlashProblem,
     variant: FlashForward,
     out: u64,
@@ -241,31 +240,29 @@ pub fn flash_attention_forward(
         return Ok(());
     }
     let shared = forward_shared_bytes(p.head_dim, variant);
-    let f = k.function_with_shared_mem("flash_attention", forward, shared)?;
     let scale = p.scale();
-    let mut b = k.stream.launch_builder(&f);
-    b.arg(&out)
-        .arg(&lse)
-        .arg(&p.q)
-        .arg(&p.cache_k)
-        .arg(&p.cache_v)
-        .arg(&p.tiles)
-        .arg(&capacity)
-        .arg(&n_heads)
-        .arg(&n_kv_heads)
-        .arg(&scale);
     let cfg = LaunchConfig {
         grid_dim: (p.num_tiles as u32, p.n_heads as u32, 1),
         block_dim: (FLASH_THREADS, 1, 1),
         shared_mem_bytes: shared,
     };
+    let l = KernelLaunch::new("flash_attention", forward, cfg)
+        .ptr(out)
+        .ptr(lse)
+        .ptr(p.q)
+        .ptr(p.cache_k)
+        .ptr(p.cache_v)
+        .ptr(p.tiles)
+        .i32(capacity)
+        .i32(n_heads)
+        .i32(n_kv_heads)
+        .f32(scale);
     // SAFETY: the arguments match flash_attention_forward{,_wide}_d{D}(bf16* out, float* lse (may be
     // null), const bf16* q, const bf16* cache_k, const bf16* cache_v, const uint4* tiles,
     // int capacity, int n_heads, int n_kv_heads, float scale); the caller owns buffers of the
     // documented shapes and built the tiles from a placement checked against the cache; one block
     // per (tile, head) with the shared memory the kernel carves up.
-    unsafe { b.launch(cfg) }.with_context(|| format!("launching {forward}"))?;
-    Ok(())
+    unsafe { k.launch(&l) }
 }
 
 /// The gradient buffers of one backward call.
@@ -289,7 +286,7 @@ pub struct FlashGrads {
 /// The backward of [`flash_attention_forward`] by `variant`: dsum = rowsum(dout ∘ out), then dq
 /// and dK/dV (Split: two kernels; Fused: one, then dq_acc converted to dq).
 pub fn flash_attention_backward(
-    k: &KernelCtx,
+    k: &dyn Launcher,
     p: &FlashProblem,
     g: &FlashGrads,
     variant: FlashBackward,
@@ -318,17 +315,19 @@ pub fn flash_attention_backward(
     let rows = p.m * p.n_heads;
     let rows_i32 = to_i32(OP, "m * n_heads", rows)?;
     let head_dim = p.head_dim as i32;
-    let f = k.function("flash_attention", "flash_attention_backward_dot")?;
-    let mut b = k.stream.launch_builder(&f);
-    b.arg(&g.dsum)
-        .arg(&g.dout)
-        .arg(&g.out)
-        .arg(&rows_i32)
-        .arg(&head_dim);
+    let l = KernelLaunch::new(
+        "flash_attention",
+        "flash_attention_backward_dot",
+        grid_1d(rows * 32, FLASH_THREADS),
+    )
+    .ptr(g.dsum)
+    .ptr(g.dout)
+    .ptr(g.out)
+    .i32(rows_i32)
+    .i32(head_dim);
     // SAFETY: flash_attention_backward_dot(float* dsum, const bf16* dout, const bf16* out,
     // int rows, int head_dim): rows = m * n_heads rows of head_dim values; one warp per row.
-    unsafe { b.launch(grid_1d(rows * 32, FLASH_THREADS)) }
-        .context("launching flash_attention_backward_dot")?;
+    unsafe { k.launch(&l) }?;
 
     match variant {
         FlashBackward::Split => {
@@ -346,8 +345,7 @@ pub fn flash_attention_backward(
         FlashBackward::Fused | FlashBackward::FusedWide => {
             let turns = 1 + p.num_tiles * p.n_heads;
             // SAFETY: turns holds 1 + num_tiles * n_heads i32 (FlashGrads).
-            unsafe { drv::memset_d8_async(g.turns, 0, turns * 4, k.stream.cu_stream()) }
-                .context("cuMemsetD8Async (turns)")?;
+            unsafe { k.fill_zero(g.turns, turns * 4) }.context("zeroing the turns")?;
             let name = match variant {
                 FlashBackward::FusedWide => names.fused_backward_wide,
                 _ => names.fused_backward,
@@ -367,7 +365,7 @@ pub fn flash_attention_backward(
 }
 
 fn launch_dq(
-    k: &KernelCtx,
+    k: &dyn Launcher,
     p: &FlashProblem,
     g: &FlashGrads,
     name: &'static str,
@@ -375,37 +373,35 @@ fn launch_dq(
     scale: f32,
 ) -> Result<()> {
     let shared = dq_shared_bytes(p.head_dim);
-    let f = k.function_with_shared_mem("flash_attention", name, shared)?;
-    let mut b = k.stream.launch_builder(&f);
-    b.arg(&g.dq)
-        .arg(&g.dout)
-        .arg(&g.lse)
-        .arg(&g.dsum)
-        .arg(&p.q)
-        .arg(&p.cache_k)
-        .arg(&p.cache_v)
-        .arg(&p.tiles)
-        .arg(&capacity)
-        .arg(&n_heads)
-        .arg(&n_kv_heads)
-        .arg(&scale);
     let cfg = LaunchConfig {
         grid_dim: (p.num_tiles as u32, p.n_heads as u32, 1),
         block_dim: (FLASH_THREADS, 1, 1),
         shared_mem_bytes: shared,
     };
+    let l = KernelLaunch::new("flash_attention", name, cfg)
+        .ptr(g.dq)
+        .ptr(g.dout)
+        .ptr(g.lse)
+        .ptr(g.dsum)
+        .ptr(p.q)
+        .ptr(p.cache_k)
+        .ptr(p.cache_v)
+        .ptr(p.tiles)
+        .i32(capacity)
+        .i32(n_heads)
+        .i32(n_kv_heads)
+        .f32(scale);
     // SAFETY: flash_attention_backward_dq_d{D}(bf16* dq, const bf16* dout, const float* lse,
     // const float* dsum, const bf16* q, const bf16* cache_k, const bf16* cache_v,
     // const uint4* tiles, int capacity, int n_heads, int n_kv_heads, float scale); shapes as
     // documented on FlashProblem and FlashGrads.
-    unsafe { b.launch(cfg) }.with_context(|| format!("launching {name}"))?;
-    Ok(())
+    unsafe { k.launch(&l) }
 }
 
 /// The dK/dV kernel (Split), or a fused kernel that also sums dq: the same arguments after the
 /// fused kernels' dq_acc and turns.
 fn launch_dkdv(
-    k: &KernelCtx,
+    k: &dyn Launcher,
     p: &FlashProblem,
     g: &FlashGrads,
     variant: FlashBackward,
@@ -430,25 +426,25 @@ fn launch_dkdv(
             shared_mem_bytes: fused_backward_shared_bytes(p.head_dim, variant),
         },
     };
-    let f = k.function_with_shared_mem("flash_attention", name, cfg.shared_mem_bytes)?;
-    let mut b = k.stream.launch_builder(&f);
+    let mut l = KernelLaunch::new("flash_attention", name, cfg);
     if variant != FlashBackward::Split {
-        b.arg(&g.dq_acc).arg(&g.turns);
+        l = l.ptr(g.dq_acc).ptr(g.turns);
     }
-    b.arg(&g.dcache_k)
-        .arg(&g.dcache_v)
-        .arg(&g.dout)
-        .arg(&g.lse)
-        .arg(&g.dsum)
-        .arg(&p.q)
-        .arg(&p.cache_k)
-        .arg(&p.cache_v)
-        .arg(&p.tiles)
-        .arg(&g.key_tiles)
-        .arg(&capacity)
-        .arg(&n_heads)
-        .arg(&n_kv_heads)
-        .arg(&scale);
+    let l = l
+        .ptr(g.dcache_k)
+        .ptr(g.dcache_v)
+        .ptr(g.dout)
+        .ptr(g.lse)
+        .ptr(g.dsum)
+        .ptr(p.q)
+        .ptr(p.cache_k)
+        .ptr(p.cache_v)
+        .ptr(p.tiles)
+        .ptr(g.key_tiles)
+        .i32(capacity)
+        .i32(n_heads)
+        .i32(n_kv_heads)
+        .f32(scale);
     // SAFETY: the arguments match flash_attention_backward_dkdv_d{D}(bf16* dcache_k,
     // bf16* dcache_v, const bf16* dout, const float* lse, const float* dsum, const bf16* q,
     // const bf16* cache_k, const bf16* cache_v, const uint4* tiles, const uint4* key_tiles,
@@ -458,8 +454,7 @@ fn launch_dkdv(
     // order: AttentionPlan) names a slot's range of query tiles, every slot's key 0 is in a tile
     // (so every dq row is stored before it is added to), each block owns its keys' rows of the
     // gradient caches, and has the threads and shared memory its kernel carves up.
-    unsafe { b.launch(cfg) }.with_context(|| format!("launching {name}"))?;
-    Ok(())
+    unsafe { k.launch(&l) }
 }
 
 #[cfg(test)]

@@ -1,11 +1,10 @@
 //! Launcher for `kernels/kv_cache.cu`: writes one layer's new keys and values into the slotted
 //! cache. grid.x covers kv_dim, grid.y the tokens ([`rows_config`]); one launch writes both caches.
 
-use anyhow::{ensure, Context, Result};
-use cudarc::driver::PushKernelArg;
+use anyhow::{ensure, Result};
 
 use super::elementwise::{aligned16, rows_config, BF16_VEC};
-use crate::cuda::launch::{grid_1d, to_i32, KernelCtx};
+use crate::cuda::launch::{grid_1d, to_i32, KernelLaunch, Launcher};
 
 const MODULE: &str = "kv_cache";
 
@@ -25,7 +24,7 @@ fn check_shapes(op: &str, m: usize, capacity: usize, kv_dim: usize) -> Result<(i
 /// slots, positions: u32 [m], validated by the caller (slot < slots, position < capacity).
 #[allow(clippy::too_many_arguments)]
 pub fn kv_cache_write(
-    k: &KernelCtx,
+    k: &dyn Launcher,
     cache_k: u64,
     cache_v: u64,
     key: u64,
@@ -40,34 +39,30 @@ pub fn kv_cache_write(
     if m == 0 {
         return Ok(());
     }
-    let f = k.function(MODULE, "kv_cache_write")?;
     let vectorised = kv_dim.is_multiple_of(BF16_VEC) && aligned16(&[cache_k, cache_v, key, value]);
     let cfg = rows_config(m, kv_dim, vectorised);
-    let mut b = k.stream.launch_builder(&f);
-    b.arg(&cache_k)
-        .arg(&cache_v)
-        .arg(&key)
-        .arg(&value)
-        .arg(&slots)
-        .arg(&positions)
-        .arg(&m_i)
-        .arg(&capacity_i)
-        .arg(&kv_dim_i);
+    let l = KernelLaunch::new(MODULE, "kv_cache_write", cfg)
+        .ptr(cache_k)
+        .ptr(cache_v)
+        .ptr(key)
+        .ptr(value)
+        .ptr(slots)
+        .ptr(positions)
+        .i32(m_i)
+        .i32(capacity_i)
+        .i32(kv_dim_i);
     // SAFETY: matches `(bf16* cache_k, bf16* cache_v, const bf16* key, const bf16* value,
     // const u32* slots, const u32* positions, int m, int capacity, int kv_dim)`; the caller owns
     // key/value of m * kv_dim bf16, slots/positions of m u32 with every (slot, position) inside
     // the caches.
-    unsafe { b.launch(cfg) }.with_context(|| {
-        format!("launching kv_cache_write (m {m}, capacity {capacity}, kv_dim {kv_dim})")
-    })?;
-    Ok(())
+    unsafe { k.launch(&l) }
 }
 
 /// dx[i] = dcache[slots[i], positions[i]]: dx bf16 [m, kv_dim], dcache bf16 [slots, capacity,
 /// kv_dim] (one cache of one layer); slots and positions checked by the caller.
 #[allow(clippy::too_many_arguments)]
 pub fn kv_cache_gather(
-    k: &KernelCtx,
+    k: &dyn Launcher,
     dx: u64,
     dcache: u64,
     slots: u64,
@@ -80,35 +75,31 @@ pub fn kv_cache_gather(
     if m == 0 {
         return Ok(());
     }
-    let f = k.function(MODULE, "kv_cache_gather")?;
     let cfg = rows_config(m, kv_dim, false);
-    let mut b = k.stream.launch_builder(&f);
-    b.arg(&dx)
-        .arg(&dcache)
-        .arg(&slots)
-        .arg(&positions)
-        .arg(&m_i)
-        .arg(&capacity_i)
-        .arg(&kv_dim_i);
+    let l = KernelLaunch::new(MODULE, "kv_cache_gather", cfg)
+        .ptr(dx)
+        .ptr(dcache)
+        .ptr(slots)
+        .ptr(positions)
+        .i32(m_i)
+        .i32(capacity_i)
+        .i32(kv_dim_i);
     // SAFETY: matches `(bf16* dx, const bf16* dcache, const u32* slots, const u32* positions,
     // int m, int capacity, int kv_dim)`; the caller checked every slot and position.
-    unsafe { b.launch(cfg) }.with_context(|| format!("launching kv_cache_gather (m {m})"))?;
-    Ok(())
+    unsafe { k.launch(&l) }
 }
 
 /// positions[i] += 1 for i < m (u32): a recorded decode step's positions move on by one.
-pub fn advance_positions(k: &KernelCtx, positions: u64, m: usize) -> Result<()> {
+pub fn advance_positions(k: &dyn Launcher, positions: u64, m: usize) -> Result<()> {
     let m_i = to_i32("advance_positions", "m", m)?;
     if m == 0 {
         return Ok(());
     }
-    let f = k.function(MODULE, "advance_positions")?;
-    let mut b = k.stream.launch_builder(&f);
-    b.arg(&positions).arg(&m_i);
+    let l = KernelLaunch::new(MODULE, "advance_positions", grid_1d(m, 256))
+        .ptr(positions)
+        .i32(m_i);
     // SAFETY: matches `(u32* positions, int m)`; the caller owns m u32 at `positions`.
-    unsafe { b.launch(grid_1d(m, 256)) }
-        .with_context(|| format!("launching advance_positions (m {m})"))?;
-    Ok(())
+    unsafe { k.launch(&l) }
 }
 
 #[cfg(test)]

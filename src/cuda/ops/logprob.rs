@@ -2,10 +2,10 @@
 //! the entropy of the tempered softmax (the CPU reference is
 //! `backend::cpu::logprob::logprob_forward`).
 
-use anyhow::{ensure, Context, Result};
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use anyhow::{ensure, Result};
+use cudarc::driver::LaunchConfig;
 
-use crate::cuda::launch::{to_i32, KernelCtx};
+use crate::cuda::launch::{to_i32, KernelLaunch, Launcher};
 
 /// Largest block the kernels are compiled for (`__launch_bounds__(1024)`).
 const MAX_THREADS: usize = 1024;
@@ -63,7 +63,7 @@ pub fn check_logprob_args(
 /// `targets`: u32 [r], each < vocab (checked by the caller).
 #[allow(clippy::too_many_arguments)]
 pub fn logprob_forward(
-    k: &KernelCtx,
+    k: &dyn Launcher,
     logp: u64,
     entropy: u64,
     logits: u64,
@@ -83,31 +83,27 @@ pub fn logprob_forward(
     } else {
         "logprob_forward"
     };
-    let f = k.function("logprob", name)?;
-    let mut b = k.stream.launch_builder(&f);
-    b.arg(&logp)
-        .arg(&entropy)
-        .arg(&logits)
-        .arg(&targets)
-        .arg(&r_i)
-        .arg(&vocab_i)
-        .arg(&inv_temperature);
+    let l = KernelLaunch::new("logprob", name, logprob_config(r, vocab, logits_f32))
+        .ptr(logp)
+        .ptr(entropy)
+        .ptr(logits)
+        .ptr(targets)
+        .i32(r_i)
+        .i32(vocab_i)
+        .f32(inv_temperature);
     // SAFETY: the arguments match the kernel's signature (float* logp, float* entropy,
     // const T* logits, const u32* targets, int r, int vocab, float inv_temperature) with T = f32
     // for logprob_forward_f32 and bf16 for logprob_forward; the caller owns device buffers of the
     // documented shapes and has checked every target, and the block size is a multiple of 32 no
     // larger than the kernels' launch bounds.
-    unsafe { b.launch(logprob_config(r, vocab, logits_f32)) }.with_context(|| {
-        format!("launching {name} (r {r}, vocab {vocab}, temperature {temperature})")
-    })?;
-    Ok(())
+    unsafe { k.launch(&l) }
 }
 
 /// dlogits (bf16 [r, vocab], overwritten) = dlogp[i] / τ · (onehot(targets[i]) − softmax(logits /
 /// τ)); dlogp f32 [r]; logits f32 when `logits_f32` else bf16; targets checked by the caller.
 #[allow(clippy::too_many_arguments)]
 pub fn logprob_backward(
-    k: &KernelCtx,
+    k: &dyn Launcher,
     dlogits: u64,
     dlogp: u64,
     logits: u64,
@@ -127,21 +123,18 @@ pub fn logprob_backward(
     } else {
         "logprob_backward"
     };
-    let f = k.function("logprob", kernel)?;
-    let mut b = k.stream.launch_builder(&f);
-    b.arg(&dlogits)
-        .arg(&dlogp)
-        .arg(&logits)
-        .arg(&targets)
-        .arg(&r_i)
-        .arg(&vocab_i)
-        .arg(&inv_temperature);
+    let l = KernelLaunch::new("logprob", kernel, logprob_config(r, vocab, logits_f32))
+        .ptr(dlogits)
+        .ptr(dlogp)
+        .ptr(logits)
+        .ptr(targets)
+        .i32(r_i)
+        .i32(vocab_i)
+        .f32(inv_temperature);
     // SAFETY: matches `(bf16* dlogits, const float* dlogp, const T* logits, const u32* targets,
     // int r, int vocab, float inv_temperature)` with T as chosen above; one block per row, whole
     // warps up to 1024 threads as the block reduction requires.
-    unsafe { b.launch(logprob_config(r, vocab, logits_f32)) }
-        .with_context(|| format!("launching {kernel} (r {r}, vocab {vocab})"))?;
-    Ok(())
+    unsafe { k.launch(&l) }
 }
 
 #[cfg(test)]

@@ -1,10 +1,10 @@
 //! Launchers for `kernels/optimizer.cu`: the fixed-order sum of squares (global gradient norm),
 //! the fixed-order column sums (loss statistics) and the fused AdamW step.
 
-use anyhow::{Context, Result};
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use anyhow::Result;
+use cudarc::driver::LaunchConfig;
 
-use crate::cuda::launch::{to_i32, KernelCtx};
+use crate::cuda::launch::{to_i32, KernelLaunch, Launcher};
 use crate::optim::AdamWStep;
 
 const MODULE: &str = "optimizer";
@@ -16,59 +16,60 @@ pub const SUM_SQUARES_THREADS: u32 = 256;
 
 /// out[0..2] = [hi, lo] of Σ x² over n f32 values, via `partials` (SUM_SQUARES_BLOCKS f64 of
 /// scratch, 8-byte aligned).
-pub fn sum_squares(k: &KernelCtx, out: u64, x: u64, n: usize, partials: u64) -> Result<()> {
+pub fn sum_squares(k: &dyn Launcher, out: u64, x: u64, n: usize, partials: u64) -> Result<()> {
     let n_i = n as i64;
-    let partial = k.function(MODULE, "sum_squares_partial")?;
     let cfg = LaunchConfig {
         grid_dim: (SUM_SQUARES_BLOCKS as u32, 1, 1),
         block_dim: (SUM_SQUARES_THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
-    let mut b = k.stream.launch_builder(&partial);
-    b.arg(&partials).arg(&x).arg(&n_i);
+    let l = KernelLaunch::new(MODULE, "sum_squares_partial", cfg)
+        .ptr(partials)
+        .ptr(x)
+        .i64(n_i);
     // SAFETY: matches `(double* partials, const float* x, long long n)`; the caller owns x of n
     // f32 and partials of SUM_SQUARES_BLOCKS f64, one per block of this grid.
-    unsafe { b.launch(cfg) }.with_context(|| format!("launching sum_squares_partial (n {n})"))?;
+    unsafe { k.launch(&l) }?;
 
-    let last = k.function(MODULE, "sum_squares_final")?;
     let cfg = LaunchConfig {
         grid_dim: (1, 1, 1),
         block_dim: (SUM_SQUARES_BLOCKS as u32, 1, 1),
         shared_mem_bytes: 0,
     };
-    let mut b = k.stream.launch_builder(&last);
-    b.arg(&out).arg(&partials);
+    let l = KernelLaunch::new(MODULE, "sum_squares_final", cfg)
+        .ptr(out)
+        .ptr(partials);
     // SAFETY: matches `(float* out, const double* partials)`: out holds 2 f32, partials the
     // SUM_SQUARES_BLOCKS values written above; one thread per partial.
-    unsafe { b.launch(cfg) }.context("launching sum_squares_final")?;
-    Ok(())
+    unsafe { k.launch(&l) }
 }
 
 /// out (f32 [cols, 2]) = [hi, lo] of each column's f64 sum over x (f32 [rows, cols]).
-pub fn column_sums(k: &KernelCtx, out: u64, x: u64, rows: usize, cols: usize) -> Result<()> {
+pub fn column_sums(k: &dyn Launcher, out: u64, x: u64, rows: usize, cols: usize) -> Result<()> {
     let rows_i = to_i32("column_sums", "rows", rows)?;
     let cols_i = to_i32("column_sums", "cols", cols)?;
     if cols == 0 {
         return Ok(());
     }
-    let f = k.function(MODULE, "column_sums")?;
     let cfg = LaunchConfig {
         grid_dim: (cols as u32, 1, 1),
         block_dim: (SUM_SQUARES_THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
-    let mut b = k.stream.launch_builder(&f);
-    b.arg(&out).arg(&x).arg(&rows_i).arg(&cols_i);
+    let l = KernelLaunch::new(MODULE, "column_sums", cfg)
+        .ptr(out)
+        .ptr(x)
+        .i32(rows_i)
+        .i32(cols_i);
     // SAFETY: matches `(float* out, const float* x, int rows, int cols)`; the caller owns x of
     // rows × cols f32 and out of 2 × cols f32; one block per column.
-    unsafe { b.launch(cfg) }.with_context(|| format!("launching column_sums ({rows} × {cols})"))?;
-    Ok(())
+    unsafe { k.launch(&l) }
 }
 
 /// One AdamW step over n parameters: master, m, v updated (f32), params = bf16(master).
 #[allow(clippy::too_many_arguments)]
 pub fn adamw_step(
-    k: &KernelCtx,
+    k: &dyn Launcher,
     params: u64,
     master: u64,
     m: u64,
@@ -80,7 +81,6 @@ pub fn adamw_step(
     if n == 0 {
         return Ok(());
     }
-    let f = k.function(MODULE, "adamw_step")?;
     let n_i = n as i64;
     // Enough blocks to fill any current GPU; the grid-stride loop covers the rest.
     let blocks = n.div_ceil(256).min(65_536) as u32;
@@ -89,21 +89,22 @@ pub fn adamw_step(
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
-    let mut b = k.stream.launch_builder(&f);
-    b.arg(&params)
-        .arg(&master)
-        .arg(&m)
-        .arg(&v)
-        .arg(&grads)
-        .arg(&n_i);
-    b.arg(&s.lr)
-        .arg(&s.beta1)
-        .arg(&s.beta2)
-        .arg(&s.eps)
-        .arg(&s.weight_decay);
-    b.arg(&s.c1).arg(&s.c2).arg(&s.grad_scale);
+    let l = KernelLaunch::new(MODULE, "adamw_step", cfg)
+        .ptr(params)
+        .ptr(master)
+        .ptr(m)
+        .ptr(v)
+        .ptr(grads)
+        .i64(n_i)
+        .f32(s.lr)
+        .f32(s.beta1)
+        .f32(s.beta2)
+        .f32(s.eps)
+        .f32(s.weight_decay)
+        .f32(s.c1)
+        .f32(s.c2)
+        .f32(s.grad_scale);
     // SAFETY: matches `(bf16* params, float* master, float* m, float* v, const float* grads,
     // long long n, float ×8)`; the caller owns params (n bf16) and the other four (n f32).
-    unsafe { b.launch(cfg) }.with_context(|| format!("launching adamw_step (n {n})"))?;
-    Ok(())
+    unsafe { k.launch(&l) }
 }

@@ -1,11 +1,10 @@
 //! Launcher for kernels/policy_loss.cu: the GRPO policy loss fused with the log-prob backward
 //! (the CPU reference is `backend::cpu::policy_loss_backward`).
 
-use anyhow::{Context, Result};
-use cudarc::driver::PushKernelArg;
+use anyhow::Result;
 
 use super::logprob::{check_logprob_args, logprob_config};
-use crate::cuda::launch::KernelCtx;
+use crate::cuda::launch::{KernelLaunch, Launcher};
 use crate::grpo::LossOptions;
 
 /// Device pointers of the per-row and per-completion inputs (0 for an absent old or reference).
@@ -26,7 +25,7 @@ pub struct PolicyLossArgs {
 /// One block per row, as `logprob_backward`: dlogits (bf16 [r, vocab]), logp (f32 [r]) and
 /// stats (f32 [r, POLICY_STATS]) written; the caller checked every size and index.
 pub fn policy_loss_backward(
-    k: &KernelCtx,
+    k: &dyn Launcher,
     a: &PolicyLossArgs,
     r: usize,
     vocab: usize,
@@ -43,31 +42,28 @@ pub fn policy_loss_backward(
     } else {
         "policy_loss_backward"
     };
-    let f = k.function("policy_loss", name)?;
-    let mut b = k.stream.launch_builder(&f);
-    b.arg(&a.dlogits)
-        .arg(&a.logp)
-        .arg(&a.stats)
-        .arg(&a.logits)
-        .arg(&a.targets)
-        .arg(&a.seqs)
-        .arg(&a.advantages)
-        .arg(&a.weights)
-        .arg(&a.old_logp)
-        .arg(&a.ref_logp);
-    b.arg(&r_i)
-        .arg(&vocab_i)
-        .arg(&inv_temperature)
-        .arg(&o.eps_low)
-        .arg(&o.eps_high)
-        .arg(&o.beta);
+    let l = KernelLaunch::new("policy_loss", name, logprob_config(r, vocab, a.logits_f32))
+        .ptr(a.dlogits)
+        .ptr(a.logp)
+        .ptr(a.stats)
+        .ptr(a.logits)
+        .ptr(a.targets)
+        .ptr(a.seqs)
+        .ptr(a.advantages)
+        .ptr(a.weights)
+        .ptr(a.old_logp)
+        .ptr(a.ref_logp)
+        .i32(r_i)
+        .i32(vocab_i)
+        .f32(inv_temperature)
+        .f64(o.eps_low)
+        .f64(o.eps_high)
+        .f64(o.beta);
     // SAFETY: matches `(bf16* dlogits, float* logp, float* stats, const T* logits, const u32*
     // targets, const u32* seqs, const float* advantages, const float* weights, const float*
     // old_logp, const float* ref_logp, int r, int vocab, float inv_temperature, double eps_low,
     // double eps_high, double beta)` with T = f32 for the _f32 kernel, else bf16; the caller owns
     // buffers of the documented shapes (old and reference may be null), every target is < vocab
     // and every completion index < the advantages' length; whole warps up to 1024 threads.
-    unsafe { b.launch(logprob_config(r, vocab, a.logits_f32)) }
-        .with_context(|| format!("launching {name} (r {r}, vocab {vocab})"))?;
-    Ok(())
+    unsafe { k.launch(&l) }
 }

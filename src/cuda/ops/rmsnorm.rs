@@ -1,11 +1,11 @@
 //! Launcher for `kernels/rmsnorm.cu`: one thread block per row, about one 16-byte vector per
 //! thread.
 
-use anyhow::{ensure, Context, Result};
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use anyhow::{ensure, Result};
+use cudarc::driver::LaunchConfig;
 
 use super::elementwise::{aligned16, BF16_VEC};
-use crate::cuda::launch::{to_i32, KernelCtx};
+use crate::cuda::launch::{to_i32, KernelLaunch, Launcher};
 
 const MODULE: &str = "rmsnorm";
 
@@ -32,7 +32,7 @@ pub fn row_block_size(dim: usize, vec_width: usize, vectorised: bool) -> u32 {
 /// grid = (rows, 1, 1), block = (row_block_size(dim, 8, vectorised), 1, 1).
 #[allow(clippy::too_many_arguments)]
 pub fn rmsnorm_forward(
-    k: &KernelCtx,
+    k: &dyn Launcher,
     out: u64,
     x: u64,
     weight: u64,
@@ -47,7 +47,7 @@ pub fn rmsnorm_forward(
 /// [rows, dim].
 #[allow(clippy::too_many_arguments)]
 pub fn add_rmsnorm_forward(
-    k: &KernelCtx,
+    k: &dyn Launcher,
     out: u64,
     x: u64,
     residual: u64,
@@ -71,7 +71,7 @@ pub fn add_rmsnorm_forward(
 
 #[allow(clippy::too_many_arguments)]
 fn launch_forward(
-    k: &KernelCtx,
+    k: &dyn Launcher,
     kernel: &'static str,
     out: u64,
     x: u64,
@@ -91,7 +91,6 @@ fn launch_forward(
     if rows == 0 {
         return Ok(());
     }
-    let f = k.function(MODULE, kernel)?;
     // the kernel's 128-bit condition (it decides itself; this only sizes the block)
     let vectorised = dim.is_multiple_of(BF16_VEC)
         && aligned16(&[out, x, weight])
@@ -101,19 +100,16 @@ fn launch_forward(
         block_dim: (row_block_size(dim, BF16_VEC, vectorised), 1, 1),
         shared_mem_bytes: 0,
     };
-    let mut b = k.stream.launch_builder(&f);
-    b.arg(&out).arg(&x);
-    if let Some(r) = &residual {
-        b.arg(r);
+    let mut l = KernelLaunch::new(MODULE, kernel, cfg).ptr(out).ptr(x);
+    if let Some(r) = residual {
+        l = l.ptr(r);
     }
-    b.arg(&weight).arg(&rows_i).arg(&dim_i).arg(&eps);
+    let l = l.ptr(weight).i32(rows_i).i32(dim_i).f32(eps);
     // SAFETY: matches `(bf16* out, [const] bf16* x, [const bf16* residual,] const bf16* weight,
     // int rows, int dim, float eps)` (the residual argument exactly for add_rmsnorm_forward); the
     // caller owns x, out (and residual) of rows * dim bf16 and weight of dim bf16, and the block
     // is a multiple of 32 threads, at most 1024, as the kernel's reduction requires.
-    unsafe { b.launch(cfg) }
-        .with_context(|| format!("launching {kernel} (rows {rows}, dim {dim})"))?;
-    Ok(())
+    unsafe { k.launch(&l) }
 }
 
 /// Rows one block of `rmsnorm_backward` takes: enough blocks to fill the GPU many times over
@@ -140,7 +136,7 @@ pub const VEC_KERNEL_MAX_DIM: usize = MAX_THREADS_PER_BLOCK as usize * BF16_VEC;
 /// add_column_sums over the blocks' partial sums.
 #[allow(clippy::too_many_arguments)]
 pub fn rmsnorm_backward(
-    k: &KernelCtx,
+    k: &dyn Launcher,
     (dx, add_to_dx): (u64, bool),
     dweight: u64,
     dout: u64,
@@ -172,39 +168,39 @@ pub fn rmsnorm_backward(
     let vectorised = dim.is_multiple_of(BF16_VEC)
         && dim <= VEC_KERNEL_MAX_DIM
         && aligned16(&[dx, dout, x, weight, partials]);
-    let (f, cfg) = if vectorised {
+    let (kernel, cfg) = if vectorised {
         let cfg = LaunchConfig {
             grid_dim: (blocks as u32, 1, 1),
             block_dim: (row_block_size(dim, BF16_VEC, true), 1, 1),
             shared_mem_bytes: 0,
         };
-        (k.function(MODULE, "rmsnorm_backward_vec")?, cfg)
+        ("rmsnorm_backward_vec", cfg)
     } else {
         let cfg = LaunchConfig {
             grid_dim: (blocks as u32, 1, 1),
             block_dim: (row_block_size(dim, 1, false), 1, 1),
             shared_mem_bytes: (dim * 4) as u32,
         };
-        (k.function(MODULE, OP)?, cfg)
+        (OP, cfg)
     };
-    let mut b = k.stream.launch_builder(&f);
-    b.arg(&dx)
-        .arg(&partials)
-        .arg(&dout)
-        .arg(&x)
-        .arg(&weight)
-        .arg(&rows_i)
-        .arg(&dim_i)
-        .arg(&eps)
-        .arg(&per_block_i)
-        .arg(&accumulate);
+    let l = KernelLaunch::new(MODULE, kernel, cfg)
+        .ptr(dx)
+        .ptr(partials)
+        .ptr(dout)
+        .ptr(x)
+        .ptr(weight)
+        .i32(rows_i)
+        .i32(dim_i)
+        .f32(eps)
+        .i32(per_block_i)
+        .i32(accumulate);
     // SAFETY: both kernels take `(bf16* dx, float* partials, const bf16* dout, const bf16* x,
     // const bf16* weight, int rows, int dim, float eps, int rows_per_block, int accumulate)`;
     // the caller owns
     // buffers of those shapes and partials of blocks * dim f32; the block is whole warps, at most
     // 1024, as the reductions require: one thread per 16-byte vector of a row for the vector
     // kernel (whose conditions were checked above), dim f32 of shared memory for the other.
-    unsafe { b.launch(cfg) }.with_context(|| format!("launching {OP} (rows {rows}, dim {dim})"))?;
+    unsafe { k.launch(&l) }?;
     super::elementwise::add_column_sums(k, dweight, partials, blocks, dim)
 }
 

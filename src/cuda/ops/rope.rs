@@ -5,10 +5,10 @@
 //! its sines and cosines once for several heads (see [`heads_grid_y`]).
 
 use anyhow::{ensure, Context, Result};
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
 
 use super::elementwise::{aligned16, BF16_VEC, BLOCK_THREADS, MAX_GRID_Y};
-use crate::cuda::launch::{to_i32, KernelCtx};
+use crate::cuda::launch::{to_i32, KernelLaunch, Launcher};
 
 const MODULE: &str = "rope";
 
@@ -74,7 +74,7 @@ pub fn rope_config(m: usize, n_heads: usize, head_dim: usize, vectorised: bool) 
 /// inv_freq: f32 [head_dim / 2].
 #[allow(clippy::too_many_arguments)]
 pub fn qkv_rope_forward(
-    k: &KernelCtx,
+    k: &dyn Launcher,
     (q, kk, v): (u64, u64, u64),
     (q_bias, k_bias, v_bias): (u64, u64, u64),
     positions: u64,
@@ -93,39 +93,35 @@ pub fn qkv_rope_forward(
     if m == 0 {
         return Ok(());
     }
-    let f = k.function(MODULE, KERNEL)?;
     let vectorised = (head_dim / 2).is_multiple_of(BF16_VEC) && aligned16(&[q, kk, v]);
     let cfg = rope_config(m, n_heads + n_kv_heads + v_heads, head_dim, vectorised);
-    let mut b = k.stream.launch_builder(&f);
-    b.arg(&q)
-        .arg(&kk)
-        .arg(&v)
-        .arg(&q_bias)
-        .arg(&k_bias)
-        .arg(&v_bias)
-        .arg(&positions)
-        .arg(&inv_freq)
-        .arg(&m_i)
-        .arg(&n_heads_i)
-        .arg(&n_kv_i)
-        .arg(&v_heads_i)
-        .arg(&head_dim_i);
+    let l = KernelLaunch::new(MODULE, KERNEL, cfg)
+        .ptr(q)
+        .ptr(kk)
+        .ptr(v)
+        .ptr(q_bias)
+        .ptr(k_bias)
+        .ptr(v_bias)
+        .ptr(positions)
+        .ptr(inv_freq)
+        .i32(m_i)
+        .i32(n_heads_i)
+        .i32(n_kv_i)
+        .i32(v_heads_i)
+        .i32(head_dim_i);
     // SAFETY: matches `(bf16* q, bf16* k, bf16* v, const bf16* q_bias, const bf16* k_bias, const
     // bf16* v_bias, const u32* positions, const float* inv_freq, int m, int n_heads, int
     // n_kv_heads, int v_heads, int head_dim)`; the caller owns q of m * n_heads * head_dim bf16, k
     // and v of m * n_kv_heads * head_dim bf16, the biases (when not 0) of their heads * head_dim
     // bf16, positions of m u32 and inv_freq of head_dim / 2 f32, and m * head_dim / 2 fits the
     // kernel's int index.
-    unsafe { b.launch(cfg) }.with_context(|| {
-        format!("launching {KERNEL} (m {m}, heads {n_heads} + {n_kv_heads}, head_dim {head_dim})")
-    })?;
-    Ok(())
+    unsafe { k.launch(&l) }
 }
 
 /// The gradient of the rotation: dx: bf16 [m, n_heads * head_dim] rotated back (by −position ·
 /// inv_freq) in place.
 pub fn rope_backward(
-    k: &KernelCtx,
+    k: &dyn Launcher,
     dx: u64,
     positions: u64,
     inv_freq: u64,
@@ -138,23 +134,19 @@ pub fn rope_backward(
     if m == 0 {
         return Ok(());
     }
-    let f = k.function(MODULE, KERNEL)?;
     let vectorised = (head_dim / 2).is_multiple_of(BF16_VEC) && aligned16(&[dx]);
     let cfg = rope_config(m, n_heads, head_dim, vectorised);
-    let mut b = k.stream.launch_builder(&f);
-    b.arg(&dx)
-        .arg(&positions)
-        .arg(&inv_freq)
-        .arg(&m_i)
-        .arg(&n_heads_i)
-        .arg(&head_dim_i);
+    let l = KernelLaunch::new(MODULE, KERNEL, cfg)
+        .ptr(dx)
+        .ptr(positions)
+        .ptr(inv_freq)
+        .i32(m_i)
+        .i32(n_heads_i)
+        .i32(head_dim_i);
     // SAFETY: matches `(bf16* dx, const u32* positions, const float* inv_freq, int m,
     // int n_heads, int head_dim)`; the caller owns dx of m * n_heads * head_dim bf16, positions of
     // m u32 and inv_freq of head_dim / 2 f32, and m * head_dim / 2 fits the kernel's int index.
-    unsafe { b.launch(cfg) }.with_context(|| {
-        format!("launching {KERNEL} (m {m}, n_heads {n_heads}, head_dim {head_dim})")
-    })?;
-    Ok(())
+    unsafe { k.launch(&l) }
 }
 
 #[cfg(test)]

@@ -1,9 +1,9 @@
 //! Launcher for `kernels/sampling.cu`: one drawn token per row of logits.
 
-use anyhow::{Context, Result};
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use anyhow::Result;
+use cudarc::driver::LaunchConfig;
 
-use crate::cuda::launch::{to_i32, KernelCtx};
+use crate::cuda::launch::{to_i32, KernelLaunch, Launcher};
 use crate::sampling::SamplingParams;
 
 const MODULE: &str = "sampling";
@@ -28,7 +28,7 @@ pub enum DeviceDraws {
 /// f32; logits: [rows, vocab] f32.
 #[allow(clippy::too_many_arguments)]
 pub fn sample_tokens(
-    k: &KernelCtx,
+    k: &dyn Launcher,
     out: u64,
     logp: u64,
     logits: u64,
@@ -52,31 +52,28 @@ pub fn sample_tokens(
             step,
         } => (0, streams, seed, first_stream, step),
     };
-    let f = k.function(MODULE, "sample_tokens")?;
     let cfg = LaunchConfig {
         grid_dim: (rows as u32, 1, 1),
         block_dim: (SAMPLE_THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
-    let mut b = k.stream.launch_builder(&f);
-    b.arg(&out)
-        .arg(&logp)
-        .arg(&logits)
-        .arg(&uniforms)
-        .arg(&streams)
-        .arg(&vocab_i)
-        .arg(&params.temperature)
-        .arg(&top_k)
-        .arg(&params.top_p)
-        .arg(&seed)
-        .arg(&first_stream)
-        .arg(&step);
+    let l = KernelLaunch::new(MODULE, "sample_tokens", cfg)
+        .ptr(out)
+        .ptr(logp)
+        .ptr(logits)
+        .ptr(uniforms)
+        .ptr(streams)
+        .i32(vocab_i)
+        .f32(params.temperature)
+        .i32(top_k)
+        .f32(params.top_p)
+        .u64(seed)
+        .u64(first_stream)
+        .u64(step);
     // SAFETY: matches `(float* out, float* logp, const float* logits, const float* uniforms,
     // const unsigned* streams, int vocab, float temperature, int top_k, float top_p, unsigned
     // long long seed, unsigned long long first_stream, unsigned long long step)`; the caller owns
     // out and logp of rows f32 each, logits of rows × vocab f32, and either uniforms of 2 × rows
     // f32 (streams null) or streams of rows u32 (uniforms null); one block per row.
-    unsafe { b.launch(cfg) }
-        .with_context(|| format!("launching sample_tokens (rows {rows}, vocab {vocab})"))?;
-    Ok(())
+    unsafe { k.launch(&l) }
 }

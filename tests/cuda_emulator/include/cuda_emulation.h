@@ -34,7 +34,13 @@
 
 #include <algorithm>
 
+// build.rs finds the kernels' entry points by preprocessing each file with THINKSHORT_KERNEL_SCAN,
+// where `extern "C" __global__ void name(` becomes `extern "C" thinkshort_kernel void name(`.
+#ifdef THINKSHORT_KERNEL_SCAN
+#define __global__ thinkshort_kernel
+#else
 #define __global__
+#endif
 #define __device__
 #define __host__
 #define __forceinline__ inline

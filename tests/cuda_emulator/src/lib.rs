@@ -7,13 +7,32 @@
 //! with thinkshort's CPU reference: wrong indices, masks, fragment layouts or pipeline steps show
 //! on a machine without a GPU. Speed, and races the emulation does not provoke, still need one.
 //!
-//! The kernels' `extern "C"` entry points are in the library this crate links; a test declares
-//! the ones it calls with their signatures from kernels/*.cu (bf16 as `u16`, `uint4` as 4 × `u32`,
-//! pointers are host pointers) and calls them only inside [`launch`].
+//! Two ways in: [`launch_kernel`] runs a launch described as data (module, kernel name, grid and
+//! argument values: what thinkshort's launchers produce, so a test runs the launchers themselves
+//! with host pointers as device pointers); the kernel is looked up among every entry point of
+//! kernels/*.cu and the arguments are checked against its parameters. Or a test declares the
+//! `extern "C"` entry points it calls with their signatures from kernels/*.cu (bf16 as `u16`,
+//! `uint4` as 4 × `u32`, pointers are host pointers) and calls them only inside [`launch`].
 
 use std::ffi::{c_char, c_int, c_void};
 
 extern "C" {
+    fn emu_launch_kernel(
+        module: *const c_char,
+        name: *const c_char,
+        grid_x: u32,
+        grid_y: u32,
+        grid_z: u32,
+        block_x: u32,
+        block_y: u32,
+        block_z: u32,
+        shared_bytes: usize,
+        kinds: *const u32,
+        bits: *const u64,
+        n_args: usize,
+        error: *mut c_char,
+        error_len: usize,
+    ) -> c_int;
     fn emu_launch(
         grid_x: u32,
         grid_y: u32,
@@ -35,6 +54,73 @@ pub struct Launch {
     pub grid: (u32, u32, u32),
     pub block: (u32, u32, u32),
     pub shared_bytes: usize,
+}
+
+/// One argument value, of the kind of the kernel's parameter (include/kernel_registry.h).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Arg {
+    /// A host address standing for a device pointer.
+    Pointer(u64),
+    Int32(i32),
+    Int64(i64),
+    Float32(f32),
+    Float64(f64),
+}
+
+impl Arg {
+    /// (kind, bits) as emu_launch_kernel takes them.
+    fn encode(self) -> (u32, u64) {
+        match self {
+            Arg::Pointer(p) => (0, p),
+            Arg::Int32(v) => (1, v as u32 as u64),
+            Arg::Int64(v) => (2, v as u64),
+            Arg::Float32(v) => (3, v.to_bits() as u64),
+            Arg::Float64(v) => (4, v.to_bits()),
+        }
+    }
+}
+
+/// Runs the kernel `name` of kernels/`module`.cu on `args` as every thread of `cfg`. Errors: no
+/// such kernel, arguments that do not match its parameters in number or kind, or any error of
+/// [`launch`].
+///
+/// # Safety
+/// Every pointer argument is a host buffer large enough for what the kernel touches.
+pub unsafe fn launch_kernel(
+    module: &str,
+    name: &str,
+    cfg: Launch,
+    args: &[Arg],
+) -> Result<(), String> {
+    let c = |s: &str| std::ffi::CString::new(s).map_err(|_| format!("a NUL in {s:?}"));
+    let (module, name) = (c(module)?, c(name)?);
+    let (kinds, bits): (Vec<u32>, Vec<u64>) = args.iter().map(|a| a.encode()).unzip();
+    let mut error = vec![0u8; 1024];
+    // SAFETY: the strings are NUL-terminated, kinds and bits hold args.len() values, the error
+    // buffer's length is passed with it; the pointers' validity is the caller's contract.
+    let rc = unsafe {
+        emu_launch_kernel(
+            module.as_ptr(),
+            name.as_ptr(),
+            cfg.grid.0,
+            cfg.grid.1,
+            cfg.grid.2,
+            cfg.block.0,
+            cfg.block.1,
+            cfg.block.2,
+            cfg.shared_bytes,
+            kinds.as_ptr(),
+            bits.as_ptr(),
+            args.len(),
+            error.as_mut_ptr() as *mut c_char,
+            error.len(),
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let end = error.iter().position(|&b| b == 0).unwrap_or(error.len());
+    Err(String::from_utf8_lossy(&error[..end]).into_owned())
 }
 
 /// Runs `thread` (which calls one kernel entry point) as every thread of `cfg`, block after
