@@ -1,10 +1,11 @@
 //! The real source of kernels/rope.cu, kernels/embedding.cu, kernels/optimizer.cu and the simple
 //! attention kernel of kernels/attention.cu, run on the CPU by the emulator in tests/cuda_emulator
-//! with the launch shapes of their launchers (src/cuda/ops), against the CPU reference
-//! (`thinkshort::backend::cpu`): the fused q/k/v bias + RoPE with the Qwen2 layout and its
-//! backward, on the 128-bit and the scalar paths and with heads sharing a thread's sines; row
-//! gathers and the grouped scatter-adds; AdamW, the f64 sum of squares and column sums; causal
-//! GQA attention for head dims without a fused kernel, prefill and decode placements.
+//! through thinkshort's own launchers (src/cuda/ops/{rope,embedding,optimizer,attention}.rs:
+//! grids, argument order and kinds, the grid sized for the vector or the scalar path), against
+//! the CPU reference (`thinkshort::backend::cpu`): the fused q/k/v bias + RoPE with the Qwen2
+//! layout and its backward, on the 128-bit and the scalar paths and with heads sharing a thread's
+//! sines; row gathers and the grouped scatter-adds; AdamW, the f64 sum of squares and column
+//! sums; causal GQA attention for head dims without a fused kernel, prefill and decode placements.
 //!
 //! Write-only outputs start as NaN (0xffff in bf16) so an unwritten element fails; in-place and
 //! accumulating ones start from random values. Copies are compared bit for bit, single-rounding
@@ -12,134 +13,18 @@
 
 mod emulation_support;
 
-use cuda_emulator::{launch, Launch};
 use cudarc::driver::LaunchConfig;
-use emulation_support::{assert_close, to_bits, to_f32, Rand};
+use emulation_support::{
+    assert_close, assert_launches, assert_same, ptr, ptr_mut, run_recorded, to_bits, to_f32, Rand,
+};
 use thinkshort::backend::cpu::{self, CpuBackend};
 use thinkshort::backend::{Backend, TokenPlacement};
-use thinkshort::cuda::ops::attention::attention_config;
-use thinkshort::cuda::ops::elementwise::{
-    aligned16, rows_config, BF16_VEC, BLOCK_THREADS, MAX_GRID_Y,
-};
-use thinkshort::cuda::ops::embedding::RowGroups;
-use thinkshort::cuda::ops::optimizer::{SUM_SQUARES_BLOCKS, SUM_SQUARES_THREADS};
-use thinkshort::cuda::ops::rope::rope_config;
+use thinkshort::cuda::ops::attention;
+use thinkshort::cuda::ops::elementwise::{rows_config, MAX_GRID_Y};
+use thinkshort::cuda::ops::embedding::{self, RowGroups};
+use thinkshort::cuda::ops::optimizer::{self as opt, SUM_SQUARES_BLOCKS, SUM_SQUARES_THREADS};
+use thinkshort::cuda::ops::rope::{self, rope_config};
 use thinkshort::optim::AdamW;
-
-/// Entry points of kernels/rope.cu, embedding.cu, optimizer.cu and attention.cu (bf16 = u16).
-mod k {
-    extern "C" {
-        pub fn qkv_rope_forward(
-            q: *mut u16,
-            k: *mut u16,
-            v: *mut u16,
-            q_bias: *const u16,
-            k_bias: *const u16,
-            v_bias: *const u16,
-            positions: *const u32,
-            inv_freq: *const f32,
-            m: i32,
-            n_heads: i32,
-            n_kv_heads: i32,
-            v_heads: i32,
-            head_dim: i32,
-        );
-        pub fn rope_backward(
-            dx: *mut u16,
-            positions: *const u32,
-            inv_freq: *const f32,
-            m: i32,
-            n_heads: i32,
-            head_dim: i32,
-        );
-
-        pub fn embedding_forward(
-            out: *mut u16,
-            table: *const u16,
-            ids: *const u32,
-            rows: i32,
-            dim: i32,
-        );
-        pub fn embedding_forward_sampled(
-            out: *mut u16,
-            table: *const u16,
-            sampled: *const f32,
-            rows_index: *const u32,
-            rows: i32,
-            dim: i32,
-            vocab: i32,
-        );
-        pub fn gather_rows(
-            out: *mut u16,
-            x: *const u16,
-            rows_index: *const u32,
-            rows: i32,
-            dim: i32,
-        );
-        pub fn embedding_backward(
-            dtable: *mut f32,
-            dout: *const u16,
-            offsets: *const u32,
-            src_rows: *const u32,
-            dst_rows: *const u32,
-            groups: i32,
-            dim: i32,
-        );
-        pub fn scatter_add_rows(
-            dx: *mut u16,
-            dout: *const u16,
-            offsets: *const u32,
-            src_rows: *const u32,
-            dst_rows: *const u32,
-            groups: i32,
-            dim: i32,
-        );
-
-        pub fn sum_squares_partial(partials: *mut f64, x: *const f32, n: i64);
-        pub fn sum_squares_final(out: *mut f32, partials: *const f64);
-        pub fn column_sums(out: *mut f32, x: *const f32, rows: i32, cols: i32);
-        pub fn adamw_step(
-            params: *mut u16,
-            master: *mut f32,
-            m: *mut f32,
-            v: *mut f32,
-            grads: *const f32,
-            n: i64,
-            lr: f32,
-            beta1: f32,
-            beta2: f32,
-            eps: f32,
-            weight_decay: f32,
-            c1: f32,
-            c2: f32,
-            grad_scale: f32,
-        );
-
-        pub fn attention_forward(
-            out: *mut u16,
-            lse: *mut f32,
-            q: *const u16,
-            cache_k: *const u16,
-            cache_v: *const u16,
-            slots: *const u32,
-            positions: *const u32,
-            m: i32,
-            capacity: i32,
-            n_heads: i32,
-            n_kv_heads: i32,
-            head_dim: i32,
-            scale: f32,
-        );
-    }
-}
-
-fn launch_of(c: LaunchConfig) -> Launch {
-    Launch {
-        grid: c.grid_dim,
-        block: c.block_dim,
-        shared_bytes: c.shared_mem_bytes as usize,
-    }
-}
 
 /// bf16 values in a buffer that starts 16-byte aligned, or 2 bytes past a 16-byte boundary
 /// (`misaligned`), which takes the kernels off their 128-bit path.
@@ -163,12 +48,12 @@ impl Bf16Buf {
         }
     }
 
-    fn ptr(&self) -> *const u16 {
-        self.storage[self.start..].as_ptr()
+    fn ptr(&self) -> u64 {
+        ptr(&self.storage[self.start..])
     }
 
-    fn ptr_mut(&mut self) -> *mut u16 {
-        self.storage[self.start..].as_mut_ptr()
+    fn ptr_mut(&mut self) -> u64 {
+        ptr_mut(&mut self.storage[self.start..])
     }
 
     fn values(&self) -> &[u16] {
@@ -212,65 +97,51 @@ fn qwen2_inv_freq(head_dim: usize) -> Vec<f32> {
         .collect()
 }
 
-/// qkv_rope_forward on q [m, n_heads * head_dim], k and v [m, n_kv_heads * head_dim], with
-/// biases of scale 0.5 on all three or none; returns the launch it used.
+/// `rope::qkv_rope_forward` on q [m, n_heads * head_dim], k and v [m, n_kv_heads * head_dim],
+/// with biases of scale 0.5 on all three or none (v's heads then left out of the grid);
+/// `vector_path`: whether the launcher must size the grid for the 128-bit path. Returns the grid
+/// it chose.
 fn check_qkv_rope(
     seed: u64,
     positions: &[u32],
     (n_heads, n_kv_heads, head_dim): (usize, usize, usize),
     biases: bool,
-) -> Launch {
+    vector_path: bool,
+) -> LaunchConfig {
     let m = positions.len();
     let mut r = Rand(seed);
-    let q = r.bf16s(m * n_heads * head_dim, 1.0);
-    let k = r.bf16s(m * n_kv_heads * head_dim, 1.0);
-    let v = r.bf16s(m * n_kv_heads * head_dim, 1.0);
-    let q_bias = r.bf16s(n_heads * head_dim, 0.5);
-    let k_bias = r.bf16s(n_kv_heads * head_dim, 0.5);
+    let q = r.bf16s(m * n_heads * head_dim, 1.0); // [m, n_heads * head_dim]
+    let k = r.bf16s(m * n_kv_heads * head_dim, 1.0); // [m, n_kv_heads * head_dim]
+    let v = r.bf16s(m * n_kv_heads * head_dim, 1.0); // [m, n_kv_heads * head_dim]
+    let q_bias = r.bf16s(n_heads * head_dim, 0.5); // [n_heads * head_dim]
+    let k_bias = r.bf16s(n_kv_heads * head_dim, 0.5); // [n_kv_heads * head_dim]
     let v_bias = r.bf16s(n_kv_heads * head_dim, 0.5);
-    let inv_freq = qwen2_inv_freq(head_dim);
+    let inv_freq = qwen2_inv_freq(head_dim); // [head_dim / 2]
 
     let (mut qd, mut kd, mut vd) = (
         Bf16Buf::new(&q.0, false),
         Bf16Buf::new(&k.0, false),
         Bf16Buf::new(&v.0, false),
     );
-    let (qp, kp, vp) = (qd.ptr_mut(), kd.ptr_mut(), vd.ptr_mut());
-    let bias_ptr = |b: &(Vec<u16>, Vec<f32>)| {
-        if biases {
-            b.0.as_ptr()
-        } else {
-            std::ptr::null()
-        }
-    };
-    let (qb, kb, vb) = (bias_ptr(&q_bias), bias_ptr(&k_bias), bias_ptr(&v_bias));
-    let v_heads = if biases { n_kv_heads } else { 0 };
-    let vectorised =
-        (head_dim / 2).is_multiple_of(BF16_VEC) && aligned16(&[qp as u64, kp as u64, vp as u64]);
-    let cfg = launch_of(rope_config(
-        m,
-        n_heads + n_kv_heads + v_heads,
-        head_dim,
-        vectorised,
-    ));
-    launch(cfg, || unsafe {
-        k::qkv_rope_forward(
-            qp,
-            kp,
-            vp,
-            qb,
-            kb,
-            vb,
-            positions.as_ptr(),
-            inv_freq.as_ptr(),
-            m as i32,
-            n_heads as i32,
-            n_kv_heads as i32,
-            v_heads as i32,
-            head_dim as i32,
+    // a null pointer (0): no bias
+    let bias_ptr = |b: &(Vec<u16>, Vec<f32>)| if biases { ptr(&b.0) } else { 0 };
+    let launches = run_recorded(|launcher| {
+        rope::qkv_rope_forward(
+            launcher,
+            (qd.ptr_mut(), kd.ptr_mut(), vd.ptr_mut()),
+            (bias_ptr(&q_bias), bias_ptr(&k_bias), bias_ptr(&v_bias)),
+            ptr(positions),
+            ptr(&inv_freq),
+            m,
+            n_heads,
+            n_kv_heads,
+            head_dim,
         )
-    })
-    .expect("qkv_rope_forward");
+    });
+    // v's heads are in the grid only when there is a bias to add to them
+    let v_heads = if biases { n_kv_heads } else { 0 };
+    let cfg = rope_config(m, n_heads + n_kv_heads + v_heads, head_dim, vector_path);
+    assert_launches(&launches, &["qkv_rope_forward"], cfg);
 
     let (mut q_ref, mut k_ref, mut v_ref) = (q.1.clone(), k.1.clone(), v.1.clone());
     let bias = |b: &(Vec<u16>, Vec<f32>)| biases.then(|| b.1.clone());
@@ -289,13 +160,9 @@ fn check_qkv_rope(
     if biases {
         assert_rounded("v", vd.values(), &v_ref);
     } else {
-        assert_eq!(
-            vd.values(),
-            &v.0[..],
-            "v without a bias must stay untouched"
-        );
+        assert_same("v without a bias must stay untouched", vd.values(), &v.0);
     }
-    cfg
+    launches[0].config
 }
 
 /// Qwen2 layout (6 query heads, 2 KV heads of 64: 128-bit path) with q, k and v biases: 70
@@ -303,13 +170,13 @@ fn check_qkv_rope(
 #[test]
 fn qkv_rope_forward_with_biases_matches_the_cpu() {
     let positions: Vec<u32> = (40..110).chain([100_000]).collect();
-    check_qkv_rope(1, &positions, (6, 2, 64), true);
+    check_qkv_rope(1, &positions, (6, 2, 64), true, true);
 }
 
 /// No biases (v left alone, v_heads = 0) and head dim 40 (half 20: the scalar path), GQA of 4:1.
 #[test]
 fn qkv_rope_forward_without_biases_on_the_scalar_path_matches_the_cpu() {
-    check_qkv_rope(2, &[7, 8, 9, 300, 4095], (4, 1, 40), false);
+    check_qkv_rope(2, &[7, 8, 9, 300, 4095], (4, 1, 40), false, false);
 }
 
 /// A prefill of 4100 tokens (16400 items, past SMALL_GRID_ITEMS): 5 heads in 2 slices of grid.y,
@@ -317,37 +184,41 @@ fn qkv_rope_forward_without_biases_on_the_scalar_path_matches_the_cpu() {
 #[test]
 fn qkv_rope_forward_sharing_sines_over_heads_matches_the_cpu() {
     let positions: Vec<u32> = (1..=4100).collect();
-    let cfg = check_qkv_rope(3, &positions, (3, 1, 64), true);
-    assert!(cfg.grid.1 < 5, "the case should give threads several heads");
+    let cfg = check_qkv_rope(3, &positions, (3, 1, 64), true, true);
+    assert!(
+        cfg.grid_dim.1 < 5,
+        "the case should give threads several heads"
+    );
 }
 
-/// rope_backward: 14 heads of 64 (Qwen2.5-0.5B's queries) on the 128-bit path and on the scalar
-/// path (dx 2 bytes off alignment), and head dim 6 (half 3) at position 100000.
+/// `rope::rope_backward`: 14 heads of 64 (Qwen2.5-0.5B's queries) on the 128-bit path and on
+/// the scalar path (dx 2 bytes off alignment), and head dim 6 (half 3: scalar) at position
+/// 100000.
 #[test]
 fn rope_backward_rotates_back_like_the_cpu() {
-    for (seed, heads, head_dim, positions, misaligned) in [
-        (4, 14, 64, vec![0u32, 1, 7, 255, 4095], false),
-        (5, 14, 64, vec![3, 4, 5, 1000], true),
-        (6, 3, 6, vec![5, 100_000], false),
+    for (seed, heads, head_dim, positions, misaligned, vector_path) in [
+        (4, 14, 64, vec![0u32, 1, 7, 255, 4095], false, true),
+        (5, 14, 64, vec![3, 4, 5, 1000], true, false),
+        (6, 3, 6, vec![5, 100_000], false, false),
     ] {
         let m = positions.len();
+        // dx: [m, heads * head_dim]
         let (bits, mut reference) = Rand(seed).bf16s(m * heads * head_dim, 1.0);
         let inv_freq = qwen2_inv_freq(head_dim);
         let mut dx = Bf16Buf::new(&bits, misaligned);
-        let p = dx.ptr_mut();
-        let vectorised = (head_dim / 2).is_multiple_of(BF16_VEC) && aligned16(&[p as u64]);
-        let cfg = launch_of(rope_config(m, heads, head_dim, vectorised));
-        launch(cfg, || unsafe {
-            k::rope_backward(
-                p,
-                positions.as_ptr(),
-                inv_freq.as_ptr(),
-                m as i32,
-                heads as i32,
-                head_dim as i32,
+        let launches = run_recorded(|k| {
+            rope::rope_backward(
+                k,
+                dx.ptr_mut(),
+                ptr(&positions),
+                ptr(&inv_freq),
+                m,
+                heads,
+                head_dim,
             )
-        })
-        .expect("rope_backward");
+        });
+        let cfg = rope_config(m, heads, head_dim, vector_path);
+        assert_launches(&launches, &["rope_backward"], cfg);
         cpu::rope_backward(&mut reference, &positions, &inv_freq, heads, head_dim);
         let what =
             format!("rope_backward heads {heads} head_dim {head_dim} misaligned {misaligned}");
@@ -358,72 +229,66 @@ fn rope_backward_rotates_back_like_the_cpu() {
 // ----------------------------------------------------------------------------
 // embedding.cu
 
-/// The launch of a row copy, as `launch_copy_rows` sizes it.
-fn copy_rows_launch(rows: usize, dim: usize, out: *const u16, src: *const u16) -> Launch {
-    let vectorised = dim.is_multiple_of(BF16_VEC) && aligned16(&[out as u64, src as u64]);
-    launch_of(rows_config(rows, dim, vectorised))
-}
+/// (dim, 128-bit path): 2056 is 257 vectors, two blocks of x; 300 is scalar, two blocks of x.
+const COPY_DIMS: [(usize, bool); 2] = [(2056, true), (300, false)];
 
-/// Dims 2056 (128-bit path: 257 vectors, two blocks of x) and 300 (scalar: two blocks of x).
-const COPY_DIMS: [usize; 2] = [2056, 300];
-
-/// embedding_forward of `ids` over a random [vocab, dim] table, launched as the launcher does,
-/// against the CPU: rows copied bit for bit.
-fn check_embedding_forward(what: &str, ids: &[u32], vocab: usize, dim: usize, seed: u64) {
+/// `embedding::embedding_forward` of `ids` over a random [vocab, dim] table against the CPU:
+/// rows copied bit for bit, on the grid of the vector path when `vector_path`. Returns the grid.
+fn check_embedding_forward(
+    what: &str,
+    ids: &[u32],
+    (vocab, dim): (usize, usize),
+    vector_path: bool,
+    seed: u64,
+) -> LaunchConfig {
     let table = Rand(seed).bf16s(vocab * dim, 1.0);
-    let mut out = Bf16Buf::new(&vec![0xffff; ids.len() * dim], false);
-    let o = out.ptr_mut();
-    let cfg = copy_rows_launch(ids.len(), dim, o, table.0.as_ptr());
-    launch(cfg, || unsafe {
-        k::embedding_forward(
-            o,
-            table.0.as_ptr(),
-            ids.as_ptr(),
-            ids.len() as i32,
-            dim as i32,
-        )
-    })
-    .expect("embedding_forward");
+    let mut out = Bf16Buf::new(&vec![0xffff; ids.len() * dim], false); // [ids, dim]
+    let launches = run_recorded(|k| {
+        embedding::embedding_forward(k, out.ptr_mut(), ptr(&table.0), ptr(ids), ids.len(), dim)
+    });
+    let cfg = rows_config(ids.len(), dim, vector_path);
+    assert_launches(&launches, &["embedding_forward"], cfg);
     let mut reference = vec![0.0; ids.len() * dim];
     cpu::embedding_forward(&mut reference, &table.1, ids, dim);
     assert_copied(what, out.values(), &reference);
+    launches[0].config
 }
 
 /// embedding_forward over a table of 40 rows, ids repeating and at both ends of the table.
 #[test]
 fn embedding_forward_copies_the_rows_of_the_ids() {
-    for dim in COPY_DIMS {
+    for (dim, vector_path) in COPY_DIMS {
         let what = format!("embedding_forward dim {dim}");
-        check_embedding_forward(&what, &[3, 39, 3, 0, 17], 40, dim, 7);
+        check_embedding_forward(&what, &[3, 39, 3, 0, 17], (40, dim), vector_path, 7);
     }
 }
 
 /// embedding_forward_sampled: ids read through `rows` from f32 samples, 0 and vocab − 1 among
-/// them; the ids vocab, -1, 1e9 and NaN are not rows of the table and give rows of NaN (out starts finite here so that those
-/// show being written).
+/// them; the ids vocab, -1, 1e9 and NaN are not rows of the table and give rows of NaN (out
+/// starts finite here so that those show being written).
 #[test]
 fn embedding_forward_sampled_gives_nan_rows_for_ids_outside_the_table() {
     let vocab = 40;
     let sampled = [2.0f32, 39.0, vocab as f32, -1.0, f32::NAN, 0.0, 1e9];
     let rows = [6u32, 0, 2, 1, 3, 5, 4, 0];
-    for dim in COPY_DIMS {
+    for (dim, vector_path) in COPY_DIMS {
         let mut r = Rand(8);
-        let table = r.bf16s(vocab * dim, 1.0);
-        let mut out = Bf16Buf::new(&r.bf16s(rows.len() * dim, 1.0).0, false);
-        let o = out.ptr_mut();
-        let cfg = copy_rows_launch(rows.len(), dim, o, table.0.as_ptr());
-        launch(cfg, || unsafe {
-            k::embedding_forward_sampled(
-                o,
-                table.0.as_ptr(),
-                sampled.as_ptr(),
-                rows.as_ptr(),
-                rows.len() as i32,
-                dim as i32,
-                vocab as i32,
+        let table = r.bf16s(vocab * dim, 1.0); // [vocab, dim]
+        let mut out = Bf16Buf::new(&r.bf16s(rows.len() * dim, 1.0).0, false); // [rows, dim]
+        let launches = run_recorded(|k| {
+            embedding::embedding_forward_sampled(
+                k,
+                out.ptr_mut(),
+                ptr(&table.0),
+                ptr(&sampled),
+                ptr(&rows),
+                rows.len(),
+                dim,
+                vocab,
             )
-        })
-        .expect("embedding_forward_sampled");
+        });
+        let cfg = rows_config(rows.len(), dim, vector_path);
+        assert_launches(&launches, &["embedding_forward_sampled"], cfg);
         let mut reference = vec![0.0; rows.len() * dim];
         cpu::embedding_forward_sampled(&mut reference, &table.1, &sampled, &rows, dim);
         assert_copied(
@@ -438,21 +303,14 @@ fn embedding_forward_sampled_gives_nan_rows_for_ids_outside_the_table() {
 #[test]
 fn gather_rows_copies_the_listed_rows() {
     let (dim, rows) = (64, [8u32, 0, 8, 3]);
-    let x = Rand(9).bf16s(9 * dim, 1.0);
+    let x = Rand(9).bf16s(9 * dim, 1.0); // [9, dim]
     for misaligned in [false, true] {
-        let mut out = Bf16Buf::new(&vec![0xffff; rows.len() * dim], misaligned);
-        let o = out.ptr_mut();
-        let cfg = copy_rows_launch(rows.len(), dim, o, x.0.as_ptr());
-        launch(cfg, || unsafe {
-            k::gather_rows(
-                o,
-                x.0.as_ptr(),
-                rows.as_ptr(),
-                rows.len() as i32,
-                dim as i32,
-            )
-        })
-        .expect("gather_rows");
+        let mut out = Bf16Buf::new(&vec![0xffff; rows.len() * dim], misaligned); // [rows, dim]
+        let launches = run_recorded(|k| {
+            embedding::gather_rows(k, out.ptr_mut(), ptr(&x.0), ptr(&rows), rows.len(), dim)
+        });
+        let cfg = rows_config(rows.len(), dim, !misaligned);
+        assert_launches(&launches, &["gather_rows"], cfg);
         let rows_usize: Vec<usize> = rows.iter().map(|&r| r as usize).collect();
         let mut reference = vec![0.0; rows.len() * dim];
         cpu::gather_rows(&mut reference, &x.1, &rows_usize, dim);
@@ -472,26 +330,9 @@ fn embedding_forward_loops_over_rows_past_the_grid_limit() {
     let ids: Vec<u32> = (0..MAX_GRID_Y as u32 + 3)
         .map(|r| (r * 7) % vocab)
         .collect();
-    check_embedding_forward(
-        "embedding_forward past grid.y",
-        &ids,
-        vocab as usize,
-        dim,
-        19,
-    );
-}
-
-/// The launch of a grouped scatter, as `launch_scatter` sizes it.
-fn scatter_launch(groups: usize, dim: usize) -> Launch {
-    Launch {
-        grid: (
-            dim.div_ceil(BLOCK_THREADS as usize) as u32,
-            groups.min(MAX_GRID_Y) as u32,
-            1,
-        ),
-        block: (BLOCK_THREADS, 1, 1),
-        shared_bytes: 0,
-    }
+    let what = "embedding_forward past grid.y";
+    let cfg = check_embedding_forward(what, &ids, (vocab as usize, dim), true, 19);
+    assert_eq!(cfg.grid_dim.1 as usize, MAX_GRID_Y, "grid.y at its limit");
 }
 
 /// embedding_backward: dtable (f32 [30, 300]: two blocks of columns, the second partial) +=
@@ -500,23 +341,20 @@ fn scatter_launch(groups: usize, dim: usize) -> Launch {
 fn embedding_backward_adds_repeated_ids_into_the_f32_table() {
     let (vocab, dim, ids) = (30, 300, [4u32, 29, 4, 0, 4, 17]);
     let mut r = Rand(10);
-    let dout = r.bf16s(ids.len() * dim, 1.0);
+    let dout = r.bf16s(ids.len() * dim, 1.0); // [ids, dim]
     let start: Vec<f32> = (0..vocab * dim).map(|_| r.next()).collect();
     let g = RowGroups::new(&ids);
-    let mut dtable = start.clone();
-    let d = dtable.as_mut_ptr();
-    launch(scatter_launch(g.dst_rows.len(), dim), || unsafe {
-        k::embedding_backward(
-            d,
-            dout.0.as_ptr(),
-            g.offsets.as_ptr(),
-            g.src_rows.as_ptr(),
-            g.dst_rows.as_ptr(),
-            g.dst_rows.len() as i32,
-            dim as i32,
+    let mut dtable = start.clone(); // [vocab, dim]
+    run_recorded(|k| {
+        embedding::embedding_backward(
+            k,
+            ptr_mut(&mut dtable),
+            ptr(&dout.0),
+            (ptr(&g.offsets), ptr(&g.src_rows), ptr(&g.dst_rows)),
+            g.dst_rows.len(),
+            dim,
         )
-    })
-    .expect("embedding_backward");
+    });
     let mut reference = start;
     cpu::embedding_backward(&mut reference, &dout.1, &ids, dim);
     // f32 sums of at most 4 terms below 4 in another order
@@ -529,23 +367,19 @@ fn embedding_backward_adds_repeated_ids_into_the_f32_table() {
 fn scatter_add_rows_adds_into_the_bf16_rows() {
     let (m, dim, rows) = (40, 896, [39u32, 0, 7, 7]);
     let mut r = Rand(11);
-    let dout = r.bf16s(rows.len() * dim, 1.0);
-    let (dx_start, mut reference) = r.bf16s(m * dim, 1.0);
+    let dout = r.bf16s(rows.len() * dim, 1.0); // [rows, dim]
+    let (mut dx, mut reference) = r.bf16s(m * dim, 1.0); // [m, dim]
     let g = RowGroups::new(&rows);
-    let mut dx = dx_start;
-    let d = dx.as_mut_ptr();
-    launch(scatter_launch(g.dst_rows.len(), dim), || unsafe {
-        k::scatter_add_rows(
-            d,
-            dout.0.as_ptr(),
-            g.offsets.as_ptr(),
-            g.src_rows.as_ptr(),
-            g.dst_rows.as_ptr(),
-            g.dst_rows.len() as i32,
-            dim as i32,
+    run_recorded(|k| {
+        embedding::scatter_add_rows(
+            k,
+            ptr_mut(&mut dx),
+            ptr(&dout.0),
+            (ptr(&g.offsets), ptr(&g.src_rows), ptr(&g.dst_rows)),
+            g.dst_rows.len(),
+            dim,
         )
-    })
-    .expect("scatter_add_rows");
+    });
     let rows_usize: Vec<usize> = rows.iter().map(|&r| r as usize).collect();
     cpu::scatter_add_rows(&mut reference, &dout.1, &rows_usize, dim);
     assert_rounded("scatter_add_rows", &dx, &reference);
@@ -569,31 +403,8 @@ fn assert_same_sum(what: &str, got: &[f32], want: &[f32]) {
     );
 }
 
-/// sum_squares_partial + sum_squares_final as `ops::optimizer::sum_squares` launches them.
-fn sum_squares(x: &[f32]) -> Vec<f32> {
-    let mut partials = vec![f64::NAN; SUM_SQUARES_BLOCKS];
-    let mut out = vec![f32::NAN; 2];
-    let (p, o) = (partials.as_mut_ptr(), out.as_mut_ptr());
-    let cfg = Launch {
-        grid: (SUM_SQUARES_BLOCKS as u32, 1, 1),
-        block: (SUM_SQUARES_THREADS, 1, 1),
-        shared_bytes: 0,
-    };
-    launch(cfg, || unsafe {
-        k::sum_squares_partial(p, x.as_ptr(), x.len() as i64)
-    })
-    .expect("sum_squares_partial");
-    let cfg = Launch {
-        grid: (1, 1, 1),
-        block: (SUM_SQUARES_BLOCKS as u32, 1, 1),
-        shared_bytes: 0,
-    };
-    launch(cfg, || unsafe { k::sum_squares_final(o, p) }).expect("sum_squares_final");
-    out
-}
-
-/// Σ x² for n = 1000 (most blocks empty) and n = 2 · 1024 · 256 + 1001 (three grid-stride rounds,
-/// the last one ragged).
+/// Σ x² by `optimizer::sum_squares` for n = 1000 (most blocks empty) and
+/// n = 2 · 1024 · 256 + 1001 (three grid-stride rounds, the last one ragged).
 #[test]
 fn sum_squares_matches_the_cpu_f64_sum() {
     for n in [
@@ -602,9 +413,14 @@ fn sum_squares_matches_the_cpu_f64_sum() {
     ] {
         let mut r = Rand(12);
         let x: Vec<f32> = (0..n).map(|_| r.next() * 1e-3).collect();
+        let mut partials = vec![f64::NAN; SUM_SQUARES_BLOCKS];
+        let mut out = vec![f32::NAN; 2]; // [hi, lo]
+        run_recorded(|k| {
+            opt::sum_squares(k, ptr_mut(&mut out), ptr(&x), n, ptr_mut(&mut partials))
+        });
         let mut reference = vec![0.0; 2];
         cpu::sum_squares(&mut reference, &x);
-        assert_same_sum(&format!("sum_squares n {n}"), &sum_squares(&x), &reference);
+        assert_same_sum(&format!("sum_squares n {n}"), &out, &reference);
     }
 }
 
@@ -614,17 +430,8 @@ fn column_sums_match_the_cpu_f64_sums() {
     let (rows, cols) = (600, 5);
     let mut r = Rand(13);
     let x: Vec<f32> = (0..rows * cols).map(|_| r.next()).collect();
-    let mut out = vec![f32::NAN; 2 * cols];
-    let o = out.as_mut_ptr();
-    let cfg = Launch {
-        grid: (cols as u32, 1, 1),
-        block: (SUM_SQUARES_THREADS, 1, 1),
-        shared_bytes: 0,
-    };
-    launch(cfg, || unsafe {
-        k::column_sums(o, x.as_ptr(), rows as i32, cols as i32)
-    })
-    .expect("column_sums");
+    let mut out = vec![f32::NAN; 2 * cols]; // [cols, 2]
+    run_recorded(|k| opt::column_sums(k, ptr_mut(&mut out), ptr(&x), rows, cols));
     let mut reference = vec![0.0; 2 * cols];
     cpu::column_sums(&mut reference, &x, cols);
     for j in 0..cols {
@@ -643,9 +450,9 @@ fn column_sums_match_the_cpu_f64_sums() {
 #[test]
 fn adamw_step_matches_the_cpu_update_within_f32_rounding() {
     let n = 1001;
-    let mut opt = AdamW::new(n, 0.9, 0.999, 1e-8, 0.1);
-    opt.t = 4;
-    let step = opt.next_step(1e-3, 0.5);
+    let mut adamw = AdamW::new(n, 0.9, 0.999, 1e-8, 0.1);
+    adamw.t = 4;
+    let step = adamw.next_step(1e-3, 0.5);
     let mut r = Rand(14);
     let mut uniform = |scale: f32| -> Vec<f32> { (0..n).map(|_| r.next() * scale).collect() };
     let master_start = uniform(0.05);
@@ -655,37 +462,18 @@ fn adamw_step_matches_the_cpu_update_within_f32_rounding() {
 
     let mut params = vec![0xffffu16; n];
     let (mut master, mut m, mut v) = (master_start.clone(), m_start.clone(), v_start.clone());
-    let (pp, wp, mp, vp) = (
-        params.as_mut_ptr(),
-        master.as_mut_ptr(),
-        m.as_mut_ptr(),
-        v.as_mut_ptr(),
-    );
-    // as `ops::optimizer::adamw_step` sizes it
-    let cfg = Launch {
-        grid: (n.div_ceil(256).min(65_536) as u32, 1, 1),
-        block: (256, 1, 1),
-        shared_bytes: 0,
-    };
-    launch(cfg, || unsafe {
-        k::adamw_step(
-            pp,
-            wp,
-            mp,
-            vp,
-            grads.as_ptr(),
-            n as i64,
-            step.lr,
-            step.beta1,
-            step.beta2,
-            step.eps,
-            step.weight_decay,
-            step.c1,
-            step.c2,
-            step.grad_scale,
+    run_recorded(|k| {
+        opt::adamw_step(
+            k,
+            ptr_mut(&mut params),
+            ptr_mut(&mut master),
+            ptr_mut(&mut m),
+            ptr_mut(&mut v),
+            ptr(&grads),
+            n,
+            &step,
         )
-    })
-    .expect("adamw_step");
+    });
 
     let mut params_ref = vec![0.0; n];
     let (mut master_ref, mut m_ref, mut v_ref) = (master_start, m_start, v_start);
@@ -701,16 +489,16 @@ fn adamw_step_matches_the_cpu_update_within_f32_rounding() {
     assert_each("master", &master, &master_ref, two_ulps);
     assert_each("m", &m, &m_ref, two_ulps);
     assert_each("v", &v, &v_ref, two_ulps);
-    assert_eq!(params, to_bits(&master), "params must be bf16(master)");
+    assert_same("params must be bf16(master)", &params, &to_bits(&master));
 }
 
 // ----------------------------------------------------------------------------
 // attention.cu
 
-/// `runs`: (slot, first position, tokens) in batch order; every cache row random, also past
-/// the positions a token may see, so a key the causal mask should hide changes the result.
-/// V starts 2 bytes off alignment when `misaligned_v` (the value phase's scalar path); lse is
-/// not asked for (a null pointer) unless `with_lse`.
+/// `attention::attention_forward` on `runs`: (slot, first position, tokens) in batch order;
+/// every cache row random, also past the positions a token may see, so a key the causal mask
+/// should hide changes the result. V starts 2 bytes off alignment when `misaligned_v` (the value
+/// phase's scalar path); lse is not asked for (a null pointer) unless `with_lse`.
 fn check_attention(
     seed: u64,
     (heads, kv_heads, d): (usize, usize, usize),
@@ -727,40 +515,33 @@ fn check_attention(
     let m = place.slots.len();
     let slots = runs.iter().map(|r| r.0 as usize + 1).max().unwrap();
     let mut r = Rand(seed);
-    let q = r.bf16s(m * heads * d, 1.0);
-    let cache_k = r.bf16s(slots * capacity * kv_heads * d, 1.0);
+    let q = r.bf16s(m * heads * d, 1.0); // [m, heads * d]
+    let cache_k = r.bf16s(slots * capacity * kv_heads * d, 1.0); // [slots, capacity, kv_heads * d]
     let cache_v = r.bf16s(slots * capacity * kv_heads * d, 1.0);
     let (kd, vd) = (
         Bf16Buf::new(&cache_k.0, false),
         Bf16Buf::new(&cache_v.0, misaligned_v),
     );
-    let mut out = vec![0xffffu16; m * heads * d];
-    let mut lse = vec![f32::NAN; m * heads];
-    let o = out.as_mut_ptr();
-    let l = if with_lse {
-        lse.as_mut_ptr()
-    } else {
-        std::ptr::null_mut()
-    };
-    let scale = 1.0 / (d as f32).sqrt();
-    launch(launch_of(attention_config(m, heads)), || unsafe {
-        k::attention_forward(
-            o,
-            l,
-            q.0.as_ptr(),
+    let mut out = vec![0xffffu16; m * heads * d]; // [m, heads * d]
+    let mut lse = vec![f32::NAN; m * heads]; // [m, heads]
+    let lse_ptr = if with_lse { ptr_mut(&mut lse) } else { 0 };
+    run_recorded(|k| {
+        attention::attention_forward(
+            k,
+            ptr_mut(&mut out),
+            lse_ptr,
+            ptr(&q.0),
             kd.ptr(),
             vd.ptr(),
-            place.slots.as_ptr(),
-            place.positions.as_ptr(),
-            m as i32,
-            capacity as i32,
-            heads as i32,
-            kv_heads as i32,
-            d as i32,
-            scale,
+            ptr(&place.slots),
+            ptr(&place.positions),
+            m,
+            capacity,
+            heads,
+            kv_heads,
+            d,
         )
-    })
-    .unwrap_or_else(|e| panic!("attention_forward d{d}: {e}"));
+    });
 
     let mut out_ref = vec![0.0; m * heads * d];
     let mut lse_ref = vec![0.0; m * heads];

@@ -1,111 +1,25 @@
 //! The GRPO loss kernels' real source (kernels/logprob.cu, kernels/policy_loss.cu,
-//! kernels/advantage.cu), run on the CPU by the emulator in tests/cuda_emulator, against the CPU
-//! reference (`backend::cpu`): the log-prob forward (scalar head, 16-byte body and scalar tail
-//! of rows at every alignment, blocks of 32 to 1024 threads) and backward, the policy loss fused
-//! with it (old and reference log-probs given or not, KL with β > 0 or as a statistic only, both
-//! clip bounds, the weights of the three aggregation modes with filtered, masked and empty
-//! completions) and the group advantages under every option, NaN rewards included. Launch shapes
-//! as the launchers' (src/cuda/ops/{logprob,policy_loss,advantage}.rs).
+//! kernels/advantage.cu), run on the CPU by the emulator in tests/cuda_emulator through
+//! thinkshort's own launchers (src/cuda/ops/{logprob,policy_loss,advantage}.rs: one block per
+//! row sized by the logits' vector width, the bf16 or f32 kernel by their dtype, 1/τ, null old
+//! and reference pointers, the advantage options' codes, argument order and kinds), against the
+//! CPU reference (`backend::cpu`): the log-prob forward (scalar head, 16-byte body and scalar
+//! tail of rows at every alignment, blocks of 32 to 1024 threads) and backward, the policy loss
+//! fused with it (old and reference log-probs given or not, KL with β > 0 or as a statistic only,
+//! both clip bounds, the weights of the three aggregation modes with filtered, masked and empty
+//! completions) and the group advantages under every option, NaN rewards included.
 
 mod emulation_support;
 
-use cuda_emulator::{launch, Launch};
-use emulation_support::{assert_close, rel_err, to_f32, Rand};
+use emulation_support::{assert_close, assert_same, ptr, ptr_mut, rel_err, to_f32, Emulator, Rand};
 use thinkshort::backend::cpu::{self, CpuBackend};
 use thinkshort::backend::{policy_stat, PolicyTokens, POLICY_STATS};
+use thinkshort::cuda::ops::policy_loss::{self, PolicyLossArgs};
 use thinkshort::cuda::ops::{advantage, logprob};
 use thinkshort::grpo::{
     completion_weights, included_completions, AdvantageOptions, Aggregation, LossOptions, Scale,
     StdKind, Truncated,
 };
-
-/// Entry points of kernels/logprob.cu, kernels/policy_loss.cu and kernels/advantage.cu
-/// (bf16 = u16).
-mod k {
-    extern "C" {
-        pub fn logprob_forward(
-            logp: *mut f32,
-            entropy: *mut f32,
-            logits: *const u16,
-            targets: *const u32,
-            r: i32,
-            vocab: i32,
-            inv_temperature: f32,
-        );
-        pub fn logprob_forward_f32(
-            logp: *mut f32,
-            entropy: *mut f32,
-            logits: *const f32,
-            targets: *const u32,
-            r: i32,
-            vocab: i32,
-            inv_temperature: f32,
-        );
-        pub fn logprob_backward(
-            dlogits: *mut u16,
-            dlogp: *const f32,
-            logits: *const u16,
-            targets: *const u32,
-            r: i32,
-            vocab: i32,
-            inv_temperature: f32,
-        );
-        pub fn logprob_backward_f32(
-            dlogits: *mut u16,
-            dlogp: *const f32,
-            logits: *const f32,
-            targets: *const u32,
-            r: i32,
-            vocab: i32,
-            inv_temperature: f32,
-        );
-        pub fn policy_loss_backward(
-            dlogits: *mut u16,
-            logp: *mut f32,
-            stats: *mut f32,
-            logits: *const u16,
-            targets: *const u32,
-            seqs: *const u32,
-            advantages: *const f32,
-            weights: *const f32,
-            old_logp: *const f32,
-            ref_logp: *const f32,
-            r: i32,
-            vocab: i32,
-            inv_temperature: f32,
-            eps_low: f64,
-            eps_high: f64,
-            beta: f64,
-        );
-        pub fn policy_loss_backward_f32(
-            dlogits: *mut u16,
-            logp: *mut f32,
-            stats: *mut f32,
-            logits: *const f32,
-            targets: *const u32,
-            seqs: *const u32,
-            advantages: *const f32,
-            weights: *const f32,
-            old_logp: *const f32,
-            ref_logp: *const f32,
-            r: i32,
-            vocab: i32,
-            inv_temperature: f32,
-            eps_low: f64,
-            eps_high: f64,
-            beta: f64,
-        );
-        pub fn group_advantages(
-            out: *mut f32,
-            rewards: *const f64,
-            n: i32,
-            group_size: i32,
-            std_kind: i32,
-            scale: i32,
-            eps: f64,
-        );
-    }
-}
 
 /// Relative tolerance for the log-probs and entropies, computed in f32 by the kernels (in f64 by
 /// the reference): their rounding gives about 5e-8, one logit more or less in a row of a few
@@ -170,6 +84,15 @@ impl Logits {
             }
         }
     }
+
+    /// The first logit as a device pointer, and whether the logits are f32 (the launchers pick
+    /// the kernel by it).
+    fn device(&self) -> (u64, bool) {
+        match &self.storage {
+            Storage::Bf16(z) => (ptr(&z[self.at..]), false),
+            Storage::F32(z) => (ptr(&z[self.at..]), true),
+        }
+    }
 }
 
 /// `r` target ids below `vocab`: the first row's is 0 and the second's vocab − 1 (the row's
@@ -182,23 +105,6 @@ fn targets(rand: &mut Rand, r: usize, vocab: usize) -> Vec<u32> {
             _ => (((rand.next() + 1.0) / 2.0 * vocab as f32) as u32).min(vocab as u32 - 1),
         })
         .collect()
-}
-
-/// The launchers' configuration: one block per row (`logprob::logprob_config`).
-fn row_launch(r: usize, vocab: usize, f32_logits: bool) -> Launch {
-    let c = logprob::logprob_config(r, vocab, f32_logits);
-    Launch {
-        grid: c.grid_dim,
-        block: c.block_dim,
-        shared_bytes: c.shared_mem_bytes as usize,
-    }
-}
-
-/// 1/τ as the launchers pass it.
-fn inv_temperature(r: usize, vocab: usize, temperature: f32) -> f32 {
-    logprob::check_logprob_args("test", r, vocab, temperature)
-        .unwrap()
-        .2
 }
 
 /// dlogits [r, vocab] (bf16) against the reference row by row: rows the reference leaves at
@@ -235,19 +141,21 @@ fn check_logprob_forward(seed: u64, r: usize, vocab: usize, f32_logits: bool, sh
     let mut rand = Rand(seed);
     let logits = Logits::new(&mut rand, r * vocab, f32_logits, shift);
     let targets = targets(&mut rand, r, vocab);
-    let mut logp = vec![f32::NAN; r];
-    let mut entropy = vec![f32::NAN; r];
-    let (lp, ent) = (logp.as_mut_ptr(), entropy.as_mut_ptr());
-    let (t, at) = (targets.as_ptr(), logits.at);
-    let inv_t = inv_temperature(r, vocab, TEMPERATURE);
-    let (ri, vi) = (r as i32, vocab as i32);
-    launch(row_launch(r, vocab, f32_logits), || unsafe {
-        match &logits.storage {
-            Storage::Bf16(z) => k::logprob_forward(lp, ent, z[at..].as_ptr(), t, ri, vi, inv_t),
-            Storage::F32(z) => k::logprob_forward_f32(lp, ent, z[at..].as_ptr(), t, ri, vi, inv_t),
-        }
-    })
-    .unwrap_or_else(|e| panic!("logprob_forward (f32 logits: {f32_logits}): {e}"));
+    let mut logp = vec![f32::NAN; r]; // [r]
+    let mut entropy = vec![f32::NAN; r]; // [r]
+    let (z, z_f32) = logits.device(); // [r, vocab]
+    logprob::logprob_forward(
+        &Emulator,
+        ptr_mut(&mut logp),
+        ptr_mut(&mut entropy),
+        z,
+        z_f32,
+        ptr(&targets),
+        r,
+        vocab,
+        TEMPERATURE,
+    )
+    .unwrap_or_else(|e| panic!("logprob_forward (f32 logits: {f32_logits}): {e:#}"));
 
     let (mut logp_ref, mut entropy_ref) = (vec![0.0; r], vec![0.0; r]);
     cpu::logprob_forward(
@@ -296,18 +204,20 @@ fn check_logprob_backward(seed: u64, r: usize, vocab: usize, f32_logits: bool) {
     let logits = Logits::new(&mut rand, r * vocab, f32_logits, 1);
     let targets = targets(&mut rand, r, vocab);
     let dlogp: Vec<f32> = (0..r).map(|_| rand.next() * 2.0).collect();
-    let mut dlogits = vec![0xffffu16; r * vocab];
-    let dz = dlogits.as_mut_ptr();
-    let (g, t, at) = (dlogp.as_ptr(), targets.as_ptr(), logits.at);
-    let inv_t = inv_temperature(r, vocab, TEMPERATURE);
-    let (ri, vi) = (r as i32, vocab as i32);
-    launch(row_launch(r, vocab, f32_logits), || unsafe {
-        match &logits.storage {
-            Storage::Bf16(z) => k::logprob_backward(dz, g, z[at..].as_ptr(), t, ri, vi, inv_t),
-            Storage::F32(z) => k::logprob_backward_f32(dz, g, z[at..].as_ptr(), t, ri, vi, inv_t),
-        }
-    })
-    .unwrap_or_else(|e| panic!("logprob_backward (f32 logits: {f32_logits}): {e}"));
+    let mut dlogits = vec![0xffffu16; r * vocab]; // [r, vocab] bf16, overwritten
+    let (z, z_f32) = logits.device(); // [r, vocab]
+    logprob::logprob_backward(
+        &Emulator,
+        ptr_mut(&mut dlogits),
+        ptr(&dlogp),
+        z,
+        ptr(&targets),
+        r,
+        vocab,
+        TEMPERATURE,
+        z_f32,
+    )
+    .unwrap_or_else(|e| panic!("logprob_backward (f32 logits: {f32_logits}): {e:#}"));
 
     let mut reference = vec![0.0; r * vocab];
     cpu::logprob_backward(
@@ -399,67 +309,26 @@ fn check_policy_loss(c: &LossCase) {
     let old = c.old.then_some(&old[..]);
     let reference = c.reference.then_some(&reference[..]);
 
-    let mut dlogits = vec![0xffffu16; r * vocab];
-    let mut logp = vec![f32::NAN; r];
-    let mut stats = vec![f32::NAN; r * POLICY_STATS];
-    let (dz, lp, st) = (dlogits.as_mut_ptr(), logp.as_mut_ptr(), stats.as_mut_ptr());
-    let (t, s, a, w) = (
-        targets.as_ptr(),
-        seqs.as_ptr(),
-        advantages.as_ptr(),
-        weights.as_ptr(),
-    );
-    let ptr_or_null = |x: Option<&[f32]>| x.map_or(std::ptr::null(), |x| x.as_ptr());
-    let (old_p, ref_p) = (ptr_or_null(old), ptr_or_null(reference));
-    let inv_t = inv_temperature(r, vocab, POLICY_TEMPERATURE);
-    let (ri, vi, at) = (r as i32, vocab as i32, logits.at);
-    let LossOptions {
-        eps_low,
-        eps_high,
-        beta,
-        ..
-    } = c.options;
-    launch(row_launch(r, vocab, c.f32_logits), || unsafe {
-        match &logits.storage {
-            Storage::Bf16(z) => k::policy_loss_backward(
-                dz,
-                lp,
-                st,
-                z[at..].as_ptr(),
-                t,
-                s,
-                a,
-                w,
-                old_p,
-                ref_p,
-                ri,
-                vi,
-                inv_t,
-                eps_low,
-                eps_high,
-                beta,
-            ),
-            Storage::F32(z) => k::policy_loss_backward_f32(
-                dz,
-                lp,
-                st,
-                z[at..].as_ptr(),
-                t,
-                s,
-                a,
-                w,
-                old_p,
-                ref_p,
-                ri,
-                vi,
-                inv_t,
-                eps_low,
-                eps_high,
-                beta,
-            ),
-        }
-    })
-    .unwrap_or_else(|e| panic!("policy_loss_backward (f32 logits: {}): {e}", c.f32_logits));
+    let mut dlogits = vec![0xffffu16; r * vocab]; // [r, vocab] bf16
+    let mut logp = vec![f32::NAN; r]; // [r]
+    let mut stats = vec![f32::NAN; r * POLICY_STATS]; // [r, POLICY_STATS]
+    let (z, z_f32) = logits.device(); // [r, vocab]
+    let ptr_or_null = |x: Option<&[f32]>| x.map_or(0, ptr);
+    let args = PolicyLossArgs {
+        dlogits: ptr_mut(&mut dlogits),
+        logp: ptr_mut(&mut logp),
+        stats: ptr_mut(&mut stats),
+        logits: z,
+        logits_f32: z_f32,
+        targets: ptr(&targets),       // [r]
+        seqs: ptr(&seqs),             // [r]
+        advantages: ptr(&advantages), // [n]
+        weights: ptr(&weights),       // [n]
+        old_logp: ptr_or_null(old),   // [r] or null
+        ref_logp: ptr_or_null(reference),
+    };
+    policy_loss::policy_loss_backward(&Emulator, &args, r, vocab, POLICY_TEMPERATURE, &c.options)
+        .unwrap_or_else(|e| panic!("policy_loss_backward (f32 logits: {}): {e:#}", c.f32_logits));
 
     let mut dlogits_ref = vec![0.0; r * vocab];
     let mut logp_ref = vec![0.0; r];
@@ -515,10 +384,10 @@ fn check_policy_loss(c: &LossCase) {
         ("clip_low", policy_stat::CLIP_LOW),
         ("clip_high", policy_stat::CLIP_HIGH),
     ] {
-        assert_eq!(
-            column(&stats, col),
-            column(&stats_ref, col),
-            "{what} {name}"
+        assert_same(
+            &format!("{what} {name}"),
+            &column(&stats, col),
+            &column(&stats_ref, col),
         );
     }
     // rows of completions left out of the loss: zeros in every column but the entropy
@@ -611,20 +480,6 @@ fn policy_loss_seq_mean_token_sum_norm_with_kl_statistic_only_matches_the_cpu() 
 // ----------------------------------------------------------------------------
 // group_advantages
 
-/// The kernel's (std_kind, scale) codes, as the launcher maps them.
-fn advantage_codes(o: &AdvantageOptions) -> (i32, i32) {
-    let std_kind = match o.std {
-        StdKind::Population => 0,
-        StdKind::Unbiased => 1,
-    };
-    let scale = match o.scale {
-        Scale::Group => 0,
-        Scale::Batch => 1,
-        Scale::None => 2,
-    };
-    (std_kind, scale)
-}
-
 /// group_advantages under every (std, scale) against `cpu::group_advantages`, bit for bit (NaN
 /// where the reference gives NaN).
 fn check_advantages(rewards: &[f64], group_size: usize) {
@@ -636,26 +491,16 @@ fn check_advantages(rewards: &[f64], group_size: usize) {
                 scale,
                 ..AdvantageOptions::default()
             };
-            let (std_kind, scale_code) = advantage_codes(&opts);
-            let mut out = vec![f32::NAN; n];
-            let o = out.as_mut_ptr();
-            let cfg = Launch {
-                grid: (1, 1, 1),
-                block: (advantage::ADVANTAGE_THREADS, 1, 1),
-                shared_bytes: 0,
-            };
-            launch(cfg, || unsafe {
-                k::group_advantages(
-                    o,
-                    rewards.as_ptr(),
-                    n as i32,
-                    group_size as i32,
-                    std_kind,
-                    scale_code,
-                    opts.eps,
-                )
-            })
-            .expect("group_advantages");
+            let mut out = vec![f32::NAN; n]; // [n]
+            advantage::group_advantages(
+                &Emulator,
+                ptr_mut(&mut out),
+                ptr(rewards),
+                n,
+                group_size,
+                &opts,
+            )
+            .unwrap_or_else(|e| panic!("group_advantages {std:?} {scale:?}: {e:#}"));
             let mut reference = vec![0.0; n];
             cpu::group_advantages(&mut reference, rewards, group_size, &opts);
             for (i, (&got, &want)) in out.iter().zip(&reference).enumerate() {

@@ -1,10 +1,13 @@
 //! The layer kernels' real source (kernels/rmsnorm.cu, kernels/elementwise.cu,
-//! kernels/kv_cache.cu), run on the CPU by the emulator in tests/cuda_emulator with the launch
-//! shapes of their launchers (src/cuda/ops/{rmsnorm,elementwise,kv_cache}.rs), against the CPU
+//! kernels/kv_cache.cu), run on the CPU by the emulator in tests/cuda_emulator through
+//! thinkshort's own launchers (src/cuda/ops/{rmsnorm,elementwise,kv_cache}.rs: the kernel each
+//! picks, its grid and block, argument order and kinds, the partial-sum scratch), against the CPU
 //! reference (`backend::cpu`): the 16-byte vector paths and their scalar fallbacks (lengths not a
 //! multiple of 8, misaligned pointers, RMSNorm rows beyond the vector kernel), the n % 8 tails of
 //! the flat kernels, RMSNorm backward blocks of several rows, both `GradWrite` modes, and the
 //! fixed-order dweight / dbias reduction (per-block partial sums, then add_column_sums) end to end.
+//! The kernels choose their vector path themselves; each test also checks that the launcher sized
+//! the grid for the path the test means to take.
 //!
 //! Outputs start as NaN (0xffff in bf16) and are followed by GUARD more, so an element left
 //! unwritten or written past the end shows. Copies, additions and conversions must match the
@@ -14,103 +17,18 @@
 
 mod emulation_support;
 
-use cuda_emulator::{launch, Launch};
 use cudarc::driver::LaunchConfig;
-use emulation_support::{assert_close, rel_err, to_bits, to_f32, Rand};
+use emulation_support::{
+    assert_close, assert_launches, ptr, ptr_mut, rel_err, run_recorded, to_bits, to_f32, Rand,
+};
 use half::bf16;
 use thinkshort::backend::{cpu, GradWrite, TokenPlacement};
 use thinkshort::cuda::launch::grid_1d;
 use thinkshort::cuda::ops::elementwise::{
-    self as ew, aligned16, flat_config, rows_config, BF16_VEC, BLOCK_THREADS,
+    self as ew, flat_config, rows_config, BF16_VEC, BLOCK_THREADS,
 };
+use thinkshort::cuda::ops::kv_cache;
 use thinkshort::cuda::ops::rmsnorm as rn;
-
-/// Entry points of kernels/rmsnorm.cu, kernels/elementwise.cu and kernels/kv_cache.cu
-/// (bf16 = u16).
-mod k {
-    extern "C" {
-        pub fn rmsnorm_forward(
-            out: *mut u16,
-            x: *const u16,
-            weight: *const u16,
-            rows: i32,
-            dim: i32,
-            eps: f32,
-        );
-        pub fn add_rmsnorm_forward(
-            out: *mut u16,
-            x: *mut u16,
-            residual: *const u16,
-            weight: *const u16,
-            rows: i32,
-            dim: i32,
-            eps: f32,
-        );
-        pub fn rmsnorm_backward_vec(
-            dx: *mut u16,
-            partials: *mut f32,
-            dout: *const u16,
-            x: *const u16,
-            weight: *const u16,
-            rows: i32,
-            dim: i32,
-            eps: f32,
-            rows_per_block: i32,
-            accumulate: i32,
-        );
-        pub fn rmsnorm_backward(
-            dx: *mut u16,
-            partials: *mut f32,
-            dout: *const u16,
-            x: *const u16,
-            weight: *const u16,
-            rows: i32,
-            dim: i32,
-            eps: f32,
-            rows_per_block: i32,
-            accumulate: i32,
-        );
-
-        pub fn residual_add(x: *mut u16, y: *const u16, n: i32);
-        pub fn swiglu_forward(out: *mut u16, gate: *const u16, up: *const u16, n: i32);
-        pub fn swiglu_backward(
-            dgate: *mut u16,
-            dup: *mut u16,
-            dout: *const u16,
-            gate: *const u16,
-            up: *const u16,
-            n: i32,
-        );
-        pub fn bias_add_bf16(out: *mut u16, bias: *const u16, m: i32, n: i32);
-        pub fn bias_add_f32(out: *mut f32, bias: *const u16, m: i32, n: i32);
-        pub fn convert_f32_to_bf16(dst: *mut u16, src: *const f32, n: i32);
-        pub fn convert_bf16_to_f32(dst: *mut f32, src: *const u16, n: i32);
-        pub fn bias_backward_partial(partials: *mut f32, dout: *const u16, m: i32, n: i32);
-        pub fn add_column_sums(out: *mut f32, partials: *const f32, chunks: i32, n: i32);
-
-        pub fn kv_cache_write(
-            cache_k: *mut u16,
-            cache_v: *mut u16,
-            key: *const u16,
-            value: *const u16,
-            slots: *const u32,
-            positions: *const u32,
-            m: i32,
-            capacity: i32,
-            kv_dim: i32,
-        );
-        pub fn kv_cache_gather(
-            dx: *mut u16,
-            dcache: *const u16,
-            slots: *const u32,
-            positions: *const u32,
-            m: i32,
-            capacity: i32,
-            kv_dim: i32,
-        );
-        pub fn advance_positions(positions: *mut u32, m: i32);
-    }
-}
 
 const EPS: f32 = 1e-6;
 /// bf16 NaN, the fill of bf16 outputs.
@@ -120,20 +38,6 @@ const GUARD: usize = 8;
 /// Relative error of f32 sums taken in another order than the reference's (whose own sums of
 /// thousands of terms are good to about 1e-6).
 const F32_TOL: f64 = 1e-4;
-
-fn launch_as(name: &str, cfg: LaunchConfig, thread: impl Fn()) {
-    let cfg = Launch {
-        grid: cfg.grid_dim,
-        block: cfg.block_dim,
-        shared_bytes: cfg.shared_mem_bytes as usize,
-    };
-    launch(cfg, thread).unwrap_or_else(|e| panic!("{name}: {e}"));
-}
-
-/// A host pointer as the launchers see a device pointer (for their alignment checks).
-fn addr<T>(p: *const T) -> u64 {
-    p as u64
-}
 
 /// The bits of an output value, to compare fills (NaN included) exactly.
 trait Bits: Copy {
@@ -222,40 +126,39 @@ impl Shifted {
         Shifted { buf, offset }
     }
 
-    fn ptr(&self) -> *const u16 {
-        self.buf[self.offset..].as_ptr()
+    fn ptr(&self) -> u64 {
+        ptr(&self.buf[self.offset..])
     }
 }
 
 // ----------------------------------------------------------------------------------------------
 // RMSNorm forward
 
-/// rmsnorm_forward's launch (`launch_forward`): a block of about one vector per thread per row.
-fn forward_config(rows: usize, dim: usize, vectorised: bool) -> LaunchConfig {
+/// rmsnorm_forward's grid: a block per row, about one vector (or one column on the scalar path)
+/// per thread.
+fn forward_config(rows: usize, dim: usize, vector_path: bool) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (rows as u32, 1, 1),
-        block_dim: (rn::row_block_size(dim, BF16_VEC, vectorised), 1, 1),
+        block_dim: (rn::row_block_size(dim, BF16_VEC, vector_path), 1, 1),
         shared_mem_bytes: 0,
     }
 }
 
-/// rmsnorm_forward of [rows, dim] (into x itself when `in_place`); `vector_path`: whether the
-/// launcher sees the 128-bit path.
+/// `rmsnorm::rmsnorm_forward` of [rows, dim] (into x itself when `in_place`); `vector_path`:
+/// whether the launcher must size the grid for the 128-bit path.
 fn check_rmsnorm_forward(seed: u64, rows: usize, dim: usize, in_place: bool, vector_path: bool) {
     let mut r = Rand(seed);
     let (x_bits, x) = r.bf16s(rows * dim, 2.0);
-    let weight = r.bf16s(dim, 1.0);
-    let mut x_dev = guarded(x_bits, NAN16);
-    let mut out = guarded(vec![NAN16; rows * dim], NAN16);
-    let xp = x_dev.as_mut_ptr();
-    let op = if in_place { xp } else { out.as_mut_ptr() };
-    let wp = weight.0.as_ptr();
-    let vectorised = dim.is_multiple_of(BF16_VEC) && aligned16(&[addr(op), addr(xp), addr(wp)]);
-    assert_eq!(vectorised, vector_path, "the 128-bit path");
-    launch_as(
-        "rmsnorm_forward",
-        forward_config(rows, dim, vectorised),
-        || unsafe { k::rmsnorm_forward(op, xp, wp, rows as i32, dim as i32, EPS) },
+    let weight = r.bf16s(dim, 1.0); // [dim]
+    let mut x_dev = guarded(x_bits, NAN16); // [rows, dim]
+    let mut out = guarded(vec![NAN16; rows * dim], NAN16); // [rows, dim]
+    let xp = ptr_mut(&mut x_dev);
+    let op = if in_place { xp } else { ptr_mut(&mut out) };
+    let launches = run_recorded(|k| rn::rmsnorm_forward(k, op, xp, ptr(&weight.0), rows, dim, EPS));
+    assert_launches(
+        &launches,
+        &["rmsnorm_forward"],
+        forward_config(rows, dim, vector_path),
     );
     let mut want = vec![0.0; rows * dim];
     cpu::rmsnorm_forward(&mut want, &x, &weight.1, dim, EPS);
@@ -285,24 +188,32 @@ fn rmsnorm_forward_in_place_matches_the_cpu() {
     check_rmsnorm_forward(3, 8, 904, true, true);
 }
 
-/// x += residual (stored in x, rounded once), then out = rmsnorm(x).
-fn check_add_rmsnorm_forward(seed: u64, rows: usize, dim: usize, vector_path: bool) {
+/// x += residual (stored in x, rounded once), then out = rmsnorm(x); `shift` misaligns residual
+/// alone (the scalar path).
+fn check_add_rmsnorm_forward(seed: u64, rows: usize, dim: usize, shift: bool, vector_path: bool) {
     let mut r = Rand(seed);
     let (x_bits, x) = r.bf16s(rows * dim, 2.0);
-    let residual = r.bf16s(rows * dim, 2.0);
-    let weight = r.bf16s(dim, 1.0);
-    let mut x_dev = guarded(x_bits, NAN16);
-    let mut out = guarded(vec![NAN16; rows * dim], NAN16);
-    let (op, xp) = (out.as_mut_ptr(), x_dev.as_mut_ptr());
-    let (rp, wp) = (residual.0.as_ptr(), weight.0.as_ptr());
-    let vectorised = dim.is_multiple_of(BF16_VEC)
-        && aligned16(&[addr(op), addr(xp), addr(wp)])
-        && aligned16(&[addr(rp)]);
-    assert_eq!(vectorised, vector_path, "the 128-bit path");
-    launch_as(
-        "add_rmsnorm_forward",
-        forward_config(rows, dim, vectorised),
-        || unsafe { k::add_rmsnorm_forward(op, xp, rp, wp, rows as i32, dim as i32, EPS) },
+    let residual = r.bf16s(rows * dim, 2.0); // [rows, dim]
+    let residual_dev = Shifted::new(&residual.0, shift as usize);
+    let weight = r.bf16s(dim, 1.0); // [dim]
+    let mut x_dev = guarded(x_bits, NAN16); // [rows, dim]
+    let mut out = guarded(vec![NAN16; rows * dim], NAN16); // [rows, dim]
+    let launches = run_recorded(|k| {
+        rn::add_rmsnorm_forward(
+            k,
+            ptr_mut(&mut out),
+            ptr_mut(&mut x_dev),
+            residual_dev.ptr(),
+            ptr(&weight.0),
+            rows,
+            dim,
+            EPS,
+        )
+    });
+    assert_launches(
+        &launches,
+        &["add_rmsnorm_forward"],
+        forward_config(rows, dim, vector_path),
     );
     let mut sum = x;
     cpu::residual_add(&mut sum, &residual.1);
@@ -322,50 +233,26 @@ fn check_add_rmsnorm_forward(seed: u64, rows: usize, dim: usize, vector_path: bo
     );
 }
 
-/// [24, 896] on the vector path; [10, 300] on the scalar one.
+/// [24, 896] on the vector path; [10, 300] on the scalar one, and [24, 896] with only residual
+/// misaligned.
 #[test]
 fn add_rmsnorm_forward_stores_the_sum_and_normalises_it_like_the_cpu() {
-    check_add_rmsnorm_forward(4, 24, 896, true);
-    check_add_rmsnorm_forward(5, 10, 300, false);
+    check_add_rmsnorm_forward(4, 24, 896, false, true);
+    check_add_rmsnorm_forward(5, 10, 300, false, false);
+    check_add_rmsnorm_forward(6, 24, 896, true, false);
 }
 
 // ----------------------------------------------------------------------------------------------
 // RMSNorm backward: dx, and dweight through the blocks' partial sums and add_column_sums
-
-/// add_column_sums as `elementwise::add_column_sums` launches it: out (f32 [n]) += the column
-/// sums of partials (f32 [chunks, n]).
-fn add_column_sums(out: *mut f32, partials: *const f32, chunks: usize, n: usize) {
-    let cfg = LaunchConfig {
-        grid_dim: (n.div_ceil(32) as u32, 1, 1),
-        block_dim: (32, ew::COLUMN_SUM_LANES, 1),
-        shared_mem_bytes: 0,
-    };
-    launch_as("add_column_sums", cfg, || unsafe {
-        k::add_column_sums(out, partials, chunks as i32, n as i32)
-    });
-}
-
-type RmsnormBackward = unsafe extern "C" fn(
-    *mut u16,
-    *mut f32,
-    *const u16,
-    *const u16,
-    *const u16,
-    i32,
-    i32,
-    f32,
-    i32,
-    i32,
-);
 
 /// `rmsnorm::rmsnorm_backward` on [rows, dim]: the kernel the launcher picks (`vec_kernel` says
 /// which one that must be), on its grid of rows_per_block(rows) rows per block, then
 /// add_column_sums into a dweight that starts from random values.
 fn check_rmsnorm_backward(seed: u64, rows: usize, dim: usize, write: GradWrite, vec_kernel: bool) {
     let mut r = Rand(seed);
-    let x = r.bf16s(rows * dim, 2.0);
-    let dout = r.bf16s(rows * dim, 1.0);
-    let weight = r.bf16s(dim, 1.0);
+    let x = r.bf16s(rows * dim, 2.0); // [rows, dim]
+    let dout = r.bf16s(rows * dim, 1.0); // [rows, dim]
+    let weight = r.bf16s(dim, 1.0); // [dim]
     let dx_start = r.bf16s(rows * dim, 1.0);
     let dweight_start: Vec<f32> = (0..dim).map(|_| r.next()).collect();
     let accumulate = write == GradWrite::Add;
@@ -381,43 +268,41 @@ fn check_rmsnorm_backward(seed: u64, rows: usize, dim: usize, write: GradWrite, 
             vec![NAN16; rows * dim]
         },
         NAN16,
-    );
-    let mut partials = guarded(vec![f32::NAN; scratch], f32::NAN);
-    let mut dweight = guarded(dweight_start.clone(), f32::NAN);
-    let (dxp, pp) = (dx.as_mut_ptr(), partials.as_mut_ptr());
-    let (dp, xp, wp) = (dout.0.as_ptr(), x.0.as_ptr(), weight.0.as_ptr());
-    let vectorised = dim.is_multiple_of(BF16_VEC)
-        && dim <= rn::VEC_KERNEL_MAX_DIM
-        && aligned16(&[addr(dxp), addr(pp), addr(dp), addr(xp), addr(wp)]);
-    assert_eq!(vectorised, vec_kernel, "the launcher's choice of kernel");
-    let (name, kernel, block, shared): (_, RmsnormBackward, _, _) = if vectorised {
+    ); // [rows, dim]
+    let mut partials = guarded(vec![f32::NAN; scratch], f32::NAN); // [blocks, dim]
+    let mut dweight = guarded(dweight_start.clone(), f32::NAN); // [dim]
+    let launches = run_recorded(|k| {
+        rn::rmsnorm_backward(
+            k,
+            (ptr_mut(&mut dx), accumulate),
+            ptr_mut(&mut dweight),
+            ptr(&dout.0),
+            ptr(&x.0),
+            ptr(&weight.0),
+            rows,
+            dim,
+            EPS,
+            ptr_mut(&mut partials),
+        )
+    });
+    // a thread per vector, or per column with the block's dweight sums in shared memory
+    let (kernel, block, shared) = if vec_kernel {
         let block = rn::row_block_size(dim, BF16_VEC, true);
-        ("rmsnorm_backward_vec", k::rmsnorm_backward_vec, block, 0)
+        ("rmsnorm_backward_vec", block, 0)
     } else {
-        let block = rn::row_block_size(dim, 1, false);
-        ("rmsnorm_backward", k::rmsnorm_backward, block, dim * 4)
+        (
+            "rmsnorm_backward",
+            rn::row_block_size(dim, 1, false),
+            dim * 4,
+        )
     };
     let cfg = LaunchConfig {
         grid_dim: (blocks as u32, 1, 1),
         block_dim: (block, 1, 1),
         shared_mem_bytes: shared as u32,
     };
-    launch_as(name, cfg, || unsafe {
-        kernel(
-            dxp,
-            pp,
-            dp,
-            xp,
-            wp,
-            rows as i32,
-            dim as i32,
-            EPS,
-            per_block as i32,
-            accumulate as i32,
-        )
-    });
+    assert_launches(&launches, &[kernel, "add_column_sums"], cfg);
     unguarded("partials", &partials, f32::NAN);
-    add_column_sums(dweight.as_mut_ptr(), pp, blocks, dim);
 
     let mut dx_want = if accumulate {
         dx_start.1
@@ -435,7 +320,7 @@ fn check_rmsnorm_backward(seed: u64, rows: usize, dim: usize, write: GradWrite, 
         dim,
         EPS,
     );
-    let what = format!("{name} [{rows}, {dim}] ({write:?}, {per_block} rows per block)");
+    let what = format!("{kernel} [{rows}, {dim}] ({write:?}, {per_block} rows per block)");
     assert_close(
         &format!("{what} dx"),
         &to_f32(unguarded("dx", &dx, NAN16)),
@@ -501,24 +386,35 @@ fn rmsnorm_backward_scalar_beyond_the_vector_kernel_matches_the_cpu() {
 /// `elementwise::bias_backward` on dout [m, n] into a dbias that starts from random values.
 fn check_bias_backward(seed: u64, m: usize, n: usize) {
     let mut r = Rand(seed);
-    let dout = r.bf16s(m * n, 1.0);
+    let dout = r.bf16s(m * n, 1.0); // [m, n]
     let dbias_start: Vec<f32> = (0..n).map(|_| r.next()).collect();
     let chunks = m.div_ceil(ew::BIAS_ROWS_PER_THREAD);
     let scratch = ew::bias_backward_scratch(m, n);
     assert_eq!(scratch, chunks * n);
-    let mut partials = guarded(vec![f32::NAN; scratch], f32::NAN);
-    let mut dbias = guarded(dbias_start.clone(), f32::NAN);
-    let (pp, dp) = (partials.as_mut_ptr(), dout.0.as_ptr());
+    let mut partials = guarded(vec![f32::NAN; scratch], f32::NAN); // [chunks, n]
+    let mut dbias = guarded(dbias_start.clone(), f32::NAN); // [n]
+    let launches = run_recorded(|k| {
+        ew::bias_backward(
+            k,
+            ptr_mut(&mut dbias),
+            ptr(&dout.0),
+            m,
+            n,
+            ptr_mut(&mut partials),
+        )
+    });
+    // a thread per (column, chunk of rows)
     let cfg = LaunchConfig {
         grid_dim: (n.div_ceil(BLOCK_THREADS as usize) as u32, chunks as u32, 1),
         block_dim: (BLOCK_THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
-    launch_as("bias_backward_partial", cfg, || unsafe {
-        k::bias_backward_partial(pp, dp, m as i32, n as i32)
-    });
+    assert_launches(
+        &launches,
+        &["bias_backward_partial", "add_column_sums"],
+        cfg,
+    );
     unguarded("partials", &partials, f32::NAN);
-    add_column_sums(dbias.as_mut_ptr(), pp, chunks, n);
 
     let mut want = dbias_start;
     cpu::bias_backward(&mut want, &dout.1);
@@ -547,12 +443,8 @@ fn check_residual_add(seed: u64, n: usize, shift: bool) {
     let (y_bits, y) = r.bf16s(n, 1.0);
     let y_dev = Shifted::new(&y_bits, shift as usize);
     let mut x_dev = guarded(x_bits, NAN16);
-    let (xp, yp) = (x_dev.as_mut_ptr(), y_dev.ptr());
-    let vectorised = aligned16(&[addr(xp), addr(yp)]);
-    assert_eq!(vectorised, !shift, "the 128-bit path");
-    launch_as("residual_add", flat_config(n, vectorised), || unsafe {
-        k::residual_add(xp, yp, n as i32)
-    });
+    let launches = run_recorded(|k| ew::residual_add(k, ptr_mut(&mut x_dev), y_dev.ptr(), n));
+    assert_launches(&launches, &["residual_add"], flat_config(n, !shift));
     let mut want = x;
     cpu::residual_add(&mut want, &y);
     assert_bits_eq(
@@ -588,11 +480,9 @@ fn swiglu_forward_matches_the_cpu_to_a_bf16_ulp() {
     let gate = gates(&mut r, n);
     let up = r.bf16s(n, 1.0);
     let mut out = guarded(vec![NAN16; n], NAN16);
-    let (op, gp, upp) = (out.as_mut_ptr(), gate.0.as_ptr(), up.0.as_ptr());
-    assert!(aligned16(&[addr(op), addr(gp), addr(upp)]));
-    launch_as("swiglu_forward", flat_config(n, true), || unsafe {
-        k::swiglu_forward(op, gp, upp, n as i32)
-    });
+    let launches =
+        run_recorded(|k| ew::swiglu_forward(k, ptr_mut(&mut out), ptr(&gate.0), ptr(&up.0), n));
+    assert_launches(&launches, &["swiglu_forward"], flat_config(n, true));
     let mut want = vec![0.0; n];
     cpu::swiglu_forward(&mut want, &gate.1, &up.1);
     assert_rounded(
@@ -602,7 +492,7 @@ fn swiglu_forward_matches_the_cpu_to_a_bf16_ulp() {
     );
 }
 
-/// swiglu_backward on n values as the launcher runs it; `shift` misaligns up (the scalar path).
+/// swiglu_backward on n values; `shift` misaligns up (the scalar path).
 fn check_swiglu_backward(seed: u64, n: usize, shift: bool) {
     let mut r = Rand(seed);
     let gate = gates(&mut r, n);
@@ -611,13 +501,18 @@ fn check_swiglu_backward(seed: u64, n: usize, shift: bool) {
     let up_dev = Shifted::new(&up.0, shift as usize);
     let mut dgate = guarded(vec![NAN16; n], NAN16);
     let mut dup = guarded(vec![NAN16; n], NAN16);
-    let (dgp, dup_p) = (dgate.as_mut_ptr(), dup.as_mut_ptr());
-    let (dp, gp, upp) = (dout.0.as_ptr(), gate.0.as_ptr(), up_dev.ptr());
-    let vectorised = aligned16(&[addr(dgp), addr(dup_p), addr(dp), addr(gp), addr(upp)]);
-    assert_eq!(vectorised, !shift, "the 128-bit path");
-    launch_as("swiglu_backward", flat_config(n, vectorised), || unsafe {
-        k::swiglu_backward(dgp, dup_p, dp, gp, upp, n as i32)
+    let launches = run_recorded(|k| {
+        ew::swiglu_backward(
+            k,
+            ptr_mut(&mut dgate),
+            ptr_mut(&mut dup),
+            ptr(&dout.0),
+            ptr(&gate.0),
+            up_dev.ptr(),
+            n,
+        )
     });
+    assert_launches(&launches, &["swiglu_backward"], flat_config(n, !shift));
     let (mut dgate_want, mut dup_want) = (vec![0.0; n], vec![0.0; n]);
     cpu::swiglu_backward(&mut dgate_want, &mut dup_want, &dout.1, &gate.1, &up.1);
     let what = format!("swiglu_backward (n {n}, shifted {shift})");
@@ -669,14 +564,9 @@ fn check_convert_f32_to_bf16(seed: u64, shift: bool) {
         src[src_at + n - 1 - j % 3] = v;
     }
     let mut dst = guarded(vec![NAN16; n], NAN16);
-    let (dp, sp) = (dst.as_mut_ptr(), src[src_at..].as_ptr());
-    let vectorised = aligned16(&[addr(dp), addr(sp)]);
-    assert_eq!(vectorised, !shift, "the 128-bit path");
-    launch_as(
-        "convert_f32_to_bf16",
-        flat_config(n, vectorised),
-        || unsafe { k::convert_f32_to_bf16(dp, sp, n as i32) },
-    );
+    let launches =
+        run_recorded(|k| ew::convert_f32_to_bf16(k, ptr_mut(&mut dst), ptr(&src[src_at..]), n));
+    assert_launches(&launches, &["convert_f32_to_bf16"], flat_config(n, !shift));
     let got = unguarded("convert_f32_to_bf16", &dst, NAN16);
     for (i, (&g, &s)) in got.iter().zip(&src[src_at..]).enumerate() {
         let want = bf16::from_f32(s);
@@ -706,14 +596,9 @@ fn check_convert_bf16_to_f32(seed: u64, shift: bool) {
     }
     let src_dev = Shifted::new(&src, shift as usize);
     let mut dst = guarded(vec![f32::NAN; n], f32::NAN);
-    let (dp, sp) = (dst.as_mut_ptr(), src_dev.ptr());
-    let vectorised = aligned16(&[addr(dp), addr(sp)]);
-    assert_eq!(vectorised, !shift, "the 128-bit path");
-    launch_as(
-        "convert_bf16_to_f32",
-        flat_config(n, vectorised),
-        || unsafe { k::convert_bf16_to_f32(dp, sp, n as i32) },
-    );
+    let launches =
+        run_recorded(|k| ew::convert_bf16_to_f32(k, ptr_mut(&mut dst), src_dev.ptr(), n));
+    assert_launches(&launches, &["convert_bf16_to_f32"], flat_config(n, !shift));
     let want: Vec<f32> = src.iter().map(|&b| bf16::from_bits(b).to_f32()).collect();
     assert_bits_eq(
         &format!("convert_bf16_to_f32 (shifted {shift})"),
@@ -728,21 +613,17 @@ fn convert_bf16_to_f32_is_exact() {
     check_convert_bf16_to_f32(39, true);
 }
 
-/// bias_add_bf16 and bias_add_f32 on [m, n] as `bias_add` launches them (out starting from random
-/// values), against add_bias_rows; `vector_path`: whether the launcher sees the 128-bit path.
+/// `elementwise::bias_add` on [m, n], bf16 and f32 out (starting from random values), against
+/// add_bias_rows; `vector_path`: whether the launcher must size the grid for the 128-bit path.
 fn check_bias_add(seed: u64, m: usize, n: usize, vector_path: bool) {
     let mut r = Rand(seed);
-    let bias = r.bf16s(n, 1.0);
-    let bp = bias.0.as_ptr();
+    let bias = r.bf16s(n, 1.0); // [n]
+    let cfg = rows_config(m, n, vector_path);
 
     let (start_bits, start) = r.bf16s(m * n, 1.0);
-    let mut out = guarded(start_bits, NAN16);
-    let op = out.as_mut_ptr();
-    let vectorised = n.is_multiple_of(BF16_VEC) && aligned16(&[addr(op), addr(bp)]);
-    assert_eq!(vectorised, vector_path, "the 128-bit path");
-    launch_as("bias_add_bf16", rows_config(m, n, vectorised), || unsafe {
-        k::bias_add_bf16(op, bp, m as i32, n as i32)
-    });
+    let mut out = guarded(start_bits, NAN16); // bf16 [m, n]
+    let launches = run_recorded(|k| ew::bias_add(k, ptr_mut(&mut out), ptr(&bias.0), m, n, false));
+    assert_launches(&launches, &["bias_add_bf16"], cfg);
     let mut want = start;
     cpu::add_bias_rows(&mut want, &bias.1);
     assert_bits_eq(
@@ -752,13 +633,9 @@ fn check_bias_add(seed: u64, m: usize, n: usize, vector_path: bool) {
     );
 
     let start: Vec<f32> = (0..m * n).map(|_| r.next()).collect();
-    let mut out = guarded(start.clone(), f32::NAN);
-    let op = out.as_mut_ptr();
-    let vectorised = n.is_multiple_of(BF16_VEC) && aligned16(&[addr(op), addr(bp)]);
-    assert_eq!(vectorised, vector_path, "the 128-bit path");
-    launch_as("bias_add_f32", rows_config(m, n, vectorised), || unsafe {
-        k::bias_add_f32(op, bp, m as i32, n as i32)
-    });
+    let mut out = guarded(start.clone(), f32::NAN); // f32 [m, n]
+    let launches = run_recorded(|k| ew::bias_add(k, ptr_mut(&mut out), ptr(&bias.0), m, n, true));
+    assert_launches(&launches, &["bias_add_f32"], cfg);
     let mut want = start;
     cpu::add_bias_rows(&mut want, &bias.1);
     assert_bits_eq(
@@ -798,30 +675,27 @@ fn check_kv_cache_write(seed: u64, kv_dim: usize, vector_path: bool) {
     let mut r = Rand(seed);
     let cache_len = CACHE_SLOTS * CAPACITY * kv_dim;
     let (cache_k_start, cache_v_start) = (r.bf16s(cache_len, 1.0), r.bf16s(cache_len, 1.0));
-    let (key, value) = (r.bf16s(m * kv_dim, 1.0), r.bf16s(m * kv_dim, 1.0));
+    let (key, value) = (r.bf16s(m * kv_dim, 1.0), r.bf16s(m * kv_dim, 1.0)); // [m, kv_dim]
+                                                                             // [CACHE_SLOTS, CAPACITY, kv_dim]
     let (mut cache_k, mut cache_v) = (cache_k_start.0, cache_v_start.0);
-    let (ckp, cvp) = (cache_k.as_mut_ptr(), cache_v.as_mut_ptr());
-    let (kp, vp) = (key.0.as_ptr(), value.0.as_ptr());
-    let (sp, pp) = (place.slots.as_ptr(), place.positions.as_ptr());
-    let vectorised =
-        kv_dim.is_multiple_of(BF16_VEC) && aligned16(&[addr(ckp), addr(cvp), addr(kp), addr(vp)]);
-    assert_eq!(vectorised, vector_path, "the 128-bit path");
-    launch_as(
-        "kv_cache_write",
-        rows_config(m, kv_dim, vectorised),
-        || unsafe {
-            k::kv_cache_write(
-                ckp,
-                cvp,
-                kp,
-                vp,
-                sp,
-                pp,
-                m as i32,
-                CAPACITY as i32,
-                kv_dim as i32,
-            )
-        },
+    let launches = run_recorded(|k| {
+        kv_cache::kv_cache_write(
+            k,
+            ptr_mut(&mut cache_k),
+            ptr_mut(&mut cache_v),
+            ptr(&key.0),
+            ptr(&value.0),
+            ptr(&place.slots),
+            ptr(&place.positions),
+            m,
+            CAPACITY,
+            kv_dim,
+        )
+    });
+    assert_launches(
+        &launches,
+        &["kv_cache_write"],
+        rows_config(m, kv_dim, vector_path),
     );
     let (mut k_want, mut v_want) = (cache_k_start.1, cache_v_start.1);
     cpu::kv_cache_write(&mut k_want, &key.1, &place, CAPACITY, kv_dim);
@@ -843,16 +717,24 @@ fn check_kv_cache_gather(seed: u64, kv_dim: usize) {
     let place = placement();
     let m = place.slots.len();
     let mut r = Rand(seed);
-    let dcache = r.bf16s(CACHE_SLOTS * CAPACITY * kv_dim, 1.0);
-    let mut dx = guarded(vec![NAN16; m * kv_dim], NAN16);
-    let (dxp, dcp) = (dx.as_mut_ptr(), dcache.0.as_ptr());
-    let (sp, pp) = (place.slots.as_ptr(), place.positions.as_ptr());
-    launch_as(
-        "kv_cache_gather",
+    let dcache = r.bf16s(CACHE_SLOTS * CAPACITY * kv_dim, 1.0); // [CACHE_SLOTS, CAPACITY, kv_dim]
+    let mut dx = guarded(vec![NAN16; m * kv_dim], NAN16); // [m, kv_dim]
+    let launches = run_recorded(|k| {
+        kv_cache::kv_cache_gather(
+            k,
+            ptr_mut(&mut dx),
+            ptr(&dcache.0),
+            ptr(&place.slots),
+            ptr(&place.positions),
+            m,
+            CAPACITY,
+            kv_dim,
+        )
+    });
+    assert_launches(
+        &launches,
+        &["kv_cache_gather"],
         rows_config(m, kv_dim, false),
-        || unsafe {
-            k::kv_cache_gather(dxp, dcp, sp, pp, m as i32, CAPACITY as i32, kv_dim as i32)
-        },
     );
     let mut want = vec![0.0; m * kv_dim];
     cpu::kv_cache_gather(&mut want, &dcache.1, &place, CAPACITY, kv_dim);
@@ -876,10 +758,8 @@ fn advance_positions_adds_one_to_each_position() {
     let m = 300;
     let start: Vec<u32> = (0..m as u32).map(|i| (i * 37) % 1000 + 1).collect();
     let mut positions = guarded(start.clone(), u32::MAX);
-    let p = positions.as_mut_ptr();
-    launch_as("advance_positions", grid_1d(m, 256), || unsafe {
-        k::advance_positions(p, m as i32)
-    });
+    let launches = run_recorded(|k| kv_cache::advance_positions(k, ptr_mut(&mut positions), m));
+    assert_launches(&launches, &["advance_positions"], grid_1d(m, 256));
     let want: Vec<u32> = start.iter().map(|p| p + 1).collect();
     assert_bits_eq(
         "advance_positions",

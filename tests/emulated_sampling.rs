@@ -1,42 +1,23 @@
 //! The sampling kernel's real source (kernels/sampling.cu, `sample_tokens`), run on the CPU by
-//! the emulator in tests/cuda_emulator, against the CPU reference (`backend::cpu::sample_tokens`,
-//! i.e. `sampling::sample` and `sampling::token_logprob`), launched as src/cuda/ops/sampling.rs
-//! does (one block of SAMPLE_THREADS per row, top-k clamped to the vocabulary): greedy argmax
-//! with ties, tempered inverse-CDF draws, top-k and top-p (the radix search for the cut-off and
-//! the walk over the tokens tied at it), both together, and Philox draws made on the device.
-//! Vocabularies below a warp, of a warp per chunk with a short last chunk (1001) and of several
-//! strides of the block with empty chunks at the end (2500); draws at 0 and at the very end of
-//! the CDF (u = 1 after the hi + lo split). Token ids must be equal and log-probabilities equal
-//! to a few f32 ulps (both are f64 sums rounded to f32). EOS detection and the per-sequence budget
-//! are not the kernel's (it draws one token per row) but the generation loop's (src/generate.rs).
+//! the emulator in tests/cuda_emulator through thinkshort's own launcher
+//! (src/cuda/ops/sampling.rs: one block of SAMPLE_THREADS per row, top-k clamped to the
+//! vocabulary, given or Philox draws with the other pointer null, argument order and kinds),
+//! against the CPU reference (`backend::cpu::sample_tokens`, i.e. `sampling::sample` and
+//! `sampling::token_logprob`): greedy argmax with ties, tempered inverse-CDF draws, top-k and
+//! top-p (the radix search for the cut-off and the walk over the tokens tied at it), both
+//! together, and Philox draws made on the device. Vocabularies below a warp, of a warp per chunk
+//! with a short last chunk (1001) and of several strides of the block with empty chunks at the end
+//! (2500); draws at 0 and at the very end of the CDF (u = 1 after the hi + lo split). Token ids
+//! must be equal and log-probabilities equal to a few f32 ulps (both are f64 sums rounded to f32).
+//! EOS detection and the per-sequence budget are not the kernel's (it draws one token per row) but
+//! the generation loop's (src/generate.rs).
 
 mod emulation_support;
 
-use cuda_emulator::{launch, Launch};
-use emulation_support::Rand;
+use emulation_support::{assert_same, ptr, ptr_mut, Emulator, Rand};
 use thinkshort::backend::cpu;
-use thinkshort::cuda::ops::sampling::SAMPLE_THREADS;
+use thinkshort::cuda::ops::sampling::{self, DeviceDraws};
 use thinkshort::sampling::{SamplingParams, TokenDraws};
-
-/// The entry point of kernels/sampling.cu.
-mod k {
-    extern "C" {
-        pub fn sample_tokens(
-            out: *mut f32,
-            logp: *mut f32,
-            logits: *const f32,
-            uniforms: *const f32,
-            streams: *const u32,
-            vocab: i32,
-            temperature: f32,
-            top_k: i32,
-            top_p: f32,
-            seed: u64,
-            first_stream: u64,
-            step: u64,
-        );
-    }
-}
 
 fn params(temperature: f32, top_k: usize, top_p: f32) -> SamplingParams {
     SamplingParams {
@@ -88,7 +69,7 @@ fn device_uniforms(u: &[f64]) -> Vec<f64> {
         .collect()
 }
 
-/// (ids, logp) of sample_tokens, launched as the launcher does.
+/// (ids, logp) of the sample_tokens launcher.
 fn sample_on_emulator(
     logits: &[f32],
     vocab: usize,
@@ -97,62 +78,48 @@ fn sample_on_emulator(
 ) -> (Vec<f32>, Vec<f32>) {
     let rows = draws.rows();
     assert_eq!(logits.len(), rows * vocab);
-    let (uniforms, streams, seed, first_stream, step) = match *draws {
-        TokenDraws::Given(u) => {
-            let pairs: Vec<f32> = u
-                .iter()
-                .flat_map(|&x| {
-                    let mut pair = [0.0f32; 2];
-                    cpu::split_f64(&mut pair, x);
-                    assert_eq!(pair[0] as f64 + pair[1] as f64, x, "not a device uniform");
-                    pair
-                })
-                .collect();
-            (pairs, Vec::new(), 0, 0, 0)
-        }
+    // given draws as the backend uploads them: [rows, 2] f32, hi + lo
+    let pairs: Vec<f32> = match *draws {
+        TokenDraws::Given(u) => u
+            .iter()
+            .flat_map(|&x| {
+                let mut pair = [0.0f32; 2];
+                cpu::split_f64(&mut pair, x);
+                assert_eq!(pair[0] as f64 + pair[1] as f64, x, "not a device uniform");
+                pair
+            })
+            .collect(),
+        TokenDraws::Philox { .. } => Vec::new(),
+    };
+    let device_draws = match *draws {
+        TokenDraws::Given(_) => DeviceDraws::Given {
+            uniforms: ptr(&pairs),
+        },
         TokenDraws::Philox {
             seed,
             first_stream,
             streams,
             step,
-        } => (Vec::new(), streams.to_vec(), seed, first_stream, step),
-    };
-    let uniforms_ptr = if uniforms.is_empty() {
-        std::ptr::null()
-    } else {
-        uniforms.as_ptr()
-    };
-    let streams_ptr = if streams.is_empty() {
-        std::ptr::null()
-    } else {
-        streams.as_ptr()
-    };
-    let top_k = params.top_k.min(vocab) as i32;
-    let mut out = vec![f32::NAN; rows];
-    let mut logp = vec![f32::NAN; rows];
-    let (o, l) = (out.as_mut_ptr(), logp.as_mut_ptr());
-    let cfg = Launch {
-        grid: (rows as u32, 1, 1),
-        block: (SAMPLE_THREADS, 1, 1),
-        shared_bytes: 0,
-    };
-    launch(cfg, || unsafe {
-        k::sample_tokens(
-            o,
-            l,
-            logits.as_ptr(),
-            uniforms_ptr,
-            streams_ptr,
-            vocab as i32,
-            params.temperature,
-            top_k,
-            params.top_p,
+        } => DeviceDraws::Philox {
             seed,
             first_stream,
+            streams: ptr(streams), // [rows] u32
             step,
-        )
-    })
-    .unwrap_or_else(|e| panic!("sample_tokens: {e}"));
+        },
+    };
+    let mut out = vec![f32::NAN; rows]; // [rows] token ids
+    let mut logp = vec![f32::NAN; rows]; // [rows]
+    sampling::sample_tokens(
+        &Emulator,
+        ptr_mut(&mut out),
+        ptr_mut(&mut logp),
+        ptr(logits), // [rows, vocab]
+        &device_draws,
+        rows,
+        vocab,
+        params,
+    )
+    .unwrap_or_else(|e| panic!("sample_tokens: {e:#}"));
     (out, logp)
 }
 
@@ -166,7 +133,7 @@ fn check(what: &str, logits: &[f32], vocab: usize, params: &SamplingParams, draw
         "{what} (V={vocab} T={} k={} p={})",
         params.temperature, params.top_k, params.top_p
     );
-    assert_eq!(ids, ids_ref, "{shape}: token ids");
+    assert_same(&format!("{shape}: token ids"), &ids, &ids_ref);
     for (r, (&got, &want)) in logp.iter().zip(&logp_ref).enumerate() {
         let tol = 4.0 * f32::EPSILON * want.abs().max(1.0);
         assert!(
@@ -240,6 +207,8 @@ fn tempered_draws_walk_the_cpu_inverse_cdf() {
         check_kinds(seed, vocab, &params(0.7, 0, 1.0));
         check_kinds(seed + 10, vocab, &params(1.0, vocab + 5, 1.0));
     }
+    // a top-k past the kernel's int: the launcher clamps it to the vocabulary (off)
+    check_kinds(5, 7, &params(1.0, usize::MAX, 1.0));
 }
 
 /// Top-k 1 (argmax by sampling: the first of the tied maxima) and 250 (a cut-off among the ~80

@@ -3,8 +3,11 @@
 //! the relative-error check `selfcheck` uses.
 #![allow(dead_code)] // each test file uses its own subset
 
+use std::cell::RefCell;
+
 use anyhow::anyhow;
 use cuda_emulator::{launch_kernel, Arg, Launch};
+use cudarc::driver::LaunchConfig;
 use half::bf16;
 use thinkshort::cuda::launch::{KernelArg, KernelLaunch, Launcher};
 
@@ -44,6 +47,46 @@ impl Launcher for Emulator {
         unsafe { std::ptr::write_bytes(ptr as *mut u8, 0, bytes) };
         Ok(())
     }
+}
+
+/// Runs launches on the [`Emulator`] and keeps them, so a test can see which kernels its launcher
+/// picked and on what grid (the kernels choose their vector paths themselves and stay correct on
+/// any grid, so a launcher that sizes the grid for the wrong path shows only here).
+#[derive(Default)]
+pub struct Recorder(RefCell<Vec<KernelLaunch>>);
+
+impl Launcher for Recorder {
+    unsafe fn launch(&self, l: &KernelLaunch) -> anyhow::Result<()> {
+        self.0.borrow_mut().push(l.clone());
+        // SAFETY: the caller's contract, passed on.
+        unsafe { Emulator.launch(l) }
+    }
+
+    unsafe fn fill_zero(&self, ptr: u64, bytes: usize) -> anyhow::Result<()> {
+        // SAFETY: the caller's contract, passed on.
+        unsafe { Emulator.fill_zero(ptr, bytes) }
+    }
+}
+
+/// Runs `op` (a launcher called with host buffers) on the emulator; returns its launches.
+pub fn run_recorded(op: impl FnOnce(&dyn Launcher) -> anyhow::Result<()>) -> Vec<KernelLaunch> {
+    let r = Recorder::default();
+    op(&r).unwrap_or_else(|e| panic!("{e:#}"));
+    r.0.into_inner()
+}
+
+/// `launches` ran `kernels` in order, the first on `cfg`: the grid of the path the test means to
+/// take (vector or scalar, which kernel variant).
+pub fn assert_launches(launches: &[KernelLaunch], kernels: &[&str], cfg: LaunchConfig) {
+    let names: Vec<&str> = launches.iter().map(|l| l.function).collect();
+    assert_eq!(names, kernels, "the kernels launched");
+    let geometry = |c: &LaunchConfig| (c.grid_dim, c.block_dim, c.shared_mem_bytes);
+    assert_eq!(
+        geometry(&launches[0].config),
+        geometry(&cfg),
+        "{}: grid, block and shared memory",
+        kernels[0]
+    );
 }
 
 /// A host buffer as the device pointer the launchers take.
