@@ -95,10 +95,9 @@ pub unsafe fn launch_kernel(
     let c = |s: &str| std::ffi::CString::new(s).map_err(|_| format!("a NUL in {s:?}"));
     let (module, name) = (c(module)?, c(name)?);
     let (kinds, bits): (Vec<u32>, Vec<u64>) = args.iter().map(|a| a.encode()).unzip();
-    let mut error = vec![0u8; 1024];
     // SAFETY: the strings are NUL-terminated, kinds and bits hold args.len() values, the error
     // buffer's length is passed with it; the pointers' validity is the caller's contract.
-    let rc = unsafe {
+    with_error_buffer(|error, error_len| unsafe {
         emu_launch_kernel(
             module.as_ptr(),
             name.as_ptr(),
@@ -112,15 +111,10 @@ pub unsafe fn launch_kernel(
             kinds.as_ptr(),
             bits.as_ptr(),
             args.len(),
-            error.as_mut_ptr() as *mut c_char,
-            error.len(),
+            error,
+            error_len,
         )
-    };
-    if rc == 0 {
-        return Ok(());
-    }
-    let end = error.iter().position(|&b| b == 0).unwrap_or(error.len());
-    Err(String::from_utf8_lossy(&error[..end]).into_owned())
+    })
 }
 
 /// Runs `thread` (which calls one kernel entry point) as every thread of `cfg`, block after
@@ -132,10 +126,9 @@ pub fn launch<F: Fn()>(cfg: Launch, thread: F) -> Result<(), String> {
         let thread = unsafe { &*(context as *const F) };
         thread();
     }
-    let mut error = vec![0u8; 1024];
     // SAFETY: emu_launch calls trampoline::<F> with our context only while it runs; the error
     // buffer's length is passed with it.
-    let rc = unsafe {
+    with_error_buffer(|error, error_len| unsafe {
         emu_launch(
             cfg.grid.0,
             cfg.grid.1,
@@ -146,11 +139,17 @@ pub fn launch<F: Fn()>(cfg: Launch, thread: F) -> Result<(), String> {
             cfg.shared_bytes,
             trampoline::<F>,
             &thread as *const F as *mut c_void,
-            error.as_mut_ptr() as *mut c_char,
-            error.len(),
+            error,
+            error_len,
         )
-    };
-    if rc == 0 {
+    })
+}
+
+/// Calls `launch` (one of the emulator's entry points) with a buffer for its error message; its
+/// status 0 is Ok, anything else the message.
+fn with_error_buffer(launch: impl FnOnce(*mut c_char, usize) -> c_int) -> Result<(), String> {
+    let mut error = vec![0u8; 1024];
+    if launch(error.as_mut_ptr() as *mut c_char, error.len()) == 0 {
         return Ok(());
     }
     let end = error.iter().position(|&b| b == 0).unwrap_or(error.len());
