@@ -13,7 +13,7 @@ use thinkshort::backend::{cpu, TokenPlacement};
 use thinkshort::cuda::attention_plan::{wide_query_tiles, AttentionPlan};
 use thinkshort::cuda::ops::decode_attention::{self as decode, DecodeProblem};
 use thinkshort::cuda::ops::flash_attention::{
-    self as flash, FlashBackward, FlashForward, FlashGrads, FlashProblem,
+    self as flash, BackwardScratch, FlashBackward, FlashForward, FlashGrads, FlashProblem,
 };
 
 /// A batch and its cache: every cache row holds random values, also beyond the positions a token
@@ -205,25 +205,20 @@ impl Backward {
     }
 
     /// flash_attention_backward by `variant` over `key_tiles` (the plan's tiles of the
-    /// variant's size, unless a test changes their order); scratch poisoned with NaN, the turns
-    /// with garbage (the launcher zeroes them). For the fused variants, checks that every block
+    /// variant's size, unless a test changes their order), with its scratch laid out by
+    /// BackwardScratch as the backend does. For the fused variants, checks that every block
     /// took a ticket and every key tile of a slot its turn on every (query tile, head) it sees.
     fn run(&self, p: &Problem, variant: FlashBackward, key_tiles: &[u32]) -> anyhow::Result<Grads> {
         let plan = &self.plan;
         let (q_len, rows) = (p.m() * p.heads * p.d, p.m() * p.heads);
-        let fused = variant != FlashBackward::Split;
+        let problem = p.flash(&plan.query_tiles);
         let mut dq = vec![0xffffu16; q_len];
-        let mut dq_acc = vec![f32::NAN; if fused { q_len } else { 0 }];
-        // the ticket counter, then a turn per (query tile, head)
-        let mut turns = vec![
-            -7i32;
-            if fused {
-                1 + plan.num_query_tiles() * p.heads
-            } else {
-                0
-            }
-        ];
-        let mut dsum = vec![f32::NAN; rows];
+        // dsum | dq_acc | turns as the backend lays them out, poisoned (the launcher zeroes
+        // the turns); f64 storage so that dq_acc is 8-byte aligned as the fused kernels need
+        let layout = BackwardScratch::new(&problem, variant);
+        let mut storage = vec![f64::from_bits(0x7fc0_0000_7fc0_0000); layout.floats.div_ceil(2)];
+        let base = ptr_mut(&mut storage);
+        let (dsum, dq_acc, turns) = layout.pointers(base);
         let (mut dk, mut dv) = (self.dk_start.0.clone(), self.dv_start.0.clone());
         let g = FlashGrads {
             dq: ptr_mut(&mut dq),
@@ -232,16 +227,33 @@ impl Backward {
             dout: ptr(&self.dout.0),
             out: ptr(&self.out.0),
             lse: ptr(&self.lse),
-            dsum: ptr_mut(&mut dsum),
+            dsum,
             key_tiles: ptr(key_tiles),
             num_key_tiles: key_tiles.len() / 4,
-            dq_acc: if fused { ptr_mut(&mut dq_acc) } else { 0 },
-            turns: if fused { ptr_mut(&mut turns) } else { 0 },
+            dq_acc,
+            turns,
         };
-        flash::flash_attention_backward(&Emulator, &p.flash(&plan.query_tiles), &g, variant)?;
-        if fused {
+        flash::flash_attention_backward(&Emulator, &problem, &g, variant)?;
+        // SAFETY: the layout's floats lie in `storage` (f64 values: twice as many f32)
+        let scratch = unsafe { std::slice::from_raw_parts(base as *const f32, layout.floats) };
+        let at = |p: u64| (p - base) as usize / 4;
+        let mut grads = Grads {
+            dq,
+            dq_acc: Vec::new(),
+            dk,
+            dv,
+            dsum: scratch[..rows].to_vec(),
+        };
+        if variant != FlashBackward::Split {
+            grads.dq_acc = scratch[at(dq_acc)..][..q_len].to_vec();
+            // the ticket counter, then a turn per (query tile, head)
+            let turns: Vec<i32> = scratch[at(turns)..]
+                .iter()
+                .map(|x| x.to_bits() as i32)
+                .collect();
             let blocks = key_tiles.len() / 4 * p.kv_heads;
             assert_eq!(turns[0] as usize, blocks, "tickets");
+            assert_eq!(turns.len(), 1 + plan.num_query_tiles() * p.heads);
             for (i, &turn) in turns[1..].iter().enumerate() {
                 let tile = &plan.query_tiles[i / p.heads * 4..][..4];
                 let seen = (tile[3] + tile[1]).div_ceil(variant.key_tile_rows() as u32);
@@ -254,13 +266,7 @@ impl Backward {
                 );
             }
         }
-        Ok(Grads {
-            dq,
-            dq_acc,
-            dk,
-            dv,
-            dsum,
-        })
+        Ok(grads)
     }
 
     /// dq, dK, dV of the CPU reference.

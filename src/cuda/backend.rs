@@ -35,7 +35,9 @@ use super::attention_plan::{wide_query_tiles, AttentionKernel, AttentionPlan};
 use super::launch::{KernelCtx, Launcher};
 use super::ops;
 use super::ops::decode_attention::{plan_splits, scratch_sizes, DecodeProblem};
-use super::ops::flash_attention::{FlashBackward, FlashForward, FlashGrads, FlashProblem};
+use super::ops::flash_attention::{
+    BackwardScratch, FlashBackward, FlashForward, FlashGrads, FlashProblem,
+};
 use super::ops::sampling::DeviceDraws;
 use crate::backend::{
     summarize_ops, Backend, DecodeGraphStats, GradWrite, OpTime, PolicyTokens, TokenPlacement,
@@ -1328,22 +1330,8 @@ impl TrainBackend for CudaBackend {
                 head_dim,
             };
             let variant = *lock(&self.flash_backward);
-            // scratch: dsum [m, n_heads], then for the fused kernels dq_acc [m, q_dim] (from an
-            // even float: 8-byte aligned) and the turns [1 + query tiles * n_heads]
-            let dsum_len = (m * n_heads).next_multiple_of(2);
-            let fused = variant != FlashBackward::Split;
-            let fused_len = if fused {
-                m * q_dim + 1 + plan.num_query_tiles() * n_heads
-            } else {
-                0
-            };
-            let dsum = self.scratch_f32(dsum_len + fused_len)?;
-            let (dq_acc, turns) = if fused {
-                let dq_acc = dsum + 4 * dsum_len as u64;
-                (dq_acc, dq_acc + 4 * (m * q_dim) as u64)
-            } else {
-                (0, 0)
-            };
+            let scratch = BackwardScratch::new(&problem, variant);
+            let (dsum, dq_acc, turns) = scratch.pointers(self.scratch_f32(scratch.floats)?);
             let wide_key_tiles;
             let key_tiles: &[u32] = if variant == FlashBackward::FusedWide {
                 wide_key_tiles = plan.wide_key_tiles();

@@ -283,6 +283,48 @@ pub struct FlashGrads {
     pub turns: u64,
 }
 
+/// The backward's scratch, one f32 buffer of `floats` values: dsum [m, n_heads], then for the
+/// fused variants dq_acc [m, n_heads * head_dim] (from an even float: 8-byte aligned when the
+/// buffer is) and the turns, i32 [1 + query tiles * n_heads].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BackwardScratch {
+    pub floats: usize,
+    /// Offsets in floats (0 for Split, which uses neither).
+    dq_acc: usize,
+    turns: usize,
+}
+
+impl BackwardScratch {
+    pub fn new(p: &FlashProblem, variant: FlashBackward) -> Self {
+        let dsum = (p.m * p.n_heads).next_multiple_of(2);
+        if variant == FlashBackward::Split {
+            return BackwardScratch {
+                floats: dsum,
+                dq_acc: 0,
+                turns: 0,
+            };
+        }
+        let dq_acc = p.m * p.n_heads * p.head_dim;
+        BackwardScratch {
+            floats: dsum + dq_acc + 1 + p.num_tiles * p.n_heads,
+            dq_acc: dsum,
+            turns: dsum + dq_acc,
+        }
+    }
+
+    /// (dsum, dq_acc, turns) in the scratch buffer at `base` (dq_acc and turns 0 for Split).
+    pub fn pointers(&self, base: u64) -> (u64, u64, u64) {
+        let at = |offset: usize| {
+            if offset == 0 {
+                0
+            } else {
+                base + 4 * offset as u64
+            }
+        };
+        (base, at(self.dq_acc), at(self.turns))
+    }
+}
+
 /// The backward of [`flash_attention_forward`] by `variant`: dsum = rowsum(dout ∘ out), then dq
 /// and dK/dV (Split: two kernels; Fused: one, then dq_acc converted to dq).
 pub fn flash_attention_backward(
@@ -521,6 +563,33 @@ mod tests {
         // chunks of 17 tokens: one tile each
         assert_eq!(FlashForward::choose(3, 51), FlashForward::Narrow);
         assert_eq!(FlashForward::choose(0, 0), FlashForward::Narrow);
+    }
+
+    #[test]
+    fn backward_scratch_holds_dsum_then_the_fused_variants_dq_acc_and_turns() {
+        let p = FlashProblem {
+            q: 0,
+            cache_k: 0,
+            cache_v: 0,
+            tiles: 0,
+            num_tiles: 3,
+            m: 131,
+            capacity: 256,
+            n_heads: 7,
+            n_kv_heads: 1,
+            head_dim: 64,
+        };
+        let split = BackwardScratch::new(&p, FlashBackward::Split);
+        assert_eq!(split.floats, 131 * 7 + 1); // dsum, rounded up to an even count
+        assert_eq!(split.pointers(1024), (1024, 0, 0));
+        for v in [FlashBackward::Fused, FlashBackward::FusedWide] {
+            let s = BackwardScratch::new(&p, v);
+            assert_eq!(s.floats, 918 + 131 * 7 * 64 + 1 + 3 * 7);
+            let (dsum, dq_acc, turns) = s.pointers(1024);
+            assert_eq!((dsum, dq_acc), (1024, 1024 + 4 * 918));
+            assert!(dq_acc.is_multiple_of(8));
+            assert_eq!(turns, dq_acc + 4 * 131 * 7 * 64);
+        }
     }
 
     #[test]
