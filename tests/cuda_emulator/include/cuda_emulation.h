@@ -22,7 +22,8 @@
 //     stale or poisoned read.
 //   - Memory is plain host memory; no data race between threads is detected beyond that. A
 //     misaligned 16-byte vector access faults, as it would on the GPU: the test binary ends
-//     (SIGSEGV) after a line on stderr naming the block and thread.
+//     (SIGSEGV) after a line on stderr naming the block and thread; so does an integer division by
+//     zero (SIGFPE), which the GPU would not trap.
 #pragma once
 
 #define THINKSHORT_EMULATION 1

@@ -179,7 +179,7 @@ bool run_block(Launch& l, uint3 block_idx, dim3 grid, dim3 block) {
 // A memory fault inside a kernel (out of bounds, or a misaligned 16-byte vector access) cannot be
 // turned into a launch error; this names the emulated thread on stderr, then lets the previous
 // handler (or the default action) end the process on the same fault.
-struct sigaction previous_segv, previous_bus;
+struct sigaction previous_segv, previous_bus, previous_fpe;
 
 void append_number(char*& at, unsigned v) {
     char digits[12];
@@ -192,7 +192,8 @@ void on_fault(int sig, siginfo_t*, void*) {
     char message[160];
     char* at = message;
     auto text = [&](const char* t) { while (*t != 0) { *at++ = *t++; } };
-    text("cuda emulator: memory fault in a kernel at block (");
+    text(sig == SIGFPE ? "cuda emulator: integer division by zero in a kernel at block ("
+                       : "cuda emulator: memory fault in a kernel at block (");
     if (current != nullptr) {
         append_number(at, current->block_idx.x);
         text(", ");
@@ -204,9 +205,12 @@ void on_fault(int sig, siginfo_t*, void*) {
     } else {
         text("?)");
     }
-    text(" (out of bounds, or a misaligned 16-byte access)\n");
+    text(sig == SIGFPE ? " (the GPU would go on with garbage)\n"
+                       : " (out of bounds, or a misaligned 16-byte access)\n");
     if (write(STDERR_FILENO, message, (size_t)(at - message)) < 0) {}
-    sigaction(sig, sig == SIGSEGV ? &previous_segv : &previous_bus, nullptr);  // the fault repeats
+    const struct sigaction* previous =
+        sig == SIGSEGV ? &previous_segv : sig == SIGBUS ? &previous_bus : &previous_fpe;
+    sigaction(sig, previous, nullptr);  // the fault repeats
 }
 
 }  // namespace
@@ -336,6 +340,7 @@ extern "C" int emu_launch(unsigned grid_x, unsigned grid_y, unsigned grid_z, uns
             fault.sa_flags = SA_SIGINFO;
             sigaction(SIGSEGV, &fault, &emu::previous_segv);
             sigaction(SIGBUS, &fault, &emu::previous_bus);
+            sigaction(SIGFPE, &fault, &emu::previous_fpe);
             const dim3 grid{grid_x, grid_y, grid_z}, block{block_x, block_y, block_z};
             for (unsigned z = 0; z < grid_z && message.empty(); z++) {
                 for (unsigned y = 0; y < grid_y && message.empty(); y++) {
@@ -346,6 +351,7 @@ extern "C" int emu_launch(unsigned grid_x, unsigned grid_y, unsigned grid_z, uns
             }
             sigaction(SIGSEGV, &emu::previous_segv, nullptr);
             sigaction(SIGBUS, &emu::previous_bus, nullptr);
+            sigaction(SIGFPE, &emu::previous_fpe, nullptr);
             emu::launch_state = nullptr;
             emu::current = nullptr;
         }
