@@ -213,6 +213,15 @@ impl FlashProblem {
         Ok((dims.capacity, dims.n_heads, dims.n_kv_heads))
     }
 
+    /// One block per (query tile, head), as the forward and the dq kernel take them.
+    fn query_tile_grid(&self, shared_mem_bytes: u32) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (self.num_tiles as u32, self.n_heads as u32, 1),
+            block_dim: (FLASH_THREADS, 1, 1),
+            shared_mem_bytes,
+        }
+    }
+
     fn scale(&self) -> f32 {
         // the same f32 value as the CPU reference
         1.0 / (self.head_dim as f32).sqrt()
@@ -241,12 +250,7 @@ pub fn flash_attention_forward(
     }
     let shared = forward_shared_bytes(p.head_dim, variant);
     let scale = p.scale();
-    let cfg = LaunchConfig {
-        grid_dim: (p.num_tiles as u32, p.n_heads as u32, 1),
-        block_dim: (FLASH_THREADS, 1, 1),
-        shared_mem_bytes: shared,
-    };
-    let l = KernelLaunch::new("flash_attention", forward, cfg)
+    let l = KernelLaunch::new("flash_attention", forward, p.query_tile_grid(shared))
         .ptr(out)
         .ptr(lse)
         .ptr(p.q)
@@ -415,12 +419,7 @@ fn launch_dq(
     scale: f32,
 ) -> Result<()> {
     let shared = dq_shared_bytes(p.head_dim);
-    let cfg = LaunchConfig {
-        grid_dim: (p.num_tiles as u32, p.n_heads as u32, 1),
-        block_dim: (FLASH_THREADS, 1, 1),
-        shared_mem_bytes: shared,
-    };
-    let l = KernelLaunch::new("flash_attention", name, cfg)
+    let l = KernelLaunch::new("flash_attention", name, p.query_tile_grid(shared))
         .ptr(g.dq)
         .ptr(g.dout)
         .ptr(g.lse)
