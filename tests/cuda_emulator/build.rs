@@ -31,7 +31,10 @@ fn kernel_build(include: &Path, kernels: &Path, prelude: &Path) -> cc::Build {
 /// The names of the entry points in a preprocessed kernel file: `extern "C" __global__ void
 /// name(`, whose `__global__` the scan turns into `thinkshort_kernel`.
 fn entry_points(preprocessed: &str) -> Vec<String> {
-    let text = preprocessed.split_whitespace().collect::<Vec<_>>().join(" ");
+    let text = preprocessed
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
     const MARK: &str = "extern \"C\" thinkshort_kernel void ";
     text.match_indices(MARK)
         .map(|(at, _)| {
@@ -65,13 +68,20 @@ fn main() {
     let mut all = String::from("#include \"kernel_registry.h\"\n\n");
     let mut calls = String::new();
     for s in &sources {
-        let module = s.file_stem().and_then(|m| m.to_str()).expect("a UTF-8 file name");
+        let module = s
+            .file_stem()
+            .and_then(|m| m.to_str())
+            .expect("a UTF-8 file name");
         let preprocessed = kernel_build(&include, &kernels, &prelude)
             .define("THINKSHORT_KERNEL_SCAN", None)
             .file(s)
             .expand();
         let names = entry_points(&String::from_utf8_lossy(&preprocessed));
-        assert!(!names.is_empty(), "no extern \"C\" __global__ entry point in {}", s.display());
+        assert!(
+            !names.is_empty(),
+            "no extern \"C\" __global__ entry point in {}",
+            s.display()
+        );
         let mut file = format!(
             "#include \"{}\"\n#include \"kernel_registry.h\"\n\nvoid emu_register_{module}(emu::KernelRegistry& r) {{\n",
             s.canonicalize().expect("a kernel file").display()
