@@ -293,9 +293,8 @@ pub struct FlashGrads {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BackwardScratch {
     pub floats: usize,
-    /// Offsets in floats (0 for Split, which uses neither).
-    dq_acc: usize,
-    turns: usize,
+    /// (dq_acc, turns) offsets in floats; None for Split, which uses neither.
+    fused: Option<(usize, usize)>,
 }
 
 impl BackwardScratch {
@@ -304,28 +303,22 @@ impl BackwardScratch {
         if variant == FlashBackward::Split {
             return BackwardScratch {
                 floats: dsum,
-                dq_acc: 0,
-                turns: 0,
+                fused: None,
             };
         }
         let dq_acc = p.m * p.n_heads * p.head_dim;
         BackwardScratch {
             floats: dsum + dq_acc + 1 + p.num_tiles * p.n_heads,
-            dq_acc: dsum,
-            turns: dsum + dq_acc,
+            fused: Some((dsum, dsum + dq_acc)),
         }
     }
 
     /// (dsum, dq_acc, turns) in the scratch buffer at `base` (dq_acc and turns 0 for Split).
     pub fn pointers(&self, base: u64) -> (u64, u64, u64) {
-        let at = |offset: usize| {
-            if offset == 0 {
-                0
-            } else {
-                base + 4 * offset as u64
-            }
-        };
-        (base, at(self.dq_acc), at(self.turns))
+        match self.fused {
+            None => (base, 0, 0),
+            Some((dq_acc, turns)) => (base, base + 4 * dq_acc as u64, base + 4 * turns as u64),
+        }
     }
 }
 
@@ -588,6 +581,14 @@ mod tests {
             assert_eq!((dsum, dq_acc), (1024, 1024 + 4 * 918));
             assert!(dq_acc.is_multiple_of(8));
             assert_eq!(turns, dq_acc + 4 * 131 * 7 * 64);
+            // an empty batch still has its (empty) dq_acc and its ticket counter
+            let empty = FlashProblem {
+                m: 0,
+                num_tiles: 0,
+                ..p
+            };
+            let s = BackwardScratch::new(&empty, v);
+            assert_eq!((s.floats, s.pointers(1024)), (1, (1024, 1024, 1024)));
         }
     }
 
