@@ -163,6 +163,9 @@ pub struct TrainConfig {
     pub prompts_per_step: usize,
     /// G: completions per prompt.
     pub group_size: usize,
+    /// Completions per forward and backward pass of the update (their gradients add up to the
+    /// step's); 0 = the most that fit the device's free memory (all of them on the CPU).
+    pub micro_batch: usize,
     /// Evaluate every this many steps on the held-out split; 0 = off.
     pub eval_every: usize,
     /// Questions held out of the training data for evaluation.
@@ -190,6 +193,7 @@ impl Default for TrainConfig {
             steps: 600,
             prompts_per_step: 16,
             group_size: 8,
+            micro_batch: 0,
             eval_every: 0,
             eval_size: 200,
             eval_max_tokens: 512,

@@ -14,7 +14,6 @@ use crate::grpo::advantage::AdvantageOptions;
 use crate::grpo::policy_loss::LossOptions;
 use crate::grpo::reward::{reward, LengthShape, RewardWeights};
 use crate::model::Model;
-use crate::model_backward::TrainBatch;
 use crate::optim::AdamW;
 use crate::rng::{self, Philox};
 use crate::sampling::SamplingParams;
@@ -44,6 +43,9 @@ pub struct StepArgs {
     /// T: new tokens per sample (always all of them: the benchmark never stops at an EOS).
     #[arg(long, default_value_t = 256)]
     pub new_tokens: usize,
+    /// Completions per forward and backward pass of the update (0: all of them in one).
+    #[arg(long, default_value_t = 0)]
+    pub micro_batch: usize,
     /// Timed steps after one warm-up step; the median is reported.
     #[arg(long, default_value_t = 2)]
     pub steps: usize,
@@ -123,9 +125,13 @@ fn run<B: TrainBackend>(
     backend: B,
 ) -> Result<()> {
     let (p, g, t) = (args.prompts, args.group, args.new_tokens);
+    let passes = match args.micro_batch {
+        0 => String::new(),
+        m => format!(", the update {m} samples per pass"),
+    };
     println!(
         "bench step: {} ({:.1}M parameters) on {device}; {p} prompts × {g} samples, prompt {} \
-         tokens, {t} new tokens, seed {}",
+         tokens, {t} new tokens{passes}, seed {}",
         args.model_config.display(),
         cfg.num_params() as f64 / 1e6,
         args.prompt_len,
@@ -312,8 +318,8 @@ fn one_step<B: TrainBackend>(
         .zip(&completions)
         .map(|(r, c)| (r.prompt.as_slice(), c.tokens.as_slice()))
         .collect();
-    let batch = TrainBatch::new(&seqs)?;
-    let lens: Vec<usize> = completions.iter().map(|c| c.tokens.len()).collect();
+    let train_tokens: usize = seqs.iter().map(|(p, c)| p.len() + c.len()).sum();
+    let scored_tokens: usize = seqs.iter().map(|(_, c)| c.len()).sum();
     let truncated: Vec<bool> = completions.iter().map(|c| c.truncated).collect();
     let loss = LossOptions {
         beta: 0.0,
@@ -323,8 +329,7 @@ fn one_step<B: TrainBackend>(
         model,
         opt,
         &UpdateBatch {
-            batch: &batch,
-            lens: &lens,
+            seqs: &seqs,
             rewards: &totals,
             group_size: g,
             truncated: &truncated,
@@ -339,6 +344,7 @@ fn one_step<B: TrainBackend>(
             temperature: 1.0,
             lr: 1e-6,
             grad_clip: 1.0,
+            micro_batch: args.micro_batch,
         },
     )?;
     model.backend.synchronize()?;
@@ -355,13 +361,13 @@ fn one_step<B: TrainBackend>(
         None
     };
 
-    let flops = train_flops(&model.cfg, p * g, args.prompt_len + t, batch.rows.len());
+    let flops = train_flops(&model.cfg, p * g, args.prompt_len + t, scored_tokens);
     let train_tflops = flops / update_s / 1e12;
     let result = StepResult {
         rollout_s,
         rollout_tokens_per_s: (p * g * t) as f64 / rollout_s,
         update_s,
-        train_tokens_per_s: batch.tokens.len() as f64 / update_s,
+        train_tokens_per_s: train_tokens as f64 / update_s,
         train_tflops,
         train_mfu: peak_tflops.map(|peak| train_tflops / peak),
         step_s,

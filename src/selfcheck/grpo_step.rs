@@ -1,7 +1,8 @@
 //! One whole GRPO update on the device against the same update on the CPU: the tiny model, a
 //! batch of two groups of two completions with rewards, the group advantages, the clipped loss
 //! with the k3 KL fused with the head's backward, global-norm clipping and AdamW. Compares the
-//! loss, the gradient norm and the change of every master weight.
+//! loss, the gradient norm and the change of every master weight, with the device's update run
+//! in one pass and in micro-batches of one completion (four passes whose gradients add up).
 //!
 //! One epoch: a second one would start from weights that differ by design (the device computes
 //! with bf16 copies of the master weights, and an update of 1e-4 is below the bf16 spacing of a
@@ -31,8 +32,8 @@ const TEMPERATURE: f32 = 0.7;
 
 /// The inputs both backends share.
 struct StepInputs {
-    batch: TrainBatch,
-    lens: Vec<usize>,
+    /// (prompt, completion) token ids.
+    seqs: Vec<(Vec<u32>, Vec<u32>)>,
     rewards: Vec<f64>,
     truncated: Vec<bool>,
     ref_logp: Vec<f32>,
@@ -52,16 +53,17 @@ fn run_update<B: TrainBackend>(
     inputs: &StepInputs,
     eps: f64,
     grad_clip: f64,
+    micro_batch: usize,
 ) -> Result<StepOutcome> {
     let n = host.len();
+    let seqs: Vec<(&[u32], &[u32])> = inputs.seqs.iter().map(|(p, q)| (&p[..], &q[..])).collect();
     let mut opt =
         DeviceOptimizer::new(&model.backend, &AdamW::new(n, 0.9, 0.999, eps, 0.01), host)?;
     let result = policy_update(
         &mut model,
         &mut opt,
         &UpdateBatch {
-            batch: &inputs.batch,
-            lens: &inputs.lens,
+            seqs: &seqs,
             rewards: &inputs.rewards,
             group_size: 2,
             truncated: &inputs.truncated,
@@ -76,6 +78,7 @@ fn run_update<B: TrainBackend>(
             temperature: TEMPERATURE,
             lr: 1e-4,
             grad_clip,
+            micro_batch,
         },
     )?;
     anyhow::ensure!(
@@ -106,7 +109,6 @@ pub(super) fn grpo_step_check<D: TrainBackend>(c: &mut Checker<D>) -> Result<()>
         Model::from_host(cfg.clone(), &host, CpuBackend)?.forward_train(&batch, TEMPERATURE)?;
     let noise = rand.normal(start.logp.len(), 0.3);
     let inputs = StepInputs {
-        lens: seqs.iter().map(|(_, q)| q.len()).collect(),
         rewards: rand
             .normal(seqs.len(), 1.0)
             .iter()
@@ -126,7 +128,7 @@ pub(super) fn grpo_step_check<D: TrainBackend>(c: &mut Checker<D>) -> Result<()>
             aggregation: Aggregation::TokenMean,
             ..LossOptions::default()
         },
-        batch,
+        seqs,
     };
     // AdamW's eps at the gradient's RMS keeps the update linear in the gradient for small
     // gradients (with eps ≈ 0 it is ±lr whatever their size, and bf16 noise flips the sign of
@@ -137,6 +139,7 @@ pub(super) fn grpo_step_check<D: TrainBackend>(c: &mut Checker<D>) -> Result<()>
         &inputs,
         1e-8,
         0.0,
+        0,
     )?;
     let eps = probe.grad_norm / (host.len() as f64).sqrt();
     let clip = probe.grad_norm / 2.0;
@@ -146,8 +149,10 @@ pub(super) fn grpo_step_check<D: TrainBackend>(c: &mut Checker<D>) -> Result<()>
         &inputs,
         eps,
         clip,
+        0,
     )?;
 
+    let scored = batch.rows.len();
     let shape = format!(
         "{} layers h={} heads={}/{} V={}; 2 groups of 2, {} scored tokens, token-mean, beta 0.1, clipped",
         cfg.num_layers,
@@ -155,49 +160,53 @@ pub(super) fn grpo_step_check<D: TrainBackend>(c: &mut Checker<D>) -> Result<()>
         cfg.num_heads,
         cfg.num_kv_heads,
         cfg.vocab_size,
-        inputs.batch.rows.len()
+        scored
     );
-    let result = (|| -> Result<StepOutcome> {
-        let dev_model = Model::from_host(cfg.clone(), &host, (c.make_device)()?)?;
-        run_update(dev_model, &host, &inputs, eps, clip)
-    })();
-    let rows: [(&str, Result<f64, String>); 3] = match &result {
-        Ok(got) => [
-            (
-                "loss",
-                Ok(rel_error(&[got.loss as f32], &[reference.loss as f32])),
-            ),
-            (
-                "grad_norm",
-                Ok(rel_error(
-                    &[got.grad_norm as f32],
-                    &[reference.grad_norm as f32],
-                )),
-            ),
-            ("update", Ok(rel_error(&got.update, &reference.update))),
-        ],
-        Err(e) => {
-            let m = format!("{e:#}");
-            [
-                ("loss", Err(m.clone())),
-                ("grad_norm", Err(m.clone())),
-                ("update", Err(m)),
-            ]
-        }
-    };
-    for (name, row) in rows {
-        let (error, message) = match row {
-            Ok(e) => (e, None),
-            Err(m) => (f64::NAN, Some(m)),
+    // The whole batch in one pass, then one completion per pass (the gradients of four passes
+    // added up on the device), each against the CPU's one pass.
+    for (check, micro_batch) in [("grpo step", 0), ("grpo step micro-batched", 1)] {
+        let result = (|| -> Result<StepOutcome> {
+            let dev_model = Model::from_host(cfg.clone(), &host, (c.make_device)()?)?;
+            run_update(dev_model, &host, &inputs, eps, clip, micro_batch)
+        })();
+        let rows: [(&str, Result<f64, String>); 3] = match &result {
+            Ok(got) => [
+                (
+                    "loss",
+                    Ok(rel_error(&[got.loss as f32], &[reference.loss as f32])),
+                ),
+                (
+                    "grad_norm",
+                    Ok(rel_error(
+                        &[got.grad_norm as f32],
+                        &[reference.grad_norm as f32],
+                    )),
+                ),
+                ("update", Ok(rel_error(&got.update, &reference.update))),
+            ],
+            Err(e) => {
+                let m = format!("{e:#}");
+                [
+                    ("loss", Err(m.clone())),
+                    ("grad_norm", Err(m.clone())),
+                    ("update", Err(m)),
+                ]
+            }
         };
-        c.push(
-            format!("grpo step/{name}"),
-            shape.clone(),
-            "rel",
-            error,
-            TOL_GRPO_STEP,
-            message,
-        );
+        for (name, row) in rows {
+            let (error, message) = match row {
+                Ok(e) => (e, None),
+                Err(m) => (f64::NAN, Some(m)),
+            };
+            c.push(
+                format!("{check}/{name}"),
+                shape.clone(),
+                "rel",
+                error,
+                TOL_GRPO_STEP,
+                message,
+            );
+        }
     }
     Ok(())
 }

@@ -2,7 +2,6 @@
 //! model or batch that does not fit ends in a clear error instead of a failed allocation halfway
 //! through the first step.
 
-use crate::backend::Backend;
 use crate::config::ModelConfig;
 use anyhow::{bail, Result};
 
@@ -15,16 +14,20 @@ pub struct TrainMemory {
     pub weights: usize,
     /// f32 master weights, both AdamW moments and the gradient buffer.
     pub optimizer: usize,
-    /// The larger of the rollout (KV cache, logits) and the update (every layer's saved
-    /// activations, the KV cache, logits and the backward pass's scratch).
+    /// The larger of the rollout of all sequences (KV cache, logits) and the update of one
+    /// micro-batch (every layer's saved activations, the KV cache, logits and the backward
+    /// pass's scratch).
     pub activations: usize,
     pub sequences: usize,
+    /// Sequences per forward and backward pass of the update.
+    pub micro_batch: usize,
     pub seq_len: usize,
 }
 
 impl TrainMemory {
-    /// For `sequences` sequences of at most `prompt_len` + `cap` tokens, of which the `cap`
-    /// completion tokens are scored (have logits, `head_chunk_bytes` of f32 logits at a time:
+    /// For a rollout of `sequences` sequences of at most `prompt_len` + `cap` tokens, updated
+    /// `micro_batch` sequences at a time (0: all at once), of which the `cap` completion tokens
+    /// are scored (have logits, `head_chunk_bytes` of f32 logits at a time:
     /// `Model::head_chunk_bytes`), activations stored in `storage_bytes` per value; f32 where the
     /// model keeps f32 (log-sum-exp, logits).
     #[allow(clippy::too_many_arguments)]
@@ -32,11 +35,17 @@ impl TrainMemory {
         cfg: &ModelConfig,
         storage_bytes: usize,
         sequences: usize,
+        micro_batch: usize,
         prompt_len: usize,
         cap: usize,
         reference: bool,
         head_chunk_bytes: usize,
     ) -> TrainMemory {
+        let micro_batch = if micro_batch == 0 {
+            sequences
+        } else {
+            micro_batch.min(sequences)
+        };
         let seq_len = prompt_len + cap;
         let n = crate::params::ParamLayout::new(cfg).total_len();
         let (h, i, v, layers) = (
@@ -46,27 +55,29 @@ impl TrainMemory {
             cfg.num_layers,
         );
         let (q, kv) = (cfg.q_dim(), cfg.kv_dim());
-        let tokens = sequences * seq_len;
-        let scored = sequences * cap;
-        let kv_cache = layers * tokens * 2 * kv * storage_bytes;
+        let kv_cache = |tokens: usize| layers * tokens * 2 * kv * storage_bytes;
         // Rollout: the cache and one row of f32 logits per sequence.
-        let rollout = kv_cache + sequences * v * 4;
-        // Update: LayerActs per layer (5 of [M, H], q and attention output, k and v, gate, up
-        // and act, f32 lse), the head (one chunk of rows' f32 logits and their gradient; for
-        // every scored row the normed and unnormed rows and their gradients) and the backward
-        // scratch (3 of [M, I], 3 of [M, H], 2 of [M, q], 2 of [M, kv], the cache's gradient).
+        let rollout = kv_cache(sequences * seq_len) + sequences * v * 4;
+        // Update, per micro-batch: LayerActs per layer (5 of [M, H], q and attention output, k
+        // and v, gate, up and act, f32 lse), the head (one chunk of rows' f32 logits and their
+        // gradient; for every scored row the normed and unnormed rows and their gradients) and
+        // the backward scratch (3 of [M, I], 3 of [M, H], 2 of [M, q], 2 of [M, kv], the cache's
+        // gradient).
+        let tokens = micro_batch * seq_len;
+        let scored = micro_batch * cap;
         let per_layer =
             tokens * ((5 * h + 2 * q + 2 * kv + 3 * i) * storage_bytes + cfg.num_heads * 4);
         let chunk_rows = scored.min((head_chunk_bytes / (4 * v)).max(1));
         let head = chunk_rows * v * (4 + storage_bytes) + scored * 4 * h * storage_bytes;
         let backward = tokens * (3 * i + 3 * h + 2 * q + 2 * kv) * storage_bytes
             + tokens * 2 * kv * storage_bytes;
-        let update = layers * per_layer + kv_cache + head + backward;
+        let update = layers * per_layer + kv_cache(tokens) + head + backward;
         TrainMemory {
             weights: n * storage_bytes * if reference { 2 } else { 1 },
             optimizer: n * 4 * 4,
             activations: rollout.max(update),
             sequences,
+            micro_batch,
             seq_len,
         }
     }
@@ -75,37 +86,72 @@ impl TrainMemory {
         self.weights + self.optimizer + self.activations
     }
 
-    /// Prints the estimate and fails when the device reports less free memory than it needs.
-    pub fn check<B: Backend>(&self, backend: &B) -> Result<()> {
-        let free = backend.free_memory()?;
+    /// Prints the estimate and fails when the device (`device` names it) reports less free
+    /// memory than it needs.
+    pub fn check(&self, device: &str, free: Option<usize>) -> Result<()> {
         let gib = |b: usize| b as f64 / GIB;
         eprintln!(
-            "memory estimate ({}): weights {:.2} GiB, optimizer {:.2} GiB, activations {:.2} GiB \
-             for {} sequences of ≤ {} tokens; total {:.2} GiB{}",
-            backend.name(),
+            "memory estimate ({device}): weights {:.2} GiB, optimizer {:.2} GiB, activations \
+             {:.2} GiB for {} sequences of ≤ {} tokens, updated {} at a time; total {:.2} GiB{}",
             gib(self.weights),
             gib(self.optimizer),
             gib(self.activations),
             self.sequences,
             self.seq_len,
+            self.micro_batch,
             gib(self.total()),
             free.map_or(String::new(), |f| format!(" of {:.2} GiB free", gib(f))),
         );
         if let Some(free) = free {
             if self.total() > free {
                 bail!(
-                    "the run needs about {:.2} GiB on the {} device but {:.2} GiB are free: use \
-                     fewer sequences per step (prompts_per_step × group_size = {}), a smaller \
-                     budget or a smaller model",
+                    "the run needs about {:.2} GiB on the {device} device but {:.2} GiB are \
+                     free: use a smaller micro_batch (now {} sequences per pass of the \
+                     update), fewer sequences per step (prompts_per_step × group_size = {}), a \
+                     smaller budget or a smaller model",
                     gib(self.total()),
-                    backend.name(),
                     gib(free),
+                    self.micro_batch,
                     self.sequences
                 );
             }
         }
         Ok(())
     }
+}
+
+/// The micro-batch of a run of `sequences` sequences per step: `requested` when set (at most
+/// `sequences`). With 0: all of them where the device reports no free memory (the CPU), else
+/// the fewest passes whose micro-batch `estimate` fits in `free` bytes, filled evenly (128
+/// sequences of which 101 fit run as 2 × 64, not 101 + 27: the same passes with more room to
+/// spare), and 1 when none fits (the check then fails with the smallest need).
+pub fn micro_batch(
+    requested: usize,
+    sequences: usize,
+    free: Option<usize>,
+    estimate: impl Fn(usize) -> TrainMemory,
+) -> usize {
+    if requested > 0 {
+        return requested.min(sequences.max(1));
+    }
+    let Some(free) = free else {
+        return sequences.max(1);
+    };
+    // The estimate grows with the micro-batch: the largest that fits, by bisection.
+    let (mut fits, mut too_big) = (1, sequences.max(1) + 1);
+    if estimate(1).total() > free {
+        return 1;
+    }
+    while too_big - fits > 1 {
+        let mid = (fits + too_big) / 2;
+        if estimate(mid).total() <= free {
+            fits = mid;
+        } else {
+            too_big = mid;
+        }
+    }
+    let passes = sequences.div_ceil(fits).max(1);
+    sequences.div_ceil(passes).max(1)
 }
 
 #[cfg(test)]
@@ -124,7 +170,7 @@ mod tests {
         )
         .unwrap();
         let n = crate::params::ParamLayout::new(&cfg).total_len();
-        let m = TrainMemory::estimate(&cfg, 2, 3, 2, 3, true, 1 << 30);
+        let m = TrainMemory::estimate(&cfg, 2, 3, 0, 2, 3, true, 1 << 30);
         assert_eq!(m.weights, 2 * n * 2);
         assert_eq!(m.optimizer, 16 * n);
         let tokens = 15;
@@ -135,11 +181,83 @@ mod tests {
         assert_eq!(m.activations, 2 * per_layer + kv_cache + head + backward);
         assert_eq!(m.total(), m.weights + m.optimizer + m.activations);
         // Logits 4 rows at a time (160 bytes): the head holds 4 rows of logits, not 9.
-        let chunked = TrainMemory::estimate(&cfg, 2, 3, 2, 3, true, 160);
+        let chunked = TrainMemory::estimate(&cfg, 2, 3, 3, 2, 3, true, 160);
         let head_chunked = 4 * 10 * (4 + 2) + 9 * 4 * 8 * 2;
         assert_eq!(
             chunked.activations,
             2 * per_layer + kv_cache + head_chunked + backward
+        );
+    }
+
+    fn small_config() -> ModelConfig {
+        ModelConfig::from_json_str(
+            r#"{"model_type": "qwen2", "vocab_size": 10, "hidden_size": 8,
+            "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "num_key_value_heads": 1, "tie_word_embeddings": true}"#,
+        )
+        .unwrap()
+    }
+
+    /// With micro-batches the update holds one micro-batch's activations and the rollout still
+    /// holds every sequence's cache: 6 sequences of 2 + 3 tokens (the config above), updated 2 at
+    /// a time, where the rollout is the larger.
+    #[test]
+    fn estimate_counts_one_micro_batch_of_the_update() {
+        let cfg = small_config();
+        let m = TrainMemory::estimate(&cfg, 2, 6, 2, 2, 3, false, 1 << 30);
+        let whole_of_two = TrainMemory::estimate(&cfg, 2, 2, 0, 2, 3, false, 1 << 30);
+        let rollout = 2 * 30 * 2 * 4 * 2 + 6 * 10 * 4; // cache of 30 tokens, one logits row each
+        assert_eq!(m.micro_batch, 2);
+        assert_eq!(m.activations, whole_of_two.activations.max(rollout));
+        assert!(
+            m.activations < TrainMemory::estimate(&cfg, 2, 6, 0, 2, 3, false, 1 << 30).activations
+        );
+        // A micro-batch larger than the step is the step.
+        assert_eq!(
+            TrainMemory::estimate(&cfg, 2, 6, 9, 2, 3, false, 1 << 30).micro_batch,
+            6
+        );
+    }
+
+    /// The chosen micro-batch: the fewest passes that fit the free memory, filled evenly.
+    #[test]
+    fn micro_batch_takes_the_fewest_passes_that_fit() {
+        let cfg = small_config();
+        let estimate = |micro| TrainMemory::estimate(&cfg, 2, 100, micro, 20, 30, true, 1 << 30);
+        let need = |micro| estimate(micro).total();
+        assert!(
+            need(33) < need(34),
+            "the update, not the rollout, sets the need here"
+        );
+        // 34 fit: 3 passes of 34, 33 and 33; 33 fit: 4 passes of 25.
+        assert_eq!(micro_batch(0, 100, Some(need(34)), estimate), 34);
+        assert_eq!(micro_batch(0, 100, Some(need(49)), estimate), 34);
+        assert_eq!(micro_batch(0, 100, Some(need(34) - 1), estimate), 25);
+        assert_eq!(micro_batch(0, 100, Some(need(50)), estimate), 50);
+        assert_eq!(micro_batch(0, 100, Some(need(100) - 1), estimate), 50);
+        assert_eq!(micro_batch(0, 100, Some(need(100)), estimate), 100);
+        assert_eq!(micro_batch(0, 100, Some(usize::MAX), estimate), 100);
+        // None fits: the smallest, for the check to report; no free memory known: all at once.
+        assert_eq!(micro_batch(0, 100, Some(need(1) - 1), estimate), 1);
+        assert_eq!(micro_batch(0, 100, None, estimate), 100);
+        // Asked for: kept, up to the step's sequences.
+        assert_eq!(micro_batch(8, 100, Some(0), estimate), 8);
+        assert_eq!(micro_batch(500, 100, None, estimate), 100);
+    }
+
+    /// Not enough free memory is an error that names the micro-batch and the sequences.
+    #[test]
+    fn check_fails_when_the_estimate_exceeds_the_free_memory() {
+        let m = TrainMemory::estimate(&small_config(), 2, 6, 2, 2, 3, false, 1 << 30);
+        assert!(m.check("test", Some(m.total())).is_ok());
+        assert!(m.check("test", None).is_ok());
+        let err = m
+            .check("test", Some(m.total() - 1))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("micro_batch (now 2") && err.contains("= 6)"),
+            "{err}"
         );
     }
 }

@@ -16,7 +16,6 @@ use crate::cuda::CudaBackend;
 use crate::curriculum::Curriculum;
 use crate::grpo::reward::reward;
 use crate::model::Model;
-use crate::model_backward::TrainBatch;
 use crate::optim::AdamW;
 use crate::params::ParamLayout;
 use crate::prompt::PromptTemplate;
@@ -31,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use update::{policy_update, UpdateBatch, UpdateOptions};
+use update::{completion_logprobs, policy_update, UpdateBatch, UpdateOptions};
 
 /// A training or evaluation problem: the question and its gold answer.
 #[derive(Debug, Clone, PartialEq)]
@@ -235,16 +234,23 @@ fn train_on<B: TrainBackend>(
             }
         }
     };
-    let memory = memory::TrainMemory::estimate(
-        &model_cfg,
-        backend.storage_bytes(),
-        cfg.prompts_per_step * cfg.group_size,
-        longest_prompt(&tok, inputs, state.curriculum.budget_at(state.step))?,
-        cfg.cap_at(&state.curriculum, state.step),
-        cfg.loss.beta > 0.0,
-        crate::model::HEAD_CHUNK_BYTES,
-    );
-    memory.check(&backend)?;
+    let sequences = cfg.prompts_per_step * cfg.group_size;
+    let prompt_len = longest_prompt(&tok, inputs, state.curriculum.budget_at(state.step))?;
+    let estimate = |micro_batch| {
+        memory::TrainMemory::estimate(
+            &model_cfg,
+            backend.storage_bytes(),
+            sequences,
+            micro_batch,
+            prompt_len,
+            cfg.cap_at(&state.curriculum, state.step),
+            cfg.loss.beta > 0.0,
+            crate::model::HEAD_CHUNK_BYTES,
+        )
+    };
+    let free = backend.free_memory()?;
+    let micro_batch = memory::micro_batch(cfg.micro_batch, sequences, free, estimate);
+    estimate(micro_batch).check(backend.name(), free)?;
     // Only a run that fits writes anything.
     std::fs::create_dir_all(out)
         .with_context(|| format!("cannot create run folder {}", out.display()))?;
@@ -359,8 +365,7 @@ fn train_on<B: TrainBackend>(
             .iter()
             .map(|r| (r.prompt_ids.as_slice(), r.completion_ids.as_slice()))
             .collect();
-        let batch = TrainBatch::new(&seqs)?;
-        let lens: Vec<usize> = rollouts.iter().map(|r| r.completion_ids.len()).collect();
+        let train_tokens: usize = seqs.iter().map(|(p, c)| p.len() + c.len()).sum();
         let truncated: Vec<bool> = rollouts.iter().map(|r| r.truncated).collect();
         let sampler_logp: Vec<f32> = rollouts
             .iter()
@@ -371,9 +376,9 @@ fn train_on<B: TrainBackend>(
         let ref_logp: Option<Vec<f32>> = match &mut reference_params {
             Some(reference) => {
                 std::mem::swap(&mut model.params, reference);
-                let fwd = model.forward_train(&batch, temperature);
+                let logp = completion_logprobs(&model, &seqs, micro_batch, temperature);
                 std::mem::swap(&mut model.params, reference);
-                Some(fwd?.logp)
+                Some(logp?)
             }
             None => None,
         };
@@ -382,8 +387,7 @@ fn train_on<B: TrainBackend>(
             &mut model,
             &mut opt,
             &UpdateBatch {
-                batch: &batch,
-                lens: &lens,
+                seqs: &seqs,
                 rewards: &totals,
                 group_size: g,
                 truncated: &truncated,
@@ -398,6 +402,7 @@ fn train_on<B: TrainBackend>(
                 temperature,
                 lr,
                 grad_clip: cfg.optim.grad_clip,
+                micro_batch,
             },
         )?;
         if update.skipped {
@@ -457,7 +462,7 @@ fn train_on<B: TrainBackend>(
             clip_frac: lo.clip_frac(),
             entropy,
             grad_norm,
-            tokens_per_s: (rollout_tokens + batch.tokens.len() * cfg.loss.epochs) as f64
+            tokens_per_s: (rollout_tokens + train_tokens * cfg.loss.epochs) as f64
                 / step_s.max(1e-9),
             step_s,
             reward_std: std(&totals),

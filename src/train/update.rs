@@ -1,7 +1,11 @@
 //! The policy update of one GRPO step on the model's device: group advantages from the rewards,
 //! then μ epochs of forward pass, clipped policy loss (with the k3 KL to the reference) fused
-//! with the head's backward, backward pass, global-norm clipping and AdamW. Only the loss
-//! statistics (12 floats) and, once, the first epoch's log-probs come back to the host.
+//! with the head's backward, backward pass, global-norm clipping and AdamW. Each epoch runs its
+//! forward and backward passes over micro-batches of consecutive completions, whose gradients
+//! add up in the one gradient buffer: the advantages and loss weights are those of the whole
+//! batch, so the step is the whole batch's step (up to float summation order) while only one
+//! micro-batch's activations are held at a time. Only the loss statistics (12 floats per
+//! micro-batch) and the first epoch's log-probs come back to the host.
 //! Written once for every backend; `selfcheck` runs it on CUDA and on the CPU and compares.
 
 use super::optimizer::DeviceOptimizer;
@@ -14,22 +18,24 @@ use crate::model::Model;
 use crate::model_backward::{PolicyInputs, TrainBatch};
 use crate::optim::clip_scale;
 use anyhow::{bail, Result};
+use std::ops::Range;
 
 /// The sampled completions of a step and what the loss needs about each.
 pub struct UpdateBatch<'a> {
-    pub batch: &'a TrainBatch,
-    /// Scored tokens of each completion (their log-probs are consecutive in `batch.targets`).
-    pub lens: &'a [usize],
-    /// Each completion's total reward, group after group of `group_size`.
+    /// (prompt, completion) token ids of each completion, group after group of `group_size`;
+    /// every completion token is scored.
+    pub seqs: &'a [(&'a [u32], &'a [u32])],
+    /// Each completion's total reward.
     pub rewards: &'a [f64],
     pub group_size: usize,
     /// One flag per completion: stopped by the generation cap.
     pub truncated: &'a [bool],
     /// Groups kept by the dynamic-sampling filter (all when None).
     pub keep: Option<&'a [bool]>,
-    /// Per-token log-probs under the reference policy, when β > 0.
+    /// Per-token log-probs under the reference policy, when β > 0: [R], completion after
+    /// completion.
     pub ref_logp: Option<&'a [f32]>,
-    /// Per-token logπold when given (the sampler's); else the first epoch's, recomputed.
+    /// Per-token logπold when given (the sampler's): [R]; else the first epoch's, recomputed.
     pub old_logp: Option<&'a [f32]>,
 }
 
@@ -45,6 +51,8 @@ pub struct UpdateOptions<'a> {
     pub lr: f64,
     /// Global gradient-norm clip (≤ 0: none).
     pub grad_clip: f64,
+    /// Completions per forward and backward pass (0: all of them in one).
+    pub micro_batch: usize,
 }
 
 /// What the last epoch of an update measured.
@@ -61,9 +69,58 @@ pub struct UpdateResult {
     pub first_logp: Vec<f32>,
 }
 
-fn check(u: &UpdateBatch) -> Result<()> {
-    let n = u.lens.len();
-    let r = u.batch.targets.len();
+/// One forward and backward pass of the update: a run of consecutive completions and the
+/// range of their scored tokens in the batch's [R] per-token arrays.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MicroBatch {
+    pub completions: Range<usize>,
+    pub scored: Range<usize>,
+}
+
+/// The completions of `lens` (scored tokens of each) cut into runs of `size` (the last one may
+/// be shorter; 0 or more than there are: one run of all of them).
+pub fn micro_batches(lens: &[usize], size: usize) -> Vec<MicroBatch> {
+    let size = if size == 0 { lens.len().max(1) } else { size };
+    let mut out = Vec::new();
+    let mut scored = 0;
+    for (i, chunk) in lens.chunks(size).enumerate() {
+        let tokens: usize = chunk.iter().sum();
+        out.push(MicroBatch {
+            completions: i * size..i * size + chunk.len(),
+            scored: scored..scored + tokens,
+        });
+        scored += tokens;
+    }
+    out
+}
+
+/// The packed batch of the completions `m` of `seqs`.
+fn micro_train_batch(seqs: &[(&[u32], &[u32])], m: &MicroBatch) -> Result<TrainBatch> {
+    TrainBatch::new(&seqs[m.completions.clone()])
+}
+
+/// log π(token) at temperature τ of every completion token of `seqs` ([R], completion after
+/// completion), `micro_batch` completions per forward pass (0: all at once).
+pub fn completion_logprobs<B: TrainBackend>(
+    model: &Model<B>,
+    seqs: &[(&[u32], &[u32])],
+    micro_batch: usize,
+    temperature: f32,
+) -> Result<Vec<f32>> {
+    let lens: Vec<usize> = seqs.iter().map(|(_, c)| c.len()).collect();
+    let mut logp = Vec::with_capacity(lens.iter().sum());
+    for m in micro_batches(&lens, micro_batch) {
+        if !m.scored.is_empty() {
+            let batch = micro_train_batch(seqs, &m)?;
+            logp.extend(model.forward_train(&batch, temperature)?.logp);
+        }
+    }
+    Ok(logp)
+}
+
+fn check(u: &UpdateBatch) -> Result<usize> {
+    let n = u.seqs.len();
+    let r: usize = u.seqs.iter().map(|(_, c)| c.len()).sum();
     if u.rewards.len() != n || u.truncated.len() != n || u.keep.is_some_and(|k| k.len() != n) {
         bail!(
             "update: {n} completions but {} rewards, {} truncation flags, {} keep flags",
@@ -72,19 +129,13 @@ fn check(u: &UpdateBatch) -> Result<()> {
             u.keep.map_or(n, |k| k.len())
         );
     }
-    if u.lens.iter().sum::<usize>() != r {
-        bail!(
-            "update: completion lengths sum to {}, the batch scores {r} tokens",
-            u.lens.iter().sum::<usize>()
-        );
-    }
     check_groups(n, u.group_size)?;
     for (name, x) in [("reference", u.ref_logp), ("old", u.old_logp)] {
         if let Some(x) = x.filter(|x| x.len() != r) {
             bail!("update: {} {name} log-probs for {r} scored tokens", x.len());
         }
     }
-    Ok(())
+    Ok(r)
 }
 
 /// Runs the update on `model` and `opt`.
@@ -94,14 +145,15 @@ pub fn policy_update<B: TrainBackend>(
     u: &UpdateBatch,
     o: &UpdateOptions,
 ) -> Result<UpdateResult> {
-    check(u)?;
+    let r = check(u)?;
     o.loss.validate()?;
     if o.loss.beta != 0.0 && u.ref_logp.is_none() {
         bail!("update: β = {} needs reference log-probs", o.loss.beta);
     }
     let b = &model.backend;
-    let n = u.lens.len();
-    let mut advantages = b.zeros_f32(n)?;
+    let n = u.seqs.len();
+    let lens: Vec<usize> = u.seqs.iter().map(|(_, c)| c.len()).collect();
+    let mut advantages = b.zeros_f32(n)?; // [N]
     b.group_advantages(
         b.full_mut(&mut advantages),
         u.rewards,
@@ -109,54 +161,76 @@ pub fn policy_update<B: TrainBackend>(
         o.advantage,
     );
     let included = included_completions(u.truncated, u.keep, o.loss.truncated);
-    let weights: Vec<f32> = completion_weights(u.lens, &included, o.loss.aggregation)
+    let weights: Vec<f32> = completion_weights(&lens, &included, o.loss.aggregation)
         .into_iter()
         .map(|w| w as f32)
         .collect();
-    let weights = b.upload_f32(&weights)?;
-    let seqs: Vec<u32> = (0..n as u32)
-        .flat_map(|i| std::iter::repeat_n(i, u.lens[i as usize]))
+    let weights = b.upload_f32(&weights)?; // [N]
+                                           // The completion of each scored token: [R], indices into the whole batch's [N] arrays.
+    let row_seqs: Vec<u32> = (0..n as u32)
+        .flat_map(|i| std::iter::repeat_n(i, lens[i as usize]))
         .collect();
-    let given_old = u.old_logp.map(|x| b.upload_f32(x)).transpose()?;
-    let ref_logp = u.ref_logp.map(|x| b.upload_f32(x)).transpose()?;
-    let (tokens, sequences) = included_counts(u.lens, &included);
+    let (tokens, sequences) = included_counts(&lens, &included);
     let per_token = |x: f64| if tokens == 0 { 0.0 } else { x / tokens as f64 };
+    // A micro-batch without scored tokens adds nothing to the loss or the gradient.
+    let passes: Vec<MicroBatch> = micro_batches(&lens, o.micro_batch)
+        .into_iter()
+        .filter(|m| !m.scored.is_empty())
+        .collect();
 
-    let mut first_logp: Option<B::Buf> = None;
+    let mut first_logp: Vec<f32> = Vec::with_capacity(r); // [R], filled by the first epoch
     let mut last = None;
-    for _ in 0..o.epochs.max(1) {
+    for epoch in 0..o.epochs.max(1) {
         let b = &model.backend;
-        let acts = model.forward_activations(u.batch, o.temperature)?;
         opt.zero_grads(b);
-        let inputs = PolicyInputs {
-            seqs: &seqs,
-            advantages: &advantages,
-            weights: &weights,
-            old_logp: given_old.as_ref().or(first_logp.as_ref()),
-            ref_logp: ref_logp.as_ref(),
-        };
-        let rows = model.backward_policy(u.batch, &acts, &inputs, o.loss, &mut opt.grads)?;
-        drop(acts);
-        let mut sums = b.zeros_f32(2 * POLICY_STATS)?;
-        b.column_sums(b.full_mut(&mut sums), b.full(&rows.stats), POLICY_STATS);
-        let sums = b.download(b.full(&sums))?;
-        let sum = |col: usize| sums[2 * col] as f64 + sums[2 * col + 1] as f64;
-        first_logp.get_or_insert(rows.logp);
+        let mut sums = [0.0f64; POLICY_STATS]; // the statistics' column sums over all passes
+        for m in &passes {
+            let batch = micro_train_batch(u.seqs, m)?;
+            let acts = model.forward_activations(&batch, o.temperature)?;
+            let rows_of = |x: &[f32]| b.upload_f32(&x[m.scored.clone()]);
+            let old_logp = match u.old_logp {
+                Some(given) => Some(rows_of(given)?),
+                None if epoch > 0 => Some(rows_of(&first_logp)?),
+                None => None, // logπold = logπθ
+            };
+            let ref_logp = u.ref_logp.map(rows_of).transpose()?;
+            let inputs = PolicyInputs {
+                seqs: &row_seqs[m.scored.clone()],
+                advantages: &advantages,
+                weights: &weights,
+                old_logp: old_logp.as_ref(),
+                ref_logp: ref_logp.as_ref(),
+            };
+            let rows = model.backward_policy(&batch, &acts, &inputs, o.loss, &mut opt.grads)?;
+            drop(acts);
+            let mut pass_sums = b.zeros_f32(2 * POLICY_STATS)?;
+            b.column_sums(
+                b.full_mut(&mut pass_sums),
+                b.full(&rows.stats),
+                POLICY_STATS,
+            );
+            let pass_sums = b.download(b.full(&pass_sums))?;
+            for (col, sum) in sums.iter_mut().enumerate() {
+                *sum += pass_sums[2 * col] as f64 + pass_sums[2 * col + 1] as f64;
+            }
+            if epoch == 0 {
+                first_logp.extend(b.download(b.full(&rows.logp))?);
+            }
+        }
 
-        let loss = sum(policy_stat::LOSS);
+        let loss = sums[policy_stat::LOSS];
         let stats = LossStats {
             tokens,
             sequences,
-            clip_frac_low: per_token(sum(policy_stat::CLIP_LOW)),
-            clip_frac_high: per_token(sum(policy_stat::CLIP_HIGH)),
-            kl: per_token(sum(policy_stat::KL)),
-            ratio_mean: per_token(sum(policy_stat::RATIO)),
+            clip_frac_low: per_token(sums[policy_stat::CLIP_LOW]),
+            clip_frac_high: per_token(sums[policy_stat::CLIP_HIGH]),
+            kl: per_token(sums[policy_stat::KL]),
+            ratio_mean: per_token(sums[policy_stat::RATIO]),
         };
-        let r = u.batch.targets.len();
         let entropy = if r == 0 {
             0.0
         } else {
-            sum(policy_stat::ENTROPY) / r as f64
+            sums[policy_stat::ENTROPY] / r as f64
         };
         let grad_norm = opt.grad_norm(b)?;
         let skipped = !(loss.is_finite() && grad_norm.is_finite());
@@ -170,14 +244,13 @@ pub fn policy_update<B: TrainBackend>(
         }
     }
     let (loss, stats, entropy, grad_norm, skipped) = last.expect("at least one epoch");
-    let first_logp = first_logp.expect("at least one epoch");
     Ok(UpdateResult {
         loss,
         stats,
         entropy,
         grad_norm,
         skipped,
-        first_logp: model.backend.download(model.backend.full(&first_logp))?,
+        first_logp,
     })
 }
 
@@ -209,14 +282,12 @@ mod tests {
         let adam = AdamW::new(host.len(), 0.9, 0.999, 1e-8, 0.0);
         let mut opt = DeviceOptimizer::new(&model.backend, &adam, &host).unwrap();
         let seqs: [(&[u32], &[u32]); 2] = [(&[1, 2, 3], &[4, 5]), (&[6], &[7, 8, 9])];
-        let batch = TrainBatch::new(&seqs).unwrap();
         let loss = LossOptions {
             beta: 0.0,
             ..LossOptions::default()
         };
         let u = UpdateBatch {
-            batch: &batch,
-            lens: &[2, 3],
+            seqs: &seqs,
             rewards: &[1.0, 0.0],
             group_size: 2,
             truncated: &[false, false],
@@ -234,6 +305,7 @@ mod tests {
             temperature: 1.0,
             lr: 1e-3,
             grad_clip: 0.0,
+            micro_batch: 0,
         };
         policy_update(&mut model, &mut opt, &u, &options).unwrap()
     }
@@ -257,5 +329,117 @@ mod tests {
         assert!((given.loss - want).abs() < 1e-6, "{} vs {want}", given.loss);
         assert_eq!(given.first_logp, recomputed.first_logp);
         assert_eq!(given.first_logp.len(), 5);
+    }
+
+    #[test]
+    fn micro_batches_cut_consecutive_completions() {
+        let lens = [2, 0, 3, 1, 4];
+        let mb = |c: Range<usize>, s: Range<usize>| MicroBatch {
+            completions: c,
+            scored: s,
+        };
+        assert_eq!(
+            micro_batches(&lens, 2),
+            vec![mb(0..2, 0..2), mb(2..4, 2..6), mb(4..5, 6..10)]
+        );
+        for whole in [0, 5, 9] {
+            assert_eq!(micro_batches(&lens, whole), vec![mb(0..5, 0..10)]);
+        }
+        assert_eq!(micro_batches(&lens, 1)[1], mb(1..2, 2..2));
+    }
+
+    /// Three groups of two completions of a two-layer model, one truncated and masked, the KL
+    /// to a reference, the token-mean (a batch-wide normaliser) and two epochs (the second's
+    /// logπold comes from the first's passes). What the update returns and the weights after it.
+    fn update_in_passes(micro_batch: usize) -> (UpdateResult, Vec<f32>) {
+        let cfg = ModelConfig::from_json_str(
+            r#"{"model_type":"qwen2","vocab_size":40,"hidden_size":16,"intermediate_size":24,
+                "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2}"#,
+        )
+        .unwrap();
+        let mut model = Model::random(cfg, 11, CpuBackend).unwrap();
+        let host = model
+            .backend
+            .download(model.backend.full(&model.params))
+            .unwrap();
+        let adam = AdamW::new(host.len(), 0.9, 0.999, 1e-6, 0.01);
+        let mut opt = DeviceOptimizer::new(&model.backend, &adam, &host).unwrap();
+        let ids =
+            |n: usize, k: u32| -> Vec<u32> { (0..n as u32).map(|i| (i * 7 + k) % 40).collect() };
+        let owned: Vec<(Vec<u32>, Vec<u32>)> = [(3, 4), (5, 2), (2, 6), (4, 3), (1, 5), (6, 1)]
+            .iter()
+            .enumerate()
+            .map(|(i, &(p, c))| (ids(p, i as u32), ids(c, 3 * i as u32 + 1)))
+            .collect();
+        let seqs: Vec<(&[u32], &[u32])> = owned.iter().map(|(p, c)| (&p[..], &c[..])).collect();
+        let r: usize = seqs.iter().map(|(_, c)| c.len()).sum();
+        let ref_logp: Vec<f32> = (0..r).map(|i| -3.0 - 0.05 * i as f32).collect();
+        let loss = LossOptions {
+            beta: 0.1,
+            aggregation: crate::grpo::Aggregation::TokenMean,
+            truncated: crate::grpo::Truncated::Mask,
+            ..LossOptions::default()
+        };
+        let u = UpdateBatch {
+            seqs: &seqs,
+            rewards: &[1.0, 0.2, 0.0, 0.9, 0.5, 0.4],
+            group_size: 2,
+            truncated: &[false, false, true, false, false, false],
+            keep: None,
+            ref_logp: Some(&ref_logp),
+            old_logp: None,
+        };
+        let options = UpdateOptions {
+            loss: &loss,
+            advantage: &AdvantageOptions::default(),
+            epochs: 2,
+            temperature: 0.8,
+            lr: 1e-2,
+            grad_clip: 0.0,
+            micro_batch,
+        };
+        let result = policy_update(&mut model, &mut opt, &u, &options).unwrap();
+        let after = opt.master_weights(&model.backend).unwrap();
+        (result, after)
+    }
+
+    /// Passes of 1, 2 and 4 completions (the last pass shorter) give the whole batch's step:
+    /// the same loss, statistics, gradient norm and log-probs, and the same weights after two
+    /// epochs, up to the order of f32 sums.
+    #[test]
+    fn micro_batched_update_equals_the_whole_batch_update() {
+        let (whole, whole_weights) = update_in_passes(0);
+        assert!(whole.loss.abs() > 1e-3 && whole.grad_norm > 1e-3);
+        for micro_batch in [1, 2, 4] {
+            let (part, weights) = update_in_passes(micro_batch);
+            let close = |a: f64, b: f64, what: &str| {
+                assert!(
+                    (a - b).abs() <= 1e-5 * b.abs().max(1e-3),
+                    "{what} with micro-batches of {micro_batch}: {a} vs {b}"
+                )
+            };
+            close(part.loss, whole.loss, "loss");
+            close(part.grad_norm, whole.grad_norm, "gradient norm");
+            close(part.entropy, whole.entropy, "entropy");
+            close(part.stats.kl, whole.stats.kl, "KL");
+            close(part.stats.ratio_mean, whole.stats.ratio_mean, "ratio");
+            assert_eq!(
+                (part.stats.tokens, part.stats.sequences),
+                (whole.stats.tokens, whole.stats.sequences)
+            );
+            assert_eq!(part.first_logp.len(), whole.first_logp.len());
+            for (a, b) in part.first_logp.iter().zip(&whole.first_logp) {
+                assert!((a - b).abs() <= 1e-5, "log-prob {a} vs {b}");
+            }
+            let moved = whole_weights
+                .iter()
+                .zip(&weights)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            assert!(
+                moved <= 1e-5,
+                "weights differ by up to {moved} with micro-batches of {micro_batch}"
+            );
+        }
     }
 }
