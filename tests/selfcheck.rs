@@ -808,6 +808,44 @@ fn bench_step_on_the_cpu_reports_one_grpo_step() {
         "{r} vs {flops}"
     );
     assert!(close(f("train_mfu"), f("train_tflops") / 2.0), "{r}");
+    assert!(f("memory_estimate_bytes") > 0.0, "{r}");
+}
+
+/// `--micro-batch 4`: the update of the 6 samples in passes of 4 and 2 trains the same tokens,
+/// and the memory estimate (for one pass of 4, the rollout of all 6) is smaller than for one pass.
+#[test]
+fn bench_step_in_micro_batches_trains_the_same_tokens() {
+    let run = |micro: &str| {
+        run_bench(
+            &[
+                "step",
+                "--model-config",
+                "tools/bench_model_10m.json",
+                "--prompts",
+                "2",
+                "--group",
+                "3",
+                "--prompt-len",
+                "8",
+                "--new-tokens",
+                "5",
+                "--steps",
+                "1",
+                "--micro-batch",
+                micro,
+            ],
+            "median step",
+        )["result"]
+            .clone()
+    };
+    let (whole, parts) = (run("0"), run("4"));
+    let f = |r: &serde_json::Value, k: &str| r[k].as_f64().unwrap_or_else(|| panic!("{k}: {r}"));
+    let trained = f(&parts, "train_tokens_per_s") * f(&parts, "update_s");
+    assert!((trained - 78.0).abs() <= 1e-6 * 78.0, "{parts}");
+    assert!(
+        f(&parts, "memory_estimate_bytes") < f(&whole, "memory_estimate_bytes"),
+        "{parts} vs {whole}"
+    );
 }
 
 /// `--profile` times ops with CUDA events: on the CPU it stops with an error naming the option,

@@ -17,6 +17,7 @@ use crate::model::Model;
 use crate::optim::AdamW;
 use crate::rng::{self, Philox};
 use crate::sampling::SamplingParams;
+use crate::train::memory::TrainMemory;
 use crate::train::optimizer::DeviceOptimizer;
 use crate::train::update::{policy_update, UpdateBatch, UpdateOptions};
 use anyhow::{bail, Context, Result};
@@ -82,6 +83,10 @@ pub struct StepResult {
     /// Device memory reserved at the end (CUDA: the pool keeps its high-water mark) or the
     /// process's peak resident memory (CPU), in bytes.
     pub peak_memory_bytes: Option<u64>,
+    /// What `train`'s memory estimate (src/train/memory.rs) gives for this step, in bytes: held
+    /// against the measured peak, it shows how far the estimate that sizes the update's
+    /// micro-batches can be trusted.
+    pub memory_estimate_bytes: u64,
 }
 
 /// Device time by op of one profiled step (`--profile`), per phase.
@@ -138,6 +143,16 @@ fn run<B: TrainBackend>(
         args.seed
     );
     let free_before = backend.free_memory()?;
+    let estimate = TrainMemory::estimate(
+        cfg,
+        backend.storage_bytes(),
+        p * g,
+        args.micro_batch,
+        args.prompt_len,
+        t,
+        false,
+        crate::model::HEAD_CHUNK_BYTES,
+    );
     let mut model = Model::random(cfg.clone(), args.seed, backend)?;
     let host = model.backend.download(model.backend.full(&model.params))?;
     let mut opt = DeviceOptimizer::new(
@@ -174,8 +189,11 @@ fn run<B: TrainBackend>(
     steps.sort_by(|a, b| a.step_s.total_cmp(&b.step_s));
     let mut median = steps[steps.len() / 2].clone();
     median.peak_memory_bytes = peak_memory(&model.backend, free_before)?;
+    median.memory_estimate_bytes = estimate.total() as u64;
+    let gib = |b: u64| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64);
     println!(
-        "median step: {:.2} s; rollout {:.0} tok/s; training {:.0} tok/s, MFU {}; peak memory {}",
+        "median step: {:.2} s; rollout {:.0} tok/s; training {:.0} tok/s, MFU {}; peak memory {} \
+         (train's estimate {})",
         median.step_s,
         median.rollout_tokens_per_s,
         median.train_tokens_per_s,
@@ -185,12 +203,8 @@ fn run<B: TrainBackend>(
                 "{:.1} %",
                 100.0 * m
             )),
-        median
-            .peak_memory_bytes
-            .map_or("–".to_string(), |b| format!(
-                "{:.2} GiB",
-                b as f64 / (1u64 << 30) as f64
-            )),
+        median.peak_memory_bytes.map_or("–".to_string(), gib),
+        gib(median.memory_estimate_bytes),
     );
     // Before the profiled step, which runs every decode step op by op.
     let decode_graph = model.backend.decode_graph_stats();
@@ -372,6 +386,7 @@ fn one_step<B: TrainBackend>(
         train_mfu: peak_tflops.map(|peak| train_tflops / peak),
         step_s,
         peak_memory_bytes: None,
+        memory_estimate_bytes: 0,
     };
     Ok((result, profile))
 }

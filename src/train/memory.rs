@@ -121,30 +121,30 @@ impl TrainMemory {
 }
 
 /// The micro-batch of a run of `sequences` sequences per step: `requested` when set (at most
-/// `sequences`). With 0: all of them where the device reports no free memory (the CPU), else
-/// the fewest passes whose micro-batch `estimate` fits in `free` bytes, filled evenly (128
+/// `sequences`). With 0: all of them where the device reports no free memory (`room` None: the
+/// CPU), else the fewest passes whose micro-batch `estimate` fits in `room` bytes, filled evenly (128
 /// sequences of which 101 fit run as 2 × 64, not 101 + 27: the same passes with more room to
 /// spare), and 1 when none fits (the check then fails with the smallest need).
 pub fn micro_batch(
     requested: usize,
     sequences: usize,
-    free: Option<usize>,
+    room: Option<usize>,
     estimate: impl Fn(usize) -> TrainMemory,
 ) -> usize {
     if requested > 0 {
         return requested.min(sequences.max(1));
     }
-    let Some(free) = free else {
+    let Some(room) = room else {
         return sequences.max(1);
     };
     // The estimate grows with the micro-batch: the largest that fits, by bisection.
     let (mut fits, mut too_big) = (1, sequences.max(1) + 1);
-    if estimate(1).total() > free {
+    if estimate(1).total() > room {
         return 1;
     }
     while too_big - fits > 1 {
         let mid = (fits + too_big) / 2;
-        if estimate(mid).total() <= free {
+        if estimate(mid).total() <= room {
             fits = mid;
         } else {
             too_big = mid;
@@ -219,7 +219,7 @@ mod tests {
         );
     }
 
-    /// The chosen micro-batch: the fewest passes that fit the free memory, filled evenly.
+    /// The chosen micro-batch: the fewest passes that fit the room, filled evenly.
     #[test]
     fn micro_batch_takes_the_fewest_passes_that_fit() {
         let cfg = small_config();

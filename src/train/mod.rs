@@ -249,7 +249,10 @@ fn train_on<B: TrainBackend>(
         )
     };
     let free = backend.free_memory()?;
-    let micro_batch = memory::micro_batch(cfg.micro_batch, sequences, free, estimate);
+    // The automatic choice leaves a tenth of the free memory to what the estimate does not
+    // count (the pool's fragmentation, cuBLAS workspaces, small buffers).
+    let room = free.map(|f| f - f / 10);
+    let micro_batch = memory::micro_batch(cfg.micro_batch, sequences, room, estimate);
     estimate(micro_batch).check(backend.name(), free)?;
     // Only a run that fits writes anything.
     std::fs::create_dir_all(out)
