@@ -232,8 +232,8 @@ if any(k.startswith("flash_attention/") for k in crit):
             cell = lambda v: f"{v / 1e12:.0f}" if v else "–"
             tcell = lambda k: f"{r[k]:.0f}" if r else "–"
             print(f"| d={d}, {16384 // t}x{2048 // d} heads | {t} | {cell(f64_)} / {cell(f128)} | {tcell('forward_tflops')} | {cell(bs)} / {cell(bf)} / {cell(bw)} | {tcell('backward_tflops')} | {cell(fb)} | {tcell('fwd_bwd_tflops')} |")
-print("\n| GRPO step | P x G | rollout tok/s ours | torch | update tok/s ours | torch | MFU ours | torch | step s ours | torch | torch/ours | peak GiB ours | torch |")
-print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+print("\n| GRPO step | P x G | rollout tok/s ours | torch | update tok/s ours | torch | MFU ours | torch | step s ours | torch | torch/ours | peak GiB ours | estimate | torch |")
+print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 for size in ("0.5b", "1.5b"):
     o, t = load(f"ours_step_{size}.json"), load(f"torch_step_{size}.json")
     if not o and not t:
@@ -242,11 +242,11 @@ for size in ("0.5b", "1.5b"):
     num = lambda r, k, f: f.format(r[k]) if r.get(k) is not None else "–"
     pg = f"{(o or t)['prompts']} x {(o or t)['group']}"
     speedup = f"{rt['step_s'] / ro['step_s']:.2f}" if ro and rt else "–"
-    gib = lambda r: f"{r['peak_memory_bytes'] / 2**30:.1f}" if r.get("peak_memory_bytes") else "–"
+    gib = lambda r, k="peak_memory_bytes": f"{r[k] / 2**30:.1f}" if r.get(k) else "–"
     mfu = lambda r: f"{100 * r['train_mfu']:.1f} %" if r.get("train_mfu") else "–"
     print(f"| {size} | {pg} | {num(ro, 'rollout_tokens_per_s', '{:.0f}')} | {num(rt, 'rollout_tokens_per_s', '{:.0f}')} "
           f"| {num(ro, 'train_tokens_per_s', '{:.0f}')} | {num(rt, 'train_tokens_per_s', '{:.0f}')} | {mfu(ro)} | {mfu(rt)} "
-          f"| {num(ro, 'step_s', '{:.2f}')} | {num(rt, 'step_s', '{:.2f}')} | {speedup} | {gib(ro)} | {gib(rt)} |")
+          f"| {num(ro, 'step_s', '{:.2f}')} | {num(rt, 'step_s', '{:.2f}')} | {speedup} | {gib(ro)} | {gib(ro, 'memory_estimate_bytes')} | {gib(rt)} |")
 for v in ("fused", "fused-wide"):
     o, fu = load("ours_step_0.5b.json"), load(f"ours_step_0.5b_{v}.json")
     if o and fu:
