@@ -87,6 +87,36 @@ fn shortened_demo_runs_end_to_end() {
     );
 }
 
+/// An update in passes of 3 completions (3 + 3 + 2 of the 8) takes the same first step as one
+/// pass of all 8 (up to the order of f32 sums), and the run folder's config records the
+/// micro-batch each run used (the CPU's automatic choice: all of them).
+#[test]
+fn micro_batched_run_takes_the_one_pass_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (whole, parts) = (tmp.path().join("whole"), tmp.path().join("parts"));
+    for (out, micro) in [(&whole, "micro_batch=0"), (&parts, "micro_batch=3")] {
+        let o = train(out, &["--set", "steps=1", "--set", micro]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let config = |out: &Path| std::fs::read_to_string(out.join("config.toml")).unwrap();
+    assert!(
+        config(&whole).contains("micro_batch = 8"),
+        "{}",
+        config(&whole)
+    );
+    assert!(
+        config(&parts).contains("micro_batch = 3"),
+        "{}",
+        config(&parts)
+    );
+    let (a, b) = (&metrics(&whole)[0], &metrics(&parts)[0]);
+    for k in ["loss", "grad_norm", "kl", "entropy"] {
+        let (x, y) = (a[k].as_f64().unwrap(), b[k].as_f64().unwrap());
+        assert!((x - y).abs() <= 1e-5 * x.abs().max(1e-6), "{k}: {x} vs {y}");
+    }
+    assert_eq!(a["reward"], b["reward"]);
+}
+
 #[test]
 fn resume_reproduces_an_uninterrupted_run() {
     let tmp = tempfile::tempdir().unwrap();

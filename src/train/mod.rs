@@ -257,7 +257,12 @@ fn train_on<B: TrainBackend>(
     // Only a run that fits writes anything.
     std::fs::create_dir_all(out)
         .with_context(|| format!("cannot create run folder {}", out.display()))?;
-    std::fs::write(out.join("config.toml"), cfg.to_toml_string())
+    // The resolved settings: the micro-batch as chosen, so the folder's config repeats the run.
+    let resolved = TrainConfig {
+        micro_batch,
+        ..cfg.clone()
+    };
+    std::fs::write(out.join("config.toml"), resolved.to_toml_string())
         .with_context(|| format!("cannot write {}", out.join("config.toml").display()))?;
     let mut metrics_log = match resume {
         Some(_) => read_metrics(&out.join("metrics.jsonl"), state.step)?,
