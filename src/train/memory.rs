@@ -14,10 +14,11 @@ pub struct TrainMemory {
     pub weights: usize,
     /// f32 master weights, both AdamW moments and the gradient buffer.
     pub optimizer: usize,
-    /// The larger of the rollout of all sequences (KV cache, logits) and the update of one
-    /// micro-batch (every layer's saved activations, the KV cache, logits and the backward
-    /// pass's scratch).
-    pub activations: usize,
+    /// The rollout of all sequences: KV cache, logits.
+    pub rollout: usize,
+    /// One micro-batch's pass of the update: every layer's saved activations, the KV cache,
+    /// logits and the backward pass's scratch.
+    pub update: usize,
     pub sequences: usize,
     /// Sequences per forward and backward pass of the update.
     pub micro_batch: usize,
@@ -75,15 +76,21 @@ impl TrainMemory {
         TrainMemory {
             weights: n * storage_bytes * if reference { 2 } else { 1 },
             optimizer: n * 4 * 4,
-            activations: rollout.max(update),
+            rollout,
+            update,
             sequences,
             micro_batch,
             seq_len,
         }
     }
 
+    /// The activations: the larger of the rollout and a pass of the update (one at a time).
+    pub fn activations(&self) -> usize {
+        self.rollout.max(self.update)
+    }
+
     pub fn total(&self) -> usize {
-        self.weights + self.optimizer + self.activations
+        self.weights + self.optimizer + self.activations()
     }
 
     /// Prints the estimate and fails when the device (`device` names it) reports less free
@@ -92,10 +99,13 @@ impl TrainMemory {
         let gib = |b: usize| b as f64 / GIB;
         eprintln!(
             "memory estimate ({device}): weights {:.2} GiB, optimizer {:.2} GiB, activations \
-             {:.2} GiB for {} sequences of ≤ {} tokens, updated {} at a time; total {:.2} GiB{}",
+             {:.2} GiB (rollout {:.2}, update pass {:.2}) for {} sequences of ≤ {} tokens, \
+             updated {} at a time; total {:.2} GiB{}",
             gib(self.weights),
             gib(self.optimizer),
-            gib(self.activations),
+            gib(self.activations()),
+            gib(self.rollout),
+            gib(self.update),
             self.sequences,
             self.seq_len,
             self.micro_batch,
@@ -178,13 +188,14 @@ mod tests {
         let per_layer = tokens * ((5 * 8 + 2 * 8 + 2 * 4 + 3 * 16) * 2 + 2 * 4);
         let head = 9 * (10 * (4 + 2) + 4 * 8 * 2); // 9 scored rows
         let backward = tokens * (3 * 16 + 3 * 8 + 2 * 8 + 2 * 4) * 2 + tokens * 2 * 4 * 2;
-        assert_eq!(m.activations, 2 * per_layer + kv_cache + head + backward);
-        assert_eq!(m.total(), m.weights + m.optimizer + m.activations);
+        assert_eq!(m.update, 2 * per_layer + kv_cache + head + backward);
+        assert_eq!(m.rollout, kv_cache + 3 * 10 * 4);
+        assert_eq!(m.total(), m.weights + m.optimizer + m.update);
         // Logits 4 rows at a time (160 bytes): the head holds 4 rows of logits, not 9.
         let chunked = TrainMemory::estimate(&cfg, 2, 3, 3, 2, 3, true, 160);
         let head_chunked = 4 * 10 * (4 + 2) + 9 * 4 * 8 * 2;
         assert_eq!(
-            chunked.activations,
+            chunked.update,
             2 * per_layer + kv_cache + head_chunked + backward
         );
     }
@@ -200,7 +211,7 @@ mod tests {
 
     /// With micro-batches the update holds one micro-batch's activations and the rollout still
     /// holds every sequence's cache: 6 sequences of 2 + 3 tokens (the config above), updated 2 at
-    /// a time, where the rollout is the larger.
+    /// a time; the larger of the two is what the run holds.
     #[test]
     fn estimate_counts_one_micro_batch_of_the_update() {
         let cfg = small_config();
@@ -208,10 +219,9 @@ mod tests {
         let whole_of_two = TrainMemory::estimate(&cfg, 2, 2, 0, 2, 3, false, 1 << 30);
         let rollout = 2 * 30 * 2 * 4 * 2 + 6 * 10 * 4; // cache of 30 tokens, one logits row each
         assert_eq!(m.micro_batch, 2);
-        assert_eq!(m.activations, whole_of_two.activations.max(rollout));
-        assert!(
-            m.activations < TrainMemory::estimate(&cfg, 2, 6, 0, 2, 3, false, 1 << 30).activations
-        );
+        assert_eq!((m.update, m.rollout), (whole_of_two.update, rollout));
+        assert_eq!(m.activations(), m.update.max(rollout));
+        assert!(m.update < TrainMemory::estimate(&cfg, 2, 6, 0, 2, 3, false, 1 << 30).update);
         // A micro-batch larger than the step is the step.
         assert_eq!(
             TrainMemory::estimate(&cfg, 2, 6, 9, 2, 3, false, 1 << 30).micro_batch,
