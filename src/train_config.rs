@@ -164,7 +164,8 @@ pub struct TrainConfig {
     /// G: completions per prompt.
     pub group_size: usize,
     /// Completions per forward and backward pass of the update (their gradients add up to the
-    /// step's); 0 = the most that fit the device's free memory (all of them on the CPU).
+    /// step's); 0 = the fewest passes that fit the device's free memory, filled evenly (one pass
+    /// on the CPU): `train::memory::micro_batch`.
     pub micro_batch: usize,
     /// Evaluate every this many steps on the held-out split; 0 = off.
     pub eval_every: usize,

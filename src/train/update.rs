@@ -348,10 +348,60 @@ mod tests {
         assert_eq!(micro_batches(&lens, 1)[1], mb(1..2, 2..2));
     }
 
-    /// Three groups of two completions of a two-layer model, one truncated and masked, the KL
-    /// to a reference, the token-mean (a batch-wide normaliser) and two epochs (the second's
-    /// logπold comes from the first's passes). What the update returns and the weights after it.
-    fn update_in_passes(micro_batch: usize) -> (UpdateResult, Vec<f32>) {
+    /// The loss settings and inputs of one equivalence case.
+    struct PassCase {
+        loss: LossOptions,
+        keep: Option<&'static [bool]>,
+        /// logπold from the sampler (made up), else recomputed.
+        sampler_old: bool,
+        epochs: usize,
+    }
+
+    /// The cases: the token-mean (a batch-wide normaliser) with a truncated completion masked,
+    /// the KL and two epochs (the second's logπold from the first's passes); the per-completion
+    /// mean with a group filtered out and the sampler's logπold over two epochs; the constant
+    /// length normaliser with the KL.
+    fn pass_cases() -> Vec<PassCase> {
+        use crate::grpo::{Aggregation, Truncated};
+        vec![
+            PassCase {
+                loss: LossOptions {
+                    beta: 0.1,
+                    aggregation: Aggregation::TokenMean,
+                    truncated: Truncated::Mask,
+                    ..LossOptions::default()
+                },
+                keep: None,
+                sampler_old: false,
+                epochs: 2,
+            },
+            PassCase {
+                loss: LossOptions {
+                    beta: 0.0,
+                    aggregation: Aggregation::SeqMeanTokenMean,
+                    ..LossOptions::default()
+                },
+                keep: Some(&[true, true, false, false, true, true]),
+                sampler_old: true,
+                epochs: 2,
+            },
+            PassCase {
+                loss: LossOptions {
+                    beta: 0.1,
+                    aggregation: Aggregation::SeqMeanTokenSumNorm { max_len: 8 },
+                    ..LossOptions::default()
+                },
+                keep: None,
+                sampler_old: false,
+                epochs: 1,
+            },
+        ]
+    }
+
+    /// Three groups of two completions of a two-layer model (the third completion truncated)
+    /// under `case`, `micro_batch` completions per pass. What the update returns and the
+    /// weights after it.
+    fn update_in_passes(case: &PassCase, micro_batch: usize) -> (UpdateResult, Vec<f32>) {
         let cfg = ModelConfig::from_json_str(
             r#"{"model_type":"qwen2","vocab_size":40,"hidden_size":16,"intermediate_size":24,
                 "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2}"#,
@@ -374,25 +424,20 @@ mod tests {
         let seqs: Vec<(&[u32], &[u32])> = owned.iter().map(|(p, c)| (&p[..], &c[..])).collect();
         let r: usize = seqs.iter().map(|(_, c)| c.len()).sum();
         let ref_logp: Vec<f32> = (0..r).map(|i| -3.0 - 0.05 * i as f32).collect();
-        let loss = LossOptions {
-            beta: 0.1,
-            aggregation: crate::grpo::Aggregation::TokenMean,
-            truncated: crate::grpo::Truncated::Mask,
-            ..LossOptions::default()
-        };
+        let sampler_logp: Vec<f32> = (0..r).map(|i| -3.5 + 0.04 * i as f32).collect();
         let u = UpdateBatch {
             seqs: &seqs,
             rewards: &[1.0, 0.2, 0.0, 0.9, 0.5, 0.4],
             group_size: 2,
             truncated: &[false, false, true, false, false, false],
-            keep: None,
-            ref_logp: Some(&ref_logp),
-            old_logp: None,
+            keep: case.keep,
+            ref_logp: (case.loss.beta > 0.0).then_some(&ref_logp[..]),
+            old_logp: case.sampler_old.then_some(&sampler_logp[..]),
         };
         let options = UpdateOptions {
-            loss: &loss,
+            loss: &case.loss,
             advantage: &AdvantageOptions::default(),
-            epochs: 2,
+            epochs: case.epochs,
             temperature: 0.8,
             lr: 1e-2,
             grad_clip: 0.0,
@@ -403,43 +448,46 @@ mod tests {
         (result, after)
     }
 
-    /// Passes of 1, 2 and 4 completions (the last pass shorter) give the whole batch's step:
-    /// the same loss, statistics, gradient norm and log-probs, and the same weights after two
-    /// epochs, up to the order of f32 sums.
+    /// Passes of 1, 2 and 4 completions (the last pass shorter) give the whole batch's step in
+    /// every case: the same loss, statistics, gradient norm and log-probs, and the same weights
+    /// after the epochs, up to the order of f32 sums.
     #[test]
     fn micro_batched_update_equals_the_whole_batch_update() {
-        let (whole, whole_weights) = update_in_passes(0);
-        assert!(whole.loss.abs() > 1e-3 && whole.grad_norm > 1e-3);
-        for micro_batch in [1, 2, 4] {
-            let (part, weights) = update_in_passes(micro_batch);
-            let close = |a: f64, b: f64, what: &str| {
+        for case in pass_cases() {
+            let (whole, whole_weights) = update_in_passes(&case, 0);
+            assert!(whole.loss.abs() > 1e-3 && whole.grad_norm > 1e-3);
+            for micro_batch in [1, 2, 4] {
+                let (part, weights) = update_in_passes(&case, micro_batch);
+                let close = |a: f64, b: f64, what: &str| {
+                    assert!(
+                        (a - b).abs() <= 1e-5 * b.abs().max(1e-3),
+                        "{what} with micro-batches of {micro_batch}, {:?}: {a} vs {b}",
+                        case.loss.aggregation
+                    )
+                };
+                close(part.loss, whole.loss, "loss");
+                close(part.grad_norm, whole.grad_norm, "gradient norm");
+                close(part.entropy, whole.entropy, "entropy");
+                close(part.stats.kl, whole.stats.kl, "KL");
+                close(part.stats.ratio_mean, whole.stats.ratio_mean, "ratio");
+                assert_eq!(
+                    (part.stats.tokens, part.stats.sequences),
+                    (whole.stats.tokens, whole.stats.sequences)
+                );
+                assert_eq!(part.first_logp.len(), whole.first_logp.len());
+                for (a, b) in part.first_logp.iter().zip(&whole.first_logp) {
+                    assert!((a - b).abs() <= 1e-5, "log-prob {a} vs {b}");
+                }
+                let moved = whole_weights
+                    .iter()
+                    .zip(&weights)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0f32, f32::max);
                 assert!(
-                    (a - b).abs() <= 1e-5 * b.abs().max(1e-3),
-                    "{what} with micro-batches of {micro_batch}: {a} vs {b}"
-                )
-            };
-            close(part.loss, whole.loss, "loss");
-            close(part.grad_norm, whole.grad_norm, "gradient norm");
-            close(part.entropy, whole.entropy, "entropy");
-            close(part.stats.kl, whole.stats.kl, "KL");
-            close(part.stats.ratio_mean, whole.stats.ratio_mean, "ratio");
-            assert_eq!(
-                (part.stats.tokens, part.stats.sequences),
-                (whole.stats.tokens, whole.stats.sequences)
-            );
-            assert_eq!(part.first_logp.len(), whole.first_logp.len());
-            for (a, b) in part.first_logp.iter().zip(&whole.first_logp) {
-                assert!((a - b).abs() <= 1e-5, "log-prob {a} vs {b}");
+                    moved <= 1e-5,
+                    "weights differ by up to {moved} with micro-batches of {micro_batch}"
+                );
             }
-            let moved = whole_weights
-                .iter()
-                .zip(&weights)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0f32, f32::max);
-            assert!(
-                moved <= 1e-5,
-                "weights differ by up to {moved} with micro-batches of {micro_batch}"
-            );
         }
     }
 }
