@@ -33,7 +33,7 @@ fn metrics(out: &Path) -> Vec<Value> {
 
 /// Every metric except the timings.
 fn without_timings(mut m: Value) -> Value {
-    for k in ["tokens_per_s", "step_s"] {
+    for k in ["tokens_per_s", "step_s", "rollout_s", "update_s"] {
         m.as_object_mut().unwrap().remove(k);
     }
     m
@@ -66,9 +66,16 @@ fn shortened_demo_runs_end_to_end() {
         "grad_norm",
         "tokens_per_s",
         "step_s",
+        "rollout_s",
+        "update_s",
     ];
     for k in keys {
         assert!(m[0].get(k).is_some(), "metrics.jsonl lacks `{k}`");
+    }
+    for line in &m {
+        let t = |k: &str| line[k].as_f64().unwrap();
+        assert!(t("rollout_s") > 0.0 && t("update_s") > 0.0, "{line}");
+        assert!(t("rollout_s") + t("update_s") <= t("step_s"), "{line}");
     }
     let b0 = thinkshort::commands::train::demo_config()
         .curriculum()

@@ -35,6 +35,12 @@ pub struct StepMetrics {
     /// first forward pass against those the sampler saw (decode path, same weights).
     #[serde(default)]
     pub logp_gap: f64,
+    /// Seconds of the step's rollout (sampling every completion).
+    #[serde(default)]
+    pub rollout_s: f64,
+    /// Seconds of the step's update (reference log-probs when β > 0, then the policy update).
+    #[serde(default)]
+    pub update_s: f64,
 }
 
 pub fn mean(xs: &[f64]) -> f64 {

@@ -339,6 +339,7 @@ fn train_on<B: TrainBackend>(
             cfg.seed,
             step as u64,
         )?;
+        let rollout_s = t0.elapsed().as_secs_f64();
         let rollout_tokens: usize = rollouts.iter().map(|r| r.completion_ids.len()).sum();
 
         // Rewards, then advantages within each group of G.
@@ -381,6 +382,7 @@ fn train_on<B: TrainBackend>(
             .collect();
         let old_from_sampler = cfg.loss.old_logp == OldLogp::Sampler;
         let temperature = sampling_temperature(cfg);
+        let t_update = Instant::now();
         let ref_logp: Option<Vec<f32>> = match &mut reference_params {
             Some(reference) => {
                 std::mem::swap(&mut model.params, reference);
@@ -413,6 +415,7 @@ fn train_on<B: TrainBackend>(
                 micro_batch,
             },
         )?;
+        let update_s = t_update.elapsed().as_secs_f64();
         if update.skipped {
             eprintln!(
                 "\nstep {step}: non-finite loss ({}) or gradient norm ({}); update skipped",
@@ -482,6 +485,8 @@ fn train_on<B: TrainBackend>(
             mean_len_truncated: split(true),
             skipped,
             logp_gap,
+            rollout_s,
+            update_s,
         };
         writeln!(metrics_file, "{}", serde_json::to_string(&m)?)
             .with_context(|| format!("cannot write {}", out.join("metrics.jsonl").display()))?;
