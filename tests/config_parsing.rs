@@ -89,3 +89,29 @@ fn errors_name_the_key() {
         "{err}"
     );
 }
+
+/// tools/model_configs/ hold the Qwen2.5 shapes: their parameter counts are the published ones
+/// (0.49B, 1.54B, 3.09B, 7.62B; to the 10M), and they parse with the expected heads.
+#[test]
+fn model_configs_have_the_published_sizes() {
+    for (name, billions, kv_heads, head_dim) in [
+        ("qwen2.5-0.5b", 0.49, 2, 64),
+        ("qwen2.5-1.5b", 1.54, 2, 128),
+        ("qwen2.5-3b", 3.09, 2, 128),
+        ("qwen2.5-7b", 7.62, 4, 128),
+    ] {
+        let path = format!(
+            "{}/tools/model_configs/{name}.json",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let cfg = ModelConfig::from_json_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let got = cfg.num_params() as f64 / 1e9;
+        assert!((got - billions).abs() < 0.01, "{name}: {got}B parameters");
+        assert_eq!(
+            (cfg.num_kv_heads, cfg.head_dim),
+            (kv_heads, head_dim),
+            "{name}"
+        );
+        assert_eq!(cfg.arch, Arch::Qwen2, "{name}");
+    }
+}

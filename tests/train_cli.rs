@@ -185,6 +185,66 @@ fn both_old_logp_modes_train_and_log_a_small_gap() {
     }
 }
 
+/// `--dry-run` prints the demo's budgets with their caps and first steps and the memory plan,
+/// and stops before the weights: the run folder is never made.
+#[test]
+fn dry_run_prints_the_plan_and_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let o = train(&out, &["--dry-run"]);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(
+        stdout.contains("budgets: 48 (cap 96) from step 0, 31 (cap 62) from step 100, 20 (cap 40) from step 200"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("2 prompts × 4 samples"), "{stdout}");
+    assert!(
+        stderr.contains("memory estimate (cpu)") && stderr.contains("updated 8 at a time"),
+        "{stderr}"
+    );
+    assert!(!out.exists(), "a dry run made {}", out.display());
+}
+
+/// The paper's configs in tools/train_configs/ plan the budgets of METHOD.md §6 (their data
+/// file is ../shared/data's GSM8K train); without a model they stop with an error naming it.
+#[test]
+fn paper_configs_plan_the_papers_budgets() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = format!(
+        "model={}/tests/fixtures/qwen2_tied",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    for (file, budgets) in [
+        (
+            "paper_curriculum",
+            "budgets: 256 (cap 512) from step 0, 179 (cap 358) from step 150, 125 (cap 250) from step 300, 87 (cap 174) from step 450\n",
+        ),
+        ("paper_fixed_budget", "budgets: 87 (cap 174) from step 0\n"),
+    ] {
+        let config = format!("tools/train_configs/{file}.toml");
+        let o = Command::new(env!("CARGO_BIN_EXE_thinkshort"))
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args(["train", "--backend", "cpu", "--dry-run", "--config", &config, "--set", &model])
+            .arg("--out")
+            .arg(tmp.path().join(file))
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success(), "{file}: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(stdout.contains(budgets), "{file}: {stdout}");
+        assert!(stdout.contains("steps 0 to 600 of 16 prompts × 8 samples"), "{file}: {stdout}");
+        let o = Command::new(env!("CARGO_BIN_EXE_thinkshort"))
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args(["train", "--backend", "cpu", "--dry-run", "--config", &config])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && stderr.contains("set `model`"), "{file}: {stderr}");
+    }
+}
+
 #[test]
 fn bad_settings_name_the_key() {
     let tmp = tempfile::tempdir().unwrap();

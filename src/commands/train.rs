@@ -4,7 +4,9 @@
 use crate::backend::BackendKind;
 use crate::demo::task;
 use crate::prompt::PromptTemplate;
-use crate::train::{load_examples, train, EvalResult, Example, RunSummary, TrainInputs};
+use crate::train::{
+    load_examples, train, EvalResult, Example, RunControl, RunSummary, TrainInputs,
+};
 use crate::train_config::TrainConfig;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -27,6 +29,10 @@ pub struct TrainArgs {
     /// Stop after this many steps in total (writing a checkpoint), to be continued with --resume.
     #[arg(long)]
     pub stop_after: Option<usize>,
+    /// Print the plan (steps, budgets, memory estimate, micro-batch) and stop before loading the
+    /// weights; writes nothing, and fails as the run would when it does not fit.
+    #[arg(long)]
+    pub dry_run: bool,
     /// `fixed-budget`: the demo with the final budget from step 0 (the paper's baseline).
     #[arg(long)]
     pub preset: Option<String>,
@@ -99,6 +105,13 @@ pub fn run(args: &TrainArgs) -> Result<()> {
             .with_context(|| format!("--set {s}"))?;
     }
 
+    if let (Some(data), None) = (&cfg.data, &cfg.model) {
+        bail!(
+            "data = {} is set but model is not: set `model` to a Hugging Face model folder \
+             (the demo model knows only the synthetic task)",
+            data.display()
+        );
+    }
     let model_dir = cfg
         .model
         .clone()
@@ -142,14 +155,16 @@ pub fn run(args: &TrainArgs) -> Result<()> {
             is_correct: crate::train::answer_is_correct,
         },
     };
-    let summary = train(
-        &cfg,
-        &inputs,
-        &args.out,
-        args.resume.as_deref(),
-        args.stop_after,
-        device,
-    )?;
+    let run = RunControl {
+        out: &args.out,
+        resume: args.resume.as_deref(),
+        stop_after: args.stop_after,
+        dry_run: args.dry_run,
+    };
+    let summary = train(&cfg, &inputs, &run, device)?;
+    if args.dry_run {
+        return Ok(());
+    }
     report(&summary, &args.out)
 }
 

@@ -173,21 +173,31 @@ pub struct RunSummary {
     pub metrics: Vec<StepMetrics>,
 }
 
+/// Where a run writes and how much of it to do.
+pub struct RunControl<'a> {
+    /// Run folder: metrics.jsonl, checkpoints, the resolved config.
+    pub out: &'a Path,
+    /// Checkpoint folder of an earlier run to continue from.
+    pub resume: Option<&'a Path>,
+    /// End the run after this many steps in total (with a checkpoint), as if interrupted.
+    pub stop_after: Option<usize>,
+    /// Print the plan (steps, budgets, memory estimate and micro-batch) and stop before loading
+    /// the weights; nothing is written. A run that would not fit fails as it would for real.
+    pub dry_run: bool,
+}
+
 /// Runs curriculum GRPO from `cfg` on `device` (resolved: CPU or CUDA), resuming from a
 /// checkpoint folder when given, writing metrics.jsonl, checkpoints and the resolved config into
-/// `out`. `stop_after` ends the run early after that many steps in total (with a checkpoint), as
-/// if interrupted; `--resume` continues it.
+/// the run folder. A run stopped by `stop_after` is continued with `resume`.
 pub fn train(
     cfg: &TrainConfig,
     inputs: &TrainInputs,
-    out: &Path,
-    resume: Option<&Path>,
-    stop_after: Option<usize>,
+    run: &RunControl,
     device: BackendKind,
 ) -> Result<RunSummary> {
     match device {
-        BackendKind::Cpu => train_on(CpuBackend, cfg, inputs, out, resume, stop_after),
-        BackendKind::Cuda => train_on(CudaBackend::new(0)?, cfg, inputs, out, resume, stop_after),
+        BackendKind::Cpu => train_on(CpuBackend, cfg, inputs, run),
+        BackendKind::Cuda => train_on(CudaBackend::new(0)?, cfg, inputs, run),
         BackendKind::Auto => bail!("train needs a resolved backend, not auto"),
     }
 }
@@ -196,10 +206,9 @@ fn train_on<B: TrainBackend>(
     backend: B,
     cfg: &TrainConfig,
     inputs: &TrainInputs,
-    out: &Path,
-    resume: Option<&Path>,
-    stop_after: Option<usize>,
+    run: &RunControl,
 ) -> Result<RunSummary> {
+    let (out, resume, stop_after) = (run.out, run.resume, run.stop_after);
     cfg.validate()?;
     if inputs.train.is_empty() {
         bail!("no training examples");
@@ -253,7 +262,19 @@ fn train_on<B: TrainBackend>(
     // count (the pool's fragmentation, cuBLAS workspaces, small buffers).
     let room = free.map(|f| f - f / 10);
     let micro_batch = memory::micro_batch(cfg.micro_batch, sequences, room, estimate);
+    if run.dry_run {
+        print_plan(cfg, &model_cfg, &state, prompt_len, backend.name());
+    }
     estimate(micro_batch).check(backend.name(), free)?;
+    if run.dry_run {
+        println!("dry run: the run fits; nothing was loaded or written");
+        return Ok(RunSummary {
+            before: None,
+            after: None,
+            final_budget: state.curriculum.budget_at(cfg.steps - 1),
+            metrics: Vec::new(),
+        });
+    }
     // Only a run that fits writes anything.
     std::fs::create_dir_all(out)
         .with_context(|| format!("cannot create run folder {}", out.display()))?;
@@ -536,6 +557,45 @@ fn train_on<B: TrainBackend>(
         final_budget,
         metrics: metrics_log,
     })
+}
+
+/// What a run will do from the state it starts in: model size, steps and sequences, every
+/// budget of the schedule with the step it starts at, and the longest prompt.
+fn print_plan(
+    cfg: &TrainConfig,
+    model_cfg: &ModelConfig,
+    state: &TrainerState,
+    prompt_len: usize,
+    device: &str,
+) {
+    println!(
+        "dry run: {:.1}M parameters on {device}; steps {} to {} of {} prompts × {} samples",
+        model_cfg.num_params() as f64 / 1e6,
+        state.step,
+        cfg.steps,
+        cfg.prompts_per_step,
+        cfg.group_size
+    );
+    let c = &state.curriculum;
+    let mut budgets: Vec<String> = Vec::new();
+    let mut last = None;
+    for step in state.step..cfg.steps {
+        let b = c.budget_at(step);
+        if last != Some(b) {
+            budgets.push(format!(
+                "{b} (cap {}) from step {step}",
+                cfg.cap_at(c, step)
+            ));
+            last = Some(b);
+        }
+    }
+    let adaptive = if c.adaptive.is_some() {
+        "; adaptive: later budgets depend on the training accuracy"
+    } else {
+        ""
+    };
+    println!("budgets: {}{adaptive}", budgets.join(", "));
+    println!("longest prompt: {prompt_len} tokens at the first budget");
 }
 
 /// Log-probs are taken at the sampling temperature (METHOD.md §5); greedy sampling scores at 1.
