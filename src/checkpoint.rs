@@ -1,10 +1,18 @@
 //! Checkpoints: a Hugging Face model folder (config.json, model.safetensors, tokenizer files)
-//! that transformers can load, plus the trainer's state to resume from. A checkpoint is written
-//! under a temporary name and renamed, so an interrupted run never leaves a partial one.
+//! that transformers can load, plus the trainer's state to resume from: the AdamW moments in
+//! optimizer.safetensors (binary f32: 8 bytes per parameter) and the rest in trainer_state.json.
+//! A checkpoint is written under a temporary name and renamed, so an interrupted run never
+//! leaves a partial one.
 
 use crate::params::ParamLayout;
 use anyhow::{bail, Context, Result};
+use safetensors::{Dtype, SafeTensors};
 use std::path::Path;
+
+/// The file of a checkpoint that holds the AdamW moments.
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+/// Its tensors (PyTorch's names for Adam's state): the first and second moments, [N] f32 each.
+const MOMENTS: [&str; 2] = ["exp_avg", "exp_avg_sq"];
 
 /// Files copied verbatim from the source model folder when present.
 const MODEL_FILES: [&str; 6] = [
@@ -66,4 +74,58 @@ pub fn write_model_files(
         }
     }
     crate::weights::save_params(&dir.join("model.safetensors"), layout, params)
+}
+
+/// Writes the AdamW moments m and v ([N] f32 each) to `path` as safetensors.
+pub fn save_moments(path: &Path, m: &[f32], v: &[f32]) -> Result<()> {
+    if m.len() != v.len() {
+        bail!("AdamW moments of {} and {} values", m.len(), v.len());
+    }
+    let views = MOMENTS
+        .iter()
+        .zip([m, v])
+        .map(|(name, x)| {
+            let view = safetensors::tensor::TensorView::new(
+                Dtype::F32,
+                vec![x.len()],
+                bytemuck::cast_slice(x),
+            )?;
+            Ok((*name, view))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let bytes = safetensors::tensor::serialize(views, None)?;
+    std::fs::write(path, bytes).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Reads the AdamW moments (m, v) of `n` parameters written by [`save_moments`]; errors name the
+/// file and the tensor.
+pub fn load_moments(path: &Path, n: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+    let file =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    // SAFETY: read-only mapping, copied out before it is dropped; a file changed underneath us
+    // would give wrong numbers, not memory unsafety for f32 copies.
+    let map = unsafe { memmap2::Mmap::map(&file) }
+        .with_context(|| format!("cannot map {}", path.display()))?;
+    let st = SafeTensors::deserialize(&map).with_context(|| {
+        format!(
+            "{} is not a valid safetensors file (truncated or corrupt?)",
+            path.display()
+        )
+    })?;
+    let read = |name: &str| -> Result<Vec<f32>> {
+        let t = st
+            .tensor(name)
+            .with_context(|| format!("{}: no tensor `{name}`", path.display()))?;
+        if t.dtype() != Dtype::F32 || t.shape() != [n] {
+            bail!(
+                "{}: tensor `{name}` is {:?} {:?}, expected F32 [{n}] (one value per parameter)",
+                path.display(),
+                t.dtype(),
+                t.shape()
+            );
+        }
+        // The data may be unaligned inside the mapping: copy it out byte-wise.
+        Ok(bytemuck::pod_collect_to_vec(t.data()))
+    };
+    Ok((read(MOMENTS[0])?, read(MOMENTS[1])?))
 }

@@ -12,7 +12,12 @@ pub struct AdamW {
     pub weight_decay: f64,
     /// Updates taken so far (for bias correction).
     pub t: u64,
+    /// The moments: [N] each. A checkpoint keeps them in `optimizer.safetensors`
+    /// (`checkpoint::save_moments`), not in trainer_state.json; they are read from the JSON only
+    /// in checkpoints written before that file existed.
+    #[serde(default, skip_serializing)]
     pub m: Vec<f32>,
+    #[serde(default, skip_serializing)]
     pub v: Vec<f32>,
 }
 

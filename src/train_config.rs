@@ -175,6 +175,8 @@ pub struct TrainConfig {
     pub eval_max_tokens: usize,
     /// Write a checkpoint every this many steps; 0 = only at the end.
     pub checkpoint_every: usize,
+    /// Keep only the newest this many step-NNNNNN checkpoint folders of the run; 0 = keep all.
+    pub keep_checkpoints: usize,
     pub sampling: SamplingConfig,
     pub reward: RewardConfig,
     pub advantage: AdvantageOptions,
@@ -199,6 +201,7 @@ impl Default for TrainConfig {
             eval_size: 200,
             eval_max_tokens: 512,
             checkpoint_every: 100,
+            keep_checkpoints: 0,
             sampling: SamplingConfig::default(),
             reward: RewardConfig::default(),
             advantage: AdvantageOptions::default(),

@@ -67,3 +67,51 @@ fn non_finite_weights_never_reach_a_checkpoint() {
     assert!(err.to_string().contains("non-finite"), "{err}");
     assert!(!dest.exists());
 }
+
+/// The AdamW moments round-trip through optimizer.safetensors bit for bit (two f32 tensors of
+/// one value per parameter); a wrong parameter count, a missing tensor and a truncated file are
+/// errors that name the file and the tensor.
+#[test]
+fn optimizer_moments_round_trip_and_errors_name_the_tensor() {
+    use thinkshort::checkpoint::{load_moments, save_moments};
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("optimizer.safetensors");
+    let m: Vec<f32> = (0..1001).map(|i| (i as f32 * 0.37).sin() * 1e-3).collect();
+    let v: Vec<f32> = m.iter().map(|x| x * x + f32::MIN_POSITIVE).collect();
+    save_moments(&path, &m, &v).unwrap();
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().len() as usize / 8 / 1001,
+        1,
+        "8 bytes a parameter"
+    );
+    let (m2, v2) = load_moments(&path, 1001).unwrap();
+    assert!(m2.iter().zip(&m).all(|(a, b)| a.to_bits() == b.to_bits()));
+    assert!(v2.iter().zip(&v).all(|(a, b)| a.to_bits() == b.to_bits()));
+
+    let err = format!("{:#}", load_moments(&path, 1000).unwrap_err());
+    assert!(
+        err.contains("optimizer.safetensors") && err.contains("exp_avg") && err.contains("[1000]"),
+        "{err}"
+    );
+
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    let err = format!("{:#}", load_moments(&path, 1001).unwrap_err());
+    assert!(
+        err.contains("optimizer.safetensors") && err.contains("corrupt"),
+        "{err}"
+    );
+
+    let only_m = safetensors::tensor::serialize(
+        [(
+            "exp_avg",
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![2], &[0u8; 8])
+                .unwrap(),
+        )],
+        None,
+    )
+    .unwrap();
+    std::fs::write(&path, only_m).unwrap();
+    let err = format!("{:#}", load_moments(&path, 2).unwrap_err());
+    assert!(err.contains("no tensor `exp_avg_sq`"), "{err}");
+}

@@ -165,6 +165,56 @@ fn resume_reproduces_an_uninterrupted_run() {
     let w1 = std::fs::read(straight.join("step-000004/model.safetensors")).unwrap();
     let w2 = std::fs::read(split.join("step-000004/model.safetensors")).unwrap();
     assert!(w1 == w2, "final weights differ");
+    // The moments are binary, beside a trainer state of a few hundred bytes.
+    let state = std::fs::read_to_string(split.join("step-000002/trainer_state.json")).unwrap();
+    assert!(state.len() < 2000 && !state.contains("\"m\""), "{state}");
+    assert!(split.join("step-000002/optimizer.safetensors").is_file());
+}
+
+/// A checkpoint written before optimizer.safetensors existed (the moments inside
+/// trainer_state.json) still resumes to the same run; a checkpoint that lost its moments file
+/// is an error naming it.
+#[test]
+fn resume_reads_moments_from_an_older_trainer_state() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (straight, split) = (tmp.path().join("straight"), tmp.path().join("split"));
+    let steps = ["--set", "steps=3", "--set", "checkpoint_every=1"];
+    assert!(train(&straight, &steps).status.success());
+    let o = train(&split, &[&steps[..], &["--stop-after", "1"]].concat());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ckpt = split.join("step-000001");
+    let moments = ckpt.join("optimizer.safetensors");
+    let params: usize = {
+        let st = std::fs::read(&moments).unwrap();
+        safetensors::SafeTensors::deserialize(&st)
+            .unwrap()
+            .tensor("exp_avg")
+            .unwrap()
+            .shape()[0]
+    };
+    let (m, v) = thinkshort::checkpoint::load_moments(&moments, params).unwrap();
+    let state_path = ckpt.join("trainer_state.json");
+    let mut state: Value =
+        serde_json::from_str(&std::fs::read_to_string(&state_path).unwrap()).unwrap();
+    state["optimizer"]["m"] = serde_json::json!(m);
+    state["optimizer"]["v"] = serde_json::json!(v);
+    std::fs::remove_file(&moments).unwrap();
+    let new_format = std::fs::read_to_string(&state_path).unwrap();
+    std::fs::write(&state_path, serde_json::to_string(&state).unwrap()).unwrap();
+    let resume = ["--resume", ckpt.to_str().unwrap()];
+    let o = train(&split, &[&steps[..], &resume].concat());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let w1 = std::fs::read(straight.join("step-000003/model.safetensors")).unwrap();
+    let w2 = std::fs::read(split.join("step-000003/model.safetensors")).unwrap();
+    assert!(w1 == w2, "final weights differ");
+
+    std::fs::write(&state_path, new_format).unwrap();
+    let o = train(&split, &[&steps[..], &resume].concat());
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && stderr.contains("optimizer.safetensors is missing"),
+        "{stderr}"
+    );
 }
 
 /// `old_logp = "sampler"` is accepted and trains; both modes log `logp_gap`, which on the CPU
@@ -183,6 +233,25 @@ fn both_old_logp_modes_train_and_log_a_small_gap() {
             assert!((0.0..1e-3).contains(&gap), "{mode}: gap {gap}");
         }
     }
+}
+
+/// `keep_checkpoints = 2` leaves the two newest checkpoint folders and nothing else of the
+/// older ones.
+#[test]
+fn keep_checkpoints_deletes_the_older_ones() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let sets = ["steps=4", "checkpoint_every=1", "keep_checkpoints=2"];
+    let args: Vec<&str> = sets.iter().flat_map(|s| ["--set", s]).collect();
+    let o = train(&out, &args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut names: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("step-"))
+        .collect();
+    names.sort();
+    assert_eq!(names, ["step-000003", "step-000004"]);
 }
 
 /// `--dry-run` prints the demo's budgets with their caps and first steps and the memory plan,

@@ -10,7 +10,9 @@ pub mod update;
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{Backend, BackendKind, TrainBackend};
-use crate::checkpoint::{write_folder_atomically, write_model_files};
+use crate::checkpoint::{
+    load_moments, save_moments, write_folder_atomically, write_model_files, OPTIMIZER_FILE,
+};
 use crate::config::ModelConfig;
 use crate::cuda::CudaBackend;
 use crate::curriculum::Curriculum;
@@ -223,9 +225,20 @@ fn train_on<B: TrainBackend>(
             let path = dir.join("trainer_state.json");
             let text = std::fs::read_to_string(&path)
                 .with_context(|| format!("--resume: cannot read {}", path.display()))?;
-            let state: TrainerState = serde_json::from_str(&text)
+            let mut state: TrainerState = serde_json::from_str(&text)
                 .with_context(|| format!("--resume: {} is not a trainer state", path.display()))?;
-            if state.optimizer.m.len() != n {
+            let moments = dir.join(OPTIMIZER_FILE);
+            if moments.is_file() {
+                let (m, v) = load_moments(&moments, n).context("--resume")?;
+                state.optimizer.m = m;
+                state.optimizer.v = v;
+            } else if state.optimizer.m.is_empty() {
+                bail!(
+                    "--resume: {} is missing (the optimizer's moments)",
+                    moments.display()
+                );
+            } else if state.optimizer.m.len() != n || state.optimizer.v.len() != n {
+                // An older checkpoint: the moments inside trainer_state.json.
                 bail!(
                     "--resume: {} holds optimizer moments for {} parameters, the model has {n}",
                     path.display(),
@@ -544,6 +557,9 @@ fn train_on<B: TrainBackend>(
                 &opt.master_weights(b)?,
                 &state,
             )?;
+            if cfg.keep_checkpoints > 0 {
+                remove_old_checkpoints(out, cfg.keep_checkpoints)?;
+            }
         }
     }
     let after = if cfg.eval_every > 0 && current_step == cfg.steps {
@@ -617,7 +633,7 @@ fn longest_prompt(tok: &Tokenizer, inputs: &TrainInputs, budget: usize) -> Resul
         .unwrap_or(0))
 }
 
-/// Writes weights, tokenizer files and the trainer state, atomically.
+/// Writes weights, tokenizer files, the optimizer's moments and the trainer state, atomically.
 /// params: the f32 master weights, [N] in `layout` order.
 pub fn save_checkpoint(
     dir: &Path,
@@ -628,10 +644,39 @@ pub fn save_checkpoint(
 ) -> Result<()> {
     write_folder_atomically(dir, |tmp| {
         write_model_files(tmp, &inputs.model_dir, layout, params)?;
+        let o = &state.optimizer;
+        save_moments(&tmp.join(OPTIMIZER_FILE), &o.m, &o.v)?;
         let json = serde_json::to_string(state)?;
         std::fs::write(tmp.join("trainer_state.json"), json)
             .with_context(|| format!("cannot write {}", tmp.join("trainer_state.json").display()))
     })
+}
+
+/// Deletes all but the newest `keep` checkpoint folders (`step-NNNNNN`, by step) of `out`.
+fn remove_old_checkpoints(out: &Path, keep: usize) -> Result<()> {
+    let entries =
+        std::fs::read_dir(out).with_context(|| format!("cannot list {}", out.display()))?;
+    let mut steps: Vec<(usize, PathBuf)> = Vec::new();
+    for entry in entries {
+        let path = entry
+            .with_context(|| format!("cannot list {}", out.display()))?
+            .path();
+        let step = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix("step-"))
+            .filter(|d| d.len() >= 6 && d.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|d| d.parse().ok());
+        if let (Some(step), true) = (step, path.is_dir()) {
+            steps.push((step, path));
+        }
+    }
+    steps.sort();
+    for (_, path) in steps.iter().rev().skip(keep) {
+        std::fs::remove_dir_all(path)
+            .with_context(|| format!("cannot remove old checkpoint {}", path.display()))?;
+    }
+    Ok(())
 }
 
 /// The first `steps` lines of an existing metrics.jsonl (a resumed run rewrites the rest).
