@@ -5,6 +5,7 @@
 //! leaves a partial one.
 
 use crate::params::ParamLayout;
+use crate::safetensors_writer::{write_f32_safetensors, F32Tensor};
 use anyhow::{bail, Context, Result};
 use safetensors::{Dtype, SafeTensors};
 use std::path::Path;
@@ -81,20 +82,16 @@ pub fn save_moments(path: &Path, m: &[f32], v: &[f32]) -> Result<()> {
     if m.len() != v.len() {
         bail!("AdamW moments of {} and {} values", m.len(), v.len());
     }
-    let views = MOMENTS
+    let tensors: Vec<F32Tensor> = MOMENTS
         .iter()
         .zip([m, v])
-        .map(|(name, x)| {
-            let view = safetensors::tensor::TensorView::new(
-                Dtype::F32,
-                vec![x.len()],
-                bytemuck::cast_slice(x),
-            )?;
-            Ok((*name, view))
+        .map(|(name, x)| F32Tensor {
+            name,
+            shape: vec![x.len()],
+            data: x,
         })
-        .collect::<Result<Vec<_>>>()?;
-    let bytes = safetensors::tensor::serialize(views, None)?;
-    std::fs::write(path, bytes).with_context(|| format!("cannot write {}", path.display()))
+        .collect();
+    write_f32_safetensors(path, &tensors, &[])
 }
 
 /// Reads the AdamW moments (m, v) of `n` parameters written by [`save_moments`]; errors name the

@@ -24,6 +24,7 @@ pub mod plot;
 pub mod prompt;
 pub mod rng;
 pub mod rollout;
+pub mod safetensors_writer;
 pub mod sampling;
 pub mod score;
 pub mod selfcheck;

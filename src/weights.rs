@@ -3,6 +3,7 @@
 
 use crate::config::ModelConfig;
 use crate::params::ParamLayout;
+use crate::safetensors_writer::{write_f32_safetensors, F32Tensor};
 use anyhow::{bail, Context, Result};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
@@ -164,25 +165,14 @@ fn convert_to_f32(dtype: Dtype, bytes: &[u8], dst: &mut [f32]) -> Result<()> {
 /// Writes every parameter of `layout` as an f32 `model.safetensors` in HF tensor names (a tied
 /// LM head is the embedding and is not written twice, as transformers expects).
 pub fn save_params(path: &Path, layout: &ParamLayout, params: &[f32]) -> Result<()> {
-    let bytes: Vec<Vec<u8>> = layout
+    let tensors: Vec<F32Tensor> = layout
         .specs
         .iter()
-        .map(|s| bytemuck::cast_slice(&params[s.range()]).to_vec())
-        .collect();
-    let views: Vec<(&str, safetensors::tensor::TensorView)> = layout
-        .specs
-        .iter()
-        .zip(&bytes)
-        .map(|(s, b)| {
-            Ok((
-                s.name.as_str(),
-                safetensors::tensor::TensorView::new(Dtype::F32, s.shape.clone(), b)?,
-            ))
+        .map(|s| F32Tensor {
+            name: &s.name,
+            shape: s.shape.clone(),
+            data: &params[s.range()],
         })
-        .collect::<Result<_>>()?;
-    let mut meta = std::collections::HashMap::new();
-    meta.insert("format".to_string(), "pt".to_string());
-    // Serialised in memory and written with std::fs, so the file gets the usual permissions.
-    let bytes = safetensors::tensor::serialize(views, Some(meta))?;
-    std::fs::write(path, bytes).with_context(|| format!("cannot write {}", path.display()))
+        .collect();
+    write_f32_safetensors(path, &tensors, &[("format", "pt")])
 }
