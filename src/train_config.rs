@@ -127,6 +127,9 @@ pub struct OptimConfig {
     pub min_lr_ratio: f64,
     /// Global grad-norm clip; 0 = off.
     pub grad_clip: f64,
+    /// Keep the f32 master weights and AdamW moments in host memory and update them on the
+    /// CPU (`train::optimizer`): 12 bytes per parameter off the device.
+    pub offload: bool,
 }
 
 impl Default for OptimConfig {
@@ -141,6 +144,7 @@ impl Default for OptimConfig {
             decay: LrDecay::Cosine,
             min_lr_ratio: 0.0,
             grad_clip: 1.0,
+            offload: false,
         }
     }
 }

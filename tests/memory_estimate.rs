@@ -116,6 +116,7 @@ fn measure(
         prompt,
         completion,
         false,
+        false,
         model.head_chunk_bytes,
     );
     (peak, estimate.update)

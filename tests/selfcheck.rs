@@ -91,6 +91,19 @@ impl Backend for TestDevice {
     fn download(&self, buf: View<'_>) -> anyhow::Result<Vec<f32>> {
         Ok(buf.data.to_vec())
     }
+    fn storage_bytes(&self) -> usize {
+        if self.bf16 {
+            2
+        } else {
+            4
+        }
+    }
+    fn upload_into(&self, dst: ViewMut<'_>, host: &[f32]) -> anyhow::Result<()> {
+        anyhow::ensure!(dst.data.len() == host.len(), "upload_into: length");
+        dst.data.copy_from_slice(host);
+        dst.store();
+        Ok(())
+    }
     fn len(&self, buf: &Buf) -> usize {
         buf.data.len()
     }

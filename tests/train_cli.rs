@@ -235,6 +235,35 @@ fn both_old_logp_modes_train_and_log_a_small_gap() {
     }
 }
 
+/// With the optimizer offloaded to host memory the CPU run is the same run bit for bit (the same
+/// AdamW arithmetic; on the CPU the device is the host), and it resumes from its checkpoint.
+#[test]
+fn offloaded_optimizer_trains_the_same_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (plain, offloaded) = (tmp.path().join("plain"), tmp.path().join("offloaded"));
+    let steps = ["--set", "steps=3", "--set", "checkpoint_every=1"];
+    assert!(train(&plain, &steps).status.success());
+    let offload = ["--set", "optim.offload=true"];
+    let o = train(
+        &offloaded,
+        &[&steps[..], &offload, &["--stop-after", "2"]].concat(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("in host memory (the offloaded optimizer)"));
+    let checkpoint = offloaded.join("step-000002");
+    let resume = ["--resume", checkpoint.to_str().unwrap()];
+    let o = train(&offloaded, &[&steps[..], &offload, &resume].concat());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for (x, y) in metrics(&plain).into_iter().zip(metrics(&offloaded)) {
+        assert_eq!(without_timings(x), without_timings(y));
+    }
+    for file in ["model.safetensors", "optimizer.safetensors"] {
+        let a = std::fs::read(plain.join("step-000003").join(file)).unwrap();
+        let b = std::fs::read(offloaded.join("step-000003").join(file)).unwrap();
+        assert!(a == b, "{file} differs");
+    }
+}
+
 /// `keep_checkpoints = 2` leaves the two newest checkpoint folders and nothing else of the
 /// older ones.
 #[test]

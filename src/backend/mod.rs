@@ -142,6 +142,9 @@ pub trait Backend: Send + Sync {
     fn zeros(&self, len: usize) -> Result<Self::Buf>;
     fn upload(&self, host: &[f32]) -> Result<Self::Buf>;
     fn download(&self, buf: Self::View<'_>) -> Result<Vec<f32>>;
+    /// dst[:] = host, in dst's storage type (CUDA: bf16, rounded to nearest even, or f32), in
+    /// order with the ops before it.
+    fn upload_into(&self, dst: Self::ViewMut<'_>, host: &[f32]) -> Result<()>;
 
     /// A zero-filled buffer that stays f32 on every backend (log-probs, statistics, logits that
     /// feed a softmax). Backends that store activations in a narrower type (CUDA: bf16) keep

@@ -151,6 +151,7 @@ fn run<B: TrainBackend>(
         args.prompt_len,
         t,
         false,
+        false,
         crate::model::HEAD_CHUNK_BYTES,
     );
     let mut model = Model::random(cfg.clone(), args.seed, backend)?;

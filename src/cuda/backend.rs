@@ -640,6 +640,27 @@ impl Backend for CudaBackend {
         self.upload_bytes(host, DType::F32)
     }
 
+    fn upload_into(&self, dst: CudaViewMut<'_>, host: &[f32]) -> Result<()> {
+        ensure!(
+            dst.len == host.len(),
+            "upload_into: {} values into a view of {}",
+            host.len(),
+            dst.len
+        );
+        self.k.ctx.bind_to_thread()?;
+        let stream = self.k.stream.cu_stream();
+        // SAFETY: the view holds dst.len values of its dtype, the size of one element of the
+        // slice copied; from pageable memory the driver has staged the slice before returning.
+        match dst.dtype {
+            DType::F32 => unsafe { drv::memcpy_htod_async(dst.ptr, host, stream) },
+            DType::Bf16 => {
+                let narrow: Vec<bf16> = host.par_iter().map(|&v| bf16::from_f32(v)).collect();
+                unsafe { drv::memcpy_htod_async(dst.ptr, &narrow, stream) }
+            }
+        }
+        .context("copying to the GPU")
+    }
+
     fn download(&self, buf: CudaView<'_>) -> Result<Vec<f32>> {
         self.synchronize()?;
         let stream = self.k.stream.cu_stream();

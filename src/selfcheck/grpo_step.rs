@@ -2,7 +2,8 @@
 //! batch of two groups of two completions with rewards, the group advantages, the clipped loss
 //! with the k3 KL fused with the head's backward, global-norm clipping and AdamW. Compares the
 //! loss, the gradient norm and the change of every master weight, with the device's update run
-//! in one pass and in micro-batches of one completion (four passes whose gradients add up).
+//! in one pass, in micro-batches of one completion (four passes whose gradients add up), and
+//! with the optimizer offloaded to host memory.
 //!
 //! One epoch: a second one would start from weights that differ by design (the device computes
 //! with bf16 copies of the master weights, and an update of 1e-4 is below the bf16 spacing of a
@@ -28,6 +29,11 @@ use anyhow::Result;
 /// clip factor moves the update by ~30 %, a wrong sign or a lost KL term by order 1.
 pub const TOL_GRPO_STEP: f64 = 3e-2;
 
+/// The weights the model computes with after the step against the new master weights rounded
+/// to the device's storage type: both are the same rounding of the same f32 values, so any
+/// difference is a copy the step did not rewrite (a stale copy differs by ~1e-3 here).
+pub const TOL_WEIGHTS_COPY: f64 = 1e-7;
+
 const TEMPERATURE: f32 = 0.7;
 
 /// The inputs both backends share.
@@ -40,11 +46,14 @@ struct StepInputs {
     loss: LossOptions,
 }
 
-/// What one update gave: last epoch's loss, the gradient norm and master weights after − before.
+/// What one update gave: last epoch's loss, the gradient norm, master weights after − before,
+/// and how far the weights the model computes with are from the new master weights in the
+/// device's storage type (0: the step rewrote them all).
 struct StepOutcome {
     loss: f64,
     grad_norm: f64,
     update: Vec<f32>,
+    copy_error: f64,
 }
 
 fn run_update<B: TrainBackend>(
@@ -54,11 +63,12 @@ fn run_update<B: TrainBackend>(
     eps: f64,
     grad_clip: f64,
     micro_batch: usize,
+    offload: bool,
 ) -> Result<StepOutcome> {
     let n = host.len();
     let seqs: Vec<(&[u32], &[u32])> = inputs.seqs.iter().map(|(p, q)| (&p[..], &q[..])).collect();
-    let mut opt =
-        DeviceOptimizer::new(&model.backend, &AdamW::new(n, 0.9, 0.999, eps, 0.01), host)?;
+    let adam = AdamW::new(n, 0.9, 0.999, eps, 0.01);
+    let mut opt = DeviceOptimizer::with_placement(&model.backend, adam, host.to_vec(), offload)?;
     let result = policy_update(
         &mut model,
         &mut opt,
@@ -85,11 +95,20 @@ fn run_update<B: TrainBackend>(
         !result.skipped,
         "the update was skipped (non-finite loss or gradient)"
     );
-    let after = opt.master_weights(&model.backend)?;
+    let b = &model.backend;
+    let after = opt.master_weights(b)?;
+    let stored: Vec<f32> = match b.storage_bytes() {
+        2 => after
+            .iter()
+            .map(|&w| half::bf16::from_f32(w).to_f32())
+            .collect(),
+        _ => after.clone(),
+    };
     Ok(StepOutcome {
         loss: result.loss,
         grad_norm: result.grad_norm,
         update: after.iter().zip(host).map(|(a, b)| a - b).collect(),
+        copy_error: rel_error(&b.download(b.full(&model.params))?, &stored),
     })
 }
 
@@ -140,6 +159,7 @@ pub(super) fn grpo_step_check<D: TrainBackend>(c: &mut Checker<D>) -> Result<()>
         1e-8,
         0.0,
         0,
+        false,
     )?;
     let eps = probe.grad_norm / (host.len() as f64).sqrt();
     let clip = probe.grad_norm / 2.0;
@@ -150,6 +170,7 @@ pub(super) fn grpo_step_check<D: TrainBackend>(c: &mut Checker<D>) -> Result<()>
         eps,
         clip,
         0,
+        false,
     )?;
 
     let scored = batch.rows.len();
@@ -163,17 +184,24 @@ pub(super) fn grpo_step_check<D: TrainBackend>(c: &mut Checker<D>) -> Result<()>
         scored
     );
     // The whole batch in one pass, then one completion per pass (the gradients of four passes
-    // added up on the device), each against the CPU's one pass.
-    for (check, micro_batch) in [("grpo step", 0), ("grpo step micro-batched", 1)] {
+    // added up on the device), then with the master weights and moments in host memory (AdamW
+    // on the CPU, the new weights uploaded into the device's bf16 copy); each against the CPU's
+    // one pass.
+    for (check, micro_batch, offload) in [
+        ("grpo step", 0, false),
+        ("grpo step micro-batched", 1, false),
+        ("grpo step offloaded optimizer", 0, true),
+    ] {
         let result = (|| -> Result<StepOutcome> {
             let dev_model = Model::from_host(cfg.clone(), &host, (c.make_device)()?)?;
-            run_update(dev_model, &host, &inputs, eps, clip, micro_batch)
+            run_update(dev_model, &host, &inputs, eps, clip, micro_batch, offload)
         })();
-        let rows: [(&str, Result<f64, String>); 3] = match &result {
+        let rows: [(&str, Result<f64, String>, f64); 4] = match &result {
             Ok(got) => [
                 (
                     "loss",
                     Ok(rel_error(&[got.loss as f32], &[reference.loss as f32])),
+                    TOL_GRPO_STEP,
                 ),
                 (
                     "grad_norm",
@@ -181,19 +209,26 @@ pub(super) fn grpo_step_check<D: TrainBackend>(c: &mut Checker<D>) -> Result<()>
                         &[got.grad_norm as f32],
                         &[reference.grad_norm as f32],
                     )),
+                    TOL_GRPO_STEP,
                 ),
-                ("update", Ok(rel_error(&got.update, &reference.update))),
+                (
+                    "update",
+                    Ok(rel_error(&got.update, &reference.update)),
+                    TOL_GRPO_STEP,
+                ),
+                ("weights", Ok(got.copy_error), TOL_WEIGHTS_COPY),
             ],
             Err(e) => {
                 let m = format!("{e:#}");
                 [
-                    ("loss", Err(m.clone())),
-                    ("grad_norm", Err(m.clone())),
-                    ("update", Err(m)),
+                    ("loss", Err(m.clone()), TOL_GRPO_STEP),
+                    ("grad_norm", Err(m.clone()), TOL_GRPO_STEP),
+                    ("update", Err(m.clone()), TOL_GRPO_STEP),
+                    ("weights", Err(m), TOL_WEIGHTS_COPY),
                 ]
             }
         };
-        for (name, row) in rows {
+        for (name, row, tolerance) in rows {
             let (error, message) = match row {
                 Ok(e) => (e, None),
                 Err(m) => (f64::NAN, Some(m)),
@@ -203,7 +238,7 @@ pub(super) fn grpo_step_check<D: TrainBackend>(c: &mut Checker<D>) -> Result<()>
                 shape.clone(),
                 "rel",
                 error,
-                TOL_GRPO_STEP,
+                tolerance,
                 message,
             );
         }

@@ -12,8 +12,11 @@ const GIB: f64 = (1u64 << 30) as f64;
 pub struct TrainMemory {
     /// The weights the model computes with, and the reference policy's copy (β > 0).
     pub weights: usize,
-    /// f32 master weights, both AdamW moments and the gradient buffer.
+    /// On the device: the f32 gradient buffer, and the f32 master weights and both AdamW
+    /// moments unless offloaded.
     pub optimizer: usize,
+    /// In host memory: the offloaded master weights and moments (0 without offload).
+    pub host: usize,
     /// The rollout of all sequences: KV cache, logits.
     pub rollout: usize,
     /// One micro-batch's pass of the update: every layer's saved activations, the KV cache,
@@ -40,6 +43,7 @@ impl TrainMemory {
         prompt_len: usize,
         cap: usize,
         reference: bool,
+        offload: bool,
         head_chunk_bytes: usize,
     ) -> TrainMemory {
         let micro_batch = if micro_batch == 0 {
@@ -75,7 +79,8 @@ impl TrainMemory {
         let update = layers * per_layer + kv_cache(tokens) + head + backward;
         TrainMemory {
             weights: n * storage_bytes * if reference { 2 } else { 1 },
-            optimizer: n * 4 * 4,
+            optimizer: if offload { n * 4 } else { n * 4 * 4 },
+            host: if offload { n * 4 * 3 } else { 0 },
             rollout,
             update,
             sequences,
@@ -97,10 +102,18 @@ impl TrainMemory {
     /// memory than it needs.
     pub fn check(&self, device: &str, free: Option<usize>) -> Result<()> {
         let gib = |b: usize| b as f64 / GIB;
+        let host = if self.host > 0 {
+            format!(
+                "; {:.2} GiB in host memory (the offloaded optimizer)",
+                gib(self.host)
+            )
+        } else {
+            String::new()
+        };
         eprintln!(
             "memory estimate ({device}): weights {:.2} GiB, optimizer {:.2} GiB, activations \
              {:.2} GiB (rollout {:.2}, update pass {:.2}) for {} sequences of ≤ {} tokens, \
-             updated {} at a time; total {:.2} GiB{}",
+             updated {} at a time; total {:.2} GiB{}{host}",
             gib(self.weights),
             gib(self.optimizer),
             gib(self.activations()),
@@ -180,7 +193,7 @@ mod tests {
         )
         .unwrap();
         let n = crate::params::ParamLayout::new(&cfg).total_len();
-        let m = TrainMemory::estimate(&cfg, 2, 3, 0, 2, 3, true, 1 << 30);
+        let m = TrainMemory::estimate(&cfg, 2, 3, 0, 2, 3, true, false, 1 << 30);
         assert_eq!(m.weights, 2 * n * 2);
         assert_eq!(m.optimizer, 16 * n);
         let tokens = 15;
@@ -192,7 +205,7 @@ mod tests {
         assert_eq!(m.rollout, kv_cache + 3 * 10 * 4);
         assert_eq!(m.total(), m.weights + m.optimizer + m.update);
         // Logits 4 rows at a time (160 bytes): the head holds 4 rows of logits, not 9.
-        let chunked = TrainMemory::estimate(&cfg, 2, 3, 3, 2, 3, true, 160);
+        let chunked = TrainMemory::estimate(&cfg, 2, 3, 3, 2, 3, true, false, 160);
         let head_chunked = 4 * 10 * (4 + 2) + 9 * 4 * 8 * 2;
         assert_eq!(
             chunked.update,
@@ -215,16 +228,18 @@ mod tests {
     #[test]
     fn estimate_counts_one_micro_batch_of_the_update() {
         let cfg = small_config();
-        let m = TrainMemory::estimate(&cfg, 2, 6, 2, 2, 3, false, 1 << 30);
-        let whole_of_two = TrainMemory::estimate(&cfg, 2, 2, 0, 2, 3, false, 1 << 30);
+        let m = TrainMemory::estimate(&cfg, 2, 6, 2, 2, 3, false, false, 1 << 30);
+        let whole_of_two = TrainMemory::estimate(&cfg, 2, 2, 0, 2, 3, false, false, 1 << 30);
         let rollout = 2 * 30 * 2 * 4 * 2 + 6 * 10 * 4; // cache of 30 tokens, one logits row each
         assert_eq!(m.micro_batch, 2);
         assert_eq!((m.update, m.rollout), (whole_of_two.update, rollout));
         assert_eq!(m.activations(), m.update.max(rollout));
-        assert!(m.update < TrainMemory::estimate(&cfg, 2, 6, 0, 2, 3, false, 1 << 30).update);
+        assert!(
+            m.update < TrainMemory::estimate(&cfg, 2, 6, 0, 2, 3, false, false, 1 << 30).update
+        );
         // A micro-batch larger than the step is the step.
         assert_eq!(
-            TrainMemory::estimate(&cfg, 2, 6, 9, 2, 3, false, 1 << 30).micro_batch,
+            TrainMemory::estimate(&cfg, 2, 6, 9, 2, 3, false, false, 1 << 30).micro_batch,
             6
         );
     }
@@ -233,7 +248,8 @@ mod tests {
     #[test]
     fn micro_batch_takes_the_fewest_passes_that_fit() {
         let cfg = small_config();
-        let estimate = |micro| TrainMemory::estimate(&cfg, 2, 100, micro, 20, 30, true, 1 << 30);
+        let estimate =
+            |micro| TrainMemory::estimate(&cfg, 2, 100, micro, 20, 30, true, false, 1 << 30);
         let need = |micro| estimate(micro).total();
         assert!(
             need(33) < need(34),
@@ -258,7 +274,7 @@ mod tests {
     /// Not enough free memory is an error that names the micro-batch and the sequences.
     #[test]
     fn check_fails_when_the_estimate_exceeds_the_free_memory() {
-        let m = TrainMemory::estimate(&small_config(), 2, 6, 2, 2, 3, false, 1 << 30);
+        let m = TrainMemory::estimate(&small_config(), 2, 6, 2, 2, 3, false, false, 1 << 30);
         assert!(m.check("test", Some(m.total())).is_ok());
         assert!(m.check("test", None).is_ok());
         let err = m
@@ -269,5 +285,18 @@ mod tests {
             err.contains("micro_batch (now 2") && err.contains("= 6)"),
             "{err}"
         );
+    }
+
+    /// Offloading moves the master weights and both moments (12 bytes per parameter) from the
+    /// device to the host; the gradient buffer (4 bytes) stays.
+    #[test]
+    fn offload_moves_twelve_bytes_per_parameter_to_the_host() {
+        let cfg = small_config();
+        let n = crate::params::ParamLayout::new(&cfg).total_len();
+        let on = TrainMemory::estimate(&cfg, 2, 6, 2, 2, 3, false, false, 1 << 30);
+        let off = TrainMemory::estimate(&cfg, 2, 6, 2, 2, 3, false, true, 1 << 30);
+        assert_eq!((on.optimizer, on.host), (16 * n, 0));
+        assert_eq!((off.optimizer, off.host), (4 * n, 12 * n));
+        assert_eq!(on.total() - off.total(), 12 * n);
     }
 }

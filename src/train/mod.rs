@@ -27,7 +27,7 @@ use crate::tokenizer::Tokenizer;
 use crate::train_config::{OldLogp, TrainConfig};
 use anyhow::{bail, Context, Result};
 use metrics::{mean, quantile, std, StepMetrics};
-use optimizer::DeviceOptimizer;
+use optimizer::{DeviceOptimizer, OptimizerSnapshot};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -267,6 +267,7 @@ fn train_on<B: TrainBackend>(
             prompt_len,
             cfg.cap_at(&state.curriculum, state.step),
             cfg.loss.beta > 0.0,
+            cfg.optim.offload,
             crate::model::HEAD_CHUNK_BYTES,
         )
     };
@@ -309,8 +310,9 @@ fn train_on<B: TrainBackend>(
     } = state;
     let host = crate::weights::load_params(weights_dir, &model_cfg, &layout)?;
     let mut model = Model::from_host(model_cfg, &host, backend)?;
-    let mut opt = DeviceOptimizer::new(&model.backend, &optimizer, &host)?;
-    drop((host, optimizer));
+    // The host vectors become the offloaded optimizer's state, or are dropped once uploaded.
+    let mut opt =
+        DeviceOptimizer::with_placement(&model.backend, optimizer, host, cfg.optim.offload)?;
     // The reference policy is the model at the start of training (β = 0 keeps none): its weights
     // in a second buffer, swapped into the model for its forward pass.
     let mut reference_params = if cfg.loss.beta > 0.0 {
@@ -544,17 +546,17 @@ fn train_on<B: TrainBackend>(
         if (cfg.checkpoint_every > 0 && current_step % cfg.checkpoint_every == 0)
             || current_step == last
         {
-            let b = &model.backend;
+            let snapshot = opt.snapshot(&model.backend)?;
             let state = TrainerState {
                 step: current_step,
                 curriculum: curriculum.clone(),
-                optimizer: opt.state(b)?,
+                optimizer: snapshot.hyper.clone(),
             };
             save_checkpoint(
                 &out.join(format!("step-{current_step:06}")),
                 inputs,
                 &model.layout,
-                &opt.master_weights(b)?,
+                &snapshot,
                 &state,
             )?;
             if cfg.keep_checkpoints > 0 {
@@ -633,19 +635,18 @@ fn longest_prompt(tok: &Tokenizer, inputs: &TrainInputs, budget: usize) -> Resul
         .unwrap_or(0))
 }
 
-/// Writes weights, tokenizer files, the optimizer's moments and the trainer state, atomically.
-/// params: the f32 master weights, [N] in `layout` order.
+/// Writes weights (the f32 master weights of `optimizer`, [N] in `layout` order), tokenizer
+/// files, the optimizer's moments and the trainer state, atomically.
 pub fn save_checkpoint(
     dir: &Path,
     inputs: &TrainInputs,
     layout: &ParamLayout,
-    params: &[f32],
+    optimizer: &OptimizerSnapshot,
     state: &TrainerState,
 ) -> Result<()> {
     write_folder_atomically(dir, |tmp| {
-        write_model_files(tmp, &inputs.model_dir, layout, params)?;
-        let o = &state.optimizer;
-        save_moments(&tmp.join(OPTIMIZER_FILE), &o.m, &o.v)?;
+        write_model_files(tmp, &inputs.model_dir, layout, &optimizer.master)?;
+        save_moments(&tmp.join(OPTIMIZER_FILE), &optimizer.m, &optimizer.v)?;
         let json = serde_json::to_string(state)?;
         std::fs::write(tmp.join("trainer_state.json"), json)
             .with_context(|| format!("cannot write {}", tmp.join("trainer_state.json").display()))

@@ -1,28 +1,67 @@
-//! AdamW on the model's device: the f32 master weights, both moments and the gradient buffer
-//! live beside the model (CUDA: the model computes with a bf16 copy that every step rewrites),
-//! so a step moves no parameter data to the host. The host-side [`AdamW`] is the checkpoint
-//! format and holds the hyper-parameters and the step count.
+//! AdamW for training: by default on the model's device, where the f32 master weights, both
+//! moments and the gradient buffer live beside the model (CUDA: the model computes with a bf16
+//! copy that every step rewrites), so a step moves no parameter data to the host. With
+//! `offload`, the master weights and moments (12 bytes per parameter) stay in host memory
+//! instead: each step brings the gradients over a chunk at a time, updates on the CPU
+//! (`AdamWStep::update`, the same arithmetic) and writes the new weights back into the model.
+//! The host-side [`AdamW`] holds the hyper-parameters and the step count.
 
 use crate::backend::TrainBackend;
 use crate::model::Model;
-use crate::optim::AdamW;
+use crate::optim::{AdamW, AdamWStep};
 use anyhow::{bail, Result};
+use rayon::prelude::*;
+use std::borrow::Cow;
+
+/// Parameters per transfer of an offloaded step: 64 Mi (256 MiB of f32 gradients on the host at
+/// a time).
+const OFFLOAD_CHUNK: usize = 1 << 26;
+
+/// Where the master weights and the moments live: [N] f32 each.
+enum OptimizerState<B: TrainBackend> {
+    Device {
+        master: B::Buf,
+        m: B::Buf,
+        v: B::Buf,
+    },
+    Host {
+        master: Vec<f32>,
+        m: Vec<f32>,
+        v: Vec<f32>,
+        /// Parameters per transfer of a step (OFFLOAD_CHUNK; smaller in tests).
+        chunk: usize,
+    },
+}
 
 pub struct DeviceOptimizer<B: TrainBackend> {
     /// Hyper-parameters and updates taken; its `m` and `v` are empty (the moments are below).
     hyper: AdamW,
-    master: B::Buf, // [N] f32 master weights
-    m: B::Buf,      // [N] f32 first moment
-    v: B::Buf,      // [N] f32 second moment
-    /// d(loss)/d(params) of the last backward pass: [N] f32.
+    state: OptimizerState<B>,
+    /// d(loss)/d(params) of the last backward pass: [N] f32, on the device.
     pub grads: B::Buf,
     /// [hi, lo] of the last sum of squares (f32 [2]).
     sum_squares: B::Buf,
 }
 
+/// The optimizer's state for a checkpoint: borrowed where it is in host memory already.
+pub struct OptimizerSnapshot<'a> {
+    /// Hyper-parameters and step count (no moments).
+    pub hyper: AdamW,
+    pub master: Cow<'a, [f32]>,
+    pub m: Cow<'a, [f32]>,
+    pub v: Cow<'a, [f32]>,
+}
+
 impl<B: TrainBackend> DeviceOptimizer<B> {
-    /// Starts from `state` (fresh or from a checkpoint) with master weights `params`: [N].
+    /// Starts from `state` (fresh or from a checkpoint) with master weights `params`: [N], on
+    /// the device.
     pub fn new(b: &B, state: &AdamW, params: &[f32]) -> Result<Self> {
+        Self::with_placement(b, state.clone(), params.to_vec(), false)
+    }
+
+    /// [`DeviceOptimizer::new`] taking the host state over: with `offload` the master weights
+    /// and moments stay in host memory, in these very vectors (no copy of a 7B model's 85 GiB).
+    pub fn with_placement(b: &B, state: AdamW, params: Vec<f32>, offload: bool) -> Result<Self> {
         let n = params.len();
         if state.m.len() != n || state.v.len() != n {
             bail!(
@@ -30,19 +69,49 @@ impl<B: TrainBackend> DeviceOptimizer<B> {
                 state.m.len()
             );
         }
+        let AdamW {
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+            t,
+            m,
+            v,
+        } = state;
         let hyper = AdamW {
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+            t,
             m: Vec::new(),
             v: Vec::new(),
-            ..state.clone()
+        };
+        let placed = if offload {
+            OptimizerState::Host {
+                master: params,
+                m,
+                v,
+                chunk: OFFLOAD_CHUNK,
+            }
+        } else {
+            OptimizerState::Device {
+                master: b.upload_f32(&params)?,
+                m: b.upload_f32(&m)?,
+                v: b.upload_f32(&v)?,
+            }
         };
         Ok(DeviceOptimizer {
             hyper,
-            master: b.upload_f32(params)?,
-            m: b.upload_f32(&state.m)?,
-            v: b.upload_f32(&state.v)?,
+            state: placed,
             grads: b.zeros_f32(n)?,
             sum_squares: b.zeros_f32(2)?,
         })
+    }
+
+    /// Whether the master weights and moments are in host memory.
+    pub fn offloaded(&self) -> bool {
+        matches!(self.state, OptimizerState::Host { .. })
     }
 
     /// Zeroes the gradient buffer before a backward pass (which accumulates).
@@ -58,32 +127,102 @@ impl<B: TrainBackend> DeviceOptimizer<B> {
     }
 
     /// One AdamW update of `model`'s weights from the gradients times `grad_scale`.
-    pub fn step(&mut self, model: &mut Model<B>, lr: f64, grad_scale: f32) {
+    pub fn step(&mut self, model: &mut Model<B>, lr: f64, grad_scale: f32) -> Result<()> {
         let step = self.hyper.next_step(lr, grad_scale);
         let b = &model.backend;
-        b.adamw_step(
-            b.full_mut(&mut model.params),
-            b.full_mut(&mut self.master),
-            b.full_mut(&mut self.m),
-            b.full_mut(&mut self.v),
-            b.full(&self.grads),
-            &step,
-        );
+        match &mut self.state {
+            OptimizerState::Device { master, m, v } => {
+                b.adamw_step(
+                    b.full_mut(&mut model.params),
+                    b.full_mut(master),
+                    b.full_mut(m),
+                    b.full_mut(v),
+                    b.full(&self.grads),
+                    &step,
+                );
+                Ok(())
+            }
+            OptimizerState::Host {
+                master,
+                m,
+                v,
+                chunk,
+            } => {
+                for start in (0..master.len()).step_by(*chunk) {
+                    let r = start..(start + *chunk).min(master.len());
+                    let grads = b.download(b.view(&self.grads, r.clone()))?;
+                    host_adamw(
+                        &mut master[r.clone()],
+                        &mut m[r.clone()],
+                        &mut v[r.clone()],
+                        &grads,
+                        &step,
+                    );
+                    b.upload_into(b.view_mut(&mut model.params, r.clone()), &master[r])?;
+                }
+                Ok(())
+            }
+        }
     }
 
     /// The master weights, on the host: [N].
     pub fn master_weights(&self, b: &B) -> Result<Vec<f32>> {
-        b.download(b.full(&self.master))
+        Ok(self.snapshot_part(b, Part::Master)?.into_owned())
     }
 
-    /// The whole optimizer state, on the host (for a checkpoint).
+    /// The whole optimizer state, on the host.
     pub fn state(&self, b: &B) -> Result<AdamW> {
         Ok(AdamW {
-            m: b.download(b.full(&self.m))?,
-            v: b.download(b.full(&self.v))?,
+            m: self.snapshot_part(b, Part::M)?.into_owned(),
+            v: self.snapshot_part(b, Part::V)?.into_owned(),
             ..self.hyper.clone()
         })
     }
+
+    /// Everything a checkpoint needs, copied to the host only where it is on the device.
+    pub fn snapshot(&self, b: &B) -> Result<OptimizerSnapshot<'_>> {
+        Ok(OptimizerSnapshot {
+            hyper: self.hyper.clone(),
+            master: self.snapshot_part(b, Part::Master)?,
+            m: self.snapshot_part(b, Part::M)?,
+            v: self.snapshot_part(b, Part::V)?,
+        })
+    }
+
+    fn snapshot_part(&self, b: &B, part: Part) -> Result<Cow<'_, [f32]>> {
+        Ok(match &self.state {
+            OptimizerState::Device { master, m, v } => {
+                let buf = [master, m, v][part as usize];
+                Cow::Owned(b.download(b.full(buf))?)
+            }
+            OptimizerState::Host { master, m, v, .. } => {
+                Cow::Borrowed([master, m, v][part as usize])
+            }
+        })
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Part {
+    Master = 0,
+    M = 1,
+    V = 2,
+}
+
+/// `AdamWStep::update` of every element, in parallel over blocks (each element's arithmetic is
+/// the same whatever the split).
+fn host_adamw(master: &mut [f32], m: &mut [f32], v: &mut [f32], grads: &[f32], step: &AdamWStep) {
+    const BLOCK: usize = 1 << 16;
+    master
+        .par_chunks_mut(BLOCK)
+        .zip(m.par_chunks_mut(BLOCK))
+        .zip(v.par_chunks_mut(BLOCK))
+        .zip(grads.par_chunks(BLOCK))
+        .for_each(|(((w, m), v), g)| {
+            for (((w, m), v), &g) in w.iter_mut().zip(m).zip(v).zip(g) {
+                step.update(w, g, m, v);
+            }
+        });
 }
 
 #[cfg(test)]
@@ -94,11 +233,17 @@ mod tests {
     use crate::optim::clip_grad_norm;
     use crate::rng::Philox;
 
-    /// On the CPU, DeviceOptimizer (the backends' adamw_step with the clip factor fused in)
-    /// gives exactly what the host AdamW gives after clip_grad_norm, step after step: the
-    /// specification and the path every backend runs agree bit for bit.
+    /// On the CPU, DeviceOptimizer (the backends' adamw_step with the clip factor fused in, or
+    /// the offloaded host update in chunks) gives exactly what the host AdamW gives after
+    /// clip_grad_norm, step after step: the specification and both paths agree bit for bit.
     #[test]
     fn device_adamw_with_fused_clipping_equals_host_adamw_after_clipping() {
+        for offload in [false, true] {
+            adamw_matches_the_host_reference(offload);
+        }
+    }
+
+    fn adamw_matches_the_host_reference(offload: bool) {
         let cfg = ModelConfig::from_json_str(
             r#"{"model_type": "qwen2", "vocab_size": 50, "hidden_size": 16,
             "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
@@ -111,13 +256,20 @@ mod tests {
         let mut model = Model::from_host(cfg, &host, CpuBackend).unwrap();
         let state = AdamW::new(n, 0.9, 0.999, 1e-8, 0.1);
         let mut reference = (host.clone(), state.clone());
-        let mut opt = DeviceOptimizer::new(&CpuBackend, &state, &host).unwrap();
+        let mut opt =
+            DeviceOptimizer::with_placement(&CpuBackend, state.clone(), host.clone(), offload)
+                .unwrap();
+        assert_eq!(opt.offloaded(), offload);
+        if let OptimizerState::Host { chunk, .. } = &mut opt.state {
+            *chunk = n / 3 + 1; // three transfers, the last one shorter
+        }
         for step in 0..4 {
             let grads: Vec<f32> = (0..n).map(|_| rng.next_normal()).collect();
             opt.grads.copy_from_slice(&grads);
             let clip = if step % 2 == 0 { 1.0 } else { 1e3 }; // clipped, then not
             let norm = opt.grad_norm(&CpuBackend).unwrap();
-            opt.step(&mut model, 1e-3, crate::optim::clip_scale(norm, clip));
+            opt.step(&mut model, 1e-3, crate::optim::clip_scale(norm, clip))
+                .unwrap();
 
             let mut clipped = grads.clone();
             let host_norm = clip_grad_norm(&mut clipped, clip);

@@ -235,7 +235,7 @@ pub fn policy_update<B: TrainBackend>(
         let grad_norm = opt.grad_norm(b)?;
         let skipped = !(loss.is_finite() && grad_norm.is_finite());
         if !skipped {
-            opt.step(model, o.lr, clip_scale(grad_norm, o.grad_clip));
+            opt.step(model, o.lr, clip_scale(grad_norm, o.grad_clip))?;
         }
         last = Some((loss, stats, entropy, grad_norm, skipped));
         if skipped {

@@ -29,7 +29,7 @@ pub use swiglu::{swiglu_backward, swiglu_forward};
 use super::{Backend, GradWrite, PolicyTokens, TokenPlacement, TrainBackend};
 use crate::grpo::{AdvantageOptions, LossOptions};
 use crate::sampling::{SamplingParams, TokenDraws};
-use anyhow::Result;
+use anyhow::{bail, Result};
 use std::ops::Range;
 
 /// Elements per rayon task in the elementwise ops: per-element tasks cost more than the math.
@@ -60,6 +60,17 @@ impl Backend for CpuBackend {
     }
     fn download(&self, buf: &[f32]) -> Result<Vec<f32>> {
         Ok(buf.to_vec())
+    }
+    fn upload_into(&self, dst: &mut [f32], host: &[f32]) -> Result<()> {
+        if dst.len() != host.len() {
+            bail!(
+                "upload_into: {} values into a view of {}",
+                host.len(),
+                dst.len()
+            );
+        }
+        dst.copy_from_slice(host);
+        Ok(())
     }
     fn len(&self, buf: &Vec<f32>) -> usize {
         buf.len()
