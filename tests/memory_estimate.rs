@@ -13,7 +13,7 @@ use thinkshort::config::ModelConfig;
 use thinkshort::grpo::{AdvantageOptions, LossOptions};
 use thinkshort::model::Model;
 use thinkshort::optim::AdamW;
-use thinkshort::train::memory::TrainMemory;
+use thinkshort::train::memory::{RunShape, TrainMemory};
 use thinkshort::train::optimizer::DeviceOptimizer;
 use thinkshort::train::update::{policy_update, UpdateBatch, UpdateOptions};
 
@@ -111,13 +111,14 @@ fn measure(
     let estimate = TrainMemory::estimate(
         &cfg,
         model.backend.storage_bytes(),
-        sequences,
-        micro_batch,
-        prompt,
-        completion,
-        false,
-        false,
         model.head_chunk_bytes,
+        &RunShape {
+            sequences,
+            micro_batch,
+            prompt_len: prompt,
+            cap: completion,
+            ..RunShape::default()
+        },
     );
     (peak, estimate.update)
 }

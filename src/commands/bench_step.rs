@@ -17,7 +17,7 @@ use crate::model::Model;
 use crate::optim::AdamW;
 use crate::rng::{self, Philox};
 use crate::sampling::SamplingParams;
-use crate::train::memory::TrainMemory;
+use crate::train::memory::{RunShape, TrainMemory};
 use crate::train::optimizer::DeviceOptimizer;
 use crate::train::update::{policy_update, UpdateBatch, UpdateOptions};
 use anyhow::{bail, Context, Result};
@@ -146,13 +146,14 @@ fn run<B: TrainBackend>(
     let estimate = TrainMemory::estimate(
         cfg,
         backend.storage_bytes(),
-        p * g,
-        args.micro_batch,
-        args.prompt_len,
-        t,
-        false,
-        false,
         crate::model::HEAD_CHUNK_BYTES,
+        &RunShape {
+            sequences: p * g,
+            micro_batch: args.micro_batch,
+            prompt_len: args.prompt_len,
+            cap: t,
+            ..RunShape::default()
+        },
     );
     let mut model = Model::random(cfg.clone(), args.seed, backend)?;
     let host = model.backend.download(model.backend.full(&model.params))?;

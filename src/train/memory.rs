@@ -7,6 +7,26 @@ use anyhow::{bail, Result};
 
 const GIB: f64 = (1u64 << 30) as f64;
 
+/// The shapes of a run that decide what it holds at once, besides the model.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct RunShape {
+    /// Sequences of a step (P × G): the rollout holds all of them.
+    pub sequences: usize,
+    /// Sequences per forward and backward pass of the update (0: all of them).
+    pub micro_batch: usize,
+    /// The longest prompt, in tokens.
+    pub prompt_len: usize,
+    /// The generation cap: new tokens per sequence, every one scored by the update.
+    pub cap: usize,
+    /// Held-out evaluation: sequences decoded at once (0: no evaluation) and their cap.
+    pub eval_sequences: usize,
+    pub eval_cap: usize,
+    /// A reference policy's weights are kept (β > 0).
+    pub reference: bool,
+    /// The master weights and moments are in host memory (`optim.offload`).
+    pub offload: bool,
+}
+
 /// Bytes, by what holds them.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct TrainMemory {
@@ -22,6 +42,8 @@ pub struct TrainMemory {
     /// One micro-batch's pass of the update: every layer's saved activations, the KV cache,
     /// logits and the backward pass's scratch.
     pub update: usize,
+    /// The held-out evaluation's greedy decoding: KV cache, logits (0 without evaluation).
+    pub eval: usize,
     pub sequences: usize,
     /// Sequences per forward and backward pass of the update.
     pub micro_batch: usize,
@@ -29,28 +51,22 @@ pub struct TrainMemory {
 }
 
 impl TrainMemory {
-    /// For a rollout of `sequences` sequences of at most `prompt_len` + `cap` tokens, updated
-    /// `micro_batch` sequences at a time (0: all at once), of which the `cap` completion tokens
-    /// are scored (have logits, `head_chunk_bytes` of f32 logits at a time:
-    /// `Model::head_chunk_bytes`), activations stored in `storage_bytes` per value; f32 where the
-    /// model keeps f32 (log-sum-exp, logits).
-    #[allow(clippy::too_many_arguments)]
+    /// For `shape`, with activations stored in `storage_bytes` per value (f32 where the model
+    /// keeps f32: log-sum-exp, logits) and the head's logits made `head_chunk_bytes` of f32 at a
+    /// time (`Model::head_chunk_bytes`).
     pub fn estimate(
         cfg: &ModelConfig,
         storage_bytes: usize,
-        sequences: usize,
-        micro_batch: usize,
-        prompt_len: usize,
-        cap: usize,
-        reference: bool,
-        offload: bool,
         head_chunk_bytes: usize,
+        shape: &RunShape,
     ) -> TrainMemory {
-        let micro_batch = if micro_batch == 0 {
+        let sequences = shape.sequences;
+        let micro_batch = if shape.micro_batch == 0 {
             sequences
         } else {
-            micro_batch.min(sequences)
+            shape.micro_batch.min(sequences)
         };
+        let (prompt_len, cap) = (shape.prompt_len, shape.cap);
         let seq_len = prompt_len + cap;
         let n = crate::params::ParamLayout::new(cfg).total_len();
         let (h, i, v, layers) = (
@@ -61,8 +77,11 @@ impl TrainMemory {
         );
         let (q, kv) = (cfg.q_dim(), cfg.kv_dim());
         let kv_cache = |tokens: usize| layers * tokens * 2 * kv * storage_bytes;
-        // Rollout: the cache and one row of f32 logits per sequence.
-        let rollout = kv_cache(sequences * seq_len) + sequences * v * 4;
+        // Decoding (the rollout, the evaluation): the cache and one row of f32 logits per
+        // sequence.
+        let decode = |seqs: usize, len: usize| kv_cache(seqs * len) + seqs * v * 4;
+        let rollout = decode(sequences, seq_len);
+        let eval = decode(shape.eval_sequences, prompt_len + shape.eval_cap);
         // Update, per micro-batch: LayerActs per layer (5 of [M, H], q and attention output, k
         // and v, gate, up and act, f32 lse), the head (one chunk of rows' f32 logits and their
         // gradient; for every scored row the normed and unnormed rows and their gradients) and
@@ -78,20 +97,22 @@ impl TrainMemory {
             + tokens * 2 * kv * storage_bytes;
         let update = layers * per_layer + kv_cache(tokens) + head + backward;
         TrainMemory {
-            weights: n * storage_bytes * if reference { 2 } else { 1 },
-            optimizer: if offload { n * 4 } else { n * 4 * 4 },
-            host: if offload { n * 4 * 3 } else { 0 },
+            weights: n * storage_bytes * if shape.reference { 2 } else { 1 },
+            optimizer: if shape.offload { n * 4 } else { n * 4 * 4 },
+            host: if shape.offload { n * 4 * 3 } else { 0 },
             rollout,
             update,
+            eval,
             sequences,
             micro_batch,
             seq_len,
         }
     }
 
-    /// The activations: the larger of the rollout and a pass of the update (one at a time).
+    /// The activations: the largest of the rollout, a pass of the update and the evaluation
+    /// (one at a time).
     pub fn activations(&self) -> usize {
-        self.rollout.max(self.update)
+        self.rollout.max(self.update).max(self.eval)
     }
 
     pub fn total(&self) -> usize {
@@ -112,13 +133,14 @@ impl TrainMemory {
         };
         eprintln!(
             "memory estimate ({device}): weights {:.2} GiB, optimizer {:.2} GiB, activations \
-             {:.2} GiB (rollout {:.2}, update pass {:.2}) for {} sequences of ≤ {} tokens, \
-             updated {} at a time; total {:.2} GiB{}{host}",
+             {:.2} GiB (rollout {:.2}, update pass {:.2}, evaluation {:.2}) for {} sequences of \
+             ≤ {} tokens, updated {} at a time; total {:.2} GiB{}{host}",
             gib(self.weights),
             gib(self.optimizer),
             gib(self.activations()),
             gib(self.rollout),
             gib(self.update),
+            gib(self.eval),
             self.sequences,
             self.seq_len,
             self.micro_batch,
@@ -181,6 +203,26 @@ pub fn micro_batch(
 mod tests {
     use super::*;
 
+    /// A run's shape without evaluation.
+    fn shape(
+        sequences: usize,
+        micro_batch: usize,
+        prompt_len: usize,
+        cap: usize,
+        reference: bool,
+        offload: bool,
+    ) -> RunShape {
+        RunShape {
+            sequences,
+            micro_batch,
+            prompt_len,
+            cap,
+            reference,
+            offload,
+            ..RunShape::default()
+        }
+    }
+
     /// The estimate, counted by hand for a small config: h = 8, I = 16, V = 10, 2 layers,
     /// 2 query heads and 1 KV head of 4 (q = 8, kv = 4), tied head; 3 sequences of 2 prompt and
     /// 3 completion tokens.
@@ -193,7 +235,7 @@ mod tests {
         )
         .unwrap();
         let n = crate::params::ParamLayout::new(&cfg).total_len();
-        let m = TrainMemory::estimate(&cfg, 2, 3, 0, 2, 3, true, false, 1 << 30);
+        let m = TrainMemory::estimate(&cfg, 2, 1 << 30, &shape(3, 0, 2, 3, true, false));
         assert_eq!(m.weights, 2 * n * 2);
         assert_eq!(m.optimizer, 16 * n);
         let tokens = 15;
@@ -205,7 +247,7 @@ mod tests {
         assert_eq!(m.rollout, kv_cache + 3 * 10 * 4);
         assert_eq!(m.total(), m.weights + m.optimizer + m.update);
         // Logits 4 rows at a time (160 bytes): the head holds 4 rows of logits, not 9.
-        let chunked = TrainMemory::estimate(&cfg, 2, 3, 3, 2, 3, true, false, 160);
+        let chunked = TrainMemory::estimate(&cfg, 2, 160, &shape(3, 3, 2, 3, true, false));
         let head_chunked = 4 * 10 * (4 + 2) + 9 * 4 * 8 * 2;
         assert_eq!(
             chunked.update,
@@ -228,18 +270,20 @@ mod tests {
     #[test]
     fn estimate_counts_one_micro_batch_of_the_update() {
         let cfg = small_config();
-        let m = TrainMemory::estimate(&cfg, 2, 6, 2, 2, 3, false, false, 1 << 30);
-        let whole_of_two = TrainMemory::estimate(&cfg, 2, 2, 0, 2, 3, false, false, 1 << 30);
+        let m = TrainMemory::estimate(&cfg, 2, 1 << 30, &shape(6, 2, 2, 3, false, false));
+        let whole_of_two =
+            TrainMemory::estimate(&cfg, 2, 1 << 30, &shape(2, 0, 2, 3, false, false));
         let rollout = 2 * 30 * 2 * 4 * 2 + 6 * 10 * 4; // cache of 30 tokens, one logits row each
         assert_eq!(m.micro_batch, 2);
         assert_eq!((m.update, m.rollout), (whole_of_two.update, rollout));
         assert_eq!(m.activations(), m.update.max(rollout));
         assert!(
-            m.update < TrainMemory::estimate(&cfg, 2, 6, 0, 2, 3, false, false, 1 << 30).update
+            m.update
+                < TrainMemory::estimate(&cfg, 2, 1 << 30, &shape(6, 0, 2, 3, false, false)).update
         );
         // A micro-batch larger than the step is the step.
         assert_eq!(
-            TrainMemory::estimate(&cfg, 2, 6, 9, 2, 3, false, false, 1 << 30).micro_batch,
+            TrainMemory::estimate(&cfg, 2, 1 << 30, &shape(6, 9, 2, 3, false, false)).micro_batch,
             6
         );
     }
@@ -248,8 +292,9 @@ mod tests {
     #[test]
     fn micro_batch_takes_the_fewest_passes_that_fit() {
         let cfg = small_config();
-        let estimate =
-            |micro| TrainMemory::estimate(&cfg, 2, 100, micro, 20, 30, true, false, 1 << 30);
+        let estimate = |micro| {
+            TrainMemory::estimate(&cfg, 2, 1 << 30, &shape(100, micro, 20, 30, true, false))
+        };
         let need = |micro| estimate(micro).total();
         assert!(
             need(33) < need(34),
@@ -274,7 +319,12 @@ mod tests {
     /// Not enough free memory is an error that names the micro-batch and the sequences.
     #[test]
     fn check_fails_when_the_estimate_exceeds_the_free_memory() {
-        let m = TrainMemory::estimate(&small_config(), 2, 6, 2, 2, 3, false, false, 1 << 30);
+        let m = TrainMemory::estimate(
+            &small_config(),
+            2,
+            1 << 30,
+            &shape(6, 2, 2, 3, false, false),
+        );
         assert!(m.check("test", Some(m.total())).is_ok());
         assert!(m.check("test", None).is_ok());
         let err = m
@@ -293,10 +343,28 @@ mod tests {
     fn offload_moves_twelve_bytes_per_parameter_to_the_host() {
         let cfg = small_config();
         let n = crate::params::ParamLayout::new(&cfg).total_len();
-        let on = TrainMemory::estimate(&cfg, 2, 6, 2, 2, 3, false, false, 1 << 30);
-        let off = TrainMemory::estimate(&cfg, 2, 6, 2, 2, 3, false, true, 1 << 30);
+        let on = TrainMemory::estimate(&cfg, 2, 1 << 30, &shape(6, 2, 2, 3, false, false));
+        let off = TrainMemory::estimate(&cfg, 2, 1 << 30, &shape(6, 2, 2, 3, false, true));
         assert_eq!((on.optimizer, on.host), (16 * n, 0));
         assert_eq!((off.optimizer, off.host), (4 * n, 12 * n));
         assert_eq!(on.total() - off.total(), 12 * n);
+    }
+
+    /// The held-out evaluation decodes its sequences at once: its cache and logits rows count
+    /// when they are the largest activations (more sequences or a longer cap than the rollout).
+    #[test]
+    fn estimate_counts_the_evaluation_decode() {
+        let cfg = small_config();
+        let mut s = shape(6, 2, 2, 3, false, false);
+        let without = TrainMemory::estimate(&cfg, 2, 1 << 30, &s);
+        assert_eq!(without.eval, 0);
+        s.eval_sequences = 50;
+        s.eval_cap = 40;
+        let with = TrainMemory::estimate(&cfg, 2, 1 << 30, &s);
+        let eval = 2 * 50 * 42 * 2 * 4 * 2 + 50 * 10 * 4; // cache of 50 × 42 tokens, 50 logit rows
+        assert_eq!(with.eval, eval);
+        assert!(eval > without.activations());
+        assert_eq!(with.activations(), eval);
+        assert_eq!(with.total() - without.total(), eval - without.activations());
     }
 }

@@ -258,17 +258,29 @@ fn train_on<B: TrainBackend>(
     };
     let sequences = cfg.prompts_per_step * cfg.group_size;
     let prompt_len = longest_prompt(&tok, inputs, state.curriculum.budget_at(state.step))?;
+    let shape = memory::RunShape {
+        sequences,
+        micro_batch: 0,
+        prompt_len,
+        cap: cfg.cap_at(&state.curriculum, state.step),
+        eval_sequences: if cfg.eval_every > 0 {
+            inputs.eval.len()
+        } else {
+            0
+        },
+        eval_cap: cfg.eval_max_tokens,
+        reference: cfg.loss.beta > 0.0,
+        offload: cfg.optim.offload,
+    };
     let estimate = |micro_batch| {
         memory::TrainMemory::estimate(
             &model_cfg,
             backend.storage_bytes(),
-            sequences,
-            micro_batch,
-            prompt_len,
-            cfg.cap_at(&state.curriculum, state.step),
-            cfg.loss.beta > 0.0,
-            cfg.optim.offload,
             crate::model::HEAD_CHUNK_BYTES,
+            &memory::RunShape {
+                micro_batch,
+                ..shape
+            },
         )
     };
     let free = backend.free_memory()?;
