@@ -763,6 +763,21 @@ fn bench_forward_on_the_cpu_reports_every_batch_size() {
     }
 }
 
+/// `bench step` of 2 prompts × 3 samples of 5 new tokens after 8 prompt tokens on a 10M model.
+const TINY_STEP: [&str; 11] = [
+    "step",
+    "--model-config",
+    "tools/bench_model_10m.json",
+    "--prompts",
+    "2",
+    "--group",
+    "3",
+    "--prompt-len",
+    "8",
+    "--new-tokens",
+    "5",
+];
+
 /// `bench step` on the CPU: one warm-up and two timed GRPO steps of a 10M model; the reported
 /// rates multiply back to the work done (P·G·T sampled tokens, P·G·(L + T) trained tokens) and
 /// the FLOPs to a count made here from the config (6 per matmul weight per token, the LM head on
@@ -770,21 +785,7 @@ fn bench_forward_on_the_cpu_reports_every_batch_size() {
 #[test]
 fn bench_step_on_the_cpu_reports_one_grpo_step() {
     let v = run_bench(
-        &[
-            "step",
-            "--model-config",
-            "tools/bench_model_10m.json",
-            "--prompts",
-            "2",
-            "--group",
-            "3",
-            "--prompt-len",
-            "8",
-            "--new-tokens",
-            "5",
-            "--peak-tflops",
-            "2",
-        ],
+        &[&TINY_STEP[..], &["--peak-tflops", "2"]].concat(),
         "median step",
     );
     let r = &v["result"];
@@ -830,23 +831,7 @@ fn bench_step_on_the_cpu_reports_one_grpo_step() {
 fn bench_step_in_micro_batches_trains_the_same_tokens() {
     let run = |micro: &str| {
         run_bench(
-            &[
-                "step",
-                "--model-config",
-                "tools/bench_model_10m.json",
-                "--prompts",
-                "2",
-                "--group",
-                "3",
-                "--prompt-len",
-                "8",
-                "--new-tokens",
-                "5",
-                "--steps",
-                "1",
-                "--micro-batch",
-                micro,
-            ],
+            &[&TINY_STEP[..], &["--steps", "1", "--micro-batch", micro]].concat(),
             "median step",
         )["result"]
             .clone()
