@@ -19,7 +19,7 @@
 #            ours_1.5b.json, torch_0.5b.json, torch_1.5b.json, torch_attention.json,
 #            ours_step_{0.5b,1.5b}.json, ours_step_0.5b_eager.json (THINKSHORT_CUDA_GRAPHS=0),
 #            ours_step_0.5b_{fused,fused-wide}.json (THINKSHORT_FLASH_BACKWARD),
-#            ours_step_0.5b_micro16.json (--micro-batch 16),
+#            ours_step_0.5b_micro16.json (--micro-batch 16), ours_step_0.5b_offload.json,
 #            torch_step_{0.5b,1.5b}.json, train_cuda_metrics.jsonl
 #
 # Steps (each under `timeout`; a failing step is logged and the script goes on):
@@ -118,6 +118,10 @@ for size in 0.5b 1.5b; do
     # its cost in speed and what it saves in memory (0.5B; one timed step)
     [ "$size" = 0.5b ] && step "ours step $size micro-batch 16" 100 "$BIN" bench step --backend cuda \
         --model-config "$cfg" $shape --micro-batch 16 --steps 1 --json "$OUT/ours_step_${size}_micro16.json"
+    # the same step with the optimizer in host memory (`optim.offload`): what a step pays for
+    # moving the gradients and weights and running AdamW on the CPU (0.5B; one timed step)
+    [ "$size" = 0.5b ] && step "ours step $size offload" 100 "$BIN" bench step --backend cuda \
+        --model-config "$cfg" $shape --offload --steps 1 --json "$OUT/ours_step_${size}_offload.json"
     [ "${TORCH_STEP:-1}" = 1 ] && step "torch step $size" 150 env PYTHONUNBUFFERED=1 python3 tools/bench_step_torch.py \
         --model-config "$cfg" $shape --json "$OUT/torch_step_$size.json"
 done
@@ -258,15 +262,21 @@ for v in ("fused", "fused-wide"):
         ro, rf = o["result"], fu["result"]
         print(f"\n{v} attention backward 0.5b: update {rf['train_tokens_per_s']:.0f} tok/s, MFU {100 * rf['train_mfu']:.1f} % "
               f"(split: {ro['train_tokens_per_s']:.0f} tok/s, {100 * ro['train_mfu']:.1f} %)")
+gib_of = lambda r, k: f"{r[k] / 2**30:.1f} GiB" if r.get(k) else "–"
 o, mb = load("ours_step_0.5b.json"), load("ours_step_0.5b_micro16.json")
 if o and mb:
     ro, rm = o["result"], mb["result"]
-    gib = lambda r, k: f"{r[k] / 2**30:.1f} GiB" if r.get(k) else "–"
     mfu = lambda r: f"{100 * r['train_mfu']:.1f} %" if r.get("train_mfu") else "–"
     print(f"\nupdate in 4 passes of 16, 0.5b: {rm['train_tokens_per_s']:.0f} tok/s, MFU {mfu(rm)}, "
-          f"peak {gib(rm, 'peak_memory_bytes')} (estimate {gib(rm, 'memory_estimate_bytes')}); one pass: "
-          f"{ro['train_tokens_per_s']:.0f} tok/s, {mfu(ro)}, peak {gib(ro, 'peak_memory_bytes')} "
-          f"(estimate {gib(ro, 'memory_estimate_bytes')})")
+          f"peak {gib_of(rm, 'peak_memory_bytes')} (estimate {gib_of(rm, 'memory_estimate_bytes')}); one pass: "
+          f"{ro['train_tokens_per_s']:.0f} tok/s, {mfu(ro)}, peak {gib_of(ro, 'peak_memory_bytes')} "
+          f"(estimate {gib_of(ro, 'memory_estimate_bytes')})")
+off = load("ours_step_0.5b_offload.json")
+if o and off:
+    ro, rf = o["result"], off["result"]
+    print(f"\noptimizer offloaded, 0.5b: update {rf['update_s']:.3f} s, peak {gib_of(rf, 'peak_memory_bytes')} "
+          f"(estimate {gib_of(rf, 'memory_estimate_bytes')}); on the device: update {ro['update_s']:.3f} s, "
+          f"peak {gib_of(ro, 'peak_memory_bytes')}")
 for size in ("0.5b", "1.5b"):
     o, e = load(f"ours_step_{size}.json"), load(f"ours_step_{size}_eager.json")
     if o and e:

@@ -47,6 +47,10 @@ pub struct StepArgs {
     /// Completions per forward and backward pass of the update (0: all of them in one).
     #[arg(long, default_value_t = 0)]
     pub micro_batch: usize,
+    /// Keep the f32 master weights and AdamW moments in host memory and step them on the CPU
+    /// (`optim.offload` of `train`).
+    #[arg(long)]
+    pub offload: bool,
     /// Timed steps after one warm-up step; the median is reported.
     #[arg(long, default_value_t = 2)]
     pub steps: usize,
@@ -133,6 +137,10 @@ fn run<B: TrainBackend>(
     let passes = match args.micro_batch {
         0 => String::new(),
         m => format!(", the update {m} samples per pass"),
+    } + if args.offload {
+        ", optimizer in host memory"
+    } else {
+        ""
     };
     println!(
         "bench step: {} ({:.1}M parameters) on {device}; {p} prompts × {g} samples, prompt {} \
@@ -152,17 +160,14 @@ fn run<B: TrainBackend>(
             micro_batch: args.micro_batch,
             prompt_len: args.prompt_len,
             cap: t,
+            offload: args.offload,
             ..RunShape::default()
         },
     );
     let mut model = Model::random(cfg.clone(), args.seed, backend)?;
     let host = model.backend.download(model.backend.full(&model.params))?;
-    let mut opt = DeviceOptimizer::new(
-        &model.backend,
-        &AdamW::new(host.len(), 0.9, 0.999, 1e-8, 0.0),
-        &host,
-    )?;
-    drop(host);
+    let adam = AdamW::new(host.len(), 0.9, 0.999, 1e-8, 0.0);
+    let mut opt = DeviceOptimizer::with_placement(&model.backend, adam, host, args.offload)?;
     if args.profile {
         if !model.backend.start_op_profile() {
             bail!("--profile times ops on the device with CUDA events: it needs --backend cuda");
