@@ -27,6 +27,7 @@ use crate::tokenizer::Tokenizer;
 use crate::train_config::{OldLogp, TrainConfig};
 use anyhow::{bail, Context, Result};
 use metrics::{mean, quantile, std, StepMetrics};
+use rayon::prelude::*;
 use optimizer::{DeviceOptimizer, OptimizerSnapshot};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
@@ -391,8 +392,9 @@ fn train_on<B: TrainBackend>(
         let rollout_tokens: usize = rollouts.iter().map(|r| r.completion_ids.len()).sum();
 
         // Rewards, then advantages within each group of G.
+        // The answer verifier parses each completion's text: on the CPU threads (DESIGN.md).
         let correct: Vec<bool> = rollouts
-            .iter()
+            .par_iter()
             .map(|r| (inputs.is_correct)(&r.text, &picks[r.group].gold))
             .collect();
         let parts: Vec<_> = rollouts
