@@ -53,7 +53,11 @@ pub fn write_folder_atomically(dest: &Path, write: impl FnOnce(&Path) -> Result<
             .with_context(|| format!("cannot replace {}", dest.display()))?;
     }
     std::fs::rename(&tmp, dest)
-        .with_context(|| format!("cannot rename {} to {}", tmp.display(), dest.display()))
+        .with_context(|| format!("cannot rename {} to {}", tmp.display(), dest.display()))?;
+    // The rename itself on the disk (the folder's entry), before older checkpoints may go.
+    std::fs::File::open(parent)
+        .and_then(|dir| dir.sync_all())
+        .with_context(|| format!("cannot sync {}", parent.display()))
 }
 
 /// Writes the model part of a checkpoint into `dir`: config and tokenizer files from

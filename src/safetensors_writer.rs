@@ -73,7 +73,11 @@ pub fn write_f32_safetensors(
         }
     }
     out.flush()
-        .with_context(|| format!("cannot write {}", path.display()))
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    // On the disk before a checkpoint that holds it replaces older ones.
+    out.get_ref()
+        .sync_all()
+        .with_context(|| format!("cannot sync {}", path.display()))
 }
 
 #[cfg(test)]

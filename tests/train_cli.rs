@@ -264,12 +264,16 @@ fn offloaded_optimizer_trains_the_same_run() {
     }
 }
 
-/// `keep_checkpoints = 2` leaves the two newest checkpoint folders and nothing else of the
-/// older ones.
+/// `keep_checkpoints = 2` leaves the two newest checkpoint folders of the run and nothing else
+/// of the older ones; a later step's folder left by an earlier attempt, and folders that are not
+/// checkpoints, stay.
 #[test]
 fn keep_checkpoints_deletes_the_older_ones() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
+    for stale in ["step-000009", "step-notes"] {
+        std::fs::create_dir_all(out.join(stale)).unwrap();
+    }
     let sets = ["steps=4", "checkpoint_every=1", "keep_checkpoints=2"];
     let args: Vec<&str> = sets.iter().flat_map(|s| ["--set", s]).collect();
     let o = train(&out, &args);
@@ -280,7 +284,10 @@ fn keep_checkpoints_deletes_the_older_ones() {
         .filter(|n| n.starts_with("step-"))
         .collect();
     names.sort();
-    assert_eq!(names, ["step-000003", "step-000004"]);
+    assert_eq!(
+        names,
+        ["step-000003", "step-000004", "step-000009", "step-notes"]
+    );
 }
 
 /// `--dry-run` prints the demo's budgets with their caps and first steps and the memory plan,

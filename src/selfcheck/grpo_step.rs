@@ -69,6 +69,8 @@ fn run_update<B: TrainBackend>(
     let seqs: Vec<(&[u32], &[u32])> = inputs.seqs.iter().map(|(p, q)| (&p[..], &q[..])).collect();
     let adam = AdamW::new(n, 0.9, 0.999, eps, 0.01);
     let mut opt = DeviceOptimizer::with_placement(&model.backend, adam, host.to_vec(), offload)?;
+    // The tiny model fits one transfer of an offloaded step: three exercise the offsets.
+    opt.split_offload_transfers(3);
     let result = policy_update(
         &mut model,
         &mut opt,

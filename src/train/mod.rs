@@ -27,8 +27,8 @@ use crate::tokenizer::Tokenizer;
 use crate::train_config::{OldLogp, TrainConfig};
 use anyhow::{bail, Context, Result};
 use metrics::{mean, quantile, std, StepMetrics};
+use optimizer::{DeviceOptimizer, OptimizerPart};
 use rayon::prelude::*;
-use optimizer::{DeviceOptimizer, OptimizerSnapshot};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -221,40 +221,43 @@ fn train_on<B: TrainBackend>(
     let model_cfg = ModelConfig::from_model_dir(weights_dir)?;
     let layout = ParamLayout::new(&model_cfg);
     let n = layout.total_len();
-    let state = match resume {
+    // A resumed run's moments are read last (below), after the weights: the host then holds
+    // the moments and the master weights, not those and the reference policy's weights too.
+    let (state, moments_file) = match resume {
         Some(dir) => {
             let path = dir.join("trainer_state.json");
             let text = std::fs::read_to_string(&path)
                 .with_context(|| format!("--resume: cannot read {}", path.display()))?;
-            let mut state: TrainerState = serde_json::from_str(&text)
+            let state: TrainerState = serde_json::from_str(&text)
                 .with_context(|| format!("--resume: {} is not a trainer state", path.display()))?;
             let moments = dir.join(OPTIMIZER_FILE);
+            let (m, v) = (&state.optimizer.m, &state.optimizer.v);
             if moments.is_file() {
-                let (m, v) = load_moments(&moments, n).context("--resume")?;
-                state.optimizer.m = m;
-                state.optimizer.v = v;
-            } else if state.optimizer.m.is_empty() {
+                (state, Some(moments))
+            } else if m.is_empty() {
                 bail!(
                     "--resume: {} is missing (the optimizer's moments)",
                     moments.display()
                 );
-            } else if state.optimizer.m.len() != n || state.optimizer.v.len() != n {
+            } else if m.len() != n || v.len() != n {
                 // An older checkpoint: the moments inside trainer_state.json.
                 bail!(
                     "--resume: {} holds optimizer moments for {} parameters, the model has {n}",
                     path.display(),
-                    state.optimizer.m.len()
+                    m.len()
                 );
+            } else {
+                (state, None)
             }
-            state
         }
         None => {
             let o = &cfg.optim;
-            TrainerState {
+            let fresh = TrainerState {
                 step: 0,
                 curriculum: cfg.curriculum()?,
                 optimizer: AdamW::new(n, o.beta1, o.beta2, o.eps, o.weight_decay),
-            }
+            };
+            (fresh, None)
         }
     };
     let sequences = cfg.prompts_per_step * cfg.group_size;
@@ -319,21 +322,34 @@ fn train_on<B: TrainBackend>(
     let TrainerState {
         step: mut current_step,
         mut curriculum,
-        optimizer,
+        mut optimizer,
     } = state;
     let host = crate::weights::load_params(weights_dir, &model_cfg, &layout)?;
     let mut model = Model::from_host(model_cfg, &host, backend)?;
+    // The reference policy is the model at the start of training (β = 0 keeps none): its weights
+    // in a second buffer, swapped into the model for its forward pass. A fresh run copies the
+    // model's weights on the device; a resumed one reads the start model's folder.
+    let mut reference_params = match (cfg.loss.beta > 0.0, resume) {
+        (false, _) => None,
+        (true, None) => {
+            let b = &model.backend;
+            let mut start = b.empty(b.len(&model.params))?;
+            b.copy(b.full_mut(&mut start), b.full(&model.params));
+            Some(start)
+        }
+        (true, Some(_)) => {
+            let start = crate::weights::load_params(&inputs.model_dir, &model.cfg, &model.layout)?;
+            Some(model.backend.upload(&start)?)
+        }
+    };
+    if let Some(path) = moments_file {
+        let (m, v) = load_moments(&path, n).context("--resume")?;
+        optimizer.m = m;
+        optimizer.v = v;
+    }
     // The host vectors become the offloaded optimizer's state, or are dropped once uploaded.
     let mut opt =
         DeviceOptimizer::with_placement(&model.backend, optimizer, host, cfg.optim.offload)?;
-    // The reference policy is the model at the start of training (β = 0 keeps none): its weights
-    // in a second buffer, swapped into the model for its forward pass.
-    let mut reference_params = if cfg.loss.beta > 0.0 {
-        let start = crate::weights::load_params(&inputs.model_dir, &model.cfg, &model.layout)?;
-        Some(model.backend.upload(&start)?)
-    } else {
-        None
-    };
     let loss_opts = cfg.loss_options()?;
     let lr_schedule = cfg.lr_schedule();
     let sampling = cfg.sampling_params();
@@ -560,21 +576,21 @@ fn train_on<B: TrainBackend>(
         if (cfg.checkpoint_every > 0 && current_step % cfg.checkpoint_every == 0)
             || current_step == last
         {
-            let snapshot = opt.snapshot(&model.backend)?;
             let state = TrainerState {
                 step: current_step,
                 curriculum: curriculum.clone(),
-                optimizer: snapshot.hyper.clone(),
+                optimizer: opt.hyper().clone(),
             };
             save_checkpoint(
                 &out.join(format!("step-{current_step:06}")),
                 inputs,
                 &model.layout,
-                &snapshot,
+                &opt,
+                &model.backend,
                 &state,
             )?;
             if cfg.keep_checkpoints > 0 {
-                remove_old_checkpoints(out, cfg.keep_checkpoints)?;
+                remove_old_checkpoints(out, cfg.keep_checkpoints, current_step);
             }
         }
     }
@@ -649,49 +665,65 @@ fn longest_prompt(tok: &Tokenizer, inputs: &TrainInputs, budget: usize) -> Resul
         .unwrap_or(0))
 }
 
-/// Writes weights (the f32 master weights of `optimizer`, [N] in `layout` order), tokenizer
-/// files, the optimizer's moments and the trainer state, atomically.
-pub fn save_checkpoint(
+/// Writes weights (the f32 master weights of `opt`, [N] in `layout` order), tokenizer files,
+/// the optimizer's moments and the trainer state, atomically. The parts come to the host one
+/// after the other (the weights, then both moments), so the host holds at most 8 bytes per
+/// parameter more than it did (none with the optimizer offloaded).
+pub fn save_checkpoint<B: TrainBackend>(
     dir: &Path,
     inputs: &TrainInputs,
     layout: &ParamLayout,
-    optimizer: &OptimizerSnapshot,
+    opt: &DeviceOptimizer<B>,
+    b: &B,
     state: &TrainerState,
 ) -> Result<()> {
     write_folder_atomically(dir, |tmp| {
-        write_model_files(tmp, &inputs.model_dir, layout, &optimizer.master)?;
-        save_moments(&tmp.join(OPTIMIZER_FILE), &optimizer.m, &optimizer.v)?;
-        let json = serde_json::to_string(state)?;
-        std::fs::write(tmp.join("trainer_state.json"), json)
-            .with_context(|| format!("cannot write {}", tmp.join("trainer_state.json").display()))
+        let master = opt.part(b, OptimizerPart::Master)?;
+        write_model_files(tmp, &inputs.model_dir, layout, &master)?;
+        drop(master);
+        let (m, v) = (
+            opt.part(b, OptimizerPart::M)?,
+            opt.part(b, OptimizerPart::V)?,
+        );
+        save_moments(&tmp.join(OPTIMIZER_FILE), &m, &v)?;
+        let path = tmp.join("trainer_state.json");
+        let write = || -> std::io::Result<()> {
+            let mut file = std::fs::File::create(&path)?;
+            file.write_all(serde_json::to_string(state)?.as_bytes())?;
+            file.sync_all()
+        };
+        write().with_context(|| format!("cannot write {}", path.display()))
     })
 }
 
-/// Deletes all but the newest `keep` checkpoint folders (`step-NNNNNN`, by step) of `out`.
-fn remove_old_checkpoints(out: &Path, keep: usize) -> Result<()> {
-    let entries =
-        std::fs::read_dir(out).with_context(|| format!("cannot list {}", out.display()))?;
-    let mut steps: Vec<(usize, PathBuf)> = Vec::new();
-    for entry in entries {
-        let path = entry
-            .with_context(|| format!("cannot list {}", out.display()))?
-            .path();
-        let step = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(|n| n.strip_prefix("step-"))
-            .filter(|d| d.len() >= 6 && d.bytes().all(|b| b.is_ascii_digit()))
-            .and_then(|d| d.parse().ok());
-        if let (Some(step), true) = (step, path.is_dir()) {
-            steps.push((step, path));
-        }
-    }
+/// Deletes all but the newest `keep` checkpoint folders (`step-NNNNNN`) of `out` up to step
+/// `current` (the one just written); folders of later steps, left by an earlier attempt at the
+/// run, are not this run's to judge and stay. A folder that cannot be deleted is reported, and
+/// the run goes on.
+fn remove_old_checkpoints(out: &Path, keep: usize, current: usize) {
+    let Ok(entries) = std::fs::read_dir(out) else {
+        eprintln!("\nkeep_checkpoints: cannot list {}", out.display());
+        return;
+    };
+    let mut steps: Vec<(usize, PathBuf)> = entries
+        .filter_map(|entry| {
+            let path = entry.ok()?.path();
+            let step: usize = path
+                .file_name()?
+                .to_str()?
+                .strip_prefix("step-")
+                .filter(|d| d.len() >= 6 && d.bytes().all(|b| b.is_ascii_digit()))?
+                .parse()
+                .ok()?;
+            (step <= current && path.is_dir()).then_some((step, path))
+        })
+        .collect();
     steps.sort();
     for (_, path) in steps.iter().rev().skip(keep) {
-        std::fs::remove_dir_all(path)
-            .with_context(|| format!("cannot remove old checkpoint {}", path.display()))?;
+        if let Err(e) = std::fs::remove_dir_all(path) {
+            eprintln!("\nkeep_checkpoints: cannot remove {}: {e}", path.display());
+        }
     }
-    Ok(())
 }
 
 /// The first `steps` lines of an existing metrics.jsonl (a resumed run rewrites the rest).

@@ -43,13 +43,12 @@ pub struct DeviceOptimizer<B: TrainBackend> {
     sum_squares: B::Buf,
 }
 
-/// The optimizer's state for a checkpoint: borrowed where it is in host memory already.
-pub struct OptimizerSnapshot<'a> {
-    /// Hyper-parameters and step count (no moments).
-    pub hyper: AdamW,
-    pub master: Cow<'a, [f32]>,
-    pub m: Cow<'a, [f32]>,
-    pub v: Cow<'a, [f32]>,
+/// A part of the optimizer's state: [N] f32 each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OptimizerPart {
+    Master = 0,
+    M = 1,
+    V = 2,
 }
 
 impl<B: TrainBackend> DeviceOptimizer<B> {
@@ -109,6 +108,15 @@ impl<B: TrainBackend> DeviceOptimizer<B> {
         })
     }
 
+    /// With the optimizer offloaded, steps in `transfers` transfers (the last one shorter) instead
+    /// of OFFLOAD_CHUNK parameters at a time: how `selfcheck` and the tests run a small model's
+    /// step through several.
+    pub(crate) fn split_offload_transfers(&mut self, transfers: usize) {
+        if let OptimizerState::Host { master, chunk, .. } = &mut self.state {
+            *chunk = (master.len() / transfers.max(1) + 1).max(1);
+        }
+    }
+
     /// Whether the master weights and moments are in host memory.
     pub fn offloaded(&self) -> bool {
         matches!(self.state, OptimizerState::Host { .. })
@@ -165,31 +173,28 @@ impl<B: TrainBackend> DeviceOptimizer<B> {
         }
     }
 
+    /// Hyper-parameters and updates taken (no moments: see [`DeviceOptimizer::part`]).
+    pub fn hyper(&self) -> &AdamW {
+        &self.hyper
+    }
+
     /// The master weights, on the host: [N].
     pub fn master_weights(&self, b: &B) -> Result<Vec<f32>> {
-        Ok(self.snapshot_part(b, Part::Master)?.into_owned())
+        Ok(self.part(b, OptimizerPart::Master)?.into_owned())
     }
 
     /// The whole optimizer state, on the host.
     pub fn state(&self, b: &B) -> Result<AdamW> {
         Ok(AdamW {
-            m: self.snapshot_part(b, Part::M)?.into_owned(),
-            v: self.snapshot_part(b, Part::V)?.into_owned(),
+            m: self.part(b, OptimizerPart::M)?.into_owned(),
+            v: self.part(b, OptimizerPart::V)?.into_owned(),
             ..self.hyper.clone()
         })
     }
 
-    /// Everything a checkpoint needs, copied to the host only where it is on the device.
-    pub fn snapshot(&self, b: &B) -> Result<OptimizerSnapshot<'_>> {
-        Ok(OptimizerSnapshot {
-            hyper: self.hyper.clone(),
-            master: self.snapshot_part(b, Part::Master)?,
-            m: self.snapshot_part(b, Part::M)?,
-            v: self.snapshot_part(b, Part::V)?,
-        })
-    }
-
-    fn snapshot_part(&self, b: &B, part: Part) -> Result<Cow<'_, [f32]>> {
+    /// One part of the state on the host: borrowed where it lives there already (offload),
+    /// else copied from the device.
+    pub fn part(&self, b: &B, part: OptimizerPart) -> Result<Cow<'_, [f32]>> {
         Ok(match &self.state {
             OptimizerState::Device { master, m, v } => {
                 let buf = [master, m, v][part as usize];
@@ -200,13 +205,6 @@ impl<B: TrainBackend> DeviceOptimizer<B> {
             }
         })
     }
-}
-
-#[derive(Clone, Copy)]
-enum Part {
-    Master = 0,
-    M = 1,
-    V = 2,
 }
 
 /// `AdamWStep::update` of every element, in parallel over blocks (each element's arithmetic is
@@ -260,9 +258,7 @@ mod tests {
             DeviceOptimizer::with_placement(&CpuBackend, state.clone(), host.clone(), offload)
                 .unwrap();
         assert_eq!(opt.offloaded(), offload);
-        if let OptimizerState::Host { chunk, .. } = &mut opt.state {
-            *chunk = n / 3 + 1; // three transfers, the last one shorter
-        }
+        opt.split_offload_transfers(3);
         for step in 0..4 {
             let grads: Vec<f32> = (0..n).map(|_| rng.next_normal()).collect();
             opt.grads.copy_from_slice(&grads);
