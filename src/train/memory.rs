@@ -149,11 +149,19 @@ impl TrainMemory {
         );
         if let Some(free) = free {
             if self.total() > free {
+                let offload = if self.host == 0 {
+                    format!(
+                        "the optimizer in host memory (optim.offload = true: {:.2} GiB less), ",
+                        gib(self.optimizer * 3 / 4)
+                    )
+                } else {
+                    String::new()
+                };
                 bail!(
                     "the run needs about {:.2} GiB on the {device} device but {:.2} GiB are \
                      free: use a smaller micro_batch (now {} sequences per pass of the \
-                     update), fewer sequences per step (prompts_per_step × group_size = {}), a \
-                     smaller budget or a smaller model",
+                     update), {offload}fewer sequences per step (prompts_per_step × group_size \
+                     = {}), a smaller budget or a smaller model",
                     gib(self.total()),
                     gib(free),
                     self.micro_batch,
@@ -316,7 +324,8 @@ mod tests {
         assert_eq!(micro_batch(500, 100, None, estimate), 100);
     }
 
-    /// Not enough free memory is an error that names the micro-batch and the sequences.
+    /// Not enough free memory is an error that names the micro-batch and the sequences, and
+    /// offloading the optimizer when it is not offloaded yet.
     #[test]
     fn check_fails_when_the_estimate_exceeds_the_free_memory() {
         let m = TrainMemory::estimate(
@@ -335,6 +344,14 @@ mod tests {
             err.contains("micro_batch (now 2") && err.contains("= 6)"),
             "{err}"
         );
+        assert!(err.contains("optim.offload = true"), "{err}");
+        let offloaded =
+            TrainMemory::estimate(&small_config(), 2, 1 << 30, &shape(6, 2, 2, 3, false, true));
+        let err = offloaded
+            .check("test", Some(offloaded.total() - 1))
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("offload"), "{err}");
     }
 
     /// Offloading moves the master weights and both moments (12 bytes per parameter) from the
