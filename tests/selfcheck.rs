@@ -850,8 +850,12 @@ fn bench_step_in_micro_batches_trains_the_same_tokens() {
     let offloaded = run_bench(
         &[&TINY_STEP[..], &["--steps", "1", "--offload"]].concat(),
         "optimizer in host memory",
-    )["result"]
-        .clone();
+    );
+    assert_eq!(
+        (&offloaded["offload"], &offloaded["micro_batch"]),
+        (&serde_json::json!(true), &serde_json::json!(0))
+    );
+    let offloaded = offloaded["result"].clone();
     let trained = f(&offloaded, "train_tokens_per_s") * f(&offloaded, "update_s");
     assert!((trained - 78.0).abs() <= 1e-6 * 78.0, "{offloaded}");
     let saved = f(&whole, "memory_estimate_bytes") - f(&offloaded, "memory_estimate_bytes");

@@ -245,6 +245,8 @@ fn run<B: TrainBackend>(
             "group": g,
             "prompt_len": args.prompt_len,
             "new_tokens": t,
+            "micro_batch": args.micro_batch,
+            "offload": args.offload,
             "peak_tflops": peak_tflops,
             "seed": args.seed,
             "result": median,
