@@ -20,6 +20,7 @@
 #            ours_step_{0.5b,1.5b}.json, ours_step_0.5b_eager.json (THINKSHORT_CUDA_GRAPHS=0),
 #            ours_step_0.5b_{fused,fused-wide}.json (THINKSHORT_FLASH_BACKWARD),
 #            ours_step_0.5b_micro16.json (--micro-batch 16), ours_step_0.5b_offload.json,
+#            ours_step_1.5b_paper.json (16 x 8 samples of 512 tokens, 8 update passes),
 #            torch_step_{0.5b,1.5b}.json, train_cuda_metrics.jsonl
 #
 # Steps (each under `timeout`; a failing step is logged and the script goes on):
@@ -125,6 +126,12 @@ for size in 0.5b 1.5b; do
     [ "${TORCH_STEP:-1}" = 1 ] && step "torch step $size" 150 env PYTHONUNBUFFERED=1 python3 tools/bench_step_torch.py \
         --model-config "$cfg" $shape --json "$OUT/torch_step_$size.json"
 done
+
+# One step at the paper's scale (METHOD.md §8: 16 prompts x 8 samples, up to 512 new tokens) for
+# the 1.5B shape, the update in 8 passes of 16 (what `train` does when one pass does not fit).
+step "ours step 1.5b paper scale" 150 "$BIN" bench step --backend cuda \
+    --model-config tools/model_configs/qwen2.5-1.5b.json --prompts 16 --group 8 --prompt-len 200 \
+    --new-tokens 512 --micro-batch 16 --steps 1 --json "$OUT/ours_step_1.5b_paper.json"
 
 # The demo's whole curriculum GRPO run on the GPU (README numbers are the CPU's).
 step "train cuda" 150 "$BIN" train --backend cuda --out /tmp/train_cuda
@@ -277,6 +284,14 @@ if o and off:
     print(f"\noptimizer offloaded, 0.5b: update {rf['update_s']:.3f} s, peak {gib_of(rf, 'peak_memory_bytes')} "
           f"(estimate {gib_of(rf, 'memory_estimate_bytes')}); on the device: update {ro['update_s']:.3f} s, "
           f"peak {gib_of(ro, 'peak_memory_bytes')}")
+pap = load("ours_step_1.5b_paper.json")
+if pap:
+    r = pap["result"]
+    mfu_p = f"{100 * r['train_mfu']:.1f} %" if r.get("train_mfu") else "–"
+    print(f"\npaper scale, 1.5b, 16 x 8 x 512 tokens, 8 update passes: step {r['step_s']:.2f} s "
+          f"(rollout {r['rollout_s']:.2f} s, {r['rollout_tokens_per_s']:.0f} tok/s; update {r['update_s']:.2f} s, "
+          f"{r['train_tokens_per_s']:.0f} tok/s, MFU {mfu_p}), peak {gib_of(r, 'peak_memory_bytes')} "
+          f"(estimate {gib_of(r, 'memory_estimate_bytes')})")
 for size in ("0.5b", "1.5b"):
     o, e = load(f"ours_step_{size}.json"), load(f"ours_step_{size}_eager.json")
     if o and e:
