@@ -171,6 +171,36 @@ impl TrainMemory {
         }
         Ok(())
     }
+
+    /// Fails when the offloaded optimizer state needs more host memory than `available` (bytes;
+    /// None: unknown, nothing to check), before anything is loaded.
+    pub fn check_host(&self, available: Option<usize>) -> Result<()> {
+        if let Some(available) = available.filter(|&a| self.host > a) {
+            bail!(
+                "the offloaded optimizer needs about {:.2} GiB of host memory (f32 master weights \
+                 and both moments) but {:.2} GiB are available: use a host with more memory, or \
+                 keep the optimizer on the device (optim.offload = false) with a smaller model",
+                self.host as f64 / GIB,
+                available as f64 / GIB
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The host memory available to a new allocation, in bytes: `MemAvailable` of /proc/meminfo
+/// (Linux); None where that cannot be read.
+pub fn host_available() -> Option<usize> {
+    parse_mem_available(&std::fs::read_to_string("/proc/meminfo").ok()?)
+}
+
+/// `MemAvailable:   N kB` of a /proc/meminfo text, in bytes.
+fn parse_mem_available(meminfo: &str) -> Option<usize> {
+    let line = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))?;
+    let kb: usize = line.trim().strip_suffix("kB")?.trim().parse().ok()?;
+    Some(kb * 1024)
 }
 
 /// The micro-batch of a run of `sequences` sequences per step: `requested` when set (at most
@@ -383,5 +413,27 @@ mod tests {
         assert!(eval > without.activations());
         assert_eq!(with.activations(), eval);
         assert_eq!(with.total() - without.total(), eval - without.activations());
+    }
+
+    /// The host check reads /proc/meminfo's MemAvailable and fails an offloaded run that needs
+    /// more; a run without offload, or an unknown amount, passes.
+    #[test]
+    fn host_check_compares_the_offloaded_state_with_available_memory() {
+        let meminfo =
+            "MemTotal:       32768000 kB\nMemFree:  100 kB\nMemAvailable:   24285620 kB\n";
+        assert_eq!(parse_mem_available(meminfo), Some(24285620 * 1024));
+        assert_eq!(parse_mem_available("MemTotal: 5 kB\n"), None);
+        let cfg = small_config();
+        let n = crate::params::ParamLayout::new(&cfg).total_len();
+        let off = TrainMemory::estimate(&cfg, 2, 1 << 30, &shape(6, 2, 2, 3, false, true));
+        assert!(off.check_host(Some(12 * n)).is_ok());
+        assert!(off.check_host(None).is_ok());
+        let err = off.check_host(Some(12 * n - 1)).unwrap_err().to_string();
+        assert!(
+            err.contains("host memory") && err.contains("optim.offload"),
+            "{err}"
+        );
+        let on = TrainMemory::estimate(&cfg, 2, 1 << 30, &shape(6, 2, 2, 3, false, false));
+        assert!(on.check_host(Some(0)).is_ok());
     }
 }

@@ -296,6 +296,7 @@ fn train_on<B: TrainBackend>(
         print_plan(cfg, &model_cfg, &state, prompt_len, backend.name());
     }
     estimate(micro_batch).check(backend.name(), free)?;
+    estimate(micro_batch).check_host(memory::host_available())?;
     if run.dry_run {
         println!("dry run: the run fits; nothing was loaded or written");
         return Ok(RunSummary {
