@@ -24,6 +24,10 @@ fn doctor_reports_kernels_as_built_or_not() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains(&format!("thinkshort {}", env!("CARGO_PKG_VERSION"))));
     assert!(text.contains("backend cpu:  usable"));
+    assert!(
+        text.contains("host memory:  ") && text.contains(" GiB available"),
+        "{text}"
+    );
     if thinkshort::cuda::kernels_built() {
         assert!(
             text.contains("cuda kernels: built") && text.contains("rmsnorm"),

@@ -15,6 +15,13 @@ pub fn run(args: &DoctorArgs) -> Result<()> {
         "backend cpu:  usable ({} threads)",
         rayon::current_num_threads()
     );
+    // What `optim.offload` can keep in host memory (12 bytes per parameter).
+    if let Some(bytes) = crate::train::memory::host_available() {
+        println!(
+            "host memory:  {:.1} GiB available",
+            bytes as f64 / (1u64 << 30) as f64
+        );
+    }
 
     if crate::cuda::kernels_built() {
         println!(
