@@ -38,7 +38,19 @@ enum Command {
     Bench(bench::BenchArgs),
 }
 
+/// Output into a closed pipe (`thinkshort doctor | head -1`) ends the process quietly, as it
+/// ends other Unix tools, instead of Rust's default: ignore SIGPIPE, then panic on the failed
+/// write.
+fn end_quietly_on_closed_pipe() {
+    // SAFETY: restores the signal's default disposition at start, before any thread exists.
+    #[cfg(unix)]
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() -> std::process::ExitCode {
+    end_quietly_on_closed_pipe();
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Generate(a) => generate::run(a),

@@ -17,6 +17,29 @@ fn thinkshort(args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// Output into a pipe whose reader is gone ends the process by SIGPIPE, quietly, as it ends
+/// `cat` or `grep`: no panic message, no error line.
+#[cfg(unix)]
+#[test]
+fn a_closed_output_pipe_ends_the_process_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(env!("CARGO_BIN_EXE_thinkshort"))
+        .arg("doctor")
+        .stdout(writer)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGPIPE),
+        "{:?}: {stderr}",
+        out.status
+    );
+    assert!(stderr.is_empty(), "{stderr}");
+}
+
 #[test]
 fn doctor_reports_kernels_as_built_or_not() {
     let out = thinkshort(&["doctor", "--verbose"]);
