@@ -674,9 +674,9 @@ fn check_kv_cache_write(seed: u64, kv_dim: usize, vector_path: bool) {
     let m = place.slots.len();
     let mut r = Rand(seed);
     let cache_len = CACHE_SLOTS * CAPACITY * kv_dim;
+    // [CACHE_SLOTS, CAPACITY, kv_dim]
     let (cache_k_start, cache_v_start) = (r.bf16s(cache_len, 1.0), r.bf16s(cache_len, 1.0));
     let (key, value) = (r.bf16s(m * kv_dim, 1.0), r.bf16s(m * kv_dim, 1.0)); // [m, kv_dim]
-                                                                             // [CACHE_SLOTS, CAPACITY, kv_dim]
     let (mut cache_k, mut cache_v) = (cache_k_start.0, cache_v_start.0);
     let launches = run_recorded(|k| {
         kv_cache::kv_cache_write(

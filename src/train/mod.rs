@@ -295,8 +295,9 @@ fn train_on<B: TrainBackend>(
     if run.dry_run {
         print_plan(cfg, &model_cfg, &state, prompt_len, backend.name());
     }
-    estimate(micro_batch).check(backend.name(), free)?;
-    estimate(micro_batch).check_host(memory::host_available())?;
+    let plan = estimate(micro_batch);
+    plan.check(backend.name(), free)?;
+    plan.check_host(memory::host_available())?;
     if run.dry_run {
         println!("dry run: the run fits; nothing was loaded or written");
         return Ok(RunSummary {

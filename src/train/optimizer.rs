@@ -68,24 +68,9 @@ impl<B: TrainBackend> DeviceOptimizer<B> {
                 state.m.len()
             );
         }
-        let AdamW {
-            beta1,
-            beta2,
-            eps,
-            weight_decay,
-            t,
-            m,
-            v,
-        } = state;
-        let hyper = AdamW {
-            beta1,
-            beta2,
-            eps,
-            weight_decay,
-            t,
-            m: Vec::new(),
-            v: Vec::new(),
-        };
+        // The hyper-parameters and step count stay here; the moments move to their place.
+        let mut hyper = state;
+        let (m, v) = (std::mem::take(&mut hyper.m), std::mem::take(&mut hyper.v));
         let placed = if offload {
             OptimizerState::Host {
                 master: params,

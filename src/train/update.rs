@@ -258,7 +258,6 @@ pub fn policy_update<B: TrainBackend>(
 mod tests {
     use super::*;
     use crate::backend::cpu::CpuBackend;
-    use crate::backend::Backend;
     use crate::config::ModelConfig;
     use crate::optim::AdamW;
 
@@ -271,16 +270,21 @@ mod tests {
         Model::random(cfg, 3, CpuBackend).unwrap()
     }
 
+    /// AdamW (β = 0.9, 0.999) from zero moments over `model`'s weights (on the CPU, the host copy).
+    fn fresh_optimizer(
+        model: &Model<CpuBackend>,
+        eps: f64,
+        wd: f64,
+    ) -> DeviceOptimizer<CpuBackend> {
+        let adam = AdamW::new(model.params.len(), 0.9, 0.999, eps, wd);
+        DeviceOptimizer::new(&model.backend, &adam, &model.params).unwrap()
+    }
+
     /// One update of a fresh tiny model on a group of two completions, the second filtered
     /// out; rewards 1 and 0 without scaling give the first A = 0.5. `old_logp` as the sampler's.
     fn run(old_logp: Option<&[f32]>) -> UpdateResult {
         let mut model = tiny_model();
-        let host = model
-            .backend
-            .download(model.backend.full(&model.params))
-            .unwrap();
-        let adam = AdamW::new(host.len(), 0.9, 0.999, 1e-8, 0.0);
-        let mut opt = DeviceOptimizer::new(&model.backend, &adam, &host).unwrap();
+        let mut opt = fresh_optimizer(&model, 1e-8, 0.0);
         let seqs: [(&[u32], &[u32]); 2] = [(&[1, 2, 3], &[4, 5]), (&[6], &[7, 8, 9])];
         let loss = LossOptions {
             beta: 0.0,
@@ -408,12 +412,7 @@ mod tests {
         )
         .unwrap();
         let mut model = Model::random(cfg, 11, CpuBackend).unwrap();
-        let host = model
-            .backend
-            .download(model.backend.full(&model.params))
-            .unwrap();
-        let adam = AdamW::new(host.len(), 0.9, 0.999, 1e-6, 0.01);
-        let mut opt = DeviceOptimizer::new(&model.backend, &adam, &host).unwrap();
+        let mut opt = fresh_optimizer(&model, 1e-6, 0.01);
         let ids =
             |n: usize, k: u32| -> Vec<u32> { (0..n as u32).map(|i| (i * 7 + k) % 40).collect() };
         let owned: Vec<(Vec<u32>, Vec<u32>)> = [(3, 4), (5, 2), (2, 6), (4, 3), (1, 5), (6, 1)]
