@@ -649,16 +649,22 @@ impl Backend for CudaBackend {
         );
         self.k.ctx.bind_to_thread()?;
         let stream = self.k.stream.cu_stream();
+        // An asynchronous copy from pageable memory may return before the driver has read the
+        // memory (CUDA documents staging before the return for the synchronous copy only), so
+        // the copy is waited for before `narrow` is dropped or the caller reuses `host`. The
+        // offloaded optimizer downloads the next chunk next, which waits anyway.
+        let narrow: Vec<bf16>;
         // SAFETY: the view holds dst.len values of its dtype, the size of one element of the
-        // slice copied; from pageable memory the driver has staged the slice before returning.
-        match dst.dtype {
+        // slice copied, which lives until the stream has been synchronised below.
+        let copied = match dst.dtype {
             DType::F32 => unsafe { drv::memcpy_htod_async(dst.ptr, host, stream) },
             DType::Bf16 => {
-                let narrow: Vec<bf16> = host.par_iter().map(|&v| bf16::from_f32(v)).collect();
+                narrow = host.par_iter().map(|&v| bf16::from_f32(v)).collect();
                 unsafe { drv::memcpy_htod_async(dst.ptr, &narrow, stream) }
             }
-        }
-        .context("copying to the GPU")
+        };
+        copied.context("copying to the GPU")?;
+        self.synchronize()
     }
 
     fn download(&self, buf: CudaView<'_>) -> Result<Vec<f32>> {
