@@ -9,6 +9,7 @@ use crate::backend::{Backend, TokenPlacement};
 use crate::model::{KvCache, Model};
 use crate::sampling::{SamplingParams, TokenDraws};
 use anyhow::{bail, Result};
+use rayon::prelude::*;
 use std::collections::HashMap;
 
 /// One sequence to continue.
@@ -55,7 +56,7 @@ pub struct Completion {
 }
 
 /// Turns token ids into text, for stop strings.
-pub type Detokenize<'a> = &'a dyn Fn(&[u32]) -> Result<String>;
+pub type Detokenize<'a> = &'a (dyn Fn(&[u32]) -> Result<String> + Sync);
 
 pub fn generate<B: Backend>(
     model: &Model<B>,
@@ -66,6 +67,9 @@ pub fn generate<B: Backend>(
     config.sampling.validate()?;
     if !config.stop_strings.is_empty() && detokenize.is_none() {
         bail!("stop strings need a tokenizer to decode completions");
+    }
+    if config.stop_strings.iter().any(|s| s.is_empty()) {
+        bail!("a stop string is empty: it would end every completion at its first token");
     }
     if let Some(i) = requests.iter().position(|r| r.prompt.is_empty()) {
         bail!("prompt {i} is empty: generation needs at least one prompt token");
@@ -242,6 +246,12 @@ struct Drawn {
 /// Appends the pending steps' draws (oldest first; ids and logp are the window buffers,
 /// downloaded) to their requests unless a request has already ended: at an EOS id or a stop
 /// string it is finished, at its cap truncated.
+///
+/// A completion ends at the first token after which its text contains a stop string. The text is
+/// decoded once per completion and sync, not once per token: only when it holds a stop string
+/// are the prefixes ending at this sync's tokens decoded, to find that first token (a prefix's
+/// text is the start of the longer one's, so a stop string once present stays present). The
+/// completions are decoded in parallel.
 #[allow(clippy::too_many_arguments)]
 fn record(
     pending: &[Drawn],
@@ -253,6 +263,8 @@ fn record(
     detokenize: Option<Detokenize>,
     vocab: usize,
 ) -> Result<()> {
+    // Where each completion's tokens of this sync start (None: it gained none).
+    let mut first_new: Vec<Option<usize>> = vec![None; out.len()];
     for drawn in pending {
         let (ids, logp) = (&ids[drawn.rows.clone()], &logp[drawn.rows.clone()]);
         for ((&i, &id), &lp) in drawn.requests.iter().zip(ids).zip(logp) {
@@ -264,6 +276,7 @@ fn record(
                 bail!("the sampler returned token id {id}, outside the vocabulary of {vocab}");
             }
             let tok = id as u32;
+            first_new[i].get_or_insert(c.tokens.len());
             c.tokens.push(tok);
             c.logprobs.push(lp);
             if config.eos_ids.contains(&tok) {
@@ -271,21 +284,39 @@ fn record(
                 continue;
             }
             c.len += 1;
-            if let Some(detok) = detokenize.filter(|_| !config.stop_strings.is_empty()) {
-                let text = detok(&c.tokens)?;
-                if config
-                    .stop_strings
-                    .iter()
-                    .any(|s| text.contains(s.as_str()))
-                {
-                    c.finished = true;
-                    continue;
-                }
-            }
             if c.tokens.len() >= requests[i].max_new_tokens {
                 c.truncated = true;
             }
         }
     }
-    Ok(())
+    let Some(detok) = detokenize.filter(|_| !config.stop_strings.is_empty()) else {
+        return Ok(());
+    };
+    let stops = &config.stop_strings;
+    let has_stop = |ids: &[u32]| -> Result<bool> {
+        let text = detok(ids)?;
+        Ok(stops.iter().any(|s| text.contains(s.as_str())))
+    };
+    out.par_iter_mut()
+        .zip(&first_new)
+        .filter_map(|(c, first)| first.map(|first| (c, first)))
+        .try_for_each(|(c, first)| -> Result<()> {
+            // the tokens a stop string may end at: this sync's, without a closing EOS
+            if first >= c.len || !has_stop(&c.tokens[..c.len])? {
+                return Ok(());
+            }
+            let mut end = c.len;
+            for shorter in first + 1..c.len {
+                if has_stop(&c.tokens[..shorter])? {
+                    end = shorter;
+                    break;
+                }
+            }
+            c.tokens.truncate(end);
+            c.logprobs.truncate(end);
+            c.len = end;
+            c.finished = true;
+            c.truncated = false;
+            Ok(())
+        })
 }

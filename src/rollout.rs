@@ -24,39 +24,53 @@ pub struct Rollout {
     pub truncated: bool,
 }
 
+/// How the completions of a step are sampled.
+#[derive(Debug, Clone, Copy)]
+pub struct RolloutSettings<'a> {
+    /// Completions per prompt (G).
+    pub group_size: usize,
+    /// The most new tokens of a completion (the budget cap).
+    pub cap: usize,
+    pub sampling: SamplingParams,
+    /// Texts that end a completion besides EOS; the completion keeps the tokens that wrote them.
+    pub stop: &'a [String],
+}
+
 /// Samples `group_size` completions for every prompt; RNG streams are unique per
 /// (step, completion) so a resumed run draws the same numbers as an uninterrupted one.
-#[allow(clippy::too_many_arguments)]
 pub fn sample_groups<B: Backend>(
     model: &Model<B>,
     tok: &Tokenizer,
     prompts: &[Vec<u32>],
-    group_size: usize,
-    cap: usize,
-    sampling: SamplingParams,
+    settings: &RolloutSettings,
     seed: u64,
     step: u64,
 ) -> Result<Vec<Rollout>> {
+    let group_size = settings.group_size;
     let requests: Vec<GenerationRequest> = prompts
         .iter()
         .flat_map(|p| {
-            std::iter::repeat(GenerationRequest {
-                prompt: p.clone(),
-                max_new_tokens: cap,
-            })
-            .take(group_size)
+            std::iter::repeat_n(
+                GenerationRequest {
+                    prompt: p.clone(),
+                    max_new_tokens: settings.cap,
+                },
+                group_size,
+            )
         })
         .collect();
     let config = GenerateConfig {
-        sampling,
+        sampling: settings.sampling,
         seed,
         first_stream: step * requests.len() as u64,
         eos_ids: tok.eos_token_ids().to_vec(),
-        stop_strings: Vec::new(),
+        stop_strings: settings.stop.to_vec(),
         sync_every: None,
         keep_ended_rows: None,
     };
-    let completions = generate(model, &requests, &config, None)?;
+    // the text the rewards read (special tokens left out)
+    let detokenize = |ids: &[u32]| tok.decode(ids, true);
+    let completions = generate(model, &requests, &config, Some(&detokenize))?;
     completions
         .into_iter()
         .zip(requests)

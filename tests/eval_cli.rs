@@ -219,3 +219,79 @@ fn several_budgets_give_rows_per_budget_and_a_frontier_plot() {
     let png = std::fs::read(out_dir.join("frontier.png")).unwrap();
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
 }
+
+/// `--stop` ends each response at the stop string (kept): with the demo model, whose greedy
+/// answers are "<think> … </think> <answer> … </answer>", a stop at "</think>" gives the start
+/// of the same response, finished rather than truncated, with fewer tokens.
+#[test]
+fn stop_strings_end_the_responses() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("sums.jsonl");
+    std::fs::write(
+        &data,
+        "{\"question\": \"compute : 3 + 4 . budget : 20 tokens .\", \"answer\": 7}\n\
+         {\"question\": \"compute : 9 - 2 + 6 . budget : 30 tokens .\", \"answer\": 13}\n",
+    )
+    .unwrap();
+    let model = root().join("models/demo");
+    let items = |stop: &[&str]| -> Vec<Value> {
+        let out_dir = dir.path().join(format!("report{}", stop.len()));
+        let mut args = vec![
+            "eval",
+            "--model",
+            path_str(&model),
+            "--datasets",
+            path_str(&data),
+            "--template",
+            "raw",
+            "--max-new-tokens",
+            "64",
+            "--out",
+            path_str(&out_dir),
+            "--backend",
+            "cpu",
+        ];
+        for s in stop {
+            args.extend(["--stop", s]);
+        }
+        let out = thinkshort(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::read_to_string(out_dir.join("items.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let free = items(&[]);
+    let stopped = items(&["</think>"]);
+    assert_eq!(free.len(), 2);
+    for (f, s) in free.iter().zip(&stopped) {
+        let (f_text, s_text) = (
+            f["response"].as_str().unwrap(),
+            s["response"].as_str().unwrap(),
+        );
+        assert!(f_text.contains("<answer>"), "{f_text}");
+        assert!(s_text.ends_with("</think>"), "{s_text}");
+        assert!(f_text.starts_with(s_text), "{s_text} vs {f_text}");
+        assert!(s["tokens"].as_u64() < f["tokens"].as_u64());
+        assert_eq!(s["truncated"], false);
+    }
+    let out = thinkshort(&[
+        "eval",
+        "--model",
+        path_str(&model),
+        "--datasets",
+        path_str(&data),
+        "--stop",
+        "",
+        "--backend",
+        "cpu",
+    ]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("stop string is empty"), "{stderr}");
+}

@@ -212,3 +212,53 @@ fn the_host_sync_interval_does_not_change_the_completions() {
         }
     }
 }
+
+/// A stop string ends a completion at the first token after which its text holds it, the text
+/// included: with the same seed the draws are the same, so the completion is the one without
+/// stop strings cut there (found here by decoding every prefix). Stop strings that span two
+/// tokens, EOS ids and caps mix in; every host sync interval gives the same cut.
+#[test]
+fn a_stop_string_cuts_the_completion_at_its_first_occurrence() {
+    let m = model();
+    let reqs = requests(&[1, 9, 14, 20, 30, 6, 25]);
+    let detok = |ids: &[u32]| -> anyhow::Result<String> {
+        Ok(ids.iter().map(|i| format!("a{i}b")).collect())
+    };
+    // "b a1" never occurs (no spaces); "2ba" spans two tokens; "a5" also ends inside "a51b".
+    let stops = vec!["2ba".to_string(), "a5".to_string(), "b a1".to_string()];
+    let eos = vec![40];
+    let free = generate(&m, &reqs, &config(1.0, 9, eos.clone()), None).unwrap();
+    let mut cut_somewhere = 0;
+    for sync_every in [1, 3, 8] {
+        let mut cfg = config(1.0, 9, eos.clone());
+        cfg.stop_strings = stops.clone();
+        cfg.sync_every = Some(sync_every);
+        let stopped = generate(&m, &reqs, &cfg, Some(&detok)).unwrap();
+        for (s, f) in stopped.iter().zip(&free) {
+            let holds = |n: usize| {
+                let text = detok(&f.tokens[..n]).unwrap();
+                stops.iter().any(|x| text.contains(x.as_str()))
+            };
+            let first = (1..=f.len).find(|&n| holds(n));
+            match first {
+                Some(n) => {
+                    cut_somewhere += 1;
+                    assert_eq!(s.tokens, f.tokens[..n], "sync every {sync_every}");
+                    assert_eq!(s.logprobs, f.logprobs[..n]);
+                    assert_eq!(s.len, n);
+                    assert!(s.finished && !s.truncated);
+                }
+                None => assert_eq!(s, f, "no stop string in {:?}", detok(&f.tokens)),
+            }
+        }
+    }
+    assert!(
+        cut_somewhere >= 3,
+        "the stop strings cut {cut_somewhere} completions"
+    );
+    // an empty stop string would end every completion at once: refused
+    let mut cfg = config(1.0, 9, eos);
+    cfg.stop_strings = vec![String::new()];
+    let err = generate(&m, &reqs, &cfg, Some(&detok)).unwrap_err();
+    assert!(err.to_string().contains("stop string is empty"), "{err}");
+}

@@ -76,6 +76,13 @@ fn shortened_demo_runs_end_to_end() {
         let t = |k: &str| line[k].as_f64().unwrap();
         assert!(t("rollout_s") > 0.0 && t("update_s") > 0.0, "{line}");
         assert!(t("rollout_s") + t("update_s") <= t("step_s"), "{line}");
+        // correctness is 0 or 1: its population variance is acc · (1 − acc)
+        let acc = t("accuracy");
+        assert!((t("reward_correct_std").powi(2) - acc * (1.0 - acc)).abs() < 1e-12);
+        for part in ["length", "format"] {
+            let sd = t(&format!("reward_{part}_std"));
+            assert!((0.0..=1.0).contains(&sd), "reward_{part}_std {sd}");
+        }
     }
     let b0 = thinkshort::commands::train::demo_config()
         .curriculum()
@@ -292,6 +299,37 @@ fn keep_checkpoints_deletes_the_older_ones() {
 
 /// `--dry-run` prints the demo's budgets with their caps and first steps and the memory plan,
 /// and stops before the weights: the run folder is never made.
+/// `sampling.stop` ends the rollouts and the held-out evaluation's responses: every demo
+/// completion starts with the token "<think>", so with that stop string each is one token long.
+#[test]
+fn stop_strings_end_rollouts_and_evaluations() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let o = train(
+        &out,
+        &[
+            "--set",
+            "steps=2",
+            "--set",
+            "eval_every=2",
+            "--set",
+            "sampling.stop=[\"<think>\"]",
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for line in metrics(&out) {
+        assert_eq!(line["mean_len"].as_f64(), Some(1.0), "{line}");
+        assert_eq!(line["truncated_frac"].as_f64(), Some(0.0), "{line}");
+    }
+    for model in ["before", "after"] {
+        assert!(
+            stdout.contains(&format!("| {model} | 0.0 % | 1.0 | 0.0 % |")),
+            "{stdout}"
+        );
+    }
+}
+
 #[test]
 fn dry_run_prints_the_plan_and_writes_nothing() {
     let tmp = tempfile::tempdir().unwrap();
@@ -305,6 +343,10 @@ fn dry_run_prints_the_plan_and_writes_nothing() {
         "{stdout}"
     );
     assert!(stdout.contains("2 prompts × 4 samples"), "{stdout}");
+    assert!(
+        stdout.contains("completions end at EOS, or at the cap"),
+        "{stdout}"
+    );
     assert!(
         stderr.contains("memory estimate (cpu)") && stderr.contains("updated 8 at a time"),
         "{stderr}"

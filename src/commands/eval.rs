@@ -53,6 +53,9 @@ pub struct EvalArgs {
     /// Seed of the sampler when the temperature is above 0.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// End a response once its text contains this text (repeatable), besides the model's EOS.
+    #[arg(long)]
+    pub stop: Vec<String>,
     /// Folder for results.json, results.md and items.jsonl.
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -142,12 +145,14 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         None => None,
     };
 
+    // the text the verifier reads (special tokens left out)
+    let detokenize = |ids: &[u32]| tokenizer.decode(ids, true);
     let config = GenerateConfig {
         sampling,
         seed: args.seed,
         first_stream: 0,
         eos_ids: tokenizer.eos_token_ids().to_vec(),
-        stop_strings: Vec::new(),
+        stop_strings: args.stop.clone(),
         sync_every: None,
         keep_ended_rows: None,
     };
@@ -175,7 +180,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
                     first_stream: (b * args.batch_size) as u64,
                     ..config.clone()
                 };
-                let completions = model.generate(&requests, &config, None)?;
+                let completions = model.generate(&requests, &config, Some(&detokenize))?;
                 for (item, c) in batch.iter().zip(completions) {
                     let response = tokenizer.decode(&c.tokens, true)?;
                     let v = verify(&response, &item.gold, &ExtractOptions::default());

@@ -41,6 +41,14 @@ pub struct StepMetrics {
     /// Seconds of the step's update (reference log-probs when β > 0, then the policy update).
     #[serde(default)]
     pub update_s: f64,
+    /// Population standard deviations of the reward's parts over the step's completions (the
+    /// means are reward_correct, reward_length and reward_format).
+    #[serde(default)]
+    pub reward_correct_std: f64,
+    #[serde(default)]
+    pub reward_length_std: f64,
+    #[serde(default)]
+    pub reward_format_std: f64,
 }
 
 pub fn mean(xs: &[f64]) -> f64 {

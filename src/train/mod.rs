@@ -21,7 +21,7 @@ use crate::model::Model;
 use crate::optim::AdamW;
 use crate::params::ParamLayout;
 use crate::prompt::PromptTemplate;
-use crate::rollout::sample_groups;
+use crate::rollout::{sample_groups, RolloutSettings};
 use crate::sampling::SamplingParams;
 use crate::tokenizer::Tokenizer;
 use crate::train_config::{OldLogp, TrainConfig};
@@ -114,7 +114,8 @@ pub fn load_examples(path: &Path, format: crate::train_config::DataFormat) -> Re
     Ok(out)
 }
 
-/// Greedy decoding of `examples` at `budget` with cap `max_tokens`: accuracy and lengths.
+/// Greedy decoding of `examples` at `budget` with cap `max_tokens`, ending at EOS or a `stop`
+/// string: accuracy and lengths.
 pub fn evaluate<B: Backend>(
     model: &Model<B>,
     tok: &Tokenizer,
@@ -122,18 +123,16 @@ pub fn evaluate<B: Backend>(
     examples: &[Example],
     budget: usize,
     max_tokens: usize,
+    stop: &[String],
 ) -> Result<EvalResult> {
     let prompts = render_prompts(tok, &inputs.template, examples, budget)?;
-    let rollouts = sample_groups(
-        model,
-        tok,
-        &prompts,
-        1,
-        max_tokens,
-        SamplingParams::greedy(),
-        0,
-        0,
-    )?;
+    let settings = RolloutSettings {
+        group_size: 1,
+        cap: max_tokens,
+        sampling: SamplingParams::greedy(),
+        stop,
+    };
+    let rollouts = sample_groups(model, tok, &prompts, &settings, 0, 0)?;
     let correct: Vec<f64> = rollouts
         .iter()
         .map(|r| {
@@ -365,6 +364,7 @@ fn train_on<B: TrainBackend>(
             &inputs.eval,
             final_budget,
             cfg.eval_max_tokens,
+            &cfg.sampling.stop,
         )
     };
 
@@ -396,16 +396,13 @@ fn train_on<B: TrainBackend>(
             })
             .collect();
         let prompts = render_prompts(&tok, &inputs.template, &picks, budget)?;
-        let rollouts = sample_groups(
-            &model,
-            &tok,
-            &prompts,
-            g,
+        let settings = RolloutSettings {
+            group_size: g,
             cap,
             sampling,
-            cfg.seed,
-            step as u64,
-        )?;
+            stop: &cfg.sampling.stop,
+        };
+        let rollouts = sample_groups(&model, &tok, &prompts, &settings, cfg.seed, step as u64)?;
         let rollout_s = t0.elapsed().as_secs_f64();
         let rollout_tokens: usize = rollouts.iter().map(|r| r.completion_ids.len()).sum();
 
@@ -519,14 +516,19 @@ fn train_on<B: TrainBackend>(
                     .collect::<Vec<_>>(),
             )
         };
+        let (correct_part, length_part, format_part): (Vec<f64>, Vec<f64>, Vec<f64>) = (
+            parts.iter().map(|x| x.correct).collect(),
+            parts.iter().map(|x| x.length).collect(),
+            parts.iter().map(|x| x.format).collect(),
+        );
         let step_s = t0.elapsed().as_secs_f64();
         let m = StepMetrics {
             step,
             budget,
             reward: mean(&totals),
-            reward_correct: mean(&parts.iter().map(|x| x.correct).collect::<Vec<_>>()),
-            reward_length: mean(&parts.iter().map(|x| x.length).collect::<Vec<_>>()),
-            reward_format: mean(&parts.iter().map(|x| x.format).collect::<Vec<_>>()),
+            reward_correct: mean(&correct_part),
+            reward_length: mean(&length_part),
+            reward_format: mean(&format_part),
             accuracy: acc,
             mean_len: mean(&lens_f),
             p50_len: quantile(&lens_f, 0.5),
@@ -555,6 +557,9 @@ fn train_on<B: TrainBackend>(
             logp_gap,
             rollout_s,
             update_s,
+            reward_correct_std: std(&correct_part),
+            reward_length_std: std(&length_part),
+            reward_format_std: std(&format_part),
         };
         writeln!(metrics_file, "{}", serde_json::to_string(&m)?)
             .with_context(|| format!("cannot write {}", out.join("metrics.jsonl").display()))?;
@@ -645,6 +650,12 @@ fn print_plan(
         ""
     };
     println!("budgets: {}{adaptive}", budgets.join(", "));
+    let stops = if cfg.sampling.stop.is_empty() {
+        "EOS".to_string()
+    } else {
+        format!("EOS or {:?}", cfg.sampling.stop)
+    };
+    println!("completions end at {stops}, or at the cap");
     println!("longest prompt: {prompt_len} tokens at the first budget");
 }
 
