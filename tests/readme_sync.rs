@@ -1,0 +1,148 @@
+//! README.md documents every option users see: each command's flags (as its `--help` lists
+//! them) in that command's section, and each training setting (as the resolved config.toml
+//! writes it) in the settings table of `thinkshort train`.
+
+use std::path::Path;
+use std::process::Command;
+
+fn readme() -> String {
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap()
+}
+
+/// The README text from the heading "### `thinkshort <command>`" to the next heading of that
+/// level or above.
+fn section<'a>(readme: &'a str, command: &str) -> &'a str {
+    let heading = format!("### `thinkshort {command}`");
+    let start = readme
+        .find(&heading)
+        .unwrap_or_else(|| panic!("README has no section {heading}"));
+    let body = &readme[start + heading.len()..];
+    let end = [body.find("\n### "), body.find("\n## ")]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(body.len());
+    &body[..end]
+}
+
+/// The long flags of a command's `--help` (its option lines), without --help and --version.
+fn flags(command: &[&str]) -> Vec<String> {
+    let out = Command::new(env!("CARGO_BIN_EXE_thinkshort"))
+        .args(command)
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{command:?} --help failed");
+    let help = String::from_utf8(out.stdout).unwrap();
+    let mut found = Vec::new();
+    for line in help.lines() {
+        let line = line.trim_start();
+        // option lines start with "-x, --name" or "--name"
+        let Some(pos) = line.find("--").filter(|&p| line.starts_with('-') && p <= 4) else {
+            continue;
+        };
+        let name: String = line[pos + 2..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
+            .collect();
+        if !["help", "version"].contains(&name.as_str()) && !found.contains(&name) {
+            found.push(name);
+        }
+    }
+    found
+}
+
+#[test]
+fn every_command_option_is_documented() {
+    let readme = readme();
+    let commands: [&[&str]; 10] = [
+        &["generate"],
+        &["logprobs"],
+        &["train"],
+        &["sft"],
+        &["eval"],
+        &["verify"],
+        &["doctor"],
+        &["selfcheck"],
+        &["bench", "forward"],
+        &["bench", "step"],
+    ];
+    let mut missing = Vec::new();
+    for command in commands {
+        let name = command.join(" ");
+        let text = section(&readme, &name);
+        let listed = flags(command);
+        assert!(!listed.is_empty(), "no options parsed from `{name} --help`");
+        for flag in listed {
+            if !text.contains(&format!("--{flag}")) {
+                missing.push(format!("{name} --{flag}"));
+            }
+        }
+    }
+    assert!(missing.is_empty(), "options not in README: {missing:?}");
+}
+
+/// Every key of the demo's resolved config (all settings but `model` and `data`, which it leaves
+/// out) is in a row of the settings table: a top-level key as a backticked name, a key of table
+/// `t` among the backticked names after "`[t]`" in a row's first cell. The schedule's row names
+/// its parameters in words.
+#[test]
+fn every_training_setting_is_documented() {
+    let readme = readme();
+    let train = section(&readme, "train");
+    let rows: Vec<&str> = train.lines().filter(|l| l.starts_with("| `")).collect();
+    let config = thinkshort::commands::train::demo_config().to_toml_string();
+    let table: toml::Table = config.parse().unwrap();
+    let mut keys = Vec::new();
+    collect_keys(&table, "", &mut keys);
+    assert!(
+        keys.len() > 40,
+        "only {} keys in the demo config",
+        keys.len()
+    );
+    let mut missing = Vec::new();
+    for (table_name, key) in &keys {
+        let documented = rows.iter().any(|row| {
+            let first_cell = row.split(" | ").next().unwrap_or("");
+            if table_name.is_empty() {
+                !first_cell.starts_with("| `[") && first_cell.contains(&format!("`{key}`"))
+            } else if table_name == "schedule" {
+                first_cell.starts_with("| `[schedule]`") && row.contains(key.as_str())
+            } else {
+                // the key among the names after "`[t]`", up to the next table's name
+                first_cell
+                    .split_once(&format!("`[{table_name}]`"))
+                    .map(|(_, after)| after.split("`[").next().unwrap_or(""))
+                    .is_some_and(|names| names.contains(&format!("`{key}`")))
+            }
+        });
+        if !documented {
+            missing.push(if table_name.is_empty() {
+                key.clone()
+            } else {
+                format!("{table_name}.{key}")
+            });
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "settings not in README's table: {missing:?}"
+    );
+}
+
+/// (table path, key) of every value that is not itself a table.
+fn collect_keys(table: &toml::Table, path: &str, out: &mut Vec<(String, String)>) {
+    for (key, value) in table {
+        match value {
+            toml::Value::Table(inner) => {
+                let inner_path = if path.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{path}.{key}")
+                };
+                collect_keys(inner, &inner_path, out);
+            }
+            _ => out.push((path.to_string(), key.clone())),
+        }
+    }
+}
