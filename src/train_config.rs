@@ -181,6 +181,9 @@ pub struct TrainConfig {
     pub checkpoint_every: usize,
     /// Keep only the newest this many step-NNNNNN checkpoint folders of the run; 0 = keep all.
     pub keep_checkpoints: usize,
+    /// Log every completion of every this many steps (and every held-out response) to
+    /// completions.jsonl; 0 = none.
+    pub completions_every: usize,
     pub sampling: SamplingConfig,
     pub reward: RewardConfig,
     pub advantage: AdvantageOptions,
@@ -206,6 +209,7 @@ impl Default for TrainConfig {
             eval_max_tokens: 512,
             checkpoint_every: 100,
             keep_checkpoints: 0,
+            completions_every: 10,
             sampling: SamplingConfig::default(),
             reward: RewardConfig::default(),
             advantage: AdvantageOptions::default(),

@@ -99,6 +99,37 @@ fn shortened_demo_runs_end_to_end() {
         stdout.contains("| before |") && stdout.contains("| after |"),
         "{stdout}"
     );
+    // eval.jsonl: the evaluations before and after; completions.jsonl: step 0's 2 × 4
+    // completions (completions_every = 10) and both evaluations' 4 responses each
+    let evals = log_lines(&out, "eval.jsonl");
+    assert_eq!(evals.len(), 2);
+    let lines = log_lines(&out, "completions.jsonl");
+    let train_lines: Vec<&Value> = lines.iter().filter(|l| l["split"] == "train").collect();
+    assert_eq!(train_lines.len(), 8);
+    assert_eq!(lines.len() - train_lines.len(), 8);
+    for l in &train_lines {
+        assert_eq!(l["step"], 0);
+        let f = |k: &str| l[k].as_f64().unwrap();
+        let c = l["correct"].as_bool().unwrap() as u8 as f64;
+        // the demo's weights: 0.6 correctness, 0.3 length, 0.1 format
+        let total = 0.6 * c + 0.3 * f("reward_length") + 0.1 * f("reward_format");
+        assert!((f("reward") - total).abs() < 1e-12, "{l}");
+    }
+    for group in train_lines.chunks(4) {
+        let sum: f64 = group.iter().map(|l| l["advantage"].as_f64().unwrap()).sum();
+        assert!(sum.abs() < 1e-9, "a group's advantages add up to {sum}");
+    }
+    // the evaluation's accuracy is its responses' share of correct ones
+    for e in &evals {
+        let step = &e["step"];
+        let responses: Vec<&Value> = lines
+            .iter()
+            .filter(|l| l["split"] == "eval" && &l["step"] == step)
+            .collect();
+        assert_eq!(responses.len(), 4);
+        let correct = responses.iter().filter(|l| l["correct"] == true).count();
+        assert_eq!(e["accuracy"].as_f64().unwrap(), correct as f64 / 4.0);
+    }
 }
 
 /// An update in passes of 3 completions (3 + 3 + 2 of the 8) takes the same first step as one
@@ -131,36 +162,53 @@ fn micro_batched_run_takes_the_one_pass_step() {
     assert_eq!(a["reward"], b["reward"]);
 }
 
+/// The lines of a run folder's JSONL log.
+fn log_lines(out: &Path, file: &str) -> Vec<Value> {
+    std::fs::read_to_string(out.join(file))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
 #[test]
 fn resume_reproduces_an_uninterrupted_run() {
     let tmp = tempfile::tempdir().unwrap();
     let straight = tmp.path().join("straight");
     let split = tmp.path().join("split");
-    assert!(train(&straight, &["--set", "steps=4"]).status.success());
+    let logged = [
+        "--set",
+        "steps=4",
+        "--set",
+        "eval_every=1",
+        "--set",
+        "completions_every=1",
+    ];
+    assert!(train(&straight, &logged).status.success());
     // The split run: stop after 2 steps (checkpoint), then resume for the rest.
     let o = train(
         &split,
         &[
-            "--set",
-            "steps=4",
-            "--set",
-            "checkpoint_every=2",
-            "--stop-after",
-            "2",
-        ],
+            &logged[..],
+            &["--set", "checkpoint_every=2", "--stop-after", "2"],
+        ]
+        .concat(),
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(metrics(&split).len(), 2);
+    let checkpoint = split.join("step-000002");
     let o = train(
         &split,
         &[
-            "--set",
-            "steps=4",
-            "--set",
-            "checkpoint_every=2",
-            "--resume",
-            split.join("step-000002").to_str().unwrap(),
-        ],
+            &logged[..],
+            &[
+                "--set",
+                "checkpoint_every=2",
+                "--resume",
+                checkpoint.to_str().unwrap(),
+            ],
+        ]
+        .concat(),
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let (a, b) = (metrics(&straight), metrics(&split));
@@ -169,6 +217,18 @@ fn resume_reproduces_an_uninterrupted_run() {
     for (x, y) in a.into_iter().zip(b) {
         assert_eq!(without_timings(x), without_timings(y));
     }
+    // the evaluations (before, after each step, at the end) and every completion: the same
+    let evals = log_lines(&straight, "eval.jsonl");
+    let steps: Vec<u64> = evals.iter().map(|e| e["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, [0, 1, 2, 3, 4]);
+    assert_eq!(evals, log_lines(&split, "eval.jsonl"));
+    let completions = log_lines(&straight, "completions.jsonl");
+    assert_eq!(
+        completions.len(),
+        4 * 8 + 5 * 4,
+        "4 steps of 2 × 4, 5 evaluations of 4"
+    );
+    assert_eq!(completions, log_lines(&split, "completions.jsonl"));
     let w1 = std::fs::read(straight.join("step-000004/model.safetensors")).unwrap();
     let w2 = std::fs::read(split.join("step-000004/model.safetensors")).unwrap();
     assert!(w1 == w2, "final weights differ");
@@ -176,6 +236,18 @@ fn resume_reproduces_an_uninterrupted_run() {
     let state = std::fs::read_to_string(split.join("step-000002/trainer_state.json")).unwrap();
     assert!(state.len() < 2000 && !state.contains("\"m\""), "{state}");
     assert!(split.join("step-000002/optimizer.safetensors").is_file());
+
+    // A fresh run in a folder of an earlier run starts its logs anew and says that the
+    // earlier checkpoints stay.
+    let o = train(&split, &["--set", "steps=1", "--set", "eval_every=0"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(metrics(&split).len(), 1);
+    assert!(log_lines(&split, "eval.jsonl").is_empty());
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        stderr.contains("holds checkpoints of an earlier run (step-000002, step-000004)"),
+        "{stderr}"
+    );
 }
 
 /// A checkpoint written before optimizer.safetensors existed (the moments inside

@@ -6,6 +6,7 @@ pub mod memory;
 pub mod metrics;
 pub mod optimizer;
 pub mod progress;
+pub mod run_log;
 pub mod update;
 
 use crate::backend::cpu::CpuBackend;
@@ -21,7 +22,7 @@ use crate::model::Model;
 use crate::optim::AdamW;
 use crate::params::ParamLayout;
 use crate::prompt::PromptTemplate;
-use crate::rollout::{sample_groups, RolloutSettings};
+use crate::rollout::{sample_groups, Rollout, RolloutSettings};
 use crate::sampling::SamplingParams;
 use crate::tokenizer::Tokenizer;
 use crate::train_config::{OldLogp, TrainConfig};
@@ -29,6 +30,7 @@ use anyhow::{bail, Context, Result};
 use metrics::{mean, quantile, std, StepMetrics};
 use optimizer::{DeviceOptimizer, OptimizerPart};
 use rayon::prelude::*;
+use run_log::{CompletionLine, EvalLine, RunLog};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -114,6 +116,12 @@ pub fn load_examples(path: &Path, format: crate::train_config::DataFormat) -> Re
     Ok(out)
 }
 
+/// A held-out evaluation: the summary, and each problem's response with its verdict.
+pub struct Evaluation {
+    pub result: EvalResult,
+    pub responses: Vec<(Rollout, bool)>,
+}
+
 /// Greedy decoding of `examples` at `budget` with cap `max_tokens`, ending at EOS or a `stop`
 /// string: accuracy and lengths.
 pub fn evaluate<B: Backend>(
@@ -124,7 +132,7 @@ pub fn evaluate<B: Backend>(
     budget: usize,
     max_tokens: usize,
     stop: &[String],
-) -> Result<EvalResult> {
+) -> Result<Evaluation> {
     let prompts = render_prompts(tok, &inputs.template, examples, budget)?;
     let settings = RolloutSettings {
         group_size: 1,
@@ -133,18 +141,12 @@ pub fn evaluate<B: Backend>(
         stop,
     };
     let rollouts = sample_groups(model, tok, &prompts, &settings, 0, 0)?;
-    let correct: Vec<f64> = rollouts
-        .iter()
-        .map(|r| {
-            if (inputs.is_correct)(&r.text, &examples[r.group].gold) {
-                1.0
-            } else {
-                0.0
-            }
-        })
+    let correct: Vec<bool> = rollouts
+        .par_iter()
+        .map(|r| (inputs.is_correct)(&r.text, &examples[r.group].gold))
         .collect();
-    Ok(EvalResult {
-        accuracy: mean(&correct),
+    let result = EvalResult {
+        accuracy: mean(&correct.iter().map(|&c| c as u8 as f64).collect::<Vec<_>>()),
         mean_len: mean(&rollouts.iter().map(|r| r.len as f64).collect::<Vec<_>>()),
         truncated_frac: mean(
             &rollouts
@@ -152,6 +154,10 @@ pub fn evaluate<B: Backend>(
                 .map(|r| r.truncated as u8 as f64)
                 .collect::<Vec<_>>(),
         ),
+    };
+    Ok(Evaluation {
+        result,
+        responses: rollouts.into_iter().zip(correct).collect(),
     })
 }
 
@@ -316,10 +322,10 @@ fn train_on<B: TrainBackend>(
     };
     std::fs::write(out.join("config.toml"), resolved.to_toml_string())
         .with_context(|| format!("cannot write {}", out.join("config.toml").display()))?;
-    let mut metrics_log = match resume {
-        Some(_) => read_metrics(&out.join("metrics.jsonl"), state.step)?,
-        None => Vec::new(),
-    };
+    if resume.is_none() {
+        warn_of_earlier_checkpoints(out);
+    }
+    let (mut run_log, mut metrics_log) = RunLog::open(out, resume.map(|_| state.step), cfg.steps)?;
     let TrainerState {
         step: mut current_step,
         mut curriculum,
@@ -355,9 +361,9 @@ fn train_on<B: TrainBackend>(
     let lr_schedule = cfg.lr_schedule();
     let sampling = cfg.sampling_params();
     let final_budget = curriculum.budget_at(cfg.steps - 1);
-    // Held-out evaluation: greedy, at the final budget.
-    let held_out = |m: &Model<B>| {
-        evaluate(
+    // Held-out evaluation after `step` steps: greedy, at the final budget, logged.
+    let held_out = |m: &Model<B>, step: usize, log: &mut RunLog| -> Result<EvalResult> {
+        let e = evaluate(
             m,
             &tok,
             inputs,
@@ -365,19 +371,49 @@ fn train_on<B: TrainBackend>(
             final_budget,
             cfg.eval_max_tokens,
             &cfg.sampling.stop,
-        )
+        )?;
+        log.eval(&EvalLine {
+            step,
+            budget: final_budget,
+            accuracy: e.result.accuracy,
+            mean_len: e.result.mean_len,
+            truncated_frac: e.result.truncated_frac,
+        })?;
+        if cfg.completions_every > 0 {
+            let lines: Vec<CompletionLine> = e
+                .responses
+                .into_iter()
+                .map(|(r, correct)| {
+                    let example = &inputs.eval[r.group];
+                    CompletionLine {
+                        step,
+                        split: "eval".to_string(),
+                        budget: final_budget,
+                        group: r.group,
+                        sample: 0,
+                        question: example.question.clone(),
+                        gold: example.gold.clone(),
+                        text: r.text,
+                        len: r.len,
+                        truncated: r.truncated,
+                        correct,
+                        reward: None,
+                        reward_length: None,
+                        reward_format: None,
+                        advantage: None,
+                    }
+                })
+                .collect();
+            log.completions(&lines)?;
+        }
+        Ok(e.result)
     };
 
     let before = if cfg.eval_every > 0 && current_step == 0 {
-        Some(held_out(&model)?)
+        Some(held_out(&model, 0, &mut run_log)?)
     } else {
         None
     };
-    let mut metrics_file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(out.join("metrics.jsonl"))
-        .with_context(|| format!("cannot open {}", out.join("metrics.jsonl").display()))?;
     let progress = progress::Progress::new(cfg.steps);
     let (p, g) = (cfg.prompts_per_step, cfg.group_size);
 
@@ -561,8 +597,34 @@ fn train_on<B: TrainBackend>(
             reward_length_std: std(&length_part),
             reward_format_std: std(&format_part),
         };
-        writeln!(metrics_file, "{}", serde_json::to_string(&m)?)
-            .with_context(|| format!("cannot write {}", out.join("metrics.jsonl").display()))?;
+        run_log.step(&m)?;
+        if cfg.completions_every > 0 && step % cfg.completions_every == 0 {
+            // the advantages as METHOD.md §4 defines them (the update computes its own, in f32,
+            // on the device)
+            let advantages = crate::grpo::advantage::advantages(&totals, g, &cfg.advantage)?;
+            let lines: Vec<CompletionLine> = rollouts
+                .iter()
+                .enumerate()
+                .map(|(i, r)| CompletionLine {
+                    step,
+                    split: "train".to_string(),
+                    budget,
+                    group: r.group,
+                    sample: i % g,
+                    question: picks[r.group].question.clone(),
+                    gold: picks[r.group].gold.clone(),
+                    text: r.text.clone(),
+                    len: r.len,
+                    truncated: r.truncated,
+                    correct: correct[i],
+                    reward: Some(parts[i].total),
+                    reward_length: Some(parts[i].length),
+                    reward_format: Some(parts[i].format),
+                    advantage: Some(advantages[i]),
+                })
+                .collect();
+            run_log.completions(&lines)?;
+        }
         current_step += 1;
         progress.update(
             current_step,
@@ -574,7 +636,7 @@ fn train_on<B: TrainBackend>(
         metrics_log.push(m);
 
         if cfg.eval_every > 0 && current_step % cfg.eval_every == 0 && current_step < cfg.steps {
-            let e = held_out(&model)?;
+            let e = held_out(&model, current_step, &mut run_log)?;
             eprintln!(
                 "\neval at step {}: accuracy {:.3}, mean length {:.1}",
                 current_step, e.accuracy, e.mean_len
@@ -602,7 +664,7 @@ fn train_on<B: TrainBackend>(
         }
     }
     let after = if cfg.eval_every > 0 && current_step == cfg.steps {
-        Some(held_out(&model)?)
+        Some(held_out(&model, current_step, &mut run_log)?)
     } else {
         None
     };
@@ -739,22 +801,24 @@ fn remove_old_checkpoints(out: &Path, keep: usize, current: usize) {
     }
 }
 
-/// The first `steps` lines of an existing metrics.jsonl (a resumed run rewrites the rest).
-fn read_metrics(path: &Path, steps: usize) -> Result<Vec<StepMetrics>> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let mut out = Vec::new();
-    for (n, line) in text.lines().take(steps).enumerate() {
-        out.push(
-            serde_json::from_str(line).with_context(|| {
-                format!("{} line {}: not a metrics line", path.display(), n + 1)
-            })?,
+/// A fresh run in a folder that holds checkpoints of an earlier run leaves them there (its
+/// logs start anew): says so, as a later --resume from one of them would mix the two runs.
+fn warn_of_earlier_checkpoints(out: &Path) {
+    let Ok(entries) = std::fs::read_dir(out) else {
+        return;
+    };
+    let mut earlier: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("step-"))
+        .collect();
+    if !earlier.is_empty() {
+        earlier.sort();
+        eprintln!(
+            "note: {} holds checkpoints of an earlier run ({}); this run starts its logs anew and \
+             replaces a checkpoint only when it reaches the same step: delete them or use another --out",
+            out.display(),
+            earlier.join(", ")
         );
     }
-    // Drop any lines past the checkpoint so the log continues exactly where the state does.
-    let kept: String = out
-        .iter()
-        .map(|m| serde_json::to_string(m).map(|s| s + "\n"))
-        .collect::<Result<_, _>>()?;
-    std::fs::write(path, kept).with_context(|| format!("cannot rewrite {}", path.display()))?;
-    Ok(out)
 }
