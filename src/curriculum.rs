@@ -421,6 +421,16 @@ impl Curriculum {
         }
     }
 
+    /// The budget the run ends at: B(last step); for the adaptive schedule, whose later budgets
+    /// depend on the training accuracy, its floor bf. The held-out evaluation and the
+    /// fixed-budget preset use it.
+    pub fn final_budget(&self) -> usize {
+        match &self.schedule {
+            Schedule::Adaptive { bf, .. } => *bf,
+            _ => self.budget_at(self.total_steps.saturating_sub(1)),
+        }
+    }
+
     /// The generation cap κ·B(step), rounded up (at least 1).
     pub fn cap_at(&self, step: usize, kappa: f64) -> usize {
         generation_cap(self.budget_at(step), kappa)
@@ -495,6 +505,26 @@ mod tests {
         // Uneven: 10 steps, 2 drops → drops at 10/3 and 20/3, i.e. at steps 4 and 7.
         let idx: Vec<usize> = (0..10).map(|s| drop_index(s, 2, 10)).collect();
         assert_eq!(idx, [0, 0, 0, 0, 1, 1, 1, 2, 2, 2]);
+    }
+
+    /// The paper's main setting ends at 87; the adaptive schedule's end is its floor bf, not
+    /// the budget it starts from (its later budgets are not known before the run).
+    #[test]
+    fn final_budget_is_the_last_steps_or_the_adaptive_floor() {
+        let paper = Curriculum::new(Schedule::default(), 600).unwrap();
+        assert_eq!(paper.final_budget(), 87);
+        assert_eq!(paper.final_budget(), paper.budget_at(599));
+        let adaptive = Schedule::Adaptive {
+            b0: 256,
+            gamma: 0.7,
+            bf: 87,
+            interval: 150,
+            window: 20,
+            tolerance: 0.05,
+        };
+        let c = Curriculum::new(adaptive, 600).unwrap();
+        assert_eq!(c.budget_at(599), 256);
+        assert_eq!(c.final_budget(), 87);
     }
 
     #[test]

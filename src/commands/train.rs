@@ -91,7 +91,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     match args.preset.as_deref() {
         None => {}
         Some("fixed-budget") => {
-            let final_budget = cfg.curriculum()?.budget_at(cfg.steps - 1);
+            let final_budget = cfg.curriculum()?.final_budget();
             cfg.set("schedule.kind", "\"constant\"")?;
             cfg.set("schedule.b", &final_budget.to_string())?;
         }

@@ -308,7 +308,7 @@ fn train_on<B: TrainBackend>(
         return Ok(RunSummary {
             before: None,
             after: None,
-            final_budget: state.curriculum.budget_at(cfg.steps - 1),
+            final_budget: state.curriculum.final_budget(),
             metrics: Vec::new(),
         });
     }
@@ -360,7 +360,7 @@ fn train_on<B: TrainBackend>(
     let loss_opts = cfg.loss_options()?;
     let lr_schedule = cfg.lr_schedule();
     let sampling = cfg.sampling_params();
-    let final_budget = curriculum.budget_at(cfg.steps - 1);
+    let final_budget = curriculum.final_budget();
     // Held-out evaluation after `step` steps: greedy, at the final budget, logged.
     let held_out = |m: &Model<B>, step: usize, log: &mut RunLog| -> Result<EvalResult> {
         let e = evaluate(
