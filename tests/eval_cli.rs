@@ -268,6 +268,11 @@ fn stop_strings_end_the_responses() {
     };
     let free = items(&[]);
     let stopped = items(&["</think>"]);
+    let report: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("report1/results.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(report["stop"], serde_json::json!(["</think>"]));
     assert_eq!(free.len(), 2);
     for (f, s) in free.iter().zip(&stopped) {
         let (f_text, s_text) = (

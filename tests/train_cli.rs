@@ -424,6 +424,11 @@ fn dry_run_prints_the_plan_and_writes_nothing() {
         "{stderr}"
     );
     assert!(!out.exists(), "a dry run made {}", out.display());
+    // the demo task takes another prompt template when given one ("compute : … . budget : …
+    // tokens ." is 17 tokens for the longest problem; its question alone and " ." is 10)
+    let o = train(&out, &["--dry-run", "--set", "prompt={question} ."]);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("longest prompt: 10 tokens"), "{stdout}");
 }
 
 /// The paper's configs in tools/train_configs/ plan the budgets of METHOD.md §6 (their data
@@ -480,4 +485,88 @@ fn bad_settings_name_the_key() {
             "{set}: {stderr}"
         );
     }
+}
+
+/// Without a settings file, `--set model=…` and `--set data=…` start from the documented
+/// defaults (the paper's budgets, 600 steps of 16 × 8), not from the demo's settings.
+#[test]
+fn a_model_set_without_config_takes_the_defaults() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = env!("CARGO_MANIFEST_DIR");
+    let o = Command::new(env!("CARGO_BIN_EXE_thinkshort"))
+        .current_dir(root)
+        .args(["train", "--backend", "cpu", "--dry-run", "--set"])
+        .arg(format!("model={root}/tests/fixtures/qwen2_tied"))
+        .arg("--set")
+        .arg(format!("data={root}/../shared/data/gsm8k/train.jsonl"))
+        .arg("--out")
+        .arg(tmp.path().join("run"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        stdout.contains("steps 0 to 600 of 16 prompts × 8 samples")
+            && stdout.contains("budgets: 256 (cap 512) from step 0, 179 (cap 358) from step 150"),
+        "{stdout}"
+    );
+}
+
+/// A resumed run continues its checkpoint's curriculum and AdamW settings: settings that
+/// differ (which it would ignore) are an error naming the key.
+#[test]
+fn resume_refuses_settings_the_checkpoint_overrides() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let o = train(
+        &out,
+        &[
+            "--set",
+            "steps=2",
+            "--set",
+            "eval_every=0",
+            "--stop-after",
+            "1",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let checkpoint = out.join("step-000001");
+    for (change, named) in [
+        ("steps=3", "steps = 2, the settings 3"),
+        (
+            "optim.weight_decay=0.1",
+            "optim.weight_decay is 0 in the checkpoint, 0.1",
+        ),
+        ("schedule.gamma=0.5", "the checkpoint's schedule"),
+    ] {
+        let mut args = vec![
+            "--set",
+            "eval_every=0",
+            "--resume",
+            checkpoint.to_str().unwrap(),
+        ];
+        if !change.starts_with("steps") {
+            args.extend(["--set", "steps=2"]);
+        }
+        args.extend(["--set", change]);
+        let o = train(&out, &args);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && stderr.contains(named),
+            "{change}: {stderr}"
+        );
+    }
+    // the same settings resume
+    let o = train(
+        &out,
+        &[
+            "--set",
+            "steps=2",
+            "--set",
+            "eval_every=0",
+            "--resume",
+            checkpoint.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }

@@ -58,8 +58,8 @@ pub fn run(args: &DoctorArgs) -> Result<()> {
     // Opening the backend also loads cuBLAS and every kernel module: "usable" means all of it.
     let cuda = match crate::cuda::CudaBackend::new(0) {
         Ok(b) => format!(
-            "usable on {} (cuBLAS loaded, {} kernel modules loaded); generate, logprobs, eval \
-             and selfcheck run on it, training runs on the CPU",
+            "usable on {} (cuBLAS loaded, {} kernel modules loaded); generate, logprobs, eval, \
+             selfcheck, bench and train run on it, sft on the CPU",
             b.device_name(),
             crate::cuda::kernel_names().len()
         ),

@@ -230,6 +230,8 @@ pub fn run(args: &EvalArgs) -> Result<()> {
             "template": args.template,
             "max_new_tokens": args.max_new_tokens,
             "temperature": args.temperature,
+            "seed": args.seed,
+            "stop": args.stop,
             "limit": args.limit,
             "budgets": budgets,
             "rows": rows,
@@ -238,12 +240,18 @@ pub fn run(args: &EvalArgs) -> Result<()> {
             &dir.join("results.json"),
             &serde_json::to_string_pretty(&report)?,
         )?;
+        let stops = if args.stop.is_empty() {
+            String::new()
+        } else {
+            format!(", stop strings {:?}", args.stop)
+        };
         let md = format!(
-            "# Evaluation of {}\n\nTemplate `{}`, cap {} new tokens, temperature {}.\n\n{table}",
+            "# Evaluation of {}\n\nTemplate `{}`, cap {} new tokens, temperature {} (seed {}){stops}.\n\n{table}",
             args.model.display(),
             args.template,
             args.max_new_tokens,
-            args.temperature
+            args.temperature,
+            args.seed
         );
         write_file(&dir.join("results.md"), &md)?;
         if budgets.len() > 1 {

@@ -84,8 +84,16 @@ interval = 100
 
 pub fn run(args: &TrainArgs) -> Result<()> {
     let device = super::resolve_backend(args.backend)?;
+    // Without a settings file: the demo's settings, or the paper's defaults when `--set` names
+    // a model or data (the demo's prompt, budgets and learning rate suit only the demo).
+    let sets_key = |key: &str| {
+        args.sets
+            .iter()
+            .any(|s| s.split_once('=').is_some_and(|(k, _)| k.trim() == key))
+    };
     let mut cfg = match &args.config {
         Some(path) => TrainConfig::from_file(path)?,
+        None if sets_key("model") || sets_key("data") => TrainConfig::default(),
         None => demo_config(),
     };
     match args.preset.as_deref() {
@@ -149,7 +157,12 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         }
         None => TrainInputs {
             model_dir,
-            template: PromptTemplate::plain(task::PROMPT_TEMPLATE)?,
+            // the paper's template is the default for real data; the demo model reads its own
+            template: if cfg.prompt == TrainConfig::default().prompt {
+                PromptTemplate::plain(task::PROMPT_TEMPLATE)?
+            } else {
+                cfg.prompt_template()?
+            },
             train: demo_examples(DEMO_TRAIN_SEED, 5000),
             eval: demo_examples(DEMO_EVAL_SEED, cfg.eval_size as u64),
             is_correct: crate::train::answer_is_correct,

@@ -265,6 +265,9 @@ fn train_on<B: TrainBackend>(
             (fresh, None)
         }
     };
+    if resume.is_some() {
+        check_resumed_settings(&state, cfg)?;
+    }
     let sequences = cfg.prompts_per_step * cfg.group_size;
     let prompt_len = longest_prompt(&tok, inputs, state.curriculum.budget_at(state.step))?;
     let shape = memory::RunShape {
@@ -799,6 +802,42 @@ fn remove_old_checkpoints(out: &Path, keep: usize, current: usize) {
             eprintln!("\nkeep_checkpoints: cannot remove {}: {e}", path.display());
         }
     }
+}
+
+/// A resumed run continues its checkpoint's curriculum (schedule, steps, adaptive state) and
+/// AdamW settings; settings that differ from them would be silently ignored, so they are an
+/// error.
+fn check_resumed_settings(state: &TrainerState, cfg: &TrainConfig) -> Result<()> {
+    let hint = "resume with the settings the run started with (its folder's config.toml)";
+    let c = &state.curriculum;
+    if c.total_steps != cfg.steps {
+        bail!(
+            "--resume: the checkpoint's run has steps = {}, the settings {}; {hint}",
+            c.total_steps,
+            cfg.steps
+        );
+    }
+    if c.schedule != cfg.schedule {
+        bail!(
+            "--resume: the checkpoint's schedule {:?} differs from the settings' {:?}; {hint}",
+            c.schedule,
+            cfg.schedule
+        );
+    }
+    let (a, o) = (&state.optimizer, &cfg.optim);
+    for (key, was, now) in [
+        ("beta1", a.beta1, o.beta1),
+        ("beta2", a.beta2, o.beta2),
+        ("eps", a.eps, o.eps),
+        ("weight_decay", a.weight_decay, o.weight_decay),
+    ] {
+        if was != now {
+            bail!(
+                "--resume: optim.{key} is {was} in the checkpoint, {now} in the settings; {hint}"
+            );
+        }
+    }
+    Ok(())
 }
 
 /// A fresh run in a folder that holds checkpoints of an earlier run leaves them there (its
