@@ -217,7 +217,7 @@ fn report(s: &RunSummary, out: &Path) -> Result<()> {
         );
     }
     let png = out.join("training.png");
-    crate::plot::plot_metrics(&s.metrics, &png)?;
+    crate::plot::plot_metrics(&s.metrics, &s.evals, &png)?;
     println!(
         "metrics: {}, plot: {}",
         out.join("metrics.jsonl").display(),

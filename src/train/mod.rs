@@ -179,6 +179,8 @@ pub struct RunSummary {
     pub after: Option<EvalResult>,
     pub final_budget: usize,
     pub metrics: Vec<StepMetrics>,
+    /// Every held-out evaluation of the run (eval.jsonl).
+    pub evals: Vec<EvalLine>,
 }
 
 /// Where a run writes and how much of it to do.
@@ -313,6 +315,7 @@ fn train_on<B: TrainBackend>(
             after: None,
             final_budget: state.curriculum.final_budget(),
             metrics: Vec::new(),
+            evals: Vec::new(),
         });
     }
     // Only a run that fits writes anything.
@@ -676,6 +679,7 @@ fn train_on<B: TrainBackend>(
         after,
         final_budget,
         metrics: metrics_log,
+        evals: run_log.evals().to_vec(),
     })
 }
 

@@ -59,8 +59,10 @@ pub struct CompletionLine {
 pub struct RunLog {
     out: PathBuf,
     metrics: BufWriter<File>,
-    evals: BufWriter<File>,
+    eval_file: BufWriter<File>,
     completions: BufWriter<File>,
+    /// Every evaluation line of the run so far (kept ones included).
+    evals: Vec<EvalLine>,
 }
 
 impl RunLog {
@@ -80,7 +82,7 @@ impl RunLog {
         let metrics: Vec<StepMetrics> = keep_lines(&out.join(METRICS_FILE), |m: &StepMetrics| {
             resumed_at.is_some_and(|s| m.step < s)
         })?;
-        keep_lines(&out.join(EVAL_FILE), |e: &EvalLine| kept_eval(e.step))?;
+        let evals = keep_lines(&out.join(EVAL_FILE), |e: &EvalLine| kept_eval(e.step))?;
         keep_lines(&out.join(COMPLETIONS_FILE), |c: &CompletionLine| {
             if c.split == "eval" {
                 kept_eval(c.step)
@@ -91,8 +93,9 @@ impl RunLog {
         let log = RunLog {
             out: out.to_path_buf(),
             metrics: append(&out.join(METRICS_FILE))?,
-            evals: append(&out.join(EVAL_FILE))?,
+            eval_file: append(&out.join(EVAL_FILE))?,
             completions: append(&out.join(COMPLETIONS_FILE))?,
+            evals,
         };
         Ok((log, metrics))
     }
@@ -103,7 +106,14 @@ impl RunLog {
     }
 
     pub fn eval(&mut self, e: &EvalLine) -> Result<()> {
-        write_line(&mut self.evals, e, &self.out.join(EVAL_FILE))
+        write_line(&mut self.eval_file, e, &self.out.join(EVAL_FILE))?;
+        self.evals.push(e.clone());
+        Ok(())
+    }
+
+    /// The run's evaluations so far, in order.
+    pub fn evals(&self) -> &[EvalLine] {
+        &self.evals
     }
 
     /// Appends completion lines (flushed after the last).
