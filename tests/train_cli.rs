@@ -570,3 +570,46 @@ fn resume_refuses_settings_the_checkpoint_overrides() {
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+/// The held-out evaluation decodes P × G problems at a time: the evaluation before training
+/// (10 problems) is the same in chunks of 3 (3 + 3 + 3 + 1) as in one batch of 16.
+#[test]
+fn the_evaluation_in_chunks_equals_one_batch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |name: &str, group: &str| {
+        let out = tmp.path().join(name);
+        let o = train(
+            &out,
+            &[
+                "--set",
+                "eval_size=10",
+                "--set",
+                "eval_every=1",
+                "--set",
+                "completions_every=1",
+                "--set",
+                "prompts_per_step=1",
+                "--set",
+                &format!("group_size={group}"),
+                "--stop-after",
+                "1",
+            ],
+        );
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        // the evaluation before training (the one after step 1 follows different updates)
+        let responses: Vec<Value> = log_lines(&out, "completions.jsonl")
+            .into_iter()
+            .filter(|l| l["split"] == "eval" && l["step"] == 0)
+            .collect();
+        (log_lines(&out, "eval.jsonl")[0].clone(), responses)
+    };
+    let (chunked, one) = (run("chunked", "3"), run("one", "16"));
+    assert_eq!(chunked.1.len(), 10);
+    let groups: Vec<u64> = chunked
+        .1
+        .iter()
+        .map(|l| l["group"].as_u64().unwrap())
+        .collect();
+    assert_eq!(groups, (0..10).collect::<Vec<u64>>());
+    assert_eq!(chunked, one);
+}

@@ -122,17 +122,19 @@ pub struct Evaluation {
     pub responses: Vec<(Rollout, bool)>,
 }
 
-/// Greedy decoding of `examples` at `budget` with cap `max_tokens`, ending at EOS or a `stop`
-/// string: accuracy and lengths.
+/// Greedy decoding of the held-out problems at `budget` with cap `max_tokens`, ending at EOS or
+/// a `stop` string, `batch` problems at a time (so the evaluation needs no more memory than a
+/// rollout of that many sequences): accuracy and lengths.
 pub fn evaluate<B: Backend>(
     model: &Model<B>,
     tok: &Tokenizer,
     inputs: &TrainInputs,
-    examples: &[Example],
     budget: usize,
     max_tokens: usize,
     stop: &[String],
+    batch: usize,
 ) -> Result<Evaluation> {
+    let examples = &inputs.eval;
     let prompts = render_prompts(tok, &inputs.template, examples, budget)?;
     let settings = RolloutSettings {
         group_size: 1,
@@ -140,7 +142,16 @@ pub fn evaluate<B: Backend>(
         sampling: SamplingParams::greedy(),
         stop,
     };
-    let rollouts = sample_groups(model, tok, &prompts, &settings, 0, 0)?;
+    let batch = batch.max(1);
+    let mut rollouts = Vec::with_capacity(prompts.len());
+    for (i, chunk) in prompts.chunks(batch).enumerate() {
+        let done = sample_groups(model, tok, chunk, &settings, 0, 0)?;
+        // groups numbered within the chunk: renumber them within all problems
+        rollouts.extend(done.into_iter().map(|r| Rollout {
+            group: r.group + i * batch,
+            ..r
+        }));
+    }
     let correct: Vec<bool> = rollouts
         .par_iter()
         .map(|r| (inputs.is_correct)(&r.text, &examples[r.group].gold))
@@ -278,7 +289,7 @@ fn train_on<B: TrainBackend>(
         prompt_len,
         cap: cfg.cap_at(&state.curriculum, state.step),
         eval_sequences: if cfg.eval_every > 0 {
-            inputs.eval.len()
+            inputs.eval.len().min(sequences)
         } else {
             0
         },
@@ -373,10 +384,10 @@ fn train_on<B: TrainBackend>(
             m,
             &tok,
             inputs,
-            &inputs.eval,
             final_budget,
             cfg.eval_max_tokens,
             &cfg.sampling.stop,
+            cfg.prompts_per_step * cfg.group_size,
         )?;
         log.eval(&EvalLine {
             step,
