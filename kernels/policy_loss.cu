@@ -9,7 +9,7 @@
 //     dlogits = g / tau (onehot(targets[r]) - softmax(logits[r] / tau))     (bf16)
 //
 // plus logp[r] and the row's statistics stats[r, 0..6] = entropy, w L_t, k3 KL, rho, clipped low,
-// clipped high (all but the entropy 0 where w = 0: the completion is left out of the loss).
+// clipped high (all 0 where w = 0: the completion is left out of the loss and of its logs).
 //
 // Layout: logits (r, vocab) f32 or bf16; dlogits (r, vocab) bf16; targets, seqs (r) u32 (checked by
 // the host); advantages, weights (n) f32; old_logp, ref_logp (r) f32 or null; logp (r) f32;
@@ -68,10 +68,10 @@ __device__ __forceinline__ void policy_loss_backward_block(
     const auto row_grad = [&](float logp, float entropy) {
         float* st = stats + (size_t)row * POLICY_STATS;
         logp_out[row] = logp;
-        st[0] = entropy;
-        for (int c = 1; c < POLICY_STATS; c++) { st[c] = 0.0f; }
+        for (int c = 0; c < POLICY_STATS; c++) { st[c] = 0.0f; }
         const double w = weights[seq];
         if (w == 0.0) { return 0.0f; }
+        st[0] = entropy;
         const double lp = logp;
         const TokenLoss t =
             token_loss(lp, old_logp != nullptr ? (double)old_logp[row] : lp,

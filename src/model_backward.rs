@@ -685,7 +685,14 @@ mod tests {
                         host.stats.clip_frac_high,
                         "{case}"
                     );
-                    let entropy: f64 = out.entropy.iter().map(|&e| e as f64).sum();
+                    // the entropy of the rows in the loss only
+                    let entropy: f64 = out
+                        .entropy
+                        .iter()
+                        .zip(&row_seqs)
+                        .filter(|&(_, &seq)| weights[seq as usize] != 0.0)
+                        .map(|(&e, _)| e as f64)
+                        .sum();
                     assert!(close(sums[policy_stat::ENTROPY], entropy), "{case}");
                     clipped_low += sums[policy_stat::CLIP_LOW];
                     clipped_high += sums[policy_stat::CLIP_HIGH];

@@ -390,10 +390,10 @@ fn check_policy_loss(c: &LossCase) {
             &column(&stats_ref, col),
         );
     }
-    // rows of completions left out of the loss: zeros in every column but the entropy
+    // rows of completions left out of the loss: zeros in every column
     for (row, &seq) in seqs.iter().enumerate() {
         if weights[seq as usize] == 0.0 {
-            let cols = &stats[row * POLICY_STATS + 1..(row + 1) * POLICY_STATS];
+            let cols = &stats[row * POLICY_STATS..(row + 1) * POLICY_STATS];
             assert!(
                 cols.iter().all(|&x| x == 0.0),
                 "{what}: row {row} of left-out completion {seq} has statistics {cols:?}"

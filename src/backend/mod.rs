@@ -54,9 +54,10 @@ pub enum GradWrite {
 }
 
 /// The columns of `policy_loss_backward`'s per-row statistics, [R, POLICY_STATS] f32. Rows of
-/// completions left out of the loss hold 0 in every column but the entropy.
+/// completions left out of the loss (truncated = "mask", filtered groups) hold 0 in every column,
+/// so every statistic is a mean over the same tokens as the loss (METHOD.md §2).
 pub mod policy_stat {
-    /// Entropy of softmax(logits / τ) (every row).
+    /// Entropy of softmax(logits / τ).
     pub const ENTROPY: usize = 0;
     /// w·L_t: the row's share of the loss.
     pub const LOSS: usize = 1;

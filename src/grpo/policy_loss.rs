@@ -75,8 +75,8 @@ impl LossOptions {
 }
 
 /// One batch of completions, their tokens back to back: completion i owns the next `lens[i]`
-/// entries of the per-token slices. Lengths are generated token counts (EOS excluded), so masks
-/// come from positions, never from token ids.
+/// entries of the per-token slices. Lengths count every scored token of a completion (a final
+/// EOS included: the policy learns to stop), so masks come from positions, never from token ids.
 #[derive(Debug, Clone, Copy)]
 pub struct LossBatch<'a> {
     pub logp: &'a [f64],

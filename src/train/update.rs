@@ -59,7 +59,7 @@ pub struct UpdateOptions<'a> {
 pub struct UpdateResult {
     pub loss: f64,
     pub stats: LossStats,
-    /// Mean entropy of the policy over the scored tokens.
+    /// Mean entropy of the policy over the tokens in the loss.
     pub entropy: f64,
     /// Gradient norm before clipping.
     pub grad_norm: f64,
@@ -227,11 +227,7 @@ pub fn policy_update<B: TrainBackend>(
             kl: per_token(sums[policy_stat::KL]),
             ratio_mean: per_token(sums[policy_stat::RATIO]),
         };
-        let entropy = if r == 0 {
-            0.0
-        } else {
-            sums[policy_stat::ENTROPY] / r as f64
-        };
+        let entropy = per_token(sums[policy_stat::ENTROPY]);
         let grad_norm = opt.grad_norm(b)?;
         let skipped = !(loss.is_finite() && grad_norm.is_finite());
         if !skipped {
@@ -445,6 +441,58 @@ mod tests {
         let result = policy_update(&mut model, &mut opt, &u, &options).unwrap();
         let after = opt.master_weights(&model.backend).unwrap();
         (result, after)
+    }
+
+    /// With truncated completions masked, the logged entropy is the mean over the tokens of the
+    /// loss, as every other statistic (METHOD.md §2: the policy applies alike to the logs): the
+    /// mean of the forward pass's per-token entropies over the completions kept.
+    #[test]
+    fn entropy_is_averaged_over_the_tokens_in_the_loss() {
+        let mut model = tiny_model();
+        let mut opt = fresh_optimizer(&model, 1e-8, 0.0);
+        let owned: Vec<(Vec<u32>, Vec<u32>)> = vec![
+            (vec![1, 2], vec![3, 4, 5]),
+            (vec![1, 2], vec![6, 7, 8, 9, 2]),
+        ];
+        let seqs: Vec<(&[u32], &[u32])> = owned.iter().map(|(p, c)| (&p[..], &c[..])).collect();
+        let forward = model
+            .forward_train(&TrainBatch::new(&seqs).unwrap(), 0.9)
+            .unwrap();
+        let mean = |x: &[f32]| x.iter().map(|&e| e as f64).sum::<f64>() / x.len() as f64;
+        let (kept, all) = (mean(&forward.entropy[..3]), mean(&forward.entropy));
+        assert!(
+            (kept - all).abs() > 1e-4,
+            "the test needs different means: {kept} vs {all}"
+        );
+        let loss = LossOptions {
+            truncated: crate::grpo::Truncated::Mask,
+            ..LossOptions::default()
+        };
+        let u = UpdateBatch {
+            seqs: &seqs,
+            rewards: &[1.0, 0.0],
+            group_size: 2,
+            truncated: &[false, true],
+            keep: None,
+            ref_logp: Some(&[-2.0; 8]),
+            old_logp: None,
+        };
+        let options = UpdateOptions {
+            loss: &loss,
+            advantage: &AdvantageOptions::default(),
+            epochs: 1,
+            temperature: 0.9,
+            lr: 1e-3,
+            grad_clip: 0.0,
+            micro_batch: 0,
+        };
+        let result = policy_update(&mut model, &mut opt, &u, &options).unwrap();
+        assert_eq!(result.stats.tokens, 3);
+        assert!(
+            (result.entropy - kept).abs() < 1e-5,
+            "entropy {} vs {kept} over the kept tokens",
+            result.entropy
+        );
     }
 
     /// Passes of 1, 2 and 4 completions (the last pass shorter) give the whole batch's step in

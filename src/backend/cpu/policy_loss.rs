@@ -66,10 +66,10 @@ pub fn policy_loss_backward(
             let (logp_row, entropy) = row_logprob(&softmax, z, y, inv_t);
             *lp = logp_row;
             st.fill(0.0);
-            st[policy_stat::ENTROPY] = entropy;
             let w = tokens.weights[seq] as f64;
             let mut g = 0.0f32;
             if w != 0.0 {
+                st[policy_stat::ENTROPY] = entropy;
                 let lp = logp_row as f64;
                 let t = token_loss(
                     lp,
