@@ -143,6 +143,19 @@ pub trait Backend: Send + Sync {
     fn zeros(&self, len: usize) -> Result<Self::Buf>;
     fn upload(&self, host: &[f32]) -> Result<Self::Buf>;
     fn download(&self, buf: Self::View<'_>) -> Result<Vec<f32>>;
+    /// dst[:] = the values of `buf`, into host memory the caller keeps (backends that can copy
+    /// straight into it allocate nothing); after the ops before it.
+    fn download_into(&self, dst: &mut [f32], buf: Self::View<'_>) -> Result<()> {
+        let values = self.download(buf)?;
+        anyhow::ensure!(
+            values.len() == dst.len(),
+            "download_into: a view of {} values into {}",
+            values.len(),
+            dst.len()
+        );
+        dst.copy_from_slice(&values);
+        Ok(())
+    }
     /// dst[:] = host, in dst's storage type (CUDA: bf16, rounded to nearest even, or f32), in
     /// order with the ops before it.
     fn upload_into(&self, dst: Self::ViewMut<'_>, host: &[f32]) -> Result<()>;

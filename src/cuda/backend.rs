@@ -131,6 +131,9 @@ pub struct CudaBackend {
     /// upload or allocate outside the graph then).
     recording: Mutex<Option<RecordedInputs>>,
     graph_stats: Mutex<DecodeGraphStats>,
+    /// `upload_into`'s bf16 copy of the host values, kept and grown (the offloaded optimizer
+    /// writes 64 Mi weights a transfer: a fresh allocation would fault its pages every time).
+    upload_staging: Mutex<Vec<bf16>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -189,6 +192,7 @@ impl CudaBackend {
             flash_backward: Mutex::new(flash_backward_from_env()?),
             recording: Mutex::new(None),
             graph_stats: Mutex::new(DecodeGraphStats::default()),
+            upload_staging: Mutex::new(Vec::new()),
         })
     }
 
@@ -651,16 +655,24 @@ impl Backend for CudaBackend {
         let stream = self.k.stream.cu_stream();
         // An asynchronous copy from pageable memory may return before the driver has read the
         // memory (CUDA documents staging before the return for the synchronous copy only), so
-        // the copy is waited for before `narrow` is dropped or the caller reuses `host`. The
-        // offloaded optimizer downloads the next chunk next, which waits anyway.
-        let narrow: Vec<bf16>;
+        // the copy is waited for before the staging buffer or `host` can change. The offloaded
+        // optimizer downloads the next chunk next, which waits anyway.
+        let mut staging = lock(&self.upload_staging);
         // SAFETY: the view holds dst.len values of its dtype, the size of one element of the
-        // slice copied, which lives until the stream has been synchronised below.
+        // slice copied, which is neither dropped nor changed until the stream has been
+        // synchronised below (the staging lock is held until then).
         let copied = match dst.dtype {
             DType::F32 => unsafe { drv::memcpy_htod_async(dst.ptr, host, stream) },
             DType::Bf16 => {
-                narrow = host.par_iter().map(|&v| bf16::from_f32(v)).collect();
-                unsafe { drv::memcpy_htod_async(dst.ptr, &narrow, stream) }
+                if staging.len() < host.len() {
+                    staging.resize(host.len(), bf16::ZERO);
+                }
+                let narrow = &mut staging[..host.len()];
+                narrow
+                    .par_iter_mut()
+                    .zip(host.par_iter())
+                    .for_each(|(n, &v)| *n = bf16::from_f32(v));
+                unsafe { drv::memcpy_htod_async(dst.ptr, &*narrow, stream) }
             }
         };
         copied.context("copying to the GPU")?;
@@ -668,30 +680,44 @@ impl Backend for CudaBackend {
     }
 
     fn download(&self, buf: CudaView<'_>) -> Result<Vec<f32>> {
+        if buf.dtype == DType::F32 {
+            let mut host = vec![0f32; buf.len];
+            self.download_into(&mut host, buf)?;
+            return Ok(host);
+        }
         self.synchronize()?;
-        let stream = self.k.stream.cu_stream();
         self.k.ctx.bind_to_thread()?;
-        let out = match buf.dtype {
-            DType::F32 => {
-                let mut host = vec![0f32; buf.len];
-                // SAFETY: the view covers buf.len f32 values.
-                unsafe { drv::memcpy_dtoh_async(&mut host, buf.ptr, stream) }
-                    .context("copying from the GPU")?;
-                host
-            }
-            DType::Bf16 => {
-                let mut host = vec![bf16::ZERO; buf.len];
-                // SAFETY: the view covers buf.len bf16 values.
-                unsafe { drv::memcpy_dtoh_async(&mut host, buf.ptr, stream) }
-                    .context("copying from the GPU")?;
-                host.par_iter().map(|v| v.to_f32()).collect()
-            }
-        };
+        let mut host = vec![bf16::ZERO; buf.len];
+        // SAFETY: the view covers buf.len bf16 values; the copy is waited for below.
+        unsafe { drv::memcpy_dtoh_async(&mut host, buf.ptr, self.k.stream.cu_stream()) }
+            .context("copying from the GPU")?;
         self.k
             .stream
             .synchronize()
             .context("waiting for the copy from the GPU")?;
-        Ok(out)
+        Ok(host.par_iter().map(|v| v.to_f32()).collect())
+    }
+
+    fn download_into(&self, dst: &mut [f32], buf: CudaView<'_>) -> Result<()> {
+        ensure!(
+            dst.len() == buf.len,
+            "download_into: a view of {} values into {}",
+            buf.len,
+            dst.len()
+        );
+        if buf.dtype == DType::Bf16 {
+            dst.copy_from_slice(&self.download(buf)?);
+            return Ok(());
+        }
+        self.synchronize()?;
+        self.k.ctx.bind_to_thread()?;
+        // SAFETY: the view covers buf.len f32 values, dst as many; the copy is waited for below.
+        unsafe { drv::memcpy_dtoh_async(dst, buf.ptr, self.k.stream.cu_stream()) }
+            .context("copying from the GPU")?;
+        self.k
+            .stream
+            .synchronize()
+            .context("waiting for the copy from the GPU")
     }
 
     fn start_op_profile(&self) -> bool {

@@ -30,6 +30,9 @@ enum OptimizerState<B: TrainBackend> {
         v: Vec<f32>,
         /// Parameters per transfer of a step (OFFLOAD_CHUNK; smaller in tests).
         chunk: usize,
+        /// Where each transfer's gradients land: [chunk], kept from step to step (a fresh
+        /// allocation per transfer costs its page faults every time).
+        grads_host: Vec<f32>,
     },
 }
 
@@ -77,6 +80,7 @@ impl<B: TrainBackend> DeviceOptimizer<B> {
                 m,
                 v,
                 chunk: OFFLOAD_CHUNK,
+                grads_host: Vec::new(),
             }
         } else {
             OptimizerState::Device {
@@ -140,15 +144,18 @@ impl<B: TrainBackend> DeviceOptimizer<B> {
                 m,
                 v,
                 chunk,
+                grads_host,
             } => {
+                grads_host.resize((*chunk).min(master.len()), 0.0);
                 for start in (0..master.len()).step_by(*chunk) {
                     let r = start..(start + *chunk).min(master.len());
-                    let grads = b.download(b.view(&self.grads, r.clone()))?;
+                    let grads = &mut grads_host[..r.len()];
+                    b.download_into(grads, b.view(&self.grads, r.clone()))?;
                     host_adamw(
                         &mut master[r.clone()],
                         &mut m[r.clone()],
                         &mut v[r.clone()],
-                        &grads,
+                        grads,
                         &step,
                     );
                     b.upload_into(b.view_mut(&mut model.params, r.clone()), &master[r])?;

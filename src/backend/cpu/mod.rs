@@ -61,6 +61,17 @@ impl Backend for CpuBackend {
     fn download(&self, buf: &[f32]) -> Result<Vec<f32>> {
         Ok(buf.to_vec())
     }
+    fn download_into(&self, dst: &mut [f32], buf: &[f32]) -> Result<()> {
+        if dst.len() != buf.len() {
+            bail!(
+                "download_into: a view of {} values into {}",
+                buf.len(),
+                dst.len()
+            );
+        }
+        dst.copy_from_slice(buf);
+        Ok(())
+    }
     fn upload_into(&self, dst: &mut [f32], host: &[f32]) -> Result<()> {
         if dst.len() != host.len() {
             bail!(
