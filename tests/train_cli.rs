@@ -369,8 +369,6 @@ fn keep_checkpoints_deletes_the_older_ones() {
     );
 }
 
-/// `--dry-run` prints the demo's budgets with their caps and first steps and the memory plan,
-/// and stops before the weights: the run folder is never made.
 /// `sampling.stop` ends the rollouts and the held-out evaluation's responses: every demo
 /// completion starts with the token "<think>", so with that stop string each is one token long.
 #[test]
@@ -402,6 +400,8 @@ fn stop_strings_end_rollouts_and_evaluations() {
     }
 }
 
+/// `--dry-run` prints the demo's budgets with their caps and first steps and the memory plan,
+/// and stops before the weights: the run folder is never made.
 #[test]
 fn dry_run_prints_the_plan_and_writes_nothing() {
     let tmp = tempfile::tempdir().unwrap();
