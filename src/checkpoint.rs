@@ -26,8 +26,11 @@ const MODEL_FILES: [&str; 6] = [
 ];
 
 /// Writes `dest` atomically: `write` fills a fresh temporary folder beside it, which is then
-/// renamed into place (replacing an older `dest`).
+/// renamed into place, replacing an older `dest` only when that is a model folder (config.json
+/// beside safetensors weights) or empty: a folder of other files is the user's, never deleted.
+/// On any failure the temporary folder goes too.
 pub fn write_folder_atomically(dest: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    check_replaceable(dest)?;
     let parent = dest
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -44,20 +47,52 @@ pub fn write_folder_atomically(dest: &Path, write: impl FnOnce(&Path) -> Result<
             .with_context(|| format!("cannot remove stale {}", tmp.display()))?;
     }
     std::fs::create_dir(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    if let Err(e) = write(&tmp) {
+    let moved = write(&tmp).and_then(|()| {
+        // checked again: the folder may have changed while `write` ran
+        check_replaceable(dest)?;
+        if dest.exists() {
+            std::fs::remove_dir_all(dest)
+                .with_context(|| format!("cannot replace {}", dest.display()))?;
+        }
+        std::fs::rename(&tmp, dest)
+            .with_context(|| format!("cannot rename {} to {}", tmp.display(), dest.display()))
+    });
+    if let Err(e) = moved {
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
     }
-    if dest.exists() {
-        std::fs::remove_dir_all(dest)
-            .with_context(|| format!("cannot replace {}", dest.display()))?;
-    }
-    std::fs::rename(&tmp, dest)
-        .with_context(|| format!("cannot rename {} to {}", tmp.display(), dest.display()))?;
     // The rename itself on the disk (the folder's entry), before older checkpoints may go.
     std::fs::File::open(parent)
         .and_then(|dir| dir.sync_all())
         .with_context(|| format!("cannot sync {}", parent.display()))
+}
+
+/// Whether `dest` may be replaced by a model folder: absent, an empty folder, or a model folder.
+pub fn check_replaceable(dest: &Path) -> Result<()> {
+    let Ok(meta) = std::fs::symlink_metadata(dest) else {
+        return Ok(());
+    };
+    if !meta.is_dir() {
+        bail!(
+            "{} exists and is not a folder: refusing to replace it",
+            dest.display()
+        );
+    }
+    let is_empty = std::fs::read_dir(dest)
+        .with_context(|| format!("cannot read {}", dest.display()))?
+        .next()
+        .is_none();
+    let is_model = dest.join("config.json").is_file()
+        && (dest.join("model.safetensors").is_file()
+            || dest.join("model.safetensors.index.json").is_file());
+    if !(is_empty || is_model) {
+        bail!(
+            "{} exists and is not a model folder (no config.json with safetensors weights): \
+             refusing to replace it; choose another path or remove it",
+            dest.display()
+        );
+    }
+    Ok(())
 }
 
 /// Writes the model part of a checkpoint into `dir`: config and tokenizer files from

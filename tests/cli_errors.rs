@@ -257,3 +257,104 @@ fn cuda_backend_without_a_gpu_is_one_clear_line() {
     }
     assert!(!out_dir.exists(), "train wrote a run folder before failing");
 }
+
+fn thinkshort(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_thinkshort"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// `sft --out` never replaces a folder of other files (it deleted them): refused before the
+/// training, the folder untouched; nonsense sizes and rates are refused too.
+#[test]
+fn sft_refuses_to_replace_a_folder_of_other_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("in.jsonl");
+    std::fs::write(
+        &data,
+        r#"{"prompt": "compute : 3 + 4 . budget : 20 tokens .", "completion": " <think> 3 + 4 = 7 . </think> <answer> 7 </answer>"}"#,
+    )
+    .unwrap();
+    let keep = tmp.path().join("keep");
+    std::fs::create_dir(&keep).unwrap();
+    std::fs::write(keep.join("important.txt"), "mine").unwrap();
+    let sft = |out: &Path, extra: &[&str]| {
+        let mut args = vec!["sft", "--model", "models/demo", "--data"];
+        args.push(data.to_str().unwrap());
+        args.extend(["--out", out.to_str().unwrap(), "--steps", "1"]);
+        // a batch of 1 unless the case gives its own settings
+        args.extend(if extra.is_empty() {
+            &["--batch-size", "1"][..]
+        } else {
+            extra
+        });
+        thinkshort(&args)
+    };
+    let o = sft(&keep, &[]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && stderr.contains("is not a model folder"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(keep.join("important.txt")).unwrap(),
+        "mine"
+    );
+    // a model folder (an earlier output) is replaced; no temporary folder is left beside it
+    let model = tmp.path().join("model");
+    for _ in 0..2 {
+        let o = sft(&model, &[]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let names: Vec<String> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(names.iter().all(|n| !n.starts_with('.')), "{names:?}");
+    for (extra, needle) in [
+        (&["--batch-size", "0"][..], "--batch-size and --steps"),
+        (&["--lr=-1"][..], "--lr must be"),
+    ] {
+        let o = sft(&tmp.path().join("other"), extra);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && stderr.contains(needle), "{stderr}");
+    }
+}
+
+/// `logprobs --output LINK` writes the link's target and keeps the link (the rename replaced
+/// the link with a file).
+#[cfg(unix)]
+#[test]
+fn logprobs_output_through_a_link_keeps_the_link() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("in.jsonl");
+    std::fs::write(
+        &input,
+        r#"{"prompt": "compute : 3 + 4 .", "completion": " <think> 3 + 4 = 7 . </think>"}"#,
+    )
+    .unwrap();
+    let (real, link) = (tmp.path().join("real.jsonl"), tmp.path().join("link.jsonl"));
+    std::fs::write(&real, "").unwrap();
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let o = thinkshort(&[
+        "logprobs",
+        "--model",
+        "models/demo",
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        link.to_str().unwrap(),
+        "--backend",
+        "cpu",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(std::fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert!(std::fs::read_to_string(&real)
+        .unwrap()
+        .starts_with("{\"logprobs\":["));
+}

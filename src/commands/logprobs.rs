@@ -43,27 +43,67 @@ pub fn run(args: &LogprobsArgs) -> Result<()> {
     };
     let items = read_items(&args.input, model.cfg().vocab_size, &mut tokenizer)?;
 
-    // Write to a temporary name and rename, so an error never leaves a half-written output.
-    let tmp = args.output.with_extension("jsonl.partial");
-    let file =
-        std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    let mut w = BufWriter::new(file);
-    for (c, chunk) in items.chunks(LINES_PER_CHUNK).enumerate() {
-        for lps in model.completion_logprobs(chunk, args.temperature)? {
-            writeln!(w, "{}", serde_json::json!({ "logprobs": lps }))?;
+    // Write to a temporary name and rename, so an error never leaves a half-written output
+    // (a pipe or device such as /dev/stdout is written directly; a link's target is replaced,
+    // not the link).
+    let (target, rename_to) = output_target(&args.output)?;
+    let write = || -> Result<()> {
+        let file = std::fs::File::create(&target)
+            .with_context(|| format!("cannot create {}", target.display()))?;
+        let mut w = BufWriter::new(file);
+        for (c, chunk) in items.chunks(LINES_PER_CHUNK).enumerate() {
+            let scored = model.completion_logprobs(chunk, args.temperature)?;
+            for (i, lps) in scored.iter().enumerate() {
+                if lps.iter().any(|x| !x.is_finite()) {
+                    bail!(
+                        "{} line {}: a log-prob is not finite (the temperature or the model's \
+                         weights overflow the arithmetic)",
+                        args.input.display(),
+                        c * LINES_PER_CHUNK + i + 1
+                    );
+                }
+                writeln!(w, "{}", serde_json::json!({ "logprobs": lps }))?;
+            }
+            eprint!(
+                "\rscored {}/{} lines",
+                (c * LINES_PER_CHUNK + chunk.len()),
+                items.len()
+            );
         }
-        eprint!(
-            "\rscored {}/{} lines",
-            (c * LINES_PER_CHUNK + chunk.len()),
-            items.len()
-        );
+        eprintln!();
+        w.flush()
+            .with_context(|| format!("cannot write {}", target.display()))?;
+        if let Some(path) = &rename_to {
+            std::fs::rename(&target, path)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+        }
+        Ok(())
+    };
+    let written = write();
+    if written.is_err() && rename_to.is_some() {
+        let _ = std::fs::remove_file(&target);
     }
-    eprintln!();
-    w.flush()
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, &args.output)
-        .with_context(|| format!("cannot write {}", args.output.display()))?;
-    Ok(())
+    written
+}
+
+/// (the file to write, the path to rename it to): a temporary name beside the output, renamed
+/// into place; the output itself, with nothing to rename, when it is a pipe or a device. A link
+/// is followed, so its target is replaced and the link stays.
+fn output_target(path: &Path) -> Result<(PathBuf, Option<PathBuf>)> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => bail!("--output {} is a folder", path.display()),
+        Ok(m) if !m.is_file() => Ok((path.to_path_buf(), None)),
+        Ok(_) => {
+            let real = path
+                .canonicalize()
+                .with_context(|| format!("cannot resolve {}", path.display()))?;
+            Ok((real.with_extension("jsonl.partial"), Some(real)))
+        }
+        Err(_) => Ok((
+            path.with_extension("jsonl.partial"),
+            Some(path.to_path_buf()),
+        )),
+    }
 }
 
 /// The tokenizer is only needed for text lines: it is loaded on first use, so id-only inputs

@@ -2,7 +2,7 @@
 //! the demo model from scratch on the synthetic arithmetic task.
 
 use crate::backend::{cpu::CpuBackend, BackendKind};
-use crate::checkpoint::{write_folder_atomically, write_model_files};
+use crate::checkpoint::{check_replaceable, write_folder_atomically, write_model_files};
 use crate::config::ModelConfig;
 use crate::demo::{task, vocab};
 use crate::model::Model;
@@ -48,14 +48,30 @@ pub const DEMO_SFT_SEED: u64 = 1;
 
 pub fn run(args: &SftArgs) -> Result<()> {
     super::resolve_cpu_only(args.backend, "sft")?;
+    if args.batch_size == 0 || args.steps == 0 {
+        bail!("--batch-size and --steps must be at least 1");
+    }
+    if !(args.lr > 0.0 && args.lr.is_finite()) {
+        bail!("--lr must be a finite number > 0, got {}", args.lr);
+    }
+    // before the training, not after it: the output folder must be one sft may replace
+    check_replaceable(&args.out).context("--out")?;
     let staging = tempfile_dir(&args.out)?;
+    let result = sft_with_staging(args, &staging);
+    let _ = std::fs::remove_dir_all(&staging);
+    result
+}
+
+/// The run, with `staging` (a scratch folder beside --out, removed by the caller whatever
+/// happens) for the demo model's tokenizer and config.
+fn sft_with_staging(args: &SftArgs, staging: &Path) -> Result<()> {
     let (source_dir, mut model, data) = if args.demo {
-        vocab::write_tokenizer_files(&staging)?;
-        let tok = Tokenizer::from_model_dir(&staging)?;
+        vocab::write_tokenizer_files(staging)?;
+        let tok = Tokenizer::from_model_dir(staging)?;
         let config = vocab::demo_model_config(tok.vocab_size());
         std::fs::write(staging.join("config.json"), &config)?;
         let model = Model::random(ModelConfig::from_json_str(&config)?, args.seed, CpuBackend)?;
-        (staging.clone(), model, demo_examples(&tok, 20_000)?)
+        (staging.to_path_buf(), model, demo_examples(&tok, 20_000)?)
     } else {
         let dir = args
             .model
@@ -94,7 +110,6 @@ pub fn run(args: &SftArgs) -> Result<()> {
     write_folder_atomically(&args.out, |dir| {
         write_model_files(dir, &source_dir, &model.layout, &model.params)
     })?;
-    let _ = std::fs::remove_dir_all(&staging);
     eprintln!("wrote {}", args.out.display());
     Ok(())
 }
