@@ -78,7 +78,7 @@ pub fn generate<B: Backend>(
     let vocab = model.cfg.vocab_size;
     let capacity = requests
         .iter()
-        .map(|r| r.prompt.len() + r.max_new_tokens)
+        .map(|r| r.prompt.len().saturating_add(r.max_new_tokens))
         .max()
         .unwrap_or(0);
     let mut cache = KvCache::new(b, &model.cfg, requests.len(), capacity)?;

@@ -6,7 +6,7 @@
 use crate::backend::{Backend, TokenPlacement};
 use crate::config::ModelConfig;
 use crate::params::ParamLayout;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 use std::ops::Range;
 use std::path::Path;
@@ -37,8 +37,22 @@ pub struct KvCache<B: Backend> {
 }
 
 impl<B: Backend> KvCache<B> {
+    /// A cache of `slots` sequences of up to `capacity` positions each, which must be within
+    /// the model's max_position_embeddings.
     pub fn new(backend: &B, cfg: &ModelConfig, slots: usize, capacity: usize) -> Result<Self> {
-        let len = cfg.num_layers * slots * capacity * cfg.kv_dim();
+        if capacity > cfg.max_position_embeddings {
+            bail!(
+                "sequences of up to {capacity} tokens (prompt + new tokens) exceed the model's \
+                 max_position_embeddings of {}",
+                cfg.max_position_embeddings
+            );
+        }
+        let len = [slots, capacity, cfg.kv_dim()]
+            .iter()
+            .try_fold(cfg.num_layers, |n, &x| n.checked_mul(x))
+            .with_context(|| {
+                format!("a KV cache of {slots} sequences × {capacity} positions is too large")
+            })?;
         Ok(KvCache {
             k: backend.zeros(len)?,
             v: backend.zeros(len)?,

@@ -83,21 +83,40 @@ pub fn load_params(dir: &Path, cfg: &ModelConfig, layout: &ParamLayout) -> Resul
         }
     }
 
+    // Every tensor the config names must be there before the parameters are allocated (a config
+    // with far more layers than the weights would otherwise allocate first), and weights of
+    // layers the config does not have mean the config is not this model's.
+    if let Some(spec) = layout
+        .specs
+        .iter()
+        .find(|s| !where_is.contains_key(&s.name))
+    {
+        let hint = if spec.name == "lm_head.weight" {
+            " (the config says tie_word_embeddings = false)"
+        } else {
+            ""
+        };
+        bail!(
+            "missing tensor `{}` in the weights of {}{hint}",
+            spec.name,
+            dir.display()
+        );
+    }
+    if let Some(extra) = where_is
+        .keys()
+        .find(|name| layer_index(name).is_some_and(|layer| layer >= cfg.num_layers))
+    {
+        bail!(
+            "the weights of {} hold `{extra}`, a layer beyond the {} of config.json \
+             (num_hidden_layers): the config is not this model's",
+            dir.display(),
+            cfg.num_layers
+        );
+    }
+
     let mut params = vec![0.0f32; layout.total_len()];
     for spec in &layout.specs {
-        let Some(&i) = where_is.get(&spec.name) else {
-            let hint = if spec.name == "lm_head.weight" {
-                " (the config says tie_word_embeddings = false)"
-            } else {
-                ""
-            };
-            bail!(
-                "missing tensor `{}` in the weights of {}{hint}",
-                spec.name,
-                dir.display()
-            );
-        };
-        let (path, st) = &parsed[i];
+        let (path, st) = &parsed[where_is[&spec.name]]; // present: checked above
         let view = st
             .tensor(&spec.name)
             .with_context(|| format!("{}: tensor `{}`", path.display(), spec.name))?;
@@ -175,4 +194,13 @@ pub fn save_params(path: &Path, layout: &ParamLayout, params: &[f32]) -> Result<
         })
         .collect();
     write_f32_safetensors(path, &tensors, &[("format", "pt")])
+}
+
+/// The layer of a tensor named `model.layers.<i>.…`.
+fn layer_index(name: &str) -> Option<usize> {
+    name.strip_prefix("model.layers.")?
+        .split('.')
+        .next()?
+        .parse()
+        .ok()
 }

@@ -358,3 +358,83 @@ fn logprobs_output_through_a_link_keeps_the_link() {
         .unwrap()
         .starts_with("{\"logprobs\":["));
 }
+
+/// A config.json with fewer layers than its weights is not this model's config (the extra
+/// layers were ignored): an error naming a tensor of the extra layer.
+#[test]
+fn weights_of_layers_beyond_the_config_are_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen2_tied");
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        std::fs::copy(fixture.join(f), tmp.path().join(f)).unwrap();
+    }
+    let config = std::fs::read_to_string(fixture.join("config.json")).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&config).unwrap();
+    json["num_hidden_layers"] = 1.into();
+    std::fs::write(tmp.path().join("config.json"), json.to_string()).unwrap();
+    let o = thinkshort(&[
+        "generate",
+        "--model",
+        tmp.path().to_str().unwrap(),
+        "--prompt",
+        "hello",
+        "--backend",
+        "cpu",
+    ]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success()
+            && stderr.contains("`model.layers.1.")
+            && stderr.contains("beyond the 1"),
+        "{stderr}"
+    );
+}
+
+/// Generation longer than the model's positions, or a cache larger than memory, is one clear
+/// error (they aborted the process: a wrapped length, a failed allocation).
+#[test]
+fn oversized_generation_is_an_error_not_an_abort() {
+    // the demo model, and a copy that claims 10^15 positions (its cache cannot be allocated)
+    let tmp = tempfile::tempdir().unwrap();
+    let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/demo");
+    for entry in std::fs::read_dir(&demo).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, tmp.path().join(path.file_name().unwrap())).unwrap();
+    }
+    let config = std::fs::read_to_string(demo.join("config.json")).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&config).unwrap();
+    json["max_position_embeddings"] = 1_000_000_000_000_000u64.into();
+    std::fs::write(tmp.path().join("config.json"), json.to_string()).unwrap();
+    let long = tmp.path().to_str().unwrap();
+    for (model, new_tokens, needle) in [
+        (
+            "models/demo",
+            "18446744073709551615",
+            "exceed the model's max_position_embeddings of 512",
+        ),
+        ("models/demo", "600", "max_position_embeddings"),
+        (long, "10000000000000", "cannot allocate"),
+    ] {
+        let o = thinkshort(&[
+            "generate",
+            "--model",
+            model,
+            "--template",
+            "raw",
+            "--prompt",
+            "compute : 3 + 4 .",
+            "--max-new-tokens",
+            new_tokens,
+            "--backend",
+            "cpu",
+        ]);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{new_tokens}: {stderr}");
+        assert!(stderr.contains(needle), "{new_tokens}: {stderr}");
+    }
+}

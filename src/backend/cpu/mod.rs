@@ -38,6 +38,20 @@ const ELEMENTS_PER_TASK: usize = 4096;
 #[derive(Debug, Default, Clone, Copy)]
 pub struct CpuBackend;
 
+/// `len` copies of `value`, or an error when the memory cannot be had (a plain `vec!` aborts
+/// the process).
+fn filled(len: usize, value: f32) -> Result<Vec<f32>> {
+    let mut v = Vec::new();
+    if v.try_reserve_exact(len).is_err() {
+        bail!(
+            "cannot allocate {:.1} GiB of host memory for a buffer of {len} floats",
+            len as f64 * 4.0 / (1u64 << 30) as f64
+        );
+    }
+    v.resize(len, value);
+    Ok(v)
+}
+
 impl Backend for CpuBackend {
     type Buf = Vec<f32>;
     type View<'a> = &'a [f32];
@@ -47,10 +61,10 @@ impl Backend for CpuBackend {
         "cpu"
     }
     fn zeros(&self, len: usize) -> Result<Vec<f32>> {
-        Ok(vec![0.0; len])
+        filled(len, 0.0)
     }
     fn empty(&self, len: usize) -> Result<Vec<f32>> {
-        Ok(vec![f32::NAN; len])
+        filled(len, f32::NAN)
     }
     fn empty_f32(&self, len: usize) -> Result<Vec<f32>> {
         self.empty(len)
