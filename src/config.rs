@@ -247,14 +247,24 @@ fn parse_rope(j: &Keys) -> Result<(f64, RopeScaling)> {
         },
         other => bail!("key `{key}.rope_type`: unsupported rope type {other:?} (supported: default, linear, llama3)"),
     };
+    if let RopeScaling::Linear { factor } | RopeScaling::Llama3 { factor, .. } = scaling {
+        // the frequencies are divided by it
+        if !(factor > 0.0 && factor.is_finite()) {
+            bail!("key `{key}.factor` must be a finite number > 0, got {factor}");
+        }
+    }
     if let RopeScaling::Llama3 {
         low_freq_factor,
         high_freq_factor,
+        original_max_position_embeddings,
         ..
     } = scaling
     {
         if !(high_freq_factor > low_freq_factor) {
             bail!("key `{key}`: high_freq_factor must exceed low_freq_factor");
+        }
+        if !(low_freq_factor > 0.0 && original_max_position_embeddings > 0.0) {
+            bail!("key `{key}`: low_freq_factor and original_max_position_embeddings must be > 0");
         }
     }
     Ok((theta, scaling))

@@ -22,8 +22,8 @@ pub fn completion_logprobs<B: Backend>(
     items: &[ScoreItem],
     temperature: f32,
 ) -> Result<Vec<Vec<f32>>> {
-    if !(temperature > 0.0) {
-        bail!("log-probs need a temperature > 0, got {temperature}");
+    if !(temperature > 0.0 && temperature.is_finite()) {
+        bail!("log-probs need a finite temperature > 0, got {temperature}");
     }
     for (i, it) in items.iter().enumerate() {
         if it.prompt.is_empty() {

@@ -41,6 +41,13 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
                 index.display()
             )
         })?;
+        // a shard is a file of the model folder: not a path leading elsewhere
+        if file.is_empty() || file.contains(['/', '\\']) || file == ".." {
+            bail!(
+                "{}: `weight_map.{tensor}` names {file:?}, not a file of the model folder",
+                index.display()
+            );
+        }
         let path = dir.join(file);
         if !files.contains(&path) {
             files.push(path);

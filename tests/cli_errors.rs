@@ -438,3 +438,98 @@ fn oversized_generation_is_an_error_not_an_abort() {
         assert!(stderr.contains(needle), "{new_tokens}: {stderr}");
     }
 }
+
+/// Smaller input checks from the audit, each one clear line: a rope scaling factor of 0 (it
+/// divided the frequencies), an infinite temperature, a shard path out of the model folder,
+/// eval with no dataset or --limit 0, a run folder given to --resume, a non-positive peak.
+#[test]
+fn nonsense_settings_are_refused_with_one_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let rope0 = CONFIG.replace(
+        "\"rope_theta\":10000.0",
+        "\"rope_theta\":10000.0,\"rope_scaling\":{\"rope_type\":\"linear\",\"factor\":0.0}",
+    );
+    write_model(dir, &rope0, &no_tweak);
+    let (ok, err) = logprobs(dir, None);
+    assert!(!ok && err.contains("rope_scaling.factor"), "{err}");
+
+    let index = tmp.path().join("index");
+    std::fs::create_dir(&index).unwrap();
+    std::fs::write(index.join("config.json"), CONFIG).unwrap();
+    std::fs::write(
+        index.join("model.safetensors.index.json"),
+        r#"{"weight_map": {"model.embed_tokens.weight": "../../etc/passwd"}}"#,
+    )
+    .unwrap();
+    let (ok, err) = logprobs(&index, None);
+    assert!(
+        !ok && err.contains("not a file of the model folder"),
+        "{err}"
+    );
+
+    let input = tmp.path().join("in.jsonl");
+    std::fs::write(&input, r#"{"prompt_ids": [1, 2], "completion_ids": [3]}"#).unwrap();
+    let out = tmp.path().join("out.jsonl");
+    let cases: [(&[&str], &str); 6] = [
+        (
+            &[
+                "logprobs",
+                "--model",
+                "models/demo",
+                "--temperature",
+                "1e39",
+                "--input",
+            ],
+            "finite temperature",
+        ),
+        (
+            &["eval", "--model", "models/demo", "--datasets", ","],
+            "names no dataset",
+        ),
+        (
+            &["eval", "--model", "models/demo", "--limit", "0"],
+            "--limit must be",
+        ),
+        (
+            &["train", "--resume", "models", "--out"],
+            "not a checkpoint folder",
+        ),
+        (
+            &[
+                "bench",
+                "step",
+                "--model-config",
+                "models/demo/config.json",
+                "--peak-tflops",
+                "0",
+            ],
+            "--peak-tflops must be",
+        ),
+        (
+            &[
+                "bench",
+                "step",
+                "--model-config",
+                "models/demo/config.json",
+                "--peak-tflops",
+                "nan",
+            ],
+            "--peak-tflops must be",
+        ),
+    ];
+    for (args, needle) in cases {
+        let mut all: Vec<&str> = args.to_vec();
+        if args[0] == "logprobs" {
+            all.extend([input.to_str().unwrap(), "--output", out.to_str().unwrap()]);
+        }
+        if args[0] == "train" {
+            all.push(tmp.path().to_str().unwrap());
+        }
+        all.extend(["--backend", "cpu"]);
+        let o = thinkshort(&all);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+    }
+}

@@ -510,6 +510,26 @@ fn a_model_set_without_config_takes_the_defaults() {
             && stdout.contains("budgets: 256 (cap 512) from step 0, 179 (cap 358) from step 150"),
         "{stdout}"
     );
+    // training data whose line has an empty gold answer: the file and line are named
+    let data = tmp.path().join("bad.jsonl");
+    std::fs::write(
+        &data,
+        "{\"question\": \"1 + 1?\", \"answer\": \"#### 2\"}\n{\"question\": \"2 + 2?\", \"answer\": \"####  \"}\n",
+    )
+    .unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_thinkshort"))
+        .current_dir(root)
+        .args(["train", "--backend", "cpu", "--dry-run", "--set"])
+        .arg(format!("model={root}/tests/fixtures/qwen2_tied"))
+        .arg("--set")
+        .arg(format!("data={}", data.display()))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && stderr.contains("line 2") && stderr.contains("gold answer is empty"),
+        "{stderr}"
+    );
 }
 
 /// A resumed run continues its checkpoint's curriculum and AdamW settings: settings that

@@ -109,6 +109,9 @@ pub fn step(args: &StepArgs) -> Result<()> {
     if args.steps == 0 {
         bail!("--steps must be at least 1");
     }
+    if let Some(p) = args.peak_tflops.filter(|p| !(*p > 0.0 && p.is_finite())) {
+        bail!("--peak-tflops must be a finite number > 0, got {p}");
+    }
     let cfg = read_config(&args.model_config)?;
     match super::resolve_backend(args.backend)? {
         BackendKind::Cuda => {

@@ -108,6 +108,9 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         top_p: 1.0,
     };
     sampling.validate()?;
+    if args.limit == Some(0) {
+        bail!("--limit must be at least 1");
+    }
     // Every set is read before the model loads, so a bad line fails at once.
     let mut sets: Vec<Dataset> = Vec::new();
     for spec in args
@@ -120,8 +123,14 @@ pub fn run(args: &EvalArgs) -> Result<()> {
             if let Some(n) = args.limit {
                 set.items.truncate(n);
             }
+            if set.items.is_empty() {
+                bail!("dataset {spec} holds no items");
+            }
             sets.push(set);
         }
+    }
+    if sets.is_empty() {
+        bail!("--datasets names no dataset");
     }
     let template = match args.template.as_str() {
         "raw" => None,

@@ -108,6 +108,9 @@ pub fn load_examples(path: &Path, format: crate::train_config::DataFormat) -> Re
             },
             crate::train_config::DataFormat::Generic => answer.trim().to_string(),
         };
+        if gold.is_empty() {
+            bail!("{}: the gold answer is empty", at());
+        }
         out.push(Example { question, gold });
     }
     if out.is_empty() {
@@ -233,6 +236,26 @@ fn train_on<B: TrainBackend>(
     cfg.validate()?;
     if inputs.train.is_empty() {
         bail!("no training examples");
+    }
+    if let Some(dir) = resume.filter(|d| !d.join("trainer_state.json").is_file()) {
+        let mut steps: Vec<String> = std::fs::read_dir(dir)
+            .map(|entries| {
+                entries
+                    .filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.starts_with("step-"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        steps.sort();
+        let hint = match steps.last() {
+            Some(last) => format!(" (a run folder: give one of its checkpoints, e.g. {last})"),
+            None => String::new(),
+        };
+        bail!(
+            "--resume {}: not a checkpoint folder, it has no trainer_state.json{hint}",
+            dir.display()
+        );
     }
     let weights_dir = resume.unwrap_or(&inputs.model_dir);
     let tok = Tokenizer::from_model_dir(&inputs.model_dir)?;

@@ -3,6 +3,7 @@
 
 use super::expr::{self, Expr};
 use super::numeric::{close, C};
+use super::MAX_DEPTH;
 use std::collections::{BTreeSet, HashMap};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -148,10 +149,23 @@ fn is_words(s: &str) -> bool {
             .any(|w| ["sin", "cos", "tan", "cot", "sec", "csc", "ln", "log", "exp"].contains(&w))
 }
 
+/// Most `\pm` signs one value may hold: each doubles the values it stands for, and the parses.
+const MAX_PM: usize = 8;
+
 /// Parses a cleaned answer (see `latex::clean`).
 pub fn parse(s: &str) -> Answer {
+    parse_nested(s, 0)
+}
+
+/// `parse` of a part nested `depth` levels deep in the answer; past `MAX_DEPTH` the part is
+/// text, like any other the verifier cannot read.
+fn parse_nested(s: &str, depth: usize) -> Answer {
     let s = s.trim();
-    if let Some(m) = matrix(s) {
+    if depth > MAX_DEPTH {
+        return text(s);
+    }
+    let nested = |part: &str| parse_nested(part, depth + 1);
+    if let Some(m) = matrix(s, depth) {
         return m;
     }
     // `x \in [-2, 7]` is the interval.
@@ -160,17 +174,17 @@ pub fn parse(s: &str) -> Answer {
         if v.is_ascii_alphabetic() {
             if let Some(r) = rest.trim_start().strip_prefix("\\in") {
                 if !r.starts_with(|c: char| c.is_ascii_alphabetic()) {
-                    return parse(r);
+                    return nested(r);
                 }
             }
         }
     }
     let unions = split_top(s, "\\cup");
     if unions.len() > 1 {
-        return Answer::Union(unions.into_iter().map(parse).collect());
+        return Answer::Union(unions.into_iter().map(nested).collect());
     }
     if let Some(inner) = s.strip_prefix("\\{").and_then(|r| r.strip_suffix("\\}")) {
-        return set_of(split_top(inner, ","));
+        return set_of(split_top(inner, ","), depth);
     }
     if is_prose(s) {
         return text(s);
@@ -180,19 +194,22 @@ pub fn parse(s: &str) -> Answer {
         items = split_top(s, ",");
     }
     if items.len() > 1 {
-        return set_of(items);
+        return set_of(items, depth);
     }
     if let (Some(open @ ('(' | '[')), Some(close @ (')' | ']'))) =
         (s.chars().next(), s.chars().last())
     {
         let inner = &s[1..s.len() - 1];
         if closing(s) == Some(s.len() - 1) && top_level(inner, ",").len() > 0 {
-            let items = split_top(inner, ",").into_iter().map(parse).collect();
+            let items = split_top(inner, ",").into_iter().map(nested).collect();
             return Answer::Seq { open, close, items };
         }
     }
     // `a \pm b` after the list splits, so that `\{1 \pm \sqrt5, -2\}` has three elements.
     if let Some(at) = s.find("\\pm").or_else(|| s.find('±')) {
+        if s.matches("\\pm").count() + s.matches('±').count() > MAX_PM {
+            return text(s);
+        }
         let len = if s[at..].starts_with('±') {
             '±'.len_utf8()
         } else {
@@ -201,7 +218,7 @@ pub fn parse(s: &str) -> Answer {
         let (head, tail) = (&s[..at], &s[at + len..]);
         let mut items = Vec::new();
         for sign in ["+", "-"] {
-            match parse(&format!("{head}{sign}{tail}")) {
+            match nested(&format!("{head}{sign}{tail}")) {
                 Answer::Set(inner) => items.extend(inner),
                 one => items.push(one),
             }
@@ -213,9 +230,9 @@ pub fn parse(s: &str) -> Answer {
             let (lhs, rhs) = (&s[..at], &s[at + spelling.len()..]);
             if !lhs.trim().is_empty() && !rhs.trim().is_empty() {
                 return Answer::Rel {
-                    lhs: Box::new(parse(lhs)),
+                    lhs: Box::new(nested(lhs)),
                     op,
-                    rhs: Box::new(parse(rhs)),
+                    rhs: Box::new(nested(rhs)),
                 };
             }
         }
@@ -229,11 +246,12 @@ pub fn parse(s: &str) -> Answer {
     }
 }
 
-/// A set of the parsed parts; the two values of an `a \pm b` part become two elements.
-fn set_of(parts: Vec<&str>) -> Answer {
+/// A set of the parsed parts of an answer nested `depth` deep; the two values of an `a \pm b`
+/// part become two elements.
+fn set_of(parts: Vec<&str>, depth: usize) -> Answer {
     let mut items = Vec::new();
     for p in parts {
-        match parse(p) {
+        match parse_nested(p, depth + 1) {
             Answer::Set(pm) if p.contains("\\pm") || p.contains('±') => items.extend(pm),
             one => items.push(one),
         }
@@ -241,13 +259,14 @@ fn set_of(parts: Vec<&str>) -> Answer {
     Answer::Set(items)
 }
 
-/// `\begin{pmatrix} a & b \\ c & d \end{pmatrix}` (also bmatrix, array with a column spec).
-fn matrix(s: &str) -> Option<Answer> {
+/// `\begin{pmatrix} a & b \\ c & d \end{pmatrix}` (also bmatrix, array with a column spec),
+/// nested `depth` deep in the answer.
+fn matrix(s: &str, depth: usize) -> Option<Answer> {
     // `\left[\begin{array}..\end{array}\right]`: the brackets drawn around an array.
     let inner = s.get(1..s.len().saturating_sub(1)).map(str::trim);
     if let (Some(inner), true) = (inner, s.starts_with(['[', '(']) && s.ends_with([']', ')'])) {
         if inner.starts_with("\\begin{") {
-            return matrix(inner);
+            return matrix(inner, depth);
         }
     }
     let rest = s.strip_prefix("\\begin{")?;
@@ -263,7 +282,12 @@ fn matrix(s: &str) -> Option<Answer> {
     let rows: Vec<Vec<Answer>> = split_top(body, "\\\\")
         .into_iter()
         .filter(|r| !r.trim().is_empty())
-        .map(|r| split_top(r, "&").into_iter().map(parse).collect())
+        .map(|r| {
+            split_top(r, "&")
+                .into_iter()
+                .map(|cell| parse_nested(cell, depth + 1))
+                .collect()
+        })
         .collect();
     Some(Answer::Matrix(rows))
 }

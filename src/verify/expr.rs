@@ -4,6 +4,7 @@
 //! not by rewriting them, so equivalence is numeric at a few points (see `answer.rs`).
 
 use super::numeric::{factorial, C};
+use super::MAX_DEPTH;
 use std::collections::{BTreeSet, HashMap};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -181,10 +182,15 @@ fn b(e: Expr) -> Box<Expr> {
     Box::new(e)
 }
 
-/// Parses a whole expression; `None` when any of it is not understood.
+/// Parses a whole expression; `None` when any of it is not understood, or when it nests deeper
+/// than `MAX_DEPTH`.
 pub fn parse(s: &str) -> Option<Expr> {
     let toks = lex(s)?;
-    let mut p = Parser { toks, pos: 0 };
+    let mut p = Parser {
+        toks,
+        pos: 0,
+        depth: 0,
+    };
     let e = p.sum()?;
     (p.pos == p.toks.len()).then_some(e)
 }
@@ -192,9 +198,53 @@ pub fn parse(s: &str) -> Option<Expr> {
 struct Parser {
     toks: Vec<Tok>,
     pos: usize,
+    /// Atoms, signs and exponents the parser is inside of.
+    depth: usize,
+}
+
+/// The depth of a left-deep chain (`1+2+3`, `2xy`, `5!!`) that a parser loop builds link by
+/// link without recursing; `eval` and the rest recurse through it, so it is bounded too.
+#[derive(Default)]
+struct Chain(Option<usize>);
+
+impl Chain {
+    /// `link(e, rhs)` (`Expr::Add`, ...), or `None` past `MAX_DEPTH`.
+    fn link(
+        &mut self,
+        link: fn(Box<Expr>, Box<Expr>) -> Expr,
+        e: Expr,
+        rhs: Expr,
+    ) -> Option<Expr> {
+        self.grow(&e, rhs.depth())?;
+        Some(link(b(e), b(rhs)))
+    }
+
+    /// `wrap(e)` (`Expr::Fact`, `Expr::Percent`), or `None` past `MAX_DEPTH`.
+    fn wrap(&mut self, wrap: fn(Box<Expr>) -> Expr, e: Expr) -> Option<Expr> {
+        self.grow(&e, 0)?;
+        Some(wrap(b(e)))
+    }
+
+    /// The first link measures the chain's first operand; later ones only their new operand.
+    fn grow(&mut self, e: &Expr, rhs: usize) -> Option<()> {
+        let depth = 1 + self.0.unwrap_or_else(|| e.depth()).max(rhs);
+        self.0 = Some(depth);
+        (depth <= MAX_DEPTH).then_some(())
+    }
 }
 
 impl Parser {
+    /// Runs `f` one nesting level deeper; past `MAX_DEPTH` it fails, and so the whole parse.
+    fn nested<T>(&mut self, f: impl FnOnce(&mut Self) -> Option<T>) -> Option<T> {
+        if self.depth > MAX_DEPTH {
+            return None;
+        }
+        self.depth += 1;
+        let r = f(self);
+        self.depth -= 1;
+        r
+    }
+
     fn peek(&self) -> Option<&Tok> {
         self.toks.get(self.pos)
     }
@@ -223,11 +273,12 @@ impl Parser {
 
     fn sum(&mut self) -> Option<Expr> {
         let mut e = self.term()?;
+        let mut chain = Chain::default();
         loop {
             if self.eat('+') {
-                e = Expr::Add(b(e), b(self.term()?));
+                e = chain.link(Expr::Add, e, self.term()?)?;
             } else if self.eat('-') {
-                e = Expr::Sub(b(e), b(self.term()?));
+                e = chain.link(Expr::Sub, e, self.term()?)?;
             } else {
                 return Some(e);
             }
@@ -236,13 +287,14 @@ impl Parser {
 
     fn term(&mut self) -> Option<Expr> {
         let mut e = self.unary()?;
+        let mut chain = Chain::default();
         loop {
             if self.eat('*') || self.eat_cmd(&["cdot", "times"]) {
-                e = Expr::Mul(b(e), b(self.unary()?));
+                e = chain.link(Expr::Mul, e, self.unary()?)?;
             } else if self.eat('/') || self.eat_cmd(&["div"]) {
-                e = Expr::Div(b(e), b(self.unary()?));
+                e = chain.link(Expr::Div, e, self.unary()?)?;
             } else if self.starts_atom() {
-                e = Expr::Mul(b(e), b(self.power()?));
+                e = chain.link(Expr::Mul, e, self.power()?)?;
             } else {
                 return Some(e);
             }
@@ -251,10 +303,10 @@ impl Parser {
 
     fn unary(&mut self) -> Option<Expr> {
         if self.eat('-') {
-            return Some(Expr::Neg(b(self.unary()?)));
+            return Some(Expr::Neg(b(self.nested(Self::unary)?)));
         }
         if self.eat('+') {
-            return self.unary();
+            return self.nested(Self::unary);
         }
         self.power()
     }
@@ -263,9 +315,9 @@ impl Parser {
         let base = self.postfix()?;
         if self.eat('^') {
             let exp = if self.peek() == Some(&Tok::Sym('{')) {
-                self.group()?
+                self.nested(Self::group)?
             } else {
-                self.unary()?
+                self.nested(Self::unary)?
             };
             return Some(Expr::Pow(b(base), b(exp)));
         }
@@ -273,12 +325,14 @@ impl Parser {
     }
 
     fn postfix(&mut self) -> Option<Expr> {
-        let mut e = self.atom()?;
+        // Every way the parser recurses passes an atom, a sign or an exponent: each is a level.
+        let mut e = self.nested(Self::atom)?;
+        let mut chain = Chain::default();
         loop {
             if self.eat('!') {
-                e = Expr::Fact(b(e));
+                e = chain.wrap(Expr::Fact, e)?;
             } else if self.eat('%') {
-                e = Expr::Percent(b(e));
+                e = chain.wrap(Expr::Percent, e)?;
             } else {
                 return Some(e);
             }
@@ -438,11 +492,12 @@ impl Parser {
         } else {
             // Unparenthesised: the implicit product that follows (`\sin 2x` is sin(2x)).
             let mut a = self.power()?;
+            let mut chain = Chain::default();
             while self.starts_atom()
                 && !matches!(self.peek(), Some(Tok::Word(_)))
                 && !self.next_is_func_cmd()
             {
-                a = Expr::Mul(b(a), b(self.power()?));
+                a = chain.link(Expr::Mul, a, self.power()?)?;
             }
             a
         };
@@ -503,6 +558,16 @@ impl Expr {
                     Func::Abs => C::real(x.abs()),
                 }
             }
+        }
+    }
+
+    /// Levels below the root: 0 for a leaf.
+    fn depth(&self) -> usize {
+        use Expr::*;
+        match self {
+            Num(_) | Const(_) | Var(_) => 0,
+            Neg(a) | Call(_, a) | Fact(a) | Percent(a) => 1 + a.depth(),
+            Add(a, b) | Sub(a, b) | Mul(a, b) | Div(a, b) | Pow(a, b) => 1 + a.depth().max(b.depth()),
         }
     }
 

@@ -2,8 +2,14 @@
 //! commands, `\left`/`\right`, `\dfrac`, `\text{}` and units, degrees, currency, thousands
 //! separators and trailing punctuation. What is left is plain LaTeX-flavoured math for `expr.rs`.
 
-/// The byte range of the `{...}` group opening at `open` (which must be `{`), braces balanced.
+use super::MAX_DEPTH;
+
+/// The byte range of the `{...}` group opening at `open`, braces balanced; `None` when no
+/// group opens there.
 pub fn group_end(s: &str, open: usize) -> Option<usize> {
+    if !s[open..].starts_with('{') {
+        return None;
+    }
     let mut depth = 0usize;
     for (i, c) in s[open..].char_indices() {
         match c {
@@ -106,8 +112,9 @@ fn unit_power_len(s: &str) -> usize {
     0
 }
 
-/// Rewrites `\frac34`, `\frac9{19}`, `\frac{270}7` and `\sqrt2` with braced arguments.
-fn brace_args(s: &str) -> String {
+/// Rewrites `\frac34`, `\frac9{19}`, `\frac{270}7` and `\sqrt2` with braced arguments; `depth`
+/// counts the braced arguments `s` sits in.
+fn brace_args(s: &str, depth: usize) -> String {
     let mut out = String::new();
     let mut i = 0;
     while i < s.len() {
@@ -136,7 +143,13 @@ fn brace_args(s: &str) -> String {
             let t = t.trim_start();
             if t.starts_with('{') {
                 let end = group_end(t, 0).unwrap_or(t.len() - 1);
-                out.push_str(&brace_args(&t[..=end]));
+                let arg = &t[..=end];
+                // Past `MAX_DEPTH` the argument stays as written: too deep to parse anyway.
+                if depth < MAX_DEPTH {
+                    out.push_str(&brace_args(arg, depth + 1));
+                } else {
+                    out.push_str(arg);
+                }
                 i += lead + end + 1;
             } else if t.starts_with('\\') {
                 let n = 1 + t[1..].chars().take_while(char::is_ascii_alphabetic).count();
@@ -284,7 +297,7 @@ pub fn clean(s: &str) -> String {
     t = strip_sizing(&t);
     t = unbox(&t).to_string();
     t = strip_text_blocks(&t);
-    t = brace_args(&t);
+    t = brace_args(&t, 0);
     let mut t = t.split_whitespace().collect::<Vec<_>>().join(" ");
     // Trailing punctuation of a sentence: `5.`, `x = 3;`.
     loop {

@@ -12,6 +12,13 @@ mod extract;
 mod latex;
 mod numeric;
 
+/// How deeply an answer may nest before the verifier reads it as text it cannot parse: levels of
+/// brackets, braces, `\frac`/`\sqrt` arguments, signs, exponents, function arguments, nested
+/// tuples, sets, matrices and relations, and levels of the expression tree (a chain like
+/// `1+2+3` is a tree as deep as it is long). The verifier recurses once per level, so without a
+/// bound deep input would overflow the stack; real answers stay far below it.
+const MAX_DEPTH: usize = 100;
+
 /// Which fallbacks `extract_answer` may use when the response has no `<answer>…</answer>` span.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ExtractOptions {
