@@ -429,6 +429,13 @@ fn dry_run_prints_the_plan_and_writes_nothing() {
     let o = train(&out, &["--dry-run", "--set", "prompt={question} ."]);
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(stdout.contains("longest prompt: 10 tokens"), "{stdout}");
+    // on the CPU the whole estimate must fit the host's available memory (it said "fits")
+    let o = train(&out, &["--dry-run", "--set", "prompts_per_step=1000000000"]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && stderr.contains("GiB available"),
+        "{stderr}"
+    );
 }
 
 /// The paper's configs in tools/train_configs/ plan the budgets of METHOD.md §6 (their data

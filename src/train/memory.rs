@@ -188,6 +188,23 @@ impl TrainMemory {
     }
 }
 
+impl TrainMemory {
+    /// On the CPU backend everything is host memory: the whole estimate must fit what is
+    /// available.
+    pub fn check_cpu(&self, available: Option<usize>) -> Result<()> {
+        if let Some(available) = available.filter(|&a| self.total() > a) {
+            bail!(
+                "the run needs about {:.2} GiB of memory but the host has {:.2} GiB available: \
+                 fewer prompts_per_step or group_size, a smaller micro_batch, shorter \
+                 completions or a smaller model",
+                self.total() as f64 / GIB,
+                available as f64 / GIB
+            );
+        }
+        Ok(())
+    }
+}
+
 /// The host memory available to a new allocation, in bytes: `MemAvailable` of /proc/meminfo
 /// (Linux); None where that cannot be read.
 pub fn host_available() -> Option<usize> {

@@ -342,6 +342,9 @@ fn train_on<B: TrainBackend>(
     let plan = estimate(micro_batch);
     plan.check(backend.name(), free)?;
     plan.check_host(memory::host_available())?;
+    if free.is_none() {
+        plan.check_cpu(memory::host_available())?;
+    }
     if run.dry_run {
         println!("dry run: the run fits; nothing was loaded or written");
         return Ok(RunSummary {

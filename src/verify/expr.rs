@@ -183,7 +183,7 @@ fn b(e: Expr) -> Box<Expr> {
 }
 
 /// Parses a whole expression; `None` when any of it is not understood, or when it nests deeper
-/// than `MAX_DEPTH`.
+/// than `MAX_DEPTH` (in the text or as a tree).
 pub fn parse(s: &str) -> Option<Expr> {
     let toks = lex(s)?;
     let mut p = Parser {
@@ -192,40 +192,35 @@ pub fn parse(s: &str) -> Option<Expr> {
         depth: 0,
     };
     let e = p.sum()?;
-    (p.pos == p.toks.len()).then_some(e)
+    (p.pos == p.toks.len() && e.depth() <= MAX_DEPTH).then_some(e)
 }
 
 struct Parser {
     toks: Vec<Tok>,
     pos: usize,
-    /// Atoms, signs and exponents the parser is inside of.
+    /// The atoms, signs and exponents the parser is in: every cycle of its recursion passes one.
     depth: usize,
 }
 
-/// The depth of a left-deep chain (`1+2+3`, `2xy`, `5!!`) that a parser loop builds link by
-/// link without recursing; `eval` and the rest recurse through it, so it is bounded too.
+/// The depth of the left-deep tree (`1+2+3`, `2xy`, `5!!`) that a parser loop builds without
+/// recursing; `eval` and the rest recurse through it, so it is bounded as it grows.
 #[derive(Default)]
 struct Chain(Option<usize>);
 
 impl Chain {
-    /// `link(e, rhs)` (`Expr::Add`, ...), or `None` past `MAX_DEPTH`.
-    fn link(
-        &mut self,
-        link: fn(Box<Expr>, Box<Expr>) -> Expr,
-        e: Expr,
-        rhs: Expr,
-    ) -> Option<Expr> {
+    /// `op(e, rhs)`, or `None` past `MAX_DEPTH`.
+    fn link(&mut self, op: fn(Box<Expr>, Box<Expr>) -> Expr, e: Expr, rhs: Expr) -> Option<Expr> {
         self.grow(&e, rhs.depth())?;
-        Some(link(b(e), b(rhs)))
+        Some(op(b(e), b(rhs)))
     }
 
-    /// `wrap(e)` (`Expr::Fact`, `Expr::Percent`), or `None` past `MAX_DEPTH`.
-    fn wrap(&mut self, wrap: fn(Box<Expr>) -> Expr, e: Expr) -> Option<Expr> {
+    /// `op(e)`, or `None` past `MAX_DEPTH`.
+    fn wrap(&mut self, op: fn(Box<Expr>) -> Expr, e: Expr) -> Option<Expr> {
         self.grow(&e, 0)?;
-        Some(wrap(b(e)))
+        Some(op(b(e)))
     }
 
-    /// The first link measures the chain's first operand; later ones only their new operand.
+    /// The first link measures the chain's first operand, later ones only their new operand.
     fn grow(&mut self, e: &Expr, rhs: usize) -> Option<()> {
         let depth = 1 + self.0.unwrap_or_else(|| e.depth()).max(rhs);
         self.0 = Some(depth);
@@ -325,7 +320,6 @@ impl Parser {
     }
 
     fn postfix(&mut self) -> Option<Expr> {
-        // Every way the parser recurses passes an atom, a sign or an exponent: each is a level.
         let mut e = self.nested(Self::atom)?;
         let mut chain = Chain::default();
         loop {
@@ -567,7 +561,9 @@ impl Expr {
         match self {
             Num(_) | Const(_) | Var(_) => 0,
             Neg(a) | Call(_, a) | Fact(a) | Percent(a) => 1 + a.depth(),
-            Add(a, b) | Sub(a, b) | Mul(a, b) | Div(a, b) | Pow(a, b) => 1 + a.depth().max(b.depth()),
+            Add(a, b) | Sub(a, b) | Mul(a, b) | Div(a, b) | Pow(a, b) => {
+                1 + a.depth().max(b.depth())
+            }
         }
     }
 
