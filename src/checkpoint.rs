@@ -161,7 +161,16 @@ pub fn load_moments(path: &Path, n: usize) -> Result<(Vec<f32>, Vec<f32>)> {
             );
         }
         // The data may be unaligned inside the mapping: copy it out byte-wise.
-        Ok(bytemuck::pod_collect_to_vec(t.data()))
+        let values: Vec<f32> = bytemuck::pod_collect_to_vec(t.data());
+        // a moment that is not finite would make every later step's weights NaN
+        if let Some(i) = values.iter().position(|x| !x.is_finite()) {
+            bail!(
+                "{}: tensor `{name}` holds {} at index {i}: not a usable optimizer state",
+                path.display(),
+                values[i]
+            );
+        }
+        Ok(values)
     };
     Ok((read(MOMENTS[0])?, read(MOMENTS[1])?))
 }

@@ -123,6 +123,10 @@ fn substitute(template: &str, question: &str, budget: Option<usize>) -> Result<S
     Ok(text.replace("{question}", question))
 }
 
+/// Instructions a chat template may run (minijinja's fuel): real templates take a few thousand
+/// per conversation.
+const CHAT_TEMPLATE_FUEL: u64 = 10_000_000;
+
 /// Renders an HF chat template the way `apply_chat_template` does: Jinja with `trim_blocks` and
 /// `lstrip_blocks`, Python string/dict methods, `raise_exception`, `strftime_now`, a
 /// Python-compatible `tojson`, `tools`/`documents` set to none, and the special tokens defined
@@ -135,6 +139,8 @@ pub fn render_chat(
     eos_token: Option<&str>,
 ) -> Result<String> {
     let mut env = Environment::new();
+    // a template that loops without end (or nearly) stops with an error instead of hanging
+    env.set_fuel(Some(CHAT_TEMPLATE_FUEL));
     env.set_trim_blocks(true);
     env.set_lstrip_blocks(true);
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
@@ -335,6 +341,15 @@ fn strftime_now(fmt: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A template that would loop for ever (here 10^10 iterations) stops with an error.
+    #[test]
+    fn a_runaway_chat_template_is_an_error_not_a_hang() {
+        let looping =
+            "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}";
+        let err = render_chat(looping, &[], true, None, None).unwrap_err();
+        assert!(format!("{err:#}").contains("fuel"), "{err:#}");
+    }
     use crate::tokenizer::tests::model_dir;
 
     /// The Qwen2.5-Instruct chat template, tools branch included.

@@ -94,6 +94,17 @@ fn optimizer_moments_round_trip_and_errors_name_the_tensor() {
         "{err}"
     );
 
+    // a moment that is not finite is refused at load (it would make every later step NaN)
+    let mut bad = v.clone();
+    bad[17] = f32::NAN;
+    let nan_path = tmp.path().join("nan.safetensors");
+    save_moments(&nan_path, &m, &bad).unwrap();
+    let err = format!("{:#}", load_moments(&nan_path, 1001).unwrap_err());
+    assert!(
+        err.contains("exp_avg_sq") && err.contains("index 17"),
+        "{err}"
+    );
+
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
     let err = format!("{:#}", load_moments(&path, 1001).unwrap_err());

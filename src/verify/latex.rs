@@ -151,12 +151,17 @@ fn brace_args(s: &str, depth: usize) -> String {
                     out.push_str(arg);
                 }
                 i += lead + end + 1;
-            } else if t.starts_with('\\') {
-                let n = 1 + t[1..].chars().take_while(char::is_ascii_alphabetic).count();
+            } else if let Some(after) = t.strip_prefix('\\') {
+                // A command (`\pi`) or one escaped character (`\{`, `\π`), whole.
+                let name = after.chars().take_while(char::is_ascii_alphabetic).count();
+                let n = 1 + match after.chars().next() {
+                    Some(c) if name == 0 => c.len_utf8(),
+                    _ => name,
+                };
                 out.push('{');
-                out.push_str(&t[..n.max(2).min(t.len())]);
+                out.push_str(&t[..n]);
                 out.push('}');
-                i += lead + n.max(2).min(t.len());
+                i += lead + n;
             } else if let Some(c) = t.chars().next() {
                 out.push('{');
                 out.push(c);
