@@ -851,6 +851,14 @@ fn remove_old_checkpoints(out: &Path, keep: usize, current: usize) {
 fn check_resumed_settings(state: &TrainerState, cfg: &TrainConfig) -> Result<()> {
     let hint = "resume with the settings the run started with (its folder's config.toml)";
     let c = &state.curriculum;
+    if state.step > c.total_steps {
+        bail!(
+            "--resume: the checkpoint is at step {} of a {}-step run: its trainer_state.json is \
+             not this run's",
+            state.step,
+            c.total_steps
+        );
+    }
     if c.total_steps != cfg.steps {
         bail!(
             "--resume: the checkpoint's run has steps = {}, the settings {}; {hint}",
