@@ -1,6 +1,6 @@
-//! The answer verifier: hand-picked equivalences and non-equivalences (issue 7), extraction, and
-//! every gold answer of the five benchmarks against itself, a rewritten equivalent and a
-//! perturbed answer.
+//! The answer verifier: hand-picked equivalences and non-equivalences (issue 7), extraction,
+//! answers nested too deeply to read, and every gold answer of the five benchmarks against
+//! itself, a rewritten equivalent and a perturbed answer.
 
 use std::path::{Path, PathBuf};
 use thinkshort::datasets::{self, BENCHMARKS};
@@ -151,6 +151,88 @@ fn extraction() {
     assert!(v.correct, "{v:?}");
     let v = verify("no answer here", "5", &all);
     assert_eq!((v.extracted, v.correct), (None, false));
+}
+
+/// Every construct the verifier recurses through: the form with `@` for the nested part, the
+/// innermost value, and whether the form nested (an even number of levels) equals that value. A
+/// tuple never does; a matrix is compared as prose by its last number, at any depth.
+const NESTED: [(&str, &str, bool); 20] = [
+    ("(@)", "1", true),
+    ("{@}", "1", true),
+    ("\\left[@\\right]", "1", true),
+    ("\\frac{@}{1}", "2", true),
+    ("\\frac{@}1", "2", true),
+    ("\\sqrt{@}", "1", true),
+    ("\\sqrt[3]{@}", "1", true),
+    ("|@|", "1", true),
+    ("-@", "1", true),
+    ("1^@", "1", true),
+    ("\\sin(@)", "0", true),
+    ("\\sin @", "0", true),
+    ("@!", "1", true),
+    ("0 + @", "1", true),
+    ("2 \\cdot @ / 2", "1", true),
+    ("x = @", "1", true),
+    ("x \\in @", "1", true),
+    ("\\{@\\}", "1", true),
+    ("(@, 1)", "1", false),
+    ("\\begin{pmatrix}@\\end{pmatrix}", "1", false),
+];
+
+/// `form` wrapped `levels` times around `inner`.
+fn nest(form: &str, inner: &str, levels: usize) -> String {
+    let (before, after) = form.split_once('@').unwrap();
+    format!("{}{inner}{}", before.repeat(levels), after.repeat(levels))
+}
+
+fn tagged(answer: &str) -> String {
+    format!("<answer>{answer}</answer>")
+}
+
+#[test]
+fn moderately_nested_answers() {
+    let opts = ExtractOptions::default();
+    for (form, inner, keeps_value) in NESTED {
+        let a = nest(form, inner, 20);
+        let b = nest(form, &format!("{inner}.0"), 20);
+        same(&a, &b);
+        assert!(verify(&tagged(&a), &b, &opts).correct, "{a}");
+        if keeps_value {
+            same(&a, inner);
+        }
+    }
+}
+
+#[test]
+fn answers_nested_too_deeply_are_not_read() {
+    // Far past the nesting limit (100 levels): the verifier recursed once per level, overflowed
+    // the stack and aborted the process; now it reads such text as text it cannot parse.
+    let opts = ExtractOptions::default();
+    for (form, inner, keeps_value) in NESTED {
+        let a = nest(form, inner, 10_000);
+        let b = nest(form, &format!("{inner}.0"), 10_000);
+        differ(&a, &b);
+        assert!(!verify(&tagged(&a), &b, &opts).correct, "{form}");
+        if keeps_value {
+            differ(&a, inner);
+            assert!(!verify(&tagged(&a), inner, &opts).correct, "{form}");
+            assert!(!verify(&tagged(inner), &a, &opts).correct, "{form}");
+        }
+    }
+    let parens = nest("(@)", "1", 30_000);
+    assert!(!verify(&tagged(&parens), "1", &opts).correct);
+    // Each `\pm` doubles the values: 40 of them were 2^40 parses.
+    differ(&format!("1{}", " \\pm 1".repeat(40)), "1");
+    same("1 \\pm 0 \\pm 0", "1, 1, 1, 1");
+}
+
+#[test]
+fn malformed_latex_gets_a_verdict() {
+    // An escaped non-ASCII character as a `\frac` argument was cut inside its bytes (a panic);
+    // an array without its column spec underflowed a brace count.
+    differ("\\frac\\π2", "2");
+    differ("\\sqrt\\é", "1");
+    differ("\\begin{array}}1\\end{array}", "2");
 }
 
 fn data_dir() -> PathBuf {
