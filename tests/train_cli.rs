@@ -429,6 +429,14 @@ fn dry_run_prints_the_plan_and_writes_nothing() {
     let o = train(&out, &["--dry-run", "--set", "prompt={question} ."]);
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(stdout.contains("longest prompt: 10 tokens"), "{stdout}");
+    // every sequence must fit the model's positions (the demo model has 512)
+    let o = train(&out, &["--dry-run", "--set", "schedule.b0=1000"]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success()
+            && stderr.contains("2000 new tokens exceed the model's max_position_embeddings of 512"),
+        "{stderr}"
+    );
     // on the CPU the whole estimate must fit the host's available memory (it said "fits")
     let o = train(&out, &["--dry-run", "--set", "prompts_per_step=1000000000"]);
     let stderr = String::from_utf8_lossy(&o.stderr);

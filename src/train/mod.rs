@@ -306,6 +306,21 @@ fn train_on<B: TrainBackend>(
     }
     let sequences = cfg.prompts_per_step * cfg.group_size;
     let prompt_len = longest_prompt(&tok, inputs, state.curriculum.budget_at(state.step))?;
+    // Every sequence of the run (rollouts, the held-out evaluation) within the model's
+    // positions, checked before anything loads.
+    let longest_new = (state.step..cfg.steps)
+        .map(|s| cfg.cap_at(&state.curriculum, s))
+        .chain((cfg.eval_every > 0).then_some(cfg.eval_max_tokens))
+        .max()
+        .unwrap_or(0);
+    if prompt_len + longest_new > model_cfg.max_position_embeddings {
+        bail!(
+            "prompts of up to {prompt_len} tokens with up to {longest_new} new tokens exceed the \
+             model's max_position_embeddings of {}: lower the budgets, sampling.cap_factor or \
+             eval_max_tokens",
+            model_cfg.max_position_embeddings
+        );
+    }
     let shape = memory::RunShape {
         sequences,
         micro_batch: 0,
