@@ -22,6 +22,10 @@ pub fn plot_metrics(metrics: &[StepMetrics], evals: &[EvalLine], path: &Path) ->
     draw_metrics(BitMapBackend::new(path, METRICS_PLOT_SIZE), metrics, evals).map_err(|e| err(&e))
 }
 
+/// One panel of training.png: its line's values per step, colour, whether the budget is drawn
+/// under it, and its dots (step, value).
+type Panel = (Vec<f64>, RGBColor, bool, Vec<(f64, f64)>);
+
 fn draw_metrics(
     backend: BitMapBackend<'_>,
     metrics: &[StepMetrics],
@@ -36,7 +40,7 @@ fn draw_metrics(
     let held_out = |f: fn(&EvalLine) -> f64| -> Vec<(f64, f64)> {
         evals.iter().map(|e| (e.step as f64, f(e))).collect()
     };
-    let series: [(Vec<f64>, RGBColor, bool, Vec<(f64, f64)>); 4] = [
+    let series: [Panel; 4] = [
         (budget.clone(), BLACK, false, Vec::new()),
         (
             metrics.iter().map(|m| m.accuracy).collect(),
