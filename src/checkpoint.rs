@@ -10,6 +10,10 @@ use anyhow::{bail, Context, Result};
 use safetensors::{Dtype, SafeTensors};
 use std::path::Path;
 
+/// The weights of a model folder.
+const WEIGHTS_FILE: &str = "model.safetensors";
+/// The file of a checkpoint that holds the step, curriculum and AdamW settings.
+pub const TRAINER_STATE_FILE: &str = "trainer_state.json";
 /// The file of a checkpoint that holds the AdamW moments.
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 /// Its tensors (PyTorch's names for Adam's state): the first and second moments, [N] f32 each.
@@ -67,7 +71,8 @@ pub fn write_folder_atomically(dest: &Path, write: impl FnOnce(&Path) -> Result<
         .with_context(|| format!("cannot sync {}", parent.display()))
 }
 
-/// Whether `dest` may be replaced by a model folder: absent, an empty folder, or a model folder.
+/// Whether `dest` may be replaced by a model folder: absent, or a folder holding only files a
+/// model folder or checkpoint of ours holds (so nothing else in it is lost).
 pub fn check_replaceable(dest: &Path) -> Result<()> {
     let Ok(meta) = std::fs::symlink_metadata(dest) else {
         return Ok(());
@@ -78,19 +83,22 @@ pub fn check_replaceable(dest: &Path) -> Result<()> {
             dest.display()
         );
     }
-    let is_empty = std::fs::read_dir(dest)
-        .with_context(|| format!("cannot read {}", dest.display()))?
-        .next()
-        .is_none();
-    let is_model = dest.join("config.json").is_file()
-        && (dest.join("model.safetensors").is_file()
-            || dest.join("model.safetensors.index.json").is_file());
-    if !(is_empty || is_model) {
-        bail!(
-            "{} exists and is not a model folder (no config.json with safetensors weights): \
-             refusing to replace it; choose another path or remove it",
-            dest.display()
-        );
+    let ours = |name: &str| {
+        MODEL_FILES.contains(&name)
+            || [WEIGHTS_FILE, OPTIMIZER_FILE, TRAINER_STATE_FILE].contains(&name)
+    };
+    for entry in
+        std::fs::read_dir(dest).with_context(|| format!("cannot read {}", dest.display()))?
+    {
+        let entry = entry.with_context(|| format!("cannot read {}", dest.display()))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !(ours(&name) && entry.path().is_file()) {
+            bail!(
+                "{} holds {name}, which a model folder written here would not keep: refusing to \
+                 replace it; choose another path or remove it",
+                dest.display()
+            );
+        }
     }
     Ok(())
 }
@@ -113,7 +121,7 @@ pub fn write_model_files(
                 .with_context(|| format!("cannot copy {}", src.display()))?;
         }
     }
-    crate::weights::save_params(&dir.join("model.safetensors"), layout, params)
+    crate::weights::save_params(&dir.join(WEIGHTS_FILE), layout, params)
 }
 
 /// Writes the AdamW moments m and v ([N] f32 each) to `path` as safetensors.

@@ -295,7 +295,9 @@ fn sft_refuses_to_replace_a_folder_of_other_files() {
     let o = sft(&keep, &[]);
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(
-        !o.status.success() && stderr.contains("is not a model folder"),
+        !o.status.success()
+            && stderr
+                .contains("holds important.txt, which a model folder written here would not keep"),
         "{stderr}"
     );
     assert_eq!(
@@ -313,6 +315,14 @@ fn sft_refuses_to_replace_a_folder_of_other_files() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     assert!(names.iter().all(|n| !n.starts_with('.')), "{names:?}");
+    // a model folder with a file of the user's in it is not replaced either
+    std::fs::write(model.join("notes.txt"), "mine").unwrap();
+    let o = sft(&model, &[]);
+    assert!(!o.status.success());
+    assert_eq!(
+        std::fs::read_to_string(model.join("notes.txt")).unwrap(),
+        "mine"
+    );
     for (extra, needle) in [
         (&["--batch-size", "0"][..], "--batch-size and --steps"),
         (&["--lr=-1"][..], "--lr must be"),
@@ -355,6 +365,31 @@ fn logprobs_output_through_a_link_keeps_the_link() {
         .file_type()
         .is_symlink());
     assert!(std::fs::read_to_string(&real)
+        .unwrap()
+        .starts_with("{\"logprobs\":["));
+    // a link to a file not made yet: the file is made, the link stays
+    let (new_target, dangling) = (
+        tmp.path().join("new.jsonl"),
+        tmp.path().join("dangling.jsonl"),
+    );
+    std::os::unix::fs::symlink("new.jsonl", &dangling).unwrap();
+    let o = thinkshort(&[
+        "logprobs",
+        "--model",
+        "models/demo",
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        dangling.to_str().unwrap(),
+        "--backend",
+        "cpu",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(std::fs::symlink_metadata(&dangling)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert!(std::fs::read_to_string(&new_target)
         .unwrap()
         .starts_with("{\"logprobs\":["));
 }

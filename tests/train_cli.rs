@@ -605,6 +605,49 @@ fn resume_refuses_settings_the_checkpoint_overrides() {
             "{change}: {stderr}"
         );
     }
+    // --stop-after at the checkpoint's step has nothing to do (it cut the logs back): refused
+    let o = train(
+        &out,
+        &[
+            "--set",
+            "steps=2",
+            "--set",
+            "eval_every=0",
+            "--resume",
+            checkpoint.to_str().unwrap(),
+            "--stop-after",
+            "1",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && stderr.contains("leaves no step to take"),
+        "{stderr}"
+    );
+    // a checkpoint folder the run would write holding a file of the user's: refused at start
+    let busy = tmp.path().join("busy");
+    std::fs::create_dir_all(busy.join("step-000001")).unwrap();
+    std::fs::write(busy.join("step-000001/precious.txt"), "mine").unwrap();
+    let o = train(&busy, &["--set", "steps=1", "--set", "eval_every=0"]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && stderr.contains("holds precious.txt"),
+        "{stderr}"
+    );
+    assert!(
+        !busy.join("metrics.jsonl").exists(),
+        "the refused run wrote its logs"
+    );
+    // the preset takes the final budget of the steps as set (48 within 6 steps, not 20)
+    let o = train(
+        &out,
+        &["--preset", "fixed-budget", "--set", "steps=6", "--dry-run"],
+    );
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        stdout.contains("budgets: 48 (cap 96) from step 0\n"),
+        "{stdout}"
+    );
     // the same settings resume
     let o = train(
         &out,

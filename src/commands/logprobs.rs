@@ -88,22 +88,29 @@ pub fn run(args: &LogprobsArgs) -> Result<()> {
 
 /// (the file to write, the path to rename it to): a temporary name beside the output, renamed
 /// into place; the output itself, with nothing to rename, when it is a pipe or a device. A link
-/// is followed, so its target is replaced and the link stays.
+/// is followed (to a file that may not exist yet), so its target is written and the link stays.
 fn output_target(path: &Path) -> Result<(PathBuf, Option<PathBuf>)> {
-    match std::fs::metadata(path) {
-        Ok(m) if m.is_dir() => bail!("--output {} is a folder", path.display()),
-        Ok(m) if !m.is_file() => Ok((path.to_path_buf(), None)),
-        Ok(_) => {
-            let real = path
-                .canonicalize()
-                .with_context(|| format!("cannot resolve {}", path.display()))?;
-            Ok((real.with_extension("jsonl.partial"), Some(real)))
+    let mut path = path.to_path_buf();
+    for _ in 0..40 {
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            // a new file
+            return Ok((path.with_extension("jsonl.partial"), Some(path)));
+        };
+        if meta.file_type().is_symlink() {
+            let to = std::fs::read_link(&path)
+                .with_context(|| format!("cannot read the link {}", path.display()))?;
+            path = path.parent().unwrap_or(Path::new(".")).join(to);
+            continue;
         }
-        Err(_) => Ok((
-            path.with_extension("jsonl.partial"),
-            Some(path.to_path_buf()),
-        )),
+        if meta.is_dir() {
+            bail!("--output {} is a folder", path.display());
+        }
+        if !meta.is_file() {
+            return Ok((path.clone(), None));
+        }
+        return Ok((path.with_extension("jsonl.partial"), Some(path)));
     }
+    bail!("--output {}: too many levels of links", path.display())
 }
 
 /// The tokenizer is only needed for text lines: it is loaded on first use, so id-only inputs

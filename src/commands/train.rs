@@ -96,6 +96,14 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         None if sets_key("model") || sets_key("data") => TrainConfig::default(),
         None => demo_config(),
     };
+    for s in &args.sets {
+        let (k, v) = s
+            .split_once('=')
+            .with_context(|| format!("--set {s}: expected KEY=VALUE"))?;
+        cfg.set(k.trim(), v.trim())
+            .with_context(|| format!("--set {s}"))?;
+    }
+    // The preset last: the final budget of the schedule and steps as set.
     match args.preset.as_deref() {
         None => {}
         Some("fixed-budget") => {
@@ -104,13 +112,6 @@ pub fn run(args: &TrainArgs) -> Result<()> {
             cfg.set("schedule.b", &final_budget.to_string())?;
         }
         Some(other) => bail!("--preset: unknown preset {other:?} (known: fixed-budget)"),
-    }
-    for s in &args.sets {
-        let (k, v) = s
-            .split_once('=')
-            .with_context(|| format!("--set {s}: expected KEY=VALUE"))?;
-        cfg.set(k.trim(), v.trim())
-            .with_context(|| format!("--set {s}"))?;
     }
 
     if let (Some(data), None) = (&cfg.data, &cfg.model) {
@@ -193,7 +194,15 @@ fn demo_examples(seed: u64, count: u64) -> Vec<Example> {
 
 /// Prints the before/after table and draws the plot next to metrics.jsonl.
 fn report(s: &RunSummary, out: &Path) -> Result<()> {
-    if let (Some(b), Some(a)) = (s.before, s.after) {
+    // A resumed run did not evaluate before training itself: its run folder's eval.jsonl did.
+    let before = s.before.or_else(|| {
+        s.evals.iter().find(|e| e.step == 0).map(|e| EvalResult {
+            accuracy: e.accuracy,
+            mean_len: e.mean_len,
+            truncated_frac: e.truncated_frac,
+        })
+    });
+    if let (Some(b), Some(a)) = (before, s.after) {
         println!(
             "\nheld-out greedy evaluation at the final budget ({} tokens):",
             s.final_budget

@@ -16,7 +16,7 @@ use crate::checkpoint::{
 };
 use crate::config::ModelConfig;
 use crate::cuda::CudaBackend;
-use crate::curriculum::Curriculum;
+use crate::curriculum::{Curriculum, Schedule};
 use crate::grpo::reward::reward;
 use crate::model::Model;
 use crate::optim::AdamW;
@@ -360,6 +360,21 @@ fn train_on<B: TrainBackend>(
     if free.is_none() {
         plan.check_cpu(memory::host_available())?;
     }
+    // Before anything is loaded or written: a run with steps to take, and checkpoint folders
+    // it may write (one holding other files fails here, not after hours of training).
+    let last = stop_after.unwrap_or(cfg.steps).min(cfg.steps);
+    if last <= state.step {
+        bail!(
+            "--stop-after {last} leaves no step to take: the run starts at step {} (a resumed \
+             run's logs would be cut back to its checkpoint for nothing)",
+            state.step
+        );
+    }
+    for step in state.step + 1..=last {
+        if (cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0) || step == last {
+            crate::checkpoint::check_replaceable(&out.join(format!("step-{step:06}")))?;
+        }
+    }
     if run.dry_run {
         println!("dry run: the run fits; nothing was loaded or written");
         return Ok(RunSummary {
@@ -475,7 +490,6 @@ fn train_on<B: TrainBackend>(
     let progress = progress::Progress::new(cfg.steps);
     let (p, g) = (cfg.prompts_per_step, cfg.group_size);
 
-    let last = stop_after.unwrap_or(cfg.steps).min(cfg.steps);
     while current_step < last {
         let step = current_step;
         let t0 = Instant::now();
@@ -881,11 +895,28 @@ fn check_resumed_settings(state: &TrainerState, cfg: &TrainConfig) -> Result<()>
             cfg.steps
         );
     }
-    if c.schedule != cfg.schedule {
+    // compared as they act: a generalised or linear schedule without its own steps spreads its
+    // drops over the run's
+    let acting = |s: &Schedule, total: usize| match s.clone() {
+        Schedule::Generalised { b0, bf, n, steps } => Schedule::Generalised {
+            b0,
+            bf,
+            n,
+            steps: Some(steps.unwrap_or(total)),
+        },
+        Schedule::Linear { b0, bf, n, steps } => Schedule::Linear {
+            b0,
+            bf,
+            n,
+            steps: Some(steps.unwrap_or(total)),
+        },
+        other => other,
+    };
+    if acting(&c.schedule, c.total_steps) != acting(&cfg.schedule, cfg.steps) {
         bail!(
-            "--resume: the checkpoint's schedule {:?} differs from the settings' {:?}; {hint}",
-            c.schedule,
-            cfg.schedule
+            "--resume: the checkpoint's schedule {} differs from the settings' {}; {hint}",
+            serde_json::to_string(&c.schedule)?,
+            serde_json::to_string(&cfg.schedule)?
         );
     }
     let (a, o) = (&state.optimizer, &cfg.optim);
