@@ -273,30 +273,17 @@ impl TrainConfig {
     /// `--set model=runs/x` needs no quotes). Setting `schedule.kind` starts that schedule
     /// from its defaults; set its parameters after it. The result is validated.
     pub fn set(&mut self, key: &str, value: &str) -> Result<()> {
-        let value = match toml::from_str::<toml::Table>(&format!("v = {value}")) {
-            Ok(mut t) if t.len() == 1 => t.remove("v").expect("one key"),
-            _ => toml::Value::String(value.to_string()),
-        };
+        self.set_all(&[(key, value)])
+    }
+
+    /// Applies several `--set key=value`s in order, then validates the result once, so the
+    /// order of keys that constrain each other does not matter (`schedule.b0` then
+    /// `schedule.bf`, or the other way round).
+    pub fn set_all(&mut self, sets: &[(&str, &str)]) -> Result<()> {
         let mut root = toml::Table::try_from(&*self).expect("a TrainConfig is a TOML table");
-        let parts: Vec<&str> = key.split('.').collect();
-        if parts.iter().any(|p| p.is_empty()) {
-            bail!("--set: malformed key `{key}`");
+        for (key, value) in sets {
+            set_in_table(&mut root, key, value)?;
         }
-        let (leaf, tables) = parts.split_last().expect("split gives one part at least");
-        let mut table = &mut root;
-        for (i, part) in tables.iter().enumerate() {
-            table = match table.get_mut(*part) {
-                Some(toml::Value::Table(t)) => t,
-                _ => bail!(
-                    "{key}: unknown key ({} is not a table)",
-                    parts[..=i].join(".")
-                ),
-            };
-        }
-        if key == "schedule.kind" {
-            table.clear();
-        }
-        table.insert(leaf.to_string(), value);
         let text = toml::to_string(&root).expect("a TOML table serialises");
         *self = Self::from_toml_str(&text)?;
         Ok(())
@@ -516,4 +503,32 @@ impl TrainConfig {
             top_p: self.sampling.top_p as f32,
         }
     }
+}
+
+/// One `--set key=value` on the config's TOML table (checked when the table is parsed).
+fn set_in_table(root: &mut toml::Table, key: &str, value: &str) -> Result<()> {
+    let value = match toml::from_str::<toml::Table>(&format!("v = {value}")) {
+        Ok(mut t) if t.len() == 1 => t.remove("v").expect("one key"),
+        _ => toml::Value::String(value.to_string()),
+    };
+    let parts: Vec<&str> = key.split('.').collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        bail!("--set: malformed key `{key}`");
+    }
+    let (leaf, tables) = parts.split_last().expect("split gives one part at least");
+    let mut table = root;
+    for (i, part) in tables.iter().enumerate() {
+        table = match table.get_mut(*part) {
+            Some(toml::Value::Table(t)) => t,
+            _ => bail!(
+                "{key}: unknown key ({} is not a table)",
+                parts[..=i].join(".")
+            ),
+        };
+    }
+    if key == "schedule.kind" {
+        table.clear();
+    }
+    table.insert(leaf.to_string(), value);
+    Ok(())
 }

@@ -638,6 +638,21 @@ fn resume_refuses_settings_the_checkpoint_overrides() {
         !busy.join("metrics.jsonl").exists(),
         "the refused run wrote its logs"
     );
+    // --set keys that constrain each other are checked together: b0 below the default bf (87)
+    // is fine when bf follows
+    let o = train(
+        &out,
+        &[
+            "--dry-run",
+            "--set",
+            "schedule.kind=generalised",
+            "--set",
+            "schedule.b0=48",
+            "--set",
+            "schedule.bf=20",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     // the preset takes the final budget of the steps as set (48 within 6 steps, not 20)
     let o = train(
         &out,

@@ -96,13 +96,16 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         None if sets_key("model") || sets_key("data") => TrainConfig::default(),
         None => demo_config(),
     };
-    for s in &args.sets {
-        let (k, v) = s
-            .split_once('=')
-            .with_context(|| format!("--set {s}: expected KEY=VALUE"))?;
-        cfg.set(k.trim(), v.trim())
-            .with_context(|| format!("--set {s}"))?;
-    }
+    let sets = args
+        .sets
+        .iter()
+        .map(|s| {
+            s.split_once('=')
+                .map(|(k, v)| (k.trim(), v.trim()))
+                .with_context(|| format!("--set {s}: expected KEY=VALUE"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    cfg.set_all(&sets).context("--set")?;
     // The preset last: the final budget of the schedule and steps as set.
     match args.preset.as_deref() {
         None => {}
