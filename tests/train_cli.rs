@@ -638,6 +638,23 @@ fn resume_refuses_settings_the_checkpoint_overrides() {
         !busy.join("metrics.jsonl").exists(),
         "the refused run wrote its logs"
     );
+    // resumed into another folder: the run goes on and says its logs are partial
+    let o = train(
+        &tmp.path().join("elsewhere"),
+        &[
+            "--set",
+            "steps=2",
+            "--set",
+            "eval_every=0",
+            "--resume",
+            checkpoint.to_str().unwrap(),
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.success() && stderr.contains("holds the metrics of 0 of the 1 steps"),
+        "{stderr}"
+    );
     // --set keys that constrain each other are checked together: b0 below the default bf (87)
     // is fine when bf follows
     let o = train(

@@ -399,6 +399,16 @@ fn train_on<B: TrainBackend>(
         warn_of_earlier_checkpoints(out);
     }
     let (mut run_log, mut metrics_log) = RunLog::open(out, resume.map(|_| state.step), cfg.steps)?;
+    if resume.is_some() && metrics_log.len() < state.step {
+        eprintln!(
+            "note: {} holds the metrics of {} of the {} steps before the checkpoint (resume into \
+             the run's own folder to keep its logs whole); the logs go on from step {}",
+            out.join(run_log::METRICS_FILE).display(),
+            metrics_log.len(),
+            state.step,
+            state.step
+        );
+    }
     let TrainerState {
         step: mut current_step,
         mut curriculum,
