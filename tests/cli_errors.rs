@@ -345,53 +345,40 @@ fn logprobs_output_through_a_link_keeps_the_link() {
         r#"{"prompt": "compute : 3 + 4 .", "completion": " <think> 3 + 4 = 7 . </think>"}"#,
     )
     .unwrap();
+    // scores into `link` (a link to `target`): the link stays, the target holds the output
+    let score_through = |link: &Path, target: &Path| {
+        let o = thinkshort(&[
+            "logprobs",
+            "--model",
+            "models/demo",
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            link.to_str().unwrap(),
+            "--backend",
+            "cpu",
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let meta = std::fs::symlink_metadata(link).unwrap();
+        assert!(
+            meta.file_type().is_symlink(),
+            "{} was replaced",
+            link.display()
+        );
+        let text = std::fs::read_to_string(target).unwrap();
+        assert!(text.starts_with("{\"logprobs\":["), "{text}");
+    };
     let (real, link) = (tmp.path().join("real.jsonl"), tmp.path().join("link.jsonl"));
     std::fs::write(&real, "").unwrap();
     std::os::unix::fs::symlink(&real, &link).unwrap();
-    let o = thinkshort(&[
-        "logprobs",
-        "--model",
-        "models/demo",
-        "--input",
-        input.to_str().unwrap(),
-        "--output",
-        link.to_str().unwrap(),
-        "--backend",
-        "cpu",
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(std::fs::symlink_metadata(&link)
-        .unwrap()
-        .file_type()
-        .is_symlink());
-    assert!(std::fs::read_to_string(&real)
-        .unwrap()
-        .starts_with("{\"logprobs\":["));
+    score_through(&link, &real);
     // a link to a file not made yet: the file is made, the link stays
     let (new_target, dangling) = (
         tmp.path().join("new.jsonl"),
         tmp.path().join("dangling.jsonl"),
     );
     std::os::unix::fs::symlink("new.jsonl", &dangling).unwrap();
-    let o = thinkshort(&[
-        "logprobs",
-        "--model",
-        "models/demo",
-        "--input",
-        input.to_str().unwrap(),
-        "--output",
-        dangling.to_str().unwrap(),
-        "--backend",
-        "cpu",
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(std::fs::symlink_metadata(&dangling)
-        .unwrap()
-        .file_type()
-        .is_symlink());
-    assert!(std::fs::read_to_string(&new_target)
-        .unwrap()
-        .starts_with("{\"logprobs\":["));
+    score_through(&dangling, &new_target);
 }
 
 /// A config.json with fewer layers than its weights is not this model's config (the extra

@@ -238,18 +238,11 @@ fn train_on<B: TrainBackend>(
         bail!("no training examples");
     }
     if let Some(dir) = resume.filter(|d| !d.join("trainer_state.json").is_file()) {
-        let mut steps: Vec<String> = std::fs::read_dir(dir)
-            .map(|entries| {
-                entries
-                    .filter_map(|e| e.ok())
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .filter(|n| n.starts_with("step-"))
-                    .collect()
-            })
-            .unwrap_or_default();
-        steps.sort();
-        let hint = match steps.last() {
-            Some(last) => format!(" (a run folder: give one of its checkpoints, e.g. {last})"),
+        let hint = match checkpoint_folders(dir).unwrap_or_default().last() {
+            Some((_, last)) => format!(
+                " (a run folder: give one of its checkpoints, e.g. {})",
+                last.display()
+            ),
             None => String::new(),
         };
         bail!(
@@ -859,24 +852,11 @@ pub fn save_checkpoint<B: TrainBackend>(
 /// run, are not this run's to judge and stay. A folder that cannot be deleted is reported, and
 /// the run goes on.
 fn remove_old_checkpoints(out: &Path, keep: usize, current: usize) {
-    let Ok(entries) = std::fs::read_dir(out) else {
+    let Ok(mut steps) = checkpoint_folders(out) else {
         eprintln!("\nkeep_checkpoints: cannot list {}", out.display());
         return;
     };
-    let mut steps: Vec<(usize, PathBuf)> = entries
-        .filter_map(|entry| {
-            let path = entry.ok()?.path();
-            let step: usize = path
-                .file_name()?
-                .to_str()?
-                .strip_prefix("step-")
-                .filter(|d| d.len() >= 6 && d.bytes().all(|b| b.is_ascii_digit()))?
-                .parse()
-                .ok()?;
-            (step <= current && path.is_dir()).then_some((step, path))
-        })
-        .collect();
-    steps.sort();
+    steps.retain(|&(step, _)| step <= current);
     for (_, path) in steps.iter().rev().skip(keep) {
         if let Err(e) = std::fs::remove_dir_all(path) {
             eprintln!("\nkeep_checkpoints: cannot remove {}: {e}", path.display());
@@ -945,19 +925,34 @@ fn check_resumed_settings(state: &TrainerState, cfg: &TrainConfig) -> Result<()>
     Ok(())
 }
 
+/// The checkpoint folders (`step-NNNNNN`) of a run folder, by step.
+fn checkpoint_folders(out: &Path) -> std::io::Result<Vec<(usize, PathBuf)>> {
+    let mut steps: Vec<(usize, PathBuf)> = std::fs::read_dir(out)?
+        .filter_map(|entry| {
+            let path = entry.ok()?.path();
+            let step: usize = path
+                .file_name()?
+                .to_str()?
+                .strip_prefix("step-")
+                .filter(|d| d.len() >= 6 && d.bytes().all(|b| b.is_ascii_digit()))?
+                .parse()
+                .ok()?;
+            path.is_dir().then_some((step, path))
+        })
+        .collect();
+    steps.sort();
+    Ok(steps)
+}
+
 /// A fresh run in a folder that holds checkpoints of an earlier run leaves them there (its
 /// logs start anew): says so, as a later --resume from one of them would mix the two runs.
 fn warn_of_earlier_checkpoints(out: &Path) {
-    let Ok(entries) = std::fs::read_dir(out) else {
-        return;
-    };
-    let mut earlier: Vec<String> = entries
-        .filter_map(|e| e.ok())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|name| name.starts_with("step-"))
+    let earlier: Vec<String> = checkpoint_folders(out)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|(_, path)| Some(path.file_name()?.to_string_lossy().into_owned()))
         .collect();
     if !earlier.is_empty() {
-        earlier.sort();
         eprintln!(
             "note: {} holds checkpoints of an earlier run ({}); this run starts its logs anew and \
              replaces a checkpoint only when it reaches the same step: delete them or use another --out",

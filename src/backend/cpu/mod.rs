@@ -38,6 +38,15 @@ const ELEMENTS_PER_TASK: usize = 4096;
 #[derive(Debug, Default, Clone, Copy)]
 pub struct CpuBackend;
 
+/// dst[:] = src, for a transfer between the host and this backend's (host) buffers.
+fn copy_same_len(op: &str, dst: &mut [f32], src: &[f32]) -> Result<()> {
+    if dst.len() != src.len() {
+        bail!("{op}: {} values into {}", src.len(), dst.len());
+    }
+    dst.copy_from_slice(src);
+    Ok(())
+}
+
 /// `len` copies of `value`, or an error when the memory cannot be had (a plain `vec!` aborts
 /// the process).
 fn filled(len: usize, value: f32) -> Result<Vec<f32>> {
@@ -76,26 +85,10 @@ impl Backend for CpuBackend {
         Ok(buf.to_vec())
     }
     fn download_into(&self, dst: &mut [f32], buf: &[f32]) -> Result<()> {
-        if dst.len() != buf.len() {
-            bail!(
-                "download_into: a view of {} values into {}",
-                buf.len(),
-                dst.len()
-            );
-        }
-        dst.copy_from_slice(buf);
-        Ok(())
+        copy_same_len("download_into", dst, buf)
     }
     fn upload_into(&self, dst: &mut [f32], host: &[f32]) -> Result<()> {
-        if dst.len() != host.len() {
-            bail!(
-                "upload_into: {} values into a view of {}",
-                host.len(),
-                dst.len()
-            );
-        }
-        dst.copy_from_slice(host);
-        Ok(())
+        copy_same_len("upload_into", dst, host)
     }
     fn len(&self, buf: &Vec<f32>) -> usize {
         buf.len()
