@@ -65,15 +65,23 @@ __device__ __forceinline__ void warp_chunk(int vocab, int* first, int* last) {
     *last = min(vocab, *first + chunk);
 }
 
-// First maximum of the row (lowest index among equals), by every thread of the block.
+// Whether a logit keeps its row from being drawn from: NaN or +inf (crate::sampling::drawable;
+// a row with no finite logit cannot be drawn from either).
+__device__ __forceinline__ bool poisons_row(float z) { return isnan(z) || z == INFINITY; }
+
+// First maximum of the row (lowest index among equals), by every thread of the block; -1 when
+// the row cannot be drawn from.
 __device__ int argmax_row(const float* z, int vocab) {
     __shared__ float values[SAMPLE_THREADS];
     __shared__ int indices[SAMPLE_THREADS];
-    float best = -INFINITY;
+    float best = -INFINITY, poisoned = 0.0f;
     int best_i = vocab;
     for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
-        if (z[i] > best || best_i == vocab) { best = z[i]; best_i = i; }
+        const float zi = z[i];
+        if (poisons_row(zi)) { poisoned = 1.0f; }
+        if (zi > best || best_i == vocab) { best = zi; best_i = i; }
     }
+    poisoned = block_reduce_max(poisoned, true);
     values[threadIdx.x] = best;
     indices[threadIdx.x] = best_i;
     __syncthreads();
@@ -89,7 +97,7 @@ __device__ int argmax_row(const float* z, int vocab) {
         }
         __syncthreads();
     }
-    return indices[0];
+    return poisoned > 0.0f || values[0] == -INFINITY ? -1 : indices[0];
 }
 
 // Σ of the kept tokens' probabilities, in a fixed order; every thread receives it.
@@ -248,7 +256,8 @@ __device__ Cut select_cut(const float* z, int vocab, bool by_prob, double max, d
 
 // out[row] = the drawn token id (as a float: exact below 2^24) for each row of logits, and
 // logp[row] = its log-probability log softmax(z / τ)[id] over the whole vocabulary (0 when
-// greedy: the draw is certain). logits (rows, vocab) f32. The uniform of a row: uniforms[2 row] + uniforms[2 row + 1] (the f64
+// greedy: the draw is certain); both NaN for a row that cannot be drawn from (a NaN, a +inf,
+// or no finite logit: crate::sampling::drawable). logits (rows, vocab) f32. The uniform of a row: uniforms[2 row] + uniforms[2 row + 1] (the f64
 // draw split in two floats) when uniforms is given, else Philox's (seed, first_stream +
 // streams[row], step). temperature 0 = greedy (argmax, lowest index among equals; top-k and
 // top-p do not apply); top_k <= 0 or >= vocab = off; top_p >= 1 = off. grid = rows,
@@ -261,8 +270,8 @@ sample_tokens(float* out, float* logp, const float* logits, const float* uniform
     if (temperature == 0.0f) {
         const int token = argmax_row(z, vocab);
         if (threadIdx.x == 0) {
-            out[blockIdx.x] = (float)token;
-            logp[blockIdx.x] = 0.0f;
+            out[blockIdx.x] = token < 0 ? NAN : (float)token;
+            logp[blockIdx.x] = token < 0 ? NAN : 0.0f;
         }
         return;
     }
@@ -270,9 +279,21 @@ sample_tokens(float* out, float* logp, const float* logits, const float* uniform
     int first, last;
     warp_chunk(vocab, &first, &last);
 
+    // A NaN counts as +inf here, so the maximum is finite exactly when the row can be drawn from.
     float local_max = -INFINITY;
-    for (int i = threadIdx.x; i < vocab; i += blockDim.x) { local_max = fmaxf(local_max, z[i]); }
-    const double max = (double)block_reduce_max(local_max, true);
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+        const float zi = z[i];
+        local_max = fmaxf(local_max, poisons_row(zi) ? INFINITY : zi);
+    }
+    const float row_max = block_reduce_max(local_max, true);
+    if (!isfinite(row_max)) {
+        if (threadIdx.x == 0) {
+            out[blockIdx.x] = NAN;
+            logp[blockIdx.x] = NAN;
+        }
+        return;
+    }
+    const double max = (double)row_max;
     const double inv_t = 1.0 / (double)temperature;
 
     Cut cut = Cut{0u, vocab};  // every token

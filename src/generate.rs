@@ -272,6 +272,13 @@ fn record(
             if c.finished || c.truncated {
                 continue;
             }
+            if id.is_nan() {
+                bail!(
+                    "the model's logits are not finite (NaN or infinite) for completion {i} after \
+                     {} new tokens: its weights hold non-finite values or its activations overflow",
+                    c.tokens.len()
+                );
+            }
             if !(id >= 0.0 && id < vocab as f32) {
                 bail!("the sampler returned token id {id}, outside the vocabulary of {vocab}");
             }

@@ -68,6 +68,21 @@ impl TokenDraws<'_> {
     }
 }
 
+/// Whether a row of logits can be drawn from: no NaN, no +∞ and at least one finite logit (−∞
+/// masks a token). A model whose weights hold non-finite values, or whose activations overflow,
+/// gives rows that cannot; the samplers mark them instead of drawing (see
+/// `Backend::sample_tokens`).
+pub fn drawable(logits: &[f32]) -> bool {
+    let mut any_finite = false;
+    for &z in logits {
+        if z.is_nan() || z == f32::INFINITY {
+            return false;
+        }
+        any_finite |= z.is_finite();
+    }
+    any_finite
+}
+
 /// The index of the largest logit (the lowest index among equals).
 pub fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0;

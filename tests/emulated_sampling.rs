@@ -133,11 +133,18 @@ fn check(what: &str, logits: &[f32], vocab: usize, params: &SamplingParams, draw
         "{what} (V={vocab} T={} k={} p={})",
         params.temperature, params.top_k, params.top_p
     );
-    assert_same(&format!("{shape}: token ids"), &ids, &ids_ref);
+    // NaN marks a row that cannot be drawn from (on both sides, whatever its bits)
+    let ids_or_none =
+        |v: &[f32]| -> Vec<Option<f32>> { v.iter().map(|&x| (!x.is_nan()).then_some(x)).collect() };
+    assert_same(
+        &format!("{shape}: token ids"),
+        &ids_or_none(&ids),
+        &ids_or_none(&ids_ref),
+    );
     for (r, (&got, &want)) in logp.iter().zip(&logp_ref).enumerate() {
         let tol = 4.0 * f32::EPSILON * want.abs().max(1.0);
         assert!(
-            (got - want).abs() <= tol,
+            (got - want).abs() <= tol || (got.is_nan() && want.is_nan()),
             "{shape}: row {r} log-prob {got} (CPU {want})"
         );
     }
@@ -275,4 +282,35 @@ fn philox_draws_are_the_cpu_streams() {
     check("philox", &z, vocab, &params(1.0, 0, 1.0), &draws(4));
     let two_rows = &z[..2 * vocab];
     check("philox", two_rows, vocab, &params(1.0, 0, 0.95), &draws(2));
+}
+
+/// Rows that cannot be drawn from (one NaN logit, a +inf at the row's end, every logit −inf: what
+/// a model with non-finite weights gives) come out as NaN ids and log-probs, greedy and sampled,
+/// with and without top-k / top-p, while a row beside them with −inf masks draws as the CPU's.
+/// V = 1001.
+#[test]
+fn rows_that_cannot_be_drawn_from_give_nan() {
+    let vocab = 1001;
+    let mut rand = Rand(60);
+    let mut z = logits(&mut rand, &[Row::Peaked; 4], vocab);
+    z[17] = f32::NAN;
+    z[2 * vocab - 1] = f32::INFINITY;
+    z[2 * vocab..3 * vocab].fill(f32::NEG_INFINITY);
+    z[3 * vocab + 5..3 * vocab + 900].fill(f32::NEG_INFINITY);
+    let u = device_uniforms(&[0.3, 0.6, 0.9, 0.5]);
+    let draws = TokenDraws::Given(&u);
+    for p in [
+        params(0.0, 0, 1.0),
+        params(0.7, 0, 1.0),
+        params(1.0, 50, 0.9),
+    ] {
+        check("undrawable rows", &z, vocab, &p, &draws);
+        let (ids, logp) = sample_on_emulator(&z, vocab, &p, &draws);
+        assert!(
+            ids[..3].iter().chain(&logp[..3]).all(|x| x.is_nan()),
+            "T={}: {ids:?} {logp:?}",
+            p.temperature
+        );
+        assert!(!ids[3].is_nan() && !logp[3].is_nan());
+    }
 }

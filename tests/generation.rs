@@ -262,3 +262,21 @@ fn a_stop_string_cuts_the_completion_at_its_first_occurrence() {
     let err = generate(&m, &reqs, &cfg, Some(&detok)).unwrap_err();
     assert!(err.to_string().contains("stop string is empty"), "{err}");
 }
+
+/// A model whose weights hold a NaN (a corrupt checkpoint) makes generation fail with an error
+/// that says the logits are not finite, greedy and sampled, instead of emitting token 0 for ever.
+#[test]
+fn non_finite_logits_are_an_error_not_tokens() {
+    let mut m = model();
+    let norm = m.layout.specs[m.layout.final_norm].offset;
+    m.params[norm] = f32::NAN;
+    for temperature in [0.0, 1.0] {
+        let err = generate(&m, &requests(&[3]), &config(temperature, 1, vec![]), None)
+            .expect_err("a NaN weight must not generate");
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains("logits are not finite") && msg.contains("after 0 new tokens"),
+            "{msg}"
+        );
+    }
+}

@@ -407,7 +407,9 @@ pub trait Backend: Send + Sync {
     /// Draws one token per row: out[r] = `sampling::sample(logits[r], params, draws.uniform(r))`
     /// (argmax when the temperature is 0), as a float id, and logp[r] = its log-probability
     /// `sampling::token_logprob(logits[r], out[r], temperature)` over the whole vocabulary (0 when
-    /// greedy). logits: [R, V] f32; out, logp: [R] f32; R = draws.rows().
+    /// greedy). A row that is not `sampling::drawable` (a NaN, a +∞, or no finite logit) draws
+    /// nothing: out[r] = logp[r] = NaN, which the generation loop reports as an error.
+    /// logits: [R, V] f32; out, logp: [R] f32; R = draws.rows().
     fn sample_tokens(
         &self,
         out: Self::ViewMut<'_>,

@@ -2,7 +2,8 @@
 //! ids (exact), greedy and at two temperatures, for vocabularies below, near and far above the
 //! kernel's 32 warps × 32 lanes, with ties for the argmax and draws at both ends of [0, 1); then
 //! top-k and top-p (the kernel's radix search for the cut-off), with rows of tied logits; then
-//! the uniforms drawn on the device by Philox (flat logits: a wrong uniform moves the id). Every
+//! the uniforms drawn on the device by Philox (flat logits: a wrong uniform moves the id); then
+//! rows that cannot be drawn from (NaN, +inf, nothing finite), which give NaN. Every
 //! shape has a second row, the drawn tokens' log-probabilities (f32 from f64 sums: TOL_F32).
 
 use super::{get, put_f32, Checker, Compared, Rand, TOL_EXACT, TOL_F32};
@@ -31,6 +32,13 @@ pub(super) fn checks<D: TrainBackend>(c: &mut Checker<D>) -> Result<()> {
     }
     for p in [params(1.0, 0, 1.0), params(1.0, 0, 0.95)] {
         check_philox(c, 64, 151_936, &p)?;
+    }
+    for p in [
+        params(0.0, 0, 1.0),
+        params(0.7, 0, 1.0),
+        params(1.0, 50, 0.95),
+    ] {
+        check_undrawable(c, 151_936, &p)?;
     }
     Ok(())
 }
@@ -81,19 +89,25 @@ fn check_given<D: TrainBackend>(
                 let mut uniforms = rand.uniform(rows);
                 uniforms[0] = 0.0;
                 uniforms[rows - 1] = 1.0 - f64::EPSILON / 2.0;
-                // The device receives each draw as two floats (hi + lo, ~48 bits): both sides
-                // draw with that value.
-                for u in &mut uniforms {
-                    let mut pair = [0.0f32; 2];
-                    crate::backend::cpu::split_f64(&mut pair, *u);
-                    *u = pair[0] as f64 + pair[1] as f64;
-                }
+                let uniforms = device_uniforms(&uniforms);
                 let draws = TokenDraws::Given(&uniforms);
                 compare(dev, &logits, &logits_h, &draws, vocab, params, output)
             },
         )?;
     }
     Ok(())
+}
+
+/// The device receives each given draw as two floats (hi + lo, ~48 bits): both sides draw with
+/// that value.
+fn device_uniforms(u: &[f64]) -> Vec<f64> {
+    u.iter()
+        .map(|&x| {
+            let mut pair = [0.0f32; 2];
+            crate::backend::cpu::split_f64(&mut pair, x);
+            pair[0] as f64 + pair[1] as f64
+        })
+        .collect()
 }
 
 /// Draws computed by the device: stream and step above 2^32 (both counter words in use).
@@ -119,6 +133,48 @@ fn check_philox<D: TrainBackend>(
                     step: (1 << 32) + 11,
                 };
                 compare(dev, &logits, &logits_h, &draws, vocab, params, output)
+            },
+        )?;
+    }
+    Ok(())
+}
+
+/// Rows that cannot be drawn from (a NaN logit, a +inf, every logit −inf) give NaN ids and
+/// log-probs, as the CPU's; a fourth row, with −inf masks, draws as the CPU's. NaN is compared as
+/// −1 (ids) and +1 (log-probs), values neither output takes otherwise.
+fn check_undrawable<D: TrainBackend>(
+    c: &mut Checker<D>,
+    vocab: usize,
+    params: &SamplingParams,
+) -> Result<()> {
+    let shape = format!("{} undrawable rows", shape(4, vocab, params));
+    for output in [Output::Ids, Output::Logp] {
+        c.check(
+            output.op(),
+            shape.clone(),
+            output.tolerance(),
+            |dev, rand| {
+                let mut host = rand.normal(4 * vocab, 3.0);
+                host[17] = f32::NAN;
+                host[2 * vocab - 1] = f32::INFINITY;
+                host[2 * vocab..3 * vocab].fill(f32::NEG_INFINITY);
+                host[3 * vocab + 5..3 * vocab + vocab / 2].fill(f32::NEG_INFINITY);
+                let (logits, logits_h) = put_f32(dev, &host)?;
+                let uniforms = device_uniforms(&[0.3, 0.6, 0.9, 0.5]);
+                let draws = TokenDraws::Given(&uniforms);
+                let mut rows = compare(dev, &logits, &logits_h, &draws, vocab, params, output)?;
+                let marker = match output {
+                    Output::Ids => -1.0,
+                    Output::Logp => 1.0,
+                };
+                for (_, got, want) in &mut rows {
+                    for x in got.iter_mut().chain(want.iter_mut()) {
+                        if x.is_nan() {
+                            *x = marker;
+                        }
+                    }
+                }
+                Ok(rows)
             },
         )?;
     }
