@@ -226,6 +226,18 @@ fn answers_nested_too_deeply_are_not_read() {
     same("1 \\pm 0 \\pm 0", "1, 1, 1, 1");
 }
 
+/// Values past f64's range are not all equal (each overflows to ∞), while infinity itself still
+/// matches itself however it is written.
+#[test]
+fn numbers_beyond_f64_are_not_infinity() {
+    differ("10^{400}", "10^{401}");
+    differ("2^{2000}", "\\infty");
+    differ("-10^{400}", "-\\infty");
+    same("\\infty", "∞");
+    same("-\\infty", "-∞");
+    same("(-\\infty, 2]", "(-∞, 2]");
+}
+
 #[test]
 fn malformed_latex_gets_a_verdict() {
     // An escaped non-ASCII character as a `\frac` argument was cut inside its bytes (a panic);

@@ -583,6 +583,20 @@ impl Expr {
         }
     }
 
+    /// Whether the expression names infinity (`\\infty`, `∞`), as opposed to a value that only
+    /// overflows f64 (`10^{400}`).
+    pub fn has_infinity(&self) -> bool {
+        use Expr::*;
+        match self {
+            Const(c) => !c.is_finite(),
+            Num(_) | Var(_) => false,
+            Percent(a) | Neg(a) | Call(_, a) | Fact(a) => a.has_infinity(),
+            Add(a, b) | Sub(a, b) | Mul(a, b) | Div(a, b) | Pow(a, b) => {
+                a.has_infinity() || b.has_infinity()
+            }
+        }
+    }
+
     pub fn has_percent(&self) -> bool {
         use Expr::*;
         match self {
