@@ -539,6 +539,26 @@ fn a_model_set_without_config_takes_the_defaults() {
             && stdout.contains("budgets: 256 (cap 512) from step 0, 179 (cap 358) from step 150"),
         "{stdout}"
     );
+    // no evaluation (eval_every = 0 by default): every example of the file trains; with one,
+    // the last eval_size are held out
+    assert!(
+        stdout.contains("problems: 7473 to train on; no held-out evaluation"),
+        "{stdout}"
+    );
+    let o = Command::new(env!("CARGO_BIN_EXE_thinkshort"))
+        .current_dir(root)
+        .args(["train", "--backend", "cpu", "--dry-run", "--set", &model])
+        .arg("--set")
+        .arg(format!("data={root}/../shared/data/gsm8k/train.jsonl"))
+        .args(["--set", "eval_every=150", "--out"])
+        .arg(tmp.path().join("run"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        stdout.contains("problems: 7273 to train on; 200 held-out problems evaluated"),
+        "{stdout}"
+    );
     // training data whose line has an empty gold answer: the file and line are named
     let data = tmp.path().join("bad.jsonl");
     std::fs::write(
@@ -587,6 +607,7 @@ fn resume_refuses_settings_the_checkpoint_overrides() {
             "optim.weight_decay is 0 in the checkpoint, 0.1",
         ),
         ("schedule.gamma=0.5", "the checkpoint's schedule"),
+        ("seed=3", "seed = 0, the settings 3"),
     ] {
         let mut args = vec![
             "--set",

@@ -142,7 +142,9 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     let inputs = match &cfg.data {
         Some(path) => {
             let mut all = load_examples(path, cfg.data_format)?;
-            if all.len() <= cfg.eval_size {
+            // the held-out evaluation's problems, when there is one, are the file's last ones
+            let held_out = if cfg.eval_every > 0 { cfg.eval_size } else { 0 };
+            if all.len() <= held_out {
                 bail!(
                     "{}: {} examples cannot hold out eval_size = {}",
                     path.display(),
@@ -150,7 +152,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
                     cfg.eval_size
                 );
             }
-            let eval = all.split_off(all.len() - cfg.eval_size);
+            let eval = all.split_off(all.len() - held_out);
             TrainInputs {
                 model_dir,
                 template: cfg.prompt_template()?,

@@ -61,6 +61,13 @@ pub struct TrainerState {
     pub step: usize,
     pub curriculum: Curriculum,
     pub optimizer: AdamW,
+    /// What each step's problems were drawn from: the training set's size and the seed (absent
+    /// in checkpoints written before they were saved). A resume that would draw from others is
+    /// refused.
+    #[serde(default)]
+    pub train_examples: Option<usize>,
+    #[serde(default)]
+    pub seed: Option<u64>,
 }
 
 /// Accuracy and mean generated length of greedy decoding on a set of problems.
@@ -290,12 +297,14 @@ fn train_on<B: TrainBackend>(
                 step: 0,
                 curriculum: cfg.curriculum()?,
                 optimizer: AdamW::new(n, o.beta1, o.beta2, o.eps, o.weight_decay),
+                train_examples: Some(inputs.train.len()),
+                seed: Some(cfg.seed),
             };
             (fresh, None)
         }
     };
     if resume.is_some() {
-        check_resumed_settings(&state, cfg)?;
+        check_resumed_settings(&state, cfg, inputs.train.len())?;
     }
     let sequences = cfg.prompts_per_step * cfg.group_size;
     let prompt_len = longest_prompt(&tok, inputs, state.curriculum.budget_at(state.step))?;
@@ -345,7 +354,7 @@ fn train_on<B: TrainBackend>(
     let room = free.map(|f| f - f / 10);
     let micro_batch = memory::micro_batch(cfg.micro_batch, sequences, room, estimate);
     if run.dry_run {
-        print_plan(cfg, &model_cfg, &state, prompt_len, backend.name());
+        print_plan(cfg, inputs, &model_cfg, &state, prompt_len, backend.name());
     }
     let plan = estimate(micro_batch);
     plan.check(backend.name(), free)?;
@@ -406,6 +415,7 @@ fn train_on<B: TrainBackend>(
         step: mut current_step,
         mut curriculum,
         mut optimizer,
+        ..
     } = state;
     let host = crate::weights::load_params(weights_dir, &model_cfg, &layout)?;
     let mut model = Model::from_host(model_cfg, &host, backend)?;
@@ -724,6 +734,8 @@ fn train_on<B: TrainBackend>(
                 step: current_step,
                 curriculum: curriculum.clone(),
                 optimizer: opt.hyper().clone(),
+                train_examples: Some(inputs.train.len()),
+                seed: Some(cfg.seed),
             };
             save_checkpoint(
                 &out.join(format!("step-{current_step:06}")),
@@ -753,9 +765,10 @@ fn train_on<B: TrainBackend>(
 }
 
 /// What a run will do from the state it starts in: model size, steps and sequences, every
-/// budget of the schedule with the step it starts at, and the longest prompt.
+/// budget of the schedule with the step it starts at, the longest prompt and the problems.
 fn print_plan(
     cfg: &TrainConfig,
+    inputs: &TrainInputs,
     model_cfg: &ModelConfig,
     state: &TrainerState,
     prompt_len: usize,
@@ -795,6 +808,12 @@ fn print_plan(
     };
     println!("completions end at {stops}, or at the cap");
     println!("longest prompt: {prompt_len} tokens at the first budget");
+    let evaluated = if cfg.eval_every > 0 {
+        format!("{} held-out problems evaluated", inputs.eval.len())
+    } else {
+        "no held-out evaluation (eval_every = 0)".to_string()
+    };
+    println!("problems: {} to train on; {evaluated}", inputs.train.len());
 }
 
 /// Log-probs are taken at the sampling temperature (METHOD.md §5); greedy sampling scores at 1.
@@ -867,8 +886,25 @@ fn remove_old_checkpoints(out: &Path, keep: usize, current: usize) {
 /// A resumed run continues its checkpoint's curriculum (schedule, steps, adaptive state) and
 /// AdamW settings; settings that differ from them would be silently ignored, so they are an
 /// error.
-fn check_resumed_settings(state: &TrainerState, cfg: &TrainConfig) -> Result<()> {
+fn check_resumed_settings(
+    state: &TrainerState,
+    cfg: &TrainConfig,
+    train_examples: usize,
+) -> Result<()> {
     let hint = "resume with the settings the run started with (its folder's config.toml)";
+    if let Some(was) = state.train_examples.filter(|&was| was != train_examples) {
+        bail!(
+            "--resume: the checkpoint's run drew its problems from {was} training examples, these \
+             settings give {train_examples} (data, eval_size and eval_every decide them: eval_size \
+             examples are held out when eval_every > 0); {hint}"
+        );
+    }
+    if let Some(was) = state.seed.filter(|&was| was != cfg.seed) {
+        bail!(
+            "--resume: the checkpoint's run has seed = {was}, the settings {}; {hint}",
+            cfg.seed
+        );
+    }
     let c = &state.curriculum;
     if state.step > c.total_steps {
         bail!(
@@ -959,5 +995,38 @@ fn warn_of_earlier_checkpoints(out: &Path) {
             out.display(),
             earlier.join(", ")
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A resume that would draw its problems from another training set (other data, or examples
+    /// held out or not) or seed is refused; a checkpoint written before they were saved is not
+    /// checked for them.
+    #[test]
+    fn resume_refuses_another_training_set_or_seed() {
+        let cfg = TrainConfig::default();
+        let state = |train_examples, seed| TrainerState {
+            step: 1,
+            curriculum: cfg.curriculum().unwrap(),
+            optimizer: AdamW::new(1, 0.9, 0.999, 1e-8, 0.0),
+            train_examples,
+            seed,
+        };
+        assert!(check_resumed_settings(&state(Some(7473), Some(0)), &cfg, 7473).is_ok());
+        let err = check_resumed_settings(&state(Some(7473), Some(0)), &cfg, 7273).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("from 7473 training examples, these settings give 7273"),
+            "{err}"
+        );
+        let err = check_resumed_settings(&state(Some(7473), Some(5)), &cfg, 7473).unwrap_err();
+        assert!(
+            err.to_string().contains("seed = 5, the settings 0"),
+            "{err}"
+        );
+        assert!(check_resumed_settings(&state(None, None), &cfg, 10).is_ok());
     }
 }
