@@ -79,23 +79,15 @@ fn check_given<D: TrainBackend>(
     vocab: usize,
     params: &SamplingParams,
 ) -> Result<()> {
-    for output in [Output::Ids, Output::Logp] {
-        c.check(
-            output.op(),
-            shape(rows, vocab, params),
-            output.tolerance(),
-            |dev, rand| {
-                let (logits, logits_h) = put_f32(dev, &tied_logits(rand, rows, vocab))?;
-                let mut uniforms = rand.uniform(rows);
-                uniforms[0] = 0.0;
-                uniforms[rows - 1] = 1.0 - f64::EPSILON / 2.0;
-                let uniforms = device_uniforms(&uniforms);
-                let draws = TokenDraws::Given(&uniforms);
-                compare(dev, &logits, &logits_h, &draws, vocab, params, output)
-            },
-        )?;
-    }
-    Ok(())
+    check_outputs(c, shape(rows, vocab, params), |dev, rand, output| {
+        let (logits, logits_h) = put_f32(dev, &tied_logits(rand, rows, vocab))?;
+        let mut uniforms = rand.uniform(rows);
+        uniforms[0] = 0.0;
+        uniforms[rows - 1] = 1.0 - f64::EPSILON / 2.0;
+        let uniforms = device_uniforms(&uniforms);
+        let draws = TokenDraws::Given(&uniforms);
+        compare(dev, &logits, &logits_h, &draws, vocab, params, output)
+    })
 }
 
 /// The device receives each given draw as two floats (hi + lo, ~48 bits): both sides draw with
@@ -118,25 +110,17 @@ fn check_philox<D: TrainBackend>(
     params: &SamplingParams,
 ) -> Result<()> {
     let shape = format!("{} philox", shape(rows, vocab, params));
-    for output in [Output::Ids, Output::Logp] {
-        c.check(
-            output.op(),
-            shape.clone(),
-            output.tolerance(),
-            |dev, rand| {
-                let (logits, logits_h) = put_f32(dev, &rand.normal(rows * vocab, 0.1))?;
-                let streams: Vec<u32> = (0..rows as u32).rev().map(|s| 3 * s + 1).collect();
-                let draws = TokenDraws::Philox {
-                    seed: 0x5EED_0000_0001,
-                    first_stream: (1 << 33) + 7,
-                    streams: &streams,
-                    step: (1 << 32) + 11,
-                };
-                compare(dev, &logits, &logits_h, &draws, vocab, params, output)
-            },
-        )?;
-    }
-    Ok(())
+    check_outputs(c, shape, |dev, rand, output| {
+        let (logits, logits_h) = put_f32(dev, &rand.normal(rows * vocab, 0.1))?;
+        let streams: Vec<u32> = (0..rows as u32).rev().map(|s| 3 * s + 1).collect();
+        let draws = TokenDraws::Philox {
+            seed: 0x5EED_0000_0001,
+            first_stream: (1 << 33) + 7,
+            streams: &streams,
+            step: (1 << 32) + 11,
+        };
+        compare(dev, &logits, &logits_h, &draws, vocab, params, output)
+    })
 }
 
 /// Rows that cannot be drawn from (a NaN logit, a +inf, every logit −inf) give NaN ids and
@@ -148,34 +132,43 @@ fn check_undrawable<D: TrainBackend>(
     params: &SamplingParams,
 ) -> Result<()> {
     let shape = format!("{} undrawable rows", shape(4, vocab, params));
+    check_outputs(c, shape, |dev, rand, output| {
+        let mut host = rand.normal(4 * vocab, 3.0);
+        host[17] = f32::NAN;
+        host[2 * vocab - 1] = f32::INFINITY;
+        host[2 * vocab..3 * vocab].fill(f32::NEG_INFINITY);
+        host[3 * vocab + 5..3 * vocab + vocab / 2].fill(f32::NEG_INFINITY);
+        let (logits, logits_h) = put_f32(dev, &host)?;
+        let uniforms = device_uniforms(&[0.3, 0.6, 0.9, 0.5]);
+        let draws = TokenDraws::Given(&uniforms);
+        let mut rows = compare(dev, &logits, &logits_h, &draws, vocab, params, output)?;
+        let marker = match output {
+            Output::Ids => -1.0,
+            Output::Logp => 1.0,
+        };
+        for (_, got, want) in &mut rows {
+            for x in got.iter_mut().chain(want.iter_mut()) {
+                if x.is_nan() {
+                    *x = marker;
+                }
+            }
+        }
+        Ok(rows)
+    })
+}
+
+/// The two rows of a shape, the ids and then the log-probs, each from its own run.
+fn check_outputs<D: TrainBackend>(
+    c: &mut Checker<D>,
+    shape: String,
+    run: impl Fn(&D, &mut Rand, Output) -> Result<Vec<Compared>>,
+) -> Result<()> {
     for output in [Output::Ids, Output::Logp] {
         c.check(
             output.op(),
             shape.clone(),
             output.tolerance(),
-            |dev, rand| {
-                let mut host = rand.normal(4 * vocab, 3.0);
-                host[17] = f32::NAN;
-                host[2 * vocab - 1] = f32::INFINITY;
-                host[2 * vocab..3 * vocab].fill(f32::NEG_INFINITY);
-                host[3 * vocab + 5..3 * vocab + vocab / 2].fill(f32::NEG_INFINITY);
-                let (logits, logits_h) = put_f32(dev, &host)?;
-                let uniforms = device_uniforms(&[0.3, 0.6, 0.9, 0.5]);
-                let draws = TokenDraws::Given(&uniforms);
-                let mut rows = compare(dev, &logits, &logits_h, &draws, vocab, params, output)?;
-                let marker = match output {
-                    Output::Ids => -1.0,
-                    Output::Logp => 1.0,
-                };
-                for (_, got, want) in &mut rows {
-                    for x in got.iter_mut().chain(want.iter_mut()) {
-                        if x.is_nan() {
-                            *x = marker;
-                        }
-                    }
-                }
-                Ok(rows)
-            },
+            |dev, rand| run(dev, rand, output),
         )?;
     }
     Ok(())
