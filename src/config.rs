@@ -1,4 +1,4 @@
-//! The model's `config.json` (Qwen2 and Llama families), parsed and validated.
+//! The model's `config.json` (Qwen2, Qwen3 and Llama families), parsed and validated.
 //!
 //! Every error names the file and the key, so a user can fix a broken config without reading code.
 
@@ -9,6 +9,8 @@ use std::path::Path;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Arch {
     Qwen2,
+    /// Qwen2 with an RMSNorm on each head of q and k before the rotation, and `attention_bias`.
+    Qwen3,
     Llama,
 }
 
@@ -44,12 +46,15 @@ pub struct ModelConfig {
     pub rope_scaling: RopeScaling,
     pub max_position_embeddings: usize,
     pub tie_word_embeddings: bool,
-    /// Bias on the q/k/v projections (always on in Qwen2, `attention_bias` in Llama).
+    /// Bias on the q/k/v projections (always on in Qwen2, `attention_bias` in Qwen3 and Llama).
     pub qkv_bias: bool,
-    /// Bias on the output projection (`attention_bias` in Llama; never in Qwen2).
+    /// Bias on the output projection (`attention_bias` in Qwen3 and Llama; never in Qwen2).
     pub o_bias: bool,
     /// Bias on gate/up/down (`mlp_bias` in Llama).
     pub mlp_bias: bool,
+    /// RMSNorm over each head of q and of k (weights [head_dim], shared by the heads) between
+    /// the projection and the rotation (Qwen3's `q_norm`, `k_norm`).
+    pub qk_norm: bool,
 }
 
 impl ModelConfig {
@@ -70,9 +75,10 @@ impl ModelConfig {
         let model_type = j.str("model_type")?;
         let arch = match model_type.as_str() {
             "qwen2" => Arch::Qwen2,
+            "qwen3" => Arch::Qwen3,
             "llama" => Arch::Llama,
             other => bail!(
-                "key `model_type`: unsupported architecture {other:?} (supported: qwen2, llama)"
+                "key `model_type`: unsupported architecture {other:?} (supported: qwen2, qwen3, llama)"
             ),
         };
         if let Some(act) = j.opt_str("hidden_act")? {
@@ -118,6 +124,7 @@ impl ModelConfig {
         let attention_bias = j.opt_bool("attention_bias")?.unwrap_or(false);
         let (qkv_bias, o_bias, mlp_bias) = match arch {
             Arch::Qwen2 => (true, false, false),
+            Arch::Qwen3 => (attention_bias, attention_bias, false),
             Arch::Llama => (
                 attention_bias,
                 attention_bias,
@@ -146,6 +153,7 @@ impl ModelConfig {
             qkv_bias,
             o_bias,
             mlp_bias,
+            qk_norm: arch == Arch::Qwen3,
         })
     }
 

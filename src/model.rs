@@ -436,24 +436,22 @@ impl<B: Backend> Model<B> {
             );
         }
         // The q, k and v biases are added by qkv_rope_forward (with the rotation of q and k).
-        b.matmul_forward(
-            b.full_mut(&mut a.q),
-            b.full(&a.xn1),
-            self.p(lp.q),
-            None,
-            m,
-            h,
-            q_dim,
-        );
-        b.matmul_forward(
-            b.full_mut(&mut a.k),
-            b.full(&a.xn1),
-            self.p(lp.k),
-            None,
-            m,
-            h,
-            kv_dim,
-        );
+        // With qk_norm the projections (q and k with their biases) land in q_raw, k_raw and
+        // each head is normalised into q, k.
+        for (out, raw, w, bias, norm, n) in [
+            (&mut a.q, &mut a.q_raw, lp.q, lp.q_bias, lp.q_norm, q_dim),
+            (&mut a.k, &mut a.k_raw, lp.k, lp.k_bias, lp.k_norm, kv_dim),
+        ] {
+            let xn1 = b.full(&a.xn1);
+            match (raw, norm) {
+                (Some(raw), Some(norm)) => {
+                    let bias = self.p_opt(bias);
+                    b.matmul_forward(b.full_mut(raw), xn1, self.p(w), bias, m, h, n);
+                    b.rmsnorm_forward(b.full_mut(out), b.full(raw), self.p(norm), hd, eps);
+                }
+                _ => b.matmul_forward(b.full_mut(out), xn1, self.p(w), None, m, h, n),
+            }
+        }
         b.matmul_forward(
             b.full_mut(&mut a.v),
             b.full(&a.xn1),
@@ -470,8 +468,8 @@ impl<B: Backend> Model<B> {
                 b.full_mut(&mut a.v),
             ],
             [
-                self.p_opt(lp.q_bias),
-                self.p_opt(lp.k_bias),
+                self.p_opt(lp.q_bias.filter(|_| lp.q_norm.is_none())),
+                self.p_opt(lp.k_bias.filter(|_| lp.k_norm.is_none())),
                 self.p_opt(lp.v_bias),
             ],
             &place.positions,
@@ -606,6 +604,8 @@ pub struct LayerActs<B: Backend> {
     pub xn1: B::Buf,          // [M, H] RMSNorm before attention
     pub q: B::Buf,            // [M, n_heads * hd], after RoPE
     pub k: B::Buf,            // [M, n_kv * hd], after RoPE
+    pub q_raw: Option<B::Buf>, // [M, n_heads * hd] projection before the per-head norm (qk_norm)
+    pub k_raw: Option<B::Buf>, // [M, n_kv * hd] projection before the per-head norm (qk_norm)
     pub v: B::Buf,            // [M, n_kv * hd]
     pub att: B::Buf,          // [M, n_heads * hd] attention output
     pub lse: Option<B::Buf>,  // [M, n_heads] f32 log-sum-exp of each attention row (training only)
@@ -632,6 +632,8 @@ impl<B: Backend> LayerActs<B> {
             xn1: b.empty(m * h)?,
             q: b.empty(m * cfg.q_dim())?,
             k: b.empty(m * cfg.kv_dim())?,
+            q_raw: cfg.qk_norm.then(|| b.empty(m * cfg.q_dim())).transpose()?,
+            k_raw: cfg.qk_norm.then(|| b.empty(m * cfg.kv_dim())).transpose()?,
             v: b.empty(m * cfg.kv_dim())?,
             att: b.empty(m * cfg.q_dim())?,
             lse: kept(&|| b.empty_f32(m * cfg.num_heads))?,

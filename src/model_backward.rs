@@ -333,6 +333,8 @@ impl<B: TrainBackend> Model<B> {
         let mut dq = b.empty(m * q_dim)?;
         let mut dk = b.empty(m * kv_dim)?;
         let mut dv = b.empty(m * kv_dim)?;
+        // gradient at k's projection, before its per-head norm (qk_norm; q's reuses d_att)
+        let mut dk_raw = cfg.qk_norm.then(|| b.empty(m * kv_dim)).transpose()?;
         let cache_len = batch.slots * batch.capacity * kv_dim;
         let mut dcache_k = b.zeros(cache_len)?;
         let mut dcache_v = b.zeros(cache_len)?;
@@ -457,9 +459,31 @@ impl<B: TrainBackend> Model<B> {
                 cfg.num_kv_heads,
                 hd,
             );
+            // qk_norm: back through each head's norm to the projections (d_att is free again)
+            let (dq, dk) = match (&a.q_raw, &a.k_raw, lp.q_norm, lp.k_norm, &mut dk_raw) {
+                (Some(q_raw), Some(k_raw), Some(q_norm), Some(k_norm), Some(dk_raw)) => {
+                    for (dx, norm, dy, x) in [
+                        (&mut d_att, q_norm, &dq, q_raw),
+                        (&mut *dk_raw, k_norm, &dk, k_raw),
+                    ] {
+                        b.rmsnorm_backward(
+                            b.full_mut(dx),
+                            GradWrite::Overwrite,
+                            self.grad(grads, norm),
+                            b.full(dy),
+                            b.full(x),
+                            self.p(norm),
+                            hd,
+                            eps,
+                        );
+                    }
+                    (&d_att, &*dk_raw)
+                }
+                _ => (&dq, &dk),
+            };
             let products = [
-                (lp.q, lp.q_bias, &dq, q_dim, GradWrite::Overwrite),
-                (lp.k, lp.k_bias, &dk, kv_dim, GradWrite::Add),
+                (lp.q, lp.q_bias, dq, q_dim, GradWrite::Overwrite),
+                (lp.k, lp.k_bias, dk, kv_dim, GradWrite::Add),
                 (lp.v, lp.v_bias, &dv, kv_dim, GradWrite::Add),
             ];
             for (w, bias, dy, n, write) in products {

@@ -34,6 +34,9 @@ pub struct LayerParams {
     pub k_bias: Option<usize>,
     pub v: usize,
     pub v_bias: Option<usize>,
+    /// RMSNorm weights over each head of q and of k, [head_dim] (Qwen3).
+    pub q_norm: Option<usize>,
+    pub k_norm: Option<usize>,
     pub o: usize,
     pub o_bias: Option<usize>,
     pub post_norm: usize,
@@ -102,6 +105,18 @@ impl ParamLayout {
                 vec![kv],
                 &mut add,
             );
+            let q_norm = add_if(
+                cfg.qk_norm,
+                format!("{p}.self_attn.q_norm.weight"),
+                vec![cfg.head_dim],
+                &mut add,
+            );
+            let k_norm = add_if(
+                cfg.qk_norm,
+                format!("{p}.self_attn.k_norm.weight"),
+                vec![cfg.head_dim],
+                &mut add,
+            );
             let o = add(format!("{p}.self_attn.o_proj.weight"), vec![h, q]);
             let o_bias = add_if(
                 cfg.o_bias,
@@ -139,6 +154,8 @@ impl ParamLayout {
                 k_bias,
                 v: v_w,
                 v_bias,
+                q_norm,
+                k_norm,
                 o,
                 o_bias,
                 post_norm,

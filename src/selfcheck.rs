@@ -166,7 +166,8 @@ pub fn run<D: TrainBackend>(
     backward::checks(&mut c)?;
     optimizer::checks(&mut c)?;
     policy_loss::checks(&mut c)?;
-    let mut info = model_check(&mut c)?;
+    let mut info = model_check(&mut c, ModelConfig::from_json_str(TINY_MODEL)?)?;
+    info.extend(model_check(&mut c, backward::tiny_qk_norm_config()?)?);
     info.extend(decode_graph::decode_graph_check(&mut c)?);
     let variants = c.dev.attention_backward_variants();
     backward::model_gradient_check(&mut c, variants.first().copied())?;
@@ -737,16 +738,25 @@ fn tiny_model_weights(cfg: &ModelConfig, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-/// The whole-model check: log-probs of prompt+completion pairs (one packed prefill) as a row,
-/// greedy generation (decode steps) as information.
-fn model_check<D: Backend>(c: &mut Checker<D>) -> Result<Vec<String>> {
-    let cfg = ModelConfig::from_json_str(TINY_MODEL)?;
+/// The whole-model check of `cfg` (the tiny model, or its Qwen3 variant): log-probs of
+/// prompt+completion pairs (one packed prefill) as a row, greedy generation (decode steps) as
+/// information.
+fn model_check<D: Backend>(c: &mut Checker<D>, cfg: ModelConfig) -> Result<Vec<String>> {
     let host = tiny_model_weights(&cfg, c.seed);
     let cpu_model = Model::from_host(cfg.clone(), &host, CpuBackend)?;
     let dev_model = Model::from_host(cfg.clone(), &host, (c.make_device)()?)?;
     let shape = format!(
-        "{} layers h={} heads={}/{} V={}",
-        cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.vocab_size
+        "{} layers h={} heads={}/{} V={}{}",
+        cfg.num_layers,
+        cfg.hidden_size,
+        cfg.num_heads,
+        cfg.num_kv_heads,
+        cfg.vocab_size,
+        if cfg.qk_norm {
+            format!(", qwen3 q/k norms, head dim {}", cfg.head_dim)
+        } else {
+            String::new()
+        }
     );
 
     let mut rand = c.rand("model logprobs");

@@ -8,7 +8,12 @@ use thinkshort::model::Model;
 
 #[test]
 fn saved_model_reloads_bit_for_bit() {
-    for name in ["qwen2_tied", "llama_untied_bf16", "qwen2_sharded_f16"] {
+    for name in [
+        "qwen2_tied",
+        "llama_untied_bf16",
+        "qwen2_sharded_f16",
+        "qwen3_qknorm",
+    ] {
         let src = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/fixtures")
             .join(name);

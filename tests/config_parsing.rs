@@ -115,3 +115,31 @@ fn model_configs_have_the_published_sizes() {
         assert_eq!(cfg.arch, Arch::Qwen2, "{name}");
     }
 }
+
+/// Qwen3: per-head q/k norms (`q_norm`, `k_norm` weights of head_dim in every layer), biases on
+/// q, k, v and o only with `attention_bias`, a head dimension of its own.
+#[test]
+fn qwen3_has_qk_norms_and_biases_from_attention_bias() {
+    let cfg = parse(r#""model_type":"qwen3","head_dim":32,"num_key_value_heads":2"#).unwrap();
+    assert_eq!(cfg.arch, Arch::Qwen3);
+    assert!(cfg.qk_norm && !cfg.qkv_bias && !cfg.o_bias && !cfg.mlp_bias);
+    assert_eq!((cfg.q_dim(), cfg.kv_dim()), (128, 64));
+    let layout = thinkshort::params::ParamLayout::new(&cfg);
+    let names: Vec<&str> = layout.specs.iter().map(|s| s.name.as_str()).collect();
+    for name in [
+        "model.layers.1.self_attn.q_norm.weight",
+        "model.layers.1.self_attn.k_norm.weight",
+    ] {
+        let spec = &layout.specs[names.iter().position(|&n| n == name).unwrap()];
+        assert_eq!(spec.shape, vec![32], "{name}");
+    }
+    let biased = parse(r#""model_type":"qwen3","attention_bias":true"#).unwrap();
+    assert!(biased.qkv_bias && biased.o_bias && !biased.mlp_bias);
+    // Qwen2 and Llama have no q/k norms
+    for model_type in ["qwen2", "llama"] {
+        let other = parse(&format!(r#""model_type":"{model_type}""#)).unwrap();
+        assert!(!other.qk_norm, "{model_type}");
+    }
+    let err = parse(r#""model_type":"gemma""#).unwrap_err().to_string();
+    assert!(err.contains("supported: qwen2, qwen3, llama"), "{err}");
+}

@@ -65,7 +65,7 @@ fn dloss_dlogp(case: &Value, logp: &[f32], lens: &[usize]) -> (f64, Vec<f32>) {
 
 #[test]
 fn grpo_loss_gradients_match_pytorch_autograd() {
-    for name in ["qwen2_tied", "llama_untied_bf16"] {
+    for name in ["qwen2_tied", "llama_untied_bf16", "qwen3_qknorm"] {
         let model = Model::load(&dir(name), CpuBackend).unwrap();
         let case: Value = serde_json::from_str(
             &std::fs::read_to_string(dir(name).join("grad_case.json")).unwrap(),

@@ -11,7 +11,12 @@ use thinkshort::sampling::SamplingParams;
 use thinkshort::score::{completion_logprobs, ScoreItem};
 use thinkshort::tokenizer::Tokenizer;
 
-const FIXTURES: [&str; 3] = ["qwen2_tied", "llama_untied_bf16", "qwen2_sharded_f16"];
+const FIXTURES: [&str; 4] = [
+    "qwen2_tied",
+    "llama_untied_bf16",
+    "qwen2_sharded_f16",
+    "qwen3_qknorm",
+];
 const TOLERANCE: f32 = 1e-4;
 
 fn dir(name: &str) -> PathBuf {

@@ -659,7 +659,8 @@ fn a_bf16_storage_device_passes_every_check() {
             "too little margin: {row:?}"
         );
     }
-    assert_eq!(report.info.len(), 1);
+    // the greedy generation lines of the tiny model and of its Qwen3 variant
+    assert_eq!(report.info.len(), 2, "{:?}", report.info);
 }
 
 /// Model::random fills the tensors in parallel with exactly the values of one sequential

@@ -26,6 +26,11 @@ What it writes, one folder per model under --out (existing folders are replaced)
                         newline, dropped by Jinja (keep_trailing_newline=False)), bos = eos = pad = <|endoftext|>
     qwen2_sharded_f16/  qwen2, f16, untied, MHA (4 KV heads), two safetensors shards + index,
                         config in the newer `rope_parameters` style (no top-level rope_theta)
+    qwen3_qknorm/       qwen3, f32, tied, GQA 4:2, head_dim 32 (q is 128 wide, the hidden size 64),
+                        RMSNorm on each head of q and k before the rotation, no biases
+
+`--only NAME...` builds just those folders (each depends on its own seed only, so the others stay
+as committed).
 
 Each folder: config.json, weights, tokenizer.json, tokenizer_config.json, generation_config.json,
 (chat_template.jinja), expected.json. The reference numbers in expected.json are computed from the
@@ -66,7 +71,8 @@ import transformers
 from safetensors.torch import load_file, save_file
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig,
-                          LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+                          LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+                          Qwen3Config, Qwen3ForCausalLM)
 
 VOCAB_SIZE = 512
 QWEN2_PRETOKENIZE_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
@@ -522,6 +528,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--gsm8k", default="/work/shared/data/gsm8k/train.jsonl")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "tests" / "fixtures"))
+    ap.add_argument("--only", nargs="+", metavar="NAME",
+                    help="build only these fixtures (each folder's numbers depend on its own seed only)")
     args = ap.parse_args()
 
     torch.manual_seed(0)
@@ -588,13 +596,33 @@ def main():
             chat_template=QWEN_CHAT_TEMPLATE, template_in_config=True,
             expect_inv_freq=[1.0 / 1000000.0 ** (2 * i / 16) for i in range(8)],
             seed=3, text_rows=(200,)),
+        "qwen3_qknorm": dict(
+            model_cls=Qwen3ForCausalLM,
+            config=Qwen3Config(
+                vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=32, rope_theta=1000000.0,
+                rms_norm_eps=1e-6, max_position_embeddings=512, tie_word_embeddings=True,
+                initializer_range=0.2, attention_bias=False, bos_token_id=None, eos_token_id=IM_END,
+                pad_token_id=EOT, use_sliding_window=False),
+            dtype=torch.float32, rope_style=to_classic_rope, shards=None,
+            eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None,
+            bos_id=None, pad_id=EOT, gen_eos=[IM_END, EOT], eos_ids=[IM_END, EOT],
+            chat_template=QWEN_CHAT_TEMPLATE, template_in_config=True,
+            expect_inv_freq=[1.0 / 1000000.0 ** (2 * i / 32) for i in range(16)],
+            seed=4, text_rows=(300,)),
     }
+    unknown = set(args.only or []) - set(specs)
+    assert not unknown, f"unknown fixtures {unknown}; known: {list(specs)}"
 
     for name, spec in specs.items():
+        if args.only and name not in args.only:
+            continue
         gen = torch.Generator().manual_seed(spec["seed"])
         build_fixture(name, spec, tmp_tok, rows, out_root, gen)
     tmp_tok.unlink()
 
+    if args.only:
+        return 0
     # final checks on the config styles as written
     c1 = load_json(out_root / "qwen2_tied" / "config.json")
     c2 = load_json(out_root / "llama_untied_bf16" / "config.json")

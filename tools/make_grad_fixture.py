@@ -5,7 +5,7 @@ Run once by a developer after tools/make_fixtures.py (same venv); the output is 
 
     /work/pyenv/bin/python tools/make_grad_fixture.py --fixtures tests/fixtures
 
-For each of tests/fixtures/{qwen2_tied, llama_untied_bf16} it writes
+For each of tests/fixtures/{qwen2_tied, llama_untied_bf16, qwen3_qknorm} it writes
   grad_case.json       sequences, temperature, loss settings, old/ref log-probs, advantages, and
                        transformers' log-probs and loss
   grads.safetensors    d(loss)/d(param) for every parameter, float32, HF tensor names
@@ -40,7 +40,8 @@ def main():
     args = ap.parse_args()
     torch.manual_seed(1234)
     torch.set_num_threads(1)
-    for name in ["qwen2_tied", "llama_untied_bf16"]:
+    # one random stream over the models in this order: a model added later goes last
+    for name in ["qwen2_tied", "llama_untied_bf16", "qwen3_qknorm"]:
         folder = os.path.join(args.fixtures, name)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
         model.train(False)

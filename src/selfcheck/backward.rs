@@ -327,6 +327,22 @@ pub(super) fn tiny_train_config(tied: bool) -> Result<ModelConfig> {
     Ok(cfg)
 }
 
+/// The tiny selfcheck model as Qwen3: RMSNorm on each head of q and k, no biases, 4 heads of 64
+/// (q twice as wide as the hidden size), its own LM head (the tied embedding's logits, of std
+/// ~11, would turn bf16 rounding into log-prob errors past the model tolerance).
+pub(super) fn tiny_qk_norm_config() -> Result<ModelConfig> {
+    let json = TINY_MODEL.replace("\"qwen2\"", "\"qwen3\"").replace(
+        "\"num_attention_heads\": 8",
+        "\"num_attention_heads\": 4, \"head_dim\": 64",
+    );
+    let cfg = ModelConfig::from_json_str(&json)?;
+    anyhow::ensure!(
+        cfg.qk_norm && cfg.head_dim == 64 && !cfg.qkv_bias,
+        "TINY_MODEL must say qwen2 and num_attention_heads 8"
+    );
+    Ok(cfg)
+}
+
 /// The tiny model's parameter gradient for random d(loss)/d(log p) over a batch of
 /// prompt + completion pairs, with a separate LM head and with the head tied to the embedding
 /// (whose gradient then sums both uses): one row each, relative error over the whole buffer, and
@@ -336,11 +352,18 @@ pub(super) fn model_gradient_check<D: TrainBackend>(
     c: &mut Checker<D>,
     variant: Option<&str>,
 ) -> Result<()> {
-    for tied in [false, true] {
-        let cfg = tiny_train_config(tied)?;
+    for cfg in [
+        tiny_train_config(false)?,
+        tiny_train_config(true)?,
+        tiny_qk_norm_config()?,
+    ] {
+        let tied = cfg.tie_word_embeddings;
         let host = tiny_model_weights(&cfg, c.seed);
         let cpu_model = Model::from_host(cfg.clone(), &host, CpuBackend)?;
-        let mut rand = c.rand(&format!("model gradient tied={tied}"));
+        let mut rand = c.rand(&format!(
+            "model gradient tied={tied}{}",
+            if cfg.qk_norm { " qk-norm" } else { "" }
+        ));
         let seqs: Vec<(Vec<u32>, Vec<u32>)> = [(1, 15), (17, 40), (100, 60)]
             .iter()
             .map(|&(p, q)| (rand.ids(p, cfg.vocab_size), rand.ids(q, cfg.vocab_size)))
@@ -355,13 +378,18 @@ pub(super) fn model_gradient_check<D: TrainBackend>(
 
         let shape =
             format!(
-            "{} layers h={} heads={}/{} V={} {}; 3 pairs, {} scored tokens; all {} parameters{}",
+            "{} layers h={} heads={}/{} V={} {}{}; 3 pairs, {} scored tokens; all {} parameters{}",
             cfg.num_layers,
             cfg.hidden_size,
             cfg.num_heads,
             cfg.num_kv_heads,
             cfg.vocab_size,
             if tied { "tied head" } else { "own head" },
+            if cfg.qk_norm {
+                format!(", qwen3 q/k norms, head dim {}", cfg.head_dim)
+            } else {
+                String::new()
+            },
             batch.rows.len(),
             reference.len(),
             variant.map(|v| format!("; {v} attention backward")).unwrap_or_default()

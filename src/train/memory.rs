@@ -86,14 +86,15 @@ impl TrainMemory {
         // and v, gate, up and act, f32 lse), the head (one chunk of rows' f32 logits and their
         // gradient; for every scored row the normed and unnormed rows and their gradients) and
         // the backward scratch (3 of [M, I], 3 of [M, H], 2 of [M, q], 2 of [M, kv], the cache's
-        // gradient).
+        // gradient). qk_norm keeps q and k before their norms too, and k's gradient there.
         let tokens = micro_batch * seq_len;
         let scored = micro_batch * cap;
-        let per_layer =
-            tokens * ((5 * h + 2 * q + 2 * kv + 3 * i) * storage_bytes + cfg.num_heads * 4);
+        let (raw_qk, raw_dk) = if cfg.qk_norm { (q + kv, kv) } else { (0, 0) };
+        let per_layer = tokens
+            * ((5 * h + 2 * q + 2 * kv + 3 * i + raw_qk) * storage_bytes + cfg.num_heads * 4);
         let chunk_rows = scored.min((head_chunk_bytes / (4 * v)).max(1));
         let head = chunk_rows * v * (4 + storage_bytes) + scored * 4 * h * storage_bytes;
-        let backward = tokens * (3 * i + 3 * h + 2 * q + 2 * kv) * storage_bytes
+        let backward = tokens * (3 * i + 3 * h + 2 * q + 2 * kv + raw_dk) * storage_bytes
             + tokens * 2 * kv * storage_bytes;
         let update = layers * per_layer + kv_cache(tokens) + head + backward;
         TrainMemory {
