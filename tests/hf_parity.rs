@@ -164,14 +164,19 @@ fn greedy_generation_matches_transformers() {
 
 #[test]
 fn chat_templates_render_like_transformers() {
-    for name in ["qwen2_tied", "llama_untied_bf16"] {
+    for name in ["qwen2_tied", "llama_untied_bf16", "qwen3_qknorm"] {
         let tok = Tokenizer::from_model_dir(&dir(name)).unwrap();
         let exp = expected(name);
         let template = tok.chat_template().expect("fixture has a chat template");
+        // the Qwen3-style template also renders earlier replies with their reasoning
         for (messages, rendered) in [
             ("messages", "rendered"),
             ("messages_with_system", "rendered_with_system"),
+            ("messages_with_replies", "rendered_with_replies"),
         ] {
+            if exp["chat"].get(messages).is_none() {
+                continue;
+            }
             let msgs: Vec<ChatMessage> = exp["chat"][messages]
                 .as_array()
                 .unwrap()

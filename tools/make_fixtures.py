@@ -27,7 +27,8 @@ What it writes, one folder per model under --out (existing folders are replaced)
     qwen2_sharded_f16/  qwen2, f16, untied, MHA (4 KV heads), two safetensors shards + index,
                         config in the newer `rope_parameters` style (no top-level rope_theta)
     qwen3_qknorm/       qwen3, f32, tied, GQA 4:2, head_dim 32 (q is 128 wide, the hidden size 64),
-                        RMSNorm on each head of q and k before the rotation, no biases
+                        RMSNorm on each head of q and k before the rotation, no biases; a chat
+                        template with the Jinja constructs of Qwen3's, rendered with earlier replies
 
 `--only NAME...` builds just those folders (each depends on its own seed only, so the others stay
 as committed).
@@ -106,6 +107,46 @@ LLAMA_CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}"
     "{{- '<|im_start|>assistant<|im_end|>\\n\\n' }}"
     "{%- endif %}\n"
+)
+
+# Written for the qwen3 fixture: the Jinja constructs of Qwen3's own template (a namespace set in
+# a loop over the reversed messages, `messages[::-1]`, loop.index0, string methods startswith /
+# endswith / split / lstrip / rstrip / strip, `in`, `is defined` and `is false` on a variable the
+# caller may not pass), so the Rust renderer (minijinja + pycompat) is checked on them.
+QWEN3_STYLE_CHAT_TEMPLATE = (
+    "{%- if messages[0].role == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- set ns = namespace(last_query=-1) %}"
+    "{%- for message in messages[::-1] %}"
+    "{%- if ns.last_query == -1 and message.role == 'user' and not (message.content.startswith('<tool_response>')"
+    " and message.content.endswith('</tool_response>')) %}"
+    "{%- set ns.last_query = (messages|length - 1) - loop.index0 %}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'user' or (message.role == 'system' and not loop.first) %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- elif message.role == 'assistant' %}"
+    "{%- set content = message.content %}"
+    "{%- set reasoning = '' %}"
+    "{%- if '</think>' in content %}"
+    "{%- set reasoning = content.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') %}"
+    "{%- set content = content.split('</think>')[-1].lstrip('\\n') %}"
+    "{%- endif %}"
+    "{%- if loop.index0 > ns.last_query and reasoning %}"
+    "{{- '<|im_start|>assistant\\n<think>\\n' + reasoning.strip('\\n') + '\\n</think>\\n\\n' + content + '<|im_end|>\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>assistant\\n' + content + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif %}"
+    "{%- endif %}"
 )
 
 R1_PROMPT = (
@@ -485,6 +526,16 @@ def build_fixture(name, spec, tok_path, rows, out_root, gen):
     rendered_sys = tok.apply_chat_template(messages_sys, tokenize=False, add_generation_prompt=True)
     chat = {"messages": messages, "rendered": rendered,
             "messages_with_system": messages_sys, "rendered_with_system": rendered_sys}
+    if spec.get("chat_with_replies"):
+        # earlier turns: a reply with its reasoning (dropped before the last user turn) and one after
+        replies = messages_sys + [
+            {"role": "assistant", "content": "<think>\n2 + 3 = 5\n</think>\n\n5"},
+            {"role": "user", "content": "And 5+5?"},
+            {"role": "assistant", "content": "<think>\nadd 5\n</think>\n\n10"},
+        ]
+        chat["messages_with_replies"] = replies
+        chat["rendered_with_replies"] = tok.apply_chat_template(replies, tokenize=False,
+                                                                add_generation_prompt=True)
 
     # --- encode cases ---
     texts = [
@@ -607,7 +658,7 @@ def main():
             dtype=torch.float32, rope_style=to_classic_rope, shards=None,
             eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None,
             bos_id=None, pad_id=EOT, gen_eos=[IM_END, EOT], eos_ids=[IM_END, EOT],
-            chat_template=QWEN_CHAT_TEMPLATE, template_in_config=True,
+            chat_template=QWEN3_STYLE_CHAT_TEMPLATE, template_in_config=True, chat_with_replies=True,
             expect_inv_freq=[1.0 / 1000000.0 ** (2 * i / 32) for i in range(16)],
             seed=4, text_rows=(300,)),
     }
