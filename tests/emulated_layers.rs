@@ -176,6 +176,14 @@ fn rmsnorm_forward_vector_path_matches_the_cpu() {
     check_rmsnorm_forward(1, 40, 896, false, true);
 }
 
+/// Qwen3's norm over each head of q: rows of head_dim 128 (16 vectors, half a warp) and 64, one
+/// row per head of every token.
+#[test]
+fn rmsnorm_forward_over_heads_matches_the_cpu() {
+    check_rmsnorm_forward(4, 3 * 16, 128, false, true);
+    check_rmsnorm_forward(5, 7 * 4, 64, false, true);
+}
+
 /// 897 columns (not a multiple of 8): scalar loads on 928 threads, one column each.
 #[test]
 fn rmsnorm_forward_scalar_path_matches_the_cpu() {
@@ -351,6 +359,15 @@ fn rmsnorm_backward_vec_adds_to_dx_and_dweight_like_the_cpu() {
 #[test]
 fn rmsnorm_backward_vec_with_several_rows_per_block_matches_the_cpu() {
     check_rmsnorm_backward(12, 2049, 392, GradWrite::Overwrite, true);
+}
+
+/// Qwen3's per-head norms backward: 3000 rows of head_dim 128 (many rows per block, dweight
+/// summed over every head of every token) and 1100 of 64, overwriting dx (the projection's
+/// gradient).
+#[test]
+fn rmsnorm_backward_vec_over_heads_matches_the_cpu() {
+    check_rmsnorm_backward(18, 3000, 128, GradWrite::Overwrite, true);
+    check_rmsnorm_backward(19, 1100, 64, GradWrite::Overwrite, true);
 }
 
 /// dim 8192, the vector kernel's widest row: 1024 threads.
