@@ -22,6 +22,10 @@ pub struct Model<B: Backend> {
     /// for as many scored rows at a time as fit in this many bytes, so the head's memory does
     /// not grow with the batch (default [`HEAD_CHUNK_BYTES`]).
     pub head_chunk_bytes: usize,
+    /// Activation checkpointing: the training pass keeps only each layer's input and the
+    /// backward pass runs the layer's forward again before its backward (one more forward pass
+    /// of compute for a layer's activations instead of all of them).
+    pub checkpoint_layers: bool,
 }
 
 /// Default [`Model::head_chunk_bytes`]: 1 GiB of logits (1766 rows of Qwen2.5's 151936 tokens).
@@ -187,6 +191,7 @@ impl<B: Backend> Model<B> {
             params,
             inv_freq,
             head_chunk_bytes: HEAD_CHUNK_BYTES,
+            checkpoint_layers: false,
         })
     }
 

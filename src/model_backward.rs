@@ -56,9 +56,17 @@ impl TrainBatch {
     }
 }
 
+/// What the training forward pass keeps of the decoder layers.
+enum LayerStore<B: Backend> {
+    /// Every intermediate of every layer.
+    Kept(Vec<LayerActs<B>>),
+    /// Each layer's input, [M, H] (`Model::checkpoint_layers`): the backward recomputes the rest.
+    Inputs(Vec<B::Buf>),
+}
+
 /// Everything the backward pass reads.
 pub struct TrainActivations<B: Backend> {
-    layers: Vec<LayerActs<B>>,
+    layers: LayerStore<B>,
     cache: KvCache<B>,
     head: HeadActs<B>,
     temperature: f32,
@@ -148,19 +156,43 @@ impl<B: TrainBackend> Model<B> {
             &batch.tokens,
             h,
         );
-        let mut layers = Vec::with_capacity(cfg.num_layers);
-        for l in 0..cfg.num_layers {
+        let layers = if self.checkpoint_layers {
+            // one layer's intermediates at a time; each layer's input is its x_in copy
             let mut acts = LayerActs::new(b, cfg, m, true)?;
-            self.layer_forward(
-                l,
-                &mut x,
-                &mut acts,
-                &batch.place,
-                &mut cache,
-                LayerEdges::separate(),
-            );
-            layers.push(acts);
-        }
+            let mut inputs = Vec::with_capacity(cfg.num_layers);
+            for l in 0..cfg.num_layers {
+                self.layer_forward(
+                    l,
+                    &mut x,
+                    &mut acts,
+                    &batch.place,
+                    &mut cache,
+                    LayerEdges::separate(),
+                );
+                let next = b.empty(m * h)?;
+                inputs.push(
+                    acts.x_in
+                        .replace(next)
+                        .expect("training activations keep x_in"),
+                );
+            }
+            LayerStore::Inputs(inputs)
+        } else {
+            let mut layers = Vec::with_capacity(cfg.num_layers);
+            for l in 0..cfg.num_layers {
+                let mut acts = LayerActs::new(b, cfg, m, true)?;
+                self.layer_forward(
+                    l,
+                    &mut x,
+                    &mut acts,
+                    &batch.place,
+                    &mut cache,
+                    LayerEdges::separate(),
+                );
+                layers.push(acts);
+            }
+            LayerStore::Kept(layers)
+        };
         Ok(TrainActivations {
             layers,
             cache,
@@ -179,7 +211,7 @@ impl<B: TrainBackend> Model<B> {
     pub fn backward(
         &self,
         batch: &TrainBatch,
-        acts: &TrainActivations<B>,
+        acts: &mut TrainActivations<B>,
         dlogp: &[f32],
         grads: &mut B::Buf,
     ) -> Result<()> {
@@ -191,6 +223,7 @@ impl<B: TrainBackend> Model<B> {
             );
         }
         let dlogp = b.upload_f32(dlogp)?;
+        let temperature = acts.temperature;
         self.backward_from_head(batch, acts, grads, |chunk, logits, dlogits| {
             b.logprob_backward(
                 dlogits,
@@ -198,7 +231,7 @@ impl<B: TrainBackend> Model<B> {
                 logits,
                 &batch.targets[chunk],
                 v,
-                acts.temperature,
+                temperature,
             )
         })
     }
@@ -210,7 +243,7 @@ impl<B: TrainBackend> Model<B> {
     pub fn backward_policy(
         &self,
         batch: &TrainBatch,
-        acts: &TrainActivations<B>,
+        acts: &mut TrainActivations<B>,
         inputs: &PolicyInputs<B>,
         loss: &LossOptions,
         grads: &mut B::Buf,
@@ -232,6 +265,7 @@ impl<B: TrainBackend> Model<B> {
         }
         let mut logp = b.zeros_f32(r)?;
         let mut stats = b.zeros_f32(r * POLICY_STATS)?;
+        let temperature = acts.temperature;
         self.backward_from_head(batch, acts, grads, |chunk, logits, dlogits| {
             let tokens = PolicyTokens {
                 seqs: &inputs.seqs[chunk.clone()],
@@ -251,7 +285,7 @@ impl<B: TrainBackend> Model<B> {
                 &batch.targets[chunk],
                 &tokens,
                 v,
-                acts.temperature,
+                temperature,
                 loss,
             )
         })?;
@@ -264,7 +298,7 @@ impl<B: TrainBackend> Model<B> {
     fn backward_from_head(
         &self,
         batch: &TrainBatch,
-        acts: &TrainActivations<B>,
+        acts: &mut TrainActivations<B>,
         grads: &mut B::Buf,
         mut head_grad: impl for<'x> FnMut(Range<usize>, B::View<'x>, B::ViewMut<'x>),
     ) -> Result<()> {
@@ -340,7 +374,22 @@ impl<B: TrainBackend> Model<B> {
         let mut dcache_v = b.zeros(cache_len)?;
         let place = &batch.place;
 
-        for (l, (lp, a)) in lay.layers.iter().zip(&acts.layers).enumerate().rev() {
+        // checkpointed layers: one layer's intermediates, recomputed from its input
+        let mut recomputed = match &acts.layers {
+            LayerStore::Kept(_) => None,
+            LayerStore::Inputs(_) => Some((LayerActs::new(b, cfg, m, true)?, b.empty(m * h)?)),
+        };
+        for (l, lp) in lay.layers.iter().enumerate().rev() {
+            let a = match (&acts.layers, &mut recomputed) {
+                (LayerStore::Kept(layers), _) => &layers[l],
+                (LayerStore::Inputs(inputs), Some((layer, x))) => {
+                    // the forward again, as the training forward ran it: the same values
+                    b.copy(b.full_mut(x), b.full(&inputs[l]));
+                    self.layer_forward(l, x, layer, place, &mut acts.cache, LayerEdges::separate());
+                    &*layer
+                }
+                (LayerStore::Inputs(_), None) => unreachable!("made for checkpointed layers"),
+            };
             let (x_in, x_mid, lse) = a.saved()?;
             // MLP block: x_out = x_mid + down(silu(gate(xn2)) · up(xn2)).
             b.matmul_backward(
@@ -527,15 +576,38 @@ mod tests {
 
     /// Log-probs, entropies and the parameter gradient for a random d(loss)/d(logp).
     fn train_pass(model: &Model<CpuBackend>, batch: &TrainBatch) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-        let out = model.forward_train(batch, 0.8).unwrap();
+        let mut out = model.forward_train(batch, 0.8).unwrap();
         let dlogp: Vec<f32> = (0..out.logp.len())
             .map(|i| ((i * 7 % 5) as f32 - 2.0) / 3.0)
             .collect();
         let mut grads = vec![0.0; model.layout.total_len()];
         model
-            .backward(batch, &out.acts, &dlogp, &mut grads)
+            .backward(batch, &mut out.acts, &dlogp, &mut grads)
             .unwrap();
         (out.logp, out.entropy, grads)
+    }
+
+    /// Checkpointed layers (only each layer's input kept, the rest recomputed in the backward)
+    /// give the log-probs and the gradient of the kept activations bit for bit: Qwen2 with
+    /// biases and Qwen3 with its q/k norms, three layers.
+    #[test]
+    fn checkpointed_layers_give_the_same_gradient_bit_for_bit() {
+        for model_type in ["qwen2", "qwen3"] {
+            let cfg = ModelConfig::from_json_str(&format!(
+                r#"{{"model_type":"{model_type}","vocab_size":40,"hidden_size":16,
+                    "intermediate_size":32,"num_hidden_layers":3,"num_attention_heads":2,
+                    "num_key_value_heads":1,"head_dim":8}}"#
+            ))
+            .unwrap();
+            let mut model = Model::random(cfg, 6, CpuBackend).unwrap();
+            let seqs: [(&[u32], &[u32]); 2] = [(&[1, 2, 3], &[4, 5, 6, 7]), (&[8], &[9, 10, 11])];
+            let batch = TrainBatch::new(&seqs).unwrap();
+            let kept = train_pass(&model, &batch);
+            model.checkpoint_layers = true;
+            let checkpointed = train_pass(&model, &batch);
+            assert!(kept.2.iter().any(|&g| g != 0.0), "{model_type}");
+            assert_eq!(checkpointed, kept, "{model_type}");
+        }
     }
 
     /// A head computed three rows of logits at a time (and recomputed so in the backward) gives
@@ -614,7 +686,7 @@ mod tests {
             .flat_map(|i| std::iter::repeat_n(i, lens[i as usize]))
             .collect();
 
-        let out = model.forward_train(&batch, temperature).unwrap();
+        let mut out = model.forward_train(&batch, temperature).unwrap();
         let logp: Vec<f64> = out.logp.iter().map(|&x| x as f64).collect();
         let r = logp.len();
         let shifted = |scale: f32| -> Vec<f32> {
@@ -660,7 +732,7 @@ mod tests {
                     let dlogp: Vec<f32> = host.grad.iter().map(|&g| g as f32).collect();
                     let mut want = vec![0.0; model.layout.total_len()];
                     model
-                        .backward(&batch, &out.acts, &dlogp, &mut want)
+                        .backward(&batch, &mut out.acts, &dlogp, &mut want)
                         .unwrap();
 
                     let included = included_completions(&truncated, Some(&keep), truncation);
@@ -668,7 +740,7 @@ mod tests {
                         .iter()
                         .map(|&w| w as f32)
                         .collect();
-                    let acts = model.forward_activations(&batch, temperature).unwrap();
+                    let mut acts = model.forward_activations(&batch, temperature).unwrap();
                     let inputs = PolicyInputs {
                         seqs: &row_seqs,
                         advantages: &adv_buf,
@@ -678,7 +750,7 @@ mod tests {
                     };
                     let mut got = vec![0.0; model.layout.total_len()];
                     let rows = model
-                        .backward_policy(&batch, &acts, &inputs, &o, &mut got)
+                        .backward_policy(&batch, &mut acts, &inputs, &o, &mut got)
                         .unwrap();
                     assert_eq!(rows.logp, out.logp, "{case}");
                     let diff: f32 = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).sum();

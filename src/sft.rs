@@ -69,12 +69,12 @@ pub fn train_sft(
             .map(|e| (e.prompt.as_slice(), e.completion.as_slice()))
             .collect();
         let batch = TrainBatch::new(&seqs)?;
-        let out = model.forward_train(&batch, 1.0)?;
+        let mut out = model.forward_train(&batch, 1.0)?;
         let tokens = out.logp.len();
         let loss = -out.logp.iter().map(|&l| l as f64).sum::<f64>() / tokens as f64;
         let dlogp = vec![-1.0 / tokens as f32; tokens];
         grads.fill(0.0);
-        model.backward(&batch, &out.acts, &dlogp, &mut grads)?;
+        model.backward(&batch, &mut out.acts, &dlogp, &mut grads)?;
         let grad_norm = clip_grad_norm(&mut grads, opts.grad_clip);
         let lr = crate::optim::lr_at(step, opts.lr, opts.warmup_steps, opts.steps);
         if !(loss.is_finite() && grad_norm.is_finite()) {

@@ -171,6 +171,10 @@ pub struct TrainConfig {
     /// step's); 0 = the fewest passes that fit the device's free memory, filled evenly (one pass
     /// on the CPU): `train::memory::micro_batch`.
     pub micro_batch: usize,
+    /// Activation checkpointing: the update keeps only each layer's input and recomputes the
+    /// layer's forward in the backward pass (one more forward pass of compute; far less memory
+    /// per sequence, so fewer, larger micro-batches fit).
+    pub activation_checkpointing: bool,
     /// Evaluate every this many steps on the held-out split; 0 = off.
     pub eval_every: usize,
     /// Questions held out of the training data for evaluation.
@@ -204,6 +208,7 @@ impl Default for TrainConfig {
             prompts_per_step: 16,
             group_size: 8,
             micro_batch: 0,
+            activation_checkpointing: false,
             eval_every: 0,
             eval_size: 200,
             eval_max_tokens: 512,

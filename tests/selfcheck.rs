@@ -828,7 +828,8 @@ fn bench_step_on_the_cpu_reports_one_grpo_step() {
 
 /// `--micro-batch 4`: the update of the 6 samples in passes of 4 and 2 trains the same tokens,
 /// and the memory estimate (for one pass of 4, the rollout of all 6) is smaller than for one
-/// pass; `--offload` trains them too, its estimate without the master weights and moments.
+/// pass; `--offload` trains them too, its estimate without the master weights and moments, and
+/// `--activation-checkpointing`, its estimate smaller.
 #[test]
 fn bench_step_in_micro_batches_trains_the_same_tokens() {
     let run = |micro: &str| {
@@ -861,6 +862,26 @@ fn bench_step_in_micro_batches_trains_the_same_tokens() {
     assert!((trained - 78.0).abs() <= 1e-6 * 78.0, "{offloaded}");
     let saved = f(&whole, "memory_estimate_bytes") - f(&offloaded, "memory_estimate_bytes");
     assert!((saved / 12.0 / 1e6 - 10.0).abs() < 0.05, "{saved} bytes");
+    // Activation checkpointing: the same work, a smaller estimate.
+    let checkpointed = run_bench(
+        &[
+            &TINY_STEP[..],
+            &["--steps", "1", "--activation-checkpointing"],
+        ]
+        .concat(),
+        "activation checkpointing",
+    );
+    assert_eq!(
+        checkpointed["activation_checkpointing"],
+        serde_json::json!(true)
+    );
+    let checkpointed = checkpointed["result"].clone();
+    let trained = f(&checkpointed, "train_tokens_per_s") * f(&checkpointed, "update_s");
+    assert!((trained - 78.0).abs() <= 1e-6 * 78.0, "{checkpointed}");
+    assert!(
+        f(&checkpointed, "memory_estimate_bytes") < f(&whole, "memory_estimate_bytes"),
+        "{checkpointed} vs {whole}"
+    );
 }
 
 /// `--profile` times ops with CUDA events: on the CPU it stops with an error naming the option,

@@ -343,6 +343,50 @@ fn offloaded_optimizer_trains_the_same_run() {
     }
 }
 
+/// With activation checkpointing the CPU run is the same run bit for bit (the layers' forward
+/// recomputed in the backward gives the same values), and the memory estimate is smaller.
+#[test]
+fn activation_checkpointing_trains_the_same_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (plain, checkpointed) = (tmp.path().join("plain"), tmp.path().join("checkpointed"));
+    let steps = ["--set", "steps=2"];
+    let o = train(&plain, &steps);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o2 = train(
+        &checkpointed,
+        &[&steps[..], &["--set", "activation_checkpointing=true"]].concat(),
+    );
+    assert!(
+        o2.status.success(),
+        "{}",
+        String::from_utf8_lossy(&o2.stderr)
+    );
+    for (x, y) in metrics(&plain).into_iter().zip(metrics(&checkpointed)) {
+        assert_eq!(without_timings(x), without_timings(y));
+    }
+    let a = std::fs::read(plain.join("step-000002/model.safetensors")).unwrap();
+    let b = std::fs::read(checkpointed.join("step-000002/model.safetensors")).unwrap();
+    assert!(a == b, "the weights differ");
+    // "update pass X GiB" of the estimate line
+    let update_gib = |o: &std::process::Output| -> f64 {
+        let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+        let at = stderr.find("update pass ").expect("estimate line") + "update pass ".len();
+        stderr[at..]
+            .split([',', ')'])
+            .next()
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    assert!(
+        update_gib(&o2) < update_gib(&o),
+        "{} vs {}",
+        update_gib(&o2),
+        update_gib(&o)
+    );
+}
+
 /// `keep_checkpoints = 2` leaves the two newest checkpoint folders of the run and nothing else
 /// of the older ones; a later step's folder left by an earlier attempt, and folders that are not
 /// checkpoints, stay.

@@ -20,6 +20,7 @@
 #            ours_step_{0.5b,1.5b}.json, ours_step_0.5b_eager.json (THINKSHORT_CUDA_GRAPHS=0),
 #            ours_step_0.5b_{fused,fused-wide}.json (THINKSHORT_FLASH_BACKWARD),
 #            ours_step_0.5b_micro16.json (--micro-batch 16), ours_step_0.5b_offload.json,
+#            ours_step_0.5b_checkpointing.json (--activation-checkpointing),
 #            ours_step_1.5b_paper.json (16 x 8 samples of 512 tokens, 8 update passes),
 #            torch_step_{0.5b,1.5b}.json, train_cuda_metrics.jsonl
 #
@@ -119,6 +120,10 @@ for size in 0.5b 1.5b; do
     # its cost in speed and what it saves in memory (0.5B; one timed step)
     [ "$size" = 0.5b ] && step "ours step $size micro-batch 16" 100 "$BIN" bench step --backend cuda \
         --model-config "$cfg" $shape --micro-batch 16 --steps 1 --json "$OUT/ours_step_${size}_micro16.json"
+    # the same step with activation checkpointing: what recomputing each layer's forward costs
+    # and what it saves in memory (0.5B; one timed step)
+    [ "$size" = 0.5b ] && step "ours step $size checkpointing" 100 "$BIN" bench step --backend cuda \
+        --model-config "$cfg" $shape --activation-checkpointing --steps 1 --json "$OUT/ours_step_${size}_checkpointing.json"
     # the same step with the optimizer in host memory (`optim.offload`): what a step pays for
     # moving the gradients and weights and running AdamW on the CPU (0.5B; one timed step)
     [ "$size" = 0.5b ] && step "ours step $size offload" 100 "$BIN" bench step --backend cuda \
@@ -278,6 +283,13 @@ if o and mb:
           f"peak {gib_of(rm, 'peak_memory_bytes')} (estimate {gib_of(rm, 'memory_estimate_bytes')}); one pass: "
           f"{ro['train_tokens_per_s']:.0f} tok/s, {mfu(ro)}, peak {gib_of(ro, 'peak_memory_bytes')} "
           f"(estimate {gib_of(ro, 'memory_estimate_bytes')})")
+ck = load("ours_step_0.5b_checkpointing.json")
+if o and ck:
+    ro, rc = o["result"], ck["result"]
+    mfu = lambda r: f"{100 * r['train_mfu']:.1f} %" if r.get("train_mfu") else "–"
+    print(f"\nactivation checkpointing, 0.5b: update {rc['update_s']:.3f} s, MFU {mfu(rc)}, peak {gib_of(rc, 'peak_memory_bytes')} "
+          f"(estimate {gib_of(rc, 'memory_estimate_bytes')}); without: update {ro['update_s']:.3f} s, "
+          f"peak {gib_of(ro, 'peak_memory_bytes')}")
 off = load("ours_step_0.5b_offload.json")
 if o and off:
     ro, rf = o["result"], off["result"]

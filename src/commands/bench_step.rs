@@ -51,6 +51,10 @@ pub struct StepArgs {
     /// (`optim.offload` of `train`).
     #[arg(long)]
     pub offload: bool,
+    /// Keep only each layer's input in the update and recompute the rest in the backward pass
+    /// (`activation_checkpointing` of `train`).
+    #[arg(long)]
+    pub activation_checkpointing: bool,
     /// Timed steps after one warm-up step; the median is reported.
     #[arg(long, default_value_t = 2)]
     pub steps: usize,
@@ -144,6 +148,10 @@ fn run<B: TrainBackend>(
         ", optimizer in host memory"
     } else {
         ""
+    } + if args.activation_checkpointing {
+        ", activation checkpointing"
+    } else {
+        ""
     };
     println!(
         "bench step: {} ({:.1}M parameters) on {device}; {p} prompts × {g} samples, prompt {} \
@@ -164,10 +172,12 @@ fn run<B: TrainBackend>(
             prompt_len: args.prompt_len,
             cap: t,
             offload: args.offload,
+            checkpoint_layers: args.activation_checkpointing,
             ..RunShape::default()
         },
     );
     let mut model = Model::random(cfg.clone(), args.seed, backend)?;
+    model.checkpoint_layers = args.activation_checkpointing;
     let host = model.backend.download(model.backend.full(&model.params))?;
     let adam = AdamW::new(host.len(), 0.9, 0.999, 1e-8, 0.0);
     let mut opt = DeviceOptimizer::with_placement(&model.backend, adam, host, args.offload)?;
@@ -250,6 +260,7 @@ fn run<B: TrainBackend>(
             "new_tokens": t,
             "micro_batch": args.micro_batch,
             "offload": args.offload,
+            "activation_checkpointing": args.activation_checkpointing,
             "peak_tflops": peak_tflops,
             "seed": args.seed,
             "result": median,

@@ -60,7 +60,7 @@ fn check<D: TrainBackend>(
         args.seed
     );
     println!(
-        "{:<26} {:<62} {:>10} {:>8}  result",
+        "{:<28} {:<62} {:>10} {:>8}  result",
         "op", "shape", "error", "tol"
     );
     let coverage = if args.quick {
@@ -89,7 +89,7 @@ fn check<D: TrainBackend>(
 
 fn print_row(row: &CheckRow) {
     println!(
-        "{:<26} {:<62} {:>10.3e} {:>8.1e}  {}{}",
+        "{:<28} {:<62} {:>10.3e} {:>8.1e}  {}{}",
         row.op,
         row.shape,
         row.error,

@@ -345,8 +345,9 @@ pub(super) fn tiny_qk_norm_config() -> Result<ModelConfig> {
 
 /// The tiny model's parameter gradient for random d(loss)/d(log p) over a batch of
 /// prompt + completion pairs, with a separate LM head and with the head tied to the embedding
-/// (whose gradient then sums both uses): one row each, relative error over the whole buffer, and
-/// one row each that the gradient repeats exactly when computed again (no atomics anywhere); with
+/// (whose gradient then sums both uses): one row each, relative error over the whole buffer, one
+/// row each that the gradient repeats exactly when computed again (no atomics anywhere) and one
+/// that activation checkpointing gives it exactly too; with
 /// the device's attention backward `variant` (None: its only one).
 pub(super) fn model_gradient_check<D: TrainBackend>(
     c: &mut Checker<D>,
@@ -373,8 +374,8 @@ pub(super) fn model_gradient_check<D: TrainBackend>(
         let dlogp = rand.normal(batch.rows.len(), 1.0);
 
         let mut reference = vec![0.0f32; cpu_model.layout.total_len()];
-        let out = cpu_model.forward_train(&batch, 1.0)?;
-        cpu_model.backward(&batch, &out.acts, &dlogp, &mut reference)?;
+        let mut out = cpu_model.forward_train(&batch, 1.0)?;
+        cpu_model.backward(&batch, &mut out.acts, &dlogp, &mut reference)?;
 
         let shape =
             format!(
@@ -394,36 +395,37 @@ pub(super) fn model_gradient_check<D: TrainBackend>(
             reference.len(),
             variant.map(|v| format!("; {v} attention backward")).unwrap_or_default()
         );
-        let result = (|| -> Result<(f64, f64)> {
-            let dev_model = Model::from_host(cfg.clone(), &host, (c.make_device)()?)?;
-            let b = &dev_model.backend;
+        let result = (|| -> Result<[f64; 3]> {
+            let mut dev_model = Model::from_host(cfg.clone(), &host, (c.make_device)()?)?;
             if let Some(v) = variant {
-                b.set_attention_backward_variant(v)?;
+                dev_model.backend.set_attention_backward_variant(v)?;
             }
-            // Twice: the second must repeat the first bit for bit (fixed-order reductions).
+            // Twice: the second must repeat the first bit for bit (fixed-order reductions);
+            // then with activation checkpointing, which recomputes the same values.
             let mut runs = Vec::new();
-            for _ in 0..2 {
+            for checkpoint in [false, false, true] {
+                dev_model.checkpoint_layers = checkpoint;
+                let b = &dev_model.backend;
                 let mut grads = b.zeros_f32(reference.len())?;
-                let out = dev_model.forward_train(&batch, 1.0)?;
-                dev_model.backward(&batch, &out.acts, &dlogp, &mut grads)?;
+                let mut out = dev_model.forward_train(&batch, 1.0)?;
+                dev_model.backward(&batch, &mut out.acts, &dlogp, &mut grads)?;
                 b.synchronize()?;
                 runs.push(b.download(b.full(&grads))?);
             }
-            Ok((
+            Ok([
                 rel_error(&runs[0], &reference),
                 rel_error(&runs[1], &runs[0]),
-            ))
+                rel_error(&runs[2], &runs[0]),
+            ])
         })();
         let rows = match result {
-            Ok((rel, repeat)) => [(rel, None), (repeat, None)],
-            Err(e) => {
-                let m = format!("{e:#}");
-                [(f64::NAN, Some(m.clone())), (f64::NAN, Some(m))]
-            }
+            Ok(errors) => errors.map(|e| (e, None)),
+            Err(e) => [(); 3].map(|_| (f64::NAN, Some(format!("{e:#}")))),
         };
         for ((error, message), (op, tolerance)) in rows.into_iter().zip([
             ("model gradient", TOL_MODEL_GRADIENT),
             ("model gradient repeat", TOL_EXACT),
+            ("model gradient checkpointed", TOL_EXACT),
         ]) {
             c.push(
                 op.to_string(),

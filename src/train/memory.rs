@@ -25,6 +25,8 @@ pub struct RunShape {
     pub reference: bool,
     /// The master weights and moments are in host memory (`optim.offload`).
     pub offload: bool,
+    /// Activation checkpointing (`Model::checkpoint_layers`): each layer keeps its input only.
+    pub checkpoint_layers: bool,
 }
 
 /// Bytes, by what holds them.
@@ -96,7 +98,14 @@ impl TrainMemory {
         let head = chunk_rows * v * (4 + storage_bytes) + scored * 4 * h * storage_bytes;
         let backward = tokens * (3 * i + 3 * h + 2 * q + 2 * kv + raw_dk) * storage_bytes
             + tokens * 2 * kv * storage_bytes;
-        let update = layers * per_layer + kv_cache(tokens) + head + backward;
+        // Checkpointed: each layer's input, one layer's intermediates at a time (in the forward,
+        // and recomputed in the backward) and the recomputation's copy of its input.
+        let layer_acts = if shape.checkpoint_layers {
+            layers * tokens * h * storage_bytes + per_layer + tokens * h * storage_bytes
+        } else {
+            layers * per_layer
+        };
+        let update = layer_acts + kv_cache(tokens) + head + backward;
         TrainMemory {
             weights: n * storage_bytes * if shape.reference { 2 } else { 1 },
             optimizer: if shape.offload { n * 4 } else { n * 4 * 4 },

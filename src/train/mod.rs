@@ -336,6 +336,7 @@ fn train_on<B: TrainBackend>(
         eval_cap: cfg.eval_max_tokens,
         reference: cfg.loss.beta > 0.0,
         offload: cfg.optim.offload,
+        checkpoint_layers: cfg.activation_checkpointing,
     };
     let estimate = |micro_batch| {
         memory::TrainMemory::estimate(
@@ -419,6 +420,7 @@ fn train_on<B: TrainBackend>(
     } = state;
     let host = crate::weights::load_params(weights_dir, &model_cfg, &layout)?;
     let mut model = Model::from_host(model_cfg, &host, backend)?;
+    model.checkpoint_layers = cfg.activation_checkpointing;
     // The reference policy is the model at the start of training (β = 0 keeps none): its weights
     // in a second buffer, swapped into the model for its forward pass. A fresh run copies the
     // model's weights on the device; a resumed one reads the start model's folder.
