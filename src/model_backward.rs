@@ -156,39 +156,25 @@ impl<B: TrainBackend> Model<B> {
             &batch.tokens,
             h,
         );
+        let mut run_layer = |l: usize, acts: &mut LayerActs<B>| {
+            let separate = LayerEdges::separate();
+            self.layer_forward(l, &mut x, acts, &batch.place, &mut cache, separate)
+        };
         let layers = if self.checkpoint_layers {
             // one layer's intermediates at a time; each layer's input is its x_in copy
             let mut acts = LayerActs::new(b, cfg, m, true)?;
             let mut inputs = Vec::with_capacity(cfg.num_layers);
             for l in 0..cfg.num_layers {
-                self.layer_forward(
-                    l,
-                    &mut x,
-                    &mut acts,
-                    &batch.place,
-                    &mut cache,
-                    LayerEdges::separate(),
-                );
-                let next = b.empty(m * h)?;
-                inputs.push(
-                    acts.x_in
-                        .replace(next)
-                        .expect("training activations keep x_in"),
-                );
+                run_layer(l, &mut acts);
+                let x_in = acts.x_in.replace(b.empty(m * h)?);
+                inputs.push(x_in.expect("training activations keep x_in"));
             }
             LayerStore::Inputs(inputs)
         } else {
             let mut layers = Vec::with_capacity(cfg.num_layers);
             for l in 0..cfg.num_layers {
                 let mut acts = LayerActs::new(b, cfg, m, true)?;
-                self.layer_forward(
-                    l,
-                    &mut x,
-                    &mut acts,
-                    &batch.place,
-                    &mut cache,
-                    LayerEdges::separate(),
-                );
+                run_layer(l, &mut acts);
                 layers.push(acts);
             }
             LayerStore::Kept(layers)
