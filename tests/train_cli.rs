@@ -385,6 +385,15 @@ fn activation_checkpointing_trains_the_same_run() {
         update_gib(&o2),
         update_gib(&o)
     );
+    let o = train(
+        &checkpointed,
+        &["--dry-run", "--set", "activation_checkpointing=true"],
+    );
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        stdout.contains("activation checkpointing: the update recomputes"),
+        "{stdout}"
+    );
 }
 
 /// `keep_checkpoints = 2` leaves the two newest checkpoint folders of the run and nothing else

@@ -816,6 +816,11 @@ fn print_plan(
         "no held-out evaluation (eval_every = 0)".to_string()
     };
     println!("problems: {} to train on; {evaluated}", inputs.train.len());
+    if cfg.activation_checkpointing {
+        println!(
+            "activation checkpointing: the update recomputes each layer's forward in its backward"
+        );
+    }
 }
 
 /// Log-probs are taken at the sampling temperature (METHOD.md §5); greedy sampling scores at 1.
