@@ -106,6 +106,8 @@ impl ModelConfig {
         let num_kv_heads = j.opt_usize("num_key_value_heads")?.unwrap_or(num_heads);
         let head_dim = match j.opt_usize("head_dim")? {
             Some(d) => d,
+            // transformers' Qwen3Config defaults to 128, not hidden / heads
+            None if arch == Arch::Qwen3 => 128,
             None => {
                 if hidden_size % num_heads != 0 {
                     bail!("key `num_attention_heads`: hidden_size {hidden_size} is not divisible by {num_heads} heads");

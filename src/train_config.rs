@@ -177,7 +177,8 @@ pub struct TrainConfig {
     pub activation_checkpointing: bool,
     /// Evaluate every this many steps on the held-out split; 0 = off.
     pub eval_every: usize,
-    /// Questions held out of the training data for evaluation.
+    /// Questions held out of the training data for evaluation (the data file's last ones, when
+    /// eval_every > 0; the demo draws its own).
     pub eval_size: usize,
     /// Evaluation cap (greedy decoding, prompt budget = the final training budget).
     pub eval_max_tokens: usize,

@@ -135,6 +135,8 @@ fn qwen3_has_qk_norms_and_biases_from_attention_bias() {
     }
     let biased = parse(r#""model_type":"qwen3","attention_bias":true"#).unwrap();
     assert!(biased.qkv_bias && biased.o_bias && !biased.mlp_bias);
+    // without a head_dim key: transformers' Qwen3Config default, 128 (not hidden / heads = 16)
+    assert_eq!(biased.head_dim, 128);
     // Qwen2 and Llama have no q/k norms
     for model_type in ["qwen2", "llama"] {
         let other = parse(&format!(r#""model_type":"{model_type}""#)).unwrap();

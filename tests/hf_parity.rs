@@ -175,6 +175,7 @@ fn chat_templates_render_like_transformers() {
             ("messages_with_replies", "rendered_with_replies"),
         ] {
             if exp["chat"].get(messages).is_none() {
+                assert_ne!(name, "qwen3_qknorm", "its fixture renders earlier replies");
                 continue;
             }
             let msgs: Vec<ChatMessage> = exp["chat"][messages]

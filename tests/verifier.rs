@@ -226,11 +226,14 @@ fn answers_nested_too_deeply_are_not_read() {
     same("1 \\pm 0 \\pm 0", "1, 1, 1, 1");
 }
 
-/// Values past f64's range are not all equal (each overflows to ∞), while infinity itself still
-/// matches itself however it is written.
+/// Values past f64's range are not all equal (each overflows to ∞): they match when they are the
+/// same expression (inside a relation or a set too), while infinity itself still matches itself
+/// however it is written.
 #[test]
 fn numbers_beyond_f64_are_not_infinity() {
     differ("10^{400}", "10^{401}");
+    same("x = 10^{400}", "10^{400}");
+    same("\\{1, 10^{400}\\}", "\\{10^{400}, 1\\}");
     differ("2^{2000}", "\\infty");
     differ("-10^{400}", "-\\infty");
     same("\\infty", "∞");

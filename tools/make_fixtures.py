@@ -27,7 +27,9 @@ What it writes, one folder per model under --out (existing folders are replaced)
     qwen2_sharded_f16/  qwen2, f16, untied, MHA (4 KV heads), two safetensors shards + index,
                         config in the newer `rope_parameters` style (no top-level rope_theta)
     qwen3_qknorm/       qwen3, f32, tied, GQA 4:2, head_dim 32 (q is 128 wide, the hidden size 64),
-                        RMSNorm on each head of q and k before the rotation, no biases; a chat
+                        RMSNorm on each head of q and k before the rotation, attention_bias (the
+                        q and k biases added before the norms, as released Qwen3 models have none
+                        this is the one path that could differ); a chat
                         template with the Jinja constructs of Qwen3's, rendered with earlier replies
 
 `--only NAME...` builds just those folders (each depends on its own seed only, so the others stay
@@ -653,7 +655,7 @@ def main():
                 vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, head_dim=32, rope_theta=1000000.0,
                 rms_norm_eps=1e-6, max_position_embeddings=512, tie_word_embeddings=True,
-                initializer_range=0.2, attention_bias=False, bos_token_id=None, eos_token_id=IM_END,
+                initializer_range=0.2, attention_bias=True, bos_token_id=None, eos_token_id=IM_END,
                 pad_token_id=EOT, use_sliding_window=False),
             dtype=torch.float32, rope_style=to_classic_rope, shards=None,
             eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None,

@@ -899,6 +899,15 @@ fn check_resumed_settings(
     train_examples: usize,
 ) -> Result<()> {
     let hint = "resume with the settings the run started with (its folder's config.toml)";
+    if state.train_examples.is_none() && cfg.data.is_some() && cfg.eval_every == 0 {
+        // before trainer_state.json kept the count, eval_size examples were always held out
+        eprintln!(
+            "note: this checkpoint predates the training-set check: its run held out eval_size = \
+             {} examples even without evaluation, this one trains on all {train_examples}, so \
+             the remaining steps draw other problems than the uninterrupted run would have",
+            cfg.eval_size
+        );
+    }
     if let Some(was) = state.train_examples.filter(|&was| was != train_examples) {
         bail!(
             "--resume: the checkpoint's run drew its problems from {was} training examples, these \
