@@ -130,6 +130,26 @@ fn shortened_demo_runs_end_to_end() {
         let correct = responses.iter().filter(|l| l["correct"] == true).count();
         assert_eq!(e["accuracy"].as_f64().unwrap(), correct as f64 / 4.0);
     }
+    // the paired line counts the problems whose verdict moved between the two evaluations
+    let verdict = |step: u64, group: u64| {
+        lines
+            .iter()
+            .find(|l| l["split"] == "eval" && l["step"] == step && l["group"] == group)
+            .map(|l| l["correct"] == true)
+            .unwrap()
+    };
+    let last = evals[1]["step"].as_u64().unwrap();
+    let moved = |from: bool| {
+        (0..4)
+            .filter(|&g| verdict(0, g) == from && verdict(last, g) != from)
+            .count()
+    };
+    let paired = format!(
+        "problem by problem: {} of 4 became right, {} became wrong; the accuracy change's 95 % interval is",
+        moved(false),
+        moved(true)
+    );
+    assert!(stdout.contains(&paired), "{paired}\n{stdout}");
 }
 
 /// An update in passes of 3 completions (3 + 3 + 2 of the 8) takes the same first step as one

@@ -229,6 +229,18 @@ fn report(s: &RunSummary, out: &Path) -> Result<()> {
             100.0 * (a.mean_len / b.mean_len - 1.0),
             100.0 * (a.accuracy - b.accuracy)
         );
+        if let Some(p) = &s.paired {
+            let (lo, hi) = p.interval95();
+            println!(
+                "problem by problem: {} of {} became right, {} became wrong; the accuracy \
+                 change's 95 % interval is {:+.1} to {:+.1} points",
+                p.gained,
+                p.problems,
+                p.lost,
+                100.0 * lo,
+                100.0 * hi
+            );
+        }
     }
     let png = out.join("training.png");
     crate::plot::plot_metrics(&s.metrics, &s.evals, &png)?;

@@ -5,6 +5,7 @@
 pub mod memory;
 pub mod metrics;
 pub mod optimizer;
+pub mod paired;
 pub mod progress;
 pub mod run_log;
 pub mod update;
@@ -198,6 +199,8 @@ fn render_prompts(
 pub struct RunSummary {
     pub before: Option<EvalResult>,
     pub after: Option<EvalResult>,
+    /// Before against after, problem by problem (a run that evaluated both itself).
+    pub paired: Option<paired::PairedChange>,
     pub final_budget: usize,
     pub metrics: Vec<StepMetrics>,
     /// Every held-out evaluation of the run (eval.jsonl).
@@ -383,6 +386,7 @@ fn train_on<B: TrainBackend>(
         return Ok(RunSummary {
             before: None,
             after: None,
+            paired: None,
             final_budget: state.curriculum.final_budget(),
             metrics: Vec::new(),
             evals: Vec::new(),
@@ -450,57 +454,60 @@ fn train_on<B: TrainBackend>(
     let sampling = cfg.sampling_params();
     let final_budget = curriculum.final_budget();
     // Held-out evaluation after `step` steps: greedy, at the final budget, logged.
-    let held_out = |m: &Model<B>, step: usize, log: &mut RunLog| -> Result<EvalResult> {
-        let e = evaluate(
-            m,
-            &tok,
-            inputs,
-            final_budget,
-            cfg.eval_max_tokens,
-            &cfg.sampling.stop,
-            cfg.prompts_per_step * cfg.group_size,
-        )?;
-        log.eval(&EvalLine {
-            step,
-            budget: final_budget,
-            accuracy: e.result.accuracy,
-            mean_len: e.result.mean_len,
-            truncated_frac: e.result.truncated_frac,
-        })?;
-        if cfg.completions_every > 0 {
-            let lines: Vec<CompletionLine> = e
-                .responses
-                .into_iter()
-                .map(|(r, correct)| {
-                    let example = &inputs.eval[r.group];
-                    CompletionLine {
-                        step,
-                        split: "eval".to_string(),
-                        budget: final_budget,
-                        group: r.group,
-                        sample: 0,
-                        question: example.question.clone(),
-                        gold: example.gold.clone(),
-                        text: r.text,
-                        len: r.len,
-                        truncated: r.truncated,
-                        correct,
-                        reward: None,
-                        reward_length: None,
-                        reward_format: None,
-                        advantage: None,
-                    }
-                })
-                .collect();
-            log.completions(&lines)?;
-        }
-        Ok(e.result)
-    };
+    let held_out =
+        |m: &Model<B>, step: usize, log: &mut RunLog| -> Result<(EvalResult, Vec<bool>)> {
+            let e = evaluate(
+                m,
+                &tok,
+                inputs,
+                final_budget,
+                cfg.eval_max_tokens,
+                &cfg.sampling.stop,
+                cfg.prompts_per_step * cfg.group_size,
+            )?;
+            log.eval(&EvalLine {
+                step,
+                budget: final_budget,
+                accuracy: e.result.accuracy,
+                mean_len: e.result.mean_len,
+                truncated_frac: e.result.truncated_frac,
+            })?;
+            let verdicts = e.responses.iter().map(|(_, correct)| *correct).collect();
+            if cfg.completions_every > 0 {
+                let lines: Vec<CompletionLine> = e
+                    .responses
+                    .into_iter()
+                    .map(|(r, correct)| {
+                        let example = &inputs.eval[r.group];
+                        CompletionLine {
+                            step,
+                            split: "eval".to_string(),
+                            budget: final_budget,
+                            group: r.group,
+                            sample: 0,
+                            question: example.question.clone(),
+                            gold: example.gold.clone(),
+                            text: r.text,
+                            len: r.len,
+                            truncated: r.truncated,
+                            correct,
+                            reward: None,
+                            reward_length: None,
+                            reward_format: None,
+                            advantage: None,
+                        }
+                    })
+                    .collect();
+                log.completions(&lines)?;
+            }
+            Ok((e.result, verdicts))
+        };
 
-    let before = if cfg.eval_every > 0 && current_step == 0 {
-        Some(held_out(&model, 0, &mut run_log)?)
+    let (before, before_verdicts) = if cfg.eval_every > 0 && current_step == 0 {
+        let (result, verdicts) = held_out(&model, 0, &mut run_log)?;
+        (Some(result), Some(verdicts))
     } else {
-        None
+        (None, None)
     };
     let progress = progress::Progress::new(cfg.steps);
     let (p, g) = (cfg.prompts_per_step, cfg.group_size);
@@ -723,7 +730,7 @@ fn train_on<B: TrainBackend>(
         metrics_log.push(m);
 
         if cfg.eval_every > 0 && current_step % cfg.eval_every == 0 && current_step < cfg.steps {
-            let e = held_out(&model, current_step, &mut run_log)?;
+            let (e, _) = held_out(&model, current_step, &mut run_log)?;
             eprintln!(
                 "\neval at step {}: accuracy {:.3}, mean length {:.1}",
                 current_step, e.accuracy, e.mean_len
@@ -752,14 +759,20 @@ fn train_on<B: TrainBackend>(
             }
         }
     }
-    let after = if cfg.eval_every > 0 && current_step == cfg.steps {
-        Some(held_out(&model, current_step, &mut run_log)?)
+    let (after, after_verdicts) = if cfg.eval_every > 0 && current_step == cfg.steps {
+        let (result, verdicts) = held_out(&model, current_step, &mut run_log)?;
+        (Some(result), Some(verdicts))
     } else {
-        None
+        (None, None)
+    };
+    let paired = match (&before_verdicts, &after_verdicts) {
+        (Some(b), Some(a)) => paired::PairedChange::new(b, a),
+        _ => None,
     };
     Ok(RunSummary {
         before,
         after,
+        paired,
         final_budget,
         metrics: metrics_log,
         evals: run_log.evals().to_vec(),
