@@ -22,6 +22,7 @@
 #            ours_step_0.5b_micro16.json (--micro-batch 16), ours_step_0.5b_offload.json,
 #            ours_step_0.5b_checkpointing.json (--activation-checkpointing),
 #            ours_step_1.5b_paper.json (16 x 8 samples of 512 tokens, 8 update passes),
+#            ours_step_qwen3-0.6b.json (the Qwen3 path: per-head q/k norms, head_dim 128),
 #            torch_step_{0.5b,1.5b}.json, train_cuda_metrics.jsonl
 #
 # Steps (each under `timeout`; a failing step is logged and the script goes on):
@@ -131,6 +132,11 @@ for size in 0.5b 1.5b; do
     [ "${TORCH_STEP:-1}" = 1 ] && step "torch step $size" 150 env PYTHONUNBUFFERED=1 python3 tools/bench_step_torch.py \
         --model-config "$cfg" $shape --json "$OUT/torch_step_$size.json"
 done
+
+# One step of the Qwen3-0.6B shape (per-head q/k norms, head_dim 128): the Qwen3 path at scale.
+step "ours step qwen3-0.6b" 100 "$BIN" bench step --backend cuda \
+    --model-config tools/model_configs/qwen3-0.6b.json --prompts 8 --group 8 --prompt-len 128 \
+    --new-tokens 256 --steps 1 --json "$OUT/ours_step_qwen3-0.6b.json"
 
 # One step at the paper's scale (METHOD.md §8: 16 prompts x 8 samples, up to 512 new tokens) for
 # the 1.5B shape, the update in 8 passes of 16 (what `train` does when one pass does not fit).
@@ -296,6 +302,13 @@ if o and off:
     print(f"\noptimizer offloaded, 0.5b: update {rf['update_s']:.3f} s, peak {gib_of(rf, 'peak_memory_bytes')} "
           f"(estimate {gib_of(rf, 'memory_estimate_bytes')}); on the device: update {ro['update_s']:.3f} s, "
           f"peak {gib_of(ro, 'peak_memory_bytes')}")
+q3 = load("ours_step_qwen3-0.6b.json")
+if q3:
+    r = q3["result"]
+    mfu_q = f"{100 * r['train_mfu']:.1f} %" if r.get("train_mfu") else "–"
+    print(f"\nqwen3-0.6b, 8 x 8: step {r['step_s']:.2f} s (rollout {r['rollout_tokens_per_s']:.0f} tok/s; update "
+          f"{r['train_tokens_per_s']:.0f} tok/s, MFU {mfu_q}), peak {gib_of(r, 'peak_memory_bytes')} "
+          f"(estimate {gib_of(r, 'memory_estimate_bytes')})")
 pap = load("ours_step_1.5b_paper.json")
 if pap:
     r = pap["result"]
