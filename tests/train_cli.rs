@@ -144,11 +144,13 @@ fn shortened_demo_runs_end_to_end() {
             .filter(|&g| verdict(0, g) == from && verdict(last, g) != from)
             .count()
     };
-    let paired = format!(
-        "problem by problem: {} of 4 became right, {} became wrong; the accuracy change's 95 % interval is",
-        moved(false),
-        moved(true)
-    );
+    let paired = match (moved(false), moved(true)) {
+        (0, 0) => "problem by problem: none of the 4 changed its verdict".to_string(),
+        (gained, lost) => format!(
+            "problem by problem: {gained} of 4 became right, {lost} became wrong; the accuracy \
+             change's 95 % interval is"
+        ),
+    };
     assert!(stdout.contains(&paired), "{paired}\n{stdout}");
 }
 
