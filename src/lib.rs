@@ -19,6 +19,7 @@ pub mod grpo;
 pub mod model;
 pub mod model_backward;
 pub mod optim;
+pub mod paired;
 pub mod params;
 pub mod plot;
 pub mod prompt;

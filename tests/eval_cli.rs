@@ -300,3 +300,95 @@ fn stop_strings_end_the_responses() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("stop string is empty"), "{stderr}");
 }
+
+/// `--baseline DIR` compares with an earlier evaluation item by item: a baseline whose first
+/// three svamp verdicts are flipped (greedy evaluation repeats exactly) gives, for svamp, as many
+/// items "became right" as were wrong among those three and "became wrong" as were right, with
+/// the paired interval; the other set and budget did not change. The comparison lands in
+/// results.json too; a baseline folder without items.jsonl, or one judging other items, is an
+/// error naming it.
+#[test]
+fn eval_compares_with_a_baseline_item_by_item() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = root().join("../shared/data");
+    let model = root().join("tests/fixtures/qwen2_tied");
+    let eval = |extra: &[&str]| {
+        let mut args = vec![
+            "eval",
+            "--model",
+            path_str(&model),
+            "--data-dir",
+            path_str(&data),
+            "--datasets",
+            "svamp,gsm8k",
+            "--limit",
+            "6",
+            "--max-new-tokens",
+            "4",
+            "--backend",
+            "cpu",
+        ];
+        args.extend_from_slice(extra);
+        thinkshort(&args)
+    };
+    let first = dir.path().join("first");
+    let out = eval(&["--out", path_str(&first)]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut items: Vec<Value> = std::fs::read_to_string(first.join("items.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(items[0]["dataset"], "svamp");
+    let now_right = items[..3].iter().filter(|i| i["correct"] == true).count();
+    for item in &mut items[..3] {
+        item["correct"] = Value::Bool(item["correct"] != true);
+    }
+    let baseline = dir.path().join("baseline");
+    std::fs::create_dir_all(&baseline).unwrap();
+    let lines: String = items.iter().map(|i| format!("{i}\n")).collect();
+    std::fs::write(baseline.join("items.jsonl"), lines).unwrap();
+
+    let second = dir.path().join("second");
+    let out = eval(&[
+        "--baseline",
+        path_str(&baseline),
+        "--out",
+        path_str(&second),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = String::from_utf8_lossy(&out.stdout);
+    let svamp = format!("| svamp | 87 | 6 | {now_right} | {} |", 3 - now_right);
+    assert!(table.contains(&svamp), "{svamp}\n{table}");
+    assert!(
+        table.contains("| gsm8k | 87 | 6 | 0 | 0 | +0.0 | no item changed |"),
+        "{table}"
+    );
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(second.join("results.json")).unwrap())
+            .unwrap();
+    let change = &report["paired"][0]["change"];
+    assert_eq!(change["problems"], 6);
+    assert_eq!(change["gained"].as_u64().unwrap() as usize, now_right);
+
+    let out = eval(&["--baseline", path_str(&second.join("missing"))]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("missing/items.jsonl"),
+        "{stderr}"
+    );
+    let out = eval(&["--baseline", path_str(&baseline), "--budget", "30"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("judged none of these sets' items"),
+        "{stderr}"
+    );
+}

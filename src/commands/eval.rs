@@ -6,12 +6,14 @@ use crate::any_model::AnyModel;
 use crate::backend::BackendKind;
 use crate::datasets::{self, Dataset, DEFAULT_DATA_DIR};
 use crate::generate::{GenerateConfig, GenerationRequest};
+use crate::paired::PairedChange;
 use crate::prompt::PromptTemplate;
 use crate::sampling::SamplingParams;
 use crate::tokenizer::Tokenizer;
 use crate::verify::{verify, ExtractOptions};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -59,6 +61,10 @@ pub struct EvalArgs {
     /// Folder for results.json, results.md and items.jsonl.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// An earlier evaluation's --out folder (e.g. of the model before training): its
+    /// items.jsonl is compared with this run item by item (same set, id and budget).
+    #[arg(long)]
+    pub baseline: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = BackendKind::Auto)]
     pub backend: BackendKind,
 }
@@ -132,6 +138,20 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     if sets.is_empty() {
         bail!("--datasets names no dataset");
     }
+    let baseline = args.baseline.as_deref().map(read_baseline).transpose()?;
+    if let (Some(b), Some(dir)) = (&baseline, &args.baseline) {
+        let judged = |set: &Dataset, budget: usize| {
+            set.items
+                .iter()
+                .any(|i| b.contains_key(&(set.name.clone(), i.id.clone(), budget)))
+        };
+        if !budgets.iter().any(|&n| sets.iter().any(|s| judged(s, n))) {
+            bail!(
+                "--baseline {}: its items.jsonl judged none of these sets' items at these budgets",
+                dir.display()
+            );
+        }
+    }
     let template = match args.template.as_str() {
         "raw" => None,
         "paper" => Some(PromptTemplate::paper()),
@@ -169,9 +189,12 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     let mut done = 0;
     let start = Instant::now();
     let mut rows = Vec::new();
+    let mut paired = Vec::new();
     for &budget in &budgets {
         for set in &sets {
             let (mut correct, mut tokens, mut truncated) = (0usize, 0usize, 0usize);
+            // (baseline verdict, this run's) of the items the baseline judged too
+            let (mut before, mut after) = (Vec::new(), Vec::new());
             for (b, batch) in set.items.chunks(args.batch_size).enumerate() {
                 let mut requests = Vec::with_capacity(batch.len());
                 for item in batch {
@@ -194,6 +217,11 @@ pub fn run(args: &EvalArgs) -> Result<()> {
                     let response = tokenizer.decode(&c.tokens, true)?;
                     let v = verify(&response, &item.gold, &ExtractOptions::default());
                     correct += v.correct as usize;
+                    let key = (set.name.clone(), item.id.clone(), budget);
+                    if let Some(&was) = baseline.as_ref().and_then(|b| b.get(&key)) {
+                        before.push(was);
+                        after.push(v.correct);
+                    }
                     tokens += c.len;
                     truncated += c.truncated as usize;
                     if let Some(w) = items_out.as_mut() {
@@ -214,6 +242,13 @@ pub fn run(args: &EvalArgs) -> Result<()> {
                 done += batch.len();
                 progress(done, total, &set.name, budget, start);
             }
+            if let Some(change) = PairedChange::new(&before, &after) {
+                paired.push(PairedRow {
+                    dataset: set.name.clone(),
+                    budget,
+                    change,
+                });
+            }
             let n = set.items.len().max(1) as f64;
             rows.push(Row {
                 dataset: set.name.clone(),
@@ -228,7 +263,14 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     }
     eprintln!();
     let rows = with_averages(rows, &budgets);
-    let table = markdown_table(&rows);
+    let mut table = markdown_table(&rows);
+    if let Some(dir) = &args.baseline {
+        table += &format!(
+            "\nAgainst the baseline {}, item by item:\n\n{}",
+            dir.display(),
+            paired_table(&paired)
+        );
+    }
     print!("{table}");
     if let Some(dir) = &args.out {
         if let Some(mut w) = items_out.take() {
@@ -244,6 +286,8 @@ pub fn run(args: &EvalArgs) -> Result<()> {
             "limit": args.limit,
             "budgets": budgets,
             "rows": rows,
+            "baseline": args.baseline.as_ref().map(|d| d.display().to_string()),
+            "paired": paired,
         });
         write_file(
             &dir.join("results.json"),
@@ -297,6 +341,76 @@ fn frontier(rows: &[Row]) -> Vec<(String, Vec<(f64, f64)>)> {
 
 fn write_file(path: &Path, text: &str) -> Result<()> {
     std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// One set at one budget against the baseline.
+#[derive(Debug, Serialize)]
+struct PairedRow {
+    dataset: String,
+    budget: usize,
+    change: PairedChange,
+}
+
+/// (set, id, budget) → verdict of every line of `<dir>/items.jsonl`.
+fn read_baseline(dir: &Path) -> Result<HashMap<(String, String, usize), bool>> {
+    #[derive(serde::Deserialize)]
+    struct Line {
+        dataset: String,
+        id: String,
+        budget: usize,
+        correct: bool,
+    }
+    let path = dir.join("items.jsonl");
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "--baseline: cannot read {} (the items of an `eval --out` folder)",
+            path.display()
+        )
+    })?;
+    let mut verdicts = HashMap::new();
+    for (n, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let l: Line = serde_json::from_str(line).with_context(|| {
+            format!(
+                "--baseline: {} line {}: not an item line (dataset, id, budget, correct)",
+                path.display(),
+                n + 1
+            )
+        })?;
+        verdicts.insert((l.dataset, l.id, l.budget), l.correct);
+    }
+    Ok(verdicts)
+}
+
+/// The comparison with the baseline: items judged by both, how many became right and wrong,
+/// and the accuracy change with its paired 95 % interval, in points.
+fn paired_table(rows: &[PairedRow]) -> String {
+    let mut s = String::from(
+        "| dataset | budget | items | became right | became wrong | accuracy change | 95 % interval |\n\
+         |---|---:|---:|---:|---:|---:|---|\n",
+    );
+    for r in rows {
+        let c = &r.change;
+        let (lo, hi) = c.interval95();
+        let interval = if c.gained + c.lost == 0 {
+            "no item changed".to_string()
+        } else {
+            format!("{:+.1} to {:+.1}", 100.0 * lo, 100.0 * hi)
+        };
+        s += &format!(
+            "| {} | {} | {} | {} | {} | {:+.1} | {interval} |\n",
+            r.dataset,
+            r.budget,
+            c.problems,
+            c.gained,
+            c.lost,
+            100.0 * c.change()
+        );
+    }
+    s
 }
 
 /// `[#####.....] 120/500 gsm8k @87  12.3 s`, redrawn in place on stderr.

@@ -5,7 +5,6 @@
 pub mod memory;
 pub mod metrics;
 pub mod optimizer;
-pub mod paired;
 pub mod progress;
 pub mod run_log;
 pub mod update;
@@ -200,7 +199,7 @@ pub struct RunSummary {
     pub before: Option<EvalResult>,
     pub after: Option<EvalResult>,
     /// Before against after, problem by problem (a run that evaluated both itself).
-    pub paired: Option<paired::PairedChange>,
+    pub paired: Option<crate::paired::PairedChange>,
     pub final_budget: usize,
     pub metrics: Vec<StepMetrics>,
     /// Every held-out evaluation of the run (eval.jsonl).
@@ -766,7 +765,7 @@ fn train_on<B: TrainBackend>(
         (None, None)
     };
     let paired = match (&before_verdicts, &after_verdicts) {
-        (Some(b), Some(a)) => paired::PairedChange::new(b, a),
+        (Some(b), Some(a)) => crate::paired::PairedChange::new(b, a),
         _ => None,
     };
     Ok(RunSummary {

@@ -3,7 +3,7 @@
 //! few hundred problems better than the two accuracies alone.
 
 /// How the problems' verdicts moved from the first evaluation to the second.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct PairedChange {
     /// Problems evaluated both times.
     pub problems: usize,
