@@ -1,6 +1,7 @@
 //! The training pass of the transformer: a forward pass that keeps every layer's intermediates
-//! and the log-probabilities of the target tokens, and the explicit backward pass that turns
-//! d(loss)/d(logp) into parameter gradients (llm.c style, no autograd).
+//! (or, with activation checkpointing, only each layer's input, the backward recomputing the rest
+//! layer by layer) and the log-probabilities of the target tokens, and the explicit backward pass
+//! that turns d(loss)/d(logp) into parameter gradients (llm.c style, no autograd).
 
 use crate::backend::{
     Backend, GradWrite, PolicyTokens, TokenPlacement, TrainBackend, POLICY_STATS,
