@@ -7,7 +7,8 @@
 //! top-p (the radix search for the cut-off and the walk over the tokens tied at it), both
 //! together, and Philox draws made on the device. Vocabularies below a warp, of a warp per chunk
 //! with a short last chunk (1001) and of several strides of the block with empty chunks at the end
-//! (2500); draws at 0 and at the very end of the CDF (u = 1 after the hi + lo split). Token ids
+//! (2500); draws at 0 and at the very end of the CDF (u = 1 after the hi + lo split); rows that
+//! cannot be drawn from (NaN, +inf, nothing finite), which come out as NaN. Token ids
 //! must be equal and log-probabilities equal to a few f32 ulps (both are f64 sums rounded to f32).
 //! EOS detection and the per-sequence budget are not the kernel's (it draws one token per row) but
 //! the generation loop's (src/generate.rs).
