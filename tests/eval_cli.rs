@@ -372,6 +372,9 @@ fn eval_compares_with_a_baseline_item_by_item() {
         table.contains("| gsm8k | 87 | 6 | 0 | 0 | +0.0 | no item changed |"),
         "{table}"
     );
+    // both sets' items pooled
+    let all = format!("| all | 87 | 12 | {now_right} | {} |", 3 - now_right);
+    assert!(table.contains(&all), "{all}\n{table}");
     let report: Value =
         serde_json::from_str(&std::fs::read_to_string(second.join("results.json")).unwrap())
             .unwrap();

@@ -263,6 +263,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     }
     eprintln!();
     let rows = with_averages(rows, &budgets);
+    let paired = with_pooled(paired, &sets, &budgets);
     let mut table = markdown_table(&rows);
     if let Some(dir) = &args.baseline {
         table += &format!(
@@ -349,6 +350,35 @@ struct PairedRow {
     dataset: String,
     budget: usize,
     change: PairedChange,
+}
+
+/// Appends, per budget with two or more compared sets in the average, their items pooled (`all`):
+/// the counts add up, so its change is over items, not the unweighted mean of the sets'.
+fn with_pooled(mut rows: Vec<PairedRow>, sets: &[Dataset], budgets: &[usize]) -> Vec<PairedRow> {
+    let averaged = |name: &str| sets.iter().any(|s| s.name == name && s.in_average);
+    for &budget in budgets {
+        let counted: Vec<&PairedChange> = rows
+            .iter()
+            .filter(|r| r.budget == budget && averaged(&r.dataset))
+            .map(|r| &r.change)
+            .collect();
+        if counted.len() < 2 {
+            continue;
+        }
+        let change = PairedChange {
+            problems: counted.iter().map(|c| c.problems).sum(),
+            gained: counted.iter().map(|c| c.gained).sum(),
+            lost: counted.iter().map(|c| c.lost).sum(),
+        };
+        rows.push(PairedRow {
+            dataset: "all".into(),
+            budget,
+            change,
+        });
+    }
+    // each budget's pooled row right after its sets (the sort is stable)
+    rows.sort_by_key(|r| r.budget);
+    rows
 }
 
 /// (set, id, budget) → verdict of every line of `<dir>/items.jsonl`.
