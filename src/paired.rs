@@ -40,12 +40,16 @@ impl PairedChange {
     }
 
     /// The 95 % confidence interval of the change (Wald interval for the difference of paired
-    /// proportions: standard error √(g + l − (g − l)²/n) / n).
-    pub fn interval95(&self) -> (f64, f64) {
+    /// proportions: standard error √(g + l − (g − l)²/n) / n); None when no problem changed its
+    /// verdict, where that interval degenerates to a width of 0.
+    pub fn interval95(&self) -> Option<(f64, f64)> {
+        if self.gained + self.lost == 0 {
+            return None;
+        }
         let (g, l, n) = (self.gained as f64, self.lost as f64, self.problems as f64);
         let se = (g + l - (g - l) * (g - l) / n).max(0.0).sqrt() / n;
         let d = self.change();
-        (d - 1.96 * se, d + 1.96 * se)
+        Some((d - 1.96 * se, d + 1.96 * se))
     }
 }
 
@@ -66,17 +70,20 @@ mod tests {
         let p = PairedChange::new(&before, &after).unwrap();
         assert_eq!((p.problems, p.gained, p.lost), (200, 14, 24));
         assert!((p.change() + 0.05).abs() < 1e-15);
-        let (lo, hi) = p.interval95();
+        let (lo, hi) = p.interval95().unwrap();
         assert!((lo - (-0.05 - 0.060012)).abs() < 1e-6, "{lo}");
         assert!((hi - (-0.05 + 0.060012)).abs() < 1e-6, "{hi}");
     }
 
-    /// Nothing moved: a change of 0 with an empty interval; different problem counts: none.
+    /// Nothing moved: a change of 0 and no interval; different problem counts: no comparison.
     #[test]
     fn no_change_and_mismatched_evaluations() {
         let v = [true, false, true];
         let p = PairedChange::new(&v, &v).unwrap();
-        assert_eq!((p.gained, p.lost, p.interval95()), (0, 0, (0.0, 0.0)));
+        assert_eq!(
+            (p.gained, p.lost, p.change(), p.interval95()),
+            (0, 0, 0.0, None)
+        );
         assert_eq!(PairedChange::new(&v, &v[..2]), None);
         assert_eq!(PairedChange::new(&[], &[]), None);
     }

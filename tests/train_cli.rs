@@ -675,6 +675,13 @@ fn resume_refuses_settings_the_checkpoint_overrides() {
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let checkpoint = out.join("step-000001");
+    // the run's settings resuming from its checkpoint, then `extra`
+    let resumed = |extra: &[&'static str]| -> Vec<&str> {
+        let mut args = vec!["--set", "steps=2", "--set", "eval_every=0", "--resume"];
+        args.push(checkpoint.to_str().unwrap());
+        args.extend_from_slice(extra);
+        args
+    };
     for (change, named) in [
         ("steps=3", "steps = 2, the settings 3"),
         (
@@ -702,19 +709,7 @@ fn resume_refuses_settings_the_checkpoint_overrides() {
         );
     }
     // --stop-after at the checkpoint's step has nothing to do (it cut the logs back): refused
-    let o = train(
-        &out,
-        &[
-            "--set",
-            "steps=2",
-            "--set",
-            "eval_every=0",
-            "--resume",
-            checkpoint.to_str().unwrap(),
-            "--stop-after",
-            "1",
-        ],
-    );
+    let o = train(&out, &resumed(&["--stop-after", "1"]));
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(
         !o.status.success() && stderr.contains("leaves no step to take"),
@@ -735,17 +730,7 @@ fn resume_refuses_settings_the_checkpoint_overrides() {
         "the refused run wrote its logs"
     );
     // resumed into another folder: the run goes on and says its logs are partial
-    let o = train(
-        &tmp.path().join("elsewhere"),
-        &[
-            "--set",
-            "steps=2",
-            "--set",
-            "eval_every=0",
-            "--resume",
-            checkpoint.to_str().unwrap(),
-        ],
-    );
+    let o = train(&tmp.path().join("elsewhere"), &resumed(&[]));
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(
         o.status.success() && stderr.contains("holds the metrics of 0 of the 1 steps"),
@@ -777,17 +762,7 @@ fn resume_refuses_settings_the_checkpoint_overrides() {
         "{stdout}"
     );
     // the same settings resume
-    let o = train(
-        &out,
-        &[
-            "--set",
-            "steps=2",
-            "--set",
-            "eval_every=0",
-            "--resume",
-            checkpoint.to_str().unwrap(),
-        ],
-    );
+    let o = train(&out, &resumed(&[]));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 

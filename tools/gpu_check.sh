@@ -194,6 +194,8 @@ def load(name):
             return json.load(f)
     except Exception:
         return None
+gib_of = lambda r, k: f"{r[k] / 2**30:.1f} GiB" if r.get(k) else "–"
+mfu = lambda r: f"{100 * r['train_mfu']:.1f} %" if r.get("train_mfu") else "–"
 print("# thinkshort GPU check\n")
 sc = load("selfcheck.json")
 if sc:
@@ -270,7 +272,6 @@ for size in ("0.5b", "1.5b"):
     pg = f"{(o or t)['prompts']} x {(o or t)['group']}"
     speedup = f"{rt['step_s'] / ro['step_s']:.2f}" if ro and rt else "–"
     gib = lambda r, k="peak_memory_bytes": f"{r[k] / 2**30:.1f}" if r.get(k) else "–"
-    mfu = lambda r: f"{100 * r['train_mfu']:.1f} %" if r.get("train_mfu") else "–"
     print(f"| {size} | {pg} | {num(ro, 'rollout_tokens_per_s', '{:.0f}')} | {num(rt, 'rollout_tokens_per_s', '{:.0f}')} "
           f"| {num(ro, 'train_tokens_per_s', '{:.0f}')} | {num(rt, 'train_tokens_per_s', '{:.0f}')} | {mfu(ro)} | {mfu(rt)} "
           f"| {num(ro, 'step_s', '{:.2f}')} | {num(rt, 'step_s', '{:.2f}')} | {speedup} | {gib(ro)} | {gib(ro, 'memory_estimate_bytes')} | {gib(rt)} |")
@@ -280,11 +281,9 @@ for v in ("fused", "fused-wide"):
         ro, rf = o["result"], fu["result"]
         print(f"\n{v} attention backward 0.5b: update {rf['train_tokens_per_s']:.0f} tok/s, MFU {100 * rf['train_mfu']:.1f} % "
               f"(split: {ro['train_tokens_per_s']:.0f} tok/s, {100 * ro['train_mfu']:.1f} %)")
-gib_of = lambda r, k: f"{r[k] / 2**30:.1f} GiB" if r.get(k) else "–"
 o, mb = load("ours_step_0.5b.json"), load("ours_step_0.5b_micro16.json")
 if o and mb:
     ro, rm = o["result"], mb["result"]
-    mfu = lambda r: f"{100 * r['train_mfu']:.1f} %" if r.get("train_mfu") else "–"
     print(f"\nupdate in 4 passes of 16, 0.5b: {rm['train_tokens_per_s']:.0f} tok/s, MFU {mfu(rm)}, "
           f"peak {gib_of(rm, 'peak_memory_bytes')} (estimate {gib_of(rm, 'memory_estimate_bytes')}); one pass: "
           f"{ro['train_tokens_per_s']:.0f} tok/s, {mfu(ro)}, peak {gib_of(ro, 'peak_memory_bytes')} "
@@ -292,7 +291,6 @@ if o and mb:
 ck = load("ours_step_0.5b_checkpointing.json")
 if o and ck:
     ro, rc = o["result"], ck["result"]
-    mfu = lambda r: f"{100 * r['train_mfu']:.1f} %" if r.get("train_mfu") else "–"
     print(f"\nactivation checkpointing, 0.5b: update {rc['update_s']:.3f} s, MFU {mfu(rc)}, peak {gib_of(rc, 'peak_memory_bytes')} "
           f"(estimate {gib_of(rc, 'memory_estimate_bytes')}); without: update {ro['update_s']:.3f} s, "
           f"peak {gib_of(ro, 'peak_memory_bytes')}")
@@ -305,17 +303,15 @@ if o and off:
 q3 = load("ours_step_qwen3-0.6b.json")
 if q3:
     r = q3["result"]
-    mfu_q = f"{100 * r['train_mfu']:.1f} %" if r.get("train_mfu") else "–"
     print(f"\nqwen3-0.6b, 8 x 8: step {r['step_s']:.2f} s (rollout {r['rollout_tokens_per_s']:.0f} tok/s; update "
-          f"{r['train_tokens_per_s']:.0f} tok/s, MFU {mfu_q}), peak {gib_of(r, 'peak_memory_bytes')} "
+          f"{r['train_tokens_per_s']:.0f} tok/s, MFU {mfu(r)}), peak {gib_of(r, 'peak_memory_bytes')} "
           f"(estimate {gib_of(r, 'memory_estimate_bytes')})")
 pap = load("ours_step_1.5b_paper.json")
 if pap:
     r = pap["result"]
-    mfu_p = f"{100 * r['train_mfu']:.1f} %" if r.get("train_mfu") else "–"
     print(f"\npaper scale, 1.5b, 16 x 8 x 512 tokens, 8 update passes: step {r['step_s']:.2f} s "
           f"(rollout {r['rollout_s']:.2f} s, {r['rollout_tokens_per_s']:.0f} tok/s; update {r['update_s']:.2f} s, "
-          f"{r['train_tokens_per_s']:.0f} tok/s, MFU {mfu_p}), peak {gib_of(r, 'peak_memory_bytes')} "
+          f"{r['train_tokens_per_s']:.0f} tok/s, MFU {mfu(r)}), peak {gib_of(r, 'peak_memory_bytes')} "
           f"(estimate {gib_of(r, 'memory_estimate_bytes')})")
 for size in ("0.5b", "1.5b"):
     o, e = load(f"ours_step_{size}.json"), load(f"ours_step_{size}_eager.json")

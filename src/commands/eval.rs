@@ -217,8 +217,8 @@ pub fn run(args: &EvalArgs) -> Result<()> {
                     let response = tokenizer.decode(&c.tokens, true)?;
                     let v = verify(&response, &item.gold, &ExtractOptions::default());
                     correct += v.correct as usize;
-                    let key = (set.name.clone(), item.id.clone(), budget);
-                    if let Some(&was) = baseline.as_ref().and_then(|b| b.get(&key)) {
+                    let key = || (set.name.clone(), item.id.clone(), budget);
+                    if let Some(&was) = baseline.as_ref().and_then(|b| b.get(&key())) {
                         before.push(was);
                         after.push(v.correct);
                     }
@@ -424,11 +424,9 @@ fn paired_table(rows: &[PairedRow]) -> String {
     );
     for r in rows {
         let c = &r.change;
-        let (lo, hi) = c.interval95();
-        let interval = if c.gained + c.lost == 0 {
-            "no item changed".to_string()
-        } else {
-            format!("{:+.1} to {:+.1}", 100.0 * lo, 100.0 * hi)
+        let interval = match c.interval95() {
+            None => "no item changed".to_string(),
+            Some((lo, hi)) => format!("{:+.1} to {:+.1}", 100.0 * lo, 100.0 * hi),
         };
         s += &format!(
             "| {} | {} | {} | {} | {} | {:+.1} | {interval} |\n",

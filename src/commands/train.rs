@@ -229,22 +229,22 @@ fn report(s: &RunSummary, out: &Path) -> Result<()> {
             100.0 * (a.mean_len / b.mean_len - 1.0),
             100.0 * (a.accuracy - b.accuracy)
         );
-        if let Some(p) = s.paired.filter(|p| p.gained + p.lost == 0) {
-            println!(
-                "problem by problem: none of the {} changed its verdict",
-                p.problems
-            );
-        } else if let Some(p) = &s.paired {
-            let (lo, hi) = p.interval95();
-            println!(
-                "problem by problem: {} of {} became right, {} became wrong; the accuracy \
-                 change's 95 % interval is {:+.1} to {:+.1} points",
-                p.gained,
-                p.problems,
-                p.lost,
-                100.0 * lo,
-                100.0 * hi
-            );
+        if let Some(p) = &s.paired {
+            match p.interval95() {
+                None => println!(
+                    "problem by problem: none of the {} changed its verdict",
+                    p.problems
+                ),
+                Some((lo, hi)) => println!(
+                    "problem by problem: {} of {} became right, {} became wrong; the accuracy \
+                     change's 95 % interval is {:+.1} to {:+.1} points",
+                    p.gained,
+                    p.problems,
+                    p.lost,
+                    100.0 * lo,
+                    100.0 * hi
+                ),
+            }
         }
     }
     let png = out.join("training.png");

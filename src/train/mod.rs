@@ -376,7 +376,7 @@ fn train_on<B: TrainBackend>(
         );
     }
     for step in state.step + 1..=last {
-        if (cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0) || step == last {
+        if writes_checkpoint(cfg, step, last) {
             crate::checkpoint::check_replaceable(&out.join(format!("step-{step:06}")))?;
         }
     }
@@ -502,11 +502,10 @@ fn train_on<B: TrainBackend>(
             Ok((e.result, verdicts))
         };
 
-    let (before, before_verdicts) = if cfg.eval_every > 0 && current_step == 0 {
-        let (result, verdicts) = held_out(&model, 0, &mut run_log)?;
-        (Some(result), Some(verdicts))
+    let before = if cfg.eval_every > 0 && current_step == 0 {
+        Some(held_out(&model, 0, &mut run_log)?)
     } else {
-        (None, None)
+        None
     };
     let progress = progress::Progress::new(cfg.steps);
     let (p, g) = (cfg.prompts_per_step, cfg.group_size);
@@ -735,9 +734,7 @@ fn train_on<B: TrainBackend>(
                 current_step, e.accuracy, e.mean_len
             );
         }
-        if (cfg.checkpoint_every > 0 && current_step % cfg.checkpoint_every == 0)
-            || current_step == last
-        {
+        if writes_checkpoint(cfg, current_step, last) {
             let state = TrainerState {
                 step: current_step,
                 curriculum: curriculum.clone(),
@@ -758,19 +755,18 @@ fn train_on<B: TrainBackend>(
             }
         }
     }
-    let (after, after_verdicts) = if cfg.eval_every > 0 && current_step == cfg.steps {
-        let (result, verdicts) = held_out(&model, current_step, &mut run_log)?;
-        (Some(result), Some(verdicts))
+    let after = if cfg.eval_every > 0 && current_step == cfg.steps {
+        Some(held_out(&model, current_step, &mut run_log)?)
     } else {
-        (None, None)
+        None
     };
-    let paired = match (&before_verdicts, &after_verdicts) {
-        (Some(b), Some(a)) => crate::paired::PairedChange::new(b, a),
+    let paired = match (&before, &after) {
+        (Some((_, b)), Some((_, a))) => crate::paired::PairedChange::new(b, a),
         _ => None,
     };
     Ok(RunSummary {
-        before,
-        after,
+        before: before.map(|(result, _)| result),
+        after: after.map(|(result, _)| result),
         paired,
         final_budget,
         metrics: metrics_log,
@@ -987,6 +983,12 @@ fn check_resumed_settings(
         }
     }
     Ok(())
+}
+
+/// Whether the run writes a checkpoint after `step` steps: every `checkpoint_every` and at its
+/// `last` step.
+fn writes_checkpoint(cfg: &TrainConfig, step: usize, last: usize) -> bool {
+    (cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0) || step == last
 }
 
 /// The checkpoint folders (`step-NNNNNN`) of a run folder, by step.
