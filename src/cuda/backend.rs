@@ -24,15 +24,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
-use cudarc::driver::{
-    result as drv, sys as drv_sys, CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtr,
-};
+use cudarc::cublas::sys as blas_sys;
 use half::bf16;
 use rayon::prelude::*;
 
 use super::attention_plan::{wide_query_tiles, AttentionKernel, AttentionPlan};
-use super::launch::{KernelCtx, Launcher};
+use super::device::{CudaDevice, Device, DeviceMemory, Gemm, TimingMark};
+use super::launch::Launcher;
 use super::ops;
 use super::ops::decode_attention::{plan_splits, scratch_sizes, DecodeProblem};
 use super::ops::flash_attention::{
@@ -66,7 +64,7 @@ impl DType {
 
 /// A device buffer of `len` elements of `dtype`.
 pub struct CudaBuf {
-    _mem: CudaSlice<u8>, // owns the allocation; freed in stream order when dropped
+    _mem: Arc<dyn DeviceMemory>, // owns the allocation; freed in stream order when dropped
     ptr: u64,
     len: usize,
     dtype: DType,
@@ -96,16 +94,13 @@ const INDEX_CACHE_ENTRIES: usize = 8;
 /// A host index array and its device copy.
 struct DeviceIndices {
     host: Vec<u32>,
-    device: Arc<CudaSlice<u32>>, // owns the copy that `ptr` points to (with a recording using it)
+    device: Arc<dyn DeviceMemory>, // owns the copy `ptr` points to (with a recording using it)
     ptr: u64,
 }
 
 pub struct CudaBackend {
-    k: KernelCtx,
-    blas: CudaBlas,
-    /// cuBLAS's workspace, given to it once (so a GEMM recorded in a CUDA graph uses the same
-    /// memory, and the same algorithms, as one run op by op).
-    _blas_workspace: Option<CudaSlice<u8>>,
+    /// The GPU (or, in the tests, the CPU emulator) that runs everything.
+    dev: Arc<dyn Device>,
     device_name: String,
     /// The first error of any op since the backend was made (sticky, like a CUDA context error).
     error: Mutex<Option<String>>,
@@ -118,7 +113,7 @@ pub struct CudaBackend {
     scratch: Mutex<Option<Arc<CudaBuf>>>,
     /// While profiling (`start_op_profile`): each op's name and the events recorded on the
     /// stream before and after its launches.
-    profile: Mutex<Option<Vec<(&'static str, CudaEvent, CudaEvent)>>>,
+    profile: Mutex<Option<Vec<(&'static str, TimingMark, TimingMark)>>>,
     /// Whether `decode_step` records steps as CUDA graphs (`THINKSHORT_CUDA_GRAPHS=0`: no).
     decode_graphs: AtomicBool,
     /// The fused forward kernel every attention forward takes (benchmarks compare them); None:
@@ -160,31 +155,18 @@ impl CudaBackend {
                  LD_LIBRARY_PATH, or use --backend cpu"
             );
         }
-        let ctx = CudaContext::new(ordinal)
-            .with_context(|| format!("creating a CUDA context on device {ordinal}"))?;
-        // One stream orders everything; per-buffer events would only cost time.
-        // SAFETY: every op of this backend runs on `stream`, and buffers are freed on it.
-        unsafe { ctx.disable_event_tracking() };
-        keep_freed_memory_cached(&ctx)?;
-        let stream = ctx.new_stream().context("creating a CUDA stream")?;
-        let blas = CudaBlas::new(stream.clone()).context("creating the cuBLAS handle")?;
-        // Without it cuBLAS manages its own workspace (also under capture, since CUDA 12.2).
-        let blas_workspace = set_blas_workspace(&blas, &stream)
-            .map_err(|e| eprintln!("note: cuBLAS keeps its own workspace ({e:#})"))
-            .ok();
-        let sm_count = ctx
-            .attribute(drv_sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-            .context("reading the multiprocessor count")?
-            .max(1) as usize;
-        let k = KernelCtx::new(ctx, stream)?;
+        let device = CudaDevice::new(ordinal)?;
+        Self::with_device(Arc::new(device), info.name.clone())
+    }
+
+    /// The backend on `dev`, named `device_name` (the tests run it on the CPU emulator).
+    pub fn with_device(dev: Arc<dyn Device>, device_name: String) -> Result<Self> {
         Ok(CudaBackend {
-            k,
-            blas,
-            _blas_workspace: blas_workspace,
-            device_name: info.name.clone(),
+            sm_count: dev.multiprocessors().max(1),
+            dev,
+            device_name,
             error: Mutex::new(None),
             indices: Mutex::new(Vec::new()),
-            sm_count,
             scratch: Mutex::new(None),
             profile: Mutex::new(None),
             decode_graphs: AtomicBool::new(decode_graphs_from_env()?),
@@ -216,13 +198,14 @@ impl CudaBackend {
         std::mem::replace(&mut *lock(&self.flash_backward), variant)
     }
 
-    pub fn stream(&self) -> &Arc<CudaStream> {
-        &self.k.stream
-    }
-
     /// (free, total) bytes of device memory.
     pub fn memory_info(&self) -> Result<(usize, usize)> {
-        self.k.ctx.mem_get_info().context("cuMemGetInfo")
+        self.dev.memory_info()
+    }
+
+    /// Where the launchers' kernels run.
+    fn launcher(&self) -> &dyn Launcher {
+        &*self.dev
     }
 
     /// Runs one op unless an earlier one failed; records its error. While profiling, brackets
@@ -236,23 +219,15 @@ impl CudaBackend {
         let result = match profile.as_mut() {
             None => f(),
             Some(events) => (|| {
-                let start = self.timing_event()?;
+                let start = self.dev.timing_mark()?;
                 f()?;
-                events.push((op, start, self.timing_event()?));
+                events.push((op, start, self.dev.timing_mark()?));
                 Ok(())
             })(),
         };
         if let Err(e) = result {
             *error = Some(format!("CUDA {op}: {e:#}"));
         }
-    }
-
-    /// An event that records the stream's work so far, with timing.
-    fn timing_event(&self) -> Result<CudaEvent> {
-        self.k
-            .stream
-            .record_event(Some(drv_sys::CUevent_flags::CU_EVENT_DEFAULT))
-            .context("recording a timing event")
     }
 
     fn check_error(&self) -> Result<()> {
@@ -266,17 +241,15 @@ impl CudaBackend {
         let bytes = len
             .checked_mul(dtype.size())
             .context("buffer size overflows")?;
-        // SAFETY: the memory is written (memset or copy) before any read; see callers.
-        let mem = unsafe { self.k.stream.alloc::<u8>(bytes.max(1)) }.with_context(|| {
+        let mem = self.dev.alloc(bytes).with_context(|| {
             format!(
                 "allocating {:.1} MiB on the GPU (out of memory? use a smaller batch or model)",
                 bytes as f64 / (1u64 << 20) as f64
             )
         })?;
-        let (ptr, _) = mem.device_ptr(&self.k.stream);
         Ok(CudaBuf {
+            ptr: mem.ptr(),
             _mem: mem,
-            ptr,
             len,
             dtype,
         })
@@ -285,18 +258,27 @@ impl CudaBackend {
     fn zeros_of(&self, len: usize, dtype: DType) -> Result<CudaBuf> {
         let buf = self.alloc(len, dtype)?;
         // SAFETY: `buf` holds len * size bytes at `ptr`.
-        unsafe { self.k.fill_zero(buf.ptr, len * dtype.size()) }?;
+        unsafe { self.dev.fill_zero(buf.ptr, len * dtype.size()) }?;
         Ok(buf)
     }
 
-    fn upload_bytes<T>(&self, host: &[T], dtype: DType) -> Result<CudaBuf> {
+    fn upload_bytes<T: bytemuck::Pod>(&self, host: &[T], dtype: DType) -> Result<CudaBuf> {
+        debug_assert_eq!(std::mem::size_of::<T>(), dtype.size());
         let buf = self.alloc(host.len(), dtype)?;
-        self.k.ctx.bind_to_thread()?;
         // SAFETY: `buf` has room for host.len() elements of T (size_of::<T>() == dtype.size()).
-        // The copy is from pageable memory, so the driver has staged `host` before returning.
-        unsafe { drv::memcpy_htod_async(buf.ptr, host, self.k.stream.cu_stream()) }
-            .context("copying to the GPU")?;
+        unsafe { self.dev.copy_to_device(buf.ptr, bytemuck::cast_slice(host)) }?;
         Ok(buf)
+    }
+
+    /// A device copy of `host`, freed in the order of the device's work when dropped.
+    fn device_copy<T: bytemuck::Pod>(&self, host: &[T]) -> Result<Arc<dyn DeviceMemory>> {
+        let mem = self.dev.alloc(std::mem::size_of_val(host))?;
+        // SAFETY: `mem` holds size_of_val(host) bytes.
+        unsafe {
+            self.dev
+                .copy_to_device(mem.ptr(), bytemuck::cast_slice(host))
+        }?;
+        Ok(mem)
     }
 
     /// The device copy of an index array, uploaded unless one of the last few had these values.
@@ -318,18 +300,16 @@ impl CudaBackend {
             host.len()
         );
         let device = self
-            .k
-            .stream
-            .clone_htod(host)
+            .device_copy(host)
             .context("copying indices to the GPU")?;
-        let (ptr, _) = device.device_ptr(&self.k.stream);
+        let ptr = device.ptr();
         if cache.len() == INDEX_CACHE_ENTRIES {
             // Freed in stream order: kernels queued before still see it.
             cache.remove(0);
         }
         cache.push(DeviceIndices {
             host: host.to_vec(),
-            device: Arc::new(device),
+            device,
             ptr,
         });
         Ok(ptr)
@@ -396,54 +376,25 @@ impl CudaBackend {
         beta: f32,
         (c, c_dtype, ldc): (u64, DType, usize),
     ) -> Result<()> {
-        let int = |what, v: usize| super::launch::to_i32(op, what, v);
         // k = 0 is allowed: cuBLAS then only scales C by beta (a sum over nothing)
-        let (mi, ni, ki) = (int("m", m)?, int("n", n)?, int("k", k)?);
-        let (lda, ldb, ldc) = (
-            int("lda", lda.max(1))?,
-            int("ldb", ldb.max(1))?,
-            int("ldc", ldc.max(1))?,
-        );
-        let trans = |t: bool| {
-            if t {
-                blas_sys::cublasOperation_t::CUBLAS_OP_T
-            } else {
-                blas_sys::cublasOperation_t::CUBLAS_OP_N
-            }
+        let g = Gemm {
+            trans_a,
+            trans_b,
+            m,
+            n,
+            k,
+            a,
+            lda,
+            b,
+            ldb,
+            beta,
+            c,
+            c_dtype,
+            ldc,
         };
-        let c_type = match c_dtype {
-            DType::F32 => blas_sys::cudaDataType_t::CUDA_R_32F,
-            DType::Bf16 => blas_sys::cudaDataType_t::CUDA_R_16BF,
-        };
-        let alpha = 1.0f32;
-        self.k.ctx.bind_to_thread()?;
         // SAFETY: the callers checked that A, B and C hold the m, n, k the leading dimensions
-        // describe; alpha and beta are f32 as CUBLAS_COMPUTE_32F requires; the handle is bound
-        // to this backend's stream.
-        unsafe {
-            blas::gemm_ex(
-                *self.blas.handle(),
-                trans(trans_a),
-                trans(trans_b),
-                mi,
-                ni,
-                ki,
-                (&alpha) as *const f32 as *const _,
-                a as *const _,
-                blas_sys::cudaDataType_t::CUDA_R_16BF,
-                lda,
-                b as *const _,
-                blas_sys::cudaDataType_t::CUDA_R_16BF,
-                ldb,
-                (&beta) as *const f32 as *const _,
-                c as *mut _,
-                c_type,
-                ldc,
-                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )
-        }
-        .map_err(|e| anyhow!("cublasGemmEx for {op} (m {m}, n {n}, k {k}): {e:?}"))
+        // describe.
+        unsafe { self.dev.gemm(&g) }.with_context(|| format!("{op} (m {m}, n {n}, k {k})"))
     }
 
     /// The device copies (offsets, src_rows, dst_rows) of `RowGroups::new(index)` and the number
@@ -463,30 +414,6 @@ impl CudaBackend {
             .collect::<Result<_>>()?;
         self.indices(&rows)
     }
-}
-
-/// cuBLAS's workspace: 32 MiB, what its documentation recommends for Hopper.
-const BLAS_WORKSPACE_BYTES: usize = 32 << 20;
-
-/// Gives the cuBLAS handle a workspace of its own for every later call on `stream`.
-fn set_blas_workspace(blas: &CudaBlas, stream: &Arc<CudaStream>) -> Result<CudaSlice<u8>> {
-    let workspace = stream
-        .alloc_zeros::<u8>(BLAS_WORKSPACE_BYTES)
-        .context("allocating cuBLAS's workspace")?;
-    let (ptr, _) = workspace.device_ptr(stream);
-    // SAFETY: the handle is valid and runs on `stream`; the workspace lives as long as the
-    // backend, which owns both (dropped after the handle: field order).
-    let status = unsafe {
-        blas_sys::cublasSetWorkspace_v2(
-            *blas.handle(),
-            ptr as *mut std::ffi::c_void,
-            BLAS_WORKSPACE_BYTES,
-        )
-    };
-    if status != blas_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
-        bail!("cublasSetWorkspace: {status:?}");
-    }
-    Ok(workspace)
 }
 
 /// `THINKSHORT_CUDA_GRAPHS`: unset or 1 records decode steps as CUDA graphs, 0 runs them op by op.
@@ -513,31 +440,6 @@ fn parse_flash_backward(value: Option<&str>) -> Result<FlashBackward> {
             anyhow!("THINKSHORT_FLASH_BACKWARD must be split, fused or fused-wide, got {v:?}")
         }),
     }
-}
-
-/// Makes the device's stream-ordered memory pool keep freed blocks instead of returning them to
-/// the system at every synchronisation (its default threshold is 0): buffers of a repeated step
-/// then come from the pool, and a steady-state forward or training step does not call the
-/// system allocator.
-fn keep_freed_memory_cached(ctx: &Arc<CudaContext>) -> Result<()> {
-    use cudarc::driver::sys;
-    ctx.bind_to_thread()?;
-    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
-    let mut threshold: u64 = u64::MAX;
-    // SAFETY: plain driver calls on this context's device with valid out-pointers.
-    unsafe {
-        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
-            .result()
-            .context("cuDeviceGetDefaultMemPool")?;
-        sys::cuMemPoolSetAttribute(
-            pool,
-            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-            (&mut threshold) as *mut u64 as *mut _,
-        )
-        .result()
-        .context("cuMemPoolSetAttribute(RELEASE_THRESHOLD)")?;
-    }
-    Ok(())
 }
 
 /// Checks a view's type and size, naming the op and the argument.
@@ -651,18 +553,16 @@ impl Backend for CudaBackend {
             host.len(),
             dst.len
         );
-        self.k.ctx.bind_to_thread()?;
-        let stream = self.k.stream.cu_stream();
         // An asynchronous copy from pageable memory may return before the driver has read the
         // memory (CUDA documents staging before the return for the synchronous copy only), so
         // the copy is waited for before the staging buffer or `host` can change. The offloaded
         // optimizer downloads the next chunk next, which waits anyway.
         let mut staging = lock(&self.upload_staging);
         // SAFETY: the view holds dst.len values of its dtype, the size of one element of the
-        // slice copied, which is neither dropped nor changed until the stream has been
+        // slice copied, which is neither dropped nor changed until the device has been
         // synchronised below (the staging lock is held until then).
         let copied = match dst.dtype {
-            DType::F32 => unsafe { drv::memcpy_htod_async(dst.ptr, host, stream) },
+            DType::F32 => unsafe { self.dev.copy_to_device(dst.ptr, bytemuck::cast_slice(host)) },
             DType::Bf16 => {
                 if staging.len() < host.len() {
                     staging.resize(host.len(), bf16::ZERO);
@@ -672,10 +572,13 @@ impl Backend for CudaBackend {
                     .par_iter_mut()
                     .zip(host.par_iter())
                     .for_each(|(n, &v)| *n = bf16::from_f32(v));
-                unsafe { drv::memcpy_htod_async(dst.ptr, &*narrow, stream) }
+                unsafe {
+                    self.dev
+                        .copy_to_device(dst.ptr, bytemuck::cast_slice(&*narrow))
+                }
             }
         };
-        copied.context("copying to the GPU")?;
+        copied?;
         self.synchronize()
     }
 
@@ -686,15 +589,12 @@ impl Backend for CudaBackend {
             return Ok(host);
         }
         self.synchronize()?;
-        self.k.ctx.bind_to_thread()?;
         let mut host = vec![bf16::ZERO; buf.len];
-        // SAFETY: the view covers buf.len bf16 values; the copy is waited for below.
-        unsafe { drv::memcpy_dtoh_async(&mut host, buf.ptr, self.k.stream.cu_stream()) }
-            .context("copying from the GPU")?;
-        self.k
-            .stream
-            .synchronize()
-            .context("waiting for the copy from the GPU")?;
+        // SAFETY: the view covers buf.len bf16 values.
+        unsafe {
+            self.dev
+                .copy_to_host(bytemuck::cast_slice_mut(&mut host), buf.ptr)
+        }?;
         Ok(host.par_iter().map(|v| v.to_f32()).collect())
     }
 
@@ -710,14 +610,11 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         self.synchronize()?;
-        self.k.ctx.bind_to_thread()?;
-        // SAFETY: the view covers buf.len f32 values, dst as many; the copy is waited for below.
-        unsafe { drv::memcpy_dtoh_async(dst, buf.ptr, self.k.stream.cu_stream()) }
-            .context("copying from the GPU")?;
-        self.k
-            .stream
-            .synchronize()
-            .context("waiting for the copy from the GPU")
+        // SAFETY: the view covers buf.len f32 values, dst as many.
+        unsafe {
+            self.dev
+                .copy_to_host(bytemuck::cast_slice_mut(dst), buf.ptr)
+        }
     }
 
     fn start_op_profile(&self) -> bool {
@@ -730,18 +627,14 @@ impl Backend for CudaBackend {
         self.synchronize()?;
         let mut samples = Vec::with_capacity(events.len());
         for (op, start, end) in &events {
-            let ms = start.elapsed_ms(end).context("reading a timing event")?;
-            samples.push((*op, ms as f64 / 1e3));
+            samples.push((*op, self.dev.seconds_between(start, end)?));
         }
         Ok(summarize_ops(&samples))
     }
 
     fn synchronize(&self) -> Result<()> {
         self.check_error()?;
-        self.k
-            .stream
-            .synchronize()
-            .context("CUDA stream synchronize (an earlier kernel failed)")?;
+        self.dev.synchronize()?;
         self.check_error()
     }
 
@@ -790,7 +683,14 @@ impl Backend for CudaBackend {
             expect("out", out.dtype, out.len, DType::Bf16, ids.len() * dim)?;
             check_ids("token id", ids, vocab)?;
             let ids_ptr = self.indices(ids)?;
-            ops::embedding::embedding_forward(&self.k, out.ptr, table.ptr, ids_ptr, ids.len(), dim)
+            ops::embedding::embedding_forward(
+                self.launcher(),
+                out.ptr,
+                table.ptr,
+                ids_ptr,
+                ids.len(),
+                dim,
+            )
         })
     }
 
@@ -814,7 +714,7 @@ impl Backend for CudaBackend {
             check_ids("sampled row", rows, sampled.len)?;
             let rows_ptr = self.indices(rows)?;
             ops::embedding::embedding_forward_sampled(
-                &self.k,
+                self.launcher(),
                 out.ptr,
                 table.ptr,
                 sampled.ptr,
@@ -842,7 +742,7 @@ impl Backend for CudaBackend {
             expect("out", out.dtype, out.len, DType::Bf16, x.len)?;
             expect("weight", weight.dtype, weight.len, DType::Bf16, dim)?;
             ops::rmsnorm::add_rmsnorm_forward(
-                &self.k,
+                self.launcher(),
                 out.ptr,
                 x.ptr,
                 residual.ptr,
@@ -867,7 +767,15 @@ impl Backend for CudaBackend {
             let rows = rows_of("x", x.len, dim)?;
             expect("out", out.dtype, out.len, DType::Bf16, x.len)?;
             expect("weight", weight.dtype, weight.len, DType::Bf16, dim)?;
-            ops::rmsnorm::rmsnorm_forward(&self.k, out.ptr, x.ptr, weight.ptr, rows, dim, eps)
+            ops::rmsnorm::rmsnorm_forward(
+                self.launcher(),
+                out.ptr,
+                x.ptr,
+                weight.ptr,
+                rows,
+                dim,
+                eps,
+            )
         })
     }
 
@@ -906,7 +814,7 @@ impl Backend for CudaBackend {
             if let Some(bias) = bias {
                 expect("bias", bias.dtype, bias.len, DType::Bf16, n)?;
                 let out_f32 = out.dtype == DType::F32;
-                ops::elementwise::bias_add(&self.k, out.ptr, bias.ptr, m, n, out_f32)?;
+                ops::elementwise::bias_add(self.launcher(), out.ptr, bias.ptr, m, n, out_f32)?;
             }
             Ok(())
         })
@@ -950,7 +858,7 @@ impl Backend for CudaBackend {
             );
             let pos = self.positions(positions)?;
             ops::rope::qkv_rope_forward(
-                &self.k,
+                self.launcher(),
                 (q.ptr, k.ptr, v.ptr),
                 biases,
                 pos,
@@ -985,7 +893,7 @@ impl Backend for CudaBackend {
                 kv_dim,
             )?;
             ops::kv_cache::kv_cache_write(
-                &self.k,
+                self.launcher(),
                 cache_k.ptr,
                 cache_v.ptr,
                 k.ptr,
@@ -1012,7 +920,14 @@ impl Backend for CudaBackend {
             let cache = (dcache.dtype, dcache.len);
             let (slots, positions) = self.cache_placement(place, cache, cache, capacity, kv_dim)?;
             ops::kv_cache::kv_cache_gather(
-                &self.k, dx.ptr, dcache.ptr, slots, positions, m, capacity, kv_dim,
+                self.launcher(),
+                dx.ptr,
+                dcache.ptr,
+                slots,
+                positions,
+                m,
+                capacity,
+                kv_dim,
             )
         })
     }
@@ -1076,7 +991,11 @@ impl Backend for CudaBackend {
                         head_dim,
                     };
                     ops::flash_attention::flash_attention_forward(
-                        &self.k, &problem, variant, out.ptr, lse_ptr,
+                        self.launcher(),
+                        &problem,
+                        variant,
+                        out.ptr,
+                        lse_ptr,
                     )
                 }
                 AttentionKernel::Decode => {
@@ -1106,7 +1025,7 @@ impl Backend for CudaBackend {
                         head_dim,
                     };
                     ops::decode_attention::decode_attention(
-                        &self.k,
+                        self.launcher(),
                         &problem,
                         out.ptr,
                         lse_ptr,
@@ -1115,7 +1034,7 @@ impl Backend for CudaBackend {
                     )
                 }
                 AttentionKernel::Simple => ops::attention::attention_forward(
-                    &self.k,
+                    self.launcher(),
                     out.ptr,
                     lse_ptr,
                     q.ptr,
@@ -1138,7 +1057,7 @@ impl Backend for CudaBackend {
             expect_bf16("out", out.dtype)?;
             expect("gate", gate.dtype, gate.len, DType::Bf16, out.len)?;
             expect("up", up.dtype, up.len, DType::Bf16, out.len)?;
-            ops::elementwise::swiglu_forward(&self.k, out.ptr, gate.ptr, up.ptr, out.len)
+            ops::elementwise::swiglu_forward(self.launcher(), out.ptr, gate.ptr, up.ptr, out.len)
         })
     }
 
@@ -1146,7 +1065,7 @@ impl Backend for CudaBackend {
         self.run("residual_add", || {
             expect_bf16("x", x.dtype)?;
             expect("y", y.dtype, y.len, DType::Bf16, x.len)?;
-            ops::elementwise::residual_add(&self.k, x.ptr, y.ptr, x.len)
+            ops::elementwise::residual_add(self.launcher(), x.ptr, y.ptr, x.len)
         })
     }
 
@@ -1159,14 +1078,14 @@ impl Backend for CudaBackend {
                 bail!("row {bad} out of range (x has {x_rows} rows)");
             }
             let rows_ptr = self.row_indices(rows)?;
-            ops::embedding::gather_rows(&self.k, out.ptr, x.ptr, rows_ptr, rows.len(), dim)
+            ops::embedding::gather_rows(self.launcher(), out.ptr, x.ptr, rows_ptr, rows.len(), dim)
         })
     }
 
     fn fill_zero(&self, out: CudaViewMut<'_>) {
         self.run("fill_zero", || {
             // SAFETY: the view covers len elements of its dtype.
-            unsafe { self.k.fill_zero(out.ptr, out.len * out.dtype.size()) }
+            unsafe { self.dev.fill_zero(out.ptr, out.len * out.dtype.size()) }
         })
     }
 
@@ -1179,23 +1098,24 @@ impl Backend for CudaBackend {
                 src.len
             );
             match (dst.dtype, src.dtype) {
-                (DType::F32, DType::Bf16) => {
-                    ops::elementwise::convert_bf16_to_f32(&self.k, dst.ptr, src.ptr, src.len)
-                }
-                (DType::Bf16, DType::F32) => {
-                    ops::elementwise::convert_f32_to_bf16(&self.k, dst.ptr, src.ptr, src.len)
-                }
+                (DType::F32, DType::Bf16) => ops::elementwise::convert_bf16_to_f32(
+                    self.launcher(),
+                    dst.ptr,
+                    src.ptr,
+                    src.len,
+                ),
+                (DType::Bf16, DType::F32) => ops::elementwise::convert_f32_to_bf16(
+                    self.launcher(),
+                    dst.ptr,
+                    src.ptr,
+                    src.len,
+                ),
                 (d, _) => {
                     // SAFETY: both views cover len elements of the same dtype.
                     unsafe {
-                        drv::memcpy_dtod_async(
-                            dst.ptr,
-                            src.ptr,
-                            src.len * d.size(),
-                            self.k.stream.cu_stream(),
-                        )
+                        self.dev
+                            .copy_on_device(dst.ptr, src.ptr, src.len * d.size())
                     }
-                    .context("cuMemcpyDtoDAsync")
                 }
             }
         })
@@ -1226,7 +1146,7 @@ impl Backend for CudaBackend {
             check_ids("target", targets, vocab)?;
             let t = self.indices(targets)?;
             ops::logprob::logprob_forward(
-                &self.k,
+                self.launcher(),
                 logp.ptr,
                 entropy.ptr,
                 logits.ptr,
@@ -1279,7 +1199,7 @@ impl Backend for CudaBackend {
                 },
             };
             ops::sampling::sample_tokens(
-                &self.k,
+                self.launcher(),
                 out.ptr,
                 logp.ptr,
                 logits.ptr,
@@ -1405,7 +1325,12 @@ impl TrainBackend for CudaBackend {
                 dq_acc,
                 turns,
             };
-            ops::flash_attention::flash_attention_backward(&self.k, &problem, &grads, variant)
+            ops::flash_attention::flash_attention_backward(
+                self.launcher(),
+                &problem,
+                &grads,
+                variant,
+            )
         })
     }
 
@@ -1436,7 +1361,7 @@ impl TrainBackend for CudaBackend {
             check_ids("target", targets, vocab)?;
             let targets_ptr = self.indices(targets)?;
             ops::logprob::logprob_backward(
-                &self.k,
+                self.launcher(),
                 dlogits.ptr,
                 dlogp.ptr,
                 logits.ptr,
@@ -1475,7 +1400,7 @@ impl TrainBackend for CudaBackend {
                 if n == 0 && dx_write == GradWrite::Overwrite {
                     // an empty product: dx = 0 (cuBLAS would not touch it)
                     // SAFETY: dx covers m * k bf16.
-                    unsafe { self.k.fill_zero(dx.ptr, 2 * dx.len) }?;
+                    unsafe { self.dev.fill_zero(dx.ptr, 2 * dx.len) }?;
                 }
             }
             if m == 0 || n == 0 || k == 0 {
@@ -1519,7 +1444,14 @@ impl TrainBackend for CudaBackend {
             let m = rows_of("dout", dout.len, dbias.len)?;
             let partials =
                 self.scratch_f32(ops::elementwise::bias_backward_scratch(m, dbias.len))?;
-            ops::elementwise::bias_backward(&self.k, dbias.ptr, dout.ptr, m, dbias.len, partials)
+            ops::elementwise::bias_backward(
+                self.launcher(),
+                dbias.ptr,
+                dout.ptr,
+                m,
+                dbias.len,
+                partials,
+            )
         })
     }
 
@@ -1543,7 +1475,7 @@ impl TrainBackend for CudaBackend {
             expect("dweight", dweight.dtype, dweight.len, DType::F32, dim)?;
             let partials = self.scratch_f32(ops::rmsnorm::rmsnorm_backward_scratch(rows, dim))?;
             ops::rmsnorm::rmsnorm_backward(
-                &self.k,
+                self.launcher(),
                 (dx.ptr, dx_write == GradWrite::Add),
                 dweight.ptr,
                 dout.ptr,
@@ -1576,7 +1508,15 @@ impl TrainBackend for CudaBackend {
                 head_dim / 2,
             )?;
             let pos = self.indices(positions)?;
-            ops::rope::rope_backward(&self.k, dx.ptr, pos, inv_freq.ptr, m, n_heads, head_dim)
+            ops::rope::rope_backward(
+                self.launcher(),
+                dx.ptr,
+                pos,
+                inv_freq.ptr,
+                m,
+                n_heads,
+                head_dim,
+            )
         })
     }
 
@@ -1600,7 +1540,13 @@ impl TrainBackend for CudaBackend {
                 expect(arg, dtype, len, DType::Bf16, n)?;
             }
             ops::elementwise::swiglu_backward(
-                &self.k, dgate.ptr, dup.ptr, dout.ptr, gate.ptr, up.ptr, n,
+                self.launcher(),
+                dgate.ptr,
+                dup.ptr,
+                dout.ptr,
+                gate.ptr,
+                up.ptr,
+                n,
             )
         })
     }
@@ -1622,7 +1568,14 @@ impl TrainBackend for CudaBackend {
             expect("dout", dout.dtype, dout.len, DType::Bf16, ids.len() * dim)?;
             check_ids("token id", ids, vocab)?;
             let (groups, count) = self.row_groups(ids)?;
-            ops::embedding::embedding_backward(&self.k, dtable.ptr, dout.ptr, groups, count, dim)
+            ops::embedding::embedding_backward(
+                self.launcher(),
+                dtable.ptr,
+                dout.ptr,
+                groups,
+                count,
+                dim,
+            )
         })
     }
 
@@ -1642,7 +1595,7 @@ impl TrainBackend for CudaBackend {
             }
             let index: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
             let (groups, count) = self.row_groups(&index)?;
-            ops::embedding::scatter_add_rows(&self.k, dx.ptr, dout.ptr, groups, count, dim)
+            ops::embedding::scatter_add_rows(self.launcher(), dx.ptr, dout.ptr, groups, count, dim)
         })
     }
 
@@ -1717,7 +1670,14 @@ impl TrainBackend for CudaBackend {
                 old_logp,
                 ref_logp,
             };
-            ops::policy_loss::policy_loss_backward(&self.k, &args, r, vocab, temperature, loss)
+            ops::policy_loss::policy_loss_backward(
+                self.launcher(),
+                &args,
+                r,
+                vocab,
+                temperature,
+                loss,
+            )
         })
     }
 
@@ -1736,12 +1696,10 @@ impl TrainBackend for CudaBackend {
             }
             // Freed in stream order when dropped, after the kernel has read it.
             let device = self
-                .k
-                .stream
-                .clone_htod(rewards)
+                .device_copy(rewards)
                 .context("copying rewards to the GPU")?;
-            let (ptr, _) = device.device_ptr(&self.k.stream);
-            ops::advantage::group_advantages(&self.k, out.ptr, ptr, n, group_size, opts)
+            let ptr = device.ptr();
+            ops::advantage::group_advantages(self.launcher(), out.ptr, ptr, n, group_size, opts)
         })
     }
 
@@ -1750,7 +1708,7 @@ impl TrainBackend for CudaBackend {
             expect("out", out.dtype, out.len, DType::F32, 2 * cols)?;
             let rows = rows_of("x", x.len, cols)?;
             expect("x", x.dtype, x.len, DType::F32, x.len)?;
-            ops::optimizer::column_sums(&self.k, out.ptr, x.ptr, rows, cols)
+            ops::optimizer::column_sums(self.launcher(), out.ptr, x.ptr, rows, cols)
         })
     }
 
@@ -1761,7 +1719,7 @@ impl TrainBackend for CudaBackend {
             // f64 partial sums in the f32 scratch: two floats each (allocations are 256-byte
             // aligned, so the doubles are aligned).
             let partials = self.scratch_f32(2 * ops::optimizer::SUM_SQUARES_BLOCKS)?;
-            ops::optimizer::sum_squares(&self.k, out.ptr, x.ptr, x.len, partials)
+            ops::optimizer::sum_squares(self.launcher(), out.ptr, x.ptr, x.len, partials)
         })
     }
 
@@ -1782,7 +1740,14 @@ impl TrainBackend for CudaBackend {
             expect("v", v.dtype, v.len, DType::F32, n)?;
             expect("grads", grads.dtype, grads.len, DType::F32, n)?;
             ops::optimizer::adamw_step(
-                &self.k, params.ptr, master.ptr, m.ptr, v.ptr, grads.ptr, n, step,
+                self.launcher(),
+                params.ptr,
+                master.ptr,
+                m.ptr,
+                v.ptr,
+                grads.ptr,
+                n,
+                step,
             )
         })
     }

@@ -10,6 +10,7 @@
 
 pub mod attention_plan;
 pub mod backend;
+pub mod device;
 pub mod launch;
 pub mod ops;
 

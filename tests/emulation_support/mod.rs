@@ -3,6 +3,8 @@
 //! the relative-error check `selfcheck` uses.
 #![allow(dead_code)] // each test file uses its own subset
 
+pub mod emulated_device;
+
 use std::cell::RefCell;
 
 use anyhow::anyhow;

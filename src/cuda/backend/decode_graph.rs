@@ -20,12 +20,11 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use anyhow::{anyhow, bail, Context, Result};
-use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode, CUstreamCaptureStatus};
-use cudarc::driver::{CudaGraph, CudaSlice, DevicePtr};
+use anyhow::{bail, Context, Result};
 
 use super::{lock, CudaBackend, CudaBuf};
 use crate::backend::TokenPlacement;
+use crate::cuda::device::{DeviceGraph, DeviceMemory};
 use crate::cuda::ops;
 
 /// Failed recordings after which a decode loop runs the rest of its steps op by op.
@@ -42,12 +41,12 @@ pub struct CudaDecodeGraph {
 
 /// A recorded step. Fields drop in order: the graph before the buffers it reads.
 struct Recording {
-    graph: CudaGraph,
+    graph: Box<dyn DeviceGraph>,
     slots: Vec<u32>,
     /// The positions of the step the next replay runs.
     next_positions: Vec<u32>,
     /// The positions the graph's kernels read and its last kernel advances: [M] u32.
-    _positions: CudaSlice<u32>,
+    _positions: Arc<dyn DeviceMemory>,
     /// The index arrays and scratch the graph reads.
     _inputs: RecordedInputs,
 }
@@ -57,7 +56,7 @@ struct Recording {
 pub(in crate::cuda) struct RecordedInputs {
     /// The step's positions (host values) and the recording's device copy of them.
     pub positions: (Vec<u32>, u64),
-    pub indices: Vec<Arc<CudaSlice<u32>>>,
+    pub indices: Vec<Arc<dyn DeviceMemory>>,
     pub scratch: Vec<Arc<CudaBuf>>,
 }
 
@@ -149,18 +148,13 @@ impl CudaBackend {
         let m = place.positions.len();
         // The recording's positions, uploaded outside it.
         let positions = self
-            .k
-            .stream
-            .clone_htod(&place.positions)
+            .device_copy(&place.positions)
             .context("copying a decode step's positions to the GPU")?;
-        let (positions_ptr, _) = positions.device_ptr(&self.k.stream);
+        let positions_ptr = positions.ptr();
 
-        let began = self
-            .k
-            .stream
-            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL);
+        let began = self.dev.begin_recording();
         let capture_began = began.is_ok();
-        let mut outcome = began.map_err(|e| anyhow!("cuStreamBeginCapture: {e:?}"));
+        let mut outcome = began;
         let mut inputs = None;
         if capture_began {
             *lock(&self.recording) = Some(RecordedInputs {
@@ -170,29 +164,25 @@ impl CudaBackend {
             });
             outcome = step()
                 .and_then(|()| self.check_error())
-                .and_then(|()| ops::kv_cache::advance_positions(&self.k, positions_ptr, m));
+                .and_then(|()| ops::kv_cache::advance_positions(self.launcher(), positions_ptr, m));
             inputs = lock(&self.recording).take();
         }
         // Errors that cudarc kept from buffers freed on a capture that had failed: taken now,
         // or end_capture would return one of them without ending the capture.
-        let driver_error = self.k.ctx.check_err().err();
+        let driver_error = self.dev.take_deferred_error();
         let ended = if capture_began {
-            self.k
-                .stream
-                .end_capture(CUgraphInstantiate_flags(0))
-                .map_err(|e| anyhow!("cuStreamEndCapture / cuGraphInstantiate: {e:?}"))
+            self.dev.end_recording()
         } else {
             Ok(None)
         };
         // Errors of ops queued while recording: none of them ran.
         let op_error = lock(&self.error).take();
-        let status = self
-            .k
-            .stream
-            .capture_status()
-            .context("querying the stream's capture status after recording a decode step")?;
-        if status != CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE {
-            bail!("the CUDA stream is still capturing after recording a decode step ({status:?})");
+        let still_recording = self
+            .dev
+            .recording()
+            .context("after recording a decode step")?;
+        if still_recording {
+            bail!("the CUDA stream is still capturing after recording a decode step");
         }
 
         let reason = match (outcome, ended, op_error, driver_error, inputs) {
@@ -207,7 +197,7 @@ impl CudaBackend {
             }
             (_, _, Some(op_error), _, _) => op_error,
             (Err(e), _, _, _, _) | (_, Err(e), _, _, _) => format!("{e:#}"),
-            (_, _, _, Some(e), _) => format!("{e:?}"),
+            (_, _, _, Some(e), _) => e,
             (_, Ok(None), _, _, _) => "the capture recorded nothing".to_string(),
             (_, _, _, _, None) => "the recorded inputs went missing".to_string(),
         };

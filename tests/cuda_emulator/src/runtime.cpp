@@ -1,6 +1,6 @@
-// The emulator's scheduler: every emulated GPU thread of a block is a fiber (ucontext) on one
-// host thread, run until it reaches a barrier (__syncthreads or a warp collective) or returns;
-// blocks run one after another. See include/cuda_emulation.h for what is emulated.
+// The emulator's scheduler: every emulated GPU thread of a block is a fiber on one host thread,
+// run until it reaches a barrier (__syncthreads or a warp collective) or returns; blocks run one
+// after another. See include/cuda_emulation.h for what is emulated.
 
 #include "cuda_emulation.h"
 
@@ -19,13 +19,87 @@ namespace {
 
 constexpr size_t STACK_BYTES = 256 * 1024;
 
+// A fiber's saved execution state, and switching between two of them. On x86-64 a switch saves
+// the callee-saved registers and the floating-point control words on the stack and swaps stack
+// pointers (what a function call may not change); ucontext's swapcontext also saves the signal
+// mask with a system call at every switch, which was most of the emulator's time.
+#if defined(__x86_64__) && defined(__ELF__)
+extern "C" void emu_switch_stack(void** save_sp, void* load_sp);
+asm(R"(
+    .text
+    .p2align 4
+    .globl emu_switch_stack
+    .type emu_switch_stack, @function
+emu_switch_stack:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    subq $8, %rsp
+    stmxcsr (%rsp)
+    fnstcw 4(%rsp)
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    ldmxcsr (%rsp)
+    fldcw 4(%rsp)
+    addq $8, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size emu_switch_stack, .-emu_switch_stack
+)");
+
+struct Context {
+    void* sp = nullptr;
+};
+
+// Makes `c` start `entry` (which never returns) on the stack [stack, stack + bytes) when first
+// switched to: emu_switch_stack's frame with the current control words, `entry` as its return
+// address, and below the stack top a zero return address for `entry` itself (so `entry` starts
+// with the stack alignment of a called function).
+void context_init(Context& c, unsigned char* stack, size_t bytes, void (*entry)()) {
+    uintptr_t top = ((uintptr_t)(stack + bytes)) & ~(uintptr_t)15;
+    uint64_t* sp = (uint64_t*)top;
+    *--sp = 0;                // entry's return address: never used
+    *--sp = (uint64_t)entry;  // emu_switch_stack returns here
+    for (int i = 0; i < 6; i++) { *--sp = 0; }  // rbp, rbx, r12..r15
+    uint32_t control[2];
+    asm volatile("stmxcsr %0" : "=m"(control[0]));
+    asm volatile("fnstcw %0" : "=m"(control[1]));
+    memcpy(--sp, control, 8);
+    c.sp = sp;
+}
+
+void context_switch(Context& from, Context& to) { emu_switch_stack(&from.sp, to.sp); }
+#else
+struct Context {
+    ucontext_t uc;
+};
+
+void context_init(Context& c, unsigned char* stack, size_t bytes, void (*entry)()) {
+    getcontext(&c.uc);
+    c.uc.uc_stack.ss_sp = stack;
+    c.uc.uc_stack.ss_size = bytes;
+    c.uc.uc_link = nullptr;
+    makecontext(&c.uc, entry, 0);
+}
+
+void context_switch(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
+#endif
+
 struct PendingCopy {
     unsigned char* dst;
     unsigned char bytes[16];
 };
 
 struct Fiber {
-    ucontext_t context;
+    Context context;
     Coords coords;
     bool done = false;
     // waiting while *wait_generation == wait_value
@@ -54,14 +128,13 @@ struct Launch {
     std::vector<Fiber> fibers;
     std::vector<Warp> warps;
     Block block;
-    ucontext_t scheduler;
+    Context scheduler;
     Fiber* running = nullptr;
     unsigned char* shared = nullptr;  // dynamic shared memory: shared_bytes, then an unmapped page
     size_t shared_bytes = 0;
     unsigned char* shared_mapping = nullptr;
     size_t shared_mapping_bytes = 0;
-    unsigned char* stacks = nullptr;
-    size_t stacks_bytes = 0;
+    unsigned char* stacks = nullptr;  // the fibers' stacks, each above an unmapped guard page
     void (*kernel)(void*) = nullptr;
     void* kernel_context = nullptr;
     std::string error;
@@ -70,11 +143,32 @@ struct Launch {
 Launch* launch_state = nullptr;
 std::mutex launch_lock;  // kernels' __shared__ variables are process-wide statics
 
+// Stacks for up to `stack_count` fibers, kept from launch to launch (under launch_lock).
+unsigned char* stack_mapping = nullptr;
+size_t stack_count = 0;
+
+// Stacks for `threads` fibers, each above an unmapped guard page; nullptr if mmap failed.
+unsigned char* fiber_stacks(size_t threads) {
+    if (threads <= stack_count) { return stack_mapping; }
+    if (stack_mapping != nullptr) { munmap(stack_mapping, stack_count * STACK_BYTES); }
+    stack_count = 0;
+    void* s = mmap(nullptr, threads * STACK_BYTES, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (s == MAP_FAILED) {
+        stack_mapping = nullptr;
+        return nullptr;
+    }
+    stack_mapping = static_cast<unsigned char*>(s);
+    stack_count = threads;
+    const size_t page = (size_t)getpagesize();
+    for (size_t i = 0; i < threads; i++) { mprotect(stack_mapping + i * STACK_BYTES, page, PROT_NONE); }
+    return stack_mapping;
+}
+
 Launch& state() { return *launch_state; }
 
 void switch_to_scheduler() {
     Launch& l = state();
-    swapcontext(&l.running->context, &l.scheduler);
+    context_switch(l.running->context, l.scheduler);
 }
 
 void wait_for(const uint64_t* generation, uint64_t value) {
@@ -121,12 +215,9 @@ bool run_block(Launch& l, uint3 block_idx, dim3 grid, dim3 block) {
         f.coords.block_idx = block_idx;
         f.coords.block_dim = block;
         f.coords.grid_dim = grid;
-        getcontext(&f.context);
-        // each stack sits above an unmapped guard page
-        f.context.uc_stack.ss_sp = l.stacks + (size_t)i * STACK_BYTES + getpagesize();
-        f.context.uc_stack.ss_size = STACK_BYTES - (size_t)getpagesize();
-        f.context.uc_link = nullptr;
-        makecontext(&f.context, fiber_main, 0);
+        const size_t page = (size_t)getpagesize();
+        context_init(f.context, l.stacks + (size_t)i * STACK_BYTES + page, STACK_BYTES - page,
+                     fiber_main);
     }
     // Each warp runs as far as it can (until its lanes wait at __syncthreads or return) before
     // the next one starts, first to last and then last to first, starting the other way round in
@@ -150,7 +241,7 @@ bool run_block(Launch& l, uint3 block_idx, dim3 grid, dim3 block) {
                     f.wait_generation = nullptr;
                     l.running = &f;
                     current = &f.coords;
-                    swapcontext(&l.scheduler, &f.context);
+                    context_switch(l.scheduler, f.context);
                     progressed = warp_progressed = true;
                     if (!l.error.empty()) {
                         l.error = coords_text(f) + ": " + l.error;
@@ -322,16 +413,13 @@ extern "C" int emu_launch(unsigned grid_x, unsigned grid_y, unsigned grid_z, uns
         const size_t rounded = (shared_bytes + 15) / 16 * 16;
         l.shared_mapping_bytes = (rounded + page - 1) / page * page + page;
         void* m = mmap(nullptr, l.shared_mapping_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-        l.stacks_bytes = threads * emu::STACK_BYTES;
-        void* s = mmap(nullptr, l.stacks_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-        if (m == MAP_FAILED || s == MAP_FAILED) {
+        l.stacks = emu::fiber_stacks(threads);
+        if (m == MAP_FAILED || l.stacks == nullptr) {
             message = "mmap failed";
         } else {
             l.shared_mapping = static_cast<unsigned char*>(m);
-            l.stacks = static_cast<unsigned char*>(s);
             unsigned char* guard_page = l.shared_mapping + l.shared_mapping_bytes - page;
             mprotect(guard_page, page, PROT_NONE);
-            for (size_t i = 0; i < threads; i++) { mprotect(l.stacks + i * emu::STACK_BYTES, page, PROT_NONE); }
             l.shared = guard_page - rounded;
             l.shared_bytes = shared_bytes;
             emu::launch_state = &l;
@@ -356,7 +444,6 @@ extern "C" int emu_launch(unsigned grid_x, unsigned grid_y, unsigned grid_z, uns
             emu::current = nullptr;
         }
         if (m != MAP_FAILED) { munmap(m, l.shared_mapping_bytes); }
-        if (s != MAP_FAILED) { munmap(s, l.stacks_bytes); }
     }
     if (message.empty()) { return 0; }
     if (error_len > 0) {

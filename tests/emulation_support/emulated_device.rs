@@ -1,0 +1,375 @@
+//! A [`Device`] on the CPU, so that the whole `CudaBackend` runs in the tests: kernels run on the
+//! emulator (tests/cuda_emulator), device memory is host memory, GEMMs are a plain f32 loop with
+//! cuBLAS's contract, and a recording keeps its work (and the memory it touches) to run again.
+//!
+//! Work runs when it is queued, so every later piece sees it, as on one stream. New memory is
+//! filled with 0xFF bytes (NaN in bf16 and f32), so a read before any write shows. The device
+//! counts its live bytes and their peak (as `bench step` reads the pool's high-water mark), so a
+//! test can hold the memory estimate against the backend's real allocations. What a
+//! recording needs of memory is what a CUDA graph gets: memory allocated or freed while recording
+//! stays at its address until the recording is dropped. As on a capturing CUDA stream, copies
+//! between host and device and waiting are errors while recording.
+
+use std::alloc::{alloc, dealloc, Layout};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, ensure, Result};
+use half::bf16;
+use rayon::prelude::*;
+use thinkshort::cuda::backend::DType;
+use thinkshort::cuda::device::{Device, DeviceGraph, DeviceMemory, Gemm, TimingMark};
+use thinkshort::cuda::launch::{KernelLaunch, Launcher};
+
+use super::Emulator;
+
+/// Device memory's alignment, as cudaMalloc's.
+const ALIGN: usize = 256;
+
+/// Total memory the emulated device reports.
+const MEMORY_BYTES: usize = 4 << 30;
+
+/// Bytes allocated and not yet freed, and their highest value since the last reset.
+#[derive(Default)]
+struct Usage {
+    live: AtomicUsize,
+    peak: AtomicUsize,
+}
+
+/// One piece of queued work.
+#[derive(Clone)]
+enum Work {
+    Launch(KernelLaunch),
+    Fill { ptr: u64, bytes: usize },
+    Copy { dst: u64, src: u64, bytes: usize },
+    Gemm(Gemm),
+}
+
+/// What is being recorded: the work, the memory allocated meanwhile (kept alive with the graph)
+/// and the allocations freed meanwhile (released with the graph).
+#[derive(Default)]
+struct Recording {
+    work: Vec<Work>,
+    allocated: Vec<Arc<dyn DeviceMemory>>,
+    freed: Vec<Allocation>,
+}
+
+/// A host allocation standing for device memory.
+struct Allocation {
+    ptr: *mut u8,
+    layout: Layout,
+}
+
+// SAFETY: the allocation is plain memory owned by this value.
+unsafe impl Send for Allocation {}
+
+impl Drop for Allocation {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `EmulatedDevice::alloc` with this layout, freed once.
+        unsafe { dealloc(self.ptr, self.layout) }
+    }
+}
+
+type Shared = Arc<Mutex<Option<Recording>>>;
+
+fn lock(m: &Mutex<Option<Recording>>) -> MutexGuard<'_, Option<Recording>> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+struct HostMemory {
+    allocation: Option<Allocation>,
+    /// The device's recording state: memory dropped while recording goes to the recording.
+    recording: Shared,
+    usage: Arc<Usage>,
+}
+
+impl DeviceMemory for HostMemory {
+    fn ptr(&self) -> u64 {
+        self.allocation.as_ref().expect("alive").ptr as u64
+    }
+}
+
+impl Drop for HostMemory {
+    fn drop(&mut self) {
+        let allocation = self.allocation.take().expect("dropped once");
+        self.usage
+            .live
+            .fetch_sub(allocation.layout.size(), Ordering::Relaxed);
+        if let Some(rec) = lock(&self.recording).as_mut() {
+            rec.freed.push(allocation);
+        }
+    }
+}
+
+// SAFETY: the memory's address is plain data; the recording state is behind a mutex.
+unsafe impl Sync for HostMemory {}
+
+/// The CPU standing for one GPU with `multiprocessors` SMs.
+pub struct EmulatedDevice {
+    multiprocessors: usize,
+    recording: Shared,
+    usage: Arc<Usage>,
+}
+
+impl EmulatedDevice {
+    pub fn new(multiprocessors: usize) -> Self {
+        EmulatedDevice {
+            multiprocessors,
+            recording: Arc::new(Mutex::new(None)),
+            usage: Arc::default(),
+        }
+    }
+
+    /// Bytes of device memory allocated and not freed.
+    pub fn live_bytes(&self) -> usize {
+        self.usage.live.load(Ordering::Relaxed)
+    }
+
+    /// The most bytes live at once since the last [`EmulatedDevice::reset_peak`].
+    pub fn peak_bytes(&self) -> usize {
+        self.usage.peak.load(Ordering::Relaxed)
+    }
+
+    /// Starts a new peak at the bytes live now.
+    pub fn reset_peak(&self) {
+        self.usage.peak.store(self.live_bytes(), Ordering::Relaxed);
+    }
+
+    /// Runs `work`, or records it while recording.
+    fn queue(&self, work: Work) -> Result<()> {
+        if let Some(rec) = lock(&self.recording).as_mut() {
+            rec.work.push(work);
+            return Ok(());
+        }
+        // SAFETY: the Device contract of whoever queued it.
+        unsafe { run(&work) }
+    }
+
+    fn refuse_while_recording(&self, what: &str) -> Result<()> {
+        ensure!(
+            lock(&self.recording).is_none(),
+            "{what} while recording (not allowed on a capturing CUDA stream)"
+        );
+        Ok(())
+    }
+}
+
+/// Runs one piece of work now.
+///
+/// # Safety
+/// Its pointers are live host memory of the sizes it touches.
+unsafe fn run(work: &Work) -> Result<()> {
+    // SAFETY: the caller's contract, for each kind of work.
+    unsafe {
+        match work {
+            Work::Launch(l) => Emulator.launch(l),
+            Work::Fill { ptr, bytes } => Emulator.fill_zero(*ptr, *bytes),
+            Work::Copy { dst, src, bytes } => {
+                std::ptr::copy_nonoverlapping(*src as *const u8, *dst as *mut u8, *bytes);
+                Ok(())
+            }
+            Work::Gemm(g) => gemm(g),
+        }
+    }
+}
+
+/// cuBLAS GemmEx on the CPU: column-major C = op(A) · op(B) + beta · C, f32 sums of the bf16
+/// operands, C read only when beta ≠ 0.
+///
+/// # Safety
+/// A, B and C hold what the sizes and leading dimensions say.
+unsafe fn gemm(g: &Gemm) -> Result<()> {
+    let (m, n, k) = (g.m, g.n, g.k);
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    // op(A) as m rows of k, op(B) as n columns of k, widened to f32 once.
+    let widen = |ptr: u64, ld: usize, rows: usize, trans: bool| -> Vec<f32> {
+        let mut out = vec![0f32; rows * k];
+        for r in 0..rows {
+            for p in 0..k {
+                let at = if trans { p + r * ld } else { r + p * ld };
+                // SAFETY: the caller's contract: the operand holds what its ld and sizes say.
+                out[r * k + p] = unsafe { *(ptr as *const bf16).add(at) }.to_f32();
+            }
+        }
+        out
+    };
+    let a = widen(g.a, g.lda, m, g.trans_a);
+    // op(B)[p, j] is B[j + p·ldb] when transposed, B[p + j·ldb] when not: the other way round
+    let b = widen(g.b, g.ldb, n, !g.trans_b);
+    let columns: Vec<Vec<f32>> = (0..n)
+        .into_par_iter()
+        .map(|j| {
+            let column = &b[j * k..(j + 1) * k];
+            (0..m)
+                .map(|i| {
+                    let row = &a[i * k..(i + 1) * k];
+                    row.iter().zip(column).map(|(x, y)| x * y).sum()
+                })
+                .collect()
+        })
+        .collect();
+    for (j, column) in columns.iter().enumerate() {
+        for (i, &sum) in column.iter().enumerate() {
+            let at = i + j * g.ldc;
+            // SAFETY: the caller's contract: C holds ldc × n elements of its type.
+            unsafe {
+                match g.c_dtype {
+                    DType::F32 => {
+                        let c = (g.c as *mut f32).add(at);
+                        *c = if g.beta == 0.0 {
+                            sum
+                        } else {
+                            sum + g.beta * *c
+                        };
+                    }
+                    DType::Bf16 => {
+                        let c = (g.c as *mut bf16).add(at);
+                        let old = if g.beta == 0.0 {
+                            0.0
+                        } else {
+                            g.beta * (*c).to_f32()
+                        };
+                        *c = bf16::from_f32(sum + old);
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+impl Launcher for EmulatedDevice {
+    unsafe fn launch(&self, l: &KernelLaunch) -> Result<()> {
+        self.queue(Work::Launch(l.clone()))
+    }
+
+    unsafe fn fill_zero(&self, ptr: u64, bytes: usize) -> Result<()> {
+        self.queue(Work::Fill { ptr, bytes })
+    }
+}
+
+impl Device for EmulatedDevice {
+    fn alloc(&self, bytes: usize) -> Result<Arc<dyn DeviceMemory>> {
+        let layout = Layout::from_size_align(bytes.max(1), ALIGN)?;
+        // SAFETY: the layout's size is at least 1.
+        let ptr = unsafe { alloc(layout) };
+        if ptr.is_null() {
+            bail!("the host could not allocate {bytes} bytes");
+        }
+        // SAFETY: `ptr` holds layout.size() bytes.
+        unsafe { std::ptr::write_bytes(ptr, 0xFF, layout.size()) };
+        let live = self.usage.live.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
+        self.usage.peak.fetch_max(live, Ordering::Relaxed);
+        let memory: Arc<dyn DeviceMemory> = Arc::new(HostMemory {
+            allocation: Some(Allocation { ptr, layout }),
+            recording: self.recording.clone(),
+            usage: self.usage.clone(),
+        });
+        if let Some(rec) = lock(&self.recording).as_mut() {
+            rec.allocated.push(memory.clone());
+        }
+        Ok(memory)
+    }
+
+    unsafe fn copy_to_device(&self, dst: u64, src: &[u8]) -> Result<()> {
+        self.refuse_while_recording("a copy to the device")?;
+        // SAFETY: the caller's contract.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst as *mut u8, src.len()) };
+        Ok(())
+    }
+
+    unsafe fn copy_to_host(&self, dst: &mut [u8], src: u64) -> Result<()> {
+        self.refuse_while_recording("a copy to the host")?;
+        // SAFETY: the caller's contract.
+        unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst.as_mut_ptr(), dst.len()) };
+        Ok(())
+    }
+
+    unsafe fn copy_on_device(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
+        self.queue(Work::Copy { dst, src, bytes })
+    }
+
+    unsafe fn gemm(&self, g: &Gemm) -> Result<()> {
+        self.queue(Work::Gemm(*g))
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.refuse_while_recording("waiting for the device")
+    }
+
+    fn memory_info(&self) -> Result<(usize, usize)> {
+        Ok((MEMORY_BYTES.saturating_sub(self.live_bytes()), MEMORY_BYTES))
+    }
+
+    fn multiprocessors(&self) -> usize {
+        self.multiprocessors
+    }
+
+    fn timing_mark(&self) -> Result<TimingMark> {
+        Ok(TimingMark(Box::new(Instant::now())))
+    }
+
+    fn seconds_between(&self, start: &TimingMark, end: &TimingMark) -> Result<f64> {
+        fn instant(m: &TimingMark) -> Result<Instant> {
+            m.0.downcast_ref::<Instant>()
+                .copied()
+                .ok_or_else(|| anyhow!("a timing mark of another device"))
+        }
+        Ok(instant(end)?
+            .saturating_duration_since(instant(start)?)
+            .as_secs_f64())
+    }
+
+    fn begin_recording(&self) -> Result<()> {
+        let mut rec = lock(&self.recording);
+        ensure!(rec.is_none(), "already recording");
+        *rec = Some(Recording::default());
+        Ok(())
+    }
+
+    fn end_recording(&self) -> Result<Option<Box<dyn DeviceGraph>>> {
+        let rec = lock(&self.recording)
+            .take()
+            .ok_or_else(|| anyhow!("not recording"))?;
+        if rec.work.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(Box::new(EmulatedGraph {
+            recording: rec,
+            device_recording: self.recording.clone(),
+        })))
+    }
+
+    fn recording(&self) -> Result<bool> {
+        Ok(lock(&self.recording).is_some())
+    }
+
+    fn take_deferred_error(&self) -> Option<String> {
+        None
+    }
+}
+
+/// Recorded work with the memory it touches.
+struct EmulatedGraph {
+    recording: Recording,
+    device_recording: Shared,
+}
+
+impl DeviceGraph for EmulatedGraph {
+    fn launch(&self) -> Result<()> {
+        ensure!(
+            lock(&self.device_recording).is_none(),
+            "launching a graph while recording"
+        );
+        for work in &self.recording.work {
+            // SAFETY: the memory the work touches is alive: allocated before the recording and
+            // kept by its owners (the backend keeps what a recording reads), or allocated or
+            // freed while recording and kept here.
+            unsafe { run(work) }?;
+        }
+        Ok(())
+    }
+}
