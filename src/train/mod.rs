@@ -235,7 +235,8 @@ pub fn train(
     }
 }
 
-fn train_on<B: TrainBackend>(
+/// `train` on `backend` (the tests run the CUDA backend over an emulated device).
+pub fn train_on<B: TrainBackend>(
     backend: B,
     cfg: &TrainConfig,
     inputs: &TrainInputs,
