@@ -10,10 +10,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use emulation_support::emulated_device::EmulatedDevice;
+use thinkshort::config::ModelConfig;
 use thinkshort::cuda::CudaBackend;
+use thinkshort::model::Model;
+use thinkshort::model_backward::TrainBatch;
 use thinkshort::prompt::PromptTemplate;
 use thinkshort::selfcheck::{self, CheckRow, Coverage};
 use thinkshort::train::{train_on, Example, RunControl, TrainInputs};
+use thinkshort::train_config::TrainConfig;
 
 /// SMs of the emulated device: few, so that decode attention splits its keys.
 const MULTIPROCESSORS: usize = 4;
@@ -88,8 +92,8 @@ fn without_timings(line: &str) -> serde_json::Value {
 /// optimizer in host memory, held-out evaluations and checkpoints. Two steps straight equal one
 /// step, a checkpoint and one resumed step, bit for bit (weights and every metric but timings):
 /// the checkpoint carries the device's weights and moments whole.
-#[test]
-fn a_short_demo_run_trains_and_resumes_on_the_cuda_backend_over_the_emulator() {
+/// The demo's settings for a 2-step run of 2 prompts × 4 samples.
+fn short_demo_config() -> TrainConfig {
     let mut cfg = thinkshort::commands::train::demo_config();
     let settings = [
         ("steps", "2"),
@@ -103,13 +107,23 @@ fn a_short_demo_run_trains_and_resumes_on_the_cuda_backend_over_the_emulator() {
         ("optim.offload", "true"),
     ];
     cfg.set_all(&settings).unwrap();
-    let inputs = TrainInputs {
+    cfg
+}
+
+/// The demo model and task (100 training problems, 4 held out).
+fn demo_inputs() -> TrainInputs {
+    TrainInputs {
         model_dir: PathBuf::from(thinkshort::commands::train::DEMO_MODEL),
         template: PromptTemplate::plain(thinkshort::demo::task::PROMPT_TEMPLATE).unwrap(),
         train: demo_examples(2, 100),
         eval: demo_examples(3, 4),
         is_correct: thinkshort::train::answer_is_correct,
-    };
+    }
+}
+
+#[test]
+fn a_short_demo_run_trains_and_resumes_on_the_cuda_backend_over_the_emulator() {
+    let (cfg, inputs) = (short_demo_config(), demo_inputs());
     let dirs = tempfile::tempdir().unwrap();
     let run = |out: &Path, resume: Option<&Path>, stop_after: Option<usize>| {
         let control = RunControl {
@@ -149,4 +163,56 @@ fn a_short_demo_run_trains_and_resumes_on_the_cuda_backend_over_the_emulator() {
             "step-000002/{file} differs between the straight and the resumed run"
         );
     }
+}
+
+/// `train` on a device too small for the run stops before loading or writing anything, with
+/// the estimate's message saying what to change.
+#[test]
+fn a_run_that_does_not_fit_the_device_stops_with_a_clear_error() {
+    let device = Arc::new(EmulatedDevice::with_memory(MULTIPROCESSORS, 8 << 20));
+    let backend = CudaBackend::with_device(device, "CPU emulator".to_string()).unwrap();
+    let out = tempfile::tempdir().unwrap().path().join("run");
+    let control = RunControl {
+        out: &out,
+        resume: None,
+        stop_after: None,
+        dry_run: false,
+    };
+    let err = match train_on(backend, &short_demo_config(), &demo_inputs(), &control) {
+        Ok(_) => panic!("a run of ~20 MiB trained on a device of 8 MiB"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        err.contains("GiB on the cuda device but") && err.contains("use a smaller micro_batch"),
+        "{err}"
+    );
+    assert!(
+        !out.exists(),
+        "a run that does not fit wrote {}",
+        out.display()
+    );
+}
+
+/// A forward pass that runs out of device memory is an error naming it (the backend's first
+/// failed op is kept, the ops after it skipped), not a crash or a result read from buffers that
+/// were never written.
+#[test]
+fn running_out_of_device_memory_is_an_error_not_a_crash() {
+    let cfg = ModelConfig::from_json_str(
+        r#"{"model_type":"qwen2","vocab_size":256,"hidden_size":64,"intermediate_size":192,
+        "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,
+        "tie_word_embeddings":true}"#,
+    )
+    .unwrap();
+    let device = Arc::new(EmulatedDevice::with_memory(MULTIPROCESSORS, 1 << 20));
+    let backend = CudaBackend::with_device(device, "CPU emulator".to_string()).unwrap();
+    let model = Model::random(cfg, 1, backend).unwrap();
+    let (prompt, completion): (Vec<u32>, Vec<u32>) = ((0..32).collect(), (32..64).collect());
+    let seqs = vec![(&prompt[..], &completion[..]); 32];
+    let batch = TrainBatch::new(&seqs).unwrap();
+    let err = match model.forward_train(&batch, 1.0) {
+        Ok(_) => panic!("2048 tokens of activations fitted in what the weights left of 1 MiB"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains("out of memory"), "{err}");
 }

@@ -27,7 +27,7 @@ use super::Emulator;
 /// Device memory's alignment, as cudaMalloc's.
 const ALIGN: usize = 256;
 
-/// Total memory the emulated device reports.
+/// Device memory of [`EmulatedDevice::new`].
 const MEMORY_BYTES: usize = 4 << 30;
 
 /// Bytes allocated and not yet freed, and their highest value since the last reset.
@@ -108,14 +108,22 @@ unsafe impl Sync for HostMemory {}
 /// The CPU standing for one GPU with `multiprocessors` SMs.
 pub struct EmulatedDevice {
     multiprocessors: usize,
+    /// Bytes of device memory: an allocation past them fails, as on a full GPU.
+    memory: usize,
     recording: Shared,
     usage: Arc<Usage>,
 }
 
 impl EmulatedDevice {
+    /// A device with 4 GiB of memory.
     pub fn new(multiprocessors: usize) -> Self {
+        Self::with_memory(multiprocessors, MEMORY_BYTES)
+    }
+
+    pub fn with_memory(multiprocessors: usize, memory: usize) -> Self {
         EmulatedDevice {
             multiprocessors,
+            memory,
             recording: Arc::new(Mutex::new(None)),
             usage: Arc::default(),
         }
@@ -254,6 +262,14 @@ impl Launcher for EmulatedDevice {
 impl Device for EmulatedDevice {
     fn alloc(&self, bytes: usize) -> Result<Arc<dyn DeviceMemory>> {
         let layout = Layout::from_size_align(bytes.max(1), ALIGN)?;
+        if self.live_bytes() + layout.size() > self.memory {
+            bail!(
+                "out of memory: {} bytes asked for, {} of {} free",
+                layout.size(),
+                self.memory.saturating_sub(self.live_bytes()),
+                self.memory
+            );
+        }
         // SAFETY: the layout's size is at least 1.
         let ptr = unsafe { alloc(layout) };
         if ptr.is_null() {
@@ -301,7 +317,7 @@ impl Device for EmulatedDevice {
     }
 
     fn memory_info(&self) -> Result<(usize, usize)> {
-        Ok((MEMORY_BYTES.saturating_sub(self.live_bytes()), MEMORY_BYTES))
+        Ok((self.memory.saturating_sub(self.live_bytes()), self.memory))
     }
 
     fn multiprocessors(&self) -> usize {
