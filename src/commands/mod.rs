@@ -13,7 +13,7 @@ pub mod train;
 pub mod verify;
 
 use crate::backend::BackendKind;
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 
 /// Resolves `--backend` for a command that runs on either device: `cuda` needs a usable GPU
 /// (else one clear error line), `auto` takes the GPU when there is one and says which it took.
@@ -39,21 +39,5 @@ pub fn resolve_backend(kind: BackendKind) -> Result<BackendKind> {
                 Ok(BackendKind::Cpu)
             }
         },
-    }
-}
-
-/// Resolves `--backend` for a command that runs on the CPU backend only in this version (`sft`,
-/// which builds the small demo model).
-pub fn resolve_cpu_only(kind: BackendKind, command: &str) -> Result<BackendKind> {
-    match kind {
-        BackendKind::Cpu => Ok(BackendKind::Cpu),
-        BackendKind::Cuda => bail!(
-            "--backend cuda: `{command}` runs on the CPU backend only in this version; use \
-             --backend cpu or auto"
-        ),
-        BackendKind::Auto => {
-            eprintln!("backend: cpu (`{command}` has no CUDA path yet)");
-            Ok(BackendKind::Cpu)
-        }
     }
 }

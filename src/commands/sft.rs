@@ -1,11 +1,13 @@
 //! `thinkshort sft`: supervised fine-tuning on prompt/completion JSONL, or (`--demo`) building
 //! the demo model from scratch on the synthetic arithmetic task.
 
-use crate::backend::{cpu::CpuBackend, BackendKind};
+use crate::backend::{cpu::CpuBackend, BackendKind, TrainBackend};
 use crate::checkpoint::{check_replaceable, write_folder_atomically, write_model_files};
 use crate::config::ModelConfig;
+use crate::cuda::CudaBackend;
 use crate::demo::{task, vocab};
 use crate::model::Model;
+use crate::params::ParamLayout;
 use crate::prompt::PromptTemplate;
 use crate::sft::{train_sft, SftExample, SftOptions};
 use crate::tokenizer::Tokenizer;
@@ -32,6 +34,10 @@ pub struct SftArgs {
     pub steps: usize,
     #[arg(long, default_value_t = 16)]
     pub batch_size: usize,
+    /// Examples per forward and backward pass, their gradients added up (0: the whole batch in
+    /// one pass); the step is the same, only the activations held at a time shrink.
+    #[arg(long, default_value_t = 0)]
+    pub micro_batch: usize,
     /// Peak learning rate (AdamW, linear warm-up then cosine decay).
     #[arg(long, default_value_t = 1e-5)]
     pub lr: f64,
@@ -47,7 +53,7 @@ pub struct SftArgs {
 pub const DEMO_SFT_SEED: u64 = 1;
 
 pub fn run(args: &SftArgs) -> Result<()> {
-    super::resolve_cpu_only(args.backend, "sft")?;
+    let device = super::resolve_backend(args.backend)?;
     if args.batch_size == 0 || args.steps == 0 {
         bail!("--batch-size and --steps must be at least 1");
     }
@@ -57,21 +63,27 @@ pub fn run(args: &SftArgs) -> Result<()> {
     // before the training, not after it: the output folder must be one sft may replace
     check_replaceable(&args.out).context("--out")?;
     let staging = tempfile_dir(&args.out)?;
-    let result = sft_with_staging(args, &staging);
+    let result = match device {
+        BackendKind::Cuda => sft_with_staging(args, &staging, CudaBackend::new(0)?),
+        _ => sft_with_staging(args, &staging, CpuBackend),
+    };
     let _ = std::fs::remove_dir_all(&staging);
     result
 }
 
-/// The run, with `staging` (a scratch folder beside --out, removed by the caller whatever
-/// happens) for the demo model's tokenizer and config.
-fn sft_with_staging(args: &SftArgs, staging: &Path) -> Result<()> {
-    let (source_dir, mut model, data) = if args.demo {
+/// The run on `backend`, with `staging` (a scratch folder beside --out, removed by the caller
+/// whatever happens) for the demo model's tokenizer and config.
+fn sft_with_staging<B: TrainBackend>(args: &SftArgs, staging: &Path, backend: B) -> Result<()> {
+    // the f32 weights the run starts from: the optimizer's master weights
+    let (source_dir, cfg, master, data) = if args.demo {
         vocab::write_tokenizer_files(staging)?;
         let tok = Tokenizer::from_model_dir(staging)?;
         let config = vocab::demo_model_config(tok.vocab_size());
         std::fs::write(staging.join("config.json"), &config)?;
-        let model = Model::random(ModelConfig::from_json_str(&config)?, args.seed, CpuBackend)?;
-        (staging.to_path_buf(), model, demo_examples(&tok, 20_000)?)
+        let cfg = ModelConfig::from_json_str(&config)?;
+        let random = Model::random(cfg.clone(), args.seed, CpuBackend)?;
+        let data = demo_examples(&tok, 20_000)?;
+        (staging.to_path_buf(), cfg, random.params, data)
     } else {
         let dir = args
             .model
@@ -79,11 +91,15 @@ fn sft_with_staging(args: &SftArgs, staging: &Path) -> Result<()> {
             .expect("clap requires --model without --demo");
         let tok = Tokenizer::from_model_dir(dir)?;
         let data = read_jsonl(args.data.as_ref().expect("clap requires --data"), &tok)?;
-        (dir.clone(), Model::load(dir, CpuBackend)?, data)
+        let cfg = ModelConfig::from_model_dir(dir)?;
+        let master = crate::weights::load_params(dir, &cfg, &ParamLayout::new(&cfg))?;
+        (dir.clone(), cfg, master, data)
     };
+    let mut model = Model::from_host(cfg, &master, backend)?;
     eprintln!(
-        "sft: {} parameters, {} examples, {} steps of {}",
+        "sft: {} parameters on the {} backend, {} examples, {} steps of {}",
         model.layout.total_len(),
+        model.backend.name(),
         data.len(),
         args.steps,
         args.batch_size
@@ -91,6 +107,7 @@ fn sft_with_staging(args: &SftArgs, staging: &Path) -> Result<()> {
     let opts = SftOptions {
         steps: args.steps,
         batch_size: args.batch_size,
+        micro_batch: args.micro_batch,
         lr: args.lr,
         warmup_steps: args.warmup,
         weight_decay: 0.0,
@@ -99,7 +116,7 @@ fn sft_with_staging(args: &SftArgs, staging: &Path) -> Result<()> {
     };
     let progress = Progress::new(args.steps);
     let mut recent = Vec::new();
-    train_sft(&mut model, &data, &opts, |s| {
+    let trained = train_sft(&mut model, master, &data, &opts, |s| {
         recent.push(s.loss);
         if recent.len() > 20 {
             recent.remove(0);
@@ -108,7 +125,7 @@ fn sft_with_staging(args: &SftArgs, staging: &Path) -> Result<()> {
         progress.update(s.step + 1, &format!("loss {avg:.4} | lr {:.2e}", s.lr));
     })?;
     write_folder_atomically(&args.out, |dir| {
-        write_model_files(dir, &source_dir, &model.layout, &model.params)
+        write_model_files(dir, &source_dir, &model.layout, &trained)
     })?;
     eprintln!("wrote {}", args.out.display());
     Ok(())
