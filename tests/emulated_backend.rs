@@ -12,6 +12,7 @@ use std::sync::Arc;
 use emulation_support::emulated_device::EmulatedDevice;
 use thinkshort::backend::cpu::CpuBackend;
 use thinkshort::backend::TrainBackend;
+use thinkshort::commands::bench_step::{self, StepArgs};
 use thinkshort::config::ModelConfig;
 use thinkshort::cuda::CudaBackend;
 use thinkshort::model::Model;
@@ -274,5 +275,76 @@ fn sft_on_the_cuda_backend_follows_the_cpu() {
     assert!(
         e < moved / 4.0,
         "trained weights differ by {e:.3e} (relative), training moved them by {moved:.3e}"
+    );
+}
+
+/// `bench step` as `tools/gpu_check.sh` runs it on a GPU (`--profile`, the optimizer offloaded,
+/// activation checkpointing, micro-batches, `--json`), here on the emulated device: the steps,
+/// the recorded decode steps and the profile tables of both phases come out.
+#[test]
+fn bench_step_with_its_profile_runs_on_the_emulated_device() {
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        step: StepArgs,
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (config, json) = (dir.path().join("config.json"), dir.path().join("step.json"));
+    std::fs::write(
+        &config,
+        r#"{"model_type":"qwen2","vocab_size":300,"hidden_size":128,"intermediate_size":256,
+        "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,
+        "tie_word_embeddings":true}"#,
+    )
+    .unwrap();
+    let cli = <Cli as clap::Parser>::parse_from([
+        "step",
+        "--model-config",
+        config.to_str().unwrap(),
+        "--prompts",
+        "2",
+        "--group",
+        "2",
+        "--prompt-len",
+        "9",
+        "--new-tokens",
+        "12",
+        "--micro-batch",
+        "3",
+        "--offload",
+        "--activation-checkpointing",
+        "--steps",
+        "1",
+        "--profile",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let cfg = ModelConfig::from_json_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    bench_step::run_on(
+        &cli.step,
+        &cfg,
+        "emulator",
+        Some(1.0),
+        emulated_backend().unwrap(),
+    )
+    .unwrap_or_else(|e| panic!("bench step on the emulated device: {e:#}"));
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert!(v["result"]["train_tflops"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(v["decode_graph"]["replayed"].as_u64().unwrap() > 0, "{v}");
+    for phase in ["rollout_ops", "update_ops"] {
+        let ops = v["profile"][phase].as_array().unwrap();
+        assert!(
+            ops.iter().any(|o| o["op"] == "matmul_forward"),
+            "{phase}: {ops:?}"
+        );
+    }
+    assert!(
+        v["profile"]["update_ops"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|o| o["op"] == "sum_squares"),
+        "{v}"
     );
 }

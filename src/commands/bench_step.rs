@@ -127,13 +127,15 @@ pub fn step(args: &StepArgs) -> Result<()> {
                 "cuda ({name}; {} attention backward)",
                 dev.flash_backward().name()
             );
-            run(args, &cfg, &device, peak, dev)
+            run_on(args, &cfg, &device, peak, dev)
         }
-        _ => run(args, &cfg, "cpu", args.peak_tflops, CpuBackend),
+        _ => run_on(args, &cfg, "cpu", args.peak_tflops, CpuBackend),
     }
 }
 
-fn run<B: TrainBackend>(
+/// `bench step` of model `cfg` on `backend`, named `device` in the output (the tests run the
+/// CUDA backend over an emulated device).
+pub fn run_on<B: TrainBackend>(
     args: &StepArgs,
     cfg: &ModelConfig,
     device: &str,
