@@ -3,14 +3,14 @@
 //! cuBLAS's contract, and a recording keeps its work (and the memory it touches) to run again.
 //!
 //! Work runs when it is queued, so every later piece sees it, as on one stream. New memory is
-//! filled with 0xFF bytes (NaN in bf16 and f32), so a read before any write shows. The device
+//! filled with 0xFF bytes (NaN in bf16 and f32), so a read before any write shows, and each
+//! buffer ends at an unmapped page, so an access past its end (or after it is freed) faults. The device
 //! counts its live bytes and their peak (as `bench step` reads the pool's high-water mark), so a
 //! test can hold the memory estimate against the backend's real allocations. What a
 //! recording needs of memory is what a CUDA graph gets: memory allocated or freed while recording
 //! stays at its address until the recording is dropped. As on a capturing CUDA stream, copies
 //! between host and device and waiting are errors while recording.
 
-use std::alloc::{alloc, dealloc, Layout};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
@@ -24,8 +24,8 @@ use thinkshort::cuda::launch::{KernelLaunch, Launcher};
 
 use super::Emulator;
 
-/// Device memory's alignment, as cudaMalloc's.
-const ALIGN: usize = 256;
+/// Where a buffer ends: a multiple of 16 bytes (the widest vector access) after its start.
+const ALIGN: usize = 16;
 
 /// Device memory of [`EmulatedDevice::new`].
 const MEMORY_BYTES: usize = 4 << 30;
@@ -55,19 +55,63 @@ struct Recording {
     freed: Vec<Allocation>,
 }
 
-/// A host allocation standing for device memory.
+/// A host mapping standing for device memory: `size` bytes at `ptr`, 16-byte aligned and
+/// ending (rounded up to 16 bytes) where an unmapped page begins, so that an access past the end
+/// faults, as compute-sanitizer's memcheck would report it on a GPU; unmapped when freed, so an
+/// access after the free faults too (until the addresses are mapped again).
 struct Allocation {
     ptr: *mut u8,
-    layout: Layout,
+    size: usize,
+    mapping: *mut libc::c_void,
+    mapping_len: usize,
 }
 
-// SAFETY: the allocation is plain memory owned by this value.
+// SAFETY: the mapping is plain memory owned by this value.
 unsafe impl Send for Allocation {}
+
+impl Allocation {
+    fn new(size: usize) -> Result<Self> {
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+        let body = size.max(1).div_ceil(ALIGN) * ALIGN;
+        let mapping_len = body.div_ceil(page) * page + page;
+        // SAFETY: an anonymous private mapping of mapping_len bytes, checked below.
+        let mapping = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                mapping_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if mapping == libc::MAP_FAILED {
+            bail!("the host could not map {size} bytes");
+        }
+        let guard = mapping as usize + mapping_len - page;
+        // SAFETY: the last page of the mapping just made.
+        if unsafe { libc::mprotect(guard as *mut libc::c_void, page, libc::PROT_NONE) } != 0 {
+            // SAFETY: the mapping just made, not used.
+            unsafe { libc::munmap(mapping, mapping_len) };
+            bail!("mprotect failed on a guard page");
+        }
+        let ptr = (guard - body) as *mut u8;
+        // SAFETY: `ptr` starts `body` ≥ size bytes of the writable mapping.
+        unsafe { std::ptr::write_bytes(ptr, 0xFF, body) };
+        Ok(Allocation {
+            ptr,
+            size,
+            mapping,
+            mapping_len,
+        })
+    }
+}
 
 impl Drop for Allocation {
     fn drop(&mut self) {
-        // SAFETY: allocated in `EmulatedDevice::alloc` with this layout, freed once.
-        unsafe { dealloc(self.ptr, self.layout) }
+        // SAFETY: mapped in `Allocation::new` with this length, unmapped once.
+        unsafe { libc::munmap(self.mapping, self.mapping_len) };
     }
 }
 
@@ -95,7 +139,7 @@ impl Drop for HostMemory {
         let allocation = self.allocation.take().expect("dropped once");
         self.usage
             .live
-            .fetch_sub(allocation.layout.size(), Ordering::Relaxed);
+            .fetch_sub(allocation.size, Ordering::Relaxed);
         if let Some(rec) = lock(&self.recording).as_mut() {
             rec.freed.push(allocation);
         }
@@ -261,26 +305,19 @@ impl Launcher for EmulatedDevice {
 
 impl Device for EmulatedDevice {
     fn alloc(&self, bytes: usize) -> Result<Arc<dyn DeviceMemory>> {
-        let layout = Layout::from_size_align(bytes.max(1), ALIGN)?;
-        if self.live_bytes() + layout.size() > self.memory {
+        let size = bytes.max(1);
+        if self.live_bytes() + size > self.memory {
             bail!(
-                "out of memory: {} bytes asked for, {} of {} free",
-                layout.size(),
+                "out of memory: {size} bytes asked for, {} of {} free",
                 self.memory.saturating_sub(self.live_bytes()),
                 self.memory
             );
         }
-        // SAFETY: the layout's size is at least 1.
-        let ptr = unsafe { alloc(layout) };
-        if ptr.is_null() {
-            bail!("the host could not allocate {bytes} bytes");
-        }
-        // SAFETY: `ptr` holds layout.size() bytes.
-        unsafe { std::ptr::write_bytes(ptr, 0xFF, layout.size()) };
-        let live = self.usage.live.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
+        let allocation = Allocation::new(size)?;
+        let live = self.usage.live.fetch_add(size, Ordering::Relaxed) + size;
         self.usage.peak.fetch_max(live, Ordering::Relaxed);
         let memory: Arc<dyn DeviceMemory> = Arc::new(HostMemory {
-            allocation: Some(Allocation { ptr, layout }),
+            allocation: Some(allocation),
             recording: self.recording.clone(),
             usage: self.usage.clone(),
         });
