@@ -4,7 +4,9 @@
 //! `upload_f32` (log-probs, entropies, logits, RoPE frequencies), which stay f32. `upload` rounds
 //! f32 to bf16 (nearest even) and `download` widens back, so the model code sees f32 on every
 //! backend. GEMMs go through cuBLAS (bf16 operands, fp32 accumulation); everything else is our
-//! kernels (`kernels/*.cu`, launched by `ops/`).
+//! kernels (`kernels/*.cu`, launched by `ops/`). The GPU is reached through a [`Device`]
+//! (`device.rs`: [`CudaDevice`], the driver and cuBLAS), which the tests replace with an
+//! emulated device on the CPU, so everything here also runs without a GPU.
 //!
 //! Everything runs in order on one stream. Ops cannot return errors (the trait's CPU ops cannot
 //! fail), so the first failure (a bad shape or dtype, a launch error) is recorded, later ops are
