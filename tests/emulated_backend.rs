@@ -14,6 +14,8 @@ use thinkshort::backend::cpu::CpuBackend;
 use thinkshort::backend::TrainBackend;
 use thinkshort::commands::bench_step::{self, StepArgs};
 use thinkshort::config::ModelConfig;
+use thinkshort::cuda::device::Device;
+use thinkshort::cuda::launch::Launcher;
 use thinkshort::cuda::CudaBackend;
 use thinkshort::model::Model;
 use thinkshort::model_backward::TrainBatch;
@@ -347,4 +349,48 @@ fn bench_step_with_its_profile_runs_on_the_emulated_device() {
             .any(|o| o["op"] == "sum_squares"),
         "{v}"
     );
+}
+
+/// The emulated device holds recordings to what CUDA allows a captured stream and its graph, so
+/// the backend's recordings are checked against those rules: a captured free of memory allocated
+/// outside the capture invalidates it, a graph allocation still in use refuses the next launch,
+/// and host copies and waits are refused while recording.
+#[test]
+fn the_emulated_device_refuses_what_a_cuda_graph_refuses() {
+    let d = EmulatedDevice::new(MULTIPROCESSORS);
+    let before = d.alloc(64).unwrap();
+    d.begin_recording().unwrap();
+    drop(before);
+    let err = d
+        .end_recording()
+        .err()
+        .expect("a foreign free invalidates the capture");
+    assert!(format!("{err}").contains("outside the recording"), "{err}");
+
+    d.begin_recording().unwrap();
+    let kept = d.alloc(64).unwrap();
+    let freed = d.alloc(64).unwrap();
+    // SAFETY: both hold 64 bytes.
+    unsafe {
+        d.fill_zero(kept.ptr(), 64).unwrap();
+        d.fill_zero(freed.ptr(), 64).unwrap();
+    }
+    drop(freed);
+    let graph = d.end_recording().unwrap().expect("work was recorded");
+    graph.launch().unwrap();
+    assert!(
+        graph.launch().is_err(),
+        "relaunched with an allocation in use"
+    );
+    drop(kept);
+    graph.launch().unwrap();
+
+    d.begin_recording().unwrap();
+    assert!(d.synchronize().is_err());
+    // SAFETY: never reached with a bad pointer: the copies are refused while recording.
+    unsafe {
+        assert!(d.copy_to_device(0, &[0u8; 4]).is_err());
+        assert!(d.copy_to_host(&mut [0u8; 4], 0).is_err());
+    }
+    assert!(d.end_recording().unwrap().is_none());
 }

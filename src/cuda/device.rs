@@ -23,7 +23,7 @@ use super::launch::{KernelCtx, KernelLaunch, Launcher};
 
 /// Device memory, freed (in the order of the device's work) when dropped.
 pub trait DeviceMemory: Send + Sync {
-    /// Its address on the device (256-byte aligned).
+    /// Its address on the device (at least 16-byte aligned; cuMemAllocAsync gives 256).
     fn ptr(&self) -> u64;
 }
 
@@ -62,7 +62,9 @@ pub trait Device: Launcher + Send + Sync {
     /// `bytes` of uninitialised memory (at least 1 byte is allocated).
     fn alloc(&self, bytes: usize) -> Result<Arc<dyn DeviceMemory>>;
 
-    /// Copies `src` to `dst`; `src` may change once this returns.
+    /// Copies `src` to `dst` in order with the queued work; `src` may change once this returns
+    /// (CUDA stages an asynchronous copy from pageable memory before returning, by its API
+    /// synchronisation rules).
     ///
     /// # Safety
     /// `dst` is this device's memory of at least `src.len()` bytes.

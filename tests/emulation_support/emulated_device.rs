@@ -48,11 +48,14 @@ enum Work {
 
 /// What is being recorded: the work, the memory allocated meanwhile (kept alive with the graph)
 /// and the allocations freed meanwhile (released with the graph).
-#[derive(Default)]
 struct Recording {
+    /// Tells this recording's allocations from the others'.
+    id: u64,
     work: Vec<Work>,
     allocated: Vec<Arc<dyn DeviceMemory>>,
     freed: Vec<Allocation>,
+    /// Why CUDA would refuse this capture: memory allocated outside it was freed during it.
+    invalid: Option<String>,
 }
 
 /// A host mapping standing for device memory: `size` bytes at `ptr`, 16-byte aligned and
@@ -125,6 +128,8 @@ struct HostMemory {
     allocation: Option<Allocation>,
     /// The device's recording state: memory dropped while recording goes to the recording.
     recording: Shared,
+    /// The recording that allocated it, if one did (a graph allocation).
+    recorded_in: Option<u64>,
     usage: Arc<Usage>,
 }
 
@@ -141,6 +146,13 @@ impl Drop for HostMemory {
             .live
             .fetch_sub(allocation.size, Ordering::Relaxed);
         if let Some(rec) = lock(&self.recording).as_mut() {
+            // A captured free must free a graph allocation (cuGraphAddMemFreeNode's contract).
+            if self.recorded_in != Some(rec.id) && rec.invalid.is_none() {
+                rec.invalid = Some(format!(
+                    "{} bytes allocated outside the recording were freed while recording",
+                    allocation.size
+                ));
+            }
             rec.freed.push(allocation);
         }
     }
@@ -155,6 +167,8 @@ pub struct EmulatedDevice {
     /// Bytes of device memory: an allocation past them fails, as on a full GPU.
     memory: usize,
     recording: Shared,
+    /// Recordings begun so far.
+    recordings: AtomicUsize,
     usage: Arc<Usage>,
 }
 
@@ -169,6 +183,7 @@ impl EmulatedDevice {
             multiprocessors,
             memory,
             recording: Arc::new(Mutex::new(None)),
+            recordings: AtomicUsize::new(0),
             usage: Arc::default(),
         }
     }
@@ -233,6 +248,14 @@ unsafe fn run(work: &Work) -> Result<()> {
 /// A, B and C hold what the sizes and leading dimensions say.
 unsafe fn gemm(g: &Gemm) -> Result<()> {
     let (m, n, k) = (g.m, g.n, g.k);
+    // cuBLAS refuses leading dimensions shorter than a column (CUBLAS_STATUS_INVALID_VALUE)
+    let rows = |trans: bool, if_trans: usize, if_not: usize| if trans { if_trans } else { if_not };
+    ensure!(
+        g.lda >= rows(g.trans_a, k, m).max(1)
+            && g.ldb >= rows(g.trans_b, n, k).max(1)
+            && g.ldc >= m.max(1),
+        "cublasGemmEx: CUBLAS_STATUS_INVALID_VALUE (a leading dimension shorter than a column: {g:?})"
+    );
     if m == 0 || n == 0 {
         return Ok(());
     }
@@ -316,12 +339,14 @@ impl Device for EmulatedDevice {
         let allocation = Allocation::new(size)?;
         let live = self.usage.live.fetch_add(size, Ordering::Relaxed) + size;
         self.usage.peak.fetch_max(live, Ordering::Relaxed);
+        let mut recording = lock(&self.recording);
         let memory: Arc<dyn DeviceMemory> = Arc::new(HostMemory {
             allocation: Some(allocation),
             recording: self.recording.clone(),
+            recorded_in: recording.as_ref().map(|rec| rec.id),
             usage: self.usage.clone(),
         });
-        if let Some(rec) = lock(&self.recording).as_mut() {
+        if let Some(rec) = recording.as_mut() {
             rec.allocated.push(memory.clone());
         }
         Ok(memory)
@@ -379,7 +404,13 @@ impl Device for EmulatedDevice {
     fn begin_recording(&self) -> Result<()> {
         let mut rec = lock(&self.recording);
         ensure!(rec.is_none(), "already recording");
-        *rec = Some(Recording::default());
+        *rec = Some(Recording {
+            id: self.recordings.fetch_add(1, Ordering::Relaxed) as u64,
+            work: Vec::new(),
+            allocated: Vec::new(),
+            freed: Vec::new(),
+            invalid: None,
+        });
         Ok(())
     }
 
@@ -387,12 +418,16 @@ impl Device for EmulatedDevice {
         let rec = lock(&self.recording)
             .take()
             .ok_or_else(|| anyhow!("not recording"))?;
+        if let Some(why) = &rec.invalid {
+            bail!("the capture was invalidated: {why}");
+        }
         if rec.work.is_empty() {
             return Ok(None);
         }
         Ok(Some(Box::new(EmulatedGraph {
             recording: rec,
             device_recording: self.recording.clone(),
+            launches: AtomicUsize::new(0),
         })))
     }
 
@@ -409,6 +444,7 @@ impl Device for EmulatedDevice {
 struct EmulatedGraph {
     recording: Recording,
     device_recording: Shared,
+    launches: AtomicUsize,
 }
 
 impl DeviceGraph for EmulatedGraph {
@@ -417,6 +453,21 @@ impl DeviceGraph for EmulatedGraph {
             lock(&self.device_recording).is_none(),
             "launching a graph while recording"
         );
+        // A graph's allocations that its own work does not free stay with whoever uses them
+        // after a launch, and CUDA refuses to launch the graph again before they are freed
+        // (no auto-free flag at instantiation): here, before their last user drops them.
+        let outstanding = self
+            .recording
+            .allocated
+            .iter()
+            .filter(|m| Arc::strong_count(m) > 1)
+            .count();
+        if self.launches.fetch_add(1, Ordering::Relaxed) > 0 && outstanding > 0 {
+            bail!(
+                "{outstanding} allocations of the graph's last launch are still in use: a CUDA \
+                 graph cannot be launched again before they are freed"
+            );
+        }
         for work in &self.recording.work {
             // SAFETY: the memory the work touches is alive: allocated before the recording and
             // kept by its owners (the backend keeps what a recording reads), or allocated or

@@ -90,7 +90,7 @@ impl CudaBackend {
                 self.record(place, step)?
                     .and_then(|recording| match recording.graph.launch() {
                         Ok(()) => Ok(recording),
-                        Err(e) => Err(format!("launching the recorded step: {e:?}")),
+                        Err(e) => Err(format!("launching the recorded step: {e:#}")),
                     });
             match recorded {
                 Ok(recording) => {

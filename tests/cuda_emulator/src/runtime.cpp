@@ -22,11 +22,13 @@ constexpr size_t STACK_BYTES = 256 * 1024;
 // A fiber's saved execution state, and switching between two of them. On x86-64 a switch saves
 // the callee-saved registers and the floating-point control words on the stack and swaps stack
 // pointers (what a function call may not change); ucontext's swapcontext also saves the signal
-// mask with a system call at every switch, which was most of the emulator's time.
+// mask with a system call at every switch, which was most of the emulator's time. (A process with
+// CET shadow stacks enabled would fault on the switch's `ret`; Linux enables them only for
+// binaries that ask, which these tests do not.)
 #if defined(__x86_64__) && defined(__ELF__)
 extern "C" void emu_switch_stack(void** save_sp, void* load_sp);
 asm(R"(
-    .text
+    .pushsection .text
     .p2align 4
     .globl emu_switch_stack
     .type emu_switch_stack, @function
@@ -53,6 +55,7 @@ emu_switch_stack:
     popq %rbp
     ret
     .size emu_switch_stack, .-emu_switch_stack
+    .popsection
 )");
 
 struct Context {
@@ -160,7 +163,14 @@ unsigned char* fiber_stacks(size_t threads) {
     stack_mapping = static_cast<unsigned char*>(s);
     stack_count = threads;
     const size_t page = (size_t)getpagesize();
-    for (size_t i = 0; i < threads; i++) { mprotect(stack_mapping + i * STACK_BYTES, page, PROT_NONE); }
+    for (size_t i = 0; i < threads; i++) {
+        if (mprotect(stack_mapping + i * STACK_BYTES, page, PROT_NONE) != 0) {
+            munmap(stack_mapping, threads * STACK_BYTES);
+            stack_mapping = nullptr;
+            stack_count = 0;
+            return nullptr;
+        }
+    }
     return stack_mapping;
 }
 
@@ -415,7 +425,7 @@ extern "C" int emu_launch(unsigned grid_x, unsigned grid_y, unsigned grid_z, uns
         void* m = mmap(nullptr, l.shared_mapping_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
         l.stacks = emu::fiber_stacks(threads);
         if (m == MAP_FAILED || l.stacks == nullptr) {
-            message = "mmap failed";
+            message = "mapping the shared memory or the fiber stacks failed";
         } else {
             l.shared_mapping = static_cast<unsigned char*>(m);
             unsigned char* guard_page = l.shared_mapping + l.shared_mapping_bytes - page;
