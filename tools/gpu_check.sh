@@ -11,7 +11,8 @@
 #              mkdir -p gpu-carry && cp target/release/thinkshort gpu-carry/
 #              cp target/release/deps/cuda_ops-<hash> gpu-carry/cuda_ops   # the one cargo printed
 #   BENCH_FILTER  when given, a shorter run (~5 minutes): doctor, selfcheck, memcheck, the GRPO
-#            step benchmarks and the demo's training run, and only the criterion benchmarks whose
+#            step benchmarks, the demo's training run and the sft comparison, and only the
+#            criterion benchmarks whose
 #            names contain BENCH_FILTER; no forward, attention or end-to-end comparisons.
 #   TORCH_STEP=0 (environment) skips the PyTorch GRPO step baseline (it does not change with
 #            thinkshort's code).
@@ -32,7 +33,8 @@
 #   thinkshort bench forward and tools/bench_torch_gpu.py on the Qwen2.5-0.5B and -1.5B shapes
 #   (random weights, tools/model_configs/); the device ceilings (copy GB/s, bf16 matmul TFLOP/s);
 #   thinkshort bench step and tools/bench_step_torch.py (one GRPO step) on both shapes; the
-#   demo's training run on CUDA; the criterion op benchmarks and tools/bench_attention_torch.py
+#   demo's training run on CUDA; `sft` of the demo model for 40 steps on CPU and CUDA, both
+#   models' log-probs compared; the criterion op benchmarks and tools/bench_attention_torch.py
 #   (flash SDPA on the fused attention benchmark's shapes); generate and logprobs with the demo
 #   model on CPU and CUDA. Budget: ~8 minutes; with BENCH_FILTER ~5.
 set -uo pipefail
@@ -147,6 +149,32 @@ step "ours step 1.5b paper scale" 150 "$BIN" bench step --backend cuda \
 # The demo's whole curriculum GRPO run on the GPU (README numbers are the CPU's).
 step "train cuda" 150 "$BIN" train --backend cuda --out /tmp/train_cuda
 cp /tmp/train_cuda/metrics.jsonl "$OUT/train_cuda_metrics.jsonl" 2>/dev/null
+
+# sft on CUDA against the CPU: 40 steps building the demo model from scratch on each, then both
+# models' log-probs of two worked answers, on the CPU.
+sft_check() {
+    printf '%s\n' '{"prompt": "compute : 3 + 4 . budget : 20 tokens .", "completion": " <think> 3 + 4 = 7 . </think> <answer> 7 </answer>"}' \
+        '{"prompt": "compute : 9 - 2 + 6 . budget : 30 tokens .", "completion": " <think> 9 - 2 = 7 . 7 + 6 = 13 . </think> <answer> 13 </answer>"}' \
+        >/tmp/sft_in.jsonl
+    for b in cpu cuda; do
+        rm -rf /tmp/sft_$b
+        "$BIN" sft --demo --out /tmp/sft_$b --steps 40 --batch-size 16 --lr 3e-3 --warmup 5 \
+            --seed 0 --backend $b || return 1
+        "$BIN" logprobs --model /tmp/sft_$b --input /tmp/sft_in.jsonl --output /tmp/sft_lp_$b.jsonl \
+            --backend cpu || return 1
+    done
+    python3 - <<'PY'
+import json
+lp = {b: [x for l in open(f"/tmp/sft_lp_{b}.jsonl") for x in json.loads(l)["logprobs"]] for b in ("cpu", "cuda")}
+diff = max(abs(x - y) for x, y in zip(lp["cpu"], lp["cuda"]))
+mean = {b: sum(v) / len(v) for b, v in lp.items()}
+print(f"sft cpu vs cuda (demo from scratch, 40 steps): mean log p {mean['cpu']:.3f} (cpu-trained) and "
+      f"{mean['cuda']:.3f} (cuda-trained) over {len(lp['cpu'])} tokens, max |difference| {diff:.3f} nats")
+PY
+}
+export BIN
+export -f sft_check
+step "sft cpu vs cuda" 120 bash -c sft_check
 
 # Criterion benchmarks of every CUDA op (GB/s, or FLOP/s as elements/s), when the bench binary
 # was copied beside thinkshort as `cuda_ops`.
@@ -335,7 +363,7 @@ if dec:
         for k, v in dec.items()))
 print("\nsteps: " + "; ".join(status))
 EOF
-grep -E "^e2e |^  cuda: " "$LOG" | tee -a "$OUT/summary.md"
+grep -E "^e2e |^  cuda: |^sft cpu vs cuda" "$LOG" | tee -a "$OUT/summary.md"
 # The demo run on CUDA: its before/after table.
 grep -E "^\| (before|after) \||^mean length change" "$LOG" | sed '1i train --backend cuda (the demo):' |
     tee -a "$OUT/summary.md"
