@@ -71,6 +71,56 @@ fn selfcheck_passes_on_the_cuda_backend_over_the_emulator() {
         report.rows.len(),
         lines.join("\n")
     );
+    assert_launches_fit_the_gpus();
+}
+
+/// Every kernel launched so far (the selfcheck launches every one), at the largest block and
+/// dynamic shared memory it was launched with, fits the GPUs the kernels are built for by
+/// ptxas's report of its registers and static shared memory: 64 Ki registers per SM (allocated
+/// 8 per thread at a time), and the shared memory a block may opt into (A100 163 KiB, H100 and
+/// H200 227 KiB). Past either, the launch fails on the GPU ("too many resources requested").
+fn assert_launches_fit_the_gpus() {
+    if !thinkshort::cuda::kernels_built() {
+        eprintln!("no ptxas report (built without nvcc): the launch resources are not checked");
+        return;
+    }
+    const LIMITS: [(&str, u32); 2] = [("sm_80", 166_912), ("sm_90", 232_448)];
+    let shapes = emulation_support::emulated_device::launch_shapes();
+    let mut found = std::collections::BTreeSet::new();
+    for line in thinkshort::cuda::ptxas_report().lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if line.starts_with('#') || fields.len() < 3 {
+            continue;
+        }
+        let (module, function, arch) = (fields[0].trim_end_matches(".cu"), fields[1], fields[2]);
+        let name = format!("{module}/{function}");
+        let (Some(&(threads, dynamic)), Some(&(_, shared_limit))) =
+            (shapes.get(&name), LIMITS.iter().find(|(a, _)| *a == arch))
+        else {
+            continue;
+        };
+        let value = |key: &str| -> u32 {
+            let v = fields.iter().find_map(|f| f.strip_prefix(key));
+            v.and_then(|v| v.trim_end_matches('B').parse().ok())
+                .unwrap_or_else(|| panic!("no {key} in the ptxas line {line:?}"))
+        };
+        let registers = value("registers=").div_ceil(8) * 8;
+        let shared = value("smem=") + dynamic;
+        assert!(
+            registers * threads <= 65_536,
+            "{name} on {arch}: {registers} registers × {threads} threads > 64 Ki"
+        );
+        assert!(
+            shared <= shared_limit,
+            "{name} on {arch}: {shared} bytes of shared memory > {shared_limit}"
+        );
+        found.insert(name);
+    }
+    let missing: Vec<&String> = shapes.keys().filter(|k| !found.contains(*k)).collect();
+    assert!(
+        missing.is_empty(),
+        "launched but not in the ptxas report: {missing:?}"
+    );
 }
 
 /// Problems of the demo task, as `thinkshort train` makes them.

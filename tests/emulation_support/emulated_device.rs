@@ -11,6 +11,7 @@
 //! stays at its address until the recording is dropped. As on a capturing CUDA stream, copies
 //! between host and device and waiting are errors while recording.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
@@ -316,8 +317,31 @@ unsafe fn gemm(g: &Gemm) -> Result<()> {
     Ok(())
 }
 
+/// The largest block (threads) and dynamic shared memory (bytes) each kernel
+/// ("module/function") was launched with by any emulated device of this process.
+static LAUNCH_SHAPES: Mutex<BTreeMap<String, (u32, u32)>> = Mutex::new(BTreeMap::new());
+
+/// What [`LAUNCH_SHAPES`] holds now: a test holds the kernels' resources (ptxas's registers and
+/// static shared memory) against a GPU's limits for the launches the backend really makes.
+pub fn launch_shapes() -> BTreeMap<String, (u32, u32)> {
+    LAUNCH_SHAPES
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .clone()
+}
+
 impl Launcher for EmulatedDevice {
     unsafe fn launch(&self, l: &KernelLaunch) -> Result<()> {
+        let (b, c) = (l.config.block_dim, &l.config);
+        let threads = b.0 * b.1 * b.2;
+        let mut shapes = LAUNCH_SHAPES
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let shape = shapes
+            .entry(format!("{}/{}", l.module, l.function))
+            .or_insert((0, 0));
+        *shape = (shape.0.max(threads), shape.1.max(c.shared_mem_bytes));
+        drop(shapes);
         self.queue(Work::Launch(l.clone()))
     }
 
