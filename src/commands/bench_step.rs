@@ -170,6 +170,7 @@ pub fn run_on<B: TrainBackend>(
         crate::model::HEAD_CHUNK_BYTES,
         &RunShape {
             sequences: p * g,
+            prompts: p,
             micro_batch: args.micro_batch,
             prompt_len: args.prompt_len,
             cap: t,

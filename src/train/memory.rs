@@ -12,6 +12,8 @@ const GIB: f64 = (1u64 << 30) as f64;
 pub struct RunShape {
     /// Sequences of a step (P × G): the rollout holds all of them.
     pub sequences: usize,
+    /// Distinct prompts among them (P), each prefilled once (0: every sequence its own).
+    pub prompts: usize,
     /// Sequences per forward and backward pass of the update (0: all of them).
     pub micro_batch: usize,
     /// The longest prompt, in tokens.
@@ -39,12 +41,13 @@ pub struct TrainMemory {
     pub optimizer: usize,
     /// In host memory: the offloaded master weights and moments (0 without offload).
     pub host: usize,
-    /// The rollout of all sequences: KV cache, logits.
+    /// The rollout of all sequences: KV cache, logits, the prefill's pass over the prompts.
     pub rollout: usize,
     /// One micro-batch's pass of the update: every layer's saved activations, the KV cache,
     /// logits and the backward pass's scratch.
     pub update: usize,
-    /// The held-out evaluation's greedy decoding: KV cache, logits (0 without evaluation).
+    /// The held-out evaluation's greedy decoding: KV cache, logits, the prefill's pass (0
+    /// without evaluation).
     pub eval: usize,
     pub sequences: usize,
     /// Sequences per forward and backward pass of the update.
@@ -79,11 +82,29 @@ impl TrainMemory {
         );
         let (q, kv) = (cfg.q_dim(), cfg.kv_dim());
         let kv_cache = |tokens: usize| layers * tokens * 2 * kv * storage_bytes;
+        let (raw_qk, raw_dk) = if cfg.qk_norm { (q + kv, kv) } else { (0, 0) };
         // Decoding (the rollout, the evaluation): the cache and one row of f32 logits per
-        // sequence.
-        let decode = |seqs: usize, len: usize| kv_cache(seqs * len) + seqs * v * 4;
-        let rollout = decode(sequences, seq_len);
-        let eval = decode(shape.eval_sequences, prompt_len + shape.eval_cap);
+        // sequence, and the prefill's forward pass over the distinct prompts, whose layers share
+        // one set of intermediates (the residual stream, its norms, q, k, v, the attention
+        // output and projection, gate, up and act) besides the normed rows of the head.
+        let decode = |seqs: usize, prompts: usize, len: usize| {
+            let prefill_tokens = prompts * prompt_len;
+            let prefill =
+                prefill_tokens * (4 * h + 2 * q + 2 * kv + 3 * i + raw_qk) * storage_bytes
+                    + seqs * 2 * h * storage_bytes;
+            kv_cache(seqs * len) + seqs * v * 4 + prefill
+        };
+        let prompts = match shape.prompts {
+            0 => sequences,
+            p => p.min(sequences),
+        };
+        let rollout = decode(sequences, prompts, seq_len);
+        let eval = if shape.eval_sequences == 0 {
+            0
+        } else {
+            let eval_seqs = shape.eval_sequences;
+            decode(eval_seqs, eval_seqs, prompt_len + shape.eval_cap)
+        };
         // Update, per micro-batch: LayerActs per layer (5 of [M, H], q and attention output, k
         // and v, gate, up and act, f32 lse), the head (one chunk of rows' f32 logits and their
         // gradient; for every scored row the normed and unnormed rows and their gradients) and
@@ -91,7 +112,6 @@ impl TrainMemory {
         // gradient). qk_norm keeps q and k before their norms too, and k's gradient there.
         let tokens = micro_batch * seq_len;
         let scored = micro_batch * cap;
-        let (raw_qk, raw_dk) = if cfg.qk_norm { (q + kv, kv) } else { (0, 0) };
         let per_layer = tokens
             * ((5 * h + 2 * q + 2 * kv + 3 * i + raw_qk) * storage_bytes + cfg.num_heads * 4);
         let chunk_rows = scored.min((head_chunk_bytes / (4 * v)).max(1));
@@ -309,7 +329,9 @@ mod tests {
         let head = 9 * (10 * (4 + 2) + 4 * 8 * 2); // 9 scored rows
         let backward = tokens * (3 * 16 + 3 * 8 + 2 * 8 + 2 * 4) * 2 + tokens * 2 * 4 * 2;
         assert_eq!(m.update, 2 * per_layer + kv_cache + head + backward);
-        assert_eq!(m.rollout, kv_cache + 3 * 10 * 4);
+        // the prefill of 3 prompts of 2 tokens: one layer's intermediates, then 3 head rows
+        let prefill = 6 * (4 * 8 + 2 * 8 + 2 * 4 + 3 * 16) * 2 + 3 * 2 * 8 * 2;
+        assert_eq!(m.rollout, kv_cache + 3 * 10 * 4 + prefill);
         assert_eq!(m.total(), m.weights + m.optimizer + m.update);
         // Logits 4 rows at a time (160 bytes): the head holds 4 rows of logits, not 9.
         let chunked = TrainMemory::estimate(&cfg, 2, 160, &shape(3, 3, 2, 3, true, false));
@@ -338,7 +360,9 @@ mod tests {
         let m = TrainMemory::estimate(&cfg, 2, 1 << 30, &shape(6, 2, 2, 3, false, false));
         let whole_of_two =
             TrainMemory::estimate(&cfg, 2, 1 << 30, &shape(2, 0, 2, 3, false, false));
-        let rollout = 2 * 30 * 2 * 4 * 2 + 6 * 10 * 4; // cache of 30 tokens, one logits row each
+        // cache of 30 tokens, one logits row each, the prefill of 6 prompts of 2 tokens
+        let prefill = 12 * (4 * 8 + 2 * 8 + 2 * 4 + 3 * 16) * 2 + 6 * 2 * 8 * 2;
+        let rollout = 2 * 30 * 2 * 4 * 2 + 6 * 10 * 4 + prefill;
         assert_eq!(m.micro_batch, 2);
         assert_eq!((m.update, m.rollout), (whole_of_two.update, rollout));
         assert_eq!(m.activations(), m.update.max(rollout));
@@ -435,7 +459,9 @@ mod tests {
         s.eval_sequences = 50;
         s.eval_cap = 40;
         let with = TrainMemory::estimate(&cfg, 2, 1 << 30, &s);
-        let eval = 2 * 50 * 42 * 2 * 4 * 2 + 50 * 10 * 4; // cache of 50 × 42 tokens, 50 logit rows
+        // cache of 50 × 42 tokens, 50 logit rows, the prefill of 50 prompts of 2 tokens
+        let prefill = 100 * (4 * 8 + 2 * 8 + 2 * 4 + 3 * 16) * 2 + 50 * 2 * 8 * 2;
+        let eval = 2 * 50 * 42 * 2 * 4 * 2 + 50 * 10 * 4 + prefill;
         assert_eq!(with.eval, eval);
         assert!(eval > without.activations());
         assert_eq!(with.activations(), eval);

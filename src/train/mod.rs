@@ -328,6 +328,7 @@ pub fn train_on<B: TrainBackend>(
     }
     let shape = memory::RunShape {
         sequences,
+        prompts: cfg.prompts_per_step,
         micro_batch: 0,
         prompt_len,
         cap: cfg.cap_at(&state.curriculum, state.step),
