@@ -90,6 +90,9 @@ pub struct CudaViewMut<'a> {
     _buf: PhantomData<&'a mut CudaBuf>,
 }
 
+/// An op's name and the timing marks before and after its launches.
+type OpMarks = (&'static str, TimingMark, TimingMark);
+
 /// How many recently uploaded index arrays are kept for reuse.
 const INDEX_CACHE_ENTRIES: usize = 8;
 
@@ -115,7 +118,7 @@ pub struct CudaBackend {
     scratch: Mutex<Option<Arc<CudaBuf>>>,
     /// While profiling (`start_op_profile`): each op's name and the events recorded on the
     /// stream before and after its launches.
-    profile: Mutex<Option<Vec<(&'static str, TimingMark, TimingMark)>>>,
+    profile: Mutex<Option<Vec<OpMarks>>>,
     /// Whether `decode_step` records steps as CUDA graphs (`THINKSHORT_CUDA_GRAPHS=0`: no).
     decode_graphs: AtomicBool,
     /// The fused forward kernel every attention forward takes (benchmarks compare them); None:
