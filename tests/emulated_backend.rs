@@ -17,9 +17,11 @@ use thinkshort::config::ModelConfig;
 use thinkshort::cuda::device::Device;
 use thinkshort::cuda::launch::Launcher;
 use thinkshort::cuda::CudaBackend;
+use thinkshort::generate::{generate, GenerateConfig, GenerationRequest};
 use thinkshort::model::Model;
 use thinkshort::model_backward::TrainBatch;
 use thinkshort::prompt::PromptTemplate;
+use thinkshort::sampling::SamplingParams;
 use thinkshort::selfcheck::{self, CheckRow, Coverage};
 use thinkshort::sft::{train_sft, SftExample, SftOptions};
 use thinkshort::train::{train_on, Example, RunControl, TrainInputs};
@@ -443,4 +445,70 @@ fn the_emulated_device_refuses_what_a_cuda_graph_refuses() {
         assert!(d.copy_to_host(&mut [0u8; 4], 0).is_err());
     }
     assert!(d.end_recording().unwrap().is_none());
+}
+
+/// (kernel launches, GEMMs) of `generate` on the emulated device: 4 samples of one prompt, each
+/// making exactly `cap` new tokens, on a model of `layers` layers.
+fn generate_work(layers: usize, cap: usize) -> (usize, usize) {
+    let cfg = ModelConfig::from_json_str(&format!(
+        r#"{{"model_type":"qwen2","vocab_size":300,"hidden_size":128,"intermediate_size":256,
+        "num_hidden_layers":{layers},"num_attention_heads":4,"num_key_value_heads":2,
+        "tie_word_embeddings":true}}"#
+    ))
+    .unwrap();
+    let device = Arc::new(EmulatedDevice::new(MULTIPROCESSORS));
+    let backend = CudaBackend::with_device(device.clone(), "CPU emulator".to_string()).unwrap();
+    let model = Model::random(cfg, 1, backend).unwrap();
+    let request = GenerationRequest {
+        prompt: (1..20).collect(),
+        max_new_tokens: cap,
+    };
+    let config = GenerateConfig {
+        sampling: SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+        },
+        seed: 0,
+        first_stream: 0,
+        eos_ids: Vec::new(),
+        stop_strings: Vec::new(),
+        sync_every: None,
+        keep_ended_rows: None,
+    };
+    let (launches, gemms) = device.work_run();
+    let out = generate(&model, &vec![request; 4], &config, None).unwrap();
+    assert!(out.iter().all(|c| c.tokens.len() == cap));
+    let (l, g) = device.work_run();
+    (l - launches, g - gemms)
+}
+
+/// A decode step is bound by its launches on a GPU (a 0.5B model's weights take ~0.25 ms to read,
+/// a step ~3 ms op by op), so their number is held here, counted as the emulated device runs a
+/// step (a recorded step's replay counts what it replays): per layer 6 kernels (q/k/v bias and
+/// rotation, the cache write, decode attention, the two residual adds fused with the next norm,
+/// SwiGLU) and the 7 GEMMs; per step 6 kernels (the embedding of the sampled ids, the first
+/// layer's input norm, the head's gather and norm, advancing the recorded positions, and the
+/// sampling after the step) and the head's GEMM. A change that adds launches fails here and
+/// should say why.
+#[test]
+fn a_decode_step_makes_13_device_calls_per_layer_and_7_more() {
+    let per_step = |layers| {
+        let (short, long) = (generate_work(layers, 9), generate_work(layers, 25));
+        // 16 more steps: two whole windows between host syncs
+        ((long.0 - short.0) / 16, (long.1 - short.1) / 16)
+    };
+    let (two, four) = (per_step(2), per_step(4));
+    let per_layer = ((four.0 - two.0) / 2, (four.1 - two.1) / 2);
+    let fixed = (two.0 - 2 * per_layer.0, two.1 - 2 * per_layer.1);
+    assert_eq!(
+        per_layer,
+        (6, 7),
+        "(kernels, GEMMs) per layer of a decode step"
+    );
+    assert_eq!(
+        fixed,
+        (6, 1),
+        "(kernels, GEMMs) of a decode step besides its layers"
+    );
 }

@@ -31,11 +31,14 @@ const ALIGN: usize = 16;
 /// Device memory of [`EmulatedDevice::new`].
 const MEMORY_BYTES: usize = 4 << 30;
 
-/// Bytes allocated and not yet freed, and their highest value since the last reset.
+/// Bytes allocated and not yet freed, their highest value since the last reset, and the kernel
+/// launches and GEMMs run (a graph's replays included).
 #[derive(Default)]
 struct Usage {
     live: AtomicUsize,
     peak: AtomicUsize,
+    launches: AtomicUsize,
+    gemms: AtomicUsize,
 }
 
 /// One piece of queued work.
@@ -199,6 +202,14 @@ impl EmulatedDevice {
         self.usage.peak.load(Ordering::Relaxed)
     }
 
+    /// (kernel launches, GEMMs) run so far (each replay of a recording counts its own).
+    pub fn work_run(&self) -> (usize, usize) {
+        (
+            self.usage.launches.load(Ordering::Relaxed),
+            self.usage.gemms.load(Ordering::Relaxed),
+        )
+    }
+
     /// Starts a new peak at the bytes live now.
     pub fn reset_peak(&self) {
         self.usage.peak.store(self.live_bytes(), Ordering::Relaxed);
@@ -211,7 +222,7 @@ impl EmulatedDevice {
             return Ok(());
         }
         // SAFETY: the Device contract of whoever queued it.
-        unsafe { run(&work) }
+        unsafe { run(&work, &self.usage) }
     }
 
     fn refuse_while_recording(&self, what: &str) -> Result<()> {
@@ -223,11 +234,16 @@ impl EmulatedDevice {
     }
 }
 
-/// Runs one piece of work now.
+/// Runs one piece of work now, counting it in `usage` when it is a kernel launch.
 ///
 /// # Safety
 /// Its pointers are live host memory of the sizes it touches.
-unsafe fn run(work: &Work) -> Result<()> {
+unsafe fn run(work: &Work, usage: &Usage) -> Result<()> {
+    match work {
+        Work::Launch(_) => usage.launches.fetch_add(1, Ordering::Relaxed),
+        Work::Gemm(_) => usage.gemms.fetch_add(1, Ordering::Relaxed),
+        _ => 0,
+    };
     // SAFETY: the caller's contract, for each kind of work.
     unsafe {
         match work {
@@ -451,6 +467,7 @@ impl Device for EmulatedDevice {
         Ok(Some(Box::new(EmulatedGraph {
             recording: rec,
             device_recording: self.recording.clone(),
+            usage: self.usage.clone(),
             launches: AtomicUsize::new(0),
         })))
     }
@@ -468,6 +485,7 @@ impl Device for EmulatedDevice {
 struct EmulatedGraph {
     recording: Recording,
     device_recording: Shared,
+    usage: Arc<Usage>,
     launches: AtomicUsize,
 }
 
@@ -496,7 +514,7 @@ impl DeviceGraph for EmulatedGraph {
             // SAFETY: the memory the work touches is alive: allocated before the recording and
             // kept by its owners (the backend keeps what a recording reads), or allocated or
             // freed while recording and kept here.
-            unsafe { run(work) }?;
+            unsafe { run(work, &self.usage) }?;
         }
         Ok(())
     }
