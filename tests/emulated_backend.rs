@@ -17,11 +17,10 @@ use thinkshort::config::ModelConfig;
 use thinkshort::cuda::device::Device;
 use thinkshort::cuda::launch::Launcher;
 use thinkshort::cuda::CudaBackend;
-use thinkshort::generate::{generate, GenerateConfig, GenerationRequest};
+use thinkshort::generate::{generate, GenerationRequest};
 use thinkshort::model::Model;
 use thinkshort::model_backward::TrainBatch;
 use thinkshort::prompt::PromptTemplate;
-use thinkshort::sampling::SamplingParams;
 use thinkshort::selfcheck::{self, CheckRow, Coverage};
 use thinkshort::sft::{train_sft, SftExample, SftOptions};
 use thinkshort::train::{train_on, Example, RunControl, TrainInputs};
@@ -463,19 +462,7 @@ fn generate_work(layers: usize, cap: usize) -> (usize, usize) {
         prompt: (1..20).collect(),
         max_new_tokens: cap,
     };
-    let config = GenerateConfig {
-        sampling: SamplingParams {
-            temperature: 1.0,
-            top_k: 0,
-            top_p: 1.0,
-        },
-        seed: 0,
-        first_stream: 0,
-        eos_ids: Vec::new(),
-        stop_strings: Vec::new(),
-        sync_every: None,
-        keep_ended_rows: None,
-    };
+    let config = emulation_support::sampling_to_the_cap();
     let (launches, gemms) = device.work_run();
     let out = generate(&model, &vec![request; 4], &config, None).unwrap();
     assert!(out.iter().all(|c| c.tokens.len() == cap));

@@ -16,11 +16,10 @@ use thinkshort::backend::cpu::CpuBackend;
 use thinkshort::backend::{Backend, TrainBackend};
 use thinkshort::config::ModelConfig;
 use thinkshort::cuda::CudaBackend;
-use thinkshort::generate::{generate, GenerateConfig, GenerationRequest};
+use thinkshort::generate::{generate, GenerationRequest};
 use thinkshort::grpo::{AdvantageOptions, LossOptions};
 use thinkshort::model::Model;
 use thinkshort::optim::AdamW;
-use thinkshort::sampling::SamplingParams;
 use thinkshort::train::memory::{RunShape, TrainMemory};
 use thinkshort::train::optimizer::DeviceOptimizer;
 use thinkshort::train::update::{policy_update, UpdateBatch, UpdateOptions};
@@ -247,19 +246,7 @@ fn cuda_rollout(
             max_new_tokens: cap,
         })
         .collect();
-    let gen = GenerateConfig {
-        sampling: SamplingParams {
-            temperature: 1.0,
-            top_k: 0,
-            top_p: 1.0,
-        },
-        seed: 0,
-        first_stream: 0,
-        eos_ids: Vec::new(),
-        stop_strings: Vec::new(),
-        sync_every: None,
-        keep_ended_rows: None,
-    };
+    let gen = emulation_support::sampling_to_the_cap();
     let before = device.live_bytes();
     device.reset_peak();
     let out = generate(&model, &requests, &gen, None).unwrap();

@@ -12,6 +12,8 @@ use cuda_emulator::{launch_kernel, Arg, Launch};
 use cudarc::driver::LaunchConfig;
 use half::bf16;
 use thinkshort::cuda::launch::{KernelArg, KernelLaunch, Launcher};
+use thinkshort::generate::GenerateConfig;
+use thinkshort::sampling::SamplingParams;
 
 /// Runs the launchers of `thinkshort::cuda::ops` on the CPU: their launches go to the emulator
 /// (which checks the arguments against the kernel's parameters) and a device pointer is the
@@ -162,5 +164,22 @@ pub fn assert_same<T: PartialEq + std::fmt::Debug>(what: &str, got: &[T], want: 
     assert_eq!(got.len(), want.len(), "{what}: lengths");
     if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
         panic!("{what}: element {i} is {:?}, not {:?}", got[i], want[i]);
+    }
+}
+
+/// Sampling at temperature 1 with no EOS or stop strings, seed 0: every sample runs to its cap.
+pub fn sampling_to_the_cap() -> GenerateConfig {
+    GenerateConfig {
+        sampling: SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+        },
+        seed: 0,
+        first_stream: 0,
+        eos_ids: Vec::new(),
+        stop_strings: Vec::new(),
+        sync_every: None,
+        keep_ended_rows: None,
     }
 }
