@@ -223,6 +223,7 @@ def load(name):
     except Exception:
         return None
 gib_of = lambda r, k: f"{r[k] / 2**30:.1f} GiB" if r.get(k) else "–"
+peak = lambda r: f"peak {gib_of(r, 'peak_memory_bytes')} (estimate {gib_of(r, 'memory_estimate_bytes')})"
 mfu = lambda r: f"{100 * r['train_mfu']:.1f} %" if r.get("train_mfu") else "–"
 print("# thinkshort GPU check\n")
 sc = load("selfcheck.json")
@@ -313,34 +314,29 @@ o, mb = load("ours_step_0.5b.json"), load("ours_step_0.5b_micro16.json")
 if o and mb:
     ro, rm = o["result"], mb["result"]
     print(f"\nupdate in 4 passes of 16, 0.5b: {rm['train_tokens_per_s']:.0f} tok/s, MFU {mfu(rm)}, "
-          f"peak {gib_of(rm, 'peak_memory_bytes')} (estimate {gib_of(rm, 'memory_estimate_bytes')}); one pass: "
-          f"{ro['train_tokens_per_s']:.0f} tok/s, {mfu(ro)}, peak {gib_of(ro, 'peak_memory_bytes')} "
-          f"(estimate {gib_of(ro, 'memory_estimate_bytes')})")
+          f"{peak(rm)}; one pass: "
+          f"{ro['train_tokens_per_s']:.0f} tok/s, {mfu(ro)}, {peak(ro)}")
 ck = load("ours_step_0.5b_checkpointing.json")
 if o and ck:
     ro, rc = o["result"], ck["result"]
-    print(f"\nactivation checkpointing, 0.5b: update {rc['update_s']:.3f} s, MFU {mfu(rc)}, peak {gib_of(rc, 'peak_memory_bytes')} "
-          f"(estimate {gib_of(rc, 'memory_estimate_bytes')}); without: update {ro['update_s']:.3f} s, "
+    print(f"\nactivation checkpointing, 0.5b: update {rc['update_s']:.3f} s, MFU {mfu(rc)}, {peak(rc)}; without: update {ro['update_s']:.3f} s, "
           f"peak {gib_of(ro, 'peak_memory_bytes')}")
 off = load("ours_step_0.5b_offload.json")
 if o and off:
     ro, rf = o["result"], off["result"]
-    print(f"\noptimizer offloaded, 0.5b: update {rf['update_s']:.3f} s, peak {gib_of(rf, 'peak_memory_bytes')} "
-          f"(estimate {gib_of(rf, 'memory_estimate_bytes')}); on the device: update {ro['update_s']:.3f} s, "
+    print(f"\noptimizer offloaded, 0.5b: update {rf['update_s']:.3f} s, {peak(rf)}; on the device: update {ro['update_s']:.3f} s, "
           f"peak {gib_of(ro, 'peak_memory_bytes')}")
 q3 = load("ours_step_qwen3-0.6b.json")
 if q3:
     r = q3["result"]
     print(f"\nqwen3-0.6b, 8 x 8: step {r['step_s']:.2f} s (rollout {r['rollout_tokens_per_s']:.0f} tok/s; update "
-          f"{r['train_tokens_per_s']:.0f} tok/s, MFU {mfu(r)}), peak {gib_of(r, 'peak_memory_bytes')} "
-          f"(estimate {gib_of(r, 'memory_estimate_bytes')})")
+          f"{r['train_tokens_per_s']:.0f} tok/s, MFU {mfu(r)}), {peak(r)}")
 pap = load("ours_step_1.5b_paper.json")
 if pap:
     r = pap["result"]
     print(f"\npaper scale, 1.5b, 16 x 8 x 512 tokens, 8 update passes: step {r['step_s']:.2f} s "
           f"(rollout {r['rollout_s']:.2f} s, {r['rollout_tokens_per_s']:.0f} tok/s; update {r['update_s']:.2f} s, "
-          f"{r['train_tokens_per_s']:.0f} tok/s, MFU {mfu(r)}), peak {gib_of(r, 'peak_memory_bytes')} "
-          f"(estimate {gib_of(r, 'memory_estimate_bytes')})")
+          f"{r['train_tokens_per_s']:.0f} tok/s, MFU {mfu(r)}), {peak(r)}")
 for size in ("0.5b", "1.5b"):
     o, e = load(f"ours_step_{size}.json"), load(f"ours_step_{size}_eager.json")
     if o and e:

@@ -111,8 +111,6 @@ pub struct CudaBackend {
     error: Mutex<Option<String>>,
     /// Recently uploaded index arrays, most recent last.
     indices: Mutex<Vec<DeviceIndices>>,
-    /// Streaming multiprocessors: how many blocks fill the device (decode attention's splits).
-    sm_count: usize,
     /// f32 scratch for ops that need temporary storage (decode attention's split results, the
     /// attention backward's row sums): kept and grown, so an op does not allocate and free.
     scratch: Mutex<Option<Arc<CudaBuf>>>,
@@ -167,7 +165,6 @@ impl CudaBackend {
     /// The backend on `dev`, named `device_name` (the tests run it on the CPU emulator).
     pub fn with_device(dev: Arc<dyn Device>, device_name: String) -> Result<Self> {
         Ok(CudaBackend {
-            sm_count: dev.multiprocessors().max(1),
             dev,
             device_name,
             error: Mutex::new(None),
@@ -1008,7 +1005,8 @@ impl Backend for CudaBackend {
                     // the plan is then the same at every step of a decode loop, and a recorded
                     // step (decode_graph.rs) replays it unchanged. Splits past a prefix's end
                     // are empty and cost a block each.
-                    let split = plan_splits(m, n_kv_heads, capacity, self.sm_count);
+                    let split =
+                        plan_splits(m, n_kv_heads, capacity, self.dev.multiprocessors().max(1));
                     // the splits' partial outputs, then their (max, sum) pairs
                     let (out_len, stats_len) = scratch_sizes(split.0, m, n_heads, head_dim);
                     let scratch_ptrs = if split.0 > 1 {
