@@ -515,7 +515,8 @@ impl<B: TrainBackend> Model<B> {
                     }
                     (&d_att, &*dk_raw)
                 }
-                _ => (&dq, &dk),
+                (None, None, None, None, None) => (&dq, &dk),
+                _ => bail!("layer {l}: q/k norm weights and saved pre-norm q and k disagree"),
             };
             let products = [
                 (lp.q, lp.q_bias, dq, q_dim, GradWrite::Overwrite),

@@ -208,6 +208,12 @@ fn clip_fractions_and_kl_equal_trl_logged_statistics() {
             "{}",
             c.name()
         );
+        assert_eq!(
+            c.kl.is_some(),
+            c.beta > 0.0,
+            "{}: TRL logs a KL when β > 0",
+            c.name()
+        );
         if let Some(kl) = c.kl {
             assert!(
                 rel_err(s.kl, kl) <= TOL,
