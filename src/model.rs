@@ -23,8 +23,9 @@ pub struct Model<B: Backend> {
     /// not grow with the batch (default [`HEAD_CHUNK_BYTES`]).
     pub head_chunk_bytes: usize,
     /// Activation checkpointing: the training pass keeps only each layer's input and the
-    /// backward pass runs the layer's forward again before its backward (one more forward pass
-    /// of compute for a layer's activations instead of all of them).
+    /// backward pass runs the layer's forward again, up to its MLP's activation, before its
+    /// backward (`layer_recompute`: the layers' forward less their down projections once more,
+    /// for one layer's activations at a time instead of all of them).
     pub checkpoint_layers: bool,
 }
 
@@ -288,7 +289,7 @@ impl<B: Backend> Model<B> {
         let b = &self.backend;
         let m = place.slots.len();
         let mut x = b.empty(m * cfg.hidden_size)?; // [M, H] residual stream, embedded next
-        let mut acts = LayerActs::new(b, cfg, m, false)?; // reused by every layer
+        let mut acts = LayerActs::new(b, cfg, m, Keep::Nothing)?; // reused by every layer
         embed(b.full_mut(&mut x));
         // Each layer's last residual add also normalises x for the next layer (into the shared
         // acts.xn1), one launch instead of two.
@@ -419,27 +420,86 @@ impl<B: Backend> Model<B> {
         edges: LayerEdges<'_, B>,
     ) {
         let (cfg, b, lp) = (&self.cfg, &self.backend, &self.layout.layers[l]);
-        let (m, h, inter, hd) = (
-            place.slots.len(),
-            cfg.hidden_size,
-            cfg.intermediate_size,
-            cfg.head_dim,
-        );
-        let (q_dim, kv_dim) = (cfg.q_dim(), cfg.kv_dim());
-        let eps = cfg.rms_norm_eps as f32;
-
+        let (h, inter) = (cfg.hidden_size, cfg.intermediate_size);
+        let m = place.slots.len();
         if let Some(x_in) = &mut a.x_in {
             b.copy(b.full_mut(x_in), b.full(x));
         }
         if !edges.input_normed {
-            b.rmsnorm_forward(
+            self.input_norm(l, x, a);
+        }
+        self.qkv_forward(l, a, place);
+        let range = cache.layer_range(l);
+        let (ck, cv) = (&mut cache.k, &mut cache.v);
+        b.kv_cache_write(
+            b.view_mut(ck, range.clone()),
+            b.view_mut(cv, range),
+            b.full(&a.k),
+            b.full(&a.v),
+            place,
+            cache.capacity,
+            cfg.kv_dim(),
+        );
+        self.attention_block(l, x, a, place, cache);
+        if let Some(x_mid) = &mut a.x_mid {
+            b.copy(b.full_mut(x_mid), b.full(x));
+        }
+        self.mlp_act_forward(l, a, m);
+        b.matmul_forward(
+            b.full_mut(&mut a.proj),
+            b.full(&a.act),
+            self.p(lp.down),
+            self.p_opt(lp.down_bias),
+            m,
+            inter,
+            h,
+        );
+        let eps = cfg.rms_norm_eps as f32;
+        match edges.next_norm {
+            Some(weight) => b.add_rmsnorm_forward(
+                b.full_mut(x),
+                b.full(&a.proj),
                 b.full_mut(&mut a.xn1),
-                b.full(x),
-                self.p(lp.input_norm),
+                weight,
                 h,
                 eps,
-            );
+            ),
+            None => b.residual_add(b.full_mut(x), b.full(&a.proj)),
         }
+    }
+
+    /// Layer l's intermediates again, for the backward pass of activation checkpointing: the
+    /// training forward's ops in its order on its input x: [M, H], so the same values. x becomes
+    /// the residual stream after attention (x_mid). The cache already holds the layer's keys and
+    /// values, and the MLP's output is not needed by the backward, so neither is made.
+    pub(crate) fn layer_recompute(
+        &self,
+        l: usize,
+        x: &mut B::Buf,
+        a: &mut LayerActs<B>,
+        place: &TokenPlacement,
+        cache: &KvCache<B>,
+    ) {
+        self.input_norm(l, x, a);
+        self.qkv_forward(l, a, place);
+        self.attention_block(l, x, a, place, cache);
+        self.mlp_act_forward(l, a, place.slots.len());
+    }
+
+    /// a.xn1 = RMSNorm(x) with layer l's input norm.
+    fn input_norm(&self, l: usize, x: &B::Buf, a: &mut LayerActs<B>) {
+        let (cfg, b) = (&self.cfg, &self.backend);
+        let weight = self.p(self.layout.layers[l].input_norm);
+        let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps as f32);
+        b.rmsnorm_forward(b.full_mut(&mut a.xn1), b.full(x), weight, h, eps);
+    }
+
+    /// Layer l's q, k and v of a.xn1, with their biases; q and k rotated.
+    fn qkv_forward(&self, l: usize, a: &mut LayerActs<B>, place: &TokenPlacement) {
+        let (cfg, b, lp) = (&self.cfg, &self.backend, &self.layout.layers[l]);
+        let (m, h, hd) = (place.slots.len(), cfg.hidden_size, cfg.head_dim);
+        let (q_dim, kv_dim) = (cfg.q_dim(), cfg.kv_dim());
+        let eps = cfg.rms_norm_eps as f32;
         // The q, k and v biases are added by qkv_rope_forward (with the rotation of q and k).
         // With qk_norm the projections (q and k with their biases) land in q_raw, k_raw and
         // each head is normalised into q, k.
@@ -483,18 +543,21 @@ impl<B: Backend> Model<B> {
             cfg.num_kv_heads,
             hd,
         );
+    }
 
+    /// Attention of a.q over layer l's cached keys and values, its output projection added to
+    /// x: [M, H], and x normed into a.xn2 for the MLP.
+    fn attention_block(
+        &self,
+        l: usize,
+        x: &mut B::Buf,
+        a: &mut LayerActs<B>,
+        place: &TokenPlacement,
+        cache: &KvCache<B>,
+    ) {
+        let (cfg, b, lp) = (&self.cfg, &self.backend, &self.layout.layers[l]);
+        let (m, h) = (place.slots.len(), cfg.hidden_size);
         let range = cache.layer_range(l);
-        let (ck, cv) = (&mut cache.k, &mut cache.v);
-        b.kv_cache_write(
-            b.view_mut(ck, range.clone()),
-            b.view_mut(cv, range.clone()),
-            b.full(&a.k),
-            b.full(&a.v),
-            place,
-            cache.capacity,
-            kv_dim,
-        );
         b.attention_forward(
             b.full_mut(&mut a.att),
             a.lse.as_mut().map(|lse| b.full_mut(lse)),
@@ -505,7 +568,7 @@ impl<B: Backend> Model<B> {
             cache.capacity,
             cfg.num_heads,
             cfg.num_kv_heads,
-            hd,
+            cfg.head_dim,
         );
         b.matmul_forward(
             b.full_mut(&mut a.proj),
@@ -513,7 +576,7 @@ impl<B: Backend> Model<B> {
             self.p(lp.o),
             self.p_opt(lp.o_bias),
             m,
-            q_dim,
+            cfg.q_dim(),
             h,
         );
         b.add_rmsnorm_forward(
@@ -522,50 +585,31 @@ impl<B: Backend> Model<B> {
             b.full_mut(&mut a.xn2),
             self.p(lp.post_norm),
             h,
-            eps,
+            cfg.rms_norm_eps as f32,
         );
-        if let Some(x_mid) = &mut a.x_mid {
-            b.copy(b.full_mut(x_mid), b.full(x));
-        }
-        b.matmul_forward(
-            b.full_mut(&mut a.gate),
-            b.full(&a.xn2),
-            self.p(lp.gate),
-            self.p_opt(lp.gate_bias),
-            m,
-            h,
-            inter,
-        );
-        b.matmul_forward(
-            b.full_mut(&mut a.up),
-            b.full(&a.xn2),
-            self.p(lp.up),
-            self.p_opt(lp.up_bias),
-            m,
-            h,
-            inter,
-        );
-        b.swiglu_forward(b.full_mut(&mut a.act), b.full(&a.gate), b.full(&a.up));
-        b.matmul_forward(
-            b.full_mut(&mut a.proj),
-            b.full(&a.act),
-            self.p(lp.down),
-            self.p_opt(lp.down_bias),
-            m,
-            inter,
-            h,
-        );
-        match edges.next_norm {
-            Some(weight) => b.add_rmsnorm_forward(
-                b.full_mut(x),
-                b.full(&a.proj),
-                b.full_mut(&mut a.xn1),
-                weight,
+    }
+
+    /// Layer l's MLP up to its down projection: a.gate, a.up and a.act = silu(gate) · up of
+    /// a.xn2, for m tokens.
+    fn mlp_act_forward(&self, l: usize, a: &mut LayerActs<B>, m: usize) {
+        let (cfg, b, lp) = (&self.cfg, &self.backend, &self.layout.layers[l]);
+        let (h, inter) = (cfg.hidden_size, cfg.intermediate_size);
+        for (out, w, bias) in [
+            (&mut a.gate, lp.gate, lp.gate_bias),
+            (&mut a.up, lp.up, lp.up_bias),
+        ] {
+            let bias = self.p_opt(bias);
+            b.matmul_forward(
+                b.full_mut(out),
+                b.full(&a.xn2),
+                self.p(w),
+                bias,
+                m,
                 h,
-                eps,
-            ),
-            None => b.residual_add(b.full_mut(x), b.full(&a.proj)),
+                inter,
+            );
         }
+        b.swiglu_forward(b.full_mut(&mut a.act), b.full(&a.gate), b.full(&a.up));
     }
 }
 
@@ -622,16 +666,27 @@ pub struct LayerActs<B: Backend> {
     pub act: B::Buf,          // [M, I] silu(gate) · up
 }
 
+/// What a layer's activations keep beyond what inference needs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Keep {
+    /// Nothing: inference.
+    Nothing,
+    /// The residual streams entering the layer and after attention, and the attention's
+    /// log-sum-exp: the training pass.
+    ResidualsAndLse,
+    /// The log-sum-exp only: activation checkpointing, whose caller holds the residual streams.
+    Lse,
+}
+
 impl<B: Backend> LayerActs<B> {
-    /// With `training`, the layer also keeps copies of the residual stream and the attention's
-    /// log-sum-exp for the backward pass (work inference does not do).
-    pub fn new(b: &B, cfg: &ModelConfig, m: usize, training: bool) -> Result<Self> {
+    pub fn new(b: &B, cfg: &ModelConfig, m: usize, keep: Keep) -> Result<Self> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
-        let kept = |make: &dyn Fn() -> Result<B::Buf>| -> Result<Option<B::Buf>> {
-            Ok(if training { Some(make()?) } else { None })
+        let kept = |when: bool, make: &dyn Fn() -> Result<B::Buf>| -> Result<Option<B::Buf>> {
+            Ok(if when { Some(make()?) } else { None })
         };
         // Every one is written whole by the op that makes it before anything reads it.
-        let residual = || kept(&|| b.empty(m * h));
+        let residual = || kept(keep == Keep::ResidualsAndLse, &|| b.empty(m * h));
+        let lse = keep != Keep::Nothing;
         Ok(LayerActs {
             x_in: residual()?,
             xn1: b.empty(m * h)?,
@@ -641,7 +696,7 @@ impl<B: Backend> LayerActs<B> {
             k_raw: cfg.qk_norm.then(|| b.empty(m * cfg.kv_dim())).transpose()?,
             v: b.empty(m * cfg.kv_dim())?,
             att: b.empty(m * cfg.q_dim())?,
-            lse: kept(&|| b.empty_f32(m * cfg.num_heads))?,
+            lse: kept(lse, &|| b.empty_f32(m * cfg.num_heads))?,
             proj: b.empty(m * h)?,
             x_mid: residual()?,
             xn2: b.empty(m * h)?,
@@ -651,13 +706,18 @@ impl<B: Backend> LayerActs<B> {
         })
     }
 
-    /// The saved residual streams (x_in, x_mid) and attention log-sum-exp for the backward pass.
-    pub fn saved(&self) -> Result<(&B::Buf, &B::Buf, &B::Buf)> {
-        match (&self.x_in, &self.x_mid, &self.lse) {
-            (Some(x_in), Some(x_mid), Some(lse)) => Ok((x_in, x_mid, lse)),
-            _ => {
-                bail!("backward: the layer activations were made for inference (nothing kept)")
-            }
+    /// The saved residual streams (x_in, x_mid) for the backward pass.
+    pub fn residuals(&self) -> Result<(&B::Buf, &B::Buf)> {
+        match (&self.x_in, &self.x_mid) {
+            (Some(x_in), Some(x_mid)) => Ok((x_in, x_mid)),
+            _ => bail!("backward: the layer activations kept no residual streams"),
         }
+    }
+
+    /// The attention's saved log-sum-exp for the backward pass: [M, n_heads] f32.
+    pub fn lse(&self) -> Result<&B::Buf> {
+        self.lse
+            .as_ref()
+            .context("backward: the layer activations were made for inference (nothing kept)")
     }
 }

@@ -7,7 +7,7 @@ use crate::backend::{
     Backend, GradWrite, PolicyTokens, TokenPlacement, TrainBackend, POLICY_STATS,
 };
 use crate::grpo::LossOptions;
-use crate::model::{HeadActs, KvCache, LayerActs, LayerEdges, Model};
+use crate::model::{HeadActs, Keep, KvCache, LayerActs, LayerEdges, Model};
 use anyhow::{bail, Result};
 use std::ops::Range;
 
@@ -157,25 +157,26 @@ impl<B: TrainBackend> Model<B> {
             &batch.tokens,
             h,
         );
-        let mut run_layer = |l: usize, acts: &mut LayerActs<B>| {
+        let mut run_layer = |l: usize, x: &mut B::Buf, acts: &mut LayerActs<B>| {
             let separate = LayerEdges::separate();
-            self.layer_forward(l, &mut x, acts, &batch.place, &mut cache, separate)
+            self.layer_forward(l, x, acts, &batch.place, &mut cache, separate)
         };
         let layers = if self.checkpoint_layers {
-            // one layer's intermediates at a time; each layer's input is its x_in copy
-            let mut acts = LayerActs::new(b, cfg, m, true)?;
+            // one layer's intermediates at a time; each layer's input is kept
+            let mut acts = LayerActs::new(b, cfg, m, Keep::Lse)?;
             let mut inputs = Vec::with_capacity(cfg.num_layers);
             for l in 0..cfg.num_layers {
-                run_layer(l, &mut acts);
-                let x_in = acts.x_in.replace(b.empty(m * h)?);
-                inputs.push(x_in.expect("training activations keep x_in"));
+                let mut input = b.empty(m * h)?;
+                b.copy(b.full_mut(&mut input), b.full(&x));
+                inputs.push(input);
+                run_layer(l, &mut x, &mut acts);
             }
             LayerStore::Inputs(inputs)
         } else {
             let mut layers = Vec::with_capacity(cfg.num_layers);
             for l in 0..cfg.num_layers {
-                let mut acts = LayerActs::new(b, cfg, m, true)?;
-                run_layer(l, &mut acts);
+                let mut acts = LayerActs::new(b, cfg, m, Keep::ResidualsAndLse)?;
+                run_layer(l, &mut x, &mut acts);
                 layers.push(acts);
             }
             LayerStore::Kept(layers)
@@ -198,7 +199,7 @@ impl<B: TrainBackend> Model<B> {
     pub fn backward(
         &self,
         batch: &TrainBatch,
-        acts: &mut TrainActivations<B>,
+        acts: &TrainActivations<B>,
         dlogp: &[f32],
         grads: &mut B::Buf,
     ) -> Result<()> {
@@ -230,7 +231,7 @@ impl<B: TrainBackend> Model<B> {
     pub fn backward_policy(
         &self,
         batch: &TrainBatch,
-        acts: &mut TrainActivations<B>,
+        acts: &TrainActivations<B>,
         inputs: &PolicyInputs<B>,
         loss: &LossOptions,
         grads: &mut B::Buf,
@@ -285,7 +286,7 @@ impl<B: TrainBackend> Model<B> {
     fn backward_from_head(
         &self,
         batch: &TrainBatch,
-        acts: &mut TrainActivations<B>,
+        acts: &TrainActivations<B>,
         grads: &mut B::Buf,
         mut head_grad: impl for<'x> FnMut(Range<usize>, B::View<'x>, B::ViewMut<'x>),
     ) -> Result<()> {
@@ -361,23 +362,25 @@ impl<B: TrainBackend> Model<B> {
         let mut dcache_v = b.zeros(cache_len)?;
         let place = &batch.place;
 
-        // checkpointed layers: one layer's intermediates, recomputed from its input
+        // checkpointed layers: one layer's intermediates, recomputed from its input into x
         let mut recomputed = match &acts.layers {
             LayerStore::Kept(_) => None,
-            LayerStore::Inputs(_) => Some((LayerActs::new(b, cfg, m, true)?, b.empty(m * h)?)),
+            LayerStore::Inputs(_) => Some((LayerActs::new(b, cfg, m, Keep::Lse)?, b.empty(m * h)?)),
         };
         for (l, lp) in lay.layers.iter().enumerate().rev() {
-            let a = match (&acts.layers, &mut recomputed) {
-                (LayerStore::Kept(layers), _) => &layers[l],
+            let (a, x_in, x_mid) = match (&acts.layers, &mut recomputed) {
+                (LayerStore::Kept(layers), _) => {
+                    let (x_in, x_mid) = layers[l].residuals()?;
+                    (&layers[l], x_in, x_mid)
+                }
                 (LayerStore::Inputs(inputs), Some((layer, x))) => {
-                    // the forward again, as the training forward ran it: the same values
                     b.copy(b.full_mut(x), b.full(&inputs[l]));
-                    self.layer_forward(l, x, layer, place, &mut acts.cache, LayerEdges::separate());
-                    &*layer
+                    self.layer_recompute(l, x, layer, place, &acts.cache);
+                    (&*layer, &inputs[l], &*x)
                 }
                 (LayerStore::Inputs(_), None) => unreachable!("made for checkpointed layers"),
             };
-            let (x_in, x_mid, lse) = a.saved()?;
+            let lse = a.lse()?;
             // MLP block: x_out = x_mid + down(silu(gate(xn2)) · up(xn2)).
             b.matmul_backward(
                 Some(b.full_mut(&mut d_act)),
@@ -564,13 +567,13 @@ mod tests {
 
     /// Log-probs, entropies and the parameter gradient for a random d(loss)/d(logp).
     fn train_pass(model: &Model<CpuBackend>, batch: &TrainBatch) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-        let mut out = model.forward_train(batch, 0.8).unwrap();
+        let out = model.forward_train(batch, 0.8).unwrap();
         let dlogp: Vec<f32> = (0..out.logp.len())
             .map(|i| ((i * 7 % 5) as f32 - 2.0) / 3.0)
             .collect();
         let mut grads = vec![0.0; model.layout.total_len()];
         model
-            .backward(batch, &mut out.acts, &dlogp, &mut grads)
+            .backward(batch, &out.acts, &dlogp, &mut grads)
             .unwrap();
         (out.logp, out.entropy, grads)
     }
@@ -674,7 +677,7 @@ mod tests {
             .flat_map(|i| std::iter::repeat_n(i, lens[i as usize]))
             .collect();
 
-        let mut out = model.forward_train(&batch, temperature).unwrap();
+        let out = model.forward_train(&batch, temperature).unwrap();
         let logp: Vec<f64> = out.logp.iter().map(|&x| x as f64).collect();
         let r = logp.len();
         let shifted = |scale: f32| -> Vec<f32> {
@@ -720,7 +723,7 @@ mod tests {
                     let dlogp: Vec<f32> = host.grad.iter().map(|&g| g as f32).collect();
                     let mut want = vec![0.0; model.layout.total_len()];
                     model
-                        .backward(&batch, &mut out.acts, &dlogp, &mut want)
+                        .backward(&batch, &out.acts, &dlogp, &mut want)
                         .unwrap();
 
                     let included = included_completions(&truncated, Some(&keep), truncation);
@@ -728,7 +731,7 @@ mod tests {
                         .iter()
                         .map(|&w| w as f32)
                         .collect();
-                    let mut acts = model.forward_activations(&batch, temperature).unwrap();
+                    let acts = model.forward_activations(&batch, temperature).unwrap();
                     let inputs = PolicyInputs {
                         seqs: &row_seqs,
                         advantages: &adv_buf,
@@ -738,7 +741,7 @@ mod tests {
                     };
                     let mut got = vec![0.0; model.layout.total_len()];
                     let rows = model
-                        .backward_policy(&batch, &mut acts, &inputs, &o, &mut got)
+                        .backward_policy(&batch, &acts, &inputs, &o, &mut got)
                         .unwrap();
                     assert_eq!(rows.logp, out.logp, "{case}");
                     let diff: f32 = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).sum();

@@ -87,10 +87,10 @@ pub fn train_sft<B: TrainBackend>(
         opt.zero_grads(&model.backend);
         for pass in picks.chunks(micro_batch) {
             let batch = TrainBatch::new(pass)?;
-            let mut out = model.forward_train(&batch, 1.0)?;
+            let out = model.forward_train(&batch, 1.0)?;
             nll -= out.logp.iter().map(|&l| l as f64).sum::<f64>();
             let dlogp = vec![dlogp_value; out.logp.len()];
-            model.backward(&batch, &mut out.acts, &dlogp, &mut opt.grads)?;
+            model.backward(&batch, &out.acts, &dlogp, &mut opt.grads)?;
         }
         let loss = nll / tokens as f64;
         let grad_norm = opt.grad_norm(&model.backend)?;

@@ -172,8 +172,8 @@ pub struct TrainConfig {
     /// on the CPU): `train::memory::micro_batch`.
     pub micro_batch: usize,
     /// Activation checkpointing: the update keeps only each layer's input and recomputes the
-    /// layer's forward in the backward pass (one more forward pass of compute; far less memory
-    /// per sequence, so fewer, larger micro-batches fit).
+    /// layer's forward in the backward pass (the layers' forward less their down projections
+    /// once more; far less memory per sequence, so fewer, larger micro-batches fit).
     pub activation_checkpointing: bool,
     /// Evaluate every this many steps on the held-out split; 0 = off.
     pub eval_every: usize,

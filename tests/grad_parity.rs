@@ -84,7 +84,7 @@ fn grpo_loss_gradients_match_pytorch_autograd() {
         let batch = TrainBatch::new(&refs).unwrap();
         let tau = case["temperature"].as_f64().unwrap() as f32;
 
-        let mut out = model.forward_train(&batch, tau).unwrap();
+        let out = model.forward_train(&batch, tau).unwrap();
         for (g, w) in out.logp.iter().zip(f64s(&case["logp"])) {
             assert!((*g as f64 - w).abs() < 1e-4, "{name}: logp {g} vs {w}");
         }
@@ -98,7 +98,7 @@ fn grpo_loss_gradients_match_pytorch_autograd() {
 
         let mut grads = vec![0.0f32; model.layout.total_len()];
         model
-            .backward(&batch, &mut out.acts, &dlogp, &mut grads)
+            .backward(&batch, &out.acts, &dlogp, &mut grads)
             .unwrap();
 
         let bytes = std::fs::read(dir(name).join("grads.safetensors")).unwrap();

@@ -374,8 +374,8 @@ pub(super) fn model_gradient_check<D: TrainBackend>(
         let dlogp = rand.normal(batch.rows.len(), 1.0);
 
         let mut reference = vec![0.0f32; cpu_model.layout.total_len()];
-        let mut out = cpu_model.forward_train(&batch, 1.0)?;
-        cpu_model.backward(&batch, &mut out.acts, &dlogp, &mut reference)?;
+        let out = cpu_model.forward_train(&batch, 1.0)?;
+        cpu_model.backward(&batch, &out.acts, &dlogp, &mut reference)?;
 
         let shape =
             format!(
@@ -407,8 +407,8 @@ pub(super) fn model_gradient_check<D: TrainBackend>(
                 dev_model.checkpoint_layers = checkpoint;
                 let b = &dev_model.backend;
                 let mut grads = b.zeros_f32(reference.len())?;
-                let mut out = dev_model.forward_train(&batch, 1.0)?;
-                dev_model.backward(&batch, &mut out.acts, &dlogp, &mut grads)?;
+                let out = dev_model.forward_train(&batch, 1.0)?;
+                dev_model.backward(&batch, &out.acts, &dlogp, &mut grads)?;
                 b.synchronize()?;
                 runs.push(b.download(b.full(&grads))?);
             }

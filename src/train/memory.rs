@@ -119,9 +119,10 @@ impl TrainMemory {
         let backward = tokens * (3 * i + 3 * h + 2 * q + 2 * kv + raw_dk) * storage_bytes
             + tokens * 2 * kv * storage_bytes;
         // Checkpointed: each layer's input, one layer's intermediates at a time (in the forward,
-        // and recomputed in the backward) and the recomputation's copy of its input.
+        // and recomputed in the backward) without the two residual streams, and the residual
+        // stream the recomputation runs on.
         let layer_acts = if shape.checkpoint_layers {
-            layers * tokens * h * storage_bytes + per_layer + tokens * h * storage_bytes
+            layers * tokens * h * storage_bytes + per_layer - tokens * h * storage_bytes
         } else {
             layers * per_layer
         };

@@ -186,7 +186,7 @@ pub fn policy_update<B: TrainBackend>(
         let mut sums = [0.0f64; POLICY_STATS]; // the statistics' column sums over all passes
         for m in &passes {
             let batch = micro_train_batch(u.seqs, m)?;
-            let mut acts = model.forward_activations(&batch, o.temperature)?;
+            let acts = model.forward_activations(&batch, o.temperature)?;
             let rows_of = |x: &[f32]| b.upload_f32(&x[m.scored.clone()]);
             let old_logp = match u.old_logp {
                 Some(given) => Some(rows_of(given)?),
@@ -201,7 +201,7 @@ pub fn policy_update<B: TrainBackend>(
                 old_logp: old_logp.as_ref(),
                 ref_logp: ref_logp.as_ref(),
             };
-            let rows = model.backward_policy(&batch, &mut acts, &inputs, o.loss, &mut opt.grads)?;
+            let rows = model.backward_policy(&batch, &acts, &inputs, o.loss, &mut opt.grads)?;
             drop(acts);
             let mut pass_sums = b.zeros_f32(2 * POLICY_STATS)?;
             b.column_sums(
