@@ -14,24 +14,20 @@ pub struct PairedChange {
 }
 
 impl PairedChange {
-    /// The verdicts of the same problems, in the same order, before and after; None when the
-    /// two evaluations did not judge the same number of problems.
-    pub fn new(before: &[bool], after: &[bool]) -> Option<Self> {
-        if before.len() != after.len() || before.is_empty() {
-            return None;
-        }
-        let count = |from: bool| {
-            before
-                .iter()
-                .zip(after)
-                .filter(|&(&b, &a)| b == from && a != from)
-                .count()
+    /// From the (before, after) verdicts of the problems evaluated both times; None when there
+    /// are none.
+    pub fn new(verdicts: impl IntoIterator<Item = (bool, bool)>) -> Option<Self> {
+        let mut c = PairedChange {
+            problems: 0,
+            gained: 0,
+            lost: 0,
         };
-        Some(PairedChange {
-            problems: before.len(),
-            gained: count(false),
-            lost: count(true),
-        })
+        for (before, after) in verdicts {
+            c.problems += 1;
+            c.gained += (!before && after) as usize;
+            c.lost += (before && !after) as usize;
+        }
+        (c.problems > 0).then_some(c)
     }
 
     /// The accuracy change, as a fraction: (gained − lost) / problems.
@@ -53,6 +49,24 @@ impl PairedChange {
     }
 }
 
+/// Several sets' changes pooled: their problems and moves add up.
+impl std::iter::Sum for PairedChange {
+    fn sum<I: Iterator<Item = Self>>(changes: I) -> Self {
+        changes.fold(
+            PairedChange {
+                problems: 0,
+                gained: 0,
+                lost: 0,
+            },
+            |a, c| PairedChange {
+                problems: a.problems + c.problems,
+                gained: a.gained + c.gained,
+                lost: a.lost + c.lost,
+            },
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -67,7 +81,7 @@ mod tests {
         after[14..38].fill(false); // lost
         before[38..50].fill(false); // wrong both times
         after[38..50].fill(false);
-        let p = PairedChange::new(&before, &after).unwrap();
+        let p = PairedChange::new(before.into_iter().zip(after)).unwrap();
         assert_eq!((p.problems, p.gained, p.lost), (200, 14, 24));
         assert!((p.change() + 0.05).abs() < 1e-15);
         let (lo, hi) = p.interval95().unwrap();
@@ -75,16 +89,25 @@ mod tests {
         assert!((hi - (-0.05 + 0.060012)).abs() < 1e-6, "{hi}");
     }
 
-    /// Nothing moved: a change of 0 and no interval; different problem counts: no comparison.
+    /// Nothing moved: a change of 0 and no interval; no problem: no comparison.
     #[test]
-    fn no_change_and_mismatched_evaluations() {
-        let v = [true, false, true];
-        let p = PairedChange::new(&v, &v).unwrap();
+    fn no_change_and_no_problems() {
+        let v = [(true, true), (false, false), (true, true)];
+        let p = PairedChange::new(v).unwrap();
         assert_eq!(
-            (p.gained, p.lost, p.change(), p.interval95()),
-            (0, 0, 0.0, None)
+            (p.problems, p.gained, p.lost, p.change(), p.interval95()),
+            (3, 0, 0, 0.0, None)
         );
-        assert_eq!(PairedChange::new(&v, &v[..2]), None);
-        assert_eq!(PairedChange::new(&[], &[]), None);
+        assert_eq!(PairedChange::new([]), None);
+    }
+
+    /// Pooled changes count every set's problems: 3 of 10 gained and 1 of 30 lost is +2 of 40.
+    #[test]
+    fn pooled_changes_add_their_counts() {
+        let a = PairedChange::new((0..10).map(|i| (false, i < 3))).unwrap();
+        let b = PairedChange::new((0..30).map(|i| (true, i != 0))).unwrap();
+        let all: PairedChange = [a, b].into_iter().sum();
+        assert_eq!((all.problems, all.gained, all.lost), (40, 3, 1));
+        assert!((all.change() - 0.05).abs() < 1e-15);
     }
 }

@@ -194,7 +194,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         for set in &sets {
             let (mut correct, mut tokens, mut truncated) = (0usize, 0usize, 0usize);
             // (baseline verdict, this run's) of the items the baseline judged too
-            let (mut before, mut after) = (Vec::new(), Vec::new());
+            let mut verdicts = Vec::new();
             for (b, batch) in set.items.chunks(args.batch_size).enumerate() {
                 let mut requests = Vec::with_capacity(batch.len());
                 for item in batch {
@@ -219,8 +219,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
                     correct += v.correct as usize;
                     let key = || (set.name.clone(), item.id.clone(), budget);
                     if let Some(&was) = baseline.as_ref().and_then(|b| b.get(&key())) {
-                        before.push(was);
-                        after.push(v.correct);
+                        verdicts.push((was, v.correct));
                     }
                     tokens += c.len;
                     truncated += c.truncated as usize;
@@ -242,7 +241,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
                 done += batch.len();
                 progress(done, total, &set.name, budget, start);
             }
-            if let Some(change) = PairedChange::new(&before, &after) {
+            if let Some(change) = PairedChange::new(verdicts) {
                 paired.push(PairedRow {
                     dataset: set.name.clone(),
                     budget,
@@ -354,31 +353,19 @@ struct PairedRow {
 
 /// Appends, per budget with two or more compared sets in the average, their items pooled (`all`):
 /// the counts add up, so its change is over items, not the unweighted mean of the sets'.
-fn with_pooled(mut rows: Vec<PairedRow>, sets: &[Dataset], budgets: &[usize]) -> Vec<PairedRow> {
+fn with_pooled(rows: Vec<PairedRow>, sets: &[Dataset], budgets: &[usize]) -> Vec<PairedRow> {
     let averaged = |name: &str| sets.iter().any(|s| s.name == name && s.in_average);
-    for &budget in budgets {
-        let counted: Vec<&PairedChange> = rows
-            .iter()
-            .filter(|r| r.budget == budget && averaged(&r.dataset))
-            .map(|r| &r.change)
-            .collect();
-        if counted.len() < 2 {
-            continue;
-        }
-        let change = PairedChange {
-            problems: counted.iter().map(|c| c.problems).sum(),
-            gained: counted.iter().map(|c| c.gained).sum(),
-            lost: counted.iter().map(|c| c.lost).sum(),
-        };
-        rows.push(PairedRow {
+    with_summary_rows(
+        rows,
+        budgets,
+        |r| r.budget,
+        |r| averaged(&r.dataset),
+        |budget, counted| PairedRow {
             dataset: "all".into(),
             budget,
-            change,
-        });
-    }
-    // each budget's pooled row right after its sets (the sort is stable)
-    rows.sort_by_key(|r| r.budget);
-    rows
+            change: counted.iter().map(|r| r.change).sum(),
+        },
+    )
 }
 
 /// (set, id, budget) → verdict of every line of `<dir>/items.jsonl`.
@@ -454,29 +441,50 @@ fn progress(done: usize, total: usize, set: &str, budget: usize, start: Instant)
 }
 
 /// Appends, per budget, the unweighted mean over the sets counted in the average.
-fn with_averages(mut rows: Vec<Row>, budgets: &[usize]) -> Vec<Row> {
+fn with_averages(rows: Vec<Row>, budgets: &[usize]) -> Vec<Row> {
+    with_summary_rows(
+        rows,
+        budgets,
+        |r| r.budget,
+        |r| r.in_average,
+        |budget, counted| {
+            let mean = |field: fn(&Row) -> f64| {
+                counted.iter().map(|r| field(r)).sum::<f64>() / counted.len() as f64
+            };
+            Row {
+                dataset: "average".into(),
+                budget,
+                items: counted.iter().map(|r| r.items).sum(),
+                accuracy: mean(|r| r.accuracy),
+                mean_tokens: mean(|r| r.mean_tokens),
+                truncated: mean(|r| r.truncated),
+                in_average: false,
+            }
+        },
+    )
+}
+
+/// Appends, for each budget with two or more rows that `counted` keeps, the row `combine` makes
+/// of them, right after that budget's rows (the rows end up ordered by budget; the sort is
+/// stable).
+fn with_summary_rows<R>(
+    mut rows: Vec<R>,
+    budgets: &[usize],
+    budget_of: impl Fn(&R) -> usize,
+    counted: impl Fn(&R) -> bool,
+    combine: impl Fn(usize, &[&R]) -> R,
+) -> Vec<R> {
     for &budget in budgets {
-        let counted: Vec<&Row> = rows
+        let kept: Vec<&R> = rows
             .iter()
-            .filter(|r| r.budget == budget && r.in_average)
+            .filter(|r| budget_of(r) == budget && counted(r))
             .collect();
-        if counted.len() < 2 {
-            continue;
+        if kept.len() >= 2 {
+            let summary = combine(budget, &kept);
+            rows.push(summary);
         }
-        let k = counted.len() as f64;
-        let avg = Row {
-            dataset: "average".into(),
-            budget,
-            items: counted.iter().map(|r| r.items).sum(),
-            accuracy: counted.iter().map(|r| r.accuracy).sum::<f64>() / k,
-            mean_tokens: counted.iter().map(|r| r.mean_tokens).sum::<f64>() / k,
-            truncated: counted.iter().map(|r| r.truncated).sum::<f64>() / k,
-            in_average: false,
-        };
-        rows.push(avg);
     }
-    // Each budget's average right after its sets (the sort is stable).
-    rows.sort_by_key(|r| r.budget);
+    rows.sort_by_key(|r| budget_of(r));
     rows
 }
 

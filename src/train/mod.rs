@@ -763,7 +763,9 @@ pub fn train_on<B: TrainBackend>(
         None
     };
     let paired = match (&before, &after) {
-        (Some((_, b)), Some((_, a))) => crate::paired::PairedChange::new(b, a),
+        (Some((_, b)), Some((_, a))) => {
+            crate::paired::PairedChange::new(b.iter().copied().zip(a.iter().copied()))
+        }
         _ => None,
     };
     Ok(RunSummary {
