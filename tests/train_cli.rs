@@ -808,3 +808,78 @@ fn the_evaluation_in_chunks_equals_one_batch() {
     assert_eq!(groups, (0..10).collect::<Vec<u64>>());
     assert_eq!(chunked, one);
 }
+
+/// A checkpoint from before trainer_state.json kept `train_examples` comes from a run that held
+/// out eval_size examples of its data file even without evaluation: resumed, the run holds them
+/// out again (the problems the uninterrupted run drew from), and its own checkpoints go on
+/// without the count, so they resume the same way.
+#[test]
+fn a_checkpoint_without_train_examples_resumes_with_its_held_out_examples() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = planning_model(&tmp.path().join("model"));
+    let data = tmp.path().join("train.jsonl");
+    let lines: String = (0..12)
+        .map(|i| {
+            format!(
+                "{{\"question\": \"What is {i} + 1?\", \"answer\": \"#### {}\"}}\n",
+                i + 1
+            )
+        })
+        .collect();
+    std::fs::write(&data, lines).unwrap();
+    let data = format!("data={}", data.display());
+    let settings = [
+        "--set",
+        model.as_str(),
+        "--set",
+        data.as_str(),
+        "--set",
+        "steps=3",
+        "--set",
+        "eval_every=0",
+        "--set",
+        "schedule.kind=\"constant\"",
+        "--set",
+        "schedule.b=4",
+    ];
+    let run = |out: &Path, extra: &[&str]| {
+        let o = train(out, &[&settings[..], extra].concat());
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let out = tmp.path().join("run");
+    run(&out, &["--stop-after", "1"]);
+    let state_of = |step: usize| out.join(format!("step-{step:06}/trainer_state.json"));
+    let state: Value =
+        serde_json::from_str(&std::fs::read_to_string(state_of(1)).unwrap()).unwrap();
+    assert_eq!(state["train_examples"], 12);
+    let checkpoint = out.join("step-000001");
+    let plan = |out: &Path| {
+        let resume = ["--resume", checkpoint.to_str().unwrap(), "--dry-run"];
+        run(out, &resume)
+    };
+    assert!(plan(&tmp.path().join("plan")).contains("problems: 12 to train on"));
+
+    // as the older version wrote it: no count
+    let mut legacy = state.clone();
+    legacy.as_object_mut().unwrap().remove("train_examples");
+    std::fs::write(state_of(1), legacy.to_string()).unwrap();
+    let planned = plan(&tmp.path().join("plan"));
+    assert!(planned.contains("problems: 8 to train on"), "{planned}");
+    run(
+        &out,
+        &[
+            "--resume",
+            checkpoint.to_str().unwrap(),
+            "--stop-after",
+            "2",
+        ],
+    );
+    let state: Value =
+        serde_json::from_str(&std::fs::read_to_string(state_of(2)).unwrap()).unwrap();
+    assert!(state["train_examples"].is_null(), "{state}");
+    run(
+        &out,
+        &["--resume", out.join("step-000002").to_str().unwrap()],
+    );
+}

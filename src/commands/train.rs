@@ -142,8 +142,14 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     let inputs = match &cfg.data {
         Some(path) => {
             let mut all = load_examples(path, cfg.data_format)?;
-            // the held-out evaluation's problems, when there is one, are the file's last ones
-            let held_out = if cfg.eval_every > 0 { cfg.eval_size } else { 0 };
+            // the held-out evaluation's problems, when there is one, are the file's last ones;
+            // a run from before checkpoints kept `train_examples` held them out in any case
+            let legacy = resumes_a_legacy_run(args.resume.as_deref());
+            let held_out = if cfg.eval_every > 0 || legacy {
+                cfg.eval_size
+            } else {
+                0
+            };
             if all.len() <= held_out {
                 bail!(
                     "{}: {} examples cannot hold out eval_size = {}",
@@ -185,6 +191,22 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         return Ok(());
     }
     report(&summary, &args.out)
+}
+
+/// Whether `--resume` names a checkpoint whose trainer_state.json has no `train_examples`: its
+/// run dates from when eval_size examples were held out even without evaluation, and resuming
+/// it exactly holds them out too. A missing or unreadable state is left to `train` to report.
+fn resumes_a_legacy_run(resume: Option<&Path>) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Saved {
+        train_examples: Option<usize>,
+    }
+    let Some(text) =
+        resume.and_then(|dir| std::fs::read_to_string(dir.join("trainer_state.json")).ok())
+    else {
+        return false;
+    };
+    serde_json::from_str::<Saved>(&text).is_ok_and(|saved| saved.train_examples.is_none())
 }
 
 fn demo_examples(seed: u64, count: u64) -> Vec<Example> {

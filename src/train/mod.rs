@@ -63,7 +63,9 @@ pub struct TrainerState {
     pub optimizer: AdamW,
     /// What each step's problems were drawn from: the training set's size and the seed (absent
     /// in checkpoints written before they were saved). A resume that would draw from others is
-    /// refused.
+    /// refused. A run without `train_examples` held out eval_size examples of its data file even
+    /// without evaluation: resumed, it holds them out again and its checkpoints go on without
+    /// the count.
     #[serde(default)]
     pub train_examples: Option<usize>,
     #[serde(default)]
@@ -309,6 +311,8 @@ pub fn train_on<B: TrainBackend>(
     if resume.is_some() {
         check_resumed_settings(&state, cfg, inputs.train.len())?;
     }
+    // what its checkpoints record: None goes on for a run from before the count was kept
+    let train_examples = state.train_examples;
     let sequences = cfg.prompts_per_step * cfg.group_size;
     let prompt_len = longest_prompt(&tok, inputs, state.curriculum.budget_at(state.step))?;
     // Every sequence of the run (rollouts, the held-out evaluation) within the model's
@@ -741,7 +745,7 @@ pub fn train_on<B: TrainBackend>(
                 step: current_step,
                 curriculum: curriculum.clone(),
                 optimizer: opt.hyper().clone(),
-                train_examples: Some(inputs.train.len()),
+                train_examples,
                 seed: Some(cfg.seed),
             };
             save_checkpoint(
@@ -911,15 +915,6 @@ fn check_resumed_settings(
     train_examples: usize,
 ) -> Result<()> {
     let hint = "resume with the settings the run started with (its folder's config.toml)";
-    if state.train_examples.is_none() && cfg.data.is_some() && cfg.eval_every == 0 {
-        // before trainer_state.json kept the count, eval_size examples were always held out
-        eprintln!(
-            "note: this checkpoint predates the training-set check: its run held out eval_size = \
-             {} examples even without evaluation, this one trains on all {train_examples}, so \
-             the remaining steps draw other problems than the uninterrupted run would have",
-            cfg.eval_size
-        );
-    }
     if let Some(was) = state.train_examples.filter(|&was| was != train_examples) {
         bail!(
             "--resume: the checkpoint's run drew its problems from {was} training examples, these \
