@@ -1,0 +1,759 @@
+//! The inference ops of the CUDA backend (`Backend`): buffers and copies, the layers' forward
+//! ops, attention, decode, sampling and the log-probs, each checked and launched in order.
+
+use std::marker::PhantomData;
+use std::ops::Range;
+use std::sync::atomic::Ordering;
+
+use anyhow::{bail, ensure, Result};
+use half::bf16;
+use rayon::prelude::*;
+
+use super::{
+    check_ids, expect, expect_bf16, lock, rows_of, CudaBackend, CudaBuf, CudaDecodeGraph, CudaView,
+    CudaViewMut, DType,
+};
+use crate::backend::{summarize_ops, Backend, DecodeGraphStats, OpTime, TokenPlacement};
+use crate::cuda::attention_plan::{wide_query_tiles, AttentionKernel, AttentionPlan};
+use crate::cuda::ops;
+use crate::cuda::ops::decode_attention::{plan_splits, scratch_sizes, DecodeProblem};
+use crate::cuda::ops::flash_attention::{FlashForward, FlashProblem};
+use crate::cuda::ops::sampling::DeviceDraws;
+use crate::sampling::{SamplingParams, TokenDraws};
+
+impl Backend for CudaBackend {
+    type Buf = CudaBuf;
+    type View<'a> = CudaView<'a>;
+    type ViewMut<'a> = CudaViewMut<'a>;
+
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    /// A sync idles the GPU while the host catches up, and a sequence that ended meanwhile costs
+    /// one row of a decode step per step: 8 keeps both small.
+    fn decode_sync_every(&self) -> usize {
+        8
+    }
+
+    type DecodeGraph = CudaDecodeGraph;
+    fn decode_graph(&self) -> CudaDecodeGraph {
+        CudaDecodeGraph::default()
+    }
+    fn decode_step(
+        &self,
+        graph: &mut CudaDecodeGraph,
+        place: &TokenPlacement,
+        step: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<()> {
+        self.run_decode_step(graph, place, step)
+    }
+    fn records_decode_steps(&self) -> bool {
+        self.decode_graphs.load(Ordering::Relaxed)
+    }
+    fn set_decode_graphs(&self, on: bool) -> bool {
+        self.decode_graphs.swap(on, Ordering::Relaxed)
+    }
+    fn decode_graph_stats(&self) -> Option<DecodeGraphStats> {
+        Some(lock(&self.graph_stats).clone())
+    }
+
+    fn storage_bytes(&self) -> usize {
+        DType::Bf16.size()
+    }
+
+    fn free_memory(&self) -> Result<Option<usize>> {
+        Ok(Some(self.memory_info()?.0))
+    }
+
+    fn zeros(&self, len: usize) -> Result<CudaBuf> {
+        self.zeros_of(len, DType::Bf16)
+    }
+
+    fn zeros_f32(&self, len: usize) -> Result<CudaBuf> {
+        self.zeros_of(len, DType::F32)
+    }
+
+    fn empty(&self, len: usize) -> Result<CudaBuf> {
+        self.alloc(len, DType::Bf16)
+    }
+
+    fn empty_f32(&self, len: usize) -> Result<CudaBuf> {
+        self.alloc(len, DType::F32)
+    }
+
+    fn upload(&self, host: &[f32]) -> Result<CudaBuf> {
+        let narrow: Vec<bf16> = host.par_iter().map(|&v| bf16::from_f32(v)).collect();
+        self.upload_bytes(&narrow, DType::Bf16)
+    }
+
+    fn upload_f32(&self, host: &[f32]) -> Result<CudaBuf> {
+        self.upload_bytes(host, DType::F32)
+    }
+
+    fn upload_into(&self, dst: CudaViewMut<'_>, host: &[f32]) -> Result<()> {
+        ensure!(
+            dst.len == host.len(),
+            "upload_into: {} values into a view of {}",
+            host.len(),
+            dst.len
+        );
+        // An asynchronous copy from pageable memory may return before the driver has read the
+        // memory (CUDA documents staging before the return for the synchronous copy only), so
+        // the copy is waited for before the staging buffer or `host` can change. The offloaded
+        // optimizer downloads the next chunk next, which waits anyway.
+        let mut staging = lock(&self.upload_staging);
+        // SAFETY: the view holds dst.len values of its dtype, the size of one element of the
+        // slice copied, which is neither dropped nor changed until the device has been
+        // synchronised below (the staging lock is held until then).
+        let copied = match dst.dtype {
+            DType::F32 => unsafe { self.dev.copy_to_device(dst.ptr, bytemuck::cast_slice(host)) },
+            DType::Bf16 => {
+                if staging.len() < host.len() {
+                    staging.resize(host.len(), bf16::ZERO);
+                }
+                let narrow = &mut staging[..host.len()];
+                narrow
+                    .par_iter_mut()
+                    .zip(host.par_iter())
+                    .for_each(|(n, &v)| *n = bf16::from_f32(v));
+                unsafe {
+                    self.dev
+                        .copy_to_device(dst.ptr, bytemuck::cast_slice(&*narrow))
+                }
+            }
+        };
+        copied?;
+        self.synchronize()
+    }
+
+    fn download(&self, buf: CudaView<'_>) -> Result<Vec<f32>> {
+        if buf.dtype == DType::F32 {
+            let mut host = vec![0f32; buf.len];
+            self.download_into(&mut host, buf)?;
+            return Ok(host);
+        }
+        self.synchronize()?;
+        let mut host = vec![bf16::ZERO; buf.len];
+        // SAFETY: the view covers buf.len bf16 values.
+        unsafe {
+            self.dev
+                .copy_to_host(bytemuck::cast_slice_mut(&mut host), buf.ptr)
+        }?;
+        Ok(host.par_iter().map(|v| v.to_f32()).collect())
+    }
+
+    fn download_into(&self, dst: &mut [f32], buf: CudaView<'_>) -> Result<()> {
+        ensure!(
+            dst.len() == buf.len,
+            "download_into: a view of {} values into {}",
+            buf.len,
+            dst.len()
+        );
+        if buf.dtype == DType::Bf16 {
+            dst.copy_from_slice(&self.download(buf)?);
+            return Ok(());
+        }
+        self.synchronize()?;
+        // SAFETY: the view covers buf.len f32 values, dst as many.
+        unsafe {
+            self.dev
+                .copy_to_host(bytemuck::cast_slice_mut(dst), buf.ptr)
+        }
+    }
+
+    fn start_op_profile(&self) -> bool {
+        *lock(&self.profile) = Some(Vec::new());
+        true
+    }
+
+    fn take_op_profile(&self) -> Result<Vec<OpTime>> {
+        let events = lock(&self.profile).take().unwrap_or_default();
+        self.synchronize()?;
+        let mut samples = Vec::with_capacity(events.len());
+        for (op, start, end) in &events {
+            samples.push((*op, self.dev.seconds_between(start, end)?));
+        }
+        Ok(summarize_ops(&samples))
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.check_error()?;
+        self.dev.synchronize()?;
+        self.check_error()
+    }
+
+    fn len(&self, buf: &CudaBuf) -> usize {
+        buf.len
+    }
+
+    fn view<'a>(&self, buf: &'a CudaBuf, range: Range<usize>) -> CudaView<'a> {
+        assert!(
+            range.start <= range.end && range.end <= buf.len,
+            "view {range:?} out of a buffer of {}",
+            buf.len
+        );
+        CudaView {
+            ptr: buf.ptr + (range.start * buf.dtype.size()) as u64,
+            len: range.len(),
+            dtype: buf.dtype,
+            _buf: PhantomData,
+        }
+    }
+
+    fn view_mut<'a>(&self, buf: &'a mut CudaBuf, range: Range<usize>) -> CudaViewMut<'a> {
+        assert!(
+            range.start <= range.end && range.end <= buf.len,
+            "view {range:?} out of a buffer of {}",
+            buf.len
+        );
+        CudaViewMut {
+            ptr: buf.ptr + (range.start * buf.dtype.size()) as u64,
+            len: range.len(),
+            dtype: buf.dtype,
+            _buf: PhantomData,
+        }
+    }
+
+    fn embedding_forward(
+        &self,
+        out: CudaViewMut<'_>,
+        table: CudaView<'_>,
+        ids: &[u32],
+        dim: usize,
+    ) {
+        self.run("embedding_forward", || {
+            expect_bf16("table", table.dtype)?;
+            let vocab = rows_of("table", table.len, dim)?;
+            expect("out", out.dtype, out.len, DType::Bf16, ids.len() * dim)?;
+            check_ids("token id", ids, vocab)?;
+            let ids_ptr = self.indices(ids)?;
+            ops::embedding::embedding_forward(
+                self.launcher(),
+                out.ptr,
+                table.ptr,
+                ids_ptr,
+                ids.len(),
+                dim,
+            )
+        })
+    }
+
+    fn embedding_forward_sampled(
+        &self,
+        out: CudaViewMut<'_>,
+        table: CudaView<'_>,
+        sampled: CudaView<'_>,
+        rows: &[u32],
+        dim: usize,
+    ) {
+        self.run("embedding_forward_sampled", || {
+            expect_bf16("table", table.dtype)?;
+            let vocab = rows_of("table", table.len, dim)?;
+            expect("out", out.dtype, out.len, DType::Bf16, rows.len() * dim)?;
+            ensure!(
+                sampled.dtype == DType::F32,
+                "sampled ids must be f32, got {:?}",
+                sampled.dtype
+            );
+            check_ids("sampled row", rows, sampled.len)?;
+            let rows_ptr = self.indices(rows)?;
+            ops::embedding::embedding_forward_sampled(
+                self.launcher(),
+                out.ptr,
+                table.ptr,
+                sampled.ptr,
+                rows_ptr,
+                rows.len(),
+                dim,
+                vocab,
+            )
+        })
+    }
+
+    fn add_rmsnorm_forward(
+        &self,
+        x: CudaViewMut<'_>,
+        residual: CudaView<'_>,
+        out: CudaViewMut<'_>,
+        weight: CudaView<'_>,
+        dim: usize,
+        eps: f32,
+    ) {
+        self.run("add_rmsnorm_forward", || {
+            expect_bf16("x", x.dtype)?;
+            let rows = rows_of("x", x.len, dim)?;
+            expect("residual", residual.dtype, residual.len, DType::Bf16, x.len)?;
+            expect("out", out.dtype, out.len, DType::Bf16, x.len)?;
+            expect("weight", weight.dtype, weight.len, DType::Bf16, dim)?;
+            ops::rmsnorm::add_rmsnorm_forward(
+                self.launcher(),
+                out.ptr,
+                x.ptr,
+                residual.ptr,
+                weight.ptr,
+                rows,
+                dim,
+                eps,
+            )
+        })
+    }
+
+    fn rmsnorm_forward(
+        &self,
+        out: CudaViewMut<'_>,
+        x: CudaView<'_>,
+        weight: CudaView<'_>,
+        dim: usize,
+        eps: f32,
+    ) {
+        self.run("rmsnorm_forward", || {
+            expect_bf16("x", x.dtype)?;
+            let rows = rows_of("x", x.len, dim)?;
+            expect("out", out.dtype, out.len, DType::Bf16, x.len)?;
+            expect("weight", weight.dtype, weight.len, DType::Bf16, dim)?;
+            ops::rmsnorm::rmsnorm_forward(
+                self.launcher(),
+                out.ptr,
+                x.ptr,
+                weight.ptr,
+                rows,
+                dim,
+                eps,
+            )
+        })
+    }
+
+    fn matmul_forward(
+        &self,
+        out: CudaViewMut<'_>,
+        x: CudaView<'_>,
+        w: CudaView<'_>,
+        bias: Option<CudaView<'_>>,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) {
+        self.run("matmul_forward", || {
+            expect("x", x.dtype, x.len, DType::Bf16, m * k)?;
+            expect("w", w.dtype, w.len, DType::Bf16, n * k)?;
+            ensure!(
+                out.len == m * n,
+                "out has {} elements, expected {m} * {n}",
+                out.len
+            );
+            if m == 0 || n == 0 {
+                return Ok(());
+            }
+            // Row-major out[M, N] = x[M, K] · w[N, K]ᵀ is column-major outᵀ[N, M] = w·xᵀ:
+            // A = w read transposed (lda = K), B = x as is (ldb = K), C = out (ldc = N).
+            self.gemm(
+                "matmul_forward",
+                (true, false),
+                (n, m, k),
+                (w.ptr, k),
+                (x.ptr, k),
+                0.0,
+                (out.ptr, out.dtype, n),
+            )?;
+            if let Some(bias) = bias {
+                expect("bias", bias.dtype, bias.len, DType::Bf16, n)?;
+                let out_f32 = out.dtype == DType::F32;
+                ops::elementwise::bias_add(self.launcher(), out.ptr, bias.ptr, m, n, out_f32)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn qkv_rope_forward(
+        &self,
+        [q, k, v]: [CudaViewMut<'_>; 3],
+        [q_bias, k_bias, v_bias]: [Option<CudaView<'_>>; 3],
+        positions: &[u32],
+        inv_freq: CudaView<'_>,
+        n_heads: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+    ) {
+        self.run("qkv_rope_forward", || {
+            let m = positions.len();
+            expect("q", q.dtype, q.len, DType::Bf16, m * n_heads * head_dim)?;
+            expect("k", k.dtype, k.len, DType::Bf16, m * n_kv_heads * head_dim)?;
+            expect("v", v.dtype, v.len, DType::Bf16, m * n_kv_heads * head_dim)?;
+            expect(
+                "inv_freq",
+                inv_freq.dtype,
+                inv_freq.len,
+                DType::F32,
+                head_dim / 2,
+            )?;
+            let bias_ptr = |name: &str, bias: Option<CudaView<'_>>, heads: usize| -> Result<u64> {
+                match bias {
+                    Some(b) => {
+                        expect(name, b.dtype, b.len, DType::Bf16, heads * head_dim)?;
+                        Ok(b.ptr)
+                    }
+                    None => Ok(0),
+                }
+            };
+            let biases = (
+                bias_ptr("q_bias", q_bias, n_heads)?,
+                bias_ptr("k_bias", k_bias, n_kv_heads)?,
+                bias_ptr("v_bias", v_bias, n_kv_heads)?,
+            );
+            let pos = self.positions(positions)?;
+            ops::rope::qkv_rope_forward(
+                self.launcher(),
+                (q.ptr, k.ptr, v.ptr),
+                biases,
+                pos,
+                inv_freq.ptr,
+                m,
+                n_heads,
+                n_kv_heads,
+                head_dim,
+            )
+        })
+    }
+
+    fn kv_cache_write(
+        &self,
+        cache_k: CudaViewMut<'_>,
+        cache_v: CudaViewMut<'_>,
+        k: CudaView<'_>,
+        v: CudaView<'_>,
+        place: &TokenPlacement,
+        capacity: usize,
+        kv_dim: usize,
+    ) {
+        self.run("kv_cache_write", || {
+            let m = place.slots.len();
+            expect("k", k.dtype, k.len, DType::Bf16, m * kv_dim)?;
+            expect("v", v.dtype, v.len, DType::Bf16, m * kv_dim)?;
+            let (slot_ptr, pos_ptr) = self.cache_placement(
+                place,
+                (cache_k.dtype, cache_k.len),
+                (cache_v.dtype, cache_v.len),
+                capacity,
+                kv_dim,
+            )?;
+            ops::kv_cache::kv_cache_write(
+                self.launcher(),
+                cache_k.ptr,
+                cache_v.ptr,
+                k.ptr,
+                v.ptr,
+                slot_ptr,
+                pos_ptr,
+                m,
+                capacity,
+                kv_dim,
+            )
+        })
+    }
+    fn kv_cache_gather(
+        &self,
+        dx: CudaViewMut<'_>,
+        dcache: CudaView<'_>,
+        place: &TokenPlacement,
+        capacity: usize,
+        kv_dim: usize,
+    ) {
+        self.run("kv_cache_gather", || {
+            let m = place.slots.len();
+            expect("dx", dx.dtype, dx.len, DType::Bf16, m * kv_dim)?;
+            let cache = (dcache.dtype, dcache.len);
+            let (slots, positions) = self.cache_placement(place, cache, cache, capacity, kv_dim)?;
+            ops::kv_cache::kv_cache_gather(
+                self.launcher(),
+                dx.ptr,
+                dcache.ptr,
+                slots,
+                positions,
+                m,
+                capacity,
+                kv_dim,
+            )
+        })
+    }
+
+    fn attention_forward(
+        &self,
+        out: CudaViewMut<'_>,
+        lse: Option<CudaViewMut<'_>>,
+        q: CudaView<'_>,
+        cache_k: CudaView<'_>,
+        cache_v: CudaView<'_>,
+        place: &TokenPlacement,
+        capacity: usize,
+        n_heads: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+    ) {
+        self.run("attention_forward", || {
+            let m = place.slots.len();
+            let q_dim = n_heads * head_dim;
+            expect("q", q.dtype, q.len, DType::Bf16, m * q_dim)?;
+            expect("out", out.dtype, out.len, DType::Bf16, m * q_dim)?;
+            let lse_ptr = match &lse {
+                Some(l) => {
+                    expect("lse", l.dtype, l.len, DType::F32, m * n_heads)?;
+                    l.ptr
+                }
+                None => 0,
+            };
+            let (slot_ptr, pos_ptr) = self.cache_placement(
+                place,
+                (cache_k.dtype, cache_k.len),
+                (cache_v.dtype, cache_v.len),
+                capacity,
+                n_kv_heads * head_dim,
+            )?;
+            // the fused kernels' 16-byte loads and stores
+            let aligned = [cache_k.ptr, cache_v.ptr, q.ptr, out.ptr]
+                .iter()
+                .all(|p| p % 16 == 0);
+            let plan = AttentionPlan::new(place);
+            match AttentionKernel::choose(&plan, m, n_heads, n_kv_heads, head_dim, aligned) {
+                AttentionKernel::Flash => {
+                    let wide_tiles = wide_query_tiles(place);
+                    let variant = lock(&self.flash_forward)
+                        .unwrap_or_else(|| FlashForward::choose(wide_tiles.len() / 4, m));
+                    let tiles = match variant {
+                        FlashForward::Narrow => &plan.query_tiles,
+                        FlashForward::Wide => &wide_tiles,
+                    };
+                    let problem = FlashProblem {
+                        q: q.ptr,
+                        cache_k: cache_k.ptr,
+                        cache_v: cache_v.ptr,
+                        tiles: self.indices(tiles)?,
+                        num_tiles: tiles.len() / 4,
+                        m,
+                        capacity,
+                        n_heads,
+                        n_kv_heads,
+                        head_dim,
+                    };
+                    ops::flash_attention::flash_attention_forward(
+                        self.launcher(),
+                        &problem,
+                        variant,
+                        out.ptr,
+                        lse_ptr,
+                    )
+                }
+                AttentionKernel::Decode => {
+                    // Planned for the cache's capacity, not the longest prefix of this batch:
+                    // the plan is then the same at every step of a decode loop, and a recorded
+                    // step (decode_graph.rs) replays it unchanged. Splits past a prefix's end
+                    // are empty and cost a block each.
+                    let split =
+                        plan_splits(m, n_kv_heads, capacity, self.dev.multiprocessors().max(1));
+                    // the splits' partial outputs, then their (max, sum) pairs
+                    let (out_len, stats_len) = scratch_sizes(split.0, m, n_heads, head_dim);
+                    let scratch_ptrs = if split.0 > 1 {
+                        let base = self.scratch_f32(out_len + stats_len)?;
+                        (base, base + 4 * out_len as u64)
+                    } else {
+                        (0, 0)
+                    };
+                    let problem = DecodeProblem {
+                        q: q.ptr,
+                        cache_k: cache_k.ptr,
+                        cache_v: cache_v.ptr,
+                        slots: slot_ptr,
+                        positions: pos_ptr,
+                        m,
+                        capacity,
+                        n_heads,
+                        n_kv_heads,
+                        head_dim,
+                    };
+                    ops::decode_attention::decode_attention(
+                        self.launcher(),
+                        &problem,
+                        out.ptr,
+                        lse_ptr,
+                        split,
+                        scratch_ptrs,
+                    )
+                }
+                AttentionKernel::Simple => ops::attention::attention_forward(
+                    self.launcher(),
+                    out.ptr,
+                    lse_ptr,
+                    q.ptr,
+                    cache_k.ptr,
+                    cache_v.ptr,
+                    slot_ptr,
+                    pos_ptr,
+                    m,
+                    capacity,
+                    n_heads,
+                    n_kv_heads,
+                    head_dim,
+                ),
+            }
+        })
+    }
+
+    fn swiglu_forward(&self, out: CudaViewMut<'_>, gate: CudaView<'_>, up: CudaView<'_>) {
+        self.run("swiglu_forward", || {
+            expect_bf16("out", out.dtype)?;
+            expect("gate", gate.dtype, gate.len, DType::Bf16, out.len)?;
+            expect("up", up.dtype, up.len, DType::Bf16, out.len)?;
+            ops::elementwise::swiglu_forward(self.launcher(), out.ptr, gate.ptr, up.ptr, out.len)
+        })
+    }
+
+    fn residual_add(&self, x: CudaViewMut<'_>, y: CudaView<'_>) {
+        self.run("residual_add", || {
+            expect_bf16("x", x.dtype)?;
+            expect("y", y.dtype, y.len, DType::Bf16, x.len)?;
+            ops::elementwise::residual_add(self.launcher(), x.ptr, y.ptr, x.len)
+        })
+    }
+
+    fn gather_rows(&self, out: CudaViewMut<'_>, x: CudaView<'_>, rows: &[usize], dim: usize) {
+        self.run("gather_rows", || {
+            expect_bf16("x", x.dtype)?;
+            let x_rows = rows_of("x", x.len, dim)?;
+            expect("out", out.dtype, out.len, DType::Bf16, rows.len() * dim)?;
+            if let Some(&bad) = rows.iter().find(|&&r| r >= x_rows) {
+                bail!("row {bad} out of range (x has {x_rows} rows)");
+            }
+            let rows_ptr = self.row_indices(rows)?;
+            ops::embedding::gather_rows(self.launcher(), out.ptr, x.ptr, rows_ptr, rows.len(), dim)
+        })
+    }
+
+    fn fill_zero(&self, out: CudaViewMut<'_>) {
+        self.run("fill_zero", || {
+            // SAFETY: the view covers len elements of its dtype.
+            unsafe { self.dev.fill_zero(out.ptr, out.len * out.dtype.size()) }
+        })
+    }
+
+    fn copy(&self, dst: CudaViewMut<'_>, src: CudaView<'_>) {
+        self.run("copy", || {
+            ensure!(
+                dst.len == src.len,
+                "dst has {} elements, src {}",
+                dst.len,
+                src.len
+            );
+            match (dst.dtype, src.dtype) {
+                (DType::F32, DType::Bf16) => ops::elementwise::convert_bf16_to_f32(
+                    self.launcher(),
+                    dst.ptr,
+                    src.ptr,
+                    src.len,
+                ),
+                (DType::Bf16, DType::F32) => ops::elementwise::convert_f32_to_bf16(
+                    self.launcher(),
+                    dst.ptr,
+                    src.ptr,
+                    src.len,
+                ),
+                (d, _) => {
+                    // SAFETY: both views cover len elements of the same dtype.
+                    unsafe {
+                        self.dev
+                            .copy_on_device(dst.ptr, src.ptr, src.len * d.size())
+                    }
+                }
+            }
+        })
+    }
+
+    fn logprob_forward(
+        &self,
+        logp: CudaViewMut<'_>,
+        entropy: CudaViewMut<'_>,
+        logits: CudaView<'_>,
+        targets: &[u32],
+        vocab: usize,
+        temperature: f32,
+    ) {
+        self.run("logprob_forward", || {
+            let r = targets.len();
+            expect("logp", logp.dtype, logp.len, DType::F32, r)?;
+            expect("entropy", entropy.dtype, entropy.len, DType::F32, r)?;
+            ensure!(
+                logits.len == r * vocab,
+                "logits has {} elements, expected {r} * {vocab}",
+                logits.len
+            );
+            ensure!(
+                temperature > 0.0,
+                "temperature must be > 0, got {temperature}"
+            );
+            check_ids("target", targets, vocab)?;
+            let t = self.indices(targets)?;
+            ops::logprob::logprob_forward(
+                self.launcher(),
+                logp.ptr,
+                entropy.ptr,
+                logits.ptr,
+                logits.dtype == DType::F32,
+                t,
+                r,
+                vocab,
+                temperature,
+            )
+        })
+    }
+
+    fn sample_tokens(
+        &self,
+        out: CudaViewMut<'_>,
+        logp: CudaViewMut<'_>,
+        logits: CudaView<'_>,
+        draws: &TokenDraws,
+        vocab: usize,
+        params: &SamplingParams,
+    ) {
+        self.run("sample_tokens", || {
+            let rows = draws.rows();
+            expect("out", out.dtype, out.len, DType::F32, rows)?;
+            expect("logp", logp.dtype, logp.len, DType::F32, rows)?;
+            expect("logits", logits.dtype, logits.len, DType::F32, rows * vocab)?;
+            params.validate()?;
+            // Kept alive until the launch is queued (freed in stream order).
+            let mut given = None;
+            let device_draws = match *draws {
+                TokenDraws::Given(uniforms) => {
+                    // Each f64 draw as two floats, hi + lo (the kernel adds them back in f64).
+                    let mut split = vec![0.0f32; 2 * rows];
+                    for (pair, &u) in split.chunks_exact_mut(2).zip(uniforms) {
+                        crate::backend::cpu::split_f64(pair, u);
+                    }
+                    let buf = given.insert(self.upload_bytes(&split, DType::F32)?);
+                    DeviceDraws::Given { uniforms: buf.ptr }
+                }
+                TokenDraws::Philox {
+                    seed,
+                    first_stream,
+                    streams,
+                    step,
+                } => DeviceDraws::Philox {
+                    seed,
+                    first_stream,
+                    streams: self.indices(streams)?,
+                    step,
+                },
+            };
+            ops::sampling::sample_tokens(
+                self.launcher(),
+                out.ptr,
+                logp.ptr,
+                logits.ptr,
+                &device_draws,
+                rows,
+                vocab,
+                params,
+            )
+        })
+    }
+}
