@@ -2,6 +2,8 @@
 //! current budget, score them (correctness, length, format), normalise rewards within each group,
 //! and take clipped policy-gradient steps; the budget tightens on the configured schedule.
 
+mod checkpoints;
+mod evaluate;
 pub mod memory;
 pub mod metrics;
 pub mod optimizer;
@@ -10,32 +12,33 @@ pub mod run_log;
 pub mod update;
 
 use crate::backend::cpu::CpuBackend;
-use crate::backend::{Backend, BackendKind, TrainBackend};
-use crate::checkpoint::{
-    load_moments, save_moments, write_folder_atomically, write_model_files, OPTIMIZER_FILE,
-};
+use crate::backend::{BackendKind, TrainBackend};
+use crate::checkpoint::load_moments;
 use crate::config::ModelConfig;
 use crate::cuda::CudaBackend;
-use crate::curriculum::{Curriculum, Schedule};
 use crate::grpo::reward::reward;
 use crate::model::Model;
 use crate::optim::AdamW;
 use crate::params::ParamLayout;
 use crate::prompt::PromptTemplate;
-use crate::rollout::{sample_groups, Rollout, RolloutSettings};
-use crate::sampling::SamplingParams;
+use crate::rollout::{sample_groups, RolloutSettings};
 use crate::tokenizer::Tokenizer;
 use crate::train_config::{OldLogp, TrainConfig};
 use anyhow::{bail, Context, Result};
 use metrics::{mean, quantile, std, StepMetrics};
-use optimizer::{DeviceOptimizer, OptimizerPart};
+use optimizer::DeviceOptimizer;
 use rayon::prelude::*;
 use run_log::{CompletionLine, EvalLine, RunLog};
-use serde::{Deserialize, Serialize};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use update::{completion_logprobs, policy_update, UpdateBatch, UpdateOptions};
+
+use checkpoints::{
+    check_checkpoint_folder, check_resumed_settings, read_state, remove_old_checkpoints,
+    warn_of_earlier_checkpoints, writes_checkpoint,
+};
+pub use checkpoints::{save_checkpoint, TrainerState};
+pub use evaluate::{evaluate, EvalResult, Evaluation};
 
 /// A training or evaluation problem: the question and its gold answer.
 #[derive(Debug, Clone, PartialEq)]
@@ -52,32 +55,6 @@ pub struct TrainInputs {
     pub eval: Vec<Example>,
     /// Decides correctness of a completion's text against a gold answer.
     pub is_correct: fn(&str, &str) -> bool,
-}
-
-/// The trainer state saved next to the weights of a checkpoint.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TrainerState {
-    /// Steps completed.
-    pub step: usize,
-    pub curriculum: Curriculum,
-    pub optimizer: AdamW,
-    /// What each step's problems were drawn from: the training set's size and the seed (absent
-    /// in checkpoints written before they were saved). A resume that would draw from others is
-    /// refused. A run without `train_examples` held out eval_size examples of its data file even
-    /// without evaluation: resumed, it holds them out again and its checkpoints go on without
-    /// the count.
-    #[serde(default)]
-    pub train_examples: Option<usize>,
-    #[serde(default)]
-    pub seed: Option<u64>,
-}
-
-/// Accuracy and mean generated length of greedy decoding on a set of problems.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
-pub struct EvalResult {
-    pub accuracy: f64,
-    pub mean_len: f64,
-    pub truncated_frac: f64,
 }
 
 /// The training reward's correctness: the first `<answer>…</answer>` span only (no fallbacks),
@@ -126,62 +103,6 @@ pub fn load_examples(path: &Path, format: crate::train_config::DataFormat) -> Re
         bail!("training data {} holds no examples", path.display());
     }
     Ok(out)
-}
-
-/// A held-out evaluation: the summary, and each problem's response with its verdict.
-pub struct Evaluation {
-    pub result: EvalResult,
-    pub responses: Vec<(Rollout, bool)>,
-}
-
-/// Greedy decoding of the held-out problems at `budget` with cap `max_tokens`, ending at EOS or
-/// a `stop` string, `batch` problems at a time (so the evaluation needs no more memory than a
-/// rollout of that many sequences): accuracy and lengths.
-pub fn evaluate<B: Backend>(
-    model: &Model<B>,
-    tok: &Tokenizer,
-    inputs: &TrainInputs,
-    budget: usize,
-    max_tokens: usize,
-    stop: &[String],
-    batch: usize,
-) -> Result<Evaluation> {
-    let examples = &inputs.eval;
-    let prompts = render_prompts(tok, &inputs.template, examples, budget)?;
-    let settings = RolloutSettings {
-        group_size: 1,
-        cap: max_tokens,
-        sampling: SamplingParams::greedy(),
-        stop,
-    };
-    let batch = batch.max(1);
-    let mut rollouts = Vec::with_capacity(prompts.len());
-    for (i, chunk) in prompts.chunks(batch).enumerate() {
-        let done = sample_groups(model, tok, chunk, &settings, 0, 0)?;
-        // groups numbered within the chunk: renumber them within all problems
-        rollouts.extend(done.into_iter().map(|r| Rollout {
-            group: r.group + i * batch,
-            ..r
-        }));
-    }
-    let correct: Vec<bool> = rollouts
-        .par_iter()
-        .map(|r| (inputs.is_correct)(&r.text, &examples[r.group].gold))
-        .collect();
-    let result = EvalResult {
-        accuracy: mean(&correct.iter().map(|&c| c as u8 as f64).collect::<Vec<_>>()),
-        mean_len: mean(&rollouts.iter().map(|r| r.len as f64).collect::<Vec<_>>()),
-        truncated_frac: mean(
-            &rollouts
-                .iter()
-                .map(|r| r.truncated as u8 as f64)
-                .collect::<Vec<_>>(),
-        ),
-    };
-    Ok(Evaluation {
-        result,
-        responses: rollouts.into_iter().zip(correct).collect(),
-    })
 }
 
 fn render_prompts(
@@ -249,18 +170,8 @@ pub fn train_on<B: TrainBackend>(
     if inputs.train.is_empty() {
         bail!("no training examples");
     }
-    if let Some(dir) = resume.filter(|d| !d.join("trainer_state.json").is_file()) {
-        let hint = match checkpoint_folders(dir).unwrap_or_default().last() {
-            Some((_, last)) => format!(
-                " (a run folder: give one of its checkpoints, e.g. {})",
-                last.display()
-            ),
-            None => String::new(),
-        };
-        bail!(
-            "--resume {}: not a checkpoint folder, it has no trainer_state.json{hint}",
-            dir.display()
-        );
+    if let Some(dir) = resume {
+        check_checkpoint_folder(dir)?;
     }
     let weights_dir = resume.unwrap_or(&inputs.model_dir);
     let tok = Tokenizer::from_model_dir(&inputs.model_dir)?;
@@ -270,32 +181,7 @@ pub fn train_on<B: TrainBackend>(
     // A resumed run's moments are read last (below), after the weights: the host then holds
     // the moments and the master weights, not those and the reference policy's weights too.
     let (state, moments_file) = match resume {
-        Some(dir) => {
-            let path = dir.join("trainer_state.json");
-            let text = std::fs::read_to_string(&path)
-                .with_context(|| format!("--resume: cannot read {}", path.display()))?;
-            let state: TrainerState = serde_json::from_str(&text)
-                .with_context(|| format!("--resume: {} is not a trainer state", path.display()))?;
-            let moments = dir.join(OPTIMIZER_FILE);
-            let (m, v) = (&state.optimizer.m, &state.optimizer.v);
-            if moments.is_file() {
-                (state, Some(moments))
-            } else if m.is_empty() {
-                bail!(
-                    "--resume: {} is missing (the optimizer's moments)",
-                    moments.display()
-                );
-            } else if m.len() != n || v.len() != n {
-                // An older checkpoint: the moments inside trainer_state.json.
-                bail!(
-                    "--resume: {} holds optimizer moments for {} parameters, the model has {n}",
-                    path.display(),
-                    m.len()
-                );
-            } else {
-                (state, None)
-            }
-        }
+        Some(dir) => read_state(dir, n)?,
         None => {
             let o = &cfg.optim;
             let fresh = TrainerState {
@@ -856,206 +742,4 @@ fn longest_prompt(tok: &Tokenizer, inputs: &TrainInputs, budget: usize) -> Resul
         .map(Vec::len)
         .max()
         .unwrap_or(0))
-}
-
-/// Writes weights (the f32 master weights of `opt`, [N] in `layout` order), tokenizer files,
-/// the optimizer's moments and the trainer state, atomically. The parts come to the host one
-/// after the other (the weights, then both moments), so the host holds at most 8 bytes per
-/// parameter more than it did (none with the optimizer offloaded).
-pub fn save_checkpoint<B: TrainBackend>(
-    dir: &Path,
-    inputs: &TrainInputs,
-    layout: &ParamLayout,
-    opt: &DeviceOptimizer<B>,
-    b: &B,
-    state: &TrainerState,
-) -> Result<()> {
-    write_folder_atomically(dir, |tmp| {
-        let master = opt.part(b, OptimizerPart::Master)?;
-        write_model_files(tmp, &inputs.model_dir, layout, &master)?;
-        drop(master);
-        let (m, v) = (
-            opt.part(b, OptimizerPart::M)?,
-            opt.part(b, OptimizerPart::V)?,
-        );
-        save_moments(&tmp.join(OPTIMIZER_FILE), &m, &v)?;
-        let path = tmp.join("trainer_state.json");
-        let write = || -> std::io::Result<()> {
-            let mut file = std::fs::File::create(&path)?;
-            file.write_all(serde_json::to_string(state)?.as_bytes())?;
-            file.sync_all()
-        };
-        write().with_context(|| format!("cannot write {}", path.display()))
-    })
-}
-
-/// Deletes all but the newest `keep` checkpoint folders (`step-NNNNNN`) of `out` up to step
-/// `current` (the one just written); folders of later steps, left by an earlier attempt at the
-/// run, are not this run's to judge and stay. A folder that cannot be deleted is reported, and
-/// the run goes on.
-fn remove_old_checkpoints(out: &Path, keep: usize, current: usize) {
-    let Ok(mut steps) = checkpoint_folders(out) else {
-        eprintln!("\nkeep_checkpoints: cannot list {}", out.display());
-        return;
-    };
-    steps.retain(|&(step, _)| step <= current);
-    for (_, path) in steps.iter().rev().skip(keep) {
-        if let Err(e) = std::fs::remove_dir_all(path) {
-            eprintln!("\nkeep_checkpoints: cannot remove {}: {e}", path.display());
-        }
-    }
-}
-
-/// A resumed run continues its checkpoint's curriculum (schedule, steps, adaptive state) and
-/// AdamW settings; settings that differ from them would be silently ignored, so they are an
-/// error.
-fn check_resumed_settings(
-    state: &TrainerState,
-    cfg: &TrainConfig,
-    train_examples: usize,
-) -> Result<()> {
-    let hint = "resume with the settings the run started with (its folder's config.toml)";
-    if let Some(was) = state.train_examples.filter(|&was| was != train_examples) {
-        bail!(
-            "--resume: the checkpoint's run drew its problems from {was} training examples, these \
-             settings give {train_examples} (data, eval_size and eval_every decide them: eval_size \
-             examples are held out when eval_every > 0); {hint}"
-        );
-    }
-    if let Some(was) = state.seed.filter(|&was| was != cfg.seed) {
-        bail!(
-            "--resume: the checkpoint's run has seed = {was}, the settings {}; {hint}",
-            cfg.seed
-        );
-    }
-    let c = &state.curriculum;
-    if state.step > c.total_steps {
-        bail!(
-            "--resume: the checkpoint is at step {} of a {}-step run: its trainer_state.json is \
-             not this run's",
-            state.step,
-            c.total_steps
-        );
-    }
-    if c.total_steps != cfg.steps {
-        bail!(
-            "--resume: the checkpoint's run has steps = {}, the settings {}; {hint}",
-            c.total_steps,
-            cfg.steps
-        );
-    }
-    // compared as they act: a generalised or linear schedule without its own steps spreads its
-    // drops over the run's
-    let acting = |s: &Schedule, total: usize| match s.clone() {
-        Schedule::Generalised { b0, bf, n, steps } => Schedule::Generalised {
-            b0,
-            bf,
-            n,
-            steps: Some(steps.unwrap_or(total)),
-        },
-        Schedule::Linear { b0, bf, n, steps } => Schedule::Linear {
-            b0,
-            bf,
-            n,
-            steps: Some(steps.unwrap_or(total)),
-        },
-        other => other,
-    };
-    if acting(&c.schedule, c.total_steps) != acting(&cfg.schedule, cfg.steps) {
-        bail!(
-            "--resume: the checkpoint's schedule {} differs from the settings' {}; {hint}",
-            serde_json::to_string(&c.schedule)?,
-            serde_json::to_string(&cfg.schedule)?
-        );
-    }
-    let (a, o) = (&state.optimizer, &cfg.optim);
-    for (key, was, now) in [
-        ("beta1", a.beta1, o.beta1),
-        ("beta2", a.beta2, o.beta2),
-        ("eps", a.eps, o.eps),
-        ("weight_decay", a.weight_decay, o.weight_decay),
-    ] {
-        if was != now {
-            bail!(
-                "--resume: optim.{key} is {was} in the checkpoint, {now} in the settings; {hint}"
-            );
-        }
-    }
-    Ok(())
-}
-
-/// Whether the run writes a checkpoint after `step` steps: every `checkpoint_every` and at its
-/// `last` step.
-fn writes_checkpoint(cfg: &TrainConfig, step: usize, last: usize) -> bool {
-    (cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0) || step == last
-}
-
-/// The checkpoint folders (`step-NNNNNN`) of a run folder, by step.
-fn checkpoint_folders(out: &Path) -> std::io::Result<Vec<(usize, PathBuf)>> {
-    let mut steps: Vec<(usize, PathBuf)> = std::fs::read_dir(out)?
-        .filter_map(|entry| {
-            let path = entry.ok()?.path();
-            let step: usize = path
-                .file_name()?
-                .to_str()?
-                .strip_prefix("step-")
-                .filter(|d| d.len() >= 6 && d.bytes().all(|b| b.is_ascii_digit()))?
-                .parse()
-                .ok()?;
-            path.is_dir().then_some((step, path))
-        })
-        .collect();
-    steps.sort();
-    Ok(steps)
-}
-
-/// A fresh run in a folder that holds checkpoints of an earlier run leaves them there (its
-/// logs start anew): says so, as a later --resume from one of them would mix the two runs.
-fn warn_of_earlier_checkpoints(out: &Path) {
-    let earlier: Vec<String> = checkpoint_folders(out)
-        .unwrap_or_default()
-        .iter()
-        .filter_map(|(_, path)| Some(path.file_name()?.to_string_lossy().into_owned()))
-        .collect();
-    if !earlier.is_empty() {
-        eprintln!(
-            "note: {} holds checkpoints of an earlier run ({}); this run starts its logs anew and \
-             replaces a checkpoint only when it reaches the same step: delete them or use another --out",
-            out.display(),
-            earlier.join(", ")
-        );
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A resume that would draw its problems from another training set (other data, or examples
-    /// held out or not) or seed is refused; a checkpoint written before they were saved is not
-    /// checked for them.
-    #[test]
-    fn resume_refuses_another_training_set_or_seed() {
-        let cfg = TrainConfig::default();
-        let state = |train_examples, seed| TrainerState {
-            step: 1,
-            curriculum: cfg.curriculum().unwrap(),
-            optimizer: AdamW::new(1, 0.9, 0.999, 1e-8, 0.0),
-            train_examples,
-            seed,
-        };
-        assert!(check_resumed_settings(&state(Some(7473), Some(0)), &cfg, 7473).is_ok());
-        let err = check_resumed_settings(&state(Some(7473), Some(0)), &cfg, 7273).unwrap_err();
-        assert!(
-            err.to_string()
-                .contains("from 7473 training examples, these settings give 7273"),
-            "{err}"
-        );
-        let err = check_resumed_settings(&state(Some(7473), Some(5)), &cfg, 7473).unwrap_err();
-        assert!(
-            err.to_string().contains("seed = 5, the settings 0"),
-            "{err}"
-        );
-        assert!(check_resumed_settings(&state(None, None), &cfg, 10).is_ok());
-    }
 }
