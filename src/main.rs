@@ -52,7 +52,30 @@ fn end_quietly_on_closed_pipe() {
 fn main() -> std::process::ExitCode {
     end_quietly_on_closed_pipe();
     let cli = Cli::parse();
-    let result = match &cli.command {
+    let result = on_a_worker_thread(|| run(&cli));
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs `work` on one of rayon's worker threads: the CPU backend's parallel ops then start on
+/// the thread that needs them, instead of handing each one from the main thread to the pool and
+/// sleeping until it is done (two thread switches per op, a fifth of the demo's time on 2 cores).
+fn on_a_worker_thread<T: Send>(work: impl FnOnce() -> T + Send) -> T {
+    // the main thread's stack size, which the commands were written for
+    let pool = rayon::ThreadPoolBuilder::new().stack_size(8 << 20).build();
+    match pool {
+        Ok(pool) => pool.install(work),
+        Err(_) => work(),
+    }
+}
+
+fn run(cli: &Cli) -> anyhow::Result<()> {
+    match &cli.command {
         Command::Generate(a) => generate::run(a),
         Command::Logprobs(a) => logprobs::run(a),
         Command::Doctor(a) => doctor::run(a),
@@ -62,12 +85,5 @@ fn main() -> std::process::ExitCode {
         Command::Verify(a) => verify::run(a),
         Command::Selfcheck(a) => selfcheck::run(a),
         Command::Bench(a) => bench::run(a),
-    };
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
     }
 }
