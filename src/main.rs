@@ -67,7 +67,10 @@ fn main() -> std::process::ExitCode {
 /// sleeping until it is done (two thread switches per op, a fifth of the demo's time on 2 cores).
 fn on_a_worker_thread<T: Send>(work: impl FnOnce() -> T + Send) -> T {
     // the main thread's stack size, which the commands were written for
-    let pool = rayon::ThreadPoolBuilder::new().stack_size(8 << 20).build();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .stack_size(8 << 20)
+        .thread_name(|i| format!("thinkshort-{i}"))
+        .build();
     match pool {
         Ok(pool) => pool.install(work),
         Err(_) => work(),

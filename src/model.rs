@@ -649,7 +649,7 @@ pub struct HeadActs<B: Backend> {
 
 /// The intermediates of one decoder layer for a batch of M tokens.
 pub struct LayerActs<B: Backend> {
-    pub x_in: Option<B::Buf>, // [M, H] residual stream entering the layer (training only)
+    pub x_in: Option<B::Buf>, // [M, H] residual stream entering the layer (training, not checkpointed)
     pub xn1: B::Buf,          // [M, H] RMSNorm before attention
     pub q: B::Buf,            // [M, n_heads * hd], after RoPE
     pub k: B::Buf,            // [M, n_kv * hd], after RoPE
@@ -659,11 +659,11 @@ pub struct LayerActs<B: Backend> {
     pub att: B::Buf,          // [M, n_heads * hd] attention output
     pub lse: Option<B::Buf>,  // [M, n_heads] f32 log-sum-exp of each attention row (training only)
     pub proj: B::Buf,         // [M, H] a block's output before the residual add
-    pub x_mid: Option<B::Buf>, // [M, H] residual stream after attention (training only)
-    pub xn2: B::Buf,          // [M, H] RMSNorm before the MLP
-    pub gate: B::Buf,         // [M, I]
-    pub up: B::Buf,           // [M, I]
-    pub act: B::Buf,          // [M, I] silu(gate) · up
+    pub x_mid: Option<B::Buf>, // [M, H] residual stream after attention (training, not checkpointed)
+    pub xn2: B::Buf,           // [M, H] RMSNorm before the MLP
+    pub gate: B::Buf,          // [M, I]
+    pub up: B::Buf,            // [M, I]
+    pub act: B::Buf,           // [M, I] silu(gate) · up
 }
 
 /// What a layer's activations keep beyond what inference needs.

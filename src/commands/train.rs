@@ -201,12 +201,14 @@ fn resumes_a_legacy_run(resume: Option<&Path>) -> bool {
     struct Saved {
         train_examples: Option<usize>,
     }
-    let Some(text) =
-        resume.and_then(|dir| std::fs::read_to_string(dir.join("trainer_state.json")).ok())
+    // read as a stream: an old state holds the optimizer's moments too (gigabytes)
+    let Some(file) =
+        resume.and_then(|dir| std::fs::File::open(dir.join("trainer_state.json")).ok())
     else {
         return false;
     };
-    serde_json::from_str::<Saved>(&text).is_ok_and(|saved| saved.train_examples.is_none())
+    serde_json::from_reader::<_, Saved>(std::io::BufReader::new(file))
+        .is_ok_and(|saved| saved.train_examples.is_none())
 }
 
 fn demo_examples(seed: u64, count: u64) -> Vec<Example> {

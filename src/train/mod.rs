@@ -720,7 +720,8 @@ fn print_plan(
     println!("problems: {} to train on; {evaluated}", inputs.train.len());
     if cfg.activation_checkpointing {
         println!(
-            "activation checkpointing: the update recomputes each layer's forward in its backward"
+            "activation checkpointing: the update recomputes each layer's forward, up to its \
+             MLP's activation, in its backward"
         );
     }
 }
