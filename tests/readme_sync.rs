@@ -146,3 +146,73 @@ fn collect_keys(table: &toml::Table, path: &str, out: &mut Vec<(String, String)>
         }
     }
 }
+
+/// The README's table of memory estimates (128 completions of ≤ 512 tokens after a 200-token
+/// prompt, β > 0) is what `TrainMemory::estimate` and the automatic micro-batch choice give for
+/// each row's model (tools/model_configs/) and settings, every cell as the README writes it.
+#[test]
+fn the_memory_table_is_what_the_estimate_gives() {
+    use thinkshort::config::ModelConfig;
+    use thinkshort::train::memory::{micro_batch, RunShape, TrainMemory};
+    const GIB: f64 = (1u64 << 30) as f64;
+    let gib = |bytes: usize| format!("{:.1} GiB", bytes as f64 / GIB);
+    let readme = readme();
+    let header = "| model | weights + reference | optimizer (f32 master, moments, gradient) | one \
+                  pass | 78 GiB free (H100) | 139 GiB free (H200) |";
+    let start = readme.find(header).expect("README has the memory table");
+    let rows: Vec<&str> = readme[start..]
+        .lines()
+        .skip(2)
+        .take_while(|l| l.starts_with('|'))
+        .collect();
+    assert!(rows.len() >= 9, "{rows:?}");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for row in rows {
+        let label = row.split(" | ").next().unwrap().trim_start_matches("| ");
+        let model = label.split(',').next().unwrap();
+        let path = root.join(format!("tools/model_configs/{}.json", model.to_lowercase()));
+        let cfg = ModelConfig::from_json_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let (offload, checkpoint) = (
+            label.contains("`optim.offload`"),
+            label.contains("`activation_checkpointing`"),
+        );
+        let estimate = |micro_batch| {
+            let shape = RunShape {
+                sequences: 128,
+                prompts: 16,
+                micro_batch,
+                prompt_len: 200,
+                cap: 512,
+                eval_sequences: 0,
+                eval_cap: 0,
+                reference: true,
+                offload,
+                checkpoint_layers: checkpoint,
+            };
+            TrainMemory::estimate(&cfg, 2, thinkshort::model::HEAD_CHUNK_BYTES, &shape)
+        };
+        let one = estimate(0);
+        let optimizer = if offload {
+            format!("{} (+ {} host)", gib(one.optimizer), gib(one.host))
+        } else {
+            gib(one.optimizer)
+        };
+        let mut want = format!(
+            "| {label} | {} | {optimizer} | {} |",
+            gib(one.weights),
+            gib(one.total())
+        );
+        for free_gib in [78usize, 139] {
+            let free = free_gib << 30;
+            let room = free - free / 10; // what `train` leaves the automatic choice
+            let mb = micro_batch(0, 128, Some(room), estimate);
+            let plan = estimate(mb);
+            want += &match 128usize.div_ceil(mb) {
+                _ if plan.total() > room => " does not fit |".to_string(),
+                1 => format!(" 1 pass, {} |", gib(plan.total())),
+                passes => format!(" {passes} passes of {mb}, {} |", gib(plan.total())),
+            };
+        }
+        assert_eq!(row, want, "README's row for {label}");
+    }
+}
