@@ -188,6 +188,7 @@ fn a_short_demo_run_trains_and_resumes_on_the_cuda_backend_over_the_emulator() {
             resume,
             stop_after,
             dry_run: false,
+            interrupt: None,
         };
         train_on(emulated_backend().unwrap(), &cfg, &inputs, &control)
             .unwrap_or_else(|e| panic!("training on the emulated device: {e:#}"))
@@ -234,6 +235,7 @@ fn a_run_that_does_not_fit_the_device_stops_with_a_clear_error() {
         resume: None,
         stop_after: None,
         dry_run: false,
+        interrupt: None,
     };
     let err = match train_on(backend, &short_demo_config(), &demo_inputs(), &control) {
         Ok(_) => panic!("a run of ~20 MiB trained on a device of 8 MiB"),

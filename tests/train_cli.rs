@@ -6,6 +6,11 @@ use std::path::Path;
 use std::process::Command;
 
 fn train(out: &Path, extra: &[&str]) -> std::process::Output {
+    train_command(out, extra).output().unwrap()
+}
+
+/// `thinkshort train` on the CPU into `out`: the demo, shortened, with `extra` arguments.
+fn train_command(out: &Path, extra: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_thinkshort"));
     cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
         .args(["train", "--backend", "cpu", "--out"])
@@ -20,7 +25,8 @@ fn train(out: &Path, extra: &[&str]) -> std::process::Output {
             "--set",
             "eval_max_tokens=16",
         ]);
-    cmd.args(extra).output().unwrap()
+    cmd.args(extra);
+    cmd
 }
 
 fn metrics(out: &Path) -> Vec<Value> {
@@ -882,4 +888,55 @@ fn a_checkpoint_without_train_examples_resumes_with_its_held_out_examples() {
         &out,
         &["--resume", out.join("step-000002").to_str().unwrap()],
     );
+}
+
+/// Ctrl-C (SIGINT) ends a run after the step in progress with a checkpoint and an error naming
+/// it for --resume; the resumed run goes on from there.
+#[test]
+fn ctrl_c_stops_after_the_step_with_a_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    // far more steps than run before the signal arrives
+    let settings = ["--set", "steps=1000", "--set", "eval_every=0"];
+    let child = train_command(&out, &settings)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // interrupt once the first step is logged
+    let metrics = out.join("metrics.jsonl");
+    let started = std::time::Instant::now();
+    while std::fs::read_to_string(&metrics).map_or(true, |m| m.lines().count() == 0) {
+        assert!(started.elapsed().as_secs() < 120, "no step logged");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // SAFETY: a signal to the child this test started and has not yet waited for.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let o = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{stderr}");
+    let steps = std::fs::read_to_string(&metrics).unwrap().lines().count();
+    assert!((1..1000).contains(&steps), "{steps} steps\n{stderr}");
+    let checkpoint = out.join(format!("step-{steps:06}"));
+    assert!(
+        stderr.contains(&format!(
+            "interrupted after step {steps} of 1000: continue the run with --resume {}",
+            checkpoint.display()
+        )),
+        "{stderr}"
+    );
+    let state: Value = serde_json::from_str(
+        &std::fs::read_to_string(checkpoint.join("trainer_state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["step"], steps);
+    let resume = ["--resume", checkpoint.to_str().unwrap()];
+    let stop = (steps + 1).to_string();
+    let o = train(
+        &out,
+        &[&settings[..], &resume, &["--stop-after", &stop]].concat(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let resumed = std::fs::read_to_string(&metrics).unwrap().lines().count();
+    assert_eq!(resumed, steps + 1);
 }

@@ -10,6 +10,7 @@ use crate::train::{
 use crate::train_config::TrainConfig;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 #[derive(clap::Args, Debug)]
 pub struct TrainArgs {
@@ -185,12 +186,41 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         resume: args.resume.as_deref(),
         stop_after: args.stop_after,
         dry_run: args.dry_run,
+        interrupt: Some(&INTERRUPTED),
     };
+    stop_after_the_step_on_ctrl_c();
     let summary = train(&cfg, &inputs, &run, device)?;
     if args.dry_run {
         return Ok(());
     }
     report(&summary, &args.out)
+}
+
+/// Set by the first Ctrl-C (SIGINT) of a run: it ends after the step in progress, with a
+/// checkpoint. A second Ctrl-C ends the process at once (the default action, put back).
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+#[cfg(unix)]
+extern "C" fn on_ctrl_c(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::Relaxed);
+    let note = b"\ninterrupted: the run stops after this step, with a checkpoint (Ctrl-C again \
+                 stops it now, losing the step)\n";
+    // SAFETY: signal and write are async-signal-safe; the buffer outlives the call.
+    unsafe {
+        libc::signal(libc::SIGINT, libc::SIG_DFL);
+        libc::write(2, note.as_ptr().cast(), note.len());
+    }
+}
+
+fn stop_after_the_step_on_ctrl_c() {
+    // SAFETY: installs a handler that only stores to an atomic and makes async-signal-safe calls.
+    #[cfg(unix)]
+    unsafe {
+        libc::signal(
+            libc::SIGINT,
+            on_ctrl_c as extern "C" fn(libc::c_int) as libc::sighandler_t,
+        );
+    }
 }
 
 /// Whether `--resume` names a checkpoint whose trainer_state.json has no `train_examples`: its

@@ -30,6 +30,7 @@ use optimizer::DeviceOptimizer;
 use rayon::prelude::*;
 use run_log::{CompletionLine, EvalLine, RunLog};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 use update::{completion_logprobs, policy_update, UpdateBatch, UpdateOptions};
 
@@ -140,6 +141,9 @@ pub struct RunControl<'a> {
     /// Print the plan (steps, budgets, memory estimate and micro-batch) and stop before loading
     /// the weights; nothing is written. A run that would not fit fails as it would for real.
     pub dry_run: bool,
+    /// Once set (the command's Ctrl-C handler sets it), the run ends after the step in progress
+    /// with a checkpoint, and returns an error that names it for --resume.
+    pub interrupt: Option<&'a AtomicBool>,
 }
 
 /// Runs curriculum GRPO from `cfg` on `device` (resolved: CPU or CUDA), resuming from a
@@ -626,7 +630,11 @@ pub fn train_on<B: TrainBackend>(
                 current_step, e.accuracy, e.mean_len
             );
         }
-        if writes_checkpoint(cfg, current_step, last) {
+        let interrupted = run
+            .interrupt
+            .is_some_and(|flag| flag.load(Ordering::Relaxed));
+        let checkpoint = out.join(format!("step-{current_step:06}"));
+        if writes_checkpoint(cfg, current_step, last) || interrupted {
             let state = TrainerState {
                 step: current_step,
                 curriculum: curriculum.clone(),
@@ -635,7 +643,7 @@ pub fn train_on<B: TrainBackend>(
                 seed: Some(cfg.seed),
             };
             save_checkpoint(
-                &out.join(format!("step-{current_step:06}")),
+                &checkpoint,
                 inputs,
                 &model.layout,
                 &opt,
@@ -645,6 +653,14 @@ pub fn train_on<B: TrainBackend>(
             if cfg.keep_checkpoints > 0 {
                 remove_old_checkpoints(out, cfg.keep_checkpoints, current_step);
             }
+        }
+        if interrupted && current_step < last {
+            bail!(
+                "interrupted after step {current_step} of {steps}: continue the run with \
+                 --resume {dir} (and the same settings)",
+                steps = cfg.steps,
+                dir = checkpoint.display()
+            );
         }
     }
     let after = if cfg.eval_every > 0 && current_step == cfg.steps {
