@@ -890,8 +890,8 @@ fn a_checkpoint_without_train_examples_resumes_with_its_held_out_examples() {
     );
 }
 
-/// Ctrl-C (SIGINT) ends a run after the step in progress with a checkpoint and an error naming
-/// it for --resume; the resumed run goes on from there.
+/// Ctrl-C (SIGINT; SIGTERM takes the same handler) ends a run after the step in progress with a
+/// checkpoint and an error naming it for --resume; the resumed run goes on from there.
 #[test]
 fn ctrl_c_stops_after_the_step_with_a_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();

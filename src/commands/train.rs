@@ -188,7 +188,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         dry_run: args.dry_run,
         interrupt: Some(&INTERRUPTED),
     };
-    stop_after_the_step_on_ctrl_c();
+    stop_after_the_step_on_interrupt();
     let summary = train(&cfg, &inputs, &run, device)?;
     if args.dry_run {
         return Ok(());
@@ -196,30 +196,29 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     report(&summary, &args.out)
 }
 
-/// Set by the first Ctrl-C (SIGINT) of a run: it ends after the step in progress, with a
-/// checkpoint. A second Ctrl-C ends the process at once (the default action, put back).
+/// Set by the first Ctrl-C (SIGINT) or SIGTERM of a run: it ends after the step in progress,
+/// with a checkpoint. A second one ends the process at once (the default action, put back).
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 #[cfg(unix)]
-extern "C" fn on_ctrl_c(_: libc::c_int) {
+extern "C" fn on_interrupt(signal: libc::c_int) {
     INTERRUPTED.store(true, Ordering::Relaxed);
-    let note = b"\ninterrupted: the run stops after this step, with a checkpoint (Ctrl-C again \
-                 stops it now, losing the step)\n";
+    let note = b"\ninterrupted: the run stops after this step, with a checkpoint (interrupt \
+                 again to stop it now, losing the step)\n";
     // SAFETY: signal and write are async-signal-safe; the buffer outlives the call.
     unsafe {
-        libc::signal(libc::SIGINT, libc::SIG_DFL);
+        libc::signal(signal, libc::SIG_DFL);
         libc::write(2, note.as_ptr().cast(), note.len());
     }
 }
 
-fn stop_after_the_step_on_ctrl_c() {
+fn stop_after_the_step_on_interrupt() {
     // SAFETY: installs a handler that only stores to an atomic and makes async-signal-safe calls.
     #[cfg(unix)]
     unsafe {
-        libc::signal(
-            libc::SIGINT,
-            on_ctrl_c as extern "C" fn(libc::c_int) as libc::sighandler_t,
-        );
+        let handler = on_interrupt as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        libc::signal(libc::SIGINT, handler);
+        libc::signal(libc::SIGTERM, handler);
     }
 }
 
