@@ -123,6 +123,7 @@ fn elementwise(c: &mut Criterion, dev: &CudaBackend) {
                                 dev.full_mut(&mut v),
                             ],
                             [&q_bias, &k_bias, &v_bias].map(|b| Some(dev.full(b))),
+                            None,
                             &positions,
                             dev.full(&inv_freq),
                             HEADS,

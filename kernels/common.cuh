@@ -101,6 +101,14 @@ __device__ __forceinline__ void store128cs(ElementType* target, Packed128<Elemen
     __stcs(reinterpret_cast<int4*>(target), value.get_bits());
 }
 
+// RMSNorm's per-element epilogue, as Hugging Face rounds it: normalise, cast to the storage
+// dtype, scale by the weight, cast (rmsnorm.cu, and the per-head norms of rope.cu)
+template <class T>
+__device__ __forceinline__ T rmsnorm_apply(T x, float rstd, T w) {
+    const T normed = from_f32<T>(to_f32(x) * rstd);  // hidden_states.to(input_dtype)
+    return from_f32<T>(to_f32(w) * to_f32(normed));   // self.weight * (...)
+}
+
 // true when every pointer is 16-byte aligned, i.e. the 128-bit path may be taken
 __device__ __forceinline__ bool is_aligned16(const void* p) {
     return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;

@@ -24,15 +24,6 @@
 #include "common.cuh"
 
 // ----------------------------------------------------------------------------
-// the per-element epilogue: normalise, cast to the storage dtype, scale by the weight, cast
-
-template <class T>
-__device__ __forceinline__ T rmsnorm_apply(T x, float rstd, T w) {
-    const T normed = from_f32<T>(to_f32(x) * rstd);  // hidden_states.to(input_dtype)
-    return from_f32<T>(to_f32(w) * to_f32(normed));   // self.weight * (...)
-}
-
-// ----------------------------------------------------------------------------
 // kernel body (templated on the storage type; only the bf16 instance has an entry point)
 
 // With `residual` (not null), x is the residual stream: pass 1 first adds the row of residual

@@ -132,6 +132,69 @@ qkv_rope_forward(__nv_bfloat16* q, __nv_bfloat16* k, __nv_bfloat16* v, const __n
     rope(t, positions, inv_freq, m, head_dim, 1.0f);
 }
 
+// Qwen3's attention inputs in one launch (CPU reference: backend::cpu::qkv_rope_forward with
+// head norms): q = rope(rmsnorm(q_raw) * q_norm) and k = rope(rmsnorm(k_raw) * k_norm), each head
+// normalised on its own, and v = v + v_bias in place (v_heads = 0 without a v bias). The norm
+// rounds as the rmsnorm kernel does (rmsnorm_apply) and the rotation then starts from those bf16
+// values as qkv_rope_forward does, so the result is rmsnorm_forward then qkv_rope_forward's up to
+// the order of the sum of squares, in one launch instead of three.
+// q, q_raw: (m, n_heads * head_dim); k, k_raw, v: (m, n_kv_heads * head_dim); q_norm, k_norm,
+// v_bias: (head_dim). One warp per (token, head) item, grid-stride over m * (n_heads + n_kv_heads
+// + v_heads) items; lane l holds the pairs (i, i + half) for i = l, l + 32, ...: a head's sum of
+// squares is one warp reduction, and each pair is rotated by the lane that normalised it.
+extern "C" __global__ void __launch_bounds__(256)
+qkv_norm_rope_forward(__nv_bfloat16* q, __nv_bfloat16* k, __nv_bfloat16* v, const __nv_bfloat16* q_raw,
+                      const __nv_bfloat16* k_raw, const __nv_bfloat16* q_norm, const __nv_bfloat16* k_norm,
+                      const __nv_bfloat16* v_bias, const uint32_t* positions, const float* inv_freq, int m,
+                      int n_heads, int n_kv_heads, int v_heads, int head_dim, float eps) {
+    const int lane = threadIdx.x % WARP_SIZE;
+    const int half = head_dim / 2;
+    const int normed_heads = n_heads + n_kv_heads;
+    const int heads = normed_heads + v_heads;
+    const size_t items = (size_t)m * heads;
+    const size_t warps = (size_t)gridDim.x * (blockDim.x / WARP_SIZE);
+    // the item is the warp's: every lane takes the same branches and meets the reduction
+    for (size_t item = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) / WARP_SIZE; item < items;
+         item += warps) {
+        const int row = (int)(item / heads);
+        const int h = (int)(item - (size_t)row * heads);
+        if (h >= normed_heads) {
+            const int head = h - normed_heads;
+            __nv_bfloat16* x = v + ((size_t)row * n_kv_heads + head) * head_dim;
+            const __nv_bfloat16* bias = v_bias + (size_t)head * head_dim;
+            for (int i = lane; i < head_dim; i += WARP_SIZE) {
+                x[i] = f32_to_bf16(bf16_to_f32(x[i]) + bf16_to_f32(bias[i]));
+            }
+            continue;
+        }
+        const bool is_q = h < n_heads;
+        const int head = is_q ? h : h - n_heads;
+        const size_t at = ((size_t)row * (is_q ? n_heads : n_kv_heads) + head) * head_dim;
+        const __nv_bfloat16* raw = (is_q ? q_raw : k_raw) + at;
+        __nv_bfloat16* out = (is_q ? q : k) + at;
+        const __nv_bfloat16* weight = is_q ? q_norm : k_norm;
+
+        float sum_sq = 0.0f;
+        for (int i = lane; i < head_dim; i += WARP_SIZE) {
+            const float x = bf16_to_f32(raw[i]);
+            sum_sq += x * x;
+        }
+        sum_sq = warp_reduce_sum(sum_sq);
+        // as the rmsnorm kernel and the CPU reference compute it
+        const float rstd = 1.0f / sqrtf(sum_sq / (float)head_dim + eps);
+        const float pos = (float)positions[row];  // u32 -> f32, round to nearest, as `pos as f32`
+        for (int i = lane; i < half; i += WARP_SIZE) {
+            float x1 = bf16_to_f32(rmsnorm_apply(raw[i], rstd, weight[i]));
+            float x2 = bf16_to_f32(rmsnorm_apply(raw[i + half], rstd, weight[i + half]));
+            float s, c;
+            sincosf(__fmul_rn(pos, inv_freq[i]), &s, &c);
+            rotate_pair(x1, x2, c, s);
+            out[i] = f32_to_bf16(x1);
+            out[i + half] = f32_to_bf16(x2);
+        }
+    }
+}
+
 // the gradient, rotated back in place (CPU reference: backend::cpu::rope::rope_backward)
 extern "C" __global__ void __launch_bounds__(256)
 rope_backward(__nv_bfloat16* dx, const uint32_t* positions, const float* inv_freq, int m, int n_heads,

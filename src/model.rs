@@ -3,7 +3,7 @@
 //! Per layer: x += o_proj(attn(rope(q), rope(k), v)) over RMSNorm(x); x += down(silu(gate) · up)
 //! over RMSNorm(x). Then a final RMSNorm and the LM head on the rows whose logits are wanted.
 
-use crate::backend::{Backend, TokenPlacement};
+use crate::backend::{Backend, HeadNorms, TokenPlacement};
 use crate::config::ModelConfig;
 use crate::params::ParamLayout;
 use anyhow::{bail, Context, Result};
@@ -497,24 +497,19 @@ impl<B: Backend> Model<B> {
     /// Layer l's q, k and v of a.xn1, with their biases; q and k rotated.
     fn qkv_forward(&self, l: usize, a: &mut LayerActs<B>, place: &TokenPlacement) {
         let (cfg, b, lp) = (&self.cfg, &self.backend, &self.layout.layers[l]);
-        let (m, h, hd) = (place.slots.len(), cfg.hidden_size, cfg.head_dim);
+        let (m, h) = (place.slots.len(), cfg.hidden_size);
         let (q_dim, kv_dim) = (cfg.q_dim(), cfg.kv_dim());
-        let eps = cfg.rms_norm_eps as f32;
         // The q, k and v biases are added by qkv_rope_forward (with the rotation of q and k).
-        // With qk_norm the projections (q and k with their biases) land in q_raw, k_raw and
-        // each head is normalised into q, k.
-        for (out, raw, w, bias, norm, n) in [
-            (&mut a.q, &mut a.q_raw, lp.q, lp.q_bias, lp.q_norm, q_dim),
-            (&mut a.k, &mut a.k_raw, lp.k, lp.k_bias, lp.k_norm, kv_dim),
+        // With qk_norm the projections (q and k with their biases) land in q_raw, k_raw, kept
+        // for the backward, and qkv_rope_forward normalises each head into q, k.
+        for (out, raw, w, bias, n) in [
+            (&mut a.q, &mut a.q_raw, lp.q, lp.q_bias, q_dim),
+            (&mut a.k, &mut a.k_raw, lp.k, lp.k_bias, kv_dim),
         ] {
-            let xn1 = b.full(&a.xn1);
-            match (raw, norm) {
-                (Some(raw), Some(norm)) => {
-                    let bias = self.p_opt(bias);
-                    b.matmul_forward(b.full_mut(raw), xn1, self.p(w), bias, m, h, n);
-                    b.rmsnorm_forward(b.full_mut(out), b.full(raw), self.p(norm), hd, eps);
-                }
-                _ => b.matmul_forward(b.full_mut(out), xn1, self.p(w), None, m, h, n),
+            let (xn1, w) = (b.full(&a.xn1), self.p(w));
+            match raw {
+                Some(raw) => b.matmul_forward(b.full_mut(raw), xn1, w, self.p_opt(bias), m, h, n),
+                None => b.matmul_forward(b.full_mut(out), xn1, w, None, m, h, n),
             }
         }
         b.matmul_forward(
@@ -526,22 +521,30 @@ impl<B: Backend> Model<B> {
             h,
             kv_dim,
         );
+        let (norms, q_bias, k_bias) = match (&a.q_raw, &a.k_raw, lp.q_norm, lp.k_norm) {
+            (Some(q_raw), Some(k_raw), Some(q_norm), Some(k_norm)) => {
+                let norms = HeadNorms {
+                    raw: [b.full(q_raw), b.full(k_raw)],
+                    weights: [self.p(q_norm), self.p(k_norm)],
+                    eps: cfg.rms_norm_eps as f32,
+                };
+                (Some(norms), None, None)
+            }
+            _ => (None, self.p_opt(lp.q_bias), self.p_opt(lp.k_bias)),
+        };
         b.qkv_rope_forward(
             [
                 b.full_mut(&mut a.q),
                 b.full_mut(&mut a.k),
                 b.full_mut(&mut a.v),
             ],
-            [
-                self.p_opt(lp.q_bias.filter(|_| lp.q_norm.is_none())),
-                self.p_opt(lp.k_bias.filter(|_| lp.k_norm.is_none())),
-                self.p_opt(lp.v_bias),
-            ],
+            [q_bias, k_bias, self.p_opt(lp.v_bias)],
+            norms,
             &place.positions,
             b.full(&self.inv_freq),
             cfg.num_heads,
             cfg.num_kv_heads,
-            hd,
+            cfg.head_dim,
         );
     }
 

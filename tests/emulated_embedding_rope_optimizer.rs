@@ -4,7 +4,7 @@
 //! grids, argument order and kinds, the grid sized for the vector or the scalar path), against
 //! the CPU reference (`thinkshort::backend::cpu`): the fused q/k/v bias + RoPE with the Qwen2
 //! layout and its backward, on the 128-bit and the scalar paths and with heads sharing a thread's
-//! sines; row gathers and the grouped scatter-adds; AdamW, the f64 sum of squares and column
+//! sines, and Qwen3's fused per-head q/k norms with the rotation; row gathers and the grouped scatter-adds; AdamW, the f64 sum of squares and column
 //! sums; causal GQA attention for head dims without a fused kernel, prefill and decode placements.
 //!
 //! Write-only outputs start as NaN (0xffff in bf16) so an unwritten element fails; in-place and
@@ -18,7 +18,7 @@ use emulation_support::{
     assert_close, assert_launches, assert_same, ptr, ptr_mut, run_recorded, to_bits, to_f32, Rand,
 };
 use thinkshort::backend::cpu::{self, CpuBackend};
-use thinkshort::backend::{Backend, TokenPlacement};
+use thinkshort::backend::{Backend, HeadNorms, TokenPlacement};
 use thinkshort::cuda::ops::attention;
 use thinkshort::cuda::ops::elementwise::{rows_config, MAX_GRID_Y};
 use thinkshort::cuda::ops::embedding::{self, RowGroups};
@@ -149,6 +149,7 @@ fn check_qkv_rope(
     CpuBackend.qkv_rope_forward(
         [&mut q_ref, &mut k_ref, &mut v_ref],
         [qb_ref.as_deref(), kb_ref.as_deref(), vb_ref.as_deref()],
+        None,
         positions,
         &inv_freq,
         n_heads,
@@ -189,6 +190,126 @@ fn qkv_rope_forward_sharing_sines_over_heads_matches_the_cpu() {
         cfg.grid_dim.1 < 5,
         "the case should give threads several heads"
     );
+}
+
+/// `rope::qkv_norm_rope_forward` (Qwen3: each head of q_raw and k_raw RMS-normalised and scaled,
+/// then rotated; v plus its bias in place, or untouched) against two references: the CPU with
+/// the kernel's roundings (the normalised value to bf16, then times the weight to bf16, as the
+/// rmsnorm kernel and HF round) element by element, and `CpuBackend::qkv_rope_forward` with head
+/// norms (the spec, in f32) as `selfcheck` compares.
+fn check_qkv_norm_rope(
+    seed: u64,
+    positions: &[u32],
+    (n_heads, n_kv_heads, head_dim): (usize, usize, usize),
+    v_biased: bool,
+) {
+    let m = positions.len();
+    let mut r = Rand(seed);
+    let q_raw = r.bf16s(m * n_heads * head_dim, 2.0); // [m, n_heads * head_dim]
+    let k_raw = r.bf16s(m * n_kv_heads * head_dim, 2.0); // [m, n_kv_heads * head_dim]
+    let v = r.bf16s(m * n_kv_heads * head_dim, 1.0); // [m, n_kv_heads * head_dim]
+    let q_norm = r.bf16s(head_dim, 1.0); // [head_dim]
+    let k_norm = r.bf16s(head_dim, 1.0);
+    let v_bias = r.bf16s(n_kv_heads * head_dim, 0.5);
+    let inv_freq = qwen2_inv_freq(head_dim);
+    let eps = 1e-6;
+
+    let nan = |n: usize| vec![0xffffu16; n]; // q and k are written whole
+    let (mut qd, mut kd, mut vd) = (
+        Bf16Buf::new(&nan(q_raw.0.len()), false),
+        Bf16Buf::new(&nan(k_raw.0.len()), false),
+        Bf16Buf::new(&v.0, false),
+    );
+    let launches = run_recorded(|launcher| {
+        rope::qkv_norm_rope_forward(
+            launcher,
+            (qd.ptr_mut(), kd.ptr_mut(), vd.ptr_mut()),
+            (ptr(&q_raw.0), ptr(&k_raw.0)),
+            (ptr(&q_norm.0), ptr(&k_norm.0)),
+            if v_biased { ptr(&v_bias.0) } else { 0 },
+            ptr(positions),
+            ptr(&inv_freq),
+            m,
+            (n_heads, n_kv_heads, head_dim),
+            eps,
+        )
+    });
+    let v_heads = if v_biased { n_kv_heads } else { 0 };
+    let cfg = rope::norm_rope_config(m * (n_heads + n_kv_heads + v_heads));
+    assert_launches(&launches, &["qkv_norm_rope_forward"], cfg);
+
+    // the kernel's roundings: each head normalised, rounded, scaled, rounded; then rotated
+    let round = |x: f32| half::bf16::from_f32(x).to_f32();
+    let normed = |raw: &[f32], weight: &[f32]| -> Vec<f32> {
+        raw.chunks(head_dim)
+            .flat_map(|x| {
+                let mean_sq = x.iter().map(|v| v * v).sum::<f32>() / head_dim as f32;
+                let rstd = 1.0 / (mean_sq + eps).sqrt();
+                x.iter()
+                    .zip(weight)
+                    .map(move |(x, w)| round(w * round(x * rstd)))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    let (mut q_ref, mut k_ref, mut v_ref) = (
+        normed(&q_raw.1, &q_norm.1),
+        normed(&k_raw.1, &k_norm.1),
+        v.1.clone(),
+    );
+    let vb_ref = v_biased.then_some(v_bias.1.as_slice());
+    CpuBackend.qkv_rope_forward(
+        [&mut q_ref, &mut k_ref, &mut v_ref],
+        [None, None, vb_ref],
+        None,
+        positions,
+        &inv_freq,
+        n_heads,
+        n_kv_heads,
+        head_dim,
+    );
+    assert_rounded("q", qd.values(), &q_ref);
+    assert_rounded("k", kd.values(), &k_ref);
+    if v_biased {
+        assert_rounded("v", vd.values(), &v_ref);
+    } else {
+        assert_same("v without a bias must stay untouched", vd.values(), &v.0);
+    }
+
+    // the spec: CPU f32 throughout
+    let (mut q_spec, mut k_spec, mut v_spec) = (
+        vec![f32::NAN; q_ref.len()],
+        vec![f32::NAN; k_ref.len()],
+        v.1.clone(),
+    );
+    let norms = HeadNorms::<CpuBackend> {
+        raw: [&q_raw.1, &k_raw.1],
+        weights: [&q_norm.1, &k_norm.1],
+        eps,
+    };
+    CpuBackend.qkv_rope_forward(
+        [&mut q_spec, &mut k_spec, &mut v_spec],
+        [None, None, vb_ref],
+        Some(norms),
+        positions,
+        &inv_freq,
+        n_heads,
+        n_kv_heads,
+        head_dim,
+    );
+    assert_close("q against the f32 spec", &to_f32(qd.values()), &q_spec);
+    assert_close("k against the f32 spec", &to_f32(kd.values()), &k_spec);
+}
+
+/// Qwen3's layout (head dim 128, 4 query heads per KV head, no biases) over a decode step's few
+/// rows at far positions, and head dims 64 (with a v bias: one pair per lane) and 32 (lanes
+/// 16–31 rotate nothing) over prefill-sized chunks whose last block is partial.
+#[test]
+fn qkv_norm_rope_forward_matches_the_cpu() {
+    check_qkv_norm_rope(4, &[5, 900, 4095, 100_000], (8, 2, 128), false);
+    let chunk: Vec<u32> = (30..131).collect();
+    check_qkv_norm_rope(5, &chunk, (3, 1, 64), true);
+    check_qkv_norm_rope(6, &chunk, (2, 2, 32), true);
 }
 
 /// `rope::rope_backward`: 14 heads of 64 (Qwen2.5-0.5B's queries) on the 128-bit path and on

@@ -4,7 +4,9 @@
 use std::ops::Range;
 use std::process::Command;
 use thinkshort::backend::cpu::CpuBackend;
-use thinkshort::backend::{Backend, GradWrite, PolicyTokens, TokenPlacement, TrainBackend};
+use thinkshort::backend::{
+    Backend, GradWrite, HeadNorms, PolicyTokens, TokenPlacement, TrainBackend,
+};
 use thinkshort::config::ModelConfig;
 use thinkshort::grpo::{AdvantageOptions, LossOptions};
 use thinkshort::model::Model;
@@ -174,15 +176,29 @@ impl Backend for TestDevice {
         &self,
         [q, k, v]: [ViewMut<'_>; 3],
         biases: [Option<View<'_>>; 3],
+        norms: Option<HeadNorms<'_, Self>>,
         positions: &[u32],
         inv_freq: View<'_>,
         n_heads: usize,
         n_kv_heads: usize,
         head_dim: usize,
     ) {
+        // a bf16 device rounds the normed heads before rotating them
+        if let Some(n) = norms {
+            for (out, raw, weight) in [
+                (&mut *q.data, n.raw[0], n.weights[0]),
+                (&mut *k.data, n.raw[1], n.weights[1]),
+            ] {
+                CPU.rmsnorm_forward(out, raw.data, weight.data, head_dim, n.eps);
+                if self.bf16 {
+                    round_bf16(out);
+                }
+            }
+        }
         CPU.qkv_rope_forward(
             [&mut *q.data, &mut *k.data, &mut *v.data],
             biases.map(|b| b.map(|b| b.data)),
+            None,
             positions,
             inv_freq.data,
             n_heads,

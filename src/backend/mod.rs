@@ -73,6 +73,17 @@ pub mod policy_stat {
 /// Columns of `policy_loss_backward`'s statistics.
 pub const POLICY_STATS: usize = 6;
 
+/// Per-head RMSNorms of q and k before their rotation (Qwen3's q_norm and k_norm), for
+/// `qkv_rope_forward`.
+pub struct HeadNorms<'a, B: Backend + ?Sized + 'a> {
+    /// q and k before their norms, biases included: [M, n_heads * head_dim] and
+    /// [M, n_kv_heads * head_dim].
+    pub raw: [B::View<'a>; 2],
+    /// The norms' weights: [head_dim] each.
+    pub weights: [B::View<'a>; 2],
+    pub eps: f32,
+}
+
 /// What `policy_loss_backward` needs about its rows besides their logits and targets.
 pub struct PolicyTokens<'a, B: Backend + ?Sized + 'a> {
     /// The completion each row belongs to (an index into `advantages` and `weights`): [R].
@@ -317,14 +328,17 @@ pub trait Backend: Send + Sync {
 
     /// The attention inputs after their projections, in place: q = rope(q + q_bias),
     /// k = rope(k + k_bias), v = v + v_bias, each bias added to every row when given (HF
-    /// `rotate_half` convention: pairs (i, i + head_dim/2)). One op so a device launches once.
-    /// q: [M, n_heads * head_dim]; k, v: [M, n_kv_heads * head_dim]; biases: [heads * head_dim];
-    /// positions: [M]; inv_freq: [head_dim / 2].
+    /// `rotate_half` convention: pairs (i, i + head_dim/2)). With `norms` (Qwen3), q and k are
+    /// written whole: q = rope(rmsnorm(q_raw) · q_norm), each head normalised on its own, k
+    /// likewise, and their biases must be None (they are in q_raw and k_raw). One op so a device
+    /// launches once. q: [M, n_heads * head_dim]; k, v: [M, n_kv_heads * head_dim]; biases:
+    /// [heads * head_dim]; positions: [M]; inv_freq: [head_dim / 2].
     #[allow(clippy::too_many_arguments)]
     fn qkv_rope_forward(
         &self,
         qkv: [Self::ViewMut<'_>; 3],
         biases: [Option<Self::View<'_>>; 3],
+        norms: Option<HeadNorms<'_, Self>>,
         positions: &[u32],
         inv_freq: Self::View<'_>,
         n_heads: usize,

@@ -5,7 +5,7 @@ use super::{
     attention, get, placement, put, put_f32, Checker, Coverage, TOL_BF16, TOL_EXACT, TOL_F32,
 };
 use crate::backend::cpu::CpuBackend;
-use crate::backend::{Backend, TrainBackend};
+use crate::backend::{Backend, HeadNorms, TrainBackend};
 use anyhow::Result;
 
 pub(super) fn checks<D: TrainBackend>(c: &mut Checker<D>, coverage: Coverage) -> Result<()> {
@@ -188,6 +188,7 @@ pub(super) fn checks<D: TrainBackend>(c: &mut Checker<D>, coverage: Coverage) ->
                     dev.full_mut(&mut v),
                 ],
                 [&q_bias, &k_bias, &v_bias].map(|b| biased.then(|| dev.full(b))),
+                None,
                 &positions,
                 dev.full(&inv_freq),
                 heads,
@@ -197,6 +198,71 @@ pub(super) fn checks<D: TrainBackend>(c: &mut Checker<D>, coverage: Coverage) ->
             cpu.qkv_rope_forward(
                 [&mut q_ref, &mut k_ref, &mut v_ref],
                 [&q_bias_h, &k_bias_h, &v_bias_h].map(|b| biased.then_some(&b[..])),
+                None,
+                &positions,
+                &inv_freq_h,
+                heads,
+                kv_heads,
+                hd,
+            );
+            Ok(vec![
+                ("q", get(dev, &q)?, q_ref),
+                ("k", get(dev, &k)?, k_ref),
+                ("v", get(dev, &v)?, v_ref),
+            ])
+        })?;
+    }
+
+    // qkv_rope_forward with head norms (Qwen3): q [M, heads * head_dim] and k
+    // [M, kv_heads * head_dim] written whole from q_raw and k_raw, each head RMS-normalised,
+    // scaled by its norm's weight [head_dim] and rotated; v biased in place when a bias is given.
+    for (m, heads, kv_heads, hd, v_biased) in [(1, 16, 8, 128, false), (37, 4, 2, 64, true)] {
+        let shape =
+            format!("M={m} heads={heads}/{kv_heads} head_dim={hd} qk norms v_bias={v_biased}");
+        c.check("qkv_rope_forward", shape, TOL_BF16, |dev, r| {
+            let (mut q, _) = put(dev, &r.normal(m * heads * hd, 1.0))?;
+            let (mut k, _) = put(dev, &r.normal(m * kv_heads * hd, 1.0))?;
+            let (mut v, mut v_ref) = put(dev, &r.normal(m * kv_heads * hd, 1.0))?;
+            let (q_raw, q_raw_h) = put(dev, &r.normal(m * heads * hd, 2.0))?;
+            let (k_raw, k_raw_h) = put(dev, &r.normal(m * kv_heads * hd, 2.0))?;
+            let (q_norm, q_norm_h) = put(dev, &r.normal(hd, 1.0))?;
+            let (k_norm, k_norm_h) = put(dev, &r.normal(hd, 1.0))?;
+            let (v_bias, v_bias_h) = put(dev, &r.normal(kv_heads * hd, 0.5))?;
+            let positions = r.ids(m, 4001);
+            let inv_freq_host: Vec<f32> = (0..hd / 2)
+                .map(|i| (1.0 / f64::powf(1e6, (2 * i) as f64 / hd as f64)) as f32)
+                .collect();
+            let (inv_freq, inv_freq_h) = put_f32(dev, &inv_freq_host)?;
+            let eps = 1e-6;
+            let norms = HeadNorms {
+                raw: [dev.full(&q_raw), dev.full(&k_raw)],
+                weights: [dev.full(&q_norm), dev.full(&k_norm)],
+                eps,
+            };
+            dev.qkv_rope_forward(
+                [
+                    dev.full_mut(&mut q),
+                    dev.full_mut(&mut k),
+                    dev.full_mut(&mut v),
+                ],
+                [None, None, v_biased.then(|| dev.full(&v_bias))],
+                Some(norms),
+                &positions,
+                dev.full(&inv_freq),
+                heads,
+                kv_heads,
+                hd,
+            );
+            let (mut q_ref, mut k_ref) = (vec![0.0; q_raw_h.len()], vec![0.0; k_raw_h.len()]);
+            let norms = HeadNorms {
+                raw: [&q_raw_h[..], &k_raw_h[..]],
+                weights: [&q_norm_h[..], &k_norm_h[..]],
+                eps,
+            };
+            cpu.qkv_rope_forward(
+                [&mut q_ref, &mut k_ref, &mut v_ref],
+                [None, None, v_biased.then_some(&v_bias_h[..])],
+                Some(norms),
                 &positions,
                 &inv_freq_h,
                 heads,

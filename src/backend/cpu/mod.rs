@@ -26,7 +26,7 @@ pub use rope::{rope_backward, rope_forward, rope_forward_with_bias};
 pub use sampling::sample_tokens;
 pub use swiglu::{swiglu_backward, swiglu_forward};
 
-use super::{Backend, GradWrite, PolicyTokens, TokenPlacement, TrainBackend};
+use super::{Backend, GradWrite, HeadNorms, PolicyTokens, TokenPlacement, TrainBackend};
 use crate::grpo::{AdvantageOptions, LossOptions};
 use crate::sampling::{SamplingParams, TokenDraws};
 use anyhow::{bail, Result};
@@ -148,12 +148,26 @@ impl Backend for CpuBackend {
         &self,
         [q, k, v]: [&mut [f32]; 3],
         [q_bias, k_bias, v_bias]: [Option<&[f32]>; 3],
+        norms: Option<HeadNorms<'_, Self>>,
         positions: &[u32],
         inv_freq: &[f32],
         n_heads: usize,
         n_kv_heads: usize,
         head_dim: usize,
     ) {
+        if let Some(HeadNorms {
+            raw: [q_raw, k_raw],
+            weights: [q_norm, k_norm],
+            eps,
+        }) = norms
+        {
+            assert!(
+                q_bias.is_none() && k_bias.is_none(),
+                "qkv_rope_forward: with head norms the q and k biases belong in q_raw and k_raw"
+            );
+            rmsnorm_forward(q, q_raw, q_norm, head_dim, eps);
+            rmsnorm_forward(k, k_raw, k_norm, head_dim, eps);
+        }
         rope_forward_with_bias(q, q_bias, positions, inv_freq, n_heads, head_dim);
         rope_forward_with_bias(k, k_bias, positions, inv_freq, n_kv_heads, head_dim);
         if let Some(bias) = v_bias {

@@ -13,7 +13,7 @@ use super::{
     check_ids, expect, expect_bf16, lock, rows_of, CudaBackend, CudaBuf, CudaDecodeGraph, CudaView,
     CudaViewMut, DType,
 };
-use crate::backend::{summarize_ops, Backend, DecodeGraphStats, OpTime, TokenPlacement};
+use crate::backend::{summarize_ops, Backend, DecodeGraphStats, HeadNorms, OpTime, TokenPlacement};
 use crate::cuda::attention_plan::{wide_query_tiles, AttentionKernel, AttentionPlan};
 use crate::cuda::ops;
 use crate::cuda::ops::decode_attention::{plan_splits, scratch_sizes, DecodeProblem};
@@ -369,6 +369,7 @@ impl Backend for CudaBackend {
         &self,
         [q, k, v]: [CudaViewMut<'_>; 3],
         [q_bias, k_bias, v_bias]: [Option<CudaView<'_>>; 3],
+        norms: Option<HeadNorms<'_, Self>>,
         positions: &[u32],
         inv_freq: CudaView<'_>,
         n_heads: usize,
@@ -402,16 +403,39 @@ impl Backend for CudaBackend {
                 bias_ptr("v_bias", v_bias, n_kv_heads)?,
             );
             let pos = self.positions(positions)?;
-            ops::rope::qkv_rope_forward(
+            let Some(norms) = norms else {
+                return ops::rope::qkv_rope_forward(
+                    self.launcher(),
+                    (q.ptr, k.ptr, v.ptr),
+                    biases,
+                    pos,
+                    inv_freq.ptr,
+                    m,
+                    n_heads,
+                    n_kv_heads,
+                    head_dim,
+                );
+            };
+            ensure!(
+                biases.0 == 0 && biases.1 == 0,
+                "with head norms the q and k biases belong in q_raw and k_raw"
+            );
+            let ([q_raw, k_raw], [q_norm, k_norm]) = (norms.raw, norms.weights);
+            expect("q_raw", q_raw.dtype, q_raw.len, DType::Bf16, q.len)?;
+            expect("k_raw", k_raw.dtype, k_raw.len, DType::Bf16, k.len)?;
+            expect("q_norm", q_norm.dtype, q_norm.len, DType::Bf16, head_dim)?;
+            expect("k_norm", k_norm.dtype, k_norm.len, DType::Bf16, head_dim)?;
+            ops::rope::qkv_norm_rope_forward(
                 self.launcher(),
                 (q.ptr, k.ptr, v.ptr),
-                biases,
+                (q_raw.ptr, k_raw.ptr),
+                (q_norm.ptr, k_norm.ptr),
+                biases.2,
                 pos,
                 inv_freq.ptr,
                 m,
-                n_heads,
-                n_kv_heads,
-                head_dim,
+                (n_heads, n_kv_heads, head_dim),
+                norms.eps,
             )
         })
     }

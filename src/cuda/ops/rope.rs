@@ -118,6 +118,75 @@ pub fn qkv_rope_forward(
     unsafe { k.launch(&l) }
 }
 
+/// The launch geometry of `qkv_norm_rope_forward`: one warp per (token, head) item.
+pub fn norm_rope_config(items: usize) -> LaunchConfig {
+    let warps_per_block = BLOCK_THREADS as usize / 32;
+    // a grid-stride loop covers the rest: this many blocks fill any GPU
+    const MAX_BLOCKS: usize = 1 << 16;
+    LaunchConfig {
+        grid_dim: (
+            items.div_ceil(warps_per_block).clamp(1, MAX_BLOCKS) as u32,
+            1,
+            1,
+        ),
+        block_dim: (BLOCK_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Qwen3's attention inputs: q: bf16 [m, n_heads * head_dim] = the rotation (as in
+/// `qkv_rope_forward`) of q_raw's heads each RMS-normalised and scaled by q_norm (bf16
+/// [head_dim]), k: bf16 [m, n_kv_heads * head_dim] likewise from k_raw and k_norm, and v (same
+/// shape as k) plus v_bias (bf16 [n_kv_heads * head_dim], 0 = none) in place; positions: u32
+/// [m]; inv_freq: f32 [head_dim / 2].
+#[allow(clippy::too_many_arguments)]
+pub fn qkv_norm_rope_forward(
+    k: &dyn Launcher,
+    (q, kk, v): (u64, u64, u64),
+    (q_raw, k_raw): (u64, u64),
+    (q_norm, k_norm): (u64, u64),
+    v_bias: u64,
+    positions: u64,
+    inv_freq: u64,
+    m: usize,
+    (n_heads, n_kv_heads, head_dim): (usize, usize, usize),
+    eps: f32,
+) -> Result<()> {
+    const KERNEL: &str = "qkv_norm_rope_forward";
+    let (m_i, n_heads_i, head_dim_i) = check_shapes(KERNEL, m, n_heads, head_dim)?;
+    let (_, n_kv_i, _) = check_shapes(KERNEL, m, n_kv_heads, head_dim)?;
+    let v_heads = if v_bias == 0 { 0 } else { n_kv_heads };
+    let v_heads_i = to_i32(KERNEL, "v_heads", v_heads)?;
+    if m == 0 {
+        return Ok(());
+    }
+    let items = m * (n_heads + n_kv_heads + v_heads);
+    let l = KernelLaunch::new(MODULE, KERNEL, norm_rope_config(items))
+        .ptr(q)
+        .ptr(kk)
+        .ptr(v)
+        .ptr(q_raw)
+        .ptr(k_raw)
+        .ptr(q_norm)
+        .ptr(k_norm)
+        .ptr(v_bias)
+        .ptr(positions)
+        .ptr(inv_freq)
+        .i32(m_i)
+        .i32(n_heads_i)
+        .i32(n_kv_i)
+        .i32(v_heads_i)
+        .i32(head_dim_i)
+        .f32(eps);
+    // SAFETY: matches `(bf16* q, bf16* k, bf16* v, const bf16* q_raw, const bf16* k_raw, const
+    // bf16* q_norm, const bf16* k_norm, const bf16* v_bias, const u32* positions, const float*
+    // inv_freq, int m, int n_heads, int n_kv_heads, int v_heads, int head_dim, float eps)`; the
+    // caller owns q and q_raw of m * n_heads * head_dim bf16, k, k_raw and v of m * n_kv_heads *
+    // head_dim bf16, the norms of head_dim bf16, v_bias (when not 0) of n_kv_heads * head_dim
+    // bf16, positions of m u32 and inv_freq of head_dim / 2 f32; check_shapes bounds the sizes.
+    unsafe { k.launch(&l) }
+}
+
 /// The gradient of the rotation: dx: bf16 [m, n_heads * head_dim] rotated back (by −position ·
 /// inv_freq) in place.
 pub fn rope_backward(
