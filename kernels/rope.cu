@@ -138,8 +138,8 @@ qkv_rope_forward(__nv_bfloat16* q, __nv_bfloat16* k, __nv_bfloat16* v, const __n
 // rounds as the rmsnorm kernel does (rmsnorm_apply) and the rotation then starts from those bf16
 // values as qkv_rope_forward does, so the result is rmsnorm_forward then qkv_rope_forward's up to
 // the order of the sum of squares, in one launch instead of three.
-// q, q_raw: (m, n_heads * head_dim); k, k_raw, v: (m, n_kv_heads * head_dim); q_norm, k_norm,
-// v_bias: (head_dim). One warp per (token, head) item, grid-stride over m * (n_heads + n_kv_heads
+// q, q_raw: (m, n_heads * head_dim); k, k_raw, v: (m, n_kv_heads * head_dim); q_norm, k_norm:
+// (head_dim); v_bias: (n_kv_heads * head_dim). One warp per (token, head) item, grid-stride over m * (n_heads + n_kv_heads
 // + v_heads) items; lane l holds the pairs (i, i + half) for i = l, l + 32, ...: a head's sum of
 // squares is one warp reduction, and each pair is rotated by the lane that normalised it.
 extern "C" __global__ void __launch_bounds__(256)

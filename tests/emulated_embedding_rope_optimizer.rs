@@ -4,8 +4,9 @@
 //! grids, argument order and kinds, the grid sized for the vector or the scalar path), against
 //! the CPU reference (`thinkshort::backend::cpu`): the fused q/k/v bias + RoPE with the Qwen2
 //! layout and its backward, on the 128-bit and the scalar paths and with heads sharing a thread's
-//! sines, and Qwen3's fused per-head q/k norms with the rotation; row gathers and the grouped scatter-adds; AdamW, the f64 sum of squares and column
-//! sums; causal GQA attention for head dims without a fused kernel, prefill and decode placements.
+//! sines, and Qwen3's per-head q/k norms fused with the rotation; row gathers and the grouped
+//! scatter-adds; AdamW, the f64 sum of squares and column sums; causal GQA attention for head
+//! dims without a fused kernel, prefill and decode placements.
 //!
 //! Write-only outputs start as NaN (0xffff in bf16) so an unwritten element fails; in-place and
 //! accumulating ones start from random values. Copies are compared bit for bit, single-rounding
@@ -302,14 +303,17 @@ fn check_qkv_norm_rope(
 }
 
 /// Qwen3's layout (head dim 128, 4 query heads per KV head, no biases) over a decode step's few
-/// rows at far positions, and head dims 64 (with a v bias: one pair per lane) and 32 (lanes
-/// 16–31 rotate nothing) over prefill-sized chunks whose last block is partial.
+/// rows at far positions, and head dims 64 (with a v bias: one pair per lane), 32 (lanes 16–31
+/// rotate nothing), 40 and 256 over prefill-sized chunks whose last block is partial.
 #[test]
 fn qkv_norm_rope_forward_matches_the_cpu() {
     check_qkv_norm_rope(4, &[5, 900, 4095, 100_000], (8, 2, 128), false);
     let chunk: Vec<u32> = (30..131).collect();
     check_qkv_norm_rope(5, &chunk, (3, 1, 64), true);
     check_qkv_norm_rope(6, &chunk, (2, 2, 32), true);
+    // head dims off the warp's width: some lanes sum an extra element or rotate nothing
+    check_qkv_norm_rope(7, &chunk, (2, 1, 40), true);
+    check_qkv_norm_rope(8, &[3, 4, 5], (2, 1, 256), false);
 }
 
 /// `rope::rope_backward`: 14 heads of 64 (Qwen2.5-0.5B's queries) on the 128-bit path and on

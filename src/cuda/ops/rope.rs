@@ -2,7 +2,9 @@
 //!
 //! A work item is (token, chunk of 8 — or 1 on the scalar path — of the head_dim / 2 rotation
 //! frequencies); grid.x covers the items, grid.y splits the heads so that each thread computes
-//! its sines and cosines once for several heads (see [`heads_grid_y`]).
+//! its sines and cosines once for several heads (see [`heads_grid_y`]). Qwen3's
+//! `qkv_norm_rope_forward` instead runs one warp per (token, head), which normalises the head
+//! before rotating it.
 
 use anyhow::{ensure, Context, Result};
 use cudarc::driver::LaunchConfig;
