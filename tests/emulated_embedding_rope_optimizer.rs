@@ -98,6 +98,21 @@ fn qwen2_inv_freq(head_dim: usize) -> Vec<f32> {
         .collect()
 }
 
+/// q, k and v as the kernel left them against the references rounded once; without a v bias,
+/// `v_unbiased` holds the bits v started with, which it must keep.
+fn assert_qkv(got: [&Bf16Buf; 3], want: [&[f32]; 3], v_unbiased: Option<&[u16]>) {
+    assert_rounded("q", got[0].values(), want[0]);
+    assert_rounded("k", got[1].values(), want[1]);
+    match v_unbiased {
+        None => assert_rounded("v", got[2].values(), want[2]),
+        Some(start) => assert_same(
+            "v without a bias must stay untouched",
+            got[2].values(),
+            start,
+        ),
+    }
+}
+
 /// `rope::qkv_rope_forward` on q [m, n_heads * head_dim], k and v [m, n_kv_heads * head_dim],
 /// with biases of scale 0.5 on all three or none (v's heads then left out of the grid);
 /// `vector_path`: whether the launcher must size the grid for the 128-bit path. Returns the grid
@@ -157,13 +172,11 @@ fn check_qkv_rope(
         n_kv_heads,
         head_dim,
     );
-    assert_rounded("q", qd.values(), &q_ref);
-    assert_rounded("k", kd.values(), &k_ref);
-    if biases {
-        assert_rounded("v", vd.values(), &v_ref);
-    } else {
-        assert_same("v without a bias must stay untouched", vd.values(), &v.0);
-    }
+    assert_qkv(
+        [&qd, &kd, &vd],
+        [&q_ref, &k_ref, &v_ref],
+        (!biases).then_some(&v.0[..]),
+    );
     launches[0].config
 }
 
@@ -269,13 +282,11 @@ fn check_qkv_norm_rope(
         n_kv_heads,
         head_dim,
     );
-    assert_rounded("q", qd.values(), &q_ref);
-    assert_rounded("k", kd.values(), &k_ref);
-    if v_biased {
-        assert_rounded("v", vd.values(), &v_ref);
-    } else {
-        assert_same("v without a bias must stay untouched", vd.values(), &v.0);
-    }
+    assert_qkv(
+        [&qd, &kd, &vd],
+        [&q_ref, &k_ref, &v_ref],
+        (!v_biased).then_some(&v.0[..]),
+    );
 
     // the spec: CPU f32 throughout
     let (mut q_spec, mut k_spec, mut v_spec) = (

@@ -53,6 +53,22 @@ fn check_shapes(op: &str, m: usize, n_heads: usize, head_dim: usize) -> Result<(
     ))
 }
 
+/// Checks a q/k/v launch's shapes; returns (m, n_heads, n_kv_heads, v_heads, head_dim) as the
+/// kernel's ints and v_heads, the v heads in the grid: v only takes a bias, so without one
+/// (`v_bias` 0) the kernels leave it alone.
+fn qkv_shapes(
+    op: &str,
+    m: usize,
+    (n_heads, n_kv_heads, head_dim): (usize, usize, usize),
+    v_bias: u64,
+) -> Result<([i32; 5], usize)> {
+    let (m_i, n_heads_i, head_dim_i) = check_shapes(op, m, n_heads, head_dim)?;
+    let (_, n_kv_i, _) = check_shapes(op, m, n_kv_heads, head_dim)?;
+    let v_heads = if v_bias == 0 { 0 } else { n_kv_heads };
+    let v_heads_i = to_i32(op, "v_heads", v_heads)?;
+    Ok(([m_i, n_heads_i, n_kv_i, v_heads_i, head_dim_i], v_heads))
+}
+
 /// The launch geometry for `m` tokens; `vectorised` mirrors the kernel's 128-bit condition.
 pub fn rope_config(m: usize, n_heads: usize, head_dim: usize, vectorised: bool) -> LaunchConfig {
     let half = head_dim / 2;
@@ -87,11 +103,8 @@ pub fn qkv_rope_forward(
     head_dim: usize,
 ) -> Result<()> {
     const KERNEL: &str = "qkv_rope_forward";
-    let (m_i, n_heads_i, head_dim_i) = check_shapes(KERNEL, m, n_heads, head_dim)?;
-    let (_, n_kv_i, _) = check_shapes(KERNEL, m, n_kv_heads, head_dim)?;
-    // v's heads only take a bias: without one the kernel leaves them alone
-    let v_heads = if v_bias == 0 { 0 } else { n_kv_heads };
-    let v_heads_i = to_i32(KERNEL, "v_heads", v_heads)?;
+    let ([m_i, n_heads_i, n_kv_i, v_heads_i, head_dim_i], v_heads) =
+        qkv_shapes(KERNEL, m, (n_heads, n_kv_heads, head_dim), v_bias)?;
     if m == 0 {
         return Ok(());
     }
@@ -155,10 +168,8 @@ pub fn qkv_norm_rope_forward(
     eps: f32,
 ) -> Result<()> {
     const KERNEL: &str = "qkv_norm_rope_forward";
-    let (m_i, n_heads_i, head_dim_i) = check_shapes(KERNEL, m, n_heads, head_dim)?;
-    let (_, n_kv_i, _) = check_shapes(KERNEL, m, n_kv_heads, head_dim)?;
-    let v_heads = if v_bias == 0 { 0 } else { n_kv_heads };
-    let v_heads_i = to_i32(KERNEL, "v_heads", v_heads)?;
+    let ([m_i, n_heads_i, n_kv_i, v_heads_i, head_dim_i], v_heads) =
+        qkv_shapes(KERNEL, m, (n_heads, n_kv_heads, head_dim), v_bias)?;
     if m == 0 {
         return Ok(());
     }
