@@ -641,7 +641,11 @@ fn normal_draw(seed: u64, n: u64) -> f32 {
     let u2 = crate::rng::uniform(seed, 0, pair + 1);
     let r = (-2.0 * u1.ln()).sqrt();
     let t = 2.0 * std::f64::consts::PI * u2;
-    (if n % 2 == 0 { r * t.cos() } else { r * t.sin() }) as f32
+    (if n.is_multiple_of(2) {
+        r * t.cos()
+    } else {
+        r * t.sin()
+    }) as f32
 }
 
 /// The intermediates of the LM head for R scored rows (the logits are made chunk by chunk).

@@ -44,9 +44,7 @@ impl TrainBatch {
             let len = prompt.len() + completion.len();
             b.tokens.extend_from_slice(prompt);
             b.tokens.extend_from_slice(completion);
-            b.place
-                .slots
-                .extend(std::iter::repeat(slot as u32).take(len));
+            b.place.slots.extend(std::iter::repeat_n(slot as u32, len));
             b.place.positions.extend(0..len as u32);
             b.rows
                 .extend((0..completion.len()).map(|i| first + prompt.len() - 1 + i));

@@ -69,7 +69,7 @@ fn score_batch<B: Backend>(
         tokens.extend_from_slice(&it.completion);
         place
             .slots
-            .extend(std::iter::repeat(slot as u32).take(seq_len(it)));
+            .extend(std::iter::repeat_n(slot as u32, seq_len(it)));
         place.positions.extend(0..seq_len(it) as u32);
         // The row before each completion token predicts it.
         rows.extend((0..it.completion.len()).map(|i| first + it.prompt.len() - 1 + i));

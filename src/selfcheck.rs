@@ -302,7 +302,7 @@ pub(crate) fn get<D: Backend>(dev: &D, buf: &D::Buf) -> Result<Vec<f32>> {
 pub(crate) fn placement(starts: &[usize], lens: &[usize]) -> TokenPlacement {
     let mut place = TokenPlacement::default();
     for (slot, (&start, &len)) in starts.iter().zip(lens).enumerate() {
-        place.slots.extend(std::iter::repeat(slot as u32).take(len));
+        place.slots.extend(std::iter::repeat_n(slot as u32, len));
         place.positions.extend(start as u32..(start + len) as u32);
     }
     place

@@ -50,9 +50,7 @@ fn ragged_batch_equals_sequences_alone() {
     let mut place = TokenPlacement::default();
     for (s, t) in seqs.iter().enumerate() {
         all.extend_from_slice(t);
-        place
-            .slots
-            .extend(std::iter::repeat(s as u32).take(t.len()));
+        place.slots.extend(std::iter::repeat_n(s as u32, t.len()));
         place.positions.extend(0..t.len() as u32);
     }
     let rows: Vec<usize> = (0..all.len()).collect();

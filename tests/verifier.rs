@@ -272,7 +272,7 @@ fn rewrite(gold: &str) -> Option<String> {
                 let digits: Vec<char> = t.chars().collect();
                 let mut out = String::new();
                 for (i, c) in digits.iter().enumerate() {
-                    if i > 0 && (digits.len() - i) % 3 == 0 {
+                    if i > 0 && (digits.len() - i).is_multiple_of(3) {
                         out.push(',');
                     }
                     out.push(*c);

@@ -209,7 +209,7 @@ pub(super) fn check_resumed_settings(
 /// Whether the run writes a checkpoint after `step` steps: every `checkpoint_every` and at its
 /// `last` step.
 pub(super) fn writes_checkpoint(cfg: &TrainConfig, step: usize, last: usize) -> bool {
-    (cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0) || step == last
+    (cfg.checkpoint_every > 0 && step.is_multiple_of(cfg.checkpoint_every)) || step == last
 }
 
 /// The checkpoint folders (`step-NNNNNN`) of a run folder, by step.

@@ -200,7 +200,7 @@ fn parse_nested(s: &str, depth: usize) -> Answer {
         (s.chars().next(), s.chars().last())
     {
         let inner = &s[1..s.len() - 1];
-        if closing(s) == Some(s.len() - 1) && top_level(inner, ",").len() > 0 {
+        if closing(s) == Some(s.len() - 1) && !top_level(inner, ",").is_empty() {
             let items = split_top(inner, ",").into_iter().map(nested).collect();
             return Answer::Seq { open, close, items };
         }

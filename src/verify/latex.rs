@@ -240,7 +240,6 @@ fn strip_unit_words(s: &str) -> &str {
                 .chars()
                 .all(|c| c.is_ascii_digit() || matches!(c, '.' | '-' | ',' | '/'));
         let wordy = words
-            .trim()
             .split_whitespace()
             .all(|w| w.chars().all(char::is_alphabetic));
         if numeric && wordy && !words.trim().is_empty() {

@@ -150,7 +150,10 @@ mod tests {
         assert_eq!(logprob_block_size(usize::MAX / 2, 4), 1024);
         for vocab in 1..5000 {
             let t = logprob_block_size(vocab, 8);
-            assert!(t % 32 == 0 && (32..=1024).contains(&t), "{vocab}: {t}");
+            assert!(
+                t.is_multiple_of(32) && (32..=1024).contains(&t),
+                "{vocab}: {t}"
+            );
         }
     }
 
