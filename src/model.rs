@@ -686,6 +686,8 @@ pub enum Keep {
 }
 
 impl<B: Backend> LayerActs<B> {
+    /// One layer's intermediates for m tokens, with what `keep` asks for the backward pass
+    /// besides (work and memory inference does without).
     pub fn new(b: &B, cfg: &ModelConfig, m: usize, keep: Keep) -> Result<Self> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         let kept = |when: bool, make: &dyn Fn() -> Result<B::Buf>| -> Result<Option<B::Buf>> {
