@@ -502,14 +502,16 @@ impl<B: Backend> Model<B> {
         // The q, k and v biases are added by qkv_rope_forward (with the rotation of q and k).
         // With qk_norm the projections (q and k with their biases) land in q_raw, k_raw, kept
         // for the backward, and qkv_rope_forward normalises each head into q, k.
-        for (out, raw, w, bias, n) in [
-            (&mut a.q, &mut a.q_raw, lp.q, lp.q_bias, q_dim),
-            (&mut a.k, &mut a.k_raw, lp.k, lp.k_bias, kv_dim),
+        for (out, raw, w, bias, norm, n) in [
+            (&mut a.q, &mut a.q_raw, lp.q, lp.q_bias, lp.q_norm, q_dim),
+            (&mut a.k, &mut a.k_raw, lp.k, lp.k_bias, lp.k_norm, kv_dim),
         ] {
             let (xn1, w) = (b.full(&a.xn1), self.p(w));
-            match raw {
-                Some(raw) => b.matmul_forward(b.full_mut(raw), xn1, w, self.p_opt(bias), m, h, n),
-                None => b.matmul_forward(b.full_mut(out), xn1, w, None, m, h, n),
+            match (raw, norm) {
+                (Some(raw), Some(_)) => {
+                    b.matmul_forward(b.full_mut(raw), xn1, w, self.p_opt(bias), m, h, n)
+                }
+                _ => b.matmul_forward(b.full_mut(out), xn1, w, None, m, h, n),
             }
         }
         b.matmul_forward(

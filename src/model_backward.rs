@@ -160,7 +160,8 @@ impl<B: TrainBackend> Model<B> {
             self.layer_forward(l, x, acts, &batch.place, &mut cache, separate)
         };
         let layers = if self.checkpoint_layers {
-            // one layer's intermediates at a time; each layer's input is kept
+            // one layer's intermediates at a time; each layer's input is kept. The log-sum-exp
+            // is not, but asking for it runs the attention kernel the recompute will run.
             let mut acts = LayerActs::new(b, cfg, m, Keep::Lse)?;
             let mut inputs = Vec::with_capacity(cfg.num_layers);
             for l in 0..cfg.num_layers {

@@ -177,10 +177,7 @@ pub(super) fn checks<D: TrainBackend>(c: &mut Checker<D>, coverage: Coverage) ->
             let (v_bias, v_bias_h) = put(dev, &r.normal(kv_heads * hd, 0.5))?;
             let mut positions = r.ids(m, 4001);
             positions[0] = 4000;
-            let inv_freq_host: Vec<f32> = (0..hd / 2)
-                .map(|i| (1.0 / f64::powf(theta, (2 * i) as f64 / hd as f64)) as f32)
-                .collect();
-            let (inv_freq, inv_freq_h) = put_f32(dev, &inv_freq_host)?;
+            let (inv_freq, inv_freq_h) = put_f32(dev, &rope_inv_freq(hd, theta))?;
             dev.qkv_rope_forward(
                 [
                     dev.full_mut(&mut q),
@@ -229,10 +226,7 @@ pub(super) fn checks<D: TrainBackend>(c: &mut Checker<D>, coverage: Coverage) ->
             let (k_norm, k_norm_h) = put(dev, &r.normal(hd, 1.0))?;
             let (v_bias, v_bias_h) = put(dev, &r.normal(kv_heads * hd, 0.5))?;
             let positions = r.ids(m, 4001);
-            let inv_freq_host: Vec<f32> = (0..hd / 2)
-                .map(|i| (1.0 / f64::powf(1e6, (2 * i) as f64 / hd as f64)) as f32)
-                .collect();
-            let (inv_freq, inv_freq_h) = put_f32(dev, &inv_freq_host)?;
+            let (inv_freq, inv_freq_h) = put_f32(dev, &rope_inv_freq(hd, 1e6))?;
             let eps = 1e-6;
             let norms = HeadNorms {
                 raw: [dev.full(&q_raw), dev.full(&k_raw)],
@@ -466,4 +460,11 @@ pub(super) fn checks<D: TrainBackend>(c: &mut Checker<D>, coverage: Coverage) ->
         })?;
     }
     Ok(())
+}
+
+/// RoPE's inverse frequencies theta^(-2i / head_dim), i < head_dim / 2.
+fn rope_inv_freq(head_dim: usize, theta: f64) -> Vec<f32> {
+    (0..head_dim / 2)
+        .map(|i| (1.0 / theta.powf((2 * i) as f64 / head_dim as f64)) as f32)
+        .collect()
 }
