@@ -392,11 +392,16 @@ fn placement() -> TokenPlacement {
 const SLOTS: usize = 3;
 const CAPACITY: usize = 6;
 
-fn check_attention(n_kv_heads: usize) {
-    let (n_heads, head_dim) = (6, 3);
-    let place = placement();
+/// Attention forward against the f64 reference and its backward against finite differences of
+/// it, for `place`'s tokens in `slots` cache slots of `capacity` positions.
+fn check_attention(
+    place: &TokenPlacement,
+    slots: usize,
+    capacity: usize,
+    (n_heads, n_kv_heads, head_dim): (usize, usize, usize),
+) {
     let m = place.slots.len();
-    let (q_dim, cache_len) = (n_heads * head_dim, SLOTS * CAPACITY * n_kv_heads * head_dim);
+    let (q_dim, cache_len) = (n_heads * head_dim, slots * capacity * n_kv_heads * head_dim);
     let (q, cache_k, cache_v, c) = (
         normals(13, m * q_dim),
         normals(14, cache_len),
@@ -405,7 +410,7 @@ fn check_attention(n_kv_heads: usize) {
     );
     let (q64, k64, v64) = (f64s(&q), f64s(&cache_k), f64s(&cache_v));
     let reference = |q: &[f64], k: &[f64], v: &[f64]| {
-        ref_attention(q, k, v, &place, CAPACITY, n_heads, n_kv_heads, head_dim)
+        ref_attention(q, k, v, place, capacity, n_heads, n_kv_heads, head_dim)
     };
     let what = |name: &str| format!("attention (group {}) {name}", n_heads / n_kv_heads);
 
@@ -417,8 +422,8 @@ fn check_attention(n_kv_heads: usize) {
         &q,
         &cache_k,
         &cache_v,
-        &place,
-        CAPACITY,
+        place,
+        capacity,
         n_heads,
         n_kv_heads,
         head_dim,
@@ -429,7 +434,7 @@ fn check_attention(n_kv_heads: usize) {
         &reference(&q64, &k64, &v64),
         FWD_TOL,
     );
-    let lse_ref = ref_attention_lse(&q64, &k64, &place, CAPACITY, n_heads, n_kv_heads, head_dim);
+    let lse_ref = ref_attention_lse(&q64, &k64, place, capacity, n_heads, n_kv_heads, head_dim);
     assert_close(&what("lse"), &lse, &lse_ref, FWD_TOL);
 
     // dq is overwritten; the cache gradients accumulate. The backward takes the forward's output
@@ -437,7 +442,7 @@ fn check_attention(n_kv_heads: usize) {
     let mut dq = vec![PREFILL; m * q_dim];
     let (mut dk, mut dv) = (vec![PREFILL; cache_len], vec![PREFILL; cache_len]);
     attention_backward(
-        &mut dq, &mut dk, &mut dv, &c, &out, &lse, &q, &cache_k, &cache_v, &place, CAPACITY,
+        &mut dq, &mut dk, &mut dv, &c, &out, &lse, &q, &cache_k, &cache_v, place, capacity,
         n_heads, n_kv_heads, head_dim,
     );
     let fd_dq = fd_grad(&q, &c, |q| reference(q, &k64, &v64));
@@ -450,17 +455,34 @@ fn check_attention(n_kv_heads: usize) {
 
 #[test]
 fn attention_mha_group_1() {
-    check_attention(6);
+    check_attention(&placement(), SLOTS, CAPACITY, (6, 6, 3));
 }
 
 #[test]
 fn attention_gqa_group_3() {
-    check_attention(2);
+    check_attention(&placement(), SLOTS, CAPACITY, (6, 2, 3));
 }
 
 #[test]
 fn attention_mqa_group_6() {
-    check_attention(1);
+    check_attention(&placement(), SLOTS, CAPACITY, (6, 1, 3));
+}
+
+/// Prefills long enough for several of the CPU's query blocks (64 rows) and for its GEMM path
+/// (8 or more tokens of a slot): slot 0 from position 0, slot 1 after 30 cached positions, the
+/// two interleaved in the batch.
+#[test]
+fn attention_long_prefills_gqa_group_2() {
+    let (mut slots, mut positions) = (Vec::new(), Vec::new());
+    for i in 0..90u32 {
+        slots.push(0);
+        positions.push(i);
+        if i < 40 {
+            slots.push(1);
+            positions.push(30 + i);
+        }
+    }
+    check_attention(&TokenPlacement { slots, positions }, 2, 100, (2, 1, 3));
 }
 
 #[test]

@@ -24,7 +24,7 @@ import time
 import torch
 
 
-def build_model(config_path):
+def build_model(config_path, device="cuda", dtype=torch.bfloat16):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     with open(config_path) as f:
@@ -34,9 +34,9 @@ def build_model(config_path):
     cfg = Qwen2Config(**d)
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(device):
         model = Qwen2ForCausalLM(cfg)
-    model = model.to(torch.bfloat16).eval()
+    model = model.to(dtype).eval()
     n_params = sum(p.numel() for p in model.parameters())
     return model, cfg, n_params
 

@@ -69,23 +69,17 @@ pub fn attention_forward(
         n_kv_heads,
         head_dim,
     };
-    // Tokens of each slot, in batch order.
-    let mut by_slot: Vec<(u32, Vec<usize>)> = Vec::new();
-    for (m, &s) in place.slots.iter().enumerate() {
-        match by_slot.iter_mut().find(|(slot, _)| *slot == s) {
-            Some((_, tokens)) => tokens.push(m),
-            None => by_slot.push((s, vec![m])),
-        }
-    }
+    let by_slot = tokens_by_slot(place, cache_k.len() / (capacity * shape.kv_dim()));
     let tasks: Vec<(usize, usize)> = (0..by_slot.len())
-        .flat_map(|b| (0..n_heads).map(move |h| (b, h)))
+        .filter(|&s| !by_slot[s].is_empty())
+        .flat_map(|s| (0..n_heads).map(move |h| (s, h)))
         .collect();
     // Each task returns its head's outputs [n, hd] and log-sum-exps [n]; they are scattered into
     // `out` and `lse` afterwards.
     let results: Vec<(Vec<f32>, Vec<f32>)> = tasks
         .par_iter()
-        .map(|&(b, h)| {
-            let (slot, tokens) = &by_slot[b];
+        .map(|&(slot, h)| {
+            let tokens = &by_slot[slot];
             let positions: Vec<usize> = tokens
                 .iter()
                 .map(|&m| place.positions[m] as usize)
@@ -94,8 +88,8 @@ pub fn attention_forward(
                 .iter()
                 .map(|&m| &q[m * q_dim + h * head_dim..][..head_dim])
                 .collect();
-            let keys = shape.head_of_slot(cache_k, *slot as usize, h);
-            let values = shape.head_of_slot(cache_v, *slot as usize, h);
+            let keys = shape.head_of_slot(cache_k, slot, h);
+            let values = shape.head_of_slot(cache_v, slot, h);
             if tokens.len() >= GEMM_MIN_TOKENS {
                 // Blocks of query rows, each multiplying only the keys up to its own last
                 // position: a prefill (positions ascending) skips most of the masked triangle.
@@ -115,8 +109,8 @@ pub fn attention_forward(
         })
         .collect();
     let mut lse = lse;
-    for (&(b, h), (o, l)) in tasks.iter().zip(&results) {
-        for ((&m, row), &row_lse) in by_slot[b].1.iter().zip(o.chunks_exact(head_dim)).zip(l) {
+    for (&(slot, h), (o, l)) in tasks.iter().zip(&results) {
+        for ((&m, row), &row_lse) in by_slot[slot].iter().zip(o.chunks_exact(head_dim)).zip(l) {
             out[m * q_dim + h * head_dim..][..head_dim].copy_from_slice(row);
             if let Some(lse) = lse.as_deref_mut() {
                 lse[m * n_heads + h] = row_lse;
@@ -137,11 +131,25 @@ impl AttentionShape {
         self.n_kv_heads * self.head_dim
     }
 
+    /// The scores' factor 1 / sqrt(head_dim).
+    fn scale(&self) -> f32 {
+        1.0 / (self.head_dim as f32).sqrt()
+    }
+
     /// The cache of one slot from query head h's KV head on: row j starts at j · kv_dim.
     fn head_of_slot<'a>(&self, cache: &'a [f32], slot: usize, h: usize) -> &'a [f32] {
         let kv_head = h / (self.n_heads / self.n_kv_heads);
         &cache[slot * self.capacity * self.kv_dim() + kv_head * self.head_dim..]
     }
+}
+
+/// The batch rows m of each of `slots` cache slots, in batch order.
+fn tokens_by_slot(place: &TokenPlacement, slots: usize) -> Vec<Vec<usize>> {
+    let mut by_slot = vec![Vec::new(); slots];
+    for (m, &s) in place.slots.iter().enumerate() {
+        by_slot[s as usize].push(m);
+    }
+    by_slot
 }
 
 /// Softmax of scores[0..len] in place (shifted by the max, f32); returns log Σ exp(scores).
@@ -164,8 +172,7 @@ fn attend_dots(
     values: &[f32],
     shape: &AttentionShape,
 ) -> (Vec<f32>, Vec<f32>) {
-    let (hd, kv_dim) = (shape.head_dim, shape.kv_dim());
-    let scale = 1.0 / (hd as f32).sqrt();
+    let (hd, kv_dim, scale) = (shape.head_dim, shape.kv_dim(), shape.scale());
     let mut out = vec![0.0f32; q_rows.len() * hd];
     let mut lse = Vec::with_capacity(q_rows.len());
     let mut scores = Vec::new();
@@ -184,6 +191,87 @@ fn attend_dots(
     (out, lse)
 }
 
+/// A matrix inside a slice: element (r, c) is data[r · row_stride + c · col_stride], so a
+/// transpose or a head's columns of the KV cache need no copy.
+#[derive(Clone, Copy)]
+struct Strided<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    row_stride: usize,
+    col_stride: usize,
+}
+
+impl<'a> Strided<'a> {
+    /// data as a row-major [rows, cols] matrix.
+    fn rows(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        Self::with_strides(data, rows, cols, cols, 1)
+    }
+
+    fn with_strides(
+        data: &'a [f32],
+        rows: usize,
+        cols: usize,
+        row_stride: usize,
+        col_stride: usize,
+    ) -> Self {
+        let last = (rows.max(1) - 1) * row_stride + (cols.max(1) - 1) * col_stride;
+        assert!(
+            rows == 0 || cols == 0 || last < data.len(),
+            "attention: a [{rows}, {cols}] operand reaches past its buffer of {}",
+            data.len()
+        );
+        Strided {
+            data,
+            rows,
+            cols,
+            row_stride,
+            col_stride,
+        }
+    }
+
+    fn t(self) -> Self {
+        Strided {
+            rows: self.cols,
+            cols: self.rows,
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+            ..self
+        }
+    }
+}
+
+/// dst = scale · a · b, or dst += scale · a · b when `accumulate`; dst: row-major [a.rows, b.cols].
+fn product_into(dst: &mut [f32], accumulate: bool, scale: f32, a: Strided, b: Strided) {
+    assert_eq!(a.cols, b.rows, "attention: inner dimensions differ");
+    assert_eq!(dst.len(), a.rows * b.cols, "attention: product size");
+    // SAFETY: `Strided::with_strides` checked that every element of a and b lies inside its
+    // slice, and dst is exactly [a.rows, b.cols] row-major.
+    unsafe {
+        gemm::gemm(
+            a.rows,
+            b.cols,
+            a.cols,
+            dst.as_mut_ptr(),
+            1,
+            b.cols as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.col_stride as isize,
+            a.row_stride as isize,
+            b.data.as_ptr(),
+            b.col_stride as isize,
+            b.row_stride as isize,
+            if accumulate { 1.0 } else { 0.0 },
+            scale,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
 /// Attention of many query rows as two GEMMs over the strided cache.  Returns O: [n, hd] and
 /// lse: [n].
 fn attend_gemm(
@@ -195,72 +283,26 @@ fn attend_gemm(
 ) -> (Vec<f32>, Vec<f32>) {
     let (n, hd, kv_dim) = (q_rows.len(), shape.head_dim, shape.kv_dim());
     let len = positions.iter().max().map_or(0, |p| p + 1); // keys 0..len
-    let scale = 1.0 / (hd as f32).sqrt();
-    let q: Vec<f32> = q_rows.concat(); // [n, hd]
-    assert!(
-        keys.len() >= (len - 1) * kv_dim + hd && values.len() >= (len - 1) * kv_dim + hd,
-        "attention_forward: positions beyond the cache"
-    );
+    let q = q_rows.concat(); // [n, hd]
+    let k = Strided::with_strides(keys, len, hd, kv_dim, 1); // [len, hd]
+    let v = Strided::with_strides(values, len, hd, kv_dim, 1); // [len, hd]
 
-    // S = scale · Q · Kᵀ: [n, len]; Kᵀ element (d, j) is keys[j * kv_dim + d].
-    let mut scores = vec![0.0f32; n * len];
-    // SAFETY: Q is [n, hd] row-major, K rows j < len lie inside `keys` (asserted above), S is
-    // [n, len] row-major; the strides below say exactly that.
-    unsafe {
-        gemm::gemm(
-            n,
-            len,
-            hd,
-            scores.as_mut_ptr(),
-            1,
-            len as isize,
-            false,
-            q.as_ptr(),
-            1,
-            hd as isize,
-            keys.as_ptr(),
-            kv_dim as isize, // next key j
-            1,               // next dim d
-            0.0,
-            scale,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
+    let mut scores = vec![0.0f32; n * len]; // S = scale · Q · Kᵀ: [n, len]
+    product_into(
+        &mut scores,
+        false,
+        shape.scale(),
+        Strided::rows(&q, n, hd),
+        k.t(),
+    );
     // Causal mask: row i sees keys 0..=positions[i]; softmax over those, zeros beyond.
     let mut lse = Vec::with_capacity(n);
     for (row, &pos) in scores.chunks_exact_mut(len).zip(positions) {
         lse.push(softmax_prefix(&mut row[..=pos]));
         row[pos + 1..].fill(0.0);
     }
-    // O = P · V: [n, hd]; V element (j, d) is values[j * kv_dim + d].
-    let mut out = vec![0.0f32; n * hd];
-    // SAFETY: P is [n, len] row-major, V rows j < len lie inside `values`, O is [n, hd].
-    unsafe {
-        gemm::gemm(
-            n,
-            hd,
-            len,
-            out.as_mut_ptr(),
-            1,
-            hd as isize,
-            false,
-            scores.as_ptr(),
-            1,
-            len as isize,
-            values.as_ptr(),
-            1,
-            kv_dim as isize,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
+    let mut out = vec![0.0f32; n * hd]; // O = P · V: [n, hd]
+    product_into(&mut out, false, 1.0, Strided::rows(&scores, n, len), v);
     (out, lse)
 }
 
@@ -283,11 +325,15 @@ pub fn kv_cache_gather(
 }
 
 /// Backward of `attention_forward`, as FlashAttention computes it: the probabilities are
-/// recomputed from the forward's log-sum-exp, p_j = exp(s_j − lse) with s_j = scale · q·k_j, and
-/// with D = dout·out (= Σ_j p_j dp_j):  dv_j += p_j · dout;  dp_j = dout·v_j;
-/// ds_j = p_j (dp_j − D);  dq = scale Σ_j ds_j k_j;  dk_j += scale · ds_j · q.
+/// recomputed from the forward's log-sum-exp, P = exp(S − lse) with S = scale · Q·Kᵀ, and with
+/// D = rowsum(dO ∘ O) (= Σ_j p_j dp_j):  dV += Pᵀ·dO;  dP = dO·Vᵀ;  dS = P ∘ (dP − D);
+/// dQ = scale · dS·K;  dK += scale · dSᵀ·Q.
 /// dq, dout, out: [M, n_heads * head_dim] (dq overwritten); lse: [M, n_heads];
 /// dcache_k, dcache_v: [slots, capacity, kv_dim] (accumulated).
+///
+/// One task per (slot, KV head): the group's query heads in turn, each in blocks of query rows
+/// that see only the keys up to their own last position (as the forward), every step a GEMM.
+/// A task sums its dK/dV in its own [len, hd] buffers, added to the cache gradients afterwards.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
     dq: &mut [f32],
@@ -305,65 +351,126 @@ pub fn attention_backward(
     n_kv_heads: usize,
     head_dim: usize,
 ) {
-    let q_dim = n_heads * head_dim;
-    let kv_dim = n_kv_heads * head_dim;
+    let shape = AttentionShape {
+        capacity,
+        n_heads,
+        n_kv_heads,
+        head_dim,
+    };
+    let (q_dim, kv_dim, hd) = (n_heads * head_dim, shape.kv_dim(), head_dim);
     let group = n_heads / n_kv_heads;
-    let scale = 1.0 / (head_dim as f32).sqrt();
     let slot_len = capacity * kv_dim;
+    assert_eq!(
+        dcache_v.len(),
+        dcache_k.len(),
+        "attention_backward: dcache_k and dcache_v differ"
+    );
     let slots = dcache_k.len() / slot_len;
-    let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+    let by_slot = tokens_by_slot(place, slots);
+    let tasks: Vec<(usize, usize)> = (0..slots)
+        .filter(|&s| !by_slot[s].is_empty())
+        .flat_map(|s| (0..n_kv_heads).map(move |g| (s, g)))
+        .collect();
+    let head_rows = |x: &'_ [f32], tokens: &[usize], h: usize| -> Vec<f32> {
+        tokens
+            .iter()
+            .flat_map(|&m| &x[m * q_dim + h * hd..][..hd])
+            .copied()
+            .collect()
+    };
 
-    // Tokens of each slot, so each task owns one slot's dK/dV and writes no shared memory.
-    let mut by_slot: Vec<Vec<usize>> = vec![Vec::new(); slots];
-    for (m, &s) in place.slots.iter().enumerate() {
-        by_slot[s as usize].push(m);
-    }
-    let dq_rows: Vec<(usize, Vec<f32>)> = dcache_k
-        .par_chunks_mut(slot_len)
-        .zip(dcache_v.par_chunks_mut(slot_len))
-        .zip(by_slot.par_iter())
-        .enumerate()
-        .flat_map_iter(|(slot, ((dk, dv), tokens))| {
-            let base = slot * slot_len;
-            let (ck, cv) = (
-                &cache_k[base..base + slot_len],
-                &cache_v[base..base + slot_len],
-            );
-            tokens
+    // Each task: (dq of the group's heads [group, n, hd], dK [len, hd], dV [len, hd]).
+    let results: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = tasks
+        .par_iter()
+        .map(|&(slot, kv_head)| {
+            let tokens = &by_slot[slot];
+            let len = tokens
                 .iter()
-                .map(|&m| {
-                    let pos = place.positions[m] as usize;
-                    let mut dq_row = vec![0.0f32; q_dim];
-                    for h in 0..n_heads {
-                        let off = (h / group) * head_dim;
-                        let row = m * q_dim + h * head_dim;
-                        let qh = &q[row..][..head_dim];
-                        let go = &dout[row..][..head_dim];
-                        let d = dot(go, &out[row..][..head_dim]);
+                .map(|&m| place.positions[m] as usize + 1)
+                .max()
+                .unwrap_or(0);
+            let keys = shape.head_of_slot(cache_k, slot, kv_head * group);
+            let values = shape.head_of_slot(cache_v, slot, kv_head * group);
+            let (mut dk, mut dv) = (vec![0.0f32; len * hd], vec![0.0f32; len * hd]);
+            let mut dq_group = Vec::with_capacity(group * tokens.len() * hd);
+            for h in kv_head * group..(kv_head + 1) * group {
+                for block in tokens.chunks(QUERY_BLOCK) {
+                    let n = block.len();
+                    let positions: Vec<usize> =
+                        block.iter().map(|&m| place.positions[m] as usize).collect();
+                    let len_b = positions.iter().max().map_or(0, |p| p + 1); // keys 0..len_b
+                    let k = Strided::with_strides(keys, len_b, hd, kv_dim, 1); // [len_b, hd]
+                    let v = Strided::with_strides(values, len_b, hd, kv_dim, 1);
+                    let qh = head_rows(q, block, h); // [n, hd]
+                    let go = head_rows(dout, block, h); // [n, hd]
+                    let oh = head_rows(out, block, h);
+                    let (qh, go) = (Strided::rows(&qh, n, hd), Strided::rows(&go, n, hd));
+
+                    // P = exp(scale · Q·Kᵀ − lse), zero beyond each row's position: [n, len_b]
+                    let mut p = vec![0.0f32; n * len_b];
+                    product_into(&mut p, false, shape.scale(), qh, k.t());
+                    for ((row, &pos), &m) in p.chunks_exact_mut(len_b).zip(&positions).zip(block) {
                         let row_lse = lse[m * n_heads + h];
-                        let dqh = &mut dq_row[h * head_dim..(h + 1) * head_dim];
-                        for j in 0..=pos {
-                            let k = &ck[j * kv_dim + off..][..head_dim];
-                            let v = &cv[j * kv_dim + off..][..head_dim];
-                            let p = (dot(qh, k) * scale - row_lse).exp();
-                            let ds = p * (dot(go, v) - d) * scale;
-                            dv[j * kv_dim + off..][..head_dim]
-                                .iter_mut()
-                                .zip(go)
-                                .for_each(|(dv, g)| *dv += p * g);
-                            dqh.iter_mut().zip(k).for_each(|(dq, k)| *dq += ds * k);
-                            dk[j * kv_dim + off..][..head_dim]
-                                .iter_mut()
-                                .zip(qh)
-                                .for_each(|(dk, q)| *dk += ds * q);
-                        }
+                        row[..=pos]
+                            .iter_mut()
+                            .for_each(|s| *s = (*s - row_lse).exp());
+                        row[pos + 1..].fill(0.0);
                     }
-                    (m, dq_row)
-                })
-                .collect::<Vec<_>>()
+                    product_into(
+                        &mut dv[..len_b * hd],
+                        true,
+                        1.0,
+                        Strided::rows(&p, n, len_b).t(),
+                        go,
+                    );
+                    // dS = P ∘ (dO·Vᵀ − D): [n, len_b]
+                    let mut ds = vec![0.0f32; n * len_b];
+                    product_into(&mut ds, false, 1.0, go, v.t());
+                    for (i, (ds_row, p_row)) in ds
+                        .chunks_exact_mut(len_b)
+                        .zip(p.chunks_exact(len_b))
+                        .enumerate()
+                    {
+                        let d: f32 = go.data[i * hd..][..hd]
+                            .iter()
+                            .zip(&oh[i * hd..][..hd])
+                            .map(|(g, o)| g * o)
+                            .sum();
+                        ds_row
+                            .iter_mut()
+                            .zip(p_row)
+                            .for_each(|(ds, &p)| *ds = p * (*ds - d));
+                    }
+                    let ds = Strided::rows(&ds, n, len_b);
+                    let mut dq_block = vec![0.0f32; n * hd];
+                    product_into(&mut dq_block, false, shape.scale(), ds, k);
+                    dq_group.extend(dq_block);
+                    product_into(&mut dk[..len_b * hd], true, shape.scale(), ds.t(), qh);
+                }
+            }
+            (dq_group, dk, dv)
         })
         .collect();
-    for (m, row) in dq_rows {
-        dq[m * q_dim..(m + 1) * q_dim].copy_from_slice(&row);
+
+    for (&(slot, kv_head), (dq_group, dk, dv)) in tasks.iter().zip(&results) {
+        let tokens = &by_slot[slot];
+        for (i, h) in (kv_head * group..(kv_head + 1) * group).enumerate() {
+            let rows = dq_group[i * tokens.len() * hd..].chunks_exact(hd);
+            for (&m, row) in tokens.iter().zip(rows) {
+                dq[m * q_dim + h * hd..][..hd].copy_from_slice(row);
+            }
+        }
+        let base = slot * slot_len + kv_head * hd;
+        for (j, (k_row, v_row)) in dk.chunks_exact(hd).zip(dv.chunks_exact(hd)).enumerate() {
+            let at = base + j * kv_dim;
+            dcache_k[at..at + hd]
+                .iter_mut()
+                .zip(k_row)
+                .for_each(|(a, b)| *a += b);
+            dcache_v[at..at + hd]
+                .iter_mut()
+                .zip(v_row)
+                .for_each(|(a, b)| *a += b);
+        }
     }
 }
