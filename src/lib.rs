@@ -7,6 +7,7 @@
 
 pub mod any_model;
 pub mod backend;
+pub mod block_cache;
 pub mod checkpoint;
 pub mod commands;
 pub mod config;
