@@ -7,7 +7,8 @@ use thinkshort::commands::{
 };
 
 /// Freed large buffers are reused instead of unmapped (see block_cache.rs: the CPU backend's
-/// steps otherwise spend ~15 % of their time faulting in fresh pages).
+/// steps otherwise spend much of their time faulting in fresh pages); THINKSHORT_BLOCK_CACHE=0
+/// turns that off.
 #[global_allocator]
 static ALLOCATOR: BlockCache = BlockCache::new();
 
@@ -57,6 +58,9 @@ fn end_quietly_on_closed_pipe() {
 
 fn main() -> std::process::ExitCode {
     end_quietly_on_closed_pipe();
+    if std::env::var_os("THINKSHORT_BLOCK_CACHE").is_some_and(|v| v == "0") {
+        ALLOCATOR.set_enabled(false);
+    }
     let cli = Cli::parse();
     let result = on_a_worker_thread(|| run(&cli));
     match result {
