@@ -324,6 +324,71 @@ pub fn kv_cache_gather(
     }
 }
 
+/// One query block's rows of one head, gathered: q, dout, out [n, hd]; lse, positions [n].
+struct BlockRows {
+    q: Vec<f32>,
+    dout: Vec<f32>,
+    out: Vec<f32>,
+    lse: Vec<f32>,
+    positions: Vec<usize>,
+}
+
+/// The backward of one query block against keys and values 0..len_b (len_b = its last
+/// position + 1; rows strided by kv_dim): adds to dk, dv [len, hd] and returns dQ [n, hd].
+fn block_backward(
+    rows: &BlockRows,
+    keys: &[f32],
+    values: &[f32],
+    shape: &AttentionShape,
+    dk: &mut [f32],
+    dv: &mut [f32],
+) -> Vec<f32> {
+    let (n, hd, kv_dim) = (rows.positions.len(), shape.head_dim, shape.kv_dim());
+    let len_b = rows.positions.iter().max().map_or(0, |p| p + 1);
+    let k = Strided::with_strides(keys, len_b, hd, kv_dim, 1); // [len_b, hd]
+    let v = Strided::with_strides(values, len_b, hd, kv_dim, 1); // [len_b, hd]
+    let (q, dout) = (
+        Strided::rows(&rows.q, n, hd),
+        Strided::rows(&rows.dout, n, hd),
+    );
+
+    // P = exp(scale · Q·Kᵀ − lse), zero beyond each row's position: [n, len_b]
+    let mut p = vec![0.0f32; n * len_b];
+    product_into(&mut p, false, shape.scale(), q, k.t());
+    for ((row, &pos), &row_lse) in p
+        .chunks_exact_mut(len_b)
+        .zip(&rows.positions)
+        .zip(&rows.lse)
+    {
+        row[..=pos]
+            .iter_mut()
+            .for_each(|s| *s = (*s - row_lse).exp());
+        row[pos + 1..].fill(0.0);
+    }
+    let p_t = Strided::rows(&p, n, len_b).t();
+    product_into(&mut dv[..len_b * hd], true, 1.0, p_t, dout);
+    // dS = P ∘ (dO·Vᵀ − D) with D = rowsum(dO ∘ O): [n, len_b]
+    let mut ds = vec![0.0f32; n * len_b];
+    product_into(&mut ds, false, 1.0, dout, v.t());
+    let row_pairs = rows.dout.chunks_exact(hd).zip(rows.out.chunks_exact(hd));
+    for ((ds_row, p_row), (go, o)) in ds
+        .chunks_exact_mut(len_b)
+        .zip(p.chunks_exact(len_b))
+        .zip(row_pairs)
+    {
+        let d: f32 = go.iter().zip(o).map(|(g, o)| g * o).sum();
+        ds_row
+            .iter_mut()
+            .zip(p_row)
+            .for_each(|(ds, &p)| *ds = p * (*ds - d));
+    }
+    let ds = Strided::rows(&ds, n, len_b);
+    let mut dq = vec![0.0f32; n * hd];
+    product_into(&mut dq, false, shape.scale(), ds, k);
+    product_into(&mut dk[..len_b * hd], true, shape.scale(), ds.t(), q);
+    dq
+}
+
 /// Backward of `attention_forward`, as FlashAttention computes it: the probabilities are
 /// recomputed from the forward's log-sum-exp, P = exp(S − lse) with S = scale · Q·Kᵀ, and with
 /// D = rowsum(dO ∘ O) (= Σ_j p_j dp_j):  dV += Pᵀ·dO;  dP = dO·Vᵀ;  dS = P ∘ (dP − D);
@@ -395,57 +460,16 @@ pub fn attention_backward(
             let mut dq_group = Vec::with_capacity(group * tokens.len() * hd);
             for h in kv_head * group..(kv_head + 1) * group {
                 for block in tokens.chunks(QUERY_BLOCK) {
-                    let n = block.len();
-                    let positions: Vec<usize> =
-                        block.iter().map(|&m| place.positions[m] as usize).collect();
-                    let len_b = positions.iter().max().map_or(0, |p| p + 1); // keys 0..len_b
-                    let k = Strided::with_strides(keys, len_b, hd, kv_dim, 1); // [len_b, hd]
-                    let v = Strided::with_strides(values, len_b, hd, kv_dim, 1);
-                    let qh = head_rows(q, block, h); // [n, hd]
-                    let go = head_rows(dout, block, h); // [n, hd]
-                    let oh = head_rows(out, block, h);
-                    let (qh, go) = (Strided::rows(&qh, n, hd), Strided::rows(&go, n, hd));
-
-                    // P = exp(scale · Q·Kᵀ − lse), zero beyond each row's position: [n, len_b]
-                    let mut p = vec![0.0f32; n * len_b];
-                    product_into(&mut p, false, shape.scale(), qh, k.t());
-                    for ((row, &pos), &m) in p.chunks_exact_mut(len_b).zip(&positions).zip(block) {
-                        let row_lse = lse[m * n_heads + h];
-                        row[..=pos]
-                            .iter_mut()
-                            .for_each(|s| *s = (*s - row_lse).exp());
-                        row[pos + 1..].fill(0.0);
-                    }
-                    product_into(
-                        &mut dv[..len_b * hd],
-                        true,
-                        1.0,
-                        Strided::rows(&p, n, len_b).t(),
-                        go,
-                    );
-                    // dS = P ∘ (dO·Vᵀ − D): [n, len_b]
-                    let mut ds = vec![0.0f32; n * len_b];
-                    product_into(&mut ds, false, 1.0, go, v.t());
-                    for (i, (ds_row, p_row)) in ds
-                        .chunks_exact_mut(len_b)
-                        .zip(p.chunks_exact(len_b))
-                        .enumerate()
-                    {
-                        let d: f32 = go.data[i * hd..][..hd]
-                            .iter()
-                            .zip(&oh[i * hd..][..hd])
-                            .map(|(g, o)| g * o)
-                            .sum();
-                        ds_row
-                            .iter_mut()
-                            .zip(p_row)
-                            .for_each(|(ds, &p)| *ds = p * (*ds - d));
-                    }
-                    let ds = Strided::rows(&ds, n, len_b);
-                    let mut dq_block = vec![0.0f32; n * hd];
-                    product_into(&mut dq_block, false, shape.scale(), ds, k);
-                    dq_group.extend(dq_block);
-                    product_into(&mut dk[..len_b * hd], true, shape.scale(), ds.t(), qh);
+                    let rows = BlockRows {
+                        q: head_rows(q, block, h),
+                        dout: head_rows(dout, block, h),
+                        out: head_rows(out, block, h),
+                        lse: block.iter().map(|&m| lse[m * n_heads + h]).collect(),
+                        positions: block.iter().map(|&m| place.positions[m] as usize).collect(),
+                    };
+                    dq_group.extend(block_backward(
+                        &rows, keys, values, &shape, &mut dk, &mut dv,
+                    ));
                 }
             }
             (dq_group, dk, dv)
