@@ -59,7 +59,7 @@ def train_flops(cfg, seqs, length, scored):
 
 
 def token_logprobs(logits, targets):
-    # TRL's selective_log_softmax for bf16: one sequence at a time, in f32.
+    # TRL's selective_log_softmax for bf16 (also run on the CPU's f32): one sequence at a time, in f32.
     out = []
     for row_logits, row_targets in zip(logits, targets):
         row = torch.log_softmax(row_logits.float(), dim=-1)
@@ -145,8 +145,8 @@ def main():
     on_gpu = args.device == "cuda"
     model, cfg, n_params = build_model(args.model_config, args.device, torch.bfloat16 if on_gpu else torch.float32)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=True)
-    dev = torch.cuda.get_device_name(0) if on_gpu else f"cpu, {torch.get_num_threads()} threads"
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {dev}; {args.model_config}: "
+    device_name = torch.cuda.get_device_name(0) if on_gpu else f"cpu, {torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {device_name}; {args.model_config}: "
           f"{n_params / 1e6:.1f}M parameters; {args.prompts} prompts x {args.group} samples, prompt "
           f"{args.prompt_len}, {args.new_tokens} new tokens")
     if on_gpu:
@@ -168,7 +168,7 @@ def main():
           f"training {median['train_tokens_per_s']:.0f} tok/s{memory}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": dev, "torch": torch.__version__, "transformers": transformers.__version__,
+            json.dump({"device": device_name, "torch": torch.__version__, "transformers": transformers.__version__,
                        "model_config": args.model_config, "num_params": n_params, "prompts": args.prompts,
                        "group": args.group, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                        "result": median}, f, indent=2)

@@ -69,7 +69,8 @@ pub fn attention_forward(
         n_kv_heads,
         head_dim,
     };
-    let by_slot = tokens_by_slot(place, cache_k.len() / (capacity * shape.kv_dim()));
+    let slots = cache_k.len() / (capacity * shape.kv_dim());
+    let by_slot = tokens_by_slot(place, slots);
     let tasks: Vec<(usize, usize)> = (0..by_slot.len())
         .filter(|&s| !by_slot[s].is_empty())
         .flat_map(|s| (0..n_heads).map(move |h| (s, h)))
@@ -136,10 +137,13 @@ impl AttentionShape {
         1.0 / (self.head_dim as f32).sqrt()
     }
 
-    /// The cache of one slot from query head h's KV head on: row j starts at j · kv_dim.
+    /// The cache of one slot from query head h's KV head on: row j starts at j · kv_dim. It ends
+    /// with the slot, so a position past the capacity fails the operands' bounds checks instead
+    /// of reading the next slot.
     fn head_of_slot<'a>(&self, cache: &'a [f32], slot: usize, h: usize) -> &'a [f32] {
         let kv_head = h / (self.n_heads / self.n_kv_heads);
-        &cache[slot * self.capacity * self.kv_dim() + kv_head * self.head_dim..]
+        let slot_len = self.capacity * self.kv_dim();
+        &cache[slot * slot_len..(slot + 1) * slot_len][kv_head * self.head_dim..]
     }
 }
 
@@ -147,6 +151,10 @@ impl AttentionShape {
 fn tokens_by_slot(place: &TokenPlacement, slots: usize) -> Vec<Vec<usize>> {
     let mut by_slot = vec![Vec::new(); slots];
     for (m, &s) in place.slots.iter().enumerate() {
+        assert!(
+            (s as usize) < slots,
+            "attention: token {m} is in slot {s} of a cache with {slots} slots"
+        );
         by_slot[s as usize].push(m);
     }
     by_slot
@@ -215,9 +223,13 @@ impl<'a> Strided<'a> {
         row_stride: usize,
         col_stride: usize,
     ) -> Self {
-        let last = (rows.max(1) - 1) * row_stride + (cols.max(1) - 1) * col_stride;
+        // the largest index read, checked: the unsafe product relies on this bound
+        let last = (rows.max(1) - 1)
+            .checked_mul(row_stride)
+            .zip((cols.max(1) - 1).checked_mul(col_stride))
+            .and_then(|(a, b)| a.checked_add(b));
         assert!(
-            rows == 0 || cols == 0 || last < data.len(),
+            rows == 0 || cols == 0 || last.is_some_and(|last| last < data.len()),
             "attention: a [{rows}, {cols}] operand reaches past its buffer of {}",
             data.len()
         );
