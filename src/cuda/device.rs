@@ -190,6 +190,10 @@ impl Launcher for CudaDevice {
         // SAFETY: the caller's contract, passed on.
         unsafe { self.k.fill_zero(ptr, bytes) }
     }
+
+    fn prepare(&self, module: &'static str, function: &'static str) -> Result<()> {
+        self.k.prepare(module, function)
+    }
 }
 
 impl Device for CudaDevice {

@@ -87,6 +87,13 @@ pub trait Launcher {
     /// # Safety
     /// `ptr` is a buffer of this launcher's device of at least `bytes` bytes.
     unsafe fn fill_zero(&self, ptr: u64, bytes: usize) -> Result<()>;
+
+    /// Looks up (and so loads) kernel `function` of `kernels/<module>.cu` ahead of its first
+    /// launch: a kernel first launched while a CUDA graph is being recorded must not be loaded
+    /// then (CUDA loads kernels lazily by default).
+    fn prepare(&self, _module: &'static str, _function: &'static str) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// The stream plus every embedded kernel module, loaded once; functions are looked up by name
@@ -96,7 +103,8 @@ pub struct KernelCtx {
     pub stream: Arc<CudaStream>,
     modules: HashMap<&'static str, Arc<CudaModule>>,
     functions: Mutex<HashMap<(&'static str, &'static str), CudaFunction>>,
-    /// The dynamic shared-memory limit each function has been raised to.
+    /// Each function's dynamic shared-memory limit: 48 KiB less its static shared memory until
+    /// raised.
     shared_mem: Mutex<HashMap<(&'static str, &'static str), u32>>,
 }
 
@@ -137,23 +145,32 @@ impl KernelCtx {
 }
 
 impl KernelCtx {
-    /// `function`, allowed to use `bytes` of dynamic shared memory. Above 48 KiB a kernel must
-    /// opt in (CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES); the attribute is raised once
-    /// per function to the largest size asked for so far.
+    /// `function`, allowed to use `bytes` of dynamic shared memory. Where static and dynamic
+    /// shared memory together pass 48 KiB a kernel must opt in
+    /// (CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES); the attribute is raised once per
+    /// function to the largest size asked for so far.
     pub fn function_with_shared_mem(
         &self,
         module: &'static str,
         function: &'static str,
         bytes: u32,
     ) -> Result<CudaFunction> {
-        const DEFAULT_LIMIT: u32 = 48 * 1024;
+        const DEFAULT_TOTAL: u32 = 48 * 1024;
         let f = self.function(module, function)?;
-        if bytes > DEFAULT_LIMIT {
+        if bytes > 0 {
             let mut raised = self
                 .shared_mem
                 .lock()
                 .map_err(|_| anyhow!("kernel cache poisoned"))?;
-            let current = raised.entry((module, function)).or_insert(DEFAULT_LIMIT);
+            let current = match raised.entry((module, function)) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    let static_bytes = f.shared_size_bytes().with_context(|| {
+                        format!("{function}: reading its static shared memory size")
+                    })?;
+                    e.insert(DEFAULT_TOTAL.saturating_sub(static_bytes.max(0) as u32))
+                }
+            };
             if bytes > *current {
                 f.set_attribute(
                     CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
@@ -197,6 +214,10 @@ impl Launcher for KernelCtx {
         // SAFETY: the caller's contract (Launcher::fill_zero).
         unsafe { drv::memset_d8_async(ptr, 0, bytes, self.stream.cu_stream()) }
             .context("cuMemsetD8Async")
+    }
+
+    fn prepare(&self, module: &'static str, function: &'static str) -> Result<()> {
+        self.function(module, function).map(drop)
     }
 }
 

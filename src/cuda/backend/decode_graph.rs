@@ -151,6 +151,8 @@ impl CudaBackend {
             .device_copy(&place.positions)
             .context("copying a decode step's positions to the GPU")?;
         let positions_ptr = positions.ptr();
+        ops::kv_cache::prepare_advance_positions(self.launcher())
+            .context("loading the advance_positions kernel")?;
 
         let began = self.dev.begin_recording();
         let capture_began = began.is_ok();

@@ -89,13 +89,21 @@ pub fn kv_cache_gather(
     unsafe { k.launch(&l) }
 }
 
+const ADVANCE_POSITIONS: &str = "advance_positions";
+
+/// Loads `advance_positions` ahead of a recording: it is the one kernel that only ever runs
+/// inside recorded decode steps.
+pub fn prepare_advance_positions(k: &dyn Launcher) -> Result<()> {
+    k.prepare(MODULE, ADVANCE_POSITIONS)
+}
+
 /// positions[i] += 1 for i < m (u32): a recorded decode step's positions move on by one.
 pub fn advance_positions(k: &dyn Launcher, positions: u64, m: usize) -> Result<()> {
-    let m_i = to_i32("advance_positions", "m", m)?;
+    let m_i = to_i32(ADVANCE_POSITIONS, "m", m)?;
     if m == 0 {
         return Ok(());
     }
-    let l = KernelLaunch::new(MODULE, "advance_positions", grid_1d(m, 256))
+    let l = KernelLaunch::new(MODULE, ADVANCE_POSITIONS, grid_1d(m, 256))
         .ptr(positions)
         .i32(m_i);
     // SAFETY: matches `(u32* positions, int m)`; the caller owns m u32 at `positions`.
