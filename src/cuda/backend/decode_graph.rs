@@ -177,14 +177,22 @@ impl CudaBackend {
         } else {
             Ok(None)
         };
+        // An error kept while ending (a graph destroyed after a failed instantiation): taken
+        // too, or the status query below would return it.
+        let driver_error = driver_error.or_else(|| self.dev.take_deferred_error());
         // Errors of ops queued while recording: none of them ran.
         let op_error = lock(&self.error).take();
-        let still_recording = self
+        if self
             .dev
             .recording()
-            .context("after recording a decode step")?;
-        if still_recording {
-            bail!("the CUDA stream is still capturing after recording a decode step");
+            .context("after recording a decode step")?
+        {
+            // One more try, so that the stream stays usable when this step is refused.
+            let _ = self.dev.take_deferred_error();
+            let _ = self.dev.end_recording();
+            if self.dev.recording().unwrap_or(true) {
+                bail!("the CUDA stream is still capturing after recording a decode step");
+            }
         }
 
         let reason = match (outcome, ended, op_error, driver_error, inputs) {
