@@ -108,7 +108,7 @@ fn out_of_range_token_is_an_error() {
     );
 }
 
-/// Decode-like batches (a few tokens per slot: one dot product per key) and prefill-like ones
+/// Decode-like batches (a few tokens per slot: token by token, a KV head's query heads together) and prefill-like ones
 /// (many tokens per slot, interleaved across slots: the GEMM path) against float64.
 #[test]
 fn attention_matches_float64_reference() {
@@ -117,6 +117,17 @@ fn attention_matches_float64_reference() {
         slots: vec![0, 1, 1, 0],
         positions: vec![0, 6, 3, 4],
     });
+    // Head dims with a part past the last whole vector of 8 (12: one vector and 4; 44: five
+    // vectors, four kept in registers, then 4), in the decode path's products.
+    for hd in [12, 44] {
+        check_attention_with_head_dim(
+            TokenPlacement {
+                slots: vec![1, 0, 1],
+                positions: vec![40, 17, 41],
+            },
+            hd,
+        );
+    }
     // Slot 0 prefills 0..13 and slot 1 0..9, tokens interleaved and out of order.
     let mut slots = Vec::new();
     let mut positions = Vec::new();
@@ -137,7 +148,11 @@ fn attention_matches_float64_reference() {
 }
 
 fn check_attention_against_f64(place: TokenPlacement) {
-    let (n_heads, n_kv, hd) = (6, 2, 8);
+    check_attention_with_head_dim(place, 8);
+}
+
+fn check_attention_with_head_dim(place: TokenPlacement, hd: usize) {
+    let (n_heads, n_kv) = (6, 2);
     let cap = *place.positions.iter().max().unwrap() as usize + 1;
     let mut rng = Philox::new(9, 0);
     let mut rand = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.next_normal()).collect() };

@@ -26,7 +26,7 @@ pub fn kv_cache_write(
 }
 
 /// Query tokens of a slot at or above which attention uses matrix products (prefill); below it
-/// (decode: one token per slot) a dot product per key is cheaper than setting up a GEMM.
+/// (decode: one token per slot) the group's query heads meet each key and value row together.
 const GEMM_MIN_TOKENS: usize = 8;
 /// Query rows per GEMM block.
 const QUERY_BLOCK: usize = 64;
@@ -35,10 +35,12 @@ const QUERY_BLOCK: usize = 64;
 /// lse (when given): [M, n_heads], the log-sum-exp of each row's scaled scores, which the
 /// backward uses to recompute the probabilities.
 ///
-/// One task per (slot, query head). A slot's query rows Q [n, hd] see keys 0..=max position:
-/// S = scale · Q·Kᵀ [n, L], row i masked beyond position i, softmax per row, O = P·V [n, hd].
+/// One task per (slot, KV head), for the query heads of its group. A slot's query rows Q [n, hd]
+/// see keys 0..=max position: S = scale · Q·Kᵀ [n, L], row i masked beyond position i, softmax
+/// per row, O = P·V [n, hd].
 /// Prefill runs those as two GEMMs on the cache in place (K and V rows are strided by kv_dim);
-/// a slot with few tokens (decode) takes the same steps one key at a time.
+/// a slot with few tokens (decode) takes the same steps token by token, all query heads of the
+/// group at once (`attend_dots`).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_forward(
     out: &mut [f32],
@@ -71,50 +73,62 @@ pub fn attention_forward(
     };
     let slots = cache_k.len() / (capacity * shape.kv_dim());
     let by_slot = tokens_by_slot(place, slots);
+    let group = n_heads / n_kv_heads;
     let tasks: Vec<(usize, usize)> = (0..by_slot.len())
         .filter(|&s| !by_slot[s].is_empty())
-        .flat_map(|s| (0..n_heads).map(move |h| (s, h)))
+        .flat_map(|s| (0..n_kv_heads).map(move |kv_head| (s, kv_head)))
         .collect();
-    // Each task returns its head's outputs [n, hd] and log-sum-exps [n]; they are scattered into
-    // `out` and `lse` afterwards.
-    let results: Vec<(Vec<f32>, Vec<f32>)> = tasks
+    // Each task returns, per query head of its group, the head's outputs [n, hd] and
+    // log-sum-exps [n]; they are scattered into `out` and `lse` afterwards.
+    let results: Vec<Vec<(Vec<f32>, Vec<f32>)>> = tasks
         .par_iter()
-        .map(|&(slot, h)| {
+        .map(|&(slot, kv_head)| {
             let tokens = &by_slot[slot];
             let positions: Vec<usize> = tokens
                 .iter()
                 .map(|&m| place.positions[m] as usize)
                 .collect();
-            let q_rows: Vec<&[f32]> = tokens
-                .iter()
-                .map(|&m| &q[m * q_dim + h * head_dim..][..head_dim])
-                .collect();
-            let keys = shape.head_of_slot(cache_k, slot, h);
-            let values = shape.head_of_slot(cache_v, slot, h);
-            if tokens.len() >= GEMM_MIN_TOKENS {
-                // Blocks of query rows, each multiplying only the keys up to its own last
-                // position: a prefill (positions ascending) skips most of the masked triangle.
-                let (mut o, mut l) = (Vec::new(), Vec::new());
-                for (q, p) in q_rows
-                    .chunks(QUERY_BLOCK)
-                    .zip(positions.chunks(QUERY_BLOCK))
-                {
-                    let (ob, lb) = attend_gemm(q, p, keys, values, &shape);
-                    o.extend(ob);
-                    l.extend(lb);
-                }
-                (o, l)
-            } else {
-                attend_dots(&q_rows, &positions, keys, values, &shape)
+            let heads = kv_head * group..(kv_head + 1) * group;
+            let keys = shape.head_of_slot(cache_k, slot, heads.start);
+            let values = shape.head_of_slot(cache_v, slot, heads.start);
+            if tokens.len() < GEMM_MIN_TOKENS {
+                let q_groups: Vec<&[f32]> = tokens
+                    .iter()
+                    .map(|&m| &q[m * q_dim + heads.start * head_dim..][..group * head_dim])
+                    .collect();
+                return attend_dots(&q_groups, &positions, keys, values, &shape);
             }
+            heads
+                .map(|h| {
+                    let q_rows: Vec<&[f32]> = tokens
+                        .iter()
+                        .map(|&m| &q[m * q_dim + h * head_dim..][..head_dim])
+                        .collect();
+                    // Blocks of query rows, each multiplying only the keys up to its own last
+                    // position: a prefill (positions ascending) skips most of the masked
+                    // triangle.
+                    let (mut o, mut l) = (Vec::new(), Vec::new());
+                    for (q, p) in q_rows
+                        .chunks(QUERY_BLOCK)
+                        .zip(positions.chunks(QUERY_BLOCK))
+                    {
+                        let (ob, lb) = attend_gemm(q, p, keys, values, &shape);
+                        o.extend(ob);
+                        l.extend(lb);
+                    }
+                    (o, l)
+                })
+                .collect()
         })
         .collect();
     let mut lse = lse;
-    for (&(slot, h), (o, l)) in tasks.iter().zip(&results) {
-        for ((&m, row), &row_lse) in by_slot[slot].iter().zip(o.chunks_exact(head_dim)).zip(l) {
-            out[m * q_dim + h * head_dim..][..head_dim].copy_from_slice(row);
-            if let Some(lse) = lse.as_deref_mut() {
-                lse[m * n_heads + h] = row_lse;
+    for (&(slot, kv_head), per_head) in tasks.iter().zip(&results) {
+        for (h, (o, l)) in (kv_head * group..).zip(per_head) {
+            for ((&m, row), &row_lse) in by_slot[slot].iter().zip(o.chunks_exact(head_dim)).zip(l) {
+                out[m * q_dim + h * head_dim..][..head_dim].copy_from_slice(row);
+                if let Some(lse) = lse.as_deref_mut() {
+                    lse[m * n_heads + h] = row_lse;
+                }
             }
         }
     }
@@ -172,31 +186,107 @@ fn softmax_prefix(scores: &mut [f32]) -> f32 {
     max + denom.ln()
 }
 
-/// Attention of a few query rows, one key at a time.  Returns O: [n, hd] and lse: [n].
+/// Attention of a few tokens' query heads that share one KV head (decode: one token), the
+/// scores of all of them against each key at once and each value row read once for all.
+/// q_groups[t]: token t's group of query rows, [group, hd]. Returns per head of the group
+/// O: [n, hd] and lse: [n].
 fn attend_dots(
-    q_rows: &[&[f32]],
+    q_groups: &[&[f32]],
     positions: &[usize],
     keys: &[f32],
     values: &[f32],
     shape: &AttentionShape,
-) -> (Vec<f32>, Vec<f32>) {
+) -> Vec<(Vec<f32>, Vec<f32>)> {
     let (hd, kv_dim, scale) = (shape.head_dim, shape.kv_dim(), shape.scale());
-    let mut out = vec![0.0f32; q_rows.len() * hd];
-    let mut lse = Vec::with_capacity(q_rows.len());
-    let mut scores = Vec::new();
-    for ((qh, &pos), o) in q_rows.iter().zip(positions).zip(out.chunks_exact_mut(hd)) {
+    let group = shape.n_heads / shape.n_kv_heads;
+    let n = q_groups.len();
+    let mut per_head = vec![(vec![0.0f32; n * hd], vec![0.0f32; n]); group];
+    let mut scores = Vec::new(); // [group, len]
+    let mut out_group = Vec::new(); // [group, hd]
+    for (t, (q_group, &pos)) in q_groups.iter().zip(positions).enumerate() {
+        let len = pos + 1;
         scores.clear();
-        scores.extend((0..=pos).map(|j| {
-            let k = &keys[j * kv_dim..][..hd];
-            qh.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale
-        }));
-        lse.push(softmax_prefix(&mut scores));
-        for (j, p) in scores.iter().enumerate() {
+        scores.resize(group * len, 0.0);
+        group_scores(&mut scores, q_group, keys, len, hd, kv_dim);
+        for (row, (_, lse)) in scores.chunks_exact_mut(len).zip(&mut per_head) {
+            row.iter_mut().for_each(|s| *s *= scale);
+            lse[t] = softmax_prefix(row);
+        }
+        out_group.clear();
+        out_group.resize(group * hd, 0.0);
+        group_values(&mut out_group, &scores, values, len, hd, kv_dim);
+        for (row, (o, _)) in out_group.chunks_exact(hd).zip(&mut per_head) {
+            o[t * hd..][..hd].copy_from_slice(row);
+        }
+    }
+    per_head
+}
+
+/// out_group[c, :] += Σ_j probs[c, j] · value j for values 0..len. probs: [group, len];
+/// values: row j at j · kv_dim; out_group: [group, hd].
+fn group_values(
+    out_group: &mut [f32],
+    probs: &[f32],
+    values: &[f32],
+    len: usize,
+    hd: usize,
+    kv_dim: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if super::matmul_few_rows::available() {
+        use super::matmul_few_rows::{accumulate_weighted_rows, Rows};
+        let p = Rows::new(probs, probs.len() / len, len, len);
+        return accumulate_weighted_rows(out_group, p, Rows::new(values, len, hd, kv_dim));
+    }
+    for (o, p) in out_group.chunks_exact_mut(hd).zip(probs.chunks_exact(len)) {
+        for (j, p) in p.iter().enumerate() {
             let v = &values[j * kv_dim..][..hd];
             o.iter_mut().zip(v).for_each(|(o, v)| *o += p * v);
         }
     }
-    (out, lse)
+}
+
+/// scores[c, j] = q_group row c · key j for keys 0..len. q_group: [group, hd]; keys: row j
+/// at j · kv_dim; scores: [group, len].
+fn group_scores(
+    scores: &mut [f32],
+    q_group: &[f32],
+    keys: &[f32],
+    len: usize,
+    hd: usize,
+    kv_dim: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if super::matmul_few_rows::available() {
+        use super::matmul_few_rows::{products_of_rows, Rows};
+        let q = Rows::new(q_group, q_group.len() / hd, hd, hd);
+        return products_of_rows(scores, q, Rows::new(keys, len, hd, kv_dim));
+    }
+    for (row, q) in scores.chunks_exact_mut(len).zip(q_group.chunks_exact(hd)) {
+        for (j, s) in row.iter_mut().enumerate() {
+            *s = dot(q, &keys[j * kv_dim..][..hd]);
+        }
+    }
+}
+
+/// a · b, summed in 8 interleaved partial sums so the compiler can keep them in vector
+/// registers (a single running sum is a chain of dependent adds).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    const LANES: usize = 8;
+    let mut partial = [0.0f32; LANES];
+    let (a_body, b_body) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = a_body
+        .remainder()
+        .iter()
+        .zip(b_body.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (a, b) in a_body.zip(b_body) {
+        for lane in 0..LANES {
+            partial[lane] += a[lane] * b[lane];
+        }
+    }
+    partial.iter().sum::<f32>() + tail
 }
 
 /// A matrix inside a slice: element (r, c) is data[r · row_stride + c · col_stride], so a

@@ -16,6 +16,32 @@ pub fn matmul_forward(
     assert_eq!(x.len(), m * k, "matmul_forward: x is not [M, K]");
     assert_eq!(w.len(), n * k, "matmul_forward: w is not [N, K]");
     assert_eq!(out.len(), m * n, "matmul_forward: out is not [M, N]");
+    if few_rows_kernel(m) {
+        #[cfg(target_arch = "x86_64")]
+        super::matmul_few_rows::matmul_few_rows(out, x, w, m, k, n);
+    } else {
+        gemm_forward(out, x, w, m, k, n);
+    }
+    if let Some(b) = bias {
+        assert_eq!(b.len(), n, "matmul_forward: bias is not [N]");
+        add_bias_rows(out, b);
+    }
+}
+
+/// Whether `matmul_few_rows` takes a product with m rows of x on this CPU.
+fn few_rows_kernel(m: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        m <= super::matmul_few_rows::MAX_ROWS && super::matmul_few_rows::available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// out = x · wᵀ by the `gemm` crate. x: [M, K]; w: [N, K]; out: [M, N].
+fn gemm_forward(out: &mut [f32], x: &[f32], w: &[f32], m: usize, k: usize, n: usize) {
     let threads = if m * n * k >= 1 << 15 {
         rayon::current_num_threads()
     } else {
@@ -50,10 +76,6 @@ pub fn matmul_forward(
             false,
             parallelism,
         );
-    }
-    if let Some(b) = bias {
-        assert_eq!(b.len(), n, "matmul_forward: bias is not [N]");
-        add_bias_rows(out, b);
     }
 }
 

@@ -5,6 +5,8 @@ mod attention;
 mod embedding;
 mod logprob;
 mod matmul;
+#[cfg(target_arch = "x86_64")]
+mod matmul_few_rows;
 mod optimizer;
 mod policy_loss;
 mod rmsnorm;
