@@ -11,6 +11,8 @@
 //! - decode/b1_ctx128, decode/b4_ctx128: one new token per sequence at position 128 (positions
 //!   0..128 already in the cache); logits of every row. Each iteration rewrites the same cache
 //!   position, so every timed step does identical work.
+//!
+//! The cases run on a rayon worker thread, as the binary's commands do.
 
 use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
 use std::hint::black_box;
@@ -113,6 +115,14 @@ fn main() {
         rayon::current_num_threads(),
         std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "unset".into()),
     );
-    benches();
-    Criterion::default().configure_from_args().final_summary();
+    // On one of rayon's worker threads, as the binary runs its commands (src/main.rs): the ops'
+    // parallel parts then start where they are needed instead of being handed over from the
+    // main thread every time.
+    rayon::ThreadPoolBuilder::new()
+        .build()
+        .expect("rayon thread pool")
+        .install(|| {
+            benches();
+            Criterion::default().configure_from_args().final_summary();
+        });
 }

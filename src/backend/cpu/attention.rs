@@ -6,6 +6,7 @@
 
 use crate::backend::TokenPlacement;
 use rayon::prelude::*;
+use std::ops::Range;
 
 /// Copies x[m] to cache[slot[m], pos[m]].  x: [M, kv_dim]; cache: [slots, capacity, kv_dim].
 pub fn kv_cache_write(
@@ -35,12 +36,11 @@ const QUERY_BLOCK: usize = 64;
 /// lse (when given): [M, n_heads], the log-sum-exp of each row's scaled scores, which the
 /// backward uses to recompute the probabilities.
 ///
-/// One task per (slot, KV head), for the query heads of its group. A slot's query rows Q [n, hd]
-/// see keys 0..=max position: S = scale · Q·Kᵀ [n, L], row i masked beyond position i, softmax
-/// per row, O = P·V [n, hd].
-/// Prefill runs those as two GEMMs on the cache in place (K and V rows are strided by kv_dim);
-/// a slot with few tokens (decode) takes the same steps token by token, all query heads of the
-/// group at once (`attend_dots`).
+/// A slot's query rows Q [n, hd] of one head see keys 0..=max position: S = scale · Q·Kᵀ [n, L],
+/// row i masked beyond position i, softmax per row, O = P·V [n, hd]. Prefill runs those as two
+/// GEMMs on the cache in place (K and V rows are strided by kv_dim), a task per (slot, head); a
+/// slot with few tokens (decode) takes the same steps token by token, a task per (slot, KV head)
+/// with all query heads of the group at once (`attend_dots`).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_forward(
     out: &mut [f32],
@@ -74,57 +74,63 @@ pub fn attention_forward(
     let slots = cache_k.len() / (capacity * shape.kv_dim());
     let by_slot = tokens_by_slot(place, slots);
     let group = n_heads / n_kv_heads;
-    let tasks: Vec<(usize, usize)> = (0..by_slot.len())
+    // A decode slot's task takes a KV head's whole group of query heads (they share each key
+    // and value row); a prefill slot's, one query head (finer tasks balance the threads).
+    let tasks: Vec<(usize, Range<usize>)> = (0..by_slot.len())
         .filter(|&s| !by_slot[s].is_empty())
-        .flat_map(|s| (0..n_kv_heads).map(move |kv_head| (s, kv_head)))
+        .flat_map(|s| {
+            let per_task = if by_slot[s].len() < GEMM_MIN_TOKENS {
+                group
+            } else {
+                1
+            };
+            (0..n_heads)
+                .step_by(per_task)
+                .map(move |h| (s, h..h + per_task))
+        })
         .collect();
-    // Each task returns, per query head of its group, the head's outputs [n, hd] and
+    // Each task returns, per query head of its range, the head's outputs [n, hd] and
     // log-sum-exps [n]; they are scattered into `out` and `lse` afterwards.
     let results: Vec<Vec<(Vec<f32>, Vec<f32>)>> = tasks
         .par_iter()
-        .map(|&(slot, kv_head)| {
-            let tokens = &by_slot[slot];
+        .map(|(slot, heads)| {
+            let tokens = &by_slot[*slot];
             let positions: Vec<usize> = tokens
                 .iter()
                 .map(|&m| place.positions[m] as usize)
                 .collect();
-            let heads = kv_head * group..(kv_head + 1) * group;
-            let keys = shape.head_of_slot(cache_k, slot, heads.start);
-            let values = shape.head_of_slot(cache_v, slot, heads.start);
+            let keys = shape.head_of_slot(cache_k, *slot, heads.start);
+            let values = shape.head_of_slot(cache_v, *slot, heads.start);
             if tokens.len() < GEMM_MIN_TOKENS {
                 let q_groups: Vec<&[f32]> = tokens
                     .iter()
-                    .map(|&m| &q[m * q_dim + heads.start * head_dim..][..group * head_dim])
+                    .map(|&m| &q[m * q_dim + heads.start * head_dim..][..heads.len() * head_dim])
                     .collect();
                 return attend_dots(&q_groups, &positions, keys, values, &shape);
             }
-            heads
-                .map(|h| {
-                    let q_rows: Vec<&[f32]> = tokens
-                        .iter()
-                        .map(|&m| &q[m * q_dim + h * head_dim..][..head_dim])
-                        .collect();
-                    // Blocks of query rows, each multiplying only the keys up to its own last
-                    // position: a prefill (positions ascending) skips most of the masked
-                    // triangle.
-                    let (mut o, mut l) = (Vec::new(), Vec::new());
-                    for (q, p) in q_rows
-                        .chunks(QUERY_BLOCK)
-                        .zip(positions.chunks(QUERY_BLOCK))
-                    {
-                        let (ob, lb) = attend_gemm(q, p, keys, values, &shape);
-                        o.extend(ob);
-                        l.extend(lb);
-                    }
-                    (o, l)
-                })
-                .collect()
+            let q_rows: Vec<&[f32]> = tokens
+                .iter()
+                .map(|&m| &q[m * q_dim + heads.start * head_dim..][..head_dim])
+                .collect();
+            // Blocks of query rows, each multiplying only the keys up to its own last position:
+            // a prefill (positions ascending) skips most of the masked triangle.
+            let (mut o, mut l) = (Vec::new(), Vec::new());
+            for (q, p) in q_rows
+                .chunks(QUERY_BLOCK)
+                .zip(positions.chunks(QUERY_BLOCK))
+            {
+                let (ob, lb) = attend_gemm(q, p, keys, values, &shape);
+                o.extend(ob);
+                l.extend(lb);
+            }
+            vec![(o, l)]
         })
         .collect();
     let mut lse = lse;
-    for (&(slot, kv_head), per_head) in tasks.iter().zip(&results) {
-        for (h, (o, l)) in (kv_head * group..).zip(per_head) {
-            for ((&m, row), &row_lse) in by_slot[slot].iter().zip(o.chunks_exact(head_dim)).zip(l) {
+    for ((slot, heads), per_head) in tasks.iter().zip(&results) {
+        for (h, (o, l)) in heads.clone().zip(per_head) {
+            for ((&m, row), &row_lse) in by_slot[*slot].iter().zip(o.chunks_exact(head_dim)).zip(l)
+            {
                 out[m * q_dim + h * head_dim..][..head_dim].copy_from_slice(row);
                 if let Some(lse) = lse.as_deref_mut() {
                     lse[m * n_heads + h] = row_lse;
