@@ -140,6 +140,12 @@ fn attention_matches_float64_reference() {
         }
     }
     check_attention_against_f64(TokenPlacement { slots, positions });
+    // A prefilling slot (10 tokens: a task per query head) beside a decoding one (2 tokens: a
+    // task per KV head) in the same call.
+    check_attention_against_f64(TokenPlacement {
+        slots: vec![0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 1],
+        positions: vec![0, 1, 2, 3, 4, 30, 5, 6, 7, 8, 9, 31],
+    });
     // One long prefill: several blocks of query rows, each with its own key range.
     check_attention_against_f64(TokenPlacement {
         slots: vec![1; 150],

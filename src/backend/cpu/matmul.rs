@@ -13,9 +13,22 @@ pub fn matmul_forward(
     k: usize,
     n: usize,
 ) {
-    assert_eq!(x.len(), m * k, "matmul_forward: x is not [M, K]");
-    assert_eq!(w.len(), n * k, "matmul_forward: w is not [N, K]");
-    assert_eq!(out.len(), m * n, "matmul_forward: out is not [M, N]");
+    // Checked products: a wrapped size would let wrong shapes pass.
+    assert_eq!(
+        Some(x.len()),
+        m.checked_mul(k),
+        "matmul_forward: x is not [M, K]"
+    );
+    assert_eq!(
+        Some(w.len()),
+        n.checked_mul(k),
+        "matmul_forward: w is not [N, K]"
+    );
+    assert_eq!(
+        Some(out.len()),
+        m.checked_mul(n),
+        "matmul_forward: out is not [M, N]"
+    );
     if few_rows_kernel(m) {
         #[cfg(target_arch = "x86_64")]
         super::matmul_few_rows::matmul_few_rows(out, x, w, m, k, n);
@@ -36,6 +49,7 @@ fn few_rows_kernel(m: usize) -> bool {
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
+        let _ = m;
         false
     }
 }

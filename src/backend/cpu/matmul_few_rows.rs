@@ -41,8 +41,16 @@ pub fn matmul_few_rows(out: &mut [f32], x: &[f32], w: &[f32], m: usize, k: usize
         m <= MAX_ROWS,
         "matmul_few_rows: {m} rows, at most {MAX_ROWS}"
     );
-    assert_eq!(x.len(), m * k, "matmul_few_rows: x is not [M, K]");
-    assert_eq!(w.len(), n * k, "matmul_few_rows: w is not [N, K]");
+    assert_eq!(
+        Some(x.len()),
+        m.checked_mul(k),
+        "matmul_few_rows: x is not [M, K]"
+    );
+    assert_eq!(
+        Some(w.len()),
+        n.checked_mul(k),
+        "matmul_few_rows: w is not [N, K]"
+    );
     let (x, w) = (Rows::new(x, m, k, k), Rows::new(w, n, k, k));
     let threads = rayon::current_num_threads();
     if (m * n * k < SERIAL_MACS && n * k < SERIAL_WEIGHTS) || threads == 1 {
@@ -112,8 +120,8 @@ fn check(out: &[f32], x: Rows, w: Rows) {
         "matmul_few_rows: rows of x and w differ in length"
     );
     assert_eq!(
-        out.len(),
-        x.rows * w.rows,
+        Some(out.len()),
+        x.rows.checked_mul(w.rows),
         "matmul_few_rows: out is not [x rows, w rows]"
     );
 }
@@ -208,8 +216,8 @@ pub fn accumulate_weighted_rows(out: &mut [f32], p: Rows, v: Rows) {
         "accumulate_weighted_rows: p's rows are not one weight per v row"
     );
     assert_eq!(
-        out.len(),
-        p.rows * v.len,
+        Some(out.len()),
+        p.rows.checked_mul(v.len),
         "accumulate_weighted_rows: out is not [p rows, v row length]"
     );
     // SAFETY: the CPU has AVX2 and FMA; out, p and v hold the rows asserted above.
@@ -335,6 +343,8 @@ mod tests {
         }
         let cases = [
             (1, 8, 4),
+            (1, 19, 21),   // one row of x: 8-row weight blocks, then single rows
+            (1, 256, 300), // the same over several tasks (≥ 64K weights)
             (2, 5, 3),
             (3, 19, 13),
             (7, 64, 33),
@@ -423,6 +433,13 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Shapes whose sizes wrap around in usize are refused, not written past the buffer.
+    #[test]
+    #[should_panic(expected = "out is not [M, N]")]
+    fn a_shape_whose_size_overflows_is_refused() {
+        crate::backend::cpu::matmul_forward(&mut [], &[], &[], None, 2, 0, 1 << 63);
     }
 
     #[test]
