@@ -34,22 +34,13 @@ pub fn available() -> bool {
     is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
 }
 
-/// out[i, j] = x[i, :] · w[j, :]. x: [M, K]; w: [N, K]; out: [M, N]; M ≤ `MAX_ROWS`.
-/// Panics unless `available()` and the shapes hold.
-pub fn matmul_few_rows(out: &mut [f32], x: &[f32], w: &[f32], m: usize, k: usize, n: usize) {
+/// out[i, j] = x[i, :] · w[j, :]. x: [M, K]; w: [N, K]; out: [M, N]; M ≤ `MAX_ROWS`. Its
+/// caller, `matmul_forward`, checks the shapes; here `Rows::new` and `check` bound every access.
+/// Panics unless `available()`.
+pub(super) fn matmul_few_rows(out: &mut [f32], x: &[f32], w: &[f32], m: usize, k: usize, n: usize) {
     assert!(
         m <= MAX_ROWS,
         "matmul_few_rows: {m} rows, at most {MAX_ROWS}"
-    );
-    assert_eq!(
-        Some(x.len()),
-        m.checked_mul(k),
-        "matmul_few_rows: x is not [M, K]"
-    );
-    assert_eq!(
-        Some(w.len()),
-        n.checked_mul(k),
-        "matmul_few_rows: w is not [N, K]"
     );
     let (x, w) = (Rows::new(x, m, k, k), Rows::new(w, n, k, k));
     let threads = rayon::current_num_threads();
