@@ -4,6 +4,7 @@
 //! position p of slot s attends to positions 0..=p of that slot, so a prefill (all prompt tokens
 //! written first) and a decode step (one new token per sequence) are the same computation.
 
+use super::product::{product_into, Strided, Threads};
 use crate::backend::TokenPlacement;
 use rayon::prelude::*;
 use std::ops::Range;
@@ -295,91 +296,6 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     partial.iter().sum::<f32>() + tail
 }
 
-/// A matrix inside a slice: element (r, c) is data[r · row_stride + c · col_stride], so a
-/// transpose or a head's columns of the KV cache need no copy.
-#[derive(Clone, Copy)]
-struct Strided<'a> {
-    data: &'a [f32],
-    rows: usize,
-    cols: usize,
-    row_stride: usize,
-    col_stride: usize,
-}
-
-impl<'a> Strided<'a> {
-    /// data as a row-major [rows, cols] matrix.
-    fn rows(data: &'a [f32], rows: usize, cols: usize) -> Self {
-        Self::with_strides(data, rows, cols, cols, 1)
-    }
-
-    fn with_strides(
-        data: &'a [f32],
-        rows: usize,
-        cols: usize,
-        row_stride: usize,
-        col_stride: usize,
-    ) -> Self {
-        // the largest index read, checked: the unsafe product relies on this bound
-        let last = (rows.max(1) - 1)
-            .checked_mul(row_stride)
-            .zip((cols.max(1) - 1).checked_mul(col_stride))
-            .and_then(|(a, b)| a.checked_add(b));
-        assert!(
-            rows == 0 || cols == 0 || last.is_some_and(|last| last < data.len()),
-            "attention: a [{rows}, {cols}] operand reaches past its buffer of {}",
-            data.len()
-        );
-        Strided {
-            data,
-            rows,
-            cols,
-            row_stride,
-            col_stride,
-        }
-    }
-
-    fn t(self) -> Self {
-        Strided {
-            rows: self.cols,
-            cols: self.rows,
-            row_stride: self.col_stride,
-            col_stride: self.row_stride,
-            ..self
-        }
-    }
-}
-
-/// dst = scale · a · b, or dst += scale · a · b when `accumulate`; dst: row-major [a.rows, b.cols].
-fn product_into(dst: &mut [f32], accumulate: bool, scale: f32, a: Strided, b: Strided) {
-    assert_eq!(a.cols, b.rows, "attention: inner dimensions differ");
-    assert_eq!(dst.len(), a.rows * b.cols, "attention: product size");
-    // SAFETY: `Strided::with_strides` checked that every element of a and b lies inside its
-    // slice, and dst is exactly [a.rows, b.cols] row-major.
-    unsafe {
-        gemm::gemm(
-            a.rows,
-            b.cols,
-            a.cols,
-            dst.as_mut_ptr(),
-            1,
-            b.cols as isize,
-            accumulate,
-            a.data.as_ptr(),
-            a.col_stride as isize,
-            a.row_stride as isize,
-            b.data.as_ptr(),
-            b.col_stride as isize,
-            b.row_stride as isize,
-            if accumulate { 1.0 } else { 0.0 },
-            scale,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
-}
-
 /// Attention of many query rows as two GEMMs over the strided cache.  Returns O: [n, hd] and
 /// lse: [n].
 fn attend_gemm(
@@ -402,6 +318,7 @@ fn attend_gemm(
         shape.scale(),
         Strided::rows(&q, n, hd),
         k.t(),
+        Threads::Caller,
     );
     // Causal mask: row i sees keys 0..=positions[i]; softmax over those, zeros beyond.
     let mut lse = Vec::with_capacity(n);
@@ -410,7 +327,14 @@ fn attend_gemm(
         row[pos + 1..].fill(0.0);
     }
     let mut out = vec![0.0f32; n * hd]; // O = P · V: [n, hd]
-    product_into(&mut out, false, 1.0, Strided::rows(&scores, n, len), v);
+    product_into(
+        &mut out,
+        false,
+        1.0,
+        Strided::rows(&scores, n, len),
+        v,
+        Threads::Caller,
+    );
     (out, lse)
 }
 
@@ -462,7 +386,7 @@ fn block_backward(
 
     // P = exp(scale · Q·Kᵀ − lse), zero beyond each row's position: [n, len_b]
     let mut p = vec![0.0f32; n * len_b];
-    product_into(&mut p, false, shape.scale(), q, k.t());
+    product_into(&mut p, false, shape.scale(), q, k.t(), Threads::Caller);
     for ((row, &pos), &row_lse) in p
         .chunks_exact_mut(len_b)
         .zip(&rows.positions)
@@ -474,10 +398,10 @@ fn block_backward(
         row[pos + 1..].fill(0.0);
     }
     let p_t = Strided::rows(&p, n, len_b).t();
-    product_into(&mut dv[..len_b * hd], true, 1.0, p_t, dout);
+    product_into(&mut dv[..len_b * hd], true, 1.0, p_t, dout, Threads::Caller);
     // dS = P ∘ (dO·Vᵀ − D) with D = rowsum(dO ∘ O): [n, len_b]
     let mut ds = vec![0.0f32; n * len_b];
-    product_into(&mut ds, false, 1.0, dout, v.t());
+    product_into(&mut ds, false, 1.0, dout, v.t(), Threads::Caller);
     let row_pairs = rows.dout.chunks_exact(hd).zip(rows.out.chunks_exact(hd));
     for ((ds_row, p_row), (go, o)) in ds
         .chunks_exact_mut(len_b)
@@ -492,8 +416,15 @@ fn block_backward(
     }
     let ds = Strided::rows(&ds, n, len_b);
     let mut dq = vec![0.0f32; n * hd];
-    product_into(&mut dq, false, shape.scale(), ds, k);
-    product_into(&mut dk[..len_b * hd], true, shape.scale(), ds.t(), q);
+    product_into(&mut dq, false, shape.scale(), ds, k, Threads::Caller);
+    product_into(
+        &mut dk[..len_b * hd],
+        true,
+        shape.scale(),
+        ds.t(),
+        q,
+        Threads::Caller,
+    );
     dq
 }
 

@@ -1,7 +1,7 @@
 //! out = x · wᵀ + bias, with weights in the PyTorch `Linear` layout [N, K].
 
+use super::product::{product_into, Strided, Threads};
 use crate::backend::GradWrite;
-use gemm::{gemm, Parallelism};
 
 /// x: [M, K]; w: [N, K]; bias: [N]; out: [M, N].
 pub fn matmul_forward(
@@ -33,7 +33,8 @@ pub fn matmul_forward(
         #[cfg(target_arch = "x86_64")]
         super::matmul_few_rows::matmul_few_rows(out, x, w, m, k, n);
     } else {
-        gemm_forward(out, x, w, m, k, n);
+        let (x, w) = (Strided::rows(x, m, k), Strided::rows(w, n, k));
+        product_into(out, false, 1.0, x, w.t(), Threads::Pool);
     }
     if let Some(b) = bias {
         assert_eq!(b.len(), n, "matmul_forward: bias is not [N]");
@@ -51,45 +52,6 @@ fn few_rows_kernel(m: usize) -> bool {
     {
         let _ = m;
         false
-    }
-}
-
-/// out = x · wᵀ by the `gemm` crate. x: [M, K]; w: [N, K]; out: [M, N].
-fn gemm_forward(out: &mut [f32], x: &[f32], w: &[f32], m: usize, k: usize, n: usize) {
-    let threads = if m * n * k >= 1 << 15 {
-        rayon::current_num_threads()
-    } else {
-        1
-    };
-    let parallelism = if threads > 1 {
-        Parallelism::Rayon(threads)
-    } else {
-        Parallelism::None
-    };
-    // SAFETY: the asserts above bound every access; strides describe row-major x, out and the
-    // transpose of row-major w (element (k, n) of wᵀ is w[n * K + k]).
-    unsafe {
-        gemm(
-            m,
-            n,
-            k,
-            out.as_mut_ptr(),
-            1,          // out column stride
-            n as isize, // out row stride
-            false,
-            x.as_ptr(),
-            1,
-            k as isize,
-            w.as_ptr(),
-            k as isize, // wᵀ column stride: next n
-            1,          // wᵀ row stride: next k
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        );
     }
 }
 
@@ -118,60 +80,18 @@ pub fn matmul_backward(
     assert_eq!(x.len(), m * k, "matmul_backward: x is not [M, K]");
     assert_eq!(w.len(), n * k, "matmul_backward: w is not [N, K]");
     assert_eq!(dw.len(), n * k, "matmul_backward: dw is not [N, K]");
-    let parallelism = Parallelism::Rayon(rayon::current_num_threads());
+    let (dout, w, x) = (
+        Strided::rows(dout, m, n),
+        Strided::rows(w, n, k),
+        Strided::rows(x, m, k),
+    );
     if let Some(dx) = dx {
         assert_eq!(dx.len(), m * k, "matmul_backward: dx is not [M, K]");
-        // dx[M, K] (+)= dout[M, N] · w[N, K]; all row-major. Overwriting never reads dx.
-        // SAFETY: sizes asserted above.
-        unsafe {
-            gemm(
-                m,
-                k,
-                n,
-                dx.as_mut_ptr(),
-                1,
-                k as isize,
-                dx_write == GradWrite::Add,
-                dout.as_ptr(),
-                1,
-                n as isize,
-                w.as_ptr(),
-                1,
-                k as isize,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                parallelism,
-            );
-        }
+        // dx[M, K] (+)= dout[M, N] · w[N, K]; overwriting never reads dx.
+        product_into(dx, dx_write == GradWrite::Add, 1.0, dout, w, Threads::Pool);
     }
-    // dw[N, K] += doutᵀ[N, M] · x[M, K]; element (n, m) of doutᵀ is dout[m * N + n].
-    // SAFETY: sizes asserted above.
-    unsafe {
-        gemm(
-            n,
-            k,
-            m,
-            dw.as_mut_ptr(),
-            1,
-            k as isize,
-            true,
-            dout.as_ptr(),
-            n as isize,
-            1,
-            x.as_ptr(),
-            1,
-            k as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        );
-    }
+    // dw[N, K] += doutᵀ[N, M] · x[M, K]
+    product_into(dw, true, 1.0, dout.t(), x, Threads::Pool);
 }
 
 /// The bias part of `matmul_backward`: dbias += Σ_rows dout.  dout: [M, N]; dbias: [N].

@@ -1,14 +1,18 @@
-//! The CPU backend: f32 everywhere, rayon for parallelism, the `gemm` crate for matrix products.
+//! The CPU backend: f32 everywhere, rayon for parallelism, matrix products by our AVX-512
+//! kernel or the `gemm` crate (`product.rs`).
 //! Each op lives in its own file as a plain function; this file only wires them to the trait.
 
 mod attention;
 mod embedding;
+#[cfg(target_arch = "x86_64")]
+mod gemm_avx512;
 mod logprob;
 mod matmul;
 #[cfg(target_arch = "x86_64")]
 mod matmul_few_rows;
 mod optimizer;
 mod policy_loss;
+mod product;
 mod rmsnorm;
 mod rope;
 mod sampling;

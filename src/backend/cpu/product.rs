@@ -1,0 +1,265 @@
+//! dst (+)= scale · a · b for f32 matrices of any strides: the one door to the CPU's matrix
+//! products (the linear layers, their backward, the attention's GEMMs).
+//!
+//! On a CPU with AVX-512F the products run our packed kernel (`gemm_avx512`), which doubles the
+//! multiply-adds per instruction over the `gemm` crate's AVX2 kernels (the crate's AVX-512
+//! kernels need a nightly compiler); elsewhere they run the `gemm` crate.
+
+/// A matrix inside a slice: element (r, c) is data[r · row_stride + c · col_stride], so a
+/// transpose or a head's columns of the KV cache need no copy.
+#[derive(Clone, Copy)]
+pub struct Strided<'a> {
+    pub(super) data: &'a [f32],
+    pub(super) rows: usize,
+    pub(super) cols: usize,
+    pub(super) row_stride: usize,
+    pub(super) col_stride: usize,
+}
+
+impl<'a> Strided<'a> {
+    /// data as a row-major [rows, cols] matrix.
+    pub fn rows(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        Self::with_strides(data, rows, cols, cols, 1)
+    }
+
+    /// Panics unless every element lies inside data.
+    pub fn with_strides(
+        data: &'a [f32],
+        rows: usize,
+        cols: usize,
+        row_stride: usize,
+        col_stride: usize,
+    ) -> Self {
+        // the largest index read, checked: the unsafe products rely on this bound
+        let last = (rows.max(1) - 1)
+            .checked_mul(row_stride)
+            .zip((cols.max(1) - 1).checked_mul(col_stride))
+            .and_then(|(a, b)| a.checked_add(b));
+        assert!(
+            rows == 0 || cols == 0 || last.is_some_and(|last| last < data.len()),
+            "matrix product: a [{rows}, {cols}] operand reaches past its buffer of {}",
+            data.len()
+        );
+        Strided {
+            data,
+            rows,
+            cols,
+            row_stride,
+            col_stride,
+        }
+    }
+
+    /// The transpose, without a copy.
+    pub fn t(self) -> Self {
+        Strided {
+            rows: self.cols,
+            cols: self.rows,
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+            ..self
+        }
+    }
+}
+
+/// Whether a product may use the rayon pool (it still runs on the calling thread when small).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Threads {
+    Pool,
+    Caller,
+}
+
+/// Products below this many multiply-adds run on the calling thread: waking the pool costs
+/// ~15 µs here, as much as a few million multiply-adds on one core.
+const SERIAL_MACS: usize = 1 << 21;
+
+/// dst = scale · a · b, or dst += scale · a · b when `accumulate`; dst: row-major
+/// [a.rows, b.cols]. The result does not depend on `threads`.
+pub fn product_into(
+    dst: &mut [f32],
+    accumulate: bool,
+    scale: f32,
+    a: Strided,
+    b: Strided,
+    threads: Threads,
+) {
+    assert_eq!(a.cols, b.rows, "matrix product: inner dimensions differ");
+    assert_eq!(
+        Some(dst.len()),
+        a.rows.checked_mul(b.cols),
+        "matrix product: dst is not [a rows, b cols]"
+    );
+    let macs = a.rows.saturating_mul(b.cols).saturating_mul(a.cols);
+    let pool = threads == Threads::Pool && macs >= SERIAL_MACS && rayon::current_num_threads() > 1;
+    #[cfg(target_arch = "x86_64")]
+    if super::gemm_avx512::available() {
+        super::gemm_avx512::gemm(dst, accumulate, scale, a, b, pool);
+        return;
+    }
+    gemm_crate(dst, accumulate, scale, a, b, pool);
+}
+
+/// `product_into` by the `gemm` crate.
+fn gemm_crate(dst: &mut [f32], accumulate: bool, scale: f32, a: Strided, b: Strided, pool: bool) {
+    let parallelism = if pool {
+        gemm::Parallelism::Rayon(rayon::current_num_threads())
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: `Strided::with_strides` checked that every element of a and b lies inside its
+    // slice, and `product_into` that dst is exactly [a.rows, b.cols] row-major.
+    unsafe {
+        gemm::gemm(
+            a.rows,
+            b.cols,
+            a.cols,
+            dst.as_mut_ptr(),
+            1,
+            b.cols as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.col_stride as isize,
+            a.row_stride as isize,
+            b.data.as_ptr(),
+            b.col_stride as isize,
+            b.row_stride as isize,
+            if accumulate { 1.0 } else { 0.0 },
+            scale,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Philox;
+
+    /// α · a · b (+ dst) in f64.
+    fn reference(dst: &[f32], accumulate: bool, alpha: f32, a: Strided, b: Strided) -> Vec<f64> {
+        let at =
+            |m: Strided, r: usize, c: usize| m.data[r * m.row_stride + c * m.col_stride] as f64;
+        let mut out = vec![0.0; a.rows * b.cols];
+        for i in 0..a.rows {
+            for j in 0..b.cols {
+                let dot: f64 = (0..a.cols).map(|p| at(a, i, p) * at(b, p, j)).sum();
+                let before = if accumulate {
+                    dst[i * b.cols + j] as f64
+                } else {
+                    0.0
+                };
+                out[i * b.cols + j] = before + alpha as f64 * dot;
+            }
+        }
+        out
+    }
+
+    fn random(rng: &mut Philox, len: usize) -> Vec<f32> {
+        (0..len)
+            .map(|_| rng.next_uniform() as f32 * 2.0 - 1.0)
+            .collect()
+    }
+
+    /// The operand layouts the CPU backend uses: row-major, transposed, and a head's columns
+    /// inside wider rows; and one where neither rows nor columns are contiguous.
+    #[derive(Clone, Copy, Debug)]
+    enum Layout {
+        RowMajor,
+        Transposed,
+        Padded,
+        Scattered,
+    }
+
+    fn operand(data: &[f32], rows: usize, cols: usize, layout: Layout) -> Strided<'_> {
+        match layout {
+            Layout::RowMajor => Strided::rows(data, rows, cols),
+            Layout::Transposed => Strided::rows(data, cols, rows).t(),
+            Layout::Padded => Strided::with_strides(data, rows, cols, cols + 3, 1),
+            Layout::Scattered => Strided::with_strides(data, rows, cols, 2 * cols, 2),
+        }
+    }
+
+    fn storage(rows: usize, cols: usize, layout: Layout) -> usize {
+        match layout {
+            Layout::Padded => rows * (cols + 3),
+            Layout::Scattered => rows * 2 * cols,
+            _ => rows * cols,
+        }
+    }
+
+    /// Every way to the product on this CPU: the dispatcher, and each implementation (on the
+    /// pool and on the calling thread).
+    fn implementations() -> Vec<(&'static str, Product)> {
+        let mut all: Vec<(&str, Product)> = vec![
+            ("product_into, pool", |d, acc, s, a, b| {
+                product_into(d, acc, s, a, b, Threads::Pool)
+            }),
+            ("gemm crate", |d, acc, s, a, b| {
+                gemm_crate(d, acc, s, a, b, false)
+            }),
+            ("gemm crate, pool", |d, acc, s, a, b| {
+                gemm_crate(d, acc, s, a, b, true)
+            }),
+        ];
+        #[cfg(target_arch = "x86_64")]
+        if super::super::gemm_avx512::available() {
+            use super::super::gemm_avx512::gemm;
+            all.push(("gemm_avx512", |d, acc, s, a, b| {
+                gemm(d, acc, s, a, b, false)
+            }));
+            all.push(("gemm_avx512, pool", |d, acc, s, a, b| {
+                gemm(d, acc, s, a, b, true)
+            }));
+        }
+        all
+    }
+
+    type Product = fn(&mut [f32], bool, f32, Strided, Strided);
+
+    #[test]
+    fn every_implementation_matches_a_float64_product_across_tiles_blocks_and_layouts() {
+        let mut rng = Philox::new(7, 0);
+        let layouts = [
+            Layout::RowMajor,
+            Layout::Transposed,
+            Layout::Padded,
+            Layout::Scattered,
+        ];
+        // edges of gemm_avx512's tile (12 × 32), row tasks (96), column tasks (256), packed
+        // columns (4096) and inner blocks (256)
+        let shapes = [
+            (1, 1, 1),
+            (12, 32, 256),
+            (13, 33, 257),
+            (5, 17, 7),
+            (97, 257, 600),
+            (200, 40, 513),
+            (3, 4100, 19),
+        ];
+        for (m, n, k) in shapes {
+            for (la, lb) in layouts.iter().flat_map(|&la| layouts.map(|lb| (la, lb))) {
+                let a_data = random(&mut rng, storage(m, k, la));
+                let b_data = random(&mut rng, storage(k, n, lb));
+                let (a, b) = (operand(&a_data, m, k, la), operand(&b_data, k, n, lb));
+                for ((name, product), (accumulate, alpha)) in implementations()
+                    .into_iter()
+                    .flat_map(|imp| [(false, 1.0), (true, 0.5)].map(|case| (imp, case)))
+                {
+                    let mut dst = random(&mut rng, m * n);
+                    let want = reference(&dst, accumulate, alpha, a, b);
+                    product(&mut dst, accumulate, alpha, a, b);
+                    for (idx, (got, want)) in dst.iter().zip(&want).enumerate() {
+                        let tol = 1e-5 * (k as f64).sqrt() + 1e-5 * want.abs();
+                        assert!(
+                            (*got as f64 - want).abs() <= tol,
+                            "{name}: [{m}, {k}]·[{k}, {n}] {la:?}·{lb:?} accumulate \
+                             {accumulate}: element {idx} is {got}, want {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
