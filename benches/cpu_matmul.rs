@@ -9,7 +9,7 @@
 //! Throughput is in multiply-adds × 2 (FLOP) per second: criterion prints it as elem/s.
 //! Cases, [rows of x, in features → out features]:
 //! - forward/{ours,gemm}/MxK→N: out[M, N] = x[M, K] · w[N, K]ᵀ
-//! - backward/ours/MxK→N: dx = dout · w and dw += doutᵀ · x (twice the forward's FLOPs)
+//! - backward/{ours,gemm}/MxK→N: dx = dout · w and dw += doutᵀ · x (twice the forward's FLOPs)
 
 use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
 use std::hint::black_box;
@@ -37,27 +37,72 @@ fn label(m: usize, k: usize, n: usize) -> String {
     format!("{m}x{k}→{n}")
 }
 
-/// out = x · wᵀ by the `gemm` crate with the pool, as the backend called it before.
-fn gemm_crate_forward(out: &mut [f32], x: &[f32], w: &[f32], m: usize, k: usize, n: usize) {
-    assert!(x.len() == m * k && w.len() == n * k && out.len() == m * n);
-    // SAFETY: the sizes are asserted above; strides describe row-major x and out and the
-    // transpose of row-major w.
+/// A row-major [rows, cols] matrix, or its transpose.
+#[derive(Clone, Copy)]
+struct Operand<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    transposed: bool,
+}
+
+impl<'a> Operand<'a> {
+    fn rows(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        assert_eq!(data.len(), rows * cols);
+        Operand {
+            data,
+            rows,
+            cols,
+            transposed: false,
+        }
+    }
+
+    fn t(self) -> Self {
+        Operand {
+            rows: self.cols,
+            cols: self.rows,
+            transposed: !self.transposed,
+            ..self
+        }
+    }
+
+    /// (column stride, row stride) as the `gemm` crate takes them.
+    fn strides(&self) -> (isize, isize) {
+        let line = if self.transposed {
+            self.rows
+        } else {
+            self.cols
+        } as isize;
+        if self.transposed {
+            (line, 1)
+        } else {
+            (1, line)
+        }
+    }
+}
+
+/// dst (+)= a · b by the `gemm` crate on the pool, as the backend called it before.
+fn gemm_crate(dst: &mut [f32], accumulate: bool, a: Operand, b: Operand) {
+    assert!(a.cols == b.rows && dst.len() == a.rows * b.cols);
+    let ((a_cs, a_rs), (b_cs, b_rs)) = (a.strides(), b.strides());
+    // SAFETY: the sizes are asserted above and in `Operand::rows`; the strides describe the
+    // row-major data or its transpose.
     unsafe {
         gemm::gemm(
-            m,
-            n,
-            k,
-            out.as_mut_ptr(),
+            a.rows,
+            b.cols,
+            a.cols,
+            dst.as_mut_ptr(),
             1,
-            n as isize,
-            false,
-            x.as_ptr(),
-            1,
-            k as isize,
-            w.as_ptr(),
-            k as isize,
-            1,
-            0.0,
+            b.cols as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a_cs,
+            a_rs,
+            b.data.as_ptr(),
+            b_cs,
+            b_rs,
+            if accumulate { 1.0 } else { 0.0 },
             1.0,
             false,
             false,
@@ -77,7 +122,8 @@ fn forward(c: &mut Criterion) {
             b.iter(|| matmul_forward(&mut out, black_box(&x), &w, None, m, k, n))
         });
         group.bench_function(BenchmarkId::new("gemm", label(m, k, n)), |b| {
-            b.iter(|| gemm_crate_forward(&mut out, black_box(&x), &w, m, k, n))
+            let (x, w) = (Operand::rows(&x, m, k), Operand::rows(&w, n, k));
+            b.iter(|| gemm_crate(&mut out, false, black_box(x), w.t()))
         });
     }
     group.finish();
@@ -102,6 +148,17 @@ fn backward(c: &mut Criterion) {
                     k,
                     n,
                 )
+            })
+        });
+        group.bench_function(BenchmarkId::new("gemm", label(m, k, n)), |b| {
+            let (x, w, dout) = (
+                Operand::rows(&x, m, k),
+                Operand::rows(&w, n, k),
+                Operand::rows(&dout, m, n),
+            );
+            b.iter(|| {
+                gemm_crate(&mut dx, false, black_box(dout), w);
+                gemm_crate(&mut dw, true, dout.t(), x);
             })
         });
     }
