@@ -1,13 +1,14 @@
 //! dst (+)= α · A · B with AVX-512F, for `product_into` on CPUs that have it.
 //!
-//! The classic packed GEMM (Goto; BLIS): for each block of KC steps along the inner dimension,
-//! A's rows are copied into micro-panels of MR rows and B's columns into micro-panels of NR
-//! columns, each laid out step by step so the kernel reads both sequentially whatever the
-//! operands' strides. The kernel keeps an MR × NR tile of dst in 24 registers (12 rows × two
-//! 16-lane vectors) and per step loads 2 vectors of B and broadcasts 12 values of A for 24
-//! fused multiply-adds. A task takes MC rows (in L2) against a range of B's micro-panels (each
-//! in L1 while the rows pass over it). Tasks split dst by rows and columns only, so every
-//! element is summed in the same order whatever the number of threads.
+//! A packed GEMM after Goto and BLIS: for each block of KC steps along the inner dimension, B's
+//! columns are copied into micro-panels of NR columns laid out step by step, so the kernel reads
+//! them sequentially whatever B's strides. A is read in place when its rows or its columns are
+//! contiguous (every product the backend makes); otherwise, and for a last partial micro-panel
+//! of MR rows, it is copied the same way. The kernel keeps an MR × NR tile of dst in 24
+//! registers (12 rows × two 16-lane vectors) and per step loads 2 vectors of B and broadcasts 12
+//! values of A for 24 fused multiply-adds. A task takes MC rows (in L2) against a range of B's
+//! micro-panels (each in L1 while the rows pass over it). Tasks split dst by rows and columns
+//! only, so every element is summed in the same order whatever the number of threads.
 
 use super::product::Strided;
 use rayon::prelude::*;
@@ -69,8 +70,8 @@ pub fn gemm(dst: &mut [f32], accumulate: bool, alpha: f32, a: Strided, b: Stride
     };
     // A row-major, or the transpose of a row-major matrix (a dW product's doutᵀ): the kernel
     // reads its full micro-panels in place, and only a last partial one is packed. Copying all
-    // of A costs a fifth of the product or more when B has few columns ([6144, 1024] · [1024,
-    // 256]: 240 GFLOP/s with the copy, 460 without).
+    // of A took about as long as the product itself when B has few columns ([6144, 1024] ·
+    // [1024, 256]: 240 GFLOP/s with the copy, 460 without).
     let a_in_place = a.col_stride == 1 || a.row_stride == 1;
     let first_packed_panel = if a_in_place { m / MR } else { 0 };
     let packed_panels = m.div_ceil(MR) - first_packed_panel;
@@ -247,7 +248,8 @@ unsafe fn micro_kernel(kc: usize, a: RowsOfA, b: &[f32], tile: Tile, alpha: f32,
         if r < tile.rows {
             let row = tile.ptr.add(r * tile.row_stride);
             for (half, (acc, mask)) in acc.iter().zip(masks).enumerate() {
-                let at = row.add(half * LANES);
+                // wrapping: with a zero mask the second half may start past dst's end
+                let at = row.wrapping_add(half * LANES);
                 let mut value: __m512 = _mm512_mul_ps(*acc, alpha);
                 if load_dst {
                     value = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, at), value);
