@@ -69,8 +69,11 @@ pub enum Threads {
 }
 
 /// Products below this many multiply-adds run on the calling thread: waking the pool costs
-/// ~15 µs here, as much as a few million multiply-adds on one core.
+/// ~15 µs here, as much as 2M multiply-adds on one core of the AVX-512 kernel.
 const SERIAL_MACS: usize = 1 << 21;
+/// The same for the `gemm` crate (AVX2, half the multiply-adds per instruction), as
+/// `matmul_forward` passed it before.
+const SERIAL_MACS_GEMM_CRATE: usize = 1 << 15;
 
 /// dst = scale · a · b, or dst += scale · a · b when `accumulate`; dst: row-major
 /// [a.rows, b.cols]. The result does not depend on `threads`.
@@ -89,13 +92,15 @@ pub fn product_into(
         "matrix product: dst is not [a rows, b cols]"
     );
     let macs = a.rows.saturating_mul(b.cols).saturating_mul(a.cols);
-    let pool = threads == Threads::Pool && macs >= SERIAL_MACS && rayon::current_num_threads() > 1;
+    let pool = |serial_macs| {
+        threads == Threads::Pool && macs >= serial_macs && rayon::current_num_threads() > 1
+    };
     #[cfg(target_arch = "x86_64")]
     if super::gemm_avx512::available() {
-        super::gemm_avx512::gemm(dst, accumulate, scale, a, b, pool);
+        super::gemm_avx512::gemm(dst, accumulate, scale, a, b, pool(SERIAL_MACS));
         return;
     }
-    gemm_crate(dst, accumulate, scale, a, b, pool);
+    gemm_crate(dst, accumulate, scale, a, b, pool(SERIAL_MACS_GEMM_CRATE));
 }
 
 /// `product_into` by the `gemm` crate.
