@@ -9,19 +9,16 @@
 
 use rayon::prelude::*;
 use std::arch::x86_64::{
-    __m256, _mm256_castps256_ps128, _mm256_extractf128_ps, _mm256_fmadd_ps, _mm256_loadu_ps,
-    _mm256_set1_ps, _mm256_setzero_ps, _mm256_storeu_ps, _mm_add_ps, _mm_add_ss, _mm_cvtss_f32,
-    _mm_movehl_ps, _mm_shuffle_ps,
-};
-use std::arch::x86_64::{
-    __m512, __mmask16, _mm512_fmadd_ps, _mm512_maskz_loadu_ps, _mm512_reduce_add_ps,
-    _mm512_setzero_ps,
+    __m256, __m512, __mmask16, _mm256_castps256_ps128, _mm256_extractf128_ps, _mm256_fmadd_ps,
+    _mm256_loadu_ps, _mm256_set1_ps, _mm256_setzero_ps, _mm256_storeu_ps, _mm512_fmadd_ps,
+    _mm512_maskz_loadu_ps, _mm512_reduce_add_ps, _mm512_setzero_ps, _mm_add_ps, _mm_add_ss,
+    _mm_cvtss_f32, _mm_movehl_ps, _mm_shuffle_ps,
 };
 use std::ops::Range;
 
-/// Most rows of x this kernel takes. With AVX-512, a decode step of the 10M bench model ran
-/// 1.7, 1.3 and 1.1× faster here than in `product_into`'s GEMM at 16, 32 and 64 rows (AVX2
-/// tiles then); larger products go to the GEMM.
+/// Most rows of x this kernel takes. A decode step of the 10M bench model ran 1.7, 1.3 and
+/// 1.1× faster with this kernel (still on 8-lane tiles) than with `product_into`'s AVX-512
+/// GEMM at 16, 32 and 64 rows; larger products go to the GEMM.
 pub const MAX_ROWS: usize = 64;
 
 /// Weight rows per block (the kernel's register tile is `W_ROWS` × `X_ROWS` accumulators).
@@ -135,7 +132,7 @@ unsafe impl Sync for OutPtr {}
 /// out[:, cols] for all rows of x, with 16-lane vectors where the CPU has AVX-512F. Safety:
 /// `check` passed, cols within 0..w.rows and written by no one else meanwhile.
 unsafe fn columns(out: OutPtr, x: Rows, w: Rows, cols: Range<usize>) {
-    if super::gemm_avx512::available() {
+    if is_x86_feature_detected!("avx512f") {
         columns_avx512(out, x, w, cols)
     } else {
         columns_avx2(out, x, w, cols)
@@ -404,7 +401,7 @@ mod tests {
         check(out, x, w);
         let mut by_width = Vec::new();
         for (name, wide) in [("AVX2", false), ("AVX-512", true)] {
-            if wide && !super::super::gemm_avx512::available() {
+            if wide && !is_x86_feature_detected!("avx512f") {
                 continue;
             }
             out.fill(f32::NAN);
