@@ -35,4 +35,3 @@ for r in 1 2 3 4; do
     /usr/bin/time -f "%e s wall %U user %S sys %M KB" /tmp/gm/thinkshort-$v train --out /tmp/gm/demo-$v --set steps=100 --set eval_every=0 2>&1 | tail -1
   done
 done > $O/demo100.txt 2>&1
-echo done > $O/final_done

@@ -10,7 +10,7 @@
 //! micro-panels (each in L1 while the rows pass over it). Tasks split dst by rows and columns
 //! only, so every element is summed in the same order whatever the number of threads.
 
-use super::product::Strided;
+use super::product::{check_shapes, Strided};
 use rayon::prelude::*;
 use std::arch::x86_64::{
     __m512, __mmask16, _mm512_add_ps, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_mask_storeu_ps,
@@ -48,13 +48,8 @@ pub fn available() -> bool {
 /// agree (`Strided` has checked that a and b lie inside their slices).
 pub fn gemm(dst: &mut [f32], accumulate: bool, alpha: f32, a: Strided, b: Strided, pool: bool) {
     assert!(available(), "gemm_avx512: this CPU lacks AVX-512F");
+    check_shapes(dst, a, b);
     let (m, n, k) = (a.rows, b.cols, a.cols);
-    assert_eq!(b.rows, k, "gemm_avx512: inner dimensions differ");
-    assert_eq!(
-        Some(dst.len()),
-        m.checked_mul(n),
-        "gemm_avx512: dst is not [a rows, b cols]"
-    );
     if m == 0 || n == 0 {
         return;
     }
@@ -88,7 +83,6 @@ pub fn gemm(dst: &mut [f32], accumulate: bool, alpha: f32, a: Strided, b: Stride
             pack_panels::<NR>(packed_b, b.t(), n0..n0 + nc, k0, kc, pool);
             let blocks = Blocks {
                 a,
-                a_in_place,
                 packed_a,
                 first_packed_panel,
                 packed_b,
@@ -142,9 +136,8 @@ unsafe impl Sync for Dst {}
 /// One KC block of A (all rows) and of B (columns n0..n0+nc), packed.
 struct Blocks<'a> {
     a: Strided<'a>,
-    /// Whether A's full micro-panels are read in place rather than packed.
-    a_in_place: bool,
-    /// A's micro-panels from `first_packed_panel` on: [panel][kc][MR].
+    /// A's micro-panels from `first_packed_panel` on: [panel][kc][MR]; those before it are
+    /// read in place.
     packed_a: &'a [f32],
     first_packed_panel: usize,
     /// B's micro-panels: [panel][kc][NR].
@@ -176,7 +169,7 @@ impl Blocks<'_> {
                     rows: MR.min(rows_end - i),
                     cols: NR.min(cols_end - j),
                 };
-                let a = if self.a_in_place && i + MR <= m {
+                let a = if i / MR < self.first_packed_panel {
                     let (rs, cs) = (self.a.row_stride, self.a.col_stride);
                     let first = &self.a.data[i * rs + self.k0 * cs..];
                     if cs == 1 {

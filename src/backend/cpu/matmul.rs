@@ -13,22 +13,9 @@ pub fn matmul_forward(
     k: usize,
     n: usize,
 ) {
-    // Checked products: a wrapped size would let wrong shapes pass.
-    assert_eq!(
-        Some(x.len()),
-        m.checked_mul(k),
-        "matmul_forward: x is not [M, K]"
-    );
-    assert_eq!(
-        Some(w.len()),
-        n.checked_mul(k),
-        "matmul_forward: w is not [N, K]"
-    );
-    assert_eq!(
-        Some(out.len()),
-        m.checked_mul(n),
-        "matmul_forward: out is not [M, N]"
-    );
+    assert_shape(x, m, k, "matmul_forward: x is not [M, K]");
+    assert_shape(w, n, k, "matmul_forward: w is not [N, K]");
+    assert_shape(out, m, n, "matmul_forward: out is not [M, N]");
     if few_rows_kernel(m) {
         #[cfg(target_arch = "x86_64")]
         super::matmul_few_rows::matmul_few_rows(out, x, w, m, k, n);
@@ -40,6 +27,12 @@ pub fn matmul_forward(
         assert_eq!(b.len(), n, "matmul_forward: bias is not [N]");
         add_bias_rows(out, b);
     }
+}
+
+/// Panics with `what` unless t holds exactly [rows, cols]; the product is checked, since a
+/// wrapped size would let a wrong shape pass.
+fn assert_shape(t: &[f32], rows: usize, cols: usize, what: &str) {
+    assert_eq!(Some(t.len()), rows.checked_mul(cols), "{what}");
 }
 
 /// Whether `matmul_few_rows` takes a product with m rows of x on this CPU.
@@ -76,17 +69,17 @@ pub fn matmul_backward(
     k: usize,
     n: usize,
 ) {
-    assert_eq!(dout.len(), m * n, "matmul_backward: dout is not [M, N]");
-    assert_eq!(x.len(), m * k, "matmul_backward: x is not [M, K]");
-    assert_eq!(w.len(), n * k, "matmul_backward: w is not [N, K]");
-    assert_eq!(dw.len(), n * k, "matmul_backward: dw is not [N, K]");
+    assert_shape(dout, m, n, "matmul_backward: dout is not [M, N]");
+    assert_shape(x, m, k, "matmul_backward: x is not [M, K]");
+    assert_shape(w, n, k, "matmul_backward: w is not [N, K]");
+    assert_shape(dw, n, k, "matmul_backward: dw is not [N, K]");
     let (dout, w, x) = (
         Strided::rows(dout, m, n),
         Strided::rows(w, n, k),
         Strided::rows(x, m, k),
     );
     if let Some(dx) = dx {
-        assert_eq!(dx.len(), m * k, "matmul_backward: dx is not [M, K]");
+        assert_shape(dx, m, k, "matmul_backward: dx is not [M, K]");
         // dx[M, K] (+)= dout[M, N] · w[N, K]; overwriting never reads dx.
         product_into(dx, dx_write == GradWrite::Add, 1.0, dout, w, Threads::Pool);
     }

@@ -181,19 +181,27 @@ unsafe fn columns_in_blocks<const R: usize, const WIDE: bool>(
 unsafe fn rows_against<const R: usize, const WIDE: bool>(out: OutPtr, x: Rows, w: Rows, j: usize) {
     let mut i = 0;
     while i + X_ROWS <= x.rows {
-        if WIDE {
-            tile_avx512::<R, X_ROWS>(out, x, w, i, j);
-        } else {
-            tile::<R, X_ROWS>(out, x, w, i, j);
-        }
+        tile_of_width::<R, X_ROWS, WIDE>(out, x, w, i, j);
         i += X_ROWS;
     }
     if i < x.rows {
-        if WIDE {
-            tile_avx512::<R, 1>(out, x, w, i, j);
-        } else {
-            tile::<R, 1>(out, x, w, i, j);
-        }
+        tile_of_width::<R, 1, WIDE>(out, x, w, i, j);
+    }
+}
+
+/// `tile_avx512` when WIDE, else `tile`.
+#[inline(always)]
+unsafe fn tile_of_width<const R: usize, const C: usize, const WIDE: bool>(
+    out: OutPtr,
+    x: Rows,
+    w: Rows,
+    i: usize,
+    j: usize,
+) {
+    if WIDE {
+        tile_avx512::<R, C>(out, x, w, i, j)
+    } else {
+        tile::<R, C>(out, x, w, i, j)
     }
 }
 

@@ -100,7 +100,7 @@ pub fn product_into(
 }
 
 /// The inner dimensions agree and dst is [a.rows, b.cols].
-fn check_shapes(dst: &[f32], a: Strided, b: Strided) {
+pub(super) fn check_shapes(dst: &[f32], a: Strided, b: Strided) {
     assert_eq!(a.cols, b.rows, "matrix product: inner dimensions differ");
     assert_eq!(
         Some(dst.len()),
