@@ -900,32 +900,43 @@ fn bench_step_in_micro_batches_trains_the_same_tokens() {
     );
 }
 
-/// `--profile` times ops with CUDA events: on the CPU it stops with an error naming the option,
-/// before any step runs.
+/// `--profile` on the CPU: one more step with every op's calls timed. The call counts follow
+/// from the model and the run (8 layers, 5 new tokens: a prefill pass and 4 decode steps of 7
+/// products per layer plus the head, the update one pass of each), and the ops' times fit in
+/// their phase's wall time.
 #[test]
-fn bench_step_profile_needs_the_cuda_backend() {
-    let out = Command::new(env!("CARGO_BIN_EXE_thinkshort"))
-        .args([
-            "bench",
-            "step",
-            "--model-config",
-            "tools/bench_model_10m.json",
-            "--backend",
-            "cpu",
-            "--profile",
-        ])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(
-        stderr.contains("--profile") && stderr.contains("--backend cuda"),
-        "{stderr}"
+fn bench_step_profile_on_the_cpu_counts_and_times_every_op() {
+    let v = run_bench(
+        &[&TINY_STEP[..], &["--steps", "1", "--profile"]].concat(),
+        "profile update",
     );
-    assert!(
-        !String::from_utf8_lossy(&out.stdout).contains("warm-up"),
-        "ran a step first"
-    );
+    let profile = &v["profile"];
+    let calls = |phase: &str, op: &str| {
+        profile[phase]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|o| o["op"] == op)
+            .map_or(0, |o| o["calls"].as_u64().unwrap())
+    };
+    let (layers, new_tokens) = (8, 5);
+    let products = 7 * layers + 1;
+    assert_eq!(calls("rollout_ops", "matmul_forward"), products * new_tokens);
+    assert_eq!(calls("rollout_ops", "attention_forward"), layers * new_tokens);
+    assert_eq!(calls("rollout_ops", "sample_tokens"), new_tokens);
+    assert_eq!(calls("rollout_ops", "matmul_backward"), 0);
+    assert_eq!(calls("update_ops", "matmul_backward"), products);
+    assert_eq!(calls("update_ops", "attention_backward"), layers);
+    assert_eq!(calls("update_ops", "policy_loss_backward"), 1);
+    assert_eq!(calls("update_ops", "adamw_step"), 1);
+    for phase in ["rollout", "update"] {
+        let ops = profile[format!("{phase}_ops")].as_array().unwrap();
+        let seconds: Vec<f64> = ops.iter().map(|o| o["seconds"].as_f64().unwrap()).collect();
+        assert!(seconds.iter().all(|&s| s >= 0.0), "{ops:?}");
+        assert!(seconds.windows(2).all(|w| w[0] >= w[1]), "largest first: {ops:?}");
+        let wall = profile[format!("{phase}_s")].as_f64().unwrap();
+        assert!(seconds.iter().sum::<f64>() <= wall, "{phase}: {ops:?} in {wall} s");
+    }
 }
 
 #[test]

@@ -98,7 +98,8 @@ pub struct PolicyTokens<'a, B: Backend + ?Sized + 'a> {
     pub ref_logp: Option<B::View<'a>>,
 }
 
-/// Device time of one op over a profiled stretch of work (`Backend::take_op_profile`).
+/// Time of one op over a profiled stretch of work (`Backend::take_op_profile`): on the device
+/// (CUDA), or the calls' wall time (CPU).
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct OpTime {
     pub op: String,
@@ -202,12 +203,12 @@ pub trait Backend: Send + Sync {
         Ok(None)
     }
 
-    /// Starts timing every op on the device (`bench step --profile`); false where the backend
-    /// cannot (the CPU: its ops are plain calls, for a CPU profiler to see).
+    /// Starts timing every op (`bench step --profile`): CUDA by events around each op's
+    /// launches, the CPU by each call's wall time. False where the backend cannot.
     fn start_op_profile(&self) -> bool {
         false
     }
-    /// Waits for the profiled ops, stops timing and returns their device time by op.
+    /// Waits for the profiled ops, stops timing and returns their time by op.
     fn take_op_profile(&self) -> Result<Vec<OpTime>> {
         Ok(Vec::new())
     }

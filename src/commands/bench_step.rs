@@ -67,8 +67,9 @@ pub struct StepArgs {
     /// Also write the result to this JSON file.
     #[arg(long)]
     pub json: Option<PathBuf>,
-    /// After the timed steps, run one more with every op timed on the device (CUDA events)
-    /// and print where the rollout's and the update's time goes, op by op (CUDA only).
+    /// After the timed steps, run one more with every op timed (CUDA: events on the device;
+    /// CPU: each call's wall time) and print where the rollout's and the update's time goes,
+    /// op by op.
     #[arg(long)]
     pub profile: bool,
 }
@@ -97,7 +98,7 @@ pub struct StepResult {
     pub memory_estimate_bytes: u64,
 }
 
-/// Device time by op of one profiled step (`--profile`), per phase.
+/// Time by op of one profiled step (`--profile`), per phase.
 #[derive(Debug, Clone, Serialize)]
 pub struct StepProfile {
     pub rollout_s: f64,
@@ -186,7 +187,7 @@ pub fn run_on<B: TrainBackend>(
     let mut opt = DeviceOptimizer::with_placement(&model.backend, adam, host, args.offload)?;
     if args.profile {
         if !model.backend.start_op_profile() {
-            bail!("--profile times ops on the device with CUDA events: it needs --backend cuda");
+            bail!("--profile: the {} backend cannot time its ops", model.backend.name());
         }
         model.backend.take_op_profile()?;
     }
@@ -277,7 +278,7 @@ pub fn run_on<B: TrainBackend>(
 }
 
 /// One GRPO step; `step` picks the prompts and samples. When `profiled`, each phase's ops are
-/// timed on the device (the backend supports it: checked by the caller).
+/// timed (the backend supports it: checked by the caller).
 fn one_step<B: TrainBackend>(
     model: &mut Model<B>,
     opt: &mut DeviceOptimizer<B>,
@@ -417,13 +418,14 @@ fn one_step<B: TrainBackend>(
     Ok((result, profile))
 }
 
-/// The ops of one profiled phase, largest device time first. The events add host work to every
-/// launch, so the wall time here is longer than an unprofiled step's; the sum of the ops'
-/// device times against it shows how much of the phase is launch gaps and host work.
+/// The ops of one profiled phase, largest time first. On CUDA the events add host work to
+/// every launch, so the wall time here is longer than an unprofiled step's; the sum of the ops'
+/// times against it shows how much of the phase is launch gaps and host work (on the CPU: the
+/// host work between ops, such as rewards and tokenizing).
 fn print_profile(phase: &str, wall_s: f64, ops: &[OpTime]) {
     let total: f64 = ops.iter().map(|o| o.seconds).sum();
     println!(
-        "profile {phase}: {:.1} ms of ops on the device in {:.1} ms of wall time (profiled step)",
+        "profile {phase}: {:.1} ms in ops of {:.1} ms of wall time (profiled step)",
         1e3 * total,
         1e3 * wall_s
     );

@@ -13,6 +13,7 @@ mod matmul_few_rows;
 mod optimizer;
 mod policy_loss;
 mod product;
+mod profile;
 mod rmsnorm;
 mod rope;
 mod sampling;
@@ -32,7 +33,9 @@ pub use rope::{rope_backward, rope_forward, rope_forward_with_bias};
 pub use sampling::sample_tokens;
 pub use swiglu::{swiglu_backward, swiglu_forward};
 
-use super::{Backend, GradWrite, HeadNorms, PolicyTokens, TokenPlacement, TrainBackend};
+use super::{
+    Backend, GradWrite, HeadNorms, OpTime, PolicyTokens, TokenPlacement, TrainBackend,
+};
 use crate::grpo::{AdvantageOptions, LossOptions};
 use crate::sampling::{SamplingParams, TokenDraws};
 use anyhow::{bail, Result};
@@ -106,12 +109,22 @@ impl Backend for CpuBackend {
         &mut buf[range]
     }
 
+    fn start_op_profile(&self) -> bool {
+        profile::start();
+        true
+    }
+    fn take_op_profile(&self) -> Result<Vec<OpTime>> {
+        Ok(profile::take())
+    }
+
     /// Ops are plain calls here: nothing to record.
     type DecodeGraph = ();
     fn decode_graph(&self) {}
 
     fn embedding_forward(&self, out: &mut [f32], table: &[f32], ids: &[u32], dim: usize) {
-        embedding_forward(out, table, ids, dim)
+        profile::timed("embedding_forward", || {
+            embedding_forward(out, table, ids, dim)
+        })
     }
     fn embedding_forward_sampled(
         &self,
@@ -121,7 +134,9 @@ impl Backend for CpuBackend {
         rows: &[u32],
         dim: usize,
     ) {
-        embedding_forward_sampled(out, table, sampled, rows, dim)
+        profile::timed("embedding_forward_sampled", || {
+            embedding_forward_sampled(out, table, sampled, rows, dim)
+        })
     }
     fn add_rmsnorm_forward(
         &self,
@@ -132,11 +147,15 @@ impl Backend for CpuBackend {
         dim: usize,
         eps: f32,
     ) {
-        residual_add(x, residual);
-        rmsnorm_forward(out, x, weight, dim, eps)
+        profile::timed("add_rmsnorm_forward", || {
+            residual_add(x, residual);
+            rmsnorm_forward(out, x, weight, dim, eps)
+        })
     }
     fn rmsnorm_forward(&self, out: &mut [f32], x: &[f32], weight: &[f32], dim: usize, eps: f32) {
-        rmsnorm_forward(out, x, weight, dim, eps)
+        profile::timed("rmsnorm_forward", || {
+            rmsnorm_forward(out, x, weight, dim, eps)
+        })
     }
     fn matmul_forward(
         &self,
@@ -148,7 +167,9 @@ impl Backend for CpuBackend {
         k: usize,
         n: usize,
     ) {
-        matmul_forward(out, x, w, bias, m, k, n)
+        profile::timed("matmul_forward", || {
+            matmul_forward(out, x, w, bias, m, k, n)
+        })
     }
     fn qkv_rope_forward(
         &self,
@@ -161,24 +182,26 @@ impl Backend for CpuBackend {
         n_kv_heads: usize,
         head_dim: usize,
     ) {
-        if let Some(HeadNorms {
-            raw: [q_raw, k_raw],
-            weights: [q_norm, k_norm],
-            eps,
-        }) = norms
-        {
-            assert!(
-                q_bias.is_none() && k_bias.is_none(),
-                "qkv_rope_forward: with head norms the q and k biases belong in q_raw and k_raw"
-            );
-            rmsnorm_forward(q, q_raw, q_norm, head_dim, eps);
-            rmsnorm_forward(k, k_raw, k_norm, head_dim, eps);
-        }
-        rope_forward_with_bias(q, q_bias, positions, inv_freq, n_heads, head_dim);
-        rope_forward_with_bias(k, k_bias, positions, inv_freq, n_kv_heads, head_dim);
-        if let Some(bias) = v_bias {
-            add_bias_rows(v, bias);
-        }
+        profile::timed("qkv_rope_forward", || {
+            if let Some(HeadNorms {
+                raw: [q_raw, k_raw],
+                weights: [q_norm, k_norm],
+                eps,
+            }) = norms
+            {
+                assert!(
+                    q_bias.is_none() && k_bias.is_none(),
+                    "qkv_rope_forward: with head norms the q and k biases belong in q_raw and k_raw"
+                );
+                rmsnorm_forward(q, q_raw, q_norm, head_dim, eps);
+                rmsnorm_forward(k, k_raw, k_norm, head_dim, eps);
+            }
+            rope_forward_with_bias(q, q_bias, positions, inv_freq, n_heads, head_dim);
+            rope_forward_with_bias(k, k_bias, positions, inv_freq, n_kv_heads, head_dim);
+            if let Some(bias) = v_bias {
+                add_bias_rows(v, bias);
+            }
+        })
     }
     fn kv_cache_write(
         &self,
@@ -190,8 +213,10 @@ impl Backend for CpuBackend {
         capacity: usize,
         kv_dim: usize,
     ) {
-        kv_cache_write(cache_k, k, place, capacity, kv_dim);
-        kv_cache_write(cache_v, v, place, capacity, kv_dim);
+        profile::timed("kv_cache_write", || {
+            kv_cache_write(cache_k, k, place, capacity, kv_dim);
+            kv_cache_write(cache_v, v, place, capacity, kv_dim);
+        })
     }
     fn kv_cache_gather(
         &self,
@@ -201,7 +226,9 @@ impl Backend for CpuBackend {
         capacity: usize,
         kv_dim: usize,
     ) {
-        kv_cache_gather(dx, dcache, place, capacity, kv_dim)
+        profile::timed("kv_cache_gather", || {
+            kv_cache_gather(dx, dcache, place, capacity, kv_dim)
+        })
     }
     fn attention_forward(
         &self,
@@ -216,24 +243,26 @@ impl Backend for CpuBackend {
         n_kv_heads: usize,
         head_dim: usize,
     ) {
-        attention_forward(
-            out, lse, q, cache_k, cache_v, place, capacity, n_heads, n_kv_heads, head_dim,
-        )
+        profile::timed("attention_forward", || {
+            attention_forward(
+                out, lse, q, cache_k, cache_v, place, capacity, n_heads, n_kv_heads, head_dim,
+            )
+        })
     }
     fn swiglu_forward(&self, out: &mut [f32], gate: &[f32], up: &[f32]) {
-        swiglu_forward(out, gate, up)
+        profile::timed("swiglu_forward", || swiglu_forward(out, gate, up))
     }
     fn residual_add(&self, x: &mut [f32], y: &[f32]) {
-        residual_add(x, y)
+        profile::timed("residual_add", || residual_add(x, y))
     }
     fn gather_rows(&self, out: &mut [f32], x: &[f32], rows: &[usize], dim: usize) {
-        gather_rows(out, x, rows, dim)
+        profile::timed("gather_rows", || gather_rows(out, x, rows, dim))
     }
     fn fill_zero(&self, out: &mut [f32]) {
-        out.fill(0.0)
+        profile::timed("fill_zero", || out.fill(0.0))
     }
     fn copy(&self, dst: &mut [f32], src: &[f32]) {
-        dst.copy_from_slice(src)
+        profile::timed("copy", || dst.copy_from_slice(src))
     }
 
     fn logprob_forward(
@@ -245,7 +274,9 @@ impl Backend for CpuBackend {
         vocab: usize,
         temperature: f32,
     ) {
-        logprob_forward(logp, entropy, logits, targets, vocab, temperature)
+        profile::timed("logprob_forward", || {
+            logprob_forward(logp, entropy, logits, targets, vocab, temperature)
+        })
     }
 
     fn sample_tokens(
@@ -257,7 +288,9 @@ impl Backend for CpuBackend {
         vocab: usize,
         params: &SamplingParams,
     ) {
-        sample_tokens(out, logp, logits, draws, vocab, params)
+        profile::timed("sample_tokens", || {
+            sample_tokens(out, logp, logits, draws, vocab, params)
+        })
     }
 }
 
@@ -279,10 +312,12 @@ impl TrainBackend for CpuBackend {
         n_kv_heads: usize,
         head_dim: usize,
     ) {
-        attention_backward(
-            dq, dcache_k, dcache_v, dout, out, lse, q, cache_k, cache_v, place, capacity, n_heads,
-            n_kv_heads, head_dim,
-        )
+        profile::timed("attention_backward", || {
+            attention_backward(
+                dq, dcache_k, dcache_v, dout, out, lse, q, cache_k, cache_v, place, capacity,
+                n_heads, n_kv_heads, head_dim,
+            )
+        })
     }
 
     fn logprob_backward(
@@ -294,7 +329,9 @@ impl TrainBackend for CpuBackend {
         vocab: usize,
         temperature: f32,
     ) {
-        logprob_backward(dlogits, dlogp, logits, targets, vocab, temperature)
+        profile::timed("logprob_backward", || {
+            logprob_backward(dlogits, dlogp, logits, targets, vocab, temperature)
+        })
     }
     fn matmul_backward(
         &self,
@@ -308,10 +345,12 @@ impl TrainBackend for CpuBackend {
         k: usize,
         n: usize,
     ) {
-        matmul_backward(dx, dx_write, dw, dout, x, w, m, k, n)
+        profile::timed("matmul_backward", || {
+            matmul_backward(dx, dx_write, dw, dout, x, w, m, k, n)
+        })
     }
     fn bias_backward(&self, dbias: &mut [f32], dout: &[f32]) {
-        bias_backward(dbias, dout)
+        profile::timed("bias_backward", || bias_backward(dbias, dout))
     }
     fn rmsnorm_backward(
         &self,
@@ -324,7 +363,9 @@ impl TrainBackend for CpuBackend {
         dim: usize,
         eps: f32,
     ) {
-        rmsnorm_backward(dx, dx_write, dweight, dout, x, weight, dim, eps)
+        profile::timed("rmsnorm_backward", || {
+            rmsnorm_backward(dx, dx_write, dweight, dout, x, weight, dim, eps)
+        })
     }
     fn rope_backward(
         &self,
@@ -334,7 +375,9 @@ impl TrainBackend for CpuBackend {
         n_heads: usize,
         head_dim: usize,
     ) {
-        rope_backward(dx, positions, inv_freq, n_heads, head_dim)
+        profile::timed("rope_backward", || {
+            rope_backward(dx, positions, inv_freq, n_heads, head_dim)
+        })
     }
     fn swiglu_backward(
         &self,
@@ -344,13 +387,17 @@ impl TrainBackend for CpuBackend {
         gate: &[f32],
         up: &[f32],
     ) {
-        swiglu_backward(dgate, dup, dout, gate, up)
+        profile::timed("swiglu_backward", || {
+            swiglu_backward(dgate, dup, dout, gate, up)
+        })
     }
     fn embedding_backward(&self, dtable: &mut [f32], dout: &[f32], ids: &[u32], dim: usize) {
-        embedding_backward(dtable, dout, ids, dim)
+        profile::timed("embedding_backward", || {
+            embedding_backward(dtable, dout, ids, dim)
+        })
     }
     fn scatter_add_rows(&self, dx: &mut [f32], dout: &[f32], rows: &[usize], dim: usize) {
-        scatter_add_rows(dx, dout, rows, dim)
+        profile::timed("scatter_add_rows", || scatter_add_rows(dx, dout, rows, dim))
     }
     fn policy_loss_backward(
         &self,
@@ -364,17 +411,19 @@ impl TrainBackend for CpuBackend {
         temperature: f32,
         loss: &LossOptions,
     ) {
-        policy_loss_backward(
-            dlogits,
-            logp,
-            stats,
-            logits,
-            targets,
-            tokens,
-            vocab,
-            temperature,
-            loss,
-        )
+        profile::timed("policy_loss_backward", || {
+            policy_loss_backward(
+                dlogits,
+                logp,
+                stats,
+                logits,
+                targets,
+                tokens,
+                vocab,
+                temperature,
+                loss,
+            )
+        })
     }
     fn group_advantages(
         &self,
@@ -383,13 +432,15 @@ impl TrainBackend for CpuBackend {
         group_size: usize,
         opts: &AdvantageOptions,
     ) {
-        group_advantages(out, rewards, group_size, opts)
+        profile::timed("group_advantages", || {
+            group_advantages(out, rewards, group_size, opts)
+        })
     }
     fn column_sums(&self, out: &mut [f32], x: &[f32], cols: usize) {
-        column_sums(out, x, cols)
+        profile::timed("column_sums", || column_sums(out, x, cols))
     }
     fn sum_squares(&self, out: &mut [f32], x: &[f32]) {
-        sum_squares(out, x)
+        profile::timed("sum_squares", || sum_squares(out, x))
     }
     fn adamw_step(
         &self,
@@ -400,6 +451,8 @@ impl TrainBackend for CpuBackend {
         grads: &[f32],
         step: &crate::optim::AdamWStep,
     ) {
-        adamw_step(params, master, m, v, grads, step)
+        profile::timed("adamw_step", || {
+            adamw_step(params, master, m, v, grads, step)
+        })
     }
 }
