@@ -921,8 +921,14 @@ fn bench_step_profile_on_the_cpu_counts_and_times_every_op() {
     };
     let (layers, new_tokens) = (8, 5);
     let products = 7 * layers + 1;
-    assert_eq!(calls("rollout_ops", "matmul_forward"), products * new_tokens);
-    assert_eq!(calls("rollout_ops", "attention_forward"), layers * new_tokens);
+    assert_eq!(
+        calls("rollout_ops", "matmul_forward"),
+        products * new_tokens
+    );
+    assert_eq!(
+        calls("rollout_ops", "attention_forward"),
+        layers * new_tokens
+    );
     assert_eq!(calls("rollout_ops", "sample_tokens"), new_tokens);
     assert_eq!(calls("rollout_ops", "matmul_backward"), 0);
     assert_eq!(calls("update_ops", "matmul_backward"), products);
@@ -933,9 +939,15 @@ fn bench_step_profile_on_the_cpu_counts_and_times_every_op() {
         let ops = profile[format!("{phase}_ops")].as_array().unwrap();
         let seconds: Vec<f64> = ops.iter().map(|o| o["seconds"].as_f64().unwrap()).collect();
         assert!(seconds.iter().all(|&s| s >= 0.0), "{ops:?}");
-        assert!(seconds.windows(2).all(|w| w[0] >= w[1]), "largest first: {ops:?}");
+        assert!(
+            seconds.windows(2).all(|w| w[0] >= w[1]),
+            "largest first: {ops:?}"
+        );
         let wall = profile[format!("{phase}_s")].as_f64().unwrap();
-        assert!(seconds.iter().sum::<f64>() <= wall, "{phase}: {ops:?} in {wall} s");
+        assert!(
+            seconds.iter().sum::<f64>() <= wall,
+            "{phase}: {ops:?} in {wall} s"
+        );
     }
 }
 

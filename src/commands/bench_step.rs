@@ -187,7 +187,10 @@ pub fn run_on<B: TrainBackend>(
     let mut opt = DeviceOptimizer::with_placement(&model.backend, adam, host, args.offload)?;
     if args.profile {
         if !model.backend.start_op_profile() {
-            bail!("--profile: the {} backend cannot time its ops", model.backend.name());
+            bail!(
+                "--profile: the {} backend cannot time its ops",
+                model.backend.name()
+            );
         }
         model.backend.take_op_profile()?;
     }

@@ -10,9 +10,11 @@
 use rayon::prelude::*;
 use std::arch::x86_64::{
     __m256, __m512, __mmask16, _mm256_castps256_ps128, _mm256_extractf128_ps, _mm256_fmadd_ps,
-    _mm256_loadu_ps, _mm256_set1_ps, _mm256_setzero_ps, _mm256_storeu_ps, _mm512_fmadd_ps,
-    _mm512_maskz_loadu_ps, _mm512_reduce_add_ps, _mm512_setzero_ps, _mm_add_ps, _mm_add_ss,
-    _mm_cvtss_f32, _mm_movehl_ps, _mm_shuffle_ps,
+    _mm256_loadu_ps, _mm256_set1_ps, _mm256_setzero_ps, _mm256_storeu_ps, _mm512_add_ps,
+    _mm512_fmadd_ps, _mm512_maskz_loadu_ps, _mm512_reduce_add_ps, _mm512_setzero_ps,
+    _mm512_shuffle_f32x4, _mm512_shuffle_ps, _mm512_storeu_ps, _mm512_unpackhi_ps,
+    _mm512_unpacklo_ps, _mm_add_ps, _mm_add_ss, _mm_cvtss_f32, _mm_movehl_ps, _mm_prefetch,
+    _mm_shuffle_ps, _MM_HINT_T0,
 };
 use std::ops::Range;
 
@@ -24,6 +26,8 @@ pub const MAX_ROWS: usize = 64;
 /// Weight rows per block (the kernel's register tile is `W_ROWS` × `X_ROWS` accumulators).
 const W_ROWS: usize = 4;
 const X_ROWS: usize = 2;
+/// A multiple of every block's weight rows (the tasks split the columns at whole blocks).
+const BLOCK_COLS: usize = 16;
 /// f32 lanes of an AVX2 register.
 const LANES: usize = 8;
 /// Products below this many multiply-adds, of weights below this many values, run on the
@@ -54,8 +58,8 @@ pub(super) fn matmul_few_rows(out: &mut [f32], x: &[f32], w: &[f32], m: usize, k
     }
     check(out, x, w);
     let out = OutPtr(out.as_mut_ptr());
-    // One task per thread, each a range of output columns (whole weight blocks).
-    let per_task = n.div_ceil(threads).div_ceil(W_ROWS) * W_ROWS;
+    // One task per thread, each a range of output columns (whole weight blocks of any width).
+    let per_task = n.div_ceil(threads).div_ceil(BLOCK_COLS) * BLOCK_COLS;
     (0..n.div_ceil(per_task)).into_par_iter().for_each(|t| {
         let cols = t * per_task..((t + 1) * per_task).min(n);
         // SAFETY: the CPU has AVX2 and FMA and the operands fit (`check`); the tasks write
@@ -151,10 +155,40 @@ unsafe fn columns_avx2(out: OutPtr, x: Rows, w: Rows, cols: Range<usize>) {
 
 #[target_feature(enable = "avx512f,avx2,fma")]
 unsafe fn columns_avx512(out: OutPtr, x: Rows, w: Rows, cols: Range<usize>) {
-    if x.rows == 1 {
-        columns_in_blocks::<{ 2 * W_ROWS }, true>(out, x, w, cols)
-    } else {
-        columns_in_blocks::<W_ROWS, true>(out, x, w, cols)
+    // Tiles of 16 accumulators: as many weight rows as the rows of x leave room for.
+    match x.rows {
+        1 => columns_in_tiles16::<16, 1>(out, x, w, cols),
+        2 | 3 => columns_in_tiles16::<8, 2>(out, x, w, cols),
+        _ => columns_in_tiles16::<4, 4>(out, x, w, cols),
+    }
+}
+
+/// `columns` in blocks of R weight rows, each against C rows of x at a time (`tile16`); the
+/// rows of x past the last whole C, and the weight rows past the last whole block, one by one.
+#[inline(always)]
+unsafe fn columns_in_tiles16<const R: usize, const C: usize>(
+    out: OutPtr,
+    x: Rows,
+    w: Rows,
+    cols: Range<usize>,
+) {
+    let mut j = cols.start;
+    while j + R <= cols.end {
+        let mut i = 0;
+        // The first tile of the block fetches the next block's weights into the cache for the
+        // tiles after it (they stream from memory: a decode step reads every weight once).
+        let next = (j + 2 * R <= cols.end).then(|| w.row_ptr(j + R));
+        while i + C <= x.rows {
+            tile16::<R, C>(out, x, w, i, j, if i == 0 { next } else { None });
+            i += C;
+        }
+        for i in i..x.rows {
+            tile_avx512::<R, 1>(out, x, w, i, j);
+        }
+        j += R;
+    }
+    for j in j..cols.end {
+        rows_against::<1, true>(out, x, w, j);
     }
 }
 
@@ -242,6 +276,110 @@ unsafe fn tile_avx512<const R: usize, const C: usize>(
             *out.0.add((i + c) * w.rows + j + r) = _mm512_reduce_add_ps(*acc);
         }
     }
+}
+
+/// `tile_avx512` for R·C = 16 dot products, whose 16 vectors are summed together into one
+/// (`sum_lanes_16`) instead of one by one: at a decode step's row lengths (K = 256) summing each
+/// alone took about a third as long as the products.
+#[inline(always)]
+unsafe fn tile16<const R: usize, const C: usize>(
+    out: OutPtr,
+    x: Rows,
+    w: Rows,
+    i: usize,
+    j: usize,
+    prefetch: Option<*const f32>,
+) {
+    const WIDE_LANES: usize = 16;
+    const { assert!(R * C == WIDE_LANES) };
+    let x_rows: [*const f32; C] = std::array::from_fn(|c| x.row_ptr(i + c));
+    let w_rows: [*const f32; R] = std::array::from_fn(|r| w.row_ptr(j + r));
+    let len = x.len;
+    let mut acc = [[_mm512_setzero_ps(); R]; C];
+    let mut p = 0;
+    while p + WIDE_LANES <= len {
+        if let Some(next) = prefetch {
+            for r in 0..R {
+                _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(r * w.stride + p) as *const i8);
+            }
+        }
+        tile16_step(&mut acc, &x_rows, &w_rows, p, u16::MAX);
+        p += WIDE_LANES;
+    }
+    if p < len {
+        tile16_step(&mut acc, &x_rows, &w_rows, p, (1u16 << (len - p)) - 1);
+    }
+    // Lane c·R + r: out[i + c, j + r].
+    let mut by_lane = [_mm512_setzero_ps(); WIDE_LANES];
+    for (lane, v) in by_lane.iter_mut().enumerate() {
+        *v = acc[lane / R][lane % R];
+    }
+    let sums = sum_lanes_16(by_lane);
+    let mut lanes = [0.0f32; WIDE_LANES];
+    _mm512_storeu_ps(lanes.as_mut_ptr(), sums);
+    for (c, row) in lanes.chunks_exact(R).enumerate() {
+        std::ptr::copy_nonoverlapping(row.as_ptr(), out.0.add((i + c) * w.rows + j), R);
+    }
+}
+
+/// acc[c][r] += x row c · w row r over the 16 (masked) values from p. No closures around the
+/// intrinsics here and in `sum_lanes_16`: a closure does not take its caller's target features,
+/// and these were left uninlined, every intrinsic a call (decode ran 12× slower).
+#[inline(always)]
+unsafe fn tile16_step<const R: usize, const C: usize>(
+    acc: &mut [[__m512; R]; C],
+    x_rows: &[*const f32; C],
+    w_rows: &[*const f32; R],
+    p: usize,
+    mask: __mmask16,
+) {
+    let mut xv = [_mm512_setzero_ps(); C];
+    for (xv, row) in xv.iter_mut().zip(x_rows) {
+        *xv = _mm512_maskz_loadu_ps(mask, row.add(p));
+    }
+    for (r, row) in w_rows.iter().enumerate() {
+        let wv = _mm512_maskz_loadu_ps(mask, row.add(p));
+        for (acc, xv) in acc.iter_mut().zip(&xv) {
+            acc[r] = _mm512_fmadd_ps(wv, *xv, acc[r]);
+        }
+    }
+}
+
+/// Lane p of the result: the sum of the lanes of v[p]. A tree of 15 adds (and 30 shuffles)
+/// instead of 16 reductions of 4 adds each.
+#[inline(always)]
+unsafe fn sum_lanes_16(v: [__m512; 16]) -> __m512 {
+    // The tree leaves its input m's sum in lane 4·(m % 4) + m / 4: it takes v in that order.
+    let mut t = [_mm512_setzero_ps(); 16];
+    for (m, t) in t.iter_mut().enumerate() {
+        *t = v[4 * (m % 4) + m / 4];
+    }
+    // Pairs: each vector's two 256-bit halves added, the pair's results side by side (128-bit
+    // blocks 0, 1: the first vector's 8 partial sums; 2, 3: the second's).
+    let mut halves = [_mm512_setzero_ps(); 8];
+    for (h, pair) in halves.iter_mut().zip(t.chunks_exact(2)) {
+        let lo = _mm512_shuffle_f32x4::<0x44>(pair[0], pair[1]);
+        *h = _mm512_add_ps(lo, _mm512_shuffle_f32x4::<0xEE>(pair[0], pair[1]));
+    }
+    // Fours: 128-bit block l holds 4 partial sums of input 4n + l.
+    let mut quarters = [_mm512_setzero_ps(); 4];
+    for (q, pair) in quarters.iter_mut().zip(halves.chunks_exact(2)) {
+        let even = _mm512_shuffle_f32x4::<0x88>(pair[0], pair[1]);
+        *q = _mm512_add_ps(even, _mm512_shuffle_f32x4::<0xDD>(pair[0], pair[1]));
+    }
+    // Within each 128-bit block l: lane k of it = the sum of quarters[k]'s 4 values there.
+    let ab = _mm512_add_ps(
+        _mm512_unpacklo_ps(quarters[0], quarters[1]),
+        _mm512_unpackhi_ps(quarters[0], quarters[1]),
+    );
+    let cd = _mm512_add_ps(
+        _mm512_unpacklo_ps(quarters[2], quarters[3]),
+        _mm512_unpackhi_ps(quarters[2], quarters[3]),
+    );
+    _mm512_add_ps(
+        _mm512_shuffle_ps::<0x44>(ab, cd),
+        _mm512_shuffle_ps::<0xEE>(ab, cd),
+    )
 }
 
 /// out[i..i+C, j..j+R] = x rows i..i+C · w rows j..j+Rᵀ: R·C dot products, LANES wide in
@@ -434,10 +572,20 @@ mod tests {
             return;
         }
         // K: below 8, 8 + a tail, 16 + a tail, whole 16-lane vectors, many + a tail
-        for (case, &(m, k, n)) in [(1, 5, 9), (3, 13, 10), (2, 19, 5), (1, 32, 17), (5, 300, 9)]
-            .iter()
-            .enumerate()
-        {
+        // 16-accumulator tiles: 16 × 1 (M = 1), 8 × 2 (M = 2, 3), 4 × 4 (M ≥ 4), with row and
+        // column tails.
+        let cases = [
+            (1, 5, 9),
+            (3, 13, 10),
+            (2, 19, 5),
+            (1, 32, 17),
+            (5, 300, 9),
+            (1, 40, 50),
+            (2, 16, 24),
+            (6, 41, 37),
+            (17, 70, 35),
+        ];
+        for (case, &(m, k, n)) in cases.iter().enumerate() {
             let (x, w) = (values(m * k, case as u64), values(n * k, 50 + case as u64));
             let want = reference(&x, &w, m, k, n);
             let mut out = vec![0.0; m * n];
@@ -452,6 +600,26 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn sum_lanes_16_puts_each_vectors_sum_in_its_lane() {
+        if !is_x86_feature_detected!("avx512f") {
+            eprintln!("skipped: this CPU lacks AVX-512F");
+            return;
+        }
+        // Vector p's lanes: p · 1000 + lane² (exact in f32, distinct sums).
+        let lanes: Vec<[f32; 16]> = (0..16)
+            .map(|p| std::array::from_fn(|l| (p * 1000 + l * l) as f32))
+            .collect();
+        let mut got = [0.0f32; 16];
+        // SAFETY: the CPU has AVX-512F; each load reads 16 floats of a [f32; 16].
+        unsafe {
+            let v = std::array::from_fn(|p| std::arch::x86_64::_mm512_loadu_ps(lanes[p].as_ptr()));
+            _mm512_storeu_ps(got.as_mut_ptr(), sum_lanes_16(v));
+        }
+        let want: Vec<f32> = lanes.iter().map(|v| v.iter().sum()).collect();
+        assert_eq!(got.to_vec(), want);
     }
 
     /// Every tile shape and tail: odd M (a 1-row tile), N not a multiple of 4 (1-column

@@ -33,9 +33,7 @@ pub use rope::{rope_backward, rope_forward, rope_forward_with_bias};
 pub use sampling::sample_tokens;
 pub use swiglu::{swiglu_backward, swiglu_forward};
 
-use super::{
-    Backend, GradWrite, HeadNorms, OpTime, PolicyTokens, TokenPlacement, TrainBackend,
-};
+use super::{Backend, GradWrite, HeadNorms, OpTime, PolicyTokens, TokenPlacement, TrainBackend};
 use crate::grpo::{AdvantageOptions, LossOptions};
 use crate::sampling::{SamplingParams, TokenDraws};
 use anyhow::{bail, Result};

@@ -2,6 +2,11 @@
 //! specification itself, `crate::sampling::sample`, row by row.
 
 use crate::sampling::{drawable, sample, token_logprob, SamplingParams, TokenDraws};
+use rayon::prelude::*;
+
+/// Logits below this many are drawn on the calling thread (waking the pool costs ~15 µs, about
+/// 4K logits' worth of exponentials).
+const PARALLEL_LOGITS: usize = 1 << 14;
 
 /// out[r] = sample(logits[r], params, draws.uniform(r)) as a float id, logp[r] = its
 /// log-probability at the temperature (0 when greedy); both NaN for a row that is not
@@ -18,18 +23,32 @@ pub fn sample_tokens(
         out.len() == draws.rows() && logp.len() == out.len() && logits.len() == out.len() * vocab,
         "sample_tokens: out [R], logp [R], draws [R] and logits [R, vocab] disagree"
     );
-    for (r, row) in logits.chunks_exact(vocab).enumerate() {
+    let draw_row = |r: usize, row: &[f32], out: &mut f32, logp: &mut f32| {
         if !drawable(row) {
-            out[r] = f32::NAN;
-            logp[r] = f32::NAN;
-            continue;
+            *out = f32::NAN;
+            *logp = f32::NAN;
+            return;
         }
         let token = sample(row, params, draws.uniform(r));
-        out[r] = token as f32;
-        logp[r] = if params.temperature == 0.0 {
+        *out = token as f32;
+        *logp = if params.temperature == 0.0 {
             0.0
         } else {
             token_logprob(row, token, params.temperature)
         };
+    };
+    // Rows are independent: in parallel when there is enough to share (a decode step of a batch
+    // of sequences), each row the same arithmetic whatever the split.
+    if logits.len() < PARALLEL_LOGITS {
+        for (r, ((row, out), logp)) in logits.chunks_exact(vocab).zip(out).zip(logp).enumerate() {
+            draw_row(r, row, out, logp);
+        }
+    } else {
+        logits
+            .par_chunks_exact(vocab)
+            .zip(out)
+            .zip(logp)
+            .enumerate()
+            .for_each(|(r, ((row, out), logp))| draw_row(r, row, out, logp));
     }
 }
