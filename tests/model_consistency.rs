@@ -153,6 +153,18 @@ fn attention_matches_float64_reference() {
     });
 }
 
+/// A decode step of 9 sequences, 33 to 97 keys each, against float64.
+#[test]
+fn decode_attention_over_many_slots_matches_float64_reference() {
+    let place = TokenPlacement {
+        slots: (0..9).collect(),
+        positions: (0..9).map(|s| 32 + 8 * s).collect(),
+    };
+    for hd in [8, 44] {
+        check_attention_with_head_dim(place.clone(), hd);
+    }
+}
+
 fn check_attention_against_f64(place: TokenPlacement) {
     check_attention_with_head_dim(place, 8);
 }
@@ -163,8 +175,9 @@ fn check_attention_with_head_dim(place: TokenPlacement, hd: usize) {
     let mut rng = Philox::new(9, 0);
     let mut rand = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.next_normal()).collect() };
     let q = rand(place.slots.len() * n_heads * hd);
-    let ck = rand(2 * cap * n_kv * hd);
-    let cv = rand(2 * cap * n_kv * hd);
+    let slots = *place.slots.iter().max().unwrap() as usize + 1;
+    let ck = rand(slots * cap * n_kv * hd);
+    let cv = rand(slots * cap * n_kv * hd);
     let mut out = vec![0.0; q.len()];
     let mut lse = vec![0.0; place.slots.len() * n_heads];
     attention_forward(

@@ -4,6 +4,7 @@
 //! position p of slot s attends to positions 0..=p of that slot, so a prefill (all prompt tokens
 //! written first) and a decode step (one new token per sequence) are the same computation.
 
+use super::exp::exp_in_place;
 use super::product::{product_into, Strided, Threads};
 use crate::backend::TokenPlacement;
 use rayon::prelude::*;
@@ -184,11 +185,9 @@ fn tokens_by_slot(place: &TokenPlacement, slots: usize) -> Vec<Vec<usize>> {
 /// Softmax of scores[0..len] in place (shifted by the max, f32); returns log Σ exp(scores).
 fn softmax_prefix(scores: &mut [f32]) -> f32 {
     let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut denom = 0.0;
-    for s in scores.iter_mut() {
-        *s = (*s - max).exp();
-        denom += *s;
-    }
+    scores.iter_mut().for_each(|s| *s -= max);
+    exp_in_place(scores);
+    let denom: f32 = scores.iter().sum();
     scores.iter_mut().for_each(|s| *s /= denom);
     max + denom.ln()
 }
@@ -392,9 +391,8 @@ fn block_backward(
         .zip(&rows.positions)
         .zip(&rows.lse)
     {
-        row[..=pos]
-            .iter_mut()
-            .for_each(|s| *s = (*s - row_lse).exp());
+        row[..=pos].iter_mut().for_each(|s| *s -= row_lse);
+        exp_in_place(&mut row[..=pos]);
         row[pos + 1..].fill(0.0);
     }
     let p_t = Strided::rows(&p, n, len_b).t();

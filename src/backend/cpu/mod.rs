@@ -4,6 +4,7 @@
 
 mod attention;
 mod embedding;
+mod exp;
 #[cfg(target_arch = "x86_64")]
 mod gemm_avx512;
 mod logprob;

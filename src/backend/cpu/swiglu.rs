@@ -1,5 +1,6 @@
 //! The SwiGLU activation of the MLP: silu(gate) · up.
 
+use super::exp::exp_in_place;
 use super::ELEMENTS_PER_TASK;
 use rayon::prelude::*;
 
@@ -15,8 +16,11 @@ pub fn swiglu_forward(out: &mut [f32], gate: &[f32], up: &[f32]) {
                 .zip(up.par_chunks(ELEMENTS_PER_TASK)),
         )
         .for_each(|(o, (g, u))| {
+            // exp(−gate) first, in out.
+            o.iter_mut().zip(g).for_each(|(o, g)| *o = -g);
+            exp_in_place(o);
             for ((o, g), u) in o.iter_mut().zip(g).zip(u) {
-                *o = g / (1.0 + (-g).exp()) * u;
+                *o = g / (1.0 + *o) * u;
             }
         });
 }
@@ -30,13 +34,19 @@ pub fn swiglu_backward(dgate: &mut [f32], dup: &mut [f32], dout: &[f32], gate: &
         "swiglu_backward: size mismatch"
     );
     dgate
-        .par_iter_mut()
-        .zip(dup.par_iter_mut())
+        .par_chunks_mut(ELEMENTS_PER_TASK)
+        .zip(dup.par_chunks_mut(ELEMENTS_PER_TASK))
         .enumerate()
-        .for_each(|(i, (dg, du))| {
-            let g = gate[i];
-            let s = 1.0 / (1.0 + (-g).exp());
-            *dg = dout[i] * up[i] * s * (1.0 + g * (1.0 - s));
-            *du = dout[i] * g * s;
+        .for_each(|(chunk, (dg, du))| {
+            let at = chunk * ELEMENTS_PER_TASK..chunk * ELEMENTS_PER_TASK + dg.len();
+            let (dout, gate, up) = (&dout[at.clone()], &gate[at.clone()], &up[at]);
+            // exp(−gate) first, in dgate.
+            dg.iter_mut().zip(gate).for_each(|(e, g)| *e = -g);
+            exp_in_place(dg);
+            for (i, (dg, du)) in dg.iter_mut().zip(du).enumerate() {
+                let (g, s) = (gate[i], 1.0 / (1.0 + *dg));
+                *dg = dout[i] * up[i] * s * (1.0 + g * (1.0 - s));
+                *du = dout[i] * g * s;
+            }
         });
 }
