@@ -15,6 +15,7 @@ pub mod cuda;
 pub mod curriculum;
 pub mod datasets;
 pub mod demo;
+pub mod exp;
 pub mod generate;
 pub mod grpo;
 pub mod model;

@@ -1,5 +1,7 @@
 //! Choosing the next token from a row of logits, and the log-probability of a chosen token.
 
+use crate::exp::exp_f64_in_place;
+
 /// Decoding settings. temperature 0 = greedy; top_k 0 = off; top_p 1 = off.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SamplingParams {
@@ -109,10 +111,8 @@ pub fn sample(logits: &[f32], params: &SamplingParams, u: f64) -> u32 {
     let inv_t = 1.0 / params.temperature as f64;
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
     // Unnormalised probabilities at temperature τ, in f64.
-    let mut probs: Vec<f64> = logits
-        .iter()
-        .map(|&z| ((z as f64 - max) * inv_t).exp())
-        .collect();
+    let mut probs: Vec<f64> = logits.iter().map(|&z| (z as f64 - max) * inv_t).collect();
+    exp_f64_in_place(&mut probs);
 
     let vocab = logits.len();
     let restrict_k = params.top_k > 0 && params.top_k < vocab;
@@ -159,7 +159,17 @@ pub fn sample(logits: &[f32], params: &SamplingParams, u: f64) -> u32 {
 pub fn token_logprob(logits: &[f32], token: u32, temperature: f32) -> f32 {
     let inv_t = 1.0 / temperature as f64;
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64 * inv_t;
-    let sum: f64 = logits.iter().map(|&z| (z as f64 * inv_t - max).exp()).sum();
+    // The exponentials a chunk at a time (vectorized), summed in index order.
+    let mut sum = 0.0f64;
+    let mut e = [0.0f64; 256];
+    for z in logits.chunks(e.len()) {
+        let e = &mut e[..z.len()];
+        e.iter_mut()
+            .zip(z)
+            .for_each(|(e, &z)| *e = z as f64 * inv_t - max);
+        exp_f64_in_place(e);
+        e.iter().for_each(|&e| sum += e);
+    }
     (logits[token as usize] as f64 * inv_t - max - sum.ln()) as f32
 }
 

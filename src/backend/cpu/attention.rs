@@ -4,9 +4,9 @@
 //! position p of slot s attends to positions 0..=p of that slot, so a prefill (all prompt tokens
 //! written first) and a decode step (one new token per sequence) are the same computation.
 
-use super::exp::exp_in_place;
 use super::product::{product_into, Strided, Threads};
 use crate::backend::TokenPlacement;
+use crate::exp::exp_in_place;
 use rayon::prelude::*;
 use std::ops::Range;
 

@@ -1,7 +1,11 @@
 //! Log-probability of the chosen token at temperature τ, its gradient, and the entropy of the
 //! tempered distribution (for the training logs).
 
+use crate::exp::exp_f64_in_place;
 use rayon::prelude::*;
+
+/// Values per chunk of a row whose exponentials are taken together (on the stack).
+const CHUNK: usize = 256;
 
 /// logp[r] = log softmax(logits[r] / τ)[targets[r]];  entropy[r] = −Σ p log p of that softmax.
 /// logits: [R, V]; targets, logp, entropy: [R]. Sums in f64.
@@ -39,11 +43,19 @@ pub(super) struct RowStats {
 pub(super) fn row_stats(z: &[f32], inv_t: f64) -> RowStats {
     let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64 * inv_t;
     let (mut sum, mut sum_s) = (0.0f64, 0.0f64);
-    for &v in z {
-        let s = v as f64 * inv_t - max;
-        let e = s.exp();
-        sum += e;
-        sum_s += e * s;
+    // The exponentials a chunk at a time (vectorized), the sums in index order.
+    let (mut s, mut e) = ([0.0f64; CHUNK], [0.0f64; CHUNK]);
+    for z in z.chunks(CHUNK) {
+        let (s, e) = (&mut s[..z.len()], &mut e[..z.len()]);
+        s.iter_mut()
+            .zip(z)
+            .for_each(|(s, &v)| *s = v as f64 * inv_t - max);
+        e.copy_from_slice(s);
+        exp_f64_in_place(e);
+        for (&e, &s) in e.iter().zip(s.iter()) {
+            sum += e;
+            sum_s += e * s;
+        }
     }
     RowStats { max, sum, sum_s }
 }
@@ -70,10 +82,22 @@ pub(super) fn row_logprob_backward(
 ) {
     let RowStats { max, sum, .. } = *stats;
     let g = g as f64 * inv_t;
-    for (i, (d, &v)) in dz.iter_mut().zip(z).enumerate() {
-        let p = (v as f64 * inv_t - max).exp() / sum;
-        let onehot = if i == y as usize { 1.0 } else { 0.0 };
-        *d = (g * (onehot - p)) as f32;
+    let mut e = [0.0f64; CHUNK];
+    for (chunk, (dz, z)) in dz.chunks_mut(CHUNK).zip(z.chunks(CHUNK)).enumerate() {
+        let e = &mut e[..z.len()];
+        e.iter_mut()
+            .zip(z)
+            .for_each(|(e, &v)| *e = v as f64 * inv_t - max);
+        exp_f64_in_place(e);
+        for (i, (d, &e)) in dz.iter_mut().zip(e.iter()).enumerate() {
+            let p = e / sum;
+            let onehot = if chunk * CHUNK + i == y as usize {
+                1.0
+            } else {
+                0.0
+            };
+            *d = (g * (onehot - p)) as f32;
+        }
     }
 }
 

@@ -4,7 +4,6 @@
 
 mod attention;
 mod embedding;
-mod exp;
 #[cfg(target_arch = "x86_64")]
 mod gemm_avx512;
 mod logprob;

@@ -1,7 +1,7 @@
 //! The SwiGLU activation of the MLP: silu(gate) · up.
 
-use super::exp::exp_in_place;
 use super::ELEMENTS_PER_TASK;
+use crate::exp::exp_in_place;
 use rayon::prelude::*;
 
 /// gate, up, out: [M, I].
