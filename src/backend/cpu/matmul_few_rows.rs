@@ -4,8 +4,11 @@
 //! The `gemm` crate packs its operands for every product, which costs more than the product
 //! itself when x has 2 to 64 rows (on a 2-core EPYC: [4, 256] · [1024, 256]ᵀ took 60 µs with
 //! it, 20 µs here; `bench/results/cpu_decode_2026-11-28.md`). Here each weight row is read once
-//! for all rows of x: a block of 4 weight rows against 2 rows of x keeps 8 vector accumulators
-//! in registers, so a load feeds 1⅓ FMAs, and the x rows (at most 64 · K floats) stay in cache.
+//! for all rows of x, and the x rows (at most 64 · K floats) stay in cache. With AVX2 a block of
+//! 4 weight rows against 2 rows of x keeps 8 vector accumulators in registers (a load feeds 1⅓
+//! FMAs). With AVX-512 a tile keeps 16 (16 weight rows × 1 row of x, 8 × 2 or 4 × 4, by the rows
+//! of x), sums them in one shuffle tree, and the first tile of each weight block prefetches the
+//! next block (decode at batch 4 to 32 ran 1.3–1.7× faster: `bench/results/cpu_exp_2026-11-28.md`).
 
 use rayon::prelude::*;
 use std::arch::x86_64::{
@@ -279,8 +282,10 @@ unsafe fn tile_avx512<const R: usize, const C: usize>(
 }
 
 /// `tile_avx512` for R·C = 16 dot products, whose 16 vectors are summed together into one
-/// (`sum_lanes_16`) instead of one by one: at a decode step's row lengths (K = 256) summing each
-/// alone took about a third as long as the products.
+/// (`sum_lanes_16`: 45 instructions) instead of one by one (about 8 each), which at a decode
+/// step's row lengths (K = 256: 16 steps of 1 + (R + C)/16 loads per product) is a large part of
+/// the work. `prefetch`: the first weight row of the next block, whose rows are fetched into
+/// the cache a line per step.
 #[inline(always)]
 unsafe fn tile16<const R: usize, const C: usize>(
     out: OutPtr,
@@ -324,7 +329,7 @@ unsafe fn tile16<const R: usize, const C: usize>(
 
 /// acc[c][r] += x row c · w row r over the 16 (masked) values from p. No closures around the
 /// intrinsics here and in `sum_lanes_16`: a closure does not take its caller's target features,
-/// and these were left uninlined, every intrinsic a call (decode ran 12× slower).
+/// and these were left uninlined, every intrinsic a call (a decode step took 12–17× as long).
 #[inline(always)]
 unsafe fn tile16_step<const R: usize, const C: usize>(
     acc: &mut [[__m512; R]; C],
