@@ -119,7 +119,7 @@ unsafe fn map_avx2<T: Exp>(values: &mut [T]) {
 }
 
 /// ln 2 split in two for f64: n · LN2_HI_F64 is exact for |n| ≤ 2¹¹.
-const LN2_HI_F64: f64 = 6.931_471_803_691_238_2e-1;
+const LN2_HI_F64: f64 = 6.931_471_803_691_238e-1;
 const LN2_LO_F64: f64 = 1.908_214_929_270_587_7e-10;
 /// 1/k! for k = 13 down to 2: e^r ≈ 1 + r + r²·Σ r^(k−2)/k!.
 const INV_FACTORIALS: [f64; 12] = [
