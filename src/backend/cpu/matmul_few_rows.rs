@@ -150,9 +150,9 @@ unsafe fn columns(out: OutPtr, x: Rows, w: Rows, cols: Range<usize>) {
 unsafe fn columns_avx2(out: OutPtr, x: Rows, w: Rows, cols: Range<usize>) {
     // One row of x: twice the weight rows per block, for as many independent accumulators.
     if x.rows == 1 {
-        columns_in_blocks::<{ 2 * W_ROWS }, false>(out, x, w, cols)
+        columns_in_blocks::<{ 2 * W_ROWS }>(out, x, w, cols)
     } else {
-        columns_in_blocks::<W_ROWS, false>(out, x, w, cols)
+        columns_in_blocks::<W_ROWS>(out, x, w, cols)
     }
 }
 
@@ -195,21 +195,16 @@ unsafe fn columns_in_tiles16<const R: usize, const C: usize>(
     }
 }
 
-/// `columns` with blocks of R weight rows, then single rows; WIDE: 16-lane tiles.
+/// `columns` with blocks of R weight rows, then single rows, in 8-lane tiles.
 #[inline(always)]
-unsafe fn columns_in_blocks<const R: usize, const WIDE: bool>(
-    out: OutPtr,
-    x: Rows,
-    w: Rows,
-    cols: Range<usize>,
-) {
+unsafe fn columns_in_blocks<const R: usize>(out: OutPtr, x: Rows, w: Rows, cols: Range<usize>) {
     let mut j = cols.start;
     while j + R <= cols.end {
-        rows_against::<R, WIDE>(out, x, w, j);
+        rows_against::<R, false>(out, x, w, j);
         j += R;
     }
     for j in j..cols.end {
-        rows_against::<1, WIDE>(out, x, w, j);
+        rows_against::<1, false>(out, x, w, j);
     }
 }
 
