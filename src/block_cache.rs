@@ -16,6 +16,11 @@
 //! cached blocks stay resident between their uses, so the peak resident memory can grow (the
 //! demo's curriculum runs: about 255 → 325–355 MiB); `THINKSHORT_BLOCK_CACHE=0` turns the cache
 //! off (main.rs).
+//!
+//! A block the cache has to get from the system is advised for transparent huge pages
+//! (`ask_for_huge_pages`), so the blocks it could not keep fault in 2 MiB at a time: `bench step`
+//! of the 10M model (3 steps and the warm-up) took 570K page faults before, 94K after, and its
+//! median step 2.41 → 2.30 s over three alternated rounds (2026-11-28).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -188,11 +193,37 @@ fn release(b: Block) {
 
 unsafe fn new_block(layout: Layout, zeroed: bool) -> *mut u8 {
     // SAFETY: forwarded from the caller's GlobalAlloc contract (layout.size() > 0).
-    unsafe {
+    let ptr = unsafe {
         if zeroed {
             System.alloc_zeroed(layout)
         } else {
             System.alloc(layout)
+        }
+    };
+    if !ptr.is_null() {
+        ask_for_huge_pages(ptr, layout.size());
+    }
+    ptr
+}
+
+/// Asks Linux to back the whole 2 MiB pages inside a new block with transparent huge pages
+/// (where `transparent_hugepage/enabled` is `madvise`, the common default, only advised memory
+/// gets them): its pages then fault in 2 MiB at a time instead of 4 KiB. A refusal changes
+/// nothing, so its result is ignored.
+#[cfg_attr(not(target_os = "linux"), allow(unused_variables))]
+fn ask_for_huge_pages(ptr: *mut u8, size: usize) {
+    #[cfg(target_os = "linux")]
+    {
+        // A transparent huge page (x86-64, and aarch64 with 4 KiB pages).
+        const HUGE_PAGE: usize = 2 << 20;
+        let start = (ptr as usize).next_multiple_of(HUGE_PAGE);
+        let end = (ptr as usize + size) / HUGE_PAGE * HUGE_PAGE;
+        if end > start {
+            // SAFETY: the range lies inside the block the system allocator just handed us;
+            // MADV_HUGEPAGE changes how its pages are backed, not their contents.
+            unsafe {
+                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
+            }
         }
     }
 }
