@@ -153,6 +153,20 @@ fn attention_matches_float64_reference() {
     });
 }
 
+/// Query heads that do not split evenly over the KV heads are refused with the op's name and
+/// both counts (as the CUDA launchers refuse them), not left to an index out of range.
+#[test]
+#[should_panic(expected = "attention_forward: n_heads (6) is not a multiple of n_kv_heads (4)")]
+fn attention_refuses_query_heads_that_do_not_split_over_the_kv_heads() {
+    let place = TokenPlacement {
+        slots: vec![0],
+        positions: vec![0],
+    };
+    let (q, cache) = (vec![0.0; 6 * 8], vec![0.0; 4 * 8]);
+    let mut out = vec![0.0; q.len()];
+    attention_forward(&mut out, None, &q, &cache, &cache, &place, 1, 6, 4, 8);
+}
+
 /// A decode step of 9 sequences, 33 to 97 keys each, against float64.
 #[test]
 fn decode_attention_over_many_slots_matches_float64_reference() {

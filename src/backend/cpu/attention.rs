@@ -67,12 +67,7 @@ pub fn attention_forward(
         q.len(),
         "attention_forward: out and q differ in size"
     );
-    let shape = AttentionShape {
-        capacity,
-        n_heads,
-        n_kv_heads,
-        head_dim,
-    };
+    let shape = AttentionShape::new("attention_forward", capacity, n_heads, n_kv_heads, head_dim);
     let slots = cache_k.len() / (capacity * shape.kv_dim());
     let by_slot = tokens_by_slot(place, slots);
     let group = n_heads / n_kv_heads;
@@ -150,6 +145,26 @@ struct AttentionShape {
 }
 
 impl AttentionShape {
+    /// Panics, naming `op`, unless every size is positive and the query heads split evenly
+    /// over the KV heads (the CUDA launchers refuse the same).
+    fn new(op: &str, capacity: usize, n_heads: usize, n_kv_heads: usize, head_dim: usize) -> Self {
+        assert!(
+            capacity > 0 && n_heads > 0 && n_kv_heads > 0 && head_dim > 0,
+            "{op}: capacity ({capacity}), n_heads ({n_heads}), n_kv_heads ({n_kv_heads}) and \
+             head_dim ({head_dim}) must be positive"
+        );
+        assert!(
+            n_heads.is_multiple_of(n_kv_heads),
+            "{op}: n_heads ({n_heads}) is not a multiple of n_kv_heads ({n_kv_heads})"
+        );
+        AttentionShape {
+            capacity,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+        }
+    }
+
     fn kv_dim(&self) -> usize {
         self.n_kv_heads * self.head_dim
     }
@@ -453,12 +468,13 @@ pub fn attention_backward(
     n_kv_heads: usize,
     head_dim: usize,
 ) {
-    let shape = AttentionShape {
+    let shape = AttentionShape::new(
+        "attention_backward",
         capacity,
         n_heads,
         n_kv_heads,
         head_dim,
-    };
+    );
     let (q_dim, kv_dim, hd) = (n_heads * head_dim, shape.kv_dim(), head_dim);
     let group = n_heads / n_kv_heads;
     let slot_len = capacity * kv_dim;
