@@ -174,6 +174,8 @@ impl BlockCache {
         }
         if !ptr.is_null() {
             s.count_live(layout.size());
+            drop(s);
+            ask_for_huge_pages(ptr, layout.size());
         }
         ptr
     }
@@ -193,31 +195,34 @@ fn release(b: Block) {
 
 unsafe fn new_block(layout: Layout, zeroed: bool) -> *mut u8 {
     // SAFETY: forwarded from the caller's GlobalAlloc contract (layout.size() > 0).
-    let ptr = unsafe {
+    unsafe {
         if zeroed {
             System.alloc_zeroed(layout)
         } else {
             System.alloc(layout)
         }
-    };
-    if !ptr.is_null() {
-        ask_for_huge_pages(ptr, layout.size());
     }
-    ptr
 }
 
 /// Asks Linux to back the whole 2 MiB pages inside a new block with transparent huge pages
 /// (where `transparent_hugepage/enabled` is `madvise`, the common default, only advised memory
 /// gets them): its pages then fault in 2 MiB at a time instead of 4 KiB. A refusal changes
-/// nothing, so its result is ignored.
+/// nothing, so its result is ignored. Called outside the cache's lock (it is a system call).
 #[cfg_attr(not(target_os = "linux"), allow(unused_variables))]
 fn ask_for_huge_pages(ptr: *mut u8, size: usize) {
     #[cfg(target_os = "linux")]
     {
         // A transparent huge page (x86-64, and aarch64 with 4 KiB pages).
         const HUGE_PAGE: usize = 2 << 20;
-        let start = (ptr as usize).next_multiple_of(HUGE_PAGE);
-        let end = (ptr as usize + size) / HUGE_PAGE * HUGE_PAGE;
+        // Checked: an allocator must not panic, even on an address near the top.
+        let addr = ptr as usize;
+        let (Some(start), Some(end)) = (
+            addr.checked_next_multiple_of(HUGE_PAGE),
+            addr.checked_add(size),
+        ) else {
+            return;
+        };
+        let end = end / HUGE_PAGE * HUGE_PAGE;
         if end > start {
             // SAFETY: the range lies inside the block the system allocator just handed us;
             // MADV_HUGEPAGE changes how its pages are backed, not their contents.
@@ -306,6 +311,10 @@ unsafe impl GlobalAlloc for BlockCache {
                 s.count_live(new_size);
             }
             s.evict_beyond_peak(0);
+            drop(s);
+            if new_large {
+                ask_for_huge_pages(new, new_size);
+            }
         }
         new
     }

@@ -10,7 +10,8 @@
 //! the same function for AVX-512 and for AVX2 + FMA, where the compiler vectorizes it: every
 //! value gets the same operations, so the result is the same bits on every CPU and for every
 //! position in the slice. Tested against exp in f64 (f32: within 1 ulp on every 97th f32) and
-//! against libm (f64: within 1 ulp). Results below the type's normal range are 0.
+//! against libm (f64: within 1 ulp). Below MIN_X (f32) or MIN_X_F64 the result is 0; at the
+//! bound it is subnormal, just under the smallest normal value.
 
 /// log2(e), and ln 2 split in two so that n · LN2_HI is exact for |n| ≤ 2⁸.
 const LOG2E: f32 = std::f32::consts::LOG2_E;
@@ -33,13 +34,13 @@ const MIN_X: f32 = -87.336_55;
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
     let clamped = x.clamp(MIN_X, MAX_X);
-    // n in [−126, 128]; NaN stays NaN through every step below.
+    // n in [−126, 128]; a NaN x gives a NaN r and e_r, so NaN whatever n's integer becomes.
     let n = (clamped * LOG2E).round_ties_even();
     let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, clamped));
     let poly = P.iter().fold(0.0f32, |acc, &c| acc.mul_add(r, c));
     let e_r = poly.mul_add(r * r, r) + 1.0;
     // 2ⁿ in two factors, each a normal f32 (2¹²⁸ alone is not).
-    let n = n as i32;
+    let n = integer_of(n);
     let half = n >> 1;
     let y = e_r * power_of_two(half) * power_of_two(n - half);
     if x > MAX_X {
@@ -51,10 +52,19 @@ pub fn exp(x: f32) -> f32 {
     }
 }
 
+/// The integer-valued n (|n| < 2²²) as an i32, read from the bits of n + 1.5·2²³, whose
+/// mantissa holds n exactly. The same value as `n as i32`, but it vectorizes (the saturating
+/// cast does not).
+#[inline(always)]
+fn integer_of(n: f32) -> i32 {
+    const MAGIC: f32 = 12_582_912.0;
+    ((n + MAGIC).to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32)
+}
+
 /// 2^k for k in [−126, 127].
 #[inline(always)]
 fn power_of_two(k: i32) -> f32 {
-    f32::from_bits(((k + 127) as u32) << 23)
+    f32::from_bits((k.wrapping_add(127) as u32) << 23)
 }
 
 /// values[i] = exp(values[i]).
@@ -151,7 +161,7 @@ pub fn exp_f64(x: f64) -> f64 {
         .iter()
         .fold(0.0f64, |acc, &c| acc.mul_add(r, c));
     let e_r = poly.mul_add(r * r, r) + 1.0;
-    let n = n as i64;
+    let n = integer_of_f64(n);
     let half = n >> 1;
     let y = e_r * power_of_two_f64(half) * power_of_two_f64(n - half);
     if x > MAX_X_F64 {
@@ -163,10 +173,18 @@ pub fn exp_f64(x: f64) -> f64 {
     }
 }
 
+/// The integer-valued n (|n| < 2⁵¹) as an i64, read from the bits of n + 1.5·2⁵² (as
+/// `integer_of`).
+#[inline(always)]
+fn integer_of_f64(n: f64) -> i64 {
+    const MAGIC: f64 = 6_755_399_441_055_744.0;
+    ((n + MAGIC).to_bits() as i64).wrapping_sub(MAGIC.to_bits() as i64)
+}
+
 /// 2^k for k in [−1022, 1023].
 #[inline(always)]
 fn power_of_two_f64(k: i64) -> f64 {
-    f64::from_bits(((k + 1023) as u64) << 52)
+    f64::from_bits((k.wrapping_add(1023) as u64) << 52)
 }
 
 #[cfg(test)]
@@ -198,6 +216,17 @@ mod tests {
             check(f32::from_bits(bits));
         }
         assert!(worst.0 <= 1, "{} ulp at x = {:e}", worst.0, worst.1);
+    }
+
+    #[test]
+    fn integer_of_reads_every_exponent_as_the_cast_does() {
+        for n in -(1 << 21)..(1 << 21) {
+            assert_eq!(integer_of(n as f32), n, "f32 {n}");
+            assert_eq!(integer_of_f64(n as f64), n as i64, "f64 {n}");
+        }
+        for n in [-(1i64 << 50), -1_234_567_890_123, (1 << 50) - 1] {
+            assert_eq!(integer_of_f64(n as f64), n);
+        }
     }
 
     #[test]

@@ -120,6 +120,27 @@ pub struct DecodeGraphStats {
     pub fallback: Option<String>,
 }
 
+/// The sizes every attention op needs, on either backend: all positive, and the query heads
+/// split evenly over the KV heads (`op` names the op in the error).
+pub fn check_attention_heads(
+    op: &str,
+    capacity: usize,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+) -> Result<()> {
+    anyhow::ensure!(
+        capacity > 0 && n_heads > 0 && n_kv_heads > 0 && head_dim > 0,
+        "{op}: capacity ({capacity}), n_heads ({n_heads}), n_kv_heads ({n_kv_heads}) and \
+         head_dim ({head_dim}) must be positive"
+    );
+    anyhow::ensure!(
+        n_heads.is_multiple_of(n_kv_heads),
+        "{op}: n_heads ({n_heads}) is not a multiple of n_kv_heads ({n_kv_heads})"
+    );
+    Ok(())
+}
+
 /// Sums (op, seconds) samples by op: largest total first, ties by name.
 pub fn summarize_ops(samples: &[(&str, f64)]) -> Vec<OpTime> {
     let mut ops: Vec<OpTime> = Vec::new();

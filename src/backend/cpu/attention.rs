@@ -5,7 +5,7 @@
 //! written first) and a decode step (one new token per sequence) are the same computation.
 
 use super::product::{product_into, Strided, Threads};
-use crate::backend::TokenPlacement;
+use crate::backend::{check_attention_heads, TokenPlacement};
 use crate::exp::exp_in_place;
 use rayon::prelude::*;
 use std::ops::Range;
@@ -145,18 +145,12 @@ struct AttentionShape {
 }
 
 impl AttentionShape {
-    /// Panics, naming `op`, unless every size is positive and the query heads split evenly
-    /// over the KV heads (the CUDA launchers refuse the same).
+    /// Panics, naming `op`, where `check_attention_heads` refuses the sizes (as the CUDA
+    /// launchers return an error).
     fn new(op: &str, capacity: usize, n_heads: usize, n_kv_heads: usize, head_dim: usize) -> Self {
-        assert!(
-            capacity > 0 && n_heads > 0 && n_kv_heads > 0 && head_dim > 0,
-            "{op}: capacity ({capacity}), n_heads ({n_heads}), n_kv_heads ({n_kv_heads}) and \
-             head_dim ({head_dim}) must be positive"
-        );
-        assert!(
-            n_heads.is_multiple_of(n_kv_heads),
-            "{op}: n_heads ({n_heads}) is not a multiple of n_kv_heads ({n_kv_heads})"
-        );
+        if let Err(e) = check_attention_heads(op, capacity, n_heads, n_kv_heads, head_dim) {
+            panic!("{e}");
+        }
         AttentionShape {
             capacity,
             n_heads,

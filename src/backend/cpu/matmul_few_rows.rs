@@ -26,7 +26,8 @@ use std::ops::Range;
 /// GEMM at 16, 32 and 64 rows; larger products go to the GEMM.
 pub const MAX_ROWS: usize = 64;
 
-/// Weight rows per block (the kernel's register tile is `W_ROWS` × `X_ROWS` accumulators).
+/// Weight rows per block of the 8-lane path (its register tile is `W_ROWS` × `X_ROWS`
+/// accumulators); the 16-lane path's tiles are `tile16`'s.
 const W_ROWS: usize = 4;
 const X_ROWS: usize = 2;
 /// A multiple of every block's weight rows (the tasks split the columns at whole blocks).
@@ -597,6 +598,38 @@ mod tests {
                         (*got as f64 - want).abs() <= tol,
                         "{width} m {m} k {k} n {n}: out[{idx}] = {got}, want {want}"
                     );
+                }
+            }
+        }
+    }
+
+    /// A row's products are the same bits whatever rows of x come with it (generation is batch
+    /// invariant because of it): rows that fall in a 16-accumulator tile, summed by
+    /// `sum_lanes_16`, and rows left over, summed by `_mm512_reduce_add_ps`, must add the lanes
+    /// in the same order.
+    #[test]
+    fn each_rows_products_are_the_same_bits_at_every_row_count() {
+        if !available() {
+            eprintln!("skipped: this CPU lacks AVX2 or FMA");
+            return;
+        }
+        // N: two whole 16-row weight blocks and a tail; K: whole vectors and a tail.
+        let (k, n, most_rows) = (70, 37, 9);
+        let x = values(most_rows * k, 3);
+        let w = values(n * k, 4);
+        let wr = Rows::new(&w, n, k, k);
+        let mut alone = vec![0.0; n];
+        let by_width_alone: Vec<_> = (0..most_rows)
+            .map(|i| products_by_each_width(&mut alone, Rows::new(&x[i * k..], 1, k, k), wr))
+            .collect();
+        for m in 2..=most_rows {
+            let mut out = vec![0.0; m * n];
+            let by_width = products_by_each_width(&mut out, Rows::new(&x, m, k, k), wr);
+            for (width, (name, got)) in by_width.iter().enumerate() {
+                for (i, row) in got.chunks_exact(n).enumerate() {
+                    let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                    let want = &by_width_alone[i][width].1;
+                    assert_eq!(bits(row), bits(want), "{name}: row {i} of {m}");
                 }
             }
         }

@@ -39,7 +39,7 @@ pub fn sample_tokens(
     };
     // Rows are independent: in parallel when there is enough to share (a decode step of a batch
     // of sequences), each row the same arithmetic whatever the split.
-    if logits.len() < PARALLEL_LOGITS {
+    if logits.len() < PARALLEL_LOGITS || out.len() < 2 {
         for (r, ((row, out), logp)) in logits.chunks_exact(vocab).zip(out).zip(logp).enumerate() {
             draw_row(r, row, out, logp);
         }

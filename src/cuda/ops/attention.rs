@@ -1,6 +1,7 @@
 //! Launchers for kernels/attention.cu: causal grouped-query attention over a slotted KV cache
 //! (the CPU reference is `backend::cpu::attention::attention_forward`).
 
+use crate::backend::check_attention_heads;
 use anyhow::{ensure, Result};
 use cudarc::driver::LaunchConfig;
 
@@ -35,15 +36,7 @@ pub(crate) fn check_attention_dims(
     n_kv_heads: usize,
     head_dim: usize,
 ) -> Result<AttentionDims> {
-    ensure!(
-        capacity > 0 && n_heads > 0 && n_kv_heads > 0 && head_dim > 0,
-        "{op}: capacity ({capacity}), n_heads ({n_heads}), n_kv_heads ({n_kv_heads}) and \
-         head_dim ({head_dim}) must be positive"
-    );
-    ensure!(
-        n_heads.is_multiple_of(n_kv_heads),
-        "{op}: n_heads ({n_heads}) is not a multiple of n_kv_heads ({n_kv_heads})"
-    );
+    check_attention_heads(op, capacity, n_heads, n_kv_heads, head_dim)?;
     ensure!(
         head_dim <= ATTENTION_MAX_HEAD_DIM,
         "{op}: head_dim {head_dim} is larger than the kernel's maximum {ATTENTION_MAX_HEAD_DIM}"
