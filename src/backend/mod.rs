@@ -203,6 +203,12 @@ pub trait Backend: Send + Sync {
     fn upload_f32(&self, host: &[f32]) -> Result<Self::Buf> {
         self.upload(host)
     }
+    /// `upload_f32` of a vector the caller gives up. The CPU backend keeps the vector itself as
+    /// the buffer, so the values are never in memory twice (the optimizer's master weights and
+    /// moments: 12 bytes per parameter); other backends copy it and free it.
+    fn upload_f32_owned(&self, host: Vec<f32>) -> Result<Self::Buf> {
+        self.upload_f32(&host)
+    }
 
     /// A buffer of `len` values for ops that overwrite it whole before anything reads it: its
     /// contents are unspecified until written. CUDA leaves the memory as it was (no clearing

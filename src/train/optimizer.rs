@@ -83,10 +83,13 @@ impl<B: TrainBackend> DeviceOptimizer<B> {
                 grads_host: Vec::new(),
             }
         } else {
+            // Each host vector is given up as it goes to the device (the CPU keeps it as the
+            // buffer): the state is never in memory twice, which on the CPU would take 24
+            // bytes per parameter at start where the estimate counts 12.
             OptimizerState::Device {
-                master: b.upload_f32(&params)?,
-                m: b.upload_f32(&m)?,
-                v: b.upload_f32(&v)?,
+                master: b.upload_f32_owned(params)?,
+                m: b.upload_f32_owned(m)?,
+                v: b.upload_f32_owned(v)?,
             }
         };
         Ok(DeviceOptimizer {

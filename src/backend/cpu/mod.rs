@@ -88,6 +88,9 @@ impl Backend for CpuBackend {
     fn upload(&self, host: &[f32]) -> Result<Vec<f32>> {
         Ok(host.to_vec())
     }
+    fn upload_f32_owned(&self, host: Vec<f32>) -> Result<Vec<f32>> {
+        Ok(host)
+    }
     fn download(&self, buf: &[f32]) -> Result<Vec<f32>> {
         Ok(buf.to_vec())
     }
