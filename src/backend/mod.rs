@@ -209,6 +209,11 @@ pub trait Backend: Send + Sync {
     fn upload_f32_owned(&self, host: Vec<f32>) -> Result<Self::Buf> {
         self.upload_f32(&host)
     }
+    /// The buffer's values where they are f32 in host memory already (the CPU backend), to be
+    /// read in place instead of through `download`'s copy; None elsewhere.
+    fn host_values<'a>(&self, _buf: &'a Self::Buf) -> Option<&'a [f32]> {
+        None
+    }
 
     /// A buffer of `len` values for ops that overwrite it whole before anything reads it: its
     /// contents are unspecified until written. CUDA leaves the memory as it was (no clearing

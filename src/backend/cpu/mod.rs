@@ -91,6 +91,9 @@ impl Backend for CpuBackend {
     fn upload_f32_owned(&self, host: Vec<f32>) -> Result<Vec<f32>> {
         Ok(host)
     }
+    fn host_values<'a>(&self, buf: &'a Vec<f32>) -> Option<&'a [f32]> {
+        Some(buf)
+    }
     fn download(&self, buf: &[f32]) -> Result<Vec<f32>> {
         Ok(buf.to_vec())
     }
