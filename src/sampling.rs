@@ -213,7 +213,7 @@ mod tests {
         let specials = [f32::NAN, -0.0, 0.0, f32::NEG_INFINITY, f32::INFINITY, 7.5];
         for len in [0, 1, 5, 15, 16, 17, 33, 100, 8192] {
             for case in 0..8 {
-                let mut row: Vec<f32> = (0..len).map(|_| rng.next_normal() as f32).collect();
+                let mut row: Vec<f32> = (0..len).map(|_| rng.next_normal()).collect();
                 for (i, &v) in specials.iter().enumerate().take(case) {
                     if len > 0 {
                         row[(i * 37 + case) % len] = v;
