@@ -75,7 +75,7 @@ impl TokenDraws<'_> {
 /// gives rows that cannot; the samplers mark them instead of drawing (see
 /// `Backend::sample_tokens`).
 pub fn drawable(logits: &[f32]) -> bool {
-    // No early return: the loop then vectorizes (8× faster on a 8192-logit row).
+    // No early return: the loop then vectorizes.
     let (mut any_bad, mut any_finite) = (false, false);
     for &z in logits {
         any_bad |= z.is_nan() | (z == f32::INFINITY);
@@ -86,8 +86,9 @@ pub fn drawable(logits: &[f32]) -> bool {
 
 /// The largest logit, NaNs ignored (−∞ when there is none), as `f32::max` folds it. Taken over
 /// 16 lanes, which vectorizes (the fold is a chain of dependent steps); the maximum does not
-/// depend on the order, and where it is ±0 either sign gives the same results below.
-fn max_logit(logits: &[f32]) -> f32 {
+/// depend on the order, and where it is ±0 either sign gives the same results in the softmaxes
+/// that subtract it (here and the CPU log-probs).
+pub(crate) fn max_logit(logits: &[f32]) -> f32 {
     const LANES: usize = 16;
     let mut lanes = [f32::NEG_INFINITY; LANES];
     let mut chunks = logits.chunks_exact(LANES);
@@ -204,8 +205,9 @@ mod tests {
         }
     }
 
-    /// `max_logit` against the plain fold it replaces: the same bits for every row length (the
-    /// 16-lane part and the tail), with NaNs, signed zeros and infinities among the logits.
+    /// `max_logit` against the plain fold it replaces: the same value for every row length (the
+    /// 16-lane part and the tail), with NaNs, signed zeros and infinities among the logits (the
+    /// fold's sign of a zero maximum is unspecified, so ±0 count as equal).
     #[test]
     fn max_logit_is_the_folded_maximum() {
         let fold = |l: &[f32]| l.iter().copied().fold(f32::NEG_INFINITY, f32::max);

@@ -2,6 +2,7 @@
 //! tempered distribution (for the training logs).
 
 use crate::exp::exp_f64_in_place;
+use crate::sampling::max_logit;
 use rayon::prelude::*;
 
 /// Values per chunk of a row whose exponentials are taken together (on the stack).
@@ -41,7 +42,7 @@ pub(super) struct RowStats {
 }
 
 pub(super) fn row_stats(z: &[f32], inv_t: f64) -> RowStats {
-    let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64 * inv_t;
+    let max = max_logit(z) as f64 * inv_t;
     let (mut sum, mut sum_s) = (0.0f64, 0.0f64);
     // The exponentials a chunk at a time (vectorized), the sums in index order.
     let (mut s, mut e) = ([0.0f64; CHUNK], [0.0f64; CHUNK]);
