@@ -24,7 +24,7 @@
 #define DYNAMIC_SHARED(type, name) extern __shared__ __align__(16) type name[]
 #endif
 
-// log2(e) and ln(2): softmax in exp2 units (exp2f is one instruction)
+// log2(e) and ln(2): softmax in exp2 units (mma.cuh's exp2_approx is one instruction)
 #define LOG2E 1.4426950408889634f
 #define LN2 0.6931471805599453f
 

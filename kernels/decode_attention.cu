@@ -296,15 +296,16 @@ __device__ __forceinline__ void decode_attention_mma(
             mma_m16n8k16(s[0], q_frag[kk], b[0]);
             mma_m16n8k16(s[1], q_frag[kk], b[1]);
         }
-        for (int nt = 0; nt < 2; nt++) {
-            for (int e = 0; e < 4; e++) {
-                const int j = j0 + nt * 8 + 2 * t + (e & 1);
-                s[nt][e] = j < end ? s[nt][e] * scale_log2 : -INFINITY;
+        if (j0 + 16 > end) {  // the keys past the end (the last step's, the whole warp's branch)
+            for (int nt = 0; nt < 2; nt++) {
+                for (int e = 0; e < 4; e++) {
+                    if (j0 + nt * 8 + 2 * t + (e & 1) >= end) { s[nt][e] = -INFINITY; }
+                }
             }
         }
         // online softmax per row over the warp's keys. A warp past the end (the last step's
         // tail) sees only -inf: it rescales by 0 and adds 0, staying empty.
-        online_softmax_step(s, o, row_max, row_sum);
+        online_softmax_step(s, o, row_max, row_sum, scale_log2);
         // o += P V over the warp's keys, P straight from the score registers
         uint32_t a[1][4];
         accumulators_to_a(a[0], s[0], s[1]);

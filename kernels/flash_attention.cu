@@ -121,7 +121,7 @@ __device__ __forceinline__ void flash_forward(__nv_bfloat16* out, float* lse, co
     // positions of the warp's first and last real row
     const int warp_first_pos = tile.first_pos + warp_row0;
     const int warp_last_pos = tile.first_pos + min(warp_row0 + 16 * SLABS, tile.count) - 1;
-    const float scale_log2 = scale * LOG2E;  // scores in log2 units: exp2f is one instruction
+    const float scale_log2 = scale * LOG2E;  // scores in log2 units: exp2 is one instruction
     const __nv_bfloat16* q_tile = q + (size_t)tile.first_token * q_dim + h * D;
 
     uint32_t q_frag[Q_IN_REGISTERS ? SLABS : 1][Q_IN_REGISTERS ? D / 16 : 1][4];  // [16, D] per slab
@@ -195,25 +195,27 @@ __device__ __forceinline__ void flash_forward(__nv_bfloat16* out, float* lse, co
                     }
                 }
             }
-            // scale; the causal mask only where the step reaches past the warp's first row (a
-            // padding key, j >= key_end, is beyond every real row's position)
-            const bool diagonal = j0 + KEYS - 1 > warp_first_pos;
+            // the causal mask, only where the step reaches past the warp's first row (a padding
+            // key, j >= key_end, is beyond every real row's position): a branch the whole warp
+            // takes or skips, so the steps below the diagonal run no compare per score
+            if (j0 + KEYS - 1 > warp_first_pos) {
 #pragma unroll
-            for (int i = 0; i < SLABS; i++) {
-                const int pos0 = warp_first_pos + 16 * i + g;  // rows g and g + 8 of slab i
+                for (int i = 0; i < SLABS; i++) {
+                    const int pos0 = warp_first_pos + 16 * i + g;  // rows g and g + 8 of slab i
 #pragma unroll
-                for (int nt = 0; nt < KEYS / 8; nt++) {
+                    for (int nt = 0; nt < KEYS / 8; nt++) {
 #pragma unroll
-                    for (int e = 0; e < 4; e++) {
-                        const int j = j0 + nt * 8 + 2 * t + (e & 1);
-                        const bool visible = !diagonal || j <= pos0 + 8 * (e / 2);
-                        s[i][nt][e] = visible ? s[i][nt][e] * scale_log2 : -INFINITY;
+                        for (int e = 0; e < 4; e++) {
+                            const int j = j0 + nt * 8 + 2 * t + (e & 1);
+                            if (j > pos0 + 8 * (e / 2)) { s[i][nt][e] = -INFINITY; }
+                        }
                     }
                 }
-                // online softmax per row (key 0 is visible to every row: the max is finite from
-                // the first step on; padding rows see real keys too)
-                online_softmax_step(s[i], o[i], row_max[i], row_sum[i]);
             }
+            // online softmax per row (key 0 is visible to every row: the max is finite from the
+            // first step on; padding rows see real keys too)
+#pragma unroll
+            for (int i = 0; i < SLABS; i++) { online_softmax_step(s[i], o[i], row_max[i], row_sum[i], scale_log2); }
             // o += P V, P straight from the score registers
 #pragma unroll
             for (int kk = 0; kk < KEYS / 16; kk++) {
@@ -336,12 +338,19 @@ __device__ __forceinline__ void flash_backward_dq(__nv_bfloat16* dq, const __nv_
                 mma_m16n8k16(dp[nt + 1], do_frag[kk], b[1]);
             }
         }
-        // P = exp(S - lse) under the causal mask; dS = P * (dP - dsum), kept in p
+        // the causal mask (S = -inf), only where the step reaches past the warp's first row
+        if (j0 + DQ_KEYS - 1 > pos[0] - g) {
+            for (int nt = 0; nt < DQ_KEYS / 8; nt++) {
+                for (int e = 0; e < 4; e++) {
+                    if (j0 + nt * 8 + 2 * t + (e & 1) > pos[e / 2]) { p[nt][e] = -INFINITY; }
+                }
+            }
+        }
+        // P = exp(S - lse); dS = P * (dP - dsum), kept in p
         for (int nt = 0; nt < DQ_KEYS / 8; nt++) {
             for (int e = 0; e < 4; e++) {
-                const int j = j0 + nt * 8 + 2 * t + (e & 1);
                 const int i = e / 2;
-                const float pj = j <= pos[i] ? exp2f(p[nt][e] * scale_log2 - row_lse[i]) : 0.0f;
+                const float pj = exp2_approx(fmaf(p[nt][e], scale_log2, -row_lse[i]));
                 p[nt][e] = pj * (dp[nt][e] - row_dsum[i]);
             }
         }
@@ -428,13 +437,12 @@ __device__ __forceinline__ void pass_turn(int* turn) {
 }
 
 // scale * dS K over this key tile's KEYS keys into the query tile's rows of dq_acc: stored by the
-// first key tile, added (fire-and-forget reductions in L2) by the others. Warp w takes query rows
-// 16 (w % 4) .. + 16 and, with 8 warps, half of the columns (w / 4).
-template <int D, int KEYS, int WARPS>
-__device__ __forceinline__ void add_dq_of_key_tile(float* dq_acc, const __nv_bfloat16* ds_s,
-                                                   const __nv_bfloat16* k_s, size_t first, int q_dim,
-                                                   int count, bool first_turn, float scale, int warp,
-                                                   int lane) {
+// first key tile (FIRST), added (fire-and-forget reductions in L2) by the others. Warp w takes
+// query rows 16 (w % 4) .. + 16 and, with 8 warps, half of the columns (w / 4).
+template <int D, int KEYS, int WARPS, bool FIRST>
+__device__ __forceinline__ void dq_of_key_tile(float* dq_acc, const __nv_bfloat16* ds_s,
+                                               const __nv_bfloat16* k_s, size_t first, int q_dim,
+                                               int count, float scale, int warp, int lane) {
     constexpr int S = D + TILE_PAD;
     constexpr int SLABS = FLASH_ROWS / 16;
     constexpr int COLS = D / (WARPS / SLABS);  // columns per warp
@@ -445,14 +453,21 @@ __device__ __forceinline__ void add_dq_of_key_tile(float* dq_acc, const __nv_bfl
     uint32_t a[KEYS / 16][4];  // dS [16 queries, KEYS keys] from the dS^T tile
 #pragma unroll
     for (int kk = 0; kk < KEYS / 16; kk++) { load_a_transposed(a[kk], ds_s, DS_STRIDE, row0, kk * 16, lane); }
+    // this thread's elements of rows g and g + 8 start here (null: a padding row), so each one
+    // below is a constant offset from them
+    float* rows[2];
+#pragma unroll
+    for (int half = 0; half < 2; half++) {
+        const int row = row0 + g + 8 * half;
+        rows[half] = row < count ? dq_acc + first + (size_t)row * q_dim + col0 + 2 * t : nullptr;
+    }
 #pragma unroll
     for (int step = 0; step < COLS / 16; step++) {
-        const int dn = col0 / 8 + 2 * step;
-        float acc[2][4] = {};  // [16, 16]: columns dn * 8 .. + 16
+        float acc[2][4] = {};  // [16, 16]: columns col0 + 16 * step .. + 16
 #pragma unroll
         for (int kk = 0; kk < KEYS / 16; kk++) {
             uint32_t b[2][2];
-            load_b_x2(b, k_s, S, kk * 16, dn * 8, lane);
+            load_b_x2(b, k_s, S, kk * 16, col0 + 16 * step, lane);
             mma_m16n8k16(acc[0], a[kk], b[0]);
             mma_m16n8k16(acc[1], a[kk], b[1]);
         }
@@ -460,15 +475,13 @@ __device__ __forceinline__ void add_dq_of_key_tile(float* dq_acc, const __nv_bfl
         for (int j = 0; j < 2; j++) {
 #pragma unroll
             for (int half = 0; half < 2; half++) {
-                const int row = row0 + g + 8 * half;
-                if (row >= count) { continue; }
-                float* at = dq_acc + first + (size_t)row * q_dim + (dn + j) * 8 + 2 * t;
+                if (rows[half] == nullptr) { continue; }
+                float* at = rows[half] + 16 * step + 8 * j;
                 const float x = acc[j][2 * half] * scale, y = acc[j][2 * half + 1] * scale;
-                if (first_turn) {
+                if constexpr (FIRST) {
                     __stcg(reinterpret_cast<float2*>(at), make_float2(x, y));
                 } else {
-                    atomicAdd(at, x);
-                    atomicAdd(at + 1, y);
+                    reduce_add_f32x2(at, x, y);
                 }
             }
         }
@@ -599,12 +612,20 @@ __device__ __forceinline__ void flash_backward_dkdv(float* dq_acc, int* turns,
                 mma_m16n8k16(dp[0], va, b[0]);
                 mma_m16n8k16(dp[1], va, b[1]);
             }
-            // P^T and dS^T (in dp), masked: query c sees key j when j <= its position
+            // the causal mask (S^T = -inf: query c sees key j when j <= its position), only
+            // where the warp's last key is past the step's first query
+            if (key[0] - g + 15 > tile.first_pos + c0) {
+                for (int nt = 0; nt < KV_QUERIES / 8; nt++) {
+                    for (int e = 0; e < 4; e++) {
+                        if (key[e / 2] > tile.first_pos + c0 + nt * 8 + 2 * t + (e & 1)) { p[nt][e] = -INFINITY; }
+                    }
+                }
+            }
+            // P^T and dS^T (in dp)
             for (int nt = 0; nt < KV_QUERIES / 8; nt++) {
                 for (int e = 0; e < 4; e++) {
                     const int c = c0 + nt * 8 + 2 * t + (e & 1);
-                    const float pj = key[e / 2] <= tile.first_pos + c
-                                         ? exp2f(p[nt][e] * scale_log2 - lse_s[c]) : 0.0f;
+                    const float pj = exp2_approx(fmaf(p[nt][e], scale_log2, -lse_s[c]));
                     p[nt][e] = pj;
                     dp[nt][e] = pj * (dp[nt][e] - dsum_s[c]);
                 }
@@ -638,8 +659,11 @@ __device__ __forceinline__ void flash_backward_dkdv(float* dq_acc, int* turns,
             const int rank = first_key / KEYS;
             int* turn = turns + 1 + (size_t)ti * n_heads + h;
             wait_for_turn(turn, rank);  // (its barrier: the whole dS^T tile is in shared memory)
-            add_dq_of_key_tile<D, KEYS, WARPS>(dq_acc, ds_s, k_s, first, q_dim, tile.count,
-                                               rank == 0, scale, warp, lane);
+            if (rank == 0) {
+                dq_of_key_tile<D, KEYS, WARPS, true>(dq_acc, ds_s, k_s, first, q_dim, tile.count, scale, warp, lane);
+            } else {
+                dq_of_key_tile<D, KEYS, WARPS, false>(dq_acc, ds_s, k_s, first, q_dim, tile.count, scale, warp, lane);
+            }
             pass_turn(turn);  // its barrier also ends every warp's use of this stage and of ds_s
         } else {
             __syncthreads();  // every warp is done with this stage before it is refilled

@@ -1,6 +1,7 @@
 // Tensor-core tiles for the attention kernels: the m16n8k16 bf16 matrix-multiply-accumulate of
 // PTX (`mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32`, sm_80 and later), the ldmatrix
-// loads that build its fragments from shared-memory tiles, and cp.async copies into those tiles.
+// loads that build its fragments from shared-memory tiles, cp.async copies into those tiles, and
+// the softmax's one-instruction exp2 and the fused backward's vector reduction.
 //
 // One warp computes D[16x8] += A[16x16] * B[16x8]. With lane = 4 * g + t (g = lane / 4 in 0..8,
 // t = lane % 4 in 0..4), each thread holds (PTX ISA, "Matrix fragments for mma.m16n8k16"):
@@ -78,6 +79,27 @@ __device__ __forceinline__ void copy_async_commit() { asm volatile("cp.async.com
 template <int pending>
 __device__ __forceinline__ void copy_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(pending)); }
 
+// 2^x in one instruction of the special-function unit (ex2.approx.ftz: relative error about
+// 2^-22, results below 2^-126 flushed to 0). exp2f is four instructions here (the kernels are not
+// built with --use_fast_math: a range check and two scalings keep its subnormal results), which a
+// softmax, whose largest term is 1, does not need.
+__device__ __forceinline__ float exp2_approx(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// dst[0] += x, dst[1] += y in global memory (8-byte aligned), without waiting for the result:
+// one vector reduction on sm_90, two scalar ones before it.
+__device__ __forceinline__ void reduce_add_f32x2(float* dst, float x, float y) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(dst), "f"(x), "f"(y) : "memory");
+#else
+    atomicAdd(dst, x);
+    atomicAdd(dst + 1, y);
+#endif
+}
+
 #endif  // THINKSHORT_EMULATION
 
 // A fragment of the 16x16 block at (row0, col0) of a row-major tile: the operand is the tile
@@ -147,26 +169,29 @@ __device__ __forceinline__ void accumulators_to_a(uint32_t a[4], const float c0[
 }
 
 // One step of the online softmax of an m16 score tile, for this thread's two rows (g and g + 8):
-// s holds NT [16, 8] accumulator tiles of scores in log2 units (-inf where masked), which become
-// exp2(score - max); the running max, this thread's share of the running sum and the output
+// s holds NT [16, 8] accumulator tiles of raw scores q . k (-inf where masked), which become
+// exp2(score * scale_log2 - max) with the running max in log2 units (scale_log2 = softmax scale
+// times log2(e)); the running max, this thread's share of the running sum and the output
 // accumulator o (DN [16, 8] tiles) are rescaled to the new max. The 4 threads of a row (same g)
 // hold its scores between them. A row with no finite score so far stays empty (max -inf, sum
 // and o 0): the exponent base is then 0, not -inf, which would give NaN.
 template <int NT, int DN>
 __device__ __forceinline__ void online_softmax_step(float (&s)[NT][4], float (&o)[DN][4],
-                                                    float row_max[2], float row_sum[2]) {
+                                                    float row_max[2], float row_sum[2],
+                                                    float scale_log2) {
     for (int i = 0; i < 2; i++) {
-        float mx = row_max[i];
+        float mx = -INFINITY;  // of the raw scores: scaling by a positive factor keeps the order
         for (int nt = 0; nt < NT; nt++) { mx = fmaxf(mx, fmaxf(s[nt][2 * i], s[nt][2 * i + 1])); }
         mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 2));
+        mx = fmaxf(row_max[i], mx * scale_log2);
         const float base = mx == -INFINITY ? 0.0f : mx;
-        const float correction = exp2f(row_max[i] - base);  // 0 while the row was empty
+        const float correction = exp2_approx(row_max[i] - base);  // 0 while the row was empty
         row_max[i] = mx;
         float sum = 0.0f;
-        for (int nt = 0; nt < NT; nt++) {
-            s[nt][2 * i] = exp2f(s[nt][2 * i] - base);
-            s[nt][2 * i + 1] = exp2f(s[nt][2 * i + 1] - base);
+        for (int nt = 0; nt < NT; nt++) {  // exp2(score * scale_log2 - base): one FFMA, one MUFU
+            s[nt][2 * i] = exp2_approx(fmaf(s[nt][2 * i], scale_log2, -base));
+            s[nt][2 * i + 1] = exp2_approx(fmaf(s[nt][2 * i + 1], scale_log2, -base));
             sum += s[nt][2 * i] + s[nt][2 * i + 1];
         }
         row_sum[i] = row_sum[i] * correction + sum;

@@ -76,3 +76,17 @@ inline void copy_async16(__nv_bfloat16* dst, const __nv_bfloat16* src, bool vali
 inline void copy_async_commit() { emu::copy_async_commit(); }
 template <int pending>
 inline void copy_async_wait() { emu::copy_async_wait(pending); }
+
+// ex2.approx.ftz.f32: the emulator computes 2^x exactly rounded (the GPU's is within ~2^-22) and
+// flushes a subnormal input and result to 0, as .ftz does.
+inline float exp2_approx(float x) {
+    if (fpclassify(x) == FP_SUBNORMAL) { x = 0.0f; }
+    const float y = exp2f(x);
+    return fpclassify(y) == FP_SUBNORMAL ? 0.0f : y;
+}
+
+// red.global.add.v2.f32 (sm_90) or two atomicAdds: each element once.
+inline void reduce_add_f32x2(float* dst, float x, float y) {
+    atomicAdd(dst, x);
+    atomicAdd(dst + 1, y);
+}
