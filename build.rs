@@ -17,7 +17,8 @@
 //! nvcc is searched for in `$NVCC`, `$CUDA_HOME/bin/nvcc`, `$CUDA_PATH/bin/nvcc`, `$PATH`,
 //! `/usr/local/cuda/bin/nvcc`. Without nvcc the crate still builds (a cargo warning, and a CUDA
 //! backend that reports "built without CUDA kernels" at run time). With `REQUIRE_CUDA_KERNELS=1`
-//! (CI) a missing nvcc, a failed compile or any register spill fails the build.
+//! (CI) a missing nvcc, a failed compile, a compiler warning or any register spill fails the build;
+//! without it, warnings and spills are cargo warnings.
 //!
 //! Only std is used here, so the script needs no `[build-dependencies]`.
 
@@ -296,11 +297,13 @@ fn build_kernels(
     let mut fatbins = Vec::new();
     let mut records = Vec::new();
     let mut errors = Vec::new();
+    let mut warnings = Vec::new();
     for (cu, result) in results {
         match result {
             Ok((stem, fatbin, ptxas)) => {
                 fs::write(out_dir.join(format!("ptxas_raw_{stem}.txt")), &ptxas).ok();
                 let file_name = cu.file_name().unwrap().to_string_lossy().into_owned();
+                warnings.extend(compiler_warnings(&ptxas));
                 records.extend(
                     parse_ptxas(&ptxas)
                         .into_iter()
@@ -357,6 +360,17 @@ fn build_kernels(
         );
         return not_built(status, report);
     }
+    // Compiler warnings (the front end's, ptxas's, nvcc's): printed, and fatal in CI, since a
+    // kernel that does not compile cleanly is not done.
+    for line in &warnings {
+        println!("cargo:warning={line}");
+    }
+    if require && !warnings.is_empty() {
+        fail(&format!(
+            "REQUIRE_CUDA_KERNELS=1 and nvcc warned:\n{}",
+            warnings.join("\n")
+        ));
+    }
     if require && !spills.is_empty() {
         fail(&format!(
             "REQUIRE_CUDA_KERNELS=1 and {} kernel(s) spill registers to local memory:\n{}",
@@ -378,6 +392,22 @@ fn build_kernels(
         fatbins,
         report,
     }
+}
+
+/// The warning lines of nvcc's output (`file(line): warning #N-D: ...`, `ptxas warning : ...`,
+/// `nvcc warning : ...`), each once (nvcc repeats the front end's for every architecture).
+fn compiler_warnings(output: &str) -> Vec<String> {
+    let mut found: Vec<String> = Vec::new();
+    for line in output.lines() {
+        let line = line.trim();
+        let is_warning = line.contains("): warning")
+            || line.starts_with("ptxas warning")
+            || line.starts_with("nvcc warning");
+        if is_warning && !found.iter().any(|f| f == line) {
+            found.push(line.to_string());
+        }
+    }
+    found
 }
 
 fn truncate_lines(text: &str, max: usize) -> String {
