@@ -276,8 +276,8 @@ __device__ __forceinline__ void decode_attention_mma(
         const int j0 = begin + step * DECODE_KEYS, valid = min(DECODE_KEYS, end - j0);
         const size_t at = slot_base + (size_t)j0 * kv_dim;
         __nv_bfloat16* k_dst = kv_s + (step % 2) * 2 * TILE;
-        load_tile_async<D, DECODE_KEYS>(k_dst, cache_k + at, kv_dim, valid);
-        load_tile_async<D, DECODE_KEYS>(k_dst + TILE, cache_v + at, kv_dim, valid);
+        load_tile_async<D, DECODE_KEYS, DECODE_THREADS>(k_dst, cache_k + at, kv_dim, valid);
+        load_tile_async<D, DECODE_KEYS, DECODE_THREADS>(k_dst + TILE, cache_v + at, kv_dim, valid);
         copy_async_commit();
     };
     prefetch(0);

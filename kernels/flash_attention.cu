@@ -131,7 +131,7 @@ __device__ __forceinline__ void flash_forward(__nv_bfloat16* out, float* lse, co
             load_rows_as_a<D>(q_frag[i], q_tile, q_dim, warp_row0 + 16 * i, tile.count, g, t);
         }
     } else {
-        load_tile_async<D, ROWS>(q_s, q_tile, q_dim, tile.count);  // lands with step 0's keys
+        load_tile_async<D, ROWS, FLASH_THREADS>(q_s, q_tile, q_dim, tile.count);  // lands with step 0's keys
     }
 
     float o[SLABS][D / 8][4];  // [16, D] output accumulator per slab
@@ -151,8 +151,8 @@ __device__ __forceinline__ void flash_forward(__nv_bfloat16* out, float* lse, co
     auto prefetch = [&](int step) {
         const int j0 = step * KEYS, valid = min(KEYS, key_end - j0);
         __nv_bfloat16* k_dst = kv_s + (step % 2) * 2 * TILE;
-        load_tile_async<D, KEYS>(k_dst, cache_k + slot_base + (size_t)j0 * kv_dim, kv_dim, valid);
-        load_tile_async<D, KEYS>(k_dst + TILE, cache_v + slot_base + (size_t)j0 * kv_dim, kv_dim, valid);
+        load_tile_async<D, KEYS, FLASH_THREADS>(k_dst, cache_k + slot_base + (size_t)j0 * kv_dim, kv_dim, valid);
+        load_tile_async<D, KEYS, FLASH_THREADS>(k_dst + TILE, cache_v + slot_base + (size_t)j0 * kv_dim, kv_dim, valid);
         copy_async_commit();
     };
     prefetch(0);
@@ -312,8 +312,8 @@ __device__ __forceinline__ void flash_backward_dq(__nv_bfloat16* dq, const __nv_
     auto prefetch = [&](int step) {  // as in the forward
         const int j0 = step * DQ_KEYS, valid = min(DQ_KEYS, key_end - j0);
         __nv_bfloat16* k_dst = kv_s + (step % 2) * 2 * TILE;
-        load_tile_async<D, DQ_KEYS>(k_dst, cache_k + slot_base + (size_t)j0 * kv_dim, kv_dim, valid);
-        load_tile_async<D, DQ_KEYS>(k_dst + TILE, cache_v + slot_base + (size_t)j0 * kv_dim, kv_dim, valid);
+        load_tile_async<D, DQ_KEYS, FLASH_THREADS>(k_dst, cache_k + slot_base + (size_t)j0 * kv_dim, kv_dim, valid);
+        load_tile_async<D, DQ_KEYS, FLASH_THREADS>(k_dst + TILE, cache_v + slot_base + (size_t)j0 * kv_dim, kv_dim, valid);
         copy_async_commit();
     };
     prefetch(0);
@@ -500,6 +500,7 @@ __device__ __forceinline__ void flash_backward_dkdv(float* dq_acc, int* turns,
                                                     int capacity, int n_heads, int n_kv_heads, float scale) {
     constexpr int S = D + TILE_PAD;
     constexpr int KEYS = 16 * WARPS;  // one 16-key slab per warp
+    constexpr int THREADS = WARPS * WARP_SIZE;
     constexpr int QTILE = FLASH_ROWS * S;
     static_assert(STAGES == 1 || STAGES == 2, "one or two stages of query tiles");
     DYNAMIC_SHARED(unsigned char, smem);
@@ -533,8 +534,8 @@ __device__ __forceinline__ void flash_backward_dkdv(float* dq_acc, int* turns,
     const float scale_log2 = scale * LOG2E;
 
     const size_t slot_base = (size_t)slot * capacity * kv_dim + (size_t)kvh * D;
-    load_tile_async<D, KEYS>(k_s, cache_k + slot_base + (size_t)first_key * kv_dim, kv_dim, key_count);
-    load_tile_async<D, KEYS>(v_s, cache_v + slot_base + (size_t)first_key * kv_dim, kv_dim, key_count);
+    load_tile_async<D, KEYS, THREADS>(k_s, cache_k + slot_base + (size_t)first_key * kv_dim, kv_dim, key_count);
+    load_tile_async<D, KEYS, THREADS>(v_s, cache_v + slot_base + (size_t)first_key * kv_dim, kv_dim, key_count);
     copy_async_commit();  // waited for with the first query tile
 
     float dk[D / 8][4], dv[D / 8][4];  // [16 keys, D] each
@@ -562,8 +563,8 @@ __device__ __forceinline__ void flash_backward_dkdv(float* dq_acc, int* turns,
     auto load_item = [&](int stage, int h, int ti) {
         const QueryTile tile = read_tile(tiles, ti);
         const size_t first = (size_t)tile.first_token * q_dim + h * D;
-        load_tile_async<D, FLASH_ROWS>(q_stages + stage * QTILE, q + first, q_dim, tile.count);
-        load_tile_async<D, FLASH_ROWS>(do_stages + stage * QTILE, dout + first, q_dim, tile.count);
+        load_tile_async<D, FLASH_ROWS, THREADS>(q_stages + stage * QTILE, q + first, q_dim, tile.count);
+        load_tile_async<D, FLASH_ROWS, THREADS>(do_stages + stage * QTILE, dout + first, q_dim, tile.count);
         copy_async_commit();
         for (int r = threadIdx.x; r < FLASH_ROWS; r += blockDim.x) {
             const size_t at = ((size_t)tile.first_token + r) * n_heads + h;

@@ -218,17 +218,27 @@ __device__ __forceinline__ void pipeline_advance(int step, int steps, Prefetch p
 
 // Starts copying rows [0, valid) of a global matrix (row r at src + r * src_stride, D bf16 each,
 // 16-byte aligned, valid >= 1) into a shared tile of ROWS rows of D + TILE_PAD bf16, zero-filling
-// rows valid..ROWS; all threads of the block take part. The caller commits, waits and
-// synchronises before reading the tile.
-template <int D, int ROWS>
+// rows valid..ROWS; all THREADS threads of the block (its blockDim.x) take part. The caller
+// commits, waits and synchronises before reading the tile.
+// Thread i copies the 16-byte column i % (D / 8) of rows i / (D / 8) + k * (THREADS / (D / 8)): its
+// column is fixed, its rows a constant apart and their number known, so the copies unroll into a
+// pointer increment each (striding by a runtime blockDim.x cost ~25 instructions of index
+// arithmetic a copy).
+template <int D, int ROWS, int THREADS>
 __device__ __forceinline__ void load_tile_async(__nv_bfloat16* tile, const __nv_bfloat16* src,
                                                 size_t src_stride, int valid) {
     constexpr int VECS = D / 8;  // 16-byte vectors per row
-    for (int i = threadIdx.x; i < ROWS * VECS; i += blockDim.x) {
-        const int r = i / VECS;
-        const int c = (i % VECS) * 8;
+    static_assert(THREADS % VECS == 0, "a thread keeps one column");
+    constexpr int ROW_STEP = THREADS / VECS;  // rows between a thread's copies
+    const int r0 = threadIdx.x / VECS, c = (threadIdx.x % VECS) * 8;  // r0 < ROW_STEP
+    const __nv_bfloat16* from = src + r0 * src_stride + c;
+    const size_t from_step = ROW_STEP * src_stride;
+#pragma unroll
+    for (int k = 0; k < (ROWS + ROW_STEP - 1) / ROW_STEP; k++, from += from_step) {
+        const int r = r0 + k * ROW_STEP;
+        if (ROWS % ROW_STEP != 0 && r >= ROWS) { break; }
         const bool in = r < valid;
-        copy_async16(tile + r * (D + TILE_PAD) + c, src + (in ? r * src_stride + c : 0), in);
+        copy_async16(tile + r * (D + TILE_PAD) + c, in ? from : src, in);
     }
 }
 

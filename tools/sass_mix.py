@@ -15,8 +15,9 @@ Usage (the cuobjdump wheel is not one the build needs; any 13.x reads the 13.0 c
         target/release/build/thinkshort-*/out/flash_attention.fatbin [--arch sm_90] [--kernel NAME]
 
 For each kernel it prints every loop (a backward branch and its target) that holds an HMMA:
-its instructions, HMMAs, instructions per HMMA, and the count of each instruction class. Loops
-nest: an outer loop's counts include its inner loops' bodies once. The counts are static: a
+its instructions, HMMAs, instructions per HMMA, the count of each instruction class, and the
+sizes of the loops nested in it that hold no HMMA (tile copies, polls). Loops nest: an outer
+loop's counts include its inner loops' bodies once, whatever their trip counts. The counts are static: a
 branch inside a loop (a causal mask applied only on the diagonal, a dq write skipped for a
 padding row) counts whether or not it runs. A range that crosses a loop with more HMMAs without
 nesting in it (a block the compiler laid out inside another loop's range) is left out.
@@ -117,13 +118,17 @@ def report(name, code, out):
         counts = collections.Counter(classify(op) for _, op, _ in body)
         if counts["hmma"] == 0:
             continue
-        rows.append((first, last, len(body), counts))
+        # loops nested in this one that hold no HMMA (tile copies, polls): counted once above
+        plain = [b - a + 1 for a, b in found
+                 if first <= a and b <= last and (a, b) != (first, last) and hmmas[(a, b)] == 0]
+        rows.append((first, last, len(body), counts, plain))
     total = collections.Counter(classify(op) for _, op, _ in code)
     out.write(f"{name}: {len(code)} instructions, {total['hmma']} HMMA\n")
-    for first, last, n, counts in rows:
+    for first, last, n, counts, plain in rows:
         mix = ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+        inner = f"; inner loops without HMMA: {', '.join(map(str, plain))}" if plain else ""
         out.write(f"  loop {code[first][0]:#06x}..{code[last][0]:#06x}: {n} instructions, "
-                  f"{counts['hmma']} HMMA, {n / counts['hmma']:.2f} per HMMA ({mix})\n")
+                  f"{counts['hmma']} HMMA, {n / counts['hmma']:.2f} per HMMA ({mix}){inner}\n")
 
 
 def main():
