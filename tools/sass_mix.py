@@ -14,7 +14,8 @@ Usage (the cuobjdump wheel is not one the build needs; any 13.x reads the 13.0 c
     python3 tools/sass_mix.py --cuobjdump $CUOBJDUMP \
         target/release/build/thinkshort-*/out/flash_attention.fatbin [--arch sm_90] [--kernel NAME]
 
-For each kernel it prints every loop (a backward branch and its target) that holds an HMMA:
+For each kernel it prints every loop (a backward branch and its target) that holds an HMMA
+(with --all-loops, every loop):
 its instructions, HMMAs, instructions per HMMA, the count of each instruction class, and the
 sizes of the loops nested in it that hold no HMMA (tile copies, polls). Loops nest: an outer
 loop's counts include its inner loops' bodies once, whatever their trip counts. The counts are static: a
@@ -106,7 +107,7 @@ def crosses(a, b):
     return a[0] < b[0] <= a[1] < b[1] or b[0] < a[0] <= b[1] < a[1]
 
 
-def report(name, code, out):
+def report(name, code, out, all_loops=False):
     rows = []
     found = loops(code)
     hmmas = {lp: sum(op.startswith("HMMA") for _, op, _ in code[lp[0]:lp[1] + 1]) for lp in found}
@@ -116,7 +117,7 @@ def report(name, code, out):
             continue
         body = code[first:last + 1]
         counts = collections.Counter(classify(op) for _, op, _ in body)
-        if counts["hmma"] == 0:
+        if counts["hmma"] == 0 and not all_loops:
             continue
         # loops nested in this one that hold no HMMA (tile copies, polls): counted once above
         plain = [b - a + 1 for a, b in found
@@ -127,8 +128,9 @@ def report(name, code, out):
     for first, last, n, counts, plain in rows:
         mix = ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
         inner = f"; inner loops without HMMA: {', '.join(map(str, plain))}" if plain else ""
+        per = f", {n / counts['hmma']:.2f} per HMMA" if counts["hmma"] else ""
         out.write(f"  loop {code[first][0]:#06x}..{code[last][0]:#06x}: {n} instructions, "
-                  f"{counts['hmma']} HMMA, {n / counts['hmma']:.2f} per HMMA ({mix}){inner}\n")
+                  f"{counts['hmma']} HMMA{per} ({mix}){inner}\n")
 
 
 def main():
@@ -137,12 +139,14 @@ def main():
     ap.add_argument("--cuobjdump", default="cuobjdump")
     ap.add_argument("--arch", default="sm_90")
     ap.add_argument("--kernel", help="only kernels whose name contains this")
+    ap.add_argument("--all-loops", action="store_true",
+                    help="also the loops without HMMA (the memory-bound kernels' element loops)")
     args = ap.parse_args()
     funcs = functions(disassemble(args.cuobjdump, args.fatbin, args.arch))
     for name in sorted(funcs):
         if args.kernel and args.kernel not in name:
             continue
-        report(name, funcs[name], sys.stdout)
+        report(name, funcs[name], sys.stdout, args.all_loops)
 
 
 if __name__ == "__main__":
