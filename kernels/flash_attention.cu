@@ -121,7 +121,7 @@ __device__ __forceinline__ void flash_forward(__nv_bfloat16* out, float* lse, co
     // positions of the warp's first and last real row
     const int warp_first_pos = tile.first_pos + warp_row0;
     const int warp_last_pos = tile.first_pos + min(warp_row0 + 16 * SLABS, tile.count) - 1;
-    const float scale_log2 = scale * LOG2E;  // scores in log2 units: exp2 is one instruction
+    const float scale_log2 = scale * LOG2E;  // the softmax in log2 units: exp2 is one instruction
     const __nv_bfloat16* q_tile = q + (size_t)tile.first_token * q_dim + h * D;
 
     uint32_t q_frag[Q_IN_REGISTERS ? SLABS : 1][Q_IN_REGISTERS ? D / 16 : 1][4];  // [16, D] per slab
@@ -151,8 +151,9 @@ __device__ __forceinline__ void flash_forward(__nv_bfloat16* out, float* lse, co
     auto prefetch = [&](int step) {
         const int j0 = step * KEYS, valid = min(KEYS, key_end - j0);
         __nv_bfloat16* k_dst = kv_s + (step % 2) * 2 * TILE;
-        load_tile_async<D, KEYS, FLASH_THREADS>(k_dst, cache_k + slot_base + (size_t)j0 * kv_dim, kv_dim, valid);
-        load_tile_async<D, KEYS, FLASH_THREADS>(k_dst + TILE, cache_v + slot_base + (size_t)j0 * kv_dim, kv_dim, valid);
+        const size_t at = slot_base + (size_t)j0 * kv_dim;
+        load_tile_async<D, KEYS, FLASH_THREADS>(k_dst, cache_k + at, kv_dim, valid);
+        load_tile_async<D, KEYS, FLASH_THREADS>(k_dst + TILE, cache_v + at, kv_dim, valid);
         copy_async_commit();
     };
     prefetch(0);
@@ -215,7 +216,9 @@ __device__ __forceinline__ void flash_forward(__nv_bfloat16* out, float* lse, co
             // online softmax per row (key 0 is visible to every row: the max is finite from the
             // first step on; padding rows see real keys too)
 #pragma unroll
-            for (int i = 0; i < SLABS; i++) { online_softmax_step(s[i], o[i], row_max[i], row_sum[i], scale_log2); }
+            for (int i = 0; i < SLABS; i++) {
+                online_softmax_step(s[i], o[i], row_max[i], row_sum[i], scale_log2);
+            }
             // o += P V, P straight from the score registers
 #pragma unroll
             for (int kk = 0; kk < KEYS / 16; kk++) {
@@ -312,8 +315,9 @@ __device__ __forceinline__ void flash_backward_dq(__nv_bfloat16* dq, const __nv_
     auto prefetch = [&](int step) {  // as in the forward
         const int j0 = step * DQ_KEYS, valid = min(DQ_KEYS, key_end - j0);
         __nv_bfloat16* k_dst = kv_s + (step % 2) * 2 * TILE;
-        load_tile_async<D, DQ_KEYS, FLASH_THREADS>(k_dst, cache_k + slot_base + (size_t)j0 * kv_dim, kv_dim, valid);
-        load_tile_async<D, DQ_KEYS, FLASH_THREADS>(k_dst + TILE, cache_v + slot_base + (size_t)j0 * kv_dim, kv_dim, valid);
+        const size_t at = slot_base + (size_t)j0 * kv_dim;
+        load_tile_async<D, DQ_KEYS, FLASH_THREADS>(k_dst, cache_k + at, kv_dim, valid);
+        load_tile_async<D, DQ_KEYS, FLASH_THREADS>(k_dst + TILE, cache_v + at, kv_dim, valid);
         copy_async_commit();
     };
     prefetch(0);
@@ -534,8 +538,9 @@ __device__ __forceinline__ void flash_backward_dkdv(float* dq_acc, int* turns,
     const float scale_log2 = scale * LOG2E;
 
     const size_t slot_base = (size_t)slot * capacity * kv_dim + (size_t)kvh * D;
-    load_tile_async<D, KEYS, THREADS>(k_s, cache_k + slot_base + (size_t)first_key * kv_dim, kv_dim, key_count);
-    load_tile_async<D, KEYS, THREADS>(v_s, cache_v + slot_base + (size_t)first_key * kv_dim, kv_dim, key_count);
+    const size_t keys_at = slot_base + (size_t)first_key * kv_dim;
+    load_tile_async<D, KEYS, THREADS>(k_s, cache_k + keys_at, kv_dim, key_count);
+    load_tile_async<D, KEYS, THREADS>(v_s, cache_v + keys_at, kv_dim, key_count);
     copy_async_commit();  // waited for with the first query tile
 
     float dk[D / 8][4], dv[D / 8][4];  // [16 keys, D] each
@@ -618,7 +623,9 @@ __device__ __forceinline__ void flash_backward_dkdv(float* dq_acc, int* turns,
             if (key[0] - g + 15 > tile.first_pos + c0) {
                 for (int nt = 0; nt < KV_QUERIES / 8; nt++) {
                     for (int e = 0; e < 4; e++) {
-                        if (key[e / 2] > tile.first_pos + c0 + nt * 8 + 2 * t + (e & 1)) { p[nt][e] = -INFINITY; }
+                        if (key[e / 2] > tile.first_pos + c0 + nt * 8 + 2 * t + (e & 1)) {
+                            p[nt][e] = -INFINITY;
+                        }
                     }
                 }
             }
@@ -661,9 +668,11 @@ __device__ __forceinline__ void flash_backward_dkdv(float* dq_acc, int* turns,
             int* turn = turns + 1 + (size_t)ti * n_heads + h;
             wait_for_turn(turn, rank);  // (its barrier: the whole dS^T tile is in shared memory)
             if (rank == 0) {
-                dq_of_key_tile<D, KEYS, WARPS, true>(dq_acc, ds_s, k_s, first, q_dim, tile.count, scale, warp, lane);
+                dq_of_key_tile<D, KEYS, WARPS, true>(dq_acc, ds_s, k_s, first, q_dim, tile.count,
+                                                     scale, warp, lane);
             } else {
-                dq_of_key_tile<D, KEYS, WARPS, false>(dq_acc, ds_s, k_s, first, q_dim, tile.count, scale, warp, lane);
+                dq_of_key_tile<D, KEYS, WARPS, false>(dq_acc, ds_s, k_s, first, q_dim, tile.count,
+                                                      scale, warp, lane);
             }
             pass_turn(turn);  // its barrier also ends every warp's use of this stage and of ds_s
         } else {

@@ -468,9 +468,9 @@ fn check_decode(p: &Problem, split_keys: usize) {
     assert_close(&format!("{what} lse"), &lse, &lse_ref);
 }
 
-/// Five sequences at positions 0, 5, 8, 70 and 150 (prefixes of 1 to 151 keys; 9 ends in the
-/// second half of a 16-key warp slab, where the tensor-core kernel masks keys its first 8 do not
-/// reach), one split.
+/// Five sequences at positions 0, 5, 8, 70 and 150 (prefixes of 1 to 151 keys), one split. The
+/// 9 keys at position 8 end in the second half of the first 16-key warp slab: the tensor-core
+/// kernel must mask keys 9..16 there, beyond the slab's first 8.
 fn decode_problem(seed: u64, heads: (usize, usize, usize)) -> Problem {
     Problem::new(
         seed,
@@ -498,4 +498,28 @@ fn decode_tensor_core_kernel_matches_the_cpu_d64() {
 #[test]
 fn decode_tensor_core_kernel_with_key_splits_matches_the_cpu_d128() {
     check_decode(&decode_problem(10, (16, 1, 128)), 64);
+}
+
+/// Warps whose first row sits one or two positions before the end of a key step (positions 62
+/// and 63 against 64-key steps, 14 and 30 against 16-key slabs and 32-key dq steps): the steps
+/// where the diagonal-only causal mask must still run. A "does this step reach the diagonal"
+/// bound off by one in the forward, the dq kernel or the dK/dV kernel leaves a key unmasked here.
+#[test]
+fn flash_masks_the_steps_that_reach_the_diagonal_by_one_key() {
+    check_flash_forward(&Problem::new(21, (2, 1, 64), 112, &[(0, 62, 40), (1, 30, 3)]));
+    check_flash_forward(&Problem::new(22, (2, 2, 128), 112, &[(0, 62, 40), (1, 30, 3)]));
+    check_flash_forward(&Problem::new(23, (2, 1, 32), 112, &[(0, 63, 40), (1, 14, 3)]));
+    check_flash_backward(&Problem::new(24, (2, 1, 64), 112, &[(0, 62, 40), (1, 30, 3)]), 31);
+    check_flash_backward(&Problem::new(25, (2, 2, 128), 112, &[(0, 62, 40), (1, 14, 3)]), 32);
+}
+
+/// Sequences of 15, 31 and 79 keys: the last warp slab holds one key past the end, which the
+/// tensor-core decode kernel must mask (one split and 64-key splits).
+#[test]
+fn decode_masks_a_warp_slab_that_ends_one_key_early() {
+    for (seed, heads) in [(26, (8, 1, 64)), (27, (16, 1, 128))] {
+        let p = Problem::new(seed, heads, 100, &[(0, 14, 1), (1, 30, 1), (2, 78, 1)]);
+        check_decode(&p, 1024);
+        check_decode(&p, 64);
+    }
 }

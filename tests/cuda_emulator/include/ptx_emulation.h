@@ -85,8 +85,10 @@ inline float exp2_approx(float x) {
     return fpclassify(y) == FP_SUBNORMAL ? 0.0f : y;
 }
 
-// red.global.add.v2.f32 (sm_90) or two atomicAdds: each element once.
+// red.global.add.v2.f32 (sm_90) or two atomicAdds: each element once, at an 8-byte aligned
+// address as the vector reduction needs.
 inline void reduce_add_f32x2(float* dst, float x, float y) {
+    if (((uintptr_t)dst & 7) != 0) { emu::fail("reduce_add_f32x2: the address is not 8-byte aligned"); }
     atomicAdd(dst, x);
     atomicAdd(dst + 1, y);
 }
