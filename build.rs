@@ -395,14 +395,15 @@ fn build_kernels(
 }
 
 /// The warning lines of nvcc's output (`file(line): warning #N-D: ...`, `ptxas warning : ...`,
-/// `nvcc warning : ...`), each once (nvcc repeats the front end's for every architecture).
+/// `ptxas file.ptx, line N; warning : ...`, `nvcc warning : ...`, a host compiler's
+/// `file:line:col: warning: ...`), each once (nvcc repeats the front end's for every
+/// architecture). ptxas's `-v` report lines ("ptxas info", byte counts) never say "warning"; the
+/// front end's closing "Remark: The warnings can be suppressed ..." is not one itself.
 fn compiler_warnings(output: &str) -> Vec<String> {
     let mut found: Vec<String> = Vec::new();
     for line in output.lines() {
         let line = line.trim();
-        let is_warning = line.contains("): warning")
-            || line.starts_with("ptxas warning")
-            || line.starts_with("nvcc warning");
+        let is_warning = line.contains("warning") && !line.starts_with("Remark:");
         if is_warning && !found.iter().any(|f| f == line) {
             found.push(line.to_string());
         }
