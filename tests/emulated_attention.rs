@@ -506,11 +506,14 @@ fn decode_tensor_core_kernel_with_key_splits_matches_the_cpu_d128() {
 /// bound off by one in the forward, the dq kernel or the dK/dV kernel leaves a key unmasked here.
 #[test]
 fn flash_masks_the_steps_that_reach_the_diagonal_by_one_key() {
-    check_flash_forward(&Problem::new(21, (2, 1, 64), 112, &[(0, 62, 40), (1, 30, 3)]));
-    check_flash_forward(&Problem::new(22, (2, 2, 128), 112, &[(0, 62, 40), (1, 30, 3)]));
-    check_flash_forward(&Problem::new(23, (2, 1, 32), 112, &[(0, 63, 40), (1, 14, 3)]));
-    check_flash_backward(&Problem::new(24, (2, 1, 64), 112, &[(0, 62, 40), (1, 30, 3)]), 31);
-    check_flash_backward(&Problem::new(25, (2, 2, 128), 112, &[(0, 62, 40), (1, 14, 3)]), 32);
+    let runs_62 = [(0, 62, 40), (1, 30, 3)];
+    let runs_63 = [(0, 63, 40), (1, 14, 3)];
+    check_flash_forward(&Problem::new(21, (2, 1, 64), 112, &runs_62));
+    check_flash_forward(&Problem::new(22, (2, 2, 128), 112, &runs_62));
+    check_flash_forward(&Problem::new(23, (2, 1, 32), 112, &runs_63));
+    check_flash_backward(&Problem::new(24, (2, 1, 64), 112, &runs_62), 31);
+    let runs_62_14 = [(0, 62, 40), (1, 14, 3)];
+    check_flash_backward(&Problem::new(25, (2, 2, 128), 112, &runs_62_14), 32);
 }
 
 /// Sequences of 15, 31 and 79 keys: the last warp slab holds one key past the end, which the
