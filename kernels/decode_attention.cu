@@ -297,7 +297,7 @@ __device__ __forceinline__ void decode_attention_mma(
             mma_m16n8k16(s[0], q_frag[kk], b[0]);
             mma_m16n8k16(s[1], q_frag[kk], b[1]);
         }
-        if (j0 + 16 > end) {  // the keys past the end (the last step's, the whole warp's branch)
+        if (j0 + 16 > end) {  // keys at or past the end: the last step's warps only, all their lanes
             for (int nt = 0; nt < 2; nt++) {
                 for (int e = 0; e < 4; e++) {
                     if (j0 + nt * 8 + 2 * t + (e & 1) >= end) { s[nt][e] = -INFINITY; }
