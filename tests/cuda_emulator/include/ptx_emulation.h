@@ -1,5 +1,5 @@
-// The PTX wrappers of kernels/mma.cuh (mma.sync m16n8k16, ldmatrix, cp.async) for the CPU
-// emulator, with the same signatures. The fragment layouts are transcribed from the PTX ISA
+// The PTX wrappers of kernels/mma.cuh (mma.sync m16n8k16, ldmatrix, cp.async, ex2, red) for the
+// CPU emulator, with the same signatures. The fragment layouts are transcribed from the PTX ISA
 // ("Matrix fragments for mma.m16n8k16 with floating point type", "ldmatrix"), independently of
 // the kernels that rely on them: each lane rebuilds the whole 16x16 A and 16x8 B operand from the
 // warp's deposits and computes its own four outputs in fp32.
