@@ -12,7 +12,9 @@ Usage (the cuobjdump wheel is not one the build needs; any 13.x reads the 13.0 c
     python3 -m venv /tmp/sassvenv && /tmp/sassvenv/bin/pip install nvidia-cuda-cuobjdump==13.2.78
     CUOBJDUMP=$(ls /tmp/sassvenv/lib/python3.*/site-packages/nvidia/cu13/bin/cuobjdump)
     python3 tools/sass_mix.py --cuobjdump $CUOBJDUMP \
-        target/release/build/thinkshort-*/out/flash_attention.fatbin [--arch sm_90] [--kernel NAME]
+        $(ls -t target/release/build/thinkshort-*/out/flash_attention.fatbin | head -1) \
+        [--arch sm_90] [--kernel NAME] [--all-loops]
+(the newest build's fatbin: each build profile has a folder of its own)
 
 For each kernel it prints every loop (a backward branch and its target) that holds an HMMA
 (with --all-loops, every loop):
@@ -48,7 +50,7 @@ CLASSES = [
     ("integer", {"IMAD", "IADD3", "LEA", "SHF", "LOP3", "ISETP", "SEL", "IABS", "IMNMX", "VIADD",
                  "VIMNMX", "I2F", "F2I", "PRMT", "MOV", "IADD", "SHL", "SHR", "UIADD3", "UIMAD",
                  "ULEA", "USHF", "ULOP3", "UMOV", "UISETP", "USEL", "R2UR", "S2UR", "S2R", "CS2R",
-                 "PLOP3", "P2R", "R2P", "IMAD.WIDE", "POPC", "FLO", "BREV", "UPRMT", "ULDC", "LDC"}),
+                 "PLOP3", "P2R", "R2P", "POPC", "FLO", "BREV", "UPRMT", "ULDC", "LDC"}),
     ("control", {"BRA", "BAR", "BSSY", "BSYNC", "WARPSYNC", "EXIT", "NOP", "YIELD", "CALL", "RET",
                  "SHFL", "VOTE", "MEMBAR", "ERRBAR", "CCTL", "NANOSLEEP", "BPT", "VOTEU",
                  "ACQBULK", "ELECT", "BMOV", "UBMSK"}),
