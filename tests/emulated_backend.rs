@@ -335,7 +335,9 @@ fn sft_on_the_cuda_backend_follows_the_cpu() {
 
 /// `bench step` as `tools/gpu_check.sh` runs it on a GPU (`--profile`, the optimizer offloaded,
 /// activation checkpointing, micro-batches, `--json`), here on the emulated device: the steps,
-/// the recorded decode steps and the profile tables of both phases come out.
+/// the recorded decode steps and the profile tables of both phases come out, and the update's
+/// ops count the FLOPs of the model (the MFU's count from the config) and of the checkpointed
+/// layers' recomputed forward (each layer's products but its down projection, and its attention).
 #[test]
 fn bench_step_with_its_profile_runs_on_the_emulated_device() {
     #[derive(clap::Parser)]
@@ -394,14 +396,27 @@ fn bench_step_with_its_profile_runs_on_the_emulated_device() {
             "{phase}: {ops:?}"
         );
     }
+    let update_ops = v["profile"]["update_ops"].as_array().unwrap();
+    assert!(update_ops.iter().any(|o| o["op"] == "sum_squares"), "{v}");
+    let (seqs, len, scored) = (4, 9 + 12, 4 * 12);
+    let (m, layers, h, i, q, kv) = (seqs * len, 2, 128, 256, 128, 64);
+    let attended = seqs * len * (len + 1) / 2;
+    let recomputed = layers * (2 * m * (h * q + 2 * h * kv + q * h + 2 * h * i) + 4 * q * attended);
+    let expected = bench_step::train_flops(&cfg, seqs, len, scored) + recomputed as f64;
+    let flops: f64 = update_ops
+        .iter()
+        .map(|o| o["flops"].as_f64().unwrap())
+        .sum();
     assert!(
-        v["profile"]["update_ops"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|o| o["op"] == "sum_squares"),
-        "{v}"
+        (flops - expected).abs() <= 1e-9 * expected,
+        "the update's ops count {flops} FLOPs, expected {expected}"
     );
+    let bytes = |op: &str| {
+        let row = update_ops.iter().find(|o| o["op"] == op);
+        row.map_or(0.0, |o| o["bytes"].as_f64().unwrap())
+    };
+    // the f32 gradient read and its sum written as [hi, lo] f32 (AdamW runs on the host here)
+    assert_eq!(bytes("sum_squares"), 4.0 * cfg.num_params() as f64 + 8.0);
 }
 
 /// The emulated device holds recordings to what CUDA allows a captured stream and its graph, so

@@ -902,8 +902,10 @@ fn bench_step_in_micro_batches_trains_the_same_tokens() {
 
 /// `--profile` on the CPU: one more step with every op's calls timed. The call counts follow
 /// from the model and the run (8 layers, 5 new tokens: a prefill pass and 4 decode steps of 7
-/// products per layer plus the head, the update one pass of each), and the ops' times fit in
-/// their phase's wall time.
+/// products per layer plus the head, the update one pass of each), the ops' times fit in
+/// their phase's wall time, and the update's ops' FLOPs add up to the model FLOPs of the timed
+/// steps' MFU (the same shapes: every completion runs to its cap), counted there from the
+/// config, here op by op.
 #[test]
 fn bench_step_profile_on_the_cpu_counts_and_times_every_op() {
     let v = run_bench(
@@ -911,14 +913,17 @@ fn bench_step_profile_on_the_cpu_counts_and_times_every_op() {
         "profile update",
     );
     let profile = &v["profile"];
-    let calls = |phase: &str, op: &str| {
+    // summed over the op's rows (a matrix product has one per shape)
+    let total = |phase: &str, op: &str, key: &str| {
         profile[phase]
             .as_array()
             .unwrap()
             .iter()
-            .find(|o| o["op"] == op)
-            .map_or(0, |o| o["calls"].as_u64().unwrap())
+            .filter(|o| o["op"] == op)
+            .map(|o| o[key].as_f64().unwrap())
+            .sum::<f64>()
     };
+    let calls = |phase: &str, op: &str| total(phase, op, "calls") as u64;
     let (layers, new_tokens) = (8, 5);
     let products = 7 * layers + 1;
     assert_eq!(
@@ -935,6 +940,32 @@ fn bench_step_profile_on_the_cpu_counts_and_times_every_op() {
     assert_eq!(calls("update_ops", "attention_backward"), layers);
     assert_eq!(calls("update_ops", "policy_loss_backward"), 1);
     assert_eq!(calls("update_ops", "adamw_step"), 1);
+    let shapes = |op| {
+        let ops = profile["update_ops"].as_array().unwrap();
+        let rows = ops.iter().filter(|o| o["op"] == op);
+        rows.map(|o| o["shape"].clone()).collect::<Vec<_>>()
+    };
+    // q (= o: 8 heads of 32 = the hidden size), k (= v), gate (= up), down and the head: 5
+    // shapes, each [m, k, n]
+    let products = shapes("matmul_backward");
+    assert_eq!(products.len(), 5, "{products:?}");
+    assert!(products
+        .iter()
+        .all(|s| s.as_array().map(Vec::len) == Some(3)));
+    let update_flops: f64 = profile["update_ops"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["flops"].as_f64().unwrap())
+        .sum();
+    let r = &v["result"];
+    let model_flops = r["train_tflops"].as_f64().unwrap() * r["update_s"].as_f64().unwrap() * 1e12;
+    assert!(
+        (update_flops - model_flops).abs() <= 1e-9 * model_flops,
+        "the update's ops: {update_flops} FLOPs, the MFU's model: {model_flops}"
+    );
+    assert!(total("update_ops", "attention_backward", "flops") > 0.0);
+    assert!(total("update_ops", "swiglu_backward", "bytes") > 0.0);
     for phase in ["rollout", "update"] {
         let ops = profile[format!("{phase}_ops")].as_array().unwrap();
         let seconds: Vec<f64> = ops.iter().map(|o| o["seconds"].as_f64().unwrap()).collect();

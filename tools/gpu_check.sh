@@ -350,7 +350,13 @@ for size in ("0.5b", "1.5b"):
     for phase in ("rollout", "update"):
         ops = prof[f"{phase}_ops"]
         total = sum(o["seconds"] for o in ops)
-        top = ", ".join(f"{o['op']} {1e3 * o['seconds']:.1f} ms" for o in ops[:6])
+        def rates(o):  # TFLOP/s of the products and attention, GB/s of every op (bench step's table)
+            s = max(o["seconds"], 1e-12)
+            tflops = f"{o.get('flops', 0) / s / 1e12:.0f} TFLOP/s, " if o.get("flops") else ""
+            return f"{tflops}{o.get('bytes', 0) / s / 1e9:.0f} GB/s"
+        def label(o):
+            return o["op"] + (" m={} k={} n={}".format(*o["shape"]) if o.get("shape") else "")
+        top = "; ".join(f"{label(o)} {1e3 * o['seconds']:.1f} ms ({rates(o)})" for o in ops[:8])
         print(f"\nprofile {size} {phase}: ops {1e3 * total:.0f} ms on the device in {1e3 * prof[phase + '_s']:.0f} ms wall; top: {top}")
 dec = {k: v for k, v in crit.items() if k.startswith("decode_attention/")}
 if dec:

@@ -6,6 +6,9 @@
 //! argument as `[rows, cols]` (row-major).
 
 pub mod cpu;
+mod op_profile;
+
+pub use op_profile::{attention_keys_read, distinct_rows, summarize_ops, OpSample, OpTime, Work};
 
 use crate::grpo::{AdvantageOptions, LossOptions};
 use crate::sampling::{SamplingParams, TokenDraws};
@@ -98,15 +101,6 @@ pub struct PolicyTokens<'a, B: Backend + ?Sized + 'a> {
     pub ref_logp: Option<B::View<'a>>,
 }
 
-/// Time of one op over a profiled stretch of work (`Backend::take_op_profile`): on the device
-/// (CUDA), or the calls' wall time (CPU).
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct OpTime {
-    pub op: String,
-    pub calls: usize,
-    pub seconds: f64,
-}
-
 /// Counts of `Backend::decode_step` calls by how they ran.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct DecodeGraphStats {
@@ -139,26 +133,6 @@ pub fn check_attention_heads(
         "{op}: n_heads ({n_heads}) is not a multiple of n_kv_heads ({n_kv_heads})"
     );
     Ok(())
-}
-
-/// Sums (op, seconds) samples by op: largest total first, ties by name.
-pub fn summarize_ops(samples: &[(&str, f64)]) -> Vec<OpTime> {
-    let mut ops: Vec<OpTime> = Vec::new();
-    for &(op, seconds) in samples {
-        match ops.iter_mut().find(|o| o.op == op) {
-            Some(o) => {
-                o.calls += 1;
-                o.seconds += seconds;
-            }
-            None => ops.push(OpTime {
-                op: op.to_string(),
-                calls: 1,
-                seconds,
-            }),
-        }
-    }
-    ops.sort_by(|a, b| b.seconds.total_cmp(&a.seconds).then(a.op.cmp(&b.op)));
-    ops
 }
 
 pub trait Backend: Send + Sync {
@@ -641,32 +615,4 @@ pub trait TrainBackend: Backend {
         grads: Self::View<'_>,
         step: &crate::optim::AdamWStep,
     );
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn op_samples_sum_by_op_largest_first() {
-        let ops = summarize_ops(&[
-            ("matmul_forward", 2.0),
-            ("rmsnorm_forward", 0.5),
-            ("matmul_forward", 1.5),
-            ("copy", 0.5),
-        ]);
-        let got: Vec<(&str, usize, f64)> = ops
-            .iter()
-            .map(|o| (o.op.as_str(), o.calls, o.seconds))
-            .collect();
-        assert_eq!(
-            got,
-            [
-                ("matmul_forward", 2, 3.5),
-                ("copy", 1, 0.5),
-                ("rmsnorm_forward", 1, 0.5)
-            ]
-        );
-        assert!(summarize_ops(&[]).is_empty());
-    }
 }

@@ -421,10 +421,12 @@ fn one_step<B: TrainBackend>(
     Ok((result, profile))
 }
 
-/// The ops of one profiled phase, largest time first. On CUDA the events add host work to
-/// every launch, so the wall time here is longer than an unprofiled step's; the sum of the ops'
-/// times against it shows how much of the phase is launch gaps and host work (on the CPU: the
-/// host work between ops, such as rewards and tokenizing).
+/// The ops of one profiled phase, largest time first, each with its rates (`Work`: model
+/// FLOPs for the products and attention, operand bytes each moved once for every op). On CUDA
+/// the events add host work to every launch, so the wall time here is longer than an
+/// unprofiled step's; the sum of the ops' times against it shows how much of the phase is
+/// launch gaps and host work (on the CPU: the host work between ops, such as rewards and
+/// tokenizing).
 fn print_profile(phase: &str, wall_s: f64, ops: &[OpTime]) {
     let total: f64 = ops.iter().map(|o| o.seconds).sum();
     println!(
@@ -433,17 +435,26 @@ fn print_profile(phase: &str, wall_s: f64, ops: &[OpTime]) {
         1e3 * wall_s
     );
     println!(
-        "  {:<28} {:>8} {:>11} {:>10} {:>7}",
-        "op", "calls", "total ms", "mean µs", "share"
+        "  {:<44} {:>7} {:>10} {:>10} {:>7} {:>8} {:>8}",
+        "op", "calls", "total ms", "mean µs", "share", "TFLOP/s", "GB/s"
     );
     for o in ops {
+        let rate = |amount: f64, unit: f64| {
+            if o.seconds > 0.0 && amount > 0.0 {
+                format!("{:.1}", amount / o.seconds / unit)
+            } else {
+                "-".to_string()
+            }
+        };
         println!(
-            "  {:<28} {:>8} {:>11.2} {:>10.1} {:>6.1} %",
-            o.op,
+            "  {:<44} {:>7} {:>10.2} {:>10.1} {:>6.1} % {:>8} {:>8}",
+            o.label(),
             o.calls,
             1e3 * o.seconds,
             1e6 * o.seconds / o.calls as f64,
-            100.0 * o.seconds / total.max(f64::MIN_POSITIVE)
+            100.0 * o.seconds / total.max(f64::MIN_POSITIVE),
+            rate(o.flops, 1e12),
+            rate(o.bytes, 1e9),
         );
     }
 }

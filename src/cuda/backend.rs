@@ -36,7 +36,7 @@ use super::device::{CudaDevice, Device, DeviceMemory, Gemm, TimingMark};
 use super::launch::Launcher;
 use super::ops;
 use super::ops::flash_attention::{FlashBackward, FlashForward};
-use crate::backend::{DecodeGraphStats, TokenPlacement};
+use crate::backend::{DecodeGraphStats, TokenPlacement, Work};
 pub use decode_graph::CudaDecodeGraph;
 use decode_graph::RecordedInputs;
 
@@ -82,8 +82,22 @@ pub struct CudaViewMut<'a> {
     _buf: PhantomData<&'a mut CudaBuf>,
 }
 
-/// An op's name and the timing marks before and after its launches.
-type OpMarks = (&'static str, TimingMark, TimingMark);
+impl CudaView<'_> {
+    /// Its size in bytes (the profile's operand sizes).
+    pub fn bytes(&self) -> usize {
+        self.len * self.dtype.size()
+    }
+}
+
+impl CudaViewMut<'_> {
+    /// Its size in bytes (the profile's operand sizes).
+    pub fn bytes(&self) -> usize {
+        self.len * self.dtype.size()
+    }
+}
+
+/// An op's name, its work and the timing marks before and after its launches.
+type OpMarks = (&'static str, Work, TimingMark, TimingMark);
 
 /// How many recently uploaded index arrays are kept for reuse.
 const INDEX_CACHE_ENTRIES: usize = 8;
@@ -203,8 +217,8 @@ impl CudaBackend {
     }
 
     /// Runs one op unless an earlier one failed; records its error. While profiling, brackets
-    /// the op's launches with timing events.
-    fn run(&self, op: &'static str, f: impl FnOnce() -> Result<()>) {
+    /// the op's launches with timing events and records its `work` (evaluated only then).
+    fn run(&self, op: &'static str, work: impl FnOnce() -> Work, f: impl FnOnce() -> Result<()>) {
         let mut error = lock(&self.error);
         if error.is_some() {
             return;
@@ -215,7 +229,7 @@ impl CudaBackend {
             Some(events) => (|| {
                 let start = self.dev.timing_mark()?;
                 f()?;
-                events.push((op, start, self.dev.timing_mark()?));
+                events.push((op, work(), start, self.dev.timing_mark()?));
                 Ok(())
             })(),
         };

@@ -33,7 +33,10 @@ pub use rope::{rope_backward, rope_forward, rope_forward_with_bias};
 pub use sampling::sample_tokens;
 pub use swiglu::{swiglu_backward, swiglu_forward};
 
-use super::{Backend, GradWrite, HeadNorms, OpTime, PolicyTokens, TokenPlacement, TrainBackend};
+use super::{
+    attention_keys_read, distinct_rows, Backend, GradWrite, HeadNorms, OpTime, PolicyTokens,
+    TokenPlacement, TrainBackend, Work,
+};
 use crate::grpo::{AdvantageOptions, LossOptions};
 use crate::sampling::{SamplingParams, TokenDraws};
 use anyhow::{bail, Result};
@@ -44,6 +47,11 @@ const ELEMENTS_PER_TASK: usize = 4096;
 
 #[derive(Debug, Default, Clone, Copy)]
 pub struct CpuBackend;
+
+/// Bytes of `values` f32 values (the profile's operand sizes).
+fn f32_bytes(values: usize) -> usize {
+    4 * values
+}
 
 /// dst[:] = src, for a transfer between the host and this backend's (host) buffers.
 fn copy_same_len(op: &str, dst: &mut [f32], src: &[f32]) -> Result<()> {
@@ -126,9 +134,11 @@ impl Backend for CpuBackend {
     fn decode_graph(&self) {}
 
     fn embedding_forward(&self, out: &mut [f32], table: &[f32], ids: &[u32], dim: usize) {
-        profile::timed("embedding_forward", || {
-            embedding_forward(out, table, ids, dim)
-        })
+        profile::timed(
+            "embedding_forward",
+            Work::moving(f32_bytes(2 * out.len())),
+            || embedding_forward(out, table, ids, dim),
+        )
     }
     fn embedding_forward_sampled(
         &self,
@@ -138,9 +148,11 @@ impl Backend for CpuBackend {
         rows: &[u32],
         dim: usize,
     ) {
-        profile::timed("embedding_forward_sampled", || {
-            embedding_forward_sampled(out, table, sampled, rows, dim)
-        })
+        profile::timed(
+            "embedding_forward_sampled",
+            Work::moving(f32_bytes(2 * out.len() + sampled.len())),
+            || embedding_forward_sampled(out, table, sampled, rows, dim),
+        )
     }
     fn add_rmsnorm_forward(
         &self,
@@ -151,15 +163,18 @@ impl Backend for CpuBackend {
         dim: usize,
         eps: f32,
     ) {
-        profile::timed("add_rmsnorm_forward", || {
+        let bytes = f32_bytes(2 * x.len() + residual.len() + out.len() + weight.len());
+        profile::timed("add_rmsnorm_forward", Work::moving(bytes), || {
             residual_add(x, residual);
             rmsnorm_forward(out, x, weight, dim, eps)
         })
     }
     fn rmsnorm_forward(&self, out: &mut [f32], x: &[f32], weight: &[f32], dim: usize, eps: f32) {
-        profile::timed("rmsnorm_forward", || {
-            rmsnorm_forward(out, x, weight, dim, eps)
-        })
+        profile::timed(
+            "rmsnorm_forward",
+            Work::moving(f32_bytes(out.len() + x.len() + weight.len())),
+            || rmsnorm_forward(out, x, weight, dim, eps),
+        )
     }
     fn matmul_forward(
         &self,
@@ -171,9 +186,12 @@ impl Backend for CpuBackend {
         k: usize,
         n: usize,
     ) {
-        profile::timed("matmul_forward", || {
-            matmul_forward(out, x, w, bias, m, k, n)
-        })
+        let bytes = f32_bytes(out.len() + x.len() + w.len() + bias.map_or(0, <[f32]>::len));
+        profile::timed(
+            "matmul_forward",
+            Work::matmul_forward(m, k, n, bytes),
+            || matmul_forward(out, x, w, bias, m, k, n),
+        )
     }
     fn qkv_rope_forward(
         &self,
@@ -186,7 +204,16 @@ impl Backend for CpuBackend {
         n_kv_heads: usize,
         head_dim: usize,
     ) {
-        profile::timed("qkv_rope_forward", || {
+        let raw = norms
+            .as_ref()
+            .map_or(0, |n| n.raw[0].len() + n.raw[1].len());
+        let biases: usize = [q_bias, k_bias, v_bias]
+            .iter()
+            .flatten()
+            .map(|b| b.len())
+            .sum();
+        let bytes = f32_bytes(2 * (q.len() + k.len() + v.len()) + raw + biases);
+        profile::timed("qkv_rope_forward", Work::moving(bytes), || {
             if let Some(HeadNorms {
                 raw: [q_raw, k_raw],
                 weights: [q_norm, k_norm],
@@ -217,10 +244,14 @@ impl Backend for CpuBackend {
         capacity: usize,
         kv_dim: usize,
     ) {
-        profile::timed("kv_cache_write", || {
-            kv_cache_write(cache_k, k, place, capacity, kv_dim);
-            kv_cache_write(cache_v, v, place, capacity, kv_dim);
-        })
+        profile::timed(
+            "kv_cache_write",
+            Work::moving(f32_bytes(2 * (k.len() + v.len()))),
+            || {
+                kv_cache_write(cache_k, k, place, capacity, kv_dim);
+                kv_cache_write(cache_v, v, place, capacity, kv_dim);
+            },
+        )
     }
     fn kv_cache_gather(
         &self,
@@ -230,9 +261,11 @@ impl Backend for CpuBackend {
         capacity: usize,
         kv_dim: usize,
     ) {
-        profile::timed("kv_cache_gather", || {
-            kv_cache_gather(dx, dcache, place, capacity, kv_dim)
-        })
+        profile::timed(
+            "kv_cache_gather",
+            Work::moving(f32_bytes(2 * dx.len())),
+            || kv_cache_gather(dx, dcache, place, capacity, kv_dim),
+        )
     }
     fn attention_forward(
         &self,
@@ -247,26 +280,45 @@ impl Backend for CpuBackend {
         n_kv_heads: usize,
         head_dim: usize,
     ) {
-        profile::timed("attention_forward", || {
+        let moved = q.len() + out.len() + lse.as_ref().map_or(0, |l| l.len());
+        let keys = attention_keys_read(place) * n_kv_heads * head_dim; // K and V read
+        let work = Work::attention(place, n_heads, head_dim, false, f32_bytes(moved + 2 * keys));
+        profile::timed("attention_forward", work, || {
             attention_forward(
                 out, lse, q, cache_k, cache_v, place, capacity, n_heads, n_kv_heads, head_dim,
             )
         })
     }
     fn swiglu_forward(&self, out: &mut [f32], gate: &[f32], up: &[f32]) {
-        profile::timed("swiglu_forward", || swiglu_forward(out, gate, up))
+        profile::timed(
+            "swiglu_forward",
+            Work::moving(f32_bytes(out.len() + gate.len() + up.len())),
+            || swiglu_forward(out, gate, up),
+        )
     }
     fn residual_add(&self, x: &mut [f32], y: &[f32]) {
-        profile::timed("residual_add", || residual_add(x, y))
+        profile::timed(
+            "residual_add",
+            Work::moving(f32_bytes(2 * x.len() + y.len())),
+            || residual_add(x, y),
+        )
     }
     fn gather_rows(&self, out: &mut [f32], x: &[f32], rows: &[usize], dim: usize) {
-        profile::timed("gather_rows", || gather_rows(out, x, rows, dim))
+        profile::timed(
+            "gather_rows",
+            Work::moving(f32_bytes(2 * out.len())),
+            || gather_rows(out, x, rows, dim),
+        )
     }
     fn fill_zero(&self, out: &mut [f32]) {
-        profile::timed("fill_zero", || out.fill(0.0))
+        profile::timed("fill_zero", Work::moving(f32_bytes(out.len())), || {
+            out.fill(0.0)
+        })
     }
     fn copy(&self, dst: &mut [f32], src: &[f32]) {
-        profile::timed("copy", || dst.copy_from_slice(src))
+        profile::timed("copy", Work::moving(f32_bytes(2 * dst.len())), || {
+            dst.copy_from_slice(src)
+        })
     }
 
     fn logprob_forward(
@@ -278,9 +330,11 @@ impl Backend for CpuBackend {
         vocab: usize,
         temperature: f32,
     ) {
-        profile::timed("logprob_forward", || {
-            logprob_forward(logp, entropy, logits, targets, vocab, temperature)
-        })
+        profile::timed(
+            "logprob_forward",
+            Work::moving(f32_bytes(logits.len() + logp.len() + entropy.len())),
+            || logprob_forward(logp, entropy, logits, targets, vocab, temperature),
+        )
     }
 
     fn sample_tokens(
@@ -292,9 +346,11 @@ impl Backend for CpuBackend {
         vocab: usize,
         params: &SamplingParams,
     ) {
-        profile::timed("sample_tokens", || {
-            sample_tokens(out, logp, logits, draws, vocab, params)
-        })
+        profile::timed(
+            "sample_tokens",
+            Work::moving(f32_bytes(logits.len() + out.len() + logp.len())),
+            || sample_tokens(out, logp, logits, draws, vocab, params),
+        )
     }
 }
 
@@ -316,7 +372,11 @@ impl TrainBackend for CpuBackend {
         n_kv_heads: usize,
         head_dim: usize,
     ) {
-        profile::timed("attention_backward", || {
+        let moved = dq.len() + dout.len() + out.len() + lse.len() + q.len();
+        // K and V read, dK and dV written
+        let keys = attention_keys_read(place) * n_kv_heads * head_dim;
+        let work = Work::attention(place, n_heads, head_dim, true, f32_bytes(moved + 4 * keys));
+        profile::timed("attention_backward", work, || {
             attention_backward(
                 dq, dcache_k, dcache_v, dout, out, lse, q, cache_k, cache_v, place, capacity,
                 n_heads, n_kv_heads, head_dim,
@@ -333,9 +393,11 @@ impl TrainBackend for CpuBackend {
         vocab: usize,
         temperature: f32,
     ) {
-        profile::timed("logprob_backward", || {
-            logprob_backward(dlogits, dlogp, logits, targets, vocab, temperature)
-        })
+        profile::timed(
+            "logprob_backward",
+            Work::moving(f32_bytes(dlogits.len() + dlogp.len() + logits.len())),
+            || logprob_backward(dlogits, dlogp, logits, targets, vocab, temperature),
+        )
     }
     fn matmul_backward(
         &self,
@@ -349,12 +411,26 @@ impl TrainBackend for CpuBackend {
         k: usize,
         n: usize,
     ) {
-        profile::timed("matmul_backward", || {
-            matmul_backward(dx, dx_write, dw, dout, x, w, m, k, n)
-        })
+        let with_dx = dx.is_some();
+        let dx_values = match (&dx, dx_write) {
+            (None, _) => 0,
+            (Some(dx), GradWrite::Add) => 2 * dx.len(),
+            (Some(dx), GradWrite::Overwrite) => dx.len(),
+        };
+        let w_values = if with_dx { w.len() } else { 0 };
+        let bytes = f32_bytes(dx_values + 2 * dw.len() + dout.len() + x.len() + w_values);
+        profile::timed(
+            "matmul_backward",
+            Work::matmul_backward(m, k, n, with_dx, bytes),
+            || matmul_backward(dx, dx_write, dw, dout, x, w, m, k, n),
+        )
     }
     fn bias_backward(&self, dbias: &mut [f32], dout: &[f32]) {
-        profile::timed("bias_backward", || bias_backward(dbias, dout))
+        profile::timed(
+            "bias_backward",
+            Work::moving(f32_bytes(2 * dbias.len() + dout.len())),
+            || bias_backward(dbias, dout),
+        )
     }
     fn rmsnorm_backward(
         &self,
@@ -367,7 +443,11 @@ impl TrainBackend for CpuBackend {
         dim: usize,
         eps: f32,
     ) {
-        profile::timed("rmsnorm_backward", || {
+        let dx_passes = if dx_write == GradWrite::Add { 2 } else { 1 };
+        let bytes = f32_bytes(
+            dx_passes * dx.len() + 2 * dweight.len() + dout.len() + x.len() + weight.len(),
+        );
+        profile::timed("rmsnorm_backward", Work::moving(bytes), || {
             rmsnorm_backward(dx, dx_write, dweight, dout, x, weight, dim, eps)
         })
     }
@@ -379,9 +459,11 @@ impl TrainBackend for CpuBackend {
         n_heads: usize,
         head_dim: usize,
     ) {
-        profile::timed("rope_backward", || {
-            rope_backward(dx, positions, inv_freq, n_heads, head_dim)
-        })
+        profile::timed(
+            "rope_backward",
+            Work::moving(f32_bytes(2 * dx.len())),
+            || rope_backward(dx, positions, inv_freq, n_heads, head_dim),
+        )
     }
     fn swiglu_backward(
         &self,
@@ -391,17 +473,25 @@ impl TrainBackend for CpuBackend {
         gate: &[f32],
         up: &[f32],
     ) {
-        profile::timed("swiglu_backward", || {
+        let bytes = f32_bytes(dgate.len() + dup.len() + dout.len() + gate.len() + up.len());
+        profile::timed("swiglu_backward", Work::moving(bytes), || {
             swiglu_backward(dgate, dup, dout, gate, up)
         })
     }
     fn embedding_backward(&self, dtable: &mut [f32], dout: &[f32], ids: &[u32], dim: usize) {
-        profile::timed("embedding_backward", || {
-            embedding_backward(dtable, dout, ids, dim)
-        })
+        let rows = distinct_rows(ids);
+        profile::timed(
+            "embedding_backward",
+            Work::moving(f32_bytes(dout.len() + 2 * rows * dim)),
+            || embedding_backward(dtable, dout, ids, dim),
+        )
     }
     fn scatter_add_rows(&self, dx: &mut [f32], dout: &[f32], rows: &[usize], dim: usize) {
-        profile::timed("scatter_add_rows", || scatter_add_rows(dx, dout, rows, dim))
+        profile::timed(
+            "scatter_add_rows",
+            Work::moving(f32_bytes(3 * dout.len())),
+            || scatter_add_rows(dx, dout, rows, dim),
+        )
     }
     fn policy_loss_backward(
         &self,
@@ -415,7 +505,8 @@ impl TrainBackend for CpuBackend {
         temperature: f32,
         loss: &LossOptions,
     ) {
-        profile::timed("policy_loss_backward", || {
+        let bytes = f32_bytes(logits.len() + dlogits.len() + logp.len() + stats.len());
+        profile::timed("policy_loss_backward", Work::moving(bytes), || {
             policy_loss_backward(
                 dlogits,
                 logp,
@@ -436,15 +527,25 @@ impl TrainBackend for CpuBackend {
         group_size: usize,
         opts: &AdvantageOptions,
     ) {
-        profile::timed("group_advantages", || {
-            group_advantages(out, rewards, group_size, opts)
-        })
+        profile::timed(
+            "group_advantages",
+            Work::moving(f32_bytes(out.len()) + 8 * rewards.len()),
+            || group_advantages(out, rewards, group_size, opts),
+        )
     }
     fn column_sums(&self, out: &mut [f32], x: &[f32], cols: usize) {
-        profile::timed("column_sums", || column_sums(out, x, cols))
+        profile::timed(
+            "column_sums",
+            Work::moving(f32_bytes(2 * out.len() + x.len())),
+            || column_sums(out, x, cols),
+        )
     }
     fn sum_squares(&self, out: &mut [f32], x: &[f32]) {
-        profile::timed("sum_squares", || sum_squares(out, x))
+        profile::timed(
+            "sum_squares",
+            Work::moving(f32_bytes(x.len() + out.len())),
+            || sum_squares(out, x),
+        )
     }
     fn adamw_step(
         &self,
@@ -455,7 +556,8 @@ impl TrainBackend for CpuBackend {
         grads: &[f32],
         step: &crate::optim::AdamWStep,
     ) {
-        profile::timed("adamw_step", || {
+        let bytes = f32_bytes(params.len() + 2 * (master.len() + m.len() + v.len()) + grads.len());
+        profile::timed("adamw_step", Work::moving(bytes), || {
             adamw_step(params, master, m, v, grads, step)
         })
     }

@@ -1,11 +1,14 @@
 //! Time per op for `bench step --profile` (`Backend::start_op_profile`) on the CPU: its ops are
 //! plain calls that return when their work is done, so an op's time is its call's wall time.
 //!
+//! Each call also brings its work (`Work`: FLOPs and f32 operand bytes), so the profile gives
+//! the ops' rates.
+//!
 //! `CpuBackend` holds no state, so the profile is the process's. It records only the ops called
 //! on the thread that started it (the command's), so that ops other threads run meanwhile (tests
 //! beside it) do not mix in; the work an op hands to rayon's pool counts inside its call.
 
-use crate::backend::{summarize_ops, OpTime};
+use crate::backend::{summarize_ops, OpSample, OpTime, Work};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::thread::{self, ThreadId};
@@ -14,7 +17,7 @@ use std::time::Instant;
 /// The ops timed since `start`, on the thread that called it.
 struct Profile {
     thread: ThreadId,
-    samples: Vec<(&'static str, f64)>,
+    samples: Vec<OpSample>,
 }
 
 static PROFILE: Mutex<Option<Profile>> = Mutex::new(None);
@@ -45,8 +48,9 @@ pub(super) fn take() -> Vec<OpTime> {
         .map_or_else(Vec::new, |p| summarize_ops(&p.samples))
 }
 
-/// Runs `f`, the op named `op`; while this thread records a profile, adds its wall time to it.
-pub(super) fn timed<T>(op: &'static str, f: impl FnOnce() -> T) -> T {
+/// Runs `f`, the op named `op` doing `work`; while this thread records a profile, adds its wall
+/// time and work to it.
+pub(super) fn timed<T>(op: &'static str, work: Work, f: impl FnOnce() -> T) -> T {
     if !RECORDING.load(Ordering::Relaxed) {
         return f();
     }
@@ -55,7 +59,7 @@ pub(super) fn timed<T>(op: &'static str, f: impl FnOnce() -> T) -> T {
     let seconds = start.elapsed().as_secs_f64();
     if let Some(p) = profile().as_mut() {
         if p.thread == thread::current().id() {
-            p.samples.push((op, seconds));
+            p.samples.push((op, work, seconds));
         }
     }
     out
@@ -70,23 +74,35 @@ mod tests {
     /// at once would stop each other's.
     #[test]
     fn records_the_calls_and_time_of_this_threads_ops_only() {
-        assert_eq!(timed("before", || 7), 7, "timed returns the op's value");
+        let work = Work::moving(8);
+        assert_eq!(
+            timed("before", work, || 7),
+            7,
+            "timed returns the op's value"
+        );
         start();
-        let sleep = |ms| timed("sleep", || thread::sleep(Duration::from_millis(ms)));
+        let sleep = |ms| timed("sleep", work, || thread::sleep(Duration::from_millis(ms)));
         sleep(30);
         sleep(20);
-        assert_eq!(timed("add", || 2 + 3), 5);
-        thread::spawn(|| timed("other_thread", || thread::sleep(Duration::from_millis(1))))
-            .join()
-            .unwrap();
+        assert_eq!(timed("add", work, || 2 + 3), 5);
+        thread::spawn(move || {
+            timed("other_thread", work, || {
+                thread::sleep(Duration::from_millis(1))
+            })
+        })
+        .join()
+        .unwrap();
         let ops = take();
-        let names: Vec<_> = ops.iter().map(|o| (o.op.as_str(), o.calls)).collect();
-        assert_eq!(names, [("sleep", 2), ("add", 1)], "{ops:?}");
+        let names: Vec<_> = ops
+            .iter()
+            .map(|o| (o.op.as_str(), o.calls, o.bytes))
+            .collect();
+        assert_eq!(names, [("sleep", 2, 16.0), ("add", 1, 8.0)], "{ops:?}");
         // The two sleeps' wall time, at least what was asked for; generous above for a busy CI.
         assert!((0.050..2.0).contains(&ops[0].seconds), "{ops:?}");
         assert!(ops[1].seconds < ops[0].seconds, "{ops:?}");
 
-        timed("after", || ());
+        timed("after", work, || ());
         assert!(take().is_empty(), "recorded after take");
     }
 }

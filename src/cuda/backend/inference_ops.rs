@@ -13,7 +13,10 @@ use super::{
     check_ids, expect, expect_bf16, lock, rows_of, CudaBackend, CudaBuf, CudaDecodeGraph, CudaView,
     CudaViewMut, DType,
 };
-use crate::backend::{summarize_ops, Backend, DecodeGraphStats, HeadNorms, OpTime, TokenPlacement};
+use crate::backend::{
+    attention_keys_read, summarize_ops, Backend, DecodeGraphStats, HeadNorms, OpTime,
+    TokenPlacement, Work,
+};
 use crate::cuda::attention_plan::{wide_query_tiles, AttentionKernel, AttentionPlan};
 use crate::cuda::ops;
 use crate::cuda::ops::decode_attention::{plan_splits, scratch_sizes, DecodeProblem};
@@ -171,8 +174,8 @@ impl Backend for CudaBackend {
         let events = lock(&self.profile).take().unwrap_or_default();
         self.synchronize()?;
         let mut samples = Vec::with_capacity(events.len());
-        for (op, start, end) in &events {
-            samples.push((*op, self.dev.seconds_between(start, end)?));
+        for (op, work, start, end) in &events {
+            samples.push((*op, *work, self.dev.seconds_between(start, end)?));
         }
         Ok(summarize_ops(&samples))
     }
@@ -222,7 +225,8 @@ impl Backend for CudaBackend {
         ids: &[u32],
         dim: usize,
     ) {
-        self.run("embedding_forward", || {
+        let work = || Work::moving(2 * out.bytes());
+        self.run("embedding_forward", work, || {
             expect_bf16("table", table.dtype)?;
             let vocab = rows_of("table", table.len, dim)?;
             expect("out", out.dtype, out.len, DType::Bf16, ids.len() * dim)?;
@@ -247,7 +251,8 @@ impl Backend for CudaBackend {
         rows: &[u32],
         dim: usize,
     ) {
-        self.run("embedding_forward_sampled", || {
+        let work = || Work::moving(2 * out.bytes() + sampled.bytes());
+        self.run("embedding_forward_sampled", work, || {
             expect_bf16("table", table.dtype)?;
             let vocab = rows_of("table", table.len, dim)?;
             expect("out", out.dtype, out.len, DType::Bf16, rows.len() * dim)?;
@@ -280,7 +285,8 @@ impl Backend for CudaBackend {
         dim: usize,
         eps: f32,
     ) {
-        self.run("add_rmsnorm_forward", || {
+        let work = || Work::moving(2 * x.bytes() + residual.bytes() + out.bytes() + weight.bytes());
+        self.run("add_rmsnorm_forward", work, || {
             expect_bf16("x", x.dtype)?;
             let rows = rows_of("x", x.len, dim)?;
             expect("residual", residual.dtype, residual.len, DType::Bf16, x.len)?;
@@ -307,7 +313,8 @@ impl Backend for CudaBackend {
         dim: usize,
         eps: f32,
     ) {
-        self.run("rmsnorm_forward", || {
+        let work = || Work::moving(out.bytes() + x.bytes() + weight.bytes());
+        self.run("rmsnorm_forward", work, || {
             expect_bf16("x", x.dtype)?;
             let rows = rows_of("x", x.len, dim)?;
             expect("out", out.dtype, out.len, DType::Bf16, x.len)?;
@@ -334,7 +341,9 @@ impl Backend for CudaBackend {
         k: usize,
         n: usize,
     ) {
-        self.run("matmul_forward", || {
+        let bytes = out.bytes() + x.bytes() + w.bytes() + bias.map_or(0, |b| b.bytes());
+        let work = || Work::matmul_forward(m, k, n, bytes);
+        self.run("matmul_forward", work, || {
             expect("x", x.dtype, x.len, DType::Bf16, m * k)?;
             expect("w", w.dtype, w.len, DType::Bf16, n * k)?;
             ensure!(
@@ -376,7 +385,17 @@ impl Backend for CudaBackend {
         n_kv_heads: usize,
         head_dim: usize,
     ) {
-        self.run("qkv_rope_forward", || {
+        let raw = norms
+            .as_ref()
+            .map_or(0, |n| n.raw[0].bytes() + n.raw[1].bytes());
+        let biases: usize = [q_bias, k_bias, v_bias]
+            .iter()
+            .flatten()
+            .map(|b| b.bytes())
+            .sum();
+        let bytes = 2 * (q.bytes() + k.bytes() + v.bytes()) + raw + biases;
+        let work = || Work::moving(bytes);
+        self.run("qkv_rope_forward", work, || {
             let m = positions.len();
             expect("q", q.dtype, q.len, DType::Bf16, m * n_heads * head_dim)?;
             expect("k", k.dtype, k.len, DType::Bf16, m * n_kv_heads * head_dim)?;
@@ -450,7 +469,8 @@ impl Backend for CudaBackend {
         capacity: usize,
         kv_dim: usize,
     ) {
-        self.run("kv_cache_write", || {
+        let work = || Work::moving(2 * (k.bytes() + v.bytes()));
+        self.run("kv_cache_write", work, || {
             let m = place.slots.len();
             expect("k", k.dtype, k.len, DType::Bf16, m * kv_dim)?;
             expect("v", v.dtype, v.len, DType::Bf16, m * kv_dim)?;
@@ -483,7 +503,8 @@ impl Backend for CudaBackend {
         capacity: usize,
         kv_dim: usize,
     ) {
-        self.run("kv_cache_gather", || {
+        let work = || Work::moving(2 * dx.bytes());
+        self.run("kv_cache_gather", work, || {
             let m = place.slots.len();
             expect("dx", dx.dtype, dx.len, DType::Bf16, m * kv_dim)?;
             let cache = (dcache.dtype, dcache.len);
@@ -514,7 +535,13 @@ impl Backend for CudaBackend {
         n_kv_heads: usize,
         head_dim: usize,
     ) {
-        self.run("attention_forward", || {
+        let moved = q.bytes() + out.bytes() + lse.as_ref().map_or(0, |l| l.bytes());
+        let kv_row = 2 * n_kv_heads * head_dim * cache_k.dtype.size(); // K and V
+        let work = || {
+            let bytes = moved + attention_keys_read(place) * kv_row;
+            Work::attention(place, n_heads, head_dim, false, bytes)
+        };
+        self.run("attention_forward", work, || {
             let m = place.slots.len();
             let q_dim = n_heads * head_dim;
             expect("q", q.dtype, q.len, DType::Bf16, m * q_dim)?;
@@ -623,7 +650,8 @@ impl Backend for CudaBackend {
     }
 
     fn swiglu_forward(&self, out: CudaViewMut<'_>, gate: CudaView<'_>, up: CudaView<'_>) {
-        self.run("swiglu_forward", || {
+        let work = || Work::moving(out.bytes() + gate.bytes() + up.bytes());
+        self.run("swiglu_forward", work, || {
             expect_bf16("out", out.dtype)?;
             expect("gate", gate.dtype, gate.len, DType::Bf16, out.len)?;
             expect("up", up.dtype, up.len, DType::Bf16, out.len)?;
@@ -632,7 +660,8 @@ impl Backend for CudaBackend {
     }
 
     fn residual_add(&self, x: CudaViewMut<'_>, y: CudaView<'_>) {
-        self.run("residual_add", || {
+        let work = || Work::moving(2 * x.bytes() + y.bytes());
+        self.run("residual_add", work, || {
             expect_bf16("x", x.dtype)?;
             expect("y", y.dtype, y.len, DType::Bf16, x.len)?;
             ops::elementwise::residual_add(self.launcher(), x.ptr, y.ptr, x.len)
@@ -640,7 +669,8 @@ impl Backend for CudaBackend {
     }
 
     fn gather_rows(&self, out: CudaViewMut<'_>, x: CudaView<'_>, rows: &[usize], dim: usize) {
-        self.run("gather_rows", || {
+        let work = || Work::moving(2 * out.bytes());
+        self.run("gather_rows", work, || {
             expect_bf16("x", x.dtype)?;
             let x_rows = rows_of("x", x.len, dim)?;
             expect("out", out.dtype, out.len, DType::Bf16, rows.len() * dim)?;
@@ -653,14 +683,16 @@ impl Backend for CudaBackend {
     }
 
     fn fill_zero(&self, out: CudaViewMut<'_>) {
-        self.run("fill_zero", || {
+        let work = || Work::moving(out.bytes());
+        self.run("fill_zero", work, || {
             // SAFETY: the view covers len elements of its dtype.
             unsafe { self.dev.fill_zero(out.ptr, out.len * out.dtype.size()) }
         })
     }
 
     fn copy(&self, dst: CudaViewMut<'_>, src: CudaView<'_>) {
-        self.run("copy", || {
+        let work = || Work::moving(2 * dst.bytes());
+        self.run("copy", work, || {
             ensure!(
                 dst.len == src.len,
                 "dst has {} elements, src {}",
@@ -700,7 +732,8 @@ impl Backend for CudaBackend {
         vocab: usize,
         temperature: f32,
     ) {
-        self.run("logprob_forward", || {
+        let work = || Work::moving(logits.bytes() + logp.bytes() + entropy.bytes());
+        self.run("logprob_forward", work, || {
             let r = targets.len();
             expect("logp", logp.dtype, logp.len, DType::F32, r)?;
             expect("entropy", entropy.dtype, entropy.len, DType::F32, r)?;
@@ -738,7 +771,8 @@ impl Backend for CudaBackend {
         vocab: usize,
         params: &SamplingParams,
     ) {
-        self.run("sample_tokens", || {
+        let work = || Work::moving(logits.bytes() + out.bytes() + logp.bytes());
+        self.run("sample_tokens", work, || {
             let rows = draws.rows();
             expect("out", out.dtype, out.len, DType::F32, rows)?;
             expect("logp", logp.dtype, logp.len, DType::F32, rows)?;

@@ -6,7 +6,10 @@ use anyhow::{anyhow, bail, ensure, Context, Result};
 use super::{
     check_ids, expect, expect_bf16, lock, rows_of, CudaBackend, CudaView, CudaViewMut, DType,
 };
-use crate::backend::{GradWrite, PolicyTokens, TokenPlacement, TrainBackend, POLICY_STATS};
+use crate::backend::{
+    attention_keys_read, distinct_rows, GradWrite, PolicyTokens, TokenPlacement, TrainBackend,
+    Work, POLICY_STATS,
+};
 use crate::cuda::attention_plan::AttentionPlan;
 use crate::cuda::ops;
 use crate::cuda::ops::flash_attention::{BackwardScratch, FlashBackward, FlashGrads, FlashProblem};
@@ -50,7 +53,14 @@ impl TrainBackend for CudaBackend {
         n_kv_heads: usize,
         head_dim: usize,
     ) {
-        self.run("attention_backward", || {
+        let moved = dq.bytes() + dout.bytes() + out.bytes() + lse.bytes() + q.bytes();
+        // K and V read, dK and dV written
+        let kv_rows = 2 * n_kv_heads * head_dim * (cache_k.dtype.size() + dcache_k.dtype.size());
+        let work = || {
+            let bytes = moved + attention_keys_read(place) * kv_rows;
+            Work::attention(place, n_heads, head_dim, true, bytes)
+        };
+        self.run("attention_backward", work, || {
             ensure!(
                 ops::flash_attention::supports_head_dim(head_dim),
                 "head_dim {head_dim} has no fused backward on CUDA (supported: {:?})",
@@ -144,7 +154,8 @@ impl TrainBackend for CudaBackend {
         vocab: usize,
         temperature: f32,
     ) {
-        self.run("logprob_backward", || {
+        let work = || Work::moving(dlogits.bytes() + dlogp.bytes() + logits.bytes());
+        self.run("logprob_backward", work, || {
             let r = targets.len();
             expect(
                 "dlogits",
@@ -187,7 +198,16 @@ impl TrainBackend for CudaBackend {
         k: usize,
         n: usize,
     ) {
-        self.run("matmul_backward", || {
+        let with_dx = dx.is_some();
+        let dx_bytes = match (&dx, dx_write) {
+            (None, _) => 0,
+            (Some(dx), GradWrite::Add) => 2 * dx.bytes(),
+            (Some(dx), GradWrite::Overwrite) => dx.bytes(),
+        };
+        let w_bytes = if with_dx { w.bytes() } else { 0 };
+        let bytes = dx_bytes + 2 * dw.bytes() + dout.bytes() + x.bytes() + w_bytes;
+        let work = || Work::matmul_backward(m, k, n, with_dx, bytes);
+        self.run("matmul_backward", work, || {
             expect("dout", dout.dtype, dout.len, DType::Bf16, m * n)?;
             expect("x", x.dtype, x.len, DType::Bf16, m * k)?;
             expect("w", w.dtype, w.len, DType::Bf16, n * k)?;
@@ -239,7 +259,8 @@ impl TrainBackend for CudaBackend {
     }
 
     fn bias_backward(&self, dbias: CudaViewMut<'_>, dout: CudaView<'_>) {
-        self.run("bias_backward", || {
+        let work = || Work::moving(2 * dbias.bytes() + dout.bytes());
+        self.run("bias_backward", work, || {
             expect("dbias", dbias.dtype, dbias.len, DType::F32, dbias.len)?;
             expect_bf16("dout", dout.dtype)?;
             let m = rows_of("dout", dout.len, dbias.len)?;
@@ -267,7 +288,14 @@ impl TrainBackend for CudaBackend {
         dim: usize,
         eps: f32,
     ) {
-        self.run("rmsnorm_backward", || {
+        let dx_passes = if dx_write == GradWrite::Add { 2 } else { 1 };
+        let bytes = dx_passes * dx.bytes()
+            + 2 * dweight.bytes()
+            + dout.bytes()
+            + x.bytes()
+            + weight.bytes();
+        let work = || Work::moving(bytes);
+        self.run("rmsnorm_backward", work, || {
             expect_bf16("x", x.dtype)?;
             let rows = rows_of("x", x.len, dim)?;
             expect("dx", dx.dtype, dx.len, DType::Bf16, x.len)?;
@@ -298,7 +326,8 @@ impl TrainBackend for CudaBackend {
         n_heads: usize,
         head_dim: usize,
     ) {
-        self.run("rope_backward", || {
+        let work = || Work::moving(2 * dx.bytes());
+        self.run("rope_backward", work, || {
             let m = positions.len();
             expect("dx", dx.dtype, dx.len, DType::Bf16, m * n_heads * head_dim)?;
             expect(
@@ -329,7 +358,9 @@ impl TrainBackend for CudaBackend {
         gate: CudaView<'_>,
         up: CudaView<'_>,
     ) {
-        self.run("swiglu_backward", || {
+        let bytes = dgate.bytes() + dup.bytes() + dout.bytes() + gate.bytes() + up.bytes();
+        let work = || Work::moving(bytes);
+        self.run("swiglu_backward", work, || {
             let n = dout.len;
             expect_bf16("dout", dout.dtype)?;
             for (arg, dtype, len) in [
@@ -359,7 +390,9 @@ impl TrainBackend for CudaBackend {
         ids: &[u32],
         dim: usize,
     ) {
-        self.run("embedding_backward", || {
+        let row = dtable.dtype.size() * dim;
+        let work = || Work::moving(dout.bytes() + 2 * distinct_rows(ids) * row);
+        self.run("embedding_backward", work, || {
             ensure!(
                 dtable.dtype == DType::F32,
                 "dtable is {:?}, expected F32",
@@ -387,7 +420,8 @@ impl TrainBackend for CudaBackend {
         rows: &[usize],
         dim: usize,
     ) {
-        self.run("scatter_add_rows", || {
+        let work = || Work::moving(3 * dout.bytes());
+        self.run("scatter_add_rows", work, || {
             expect_bf16("dx", dx.dtype)?;
             let m = rows_of("dx", dx.len, dim)?;
             expect("dout", dout.dtype, dout.len, DType::Bf16, rows.len() * dim)?;
@@ -412,7 +446,9 @@ impl TrainBackend for CudaBackend {
         temperature: f32,
         loss: &LossOptions,
     ) {
-        self.run("policy_loss_backward", || {
+        let bytes = logits.bytes() + dlogits.bytes() + logp.bytes() + stats.bytes();
+        let work = || Work::moving(bytes);
+        self.run("policy_loss_backward", work, || {
             let r = targets.len();
             expect(
                 "dlogits",
@@ -489,7 +525,8 @@ impl TrainBackend for CudaBackend {
         group_size: usize,
         opts: &AdvantageOptions,
     ) {
-        self.run("group_advantages", || {
+        let work = || Work::moving(out.bytes() + 8 * rewards.len());
+        self.run("group_advantages", work, || {
             let n = rewards.len();
             expect("out", out.dtype, out.len, DType::F32, n)?;
             if n == 0 {
@@ -505,7 +542,8 @@ impl TrainBackend for CudaBackend {
     }
 
     fn column_sums(&self, out: CudaViewMut<'_>, x: CudaView<'_>, cols: usize) {
-        self.run("column_sums", || {
+        let work = || Work::moving(2 * out.bytes() + x.bytes());
+        self.run("column_sums", work, || {
             expect("out", out.dtype, out.len, DType::F32, 2 * cols)?;
             let rows = rows_of("x", x.len, cols)?;
             expect("x", x.dtype, x.len, DType::F32, x.len)?;
@@ -514,7 +552,8 @@ impl TrainBackend for CudaBackend {
     }
 
     fn sum_squares(&self, out: CudaViewMut<'_>, x: CudaView<'_>) {
-        self.run("sum_squares", || {
+        let work = || Work::moving(x.bytes() + out.bytes());
+        self.run("sum_squares", work, || {
             expect("out", out.dtype, out.len, DType::F32, 2)?;
             expect("x", x.dtype, x.len, DType::F32, x.len)?;
             // f64 partial sums in the f32 scratch: two floats each (allocations are 256-byte
@@ -533,7 +572,9 @@ impl TrainBackend for CudaBackend {
         grads: CudaView<'_>,
         step: &crate::optim::AdamWStep,
     ) {
-        self.run("adamw_step", || {
+        let bytes = params.bytes() + 2 * (master.bytes() + m.bytes() + v.bytes()) + grads.bytes();
+        let work = || Work::moving(bytes);
+        self.run("adamw_step", work, || {
             let n = master.len;
             expect("params", params.dtype, params.len, DType::Bf16, n)?;
             expect("master", master.dtype, master.len, DType::F32, n)?;
