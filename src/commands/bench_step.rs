@@ -441,7 +441,7 @@ fn print_profile(phase: &str, wall_s: f64, ops: &[OpTime]) {
     for o in ops {
         let rate = |amount: f64, unit: f64| {
             if o.seconds > 0.0 && amount > 0.0 {
-                format!("{:.1}", amount / o.seconds / unit)
+                format!("{:.2}", amount / o.seconds / unit)
             } else {
                 "-".to_string()
             }
