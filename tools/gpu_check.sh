@@ -36,7 +36,8 @@
 #   demo's training run on CUDA; `sft` of the demo model for 40 steps on CPU and CUDA, both
 #   models' log-probs compared; the criterion op benchmarks and tools/bench_attention_torch.py
 #   (flash SDPA on the fused attention benchmark's shapes); generate and logprobs with the demo
-#   model on CPU and CUDA. Budget: ~8 minutes; with BENCH_FILTER ~5.
+#   model on CPU and CUDA; the profiled 0.5B update against its roofline (tools/update_roofline.py).
+#   Budget: ~8 minutes; with BENCH_FILTER ~5.
 set -uo pipefail
 if [ $# -lt 2 ] || [ $# -gt 3 ]; then
     sed -n '2,20p' "$0"
@@ -373,4 +374,13 @@ grep -E "^\| (before|after) \||^mean length change" "$LOG" | sed '1i train --bac
 awk '/^[a-z_]+\/[^ ]+/ {name = $1} /thrpt:/ {sub(/\[ +/, "["); print "  " name ": " $4 " " $5}' "$LOG" |
     sed '1i cuda_ops (criterion median throughput; elem/s = FLOP/s for matmul and prefill attention):' |
     tee -a "$OUT/summary.md"
+# Each op of the profiled 0.5B update against its roofline (tools/update_roofline.py): the ideal
+# time at this card's ceilings, when the full run measured them, else the H200's of 2026-11-27.
+if [ -f "$OUT/ours_step_0.5b.json" ]; then
+    ceilings=$(python3 -c 'import json, sys
+c = json.load(open(sys.argv[1])).get("ceilings") or {}
+print("--copy-gbps %s --matmul-tflops %s" % (c["copy_gb_per_s"], c["bf16_matmul_tflops"]) if c else "")' \
+        "$OUT/torch_0.5b.json" 2>/dev/null)
+    python3 tools/update_roofline.py "$OUT/ours_step_0.5b.json" $ceilings 2>&1 | tee -a "$OUT/summary.md"
+fi
 echo "total $(($(date +%s) - START)) s"

@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test file uses its own subset
 
 pub mod emulated_device;
+pub mod null_device;
 
 use std::cell::RefCell;
 
