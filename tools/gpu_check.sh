@@ -344,6 +344,16 @@ for size in ("0.5b", "1.5b"):
         d = o.get("decode_graph") or {}
         print(f"\ndecode CUDA graphs {size}: rollout {o['result']['rollout_s']:.3f} s with, {e['result']['rollout_s']:.3f} s without "
               f"({d.get('captured')} steps recorded, {d.get('replayed')} replayed, {d.get('eager')} op by op; fallback: {d.get('fallback')})")
+sys.path.insert(0, "tools")
+from update_roofline import label  # noqa: E402  an op's name with its product's shape
+
+
+def rates(o):  # TFLOP/s of the products and attention, GB/s of every op (bench step's table)
+    s = max(o["seconds"], 1e-12)
+    tflops = f"{o.get('flops', 0) / s / 1e12:.0f} TFLOP/s, " if o.get("flops") else ""
+    return f"{tflops}{o.get('bytes', 0) / s / 1e9:.0f} GB/s"
+
+
 for size in ("0.5b", "1.5b"):
     prof = (load(f"ours_step_{size}.json") or {}).get("profile")
     if not prof:
@@ -351,12 +361,6 @@ for size in ("0.5b", "1.5b"):
     for phase in ("rollout", "update"):
         ops = prof[f"{phase}_ops"]
         total = sum(o["seconds"] for o in ops)
-        def rates(o):  # TFLOP/s of the products and attention, GB/s of every op (bench step's table)
-            s = max(o["seconds"], 1e-12)
-            tflops = f"{o.get('flops', 0) / s / 1e12:.0f} TFLOP/s, " if o.get("flops") else ""
-            return f"{tflops}{o.get('bytes', 0) / s / 1e9:.0f} GB/s"
-        def label(o):
-            return o["op"] + (" m={} k={} n={}".format(*o["shape"]) if o.get("shape") else "")
         top = "; ".join(f"{label(o)} {1e3 * o['seconds']:.1f} ms ({rates(o)})" for o in ops[:8])
         print(f"\nprofile {size} {phase}: ops {1e3 * total:.0f} ms on the device in {1e3 * prof[phase + '_s']:.0f} ms wall; top: {top}")
 dec = {k: v for k, v in crit.items() if k.startswith("decode_attention/")}
@@ -375,7 +379,8 @@ awk '/^[a-z_]+\/[^ ]+/ {name = $1} /thrpt:/ {sub(/\[ +/, "["); print "  " name "
     sed '1i cuda_ops (criterion median throughput; elem/s = FLOP/s for matmul and prefill attention):' |
     tee -a "$OUT/summary.md"
 # Each op of the profiled 0.5B update against its roofline (tools/update_roofline.py): the ideal
-# time at this card's ceilings, when the full run measured them, else the H200's of 2026-11-27.
+# time at this card's copy and matmul ceilings when the full run measured them (else the H200's
+# of 2026-11-27), attention at FlashAttention-2's H200 rate, the MFU at the profile's peak.
 if [ -f "$OUT/ours_step_0.5b.json" ]; then
     ceilings=$(python3 -c 'import json, sys
 c = json.load(open(sys.argv[1])).get("ceilings") or {}

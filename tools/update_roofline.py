@@ -17,11 +17,14 @@ d = 64 on the same card (101 TFLOP/s with the backward counted 2.5x the forward:
 FLOPs this profile counts, backward 2x).
 
     python3 tools/update_roofline.py STEP.json [--phase update] [--matmul-tflops 793]
-        [--attention-tflops 87] [--copy-gbps 4283] [--peak-tflops 989]
+        [--attention-tflops 87] [--copy-gbps 4283] [--peak-tflops P]
+(--peak-tflops: the MFU's peak; default the profile's own `peak_tflops`, else 989, the H100 and
+H200 SXM's dense bf16.)
 
 A profile at the real shape without a GPU: the CUDA backend on a device that does no work
-(tests/null_device_work.rs; 8 x 8 samples of 128 + 256 tokens of the Qwen2.5-0.5B shape):
-    THINKSHORT_WORK_JSON=/tmp/step.json cargo test --release --test null_device_work
+(tests/null_device_work.rs; 8 x 8 samples of 128 + 256 tokens of the Qwen2.5-0.5B shape, and 4 x 8
+of the 1.5B shape with --ignored), written to DIR/qwen2.5-0.5b.json:
+    THINKSHORT_WORK_DIR=DIR cargo test --release --test null_device_work [-- --ignored]
 """
 
 import argparse
@@ -41,11 +44,14 @@ def main():
     ap.add_argument("--matmul-tflops", type=float, default=793.0)
     ap.add_argument("--attention-tflops", type=float, default=87.0)
     ap.add_argument("--copy-gbps", type=float, default=4283.0)
-    ap.add_argument("--peak-tflops", type=float, default=989.0, help="the MFU's peak (H100/H200 SXM dense bf16)")
+    ap.add_argument("--peak-tflops", type=float, help="the MFU's peak (default: the profile's, else 989)")
     args = ap.parse_args()
 
     run = json.load(open(args.profile))
+    if not run.get("profile"):
+        raise SystemExit(f"{args.profile} holds no profile: run bench step with --profile")
     ops = run["profile"][f"{args.phase}_ops"]
+    peak = args.peak_tflops or run.get("peak_tflops") or 989.0
     measured = str(run.get("device", "")).startswith("cuda")
     rows = []
     for o in ops:
@@ -74,7 +80,7 @@ def main():
     by_bound = {b: sum(r[0] for r in rows if r[1] == b) for b in ("compute", "memory")}
     print(f"ideal {args.phase}: {1e3 * ideal:.1f} ms ({1e3 * by_bound['compute']:.1f} compute-bound, "
           f"{1e3 * by_bound['memory']:.1f} memory-bound); {flops / 1e12:.2f} TFLOP of model FLOPs: "
-          f"MFU at most {100 * flops / ideal / (args.peak_tflops * 1e12):.1f} % of {args.peak_tflops:.0f}")
+          f"MFU at most {100 * flops / ideal / (peak * 1e12):.1f} % of {peak:.0f}")
     if measured:
         print(f"measured: {1e3 * spent:.1f} ms in the ops ({100 * ideal / spent:.0f} % of the ideal rate), "
               f"{1e3 * run['profile'][args.phase + '_s']:.1f} ms of wall time")

@@ -8,7 +8,10 @@
 pub mod cpu;
 mod op_profile;
 
-pub use op_profile::{attention_keys_read, distinct_rows, summarize_ops, OpSample, OpTime, Work};
+pub use op_profile::{
+    attention_keys_read, distinct_rows, policy_loss_bytes, qkv_rope_bytes, summarize_ops, OpSample,
+    OpTime, Work,
+};
 
 use crate::grpo::{AdvantageOptions, LossOptions};
 use crate::sampling::{SamplingParams, TokenDraws};

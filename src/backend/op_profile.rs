@@ -11,7 +11,7 @@
 //!   buffer an op adds into twice): a lower bound on its memory traffic, so bytes / time is the
 //!   op's rate against the device's copy bandwidth.
 
-use super::TokenPlacement;
+use super::{GradWrite, TokenPlacement};
 
 /// The work of one op call (module doc).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -44,12 +44,24 @@ impl Work {
         }
     }
 
-    /// The backward of x[m, k] · w[n, k]ᵀ (`matmul_backward`): dw always, dx when `with_dx`.
-    pub fn matmul_backward(m: usize, k: usize, n: usize, with_dx: bool, bytes: usize) -> Self {
-        let products = if with_dx { 2.0 } else { 1.0 };
+    /// The backward of x[m, k] · w[n, k]ᵀ (`matmul_backward`) from its operands' sizes in bytes:
+    /// dw added into, dout and x read, and when dx is made (`dx`: its size and how it is
+    /// written) w read too.
+    pub fn matmul_backward(
+        m: usize,
+        k: usize,
+        n: usize,
+        dx: Option<(usize, GradWrite)>,
+        [dw, dout, x, w]: [usize; 4],
+    ) -> Self {
+        let (products, dx_bytes) = match dx {
+            None => (1.0, 0),
+            Some((dx, GradWrite::Overwrite)) => (2.0, dx + w),
+            Some((dx, GradWrite::Add)) => (2.0, 2 * dx + w),
+        };
         Work {
             flops: products * Work::matmul_forward(m, k, n, 0).flops,
-            ..Work::matmul_forward(m, k, n, bytes)
+            ..Work::matmul_forward(m, k, n, dx_bytes + 2 * dw + dout + x)
         }
     }
 
@@ -72,9 +84,8 @@ impl Work {
     }
 }
 
-/// The cache rows an attention over `place` reads at least once: for each slot, its positions
-/// up to the last one a token of the batch attends from (each row once for every query head of
-/// its group, and for every query token of the slot).
+/// The cache rows an attention over `place` needs, each counted once: for each slot, its
+/// positions up to the largest one a token of the batch sits at.
 pub fn attention_keys_read(place: &TokenPlacement) -> usize {
     let slots = place
         .slots
@@ -88,6 +99,33 @@ pub fn attention_keys_read(place: &TokenPlacement) -> usize {
         *r = (*r).max(pos as usize + 1);
     }
     rows.iter().sum()
+}
+
+/// The bytes of `qkv_rope_forward` from its operands' sizes in bytes: q and k rotated in place,
+/// or written from the raw projections (`raw`) through the per-head norms; v touched only to add
+/// its bias.
+pub fn qkv_rope_bytes(
+    [q, k, v]: [usize; 3],
+    raw: Option<[usize; 2]>,
+    [q_bias, k_bias, v_bias]: [Option<usize>; 3],
+) -> usize {
+    let qk = match raw {
+        Some([q_raw, k_raw]) => q + q_raw + k + k_raw,
+        None => 2 * (q + k),
+    };
+    qk + q_bias.unwrap_or(0) + k_bias.unwrap_or(0) + v_bias.map_or(0, |b| 2 * v + b)
+}
+
+/// The bytes of `policy_loss_backward` from its operands' sizes in bytes: the logits read, their
+/// gradient, the log-probs and statistics written, each row's target and completion index (u32,
+/// `rows` of each), the completions' advantages and weights, and logπold and logπref where given.
+pub fn policy_loss_bytes(
+    [logits, dlogits, logp, stats]: [usize; 4],
+    rows: usize,
+    [advantages, weights]: [usize; 2],
+    [old_logp, ref_logp]: [usize; 2],
+) -> usize {
+    logits + dlogits + logp + stats + 2 * 4 * rows + advantages + weights + old_logp + ref_logp
 }
 
 /// How many different rows `ids` names (an embedding backward reads and writes each once).
@@ -209,14 +247,30 @@ mod tests {
         assert!(summarize_ops(&[]).is_empty());
     }
 
+    /// dw [5, 3] f32 (60 bytes) added into, dout [2, 5] and x [2, 3] read (bf16: 20 + 12), w
+    /// [5, 3] (30) read only for dx [2, 3] (12, or 24 when added into).
     #[test]
     fn a_matmul_backward_counts_its_dx_product_only_when_it_makes_dx() {
-        let with_dx = Work::matmul_backward(2, 3, 5, true, 7);
+        let operands = [60, 20, 12, 30];
+        let without = Work::matmul_backward(2, 3, 5, None, operands);
+        assert_eq!((without.flops, without.bytes), (60.0, 152.0));
+        let overwrite = Work::matmul_backward(2, 3, 5, Some((12, GradWrite::Overwrite)), operands);
+        assert_eq!((overwrite.flops, overwrite.bytes), (120.0, 194.0));
+        let add = Work::matmul_backward(2, 3, 5, Some((12, GradWrite::Add)), operands);
         assert_eq!(
-            (with_dx.flops, with_dx.shape, with_dx.bytes),
-            (120.0, Some([2, 3, 5]), 7.0)
+            (add.flops, add.shape, add.bytes),
+            (120.0, Some([2, 3, 5]), 206.0)
         );
-        assert_eq!(Work::matmul_backward(2, 3, 5, false, 0).flops, 60.0);
+    }
+
+    #[test]
+    fn qkv_rope_counts_q_and_k_once_from_their_raw_projections_and_v_only_for_its_bias() {
+        assert_eq!(qkv_rope_bytes([8, 4, 4], None, [None; 3]), 24);
+        assert_eq!(
+            qkv_rope_bytes([8, 4, 4], None, [Some(1), Some(2), Some(3)]),
+            24 + 3 + 11
+        );
+        assert_eq!(qkv_rope_bytes([8, 4, 4], Some([8, 4]), [None; 3]), 24);
     }
 
     /// Two sequences in slots 4 and 1: a prefill of positions 0..3 in slot 4 and a decode token at

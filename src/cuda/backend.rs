@@ -217,7 +217,7 @@ impl CudaBackend {
     }
 
     /// Runs one op unless an earlier one failed; records its error. While profiling, brackets
-    /// the op's launches with timing events and records its `work` (evaluated only then).
+    /// the op's launches with timing events and records its `work` (the closure runs only then).
     fn run(&self, op: &'static str, work: impl FnOnce() -> Work, f: impl FnOnce() -> Result<()>) {
         let mut error = lock(&self.error);
         if error.is_some() {
@@ -229,7 +229,8 @@ impl CudaBackend {
             Some(events) => (|| {
                 let start = self.dev.timing_mark()?;
                 f()?;
-                events.push((op, work(), start, self.dev.timing_mark()?));
+                let end = self.dev.timing_mark()?;
+                events.push((op, work(), start, end)); // the host's counting is not timed
                 Ok(())
             })(),
         };

@@ -34,8 +34,8 @@ pub use sampling::sample_tokens;
 pub use swiglu::{swiglu_backward, swiglu_forward};
 
 use super::{
-    attention_keys_read, distinct_rows, Backend, GradWrite, HeadNorms, OpTime, PolicyTokens,
-    TokenPlacement, TrainBackend, Work,
+    attention_keys_read, distinct_rows, policy_loss_bytes, qkv_rope_bytes, Backend, GradWrite,
+    HeadNorms, OpTime, PolicyTokens, TokenPlacement, TrainBackend, Work,
 };
 use crate::grpo::{AdvantageOptions, LossOptions};
 use crate::sampling::{SamplingParams, TokenDraws};
@@ -51,6 +51,11 @@ pub struct CpuBackend;
 /// Bytes of `values` f32 values (the profile's operand sizes).
 fn f32_bytes(values: usize) -> usize {
     4 * values
+}
+
+/// The work of an op that moves `bytes` (no products), for `profile::timed`.
+fn moving(bytes: usize) -> impl FnOnce() -> Work {
+    move || Work::moving(bytes)
 }
 
 /// dst[:] = src, for a transfer between the host and this backend's (host) buffers.
@@ -136,7 +141,7 @@ impl Backend for CpuBackend {
     fn embedding_forward(&self, out: &mut [f32], table: &[f32], ids: &[u32], dim: usize) {
         profile::timed(
             "embedding_forward",
-            Work::moving(f32_bytes(2 * out.len())),
+            moving(f32_bytes(2 * out.len())),
             || embedding_forward(out, table, ids, dim),
         )
     }
@@ -150,7 +155,7 @@ impl Backend for CpuBackend {
     ) {
         profile::timed(
             "embedding_forward_sampled",
-            Work::moving(f32_bytes(2 * out.len() + sampled.len())),
+            moving(f32_bytes(2 * out.len() + sampled.len())),
             || embedding_forward_sampled(out, table, sampled, rows, dim),
         )
     }
@@ -164,7 +169,7 @@ impl Backend for CpuBackend {
         eps: f32,
     ) {
         let bytes = f32_bytes(2 * x.len() + residual.len() + out.len() + weight.len());
-        profile::timed("add_rmsnorm_forward", Work::moving(bytes), || {
+        profile::timed("add_rmsnorm_forward", moving(bytes), || {
             residual_add(x, residual);
             rmsnorm_forward(out, x, weight, dim, eps)
         })
@@ -172,7 +177,7 @@ impl Backend for CpuBackend {
     fn rmsnorm_forward(&self, out: &mut [f32], x: &[f32], weight: &[f32], dim: usize, eps: f32) {
         profile::timed(
             "rmsnorm_forward",
-            Work::moving(f32_bytes(out.len() + x.len() + weight.len())),
+            moving(f32_bytes(out.len() + x.len() + weight.len())),
             || rmsnorm_forward(out, x, weight, dim, eps),
         )
     }
@@ -187,11 +192,10 @@ impl Backend for CpuBackend {
         n: usize,
     ) {
         let bytes = f32_bytes(out.len() + x.len() + w.len() + bias.map_or(0, <[f32]>::len));
-        profile::timed(
-            "matmul_forward",
-            Work::matmul_forward(m, k, n, bytes),
-            || matmul_forward(out, x, w, bias, m, k, n),
-        )
+        let work = move || Work::matmul_forward(m, k, n, bytes);
+        profile::timed("matmul_forward", work, || {
+            matmul_forward(out, x, w, bias, m, k, n)
+        })
     }
     fn qkv_rope_forward(
         &self,
@@ -204,16 +208,11 @@ impl Backend for CpuBackend {
         n_kv_heads: usize,
         head_dim: usize,
     ) {
-        let raw = norms
-            .as_ref()
-            .map_or(0, |n| n.raw[0].len() + n.raw[1].len());
-        let biases: usize = [q_bias, k_bias, v_bias]
-            .iter()
-            .flatten()
-            .map(|b| b.len())
-            .sum();
-        let bytes = f32_bytes(2 * (q.len() + k.len() + v.len()) + raw + biases);
-        profile::timed("qkv_rope_forward", Work::moving(bytes), || {
+        let raw = norms.as_ref().map(|n| n.raw.map(|r| f32_bytes(r.len())));
+        let biases = [q_bias, k_bias, v_bias].map(|b| b.map(|b| f32_bytes(b.len())));
+        let qkv = [f32_bytes(q.len()), f32_bytes(k.len()), f32_bytes(v.len())];
+        let bytes = qkv_rope_bytes(qkv, raw, biases);
+        profile::timed("qkv_rope_forward", moving(bytes), || {
             if let Some(HeadNorms {
                 raw: [q_raw, k_raw],
                 weights: [q_norm, k_norm],
@@ -246,7 +245,7 @@ impl Backend for CpuBackend {
     ) {
         profile::timed(
             "kv_cache_write",
-            Work::moving(f32_bytes(2 * (k.len() + v.len()))),
+            moving(f32_bytes(2 * (k.len() + v.len()))),
             || {
                 kv_cache_write(cache_k, k, place, capacity, kv_dim);
                 kv_cache_write(cache_v, v, place, capacity, kv_dim);
@@ -261,11 +260,9 @@ impl Backend for CpuBackend {
         capacity: usize,
         kv_dim: usize,
     ) {
-        profile::timed(
-            "kv_cache_gather",
-            Work::moving(f32_bytes(2 * dx.len())),
-            || kv_cache_gather(dx, dcache, place, capacity, kv_dim),
-        )
+        profile::timed("kv_cache_gather", moving(f32_bytes(2 * dx.len())), || {
+            kv_cache_gather(dx, dcache, place, capacity, kv_dim)
+        })
     }
     fn attention_forward(
         &self,
@@ -281,8 +278,10 @@ impl Backend for CpuBackend {
         head_dim: usize,
     ) {
         let moved = q.len() + out.len() + lse.as_ref().map_or(0, |l| l.len());
-        let keys = attention_keys_read(place) * n_kv_heads * head_dim; // K and V read
-        let work = Work::attention(place, n_heads, head_dim, false, f32_bytes(moved + 2 * keys));
+        let work = || {
+            let keys = attention_keys_read(place) * n_kv_heads * head_dim; // K and V read
+            Work::attention(place, n_heads, head_dim, false, f32_bytes(moved + 2 * keys))
+        };
         profile::timed("attention_forward", work, || {
             attention_forward(
                 out, lse, q, cache_k, cache_v, place, capacity, n_heads, n_kv_heads, head_dim,
@@ -292,31 +291,27 @@ impl Backend for CpuBackend {
     fn swiglu_forward(&self, out: &mut [f32], gate: &[f32], up: &[f32]) {
         profile::timed(
             "swiglu_forward",
-            Work::moving(f32_bytes(out.len() + gate.len() + up.len())),
+            moving(f32_bytes(out.len() + gate.len() + up.len())),
             || swiglu_forward(out, gate, up),
         )
     }
     fn residual_add(&self, x: &mut [f32], y: &[f32]) {
         profile::timed(
             "residual_add",
-            Work::moving(f32_bytes(2 * x.len() + y.len())),
+            moving(f32_bytes(2 * x.len() + y.len())),
             || residual_add(x, y),
         )
     }
     fn gather_rows(&self, out: &mut [f32], x: &[f32], rows: &[usize], dim: usize) {
-        profile::timed(
-            "gather_rows",
-            Work::moving(f32_bytes(2 * out.len())),
-            || gather_rows(out, x, rows, dim),
-        )
-    }
-    fn fill_zero(&self, out: &mut [f32]) {
-        profile::timed("fill_zero", Work::moving(f32_bytes(out.len())), || {
-            out.fill(0.0)
+        profile::timed("gather_rows", moving(f32_bytes(2 * out.len())), || {
+            gather_rows(out, x, rows, dim)
         })
     }
+    fn fill_zero(&self, out: &mut [f32]) {
+        profile::timed("fill_zero", moving(f32_bytes(out.len())), || out.fill(0.0))
+    }
     fn copy(&self, dst: &mut [f32], src: &[f32]) {
-        profile::timed("copy", Work::moving(f32_bytes(2 * dst.len())), || {
+        profile::timed("copy", moving(f32_bytes(2 * dst.len())), || {
             dst.copy_from_slice(src)
         })
     }
@@ -332,7 +327,7 @@ impl Backend for CpuBackend {
     ) {
         profile::timed(
             "logprob_forward",
-            Work::moving(f32_bytes(logits.len() + logp.len() + entropy.len())),
+            moving(f32_bytes(logits.len() + logp.len() + entropy.len())),
             || logprob_forward(logp, entropy, logits, targets, vocab, temperature),
         )
     }
@@ -348,7 +343,7 @@ impl Backend for CpuBackend {
     ) {
         profile::timed(
             "sample_tokens",
-            Work::moving(f32_bytes(logits.len() + out.len() + logp.len())),
+            moving(f32_bytes(logits.len() + out.len() + logp.len())),
             || sample_tokens(out, logp, logits, draws, vocab, params),
         )
     }
@@ -373,9 +368,11 @@ impl TrainBackend for CpuBackend {
         head_dim: usize,
     ) {
         let moved = dq.len() + dout.len() + out.len() + lse.len() + q.len();
-        // K and V read, dK and dV written
-        let keys = attention_keys_read(place) * n_kv_heads * head_dim;
-        let work = Work::attention(place, n_heads, head_dim, true, f32_bytes(moved + 4 * keys));
+        let work = || {
+            // K and V read, dK and dV added into
+            let keys = attention_keys_read(place) * n_kv_heads * head_dim;
+            Work::attention(place, n_heads, head_dim, true, f32_bytes(moved + 6 * keys))
+        };
         profile::timed("attention_backward", work, || {
             attention_backward(
                 dq, dcache_k, dcache_v, dout, out, lse, q, cache_k, cache_v, place, capacity,
@@ -395,7 +392,7 @@ impl TrainBackend for CpuBackend {
     ) {
         profile::timed(
             "logprob_backward",
-            Work::moving(f32_bytes(dlogits.len() + dlogp.len() + logits.len())),
+            moving(f32_bytes(dlogits.len() + dlogp.len() + logits.len())),
             || logprob_backward(dlogits, dlogp, logits, targets, vocab, temperature),
         )
     }
@@ -411,24 +408,17 @@ impl TrainBackend for CpuBackend {
         k: usize,
         n: usize,
     ) {
-        let with_dx = dx.is_some();
-        let dx_values = match (&dx, dx_write) {
-            (None, _) => 0,
-            (Some(dx), GradWrite::Add) => 2 * dx.len(),
-            (Some(dx), GradWrite::Overwrite) => dx.len(),
-        };
-        let w_values = if with_dx { w.len() } else { 0 };
-        let bytes = f32_bytes(dx_values + 2 * dw.len() + dout.len() + x.len() + w_values);
-        profile::timed(
-            "matmul_backward",
-            Work::matmul_backward(m, k, n, with_dx, bytes),
-            || matmul_backward(dx, dx_write, dw, dout, x, w, m, k, n),
-        )
+        let dx_bytes = dx.as_ref().map(|dx| (f32_bytes(dx.len()), dx_write));
+        let operands = [dw.len(), dout.len(), x.len(), w.len()].map(f32_bytes);
+        let work = move || Work::matmul_backward(m, k, n, dx_bytes, operands);
+        profile::timed("matmul_backward", work, || {
+            matmul_backward(dx, dx_write, dw, dout, x, w, m, k, n)
+        })
     }
     fn bias_backward(&self, dbias: &mut [f32], dout: &[f32]) {
         profile::timed(
             "bias_backward",
-            Work::moving(f32_bytes(2 * dbias.len() + dout.len())),
+            moving(f32_bytes(2 * dbias.len() + dout.len())),
             || bias_backward(dbias, dout),
         )
     }
@@ -447,7 +437,7 @@ impl TrainBackend for CpuBackend {
         let bytes = f32_bytes(
             dx_passes * dx.len() + 2 * dweight.len() + dout.len() + x.len() + weight.len(),
         );
-        profile::timed("rmsnorm_backward", Work::moving(bytes), || {
+        profile::timed("rmsnorm_backward", moving(bytes), || {
             rmsnorm_backward(dx, dx_write, dweight, dout, x, weight, dim, eps)
         })
     }
@@ -459,11 +449,9 @@ impl TrainBackend for CpuBackend {
         n_heads: usize,
         head_dim: usize,
     ) {
-        profile::timed(
-            "rope_backward",
-            Work::moving(f32_bytes(2 * dx.len())),
-            || rope_backward(dx, positions, inv_freq, n_heads, head_dim),
-        )
+        profile::timed("rope_backward", moving(f32_bytes(2 * dx.len())), || {
+            rope_backward(dx, positions, inv_freq, n_heads, head_dim)
+        })
     }
     fn swiglu_backward(
         &self,
@@ -474,22 +462,21 @@ impl TrainBackend for CpuBackend {
         up: &[f32],
     ) {
         let bytes = f32_bytes(dgate.len() + dup.len() + dout.len() + gate.len() + up.len());
-        profile::timed("swiglu_backward", Work::moving(bytes), || {
+        profile::timed("swiglu_backward", moving(bytes), || {
             swiglu_backward(dgate, dup, dout, gate, up)
         })
     }
     fn embedding_backward(&self, dtable: &mut [f32], dout: &[f32], ids: &[u32], dim: usize) {
-        let rows = distinct_rows(ids);
-        profile::timed(
-            "embedding_backward",
-            Work::moving(f32_bytes(dout.len() + 2 * rows * dim)),
-            || embedding_backward(dtable, dout, ids, dim),
-        )
+        // dout read, each row of the table it names added into
+        let work = || Work::moving(f32_bytes(dout.len() + 2 * distinct_rows(ids) * dim));
+        profile::timed("embedding_backward", work, || {
+            embedding_backward(dtable, dout, ids, dim)
+        })
     }
     fn scatter_add_rows(&self, dx: &mut [f32], dout: &[f32], rows: &[usize], dim: usize) {
         profile::timed(
             "scatter_add_rows",
-            Work::moving(f32_bytes(3 * dout.len())),
+            moving(f32_bytes(3 * dout.len())),
             || scatter_add_rows(dx, dout, rows, dim),
         )
     }
@@ -505,8 +492,13 @@ impl TrainBackend for CpuBackend {
         temperature: f32,
         loss: &LossOptions,
     ) {
-        let bytes = f32_bytes(logits.len() + dlogits.len() + logp.len() + stats.len());
-        profile::timed("policy_loss_backward", Work::moving(bytes), || {
+        let bytes = policy_loss_bytes(
+            [logits.len(), dlogits.len(), logp.len(), stats.len()].map(f32_bytes),
+            targets.len(),
+            [tokens.advantages, tokens.weights].map(|v| f32_bytes(v.len())),
+            [tokens.old_logp, tokens.ref_logp].map(|v| v.map_or(0, |v| f32_bytes(v.len()))),
+        );
+        profile::timed("policy_loss_backward", moving(bytes), || {
             policy_loss_backward(
                 dlogits,
                 logp,
@@ -529,21 +521,21 @@ impl TrainBackend for CpuBackend {
     ) {
         profile::timed(
             "group_advantages",
-            Work::moving(f32_bytes(out.len()) + 8 * rewards.len()),
+            moving(f32_bytes(out.len()) + 8 * rewards.len()),
             || group_advantages(out, rewards, group_size, opts),
         )
     }
     fn column_sums(&self, out: &mut [f32], x: &[f32], cols: usize) {
         profile::timed(
             "column_sums",
-            Work::moving(f32_bytes(2 * out.len() + x.len())),
+            moving(f32_bytes(out.len() + x.len())),
             || column_sums(out, x, cols),
         )
     }
     fn sum_squares(&self, out: &mut [f32], x: &[f32]) {
         profile::timed(
             "sum_squares",
-            Work::moving(f32_bytes(x.len() + out.len())),
+            moving(f32_bytes(x.len() + out.len())),
             || sum_squares(out, x),
         )
     }
@@ -557,7 +549,7 @@ impl TrainBackend for CpuBackend {
         step: &crate::optim::AdamWStep,
     ) {
         let bytes = f32_bytes(params.len() + 2 * (master.len() + m.len() + v.len()) + grads.len());
-        profile::timed("adamw_step", Work::moving(bytes), || {
+        profile::timed("adamw_step", moving(bytes), || {
             adamw_step(params, master, m, v, grads, step)
         })
     }

@@ -48,9 +48,9 @@ pub(super) fn take() -> Vec<OpTime> {
         .map_or_else(Vec::new, |p| summarize_ops(&p.samples))
 }
 
-/// Runs `f`, the op named `op` doing `work`; while this thread records a profile, adds its wall
-/// time and work to it.
-pub(super) fn timed<T>(op: &'static str, work: Work, f: impl FnOnce() -> T) -> T {
+/// Runs `f`, the op named `op`; while this thread records a profile, adds its wall time and
+/// its `work` to it (the closure runs only then).
+pub(super) fn timed<T>(op: &'static str, work: impl FnOnce() -> Work, f: impl FnOnce() -> T) -> T {
     if !RECORDING.load(Ordering::Relaxed) {
         return f();
     }
@@ -59,7 +59,7 @@ pub(super) fn timed<T>(op: &'static str, work: Work, f: impl FnOnce() -> T) -> T
     let seconds = start.elapsed().as_secs_f64();
     if let Some(p) = profile().as_mut() {
         if p.thread == thread::current().id() {
-            p.samples.push((op, work, seconds));
+            p.samples.push((op, work(), seconds));
         }
     }
     out
@@ -74,7 +74,7 @@ mod tests {
     /// at once would stop each other's.
     #[test]
     fn records_the_calls_and_time_of_this_threads_ops_only() {
-        let work = Work::moving(8);
+        let work = || Work::moving(8);
         assert_eq!(
             timed("before", work, || 7),
             7,

@@ -14,8 +14,8 @@ use super::{
     CudaViewMut, DType,
 };
 use crate::backend::{
-    attention_keys_read, summarize_ops, Backend, DecodeGraphStats, HeadNorms, OpTime,
-    TokenPlacement, Work,
+    attention_keys_read, qkv_rope_bytes, summarize_ops, Backend, DecodeGraphStats, HeadNorms,
+    OpTime, TokenPlacement, Work,
 };
 use crate::cuda::attention_plan::{wide_query_tiles, AttentionKernel, AttentionPlan};
 use crate::cuda::ops;
@@ -385,15 +385,9 @@ impl Backend for CudaBackend {
         n_kv_heads: usize,
         head_dim: usize,
     ) {
-        let raw = norms
-            .as_ref()
-            .map_or(0, |n| n.raw[0].bytes() + n.raw[1].bytes());
-        let biases: usize = [q_bias, k_bias, v_bias]
-            .iter()
-            .flatten()
-            .map(|b| b.bytes())
-            .sum();
-        let bytes = 2 * (q.bytes() + k.bytes() + v.bytes()) + raw + biases;
+        let raw = norms.as_ref().map(|n| n.raw.map(|r| r.bytes()));
+        let biases = [q_bias, k_bias, v_bias].map(|b| b.map(|b| b.bytes()));
+        let bytes = qkv_rope_bytes([q.bytes(), k.bytes(), v.bytes()], raw, biases);
         let work = || Work::moving(bytes);
         self.run("qkv_rope_forward", work, || {
             let m = positions.len();

@@ -7,8 +7,8 @@ use super::{
     check_ids, expect, expect_bf16, lock, rows_of, CudaBackend, CudaView, CudaViewMut, DType,
 };
 use crate::backend::{
-    attention_keys_read, distinct_rows, GradWrite, PolicyTokens, TokenPlacement, TrainBackend,
-    Work, POLICY_STATS,
+    attention_keys_read, distinct_rows, policy_loss_bytes, GradWrite, PolicyTokens, TokenPlacement,
+    TrainBackend, Work, POLICY_STATS,
 };
 use crate::cuda::attention_plan::AttentionPlan;
 use crate::cuda::ops;
@@ -54,8 +54,9 @@ impl TrainBackend for CudaBackend {
         head_dim: usize,
     ) {
         let moved = dq.bytes() + dout.bytes() + out.bytes() + lse.bytes() + q.bytes();
-        // K and V read, dK and dV written
-        let kv_rows = 2 * n_kv_heads * head_dim * (cache_k.dtype.size() + dcache_k.dtype.size());
+        // K and V read, dK and dV added into
+        let kv_rows =
+            2 * n_kv_heads * head_dim * (cache_k.dtype.size() + 2 * dcache_k.dtype.size());
         let work = || {
             let bytes = moved + attention_keys_read(place) * kv_rows;
             Work::attention(place, n_heads, head_dim, true, bytes)
@@ -198,15 +199,9 @@ impl TrainBackend for CudaBackend {
         k: usize,
         n: usize,
     ) {
-        let with_dx = dx.is_some();
-        let dx_bytes = match (&dx, dx_write) {
-            (None, _) => 0,
-            (Some(dx), GradWrite::Add) => 2 * dx.bytes(),
-            (Some(dx), GradWrite::Overwrite) => dx.bytes(),
-        };
-        let w_bytes = if with_dx { w.bytes() } else { 0 };
-        let bytes = dx_bytes + 2 * dw.bytes() + dout.bytes() + x.bytes() + w_bytes;
-        let work = || Work::matmul_backward(m, k, n, with_dx, bytes);
+        let dx_bytes = dx.as_ref().map(|dx| (dx.bytes(), dx_write));
+        let operands = [dw.bytes(), dout.bytes(), x.bytes(), w.bytes()];
+        let work = || Work::matmul_backward(m, k, n, dx_bytes, operands);
         self.run("matmul_backward", work, || {
             expect("dout", dout.dtype, dout.len, DType::Bf16, m * n)?;
             expect("x", x.dtype, x.len, DType::Bf16, m * k)?;
@@ -446,7 +441,12 @@ impl TrainBackend for CudaBackend {
         temperature: f32,
         loss: &LossOptions,
     ) {
-        let bytes = logits.bytes() + dlogits.bytes() + logp.bytes() + stats.bytes();
+        let bytes = policy_loss_bytes(
+            [logits.bytes(), dlogits.bytes(), logp.bytes(), stats.bytes()],
+            targets.len(),
+            [tokens.advantages.bytes(), tokens.weights.bytes()],
+            [tokens.old_logp, tokens.ref_logp].map(|v| v.map_or(0, |v| v.bytes())),
+        );
         let work = || Work::moving(bytes);
         self.run("policy_loss_backward", work, || {
             let r = targets.len();
@@ -542,7 +542,7 @@ impl TrainBackend for CudaBackend {
     }
 
     fn column_sums(&self, out: CudaViewMut<'_>, x: CudaView<'_>, cols: usize) {
-        let work = || Work::moving(2 * out.bytes() + x.bytes());
+        let work = || Work::moving(out.bytes() + x.bytes());
         self.run("column_sums", work, || {
             expect("out", out.dtype, out.len, DType::F32, 2 * cols)?;
             let rows = rows_of("x", x.len, cols)?;
