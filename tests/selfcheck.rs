@@ -965,7 +965,19 @@ fn bench_step_profile_on_the_cpu_counts_and_times_every_op() {
         "the update's ops: {update_flops} FLOPs, the MFU's model: {model_flops}"
     );
     assert!(total("update_ops", "attention_backward", "flops") > 0.0);
-    assert!(total("update_ops", "swiglu_backward", "bytes") > 0.0);
+    // f32 operands: SwiGLU reads gate and up and writes its output, [78 tokens, 1024] each, in
+    // each of the 8 layers; AdamW reads the gradient, reads and writes the master weights and
+    // both moments and writes the weights: 8 values a parameter
+    let (tokens, inter) = (2.0 * 3.0 * (8.0 + 5.0), 1024.0);
+    assert_eq!(
+        total("update_ops", "swiglu_forward", "bytes"),
+        8.0 * 3.0 * tokens * inter * 4.0
+    );
+    let params = v["num_params"].as_f64().unwrap();
+    assert_eq!(
+        total("update_ops", "adamw_step", "bytes"),
+        8.0 * 4.0 * params
+    );
     for phase in ["rollout", "update"] {
         let ops = profile[format!("{phase}_ops")].as_array().unwrap();
         let seconds: Vec<f64> = ops.iter().map(|o| o["seconds"].as_f64().unwrap()).collect();
