@@ -2,9 +2,10 @@
 //! address), launches, fills, GEMMs and copies on the device are dropped, and a copy to the host
 //! gives zeros. `CudaBackend` runs on it at any model size in moments, so a test can count what
 //! the backend asks of a GPU at the real shapes (its ops and their work, `bench step --profile`)
-//! on a machine without one. Timing marks are host instants: the times it reports mean nothing.
+//! on a machine without one, and count the device memory it holds (`live_bytes`, `peak_bytes`).
+//! Timing marks are host instants: the times it reports mean nothing.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -16,27 +17,62 @@ use thinkshort::cuda::launch::{KernelLaunch, Launcher};
 const MEMORY_BYTES: usize = 1 << 40;
 
 pub struct NullDevice {
-    /// The next address handed out (256-byte aligned, as cuMemAllocAsync's).
+    /// The next address handed out (256-byte aligned, as cuMemAllocAsync's; never reused).
     next: AtomicU64,
+    usage: Arc<Usage>,
     recording: AtomicBool,
     multiprocessors: usize,
+}
+
+/// Bytes allocated and not yet freed, and their highest value since the last reset.
+#[derive(Default)]
+struct Usage {
+    live: AtomicUsize,
+    peak: AtomicUsize,
 }
 
 impl NullDevice {
     pub fn new(multiprocessors: usize) -> Self {
         NullDevice {
             next: AtomicU64::new(1 << 20),
+            usage: Arc::default(),
             recording: AtomicBool::new(false),
             multiprocessors,
         }
     }
+
+    /// Bytes allocated and not yet freed.
+    pub fn live_bytes(&self) -> usize {
+        self.usage.live.load(Ordering::Relaxed)
+    }
+
+    /// The most bytes live at once since the device was made or `reset_peak`.
+    pub fn peak_bytes(&self) -> usize {
+        self.usage.peak.load(Ordering::Relaxed)
+    }
+
+    /// Starts a new peak at the bytes live now.
+    pub fn reset_peak(&self) {
+        self.usage.peak.store(self.live_bytes(), Ordering::Relaxed);
+    }
 }
 
-struct NullMemory(u64);
+/// An allocation: its address and size, counted as live until dropped.
+struct NullMemory {
+    ptr: u64,
+    size: usize,
+    usage: Arc<Usage>,
+}
 
 impl DeviceMemory for NullMemory {
     fn ptr(&self) -> u64 {
-        self.0
+        self.ptr
+    }
+}
+
+impl Drop for NullMemory {
+    fn drop(&mut self) {
+        self.usage.live.fetch_sub(self.size, Ordering::Relaxed);
     }
 }
 
@@ -60,13 +96,21 @@ impl Launcher for NullDevice {
 
 impl Device for NullDevice {
     fn alloc(&self, bytes: usize) -> Result<Arc<dyn DeviceMemory>> {
-        let size = bytes.max(1).next_multiple_of(256) as u64;
-        let ptr = self.next.fetch_add(size, Ordering::Relaxed);
+        let size = bytes.max(1);
+        let ptr = self
+            .next
+            .fetch_add(size.next_multiple_of(256) as u64, Ordering::Relaxed);
         ensure!(
-            ptr + size <= MEMORY_BYTES as u64,
+            ptr + size as u64 <= MEMORY_BYTES as u64,
             "the null device's address space is used up"
         );
-        Ok(Arc::new(NullMemory(ptr)))
+        let live = self.usage.live.fetch_add(size, Ordering::Relaxed) + size;
+        self.usage.peak.fetch_max(live, Ordering::Relaxed);
+        Ok(Arc::new(NullMemory {
+            ptr,
+            size,
+            usage: self.usage.clone(),
+        }))
     }
 
     unsafe fn copy_to_device(&self, _dst: u64, _src: &[u8]) -> Result<()> {
@@ -91,8 +135,7 @@ impl Device for NullDevice {
     }
 
     fn memory_info(&self) -> Result<(usize, usize)> {
-        let used = self.next.load(Ordering::Relaxed) as usize;
-        Ok((MEMORY_BYTES.saturating_sub(used), MEMORY_BYTES))
+        Ok((MEMORY_BYTES.saturating_sub(self.live_bytes()), MEMORY_BYTES))
     }
 
     fn multiprocessors(&self) -> usize {
