@@ -9,8 +9,8 @@ pub mod cpu;
 mod op_profile;
 
 pub use op_profile::{
-    attention_keys_read, distinct_rows, policy_loss_bytes, qkv_rope_bytes, summarize_ops, OpSample,
-    OpTime, Work,
+    attention_keys_read, distinct_rows, gradient_bytes, policy_loss_bytes, qkv_rope_bytes,
+    summarize_ops, OpSample, OpTime, Work,
 };
 
 use crate::grpo::{AdvantageOptions, LossOptions};

@@ -56,8 +56,7 @@ impl Work {
     ) -> Self {
         let (products, dx_bytes) = match dx {
             None => (1.0, 0),
-            Some((dx, GradWrite::Overwrite)) => (2.0, dx + w),
-            Some((dx, GradWrite::Add)) => (2.0, 2 * dx + w),
+            Some((dx, write)) => (2.0, gradient_bytes(dx, write) + w),
         };
         Work {
             flops: products * Work::matmul_forward(m, k, n, 0).flops,
@@ -81,6 +80,14 @@ impl Work {
             flops: if backward { 2.0 * forward } else { forward },
             bytes: bytes as f64,
         }
+    }
+}
+
+/// The traffic of a gradient buffer of `bytes`: written, or read and written when `write` adds.
+pub fn gradient_bytes(bytes: usize, write: GradWrite) -> usize {
+    match write {
+        GradWrite::Overwrite => bytes,
+        GradWrite::Add => 2 * bytes,
     }
 }
 

@@ -34,8 +34,8 @@ pub use sampling::sample_tokens;
 pub use swiglu::{swiglu_backward, swiglu_forward};
 
 use super::{
-    attention_keys_read, distinct_rows, policy_loss_bytes, qkv_rope_bytes, Backend, GradWrite,
-    HeadNorms, OpTime, PolicyTokens, TokenPlacement, TrainBackend, Work,
+    attention_keys_read, distinct_rows, gradient_bytes, policy_loss_bytes, qkv_rope_bytes, Backend,
+    GradWrite, HeadNorms, OpTime, PolicyTokens, TokenPlacement, TrainBackend, Work,
 };
 use crate::grpo::{AdvantageOptions, LossOptions};
 use crate::sampling::{SamplingParams, TokenDraws};
@@ -433,10 +433,8 @@ impl TrainBackend for CpuBackend {
         dim: usize,
         eps: f32,
     ) {
-        let dx_passes = if dx_write == GradWrite::Add { 2 } else { 1 };
-        let bytes = f32_bytes(
-            dx_passes * dx.len() + 2 * dweight.len() + dout.len() + x.len() + weight.len(),
-        );
+        let dx_bytes = gradient_bytes(f32_bytes(dx.len()), dx_write);
+        let bytes = dx_bytes + f32_bytes(2 * dweight.len() + dout.len() + x.len() + weight.len());
         profile::timed("rmsnorm_backward", moving(bytes), || {
             rmsnorm_backward(dx, dx_write, dweight, dout, x, weight, dim, eps)
         })

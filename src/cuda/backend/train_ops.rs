@@ -7,8 +7,8 @@ use super::{
     check_ids, expect, expect_bf16, lock, rows_of, CudaBackend, CudaView, CudaViewMut, DType,
 };
 use crate::backend::{
-    attention_keys_read, distinct_rows, policy_loss_bytes, GradWrite, PolicyTokens, TokenPlacement,
-    TrainBackend, Work, POLICY_STATS,
+    attention_keys_read, distinct_rows, gradient_bytes, policy_loss_bytes, GradWrite, PolicyTokens,
+    TokenPlacement, TrainBackend, Work, POLICY_STATS,
 };
 use crate::cuda::attention_plan::AttentionPlan;
 use crate::cuda::ops;
@@ -283,8 +283,7 @@ impl TrainBackend for CudaBackend {
         dim: usize,
         eps: f32,
     ) {
-        let dx_passes = if dx_write == GradWrite::Add { 2 } else { 1 };
-        let bytes = dx_passes * dx.bytes()
+        let bytes = gradient_bytes(dx.bytes(), dx_write)
             + 2 * dweight.bytes()
             + dout.bytes()
             + x.bytes()
