@@ -106,6 +106,9 @@ fn elementwise(c: &mut Criterion, dev: &CudaBackend) {
         let mut q = dev.upload(&random(m * HEADS * HEAD_DIM, 5)).unwrap();
         let mut k = dev.upload(&random(m * KV_HEADS * HEAD_DIM, 6)).unwrap();
         let mut v = dev.upload(&random(m * KV_HEADS * HEAD_DIM, 7)).unwrap();
+        let qkv = dev
+            .upload(&random(m * (HEADS + 2 * KV_HEADS) * HEAD_DIM, 11))
+            .unwrap();
         let q_bias = dev.upload(&random(HEADS * HEAD_DIM, 8)).unwrap();
         let k_bias = dev.upload(&random(KV_HEADS * HEAD_DIM, 9)).unwrap();
         let v_bias = dev.upload(&random(KV_HEADS * HEAD_DIM, 10)).unwrap();
@@ -122,6 +125,7 @@ fn elementwise(c: &mut Criterion, dev: &CudaBackend) {
                                 dev.full_mut(&mut k),
                                 dev.full_mut(&mut v),
                             ],
+                            dev.full(&qkv),
                             [&q_bias, &k_bias, &v_bias].map(|b| Some(dev.full(b))),
                             None,
                             &positions,

@@ -124,26 +124,34 @@ pub fn write_model_files(
     crate::weights::save_params(&dir.join(WEIGHTS_FILE), layout, params)
 }
 
-/// Writes the AdamW moments m and v ([N] f32 each) to `path` as safetensors.
-pub fn save_moments(path: &Path, m: &[f32], v: &[f32]) -> Result<()> {
-    if m.len() != v.len() {
-        bail!("AdamW moments of {} and {} values", m.len(), v.len());
+/// Writes the AdamW moments m and v ([N] f32 each, in `layout`'s storage order) to `path` as
+/// safetensors, each one flat tensor in the layout's list (HF) order, as the files written before
+/// the storage order changed hold them.
+pub fn save_moments(path: &Path, layout: &ParamLayout, m: &[f32], v: &[f32]) -> Result<()> {
+    let n = layout.total_len();
+    if m.len() != n || v.len() != n {
+        bail!(
+            "AdamW moments of {} and {} values for a model of {n} parameters",
+            m.len(),
+            v.len()
+        );
     }
     let tensors: Vec<F32Tensor> = MOMENTS
         .iter()
         .zip([m, v])
         .map(|(name, x)| F32Tensor {
             name,
-            shape: vec![x.len()],
-            data: x,
+            shape: vec![n],
+            data: layout.in_list_order(x),
         })
         .collect();
     write_f32_safetensors(path, &tensors, &[])
 }
 
-/// Reads the AdamW moments (m, v) of `n` parameters written by [`save_moments`]; errors name the
-/// file and the tensor.
-pub fn load_moments(path: &Path, n: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+/// Reads the AdamW moments (m, v) written by [`save_moments`], in `layout`'s storage order;
+/// errors name the file and the tensor.
+pub fn load_moments(path: &Path, layout: &ParamLayout) -> Result<(Vec<f32>, Vec<f32>)> {
+    let n = layout.total_len();
     let file =
         std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     // SAFETY: read-only mapping, copied out before it is dropped; a file changed underneath us
@@ -178,7 +186,7 @@ pub fn load_moments(path: &Path, n: usize) -> Result<(Vec<f32>, Vec<f32>)> {
                 values[i]
             );
         }
-        Ok(values)
+        Ok(layout.from_list_order(&values))
     };
     Ok((read(MOMENTS[0])?, read(MOMENTS[1])?))
 }

@@ -290,6 +290,7 @@ impl<B: Backend> Model<B> {
         let m = place.slots.len();
         let mut x = b.empty(m * cfg.hidden_size)?; // [M, H] residual stream, embedded next
         let mut acts = LayerActs::new(b, cfg, m, Keep::Nothing)?; // reused by every layer
+        let mut qkv = self.qkv_scratch(m)?;
         embed(b.full_mut(&mut x));
         // Each layer's last residual add also normalises x for the next layer (into the shared
         // acts.xn1), one launch instead of two.
@@ -299,7 +300,7 @@ impl<B: Backend> Model<B> {
                 next_norm: (l + 1 < cfg.num_layers)
                     .then(|| self.p(self.layout.layers[l + 1].input_norm)),
             };
-            self.layer_forward(l, &mut x, &mut acts, place, cache, edges);
+            self.layer_forward(l, &mut x, &mut acts, &mut qkv, place, cache, edges);
         }
         let head = self.head_norm(&x, logit_rows)?;
         self.head_logits_into(logits, &head.rows_n, 0..logit_rows.len());
@@ -410,11 +411,13 @@ impl<B: Backend> Model<B> {
 
     /// One decoder layer, in place on the residual stream x: [M, H]. Every intermediate lands in
     /// `a`, which the backward pass reads when training.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn layer_forward(
         &self,
         l: usize,
         x: &mut B::Buf,
         a: &mut LayerActs<B>,
+        qkv: &mut B::Buf,
         place: &TokenPlacement,
         cache: &mut KvCache<B>,
         edges: LayerEdges<'_, B>,
@@ -428,7 +431,7 @@ impl<B: Backend> Model<B> {
         if !edges.input_normed {
             self.input_norm(l, x, a);
         }
-        self.qkv_forward(l, a, place);
+        self.qkv_forward(l, a, qkv, place);
         let range = cache.layer_range(l);
         let (ck, cv) = (&mut cache.k, &mut cache.v);
         b.kv_cache_write(
@@ -477,13 +480,21 @@ impl<B: Backend> Model<B> {
         l: usize,
         x: &mut B::Buf,
         a: &mut LayerActs<B>,
+        qkv: &mut B::Buf,
         place: &TokenPlacement,
         cache: &KvCache<B>,
     ) {
         self.input_norm(l, x, a);
-        self.qkv_forward(l, a, place);
+        self.qkv_forward(l, a, qkv, place);
         self.attention_block(l, x, a, place, cache);
         self.mlp_act_forward(l, a, place.slots.len());
+    }
+
+    /// The scratch that layers' q, k and v projections share for m tokens: [M, q_dim + 2 kv_dim]
+    /// (a layer reads it back before the next one writes it).
+    pub(crate) fn qkv_scratch(&self, m: usize) -> Result<B::Buf> {
+        self.backend
+            .empty(m * (self.cfg.q_dim() + 2 * self.cfg.kv_dim()))
     }
 
     /// a.xn1 = RMSNorm(x) with layer l's input norm.
@@ -494,45 +505,31 @@ impl<B: Backend> Model<B> {
         b.rmsnorm_forward(b.full_mut(&mut a.xn1), b.full(x), weight, h, eps);
     }
 
-    /// Layer l's q, k and v of a.xn1, with their biases; q and k rotated.
-    fn qkv_forward(&self, l: usize, a: &mut LayerActs<B>, place: &TokenPlacement) {
+    /// Layer l's q, k and v of a.xn1, with their biases; q and k rotated. The three
+    /// projections are one product (their weights lie side by side) into the scratch qkv:
+    /// [M, q_dim + 2 kv_dim], which qkv_rope_forward splits.
+    fn qkv_forward(
+        &self,
+        l: usize,
+        a: &mut LayerActs<B>,
+        qkv: &mut B::Buf,
+        place: &TokenPlacement,
+    ) {
         let (cfg, b, lp) = (&self.cfg, &self.backend, &self.layout.layers[l]);
         let (m, h) = (place.slots.len(), cfg.hidden_size);
-        let (q_dim, kv_dim) = (cfg.q_dim(), cfg.kv_dim());
-        // The q, k and v biases are added by qkv_rope_forward (with the rotation of q and k).
-        // With qk_norm the projections (q and k with their biases) land in q_raw, k_raw, kept
-        // for the backward, and qkv_rope_forward normalises each head into q, k.
-        for (out, raw, w, bias, norm, n) in [
-            (&mut a.q, &mut a.q_raw, lp.q, lp.q_bias, lp.q_norm, q_dim),
-            (&mut a.k, &mut a.k_raw, lp.k, lp.k_bias, lp.k_norm, kv_dim),
-        ] {
-            let (xn1, w) = (b.full(&a.xn1), self.p(w));
-            match (raw, norm) {
-                (Some(raw), Some(_)) => {
-                    b.matmul_forward(b.full_mut(raw), xn1, w, self.p_opt(bias), m, h, n)
-                }
-                _ => b.matmul_forward(b.full_mut(out), xn1, w, None, m, h, n),
-            }
-        }
-        b.matmul_forward(
-            b.full_mut(&mut a.v),
-            b.full(&a.xn1),
-            self.p(lp.v),
-            None,
-            m,
-            h,
-            kv_dim,
-        );
-        let (norms, q_bias, k_bias) = match (&a.q_raw, &a.k_raw, lp.q_norm, lp.k_norm) {
-            (Some(q_raw), Some(k_raw), Some(q_norm), Some(k_norm)) => {
-                let norms = HeadNorms {
-                    raw: [b.full(q_raw), b.full(k_raw)],
-                    weights: [self.p(q_norm), self.p(k_norm)],
-                    eps: cfg.rms_norm_eps as f32,
-                };
-                (Some(norms), None, None)
-            }
-            _ => (None, self.p_opt(lp.q_bias), self.p_opt(lp.k_bias)),
+        let n = cfg.q_dim() + 2 * cfg.kv_dim();
+        let w = b.view(&self.params, self.layout.qkv_weights(l));
+        b.matmul_forward(b.view_mut(qkv, 0..m * n), b.full(&a.xn1), w, None, m, h, n);
+        let norms = match (lp.q_norm, lp.k_norm) {
+            (Some(q_norm), Some(k_norm)) => Some(HeadNorms {
+                weights: [self.p(q_norm), self.p(k_norm)],
+                eps: cfg.rms_norm_eps as f32,
+                raw: match (&mut a.q_raw, &mut a.k_raw) {
+                    (Some(q_raw), Some(k_raw)) => Some([b.full_mut(q_raw), b.full_mut(k_raw)]),
+                    _ => None,
+                },
+            }),
+            _ => None,
         };
         b.qkv_rope_forward(
             [
@@ -540,7 +537,12 @@ impl<B: Backend> Model<B> {
                 b.full_mut(&mut a.k),
                 b.full_mut(&mut a.v),
             ],
-            [q_bias, k_bias, self.p_opt(lp.v_bias)],
+            b.view(qkv, 0..m * n),
+            [
+                self.p_opt(lp.q_bias),
+                self.p_opt(lp.k_bias),
+                self.p_opt(lp.v_bias),
+            ],
             norms,
             &place.positions,
             b.full(&self.inv_freq),
@@ -662,12 +664,12 @@ pub struct LayerActs<B: Backend> {
     pub xn1: B::Buf,          // [M, H] RMSNorm before attention
     pub q: B::Buf,            // [M, n_heads * hd], after RoPE
     pub k: B::Buf,            // [M, n_kv * hd], after RoPE
-    pub q_raw: Option<B::Buf>, // [M, n_heads * hd] projection before the per-head norm (qk_norm)
-    pub k_raw: Option<B::Buf>, // [M, n_kv * hd] projection before the per-head norm (qk_norm)
-    pub v: B::Buf,            // [M, n_kv * hd]
-    pub att: B::Buf,          // [M, n_heads * hd] attention output
-    pub lse: Option<B::Buf>,  // [M, n_heads] f32 log-sum-exp of each attention row (training only)
-    pub proj: B::Buf,         // [M, H] a block's output before the residual add
+    pub q_raw: Option<B::Buf>, // [M, n_heads * hd] projection before the per-head norm (qk_norm, training)
+    pub k_raw: Option<B::Buf>, // [M, n_kv * hd] projection before the per-head norm (qk_norm, training)
+    pub v: B::Buf,             // [M, n_kv * hd]
+    pub att: B::Buf,           // [M, n_heads * hd] attention output
+    pub lse: Option<B::Buf>,   // [M, n_heads] f32 log-sum-exp of each attention row (training only)
+    pub proj: B::Buf,          // [M, H] a block's output before the residual add
     pub x_mid: Option<B::Buf>, // [M, H] residual stream after attention (training, not checkpointed)
     pub xn2: B::Buf,           // [M, H] RMSNorm before the MLP
     pub gate: B::Buf,          // [M, I]
@@ -698,13 +700,14 @@ impl<B: Backend> LayerActs<B> {
         // Every one is written whole by the op that makes it before anything reads it.
         let residual = || kept(keep == Keep::ResidualsAndLse, &|| b.empty(m * h));
         let lse = keep != Keep::Nothing;
+        let raw = cfg.qk_norm && keep != Keep::Nothing; // what the backward of the norms reads
         Ok(LayerActs {
             x_in: residual()?,
             xn1: b.empty(m * h)?,
             q: b.empty(m * cfg.q_dim())?,
             k: b.empty(m * cfg.kv_dim())?,
-            q_raw: cfg.qk_norm.then(|| b.empty(m * cfg.q_dim())).transpose()?,
-            k_raw: cfg.qk_norm.then(|| b.empty(m * cfg.kv_dim())).transpose()?,
+            q_raw: raw.then(|| b.empty(m * cfg.q_dim())).transpose()?,
+            k_raw: raw.then(|| b.empty(m * cfg.kv_dim())).transpose()?,
             v: b.empty(m * cfg.kv_dim())?,
             att: b.empty(m * cfg.q_dim())?,
             lse: kept(lse, &|| b.empty_f32(m * cfg.num_heads))?,

@@ -155,9 +155,10 @@ impl<B: TrainBackend> Model<B> {
             &batch.tokens,
             h,
         );
+        let mut qkv = self.qkv_scratch(m)?;
         let mut run_layer = |l: usize, x: &mut B::Buf, acts: &mut LayerActs<B>| {
             let separate = LayerEdges::separate();
-            self.layer_forward(l, x, acts, &batch.place, &mut cache, separate)
+            self.layer_forward(l, x, acts, &mut qkv, &batch.place, &mut cache, separate)
         };
         let layers = if self.checkpoint_layers {
             // one layer's intermediates at a time; each layer's input is kept. The log-sum-exp
@@ -364,7 +365,11 @@ impl<B: TrainBackend> Model<B> {
         // checkpointed layers: one layer's intermediates, recomputed from its input into x
         let mut recomputed = match &acts.layers {
             LayerStore::Kept(_) => None,
-            LayerStore::Inputs(_) => Some((LayerActs::new(b, cfg, m, Keep::Lse)?, b.empty(m * h)?)),
+            LayerStore::Inputs(_) => Some((
+                LayerActs::new(b, cfg, m, Keep::Lse)?,
+                b.empty(m * h)?,
+                self.qkv_scratch(m)?,
+            )),
         };
         for (l, lp) in lay.layers.iter().enumerate().rev() {
             let (a, x_in, x_mid) = match (&acts.layers, &mut recomputed) {
@@ -372,9 +377,9 @@ impl<B: TrainBackend> Model<B> {
                     let (x_in, x_mid) = layers[l].residuals()?;
                     (&layers[l], x_in, x_mid)
                 }
-                (LayerStore::Inputs(inputs), Some((layer, x))) => {
+                (LayerStore::Inputs(inputs), Some((layer, x, qkv))) => {
                     b.copy(b.full_mut(x), b.full(&inputs[l]));
-                    self.layer_recompute(l, x, layer, place, &acts.cache);
+                    self.layer_recompute(l, x, layer, qkv, place, &acts.cache);
                     (&*layer, &inputs[l], &*x)
                 }
                 (LayerStore::Inputs(_), None) => unreachable!("made for checkpointed layers"),

@@ -3,6 +3,11 @@
 //! All weights sit in a single allocation (gradients later in a second one of the same layout):
 //! one optimizer launch, one global norm, simple checkpoint I/O. The layout is derived from the
 //! config alone, in HF tensor names, so loading and saving are a walk over this list.
+//!
+//! The list is in HF order (random initialisation draws tensor after tensor in it, and the
+//! optimizer file keeps the moments in it); the buffer is in storage order, which is HF order
+//! except that a layer's q, k and v weights sit side by side, their biases after them, so the
+//! three projections are one [q_dim + 2 kv_dim, hidden] matrix and one product.
 
 use crate::config::ModelConfig;
 
@@ -11,7 +16,7 @@ pub struct ParamSpec {
     /// HF tensor name, e.g. `model.layers.0.self_attn.q_proj.weight`.
     pub name: String,
     pub shape: Vec<usize>,
-    /// Offset in elements into the parameter buffer.
+    /// Offset in elements into the parameter buffer (storage order).
     pub offset: usize,
 }
 
@@ -48,6 +53,35 @@ pub struct LayerParams {
     pub down_bias: Option<usize>,
 }
 
+impl LayerParams {
+    /// The layer's tensors in storage order: HF order with the q, k and v biases moved after
+    /// the v weight.
+    fn storage_order(&self) -> impl Iterator<Item = usize> {
+        [
+            Some(self.input_norm),
+            Some(self.q),
+            Some(self.k),
+            Some(self.v),
+            self.q_bias,
+            self.k_bias,
+            self.v_bias,
+            self.q_norm,
+            self.k_norm,
+            Some(self.o),
+            self.o_bias,
+            Some(self.post_norm),
+            Some(self.gate),
+            self.gate_bias,
+            Some(self.up),
+            self.up_bias,
+            Some(self.down),
+            self.down_bias,
+        ]
+        .into_iter()
+        .flatten()
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ParamLayout {
     pub specs: Vec<ParamSpec>,
@@ -63,12 +97,12 @@ impl ParamLayout {
         let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
         let (q, kv) = (cfg.q_dim(), cfg.kv_dim());
         let mut specs: Vec<ParamSpec> = Vec::new();
+        // offsets are given below, in storage order
         let mut add = |name: String, shape: Vec<usize>| -> usize {
-            let offset = specs.last().map_or(0, |s| s.offset + s.len());
             specs.push(ParamSpec {
                 name,
                 shape,
-                offset,
+                offset: 0,
             });
             specs.len() - 1
         };
@@ -173,6 +207,18 @@ impl ParamLayout {
         } else {
             add("lm_head.weight".into(), vec![v, h])
         };
+        let mut storage = vec![embed];
+        storage.extend(layers.iter().flat_map(LayerParams::storage_order));
+        storage.push(final_norm);
+        if !cfg.tie_word_embeddings {
+            storage.push(lm_head);
+        }
+        debug_assert_eq!(storage.len(), specs.len());
+        let mut offset = 0;
+        for idx in storage {
+            specs[idx].offset = offset;
+            offset += specs[idx].len();
+        }
         ParamLayout {
             specs,
             embed,
@@ -183,10 +229,91 @@ impl ParamLayout {
     }
 
     pub fn total_len(&self) -> usize {
-        self.specs.last().map_or(0, |s| s.offset + s.len())
+        self.specs.iter().map(ParamSpec::len).sum()
+    }
+
+    /// Layer l's q, k and v weights as one matrix: [q_dim + 2 kv_dim, hidden].
+    pub fn qkv_weights(&self, l: usize) -> std::ops::Range<usize> {
+        let lp = &self.layers[l];
+        self.specs[lp.q].offset..self.specs[lp.v].range().end
+    }
+
+    /// A buffer of this layout (storage order) as the tensors one after the other in list
+    /// (HF) order: the order of the flat moment tensors in a checkpoint's optimizer file.
+    pub fn in_list_order<'a>(&self, values: &'a [f32]) -> Vec<&'a [f32]> {
+        self.specs.iter().map(|s| &values[s.range()]).collect()
+    }
+
+    /// The inverse of [`ParamLayout::in_list_order`]: values in list order, into storage order.
+    pub fn from_list_order(&self, values: &[f32]) -> Vec<f32> {
+        let mut out = vec![0.0; values.len()];
+        let mut start = 0;
+        for s in &self.specs {
+            out[s.range()].copy_from_slice(&values[start..start + s.len()]);
+            start += s.len();
+        }
+        out
     }
 
     pub fn range(&self, idx: usize) -> std::ops::Range<usize> {
         self.specs[idx].range()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(json: &str) -> ModelConfig {
+        let path = format!("{}/tools/model_configs/{json}", env!("CARGO_MANIFEST_DIR"));
+        ModelConfig::from_json_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn storage_covers_the_buffer_once_with_each_layers_qkv_weights_side_by_side() {
+        for json in ["qwen2.5-0.5b.json", "qwen3-0.6b.json"] {
+            let cfg = config(json);
+            let layout = ParamLayout::new(&cfg);
+            let mut ranges: Vec<_> = layout.specs.iter().map(ParamSpec::range).collect();
+            ranges.sort_by_key(|r| r.start);
+            let mut end = 0;
+            for r in &ranges {
+                assert_eq!(r.start, end, "{json}: a gap or an overlap at {end}");
+                end = r.end;
+            }
+            assert_eq!(end, layout.total_len());
+            assert_eq!(end, cfg.num_params());
+            let rows = cfg.q_dim() + 2 * cfg.kv_dim();
+            for (l, lp) in layout.layers.iter().enumerate() {
+                let qkv = layout.qkv_weights(l);
+                assert_eq!(qkv.len(), rows * cfg.hidden_size);
+                let parts = [lp.q, lp.k, lp.v].map(|i| layout.range(i));
+                assert_eq!(parts[0].start, qkv.start);
+                assert_eq!(parts[1].start, parts[0].end);
+                assert_eq!(parts[2].start, parts[1].end);
+            }
+        }
+    }
+
+    #[test]
+    fn list_order_is_hf_order_and_round_trips() {
+        let cfg = config("qwen2.5-0.5b.json");
+        let layout = ParamLayout::new(&cfg);
+        // the q bias follows the q weight in HF order but not in storage order
+        let lp = &layout.layers[0];
+        assert_eq!(lp.q_bias, Some(lp.q + 1));
+        assert_ne!(
+            layout.range(lp.q_bias.unwrap()).start,
+            layout.range(lp.q).end
+        );
+
+        // each value names its tensor: list order is tensor index order
+        let mut storage = vec![0.0f32; layout.total_len()];
+        for (i, s) in layout.specs.iter().enumerate() {
+            storage[s.range()].fill(i as f32);
+        }
+        let listed: Vec<f32> = layout.in_list_order(&storage).concat();
+        assert!(listed.windows(2).all(|w| w[0] <= w[1]));
+        assert_eq!(layout.from_list_order(&listed), storage);
     }
 }

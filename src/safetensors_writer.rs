@@ -11,11 +11,18 @@ use anyhow::{bail, Context, Result};
 use std::io::Write;
 use std::path::Path;
 
-/// One tensor to write: its name, shape and f32 values (as many as the shape holds).
+/// One tensor to write: its name, shape and f32 values (as many as the shape holds), in one or
+/// more slices written back to back.
 pub struct F32Tensor<'a> {
     pub name: &'a str,
     pub shape: Vec<usize>,
-    pub data: &'a [f32],
+    pub data: Vec<&'a [f32]>,
+}
+
+impl F32Tensor<'_> {
+    fn len(&self) -> usize {
+        self.data.iter().map(|part| part.len()).sum()
+    }
 }
 
 /// Writes `tensors` (in this order) and `metadata` to `path`.
@@ -34,19 +41,19 @@ pub fn write_f32_safetensors(
     }
     let mut offset = 0usize;
     for t in tensors {
-        if t.shape.iter().product::<usize>() != t.data.len() {
+        if t.shape.iter().product::<usize>() != t.len() {
             bail!(
                 "tensor `{}`: shape {:?} holds {} values, the data {}",
                 t.name,
                 t.shape,
                 t.shape.iter().product::<usize>(),
-                t.data.len()
+                t.len()
             );
         }
         if header.contains_key(t.name) {
             bail!("tensor `{}` named twice", t.name);
         }
-        let end = offset + 4 * t.data.len();
+        let end = offset + 4 * t.len();
         header.insert(
             t.name.to_string(),
             serde_json::json!({"dtype": "F32", "shape": t.shape, "data_offsets": [offset, end]}),
@@ -67,7 +74,7 @@ pub fn write_f32_safetensors(
     write(&mut out, &(json.len() as u64).to_le_bytes())?;
     write(&mut out, &json)?;
     for t in tensors {
-        for chunk in t.data.chunks(1 << 20) {
+        for chunk in t.data.iter().flat_map(|part| part.chunks(1 << 20)) {
             let le: Vec<u8> = chunk.iter().flat_map(|x| x.to_le_bytes()).collect();
             write(&mut out, &le)?;
         }
@@ -86,7 +93,8 @@ mod tests {
     use safetensors::{Dtype, SafeTensors};
 
     /// The safetensors crate reads back every tensor (shape, dtype, the exact bits) and the
-    /// metadata, across the writer's 1M-value chunks; bad shapes and repeated names are errors.
+    /// metadata, across the writer's 1M-value chunks and a tensor's parts; bad shapes and
+    /// repeated names are errors.
     #[test]
     fn the_safetensors_crate_reads_back_what_is_written() {
         let dir = tempfile::tempdir().unwrap();
@@ -99,17 +107,22 @@ mod tests {
             F32Tensor {
                 name: "big",
                 shape: vec![a.len()],
-                data: &a,
+                data: vec![&a],
             },
             F32Tensor {
                 name: "small.weight",
                 shape: vec![2, 3],
-                data: &b,
+                data: vec![&b],
+            },
+            F32Tensor {
+                name: "in.parts",
+                shape: vec![3, 3],
+                data: vec![&b[4..], &[], &b, &a[..1]],
             },
             F32Tensor {
                 name: "empty",
                 shape: vec![0, 4],
-                data: &[],
+                data: vec![&[]],
             },
         ];
         write_f32_safetensors(&path, &tensors, &[("format", "pt")]).unwrap();
@@ -126,16 +139,17 @@ mod tests {
                 t.name
             );
             let back: Vec<f32> = bytemuck::pod_collect_to_vec(view.data());
+            let written = t.data.concat();
             assert!(back
                 .iter()
-                .zip(t.data)
+                .zip(&written)
                 .all(|(x, y)| x.to_bits() == y.to_bits()));
-            assert_eq!(back.len(), t.data.len());
+            assert_eq!(back.len(), written.len());
         }
         let bad = F32Tensor {
             name: "x",
             shape: vec![4],
-            data: &b,
+            data: vec![&b],
         };
         let err = write_f32_safetensors(&path, &[bad], &[])
             .unwrap_err()
@@ -145,12 +159,12 @@ mod tests {
             F32Tensor {
                 name: "x",
                 shape: vec![6],
-                data: &b,
+                data: vec![&b],
             },
             F32Tensor {
                 name: "x",
                 shape: vec![6],
-                data: &b,
+                data: vec![&b],
             },
         ];
         let err = write_f32_safetensors(&path, &twice, &[])

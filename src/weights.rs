@@ -197,7 +197,7 @@ pub fn save_params(path: &Path, layout: &ParamLayout, params: &[f32]) -> Result<
         .map(|s| F32Tensor {
             name: &s.name,
             shape: s.shape.clone(),
-            data: &params[s.range()],
+            data: vec![&params[s.range()]],
         })
         .collect();
     write_f32_safetensors(path, &tensors, &[("format", "pt")])

@@ -98,46 +98,54 @@ fn qwen2_inv_freq(head_dim: usize) -> Vec<f32> {
         .collect()
 }
 
-/// q, k and v as the kernel left them against the references rounded once; without a v bias,
-/// `v_unbiased` holds the bits v started with, which it must keep.
-fn assert_qkv(got: [&Bf16Buf; 3], want: [&[f32]; 3], v_unbiased: Option<&[u16]>) {
+/// q, k and v as the kernel wrote them against the references rounded once.
+fn assert_qkv(got: [&Bf16Buf; 3], want: [&[f32]; 3]) {
     assert_rounded("q", got[0].values(), want[0]);
     assert_rounded("k", got[1].values(), want[1]);
-    match v_unbiased {
-        None => assert_rounded("v", got[2].values(), want[2]),
-        Some(start) => assert_same(
-            "v without a bias must stay untouched",
-            got[2].values(),
-            start,
-        ),
-    }
+    assert_rounded("v", got[2].values(), want[2]);
 }
 
-/// `rope::qkv_rope_forward` on q [m, n_heads * head_dim], k and v [m, n_kv_heads * head_dim],
-/// with biases of scale 0.5 on all three or none (v's heads then left out of the grid);
-/// `vector_path`: whether the launcher must size the grid for the 128-bit path. Returns the grid
-/// it chose.
+/// The projections' product for m tokens: [m, (n_heads + 2 n_kv_heads) * head_dim], each row
+/// q', k' and v' side by side, of scale `scale`.
+fn qkv_product(
+    r: &mut Rand,
+    m: usize,
+    (n_heads, n_kv_heads, head_dim): (usize, usize, usize),
+    scale: f32,
+) -> (Vec<u16>, Vec<f32>) {
+    r.bf16s(m * (n_heads + 2 * n_kv_heads) * head_dim, scale)
+}
+
+/// Write-only bf16 outputs: NaN (0xffff) until written.
+fn nan_buf(n: usize) -> Bf16Buf {
+    Bf16Buf::new(&vec![0xffffu16; n], false)
+}
+
+/// `rope::qkv_rope_forward` from the product qkv (2 bytes off 16-byte alignment when
+/// `qkv_misaligned`) into q [m, n_heads * head_dim], k and v [m, n_kv_heads * head_dim], with
+/// biases of scale 0.5 on all three or none; `vector_path`: whether the launcher must size the
+/// grid for the 128-bit path. Returns the grid it chose.
 fn check_qkv_rope(
     seed: u64,
     positions: &[u32],
     (n_heads, n_kv_heads, head_dim): (usize, usize, usize),
     biases: bool,
+    qkv_misaligned: bool,
     vector_path: bool,
 ) -> LaunchConfig {
     let m = positions.len();
     let mut r = Rand(seed);
-    let q = r.bf16s(m * n_heads * head_dim, 1.0); // [m, n_heads * head_dim]
-    let k = r.bf16s(m * n_kv_heads * head_dim, 1.0); // [m, n_kv_heads * head_dim]
-    let v = r.bf16s(m * n_kv_heads * head_dim, 1.0); // [m, n_kv_heads * head_dim]
+    let qkv = qkv_product(&mut r, m, (n_heads, n_kv_heads, head_dim), 1.0);
     let q_bias = r.bf16s(n_heads * head_dim, 0.5); // [n_heads * head_dim]
     let k_bias = r.bf16s(n_kv_heads * head_dim, 0.5); // [n_kv_heads * head_dim]
     let v_bias = r.bf16s(n_kv_heads * head_dim, 0.5);
     let inv_freq = qwen2_inv_freq(head_dim); // [head_dim / 2]
 
+    let qkv_d = Bf16Buf::new(&qkv.0, qkv_misaligned);
     let (mut qd, mut kd, mut vd) = (
-        Bf16Buf::new(&q.0, false),
-        Bf16Buf::new(&k.0, false),
-        Bf16Buf::new(&v.0, false),
+        nan_buf(m * n_heads * head_dim),
+        nan_buf(m * n_kv_heads * head_dim),
+        nan_buf(m * n_kv_heads * head_dim),
     );
     // a null pointer (0): no bias
     let bias_ptr = |b: &(Vec<u16>, Vec<f32>)| if biases { ptr(&b.0) } else { 0 };
@@ -145,6 +153,7 @@ fn check_qkv_rope(
         rope::qkv_rope_forward(
             launcher,
             (qd.ptr_mut(), kd.ptr_mut(), vd.ptr_mut()),
+            qkv_d.ptr(),
             (bias_ptr(&q_bias), bias_ptr(&k_bias), bias_ptr(&v_bias)),
             ptr(positions),
             ptr(&inv_freq),
@@ -154,16 +163,16 @@ fn check_qkv_rope(
             head_dim,
         )
     });
-    // v's heads are in the grid only when there is a bias to add to them
-    let v_heads = if biases { n_kv_heads } else { 0 };
-    let cfg = rope_config(m, n_heads + n_kv_heads + v_heads, head_dim, vector_path);
+    let cfg = rope_config(m, n_heads + 2 * n_kv_heads, head_dim, vector_path);
     assert_launches(&launches, &["qkv_rope_forward"], cfg);
 
-    let (mut q_ref, mut k_ref, mut v_ref) = (q.1.clone(), k.1.clone(), v.1.clone());
+    let mut refs = [n_heads, n_kv_heads, n_kv_heads].map(|h| vec![f32::NAN; m * h * head_dim]);
     let bias = |b: &(Vec<u16>, Vec<f32>)| biases.then(|| b.1.clone());
     let (qb_ref, kb_ref, vb_ref) = (bias(&q_bias), bias(&k_bias), bias(&v_bias));
+    let [q_ref, k_ref, v_ref] = &mut refs;
     CpuBackend.qkv_rope_forward(
-        [&mut q_ref, &mut k_ref, &mut v_ref],
+        [q_ref, k_ref, v_ref],
+        &qkv.1,
         [qb_ref.as_deref(), kb_ref.as_deref(), vb_ref.as_deref()],
         None,
         positions,
@@ -172,88 +181,103 @@ fn check_qkv_rope(
         n_kv_heads,
         head_dim,
     );
-    assert_qkv(
-        [&qd, &kd, &vd],
-        [&q_ref, &k_ref, &v_ref],
-        (!biases).then_some(&v.0[..]),
-    );
+    assert_qkv([&qd, &kd, &vd], refs.each_ref().map(|r| &r[..]));
     launches[0].config
 }
 
 /// Qwen2 layout (6 query heads, 2 KV heads of 64: 128-bit path) with q, k and v biases: 70
-/// tokens of a chunk continuing at position 40 and one at 100000 (280 items: two blocks of x).
+/// tokens of a chunk continuing at position 40 and one at 100000 (400 items: two blocks of x).
 #[test]
 fn qkv_rope_forward_with_biases_matches_the_cpu() {
     let positions: Vec<u32> = (40..110).chain([100_000]).collect();
-    check_qkv_rope(1, &positions, (6, 2, 64), true, true);
+    check_qkv_rope(1, &positions, (6, 2, 64), true, false, true);
 }
 
-/// No biases (v left alone, v_heads = 0) and head dim 40 (half 20: the scalar path), GQA of 4:1.
+/// No biases and head dim 40 (half 20: the scalar path), GQA of 4:1; and head dim 64 from a
+/// product 2 bytes off alignment (the scalar path too).
 #[test]
-fn qkv_rope_forward_without_biases_on_the_scalar_path_matches_the_cpu() {
-    check_qkv_rope(2, &[7, 8, 9, 300, 4095], (4, 1, 40), false, false);
+fn qkv_rope_forward_on_the_scalar_path_matches_the_cpu() {
+    check_qkv_rope(2, &[7, 8, 9, 300, 4095], (4, 1, 40), false, false, false);
+    check_qkv_rope(9, &[0, 1, 2, 3000], (2, 1, 64), true, true, false);
 }
 
-/// A prefill of 4100 tokens (16400 items, past SMALL_GRID_ITEMS): 5 heads in 2 slices of grid.y,
+/// A prefill of 4100 tokens (20500 items, past SMALL_GRID_ITEMS): 5 heads in 2 slices of grid.y,
 /// so each thread rotates several heads with the same sines; the last block is partial.
 #[test]
 fn qkv_rope_forward_sharing_sines_over_heads_matches_the_cpu() {
     let positions: Vec<u32> = (1..=4100).collect();
-    let cfg = check_qkv_rope(3, &positions, (3, 1, 64), true, true);
+    let cfg = check_qkv_rope(3, &positions, (3, 1, 64), true, false, true);
     assert!(
         cfg.grid_dim.1 < 5,
         "the case should give threads several heads"
     );
 }
 
-/// `rope::qkv_norm_rope_forward` (Qwen3: each head of q_raw and k_raw RMS-normalised and scaled,
-/// then rotated; v plus its bias in place, or untouched) against two references: the CPU with
-/// the kernel's roundings (the normalised value to bf16, then times the weight to bf16, as the
-/// rmsnorm kernel and HF round) element by element, and `CpuBackend::qkv_rope_forward` with head
-/// norms (the spec, in f32) as `selfcheck` compares.
+/// `rope::qkv_norm_rope_forward` (Qwen3: each head of the product's q' and k', plus its bias when
+/// `biased`, RMS-normalised and scaled, then rotated; v' plus its bias; q' and k' with their biases
+/// kept in q_raw and k_raw when `keep_raw`) against two references: the CPU with the kernel's
+/// roundings (the biased value to bf16, the normalised value to bf16, then times the weight to
+/// bf16, as the bias and rmsnorm kernels and HF round) element by element, and
+/// `CpuBackend::qkv_rope_forward` with head norms (the spec, in f32) as `selfcheck` compares.
 fn check_qkv_norm_rope(
     seed: u64,
     positions: &[u32],
     (n_heads, n_kv_heads, head_dim): (usize, usize, usize),
-    v_biased: bool,
+    biased: bool,
+    keep_raw: bool,
 ) {
     let m = positions.len();
     let mut r = Rand(seed);
-    let q_raw = r.bf16s(m * n_heads * head_dim, 2.0); // [m, n_heads * head_dim]
-    let k_raw = r.bf16s(m * n_kv_heads * head_dim, 2.0); // [m, n_kv_heads * head_dim]
-    let v = r.bf16s(m * n_kv_heads * head_dim, 1.0); // [m, n_kv_heads * head_dim]
+    let shape = (n_heads, n_kv_heads, head_dim);
+    let qkv = qkv_product(&mut r, m, shape, 2.0);
     let q_norm = r.bf16s(head_dim, 1.0); // [head_dim]
     let k_norm = r.bf16s(head_dim, 1.0);
-    let v_bias = r.bf16s(n_kv_heads * head_dim, 0.5);
+    let biases = [n_heads, n_kv_heads, n_kv_heads].map(|h| r.bf16s(h * head_dim, 0.5));
     let inv_freq = qwen2_inv_freq(head_dim);
     let eps = 1e-6;
 
-    let nan = |n: usize| vec![0xffffu16; n]; // q and k are written whole
-    let (mut qd, mut kd, mut vd) = (
-        Bf16Buf::new(&nan(q_raw.0.len()), false),
-        Bf16Buf::new(&nan(k_raw.0.len()), false),
-        Bf16Buf::new(&v.0, false),
-    );
+    let (q_len, kv_len) = (m * n_heads * head_dim, m * n_kv_heads * head_dim);
+    let (mut qd, mut kd, mut vd) = (nan_buf(q_len), nan_buf(kv_len), nan_buf(kv_len));
+    let (mut q_raw_d, mut k_raw_d) = (nan_buf(q_len), nan_buf(kv_len));
+    let bias_ptrs = biases
+        .each_ref()
+        .map(|b| if biased { ptr(&b.0) } else { 0 });
     let launches = run_recorded(|launcher| {
         rope::qkv_norm_rope_forward(
             launcher,
             (qd.ptr_mut(), kd.ptr_mut(), vd.ptr_mut()),
-            (ptr(&q_raw.0), ptr(&k_raw.0)),
+            if keep_raw {
+                (q_raw_d.ptr_mut(), k_raw_d.ptr_mut())
+            } else {
+                (0, 0)
+            },
+            ptr(&qkv.0),
+            (bias_ptrs[0], bias_ptrs[1], bias_ptrs[2]),
             (ptr(&q_norm.0), ptr(&k_norm.0)),
-            if v_biased { ptr(&v_bias.0) } else { 0 },
             ptr(positions),
             ptr(&inv_freq),
             m,
-            (n_heads, n_kv_heads, head_dim),
+            shape,
             eps,
         )
     });
-    let v_heads = if v_biased { n_kv_heads } else { 0 };
-    let cfg = rope::norm_rope_config(m * (n_heads + n_kv_heads + v_heads));
+    let cfg = rope::norm_rope_config(m * (n_heads + 2 * n_kv_heads));
     assert_launches(&launches, &["qkv_norm_rope_forward"], cfg);
 
-    // the kernel's roundings: each head normalised, rounded, scaled, rounded; then rotated
+    // the kernel's roundings: each part plus its bias rounded; each head normalised, rounded,
+    // scaled, rounded; then rotated
     let round = |x: f32| half::bf16::from_f32(x).to_f32();
+    let mut parts = [n_heads, n_kv_heads, n_kv_heads].map(|h| vec![f32::NAN; m * h * head_dim]);
+    {
+        let [q, k, v] = &mut parts;
+        cpu::split_qkv([q, k, v], &qkv.1, m);
+    }
+    if biased {
+        for (part, bias) in parts.iter_mut().zip(&biases) {
+            cpu::add_bias_rows(part, &bias.1);
+            part.iter_mut().for_each(|x| *x = round(*x));
+        }
+    }
     let normed = |raw: &[f32], weight: &[f32]| -> Vec<f32> {
         raw.chunks(head_dim)
             .flat_map(|x| {
@@ -266,42 +290,33 @@ fn check_qkv_norm_rope(
             })
             .collect()
     };
-    let (mut q_ref, mut k_ref, mut v_ref) = (
-        normed(&q_raw.1, &q_norm.1),
-        normed(&k_raw.1, &k_norm.1),
-        v.1.clone(),
-    );
-    let vb_ref = v_biased.then_some(v_bias.1.as_slice());
-    CpuBackend.qkv_rope_forward(
-        [&mut q_ref, &mut k_ref, &mut v_ref],
-        [None, None, vb_ref],
-        None,
-        positions,
-        &inv_freq,
-        n_heads,
-        n_kv_heads,
-        head_dim,
-    );
-    assert_qkv(
-        [&qd, &kd, &vd],
-        [&q_ref, &k_ref, &v_ref],
-        (!v_biased).then_some(&v.0[..]),
-    );
+    let mut q_ref = normed(&parts[0], &q_norm.1);
+    let mut k_ref = normed(&parts[1], &k_norm.1);
+    let positions_of =
+        |x: &mut [f32], heads: usize| cpu::rope_forward(x, positions, &inv_freq, heads, head_dim);
+    positions_of(&mut q_ref, n_heads);
+    positions_of(&mut k_ref, n_kv_heads);
+    assert_qkv([&qd, &kd, &vd], [&q_ref, &k_ref, &parts[2]]);
+    if keep_raw {
+        assert_same("q_raw", q_raw_d.values(), &to_bits(&parts[0]));
+        assert_same("k_raw", k_raw_d.values(), &to_bits(&parts[1]));
+    } else {
+        assert_same("q_raw not kept", q_raw_d.values(), &vec![0xffff; q_len]);
+    }
 
     // the spec: CPU f32 throughout
-    let (mut q_spec, mut k_spec, mut v_spec) = (
-        vec![f32::NAN; q_ref.len()],
-        vec![f32::NAN; k_ref.len()],
-        v.1.clone(),
-    );
+    let mut spec = [n_heads, n_kv_heads, n_kv_heads].map(|h| vec![f32::NAN; m * h * head_dim]);
     let norms = HeadNorms::<CpuBackend> {
-        raw: [&q_raw.1, &k_raw.1],
         weights: [&q_norm.1, &k_norm.1],
         eps,
+        raw: None,
     };
+    let bias_refs = biases.each_ref().map(|b| biased.then_some(&b.1[..]));
+    let [q_spec, k_spec, v_spec] = &mut spec;
     CpuBackend.qkv_rope_forward(
-        [&mut q_spec, &mut k_spec, &mut v_spec],
-        [None, None, vb_ref],
+        [q_spec, k_spec, v_spec],
+        &qkv.1,
+        bias_refs,
         Some(norms),
         positions,
         &inv_freq,
@@ -309,22 +324,23 @@ fn check_qkv_norm_rope(
         n_kv_heads,
         head_dim,
     );
-    assert_close("q against the f32 spec", &to_f32(qd.values()), &q_spec);
-    assert_close("k against the f32 spec", &to_f32(kd.values()), &k_spec);
+    assert_close("q against the f32 spec", &to_f32(qd.values()), &spec[0]);
+    assert_close("k against the f32 spec", &to_f32(kd.values()), &spec[1]);
 }
 
 /// Qwen3's layout (head dim 128, 4 query heads per KV head, no biases) over a decode step's few
-/// rows at far positions, and head dims 64 (with a v bias: one pair per lane), 32 (lanes 16–31
-/// rotate nothing), 40 and 256 over prefill-sized chunks whose last block is partial.
+/// rows at far positions, and head dims 64 (with biases, q and k kept: one pair per lane), 32
+/// (lanes 16–31 rotate nothing), 40 and 256 over prefill-sized chunks whose last block is
+/// partial.
 #[test]
 fn qkv_norm_rope_forward_matches_the_cpu() {
-    check_qkv_norm_rope(4, &[5, 900, 4095, 100_000], (8, 2, 128), false);
+    check_qkv_norm_rope(4, &[5, 900, 4095, 100_000], (8, 2, 128), false, false);
     let chunk: Vec<u32> = (30..131).collect();
-    check_qkv_norm_rope(5, &chunk, (3, 1, 64), true);
-    check_qkv_norm_rope(6, &chunk, (2, 2, 32), true);
+    check_qkv_norm_rope(5, &chunk, (3, 1, 64), true, true);
+    check_qkv_norm_rope(6, &chunk, (2, 2, 32), true, false);
     // head dims off the warp's width: some lanes sum an extra element or rotate nothing
-    check_qkv_norm_rope(7, &chunk, (2, 1, 40), true);
-    check_qkv_norm_rope(8, &[3, 4, 5], (2, 1, 256), false);
+    check_qkv_norm_rope(7, &chunk, (2, 1, 40), true, true);
+    check_qkv_norm_rope(8, &[3, 4, 5], (2, 1, 256), false, true);
 }
 
 /// `rope::rope_backward`: 14 heads of 64 (Qwen2.5-0.5B's queries) on the 128-bit path and on

@@ -3,7 +3,7 @@
 
 use std::ops::Range;
 use std::process::Command;
-use thinkshort::backend::cpu::CpuBackend;
+use thinkshort::backend::cpu::{self, CpuBackend};
 use thinkshort::backend::{
     Backend, GradWrite, HeadNorms, PolicyTokens, TokenPlacement, TrainBackend,
 };
@@ -175,6 +175,7 @@ impl Backend for TestDevice {
     fn qkv_rope_forward(
         &self,
         [q, k, v]: [ViewMut<'_>; 3],
+        qkv: View<'_>,
         biases: [Option<View<'_>>; 3],
         norms: Option<HeadNorms<'_, Self>>,
         positions: &[u32],
@@ -183,31 +184,53 @@ impl Backend for TestDevice {
         n_kv_heads: usize,
         head_dim: usize,
     ) {
-        // a bf16 device rounds the normed heads before rotating them
-        if let Some(n) = norms {
-            for (out, raw, weight) in [
-                (&mut *q.data, n.raw[0], n.weights[0]),
-                (&mut *k.data, n.raw[1], n.weights[1]),
-            ] {
-                CPU.rmsnorm_forward(out, raw.data, weight.data, head_dim, n.eps);
-                if self.bf16 {
-                    round_bf16(out);
-                }
+        let biases = biases.map(|b| b.map(|b| b.data));
+        let Some(n) = norms else {
+            CPU.qkv_rope_forward(
+                [&mut *q.data, &mut *k.data, &mut *v.data],
+                qkv.data,
+                biases,
+                None,
+                positions,
+                inv_freq.data,
+                n_heads,
+                n_kv_heads,
+                head_dim,
+            );
+            return [q, k, v].into_iter().for_each(ViewMut::store);
+        };
+        // a bf16 device rounds the biased parts before their norms, and the normed heads before
+        // rotating them
+        cpu::split_qkv(
+            [&mut *q.data, &mut *k.data, &mut *v.data],
+            qkv.data,
+            positions.len(),
+        );
+        for (x, bias) in [&mut *q.data, &mut *k.data, &mut *v.data]
+            .into_iter()
+            .zip(biases)
+        {
+            if let Some(bias) = bias {
+                cpu::add_bias_rows(x, bias);
+            }
+            if self.bf16 {
+                round_bf16(x);
             }
         }
-        CPU.qkv_rope_forward(
-            [&mut *q.data, &mut *k.data, &mut *v.data],
-            biases.map(|b| b.map(|b| b.data)),
-            None,
-            positions,
-            inv_freq.data,
-            n_heads,
-            n_kv_heads,
-            head_dim,
-        );
-        q.store();
-        k.store();
-        v.store();
+        if let Some([q_raw, k_raw]) = n.raw {
+            q_raw.data.copy_from_slice(q.data);
+            k_raw.data.copy_from_slice(k.data);
+        }
+        for (x, weight) in [(&mut *q.data, n.weights[0]), (&mut *k.data, n.weights[1])] {
+            let raw = x.to_vec();
+            CPU.rmsnorm_forward(x, &raw, weight.data, head_dim, n.eps);
+            if self.bf16 {
+                round_bf16(x);
+            }
+        }
+        cpu::rope_forward(q.data, positions, inv_freq.data, n_heads, head_dim);
+        cpu::rope_forward(k.data, positions, inv_freq.data, n_kv_heads, head_dim);
+        [q, k, v].into_iter().for_each(ViewMut::store);
     }
     fn kv_cache_write(
         &self,
@@ -925,10 +948,10 @@ fn bench_step_profile_on_the_cpu_counts_and_times_every_op() {
     };
     let calls = |phase: &str, op: &str| total(phase, op, "calls") as u64;
     let (layers, new_tokens) = (8, 5);
-    let products = 7 * layers + 1;
+    // the forward's products: q, k and v in one, o, gate, up, down; the head
     assert_eq!(
         calls("rollout_ops", "matmul_forward"),
-        products * new_tokens
+        (5 * layers + 1) * new_tokens
     );
     assert_eq!(
         calls("rollout_ops", "attention_forward"),
@@ -936,7 +959,8 @@ fn bench_step_profile_on_the_cpu_counts_and_times_every_op() {
     );
     assert_eq!(calls("rollout_ops", "sample_tokens"), new_tokens);
     assert_eq!(calls("rollout_ops", "matmul_backward"), 0);
-    assert_eq!(calls("update_ops", "matmul_backward"), products);
+    // the backward's: q, k and v apart
+    assert_eq!(calls("update_ops", "matmul_backward"), 7 * layers + 1);
     assert_eq!(calls("update_ops", "attention_backward"), layers);
     assert_eq!(calls("update_ops", "policy_loss_backward"), 1);
     assert_eq!(calls("update_ops", "adamw_step"), 1);

@@ -291,15 +291,12 @@ fn resume_reads_moments_from_an_older_trainer_state() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let ckpt = split.join("step-000001");
     let moments = ckpt.join("optimizer.safetensors");
-    let params: usize = {
-        let st = std::fs::read(&moments).unwrap();
-        safetensors::SafeTensors::deserialize(&st)
-            .unwrap()
-            .tensor("exp_avg")
-            .unwrap()
-            .shape()[0]
-    };
-    let (m, v) = thinkshort::checkpoint::load_moments(&moments, params).unwrap();
+    // trainer_state.json kept the moments as flat lists in the order the file keeps them
+    let st = std::fs::read(&moments).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&st).unwrap();
+    let flat =
+        |name: &str| -> Vec<f32> { bytemuck::pod_collect_to_vec(st.tensor(name).unwrap().data()) };
+    let (m, v) = (flat("exp_avg"), flat("exp_avg_sq"));
     let state_path = ckpt.join("trainer_state.json");
     let mut state: Value =
         serde_json::from_str(&std::fs::read_to_string(&state_path).unwrap()).unwrap();

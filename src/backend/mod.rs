@@ -82,12 +82,12 @@ pub const POLICY_STATS: usize = 6;
 /// Per-head RMSNorms of q and k before their rotation (Qwen3's q_norm and k_norm), for
 /// `qkv_rope_forward`.
 pub struct HeadNorms<'a, B: Backend + ?Sized + 'a> {
-    /// q and k before their norms, biases included: [M, n_heads * head_dim] and
-    /// [M, n_kv_heads * head_dim].
-    pub raw: [B::View<'a>; 2],
     /// The norms' weights: [head_dim] each.
     pub weights: [B::View<'a>; 2],
     pub eps: f32,
+    /// When given, receive q and k before their norms, biases included (the backward pass
+    /// reads them): [M, n_heads * head_dim] and [M, n_kv_heads * head_dim].
+    pub raw: Option<[B::ViewMut<'a>; 2]>,
 }
 
 /// What `policy_loss_backward` needs about its rows besides their logits and targets.
@@ -336,17 +336,18 @@ pub trait Backend: Send + Sync {
         n: usize,
     );
 
-    /// The attention inputs after their projections, in place: q = rope(q + q_bias),
-    /// k = rope(k + k_bias), v = v + v_bias, each bias added to every row when given (HF
-    /// `rotate_half` convention: pairs (i, i + head_dim/2)). With `norms` (Qwen3), q and k are
-    /// written whole: q = rope(rmsnorm(q_raw) · q_norm), each head normalised on its own, k
-    /// likewise, and their biases must be None (they are in q_raw and k_raw). One op so a device
-    /// launches once. q: [M, n_heads * head_dim]; k, v: [M, n_kv_heads * head_dim]; biases:
-    /// [heads * head_dim]; positions: [M]; inv_freq: [head_dim / 2].
+    /// The attention inputs from their projections' one product qkv: [M, q_dim + 2 kv_dim]
+    /// (each row q, then k, then v) into out = [q, k, v]: q = rope(q' + q_bias), k = rope(k' +
+    /// k_bias), v = v' + v_bias for qkv's parts q', k', v', each bias added to every row when
+    /// given (HF `rotate_half` convention: pairs (i, i + head_dim/2)). With `norms` (Qwen3),
+    /// q = rope(rmsnorm(q' + q_bias) · q_norm), each head normalised on its own, k likewise.
+    /// One op so a device launches once. q: [M, n_heads * head_dim]; k, v: [M, n_kv_heads *
+    /// head_dim]; biases: [heads * head_dim]; positions: [M]; inv_freq: [head_dim / 2].
     #[allow(clippy::too_many_arguments)]
     fn qkv_rope_forward(
         &self,
-        qkv: [Self::ViewMut<'_>; 3],
+        out: [Self::ViewMut<'_>; 3],
+        qkv: Self::View<'_>,
         biases: [Option<Self::View<'_>>; 3],
         norms: Option<HeadNorms<'_, Self>>,
         positions: &[u32],

@@ -108,19 +108,16 @@ pub fn attention_keys_read(place: &TokenPlacement) -> usize {
     rows.iter().sum()
 }
 
-/// The bytes of `qkv_rope_forward` from its operands' sizes in bytes: q and k rotated in place,
-/// or written from the raw projections (`raw`) through the per-head norms; v touched only to add
-/// its bias.
+/// The bytes of `qkv_rope_forward` from its operands' sizes in bytes: the product's q, k and v
+/// read once and written apart (`out`), q and k before their norms written too when kept
+/// (`raw`), and the biases read.
 pub fn qkv_rope_bytes(
-    [q, k, v]: [usize; 3],
+    out: [usize; 3],
     raw: Option<[usize; 2]>,
-    [q_bias, k_bias, v_bias]: [Option<usize>; 3],
+    biases: [Option<usize>; 3],
 ) -> usize {
-    let qk = match raw {
-        Some([q_raw, k_raw]) => q + q_raw + k + k_raw,
-        None => 2 * (q + k),
-    };
-    qk + q_bias.unwrap_or(0) + k_bias.unwrap_or(0) + v_bias.map_or(0, |b| 2 * v + b)
+    let raw: usize = raw.map_or(0, |r| r.iter().sum());
+    2 * out.iter().sum::<usize>() + raw + biases.iter().flatten().sum::<usize>()
 }
 
 /// The bytes of `policy_loss_backward` from its operands' sizes in bytes: the logits read, their
@@ -271,13 +268,13 @@ mod tests {
     }
 
     #[test]
-    fn qkv_rope_counts_q_and_k_once_from_their_raw_projections_and_v_only_for_its_bias() {
-        assert_eq!(qkv_rope_bytes([8, 4, 4], None, [None; 3]), 24);
+    fn qkv_rope_counts_the_product_read_its_parts_written_and_the_kept_raws() {
+        assert_eq!(qkv_rope_bytes([8, 4, 4], None, [None; 3]), 32);
         assert_eq!(
             qkv_rope_bytes([8, 4, 4], None, [Some(1), Some(2), Some(3)]),
-            24 + 3 + 11
+            32 + 6
         );
-        assert_eq!(qkv_rope_bytes([8, 4, 4], Some([8, 4]), [None; 3]), 24);
+        assert_eq!(qkv_rope_bytes([8, 4, 4], Some([8, 4]), [None; 3]), 32 + 12);
     }
 
     /// Two sequences in slots 4 and 1: a prefill of positions 0..3 in slot 4 and a decode token at

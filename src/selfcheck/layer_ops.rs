@@ -158,8 +158,10 @@ pub(super) fn checks<D: TrainBackend>(c: &mut Checker<D>, coverage: Coverage) ->
         })?;
     }
 
-    // qkv_rope_forward: q [M, heads * head_dim] and k, v [M, kv_heads * head_dim] in place: q and
-    // k rotated after their biases, v biased (when the biases are given); positions up to 4000.
+    // qkv_rope_forward: the projections' product qkv [M, (heads + 2 kv_heads) * head_dim] into
+    // q [M, heads * head_dim] and k, v [M, kv_heads * head_dim]: q and k rotated after their
+    // biases, v biased (when the biases are given); positions up to 4000. The outputs start
+    // random: every value must be written.
     for (m, heads, kv_heads, hd, theta, biased) in [
         (1, 14, 2, 64, 1e6, true),
         (5, 2, 2, 128, 1e4, false),
@@ -172,6 +174,7 @@ pub(super) fn checks<D: TrainBackend>(c: &mut Checker<D>, coverage: Coverage) ->
             let (mut q, mut q_ref) = put(dev, &r.normal(m * heads * hd, 1.0))?;
             let (mut k, mut k_ref) = put(dev, &r.normal(m * kv_heads * hd, 1.0))?;
             let (mut v, mut v_ref) = put(dev, &r.normal(m * kv_heads * hd, 1.0))?;
+            let (qkv, qkv_h) = put(dev, &r.normal(m * (heads + 2 * kv_heads) * hd, 1.0))?;
             let (q_bias, q_bias_h) = put(dev, &r.normal(heads * hd, 0.5))?;
             let (k_bias, k_bias_h) = put(dev, &r.normal(kv_heads * hd, 0.5))?;
             let (v_bias, v_bias_h) = put(dev, &r.normal(kv_heads * hd, 0.5))?;
@@ -184,6 +187,7 @@ pub(super) fn checks<D: TrainBackend>(c: &mut Checker<D>, coverage: Coverage) ->
                     dev.full_mut(&mut k),
                     dev.full_mut(&mut v),
                 ],
+                dev.full(&qkv),
                 [&q_bias, &k_bias, &v_bias].map(|b| biased.then(|| dev.full(b))),
                 None,
                 &positions,
@@ -194,6 +198,7 @@ pub(super) fn checks<D: TrainBackend>(c: &mut Checker<D>, coverage: Coverage) ->
             );
             cpu.qkv_rope_forward(
                 [&mut q_ref, &mut k_ref, &mut v_ref],
+                &qkv_h,
                 [&q_bias_h, &k_bias_h, &v_bias_h].map(|b| biased.then_some(&b[..])),
                 None,
                 &positions,
@@ -211,27 +216,34 @@ pub(super) fn checks<D: TrainBackend>(c: &mut Checker<D>, coverage: Coverage) ->
     }
 
     // qkv_rope_forward with head norms (Qwen3): q [M, heads * head_dim] and k
-    // [M, kv_heads * head_dim] written whole from q_raw and k_raw, each head RMS-normalised,
-    // scaled by its norm's weight [head_dim] and rotated; v biased in place when a bias is given.
-    for (m, heads, kv_heads, hd, v_biased) in [(1, 16, 8, 128, false), (37, 4, 2, 64, true)] {
-        let shape =
-            format!("M={m} heads={heads}/{kv_heads} head_dim={hd} qk norms v_bias={v_biased}");
+    // [M, kv_heads * head_dim] from the product's parts plus their biases (when given), each head
+    // RMS-normalised, scaled by its norm's weight [head_dim] and rotated; v biased. When kept,
+    // q_raw and k_raw receive the parts before their norms.
+    for (m, heads, kv_heads, hd, biased, keep_raw) in
+        [(1, 16, 8, 128, false, false), (37, 4, 2, 64, true, true)]
+    {
+        let shape = format!(
+            "M={m} heads={heads}/{kv_heads} head_dim={hd} qk norms bias={biased} raw={keep_raw}"
+        );
         c.check("qkv_rope_forward", shape, TOL_BF16, |dev, r| {
-            let (mut q, _) = put(dev, &r.normal(m * heads * hd, 1.0))?;
-            let (mut k, _) = put(dev, &r.normal(m * kv_heads * hd, 1.0))?;
+            let (mut q, mut q_ref) = put(dev, &r.normal(m * heads * hd, 1.0))?;
+            let (mut k, mut k_ref) = put(dev, &r.normal(m * kv_heads * hd, 1.0))?;
             let (mut v, mut v_ref) = put(dev, &r.normal(m * kv_heads * hd, 1.0))?;
-            let (q_raw, q_raw_h) = put(dev, &r.normal(m * heads * hd, 2.0))?;
-            let (k_raw, k_raw_h) = put(dev, &r.normal(m * kv_heads * hd, 2.0))?;
+            let (mut q_raw, mut q_raw_ref) = put(dev, &r.normal(m * heads * hd, 1.0))?;
+            let (mut k_raw, mut k_raw_ref) = put(dev, &r.normal(m * kv_heads * hd, 1.0))?;
+            let (qkv, qkv_h) = put(dev, &r.normal(m * (heads + 2 * kv_heads) * hd, 2.0))?;
             let (q_norm, q_norm_h) = put(dev, &r.normal(hd, 1.0))?;
             let (k_norm, k_norm_h) = put(dev, &r.normal(hd, 1.0))?;
+            let (q_bias, q_bias_h) = put(dev, &r.normal(heads * hd, 0.5))?;
+            let (k_bias, k_bias_h) = put(dev, &r.normal(kv_heads * hd, 0.5))?;
             let (v_bias, v_bias_h) = put(dev, &r.normal(kv_heads * hd, 0.5))?;
             let positions = r.ids(m, 4001);
             let (inv_freq, inv_freq_h) = put_f32(dev, &rope_inv_freq(hd, 1e6))?;
             let eps = 1e-6;
             let norms = HeadNorms {
-                raw: [dev.full(&q_raw), dev.full(&k_raw)],
                 weights: [dev.full(&q_norm), dev.full(&k_norm)],
                 eps,
+                raw: keep_raw.then(|| [dev.full_mut(&mut q_raw), dev.full_mut(&mut k_raw)]),
             };
             dev.qkv_rope_forward(
                 [
@@ -239,7 +251,8 @@ pub(super) fn checks<D: TrainBackend>(c: &mut Checker<D>, coverage: Coverage) ->
                     dev.full_mut(&mut k),
                     dev.full_mut(&mut v),
                 ],
-                [None, None, v_biased.then(|| dev.full(&v_bias))],
+                dev.full(&qkv),
+                [&q_bias, &k_bias, &v_bias].map(|b| biased.then(|| dev.full(b))),
                 Some(norms),
                 &positions,
                 dev.full(&inv_freq),
@@ -247,15 +260,15 @@ pub(super) fn checks<D: TrainBackend>(c: &mut Checker<D>, coverage: Coverage) ->
                 kv_heads,
                 hd,
             );
-            let (mut q_ref, mut k_ref) = (vec![0.0; q_raw_h.len()], vec![0.0; k_raw_h.len()]);
             let norms = HeadNorms {
-                raw: [&q_raw_h[..], &k_raw_h[..]],
                 weights: [&q_norm_h[..], &k_norm_h[..]],
                 eps,
+                raw: keep_raw.then_some([&mut q_raw_ref[..], &mut k_raw_ref[..]]),
             };
             cpu.qkv_rope_forward(
                 [&mut q_ref, &mut k_ref, &mut v_ref],
-                [None, None, v_biased.then_some(&v_bias_h[..])],
+                &qkv_h,
+                [&q_bias_h, &k_bias_h, &v_bias_h].map(|b| biased.then_some(&b[..])),
                 Some(norms),
                 &positions,
                 &inv_freq_h,
@@ -267,6 +280,8 @@ pub(super) fn checks<D: TrainBackend>(c: &mut Checker<D>, coverage: Coverage) ->
                 ("q", get(dev, &q)?, q_ref),
                 ("k", get(dev, &k)?, k_ref),
                 ("v", get(dev, &v)?, v_ref),
+                ("q_raw", get(dev, &q_raw)?, q_raw_ref),
+                ("k_raw", get(dev, &k_raw)?, k_raw_ref),
             ])
         })?;
     }

@@ -54,11 +54,15 @@ pub(super) fn check_checkpoint_folder(dir: &Path) -> Result<()> {
 
 /// The trainer state of checkpoint folder `dir` for a model of `n` parameters, and its moments
 /// file; None when an older checkpoint keeps the moments inside trainer_state.json.
-pub(super) fn read_state(dir: &Path, n: usize) -> Result<(TrainerState, Option<PathBuf>)> {
+pub(super) fn read_state(
+    dir: &Path,
+    layout: &ParamLayout,
+) -> Result<(TrainerState, Option<PathBuf>)> {
+    let n = layout.total_len();
     let path = dir.join("trainer_state.json");
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("--resume: cannot read {}", path.display()))?;
-    let state: TrainerState = serde_json::from_str(&text)
+    let mut state: TrainerState = serde_json::from_str(&text)
         .with_context(|| format!("--resume: {} is not a trainer state", path.display()))?;
     let moments = dir.join(OPTIMIZER_FILE);
     let (m, v) = (&state.optimizer.m, &state.optimizer.v);
@@ -76,6 +80,12 @@ pub(super) fn read_state(dir: &Path, n: usize) -> Result<(TrainerState, Option<P
             m.len()
         );
     } else {
+        // kept tensor after tensor in list order, as optimizer.safetensors keeps them
+        let opt = &mut state.optimizer;
+        (opt.m, opt.v) = (
+            layout.from_list_order(&opt.m),
+            layout.from_list_order(&opt.v),
+        );
         Ok((state, None))
     }
 }
@@ -101,7 +111,7 @@ pub fn save_checkpoint<B: TrainBackend>(
             opt.part(b, OptimizerPart::M)?,
             opt.part(b, OptimizerPart::V)?,
         );
-        save_moments(&tmp.join(OPTIMIZER_FILE), &m, &v)?;
+        save_moments(&tmp.join(OPTIMIZER_FILE), layout, &m, &v)?;
         let path = tmp.join("trainer_state.json");
         let write = || -> std::io::Result<()> {
             let mut file = std::fs::File::create(&path)?;

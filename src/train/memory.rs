@@ -83,15 +83,16 @@ impl TrainMemory {
         let (q, kv) = (cfg.q_dim(), cfg.kv_dim());
         let kv_cache = |tokens: usize| layers * tokens * 2 * kv * storage_bytes;
         let (raw_qk, raw_dk) = if cfg.qk_norm { (q + kv, kv) } else { (0, 0) };
-        // Decoding (the rollout, the evaluation): the cache and one row of f32 logits per
-        // sequence, and the prefill's forward pass over the distinct prompts, whose layers share
-        // one set of intermediates (the residual stream, its norms, q, k, v, the attention
-        // output and projection, gate, up and act) besides the normed rows of the head.
+        let qkv = q + 2 * kv; // the projections' product, a scratch the layers share
+                              // Decoding (the rollout, the evaluation): the cache and one row of f32 logits per
+                              // sequence, and the prefill's forward pass over the distinct prompts, whose layers share
+                              // one set of intermediates (the residual stream, its norms, the projections' product,
+                              // q, k, v, the attention output and projection, gate, up and act) besides the normed
+                              // rows of the head.
         let decode = |seqs: usize, prompts: usize, len: usize| {
             let prefill_tokens = prompts * prompt_len;
-            let prefill =
-                prefill_tokens * (4 * h + 2 * q + 2 * kv + 3 * i + raw_qk) * storage_bytes
-                    + seqs * 2 * h * storage_bytes;
+            let prefill = prefill_tokens * (4 * h + qkv + 2 * q + 2 * kv + 3 * i) * storage_bytes
+                + seqs * 2 * h * storage_bytes;
             kv_cache(seqs * len) + seqs * v * 4 + prefill
         };
         let prompts = match shape.prompts {
@@ -109,7 +110,8 @@ impl TrainMemory {
         // and v, gate, up and act, f32 lse), the head (one chunk of rows' f32 logits and their
         // gradient; for every scored row the normed and unnormed rows and their gradients) and
         // the backward scratch (3 of [M, I], 3 of [M, H], 2 of [M, q], 2 of [M, kv], the cache's
-        // gradient). qk_norm keeps q and k before their norms too, and k's gradient there.
+        // gradient), and the projections' product the layers share (forward, recompute).
+        // qk_norm keeps q and k before their norms too, and k's gradient there.
         let tokens = micro_batch * seq_len;
         let scored = micro_batch * cap;
         let per_layer = tokens
@@ -126,7 +128,7 @@ impl TrainMemory {
         } else {
             layers * per_layer
         };
-        let update = layer_acts + kv_cache(tokens) + head + backward;
+        let update = layer_acts + kv_cache(tokens) + head + backward + tokens * qkv * storage_bytes;
         TrainMemory {
             weights: n * storage_bytes * if shape.reference { 2 } else { 1 },
             optimizer: if shape.offload { n * 4 } else { n * 4 * 4 },
@@ -329,9 +331,11 @@ mod tests {
         let per_layer = tokens * ((5 * 8 + 2 * 8 + 2 * 4 + 3 * 16) * 2 + 2 * 4);
         let head = 9 * (10 * (4 + 2) + 4 * 8 * 2); // 9 scored rows
         let backward = tokens * (3 * 16 + 3 * 8 + 2 * 8 + 2 * 4) * 2 + tokens * 2 * 4 * 2;
-        assert_eq!(m.update, 2 * per_layer + kv_cache + head + backward);
-        // the prefill of 3 prompts of 2 tokens: one layer's intermediates, then 3 head rows
-        let prefill = 6 * (4 * 8 + 2 * 8 + 2 * 4 + 3 * 16) * 2 + 3 * 2 * 8 * 2;
+        let qkv = tokens * (8 + 2 * 4) * 2; // the projections' product, shared by the layers
+        assert_eq!(m.update, 2 * per_layer + kv_cache + head + backward + qkv);
+        // the prefill of 3 prompts of 2 tokens: one layer's intermediates (with the projections'
+        // product), then 3 head rows
+        let prefill = 6 * (4 * 8 + 16 + 2 * 8 + 2 * 4 + 3 * 16) * 2 + 3 * 2 * 8 * 2;
         assert_eq!(m.rollout, kv_cache + 3 * 10 * 4 + prefill);
         assert_eq!(m.total(), m.weights + m.optimizer + m.update);
         // Logits 4 rows at a time (160 bytes): the head holds 4 rows of logits, not 9.
@@ -339,7 +343,7 @@ mod tests {
         let head_chunked = 4 * 10 * (4 + 2) + 9 * 4 * 8 * 2;
         assert_eq!(
             chunked.update,
-            2 * per_layer + kv_cache + head_chunked + backward
+            2 * per_layer + kv_cache + head_chunked + backward + qkv
         );
     }
 
@@ -362,7 +366,7 @@ mod tests {
         let whole_of_two =
             TrainMemory::estimate(&cfg, 2, 1 << 30, &shape(2, 0, 2, 3, false, false));
         // cache of 30 tokens, one logits row each, the prefill of 6 prompts of 2 tokens
-        let prefill = 12 * (4 * 8 + 2 * 8 + 2 * 4 + 3 * 16) * 2 + 6 * 2 * 8 * 2;
+        let prefill = 12 * (4 * 8 + 16 + 2 * 8 + 2 * 4 + 3 * 16) * 2 + 6 * 2 * 8 * 2;
         let rollout = 2 * 30 * 2 * 4 * 2 + 6 * 10 * 4 + prefill;
         assert_eq!(m.micro_batch, 2);
         assert_eq!((m.update, m.rollout), (whole_of_two.update, rollout));
@@ -461,7 +465,7 @@ mod tests {
         s.eval_cap = 40;
         let with = TrainMemory::estimate(&cfg, 2, 1 << 30, &s);
         // cache of 50 × 42 tokens, 50 logit rows, the prefill of 50 prompts of 2 tokens
-        let prefill = 100 * (4 * 8 + 2 * 8 + 2 * 4 + 3 * 16) * 2 + 50 * 2 * 8 * 2;
+        let prefill = 100 * (4 * 8 + 16 + 2 * 8 + 2 * 4 + 3 * 16) * 2 + 50 * 2 * 8 * 2;
         let eval = 2 * 50 * 42 * 2 * 4 * 2 + 50 * 10 * 4 + prefill;
         assert_eq!(with.eval, eval);
         assert!(eval > without.activations());

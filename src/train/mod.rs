@@ -185,7 +185,7 @@ pub fn train_on<B: TrainBackend>(
     // A resumed run's moments are read last (below), after the weights: the host then holds
     // the moments and the master weights, not those and the reference policy's weights too.
     let (state, moments_file) = match resume {
-        Some(dir) => read_state(dir, n)?,
+        Some(dir) => read_state(dir, &layout)?,
         None => {
             let o = &cfg.optim;
             let fresh = TrainerState {
@@ -337,7 +337,7 @@ pub fn train_on<B: TrainBackend>(
         }
     };
     if let Some(path) = moments_file {
-        let (m, v) = load_moments(&path, n).context("--resume")?;
+        let (m, v) = load_moments(&path, &layout).context("--resume")?;
         optimizer.m = m;
         optimizer.v = v;
     }

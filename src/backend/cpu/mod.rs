@@ -29,7 +29,7 @@ pub use matmul::{add_bias_rows, bias_backward, matmul_backward, matmul_forward};
 pub use optimizer::{adamw_step, column_sums, split_f64, sum_squares};
 pub use policy_loss::{group_advantages, policy_loss_backward};
 pub use rmsnorm::{rmsnorm_backward, rmsnorm_forward};
-pub use rope::{rope_backward, rope_forward, rope_forward_with_bias};
+pub use rope::{rope_backward, rope_forward, split_qkv};
 pub use sampling::sample_tokens;
 pub use swiglu::{swiglu_backward, swiglu_forward};
 
@@ -200,6 +200,7 @@ impl Backend for CpuBackend {
     fn qkv_rope_forward(
         &self,
         [q, k, v]: [&mut [f32]; 3],
+        qkv: &[f32],
         [q_bias, k_bias, v_bias]: [Option<&[f32]>; 3],
         norms: Option<HeadNorms<'_, Self>>,
         positions: &[u32],
@@ -208,29 +209,36 @@ impl Backend for CpuBackend {
         n_kv_heads: usize,
         head_dim: usize,
     ) {
-        let raw = norms.as_ref().map(|n| n.raw.map(|r| f32_bytes(r.len())));
+        let raw = norms
+            .as_ref()
+            .and_then(|n| n.raw.as_ref())
+            .map(|r| r.each_ref().map(|r| f32_bytes(r.len())));
         let biases = [q_bias, k_bias, v_bias].map(|b| b.map(|b| f32_bytes(b.len())));
-        let qkv = [f32_bytes(q.len()), f32_bytes(k.len()), f32_bytes(v.len())];
-        let bytes = qkv_rope_bytes(qkv, raw, biases);
+        let out = [f32_bytes(q.len()), f32_bytes(k.len()), f32_bytes(v.len())];
+        let bytes = qkv_rope_bytes(out, raw, biases);
         profile::timed("qkv_rope_forward", moving(bytes), || {
+            split_qkv([&mut *q, &mut *k, &mut *v], qkv, positions.len());
+            for (x, bias) in [(&mut *q, q_bias), (&mut *k, k_bias), (&mut *v, v_bias)] {
+                if let Some(bias) = bias {
+                    add_bias_rows(x, bias);
+                }
+            }
             if let Some(HeadNorms {
-                raw: [q_raw, k_raw],
                 weights: [q_norm, k_norm],
                 eps,
+                raw,
             }) = norms
             {
-                assert!(
-                    q_bias.is_none() && k_bias.is_none(),
-                    "qkv_rope_forward: with head norms the q and k biases belong in q_raw and k_raw"
-                );
-                rmsnorm_forward(q, q_raw, q_norm, head_dim, eps);
-                rmsnorm_forward(k, k_raw, k_norm, head_dim, eps);
+                let (q_raw, k_raw) = (q.to_vec(), k.to_vec());
+                rmsnorm_forward(q, &q_raw, q_norm, head_dim, eps);
+                rmsnorm_forward(k, &k_raw, k_norm, head_dim, eps);
+                if let Some([q_out, k_out]) = raw {
+                    q_out.copy_from_slice(&q_raw);
+                    k_out.copy_from_slice(&k_raw);
+                }
             }
-            rope_forward_with_bias(q, q_bias, positions, inv_freq, n_heads, head_dim);
-            rope_forward_with_bias(k, k_bias, positions, inv_freq, n_kv_heads, head_dim);
-            if let Some(bias) = v_bias {
-                add_bias_rows(v, bias);
-            }
+            rope_forward(q, positions, inv_freq, n_heads, head_dim);
+            rope_forward(k, positions, inv_freq, n_kv_heads, head_dim);
         })
     }
     fn kv_cache_write(

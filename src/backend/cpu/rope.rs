@@ -1,7 +1,24 @@
 //! Rotary position embedding, HF `rotate_half` convention: element i pairs with i + head_dim/2.
 
-use super::matmul::add_bias_rows;
 use rayon::prelude::*;
+
+/// The rows of one product's output qkv: [M, q_dim + 2 kv_dim] (q, then k, then v) into
+/// q: [M, q_dim], k and v: [M, kv_dim].
+pub fn split_qkv([q, k, v]: [&mut [f32]; 3], qkv: &[f32], m: usize) {
+    let widths = [q.len(), k.len(), v.len()].map(|len| len / m.max(1));
+    let pitch: usize = widths.iter().sum();
+    assert!(
+        qkv.len() == m * pitch && [q.len(), k.len(), v.len()] == widths.map(|w| w * m),
+        "qkv_rope_forward: qkv is not [M, q_dim + 2 kv_dim] for q: [M, q_dim], k and v: [M, kv_dim]"
+    );
+    let mut start = 0;
+    for (out, width) in [q, k, v].into_iter().zip(widths) {
+        for (row, src) in out.chunks_exact_mut(width).zip(qkv.chunks_exact(pitch)) {
+            row.copy_from_slice(&src[start..start + width]);
+        }
+        start += width;
+    }
+}
 
 /// x: [M, n_heads * head_dim], rotated in place; positions: [M]; inv_freq: [head_dim / 2].
 pub fn rope_forward(
@@ -12,26 +29,6 @@ pub fn rope_forward(
     head_dim: usize,
 ) {
     rotate(x, positions, inv_freq, n_heads, head_dim, 1.0);
-}
-
-/// x = rope(x + bias), the bias ([n_heads * head_dim]) added to every row when given.
-pub fn rope_forward_with_bias(
-    x: &mut [f32],
-    bias: Option<&[f32]>,
-    positions: &[u32],
-    inv_freq: &[f32],
-    n_heads: usize,
-    head_dim: usize,
-) {
-    if let Some(bias) = bias {
-        assert_eq!(
-            bias.len(),
-            n_heads * head_dim,
-            "rope: bias is not [n_heads * head_dim]"
-        );
-        add_bias_rows(x, bias);
-    }
-    rope_forward(x, positions, inv_freq, n_heads, head_dim);
 }
 
 /// Backward of `rope_forward`: the rotation is orthogonal, so the gradient is rotated back by

@@ -377,6 +377,7 @@ impl Backend for CudaBackend {
     fn qkv_rope_forward(
         &self,
         [q, k, v]: [CudaViewMut<'_>; 3],
+        qkv: CudaView<'_>,
         [q_bias, k_bias, v_bias]: [Option<CudaView<'_>>; 3],
         norms: Option<HeadNorms<'_, Self>>,
         positions: &[u32],
@@ -385,7 +386,10 @@ impl Backend for CudaBackend {
         n_kv_heads: usize,
         head_dim: usize,
     ) {
-        let raw = norms.as_ref().map(|n| n.raw.map(|r| r.bytes()));
+        let raw = norms
+            .as_ref()
+            .and_then(|n| n.raw.as_ref())
+            .map(|r| r.each_ref().map(|r| r.bytes()));
         let biases = [q_bias, k_bias, v_bias].map(|b| b.map(|b| b.bytes()));
         let bytes = qkv_rope_bytes([q.bytes(), k.bytes(), v.bytes()], raw, biases);
         let work = || Work::moving(bytes);
@@ -394,6 +398,13 @@ impl Backend for CudaBackend {
             expect("q", q.dtype, q.len, DType::Bf16, m * n_heads * head_dim)?;
             expect("k", k.dtype, k.len, DType::Bf16, m * n_kv_heads * head_dim)?;
             expect("v", v.dtype, v.len, DType::Bf16, m * n_kv_heads * head_dim)?;
+            expect(
+                "qkv",
+                qkv.dtype,
+                qkv.len,
+                DType::Bf16,
+                q.len + k.len + v.len,
+            )?;
             expect(
                 "inv_freq",
                 inv_freq.dtype,
@@ -420,6 +431,7 @@ impl Backend for CudaBackend {
                 return ops::rope::qkv_rope_forward(
                     self.launcher(),
                     (q.ptr, k.ptr, v.ptr),
+                    qkv.ptr,
                     biases,
                     pos,
                     inv_freq.ptr,
@@ -429,21 +441,24 @@ impl Backend for CudaBackend {
                     head_dim,
                 );
             };
-            ensure!(
-                biases.0 == 0 && biases.1 == 0,
-                "with head norms the q and k biases belong in q_raw and k_raw"
-            );
-            let ([q_raw, k_raw], [q_norm, k_norm]) = (norms.raw, norms.weights);
-            expect("q_raw", q_raw.dtype, q_raw.len, DType::Bf16, q.len)?;
-            expect("k_raw", k_raw.dtype, k_raw.len, DType::Bf16, k.len)?;
+            let [q_norm, k_norm] = norms.weights;
             expect("q_norm", q_norm.dtype, q_norm.len, DType::Bf16, head_dim)?;
             expect("k_norm", k_norm.dtype, k_norm.len, DType::Bf16, head_dim)?;
+            let raw = match norms.raw {
+                Some([q_raw, k_raw]) => {
+                    expect("q_raw", q_raw.dtype, q_raw.len, DType::Bf16, q.len)?;
+                    expect("k_raw", k_raw.dtype, k_raw.len, DType::Bf16, k.len)?;
+                    (q_raw.ptr, k_raw.ptr)
+                }
+                None => (0, 0),
+            };
             ops::rope::qkv_norm_rope_forward(
                 self.launcher(),
                 (q.ptr, k.ptr, v.ptr),
-                (q_raw.ptr, k_raw.ptr),
+                raw,
+                qkv.ptr,
+                biases,
                 (q_norm.ptr, k_norm.ptr),
-                biases.2,
                 pos,
                 inv_freq.ptr,
                 m,

@@ -1,4 +1,5 @@
-//! Launchers for `kernels/rope.cu`: rotary position embedding (HF `rotate_half`), in place.
+//! Launchers for `kernels/rope.cu`: rotary position embedding (HF `rotate_half`): the forward
+//! from the q, k and v projections' one product, the backward in place.
 //!
 //! A work item is (token, chunk of 8 — or 1 on the scalar path — of the head_dim / 2 rotation
 //! frequencies); grid.x covers the items, grid.y splits the heads so that each thread computes
@@ -53,20 +54,22 @@ fn check_shapes(op: &str, m: usize, n_heads: usize, head_dim: usize) -> Result<(
     ))
 }
 
-/// Checks a q/k/v launch's shapes; returns (m, n_heads, n_kv_heads, v_heads, head_dim) as the
-/// kernel's ints and v_heads, the v heads in the grid: v only takes a bias, so without one
-/// (`v_bias` 0) the kernels leave it alone.
+/// Checks a q/k/v launch's shapes; returns (m, n_heads, n_kv_heads, head_dim) as the kernel's
+/// ints. The product's rows hold n_heads + 2 n_kv_heads heads.
 fn qkv_shapes(
     op: &str,
     m: usize,
     (n_heads, n_kv_heads, head_dim): (usize, usize, usize),
-    v_bias: u64,
-) -> Result<([i32; 5], usize)> {
+) -> Result<[i32; 4]> {
     let (m_i, n_heads_i, head_dim_i) = check_shapes(op, m, n_heads, head_dim)?;
     let (_, n_kv_i, _) = check_shapes(op, m, n_kv_heads, head_dim)?;
-    let v_heads = if v_bias == 0 { 0 } else { n_kv_heads };
-    let v_heads_i = to_i32(op, "v_heads", v_heads)?;
-    Ok(([m_i, n_heads_i, n_kv_i, v_heads_i, head_dim_i], v_heads))
+    let row_heads = n_kv_heads
+        .checked_mul(2)
+        .and_then(|kv| kv.checked_add(n_heads))
+        .context(format!("{op}: n_heads + 2 n_kv_heads overflows"))?;
+    check_shapes(op, m, row_heads, head_dim)?;
+    to_i32(op, "qkv's row width", row_heads * head_dim)?;
+    Ok([m_i, n_heads_i, n_kv_i, head_dim_i])
 }
 
 /// The launch geometry for `m` tokens; `vectorised` mirrors the kernel's 128-bit condition.
@@ -85,15 +88,17 @@ pub fn rope_config(m: usize, n_heads: usize, head_dim: usize, vectorised: bool) 
     }
 }
 
-/// The attention inputs after their projections, in place: q: bf16 [m, n_heads * head_dim] and
-/// k: bf16 [m, n_kv_heads * head_dim] rotated by position[r] · inv_freq[i] for each pair (i, i +
-/// head_dim/2) of every head after adding q_bias / k_bias, and v: bf16 [m, n_kv_heads *
-/// head_dim] plus v_bias (biases bf16 [heads * head_dim], 0 = none); positions: u32 [m];
-/// inv_freq: f32 [head_dim / 2].
+/// The attention inputs from their projections' one product qkv: bf16 [m, (n_heads + 2
+/// n_kv_heads) * head_dim] (each row q', k', v'): q: bf16 [m, n_heads * head_dim] and k: bf16 [m,
+/// n_kv_heads * head_dim] = q' + q_bias and k' + k_bias rotated by position[r] · inv_freq[i] for
+/// each pair (i, i + head_dim/2) of every head, and v: bf16 [m, n_kv_heads * head_dim] = v' +
+/// v_bias (biases bf16 [heads * head_dim], 0 = none); positions: u32 [m]; inv_freq: f32
+/// [head_dim / 2].
 #[allow(clippy::too_many_arguments)]
 pub fn qkv_rope_forward(
     k: &dyn Launcher,
     (q, kk, v): (u64, u64, u64),
+    qkv: u64,
     (q_bias, k_bias, v_bias): (u64, u64, u64),
     positions: u64,
     inv_freq: u64,
@@ -103,17 +108,28 @@ pub fn qkv_rope_forward(
     head_dim: usize,
 ) -> Result<()> {
     const KERNEL: &str = "qkv_rope_forward";
-    let ([m_i, n_heads_i, n_kv_i, v_heads_i, head_dim_i], v_heads) =
-        qkv_shapes(KERNEL, m, (n_heads, n_kv_heads, head_dim), v_bias)?;
+    let [m_i, n_heads_i, n_kv_i, head_dim_i] =
+        qkv_shapes(KERNEL, m, (n_heads, n_kv_heads, head_dim))?;
     if m == 0 {
         return Ok(());
     }
-    let vectorised = (head_dim / 2).is_multiple_of(BF16_VEC) && aligned16(&[q, kk, v]);
-    let cfg = rope_config(m, n_heads + n_kv_heads + v_heads, head_dim, vectorised);
+    // the kernel's condition: every source (inside qkv's rows) and destination aligned
+    let row = (n_heads + 2 * n_kv_heads) * head_dim;
+    let sources = [
+        qkv,
+        qkv + 2 * (n_heads * head_dim) as u64,
+        qkv + 2 * ((n_heads + n_kv_heads) * head_dim) as u64,
+    ];
+    let vectorised = (head_dim / 2).is_multiple_of(BF16_VEC)
+        && row.is_multiple_of(BF16_VEC)
+        && aligned16(&[q, kk, v])
+        && aligned16(&sources);
+    let cfg = rope_config(m, n_heads + 2 * n_kv_heads, head_dim, vectorised);
     let l = KernelLaunch::new(MODULE, KERNEL, cfg)
         .ptr(q)
         .ptr(kk)
         .ptr(v)
+        .ptr(qkv)
         .ptr(q_bias)
         .ptr(k_bias)
         .ptr(v_bias)
@@ -122,14 +138,13 @@ pub fn qkv_rope_forward(
         .i32(m_i)
         .i32(n_heads_i)
         .i32(n_kv_i)
-        .i32(v_heads_i)
         .i32(head_dim_i);
-    // SAFETY: matches `(bf16* q, bf16* k, bf16* v, const bf16* q_bias, const bf16* k_bias, const
-    // bf16* v_bias, const u32* positions, const float* inv_freq, int m, int n_heads, int
-    // n_kv_heads, int v_heads, int head_dim)`; the caller owns q of m * n_heads * head_dim bf16, k
-    // and v of m * n_kv_heads * head_dim bf16, the biases (when not 0) of their heads * head_dim
-    // bf16, positions of m u32 and inv_freq of head_dim / 2 f32, and m * head_dim / 2 fits the
-    // kernel's int index.
+    // SAFETY: matches `(bf16* q, bf16* k, bf16* v, const bf16* qkv, const bf16* q_bias, const
+    // bf16* k_bias, const bf16* v_bias, const u32* positions, const float* inv_freq, int m, int
+    // n_heads, int n_kv_heads, int head_dim)`; the caller owns q of m * n_heads * head_dim bf16, k
+    // and v of m * n_kv_heads * head_dim bf16, qkv of m * (n_heads + 2 n_kv_heads) * head_dim
+    // bf16, the biases (when not 0) of their heads * head_dim bf16, positions of m u32 and
+    // inv_freq of head_dim / 2 f32, and qkv_shapes bounds the kernel's int sizes.
     unsafe { k.launch(&l) }
 }
 
@@ -149,18 +164,20 @@ pub fn norm_rope_config(items: usize) -> LaunchConfig {
     }
 }
 
-/// Qwen3's attention inputs: q: bf16 [m, n_heads * head_dim] = the rotation (as in
-/// `qkv_rope_forward`) of q_raw's heads each RMS-normalised and scaled by q_norm (bf16
-/// [head_dim]), k: bf16 [m, n_kv_heads * head_dim] likewise from k_raw and k_norm, and v (same
-/// shape as k) plus v_bias (bf16 [n_kv_heads * head_dim], 0 = none) in place; positions: u32
-/// [m]; inv_freq: f32 [head_dim / 2].
+/// Qwen3's attention inputs from their projections' one product qkv (as in `qkv_rope_forward`):
+/// q: bf16 [m, n_heads * head_dim] = the rotation of q' + q_bias's heads each RMS-normalised and
+/// scaled by q_norm (bf16 [head_dim]), k: bf16 [m, n_kv_heads * head_dim] likewise from k' +
+/// k_bias and k_norm, and v = v' + v_bias; q_raw and k_raw (0 = not kept) receive q' + q_bias and
+/// k' + k_bias. Biases bf16 [heads * head_dim], 0 = none; positions: u32 [m]; inv_freq: f32
+/// [head_dim / 2].
 #[allow(clippy::too_many_arguments)]
 pub fn qkv_norm_rope_forward(
     k: &dyn Launcher,
     (q, kk, v): (u64, u64, u64),
     (q_raw, k_raw): (u64, u64),
+    qkv: u64,
+    (q_bias, k_bias, v_bias): (u64, u64, u64),
     (q_norm, k_norm): (u64, u64),
-    v_bias: u64,
     positions: u64,
     inv_freq: u64,
     m: usize,
@@ -168,35 +185,39 @@ pub fn qkv_norm_rope_forward(
     eps: f32,
 ) -> Result<()> {
     const KERNEL: &str = "qkv_norm_rope_forward";
-    let ([m_i, n_heads_i, n_kv_i, v_heads_i, head_dim_i], v_heads) =
-        qkv_shapes(KERNEL, m, (n_heads, n_kv_heads, head_dim), v_bias)?;
+    let [m_i, n_heads_i, n_kv_i, head_dim_i] =
+        qkv_shapes(KERNEL, m, (n_heads, n_kv_heads, head_dim))?;
     if m == 0 {
         return Ok(());
     }
-    let items = m * (n_heads + n_kv_heads + v_heads);
+    let items = m * (n_heads + 2 * n_kv_heads);
     let l = KernelLaunch::new(MODULE, KERNEL, norm_rope_config(items))
         .ptr(q)
         .ptr(kk)
         .ptr(v)
         .ptr(q_raw)
         .ptr(k_raw)
+        .ptr(qkv)
+        .ptr(q_bias)
+        .ptr(k_bias)
+        .ptr(v_bias)
         .ptr(q_norm)
         .ptr(k_norm)
-        .ptr(v_bias)
         .ptr(positions)
         .ptr(inv_freq)
         .i32(m_i)
         .i32(n_heads_i)
         .i32(n_kv_i)
-        .i32(v_heads_i)
         .i32(head_dim_i)
         .f32(eps);
-    // SAFETY: matches `(bf16* q, bf16* k, bf16* v, const bf16* q_raw, const bf16* k_raw, const
-    // bf16* q_norm, const bf16* k_norm, const bf16* v_bias, const u32* positions, const float*
-    // inv_freq, int m, int n_heads, int n_kv_heads, int v_heads, int head_dim, float eps)`; the
-    // caller owns q and q_raw of m * n_heads * head_dim bf16, k, k_raw and v of m * n_kv_heads *
-    // head_dim bf16, the norms of head_dim bf16, v_bias (when not 0) of n_kv_heads * head_dim
-    // bf16, positions of m u32 and inv_freq of head_dim / 2 f32; check_shapes bounds the sizes.
+    // SAFETY: matches `(bf16* q, bf16* k, bf16* v, bf16* q_raw, bf16* k_raw, const bf16* qkv,
+    // const bf16* q_bias, const bf16* k_bias, const bf16* v_bias, const bf16* q_norm, const bf16*
+    // k_norm, const u32* positions, const float* inv_freq, int m, int n_heads, int n_kv_heads, int
+    // head_dim, float eps)`; the caller owns q and q_raw (when not 0) of m * n_heads * head_dim
+    // bf16, k, k_raw (when not 0) and v of m * n_kv_heads * head_dim bf16, qkv of m * (n_heads +
+    // 2 n_kv_heads) * head_dim bf16, the biases (when not 0) of their heads * head_dim bf16, the
+    // norms of head_dim bf16, positions of m u32 and inv_freq of head_dim / 2 f32; qkv_shapes
+    // bounds the sizes.
     unsafe { k.launch(&l) }
 }
 
