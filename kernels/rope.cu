@@ -1,6 +1,7 @@
 // Rotary position embedding (RoPE), Hugging Face `rotate_half` convention. The forward takes the
 // one product of the q, k and v projections (rows of q, k, v side by side), adds their biases and
-// writes q and k rotated and v apart, in one launch; the backward rotates a gradient in place:
+// writes q and k rotated and v apart, in one launch; its backward rotates dq and dk back and
+// writes them beside dv, the gradient of that product; rope_backward rotates back in place:
 //
 //   for each token r, head h and i < half = head_dim / 2, with angle = position[r] * inv_freq[i]:
 //     x1 = x[r, h, i], x2 = x[r, h, i + half]
@@ -36,10 +37,11 @@ __device__ __forceinline__ void rotate_pair(float& x1, float& x2, float c, float
 
 // The tensors one launch handles: heads [0, a_heads) of a, then [0, b_heads) of b, both rotated,
 // then [0, c_heads) of c, only biased (q, k and v in the forward; b_heads = c_heads = 0 in the
-// backward). Each is written to its own rows (heads × head_dim, contiguous) from a source whose
-// rows are src_pitch elements apart (the product's rows in the forward; the tensor itself, in
-// place, in the backward). A bias (bf16, one row of heads × head_dim, or null) is added before the
-// rotation, in f32, so each output is still rounded to bf16 once.
+// in-place backward). Rows of a tensor's source are src_pitch elements apart and rows of its
+// destination dst_pitch apart, where 0 means the tensor's own heads × head_dim (contiguous): the
+// product's rows are the source in the forward and the destination in qkv_rope_backward. A bias
+// (bf16, one row of heads × head_dim, or null) is added before the rotation, in f32, so each
+// output is still rounded to bf16 once.
 struct RopeTensors {
     __nv_bfloat16* a;
     const __nv_bfloat16* a_src;
@@ -54,6 +56,7 @@ struct RopeTensors {
     const __nv_bfloat16* c_bias;
     int c_heads;
     int src_pitch;
+    int dst_pitch;
 };
 
 // direction = 1 rotates by +angle (the forward), -1 by -angle (the backward: the transpose of a
@@ -87,9 +90,13 @@ __device__ __forceinline__ void rope_rows(RopeTensors t, const uint32_t* positio
             const __nv_bfloat16* src = group == 0 ? t.a_src : (group == 1 ? t.b_src : t.c_src);
             const __nv_bfloat16* bias = group == 0 ? t.a_bias : (group == 1 ? t.b_bias : t.c_bias);
             const bool rotate = group < 2;
-            __nv_bfloat16* lo = base + ((size_t)row * row_heads + head) * head_dim + i0;
+            const int own_pitch = row_heads * head_dim;
+            const int dst_pitch = t.dst_pitch ? t.dst_pitch : own_pitch;
+            const int src_pitch = t.src_pitch ? t.src_pitch : own_pitch;
+            const int col = head * head_dim + i0;
+            __nv_bfloat16* lo = base + ((size_t)row * dst_pitch + col);
             __nv_bfloat16* hi = lo + half;
-            const __nv_bfloat16* src_lo = src + (size_t)row * t.src_pitch + (size_t)head * head_dim + i0;
+            const __nv_bfloat16* src_lo = src + ((size_t)row * src_pitch + col);
             const __nv_bfloat16* src_hi = src_lo + half;
             float b_lo[V], b_hi[V];
             for (int k = 0; k < V; k++) {
@@ -124,7 +131,7 @@ __device__ __forceinline__ void rope(RopeTensors t, const uint32_t* positions, c
                                      int m, int head_dim, float direction) {
     constexpr int VEC = x128::size;
     // uniform over the grid; the host mirrors it only to size the grid (the loop is correct for any grid)
-    if ((head_dim / 2) % VEC == 0 && t.src_pitch % VEC == 0 && is_aligned16(t.a) && is_aligned16(t.b) &&
+    if ((head_dim / 2) % VEC == 0 && t.src_pitch % VEC == 0 && t.dst_pitch % VEC == 0 && is_aligned16(t.a) && is_aligned16(t.b) &&
         is_aligned16(t.c) && is_aligned16(t.a_src) && is_aligned16(t.b_src) && is_aligned16(t.c_src)) {
         rope_rows<VEC>(t, positions, inv_freq, m, head_dim, direction);
     } else {
@@ -145,7 +152,7 @@ qkv_rope_forward(__nv_bfloat16* q, __nv_bfloat16* k, __nv_bfloat16* v, const __n
     const __nv_bfloat16* k_src = qkv + (size_t)n_heads * head_dim;
     const __nv_bfloat16* v_src = k_src + (size_t)n_kv_heads * head_dim;
     const RopeTensors t{q, qkv, q_bias, n_heads, k, k_src, k_bias, n_kv_heads,
-                        v, v_src, v_bias, n_kv_heads, (n_heads + 2 * n_kv_heads) * head_dim};
+                        v, v_src, v_bias, n_kv_heads, (n_heads + 2 * n_kv_heads) * head_dim, 0};
     rope(t, positions, inv_freq, m, head_dim, 1.0f);
 }
 
@@ -224,10 +231,25 @@ qkv_norm_rope_forward(__nv_bfloat16* q, __nv_bfloat16* k, __nv_bfloat16* v, __nv
     }
 }
 
+// The gradient of qkv_rope_forward without head norms (CPU reference:
+// backend::cpu::qkv_rope_backward): each row of dqkv: (m, (n_heads + 2 n_kv_heads) * head_dim)
+// holds dq's and dk's rows rotated back and dv's row side by side: the gradient of the
+// projections' product. dq: (m, n_heads * head_dim); dk, dv: (m, n_kv_heads * head_dim).
+extern "C" __global__ void __launch_bounds__(256)
+qkv_rope_backward(__nv_bfloat16* dqkv, const __nv_bfloat16* dq, const __nv_bfloat16* dk,
+                  const __nv_bfloat16* dv, const uint32_t* positions, const float* inv_freq, int m,
+                  int n_heads, int n_kv_heads, int head_dim) {
+    __nv_bfloat16* dk_dst = dqkv + (size_t)n_heads * head_dim;
+    __nv_bfloat16* dv_dst = dk_dst + (size_t)n_kv_heads * head_dim;
+    const RopeTensors t{dqkv, dq, nullptr, n_heads, dk_dst, dk, nullptr, n_kv_heads,
+                        dv_dst, dv, nullptr, n_kv_heads, 0, (n_heads + 2 * n_kv_heads) * head_dim};
+    rope(t, positions, inv_freq, m, head_dim, -1.0f);
+}
+
 // the gradient, rotated back in place (CPU reference: backend::cpu::rope::rope_backward)
 extern "C" __global__ void __launch_bounds__(256)
 rope_backward(__nv_bfloat16* dx, const uint32_t* positions, const float* inv_freq, int m, int n_heads,
               int head_dim) {
-    const RopeTensors t{dx, dx, nullptr, n_heads, dx, dx, nullptr, 0, dx, dx, nullptr, 0, n_heads * head_dim};
+    const RopeTensors t{dx, dx, nullptr, n_heads, dx, dx, nullptr, 0, dx, dx, nullptr, 0, 0, 0};
     rope(t, positions, inv_freq, m, head_dim, -1.0f);
 }

@@ -357,6 +357,10 @@ impl<B: TrainBackend> Model<B> {
         let mut dv = b.empty(m * kv_dim)?;
         // gradient at k's projection, before its per-head norm (qk_norm; q's reuses d_att)
         let mut dk_raw = cfg.qk_norm.then(|| b.empty(m * kv_dim)).transpose()?;
+        // gradient at the projections' product (without qk_norm: [M, q_dim + 2 kv_dim])
+        let mut dqkv = (!cfg.qk_norm)
+            .then(|| b.empty(m * (q_dim + 2 * kv_dim)))
+            .transpose()?;
         let cache_len = batch.slots * batch.capacity * kv_dim;
         let mut dcache_k = b.zeros(cache_len)?;
         let mut dcache_v = b.zeros(cache_len)?;
@@ -487,24 +491,41 @@ impl<B: TrainBackend> Model<B> {
                 batch.capacity,
                 kv_dim,
             );
-            let inv_freq = b.full(&self.inv_freq);
-            b.rope_backward(
-                b.full_mut(&mut dq),
-                &place.positions,
-                inv_freq,
-                cfg.num_heads,
-                hd,
-            );
-            b.rope_backward(
-                b.full_mut(&mut dk),
-                &place.positions,
-                inv_freq,
-                cfg.num_kv_heads,
-                hd,
-            );
-            // qk_norm: back through each head's norm to the projections (d_att is free again)
-            let (dq, dk) = match (&a.q_raw, &a.k_raw, lp.q_norm, lp.k_norm, &mut dk_raw) {
-                (Some(q_raw), Some(k_raw), Some(q_norm), Some(k_norm), Some(dk_raw)) => {
+            let (inv_freq, positions) = (b.full(&self.inv_freq), &place.positions);
+            let (heads, kv_heads) = (cfg.num_heads, cfg.num_kv_heads);
+            match (
+                &a.q_raw,
+                &a.k_raw,
+                lp.q_norm,
+                lp.k_norm,
+                &mut dk_raw,
+                &mut dqkv,
+            ) {
+                (None, None, None, None, None, Some(dqkv)) => {
+                    // back through the rotation to the projections' one product
+                    let grads_in = [b.full(&dq), b.full(&dk), b.full(&dv)];
+                    let d = b.full_mut(dqkv);
+                    b.qkv_rope_backward(d, grads_in, positions, inv_freq, heads, kv_heads, hd);
+                    b.matmul_backward(
+                        Some(b.full_mut(&mut d_norm_out)),
+                        GradWrite::Overwrite,
+                        b.view_mut(grads, lay.qkv_weights(l)),
+                        b.full(dqkv),
+                        b.full(&a.xn1),
+                        b.view(&self.params, lay.qkv_weights(l)),
+                        m,
+                        h,
+                        q_dim + 2 * kv_dim,
+                    );
+                    if let Some(biases) = lay.qkv_biases(l) {
+                        b.bias_backward(b.view_mut(grads, biases), b.full(dqkv));
+                    }
+                }
+                (Some(q_raw), Some(k_raw), Some(q_norm), Some(k_norm), Some(dk_raw), None) => {
+                    // qk_norm: back through the rotation and each head's norm (into d_att, free
+                    // again, and dk_raw), then the three products apart
+                    b.rope_backward(b.full_mut(&mut dq), positions, inv_freq, heads, hd);
+                    b.rope_backward(b.full_mut(&mut dk), positions, inv_freq, kv_heads, hd);
                     for (dx, norm, dy, x) in [
                         (&mut d_att, q_norm, &dq, q_raw),
                         (&mut *dk_raw, k_norm, &dk, k_raw),
@@ -520,31 +541,29 @@ impl<B: TrainBackend> Model<B> {
                             eps,
                         );
                     }
-                    (&d_att, &*dk_raw)
+                    let products = [
+                        (lp.q, lp.q_bias, &d_att, q_dim, GradWrite::Overwrite),
+                        (lp.k, lp.k_bias, &*dk_raw, kv_dim, GradWrite::Add),
+                        (lp.v, lp.v_bias, &dv, kv_dim, GradWrite::Add),
+                    ];
+                    for (w, bias, dy, n, write) in products {
+                        b.matmul_backward(
+                            Some(b.full_mut(&mut d_norm_out)),
+                            write,
+                            self.grad(grads, w),
+                            b.full(dy),
+                            b.full(&a.xn1),
+                            self.p(w),
+                            m,
+                            h,
+                            n,
+                        );
+                        if let Some(i) = bias {
+                            b.bias_backward(self.grad(grads, i), b.full(dy));
+                        }
+                    }
                 }
-                (None, None, None, None, None) => (&dq, &dk),
                 _ => bail!("layer {l}: q/k norm weights and saved pre-norm q and k disagree"),
-            };
-            let products = [
-                (lp.q, lp.q_bias, dq, q_dim, GradWrite::Overwrite),
-                (lp.k, lp.k_bias, dk, kv_dim, GradWrite::Add),
-                (lp.v, lp.v_bias, &dv, kv_dim, GradWrite::Add),
-            ];
-            for (w, bias, dy, n, write) in products {
-                b.matmul_backward(
-                    Some(b.full_mut(&mut d_norm_out)),
-                    write,
-                    self.grad(grads, w),
-                    b.full(dy),
-                    b.full(&a.xn1),
-                    self.p(w),
-                    m,
-                    h,
-                    n,
-                );
-                if let Some(i) = bias {
-                    b.bias_backward(self.grad(grads, i), b.full(dy));
-                }
             }
             b.rmsnorm_backward(
                 b.full_mut(&mut dx),

@@ -238,6 +238,15 @@ impl ParamLayout {
         self.specs[lp.q].offset..self.specs[lp.v].range().end
     }
 
+    /// Layer l's q, k and v biases as one vector, when it has them: [q_dim + 2 kv_dim].
+    pub fn qkv_biases(&self, l: usize) -> Option<std::ops::Range<usize>> {
+        let lp = &self.layers[l];
+        match (lp.q_bias, lp.v_bias) {
+            (Some(q), Some(v)) => Some(self.specs[q].offset..self.specs[v].range().end),
+            _ => None,
+        }
+    }
+
     /// A buffer of this layout (storage order) as the tensors one after the other in list
     /// (HF) order: the order of the flat moment tensors in a checkpoint's optimizer file.
     pub fn in_list_order<'a>(&self, values: &'a [f32]) -> Vec<&'a [f32]> {
@@ -291,6 +300,18 @@ mod tests {
                 assert_eq!(parts[0].start, qkv.start);
                 assert_eq!(parts[1].start, parts[0].end);
                 assert_eq!(parts[2].start, parts[1].end);
+                match layout.qkv_biases(l) {
+                    Some(biases) => {
+                        assert!(cfg.qkv_bias);
+                        assert_eq!(biases.len(), rows);
+                        let parts =
+                            [lp.q_bias, lp.k_bias, lp.v_bias].map(|i| layout.range(i.unwrap()));
+                        assert_eq!(parts[0].start, biases.start);
+                        assert_eq!(parts[1].start, parts[0].end);
+                        assert_eq!(parts[2].start, parts[1].end);
+                    }
+                    None => assert!(!cfg.qkv_bias),
+                }
             }
         }
     }

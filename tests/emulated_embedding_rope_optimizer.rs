@@ -19,7 +19,7 @@ use emulation_support::{
     assert_close, assert_launches, assert_same, ptr, ptr_mut, run_recorded, to_bits, to_f32, Rand,
 };
 use thinkshort::backend::cpu::{self, CpuBackend};
-use thinkshort::backend::{Backend, HeadNorms, TokenPlacement};
+use thinkshort::backend::{Backend, HeadNorms, TokenPlacement, TrainBackend};
 use thinkshort::cuda::ops::attention;
 use thinkshort::cuda::ops::elementwise::{rows_config, MAX_GRID_Y};
 use thinkshort::cuda::ops::embedding::{self, RowGroups};
@@ -375,6 +375,55 @@ fn rope_backward_rotates_back_like_the_cpu() {
         let what =
             format!("rope_backward heads {heads} head_dim {head_dim} misaligned {misaligned}");
         assert_rounded(&what, dx.values(), &reference);
+    }
+}
+
+/// `rope::qkv_rope_backward`: dq and dk rotated back and dv into the product's gradient (which
+/// starts as NaN: every value must be written): Qwen2.5-0.5B's heads on the 128-bit path, the
+/// same from dq 2 bytes off alignment (scalar), and head dim 6 (half 3: scalar).
+#[test]
+fn qkv_rope_backward_rotates_back_beside_dv_like_the_cpu() {
+    for (seed, shape, positions, misaligned, vector_path) in [
+        (10, (14, 2, 64), vec![0u32, 1, 7, 255, 4095], false, true),
+        (11, (14, 2, 64), vec![3, 4, 5, 1000], true, false),
+        (12, (3, 1, 6), vec![5, 100_000], false, false),
+    ] {
+        let (heads, kv_heads, head_dim) = shape;
+        let m = positions.len();
+        let mut r = Rand(seed);
+        let dq = r.bf16s(m * heads * head_dim, 1.0); // [m, heads * head_dim]
+        let dk = r.bf16s(m * kv_heads * head_dim, 1.0); // [m, kv_heads * head_dim]
+        let dv = r.bf16s(m * kv_heads * head_dim, 1.0);
+        let inv_freq = qwen2_inv_freq(head_dim);
+        let dq_d = Bf16Buf::new(&dq.0, misaligned);
+        let mut dqkv = nan_buf(m * (heads + 2 * kv_heads) * head_dim);
+        let launches = run_recorded(|k| {
+            rope::qkv_rope_backward(
+                k,
+                dqkv.ptr_mut(),
+                (dq_d.ptr(), ptr(&dk.0), ptr(&dv.0)),
+                ptr(&positions),
+                ptr(&inv_freq),
+                m,
+                heads,
+                kv_heads,
+                head_dim,
+            )
+        });
+        let cfg = rope_config(m, heads + 2 * kv_heads, head_dim, vector_path);
+        assert_launches(&launches, &["qkv_rope_backward"], cfg);
+        let mut reference = vec![f32::NAN; dqkv.values().len()];
+        CpuBackend.qkv_rope_backward(
+            &mut reference,
+            [&dq.1, &dk.1, &dv.1],
+            &positions,
+            &inv_freq,
+            heads,
+            kv_heads,
+            head_dim,
+        );
+        let what = format!("qkv_rope_backward {shape:?} misaligned {misaligned}");
+        assert_rounded(&what, dqkv.values(), &reference);
     }
 }
 

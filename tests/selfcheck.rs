@@ -507,6 +507,27 @@ impl TrainBackend for TestDevice {
         CPU.rope_backward(&mut *dx.data, positions, inv_freq.data, n_heads, head_dim);
         dx.store();
     }
+    fn qkv_rope_backward(
+        &self,
+        dqkv: ViewMut<'_>,
+        grads: [View<'_>; 3],
+        positions: &[u32],
+        inv_freq: View<'_>,
+        n_heads: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+    ) {
+        CPU.qkv_rope_backward(
+            &mut *dqkv.data,
+            grads.map(|g| g.data),
+            positions,
+            inv_freq.data,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+        );
+        dqkv.store();
+    }
     fn swiglu_backward(
         &self,
         dgate: ViewMut<'_>,
@@ -948,10 +969,11 @@ fn bench_step_profile_on_the_cpu_counts_and_times_every_op() {
     };
     let calls = |phase: &str, op: &str| total(phase, op, "calls") as u64;
     let (layers, new_tokens) = (8, 5);
-    // the forward's products: q, k and v in one, o, gate, up, down; the head
+    // the products: q, k and v in one, o, gate, up, down; the head
+    let products = 5 * layers + 1;
     assert_eq!(
         calls("rollout_ops", "matmul_forward"),
-        (5 * layers + 1) * new_tokens
+        products * new_tokens
     );
     assert_eq!(
         calls("rollout_ops", "attention_forward"),
@@ -959,8 +981,7 @@ fn bench_step_profile_on_the_cpu_counts_and_times_every_op() {
     );
     assert_eq!(calls("rollout_ops", "sample_tokens"), new_tokens);
     assert_eq!(calls("rollout_ops", "matmul_backward"), 0);
-    // the backward's: q, k and v apart
-    assert_eq!(calls("update_ops", "matmul_backward"), 7 * layers + 1);
+    assert_eq!(calls("update_ops", "matmul_backward"), products);
     assert_eq!(calls("update_ops", "attention_backward"), layers);
     assert_eq!(calls("update_ops", "policy_loss_backward"), 1);
     assert_eq!(calls("update_ops", "adamw_step"), 1);
@@ -969,8 +990,7 @@ fn bench_step_profile_on_the_cpu_counts_and_times_every_op() {
         let rows = ops.iter().filter(|o| o["op"] == op);
         rows.map(|o| o["shape"].clone()).collect::<Vec<_>>()
     };
-    // q (= o: 8 heads of 32 = the hidden size), k (= v), gate (= up), down and the head: 5
-    // shapes, each [m, k, n]
+    // q, k and v in one, o, gate (= up), down and the head: 5 shapes, each [m, k, n]
     let products = shapes("matmul_backward");
     assert_eq!(products.len(), 5, "{products:?}");
     assert!(products

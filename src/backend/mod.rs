@@ -541,6 +541,21 @@ pub trait TrainBackend: Backend {
         head_dim: usize,
     );
 
+    /// The gradient of `qkv_rope_forward` without head norms, at its product: each row of
+    /// dqkv: [M, q_dim + 2 kv_dim] is dq's row and dk's rotated back by the negative angle and
+    /// dv's, side by side. dq: [M, n_heads * head_dim]; dk, dv: [M, n_kv_heads * head_dim].
+    #[allow(clippy::too_many_arguments)]
+    fn qkv_rope_backward(
+        &self,
+        dqkv: Self::ViewMut<'_>,
+        grads: [Self::View<'_>; 3],
+        positions: &[u32],
+        inv_freq: Self::View<'_>,
+        n_heads: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+    );
+
     /// The gradient of `attention_forward` from its saved outputs: dq overwritten; dcache_k,
     /// dcache_v accumulate. dout, out (the forward's output), dq: [M, n_heads * head_dim];
     /// lse (the forward's, f32): [M, n_heads]; the rest as in `attention_forward`.

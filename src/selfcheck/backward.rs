@@ -221,6 +221,46 @@ pub(super) fn checks<D: TrainBackend>(c: &mut Checker<D>) -> Result<()> {
         })?;
     }
 
+    // qkv_rope_backward: dq and dk rotated back and dv, side by side in the projections'
+    // product's gradient [M, (heads + 2 kv_heads) * head_dim], which starts random.
+    for (heads, kv_heads, head_dim, positions) in [
+        (14, 2, 64, vec![0u32, 1, 7, 255, 4095]),
+        (3, 1, 6, vec![5, 100_000]),
+    ] {
+        let shape = format!("heads={heads}/{kv_heads} head_dim={head_dim} positions={positions:?}");
+        c.check("qkv_rope_backward", shape, TOL_BF16, |dev, rand| {
+            let m = positions.len();
+            let inv_freq: Vec<f32> = (0..head_dim / 2)
+                .map(|i| 1e6f32.powf(-2.0 * i as f32 / head_dim as f32))
+                .collect();
+            let (freq, freq_h) = put_f32(dev, &inv_freq)?;
+            let (dq, dq_h) = put(dev, &rand.normal(m * heads * head_dim, 1.0))?;
+            let (dk, dk_h) = put(dev, &rand.normal(m * kv_heads * head_dim, 1.0))?;
+            let (dv, dv_h) = put(dev, &rand.normal(m * kv_heads * head_dim, 1.0))?;
+            let rows = m * (heads + 2 * kv_heads) * head_dim;
+            let (mut dqkv, mut reference) = put(dev, &rand.normal(rows, 1.0))?;
+            dev.qkv_rope_backward(
+                dev.full_mut(&mut dqkv),
+                [dev.full(&dq), dev.full(&dk), dev.full(&dv)],
+                &positions,
+                dev.full(&freq),
+                heads,
+                kv_heads,
+                head_dim,
+            );
+            cpu.qkv_rope_backward(
+                &mut reference,
+                [&dq_h, &dk_h, &dv_h],
+                &positions,
+                &freq_h,
+                heads,
+                kv_heads,
+                head_dim,
+            );
+            Ok(vec![("", get(dev, &dqkv)?, reference)])
+        })?;
+    }
+
     // kv_cache_gather: dx [M, kv_dim] = dcache [slot, position] (copies: exact).
     c.check(
         "kv_cache_gather",

@@ -82,13 +82,15 @@ impl TrainMemory {
         );
         let (q, kv) = (cfg.q_dim(), cfg.kv_dim());
         let kv_cache = |tokens: usize| layers * tokens * 2 * kv * storage_bytes;
-        let (raw_qk, raw_dk) = if cfg.qk_norm { (q + kv, kv) } else { (0, 0) };
         let qkv = q + 2 * kv; // the projections' product, a scratch the layers share
-                              // Decoding (the rollout, the evaluation): the cache and one row of f32 logits per
-                              // sequence, and the prefill's forward pass over the distinct prompts, whose layers share
-                              // one set of intermediates (the residual stream, its norms, the projections' product,
-                              // q, k, v, the attention output and projection, gate, up and act) besides the normed
-                              // rows of the head.
+                              // qk_norm keeps q and k before their norms, and has k's gradient there; without it the
+                              // backward has the product's gradient
+        let (raw_qk, d_projections) = if cfg.qk_norm { (q + kv, kv) } else { (0, qkv) };
+        // Decoding (the rollout, the evaluation): the cache and one row of f32 logits per
+        // sequence, and the prefill's forward pass over the distinct prompts, whose layers share
+        // one set of intermediates (the residual stream, its norms, the projections' product,
+        // q, k, v, the attention output and projection, gate, up and act) besides the normed
+        // rows of the head.
         let decode = |seqs: usize, prompts: usize, len: usize| {
             let prefill_tokens = prompts * prompt_len;
             let prefill = prefill_tokens * (4 * h + qkv + 2 * q + 2 * kv + 3 * i) * storage_bytes
@@ -110,15 +112,16 @@ impl TrainMemory {
         // and v, gate, up and act, f32 lse), the head (one chunk of rows' f32 logits and their
         // gradient; for every scored row the normed and unnormed rows and their gradients) and
         // the backward scratch (3 of [M, I], 3 of [M, H], 2 of [M, q], 2 of [M, kv], the cache's
-        // gradient), and the projections' product the layers share (forward, recompute).
-        // qk_norm keeps q and k before their norms too, and k's gradient there.
+        // gradient, and the gradient of the projections' product or, with qk_norm, of k before
+        // its norm), and the projections' product the layers share (forward, recompute).
+        // qk_norm keeps q and k before their norms too.
         let tokens = micro_batch * seq_len;
         let scored = micro_batch * cap;
         let per_layer = tokens
             * ((5 * h + 2 * q + 2 * kv + 3 * i + raw_qk) * storage_bytes + cfg.num_heads * 4);
         let chunk_rows = scored.min((head_chunk_bytes / (4 * v)).max(1));
         let head = chunk_rows * v * (4 + storage_bytes) + scored * 4 * h * storage_bytes;
-        let backward = tokens * (3 * i + 3 * h + 2 * q + 2 * kv + raw_dk) * storage_bytes
+        let backward = tokens * (3 * i + 3 * h + 2 * q + 2 * kv + d_projections) * storage_bytes
             + tokens * 2 * kv * storage_bytes;
         // Checkpointed: each layer's input, one layer's intermediates at a time (in the forward,
         // and recomputed in the backward) without the two residual streams, and the residual
@@ -330,7 +333,7 @@ mod tests {
         let kv_cache = 2 * tokens * 2 * 4 * 2; // layers × tokens × (k, v) × kv × bytes
         let per_layer = tokens * ((5 * 8 + 2 * 8 + 2 * 4 + 3 * 16) * 2 + 2 * 4);
         let head = 9 * (10 * (4 + 2) + 4 * 8 * 2); // 9 scored rows
-        let backward = tokens * (3 * 16 + 3 * 8 + 2 * 8 + 2 * 4) * 2 + tokens * 2 * 4 * 2;
+        let backward = tokens * (3 * 16 + 3 * 8 + 2 * 8 + 2 * 4 + 16) * 2 + tokens * 2 * 4 * 2;
         let qkv = tokens * (8 + 2 * 4) * 2; // the projections' product, shared by the layers
         assert_eq!(m.update, 2 * per_layer + kv_cache + head + backward + qkv);
         // the prefill of 3 prompts of 2 tokens: one layer's intermediates (with the projections'

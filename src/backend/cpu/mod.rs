@@ -29,7 +29,7 @@ pub use matmul::{add_bias_rows, bias_backward, matmul_backward, matmul_forward};
 pub use optimizer::{adamw_step, column_sums, split_f64, sum_squares};
 pub use policy_loss::{group_advantages, policy_loss_backward};
 pub use rmsnorm::{rmsnorm_backward, rmsnorm_forward};
-pub use rope::{rope_backward, rope_forward, split_qkv};
+pub use rope::{join_qkv, rope_backward, rope_forward, split_qkv};
 pub use sampling::sample_tokens;
 pub use swiglu::{swiglu_backward, swiglu_forward};
 
@@ -457,6 +457,24 @@ impl TrainBackend for CpuBackend {
     ) {
         profile::timed("rope_backward", moving(f32_bytes(2 * dx.len())), || {
             rope_backward(dx, positions, inv_freq, n_heads, head_dim)
+        })
+    }
+    fn qkv_rope_backward(
+        &self,
+        dqkv: &mut [f32],
+        [dq, dk, dv]: [&[f32]; 3],
+        positions: &[u32],
+        inv_freq: &[f32],
+        n_heads: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+    ) {
+        let bytes = f32_bytes(dqkv.len() + dq.len() + dk.len() + dv.len());
+        profile::timed("qkv_rope_backward", moving(bytes), || {
+            let (mut dq, mut dk) = (dq.to_vec(), dk.to_vec());
+            rope_backward(&mut dq, positions, inv_freq, n_heads, head_dim);
+            rope_backward(&mut dk, positions, inv_freq, n_kv_heads, head_dim);
+            join_qkv(dqkv, [&dq, &dk, dv], positions.len());
         })
     }
     fn swiglu_backward(

@@ -4,20 +4,39 @@ use rayon::prelude::*;
 
 /// The rows of one product's output qkv: [M, q_dim + 2 kv_dim] (q, then k, then v) into
 /// q: [M, q_dim], k and v: [M, kv_dim].
-pub fn split_qkv([q, k, v]: [&mut [f32]; 3], qkv: &[f32], m: usize) {
-    let widths = [q.len(), k.len(), v.len()].map(|len| len / m.max(1));
+pub fn split_qkv(parts: [&mut [f32]; 3], qkv: &[f32], m: usize) {
+    let widths = qkv_widths(parts.each_ref().map(|p| p.len()), qkv.len(), m);
     let pitch: usize = widths.iter().sum();
-    assert!(
-        qkv.len() == m * pitch && [q.len(), k.len(), v.len()] == widths.map(|w| w * m),
-        "qkv_rope_forward: qkv is not [M, q_dim + 2 kv_dim] for q: [M, q_dim], k and v: [M, kv_dim]"
-    );
     let mut start = 0;
-    for (out, width) in [q, k, v].into_iter().zip(widths) {
-        for (row, src) in out.chunks_exact_mut(width).zip(qkv.chunks_exact(pitch)) {
+    for (part, width) in parts.into_iter().zip(widths) {
+        for (row, src) in part.chunks_exact_mut(width).zip(qkv.chunks_exact(pitch)) {
             row.copy_from_slice(&src[start..start + width]);
         }
         start += width;
     }
+}
+
+/// The inverse of [`split_qkv`]: q, k and v's rows side by side into qkv.
+pub fn join_qkv(qkv: &mut [f32], parts: [&[f32]; 3], m: usize) {
+    let widths = qkv_widths(parts.map(<[f32]>::len), qkv.len(), m);
+    let pitch: usize = widths.iter().sum();
+    let mut start = 0;
+    for (part, width) in parts.into_iter().zip(widths) {
+        for (row, dst) in part.chunks_exact(width).zip(qkv.chunks_exact_mut(pitch)) {
+            dst[start..start + width].copy_from_slice(row);
+        }
+        start += width;
+    }
+}
+
+/// The row widths of q, k and v of m rows from their lengths, checked against qkv's.
+fn qkv_widths(lens: [usize; 3], qkv_len: usize, m: usize) -> [usize; 3] {
+    let widths = lens.map(|len| len / m.max(1));
+    assert!(
+        qkv_len == m * widths.iter().sum::<usize>() && lens == widths.map(|w| w * m),
+        "qkv is not [M, q_dim + 2 kv_dim] for q: [M, q_dim], k and v: [M, kv_dim]"
+    );
+    widths
 }
 
 /// x: [M, n_heads * head_dim], rotated in place; positions: [M]; inv_freq: [head_dim / 2].

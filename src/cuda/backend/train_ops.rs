@@ -344,6 +344,63 @@ impl TrainBackend for CudaBackend {
         })
     }
 
+    fn qkv_rope_backward(
+        &self,
+        dqkv: CudaViewMut<'_>,
+        [dq, dk, dv]: [CudaView<'_>; 3],
+        positions: &[u32],
+        inv_freq: CudaView<'_>,
+        n_heads: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+    ) {
+        let work = || Work::moving(dqkv.bytes() + dq.bytes() + dk.bytes() + dv.bytes());
+        self.run("qkv_rope_backward", work, || {
+            let m = positions.len();
+            expect("dq", dq.dtype, dq.len, DType::Bf16, m * n_heads * head_dim)?;
+            expect(
+                "dk",
+                dk.dtype,
+                dk.len,
+                DType::Bf16,
+                m * n_kv_heads * head_dim,
+            )?;
+            expect(
+                "dv",
+                dv.dtype,
+                dv.len,
+                DType::Bf16,
+                m * n_kv_heads * head_dim,
+            )?;
+            expect(
+                "dqkv",
+                dqkv.dtype,
+                dqkv.len,
+                DType::Bf16,
+                dq.len + dk.len + dv.len,
+            )?;
+            expect(
+                "inv_freq",
+                inv_freq.dtype,
+                inv_freq.len,
+                DType::F32,
+                head_dim / 2,
+            )?;
+            let pos = self.indices(positions)?;
+            ops::rope::qkv_rope_backward(
+                self.launcher(),
+                dqkv.ptr,
+                (dq.ptr, dk.ptr, dv.ptr),
+                pos,
+                inv_freq.ptr,
+                m,
+                n_heads,
+                n_kv_heads,
+                head_dim,
+            )
+        })
+    }
+
     fn swiglu_backward(
         &self,
         dgate: CudaViewMut<'_>,

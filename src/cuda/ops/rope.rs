@@ -47,6 +47,11 @@ fn check_shapes(op: &str, m: usize, n_heads: usize, head_dim: usize) -> Result<(
     m.checked_mul(n_heads)
         .and_then(|v| v.checked_mul(head_dim))
         .context(format!("{op}: m * n_heads * head_dim overflows"))?;
+    // a row's width and offsets in it are ints in the kernel
+    let width = n_heads
+        .checked_mul(head_dim)
+        .context(format!("{op}: n_heads * head_dim overflows"))?;
+    to_i32(op, "n_heads * head_dim", width)?;
     Ok((
         to_i32(op, "m", m)?,
         to_i32(op, "n_heads", n_heads)?,
@@ -68,8 +73,23 @@ fn qkv_shapes(
         .and_then(|kv| kv.checked_add(n_heads))
         .context(format!("{op}: n_heads + 2 n_kv_heads overflows"))?;
     check_shapes(op, m, row_heads, head_dim)?;
-    to_i32(op, "qkv's row width", row_heads * head_dim)?;
     Ok([m_i, n_heads_i, n_kv_i, head_dim_i])
+}
+
+/// The kernels' 128-bit condition for q, k and v and their product's rows (the forward's
+/// sources, the backward's destinations): every part 16-byte aligned, its rows too.
+fn qkv_vectorised(
+    qkv: u64,
+    parts: [u64; 3],
+    (n_heads, n_kv_heads, head_dim): (usize, usize, usize),
+) -> bool {
+    let row = (n_heads + 2 * n_kv_heads) * head_dim;
+    let in_qkv =
+        [0, n_heads, n_heads + n_kv_heads].map(|heads| qkv + 2 * (heads * head_dim) as u64);
+    (head_dim / 2).is_multiple_of(BF16_VEC)
+        && row.is_multiple_of(BF16_VEC)
+        && aligned16(&parts)
+        && aligned16(&in_qkv)
 }
 
 /// The launch geometry for `m` tokens; `vectorised` mirrors the kernel's 128-bit condition.
@@ -249,6 +269,48 @@ pub fn rope_backward(
     // SAFETY: matches `(bf16* dx, const u32* positions, const float* inv_freq, int m,
     // int n_heads, int head_dim)`; the caller owns dx of m * n_heads * head_dim bf16, positions of
     // m u32 and inv_freq of head_dim / 2 f32, and m * head_dim / 2 fits the kernel's int index.
+    unsafe { k.launch(&l) }
+}
+
+/// The gradient of `qkv_rope_forward` without head norms: dqkv: bf16 [m, (n_heads + 2
+/// n_kv_heads) * head_dim], each row dq's (bf16 [m, n_heads * head_dim]) and dk's (bf16 [m,
+/// n_kv_heads * head_dim]) rotated back (by −position · inv_freq) and dv's (as dk) side by side.
+#[allow(clippy::too_many_arguments)]
+pub fn qkv_rope_backward(
+    k: &dyn Launcher,
+    dqkv: u64,
+    (dq, dk, dv): (u64, u64, u64),
+    positions: u64,
+    inv_freq: u64,
+    m: usize,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+) -> Result<()> {
+    const KERNEL: &str = "qkv_rope_backward";
+    let [m_i, n_heads_i, n_kv_i, head_dim_i] =
+        qkv_shapes(KERNEL, m, (n_heads, n_kv_heads, head_dim))?;
+    if m == 0 {
+        return Ok(());
+    }
+    let vectorised = qkv_vectorised(dqkv, [dq, dk, dv], (n_heads, n_kv_heads, head_dim));
+    let cfg = rope_config(m, n_heads + 2 * n_kv_heads, head_dim, vectorised);
+    let l = KernelLaunch::new(MODULE, KERNEL, cfg)
+        .ptr(dqkv)
+        .ptr(dq)
+        .ptr(dk)
+        .ptr(dv)
+        .ptr(positions)
+        .ptr(inv_freq)
+        .i32(m_i)
+        .i32(n_heads_i)
+        .i32(n_kv_i)
+        .i32(head_dim_i);
+    // SAFETY: matches `(bf16* dqkv, const bf16* dq, const bf16* dk, const bf16* dv, const u32*
+    // positions, const float* inv_freq, int m, int n_heads, int n_kv_heads, int head_dim)`; the
+    // caller owns dqkv of m * (n_heads + 2 n_kv_heads) * head_dim bf16, dq of m * n_heads *
+    // head_dim bf16, dk and dv of m * n_kv_heads * head_dim bf16, positions of m u32 and inv_freq
+    // of head_dim / 2 f32, and qkv_shapes bounds the kernel's int sizes.
     unsafe { k.launch(&l) }
 }
 
