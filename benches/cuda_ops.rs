@@ -80,8 +80,7 @@ fn elementwise(c: &mut Criterion, dev: &CudaBackend) {
             },
         );
 
-        let gate = dev.upload(&random(m * INTERMEDIATE, 3)).unwrap();
-        let up = dev.upload(&random(m * INTERMEDIATE, 4)).unwrap();
+        let gate_up = dev.upload(&random(m * 2 * INTERMEDIATE, 3)).unwrap();
         let mut act = dev.zeros(m * INTERMEDIATE).unwrap();
         g.throughput(Throughput::Bytes(BF16 * (3 * m * INTERMEDIATE) as u64));
         g.bench_function(
@@ -89,7 +88,7 @@ fn elementwise(c: &mut Criterion, dev: &CudaBackend) {
             |b| {
                 b.iter_custom(|n| {
                     time(dev, n, || {
-                        dev.swiglu_forward(dev.full_mut(&mut act), dev.full(&gate), dev.full(&up))
+                        dev.swiglu_forward(dev.full_mut(&mut act), dev.full(&gate_up), INTERMEDIATE)
                     })
                 })
             },
@@ -442,9 +441,8 @@ fn backward(c: &mut Criterion, dev: &CudaBackend) {
 
     let n = m * INTERMEDIATE;
     let dout = dev.upload(&random(n, 26)).unwrap();
-    let gate = dev.upload(&random(n, 27)).unwrap();
-    let up = dev.upload(&random(n, 28)).unwrap();
-    let (mut dgate, mut dup) = (dev.zeros(n).unwrap(), dev.zeros(n).unwrap());
+    let gate_up = dev.upload(&random(2 * n, 27)).unwrap();
+    let mut d_gate_up = dev.zeros(2 * n).unwrap();
     g.throughput(Throughput::Bytes(BF16 * (5 * n) as u64));
     g.bench_function(
         BenchmarkId::new("swiglu_bytes", format!("{m}x{INTERMEDIATE}")),
@@ -452,11 +450,10 @@ fn backward(c: &mut Criterion, dev: &CudaBackend) {
             b.iter_custom(|iters| {
                 time(dev, iters, || {
                     dev.swiglu_backward(
-                        dev.full_mut(&mut dgate),
-                        dev.full_mut(&mut dup),
+                        dev.full_mut(&mut d_gate_up),
                         dev.full(&dout),
-                        dev.full(&gate),
-                        dev.full(&up),
+                        dev.full(&gate_up),
+                        INTERMEDIATE,
                     )
                 })
             })

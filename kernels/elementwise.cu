@@ -5,9 +5,10 @@
 // the f32 CPU reference (src/backend/cpu/) followed by a single cast to bf16.
 //
 // Flat kernels (residual_add, swiglu_forward, swiglu_backward, convert_*): 1-D grid-stride loops. When every pointer
-// is 16-byte aligned, each step handles one 8-element vector (one 128-bit load per bf16 operand,
-// two per f32 operand) over the first n - n % 8 elements, and the n % 8 tail is done element by
-// element; otherwise everything takes the scalar path. The host sizes the grid for ceil(n / 8)
+// is 16-byte aligned (and, for SwiGLU, its rows' width a multiple of 8), each step handles one
+// 8-element vector (one 128-bit load per bf16 operand, two per f32 operand) over the first
+// n - n % 8 elements, and the n % 8 tail is done element by element; otherwise everything takes
+// the scalar path. The host sizes the grid for ceil(n / 8)
 // vector steps (src/cuda/ops/elementwise.rs); the grid-stride loop stays correct for any grid.
 //
 // bias_add: out is (m, n) row-major, bias (n). grid.x strides over column vectors (8 columns) or
@@ -67,19 +68,29 @@ __device__ __forceinline__ __nv_bfloat16 swiglu_one(__nv_bfloat16 gate, __nv_bfl
     return f32_to_bf16(g / (1.0f + expf(-g)) * bf16_to_f32(up));
 }
 
+// SwiGLU's operands are the rows of the gate and up projections' one product: gate_up
+// (rows, 2 width) holds each row's gate then its up. Element i of a (rows, width) tensor has its
+// gate at i + (i / width) * width of gate_up and its up width further (n = rows * width is an int).
+__device__ __forceinline__ size_t gate_at(size_t i, int width) {
+    return i + (size_t)((int)i / width) * width;
+}
+
+// out = silu(gate) * up   out: (rows, width) bf16, gate_up: (rows, 2 width) bf16; n = rows * width.
 extern "C" __global__ void __launch_bounds__(256)
-swiglu_forward(__nv_bfloat16* out, const __nv_bfloat16* gate, const __nv_bfloat16* up, int n) {
-    const bool vectorised = is_aligned16(out) && is_aligned16(gate) && is_aligned16(up);
+swiglu_forward(__nv_bfloat16* out, const __nv_bfloat16* gate_up, int n, int width) {
+    const bool vectorised = width % BF16_VEC == 0 && is_aligned16(out) && is_aligned16(gate_up);
     const size_t end = vector_end(vectorised, n);
     for (size_t i = global_thread() * BF16_VEC; i < end; i += grid_threads() * BF16_VEC) {
-        const x128 g = load128cs(gate + i);
-        const x128 u = load128cs(up + i);
+        const size_t g_at = gate_at(i, width);  // a vector stays inside its row
+        const x128 g = load128cs(gate_up + g_at);
+        const x128 u = load128cs(gate_up + g_at + width);
         x128 r;
         for (int k = 0; k < BF16_VEC; k++) { r[k] = swiglu_one(g[k], u[k]); }
         store128(out + i, r);  // read next by the down projection
     }
     for (size_t i = end + global_thread(); i < (size_t)n; i += grid_threads()) {
-        out[i] = swiglu_one(gate[i], up[i]);
+        const size_t g_at = gate_at(i, width);
+        out[i] = swiglu_one(gate_up[g_at], gate_up[g_at + width]);
     }
 }
 
@@ -185,8 +196,10 @@ convert_bf16_to_f32(float* dst, const __nv_bfloat16* src, int n) {
 // ----------------------------------------------------------------------------
 // backward of swiglu_forward (CPU reference: backend::cpu::swiglu::swiglu_backward), with
 // s = sigmoid(gate): dgate = dout * up * s * (1 + gate * (1 - s)), dup = dout * gate * s.
-// All (n) bf16, outputs overwritten; a flat kernel like swiglu_forward (vectors, then the tail).
-// Every input is read once and every output written once (streaming loads and stores).
+// dout: (rows, width) bf16; gate_up and d_gate_up (overwritten): (rows, 2 width) bf16, each row
+// gate's then up's, as swiglu_forward; n = rows * width. A flat kernel like swiglu_forward
+// (vectors, then the tail); every input is read once and every output written once (streaming
+// loads and stores).
 
 __device__ __forceinline__ void swiglu_backward_one(__nv_bfloat16& dgate, __nv_bfloat16& dup, __nv_bfloat16 dout,
                                                     __nv_bfloat16 gate, __nv_bfloat16 up) {
@@ -197,22 +210,25 @@ __device__ __forceinline__ void swiglu_backward_one(__nv_bfloat16& dgate, __nv_b
 }
 
 extern "C" __global__ void __launch_bounds__(256)
-swiglu_backward(__nv_bfloat16* dgate, __nv_bfloat16* dup, const __nv_bfloat16* dout,
-                const __nv_bfloat16* gate, const __nv_bfloat16* up, int n) {
-    const bool vectorised = is_aligned16(dgate) && is_aligned16(dup) && is_aligned16(dout) &&
-                            is_aligned16(gate) && is_aligned16(up);
+swiglu_backward(__nv_bfloat16* d_gate_up, const __nv_bfloat16* dout, const __nv_bfloat16* gate_up,
+                int n, int width) {
+    const bool vectorised = width % BF16_VEC == 0 && is_aligned16(d_gate_up) && is_aligned16(dout) &&
+                            is_aligned16(gate_up);
     const size_t end = vector_end(vectorised, n);
     for (size_t i = global_thread() * BF16_VEC; i < end; i += grid_threads() * BF16_VEC) {
+        const size_t g_at = gate_at(i, width);  // a vector stays inside its row
         const x128 d = load128cs(dout + i);
-        const x128 g = load128cs(gate + i);
-        const x128 u = load128cs(up + i);
+        const x128 g = load128cs(gate_up + g_at);
+        const x128 u = load128cs(gate_up + g_at + width);
         x128 dg, du;
         for (int k = 0; k < BF16_VEC; k++) { swiglu_backward_one(dg[k], du[k], d[k], g[k], u[k]); }
-        store128cs(dgate + i, dg);
-        store128cs(dup + i, du);
+        store128cs(d_gate_up + g_at, dg);
+        store128cs(d_gate_up + g_at + width, du);
     }
     for (size_t i = end + global_thread(); i < (size_t)n; i += grid_threads()) {
-        swiglu_backward_one(dgate[i], dup[i], dout[i], gate[i], up[i]);
+        const size_t g_at = gate_at(i, width);
+        swiglu_backward_one(d_gate_up[g_at], d_gate_up[g_at + width], dout[i], gate_up[g_at],
+                            gate_up[g_at + width]);
     }
 }
 

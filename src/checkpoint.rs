@@ -176,17 +176,23 @@ pub fn load_moments(path: &Path, layout: &ParamLayout) -> Result<(Vec<f32>, Vec<
                 t.shape()
             );
         }
-        // The data may be unaligned inside the mapping: copy it out byte-wise.
-        let values: Vec<f32> = bytemuck::pod_collect_to_vec(t.data());
-        // a moment that is not finite would make every later step's weights NaN
-        if let Some(i) = values.iter().position(|x| !x.is_finite()) {
-            bail!(
-                "{}: tensor `{name}` holds {} at index {i}: not a usable optimizer state",
-                path.display(),
-                values[i]
-            );
+        // The file holds the tensors one after the other in list order: each is copied to its
+        // range (the data may be unaligned inside the mapping: byte-wise, one value at a time).
+        let mut values = vec![0.0f32; n];
+        let mut values_in_file = t.data().chunks_exact(4).enumerate();
+        for spec in &layout.specs {
+            for (dst, (i, bytes)) in values[spec.range()].iter_mut().zip(&mut values_in_file) {
+                *dst = bytemuck::pod_read_unaligned(bytes);
+                // a moment that is not finite would make every later step's weights NaN
+                if !dst.is_finite() {
+                    bail!(
+                        "{}: tensor `{name}` holds {dst} at index {i}: not a usable optimizer state",
+                        path.display()
+                    );
+                }
+            }
         }
-        Ok(layout.from_list_order(&values))
+        Ok(values)
     };
     Ok((read(MOMENTS[0])?, read(MOMENTS[1])?))
 }

@@ -15,7 +15,7 @@ pub struct Model<B: Backend> {
     pub cfg: ModelConfig,
     pub layout: ParamLayout,
     pub backend: B,
-    /// Every parameter, in `layout` order: [num_params].
+    /// Every parameter, in `layout`'s storage order: [num_params].
     pub params: B::Buf,
     pub(crate) inv_freq: B::Buf, // [head_dim / 2]
     /// The training pass computes the head's f32 logits (and recomputes them in the backward)
@@ -164,7 +164,8 @@ impl<B: Backend> Model<B> {
         Self::from_host_params(cfg, layout, &host, backend)
     }
 
-    /// A model with the given parameters: host: [num_params] in `ParamLayout` order.
+    /// A model with the given parameters: host: [num_params] in `ParamLayout`'s storage order
+    /// (each tensor at its spec's range).
     pub fn from_host(cfg: ModelConfig, host: &[f32], backend: B) -> Result<Self> {
         let layout = ParamLayout::new(&cfg);
         if host.len() != layout.total_len() {
@@ -596,27 +597,19 @@ impl<B: Backend> Model<B> {
         );
     }
 
-    /// Layer l's MLP up to its down projection: a.gate, a.up and a.act = silu(gate) · up of
-    /// a.xn2, for m tokens.
+    /// Layer l's MLP up to its down projection: a.gate_up (the gate and up projections of a.xn2
+    /// as one product: their weights lie side by side) and a.act = silu(gate) · up, for m tokens.
     fn mlp_act_forward(&self, l: usize, a: &mut LayerActs<B>, m: usize) {
-        let (cfg, b, lp) = (&self.cfg, &self.backend, &self.layout.layers[l]);
+        let (cfg, b) = (&self.cfg, &self.backend);
         let (h, inter) = (cfg.hidden_size, cfg.intermediate_size);
-        for (out, w, bias) in [
-            (&mut a.gate, lp.gate, lp.gate_bias),
-            (&mut a.up, lp.up, lp.up_bias),
-        ] {
-            let bias = self.p_opt(bias);
-            b.matmul_forward(
-                b.full_mut(out),
-                b.full(&a.xn2),
-                self.p(w),
-                bias,
-                m,
-                h,
-                inter,
-            );
-        }
-        b.swiglu_forward(b.full_mut(&mut a.act), b.full(&a.gate), b.full(&a.up));
+        let w = b.view(&self.params, self.layout.gate_up_weights(l));
+        let bias = self
+            .layout
+            .gate_up_biases(l)
+            .map(|r| b.view(&self.params, r));
+        let xn2 = b.full(&a.xn2);
+        b.matmul_forward(b.full_mut(&mut a.gate_up), xn2, w, bias, m, h, 2 * inter);
+        b.swiglu_forward(b.full_mut(&mut a.act), b.full(&a.gate_up), inter);
     }
 }
 
@@ -672,8 +665,7 @@ pub struct LayerActs<B: Backend> {
     pub proj: B::Buf,          // [M, H] a block's output before the residual add
     pub x_mid: Option<B::Buf>, // [M, H] residual stream after attention (training, not checkpointed)
     pub xn2: B::Buf,           // [M, H] RMSNorm before the MLP
-    pub gate: B::Buf,          // [M, I]
-    pub up: B::Buf,            // [M, I]
+    pub gate_up: B::Buf,       // [M, 2 I] each row gate's, then up's
     pub act: B::Buf,           // [M, I] silu(gate) · up
 }
 
@@ -714,8 +706,7 @@ impl<B: Backend> LayerActs<B> {
             proj: b.empty(m * h)?,
             x_mid: residual()?,
             xn2: b.empty(m * h)?,
-            gate: b.empty(m * i)?,
-            up: b.empty(m * i)?,
+            gate_up: b.empty(m * 2 * i)?,
             act: b.empty(m * i)?,
         })
     }

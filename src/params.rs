@@ -7,9 +7,11 @@
 //! The list is in HF order (random initialisation draws tensor after tensor in it, and the
 //! optimizer file keeps the moments in it); the buffer is in storage order, which is HF order
 //! except that a layer's q, k and v weights sit side by side, their biases after them, so the
-//! three projections are one [q_dim + 2 kv_dim, hidden] matrix and one product.
+//! three projections are one [q_dim + 2 kv_dim, hidden] matrix and one product; likewise the
+//! MLP's gate and up weights, one [2 intermediate, hidden] matrix.
 
 use crate::config::ModelConfig;
+use std::ops::Range;
 
 #[derive(Debug, Clone)]
 pub struct ParamSpec {
@@ -24,7 +26,7 @@ impl ParamSpec {
     pub fn len(&self) -> usize {
         self.shape.iter().product()
     }
-    pub fn range(&self) -> std::ops::Range<usize> {
+    pub fn range(&self) -> Range<usize> {
         self.offset..self.offset + self.len()
     }
 }
@@ -55,7 +57,7 @@ pub struct LayerParams {
 
 impl LayerParams {
     /// The layer's tensors in storage order: HF order with the q, k and v biases moved after
-    /// the v weight.
+    /// the v weight and the gate bias after the up weight.
     fn storage_order(&self) -> impl Iterator<Item = usize> {
         [
             Some(self.input_norm),
@@ -71,8 +73,8 @@ impl LayerParams {
             self.o_bias,
             Some(self.post_norm),
             Some(self.gate),
-            self.gate_bias,
             Some(self.up),
+            self.gate_bias,
             self.up_bias,
             Some(self.down),
             self.down_bias,
@@ -233,18 +235,33 @@ impl ParamLayout {
     }
 
     /// Layer l's q, k and v weights as one matrix: [q_dim + 2 kv_dim, hidden].
-    pub fn qkv_weights(&self, l: usize) -> std::ops::Range<usize> {
+    pub fn qkv_weights(&self, l: usize) -> Range<usize> {
         let lp = &self.layers[l];
-        self.specs[lp.q].offset..self.specs[lp.v].range().end
+        self.span(lp.q, lp.v)
     }
 
-    /// Layer l's q, k and v biases as one vector, when it has them: [q_dim + 2 kv_dim].
-    pub fn qkv_biases(&self, l: usize) -> Option<std::ops::Range<usize>> {
+    /// Layer l's q, k and v biases as one vector, when it has all three: [q_dim + 2 kv_dim].
+    pub fn qkv_biases(&self, l: usize) -> Option<Range<usize>> {
         let lp = &self.layers[l];
-        match (lp.q_bias, lp.v_bias) {
-            (Some(q), Some(v)) => Some(self.specs[q].offset..self.specs[v].range().end),
-            _ => None,
-        }
+        let (q, _, v) = (lp.q_bias?, lp.k_bias?, lp.v_bias?);
+        Some(self.span(q, v))
+    }
+
+    /// Layer l's gate and up weights as one matrix: [2 intermediate, hidden].
+    pub fn gate_up_weights(&self, l: usize) -> Range<usize> {
+        let lp = &self.layers[l];
+        self.span(lp.gate, lp.up)
+    }
+
+    /// Layer l's gate and up biases as one vector, when it has both: [2 intermediate].
+    pub fn gate_up_biases(&self, l: usize) -> Option<Range<usize>> {
+        let lp = &self.layers[l];
+        Some(self.span(lp.gate_bias?, lp.up_bias?))
+    }
+
+    /// Tensors `first` to `last`, which storage order puts side by side, as one range.
+    fn span(&self, first: usize, last: usize) -> Range<usize> {
+        self.specs[first].offset..self.specs[last].range().end
     }
 
     /// A buffer of this layout (storage order) as the tensors one after the other in list
@@ -264,7 +281,7 @@ impl ParamLayout {
         out
     }
 
-    pub fn range(&self, idx: usize) -> std::ops::Range<usize> {
+    pub fn range(&self, idx: usize) -> Range<usize> {
         self.specs[idx].range()
     }
 }
@@ -279,7 +296,7 @@ mod tests {
     }
 
     #[test]
-    fn storage_covers_the_buffer_once_with_each_layers_qkv_weights_side_by_side() {
+    fn storage_covers_the_buffer_once_with_each_layers_fused_weights_side_by_side() {
         for json in ["qwen2.5-0.5b.json", "qwen3-0.6b.json"] {
             let cfg = config(json);
             let layout = ParamLayout::new(&cfg);
@@ -312,6 +329,11 @@ mod tests {
                     }
                     None => assert!(!cfg.qkv_bias),
                 }
+                let gate_up = layout.gate_up_weights(l);
+                assert_eq!(gate_up.len(), 2 * cfg.intermediate_size * cfg.hidden_size);
+                assert_eq!(layout.range(lp.gate).start, gate_up.start);
+                assert_eq!(layout.range(lp.up).end, gate_up.end);
+                assert_eq!(layout.gate_up_biases(l).is_some(), cfg.mlp_bias);
             }
         }
     }

@@ -489,73 +489,73 @@ fn gates(r: &mut Rand, n: usize) -> (Vec<u16>, Vec<f32>) {
     (bits, values)
 }
 
-/// swiglu_forward on 3587 values: 448 vectors on two blocks, then a tail of 3.
+/// The gate and up projections' one product for `rows` rows of `width`: gates from [`gates`]
+/// (extremes included), ups of scale 1, each row gate's then up's: [rows, 2 width].
+fn gate_up(r: &mut Rand, rows: usize, width: usize) -> (Vec<u16>, Vec<f32>) {
+    let (gate, up) = (gates(r, rows * width), r.bf16s(rows * width, 1.0));
+    let rows_of = |x: &[u16]| x.chunks(width).map(<[u16]>::to_vec).collect::<Vec<_>>();
+    let bits: Vec<u16> = rows_of(&gate.0)
+        .into_iter()
+        .zip(rows_of(&up.0))
+        .flat_map(|(g, u)| [g, u].concat())
+        .collect();
+    let values = to_f32(&bits);
+    (bits, values)
+}
+
+/// The SwiGLU cases: (seed, rows, width, shift, vector path). 7 rows of 512: 448 vectors on two
+/// blocks; rows of 7 (not whole vectors) and the last operand 2 bytes off alignment: scalar.
+const SWIGLU_CASES: [(u64, usize, usize, bool, bool); 3] = [
+    (32, 7, 512, false, true),
+    (33, 5, 7, false, false),
+    (34, 3, 64, true, false),
+];
+
+/// swiglu_forward from gate_up [rows, 2 width] (shifted off alignment when `shift`).
 #[test]
 fn swiglu_forward_matches_the_cpu_to_a_bf16_ulp() {
-    let n = 3587;
-    let mut r = Rand(32);
-    let gate = gates(&mut r, n);
-    let up = r.bf16s(n, 1.0);
-    let mut out = guarded(vec![NAN16; n], NAN16);
-    let launches =
-        run_recorded(|k| ew::swiglu_forward(k, ptr_mut(&mut out), ptr(&gate.0), ptr(&up.0), n));
-    assert_launches(&launches, &["swiglu_forward"], flat_config(n, true));
-    let mut want = vec![0.0; n];
-    cpu::swiglu_forward(&mut want, &gate.1, &up.1);
-    assert_rounded(
-        "swiglu_forward",
-        unguarded("swiglu_forward", &out, NAN16),
-        &want,
-    );
+    for (seed, rows, width, shift, vector_path) in SWIGLU_CASES {
+        let n = rows * width;
+        let gate_up = gate_up(&mut Rand(seed), rows, width);
+        let gate_up_dev = Shifted::new(&gate_up.0, shift as usize);
+        let mut out = guarded(vec![NAN16; n], NAN16);
+        let launches =
+            run_recorded(|k| ew::swiglu_forward(k, ptr_mut(&mut out), gate_up_dev.ptr(), n, width));
+        assert_launches(&launches, &["swiglu_forward"], flat_config(n, vector_path));
+        let mut want = vec![0.0; n];
+        cpu::swiglu_forward(&mut want, &gate_up.1, width);
+        let what = format!("swiglu_forward ({rows} x {width}, shifted {shift})");
+        assert_rounded(&what, unguarded(&what, &out, NAN16), &want);
+    }
 }
 
-/// swiglu_backward on n values; `shift` misaligns up (the scalar path).
-fn check_swiglu_backward(seed: u64, n: usize, shift: bool) {
-    let mut r = Rand(seed);
-    let gate = gates(&mut r, n);
-    let up = r.bf16s(n, 1.0);
-    let dout = r.bf16s(n, 1.0);
-    let up_dev = Shifted::new(&up.0, shift as usize);
-    let mut dgate = guarded(vec![NAN16; n], NAN16);
-    let mut dup = guarded(vec![NAN16; n], NAN16);
-    let launches = run_recorded(|k| {
-        ew::swiglu_backward(
-            k,
-            ptr_mut(&mut dgate),
-            ptr_mut(&mut dup),
-            ptr(&dout.0),
-            ptr(&gate.0),
-            up_dev.ptr(),
-            n,
-        )
-    });
-    assert_launches(&launches, &["swiglu_backward"], flat_config(n, !shift));
-    let (mut dgate_want, mut dup_want) = (vec![0.0; n], vec![0.0; n]);
-    cpu::swiglu_backward(&mut dgate_want, &mut dup_want, &dout.1, &gate.1, &up.1);
-    let what = format!("swiglu_backward (n {n}, shifted {shift})");
-    assert_rounded(
-        &format!("{what} dgate"),
-        unguarded("dgate", &dgate, NAN16),
-        &dgate_want,
-    );
-    assert_rounded(
-        &format!("{what} dup"),
-        unguarded("dup", &dup, NAN16),
-        &dup_want,
-    );
-}
-
-/// 3587: 448 vectors on two blocks and a tail of 3.
+/// swiglu_backward into d_gate_up [rows, 2 width] from dout [rows, width] and gate_up (shifted off
+/// alignment when `shift`).
 #[test]
-fn swiglu_backward_vectors_and_tail_match_the_cpu_to_a_bf16_ulp() {
-    check_swiglu_backward(33, 3587, false);
-}
-
-/// 5 values (no whole vector: the tail only), and 1003 misaligned (scalar throughout).
-#[test]
-fn swiglu_backward_tail_only_and_misaligned_match_the_cpu_to_a_bf16_ulp() {
-    check_swiglu_backward(34, 5, false);
-    check_swiglu_backward(35, 1003, true);
+fn swiglu_backward_matches_the_cpu_to_a_bf16_ulp() {
+    for (seed, rows, width, shift, vector_path) in SWIGLU_CASES {
+        let n = rows * width;
+        let mut r = Rand(seed);
+        let gate_up = gate_up(&mut r, rows, width);
+        let dout = r.bf16s(n, 1.0);
+        let gate_up_dev = Shifted::new(&gate_up.0, shift as usize);
+        let mut d_gate_up = guarded(vec![NAN16; 2 * n], NAN16);
+        let launches = run_recorded(|k| {
+            ew::swiglu_backward(
+                k,
+                ptr_mut(&mut d_gate_up),
+                ptr(&dout.0),
+                gate_up_dev.ptr(),
+                n,
+                width,
+            )
+        });
+        assert_launches(&launches, &["swiglu_backward"], flat_config(n, vector_path));
+        let mut want = vec![0.0; 2 * n];
+        cpu::swiglu_backward(&mut want, &dout.1, &gate_up.1, width);
+        let what = format!("swiglu_backward ({rows} x {width}, shifted {shift})");
+        assert_rounded(&what, unguarded(&what, &d_gate_up, NAN16), &want);
+    }
 }
 
 /// f32 -> bf16 on 1003 values (125 vectors + a tail of 3), aligned or with src 4 bytes off:

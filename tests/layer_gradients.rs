@@ -123,11 +123,17 @@ fn ref_rope(x: &[f64], positions: &[u32], inv_freq: &[f64], head_dim: usize) -> 
     out
 }
 
-/// silu(gate) · up with silu(g) = g / (1 + e^(−g)).
-fn ref_swiglu(gate: &[f64], up: &[f64]) -> Vec<f64> {
-    gate.iter()
-        .zip(up)
-        .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+/// silu(gate) · up with silu(g) = g / (1 + e^(−g)), from rows of [gate | up] of `inter` each.
+fn ref_swiglu(gate_up: &[f64], inter: usize) -> Vec<f64> {
+    gate_up
+        .chunks(2 * inter)
+        .flat_map(|row| {
+            let (gate, up) = row.split_at(inter);
+            gate.iter()
+                .zip(up)
+                .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+                .collect::<Vec<_>>()
+        })
         .collect()
 }
 
@@ -362,23 +368,23 @@ fn rope() {
     assert_close("rope dx", &dx, &fd_dx, GRAD_TOL);
 }
 
+/// 5 rows of 7: the gate and up projections' one product, each row gate's then up's.
 #[test]
 fn swiglu() {
-    let n = 5 * 7;
-    let (gate, up, c) = (normals(10, n), normals(11, n), normals(12, n));
-    let (gate64, up64) = (f64s(&gate), f64s(&up));
+    let (rows, inter) = (5, 7);
+    let n = rows * inter;
+    let (gate_up, c) = (normals(10, 2 * n), normals(12, n));
 
     let mut out = vec![0.0; n];
-    swiglu_forward(&mut out, &gate, &up);
-    assert_close("swiglu forward", &out, &ref_swiglu(&gate64, &up64), FWD_TOL);
+    swiglu_forward(&mut out, &gate_up, inter);
+    let expected = ref_swiglu(&f64s(&gate_up), inter);
+    assert_close("swiglu forward", &out, &expected, FWD_TOL);
 
-    // Both outputs are overwritten.
-    let (mut dgate, mut dup) = (vec![PREFILL; n], vec![PREFILL; n]);
-    swiglu_backward(&mut dgate, &mut dup, &c, &gate, &up);
-    let fd_dgate = fd_grad(&gate, &c, |g| ref_swiglu(g, &up64));
-    let fd_dup = fd_grad(&up, &c, |u| ref_swiglu(&gate64, u));
-    assert_close("swiglu dgate", &dgate, &fd_dgate, GRAD_TOL);
-    assert_close("swiglu dup", &dup, &fd_dup, GRAD_TOL);
+    // The gradient is overwritten.
+    let mut d_gate_up = vec![PREFILL; 2 * n];
+    swiglu_backward(&mut d_gate_up, &c, &gate_up, inter);
+    let fd = fd_grad(&gate_up, &c, |gu| ref_swiglu(gu, inter));
+    assert_close("swiglu d_gate_up", &d_gate_up, &fd, GRAD_TOL);
 }
 
 /// Five tokens over three slots at assorted positions, two of them at position 0; two tokens

@@ -290,8 +290,8 @@ impl Backend for TestDevice {
         );
         out.store();
     }
-    fn swiglu_forward(&self, out: ViewMut<'_>, gate: View<'_>, up: View<'_>) {
-        CPU.swiglu_forward(&mut *out.data, gate.data, up.data);
+    fn swiglu_forward(&self, out: ViewMut<'_>, gate_up: View<'_>, inter: usize) {
+        CPU.swiglu_forward(&mut *out.data, gate_up.data, inter);
         if self.faulty_swiglu {
             out.data.iter_mut().for_each(|v| *v *= 1.05);
         }
@@ -530,21 +530,13 @@ impl TrainBackend for TestDevice {
     }
     fn swiglu_backward(
         &self,
-        dgate: ViewMut<'_>,
-        dup: ViewMut<'_>,
+        d_gate_up: ViewMut<'_>,
         dout: View<'_>,
-        gate: View<'_>,
-        up: View<'_>,
+        gate_up: View<'_>,
+        inter: usize,
     ) {
-        CPU.swiglu_backward(
-            &mut *dgate.data,
-            &mut *dup.data,
-            dout.data,
-            gate.data,
-            up.data,
-        );
-        dgate.store();
-        dup.store();
+        CPU.swiglu_backward(&mut *d_gate_up.data, dout.data, gate_up.data, inter);
+        d_gate_up.store();
     }
     fn embedding_backward(&self, dtable: ViewMut<'_>, dout: View<'_>, ids: &[u32], dim: usize) {
         CPU.embedding_backward(&mut *dtable.data, dout.data, ids, dim);
@@ -969,8 +961,8 @@ fn bench_step_profile_on_the_cpu_counts_and_times_every_op() {
     };
     let calls = |phase: &str, op: &str| total(phase, op, "calls") as u64;
     let (layers, new_tokens) = (8, 5);
-    // the products: q, k and v in one, o, gate, up, down; the head
-    let products = 5 * layers + 1;
+    // the products: q, k and v in one, o, gate and up in one, down; the head
+    let products = 4 * layers + 1;
     assert_eq!(
         calls("rollout_ops", "matmul_forward"),
         products * new_tokens
@@ -990,7 +982,7 @@ fn bench_step_profile_on_the_cpu_counts_and_times_every_op() {
         let rows = ops.iter().filter(|o| o["op"] == op);
         rows.map(|o| o["shape"].clone()).collect::<Vec<_>>()
     };
-    // q, k and v in one, o, gate (= up), down and the head: 5 shapes, each [m, k, n]
+    // q, k and v in one, o, gate and up in one, down and the head: 5 shapes, each [m, k, n]
     let products = shapes("matmul_backward");
     assert_eq!(products.len(), 5, "{products:?}");
     assert!(products

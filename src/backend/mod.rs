@@ -401,8 +401,9 @@ pub trait Backend: Send + Sync {
         head_dim: usize,
     );
 
-    /// out = silu(gate) * up, elementwise.  All [M, I].
-    fn swiglu_forward(&self, out: Self::ViewMut<'_>, gate: Self::View<'_>, up: Self::View<'_>);
+    /// out = silu(gate) * up, elementwise, from the gate and up projections' one product: each
+    /// row of gate_up: [M, 2 I] holds gate's row, then up's. out: [M, I].
+    fn swiglu_forward(&self, out: Self::ViewMut<'_>, gate_up: Self::View<'_>, inter: usize);
 
     /// x += y, elementwise (the residual stream).
     fn residual_add(&self, x: Self::ViewMut<'_>, y: Self::View<'_>);
@@ -590,14 +591,14 @@ pub trait TrainBackend: Backend {
         anyhow::bail!("this backend has no attention backward variant {name:?}")
     }
 
-    /// dgate, dup overwritten.  All [M, I].
+    /// The gradient of `swiglu_forward` at its product: d_gate_up (overwritten) and gate_up:
+    /// [M, 2 I], each row gate's then up's; dout: [M, I].
     fn swiglu_backward(
         &self,
-        dgate: Self::ViewMut<'_>,
-        dup: Self::ViewMut<'_>,
+        d_gate_up: Self::ViewMut<'_>,
         dout: Self::View<'_>,
-        gate: Self::View<'_>,
-        up: Self::View<'_>,
+        gate_up: Self::View<'_>,
+        inter: usize,
     );
 
     /// dtable[ids[m]] += dout[m].  dtable: [V, dim]; dout: [M, dim].

@@ -332,19 +332,19 @@ pub(super) fn checks<D: TrainBackend>(c: &mut Checker<D>, coverage: Coverage) ->
 
     attention::checks(c, coverage)?;
 
-    // swiglu_forward: out = silu(gate) · up, all [M, I].
+    // swiglu_forward: out [M, I] = silu(gate) · up from gate_up [M, 2 I] (each row gate's, then
+    // up's).
     for (m, i) in [(1, 4864), (5, 7), (64, 33), (64, 8960)] {
         c.check(
             "swiglu_forward",
             format!("M={m} I={i}"),
             TOL_BF16,
             |dev, r| {
-                let (gate, gate_h) = put(dev, &r.normal(m * i, 2.0))?;
-                let (up, up_h) = put(dev, &r.normal(m * i, 1.0))?;
+                let (gate_up, gate_up_h) = put(dev, &r.normal(m * 2 * i, 1.5))?;
                 let mut out = dev.zeros(m * i)?;
-                dev.swiglu_forward(dev.full_mut(&mut out), dev.full(&gate), dev.full(&up));
+                dev.swiglu_forward(dev.full_mut(&mut out), dev.full(&gate_up), i);
                 let mut reference = vec![0.0; m * i];
-                cpu.swiglu_forward(&mut reference, &gate_h, &up_h);
+                cpu.swiglu_forward(&mut reference, &gate_up_h, i);
                 Ok(vec![("", get(dev, &out)?, reference)])
             },
         )?;

@@ -90,7 +90,7 @@ pub(super) fn read_state(
     }
 }
 
-/// Writes weights (the f32 master weights of `opt`, [N] in `layout` order), tokenizer files,
+/// Writes weights (the f32 master weights of `opt`, [N] in `layout`'s storage order), tokenizer files,
 /// the optimizer's moments and the trainer state, atomically. The parts come to the host one
 /// after the other (the weights, then both moments), so the host holds at most 8 bytes per
 /// parameter more than it did (none with the optimizer offloaded or on the CPU, where they are

@@ -82,9 +82,9 @@ impl TrainMemory {
         );
         let (q, kv) = (cfg.q_dim(), cfg.kv_dim());
         let kv_cache = |tokens: usize| layers * tokens * 2 * kv * storage_bytes;
-        let qkv = q + 2 * kv; // the projections' product, a scratch the layers share
-                              // qk_norm keeps q and k before their norms, and has k's gradient there; without it the
-                              // backward has the product's gradient
+        // the projections' product, a scratch the layers share; qk_norm keeps q and k before their
+        // norms, and has k's gradient there; without it the backward has the product's gradient
+        let qkv = q + 2 * kv;
         let (raw_qk, d_projections) = if cfg.qk_norm { (q + kv, kv) } else { (0, qkv) };
         // Decoding (the rollout, the evaluation): the cache and one row of f32 logits per
         // sequence, and the prefill's forward pass over the distinct prompts, whose layers share
@@ -113,7 +113,8 @@ impl TrainMemory {
         // gradient; for every scored row the normed and unnormed rows and their gradients) and
         // the backward scratch (3 of [M, I], 3 of [M, H], 2 of [M, q], 2 of [M, kv], the cache's
         // gradient, and the gradient of the projections' product or, with qk_norm, of k before
-        // its norm), and the projections' product the layers share (forward, recompute).
+        // its norm), and the projections' product the layers share (the forward's, or the
+        // recompute's beside the backward with checkpointed layers: counted once either way).
         // qk_norm keeps q and k before their norms too.
         let tokens = micro_batch * seq_len;
         let scored = micro_batch * cap;

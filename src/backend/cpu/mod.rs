@@ -296,11 +296,11 @@ impl Backend for CpuBackend {
             )
         })
     }
-    fn swiglu_forward(&self, out: &mut [f32], gate: &[f32], up: &[f32]) {
+    fn swiglu_forward(&self, out: &mut [f32], gate_up: &[f32], inter: usize) {
         profile::timed(
             "swiglu_forward",
-            moving(f32_bytes(out.len() + gate.len() + up.len())),
-            || swiglu_forward(out, gate, up),
+            moving(f32_bytes(out.len() + gate_up.len())),
+            || swiglu_forward(out, gate_up, inter),
         )
     }
     fn residual_add(&self, x: &mut [f32], y: &[f32]) {
@@ -477,17 +477,10 @@ impl TrainBackend for CpuBackend {
             join_qkv(dqkv, [&dq, &dk, dv], positions.len());
         })
     }
-    fn swiglu_backward(
-        &self,
-        dgate: &mut [f32],
-        dup: &mut [f32],
-        dout: &[f32],
-        gate: &[f32],
-        up: &[f32],
-    ) {
-        let bytes = f32_bytes(dgate.len() + dup.len() + dout.len() + gate.len() + up.len());
+    fn swiglu_backward(&self, d_gate_up: &mut [f32], dout: &[f32], gate_up: &[f32], inter: usize) {
+        let bytes = f32_bytes(d_gate_up.len() + dout.len() + gate_up.len());
         profile::timed("swiglu_backward", moving(bytes), || {
-            swiglu_backward(dgate, dup, dout, gate, up)
+            swiglu_backward(d_gate_up, dout, gate_up, inter)
         })
     }
     fn embedding_backward(&self, dtable: &mut [f32], dout: &[f32], ids: &[u32], dim: usize) {

@@ -658,13 +658,18 @@ impl Backend for CudaBackend {
         })
     }
 
-    fn swiglu_forward(&self, out: CudaViewMut<'_>, gate: CudaView<'_>, up: CudaView<'_>) {
-        let work = || Work::moving(out.bytes() + gate.bytes() + up.bytes());
+    fn swiglu_forward(&self, out: CudaViewMut<'_>, gate_up: CudaView<'_>, inter: usize) {
+        let work = || Work::moving(out.bytes() + gate_up.bytes());
         self.run("swiglu_forward", work, || {
             expect_bf16("out", out.dtype)?;
-            expect("gate", gate.dtype, gate.len, DType::Bf16, out.len)?;
-            expect("up", up.dtype, up.len, DType::Bf16, out.len)?;
-            ops::elementwise::swiglu_forward(self.launcher(), out.ptr, gate.ptr, up.ptr, out.len)
+            expect(
+                "gate_up",
+                gate_up.dtype,
+                gate_up.len,
+                DType::Bf16,
+                2 * out.len,
+            )?;
+            ops::elementwise::swiglu_forward(self.launcher(), out.ptr, gate_up.ptr, out.len, inter)
         })
     }
 

@@ -403,33 +403,30 @@ impl TrainBackend for CudaBackend {
 
     fn swiglu_backward(
         &self,
-        dgate: CudaViewMut<'_>,
-        dup: CudaViewMut<'_>,
+        d_gate_up: CudaViewMut<'_>,
         dout: CudaView<'_>,
-        gate: CudaView<'_>,
-        up: CudaView<'_>,
+        gate_up: CudaView<'_>,
+        inter: usize,
     ) {
-        let bytes = dgate.bytes() + dup.bytes() + dout.bytes() + gate.bytes() + up.bytes();
-        let work = || Work::moving(bytes);
+        let work = || Work::moving(d_gate_up.bytes() + dout.bytes() + gate_up.bytes());
         self.run("swiglu_backward", work, || {
             let n = dout.len;
             expect_bf16("dout", dout.dtype)?;
-            for (arg, dtype, len) in [
-                ("dgate", dgate.dtype, dgate.len),
-                ("dup", dup.dtype, dup.len),
-                ("gate", gate.dtype, gate.len),
-                ("up", up.dtype, up.len),
-            ] {
-                expect(arg, dtype, len, DType::Bf16, n)?;
-            }
+            expect(
+                "d_gate_up",
+                d_gate_up.dtype,
+                d_gate_up.len,
+                DType::Bf16,
+                2 * n,
+            )?;
+            expect("gate_up", gate_up.dtype, gate_up.len, DType::Bf16, 2 * n)?;
             ops::elementwise::swiglu_backward(
                 self.launcher(),
-                dgate.ptr,
-                dup.ptr,
+                d_gate_up.ptr,
                 dout.ptr,
-                gate.ptr,
-                up.ptr,
+                gate_up.ptr,
                 n,
+                inter,
             )
         })
     }

@@ -80,9 +80,41 @@ pub fn residual_add(k: &dyn Launcher, x: u64, y: u64, n: usize) -> Result<()> {
     launch_flat(k, "residual_add", &[x, y], n)
 }
 
-/// out = silu(gate) · up = gate / (1 + exp(−gate)) · up for n bf16 values, f32 math.
-pub fn swiglu_forward(k: &dyn Launcher, out: u64, gate: u64, up: u64, n: usize) -> Result<()> {
-    launch_flat(k, "swiglu_forward", &[out, gate, up], n)
+/// out = silu(gate) · up = gate / (1 + exp(−gate)) · up, f32 math: out bf16 [n / width, width]
+/// from gate_up bf16 [n / width, 2 width], each row gate's then up's (the two projections' one
+/// product).
+pub fn swiglu_forward(
+    k: &dyn Launcher,
+    out: u64,
+    gate_up: u64,
+    n: usize,
+    width: usize,
+) -> Result<()> {
+    const KERNEL: &str = "swiglu_forward";
+    let (n_i, width_i) = swiglu_shapes(KERNEL, n, width)?;
+    if n == 0 {
+        return Ok(());
+    }
+    let vectorised = width.is_multiple_of(BF16_VEC) && aligned16(&[out, gate_up]);
+    let l = KernelLaunch::new(MODULE, KERNEL, flat_config(n, vectorised))
+        .ptr(out)
+        .ptr(gate_up)
+        .i32(n_i)
+        .i32(width_i);
+    // SAFETY: matches `(bf16* out, const bf16* gate_up, int n, int width)`; the caller owns out of
+    // n bf16 and gate_up of 2 n bf16, and width divides n (a grid-stride loop covers any n).
+    unsafe { k.launch(&l) }
+}
+
+/// SwiGLU's sizes as the kernels' ints: n values in rows of `width` (which must divide n), their
+/// gate_up operand 2 n.
+fn swiglu_shapes(kernel: &str, n: usize, width: usize) -> Result<(i32, i32)> {
+    ensure!(
+        width > 0 && n.is_multiple_of(width),
+        "{kernel}: {n} values are not rows of {width}"
+    );
+    to_i32(kernel, "2 n", 2 * n)?;
+    Ok((to_i32(kernel, "n", n)?, to_i32(kernel, "width", width)?))
 }
 
 /// out[r, c] += bias[c]: out is [m, n] bf16 (rounded once) or f32 when `out_is_f32`; bias is
@@ -128,30 +160,31 @@ pub fn convert_bf16_to_f32(k: &dyn Launcher, dst: u64, src: u64, n: usize) -> Re
     launch_flat(k, "convert_bf16_to_f32", &[dst, src], n)
 }
 
-/// The gradient of [`swiglu_forward`]: dgate, dup (overwritten) from dout, gate, up; all n bf16.
+/// The gradient of [`swiglu_forward`]: d_gate_up bf16 [n / width, 2 width] (overwritten, laid
+/// out as gate_up) from dout bf16 [n / width, width] and gate_up.
 pub fn swiglu_backward(
     k: &dyn Launcher,
-    dgate: u64,
-    dup: u64,
+    d_gate_up: u64,
     dout: u64,
-    gate: u64,
-    up: u64,
+    gate_up: u64,
     n: usize,
+    width: usize,
 ) -> Result<()> {
+    const KERNEL: &str = "swiglu_backward";
+    let (n_i, width_i) = swiglu_shapes(KERNEL, n, width)?;
     if n == 0 {
         return Ok(());
     }
-    let n_i = to_i32("swiglu_backward", "n", n)?;
-    let vectorised = aligned16(&[dgate, dup, dout, gate, up]);
-    let l = KernelLaunch::new(MODULE, "swiglu_backward", flat_config(n, vectorised))
-        .ptr(dgate)
-        .ptr(dup)
+    let vectorised = width.is_multiple_of(BF16_VEC) && aligned16(&[d_gate_up, dout, gate_up]);
+    let l = KernelLaunch::new(MODULE, KERNEL, flat_config(n, vectorised))
+        .ptr(d_gate_up)
         .ptr(dout)
-        .ptr(gate)
-        .ptr(up)
-        .i32(n_i);
-    // SAFETY: matches `(bf16* dgate, bf16* dup, const bf16* dout, const bf16* gate,
-    // const bf16* up, int n)`, every buffer n bf16 (a grid-stride loop covers any n).
+        .ptr(gate_up)
+        .i32(n_i)
+        .i32(width_i);
+    // SAFETY: matches `(bf16* d_gate_up, const bf16* dout, const bf16* gate_up, int n, int
+    // width)`; the caller owns dout of n bf16 and d_gate_up and gate_up of 2 n bf16, and width
+    // divides n (a grid-stride loop covers any n).
     unsafe { k.launch(&l) }
 }
 

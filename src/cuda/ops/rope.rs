@@ -133,17 +133,7 @@ pub fn qkv_rope_forward(
     if m == 0 {
         return Ok(());
     }
-    // the kernel's condition: every source (inside qkv's rows) and destination aligned
-    let row = (n_heads + 2 * n_kv_heads) * head_dim;
-    let sources = [
-        qkv,
-        qkv + 2 * (n_heads * head_dim) as u64,
-        qkv + 2 * ((n_heads + n_kv_heads) * head_dim) as u64,
-    ];
-    let vectorised = (head_dim / 2).is_multiple_of(BF16_VEC)
-        && row.is_multiple_of(BF16_VEC)
-        && aligned16(&[q, kk, v])
-        && aligned16(&sources);
+    let vectorised = qkv_vectorised(qkv, [q, kk, v], (n_heads, n_kv_heads, head_dim));
     let cfg = rope_config(m, n_heads + 2 * n_kv_heads, head_dim, vectorised);
     let l = KernelLaunch::new(MODULE, KERNEL, cfg)
         .ptr(q)
