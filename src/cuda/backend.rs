@@ -464,6 +464,17 @@ fn expect(arg: &str, dtype: DType, len: usize, want_dtype: DType, want_len: usiz
     Ok(())
 }
 
+/// RoPE's frequencies: f32 [head_dim / 2].
+fn expect_inv_freq(inv_freq: &CudaView<'_>, head_dim: usize) -> Result<()> {
+    expect(
+        "inv_freq",
+        inv_freq.dtype,
+        inv_freq.len,
+        DType::F32,
+        head_dim / 2,
+    )
+}
+
 fn expect_bf16(arg: &str, dtype: DType) -> Result<()> {
     ensure!(dtype == DType::Bf16, "{arg} is {dtype:?}, expected Bf16");
     Ok(())

@@ -5,6 +5,7 @@
 //! fails. Parameter gradients are f32 buffers (`put_f32`) as in training; activation gradients
 //! are stored like activations (bf16 on a bf16 device).
 
+use super::layer_ops::rope_inv_freq;
 use super::{
     get, put, put_f32, rel_error, tiny_model_weights, Checker, TINY_MODEL, TOL_BF16, TOL_EXACT,
     TOL_F32,
@@ -204,10 +205,7 @@ pub(super) fn checks<D: TrainBackend>(c: &mut Checker<D>) -> Result<()> {
         let shape = format!("heads={heads} head_dim={head_dim} positions={positions:?}");
         c.check("rope_backward", shape, TOL_BF16, |dev, rand| {
             let m = positions.len();
-            let inv_freq: Vec<f32> = (0..head_dim / 2)
-                .map(|i| 1e6f32.powf(-2.0 * i as f32 / head_dim as f32))
-                .collect();
-            let (freq, freq_h) = put_f32(dev, &inv_freq)?;
+            let (freq, freq_h) = put_f32(dev, &rope_inv_freq(head_dim, 1e6))?;
             let (mut dx, mut reference) = put(dev, &rand.normal(m * heads * head_dim, 1.0))?;
             dev.rope_backward(
                 dev.full_mut(&mut dx),
@@ -230,10 +228,7 @@ pub(super) fn checks<D: TrainBackend>(c: &mut Checker<D>) -> Result<()> {
         let shape = format!("heads={heads}/{kv_heads} head_dim={head_dim} positions={positions:?}");
         c.check("qkv_rope_backward", shape, TOL_BF16, |dev, rand| {
             let m = positions.len();
-            let inv_freq: Vec<f32> = (0..head_dim / 2)
-                .map(|i| 1e6f32.powf(-2.0 * i as f32 / head_dim as f32))
-                .collect();
-            let (freq, freq_h) = put_f32(dev, &inv_freq)?;
+            let (freq, freq_h) = put_f32(dev, &rope_inv_freq(head_dim, 1e6))?;
             let (dq, dq_h) = put(dev, &rand.normal(m * heads * head_dim, 1.0))?;
             let (dk, dk_h) = put(dev, &rand.normal(m * kv_heads * head_dim, 1.0))?;
             let (dv, dv_h) = put(dev, &rand.normal(m * kv_heads * head_dim, 1.0))?;

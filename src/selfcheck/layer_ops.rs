@@ -478,7 +478,7 @@ pub(super) fn checks<D: TrainBackend>(c: &mut Checker<D>, coverage: Coverage) ->
 }
 
 /// RoPE's inverse frequencies theta^(-2i / head_dim), i < head_dim / 2.
-fn rope_inv_freq(head_dim: usize, theta: f64) -> Vec<f32> {
+pub(super) fn rope_inv_freq(head_dim: usize, theta: f64) -> Vec<f32> {
     (0..head_dim / 2)
         .map(|i| (1.0 / theta.powf((2 * i) as f64 / head_dim as f64)) as f32)
         .collect()

@@ -10,8 +10,8 @@ use half::bf16;
 use rayon::prelude::*;
 
 use super::{
-    check_ids, expect, expect_bf16, lock, rows_of, CudaBackend, CudaBuf, CudaDecodeGraph, CudaView,
-    CudaViewMut, DType,
+    check_ids, expect, expect_bf16, expect_inv_freq, lock, rows_of, CudaBackend, CudaBuf,
+    CudaDecodeGraph, CudaView, CudaViewMut, DType,
 };
 use crate::backend::{
     attention_keys_read, qkv_rope_bytes, summarize_ops, Backend, DecodeGraphStats, HeadNorms,
@@ -405,13 +405,7 @@ impl Backend for CudaBackend {
                 DType::Bf16,
                 q.len + k.len + v.len,
             )?;
-            expect(
-                "inv_freq",
-                inv_freq.dtype,
-                inv_freq.len,
-                DType::F32,
-                head_dim / 2,
-            )?;
+            expect_inv_freq(&inv_freq, head_dim)?;
             let bias_ptr = |name: &str, bias: Option<CudaView<'_>>, heads: usize| -> Result<u64> {
                 match bias {
                     Some(b) => {

@@ -4,7 +4,8 @@
 use anyhow::{anyhow, bail, ensure, Context, Result};
 
 use super::{
-    check_ids, expect, expect_bf16, lock, rows_of, CudaBackend, CudaView, CudaViewMut, DType,
+    check_ids, expect, expect_bf16, expect_inv_freq, lock, rows_of, CudaBackend, CudaView,
+    CudaViewMut, DType,
 };
 use crate::backend::{
     attention_keys_read, distinct_rows, gradient_bytes, policy_loss_bytes, GradWrite, PolicyTokens,
@@ -324,13 +325,7 @@ impl TrainBackend for CudaBackend {
         self.run("rope_backward", work, || {
             let m = positions.len();
             expect("dx", dx.dtype, dx.len, DType::Bf16, m * n_heads * head_dim)?;
-            expect(
-                "inv_freq",
-                inv_freq.dtype,
-                inv_freq.len,
-                DType::F32,
-                head_dim / 2,
-            )?;
+            expect_inv_freq(&inv_freq, head_dim)?;
             let pos = self.indices(positions)?;
             ops::rope::rope_backward(
                 self.launcher(),
@@ -379,13 +374,7 @@ impl TrainBackend for CudaBackend {
                 DType::Bf16,
                 dq.len + dk.len + dv.len,
             )?;
-            expect(
-                "inv_freq",
-                inv_freq.dtype,
-                inv_freq.len,
-                DType::F32,
-                head_dim / 2,
-            )?;
+            expect_inv_freq(&inv_freq, head_dim)?;
             let pos = self.indices(positions)?;
             ops::rope::qkv_rope_backward(
                 self.launcher(),

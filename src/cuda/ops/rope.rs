@@ -127,34 +127,52 @@ pub fn qkv_rope_forward(
     n_kv_heads: usize,
     head_dim: usize,
 ) -> Result<()> {
-    const KERNEL: &str = "qkv_rope_forward";
-    let [m_i, n_heads_i, n_kv_i, head_dim_i] =
-        qkv_shapes(KERNEL, m, (n_heads, n_kv_heads, head_dim))?;
+    // the kernel's pointer arguments: q, k, v, qkv, q_bias, k_bias, v_bias
+    let ptrs = [q, kk, v, qkv, q_bias, k_bias, v_bias];
+    let shape = (n_heads, n_kv_heads, head_dim);
+    launch_qkv_rope(
+        k,
+        "qkv_rope_forward",
+        &ptrs,
+        (qkv, [q, kk, v]),
+        (positions, inv_freq),
+        m,
+        shape,
+    )
+}
+
+/// Launches `qkv_rope_forward` or `qkv_rope_backward`: `(ptrs..., const u32* positions, const
+/// float* inv_freq, int m, int n_heads, int n_kv_heads, int head_dim)`, one item per (token, 8 or
+/// 1 frequencies) over every head of the product's rows; `product` is the product's pointer and
+/// q's, k's and v's (or their gradients'), for the 128-bit condition.
+fn launch_qkv_rope(
+    k: &dyn Launcher,
+    kernel: &'static str,
+    ptrs: &[u64],
+    (qkv, parts): (u64, [u64; 3]),
+    (positions, inv_freq): (u64, u64),
+    m: usize,
+    (n_heads, n_kv_heads, head_dim): (usize, usize, usize),
+) -> Result<()> {
+    let ints = qkv_shapes(kernel, m, (n_heads, n_kv_heads, head_dim))?;
     if m == 0 {
         return Ok(());
     }
-    let vectorised = qkv_vectorised(qkv, [q, kk, v], (n_heads, n_kv_heads, head_dim));
+    let vectorised = qkv_vectorised(qkv, parts, (n_heads, n_kv_heads, head_dim));
     let cfg = rope_config(m, n_heads + 2 * n_kv_heads, head_dim, vectorised);
-    let l = KernelLaunch::new(MODULE, KERNEL, cfg)
-        .ptr(q)
-        .ptr(kk)
-        .ptr(v)
-        .ptr(qkv)
-        .ptr(q_bias)
-        .ptr(k_bias)
-        .ptr(v_bias)
-        .ptr(positions)
-        .ptr(inv_freq)
-        .i32(m_i)
-        .i32(n_heads_i)
-        .i32(n_kv_i)
-        .i32(head_dim_i);
-    // SAFETY: matches `(bf16* q, bf16* k, bf16* v, const bf16* qkv, const bf16* q_bias, const
-    // bf16* k_bias, const bf16* v_bias, const u32* positions, const float* inv_freq, int m, int
-    // n_heads, int n_kv_heads, int head_dim)`; the caller owns q of m * n_heads * head_dim bf16, k
-    // and v of m * n_kv_heads * head_dim bf16, qkv of m * (n_heads + 2 n_kv_heads) * head_dim
-    // bf16, the biases (when not 0) of their heads * head_dim bf16, positions of m u32 and
-    // inv_freq of head_dim / 2 f32, and qkv_shapes bounds the kernel's int sizes.
+    let mut l = KernelLaunch::new(MODULE, kernel, cfg);
+    for &p in ptrs.iter().chain(&[positions, inv_freq]) {
+        l = l.ptr(p);
+    }
+    for i in ints {
+        l = l.i32(i);
+    }
+    // SAFETY: both kernels take their bf16 pointers in the order of `ptrs`, then positions,
+    // inv_freq, m, n_heads, n_kv_heads and head_dim; their callers own q (or dq) of m * n_heads
+    // * head_dim bf16, k and v (or dk, dv) of m * n_kv_heads * head_dim bf16, the product (or its
+    // gradient) of m * (n_heads + 2 n_kv_heads) * head_dim bf16, the biases (when not 0) of their
+    // heads * head_dim bf16, positions of m u32 and inv_freq of head_dim / 2 f32; qkv_shapes
+    // bounds the kernel's int sizes.
     unsafe { k.launch(&l) }
 }
 
@@ -277,31 +295,17 @@ pub fn qkv_rope_backward(
     n_kv_heads: usize,
     head_dim: usize,
 ) -> Result<()> {
-    const KERNEL: &str = "qkv_rope_backward";
-    let [m_i, n_heads_i, n_kv_i, head_dim_i] =
-        qkv_shapes(KERNEL, m, (n_heads, n_kv_heads, head_dim))?;
-    if m == 0 {
-        return Ok(());
-    }
-    let vectorised = qkv_vectorised(dqkv, [dq, dk, dv], (n_heads, n_kv_heads, head_dim));
-    let cfg = rope_config(m, n_heads + 2 * n_kv_heads, head_dim, vectorised);
-    let l = KernelLaunch::new(MODULE, KERNEL, cfg)
-        .ptr(dqkv)
-        .ptr(dq)
-        .ptr(dk)
-        .ptr(dv)
-        .ptr(positions)
-        .ptr(inv_freq)
-        .i32(m_i)
-        .i32(n_heads_i)
-        .i32(n_kv_i)
-        .i32(head_dim_i);
-    // SAFETY: matches `(bf16* dqkv, const bf16* dq, const bf16* dk, const bf16* dv, const u32*
-    // positions, const float* inv_freq, int m, int n_heads, int n_kv_heads, int head_dim)`; the
-    // caller owns dqkv of m * (n_heads + 2 n_kv_heads) * head_dim bf16, dq of m * n_heads *
-    // head_dim bf16, dk and dv of m * n_kv_heads * head_dim bf16, positions of m u32 and inv_freq
-    // of head_dim / 2 f32, and qkv_shapes bounds the kernel's int sizes.
-    unsafe { k.launch(&l) }
+    let ptrs = [dqkv, dq, dk, dv];
+    let shape = (n_heads, n_kv_heads, head_dim);
+    launch_qkv_rope(
+        k,
+        "qkv_rope_backward",
+        &ptrs,
+        (dqkv, [dq, dk, dv]),
+        (positions, inv_freq),
+        m,
+        shape,
+    )
 }
 
 #[cfg(test)]
