@@ -58,7 +58,7 @@ residual_add(__nv_bfloat16* x, const __nv_bfloat16* y, int n) {
 }
 
 // ----------------------------------------------------------------------------
-// out = silu(gate) * up   out, gate, up: bf16 (n).
+// out = silu(gate) * up, from the gate and up projections' one product (below).
 // Same formula and operation order as the CPU reference: gate / (1 + exp(-gate)) * up, with the
 // accurate expf and an IEEE division (the kernels are not built with --use_fast_math). For a very
 // negative gate exp overflows to inf and the result is -0, as on the CPU.

@@ -178,6 +178,14 @@ pub fn load_moments(path: &Path, layout: &ParamLayout) -> Result<(Vec<f32>, Vec<
         }
         // The file holds the tensors one after the other in list order: each is copied to its
         // range (the data may be unaligned inside the mapping: byte-wise, one value at a time).
+        if t.data().len() != 4 * n {
+            bail!(
+                "{}: tensor `{name}` holds {} bytes, expected {} (F32 [{n}])",
+                path.display(),
+                t.data().len(),
+                4 * n
+            );
+        }
         let mut values = vec![0.0f32; n];
         let mut values_in_file = t.data().chunks_exact(4).enumerate();
         for spec in &layout.specs {

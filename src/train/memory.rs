@@ -89,8 +89,8 @@ impl TrainMemory {
         // Decoding (the rollout, the evaluation): the cache and one row of f32 logits per
         // sequence, and the prefill's forward pass over the distinct prompts, whose layers share
         // one set of intermediates (the residual stream, its norms, the projections' product,
-        // q, k, v, the attention output and projection, gate, up and act) besides the normed
-        // rows of the head.
+        // q, k, v, the attention output and projection, gate and up's product (2 I) and act)
+        // besides the normed rows of the head.
         let decode = |seqs: usize, prompts: usize, len: usize| {
             let prefill_tokens = prompts * prompt_len;
             let prefill = prefill_tokens * (4 * h + qkv + 2 * q + 2 * kv + 3 * i) * storage_bytes
@@ -109,9 +109,10 @@ impl TrainMemory {
             decode(eval_seqs, eval_seqs, prompt_len + shape.eval_cap)
         };
         // Update, per micro-batch: LayerActs per layer (5 of [M, H], q and attention output, k
-        // and v, gate, up and act, f32 lse), the head (one chunk of rows' f32 logits and their
-        // gradient; for every scored row the normed and unnormed rows and their gradients) and
-        // the backward scratch (3 of [M, I], 3 of [M, H], 2 of [M, q], 2 of [M, kv], the cache's
+        // and v, gate and up's product [M, 2 I] and act, f32 lse), the head (one chunk of rows'
+        // f32 logits and their gradient; for every scored row the normed and unnormed rows and
+        // their gradients) and the backward scratch (the gradients of act and of gate and up's
+        // product: 3 of [M, I]; 3 of [M, H], 2 of [M, q], 2 of [M, kv], the cache's
         // gradient, and the gradient of the projections' product or, with qk_norm, of k before
         // its norm), and the projections' product the layers share (the forward's, or the
         // recompute's beside the backward with checkpointed layers: counted once either way).

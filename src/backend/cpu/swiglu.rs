@@ -13,7 +13,7 @@ fn rows_per_task(inter: usize) -> usize {
 /// gate_up: [M, 2 I] (each row gate's, then up's); out: [M, I].
 pub fn swiglu_forward(out: &mut [f32], gate_up: &[f32], inter: usize) {
     assert!(
-        gate_up.len() == 2 * out.len() && (inter > 0 || out.is_empty()),
+        inter > 0 && out.len().is_multiple_of(inter) && gate_up.len() == 2 * out.len(),
         "swiglu_forward: gate_up is not [M, 2 I] for out: [M, I]"
     );
     let rows = rows_per_task(inter);
@@ -40,9 +40,10 @@ pub fn swiglu_forward(out: &mut [f32], gate_up: &[f32], inter: usize) {
 /// (overwritten) laid out as gate_up: [M, 2 I]; dout: [M, I].
 pub fn swiglu_backward(d_gate_up: &mut [f32], dout: &[f32], gate_up: &[f32], inter: usize) {
     assert!(
-        gate_up.len() == 2 * dout.len()
-            && d_gate_up.len() == gate_up.len()
-            && (inter > 0 || dout.is_empty()),
+        inter > 0
+            && dout.len().is_multiple_of(inter)
+            && gate_up.len() == 2 * dout.len()
+            && d_gate_up.len() == gate_up.len(),
         "swiglu_backward: gate_up and d_gate_up are not [M, 2 I] for dout: [M, I]"
     );
     let rows = rows_per_task(inter);
