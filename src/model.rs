@@ -520,7 +520,7 @@ impl<B: Backend> Model<B> {
         let (m, h) = (place.slots.len(), cfg.hidden_size);
         let n = cfg.q_dim() + 2 * cfg.kv_dim();
         let w = b.view(&self.params, self.layout.qkv_weights(l));
-        b.matmul_forward(b.view_mut(qkv, 0..m * n), b.full(&a.xn1), w, None, m, h, n);
+        b.matmul_forward(b.full_mut(qkv), b.full(&a.xn1), w, None, m, h, n);
         let norms = match (lp.q_norm, lp.k_norm) {
             (Some(q_norm), Some(k_norm)) => Some(HeadNorms {
                 weights: [self.p(q_norm), self.p(k_norm)],
@@ -538,7 +538,7 @@ impl<B: Backend> Model<B> {
                 b.full_mut(&mut a.k),
                 b.full_mut(&mut a.v),
             ],
-            b.view(qkv, 0..m * n),
+            b.full(qkv),
             [
                 self.p_opt(lp.q_bias),
                 self.p_opt(lp.k_bias),

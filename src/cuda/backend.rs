@@ -464,6 +464,25 @@ fn expect(arg: &str, dtype: DType, len: usize, want_dtype: DType, want_len: usiz
     Ok(())
 }
 
+/// q, k and v (or their gradients: `names`, then their product's), bf16 [m, n_heads * head_dim]
+/// and [m, n_kv_heads * head_dim] twice, and their projections' product (or its gradient) with
+/// their rows side by side: bf16 [m, (n_heads + 2 n_kv_heads) * head_dim]. Each operand is
+/// (dtype, len).
+fn expect_qkv(
+    names: [&str; 4],
+    parts: [(DType, usize); 3],
+    product: (DType, usize),
+    m: usize,
+    (n_heads, n_kv_heads, head_dim): (usize, usize, usize),
+) -> Result<()> {
+    let widths = [n_heads, n_kv_heads, n_kv_heads].map(|heads| m * heads * head_dim);
+    for ((name, (dtype, len)), want) in names.iter().zip(parts).zip(widths) {
+        expect(name, dtype, len, DType::Bf16, want)?;
+    }
+    let (dtype, len) = product;
+    expect(names[3], dtype, len, DType::Bf16, widths.iter().sum())
+}
+
 /// RoPE's frequencies: f32 [head_dim / 2].
 fn expect_inv_freq(inv_freq: &CudaView<'_>, head_dim: usize) -> Result<()> {
     expect(

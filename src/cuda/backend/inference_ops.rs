@@ -10,8 +10,8 @@ use half::bf16;
 use rayon::prelude::*;
 
 use super::{
-    check_ids, expect, expect_bf16, expect_inv_freq, lock, rows_of, CudaBackend, CudaBuf,
-    CudaDecodeGraph, CudaView, CudaViewMut, DType,
+    check_ids, expect, expect_bf16, expect_inv_freq, expect_qkv, lock, rows_of, CudaBackend,
+    CudaBuf, CudaDecodeGraph, CudaView, CudaViewMut, DType,
 };
 use crate::backend::{
     attention_keys_read, qkv_rope_bytes, summarize_ops, Backend, DecodeGraphStats, HeadNorms,
@@ -395,15 +395,12 @@ impl Backend for CudaBackend {
         let work = || Work::moving(bytes);
         self.run("qkv_rope_forward", work, || {
             let m = positions.len();
-            expect("q", q.dtype, q.len, DType::Bf16, m * n_heads * head_dim)?;
-            expect("k", k.dtype, k.len, DType::Bf16, m * n_kv_heads * head_dim)?;
-            expect("v", v.dtype, v.len, DType::Bf16, m * n_kv_heads * head_dim)?;
-            expect(
-                "qkv",
-                qkv.dtype,
-                qkv.len,
-                DType::Bf16,
-                q.len + k.len + v.len,
+            expect_qkv(
+                ["q", "k", "v", "qkv"],
+                [(q.dtype, q.len), (k.dtype, k.len), (v.dtype, v.len)],
+                (qkv.dtype, qkv.len),
+                m,
+                (n_heads, n_kv_heads, head_dim),
             )?;
             expect_inv_freq(&inv_freq, head_dim)?;
             let bias_ptr = |name: &str, bias: Option<CudaView<'_>>, heads: usize| -> Result<u64> {

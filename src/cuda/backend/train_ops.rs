@@ -4,8 +4,8 @@
 use anyhow::{anyhow, bail, ensure, Context, Result};
 
 use super::{
-    check_ids, expect, expect_bf16, expect_inv_freq, lock, rows_of, CudaBackend, CudaView,
-    CudaViewMut, DType,
+    check_ids, expect, expect_bf16, expect_inv_freq, expect_qkv, lock, rows_of, CudaBackend,
+    CudaView, CudaViewMut, DType,
 };
 use crate::backend::{
     attention_keys_read, distinct_rows, gradient_bytes, policy_loss_bytes, GradWrite, PolicyTokens,
@@ -352,27 +352,12 @@ impl TrainBackend for CudaBackend {
         let work = || Work::moving(dqkv.bytes() + dq.bytes() + dk.bytes() + dv.bytes());
         self.run("qkv_rope_backward", work, || {
             let m = positions.len();
-            expect("dq", dq.dtype, dq.len, DType::Bf16, m * n_heads * head_dim)?;
-            expect(
-                "dk",
-                dk.dtype,
-                dk.len,
-                DType::Bf16,
-                m * n_kv_heads * head_dim,
-            )?;
-            expect(
-                "dv",
-                dv.dtype,
-                dv.len,
-                DType::Bf16,
-                m * n_kv_heads * head_dim,
-            )?;
-            expect(
-                "dqkv",
-                dqkv.dtype,
-                dqkv.len,
-                DType::Bf16,
-                dq.len + dk.len + dv.len,
+            expect_qkv(
+                ["dq", "dk", "dv", "dqkv"],
+                [dq, dk, dv].map(|g| (g.dtype, g.len)),
+                (dqkv.dtype, dqkv.len),
+                m,
+                (n_heads, n_kv_heads, head_dim),
             )?;
             expect_inv_freq(&inv_freq, head_dim)?;
             let pos = self.indices(positions)?;
