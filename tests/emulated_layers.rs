@@ -784,3 +784,39 @@ fn advance_positions_adds_one_to_each_position() {
         &want,
     );
 }
+
+/// The emulator refuses the launches cuLaunchKernel refuses (an empty grid, more than 65535
+/// blocks in y or z, a block over 64 threads deep), so a launcher that makes one fails here
+/// rather than on the GPU.
+#[test]
+fn the_emulator_refuses_launch_shapes_cuda_refuses() {
+    use cuda_emulator::{launch_kernel, Arg, Launch};
+    let (mut x, y) = (vec![0u16; 8], vec![0u16; 8]);
+    let args = [
+        Arg::Pointer(x.as_mut_ptr() as u64),
+        Arg::Pointer(y.as_ptr() as u64),
+        Arg::Int32(8),
+    ];
+    let launch = |grid, block| {
+        let cfg = Launch {
+            grid,
+            block,
+            shared_bytes: 0,
+        };
+        // SAFETY: x and y hold the 8 values the kernel touches.
+        unsafe { launch_kernel("elementwise", "residual_add", cfg, &args) }
+    };
+    assert_eq!(launch((1, 1, 1), (256, 1, 1)), Ok(()));
+    for grid in [
+        (0, 1, 1),
+        (1, 0, 1),
+        (1, 1, 0),
+        (1, 65536, 1),
+        (1, 1, 65536),
+    ] {
+        let refused = launch(grid, (256, 1, 1)).expect_err("a launch CUDA refuses ran");
+        assert!(refused.contains("grid must be"), "{grid:?}: {refused}");
+    }
+    let refused = launch((1, 1, 1), (1, 1, 65)).expect_err("a block 65 threads deep ran");
+    assert!(refused.contains("at most 64 in z"), "{refused}");
+}

@@ -155,6 +155,7 @@ fn measure<B: TrainBackend>(backend: B, meter: &dyn Meter, case: Case) -> (usize
         lr: 1e-5,
         grad_clip: 1.0,
         micro_batch,
+        halve_on_out_of_memory: false,
     };
     let before = meter.live();
     meter.reset_peak();

@@ -7,11 +7,13 @@
 
 pub mod cpu;
 mod op_profile;
+mod out_of_memory;
 
 pub use op_profile::{
     attention_keys_read, distinct_rows, gradient_bytes, policy_loss_bytes, qkv_rope_bytes,
     summarize_ops, OpSample, OpTime, Work,
 };
+pub use out_of_memory::{out_of_device_memory, OutOfDeviceMemory};
 
 use crate::grpo::{AdvantageOptions, LossOptions};
 use crate::sampling::{SamplingParams, TokenDraws};
@@ -226,6 +228,13 @@ pub trait Backend: Send + Sync {
     /// Ops do not return errors (the CPU ones cannot fail); a device backend records its first
     /// failure and returns it here and from `download`.
     fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+    /// After work failed with [`OutOfDeviceMemory`] and its buffers were dropped: waits for the
+    /// queued work, forgets the failure (a device backend skips every op after its first failed
+    /// one until then) and gives back the memory the device keeps cached for reuse, so that
+    /// smaller work can run. Fails with the kept error when an op failed for another reason.
+    fn recover_from_out_of_memory(&self) -> Result<()> {
         Ok(())
     }
     fn len(&self, buf: &Self::Buf) -> usize;

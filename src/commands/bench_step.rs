@@ -389,6 +389,8 @@ fn one_step<B: TrainBackend>(
             lr: 1e-6,
             grad_clip: 1.0,
             micro_batch: args.micro_batch,
+            // a benchmark measures the micro-batch it is given
+            halve_on_out_of_memory: false,
         },
     )?;
     model.backend.synchronize()?;

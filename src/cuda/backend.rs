@@ -14,7 +14,10 @@
 //! fail), so the first failure (a bad shape or dtype, a launch error) is recorded, later ops are
 //! skipped, and the error comes back from `synchronize` and `download`: a failed forward can never
 //! be read as a result. Buffers come from the driver's stream-ordered pool (cuMemAllocAsync), so a
-//! freed buffer is reused by the next allocation of that size without a device-wide sync.
+//! freed buffer is reused by the next allocation of that size without a device-wide sync. An
+//! allocation the pool has no room for is tried once more after the pool gave its cached memory
+//! back; failing again, it is an [`OutOfDeviceMemory`] error, which leaves the device usable
+//! (`Backend::recover_from_out_of_memory`).
 //!
 //! Host-side index arrays (token ids, slots, positions, rows, targets) are copied to the device
 //! when an op needs them; the last few are kept and reused when the same values come again (the
@@ -36,7 +39,9 @@ use super::device::{CudaDevice, Device, DeviceMemory, Gemm, TimingMark};
 use super::launch::Launcher;
 use super::ops;
 use super::ops::flash_attention::{FlashBackward, FlashForward};
-use crate::backend::{DecodeGraphStats, TokenPlacement, Work};
+use crate::backend::{
+    out_of_device_memory, DecodeGraphStats, OutOfDeviceMemory, TokenPlacement, Work,
+};
 pub use decode_graph::CudaDecodeGraph;
 use decode_graph::RecordedInputs;
 
@@ -113,8 +118,9 @@ pub struct CudaBackend {
     /// The GPU (or, in the tests, the CPU emulator) that runs everything.
     dev: Arc<dyn Device>,
     device_name: String,
-    /// The first error of any op since the backend was made (sticky, like a CUDA context error).
-    error: Mutex<Option<String>>,
+    /// The first error of any op since the backend was made or recovered from (sticky, like a
+    /// CUDA context error).
+    error: Mutex<Option<OpFailure>>,
     /// Recently uploaded index arrays, most recent last.
     indices: Mutex<Vec<DeviceIndices>>,
     /// f32 scratch for ops that need temporary storage (decode attention's split results, the
@@ -138,6 +144,36 @@ pub struct CudaBackend {
     /// `upload_into`'s bf16 copy of the host values, kept and grown (the offloaded optimizer
     /// writes 64 Mi weights a transfer: a fresh allocation would fault its pages every time).
     upload_staging: Mutex<Vec<bf16>>,
+}
+
+/// Why an op failed.
+enum OpFailure {
+    /// An allocation found no room: the device is fine, and `recover_from_out_of_memory`
+    /// forgets the failure.
+    OutOfMemory {
+        op: &'static str,
+        error: OutOfDeviceMemory,
+    },
+    Other(String),
+}
+
+impl OpFailure {
+    fn new(op: &'static str, e: &anyhow::Error) -> Self {
+        match out_of_device_memory(e) {
+            Some(error) => OpFailure::OutOfMemory { op, error },
+            None => OpFailure::Other(format!("CUDA {op}: {e:#}")),
+        }
+    }
+
+    /// The error to report (each time the failure is asked about).
+    fn error(&self) -> anyhow::Error {
+        match self {
+            OpFailure::OutOfMemory { op, error } => {
+                anyhow::Error::new(*error).context(format!("CUDA {op}"))
+            }
+            OpFailure::Other(message) => anyhow!("{message}"),
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -235,14 +271,39 @@ impl CudaBackend {
             })(),
         };
         if let Err(e) = result {
-            *error = Some(format!("CUDA {op}: {e:#}"));
+            *error = Some(OpFailure::new(op, &e));
         }
     }
 
     fn check_error(&self) -> Result<()> {
         match &*lock(&self.error) {
-            Some(e) => Err(anyhow!("{e}")),
+            Some(failure) => Err(failure.error()),
             None => Ok(()),
+        }
+    }
+
+    /// `Backend::recover_from_out_of_memory`.
+    fn forget_out_of_memory(&self) -> Result<()> {
+        {
+            let mut error = lock(&self.error);
+            if let Some(other @ OpFailure::Other(_)) = &*error {
+                return Err(other.error());
+            }
+            *error = None;
+        }
+        self.dev.release_cached_memory()
+    }
+
+    /// `bytes` of device memory. An allocation that finds no room is tried once more after the
+    /// device gave back the memory it keeps cached (freed buffers, in pieces that earlier work
+    /// shaped); not while recording, when waiting for the device is not allowed.
+    fn device_alloc(&self, bytes: usize) -> Result<Arc<dyn DeviceMemory>> {
+        match self.dev.alloc(bytes) {
+            Err(e) if out_of_device_memory(&e).is_some() && !self.dev.recording()? => {
+                self.dev.release_cached_memory()?;
+                self.dev.alloc(bytes)
+            }
+            allocated => allocated,
         }
     }
 
@@ -250,9 +311,9 @@ impl CudaBackend {
         let bytes = len
             .checked_mul(dtype.size())
             .context("buffer size overflows")?;
-        let mem = self.dev.alloc(bytes).with_context(|| {
+        let mem = self.device_alloc(bytes).with_context(|| {
             format!(
-                "allocating {:.1} MiB on the GPU (out of memory? use a smaller batch or model)",
+                "allocating {:.1} MiB on the GPU (use a smaller batch or model)",
                 bytes as f64 / (1u64 << 20) as f64
             )
         })?;
@@ -281,7 +342,7 @@ impl CudaBackend {
 
     /// A device copy of `host`, freed in the order of the device's work when dropped.
     fn device_copy<T: bytemuck::Pod>(&self, host: &[T]) -> Result<Arc<dyn DeviceMemory>> {
-        let mem = self.dev.alloc(std::mem::size_of_val(host))?;
+        let mem = self.device_alloc(std::mem::size_of_val(host))?;
         // SAFETY: `mem` holds size_of_val(host) bytes.
         unsafe {
             self.dev

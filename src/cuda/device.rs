@@ -20,6 +20,7 @@ use cudarc::driver::{
 
 use super::backend::DType;
 use super::launch::{KernelCtx, KernelLaunch, Launcher};
+use crate::backend::OutOfDeviceMemory;
 
 /// Device memory, freed (in the order of the device's work) when dropped.
 pub trait DeviceMemory: Send + Sync {
@@ -59,8 +60,14 @@ pub struct Gemm {
 /// A device the CUDA backend runs on. Work is queued in order: every launch, fill, copy and
 /// GEMM sees the results of those queued before it.
 pub trait Device: Launcher + Send + Sync {
-    /// `bytes` of uninitialised memory (at least 1 byte is allocated).
+    /// `bytes` of uninitialised memory (at least 1 byte is allocated). A device without room
+    /// for them fails with [`OutOfDeviceMemory`] (and stays usable).
     fn alloc(&self, bytes: usize) -> Result<Arc<dyn DeviceMemory>>;
+
+    /// Waits for the queued work, then gives the memory of freed buffers that the device keeps
+    /// for reuse back to the system (CUDA: trims the stream-ordered pool), so that an allocation
+    /// those cached pieces could not serve may succeed.
+    fn release_cached_memory(&self) -> Result<()>;
 
     /// Copies `src` to `dst` in order with the queued work; `src` may change once this returns
     /// (CUDA stages an asynchronous copy from pageable memory before returning, by its API
@@ -199,9 +206,20 @@ impl Launcher for CudaDevice {
 impl Device for CudaDevice {
     fn alloc(&self, bytes: usize) -> Result<Arc<dyn DeviceMemory>> {
         // SAFETY: the memory is written before any read: the backend's contract for `empty`.
-        let mem = unsafe { self.stream().alloc::<u8>(bytes.max(1)) }?;
+        let mem = match unsafe { self.stream().alloc::<u8>(bytes.max(1)) } {
+            Ok(mem) => mem,
+            Err(e) if e.0 == drv_sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY => {
+                return Err(OutOfDeviceMemory { bytes }.into())
+            }
+            Err(e) => return Err(anyhow!("cuMemAllocAsync of {bytes} bytes: {e:?}")),
+        };
         let (ptr, _) = mem.device_ptr(self.stream());
         Ok(Arc::new(PoolMemory { _mem: mem, ptr }))
+    }
+
+    fn release_cached_memory(&self) -> Result<()> {
+        self.synchronize()?;
+        trim_pool(&self.k.ctx)
     }
 
     unsafe fn copy_to_device(&self, dst: u64, src: &[u8]) -> Result<()> {
@@ -364,24 +382,42 @@ fn set_blas_workspace(blas: &CudaBlas, stream: &Arc<CudaStream>) -> Result<CudaS
 /// Makes the device's stream-ordered memory pool keep freed blocks instead of returning them to
 /// the system at every synchronisation (its default threshold is 0): buffers of a repeated step
 /// then come from the pool, and a steady-state forward or training step does not call the
-/// system allocator.
+/// system allocator. An allocation that fails gives the kept memory back (`trim_pool`) before it
+/// is tried again (`CudaBackend`).
 fn keep_freed_memory_cached(ctx: &Arc<CudaContext>) -> Result<()> {
-    use cudarc::driver::sys;
-    ctx.bind_to_thread()?;
-    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let pool = default_pool(ctx)?;
     let mut threshold: u64 = u64::MAX;
-    // SAFETY: plain driver calls on this context's device with valid out-pointers.
+    // SAFETY: a plain driver call on this context's pool with a valid value pointer.
     unsafe {
-        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
-            .result()
-            .context("cuDeviceGetDefaultMemPool")?;
-        sys::cuMemPoolSetAttribute(
+        drv_sys::cuMemPoolSetAttribute(
             pool,
-            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            drv_sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
             (&mut threshold) as *mut u64 as *mut _,
         )
-        .result()
-        .context("cuMemPoolSetAttribute(RELEASE_THRESHOLD)")?;
     }
-    Ok(())
+    .result()
+    .context("cuMemPoolSetAttribute(RELEASE_THRESHOLD)")
+}
+
+/// The stream-ordered pool that `alloc` draws from (the device's default pool).
+fn default_pool(ctx: &Arc<CudaContext>) -> Result<drv_sys::CUmemoryPool> {
+    ctx.bind_to_thread()?;
+    let mut pool: drv_sys::CUmemoryPool = std::ptr::null_mut();
+    // SAFETY: a plain driver call on this context's device with a valid out-pointer.
+    unsafe { drv_sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) }
+        .result()
+        .context("cuDeviceGetDefaultMemPool")?;
+    Ok(pool)
+}
+
+/// Returns every piece of the pool that no live buffer uses to the system. The pool keeps the
+/// memory of freed buffers (`keep_freed_memory_cached`) in pieces shaped by earlier work, which a
+/// larger allocation may not fit; released, that memory serves any shape again.
+fn trim_pool(ctx: &Arc<CudaContext>) -> Result<()> {
+    let pool = default_pool(ctx)?;
+    // SAFETY: a plain driver call on this context's pool; the caller waited for the queued
+    // work, so the buffers freed before it are free on the device too.
+    unsafe { drv_sys::cuMemPoolTrimTo(pool, 0) }
+        .result()
+        .context("cuMemPoolTrimTo")
 }

@@ -91,6 +91,7 @@ fn run_update<B: TrainBackend>(
             lr: 1e-4,
             grad_clip,
             micro_batch,
+            halve_on_out_of_memory: false,
         },
     )?;
     anyhow::ensure!(

@@ -32,7 +32,9 @@ use run_log::{CompletionLine, EvalLine, RunLog};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
-use update::{completion_logprobs, policy_update, UpdateBatch, UpdateOptions};
+use update::{
+    completion_logprobs, halving_on_out_of_memory, policy_update, UpdateBatch, UpdateOptions,
+};
 
 use checkpoints::{
     check_checkpoint_folder, check_resumed_settings, read_state, remove_old_checkpoints,
@@ -251,7 +253,7 @@ pub fn train_on<B: TrainBackend>(
     // The automatic choice leaves a tenth of the free memory to what the estimate does not
     // count (the pool's fragmentation, cuBLAS workspaces, small buffers).
     let room = free.map(|f| f - f / 10);
-    let micro_batch = memory::micro_batch(cfg.micro_batch, sequences, room, estimate);
+    let mut micro_batch = memory::micro_batch(cfg.micro_batch, sequences, room, estimate);
     if run.dry_run {
         print_plan(cfg, inputs, &model_cfg, &state, prompt_len, backend.name());
     }
@@ -475,9 +477,18 @@ pub fn train_on<B: TrainBackend>(
         let ref_logp: Option<Vec<f32>> = match &mut reference_params {
             Some(reference) => {
                 std::mem::swap(&mut model.params, reference);
-                let logp = completion_logprobs(&model, &seqs, micro_batch, temperature);
+                let logp = halving_on_out_of_memory(
+                    &model.backend,
+                    "the reference log-probs",
+                    micro_batch,
+                    seqs.len(),
+                    true,
+                    |size| completion_logprobs(&model, &seqs, size, temperature),
+                );
                 std::mem::swap(&mut model.params, reference);
-                Some(logp?)
+                let (logp, ran_with) = logp?;
+                micro_batch = ran_with;
+                Some(logp)
             }
             None => None,
         };
@@ -502,8 +513,10 @@ pub fn train_on<B: TrainBackend>(
                 lr,
                 grad_clip: cfg.optim.grad_clip,
                 micro_batch,
+                halve_on_out_of_memory: true,
             },
         )?;
+        micro_batch = update.micro_batch;
         let update_s = t_update.elapsed().as_secs_f64();
         if update.skipped {
             eprintln!(
@@ -581,6 +594,7 @@ pub fn train_on<B: TrainBackend>(
             logp_gap,
             rollout_s,
             update_s,
+            micro_batch,
             reward_correct_std: std(&correct_part),
             reward_length_std: std(&length_part),
             reward_format_std: std(&format_part),

@@ -5,11 +5,13 @@
 //! add up in the one gradient buffer: the advantages and loss weights are those of the whole
 //! batch, so the step is the whole batch's step (up to float summation order) while only one
 //! micro-batch's activations are held at a time. Only the loss statistics (12 floats per
-//! micro-batch) and the first epoch's log-probs come back to the host.
+//! micro-batch) and the first epoch's log-probs come back to the host. Where the caller allows
+//! it (`train` does), passes that run out of device memory run again at half the micro-batch
+//! (`halving_on_out_of_memory`), down to one completion per pass.
 //! Written once for every backend; `selfcheck` runs it on CUDA and on the CPU and compares.
 
 use super::optimizer::DeviceOptimizer;
-use crate::backend::{policy_stat, TrainBackend, POLICY_STATS};
+use crate::backend::{out_of_device_memory, policy_stat, Backend, TrainBackend, POLICY_STATS};
 use crate::grpo::advantage::{check_groups, AdvantageOptions};
 use crate::grpo::policy_loss::{
     completion_weights, included_completions, included_counts, LossOptions, LossStats,
@@ -53,6 +55,10 @@ pub struct UpdateOptions<'a> {
     pub grad_clip: f64,
     /// Completions per forward and backward pass (0: all of them in one).
     pub micro_batch: usize,
+    /// When an epoch's passes run out of device memory: run them again with half as many
+    /// completions each, instead of failing (the micro-batch changes only the memory held and
+    /// the order of float sums).
+    pub halve_on_out_of_memory: bool,
 }
 
 /// What the last epoch of an update measured.
@@ -67,6 +73,9 @@ pub struct UpdateResult {
     pub skipped: bool,
     /// The policy's per-token log-probs at the first forward pass (before any step).
     pub first_logp: Vec<f32>,
+    /// Completions per pass the update ended with: the options', or less where it ran out of
+    /// device memory.
+    pub micro_batch: usize,
 }
 
 /// One forward and backward pass of the update: a run of consecutive completions and the
@@ -97,6 +106,38 @@ pub fn micro_batches(lens: &[usize], size: usize) -> Vec<MicroBatch> {
 /// The packed batch of the completions `m` of `seqs`.
 fn micro_train_batch(seqs: &[(&[u32], &[u32])], m: &MicroBatch) -> Result<TrainBatch> {
     TrainBatch::new(&seqs[m.completions.clone()])
+}
+
+/// Runs `work(micro_batch)`, a job done `micro_batch` completions per pass (0: all
+/// `completions` in one). With `halve` set, a job that runs out of device memory runs again,
+/// after the backend recovered, at half the size (down to one completion per pass; `what` names
+/// the job in the note this prints). Returns the result and the micro-batch it ran with. The
+/// job's buffers are dropped when it returns its error, so the next try has their memory.
+pub fn halving_on_out_of_memory<B: Backend, T>(
+    backend: &B,
+    what: &str,
+    micro_batch: usize,
+    completions: usize,
+    halve: bool,
+    mut work: impl FnMut(usize) -> Result<T>,
+) -> Result<(T, usize)> {
+    let mut size = micro_batch;
+    loop {
+        let error = match work(size) {
+            Ok(done) => return Ok((done, size)),
+            Err(e) => e,
+        };
+        let per_pass = if size == 0 { completions } else { size };
+        if !halve || per_pass <= 1 || out_of_device_memory(&error).is_none() {
+            return Err(error);
+        }
+        backend.recover_from_out_of_memory()?;
+        size = per_pass.div_ceil(2);
+        eprintln!(
+            "\nnote: {what} ran out of device memory with {per_pass} completions per pass \
+             ({error:#}); it runs {size} per pass from now on"
+        );
+    }
 }
 
 /// log π(token) at temperature τ of every completion token of `seqs` ([R], completion after
@@ -138,6 +179,66 @@ fn check(u: &UpdateBatch) -> Result<usize> {
     Ok(r)
 }
 
+/// What every pass of an update reads: the batch, the options, and on the device each
+/// completion's advantage and loss weight ([N]); the completion of each scored token ([R]).
+struct PassInputs<'a, B: TrainBackend> {
+    u: &'a UpdateBatch<'a>,
+    o: &'a UpdateOptions<'a>,
+    advantages: B::Buf,
+    weights: B::Buf,
+    row_seqs: Vec<u32>,
+}
+
+/// One epoch's forward and backward passes over `passes`, their gradients summed in
+/// `opt.grads` (cleared first); returns the loss statistics' sums over all passes. Epoch 0
+/// appends each pass's log-probs to `first_logp`; later epochs take logπold from it.
+fn gradient_passes<B: TrainBackend>(
+    model: &Model<B>,
+    opt: &mut DeviceOptimizer<B>,
+    inputs: &PassInputs<B>,
+    passes: &[MicroBatch],
+    epoch: usize,
+    first_logp: &mut Vec<f32>,
+) -> Result<[f64; POLICY_STATS]> {
+    let (b, u, o) = (&model.backend, inputs.u, inputs.o);
+    opt.zero_grads(b);
+    let mut sums = [0.0f64; POLICY_STATS]; // the statistics' column sums over all passes
+    for m in passes {
+        let batch = micro_train_batch(u.seqs, m)?;
+        let acts = model.forward_activations(&batch, o.temperature)?;
+        let rows_of = |x: &[f32]| b.upload_f32(&x[m.scored.clone()]);
+        let old_logp = match u.old_logp {
+            Some(given) => Some(rows_of(given)?),
+            None if epoch > 0 => Some(rows_of(first_logp)?),
+            None => None, // logπold = logπθ
+        };
+        let ref_logp = u.ref_logp.map(rows_of).transpose()?;
+        let policy_inputs = PolicyInputs {
+            seqs: &inputs.row_seqs[m.scored.clone()],
+            advantages: &inputs.advantages,
+            weights: &inputs.weights,
+            old_logp: old_logp.as_ref(),
+            ref_logp: ref_logp.as_ref(),
+        };
+        let rows = model.backward_policy(&batch, &acts, &policy_inputs, o.loss, &mut opt.grads)?;
+        drop(acts);
+        let mut pass_sums = b.zeros_f32(2 * POLICY_STATS)?;
+        b.column_sums(
+            b.full_mut(&mut pass_sums),
+            b.full(&rows.stats),
+            POLICY_STATS,
+        );
+        let pass_sums = b.download(b.full(&pass_sums))?;
+        for (col, sum) in sums.iter_mut().enumerate() {
+            *sum += pass_sums[2 * col] as f64 + pass_sums[2 * col + 1] as f64;
+        }
+        if epoch == 0 {
+            first_logp.extend(b.download(b.full(&rows.logp))?);
+        }
+    }
+    Ok(sums)
+}
+
 /// Runs the update on `model` and `opt`.
 pub fn policy_update<B: TrainBackend>(
     model: &mut Model<B>,
@@ -165,58 +266,43 @@ pub fn policy_update<B: TrainBackend>(
         .into_iter()
         .map(|w| w as f32)
         .collect();
-    let weights = b.upload_f32(&weights)?; // [N]
-                                           // The completion of each scored token: [R], indices into the whole batch's [N] arrays.
-    let row_seqs: Vec<u32> = (0..n as u32)
-        .flat_map(|i| std::iter::repeat_n(i, lens[i as usize]))
-        .collect();
+    let inputs = PassInputs {
+        u,
+        o,
+        advantages,
+        weights: b.upload_f32(&weights)?, // [N]
+        // the completion of each scored token: [R], indices into the whole batch's [N] arrays
+        row_seqs: (0..n as u32)
+            .flat_map(|i| std::iter::repeat_n(i, lens[i as usize]))
+            .collect(),
+    };
     let (tokens, sequences) = included_counts(&lens, &included);
     let per_token = |x: f64| if tokens == 0 { 0.0 } else { x / tokens as f64 };
-    // A micro-batch without scored tokens adds nothing to the loss or the gradient.
-    let passes: Vec<MicroBatch> = micro_batches(&lens, o.micro_batch)
-        .into_iter()
-        .filter(|m| !m.scored.is_empty())
-        .collect();
 
     let mut first_logp: Vec<f32> = Vec::with_capacity(r); // [R], filled by the first epoch
+    let mut micro_batch = o.micro_batch;
     let mut last = None;
     for epoch in 0..o.epochs.max(1) {
+        let (sums, ran_with) = halving_on_out_of_memory(
+            &model.backend,
+            "the update",
+            micro_batch,
+            n,
+            o.halve_on_out_of_memory,
+            |size| {
+                // A micro-batch without scored tokens adds nothing to the loss or the gradient.
+                let passes: Vec<MicroBatch> = micro_batches(&lens, size)
+                    .into_iter()
+                    .filter(|m| !m.scored.is_empty())
+                    .collect();
+                if epoch == 0 {
+                    first_logp.clear(); // from a try that ran out of memory
+                }
+                gradient_passes(model, opt, &inputs, &passes, epoch, &mut first_logp)
+            },
+        )?;
+        micro_batch = ran_with;
         let b = &model.backend;
-        opt.zero_grads(b);
-        let mut sums = [0.0f64; POLICY_STATS]; // the statistics' column sums over all passes
-        for m in &passes {
-            let batch = micro_train_batch(u.seqs, m)?;
-            let acts = model.forward_activations(&batch, o.temperature)?;
-            let rows_of = |x: &[f32]| b.upload_f32(&x[m.scored.clone()]);
-            let old_logp = match u.old_logp {
-                Some(given) => Some(rows_of(given)?),
-                None if epoch > 0 => Some(rows_of(&first_logp)?),
-                None => None, // logπold = logπθ
-            };
-            let ref_logp = u.ref_logp.map(rows_of).transpose()?;
-            let inputs = PolicyInputs {
-                seqs: &row_seqs[m.scored.clone()],
-                advantages: &advantages,
-                weights: &weights,
-                old_logp: old_logp.as_ref(),
-                ref_logp: ref_logp.as_ref(),
-            };
-            let rows = model.backward_policy(&batch, &acts, &inputs, o.loss, &mut opt.grads)?;
-            drop(acts);
-            let mut pass_sums = b.zeros_f32(2 * POLICY_STATS)?;
-            b.column_sums(
-                b.full_mut(&mut pass_sums),
-                b.full(&rows.stats),
-                POLICY_STATS,
-            );
-            let pass_sums = b.download(b.full(&pass_sums))?;
-            for (col, sum) in sums.iter_mut().enumerate() {
-                *sum += pass_sums[2 * col] as f64 + pass_sums[2 * col + 1] as f64;
-            }
-            if epoch == 0 {
-                first_logp.extend(b.download(b.full(&rows.logp))?);
-            }
-        }
 
         let loss = sums[policy_stat::LOSS];
         let stats = LossStats {
@@ -247,6 +333,7 @@ pub fn policy_update<B: TrainBackend>(
         grad_norm,
         skipped,
         first_logp,
+        micro_batch,
     })
 }
 
@@ -306,6 +393,7 @@ mod tests {
             lr: 1e-3,
             grad_clip: 0.0,
             micro_batch: 0,
+            halve_on_out_of_memory: false,
         };
         policy_update(&mut model, &mut opt, &u, &options).unwrap()
     }
@@ -437,6 +525,7 @@ mod tests {
             lr: 1e-2,
             grad_clip: 0.0,
             micro_batch,
+            halve_on_out_of_memory: false,
         };
         let result = policy_update(&mut model, &mut opt, &u, &options).unwrap();
         let after = opt.master_weights(&model.backend).unwrap();
@@ -485,6 +574,7 @@ mod tests {
             lr: 1e-3,
             grad_clip: 0.0,
             micro_batch: 0,
+            halve_on_out_of_memory: false,
         };
         let result = policy_update(&mut model, &mut opt, &u, &options).unwrap();
         assert_eq!(result.stats.tokens, 3);

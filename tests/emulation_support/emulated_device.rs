@@ -6,7 +6,9 @@
 //! filled with 0xFF bytes (NaN in bf16 and f32), so a read before any write shows, and each
 //! buffer ends at an unmapped page, so an access past its end (or after it is freed) faults. The device
 //! counts its live bytes and their peak (as `bench step` reads the pool's high-water mark), so a
-//! test can hold the memory estimate against the backend's real allocations. What a
+//! test can hold the memory estimate against the backend's real allocations. It can keep freed
+//! memory as CUDA's pool does (`keeping_freed_memory`), so that a test can run out of memory
+//! with room to spare once the cache is given back. What a
 //! recording needs of memory is what a CUDA graph gets: memory allocated or freed while recording
 //! stays at its address until the recording is dropped. As on a capturing CUDA stream, copies
 //! between host and device and waiting are errors while recording.
@@ -19,6 +21,7 @@ use std::time::Instant;
 use anyhow::{anyhow, bail, ensure, Result};
 use half::bf16;
 use rayon::prelude::*;
+use thinkshort::backend::OutOfDeviceMemory;
 use thinkshort::cuda::backend::DType;
 use thinkshort::cuda::device::{Device, DeviceGraph, DeviceMemory, Gemm, TimingMark};
 use thinkshort::cuda::launch::{KernelLaunch, Launcher};
@@ -31,14 +34,32 @@ const ALIGN: usize = 16;
 /// Device memory of [`EmulatedDevice::new`].
 const MEMORY_BYTES: usize = 4 << 30;
 
-/// Bytes allocated and not yet freed, their highest value since the last reset, and the kernel
-/// launches and GEMMs run (a graph's replays included).
+/// Bytes allocated and not yet freed, their highest value since the last reset, the kernel
+/// launches and GEMMs run (a graph's replays included), and the freed memory kept.
 #[derive(Default)]
 struct Usage {
     live: AtomicUsize,
     peak: AtomicUsize,
     launches: AtomicUsize,
     gemms: AtomicUsize,
+    /// With `keeping_freed_memory`, the sizes of the freed allocations the device keeps for
+    /// reuse, the least a pool can do: they take room until `release_cached_memory`, and only an
+    /// allocation of the same size reuses one. None: freed memory is free at once.
+    cached: Mutex<Option<Vec<usize>>>,
+}
+
+impl Usage {
+    fn cached(&self) -> MutexGuard<'_, Option<Vec<usize>>> {
+        self.cached
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Bytes that allocations cannot have: the live ones and the cached ones.
+    fn taken(&self) -> usize {
+        let cached: usize = self.cached().iter().flatten().sum();
+        self.live.load(Ordering::Relaxed) + cached
+    }
 }
 
 /// One piece of queued work.
@@ -149,6 +170,9 @@ impl Drop for HostMemory {
         self.usage
             .live
             .fetch_sub(allocation.size, Ordering::Relaxed);
+        if let Some(cached) = self.usage.cached().as_mut() {
+            cached.push(allocation.size);
+        }
         if let Some(rec) = lock(&self.recording).as_mut() {
             // A captured free must free a graph allocation (cuGraphAddMemFreeNode's contract).
             if self.recorded_in != Some(rec.id) && rec.invalid.is_none() {
@@ -190,6 +214,13 @@ impl EmulatedDevice {
             recordings: AtomicUsize::new(0),
             usage: Arc::default(),
         }
+    }
+
+    /// The device keeps the memory of freed buffers until `release_cached_memory` (as CUDA's
+    /// stream-ordered pool does), reusing it only for allocations of the same size.
+    pub fn keeping_freed_memory(self) -> Self {
+        *self.usage.cached() = Some(Vec::new());
+        self
     }
 
     /// Bytes of device memory allocated and not freed.
@@ -369,12 +400,12 @@ impl Launcher for EmulatedDevice {
 impl Device for EmulatedDevice {
     fn alloc(&self, bytes: usize) -> Result<Arc<dyn DeviceMemory>> {
         let size = bytes.max(1);
-        if self.live_bytes() + size > self.memory {
-            bail!(
-                "out of memory: {size} bytes asked for, {} of {} free",
-                self.memory.saturating_sub(self.live_bytes()),
-                self.memory
-            );
+        let reused = self.usage.cached().as_mut().is_some_and(|cached| {
+            let same = cached.iter().position(|&c| c == size);
+            same.map(|at| cached.swap_remove(at)).is_some()
+        });
+        if !reused && self.usage.taken() + size > self.memory {
+            return Err(OutOfDeviceMemory { bytes }.into());
         }
         let allocation = Allocation::new(size)?;
         let live = self.usage.live.fetch_add(size, Ordering::Relaxed) + size;
@@ -418,8 +449,16 @@ impl Device for EmulatedDevice {
         self.refuse_while_recording("waiting for the device")
     }
 
+    fn release_cached_memory(&self) -> Result<()> {
+        self.synchronize()?;
+        if let Some(cached) = self.usage.cached().as_mut() {
+            cached.clear();
+        }
+        Ok(())
+    }
+
     fn memory_info(&self) -> Result<(usize, usize)> {
-        Ok((self.memory.saturating_sub(self.live_bytes()), self.memory))
+        Ok((self.memory.saturating_sub(self.usage.taken()), self.memory))
     }
 
     fn multiprocessors(&self) -> usize {

@@ -134,6 +134,10 @@ impl Device for NullDevice {
         Ok(())
     }
 
+    fn release_cached_memory(&self) -> Result<()> {
+        Ok(()) // nothing is kept
+    }
+
     fn memory_info(&self) -> Result<(usize, usize)> {
         Ok((MEMORY_BYTES.saturating_sub(self.live_bytes()), MEMORY_BYTES))
     }

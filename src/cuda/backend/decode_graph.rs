@@ -181,7 +181,9 @@ impl CudaBackend {
         // too, or the status query below would return it.
         let driver_error = driver_error.or_else(|| self.dev.take_deferred_error());
         // Errors of ops queued while recording: none of them ran.
-        let op_error = lock(&self.error).take();
+        let op_error = lock(&self.error)
+            .take()
+            .map(|failure| format!("{:#}", failure.error()));
         if self
             .dev
             .recording()

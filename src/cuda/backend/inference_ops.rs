@@ -186,6 +186,10 @@ impl Backend for CudaBackend {
         self.check_error()
     }
 
+    fn recover_from_out_of_memory(&self) -> Result<()> {
+        self.forget_out_of_memory()
+    }
+
     fn len(&self, buf: &CudaBuf) -> usize {
         buf.len
     }

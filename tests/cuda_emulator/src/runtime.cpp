@@ -416,8 +416,12 @@ extern "C" int emu_launch(unsigned grid_x, unsigned grid_y, unsigned grid_z, uns
     const size_t page = (size_t)getpagesize();
     const size_t threads = (size_t)block_x * block_y * block_z;
     std::string message;
-    if (threads == 0 || threads > 1024) {
-        message = "block size must be 1..1024 threads";
+    if (grid_x == 0 || grid_y == 0 || grid_z == 0 || grid_x > 0x7fffffffu || grid_y > 65535 ||
+        grid_z > 65535) {
+        // cuLaunchKernel refuses these (CUDA_ERROR_INVALID_VALUE)
+        message = "grid must be 1..2^31-1 blocks in x and 1..65535 in y and z";
+    } else if (threads == 0 || threads > 1024 || block_z > 64) {
+        message = "block size must be 1..1024 threads, at most 64 in z";
     } else {
         // dynamic shared memory ends where an unmapped page begins
         const size_t rounded = (shared_bytes + 15) / 16 * 16;

@@ -1,0 +1,194 @@
+//! Running out of device memory, on the CUDA backend over the emulated device: an allocation that
+//! the pool's cached memory blocks is tried again after the cache is given back, an op that
+//! finds no room is reported and then forgotten on recovery (other failures are not), and an
+//! update whose passes find no room runs them again at half the micro-batch, giving the step
+//! that micro-batch gives.
+
+mod emulation_support;
+
+use std::sync::Arc;
+
+use emulation_support::emulated_device::EmulatedDevice;
+use thinkshort::backend::{out_of_device_memory, Backend};
+use thinkshort::config::ModelConfig;
+use thinkshort::cuda::CudaBackend;
+use thinkshort::grpo::{AdvantageOptions, LossOptions};
+use thinkshort::model::Model;
+use thinkshort::optim::AdamW;
+use thinkshort::train::optimizer::DeviceOptimizer;
+use thinkshort::train::update::{policy_update, UpdateBatch, UpdateOptions, UpdateResult};
+
+const MULTIPROCESSORS: usize = 4;
+
+fn backend_on(device: &Arc<EmulatedDevice>) -> CudaBackend {
+    CudaBackend::with_device(device.clone(), "CPU emulator".to_string()).unwrap()
+}
+
+/// A buffer freed into the pool's cache takes room that a buffer of another size cannot use;
+/// the backend gives the cache back and allocates again, where the first try failed.
+#[test]
+fn an_allocation_the_cached_memory_blocks_succeeds_once_the_cache_is_given_back() {
+    let device =
+        Arc::new(EmulatedDevice::with_memory(MULTIPROCESSORS, 4 << 20).keeping_freed_memory());
+    let b = backend_on(&device);
+    let first = b.empty(1_300_000).unwrap(); // 2.6 MB of bf16
+    drop(first);
+    let (free, _) = b.memory_info().unwrap();
+    assert!(
+        free < 2_000_000,
+        "the cache should take the freed buffer's room: {free} bytes free"
+    );
+    let second = b.empty_f32(500_000); // 2.0 MB: more than the cache leaves
+    assert!(
+        second.is_ok(),
+        "{:#}",
+        second.err().map_or(String::new(), |e| format!("{e:#}"))
+    );
+    // No cache to give back: the error says the device has no room.
+    let too_big = b
+        .empty_f32(1 << 20)
+        .err()
+        .expect("4 MiB more on a device of 4 MiB");
+    assert_eq!(
+        out_of_device_memory(&too_big).map(|e| e.bytes),
+        Some(4 << 20),
+        "{too_big:#}"
+    );
+}
+
+/// An op whose own allocation (here the device copy of `gather_rows`' row indices) finds no
+/// room is reported by `synchronize` as out of device memory and skips the ops after it until
+/// the backend recovers; then the same op runs and gives the right rows. A failure of another
+/// kind is not forgotten.
+#[test]
+fn an_op_that_runs_out_of_memory_is_reported_then_forgotten_on_recovery() {
+    let device = Arc::new(EmulatedDevice::with_memory(MULTIPROCESSORS, 1 << 20));
+    let b = backend_on(&device);
+    let (rows, dim) = (16, 8);
+    let host: Vec<f32> = (0..rows * dim).map(|i| i as f32).collect(); // exact in bf16
+    let x = b.upload(&host).unwrap();
+    let mut out = b.empty(3 * dim).unwrap();
+    let (free, _) = b.memory_info().unwrap();
+    let filler = b.empty(free / 2).unwrap(); // every byte left
+    b.gather_rows(b.full_mut(&mut out), b.full(&x), &[5, 0, 15], dim);
+    let err = b.synchronize().err().expect("the row indices found room");
+    assert!(out_of_device_memory(&err).is_some(), "{err:#}");
+    assert!(format!("{err:#}").contains("gather_rows"), "{err:#}");
+    // Skipped until recovered: the error stays.
+    b.fill_zero(b.full_mut(&mut out));
+    assert!(b.synchronize().is_err());
+
+    drop(filler);
+    b.recover_from_out_of_memory().unwrap();
+    b.gather_rows(b.full_mut(&mut out), b.full(&x), &[5, 0, 15], dim);
+    let got = b.download(b.full(&out)).unwrap();
+    let want: Vec<f32> = [5, 0, 15]
+        .iter()
+        .flat_map(|&r| host[r * dim..(r + 1) * dim].to_vec())
+        .collect();
+    assert_eq!(got, want);
+
+    b.gather_rows(b.full_mut(&mut out), b.full(&x), &[5, 0, 16], dim);
+    let kept = b
+        .recover_from_out_of_memory()
+        .err()
+        .expect("a bad row was forgotten");
+    assert!(
+        format!("{kept:#}").contains("row 16 out of range"),
+        "{kept:#}"
+    );
+    assert!(b.synchronize().is_err());
+}
+
+const CONFIG: &str = r#"{"model_type":"qwen2","vocab_size":256,"hidden_size":128,
+    "intermediate_size":128,"num_hidden_layers":2,"num_attention_heads":4,
+    "num_key_value_heads":2,"tie_word_embeddings":true}"#;
+
+/// One update of 8 completions (two groups of 4: four short completions, then four long ones) of
+/// a fresh tiny model on `device`, `micro_batch` completions per pass; its result, the weights
+/// after it and the peak of live device bytes.
+fn update_on(
+    device: &Arc<EmulatedDevice>,
+    micro_batch: usize,
+    halve: bool,
+) -> anyhow::Result<(UpdateResult, Vec<f32>, usize)> {
+    let cfg = ModelConfig::from_json_str(CONFIG).unwrap();
+    let master = Model::random(cfg.clone(), 9, thinkshort::backend::cpu::CpuBackend)?.params;
+    let mut model = Model::from_host(cfg, &master, backend_on(device))?;
+    let mut opt = DeviceOptimizer::new(
+        &model.backend,
+        &AdamW::new(master.len(), 0.9, 0.999, 1e-8, 0.0),
+        &master,
+    )?;
+    let owned: Vec<(Vec<u32>, Vec<u32>)> = (0..8u32)
+        .map(|i| {
+            let ids = |n: u32, k: u32| (0..n).map(|j| (j * 37 + k) % 256).collect();
+            let completion = if i < 4 { 4 + i } else { 56 + i };
+            (ids(12 + i % 3, i), ids(completion, 5 * i + 1))
+        })
+        .collect();
+    let seqs: Vec<(&[u32], &[u32])> = owned.iter().map(|(p, c)| (&p[..], &c[..])).collect();
+    let rewards = [1.0, 0.0, 0.5, 0.25, 0.0, 1.0, 1.0, 0.75];
+    let loss = LossOptions {
+        beta: 0.0,
+        ..LossOptions::default()
+    };
+    let u = UpdateBatch {
+        seqs: &seqs,
+        rewards: &rewards,
+        group_size: 4,
+        truncated: &[false; 8],
+        keep: None,
+        ref_logp: None,
+        old_logp: None,
+    };
+    let o = UpdateOptions {
+        loss: &loss,
+        advantage: &AdvantageOptions::default(),
+        epochs: 2,
+        temperature: 1.0,
+        lr: 1e-3,
+        grad_clip: 1.0,
+        micro_batch,
+        halve_on_out_of_memory: halve,
+    };
+    device.reset_peak();
+    let result = policy_update(&mut model, &mut opt, &u, &o)?;
+    let peak = device.peak_bytes();
+    let weights = opt.master_weights(&model.backend)?;
+    Ok((result, weights, peak))
+}
+
+/// On a device with room for passes of `smaller` completions but not of `larger` (0: all 8), the
+/// update that may halve its micro-batch runs its passes again at `smaller` and gives, bit for
+/// bit, the update run at `smaller` from the start (two epochs: the first epoch's log-probs are
+/// the second's logπold); one that may not fails, saying the device ran out of memory.
+#[test]
+fn an_update_that_runs_out_of_memory_halves_its_micro_batch() {
+    let roomy = Arc::new(EmulatedDevice::new(MULTIPROCESSORS));
+    // 8 → 4: the only pass fails; 4 → 2: the short completions' pass runs, the long ones' fails
+    for (larger, smaller) in [(0, 4), (4, 2)] {
+        let (_, _, peak_larger) = update_on(&roomy, larger, false).unwrap();
+        let (want, want_weights, peak_smaller) = update_on(&roomy, smaller, false).unwrap();
+        assert!(
+            peak_smaller < peak_larger,
+            "{peak_smaller} vs {peak_larger} bytes"
+        );
+        let tight = Arc::new(EmulatedDevice::with_memory(
+            MULTIPROCESSORS,
+            (peak_smaller + peak_larger) / 2,
+        ));
+
+        let err = update_on(&tight, larger, false)
+            .err()
+            .expect("the larger passes fitted");
+        assert!(out_of_device_memory(&err).is_some(), "{err:#}");
+
+        let (halved, weights, _) = update_on(&tight, larger, true).unwrap();
+        assert_eq!((halved.micro_batch, want.micro_batch), (smaller, smaller));
+        assert_eq!(halved.loss.to_bits(), want.loss.to_bits());
+        assert_eq!(halved.grad_norm.to_bits(), want.grad_norm.to_bits());
+        assert_eq!(halved.first_logp, want.first_logp);
+        assert!(weights == want_weights, "the weights differ");
+    }
+}
