@@ -338,6 +338,8 @@ fn sft_on_the_cuda_backend_follows_the_cpu() {
 /// the recorded decode steps and the profile tables of both phases come out, and the update's
 /// ops count the FLOPs of the model (the MFU's count from the config) and of the checkpointed
 /// layers' recomputed forward (each layer's products but its down projection, and its attention).
+/// On a device whose pool keeps freed memory, the pool's peaks come out too: the most bytes
+/// allocated at once, and at least as many held.
 #[test]
 fn bench_step_with_its_profile_runs_on_the_emulated_device() {
     #[derive(clap::Parser)]
@@ -377,17 +379,17 @@ fn bench_step_with_its_profile_runs_on_the_emulated_device() {
         json.to_str().unwrap(),
     ]);
     let cfg = ModelConfig::from_json_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
-    bench_step::run_on(
-        &cli.step,
-        &cfg,
-        "emulator",
-        Some(1.0),
-        emulated_backend().unwrap(),
-    )
-    .unwrap_or_else(|e| panic!("bench step on the emulated device: {e:#}"));
+    let device = Arc::new(EmulatedDevice::new(MULTIPROCESSORS).keeping_freed_memory());
+    let backend = CudaBackend::with_device(device.clone(), "CPU emulator".to_string()).unwrap();
+    bench_step::run_on(&cli.step, &cfg, "emulator", Some(1.0), backend)
+        .unwrap_or_else(|e| panic!("bench step on the emulated device: {e:#}"));
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert!(v["result"]["train_tflops"].as_f64().unwrap() > 0.0, "{v}");
+    let pool = &v["result"]["pool_peaks"];
+    let (used, reserved) = (pool["used"].as_u64(), pool["reserved"].as_u64());
+    assert_eq!(used, Some(device.peak_bytes() as u64), "{pool}");
+    assert!(reserved > used, "the cache held nothing more: {pool}");
     assert!(v["decode_graph"]["replayed"].as_u64().unwrap() > 0, "{v}");
     for phase in ["rollout_ops", "update_ops"] {
         let ops = v["profile"][phase].as_array().unwrap();

@@ -224,7 +224,9 @@ def load(name):
     except Exception:
         return None
 gib_of = lambda r, k: f"{r[k] / 2**30:.1f} GiB" if r.get(k) else "–"
-peak = lambda r: f"peak {gib_of(r, 'peak_memory_bytes')} (estimate {gib_of(r, 'memory_estimate_bytes')})"
+pool = lambda r: (f"; pool: {r['pool_peaks']['used'] / 2**30:.1f} GiB allocated at most, "
+                  f"{r['pool_peaks']['reserved'] / 2**30:.1f} GiB held" if r.get("pool_peaks") else "")
+peak = lambda r: f"peak {gib_of(r, 'peak_memory_bytes')} (estimate {gib_of(r, 'memory_estimate_bytes')}{pool(r)})"
 mfu = lambda r: f"{100 * r['train_mfu']:.1f} %" if r.get("train_mfu") else "–"
 print("# thinkshort GPU check\n")
 sc = load("selfcheck.json")
@@ -305,6 +307,10 @@ for size in ("0.5b", "1.5b"):
     print(f"| {size} | {pg} | {num(ro, 'rollout_tokens_per_s', '{:.0f}')} | {num(rt, 'rollout_tokens_per_s', '{:.0f}')} "
           f"| {num(ro, 'train_tokens_per_s', '{:.0f}')} | {num(rt, 'train_tokens_per_s', '{:.0f}')} | {mfu(ro)} | {mfu(rt)} "
           f"| {num(ro, 'step_s', '{:.2f}')} | {num(rt, 'step_s', '{:.2f}')} | {speedup} | {gib(ro)} | {gib(ro, 'memory_estimate_bytes')} | {gib(rt)} |")
+for size in ("0.5b", "1.5b"):
+    o = load(f"ours_step_{size}.json")
+    if o:
+        print(f"\nmemory, {size} step: {peak(o['result'])}")
 for v in ("fused", "fused-wide"):
     o, fu = load("ours_step_0.5b.json"), load(f"ours_step_0.5b_{v}.json")
     if o and fu:

@@ -106,6 +106,14 @@ pub struct PolicyTokens<'a, B: Backend + ?Sized + 'a> {
     pub ref_logp: Option<B::View<'a>>,
 }
 
+/// The most device memory in use at once, and the most its pool held (in use, or freed and kept
+/// for reuse), in bytes: their gap is what the pool's fragmentation costs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct MemoryPeaks {
+    pub used: usize,
+    pub reserved: usize,
+}
+
 /// Counts of `Backend::decode_step` calls by how they ran.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct DecodeGraphStats {
@@ -211,6 +219,11 @@ pub trait Backend: Send + Sync {
     }
     /// Free memory on the device, when the backend can tell (CUDA; the CPU reports none).
     fn free_memory(&self) -> Result<Option<usize>> {
+        Ok(None)
+    }
+    /// The device memory's peaks since the device was opened, when the backend can tell (CUDA:
+    /// its pool's high-water marks; the CPU reports none).
+    fn memory_peaks(&self) -> Result<Option<MemoryPeaks>> {
         Ok(None)
     }
 

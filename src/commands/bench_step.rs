@@ -6,7 +6,7 @@
 //! tools/bench_step_torch.py runs the same step in PyTorch for comparison.
 
 use super::bench::{random_tokens, read_config};
-use crate::backend::{cpu::CpuBackend, BackendKind, OpTime, TrainBackend};
+use crate::backend::{cpu::CpuBackend, BackendKind, MemoryPeaks, OpTime, TrainBackend};
 use crate::config::ModelConfig;
 use crate::cuda::CudaBackend;
 use crate::generate::{generate, GenerateConfig, GenerationRequest};
@@ -92,6 +92,10 @@ pub struct StepResult {
     /// Device memory reserved at the end (CUDA: the pool keeps its high-water mark) or the
     /// process's peak resident memory (CPU), in bytes.
     pub peak_memory_bytes: Option<u64>,
+    /// CUDA: the most bytes the run had allocated at once and the most its pool held (freed
+    /// memory kept for reuse included), from the pool's high-water marks; their gap is the
+    /// pool's fragmentation.
+    pub pool_peaks: Option<MemoryPeaks>,
     /// What `train`'s memory estimate (src/train/memory.rs) gives for this step, in bytes: held
     /// against the measured peak, it shows how far the estimate that sizes the update's
     /// micro-batches can be trusted.
@@ -216,6 +220,7 @@ pub fn run_on<B: TrainBackend>(
     steps.sort_by(|a, b| a.step_s.total_cmp(&b.step_s));
     let mut median = steps[steps.len() / 2].clone();
     median.peak_memory_bytes = peak_memory(&model.backend, free_before)?;
+    median.pool_peaks = model.backend.memory_peaks()?;
     median.memory_estimate_bytes = estimate.total() as u64;
     let gib = |b: u64| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64);
     println!(
@@ -233,6 +238,13 @@ pub fn run_on<B: TrainBackend>(
         median.peak_memory_bytes.map_or("–".to_string(), gib),
         gib(median.memory_estimate_bytes),
     );
+    if let Some(pool) = median.pool_peaks {
+        println!(
+            "memory pool: at most {} allocated at once, {} held (the gap: fragmentation)",
+            gib(pool.used as u64),
+            gib(pool.reserved as u64)
+        );
+    }
     // Before the profiled step, which runs every decode step op by op.
     let decode_graph = model.backend.decode_graph_stats();
     if let Some(d) = &decode_graph {
@@ -418,6 +430,7 @@ fn one_step<B: TrainBackend>(
         train_mfu: peak_tflops.map(|peak| train_tflops / peak),
         step_s,
         peak_memory_bytes: None,
+        pool_peaks: None,
         memory_estimate_bytes: 0,
     };
     Ok((result, profile))

@@ -20,7 +20,7 @@ use cudarc::driver::{
 
 use super::backend::DType;
 use super::launch::{KernelCtx, KernelLaunch, Launcher};
-use crate::backend::OutOfDeviceMemory;
+use crate::backend::{MemoryPeaks, OutOfDeviceMemory};
 
 /// Device memory, freed (in the order of the device's work) when dropped.
 pub trait DeviceMemory: Send + Sync {
@@ -100,6 +100,10 @@ pub trait Device: Launcher + Send + Sync {
 
     /// (free, total) bytes of device memory.
     fn memory_info(&self) -> Result<(usize, usize)>;
+
+    /// The most bytes allocated at once and the most the device held for allocations (cached
+    /// freed memory included), since it was opened.
+    fn memory_peaks(&self) -> Result<MemoryPeaks>;
 
     /// Streaming multiprocessors: how many blocks fill the device.
     fn multiprocessors(&self) -> usize;
@@ -303,6 +307,27 @@ impl Device for CudaDevice {
 
     fn memory_info(&self) -> Result<(usize, usize)> {
         self.k.ctx.mem_get_info().context("cuMemGetInfo")
+    }
+
+    fn memory_peaks(&self) -> Result<MemoryPeaks> {
+        let pool = default_pool(&self.k.ctx)?;
+        let high = |attribute, name| {
+            let mut value: u64 = 0;
+            // SAFETY: a plain driver call on this context's pool; both attributes are cuuint64_t.
+            unsafe {
+                drv_sys::cuMemPoolGetAttribute(pool, attribute, (&mut value) as *mut u64 as *mut _)
+            }
+            .result()
+            .with_context(|| format!("cuMemPoolGetAttribute({name})"))?;
+            Ok::<_, anyhow::Error>(value as usize)
+        };
+        use drv_sys::CUmemPool_attribute::{
+            CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH as RESERVED, CU_MEMPOOL_ATTR_USED_MEM_HIGH as USED,
+        };
+        Ok(MemoryPeaks {
+            used: high(USED, "USED_MEM_HIGH")?,
+            reserved: high(RESERVED, "RESERVED_MEM_HIGH")?,
+        })
     }
 
     fn multiprocessors(&self) -> usize {

@@ -21,7 +21,7 @@ use std::time::Instant;
 use anyhow::{anyhow, bail, ensure, Result};
 use half::bf16;
 use rayon::prelude::*;
-use thinkshort::backend::OutOfDeviceMemory;
+use thinkshort::backend::{MemoryPeaks, OutOfDeviceMemory};
 use thinkshort::cuda::backend::DType;
 use thinkshort::cuda::device::{Device, DeviceGraph, DeviceMemory, Gemm, TimingMark};
 use thinkshort::cuda::launch::{KernelLaunch, Launcher};
@@ -40,6 +40,8 @@ const MEMORY_BYTES: usize = 4 << 30;
 struct Usage {
     live: AtomicUsize,
     peak: AtomicUsize,
+    /// The most bytes live and cached at once.
+    reserved_peak: AtomicUsize,
     launches: AtomicUsize,
     gemms: AtomicUsize,
     /// With `keeping_freed_memory`, the sizes of the freed allocations the device keeps for
@@ -241,9 +243,11 @@ impl EmulatedDevice {
         )
     }
 
-    /// Starts a new peak at the bytes live now.
+    /// Starts new peaks at the bytes live (and cached) now.
     pub fn reset_peak(&self) {
         self.usage.peak.store(self.live_bytes(), Ordering::Relaxed);
+        let taken = self.usage.taken();
+        self.usage.reserved_peak.store(taken, Ordering::Relaxed);
     }
 
     /// Runs `work`, or records it while recording.
@@ -410,6 +414,8 @@ impl Device for EmulatedDevice {
         let allocation = Allocation::new(size)?;
         let live = self.usage.live.fetch_add(size, Ordering::Relaxed) + size;
         self.usage.peak.fetch_max(live, Ordering::Relaxed);
+        let taken = self.usage.taken();
+        self.usage.reserved_peak.fetch_max(taken, Ordering::Relaxed);
         let mut recording = lock(&self.recording);
         let memory: Arc<dyn DeviceMemory> = Arc::new(HostMemory {
             allocation: Some(allocation),
@@ -455,6 +461,13 @@ impl Device for EmulatedDevice {
             cached.clear();
         }
         Ok(())
+    }
+
+    fn memory_peaks(&self) -> Result<MemoryPeaks> {
+        Ok(MemoryPeaks {
+            used: self.peak_bytes(),
+            reserved: self.usage.reserved_peak.load(Ordering::Relaxed),
+        })
     }
 
     fn memory_info(&self) -> Result<(usize, usize)> {

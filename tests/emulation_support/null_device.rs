@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{ensure, Result};
+use thinkshort::backend::MemoryPeaks;
 use thinkshort::cuda::device::{Device, DeviceGraph, DeviceMemory, Gemm, TimingMark};
 use thinkshort::cuda::launch::{KernelLaunch, Launcher};
 
@@ -136,6 +137,14 @@ impl Device for NullDevice {
 
     fn release_cached_memory(&self) -> Result<()> {
         Ok(()) // nothing is kept
+    }
+
+    fn memory_peaks(&self) -> Result<MemoryPeaks> {
+        let peak = self.peak_bytes();
+        Ok(MemoryPeaks {
+            used: peak,
+            reserved: peak,
+        })
     }
 
     fn memory_info(&self) -> Result<(usize, usize)> {

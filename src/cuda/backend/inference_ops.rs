@@ -15,7 +15,7 @@ use super::{
 };
 use crate::backend::{
     attention_keys_read, qkv_rope_bytes, summarize_ops, Backend, DecodeGraphStats, HeadNorms,
-    OpTime, TokenPlacement, Work,
+    MemoryPeaks, OpTime, TokenPlacement, Work,
 };
 use crate::cuda::attention_plan::{wide_query_tiles, AttentionKernel, AttentionPlan};
 use crate::cuda::ops;
@@ -67,6 +67,10 @@ impl Backend for CudaBackend {
 
     fn free_memory(&self) -> Result<Option<usize>> {
         Ok(Some(self.memory_info()?.0))
+    }
+
+    fn memory_peaks(&self) -> Result<Option<MemoryPeaks>> {
+        self.dev.memory_peaks().map(Some)
     }
 
     fn zeros(&self, len: usize) -> Result<CudaBuf> {
