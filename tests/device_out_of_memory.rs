@@ -16,7 +16,9 @@ use thinkshort::grpo::{AdvantageOptions, LossOptions};
 use thinkshort::model::Model;
 use thinkshort::optim::AdamW;
 use thinkshort::train::optimizer::DeviceOptimizer;
-use thinkshort::train::update::{policy_update, UpdateBatch, UpdateOptions, UpdateResult};
+use thinkshort::train::update::{
+    halving_on_out_of_memory, policy_update, UpdateBatch, UpdateOptions, UpdateResult,
+};
 
 const MULTIPROCESSORS: usize = 4;
 
@@ -58,8 +60,9 @@ fn an_allocation_the_cached_memory_blocks_succeeds_once_the_cache_is_given_back(
 
 /// An op whose own allocation (here the device copy of `gather_rows`' row indices) finds no
 /// room is reported by `synchronize` as out of device memory and skips the ops after it until
-/// the backend recovers; then the same op runs and gives the right rows. A failure of another
-/// kind is not forgotten.
+/// the backend recovers (a job started meanwhile fails without a retry: what it would read was
+/// never made); then the same op runs and gives the right rows. A failure of another kind is
+/// not forgotten.
 #[test]
 fn an_op_that_runs_out_of_memory_is_reported_then_forgotten_on_recovery() {
     let device = Arc::new(EmulatedDevice::with_memory(MULTIPROCESSORS, 1 << 20));
@@ -73,13 +76,31 @@ fn an_op_that_runs_out_of_memory_is_reported_then_forgotten_on_recovery() {
     b.gather_rows(b.full_mut(&mut out), b.full(&x), &[5, 0, 15], dim);
     let err = b.synchronize().err().expect("the row indices found room");
     assert!(out_of_device_memory(&err).is_some(), "{err:#}");
-    assert!(format!("{err:#}").contains("gather_rows"), "{err:#}");
-    // Skipped until recovered: the error stays.
+    assert!(
+        format!("{err:#}").contains(
+            "CUDA gather_rows: copying indices to the GPU: out of memory on the device (12 bytes asked for)"
+        ),
+        "{err:#}"
+    );
+    // Skipped until recovered: the error stays, and the fill never ran (new memory holds NaN).
     b.fill_zero(b.full_mut(&mut out));
     assert!(b.synchronize().is_err());
+    // A job that would read what these ops left is not retried: the failure is before it.
+    let mut tries = 0;
+    let job = halving_on_out_of_memory(&b, "the test", 0, 3, true, |_| {
+        tries += 1;
+        Ok(())
+    });
+    let before = job.err().expect("a job ran after a failed op");
+    assert!(
+        out_of_device_memory(&before).is_some() && tries == 0,
+        "{before:#}"
+    );
 
     drop(filler);
     b.recover_from_out_of_memory().unwrap();
+    let skipped = b.download(b.full(&out)).unwrap();
+    assert!(skipped.iter().all(|v| v.is_nan()), "{skipped:?}");
     b.gather_rows(b.full_mut(&mut out), b.full(&x), &[5, 0, 15], dim);
     let got = b.download(b.full(&out)).unwrap();
     let want: Vec<f32> = [5, 0, 15]

@@ -12,11 +12,17 @@ pub struct OutOfDeviceMemory {
 
 impl fmt::Display for OutOfDeviceMemory {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "out of memory on the device ({:.1} MiB asked for)",
-            self.bytes as f64 / (1u64 << 20) as f64
-        )
+        const MIB: usize = 1 << 20;
+        if self.bytes >= MIB {
+            let mib = self.bytes as f64 / MIB as f64;
+            write!(f, "out of memory on the device ({mib:.1} MiB asked for)")
+        } else {
+            write!(
+                f,
+                "out of memory on the device ({} bytes asked for)",
+                self.bytes
+            )
+        }
     }
 }
 
@@ -46,6 +52,8 @@ mod tests {
             Some(OutOfDeviceMemory { bytes: 3 << 20 })
         );
         assert!(format!("{e:#}").contains("out of memory on the device (3.0 MiB asked for)"));
+        let small = OutOfDeviceMemory { bytes: 4096 }.to_string();
+        assert!(small.ends_with("(4096 bytes asked for)"), "{small}");
         let other = anyhow::anyhow!("out of memory on the device (3.0 MiB asked for)");
         assert_eq!(out_of_device_memory(&other), None);
     }

@@ -149,9 +149,9 @@ pub struct CudaBackend {
 /// Why an op failed.
 enum OpFailure {
     /// An allocation found no room: the device is fine, and `recover_from_out_of_memory`
-    /// forgets the failure.
+    /// forgets the failure. `context`: what the op was doing, as the error's context said.
     OutOfMemory {
-        op: &'static str,
+        context: String,
         error: OutOfDeviceMemory,
     },
     Other(String),
@@ -160,7 +160,18 @@ enum OpFailure {
 impl OpFailure {
     fn new(op: &'static str, e: &anyhow::Error) -> Self {
         match out_of_device_memory(e) {
-            Some(error) => OpFailure::OutOfMemory { op, error },
+            Some(error) => {
+                let mut context = vec![format!("CUDA {op}")];
+                context.extend(
+                    e.chain()
+                        .filter(|cause| !cause.is::<OutOfDeviceMemory>())
+                        .map(|cause| cause.to_string()),
+                );
+                OpFailure::OutOfMemory {
+                    context: context.join(": "),
+                    error,
+                }
+            }
             None => OpFailure::Other(format!("CUDA {op}: {e:#}")),
         }
     }
@@ -168,8 +179,8 @@ impl OpFailure {
     /// The error to report (each time the failure is asked about).
     fn error(&self) -> anyhow::Error {
         match self {
-            OpFailure::OutOfMemory { op, error } => {
-                anyhow::Error::new(*error).context(format!("CUDA {op}"))
+            OpFailure::OutOfMemory { context, error } => {
+                anyhow::Error::new(*error).context(context.clone())
             }
             OpFailure::Other(message) => anyhow!("{message}"),
         }
@@ -282,7 +293,9 @@ impl CudaBackend {
         }
     }
 
-    /// `Backend::recover_from_out_of_memory`.
+    /// `Backend::recover_from_out_of_memory`: also drops the scratch buffer (as large as the
+    /// failed work made it) and the cached index arrays, which the next ops make again as they
+    /// need them (a recording keeps its own references to those it uses).
     fn forget_out_of_memory(&self) -> Result<()> {
         {
             let mut error = lock(&self.error);
@@ -291,6 +304,8 @@ impl CudaBackend {
             }
             *error = None;
         }
+        *lock(&self.scratch) = None;
+        lock(&self.indices).clear();
         self.dev.release_cached_memory()
     }
 
@@ -299,7 +314,10 @@ impl CudaBackend {
     /// shaped); not while recording, when waiting for the device is not allowed.
     fn device_alloc(&self, bytes: usize) -> Result<Arc<dyn DeviceMemory>> {
         match self.dev.alloc(bytes) {
-            Err(e) if out_of_device_memory(&e).is_some() && !self.dev.recording()? => {
+            Err(e)
+                if out_of_device_memory(&e).is_some()
+                    && matches!(self.dev.recording(), Ok(false)) =>
+            {
                 self.dev.release_cached_memory()?;
                 self.dev.alloc(bytes)
             }
@@ -311,12 +329,9 @@ impl CudaBackend {
         let bytes = len
             .checked_mul(dtype.size())
             .context("buffer size overflows")?;
-        let mem = self.device_alloc(bytes).with_context(|| {
-            format!(
-                "allocating {:.1} MiB on the GPU (use a smaller batch or model)",
-                bytes as f64 / (1u64 << 20) as f64
-            )
-        })?;
+        let mem = self
+            .device_alloc(bytes)
+            .context("allocating GPU memory (use a smaller batch or model)")?;
         Ok(CudaBuf {
             ptr: mem.ptr(),
             _mem: mem,

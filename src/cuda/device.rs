@@ -223,7 +223,12 @@ impl Device for CudaDevice {
 
     fn release_cached_memory(&self) -> Result<()> {
         self.synchronize()?;
-        trim_pool(&self.k.ctx)
+        trim_pool(&self.k.ctx)?;
+        // the memory of recorded decode steps' allocations that no live graph uses
+        // SAFETY: a plain driver call on this context's device.
+        unsafe { drv_sys::cuDeviceGraphMemTrim(self.k.ctx.cu_device()) }
+            .result()
+            .context("cuDeviceGraphMemTrim")
     }
 
     unsafe fn copy_to_device(&self, dst: u64, src: &[u8]) -> Result<()> {

@@ -49,8 +49,8 @@ pub struct StepMetrics {
     pub reward_length_std: f64,
     #[serde(default)]
     pub reward_format_std: f64,
-    /// Completions per forward and backward pass of the step's update (0: all in one pass);
-    /// less than the run's `micro_batch` after a pass ran out of device memory.
+    /// Completions per forward and backward pass of the step's update: less than the run's
+    /// `micro_batch` after a pass ran out of device memory.
     #[serde(default)]
     pub micro_batch: usize,
 }
