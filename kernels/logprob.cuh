@@ -96,6 +96,11 @@ __device__ __forceinline__ LseState block_reduce_lse(LseState st) {
 //   pass 2: dlogits[i] = g / tau * (onehot(target)_i - softmax_i), as bf16 (it feeds the LM
 //           head's bf16 matrix products).
 // Scalar loads: the backward reads each row twice anyway. row_grad runs on thread 0 only.
+// Pass 2 walks the row backwards, from the end pass 1 read last: with one 1024-thread block per
+// multiprocessor the rows in flight hold more f32 logits than L2 (~80 MB on an H100, whose L2 is
+// 50 MB), and the latest reads are the likeliest to be there still. Its loads are the logits'
+// last use and its stores are not read before they leave L2 (the head's products read a whole
+// chunk of rows after), so both are marked evict-first (__ldcs, __stcs).
 template <class T, class RowGrad>
 __device__ __forceinline__ void logprob_backward_row(__nv_bfloat16* dz, const T* z, int target,
                                                      int vocab, float inv_temperature,
@@ -117,8 +122,11 @@ __device__ __forceinline__ void logprob_backward_row(__nv_bfloat16* dz, const T*
     __syncthreads();
     const float shift = stats_s[0] + stats_s[1];  // log-softmax = s - shift
     const float g = stats_s[2] * inv_temperature;
-    for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
-        const float p = expf(to_f32(z[i]) * inv_temperature - shift);
-        dz[i] = f32_to_bf16(g * ((i == target ? 1.0f : 0.0f) - p));
+    if (threadIdx.x < vocab) {
+        const int last = threadIdx.x + (vocab - 1 - threadIdx.x) / blockDim.x * blockDim.x;
+        for (int i = last; i >= 0; i -= blockDim.x) {
+            const float p = expf(to_f32(__ldcs(z + i)) * inv_temperature - shift);
+            __stcs(dz + i, f32_to_bf16(g * ((i == target ? 1.0f : 0.0f) - p)));
+        }
     }
 }
