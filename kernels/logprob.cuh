@@ -96,9 +96,10 @@ __device__ __forceinline__ LseState block_reduce_lse(LseState st) {
 //   pass 2: dlogits[i] = g / tau * (onehot(target)_i - softmax_i), as bf16 (it feeds the LM
 //           head's bf16 matrix products).
 // Scalar loads: the backward reads each row twice anyway. row_grad runs on thread 0 only.
-// Pass 2 walks the row backwards, from the end pass 1 read last: with one 1024-thread block per
-// multiprocessor the rows in flight hold more f32 logits than L2 (~80 MB on an H100, whose L2 is
-// 50 MB), and the latest reads are the likeliest to be there still. Its loads are the logits'
+// Pass 2 walks the row backwards, from the end pass 1 read last: at Qwen's vocabulary a row is a
+// 1024-thread block, one per multiprocessor for the policy loss (its registers), two for the
+// log-prob backward, so the rows in flight hold 80-160 MB of f32 logits on an H100, more than its
+// 50 MB L2, and the latest reads are the likeliest to be there still. Its loads are the logits'
 // last use and its stores are not read before they leave L2 (the head's products read a whole
 // chunk of rows after), so both are marked evict-first (__ldcs, __stcs).
 template <class T, class RowGrad>
