@@ -45,6 +45,7 @@ mod grpo_step;
 mod layer_ops;
 mod model;
 mod optimizer;
+mod out_of_memory;
 mod policy_loss;
 mod sampling;
 
@@ -159,6 +160,7 @@ pub fn run<D: TrainBackend>(
         on_row,
     };
     layer_ops::checks(&mut c, coverage)?;
+    out_of_memory::check(&mut c)?;
     sampling::checks(&mut c)?;
     backward::checks(&mut c)?;
     optimizer::checks(&mut c)?;
