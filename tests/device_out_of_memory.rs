@@ -2,13 +2,15 @@
 //! the pool's cached memory blocks is tried again after the cache is given back, an op that
 //! finds no room is reported and then forgotten on recovery (other failures are not), and an
 //! update whose passes find no room runs them again at half the micro-batch, giving the step
-//! that micro-batch gives.
+//! that micro-batch gives, and a training run goes on at the halved micro-batch.
 
 mod emulation_support;
 
+use std::path::Path;
 use std::sync::Arc;
 
 use emulation_support::emulated_device::EmulatedDevice;
+use emulation_support::{demo_inputs, without_timings};
 use thinkshort::backend::{out_of_device_memory, Backend};
 use thinkshort::config::ModelConfig;
 use thinkshort::cuda::CudaBackend;
@@ -19,6 +21,7 @@ use thinkshort::train::optimizer::DeviceOptimizer;
 use thinkshort::train::update::{
     halving_on_out_of_memory, policy_update, UpdateBatch, UpdateOptions, UpdateResult,
 };
+use thinkshort::train::{train_on, RunControl};
 
 const MULTIPROCESSORS: usize = 4;
 
@@ -212,4 +215,80 @@ fn an_update_that_runs_out_of_memory_halves_its_micro_batch() {
         assert_eq!(halved.first_logp, want.first_logp);
         assert!(weights == want_weights, "the weights differ");
     }
+}
+
+/// A short demo run (2 steps of 2 prompts × 4 samples, KL coefficient `beta`) on `device`,
+/// `micro_batch` sequences per pass (0: chosen from the free memory) into `out`; the device's
+/// peak of live bytes.
+fn demo_run_on(device: &Arc<EmulatedDevice>, beta: &str, micro_batch: usize, out: &Path) -> usize {
+    let mut cfg = thinkshort::commands::train::demo_config();
+    let micro = micro_batch.to_string();
+    let settings = [
+        ("steps", "2"),
+        ("prompts_per_step", "2"),
+        ("group_size", "4"),
+        ("micro_batch", micro.as_str()),
+        ("eval_every", "0"),
+        ("loss.beta", beta),
+    ];
+    cfg.set_all(&settings).unwrap();
+    let control = RunControl {
+        out,
+        resume: None,
+        stop_after: None,
+        dry_run: false,
+        interrupt: None,
+    };
+    device.reset_peak();
+    train_on(backend_on(device), &cfg, &demo_inputs(), &control)
+        .unwrap_or_else(|e| panic!("training on the emulated device: {e:#}"));
+    device.peak_bytes()
+}
+
+/// A device that reports more free memory than it has (as the pool's fragmentation makes the
+/// estimate too low): `train` chooses passes of all 8 sequences, a pass runs out of memory (the
+/// reference log-probs' with β > 0, the update's with β = 0), the passes run again at 4, and the
+/// run goes on at 4 (no later pass tries 8 again). Every step's metrics say 4, config.toml keeps
+/// the 8 chosen, and the run is, bit for bit, the run with micro_batch = 4 from the start.
+#[test]
+fn a_training_run_that_runs_out_of_memory_goes_on_at_half_the_micro_batch() {
+    for beta in ["0.1", "0"] {
+        halving_run(beta);
+    }
+}
+
+fn halving_run(beta: &str) {
+    let dirs = tempfile::tempdir().unwrap();
+    let run_dir = |name: &str| dirs.path().join(name);
+    let roomy = Arc::new(EmulatedDevice::new(MULTIPROCESSORS));
+    let peak_of_four = demo_run_on(&roomy, beta, 4, &run_dir("four"));
+    let peak_of_eight = demo_run_on(&roomy, beta, 8, &run_dir("eight"));
+    assert!(
+        peak_of_four < peak_of_eight,
+        "β = {beta}: {peak_of_four} vs {peak_of_eight} bytes"
+    );
+    let tight = Arc::new(
+        EmulatedDevice::with_memory(MULTIPROCESSORS, (peak_of_four + peak_of_eight) / 2)
+            .overstating_free_memory(1 << 30),
+    );
+    demo_run_on(&tight, beta, 0, &run_dir("halved"));
+    // one allocation refused, then again after the cache was given back: no later pass tries 8
+    assert_eq!(tight.refusals(), 2, "β = {beta}");
+
+    let read = |name: &str, file: &str| std::fs::read(run_dir(name).join(file)).unwrap();
+    let config = String::from_utf8(read("halved", "config.toml")).unwrap();
+    assert!(config.contains("micro_batch = 8"), "{config}");
+    let metrics = |name: &str| {
+        let text = String::from_utf8(read(name, "metrics.jsonl")).unwrap();
+        text.lines().map(without_timings).collect::<Vec<_>>()
+    };
+    let (halved, four) = (metrics("halved"), metrics("four"));
+    assert_eq!(halved.len(), 2);
+    assert!(halved.iter().all(|m| m["micro_batch"] == 4), "{halved:?}");
+    assert_eq!(halved, four);
+    let weights = |name: &str| read(name, "step-000002/model.safetensors");
+    assert!(
+        weights("halved") == weights("four"),
+        "the trained weights differ"
+    );
 }

@@ -6,10 +6,11 @@
 
 mod emulation_support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use emulation_support::emulated_device::EmulatedDevice;
+use emulation_support::{demo_inputs, without_timings};
 use thinkshort::backend::cpu::CpuBackend;
 use thinkshort::backend::TrainBackend;
 use thinkshort::commands::bench_step::{self, StepArgs};
@@ -20,10 +21,9 @@ use thinkshort::cuda::CudaBackend;
 use thinkshort::generate::{generate, GenerationRequest};
 use thinkshort::model::Model;
 use thinkshort::model_backward::TrainBatch;
-use thinkshort::prompt::PromptTemplate;
 use thinkshort::selfcheck::{self, CheckRow, Coverage};
 use thinkshort::sft::{train_sft, SftExample, SftOptions};
-use thinkshort::train::{train_on, Example, RunControl, TrainInputs};
+use thinkshort::train::{train_on, RunControl};
 use thinkshort::train_config::TrainConfig;
 
 /// SMs of the emulated device: few, so that decode attention splits its keys.
@@ -124,26 +124,6 @@ fn assert_launches_fit_the_gpus() {
     );
 }
 
-/// Problems of the demo task, as `thinkshort train` makes them.
-fn demo_examples(seed: u64, count: u64) -> Vec<Example> {
-    thinkshort::demo::task::problems(seed, count)
-        .into_iter()
-        .map(|p| Example {
-            gold: p.gold(),
-            question: p.question,
-        })
-        .collect()
-}
-
-/// Every metric except the timings.
-fn without_timings(line: &str) -> serde_json::Value {
-    let mut m: serde_json::Value = serde_json::from_str(line).unwrap();
-    for k in ["tokens_per_s", "step_s", "rollout_s", "update_s"] {
-        m.as_object_mut().unwrap().remove(k);
-    }
-    m
-}
-
 /// `train --backend cuda`'s whole loop on the emulated device: rollouts with recorded decode
 /// steps, reference log-probs, micro-batched updates with activation checkpointing and the
 /// optimizer in host memory, held-out evaluations and checkpoints. Two steps straight equal one
@@ -165,17 +145,6 @@ fn short_demo_config() -> TrainConfig {
     ];
     cfg.set_all(&settings).unwrap();
     cfg
-}
-
-/// The demo model and task (100 training problems, 4 held out).
-fn demo_inputs() -> TrainInputs {
-    TrainInputs {
-        model_dir: PathBuf::from(thinkshort::commands::train::DEMO_MODEL),
-        template: PromptTemplate::plain(thinkshort::demo::task::PROMPT_TEMPLATE).unwrap(),
-        train: demo_examples(2, 100),
-        eval: demo_examples(3, 4),
-        is_correct: thinkshort::train::answer_is_correct,
-    }
 }
 
 #[test]

@@ -42,6 +42,8 @@ struct Usage {
     peak: AtomicUsize,
     /// The most bytes live and cached at once.
     reserved_peak: AtomicUsize,
+    /// Allocations refused for want of room.
+    refused: AtomicUsize,
     launches: AtomicUsize,
     gemms: AtomicUsize,
     /// With `keeping_freed_memory`, the sizes of the freed allocations the device keeps for
@@ -196,6 +198,8 @@ pub struct EmulatedDevice {
     multiprocessors: usize,
     /// Bytes of device memory: an allocation past them fails, as on a full GPU.
     memory: usize,
+    /// Bytes `memory_info` adds to the free (and total) memory it reports.
+    overstated: usize,
     recording: Shared,
     /// Recordings begun so far.
     recordings: AtomicUsize,
@@ -212,6 +216,7 @@ impl EmulatedDevice {
         EmulatedDevice {
             multiprocessors,
             memory,
+            overstated: 0,
             recording: Arc::new(Mutex::new(None)),
             recordings: AtomicUsize::new(0),
             usage: Arc::default(),
@@ -225,6 +230,14 @@ impl EmulatedDevice {
         self
     }
 
+    /// The device reports `extra` bytes more free memory than it has, as fragmentation makes
+    /// the free memory worth less than it says: what the memory estimate plans with is then too
+    /// much.
+    pub fn overstating_free_memory(mut self, extra: usize) -> Self {
+        self.overstated = extra;
+        self
+    }
+
     /// Bytes of device memory allocated and not freed.
     pub fn live_bytes(&self) -> usize {
         self.usage.live.load(Ordering::Relaxed)
@@ -233,6 +246,11 @@ impl EmulatedDevice {
     /// The most bytes live at once since the last [`EmulatedDevice::reset_peak`].
     pub fn peak_bytes(&self) -> usize {
         self.usage.peak.load(Ordering::Relaxed)
+    }
+
+    /// Allocations refused so far for want of room.
+    pub fn refusals(&self) -> usize {
+        self.usage.refused.load(Ordering::Relaxed)
     }
 
     /// (kernel launches, GEMMs) run so far (each replay of a recording counts its own).
@@ -409,6 +427,7 @@ impl Device for EmulatedDevice {
             same.map(|at| cached.swap_remove(at)).is_some()
         });
         if !reused && self.usage.taken() + size > self.memory {
+            self.usage.refused.fetch_add(1, Ordering::Relaxed);
             return Err(OutOfDeviceMemory { bytes }.into());
         }
         let allocation = Allocation::new(size)?;
@@ -471,7 +490,8 @@ impl Device for EmulatedDevice {
     }
 
     fn memory_info(&self) -> Result<(usize, usize)> {
-        Ok((self.memory.saturating_sub(self.usage.taken()), self.memory))
+        let free = self.memory.saturating_sub(self.usage.taken());
+        Ok((free + self.overstated, self.memory + self.overstated))
     }
 
     fn multiprocessors(&self) -> usize {

@@ -1,12 +1,13 @@
 //! Shared by the tests/emulated_*.rs files (kernels run on the CPU by tests/cuda_emulator):
-//! the [`Emulator`] that runs thinkshort's launchers, random bf16 inputs, bf16 conversions and
-//! the relative-error check `selfcheck` uses.
+//! the [`Emulator`] that runs thinkshort's launchers, random bf16 inputs, bf16 conversions, the
+//! relative-error check `selfcheck` uses, and the demo task's training inputs.
 #![allow(dead_code)] // each test file uses its own subset
 
 pub mod emulated_device;
 pub mod null_device;
 
 use std::cell::RefCell;
+use std::path::PathBuf;
 
 use anyhow::anyhow;
 use cuda_emulator::{launch_kernel, Arg, Launch};
@@ -14,7 +15,9 @@ use cudarc::driver::LaunchConfig;
 use half::bf16;
 use thinkshort::cuda::launch::{KernelArg, KernelLaunch, Launcher};
 use thinkshort::generate::GenerateConfig;
+use thinkshort::prompt::PromptTemplate;
 use thinkshort::sampling::SamplingParams;
+use thinkshort::train::{Example, TrainInputs};
 
 /// Runs the launchers of `thinkshort::cuda::ops` on the CPU: their launches go to the emulator
 /// (which checks the arguments against the kernel's parameters) and a device pointer is the
@@ -182,5 +185,36 @@ pub fn sampling_to_the_cap() -> GenerateConfig {
         stop_strings: Vec::new(),
         sync_every: None,
         keep_ended_rows: None,
+    }
+}
+
+/// Problems of the demo task, as `thinkshort train` makes them.
+pub fn demo_examples(seed: u64, count: u64) -> Vec<Example> {
+    thinkshort::demo::task::problems(seed, count)
+        .into_iter()
+        .map(|p| Example {
+            gold: p.gold(),
+            question: p.question,
+        })
+        .collect()
+}
+
+/// Every metric except the timings.
+pub fn without_timings(line: &str) -> serde_json::Value {
+    let mut m: serde_json::Value = serde_json::from_str(line).unwrap();
+    for k in ["tokens_per_s", "step_s", "rollout_s", "update_s"] {
+        m.as_object_mut().unwrap().remove(k);
+    }
+    m
+}
+
+/// The demo model and task (100 training problems, 4 held out).
+pub fn demo_inputs() -> TrainInputs {
+    TrainInputs {
+        model_dir: PathBuf::from(thinkshort::commands::train::DEMO_MODEL),
+        template: PromptTemplate::plain(thinkshort::demo::task::PROMPT_TEMPLATE).unwrap(),
+        train: demo_examples(2, 100),
+        eval: demo_examples(3, 4),
+        is_correct: thinkshort::train::answer_is_correct,
     }
 }
