@@ -9,6 +9,7 @@ use crate::model_backward::TrainBatch;
 use crate::optim::{clip_scale, AdamW};
 use crate::rng;
 use crate::train::optimizer::DeviceOptimizer;
+use crate::train::update::halving_on_out_of_memory;
 use anyhow::{bail, Result};
 
 #[derive(Debug, Clone)]
@@ -66,7 +67,7 @@ pub fn train_sft<B: TrainBackend>(
     }
     let state = AdamW::new(n, 0.9, 0.999, 1e-8, opts.weight_decay);
     let mut opt = DeviceOptimizer::with_placement(&model.backend, state, master, false)?;
-    let micro_batch = match opts.micro_batch {
+    let mut micro_batch = match opts.micro_batch {
         0 => opts.batch_size.max(1),
         m => m,
     };
@@ -83,15 +84,27 @@ pub fn train_sft<B: TrainBackend>(
         // of them, so the passes add up to the whole batch's gradient.
         let tokens: usize = picks.iter().map(|(_, c)| c.len()).sum();
         let dlogp_value = -1.0 / tokens as f32;
-        let mut nll = 0.0f64;
-        opt.zero_grads(&model.backend);
-        for pass in picks.chunks(micro_batch) {
-            let batch = TrainBatch::new(pass)?;
-            let out = model.forward_train(&batch, 1.0)?;
-            nll -= out.logp.iter().map(|&l| l as f64).sum::<f64>();
-            let dlogp = vec![dlogp_value; out.logp.len()];
-            model.backward(&batch, &out.acts, &dlogp, &mut opt.grads)?;
-        }
+        // passes that run out of device memory run again at half the micro-batch, for good
+        let (nll, ran_with) = halving_on_out_of_memory(
+            &model.backend,
+            "the SFT step",
+            micro_batch,
+            picks.len(),
+            true,
+            |size| {
+                let mut nll = 0.0f64;
+                opt.zero_grads(&model.backend);
+                for pass in picks.chunks(size) {
+                    let batch = TrainBatch::new(pass)?;
+                    let out = model.forward_train(&batch, 1.0)?;
+                    nll -= out.logp.iter().map(|&l| l as f64).sum::<f64>();
+                    let dlogp = vec![dlogp_value; out.logp.len()];
+                    model.backward(&batch, &out.acts, &dlogp, &mut opt.grads)?;
+                }
+                Ok(nll)
+            },
+        )?;
+        micro_batch = ran_with;
         let loss = nll / tokens as f64;
         let grad_norm = opt.grad_norm(&model.backend)?;
         let lr = crate::optim::lr_at(step, opts.lr, opts.warmup_steps, opts.steps);

@@ -2,7 +2,7 @@
 //! the pool's cached memory blocks is tried again after the cache is given back, an op that
 //! finds no room is reported and then forgotten on recovery (other failures are not), and an
 //! update whose passes find no room runs them again at half the micro-batch, giving the step
-//! that micro-batch gives, and a training run goes on at the halved micro-batch.
+//! that micro-batch gives, and a training run and SFT go on at the halved micro-batch.
 
 mod emulation_support;
 
@@ -17,6 +17,7 @@ use thinkshort::cuda::CudaBackend;
 use thinkshort::grpo::{AdvantageOptions, LossOptions};
 use thinkshort::model::Model;
 use thinkshort::optim::AdamW;
+use thinkshort::sft::{train_sft, SftExample, SftOptions};
 use thinkshort::train::optimizer::DeviceOptimizer;
 use thinkshort::train::update::{
     halving_on_out_of_memory, policy_update, UpdateBatch, UpdateOptions, UpdateResult,
@@ -291,4 +292,56 @@ fn halving_run(beta: &str) {
         weights("halved") == weights("four"),
         "the trained weights differ"
     );
+}
+
+/// Three SFT steps of batches of 6 on a fresh tiny model on `device`, `micro_batch` examples per
+/// pass (0: the whole batch): each step's loss, the trained weights and the device's peak.
+fn sft_on(device: &Arc<EmulatedDevice>, micro_batch: usize) -> (Vec<f64>, Vec<f32>, usize) {
+    let cfg = ModelConfig::from_json_str(CONFIG).unwrap();
+    let master = Model::random(cfg.clone(), 4, thinkshort::backend::cpu::CpuBackend)
+        .unwrap()
+        .params;
+    let mut model = Model::from_host(cfg, &master, backend_on(device)).unwrap();
+    let data: Vec<SftExample> = (0..9u32)
+        .map(|i| SftExample {
+            prompt: (0..4 + i % 5).map(|j| (i * 11 + j) % 256).collect(),
+            completion: (0..20 + 3 * i).map(|j| (i * 5 + j * 7 + 2) % 256).collect(),
+        })
+        .collect();
+    let opts = SftOptions {
+        steps: 3,
+        batch_size: 6,
+        micro_batch,
+        lr: 1e-2,
+        warmup_steps: 0,
+        weight_decay: 0.0,
+        grad_clip: 1.0,
+        seed: 2,
+    };
+    device.reset_peak();
+    let mut losses = Vec::new();
+    let trained = train_sft(&mut model, master, &data, &opts, |s| losses.push(s.loss))
+        .unwrap_or_else(|e| panic!("SFT on the emulated device: {e:#}"));
+    (losses, trained, device.peak_bytes())
+}
+
+/// SFT whose passes of the whole batch of 6 do not fit goes on at 3, for good (two refused
+/// allocations in three steps), and trains as SFT at 3 from the start, bit for bit.
+#[test]
+fn sft_that_runs_out_of_memory_goes_on_at_half_the_micro_batch() {
+    let roomy = Arc::new(EmulatedDevice::new(MULTIPROCESSORS));
+    let (_, _, peak_of_six) = sft_on(&roomy, 0);
+    let (losses_at_three, weights_at_three, peak_of_three) = sft_on(&roomy, 3);
+    assert!(
+        peak_of_three < peak_of_six,
+        "{peak_of_three} vs {peak_of_six} bytes"
+    );
+    let tight = Arc::new(EmulatedDevice::with_memory(
+        MULTIPROCESSORS,
+        (peak_of_three + peak_of_six) / 2,
+    ));
+    let (losses, weights, _) = sft_on(&tight, 0);
+    assert_eq!(tight.refusals(), 2);
+    assert_eq!(losses, losses_at_three);
+    assert!(weights == weights_at_three, "the trained weights differ");
 }
