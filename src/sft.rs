@@ -8,8 +8,8 @@ use crate::model::Model;
 use crate::model_backward::TrainBatch;
 use crate::optim::{clip_scale, AdamW};
 use crate::rng;
+use crate::train::halving::halving_on_out_of_memory;
 use crate::train::optimizer::DeviceOptimizer;
-use crate::train::update::halving_on_out_of_memory;
 use anyhow::{bail, Result};
 
 #[derive(Debug, Clone)]

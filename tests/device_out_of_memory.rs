@@ -18,10 +18,9 @@ use thinkshort::grpo::{AdvantageOptions, LossOptions};
 use thinkshort::model::Model;
 use thinkshort::optim::AdamW;
 use thinkshort::sft::{train_sft, SftExample, SftOptions};
+use thinkshort::train::halving::halving_on_out_of_memory;
 use thinkshort::train::optimizer::DeviceOptimizer;
-use thinkshort::train::update::{
-    halving_on_out_of_memory, policy_update, UpdateBatch, UpdateOptions, UpdateResult,
-};
+use thinkshort::train::update::{policy_update, UpdateBatch, UpdateOptions, UpdateResult};
 use thinkshort::train::{train_on, RunControl};
 
 const MULTIPROCESSORS: usize = 4;

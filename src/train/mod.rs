@@ -4,6 +4,7 @@
 
 mod checkpoints;
 mod evaluate;
+pub mod halving;
 pub mod memory;
 pub mod metrics;
 pub mod optimizer;
@@ -25,6 +26,7 @@ use crate::rollout::{sample_groups, RolloutSettings};
 use crate::tokenizer::Tokenizer;
 use crate::train_config::{OldLogp, TrainConfig};
 use anyhow::{bail, Context, Result};
+use halving::halving_on_out_of_memory;
 use metrics::{mean, quantile, std, StepMetrics};
 use optimizer::DeviceOptimizer;
 use rayon::prelude::*;
@@ -32,9 +34,7 @@ use run_log::{CompletionLine, EvalLine, RunLog};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
-use update::{
-    completion_logprobs, halving_on_out_of_memory, policy_update, UpdateBatch, UpdateOptions,
-};
+use update::{completion_logprobs, policy_update, UpdateBatch, UpdateOptions};
 
 use checkpoints::{
     check_checkpoint_folder, check_resumed_settings, read_state, remove_old_checkpoints,

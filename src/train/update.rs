@@ -7,11 +7,12 @@
 //! micro-batch's activations are held at a time. Only the loss statistics (12 floats per
 //! micro-batch) and the first epoch's log-probs come back to the host. Where the caller allows
 //! it (`train` does), passes that run out of device memory run again at half the micro-batch
-//! (`halving_on_out_of_memory`), down to one completion per pass.
+//! (`train::halving`), down to one completion per pass.
 //! Written once for every backend; `selfcheck` runs it on CUDA and on the CPU and compares.
 
+use super::halving::halving_on_out_of_memory;
 use super::optimizer::DeviceOptimizer;
-use crate::backend::{out_of_device_memory, policy_stat, Backend, TrainBackend, POLICY_STATS};
+use crate::backend::{policy_stat, TrainBackend, POLICY_STATS};
 use crate::grpo::advantage::{check_groups, AdvantageOptions};
 use crate::grpo::policy_loss::{
     completion_weights, included_completions, included_counts, LossOptions, LossStats,
@@ -106,63 +107,6 @@ pub fn micro_batches(lens: &[usize], size: usize) -> Vec<MicroBatch> {
 /// The packed batch of the completions `m` of `seqs`.
 fn micro_train_batch(seqs: &[(&[u32], &[u32])], m: &MicroBatch) -> Result<TrainBatch> {
     TrainBatch::new(&seqs[m.completions.clone()])
-}
-
-/// Runs `work(micro_batch)`, a job done `micro_batch` completions per pass (0: all
-/// `completions` in one). With `halve` set, a job that runs out of device memory runs again,
-/// after the backend recovered, at half the size (down to one completion per pass; `what` names
-/// the job in the note this prints). Returns the result and the micro-batch it ran with. The
-/// job's buffers are dropped when it returns its error, so the next try has their memory.
-pub fn halving_on_out_of_memory<B: Backend, T>(
-    backend: &B,
-    what: &str,
-    micro_batch: usize,
-    completions: usize,
-    halve: bool,
-    mut work: impl FnMut(usize) -> Result<T>,
-) -> Result<(T, usize)> {
-    // A failure of the ops before the job (the inputs it reads) is not the job's to retry.
-    backend.synchronize()?;
-    let all = completions.max(1);
-    let mut size = micro_batch;
-    loop {
-        let error = match work(size) {
-            Ok(done) => return Ok((done, size)),
-            Err(e) => e,
-        };
-        if !halve || out_of_device_memory(&error).is_none() {
-            return Err(error);
-        }
-        let per_pass = per_pass_of(size, all);
-        if per_pass == 1 {
-            let first = per_pass_of(micro_batch, all);
-            let halved = if first > 1 {
-                format!(" (halved from {first})")
-            } else {
-                String::new()
-            };
-            return Err(error.context(format!(
-                "{what} ran out of device memory with one completion per pass{halved}: shorten \
-                 the completions (the cap), or set activation_checkpointing = true or \
-                 optim.offload = true"
-            )));
-        }
-        backend.recover_from_out_of_memory()?;
-        size = per_pass.div_ceil(2);
-        eprintln!(
-            "\nnote: {what} ran out of device memory with {per_pass} completions per pass \
-             ({error:#}); it runs {size} per pass from now on"
-        );
-    }
-}
-
-/// Completions per pass of `micro_batch` (0: all) over `all` completions.
-fn per_pass_of(micro_batch: usize, all: usize) -> usize {
-    if micro_batch == 0 {
-        all
-    } else {
-        micro_batch.min(all)
-    }
 }
 
 /// log π(token) at temperature τ of every completion token of `seqs` ([R], completion after
@@ -421,45 +365,6 @@ mod tests {
             halve_on_out_of_memory: false,
         };
         policy_update(&mut model, &mut opt, &u, &options).unwrap()
-    }
-
-    /// The sizes a job is tried at: halved while it runs out of device memory (from all 8, or
-    /// from a micro-batch larger than the job), never for another error or when not allowed,
-    /// and given up at one completion per pass with the error saying what to change.
-    #[test]
-    fn out_of_memory_halves_the_micro_batch_down_to_one() {
-        use crate::backend::OutOfDeviceMemory;
-        let oom = || anyhow::Error::new(OutOfDeviceMemory { bytes: 1 << 20 });
-        let tries = |micro: usize, halve: bool, fits: usize, fail: &dyn Fn() -> anyhow::Error| {
-            let mut sizes = Vec::new();
-            let result = halving_on_out_of_memory(&CpuBackend, "the test", micro, 8, halve, |s| {
-                sizes.push(s);
-                let per_pass = if s == 0 { 8 } else { s };
-                if per_pass <= fits {
-                    Ok(per_pass)
-                } else {
-                    Err(fail())
-                }
-            });
-            (result, sizes)
-        };
-        let (result, sizes) = tries(0, true, 2, &oom);
-        assert_eq!((result.unwrap(), sizes), ((2, 2), vec![0, 4, 2]));
-        let (result, sizes) = tries(16, true, 4, &oom);
-        assert_eq!((result.unwrap(), sizes), ((4, 4), vec![16, 4]));
-        let (result, sizes) = tries(3, true, 0, &oom);
-        let err = format!("{:#}", result.unwrap_err());
-        assert_eq!(sizes, vec![3, 2, 1]);
-        assert!(
-            err.contains("one completion per pass (halved from 3)")
-                && err.contains("activation_checkpointing")
-                && err.contains("out of memory on the device"),
-            "{err}"
-        );
-        let (result, sizes) = tries(0, false, 2, &oom);
-        assert!(result.is_err() && sizes == vec![0]);
-        let (result, sizes) = tries(0, true, 2, &|| anyhow::anyhow!("a bad shape"));
-        assert!(result.is_err() && sizes == vec![0]);
     }
 
     /// Recomputed: ρ = 1 and the loss is −A = −0.5 over the one completion kept. Given old
