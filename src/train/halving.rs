@@ -69,7 +69,7 @@ mod tests {
 
     /// The sizes a job is tried at: halved while it runs out of device memory (from all 8, or
     /// from a micro-batch larger than the job), never for another error or when not allowed,
-    /// and given up at one completion per pass with the error saying what to change.
+    /// and given up at one sequence per pass with the error saying what to change.
     #[test]
     fn out_of_memory_halves_the_micro_batch_down_to_one() {
         use crate::backend::OutOfDeviceMemory;
