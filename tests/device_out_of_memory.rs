@@ -344,3 +344,37 @@ fn sft_that_runs_out_of_memory_goes_on_at_half_the_micro_batch() {
     assert_eq!(losses, losses_at_three);
     assert!(weights == weights_at_three, "the trained weights differ");
 }
+
+/// A job whose own op runs out of memory (an allocation inside `gather_rows`, kept until the
+/// next wait) but which returns without waiting is halved too: the job counts as done only once
+/// the device has run its ops.
+#[test]
+fn a_job_whose_op_runs_out_of_memory_without_waiting_is_halved() {
+    let device = Arc::new(EmulatedDevice::with_memory(MULTIPROCESSORS, 1 << 20));
+    let b = backend_on(&device);
+    let dim = 8;
+    let x = b
+        .upload(&(0..16 * dim).map(|i| i as f32).collect::<Vec<_>>())
+        .unwrap();
+    let mut out = b.empty(3 * dim).unwrap();
+    let mut sizes = Vec::new();
+    let (done, ran_with) = halving_on_out_of_memory(&b, "the test", 4, 4, true, |size| {
+        sizes.push(size);
+        // at 4 per pass the device is full when the op uploads its row indices
+        let (free, _) = b.memory_info()?;
+        let filler = if size == 4 {
+            Some(b.empty(free / 2)?)
+        } else {
+            None
+        };
+        b.gather_rows(b.full_mut(&mut out), b.full(&x), &[5, 0, 15], dim);
+        drop(filler);
+        Ok(size)
+    })
+    .unwrap();
+    assert_eq!((done, ran_with, sizes), (2, 2, vec![4, 2]));
+    assert_eq!(
+        b.download(b.full(&out)).unwrap()[..dim],
+        (40..48).map(|v| v as f32).collect::<Vec<_>>()[..]
+    );
+}

@@ -9,7 +9,9 @@ use anyhow::Result;
 /// in one). With `halve` set, a job that runs out of device memory runs again,
 /// after the backend recovered, at half the size (down to one sequence per pass; `what` names
 /// the job in the note this prints). Returns the result and the micro-batch it ran with. The
-/// job's buffers are dropped when it returns its error, so the next try has their memory.
+/// job's buffers are dropped when it returns its error, so the next try has their memory. A job
+/// is done when its ops are: the device is waited for before its result counts, as a device
+/// backend reports an op's failure (an allocation inside the op) only at the next wait.
 pub fn halving_on_out_of_memory<B: Backend, T>(
     backend: &B,
     what: &str,
@@ -23,7 +25,7 @@ pub fn halving_on_out_of_memory<B: Backend, T>(
     let all = sequences.max(1);
     let mut size = micro_batch;
     loop {
-        let error = match work(size) {
+        let error = match work(size).and_then(|done| backend.synchronize().map(|()| done)) {
             Ok(done) => return Ok((done, size)),
             Err(e) => e,
         };
