@@ -17,7 +17,7 @@
 //! freed buffer is reused by the next allocation of that size without a device-wide sync. An
 //! allocation the pool has no room for is tried once more after the pool gave its cached memory
 //! back; failing again, it is an [`OutOfDeviceMemory`] error, which leaves the device usable
-//! (`Backend::recover_from_out_of_memory`).
+//! (`Backend::recover_from_out_of_memory`, in `inference_ops.rs`).
 //!
 //! Host-side index arrays (token ids, slots, positions, rows, targets) are copied to the device
 //! when an op needs them; the last few are kept and reused when the same values come again (the
@@ -291,22 +291,6 @@ impl CudaBackend {
             Some(failure) => Err(failure.error()),
             None => Ok(()),
         }
-    }
-
-    /// `Backend::recover_from_out_of_memory`: also drops the scratch buffer (as large as the
-    /// failed work made it) and the cached index arrays, which the next ops make again as they
-    /// need them (a recording keeps its own references to those it uses).
-    fn forget_out_of_memory(&self) -> Result<()> {
-        {
-            let mut error = lock(&self.error);
-            if let Some(other @ OpFailure::Other(_)) = &*error {
-                return Err(other.error());
-            }
-            *error = None;
-        }
-        *lock(&self.scratch) = None;
-        lock(&self.indices).clear();
-        self.dev.release_cached_memory()
     }
 
     /// `bytes` of device memory. An allocation that finds no room is tried once more after the

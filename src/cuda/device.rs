@@ -315,6 +315,9 @@ impl Device for CudaDevice {
     }
 
     fn memory_peaks(&self) -> Result<MemoryPeaks> {
+        use drv_sys::CUmemPool_attribute::{
+            CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH as RESERVED, CU_MEMPOOL_ATTR_USED_MEM_HIGH as USED,
+        };
         let pool = default_pool(&self.k.ctx)?;
         let high = |attribute, name| {
             let mut value: u64 = 0;
@@ -325,9 +328,6 @@ impl Device for CudaDevice {
             .result()
             .with_context(|| format!("cuMemPoolGetAttribute({name})"))?;
             Ok::<_, anyhow::Error>(value as usize)
-        };
-        use drv_sys::CUmemPool_attribute::{
-            CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH as RESERVED, CU_MEMPOOL_ATTR_USED_MEM_HIGH as USED,
         };
         Ok(MemoryPeaks {
             used: high(USED, "USED_MEM_HIGH")?,

@@ -11,7 +11,7 @@ use rayon::prelude::*;
 
 use super::{
     check_ids, expect, expect_bf16, expect_inv_freq, expect_qkv, lock, rows_of, CudaBackend,
-    CudaBuf, CudaDecodeGraph, CudaView, CudaViewMut, DType,
+    CudaBuf, CudaDecodeGraph, CudaView, CudaViewMut, DType, OpFailure,
 };
 use crate::backend::{
     attention_keys_read, qkv_rope_bytes, summarize_ops, Backend, DecodeGraphStats, HeadNorms,
@@ -190,8 +190,20 @@ impl Backend for CudaBackend {
         self.check_error()
     }
 
+    /// Also drops the scratch buffer (as large as the failed work made it) and the cached index
+    /// arrays, which the next ops make again as they need them (a recording keeps its own
+    /// references to those it uses).
     fn recover_from_out_of_memory(&self) -> Result<()> {
-        self.forget_out_of_memory()
+        {
+            let mut error = lock(&self.error);
+            if let Some(other @ OpFailure::Other(_)) = &*error {
+                return Err(other.error());
+            }
+            *error = None;
+        }
+        *lock(&self.scratch) = None;
+        lock(&self.indices).clear();
+        self.dev.release_cached_memory()
     }
 
     fn len(&self, buf: &CudaBuf) -> usize {
