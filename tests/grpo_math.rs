@@ -77,13 +77,38 @@ fn format_indicators() {
     assert!(!has_think("<think>never closed"));
     assert!(!has_think("</think>")); // close without open
     assert!(!has_think("</think> <think>")); // close before open
-    assert!(!has_think("</think><think>a</think>")); // a stray close tag first
-    assert!(!has_think("<think>a<think>b</think>")); // nested
+    assert!(has_think("</think><think>a</think>")); // a stray close tag first: still a span
+    assert!(has_think("<think>a<think>b</think>")); // a stray open tag: <think>b</think> is one
+    assert_eq!(tag_span("<think>a<think>b</think>", "think"), Some("b"));
     assert!(!has_think("<Think>a</Think>")); // case-sensitive
     assert!(!has_think("<think >a</think>"));
     assert!(!has_answer("<think>a</think>"));
     assert!(!has_answer("<answer>4</answr>"));
     assert!(has_think("<answer><think>x</think></answer>")); // the two tags are judged apart
+}
+
+/// The correctness term reads the span the format term looks for (METHOD.md §3: "the text
+/// inside the first `<answer>…</answer>`", "a well-formed `<answer>…</answer>` span"), so a
+/// completion is never judged right from an answer the format calls missing, nor from text that
+/// holds another answer tag.
+#[test]
+fn correctness_and_the_answer_indicator_read_the_same_span() {
+    use thinkshort::train::answer_is_correct;
+    // (completion, gold 7 found, a well-formed answer span held)
+    let cases = [
+        ("<answer>7</answer>", true, true),
+        ("</answer> <answer>7</answer>", true, true),
+        ("<answer>1 <answer>7</answer>", true, true),
+        ("<answer>7 <answer>1</answer>", false, true),
+        ("<answer>1</answer> <answer>7</answer>", false, true),
+        ("<answer>7", false, false),
+        ("7 </answer>", false, false),
+        ("<answer>7</answr>", false, false),
+    ];
+    for (text, correct, held) in cases {
+        assert_eq!(answer_is_correct(text, "7"), correct, "{text}");
+        assert_eq!(has_answer(text), held, "{text}");
+    }
 }
 
 #[test]

@@ -1,9 +1,11 @@
 //! The reward of one completion (METHOD.md §3):
 //!     r = λc·c + λℓ·R_len(ℓ; L) + λf·(α_think·I_think + α_answer·I_answer),   L = B(t).
-//! Correctness arrives as a bool (the caller runs the answer verifier on the text of the
-//! first `<answer>…</answer>` span, see [`tag_span`]).
+//! Correctness arrives as a bool (the caller runs the answer verifier, which reads the text of
+//! the first well-formed `<answer>…</answer>` span, [`tag_span`], the span I_answer looks for).
 
 use serde::{Deserialize, Serialize};
+
+pub use crate::verify::tag_span;
 
 /// The shape of the length reward R_len (Rmax = 1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -31,29 +33,6 @@ pub fn length_reward(len: usize, budget: usize, shape: LengthShape) -> f64 {
     } else {
         (2.0 * l - len) / l
     }
-}
-
-/// The text inside the first well-formed `<tag>…</tag>` span, or None.
-///
-/// Well-formed means: the first `<tag>` is followed by a `</tag>`, with no second `<tag>` in
-/// between (nesting is malformed). A `</tag>` before the first `<tag>` makes the text malformed
-/// too (a close tag with no open tag). Spans after the first are ignored, so duplicates neither
-/// help nor hurt; the content may be empty. Tags are matched exactly (case-sensitive, no
-/// attributes or spaces inside the brackets).
-pub fn tag_span<'a>(text: &'a str, tag: &str) -> Option<&'a str> {
-    let open = format!("<{tag}>");
-    let close = format!("</{tag}>");
-    let start = text.find(&open)?;
-    if text[..start].contains(&close) {
-        return None;
-    }
-    let body = &text[start + open.len()..];
-    let end = body.find(&close)?;
-    let inner = &body[..end];
-    if inner.contains(&open) {
-        return None;
-    }
-    Some(inner)
 }
 
 /// I_think: the completion holds a well-formed `<think>…</think>` span.
@@ -136,5 +115,15 @@ mod tests {
         assert_eq!(tag_span("<answer></answer>", "answer"), Some(""));
         // A later stray open tag after a complete span does not undo it.
         assert_eq!(tag_span("<answer>3</answer><answer>", "answer"), Some("3"));
+        // Stray tags before the span: the span is the one the first closing tag ends.
+        assert_eq!(
+            tag_span("</answer> <answer>7</answer>", "answer"),
+            Some("7")
+        );
+        assert_eq!(
+            tag_span("<answer>1 <answer>7</answer>", "answer"),
+            Some("7")
+        );
+        assert_eq!(tag_span("</answer><answer>", "answer"), None);
     }
 }

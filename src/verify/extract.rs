@@ -3,12 +3,25 @@
 
 use super::latex::group_end;
 
-/// Content of the first complete `<answer>…</answer>` span. A `\boxed{}` inside it is unwrapped,
-/// since models often write `<answer>\boxed{5}</answer>`.
+/// The text inside the first well-formed `<tag>…</tag>` span, or None: the first `</tag>` that
+/// closes an open tag, and the last `<tag>` before it, so the text holds neither tag. Stray
+/// tags around it neither help nor hurt (`</answer> <answer>7</answer>` and
+/// `<answer>1 <answer>7</answer>` both hold `7`), nor do spans after it; the content may be
+/// empty. Tags are matched exactly (case-sensitive, no attributes or spaces inside the
+/// brackets). The reward's correctness and format terms both read answers through this
+/// (METHOD.md §3), so they agree on what the answer is.
+pub fn tag_span<'a>(text: &'a str, tag: &str) -> Option<&'a str> {
+    let (open, close) = (format!("<{tag}>"), format!("</{tag}>"));
+    let first_open = text.find(&open)?;
+    let end = first_open + text[first_open..].find(&close)?;
+    let start = text[..end].rfind(&open)? + open.len();
+    Some(&text[start..end])
+}
+
+/// Content of the first well-formed `<answer>…</answer>` span ([`tag_span`]). A `\boxed{}`
+/// inside it is unwrapped, since models often write `<answer>\boxed{5}</answer>`.
 pub fn answer_tag(response: &str) -> Option<String> {
-    let start = response.find("<answer>")? + "<answer>".len();
-    let len = response[start..].find("</answer>")?;
-    let inner = &response[start..start + len];
+    let inner = tag_span(response, "answer")?;
     Some(last_boxed(inner).unwrap_or_else(|| inner.trim().to_string()))
 }
 

@@ -12,6 +12,8 @@ mod extract;
 mod latex;
 mod numeric;
 
+pub use extract::tag_span;
+
 /// How deeply an answer may nest before the verifier reads it as text it cannot parse: levels of
 /// brackets, braces, `\frac`/`\sqrt` arguments, signs, exponents, function arguments, nested
 /// tuples, sets, matrices and relations, and levels of the expression tree (a chain like
