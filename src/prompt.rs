@@ -439,10 +439,16 @@ mod tests {
         }
     }
 
+    /// The template is METHOD.md §1's, character for character (the spec is read from
+    /// ../shared, as the data is): one line, indented there as a code block.
     #[test]
-    fn paper_template_is_one_line_ending_with_assistant() {
+    fn paper_template_is_the_methods_prompt() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/METHOD.md");
+        let method = std::fs::read_to_string(path).unwrap();
+        let start = "A conversation between User and Assistant.";
+        let line = method.lines().map(str::trim).find(|l| l.starts_with(start));
+        assert_eq!(line, Some(PAPER_TEMPLATE), "{path} §1");
         assert!(!PAPER_TEMPLATE.contains('\n'));
-        assert!(PAPER_TEMPLATE.starts_with("A conversation between User and Assistant."));
         assert!(PAPER_TEMPLATE.ends_with("User: {question} Assistant:"));
     }
 

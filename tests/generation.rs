@@ -71,6 +71,28 @@ fn eos_finishes_a_sequence_and_is_not_counted_in_its_length() {
     }
 }
 
+/// An EOS drawn as the cap-th token ends the completion by EOS, not by the cap (METHOD.md §2:
+/// only completions stopped by the cap are truncated), and ℓ leaves it out.
+#[test]
+fn an_eos_drawn_as_the_last_token_the_cap_allows_finishes_the_completion() {
+    let m = model();
+    let cap = 6;
+    // A seed whose 6th sampled token appears nowhere before it: made the EOS, it is first drawn
+    // at the cap.
+    let (seed, free) = (0..100)
+        .map(|seed| {
+            let c = generate(&m, &requests(&[cap]), &config(1.0, seed, vec![]), None).unwrap();
+            (seed, c[0].tokens.clone())
+        })
+        .find(|(_, t)| !t[..cap - 1].contains(&t[cap - 1]))
+        .unwrap();
+    let eos = vec![free[cap - 1]];
+    let out = generate(&m, &requests(&[cap]), &config(1.0, seed, eos), None).unwrap();
+    assert_eq!(out[0].tokens, free);
+    assert_eq!(out[0].len, cap - 1);
+    assert!(out[0].finished && !out[0].truncated);
+}
+
 #[test]
 fn sampling_with_a_fixed_seed_is_reproducible() {
     let m = model();

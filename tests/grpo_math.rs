@@ -8,7 +8,7 @@ use thinkshort::grpo::{
     Scale, StdKind, Truncated,
 };
 use thinkshort::optim::{clip_grad_norm, first_non_finite, lr_at, AdamW, LrDecay, LrSchedule};
-use thinkshort::train_config::TrainConfig;
+use thinkshort::train_config::{AggregationKind, OldLogp, TrainConfig};
 
 fn close(a: f64, b: f64, tol: f64) -> bool {
     (a - b).abs() <= tol * (1.0 + b.abs())
@@ -1196,6 +1196,32 @@ fn default_config_is_valid_and_round_trips() {
         (1e-5, 50, 1.0)
     );
     assert_eq!(c.sampling.cap_factor, 2.0);
+    // METHOD.md §2: temperature 1, top-p 1, top-k off, truncated completions kept
+    assert_eq!(
+        (c.sampling.temperature, c.sampling.top_p, c.sampling.top_k),
+        (1.0, 1.0, 0)
+    );
+    assert_eq!(c.loss.truncated, Truncated::Keep);
+    // §4: population std plus 1e-4, scaled by the group's, no filtering
+    let a = c.advantage;
+    assert_eq!(
+        (a.std, a.eps, a.scale, a.filter_groups),
+        (StdKind::Population, 1e-4, Scale::Group, false)
+    );
+    // §5: seq-mean-token-mean, logπold recomputed by the training forward pass
+    assert_eq!(c.loss.aggregation, AggregationKind::SeqMeanTokenMean);
+    assert_eq!(c.loss.old_logp, OldLogp::Recompute);
+    // §8: AdamW β = (0.9, 0.999), no weight decay, cosine decay (to 0)
+    let o = c.optim;
+    assert_eq!((o.beta1, o.beta2, o.weight_decay), (0.9, 0.999, 0.0));
+    assert_eq!((o.decay, o.min_lr_ratio), (LrDecay::Cosine, 0.0));
+    // §3: weights 0.6 / 0.3 / 0.1, the format split evenly, the triangular length reward
+    let w = c.reward.weights;
+    assert_eq!(
+        (w.correct, w.length, w.format, w.think, w.answer),
+        (0.6, 0.3, 0.1, 0.5, 0.5)
+    );
+    assert_eq!(c.reward.shape, LengthShape::Triangular);
     let text = c.to_toml_string();
     assert_eq!(TrainConfig::from_toml_str(&text).unwrap(), c);
     assert_eq!(TrainConfig::from_toml_str("").unwrap(), c);

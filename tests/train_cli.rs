@@ -4,6 +4,11 @@
 use serde_json::Value;
 use std::path::Path;
 use std::process::Command;
+use thinkshort::backend::cpu::CpuBackend;
+use thinkshort::grpo::{has_answer, has_think, length_reward, LengthShape};
+use thinkshort::prompt::PromptTemplate;
+use thinkshort::tokenizer::Tokenizer;
+use thinkshort::train::{answer_is_correct, train_on, Example, RunControl, TrainInputs};
 
 fn train(out: &Path, extra: &[&str]) -> std::process::Output {
     train_command(out, extra).output().unwrap()
@@ -113,6 +118,7 @@ fn shortened_demo_runs_end_to_end() {
     let train_lines: Vec<&Value> = lines.iter().filter(|l| l["split"] == "train").collect();
     assert_eq!(train_lines.len(), 8);
     assert_eq!(lines.len() - train_lines.len(), 8);
+    let tok = Tokenizer::from_model_dir(Path::new("models/demo")).unwrap();
     for l in &train_lines {
         assert_eq!(l["step"], 0);
         let f = |k: &str| l[k].as_f64().unwrap();
@@ -120,6 +126,19 @@ fn shortened_demo_runs_end_to_end() {
         // the demo's weights: 0.6 correctness, 0.3 length, 0.1 format
         let total = 0.6 * c + 0.3 * f("reward_length") + 0.1 * f("reward_format");
         assert!((f("reward") - total).abs() < 1e-12, "{l}");
+        // each term from the logged text, length and budget (METHOD.md §3): ℓ counts the
+        // completion's tokens without its EOS (those of its text), L is the step's budget B(t)
+        // (not the cap), c is the verifier's judgement of the text against the gold answer
+        let text = l["text"].as_str().unwrap();
+        let len = l["len"].as_u64().unwrap() as usize;
+        assert_eq!(tok.encode(text).unwrap().len(), len, "{l}");
+        let budget = l["budget"].as_u64().unwrap() as usize;
+        let shape = LengthShape::Triangular;
+        assert_eq!(f("reward_length"), length_reward(len, budget, shape), "{l}");
+        let format = 0.5 * (has_think(text) as u8 as f64) + 0.5 * (has_answer(text) as u8 as f64);
+        assert_eq!(f("reward_format"), format, "{l}");
+        let gold = l["gold"].as_str().unwrap();
+        assert_eq!(c == 1.0, answer_is_correct(text, gold), "{l}");
     }
     for group in train_lines.chunks(4) {
         let sum: f64 = group.iter().map(|l| l["advantage"].as_f64().unwrap()).sum();
@@ -197,6 +216,52 @@ fn log_lines(out: &Path, file: &str) -> Vec<Value> {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
+}
+
+/// `advantage.filter_groups` (METHOD.md §5) drops the groups whose completions all got the same
+/// correctness, judged on correctness and not on the length-shaped totals: when the verifier
+/// finds every completion wrong, no completion is left in the loss and the step's gradient is 0,
+/// although the totals still differ by length (without the filter the gradient is not 0).
+#[test]
+fn filter_groups_drops_the_groups_that_are_all_wrong() {
+    let grad_norm = |filter: &str| {
+        let mut cfg = thinkshort::commands::train::demo_config();
+        let settings = [
+            ("steps", "1"),
+            ("prompts_per_step", "2"),
+            ("group_size", "4"),
+            ("eval_every", "0"),
+            ("advantage.filter_groups", filter),
+        ];
+        cfg.set_all(&settings).unwrap();
+        let problems = thinkshort::demo::task::problems(2, 20).into_iter();
+        let inputs = TrainInputs {
+            model_dir: thinkshort::commands::train::DEMO_MODEL.into(),
+            template: PromptTemplate::plain(thinkshort::demo::task::PROMPT_TEMPLATE).unwrap(),
+            train: problems
+                .map(|p| Example {
+                    gold: p.gold(),
+                    question: p.question,
+                })
+                .collect(),
+            eval: vec![],
+            is_correct: |_, _| false,
+        };
+        let out = tempfile::tempdir().unwrap();
+        let control = RunControl {
+            out: &out.path().join("run"),
+            resume: None,
+            stop_after: None,
+            dry_run: false,
+            interrupt: None,
+        };
+        let summary = train_on(CpuBackend, &cfg, &inputs, &control).unwrap();
+        let m = &summary.metrics[0];
+        assert!(!m.skipped && m.reward_length_std > 0.0, "{m:?}");
+        m.grad_norm
+    };
+    assert_eq!(grad_norm("true"), 0.0);
+    assert!(grad_norm("false") > 0.0);
 }
 
 #[test]
