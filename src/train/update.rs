@@ -501,6 +501,97 @@ mod tests {
         (result, after)
     }
 
+    /// μ = 2 (METHOD.md §5): the second epoch's ratio is against the first epoch's log-probs
+    /// (logπold frozen before any step), not the policy's current ones. Its loss and statistics
+    /// are the host's policy loss (`grpo::policy_loss`, the spec checked against TRL) on the
+    /// log-probs of the model after one epoch, with the first epoch's as logπold.
+    #[test]
+    fn the_second_epoch_takes_its_ratio_from_the_first_epochs_logprobs() {
+        let cfg = ModelConfig::from_json_str(
+            r#"{"model_type":"qwen2","vocab_size":40,"hidden_size":16,"intermediate_size":24,
+                "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2}"#,
+        )
+        .unwrap();
+        let owned: Vec<(Vec<u32>, Vec<u32>)> = vec![
+            (vec![1, 2, 3], vec![4, 5, 6, 7]),
+            (vec![1, 2, 3], vec![8, 9]),
+            (vec![10, 11], vec![12, 13, 14]),
+            (vec![10, 11], vec![15, 16, 17, 18, 19]),
+        ];
+        let seqs: Vec<(&[u32], &[u32])> = owned.iter().map(|(p, c)| (&p[..], &c[..])).collect();
+        let lens: Vec<usize> = seqs.iter().map(|(_, c)| c.len()).collect();
+        let ref_logp: Vec<f32> = (0..14).map(|i| -3.0 - 0.05 * i as f32).collect();
+        let rewards = [1.0, 0.2, 0.0, 0.9];
+        let (loss, advantage) = (
+            LossOptions {
+                beta: 0.1,
+                ..LossOptions::default()
+            },
+            AdvantageOptions::default(),
+        );
+        let update = |epochs: usize| {
+            let mut model = Model::random(cfg.clone(), 11, CpuBackend).unwrap();
+            let mut opt = fresh_optimizer(&model, 1e-8, 0.0);
+            let u = UpdateBatch {
+                seqs: &seqs,
+                rewards: &rewards,
+                group_size: 2,
+                truncated: &[false; 4],
+                keep: None,
+                ref_logp: Some(&ref_logp),
+                old_logp: None,
+            };
+            let options = UpdateOptions {
+                loss: &loss,
+                advantage: &advantage,
+                epochs,
+                temperature: 0.8,
+                lr: 3e-2,
+                grad_clip: 0.0,
+                micro_batch: 0,
+                halve_on_out_of_memory: false,
+            };
+            let result = policy_update(&mut model, &mut opt, &u, &options).unwrap();
+            (result, model)
+        };
+        let (two, _) = update(2);
+        let (one, after_one) = update(1);
+        assert_eq!(two.first_logp, one.first_logp);
+
+        let wide = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<f64>>();
+        let logp = completion_logprobs(&after_one, &seqs, 0, 0.8).unwrap();
+        let want = crate::grpo::policy_loss(
+            &crate::grpo::LossBatch {
+                logp: &wide(&logp),
+                old_logp: &wide(&one.first_logp),
+                ref_logp: Some(&wide(&ref_logp)),
+                lens: &lens,
+                advantages: &crate::grpo::advantages(&rewards, 2, &advantage).unwrap(),
+                truncated: &[false; 4],
+                keep: None,
+            },
+            &loss,
+        )
+        .unwrap();
+        let (got, stats) = (two.stats, want.stats);
+        assert!(
+            stats.clip_frac() > 0.0 && (stats.ratio_mean - 1.0).abs() > 1e-2,
+            "the first epoch should move the ratio past the clip range: {stats:?}"
+        );
+        for (what, a, b) in [
+            ("loss", two.loss, want.loss),
+            ("ratio", got.ratio_mean, stats.ratio_mean),
+            ("KL", got.kl, stats.kl),
+            ("clipped low", got.clip_frac_low, stats.clip_frac_low),
+            ("clipped high", got.clip_frac_high, stats.clip_frac_high),
+        ] {
+            assert!(
+                (a - b).abs() <= 1e-5 * b.abs().max(1e-2),
+                "{what}: {a} vs {b}"
+            );
+        }
+    }
+
     /// With truncated completions masked, the logged entropy is the mean over the tokens of the
     /// loss, as every other statistic (METHOD.md §2: the policy applies alike to the logs): the
     /// mean of the forward pass's per-token entropies over the completions kept.
