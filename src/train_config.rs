@@ -91,7 +91,7 @@ pub struct LossConfig {
     /// μ: gradient steps per rollout batch.
     pub epochs: usize,
     pub aggregation: AggregationKind,
-    /// The constant of `seq-mean-token-sum-norm`; unset = the generation cap at step 0.
+    /// The constant of `seq-mean-token-sum-norm`; unset = the run's largest generation cap.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub norm_len: Option<usize>,
     pub truncated: Truncated,
@@ -468,8 +468,10 @@ impl TrainConfig {
         generation_cap(curriculum.budget_at(step), self.sampling.cap_factor)
     }
 
-    /// Loss options; `seq-mean-token-sum-norm` without `loss.norm_len` divides by the
-    /// generation cap at step 0 (the longest a completion can be in a shrinking curriculum).
+    /// Loss options; `seq-mean-token-sum-norm` without `loss.norm_len` divides by the largest
+    /// generation cap of the run (the longest a completion can be: step 0's in a shrinking
+    /// curriculum, a later one where a `list` schedule raises the budget; the adaptive schedule
+    /// never rises above b0).
     pub fn loss_options(&self) -> Result<LossOptions> {
         let aggregation = match self.loss.aggregation {
             AggregationKind::SeqMeanTokenMean => Aggregation::SeqMeanTokenMean,
@@ -477,7 +479,14 @@ impl TrainConfig {
             AggregationKind::SeqMeanTokenSumNorm => {
                 let max_len = match self.loss.norm_len {
                     Some(n) => n,
-                    None => self.cap_at(&self.curriculum()?, 0),
+                    None => {
+                        let curriculum = self.curriculum()?;
+                        let steps = 0..self.steps.max(1);
+                        steps
+                            .map(|s| self.cap_at(&curriculum, s))
+                            .max()
+                            .unwrap_or(1)
+                    }
                 };
                 Aggregation::SeqMeanTokenSumNorm { max_len }
             }

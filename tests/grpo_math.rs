@@ -1250,6 +1250,20 @@ fn partial_config_keeps_defaults() {
     assert_eq!(TrainConfig::from_toml_str(&c.to_toml_string()).unwrap(), c);
 }
 
+/// The sum-norm constant defaults to the largest cap of the run: a `list` schedule that raises
+/// the budget at step 50 divides by the cap there (2·120), not by step 0's.
+#[test]
+fn sum_norm_divides_by_the_runs_largest_cap() {
+    let c = TrainConfig::from_toml_str(
+        "steps = 100\n[loss]\naggregation = \"seq-mean-token-sum-norm\"\n[schedule]\nkind = \"list\"\nbudgets = [[0, 40], [50, 120], [80, 30]]\n",
+    )
+    .unwrap();
+    assert_eq!(
+        c.loss_options().unwrap().aggregation,
+        Aggregation::SeqMeanTokenSumNorm { max_len: 240 }
+    );
+}
+
 #[test]
 fn config_errors_name_the_key() {
     let cases = [
