@@ -37,6 +37,11 @@ fn to_unit(a: u32, b: u32) -> f64 {
     (((a as u64) << 21) ^ ((b as u64) >> 11)) as f64 * (1.0 / (1u64 << 53) as f64)
 }
 
+/// The stream of `uniform` that picks a training step's prompts (index: step · P + i). It is
+/// kept clear of the sampler's streams, which generation numbers from 0 (a training step's
+/// completions take step · N + r), so no completion draws the numbers that chose its prompts.
+pub const PROMPT_PICK_STREAM: u64 = u64::MAX;
+
 /// The uniform in [0, 1) for (seed, stream, index): e.g. stream = sequence, index = decode step.
 pub fn uniform(seed: u64, stream: u64, index: u64) -> f64 {
     let [i0, i1] = split(index);
@@ -86,6 +91,14 @@ impl Philox {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A training step's completions draw from streams step · N + r: for runs of under 2^40
+    /// steps of under 2^20 completions those stay below the prompt picks' stream.
+    #[test]
+    fn the_prompt_picks_stream_is_out_of_the_samplers_reach() {
+        let last_sampler_stream = (1u64 << 40) * (1 << 20) + (1 << 20);
+        assert!(last_sampler_stream < PROMPT_PICK_STREAM);
+    }
 
     /// Known-answer vectors from the Random123 distribution (kat_vectors, philox4x32_10).
     #[test]

@@ -140,6 +140,10 @@ pub fn step(args: &StepArgs) -> Result<()> {
 
 /// `bench step` of model `cfg` on `backend`, named `device` in the output (the tests run the
 /// CUDA backend over an emulated device).
+/// The stream of the correctness coin flips, apart from the sampler's (numbered from 0) and
+/// from train's prompt picks.
+const COIN_STREAM: u64 = rng::PROMPT_PICK_STREAM - 1;
+
 pub fn run_on<B: TrainBackend>(
     args: &StepArgs,
     cfg: &ModelConfig,
@@ -352,7 +356,7 @@ fn one_step<B: TrainBackend>(
         .iter()
         .enumerate()
         .map(|(i, c)| {
-            let correct = rng::uniform(args.seed, 2, step * 1_000_000 + i as u64) < 0.5;
+            let correct = rng::uniform(args.seed, COIN_STREAM, step * 1_000_000 + i as u64) < 0.5;
             reward(
                 correct,
                 c.len,

@@ -417,7 +417,8 @@ pub fn train_on<B: TrainBackend>(
         // Prompts of this step: drawn by the counter-based RNG from (seed, step) alone.
         let picks: Vec<Example> = (0..p)
             .map(|i| {
-                let u = crate::rng::uniform(cfg.seed, 2, (step * p + i) as u64);
+                let stream = crate::rng::PROMPT_PICK_STREAM;
+                let u = crate::rng::uniform(cfg.seed, stream, (step * p + i) as u64);
                 inputs.train[(u * inputs.train.len() as f64) as usize % inputs.train.len()].clone()
             })
             .collect();
