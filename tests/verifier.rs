@@ -104,6 +104,12 @@ fn structures() {
         "\\begin{pmatrix} -1 & 0 \\\\ 0 & -1 \\end{pmatrix}",
         "\\begin{pmatrix} -1 & 0 \\\\ 0 & -2 \\end{pmatrix}",
     );
+    // A matrix is not its last entry, nor a scalar that every entry equals (the environment's
+    // name read as prose made the last number decide).
+    differ("\\begin{pmatrix}2&3\\end{pmatrix}", "3");
+    differ("\\begin{pmatrix}2&2\\end{pmatrix}", "2");
+    differ("\\begin{bmatrix}1\\\\1\\end{bmatrix}", "1");
+    differ("\\begin {pmatrix} 1 \\end {pmatrix}", "(1)");
 }
 
 #[test]
@@ -155,7 +161,7 @@ fn extraction() {
 
 /// Every construct the verifier recurses through: the form with `@` for the nested part, the
 /// innermost value, and whether the form nested (an even number of levels) equals that value. A
-/// tuple never does; a matrix is compared as prose by its last number, at any depth.
+/// tuple or a matrix never does.
 const NESTED: [(&str, &str, bool); 20] = [
     ("(@)", "1", true),
     ("{@}", "1", true),

@@ -115,22 +115,30 @@ const FUNCTION_WORDS: [&str; 16] = [
     "sinh", "cosh", "tanh", "infty",
 ];
 
-/// Whether `s` holds prose: a word of three or more letters that is not a LaTeX command.
+/// Whether `s` holds prose: a word of three or more letters that is not a LaTeX command nor
+/// the name of an environment (`\\begin{pmatrix}`).
 pub fn is_prose(s: &str) -> bool {
     let mut prev = ' ';
     let mut run = 0;
     let mut escaped = false;
     let mut word = String::new();
+    let mut command = String::new(); // the last LaTeX command's name
     for c in s.chars().chain([' ']) {
         if c.is_alphabetic() {
             if run == 0 {
-                escaped = prev == '\\';
+                let environment = prev == '{' && (command == "begin" || command == "end");
+                escaped = prev == '\\' || environment;
             }
             run += 1;
             word.push(c);
         } else {
             if run >= 3 && !escaped && !FUNCTION_WORDS.contains(&word.as_str()) {
                 return true;
+            }
+            if run > 0 && escaped {
+                command = std::mem::take(&mut word);
+            } else if run > 0 || c != '{' {
+                command.clear();
             }
             run = 0;
             word.clear();
