@@ -1002,3 +1002,64 @@ fn ctrl_c_stops_after_the_step_with_a_checkpoint() {
     let resumed = std::fs::read_to_string(&metrics).unwrap().lines().count();
     assert_eq!(resumed, steps + 1);
 }
+
+/// A second interrupt of the other kind (a scheduler's SIGTERM after a user's Ctrl-C) ends the
+/// run at once, as a second Ctrl-C does: the process dies of the signal, without finishing the
+/// step or writing its checkpoint.
+#[cfg(unix)]
+#[test]
+fn sigterm_after_ctrl_c_ends_the_run_at_once() {
+    use std::io::BufRead;
+    use std::os::unix::process::ExitStatusExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let settings = ["--set", "steps=1000", "--set", "eval_every=0"];
+    let mut child = train_command(&out, &settings)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // the stderr lines, as they come
+    let (lines, stderr_lines) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            if lines.send(line.unwrap_or_default()).is_err() {
+                break;
+            }
+        }
+    });
+    let wait_for = |what: &str| loop {
+        let line = stderr_lines
+            .recv_timeout(std::time::Duration::from_secs(120))
+            .unwrap_or_else(|e| panic!("no stderr line containing {what:?}: {e}"));
+        if line.contains(what) {
+            break;
+        }
+    };
+    let metrics = out.join("metrics.jsonl");
+    let started = std::time::Instant::now();
+    while std::fs::read_to_string(&metrics).map_or(true, |m| m.lines().count() == 0) {
+        assert!(started.elapsed().as_secs() < 120, "no step logged");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let pid = child.id() as i32;
+    // SAFETY: signals to the child this test started and has not yet waited for.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
+    wait_for("interrupted: the run stops after this step");
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let status = child.wait().unwrap();
+    assert_eq!(status.signal(), Some(libc::SIGTERM), "{status:?}");
+    // the demo saves no checkpoint before the end (checkpoint_every = 0) but the interrupt's
+    let checkpoints = std::fs::read_dir(&out)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("step-")
+        })
+        .count();
+    assert_eq!(checkpoints, 0);
+}

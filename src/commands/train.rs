@@ -197,17 +197,19 @@ pub fn run(args: &TrainArgs) -> Result<()> {
 }
 
 /// Set by the first Ctrl-C (SIGINT) or SIGTERM of a run: it ends after the step in progress,
-/// with a checkpoint. A second one ends the process at once (the default action, put back).
+/// with a checkpoint. A second one of either kind ends the process at once (the default actions,
+/// put back: a scheduler's SIGTERM after a user's Ctrl-C must not wait for the step).
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 #[cfg(unix)]
-extern "C" fn on_interrupt(signal: libc::c_int) {
+extern "C" fn on_interrupt(_signal: libc::c_int) {
     INTERRUPTED.store(true, Ordering::Relaxed);
     let note = b"\ninterrupted: the run stops after this step, with a checkpoint (interrupt \
                  again to stop it now, losing the step)\n";
     // SAFETY: signal and write are async-signal-safe; the buffer outlives the call.
     unsafe {
-        libc::signal(signal, libc::SIG_DFL);
+        libc::signal(libc::SIGINT, libc::SIG_DFL);
+        libc::signal(libc::SIGTERM, libc::SIG_DFL);
         libc::write(2, note.as_ptr().cast(), note.len());
     }
 }
