@@ -164,7 +164,7 @@ pub fn load_moments(path: &Path, layout: &ParamLayout) -> Result<(Vec<f32>, Vec<
             path.display()
         )
     })?;
-    let read = |name: &str| -> Result<Vec<f32>> {
+    let read = |name: &str, nonnegative: bool| -> Result<Vec<f32>> {
         let t = st
             .tensor(name)
             .with_context(|| format!("{}: no tensor `{name}`", path.display()))?;
@@ -191,8 +191,9 @@ pub fn load_moments(path: &Path, layout: &ParamLayout) -> Result<(Vec<f32>, Vec<
         for spec in &layout.specs {
             for (dst, (i, bytes)) in values[spec.range()].iter_mut().zip(&mut values_in_file) {
                 *dst = bytemuck::pod_read_unaligned(bytes);
-                // a moment that is not finite would make every later step's weights NaN
-                if !dst.is_finite() {
+                // a moment that is not finite would make every later step's weights NaN, and
+                // so would a negative second moment (its square root)
+                if !dst.is_finite() || (nonnegative && *dst < 0.0) {
                     bail!(
                         "{}: tensor `{name}` holds {dst} at index {i}: not a usable optimizer state",
                         path.display()
@@ -202,5 +203,5 @@ pub fn load_moments(path: &Path, layout: &ParamLayout) -> Result<(Vec<f32>, Vec<
         }
         Ok(values)
     };
-    Ok((read(MOMENTS[0])?, read(MOMENTS[1])?))
+    Ok((read(MOMENTS[0], false)?, read(MOMENTS[1], true)?))
 }

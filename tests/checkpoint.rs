@@ -132,6 +132,16 @@ fn optimizer_moments_round_trip_and_errors_name_the_tensor() {
         err.contains("exp_avg_sq") && err.contains("index 17"),
         "{err}"
     );
+    // so is a negative second moment (AdamW divides by its square root); a first moment may be
+    // negative
+    bad[17] = -1.0;
+    save_moments(&nan_path, &layout, &m, &bad).unwrap();
+    let err = format!("{:#}", load_moments(&nan_path, &layout).unwrap_err());
+    assert!(
+        err.contains("exp_avg_sq") && err.contains("holds -1 at index 17"),
+        "{err}"
+    );
+    assert!(m.iter().any(|&x| x < 0.0));
 
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
