@@ -57,9 +57,25 @@ pub struct ModelConfig {
     pub qk_norm: bool,
 }
 
+/// Fails unless `dir` is a folder: a model folder that is missing, or a file named instead of
+/// its folder, gets that said rather than a missing file inside it.
+pub fn check_model_folder(dir: &Path) -> Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if dir.exists() {
+        bail!(
+            "the model folder {} is a file: name the folder that holds config.json",
+            dir.display()
+        );
+    }
+    bail!("the model folder {} does not exist", dir.display())
+}
+
 impl ModelConfig {
     /// Reads `<dir>/config.json`.
     pub fn from_model_dir(dir: &Path) -> Result<Self> {
+        check_model_folder(dir)?;
         let path = dir.join("config.json");
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("missing or unreadable model config {}", path.display()))?;

@@ -4,6 +4,7 @@
 
 use anyhow::{bail, Context, Result};
 use serde_json::{Map, Value};
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
@@ -78,7 +79,9 @@ pub fn load(spec: &str, data_dir: &Path) -> Result<Vec<Dataset>> {
     })
 }
 
-/// Reads a JSONL file, turning each object into an item; `n` is the 1-based line number.
+/// Reads a JSONL file, turning each object into an item; `n` is the 1-based line number. An
+/// item needs a question, a gold answer and an id of its own (items are matched by id against a
+/// baseline run's).
 fn read(path: &Path, parse: fn(&Map<String, Value>, usize) -> Result<Item>) -> Result<Vec<Item>> {
     let f = std::fs::File::open(path).with_context(|| {
         format!(
@@ -87,6 +90,7 @@ fn read(path: &Path, parse: fn(&Map<String, Value>, usize) -> Result<Item>) -> R
         )
     })?;
     let mut items = Vec::new();
+    let mut line_of_id: HashMap<String, usize> = HashMap::new();
     for (i, line) in BufReader::new(f).lines().enumerate() {
         let at = || format!("{} line {}", path.display(), i + 1);
         let line = line.with_context(at)?;
@@ -100,7 +104,21 @@ fn read(path: &Path, parse: fn(&Map<String, Value>, usize) -> Result<Item>) -> R
             .as_object()
             .context("expected a JSON object")
             .with_context(at)?;
-        items.push(parse(obj, i + 1).with_context(at)?);
+        let item = parse(obj, i + 1).with_context(at)?;
+        if item.question.trim().is_empty() {
+            bail!("{}: the question is empty", at());
+        }
+        if item.gold.trim().is_empty() {
+            bail!("{}: the answer is empty (no response could match it)", at());
+        }
+        if let Some(first) = line_of_id.insert(item.id.clone(), i + 1) {
+            bail!(
+                "{}: id `{}` is line {first}'s too: every item needs its own id",
+                at(),
+                item.id
+            );
+        }
+        items.push(item);
     }
     Ok(items)
 }

@@ -65,8 +65,14 @@ impl PromptTemplate {
     /// A plain template from a file. One trailing newline (which editors add) is dropped, as
     /// Jinja drops it; end the file with two newlines to keep one.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read prompt template {}", path.display()))?;
+        let text = std::fs::read_to_string(path).with_context(|| {
+            format!(
+                "cannot read prompt template {}: it names no file, nor a template by name \
+                 (paper, chat; raw in generate and eval), and a template written out must \
+                 contain {{question}}",
+                path.display()
+            )
+        })?;
         let text = text
             .strip_suffix('\n')
             .map(|t| t.strip_suffix('\r').unwrap_or(t))
@@ -494,7 +500,10 @@ mod tests {
             "{:#}",
             PromptTemplate::from_file(&dir.path().join("absent.txt")).unwrap_err()
         );
-        assert!(err.contains("absent.txt"), "{err}");
+        assert!(
+            err.contains("absent.txt") && err.contains("paper, chat") && err.contains("{question}"),
+            "{err}"
+        );
     }
 
     #[test]

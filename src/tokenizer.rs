@@ -24,6 +24,7 @@ pub struct Tokenizer {
 impl Tokenizer {
     /// Loads `tokenizer.json` and the special tokens of a model folder.
     pub fn from_model_dir(dir: &Path) -> Result<Self> {
+        crate::config::check_model_folder(dir)?;
         let path = dir.join("tokenizer.json");
         if !path.is_file() {
             bail!("missing tokenizer file {}", path.display());

@@ -528,7 +528,7 @@ fn set_in_table(root: &mut toml::Table, key: &str, value: &str) -> Result<()> {
     };
     let parts: Vec<&str> = key.split('.').collect();
     if parts.iter().any(|p| p.is_empty()) {
-        bail!("--set: malformed key `{key}`");
+        bail!("malformed key `{key}`");
     }
     let (leaf, tables) = parts.split_last().expect("split gives one part at least");
     let mut table = root;

@@ -121,6 +121,31 @@ pub fn load_params(dir: &Path, cfg: &ModelConfig, layout: &ParamLayout) -> Resul
         );
     }
 
+    // A tensor the config leaves unused means the config describes another architecture (Qwen2
+    // weights with model_type llama would lose their q/k/v biases and give wrong outputs
+    // silently). Two kinds are left out on purpose, as transformers leaves them: a tied model's
+    // stored copy of the head, and the rotary frequencies older checkpoints keep.
+    let used: std::collections::HashSet<&str> =
+        layout.specs.iter().map(|s| s.name.as_str()).collect();
+    let ignored = |name: &str| {
+        (name == "lm_head.weight" && cfg.tie_word_embeddings)
+            || name.ends_with("rotary_emb.inv_freq")
+    };
+    if let Some(unused) = where_is
+        .keys()
+        .find(|name| !used.contains(name.as_str()) && !ignored(name))
+    {
+        bail!(
+            "the weights of {} hold `{unused}`, which config.json ({:?}, attention_bias {}, \
+             mlp_bias {}) has no use for: the config is not this model's (Qwen2 weights, with \
+             q/k/v biases, need model_type qwen2)",
+            dir.display(),
+            cfg.arch,
+            cfg.qkv_bias,
+            cfg.mlp_bias
+        );
+    }
+
     let mut params = vec![0.0f32; layout.total_len()];
     for spec in &layout.specs {
         let (path, st) = &parsed[where_is[&spec.name]]; // present: checked above

@@ -207,10 +207,11 @@ fn token_id_out_of_range_names_line_and_id() {
 fn invalid_jsonl_names_the_line() {
     let tmp = tempfile::tempdir().unwrap();
     write_model(tmp.path(), CONFIG, &no_tweak);
-    let input = "{\"prompt_ids\":[1],\"completion_ids\":[2]}\n\n{\"prompt_ids\":[1],\n";
+    let item = "{\"prompt_ids\":[1],\"completion_ids\":[2]}";
+    let input = format!("{item}\n{item}\n{{\"prompt_ids\":[1],\n");
     assert_fails_with(
         tmp.path(),
-        Some(input),
+        Some(&input),
         &["in.jsonl line 3", "not valid JSON"],
     );
     assert_fails_with(
@@ -326,11 +327,114 @@ fn sft_refuses_to_replace_a_folder_of_other_files() {
     for (extra, needle) in [
         (&["--batch-size", "0"][..], "--batch-size and --steps"),
         (&["--lr=-1"][..], "--lr must be"),
+        // far more than the host's memory: refused before the weights load (it was killed by
+        // the kernel's out-of-memory killer)
+        (&["--batch-size", "100000000"][..], "sft needs about"),
     ] {
         let o = sft(&tmp.path().join("other"), extra);
         let stderr = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success() && stderr.contains(needle), "{stderr}");
     }
+}
+
+/// A model folder that does not exist, or a file given as one, is said to be so (it was
+/// reported as a missing tokenizer file inside it); so is a template that names no file.
+#[test]
+fn a_missing_model_folder_or_template_is_named_as_such() {
+    let tmp = tempfile::tempdir().unwrap();
+    let absent = tmp.path().join("absent");
+    let generate = |model: &str, template: &str| {
+        let o = thinkshort(&[
+            "generate",
+            "--model",
+            model,
+            "--prompt",
+            "q",
+            "--template",
+            template,
+            "--backend",
+            "cpu",
+        ]);
+        assert!(!o.status.success());
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    let err = generate(absent.to_str().unwrap(), "raw");
+    assert!(err.contains("absent does not exist"), "{err}");
+    let err = generate("models/demo/config.json", "raw");
+    assert!(err.contains("config.json is a file"), "{err}");
+    let err = generate("models/demo", "papr");
+    assert!(
+        err.contains("prompt template papr") && err.contains("paper, chat"),
+        "{err}"
+    );
+}
+
+/// An sft example longer than the model's positions is an error naming its file and line.
+#[test]
+fn sft_names_the_line_of_an_example_too_long_for_the_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("in.jsonl");
+    let long = " 7".repeat(600);
+    let lines = [
+        r#"{"prompt": "compute : 3 + 4 .", "completion": " 7"}"#.to_string(),
+        format!(r#"{{"prompt": "compute : 3 + 4 .", "completion": "{long}"}}"#),
+    ];
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let out = tmp.path().join("out");
+    let o = thinkshort(&[
+        "sft",
+        "--model",
+        "models/demo",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--steps",
+        "1",
+        "--backend",
+        "cpu",
+    ]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success()
+            && stderr.contains("in.jsonl line 2: prompt and completion are")
+            && stderr.contains("max_position_embeddings of 512"),
+        "{stderr}"
+    );
+    assert!(!out.exists());
+}
+
+/// Output line n scores input line n: a blank line between items is an error naming it
+/// (skipping it shifted every later line), blank lines at the end are not; an item longer than
+/// the model's positions is an error naming its line.
+#[test]
+fn logprobs_refuses_blank_lines_between_items_and_items_too_long() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_model(tmp.path(), CONFIG, &no_tweak);
+    let item = "{\"prompt_ids\":[1,2,3],\"completion_ids\":[4,5]}";
+    assert_fails_with(
+        tmp.path(),
+        Some(&format!("{item}\n\n{item}\n")),
+        &["in.jsonl line 2 is blank"],
+    );
+    let (ok, stderr) = logprobs(tmp.path(), Some(&format!("{item}\n{item}\n\n\n")));
+    assert!(ok, "{stderr}");
+    let out = std::fs::read_to_string(tmp.path().join("out.jsonl")).unwrap();
+    assert_eq!(out.lines().count(), 2);
+    std::fs::remove_file(tmp.path().join("out.jsonl")).unwrap();
+    let short = CONFIG.replace(
+        "\"rope_theta\":10000.0",
+        "\"rope_theta\":10000.0,\"max_position_embeddings\":4",
+    );
+    write_model(tmp.path(), &short, &no_tweak);
+    assert_fails_with(
+        tmp.path(),
+        Some(&format!("{item}\n")),
+        &[
+            "in.jsonl line 1: prompt and completion are 5 tokens",
+            "of 4",
+        ],
+    );
 }
 
 /// `logprobs --output LINK` writes the link's target and keeps the link (the rename replaced
@@ -381,10 +485,9 @@ fn logprobs_output_through_a_link_keeps_the_link() {
     score_through(&dangling, &new_target);
 }
 
-/// A config.json with fewer layers than its weights is not this model's config (the extra
-/// layers were ignored): an error naming a tensor of the extra layer.
-#[test]
-fn weights_of_layers_beyond_the_config_are_an_error() {
+/// `thinkshort generate` on a copy of the qwen2_tied fixture whose config.json `edit` changed:
+/// whether it succeeded, and its stderr.
+fn generate_with_edited_config(edit: impl Fn(&mut serde_json::Value)) -> (bool, String) {
     let tmp = tempfile::tempdir().unwrap();
     let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen2_tied");
     for f in [
@@ -397,7 +500,7 @@ fn weights_of_layers_beyond_the_config_are_an_error() {
     }
     let config = std::fs::read_to_string(fixture.join("config.json")).unwrap();
     let mut json: serde_json::Value = serde_json::from_str(&config).unwrap();
-    json["num_hidden_layers"] = 1.into();
+    edit(&mut json);
     std::fs::write(tmp.path().join("config.json"), json.to_string()).unwrap();
     let o = thinkshort(&[
         "generate",
@@ -405,16 +508,40 @@ fn weights_of_layers_beyond_the_config_are_an_error() {
         tmp.path().to_str().unwrap(),
         "--prompt",
         "hello",
+        "--max-new-tokens",
+        "4",
         "--backend",
         "cpu",
     ]);
-    let stderr = String::from_utf8_lossy(&o.stderr);
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stderr).into(),
+    )
+}
+
+/// A config.json with fewer layers than its weights is not this model's config (the extra
+/// layers were ignored): an error naming a tensor of the extra layer.
+#[test]
+fn weights_of_layers_beyond_the_config_are_an_error() {
+    let (ok, stderr) = generate_with_edited_config(|json| json["num_hidden_layers"] = 1.into());
     assert!(
-        !o.status.success()
-            && stderr.contains("`model.layers.1.")
-            && stderr.contains("beyond the 1"),
+        !ok && stderr.contains("`model.layers.1.") && stderr.contains("beyond the 1"),
         "{stderr}"
     );
+}
+
+/// Qwen2 weights under a Llama config (no attention biases) would run without their q/k/v
+/// biases and answer wrongly without a word: a tensor the config has no use for is an error
+/// naming it.
+#[test]
+fn weights_the_config_does_not_use_are_an_error() {
+    let (ok, stderr) = generate_with_edited_config(|json| json["model_type"] = "llama".into());
+    assert!(
+        !ok && stderr.contains("_proj.bias`") && stderr.contains("has no use for"),
+        "{stderr}"
+    );
+    let (ok, stderr) = generate_with_edited_config(|_| {});
+    assert!(ok, "{stderr}");
 }
 
 /// Generation longer than the model's positions, or a cache larger than memory, is one clear

@@ -125,6 +125,17 @@ fn bad_dataset_lines_name_file_line_and_key() {
     );
     let dir = bad_data_dir(r#"{"question": "q", "answer": "no final answer"}"#);
     eval_fails_with(dir.path(), &["gsm8k/test.jsonl line 2", "####"]);
+    // caught before the model loads too: an empty question, an empty gold answer
+    let dir = bad_data_dir(r#####"{"question": " ", "answer": "#### 3"}"#####);
+    eval_fails_with(
+        dir.path(),
+        &["gsm8k/test.jsonl line 2", "the question is empty"],
+    );
+    let dir = bad_data_dir(r#####"{"question": "q", "answer": "#### "}"#####);
+    eval_fails_with(
+        dir.path(),
+        &["gsm8k/test.jsonl line 2", "the answer is empty"],
+    );
     let empty = tempfile::tempdir().unwrap();
     eval_fails_with(empty.path(), &["cannot open", "--data-dir"]);
 }
@@ -392,6 +403,76 @@ fn eval_compares_with_a_baseline_item_by_item() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success() && stderr.contains("judged none of these sets' items"),
+        "{stderr}"
+    );
+
+    // Items told apart by (set, id, budget) must be so: a baseline judging an item twice, a
+    // set listed twice, a budget listed twice are errors (they were matched arbitrarily).
+    let twice = dir.path().join("twice");
+    std::fs::create_dir_all(&twice).unwrap();
+    let lines: String = items
+        .iter()
+        .chain(&items[..1])
+        .map(|i| format!("{i}\n"))
+        .collect();
+    std::fs::write(twice.join("items.jsonl"), lines).unwrap();
+    let out = eval(&["--baseline", path_str(&twice)]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let line = format!("twice/items.jsonl line {}", items.len() + 1);
+    assert!(
+        !out.status.success() && stderr.contains(&line) && stderr.contains("judged twice"),
+        "{stderr}"
+    );
+    let out = thinkshort(&[
+        "eval",
+        "--model",
+        path_str(&model),
+        "--data-dir",
+        path_str(&data),
+        "--datasets",
+        "svamp,svamp",
+        "--backend",
+        "cpu",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("both named `svamp`"),
+        "{stderr}"
+    );
+    let out = eval(&["--budgets", "30,40,30"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("--budgets lists 30 twice"),
+        "{stderr}"
+    );
+}
+
+/// A generic JSONL file whose items share an id cannot be compared item by item: an error
+/// naming the file, the line and the id.
+#[test]
+fn items_sharing_an_id_are_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("mine.jsonl");
+    std::fs::write(
+        &file,
+        "{\"question\": \"q\", \"answer\": 1, \"id\": \"a\"}\n{\"question\": \"r\", \"answer\": 2, \"id\": \"a\"}\n",
+    )
+    .unwrap();
+    let model = root().join("tests/fixtures/qwen2_tied");
+    let out = thinkshort(&[
+        "eval",
+        "--model",
+        path_str(&model),
+        "--datasets",
+        path_str(&file),
+        "--backend",
+        "cpu",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && stderr.contains("mine.jsonl line 2")
+            && stderr.contains("id `a` is line 1's too"),
         "{stderr}"
     );
 }

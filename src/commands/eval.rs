@@ -103,7 +103,13 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         args.budgets.clone()
     };
     if budgets.contains(&0) {
-        bail!("budgets must be at least 1");
+        bail!("--budget and --budgets must be at least 1");
+    }
+    if let Some(twice) = budgets
+        .iter()
+        .find(|&&b| budgets.iter().filter(|&&c| c == b).count() > 1)
+    {
+        bail!("--budgets lists {twice} twice");
     }
     if args.batch_size == 0 || args.max_new_tokens == 0 {
         bail!("--batch-size and --max-new-tokens must be at least 1");
@@ -119,6 +125,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     }
     // Every set is read before the model loads, so a bad line fails at once.
     let mut sets: Vec<Dataset> = Vec::new();
+    let mut spec_of_set: HashMap<String, &str> = HashMap::new();
     for spec in args
         .datasets
         .split(',')
@@ -131,6 +138,14 @@ pub fn run(args: &EvalArgs) -> Result<()> {
             }
             if set.items.is_empty() {
                 bail!("dataset {spec} holds no items");
+            }
+            // items.jsonl and a baseline comparison tell items apart by set name and id
+            if let Some(first) = spec_of_set.insert(set.name.clone(), spec) {
+                bail!(
+                    "--datasets: {first} and {spec} are both named `{}`: list a set once, and \
+                     give files of the same name different names",
+                    set.name
+                );
             }
             sets.push(set);
         }
@@ -397,7 +412,18 @@ fn read_baseline(dir: &Path) -> Result<HashMap<(String, String, usize), bool>> {
                 n + 1
             )
         })?;
-        verdicts.insert((l.dataset, l.id, l.budget), l.correct);
+        let item = format!("({}, {}, budget {})", l.dataset, l.id, l.budget);
+        if verdicts
+            .insert((l.dataset, l.id, l.budget), l.correct)
+            .is_some()
+        {
+            bail!(
+                "--baseline: {} line {}: item {item} is judged twice: not the items.jsonl of one \
+                 `eval --out` run",
+                path.display(),
+                n + 1
+            );
+        }
     }
     Ok(verdicts)
 }

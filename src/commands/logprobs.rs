@@ -41,7 +41,9 @@ pub fn run(args: &LogprobsArgs) -> Result<()> {
         dir: args.model.clone(),
         tok: None,
     };
-    let items = read_items(&args.input, model.cfg().vocab_size, &mut tokenizer)?;
+    let cfg = model.cfg();
+    let (vocab, positions) = (cfg.vocab_size, cfg.max_position_embeddings);
+    let items = read_items(&args.input, vocab, positions, &mut tokenizer)?;
 
     // Write to a temporary name and rename, so an error never leaves a half-written output
     // (a pipe or device such as /dev/stdout is written directly; a link's target is replaced,
@@ -130,17 +132,42 @@ impl LazyTokenizer {
 }
 
 /// Parses the input file; every error names the file and line.
-fn read_items(path: &Path, vocab: usize, tokenizer: &mut LazyTokenizer) -> Result<Vec<ScoreItem>> {
+/// The items of the input, one per line. Output line n scores input line n, so a blank line
+/// before the last item is an error (blank lines at the end are left out), and so is an item
+/// longer than the model's positions.
+fn read_items(
+    path: &Path,
+    vocab: usize,
+    positions: usize,
+    tokenizer: &mut LazyTokenizer,
+) -> Result<Vec<ScoreItem>> {
     let file = std::fs::File::open(path)
         .with_context(|| format!("cannot open input {}", path.display()))?;
     let mut items = Vec::new();
+    let mut blank = None; // the first blank line since the last item
     for (n, line) in BufReader::new(file).lines().enumerate() {
         let at = || format!("{} line {}", path.display(), n + 1);
         let line = line.with_context(at)?;
         if line.trim().is_empty() {
+            blank = blank.or(Some(n + 1));
             continue;
         }
+        if let Some(b) = blank {
+            bail!(
+                "{} line {b} is blank: every line must be an item (output line n scores input \
+                 line n)",
+                path.display()
+            );
+        }
         let item = parse_line(&line, vocab, tokenizer).with_context(at)?;
+        let tokens = item.prompt.len() + item.completion.len();
+        if tokens > positions {
+            bail!(
+                "{}: prompt and completion are {tokens} tokens, more than the model's \
+                 max_position_embeddings of {positions}",
+                at()
+            );
+        }
         items.push(item);
     }
     Ok(items)

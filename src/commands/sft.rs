@@ -11,6 +11,7 @@ use crate::params::ParamLayout;
 use crate::prompt::PromptTemplate;
 use crate::sft::{train_sft, SftExample, SftOptions};
 use crate::tokenizer::Tokenizer;
+use crate::train::memory::{host_available, RunShape, TrainMemory};
 use crate::train::progress::Progress;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -90,11 +91,16 @@ fn sft_with_staging<B: TrainBackend>(args: &SftArgs, staging: &Path, backend: B)
             .as_ref()
             .expect("clap requires --model without --demo");
         let tok = Tokenizer::from_model_dir(dir)?;
-        let data = read_jsonl(args.data.as_ref().expect("clap requires --data"), &tok)?;
         let cfg = ModelConfig::from_model_dir(dir)?;
+        let data_path = args.data.as_ref().expect("clap requires --data");
+        let data = read_jsonl(data_path, &tok, cfg.max_position_embeddings)?;
+        check_memory(args, &cfg, &data, &backend)?;
         let master = crate::weights::load_params(dir, &cfg, &ParamLayout::new(&cfg))?;
         (dir.clone(), cfg, master, data)
     };
+    if args.demo {
+        check_memory(args, &cfg, &data, &backend)?;
+    }
     let mut model = Model::from_host(cfg, &master, backend)?;
     eprintln!(
         "sft: {} parameters on the {} backend, {} examples, {} steps of {}",
@@ -131,6 +137,55 @@ fn sft_with_staging<B: TrainBackend>(args: &SftArgs, staging: &Path, backend: B)
     Ok(())
 }
 
+/// Fails, before the weights load, when a step cannot fit the device's free memory (the host's
+/// available memory on the CPU): the weights, the f32 master weights, moments and gradients,
+/// and one pass of `--micro-batch` examples as long as the longest prompt and completion (train's
+/// estimate, without a rollout).
+fn check_memory<B: TrainBackend>(
+    args: &SftArgs,
+    cfg: &ModelConfig,
+    data: &[SftExample],
+    backend: &B,
+) -> Result<()> {
+    let longest = |len: fn(&SftExample) -> usize| data.iter().map(len).max().unwrap_or(0);
+    let shape = RunShape {
+        sequences: args.batch_size,
+        micro_batch: args.micro_batch,
+        prompt_len: longest(|e| e.prompt.len()),
+        cap: longest(|e| e.completion.len()),
+        ..RunShape::default()
+    };
+    let estimate = TrainMemory::estimate(
+        cfg,
+        backend.storage_bytes(),
+        crate::model::HEAD_CHUNK_BYTES,
+        &shape,
+    );
+    let need = TrainMemory {
+        rollout: 0,
+        eval: 0,
+        ..estimate
+    }
+    .total();
+    let (room, place) = match backend.free_memory()? {
+        Some(free) => (Some(free), format!("free on the {} device", backend.name())),
+        None => (host_available(), "available on the host".to_string()),
+    };
+    if let Some(room) = room.filter(|&room| need > room) {
+        let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+        bail!(
+            "sft needs about {:.2} GiB but {:.2} GiB are {place}: use a smaller --batch-size \
+             (now {}) or --micro-batch (examples per pass, now {}), shorter examples or a smaller \
+             model",
+            gib(need),
+            gib(room),
+            args.batch_size,
+            estimate.micro_batch
+        );
+    }
+    Ok(())
+}
+
 /// A scratch folder beside `out` for the demo's generated tokenizer and config.
 fn tempfile_dir(out: &Path) -> Result<PathBuf> {
     let parent = out
@@ -159,7 +214,9 @@ fn demo_examples(tok: &Tokenizer, count: u64) -> Result<Vec<SftExample>> {
         .collect()
 }
 
-fn read_jsonl(path: &Path, tok: &Tokenizer) -> Result<Vec<SftExample>> {
+/// The examples of a `{prompt, completion}` JSONL file, each completion ending with EOS; an
+/// example longer than the model's `positions` is an error naming its line.
+fn read_jsonl(path: &Path, tok: &Tokenizer, positions: usize) -> Result<Vec<SftExample>> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let eos = tok.eos_token_ids().first().copied();
@@ -183,6 +240,14 @@ fn read_jsonl(path: &Path, tok: &Tokenizer) -> Result<Vec<SftExample>> {
         }
         // The model learns to stop: the completion ends with EOS.
         completion.extend(eos);
+        let tokens = prompt.len() + completion.len();
+        if tokens > positions {
+            bail!(
+                "{}: prompt and completion are {tokens} tokens (EOS included), more than the \
+                 model's max_position_embeddings of {positions}",
+                at()
+            );
+        }
         out.push(SftExample { prompt, completion });
     }
     if out.is_empty() {

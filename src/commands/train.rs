@@ -18,7 +18,7 @@ pub struct TrainArgs {
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Override one setting, e.g. `--set loss.beta=0` or `--set schedule.kind=constant`
-    /// (repeatable, applied after --config and --preset).
+    /// (repeatable, applied after --config and before --preset).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub sets: Vec<String>,
     /// Run folder: metrics.jsonl, config.toml, checkpoints, plot.
