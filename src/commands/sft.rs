@@ -137,20 +137,22 @@ fn sft_with_staging<B: TrainBackend>(args: &SftArgs, staging: &Path, backend: B)
     Ok(())
 }
 
-/// Fails, before the weights load, when a step cannot fit the device's free memory (the host's
-/// available memory on the CPU): the weights, the f32 master weights, moments and gradients,
-/// and one pass of `--micro-batch` examples as long as the longest prompt and completion (train's
-/// estimate, without a rollout).
+/// Fails, before the weights load, when a step cannot fit: the weights, the f32 master
+/// weights, moments and gradients, and one pass over examples as long as the longest prompt and
+/// completion (train's estimate, without a rollout). On the CPU the pass holds `--micro-batch`
+/// examples and must fit the host's available memory; a device's passes that run out of memory
+/// run again at half as many examples, so there one example per pass must fit its free memory.
 fn check_memory<B: TrainBackend>(
     args: &SftArgs,
     cfg: &ModelConfig,
     data: &[SftExample],
     backend: &B,
 ) -> Result<()> {
+    let free = backend.free_memory()?;
     let longest = |len: fn(&SftExample) -> usize| data.iter().map(len).max().unwrap_or(0);
     let shape = RunShape {
         sequences: args.batch_size,
-        micro_batch: args.micro_batch,
+        micro_batch: if free.is_some() { 1 } else { args.micro_batch },
         prompt_len: longest(|e| e.prompt.len()),
         cap: longest(|e| e.completion.len()),
         ..RunShape::default()
@@ -167,20 +169,20 @@ fn check_memory<B: TrainBackend>(
         ..estimate
     }
     .total();
-    let (room, place) = match backend.free_memory()? {
+    let (room, place) = match free {
         Some(free) => (Some(free), format!("free on the {} device", backend.name())),
         None => (host_available(), "available on the host".to_string()),
     };
     if let Some(room) = room.filter(|&room| need > room) {
         let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
         bail!(
-            "sft needs about {:.2} GiB but {:.2} GiB are {place}: use a smaller --batch-size \
-             (now {}) or --micro-batch (examples per pass, now {}), shorter examples or a smaller \
+            "sft needs about {:.2} GiB with {} examples per pass but {:.2} GiB are {place}: use \
+             a smaller --batch-size (now {}) or --micro-batch, shorter examples or a smaller \
              model",
             gib(need),
+            estimate.micro_batch,
             gib(room),
-            args.batch_size,
-            estimate.micro_batch
+            args.batch_size
         );
     }
     Ok(())
