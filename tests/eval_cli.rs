@@ -445,6 +445,13 @@ fn eval_compares_with_a_baseline_item_by_item() {
         !out.status.success() && stderr.contains("--budgets lists 30 twice"),
         "{stderr}"
     );
+    // --budget beside --budgets was dropped without a word
+    let out = eval(&["--budgets", "30,40", "--budget", "50"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("cannot be used with"),
+        "{stderr}"
+    );
 }
 
 /// A generic JSONL file whose items share an id cannot be compared item by item: an error

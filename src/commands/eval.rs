@@ -37,8 +37,8 @@ pub struct EvalArgs {
     #[arg(long, default_value_t = 87)]
     pub budget: usize,
     /// Several budgets, comma-separated (e.g. 32,64,128,256): one evaluation per budget, each
-    /// with its own rows (accuracy against mean tokens: the frontier); replaces --budget.
-    #[arg(long, value_delimiter = ',')]
+    /// with its own rows (accuracy against mean tokens: the frontier); instead of --budget.
+    #[arg(long, value_delimiter = ',', conflicts_with = "budget")]
     pub budgets: Vec<usize>,
     /// Cap on new tokens per response.
     #[arg(long, default_value_t = 512)]
