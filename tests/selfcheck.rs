@@ -762,6 +762,31 @@ fn selfcheck_cuda_without_a_gpu_fails_with_one_line() {
     );
 }
 
+/// A --json path that cannot be written (a folder, a missing parent) fails at once, before the
+/// selfcheck runs (it failed after it), and prints no row.
+#[test]
+fn selfcheck_refuses_an_unwritable_json_path_before_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing/report.json");
+    for path in [dir.path(), missing.as_path()] {
+        let out = Command::new(env!("CARGO_BIN_EXE_thinkshort"))
+            .args(["selfcheck", "--backend", "cpu", "--quick", "--json"])
+            .arg(path)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains("--json"),
+            "{stderr}"
+        );
+        assert!(
+            out.stdout.is_empty(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+}
+
 /// Runs `thinkshort bench ARGS --json FILE` on the CPU, checks it succeeded and that stdout holds
 /// `expect`, and returns the JSON it wrote.
 fn run_bench(args: &[&str], expect: &str) -> serde_json::Value {
