@@ -763,27 +763,34 @@ fn selfcheck_cuda_without_a_gpu_fails_with_one_line() {
 }
 
 /// A --json path that cannot be written (a folder, a missing parent) fails at once, before the
-/// selfcheck runs (it failed after it), and prints no row.
+/// selfcheck or a benchmark runs (they failed after it), and prints nothing on stdout.
 #[test]
-fn selfcheck_refuses_an_unwritable_json_path_before_running() {
+fn an_unwritable_json_path_fails_before_the_work() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("missing/report.json");
-    for path in [dir.path(), missing.as_path()] {
-        let out = Command::new(env!("CARGO_BIN_EXE_thinkshort"))
-            .args(["selfcheck", "--backend", "cpu", "--quick", "--json"])
-            .arg(path)
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            !out.status.success() && stderr.contains("--json"),
-            "{stderr}"
-        );
-        assert!(
-            out.stdout.is_empty(),
-            "{}",
-            String::from_utf8_lossy(&out.stdout)
-        );
+    let config = "tools/bench_model_10m.json";
+    let commands: [&[&str]; 3] = [
+        &["selfcheck", "--quick"],
+        &["bench", "forward", "--model-config", config],
+        &["bench", "step", "--model-config", config],
+    ];
+    for command in commands {
+        for path in [dir.path(), missing.as_path()] {
+            let out = Command::new(env!("CARGO_BIN_EXE_thinkshort"))
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .args(command)
+                .args(["--backend", "cpu", "--json"])
+                .arg(path)
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                !out.status.success() && stderr.contains("not a file in an existing folder"),
+                "{command:?}: {stderr}"
+            );
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(stdout.is_empty(), "{command:?}: {stdout}");
+        }
     }
 }
 

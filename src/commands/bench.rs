@@ -88,6 +88,9 @@ pub struct ForwardResult {
 }
 
 fn forward(args: &ForwardArgs) -> Result<()> {
+    if let Some(path) = &args.json {
+        super::check_output_file(path, "--json")?;
+    }
     if args.batch.is_empty() || args.batch.contains(&0) {
         bail!(
             "--batch: every batch size must be at least 1, got {:?}",

@@ -112,6 +112,9 @@ pub struct StepProfile {
 }
 
 pub fn step(args: &StepArgs) -> Result<()> {
+    if let Some(path) = &args.json {
+        super::check_output_file(path, "--json")?;
+    }
     if args.prompts == 0 || args.group == 0 || args.prompt_len == 0 || args.new_tokens == 0 {
         bail!("--prompts, --group, --prompt-len and --new-tokens must be at least 1");
     }

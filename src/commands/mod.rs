@@ -13,7 +13,21 @@ pub mod train;
 pub mod verify;
 
 use crate::backend::BackendKind;
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
+use std::path::Path;
+
+/// Fails unless `path` (given as `option`) can be a file written after the command's long work:
+/// not a folder, and in a folder that exists (so a typo fails now, not after the work).
+pub fn check_output_file(path: &Path, option: &str) -> Result<()> {
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+    if path.is_dir() || parent.is_some_and(|p| !p.is_dir()) {
+        bail!(
+            "{option} {}: not a file in an existing folder",
+            path.display()
+        );
+    }
+    Ok(())
+}
 
 /// Resolves `--backend` for a command that runs on either device: `cuda` needs a usable GPU
 /// (else one clear error line), `auto` takes the GPU when there is one and says which it took.

@@ -24,15 +24,8 @@ pub struct SelfcheckArgs {
 }
 
 pub fn run(args: &SelfcheckArgs) -> Result<()> {
-    // a --json path that cannot be written fails now, not after the whole selfcheck
     if let Some(path) = &args.json {
-        let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
-        if path.is_dir() || parent.is_some_and(|p| !p.is_dir()) {
-            bail!(
-                "--json {}: not a file in an existing folder",
-                path.display()
-            );
-        }
+        super::check_output_file(path, "--json")?;
     }
     let report = match super::resolve_backend(args.backend)? {
         BackendKind::Cuda => {
