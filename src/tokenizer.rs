@@ -55,6 +55,19 @@ impl Tokenizer {
             }
         };
         let mut eos_ids = config_ids("eos_token_id")?.unwrap_or_default();
+        // an EOS the model cannot sample would let every completion run to its cap unnoticed
+        if let Some(vocab) = model_config.get("vocab_size").and_then(Value::as_u64) {
+            if let Some(&id) = eos_ids.iter().find(|&&id| id as u64 >= vocab) {
+                let file = match gen_config.ids("eos_token_id")? {
+                    Some(_) => &gen_config,
+                    None => &model_config,
+                };
+                bail!(file.at(
+                    "eos_token_id",
+                    format!("{id} is outside the model's vocabulary of {vocab} tokens")
+                ));
+            }
+        }
         eos_ids.extend(id_of(&eos_token));
         let mut seen = Vec::new();
         eos_ids.retain(|id| {
@@ -418,6 +431,23 @@ pub(crate) mod tests {
             err.contains("tokenizer_config.json") && err.contains("eos_token"),
             "{err}"
         );
+        // an EOS the model cannot sample, named with the file it came from
+        let config = ("config.json", r#"{"vocab_size": 8, "eos_token_id": 9}"#);
+        let err = load_err(&[config]);
+        assert!(
+            err.contains("config.json") && err.contains("9 is outside the model's vocabulary of 8"),
+            "{err}"
+        );
+        let err = load_err(&[
+            config,
+            ("generation_config.json", r#"{"eos_token_id": [1, 8]}"#),
+        ]);
+        assert!(
+            err.contains("generation_config.json") && err.contains("8 is outside"),
+            "{err}"
+        );
+        let gen = ("generation_config.json", r#"{"eos_token_id": 7}"#);
+        assert_eq!(load(&[config, gen]).unwrap().eos_token_ids(), [7]);
     }
 
     #[test]
