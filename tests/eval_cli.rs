@@ -20,6 +20,16 @@ fn path_str(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// The command failed and its stderr holds every one of `needles`.
+#[track_caller]
+fn assert_refused(out: &Output, needles: &[&str]) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "it succeeded: {stderr}");
+    for n in needles {
+        assert!(stderr.contains(n), "expected {n:?} in: {stderr}");
+    }
+}
+
 #[test]
 fn eval_writes_table_json_markdown_and_items() {
     let dir = tempfile::tempdir().unwrap();
@@ -393,17 +403,13 @@ fn eval_compares_with_a_baseline_item_by_item() {
     assert_eq!(change["problems"], 6);
     assert_eq!(change["gained"].as_u64().unwrap() as usize, now_right);
 
-    let out = eval(&["--baseline", path_str(&second.join("missing"))]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && stderr.contains("missing/items.jsonl"),
-        "{stderr}"
+    assert_refused(
+        &eval(&["--baseline", path_str(&second.join("missing"))]),
+        &["missing/items.jsonl"],
     );
-    let out = eval(&["--baseline", path_str(&baseline), "--budget", "30"]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && stderr.contains("judged none of these sets' items"),
-        "{stderr}"
+    assert_refused(
+        &eval(&["--baseline", path_str(&baseline), "--budget", "30"]),
+        &["judged none of these sets' items"],
     );
 
     // Items told apart by (set, id, budget) must be so: a baseline judging an item twice, a
@@ -416,41 +422,33 @@ fn eval_compares_with_a_baseline_item_by_item() {
         .map(|i| format!("{i}\n"))
         .collect();
     std::fs::write(twice.join("items.jsonl"), lines).unwrap();
-    let out = eval(&["--baseline", path_str(&twice)]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
     let line = format!("twice/items.jsonl line {}", items.len() + 1);
-    assert!(
-        !out.status.success() && stderr.contains(&line) && stderr.contains("judged twice"),
-        "{stderr}"
+    assert_refused(
+        &eval(&["--baseline", path_str(&twice)]),
+        &[&line, "judged twice"],
     );
-    let out = thinkshort(&[
-        "eval",
-        "--model",
-        path_str(&model),
-        "--data-dir",
-        path_str(&data),
-        "--datasets",
-        "svamp,svamp",
-        "--backend",
-        "cpu",
-    ]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && stderr.contains("both named `svamp`"),
-        "{stderr}"
+    assert_refused(
+        &thinkshort(&[
+            "eval",
+            "--model",
+            path_str(&model),
+            "--data-dir",
+            path_str(&data),
+            "--datasets",
+            "svamp,svamp",
+            "--backend",
+            "cpu",
+        ]),
+        &["both named `svamp`"],
     );
-    let out = eval(&["--budgets", "30,40,30"]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && stderr.contains("--budgets lists 30 twice"),
-        "{stderr}"
+    assert_refused(
+        &eval(&["--budgets", "30,40,30"]),
+        &["--budgets lists 30 twice"],
     );
     // --budget beside --budgets was dropped without a word
-    let out = eval(&["--budgets", "30,40", "--budget", "50"]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && stderr.contains("cannot be used with"),
-        "{stderr}"
+    assert_refused(
+        &eval(&["--budgets", "30,40", "--budget", "50"]),
+        &["cannot be used with"],
     );
 }
 
@@ -466,20 +464,16 @@ fn items_sharing_an_id_are_an_error() {
     )
     .unwrap();
     let model = root().join("tests/fixtures/qwen2_tied");
-    let out = thinkshort(&[
-        "eval",
-        "--model",
-        path_str(&model),
-        "--datasets",
-        path_str(&file),
-        "--backend",
-        "cpu",
-    ]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success()
-            && stderr.contains("mine.jsonl line 2")
-            && stderr.contains("id `a` is line 1's too"),
-        "{stderr}"
+    assert_refused(
+        &thinkshort(&[
+            "eval",
+            "--model",
+            path_str(&model),
+            "--datasets",
+            path_str(&file),
+            "--backend",
+            "cpu",
+        ]),
+        &["mine.jsonl line 2", "id `a` is line 1's too"],
     );
 }
