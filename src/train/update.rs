@@ -322,6 +322,15 @@ mod tests {
         Model::random(cfg, 3, CpuBackend).unwrap()
     }
 
+    /// A two-layer Qwen2 (q/k/v biases, GQA 2:1) of vocabulary 40.
+    fn two_layer_qwen2() -> ModelConfig {
+        ModelConfig::from_json_str(
+            r#"{"model_type":"qwen2","vocab_size":40,"hidden_size":16,"intermediate_size":24,
+                "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2}"#,
+        )
+        .unwrap()
+    }
+
     /// AdamW (β = 0.9, 0.999) from zero moments over `model`'s weights (on the CPU, the host copy).
     fn fresh_optimizer(
         model: &Model<CpuBackend>,
@@ -459,11 +468,7 @@ mod tests {
     /// under `case`, `micro_batch` completions per pass. What the update returns and the
     /// weights after it.
     fn update_in_passes(case: &PassCase, micro_batch: usize) -> (UpdateResult, Vec<f32>) {
-        let cfg = ModelConfig::from_json_str(
-            r#"{"model_type":"qwen2","vocab_size":40,"hidden_size":16,"intermediate_size":24,
-                "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2}"#,
-        )
-        .unwrap();
+        let cfg = two_layer_qwen2();
         let mut model = Model::random(cfg, 11, CpuBackend).unwrap();
         let mut opt = fresh_optimizer(&model, 1e-6, 0.01);
         let ids =
@@ -507,11 +512,7 @@ mod tests {
     /// log-probs of the model after one epoch, with the first epoch's as logπold.
     #[test]
     fn the_second_epoch_takes_its_ratio_from_the_first_epochs_logprobs() {
-        let cfg = ModelConfig::from_json_str(
-            r#"{"model_type":"qwen2","vocab_size":40,"hidden_size":16,"intermediate_size":24,
-                "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2}"#,
-        )
-        .unwrap();
+        let cfg = two_layer_qwen2();
         let owned: Vec<(Vec<u32>, Vec<u32>)> = vec![
             (vec![1, 2, 3], vec![4, 5, 6, 7]),
             (vec![1, 2, 3], vec![8, 9]),
