@@ -105,11 +105,20 @@ fn structures() {
         "\\begin{pmatrix} -1 & 0 \\\\ 0 & -2 \\end{pmatrix}",
     );
     // A matrix is not its last entry, nor a scalar that every entry equals (the environment's
-    // name read as prose made the last number decide).
+    // name, or an array's column spec, read as prose made the last number decide).
     differ("\\begin{pmatrix}2&3\\end{pmatrix}", "3");
     differ("\\begin{pmatrix}2&2\\end{pmatrix}", "2");
     differ("\\begin{bmatrix}1\\\\1\\end{bmatrix}", "1");
     differ("\\begin {pmatrix} 1 \\end {pmatrix}", "(1)");
+    differ("\\begin{array}{ccc}1&2&3\\end{array}", "3");
+    differ("\\left[\\begin{array}{rrr}1&2&3\\end{array}\\right]", "3");
+    // other environments are judged as prose is, by their last number
+    for answer in [
+        "\\begin{aligned} x &= 5 \\end{aligned}",
+        "x = \\begin{cases} 5 \\end{cases}",
+    ] {
+        assert!(answers_match(answer, "5"), "{answer}");
+    }
 }
 
 #[test]

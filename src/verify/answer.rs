@@ -115,19 +115,16 @@ const FUNCTION_WORDS: [&str; 16] = [
     "sinh", "cosh", "tanh", "infty",
 ];
 
-/// Whether `s` holds prose: a word of three or more letters that is not a LaTeX command nor
-/// the name of an environment (`\\begin{pmatrix}`).
+/// Whether `s` holds prose: a word of three or more letters that is not a LaTeX command.
 pub fn is_prose(s: &str) -> bool {
     let mut prev = ' ';
     let mut run = 0;
     let mut escaped = false;
     let mut word = String::new();
-    let mut command = String::new(); // the last LaTeX command's name
     for c in s.chars().chain([' ']) {
         if c.is_alphabetic() {
             if run == 0 {
-                let environment = prev == '{' && (command == "begin" || command == "end");
-                escaped = prev == '\\' || environment;
+                escaped = prev == '\\';
             }
             run += 1;
             word.push(c);
@@ -135,17 +132,34 @@ pub fn is_prose(s: &str) -> bool {
             if run >= 3 && !escaped && !FUNCTION_WORDS.contains(&word.as_str()) {
                 return true;
             }
-            if run > 0 && escaped {
-                command = std::mem::take(&mut word);
-            } else if run > 0 || c != '{' {
-                command.clear();
-            }
             run = 0;
             word.clear();
         }
         prev = c;
     }
     false
+}
+
+/// The environments that write a matrix (what `\\begin{aligned}` or `\\begin{cases}` do not).
+const MATRIX_ENVIRONMENTS: [&str; 8] = [
+    "matrix",
+    "pmatrix",
+    "bmatrix",
+    "Bmatrix",
+    "vmatrix",
+    "Vmatrix",
+    "smallmatrix",
+    "array",
+];
+
+/// Whether `s` writes a matrix (`\\begin{pmatrix}`, an `array`, …): its environment's name and an
+/// array's column spec read as words, but it is not prose to be judged by its last number.
+pub fn writes_a_matrix(s: &str) -> bool {
+    s.match_indices("\\begin").any(|(at, b)| {
+        let rest = s[at + b.len()..].trim_start();
+        let name = rest.strip_prefix('{').and_then(|r| r.split_once('}'));
+        name.is_some_and(|(name, _)| MATRIX_ENVIRONMENTS.contains(&name.trim()))
+    })
 }
 
 /// Whether `s` reads as words (`Evelyn`, `even`, `ellipse`) rather than a product of letters.

@@ -78,8 +78,9 @@ pub fn answers_match(extracted: &str, gold: &str) -> bool {
         return true;
     }
     // Prose around a value ("The answer is 5 apples"): judge its last number, as math-verify
-    // judges the last expression it can read.
-    if answer::is_prose(&e) && !answer::is_prose(&g) {
+    // judges the last expression it can read. A matrix is not prose, though its environment's
+    // name reads as a word: it never equals its last entry.
+    if answer::is_prose(&e) && !answer::is_prose(&g) && !answer::writes_a_matrix(&e) {
         if let Some(n) = extract::last_number(&e) {
             return answer::equiv(&answer::parse(&latex::clean(&n)), &ga);
         }
