@@ -327,9 +327,6 @@ fn sft_refuses_to_replace_a_folder_of_other_files() {
     for (extra, needle) in [
         (&["--batch-size", "0"][..], "--batch-size and --steps"),
         (&["--lr=-1"][..], "--lr must be"),
-        // far more than the host's memory: refused before the weights load (it was killed by
-        // the kernel's out-of-memory killer)
-        (&["--batch-size", "100000000"][..], "sft needs about"),
     ] {
         let o = sft(&tmp.path().join("other"), extra);
         let stderr = String::from_utf8_lossy(&o.stderr);
@@ -367,6 +364,44 @@ fn a_missing_model_folder_or_template_is_named_as_such() {
         err.contains("prompt template papr") && err.contains("paper, chat"),
         "{err}"
     );
+}
+
+/// On the CPU, a batch far past the host's memory is refused before the weights load (it was
+/// killed by the kernel's out-of-memory killer), also where the estimate's products would
+/// overflow (2^62 examples wrapped around to a size that fit, then panicked).
+#[test]
+fn sft_refuses_a_batch_the_host_cannot_hold() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("in.jsonl");
+    std::fs::write(
+        &data,
+        r#"{"prompt": "compute : 3 + 4 .", "completion": " 7"}"#,
+    )
+    .unwrap();
+    let out = tmp.path().join("out");
+    for batch in ["100000000", "4611686018427387904"] {
+        let o = thinkshort(&[
+            "sft",
+            "--model",
+            "models/demo",
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--steps",
+            "1",
+            "--batch-size",
+            batch,
+            "--backend",
+            "cpu",
+        ]);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            o.status.code() == Some(1) && stderr.contains("sft needs about"),
+            "{batch}: {stderr}"
+        );
+        assert!(!out.exists());
+    }
 }
 
 /// An sft example longer than the model's positions is an error naming its file and line.

@@ -169,23 +169,29 @@ fn check_memory<B: TrainBackend>(
         ..estimate
     }
     .total();
-    let (room, place) = match free {
-        Some(free) => (Some(free), format!("free on the {} device", backend.name())),
-        None => (host_available(), "available on the host".to_string()),
-    };
-    if let Some(room) = room.filter(|&room| need > room) {
-        let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
-        bail!(
-            "sft needs about {:.2} GiB with {} examples per pass but {:.2} GiB are {place}: use \
-             a smaller --batch-size (now {}) or --micro-batch, shorter examples or a smaller \
-             model",
+    let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+    match free {
+        Some(free) if need > free => bail!(
+            "sft needs about {:.2} GiB on the {} device even with one example per pass, but \
+             {:.2} GiB are free: shorter examples or a smaller model",
             gib(need),
-            estimate.micro_batch,
-            gib(room),
-            args.batch_size
-        );
+            backend.name(),
+            gib(free)
+        ),
+        None => match host_available() {
+            Some(room) if need > room => bail!(
+                "sft needs about {:.2} GiB with {} examples per pass but the host has {:.2} GiB \
+                 available: a smaller --batch-size (now {}) or --micro-batch, shorter examples or \
+                 a smaller model",
+                gib(need),
+                estimate.micro_batch,
+                gib(room),
+                args.batch_size
+            ),
+            _ => Ok(()),
+        },
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 /// A scratch folder beside `out` for the demo's generated tokenizer and config.

@@ -65,23 +65,27 @@ impl TrainMemory {
         head_chunk_bytes: usize,
         shape: &RunShape,
     ) -> TrainMemory {
-        let sequences = shape.sequences;
+        // In u128, so that absurd sizes (a batch of 2^60) come out huge instead of wrapping
+        // around to a size that fits; each total is then capped at usize::MAX.
+        let wide = |x: usize| x as u128;
+        let sequences = wide(shape.sequences);
         let micro_batch = if shape.micro_batch == 0 {
             sequences
         } else {
-            shape.micro_batch.min(sequences)
+            wide(shape.micro_batch).min(sequences)
         };
-        let (prompt_len, cap) = (shape.prompt_len, shape.cap);
+        let (prompt_len, cap) = (wide(shape.prompt_len), wide(shape.cap));
         let seq_len = prompt_len + cap;
-        let n = crate::params::ParamLayout::new(cfg).total_len();
+        let n = wide(crate::params::ParamLayout::new(cfg).total_len());
         let (h, i, v, layers) = (
-            cfg.hidden_size,
-            cfg.intermediate_size,
-            cfg.vocab_size,
-            cfg.num_layers,
+            wide(cfg.hidden_size),
+            wide(cfg.intermediate_size),
+            wide(cfg.vocab_size),
+            wide(cfg.num_layers),
         );
-        let (q, kv) = (cfg.q_dim(), cfg.kv_dim());
-        let kv_cache = |tokens: usize| layers * tokens * 2 * kv * storage_bytes;
+        let (q, kv) = (wide(cfg.q_dim()), wide(cfg.kv_dim()));
+        let (storage_bytes, head_chunk_bytes) = (wide(storage_bytes), wide(head_chunk_bytes));
+        let kv_cache = |tokens: u128| layers * tokens * 2 * kv * storage_bytes;
         // the projections' product, a scratch the layers share; qk_norm keeps q and k before their
         // norms, and has k's gradient there; without it the backward has the product's gradient
         let qkv = q + 2 * kv;
@@ -91,7 +95,7 @@ impl TrainMemory {
         // one set of intermediates (the residual stream, its norms, the projections' product,
         // q, k, v, the attention output and projection, gate and up's product (2 I) and act)
         // besides the normed rows of the head.
-        let decode = |seqs: usize, prompts: usize, len: usize| {
+        let decode = |seqs: u128, prompts: u128, len: u128| {
             let prefill_tokens = prompts * prompt_len;
             let prefill = prefill_tokens * (4 * h + qkv + 2 * q + 2 * kv + 3 * i) * storage_bytes
                 + seqs * 2 * h * storage_bytes;
@@ -99,14 +103,14 @@ impl TrainMemory {
         };
         let prompts = match shape.prompts {
             0 => sequences,
-            p => p.min(sequences),
+            p => wide(p).min(sequences),
         };
         let rollout = decode(sequences, prompts, seq_len);
         let eval = if shape.eval_sequences == 0 {
             0
         } else {
-            let eval_seqs = shape.eval_sequences;
-            decode(eval_seqs, eval_seqs, prompt_len + shape.eval_cap)
+            let eval_seqs = wide(shape.eval_sequences);
+            decode(eval_seqs, eval_seqs, prompt_len + wide(shape.eval_cap))
         };
         // Update, per micro-batch: LayerActs per layer (5 of [M, H], q and attention output, k
         // and v, gate and up's product [M, 2 I] and act, f32 lse), the head (one chunk of rows'
@@ -120,7 +124,7 @@ impl TrainMemory {
         let tokens = micro_batch * seq_len;
         let scored = micro_batch * cap;
         let per_layer = tokens
-            * ((5 * h + 2 * q + 2 * kv + 3 * i + raw_qk) * storage_bytes + cfg.num_heads * 4);
+            * ((5 * h + 2 * q + 2 * kv + 3 * i + raw_qk) * storage_bytes + wide(cfg.num_heads) * 4);
         let chunk_rows = scored.min((head_chunk_bytes / (4 * v)).max(1));
         let head = chunk_rows * v * (4 + storage_bytes) + scored * 4 * h * storage_bytes;
         let backward = tokens * (3 * i + 3 * h + 2 * q + 2 * kv + d_projections) * storage_bytes
@@ -134,16 +138,17 @@ impl TrainMemory {
             layers * per_layer
         };
         let update = layer_acts + kv_cache(tokens) + head + backward + tokens * qkv * storage_bytes;
+        let capped = |x: u128| x.min(usize::MAX as u128) as usize;
         TrainMemory {
-            weights: n * storage_bytes * if shape.reference { 2 } else { 1 },
-            optimizer: if shape.offload { n * 4 } else { n * 4 * 4 },
-            host: if shape.offload { n * 4 * 3 } else { 0 },
-            rollout,
-            update,
-            eval,
-            sequences,
-            micro_batch,
-            seq_len,
+            weights: capped(n * storage_bytes * if shape.reference { 2 } else { 1 }),
+            optimizer: capped(if shape.offload { n * 4 } else { n * 4 * 4 }),
+            host: capped(if shape.offload { n * 4 * 3 } else { 0 }),
+            rollout: capped(rollout),
+            update: capped(update),
+            eval: capped(eval),
+            sequences: shape.sequences,
+            micro_batch: capped(micro_batch),
+            seq_len: capped(seq_len),
         }
     }
 
@@ -154,7 +159,9 @@ impl TrainMemory {
     }
 
     pub fn total(&self) -> usize {
-        self.weights + self.optimizer + self.activations()
+        self.weights
+            .saturating_add(self.optimizer)
+            .saturating_add(self.activations())
     }
 
     /// Prints the estimate and fails when the device (`device` names it) reports less free
@@ -313,6 +320,23 @@ mod tests {
             reference,
             offload,
             ..RunShape::default()
+        }
+    }
+
+    /// Sizes far past any memory come out far past it, never wrapped around to a small number
+    /// (2^62 sequences made every activation term a multiple of 2^64: 0 bytes).
+    #[test]
+    fn absurd_sizes_saturate_instead_of_wrapping() {
+        let cfg = ModelConfig::from_json_str(
+            r#"{"model_type": "qwen2", "vocab_size": 10, "hidden_size": 8,
+            "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "num_key_value_heads": 1}"#,
+        )
+        .unwrap();
+        for sequences in [1 << 62, 1 << 63, usize::MAX] {
+            let m =
+                TrainMemory::estimate(&cfg, 2, 1 << 30, &shape(sequences, 0, 2, 3, true, false));
+            assert_eq!(m.total(), usize::MAX, "{sequences} sequences");
         }
     }
 
