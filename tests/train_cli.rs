@@ -580,6 +580,18 @@ fn dry_run_prints_the_plan_and_writes_nothing() {
             && stderr.contains("2000 new tokens exceed the model's max_position_embeddings of 512"),
         "{stderr}"
     );
+    // the estimate holds the largest cap ahead: a list schedule that raises the budget at
+    // step 5 (it sized step 0's sequences of ≤ 37 tokens)
+    let rising = [
+        "--dry-run",
+        "--set",
+        "schedule.kind=list",
+        "--set",
+        "schedule.budgets=[[0,10],[5,200]]",
+    ];
+    let o = train(&out, &rising);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(stderr.contains("8 sequences of ≤ 417 tokens"), "{stderr}");
     // on the CPU the whole estimate must fit the host's available memory (it said "fits")
     let o = train(&out, &["--dry-run", "--set", "prompts_per_step=1000000000"]);
     let stderr = String::from_utf8_lossy(&o.stderr);

@@ -209,11 +209,15 @@ pub fn train_on<B: TrainBackend>(
     let prompt_len = longest_prompt(&tok, inputs, state.curriculum.budget_at(state.step))?;
     // Every sequence of the run (rollouts, the held-out evaluation) within the model's
     // positions, checked before anything loads.
-    let longest_new = (state.step..cfg.steps)
+    let longest_cap = (state.step..cfg.steps)
         .map(|s| cfg.cap_at(&state.curriculum, s))
-        .chain((cfg.eval_every > 0).then_some(cfg.eval_max_tokens))
         .max()
         .unwrap_or(0);
+    let longest_new = longest_cap.max(if cfg.eval_every > 0 {
+        cfg.eval_max_tokens
+    } else {
+        0
+    });
     if prompt_len + longest_new > model_cfg.max_position_embeddings {
         bail!(
             "prompts of up to {prompt_len} tokens with up to {longest_new} new tokens exceed the \
@@ -227,7 +231,8 @@ pub fn train_on<B: TrainBackend>(
         prompts: cfg.prompts_per_step,
         micro_batch: 0,
         prompt_len,
-        cap: cfg.cap_at(&state.curriculum, state.step),
+        // the largest cap ahead: a `list` schedule may raise the budget later
+        cap: longest_cap,
         eval_sequences: if cfg.eval_every > 0 {
             inputs.eval.len().min(sequences)
         } else {
