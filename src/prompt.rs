@@ -66,12 +66,12 @@ impl PromptTemplate {
     /// Jinja drops it; end the file with two newlines to keep one.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| {
-            format!(
-                "cannot read prompt template {}: it names no file, nor a template by name \
-                 (paper, chat; raw in generate and eval), and a template written out must \
-                 contain {{question}}",
-                path.display()
-            )
+            let unknown = if path.exists() {
+                ""
+            } else {
+                " (no such file, nor a template by name: paper, chat; raw in generate and eval)"
+            };
+            format!("cannot read prompt template {}{unknown}", path.display())
         })?;
         let text = text
             .strip_suffix('\n')
@@ -501,9 +501,12 @@ mod tests {
             PromptTemplate::from_file(&dir.path().join("absent.txt")).unwrap_err()
         );
         assert!(
-            err.contains("absent.txt") && err.contains("paper, chat") && err.contains("{question}"),
+            err.contains("absent.txt") && err.contains("no such file, nor a template by name"),
             "{err}"
         );
+        // a file that is there but cannot be read is not said to be missing
+        let err = format!("{:#}", PromptTemplate::from_file(dir.path()).unwrap_err());
+        assert!(!err.contains("no such file"), "{err}");
     }
 
     #[test]

@@ -454,7 +454,8 @@ impl TrainConfig {
             "paper" => Ok(PromptTemplate::paper()),
             "chat" => Ok(PromptTemplate::default_chat()),
             p if p.contains("{question}") => PromptTemplate::plain(p),
-            p => PromptTemplate::from_file(Path::new(p)).context("config key prompt"),
+            p => PromptTemplate::from_file(Path::new(p))
+                .context("config key prompt (a template written out must contain {question})"),
         }
     }
 

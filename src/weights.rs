@@ -135,14 +135,20 @@ pub fn load_params(dir: &Path, cfg: &ModelConfig, layout: &ParamLayout) -> Resul
         .keys()
         .find(|name| !used.contains(name.as_str()) && !ignored(name))
     {
+        let hint = if ["q_proj.bias", "k_proj.bias", "v_proj.bias"]
+            .iter()
+            .any(|b| unused.ends_with(b))
+        {
+            " (Qwen2 weights, whose q/k/v projections have biases, need model_type qwen2; \
+             Llama and Qwen3 ones, attention_bias true)"
+        } else {
+            ""
+        };
         bail!(
-            "the weights of {} hold `{unused}`, which config.json ({:?}, attention_bias {}, \
-             mlp_bias {}) has no use for: the config is not this model's (Qwen2 weights, with \
-             q/k/v biases, need model_type qwen2)",
+            "the weights of {} hold `{unused}`, which config.json (model_type {:?}) has no use \
+             for: the config is not this model's{hint}",
             dir.display(),
-            cfg.arch,
-            cfg.qkv_bias,
-            cfg.mlp_bias
+            cfg.arch
         );
     }
 

@@ -520,23 +520,46 @@ fn logprobs_output_through_a_link_keeps_the_link() {
     score_through(&dangling, &new_target);
 }
 
-/// `thinkshort generate` on a copy of the qwen2_tied fixture whose config.json `edit` changed:
-/// whether it succeeded, and its stderr.
-fn generate_with_edited_config(edit: impl Fn(&mut serde_json::Value)) -> (bool, String) {
+/// `thinkshort generate` on a copy of the qwen2_tied fixture whose config.json `edit` changed
+/// and whose weights hold the `extra` f32 tensors (name, shape) too: whether it succeeded, and
+/// its stderr.
+fn generate_with_edited_model(
+    edit: impl Fn(&mut serde_json::Value),
+    extra: &[(&str, &[usize])],
+) -> (bool, String) {
     let tmp = tempfile::tempdir().unwrap();
     let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen2_tied");
-    for f in [
-        "config.json",
-        "model.safetensors",
-        "tokenizer.json",
-        "tokenizer_config.json",
-    ] {
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
         std::fs::copy(fixture.join(f), tmp.path().join(f)).unwrap();
     }
     let config = std::fs::read_to_string(fixture.join("config.json")).unwrap();
     let mut json: serde_json::Value = serde_json::from_str(&config).unwrap();
     edit(&mut json);
     std::fs::write(tmp.path().join("config.json"), json.to_string()).unwrap();
+    let bytes = std::fs::read(fixture.join("model.safetensors")).unwrap();
+    let weights = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let zeros: Vec<Vec<u8>> = extra
+        .iter()
+        .map(|(_, shape)| vec![0u8; 4 * shape.iter().product::<usize>()])
+        .collect();
+    let mut views: Vec<(String, TensorView)> = weights
+        .tensors()
+        .into_iter()
+        .map(|(name, t)| {
+            (
+                name,
+                TensorView::new(t.dtype(), t.shape().to_vec(), t.data()).unwrap(),
+            )
+        })
+        .collect();
+    for ((name, shape), data) in extra.iter().zip(&zeros) {
+        views.push((
+            name.to_string(),
+            TensorView::new(Dtype::F32, shape.to_vec(), data).unwrap(),
+        ));
+    }
+    let written = safetensors::tensor::serialize(views, None).unwrap();
+    std::fs::write(tmp.path().join("model.safetensors"), written).unwrap();
     let o = thinkshort(&[
         "generate",
         "--model",
@@ -558,7 +581,7 @@ fn generate_with_edited_config(edit: impl Fn(&mut serde_json::Value)) -> (bool, 
 /// layers were ignored): an error naming a tensor of the extra layer.
 #[test]
 fn weights_of_layers_beyond_the_config_are_an_error() {
-    let (ok, stderr) = generate_with_edited_config(|json| json["num_hidden_layers"] = 1.into());
+    let (ok, stderr) = generate_with_edited_model(|json| json["num_hidden_layers"] = 1.into(), &[]);
     assert!(
         !ok && stderr.contains("`model.layers.1.") && stderr.contains("beyond the 1"),
         "{stderr}"
@@ -567,15 +590,30 @@ fn weights_of_layers_beyond_the_config_are_an_error() {
 
 /// Qwen2 weights under a Llama config (no attention biases) would run without their q/k/v
 /// biases and answer wrongly without a word: a tensor the config has no use for is an error
-/// naming it.
+/// naming it (with the hint about biases only for a bias). A tied model's stored head and the
+/// rotary frequencies of older checkpoints are left out, as transformers leaves them.
 #[test]
 fn weights_the_config_does_not_use_are_an_error() {
-    let (ok, stderr) = generate_with_edited_config(|json| json["model_type"] = "llama".into());
+    let llama = |json: &mut serde_json::Value| json["model_type"] = "llama".into();
+    let (ok, stderr) = generate_with_edited_model(llama, &[]);
     assert!(
-        !ok && stderr.contains("_proj.bias`") && stderr.contains("has no use for"),
+        !ok && stderr.contains("_proj.bias`")
+            && stderr.contains("has no use for")
+            && stderr.contains("need model_type qwen2"),
         "{stderr}"
     );
-    let (ok, stderr) = generate_with_edited_config(|_| {});
+    let (ok, stderr) = generate_with_edited_model(|_| {}, &[("score.weight", &[2, 2])]);
+    assert!(
+        !ok && stderr.contains("`score.weight`") && !stderr.contains("model_type qwen2"),
+        "{stderr}"
+    );
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen2_tied");
+    let cfg = ModelConfig::from_model_dir(&fixture).unwrap();
+    let kept = [
+        ("lm_head.weight", &[cfg.vocab_size, cfg.hidden_size][..]),
+        ("model.layers.0.self_attn.rotary_emb.inv_freq", &[4][..]),
+    ];
+    let (ok, stderr) = generate_with_edited_model(|_| {}, &kept);
     assert!(ok, "{stderr}");
 }
 
