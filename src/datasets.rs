@@ -113,7 +113,8 @@ fn read(path: &Path, parse: fn(&Map<String, Value>, usize) -> Result<Item>) -> R
         }
         if let Some(first) = line_of_id.insert(item.id.clone(), i + 1) {
             bail!(
-                "{}: id `{}` is line {first}'s too: every item needs its own id",
+                "{}: id `{}` is line {first}'s too (an item without an `id` takes its line \
+                 number): every item needs its own id",
                 at(),
                 item.id
             );

@@ -292,10 +292,10 @@ mod tests {
     /// kept tokens are drawn with their tempered probabilities.
     #[test]
     fn top_p_applies_to_the_tempered_probabilities() {
-        let logits = [0.0f32, 2f32.ln(), 0.0, 3f32.ln()]; // probs ∝ [1, 2, 1, 3] at τ = 1
-                                                          // τ = 2: probs ∝ [1, √2, 1, √3]; √3 / (2 + √2 + √3) = 0.337 < 0.4, so top-p 0.4 keeps
-                                                          // {3, 1} (at τ = 1 it keeps {3} alone: 3/7 ≥ 0.4); within them token 1 has mass
-                                                          // √2 / (√2 + √3) = 0.4495, first in vocabulary order.
+        // probs ∝ [1, 2, 1, 3] at τ = 1. At τ = 2: probs ∝ [1, √2, 1, √3]; √3 / (2 + √2 + √3)
+        // = 0.337 < 0.4, so top-p 0.4 keeps {3, 1} (at τ = 1 it keeps {3} alone: 3/7 ≥ 0.4);
+        // within them token 1 has mass √2 / (√2 + √3) = 0.4495, first in vocabulary order.
+        let logits = [0.0f32, 2f32.ln(), 0.0, 3f32.ln()];
         let p = params(2.0, 0, 0.4);
         assert_eq!(sample(&logits, &p, 0.44), 1);
         assert_eq!(sample(&logits, &p, 0.46), 3);

@@ -141,12 +141,12 @@ pub fn step(args: &StepArgs) -> Result<()> {
     }
 }
 
-/// `bench step` of model `cfg` on `backend`, named `device` in the output (the tests run the
-/// CUDA backend over an emulated device).
 /// The stream of the correctness coin flips, apart from the sampler's (numbered from 0) and
 /// from train's prompt picks.
 const COIN_STREAM: u64 = rng::PROMPT_PICK_STREAM - 1;
 
+/// `bench step` of model `cfg` on `backend`, named `device` in the output (the tests run the
+/// CUDA backend over an emulated device).
 pub fn run_on<B: TrainBackend>(
     args: &StepArgs,
     cfg: &ModelConfig,

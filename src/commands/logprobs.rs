@@ -21,7 +21,8 @@ pub struct LogprobsArgs {
     /// JSONL file of prompts and completions (ids or text).
     #[arg(long)]
     pub input: PathBuf,
-    /// JSONL file to write, one `{"logprobs": [...]}` line per input line.
+    /// JSONL file to write, one `{"logprobs": [...]}` line per input line (blank lines at
+    /// the end of the input get none).
     #[arg(long)]
     pub output: PathBuf,
     /// Log-probs of softmax(logits / temperature).
@@ -131,10 +132,9 @@ impl LazyTokenizer {
     }
 }
 
-/// Parses the input file; every error names the file and line.
-/// The items of the input, one per line. Output line n scores input line n, so a blank line
-/// before the last item is an error (blank lines at the end are left out), and so is an item
-/// longer than the model's positions.
+/// The items of the input file, one per line; every error names the file and line. Output
+/// line n scores input line n, so a blank line before an item is an error (blank lines at the
+/// end are left out), and so is an item longer than the model's positions.
 fn read_items(
     path: &Path,
     vocab: usize,

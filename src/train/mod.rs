@@ -60,8 +60,8 @@ pub struct TrainInputs {
     pub is_correct: fn(&str, &str) -> bool,
 }
 
-/// The training reward's correctness: the first `<answer>…</answer>` span only (no fallbacks),
-/// judged by the answer verifier.
+/// The training reward's correctness: the first well-formed `<answer>…</answer>` span only (no
+/// fallbacks), judged by the answer verifier.
 pub fn answer_is_correct(text: &str, gold: &str) -> bool {
     let strict = crate::verify::ExtractOptions {
         boxed_fallback: false,

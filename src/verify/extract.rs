@@ -1,5 +1,5 @@
-//! Finding the answer in a model's response: the first `<answer>…</answer>` span, else the last
-//! `\boxed{}`, else the last number.
+//! Finding the answer in a model's response: the first well-formed `<answer>…</answer>` span,
+//! else the last `\boxed{}`, else the last number.
 
 use super::latex::group_end;
 

@@ -46,8 +46,8 @@ pub struct Verdict {
     pub correct: bool,
 }
 
-/// The answer in a response: the first `<answer>…</answer>` span, else (if enabled) the last
-/// `\boxed{}`, else (if enabled) the last number.
+/// The answer in a response: the first well-formed `<answer>…</answer>` span, else (if enabled)
+/// the last `\boxed{}`, else (if enabled) the last number.
 pub fn extract_answer(response: &str, opts: &ExtractOptions) -> Option<String> {
     if let Some(a) = extract::answer_tag(response) {
         return Some(a);
