@@ -788,6 +788,29 @@ fn resume_refuses_settings_the_checkpoint_overrides() {
             "{change}: {stderr}"
         );
     }
+    // a state whose step was changed by hand (its optimizer has stepped more often than the
+    // step allows): refused, where it retrained step 0 over the real step-000001
+    let edited = tmp.path().join("edited");
+    std::fs::create_dir(&edited).unwrap();
+    for entry in std::fs::read_dir(&checkpoint).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, edited.join(path.file_name().unwrap())).unwrap();
+    }
+    let state_path = edited.join("trainer_state.json");
+    let mut state: Value =
+        serde_json::from_str(&std::fs::read_to_string(&state_path).unwrap()).unwrap();
+    assert_eq!(state["step"], 1);
+    state["step"] = 0.into();
+    std::fs::write(&state_path, state.to_string()).unwrap();
+    let before = std::fs::read(checkpoint.join("model.safetensors")).unwrap();
+    let args = ["--set", "steps=2", "--set", "eval_every=0", "--resume"];
+    let o = train(&out, &[&args[..], &[edited.to_str().unwrap()]].concat());
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && stderr.contains("trainer_state.json is damaged"),
+        "{stderr}"
+    );
+    assert!(std::fs::read(checkpoint.join("model.safetensors")).unwrap() == before);
     // --stop-after at the checkpoint's step has nothing to do (it cut the logs back): refused
     let o = train(&out, &resumed(&["--stop-after", "1"]));
     let stderr = String::from_utf8_lossy(&o.stderr);

@@ -170,6 +170,19 @@ pub(super) fn check_resumed_settings(
             c.total_steps
         );
     }
+    // AdamW steps once per epoch of a step that was not skipped: more than that means the
+    // state's step was changed (resuming would redo steps, over their checkpoints)
+    let most = state.step as u64 * cfg.loss.epochs.max(1) as u64;
+    if state.optimizer.t > most {
+        bail!(
+            "--resume: the checkpoint says step {} but its optimizer has taken {} steps (at most \
+             {most} with loss.epochs = {}): its trainer_state.json is damaged, or the run had \
+             more loss.epochs",
+            state.step,
+            state.optimizer.t,
+            cfg.loss.epochs
+        );
+    }
     if c.total_steps != cfg.steps {
         bail!(
             "--resume: the checkpoint's run has steps = {}, the settings {}; {hint}",
