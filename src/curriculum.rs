@@ -100,12 +100,35 @@ struct ScheduleTable {
     steps: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     b: Option<usize>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "step_budget_pairs",
+        skip_serializing_if = "Option::is_none"
+    )]
     budgets: Option<Vec<(usize, usize)>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     window: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     tolerance: Option<f64>,
+}
+
+/// `budgets = [[step, budget], ...]`, each entry exactly a pair (a tuple's deserializer leaves
+/// a third number unread and unsaid).
+fn step_budget_pairs<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Vec<(usize, usize)>>, D::Error> {
+    let entries: Vec<Vec<usize>> = Vec::deserialize(d)?;
+    let pair = |e: Vec<usize>| match e[..] {
+        [step, budget] => Ok((step, budget)),
+        _ => Err(serde::de::Error::custom(format!(
+            "each entry is [step, budget], got {e:?}"
+        ))),
+    };
+    entries
+        .into_iter()
+        .map(pair)
+        .collect::<Result<_, _>>()
+        .map(Some)
 }
 
 impl TryFrom<ScheduleTable> for Schedule {

@@ -1272,6 +1272,11 @@ fn config_errors_name_the_key() {
         ("[schedule]\ngamma = 0.5\nwindow = 3", "schedule.window"),
         ("[schedule]\nkind = \"constant\"\nb0 = 5", "schedule.b0"),
         ("[schedule]\nkind = \"list\"", "schedule.budgets"),
+        // a third number in an entry was read as the pair and dropped
+        (
+            "[schedule]\nkind = \"list\"\nbudgets = [[0, 20, 5]]",
+            "schedule.budgets: each entry is [step, budget], got [0, 20, 5]",
+        ),
         ("[schedule]\nkind = \"weekly\"", "schedule.kind"),
         ("[schedule]\ngamma = 1.5", "schedule.gamma"),
         ("[schedule]\ngamma = 0.0", "schedule.gamma"),
