@@ -366,62 +366,21 @@ fn a_missing_model_folder_or_template_is_named_as_such() {
     );
 }
 
-/// On the CPU, a batch far past the host's memory is refused before the weights load (it was
-/// killed by the kernel's out-of-memory killer), also where the estimate's products would
-/// overflow (2^62 examples wrapped around to a size that fit, then panicked).
-#[test]
-fn sft_refuses_a_batch_the_host_cannot_hold() {
+/// `thinkshort sft` on the CPU from models/demo for one step over a data file of `lines`, with
+/// `extra` arguments: its output, and whether it left an output folder.
+fn sft_once(lines: &[String], extra: &[&str]) -> (std::process::Output, bool) {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("in.jsonl");
-    std::fs::write(
-        &data,
-        r#"{"prompt": "compute : 3 + 4 .", "completion": " 7"}"#,
-    )
-    .unwrap();
-    let out = tmp.path().join("out");
-    for batch in ["100000000", "4611686018427387904"] {
-        let o = thinkshort(&[
-            "sft",
-            "--model",
-            "models/demo",
-            "--data",
-            data.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--steps",
-            "1",
-            "--batch-size",
-            batch,
-            "--backend",
-            "cpu",
-        ]);
-        let stderr = String::from_utf8_lossy(&o.stderr);
-        assert!(
-            o.status.code() == Some(1) && stderr.contains("sft needs about"),
-            "{batch}: {stderr}"
-        );
-        assert!(!out.exists());
-    }
-}
-
-/// An sft example longer than the model's positions is an error naming its file and line.
-#[test]
-fn sft_names_the_line_of_an_example_too_long_for_the_model() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("in.jsonl");
-    let long = " 7".repeat(600);
-    let lines = [
-        r#"{"prompt": "compute : 3 + 4 .", "completion": " 7"}"#.to_string(),
-        format!(r#"{{"prompt": "compute : 3 + 4 .", "completion": "{long}"}}"#),
-    ];
     std::fs::write(&data, lines.join("\n")).unwrap();
     let out = tmp.path().join("out");
-    let o = thinkshort(&[
+    let mut args = vec![
         "sft",
         "--model",
         "models/demo",
         "--data",
         data.to_str().unwrap(),
+    ];
+    args.extend([
         "--out",
         out.to_str().unwrap(),
         "--steps",
@@ -429,6 +388,36 @@ fn sft_names_the_line_of_an_example_too_long_for_the_model() {
         "--backend",
         "cpu",
     ]);
+    args.extend(extra);
+    (thinkshort(&args), out.exists())
+}
+
+/// On the CPU, a batch far past the host's memory is refused before the weights load (it was
+/// killed by the kernel's out-of-memory killer), also where the estimate's products would
+/// overflow (2^62 examples wrapped around to a size that fit, then panicked).
+#[test]
+fn sft_refuses_a_batch_the_host_cannot_hold() {
+    let line = r#"{"prompt": "compute : 3 + 4 .", "completion": " 7"}"#.to_string();
+    for batch in ["100000000", "4611686018427387904"] {
+        let (o, wrote) = sft_once(std::slice::from_ref(&line), &["--batch-size", batch]);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            o.status.code() == Some(1) && stderr.contains("sft needs about"),
+            "{batch}: {stderr}"
+        );
+        assert!(!wrote);
+    }
+}
+
+/// An sft example longer than the model's positions is an error naming its file and line.
+#[test]
+fn sft_names_the_line_of_an_example_too_long_for_the_model() {
+    let long = " 7".repeat(600);
+    let lines = [
+        r#"{"prompt": "compute : 3 + 4 .", "completion": " 7"}"#.to_string(),
+        format!(r#"{{"prompt": "compute : 3 + 4 .", "completion": "{long}"}}"#),
+    ];
+    let (o, wrote) = sft_once(&lines, &[]);
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(
         !o.status.success()
@@ -436,10 +425,10 @@ fn sft_names_the_line_of_an_example_too_long_for_the_model() {
             && stderr.contains("max_position_embeddings of 512"),
         "{stderr}"
     );
-    assert!(!out.exists());
+    assert!(!wrote);
 }
 
-/// Output line n scores input line n: a blank line between items is an error naming it
+/// Output line n scores input line n: a blank line before an item is an error naming it
 /// (skipping it shifted every later line), blank lines at the end are not; an item longer than
 /// the model's positions is an error naming its line.
 #[test]
