@@ -47,26 +47,26 @@ impl Tokenizer {
         let pad_token = tok_config.token("pad_token")?;
         let id_of = |token: &Option<String>| token.as_deref().and_then(|t| inner.token_to_id(t));
 
-        // generation_config.json wins over config.json, as in `model.generate`.
-        let config_ids = |key: &str| -> Result<Option<Vec<u32>>> {
+        // generation_config.json wins over config.json, as in `model.generate`; with the file
+        // the ids came from
+        let config_ids = |key: &str| -> Result<Option<(Vec<u32>, &JsonFile)>> {
             match gen_config.ids(key)? {
-                Some(ids) => Ok(Some(ids)),
-                None => model_config.ids(key),
+                Some(ids) => Ok(Some((ids, &gen_config))),
+                None => Ok(model_config.ids(key)?.map(|ids| (ids, &model_config))),
             }
         };
-        let mut eos_ids = config_ids("eos_token_id")?.unwrap_or_default();
-        // an EOS the model cannot sample would let every completion run to its cap unnoticed
-        if let Some(vocab) = model_config.get("vocab_size").and_then(Value::as_u64) {
-            if let Some(&id) = eos_ids.iter().find(|&&id| id as u64 >= vocab) {
-                let file = match gen_config.ids("eos_token_id")? {
-                    Some(_) => &gen_config,
-                    None => &model_config,
-                };
+        let mut eos_ids = Vec::new();
+        if let Some((ids, file)) = config_ids("eos_token_id")? {
+            // an EOS the model cannot sample would let every completion run to its cap unnoticed
+            let vocab =
+                (model_config.get("vocab_size").and_then(Value::as_u64)).unwrap_or(u64::MAX);
+            if let Some(id) = ids.iter().find(|&&id| id as u64 >= vocab) {
                 bail!(file.at(
                     "eos_token_id",
                     format!("{id} is outside the model's vocabulary of {vocab} tokens")
                 ));
             }
+            eos_ids = ids;
         }
         eos_ids.extend(id_of(&eos_token));
         let mut seen = Vec::new();
@@ -78,7 +78,7 @@ impl Tokenizer {
             true
         });
         let pad_id = match config_ids("pad_token_id")? {
-            Some(ids) if !ids.is_empty() => Some(ids[0]),
+            Some((ids, _)) if !ids.is_empty() => Some(ids[0]),
             _ => id_of(&pad_token),
         };
         // BOS is the tokenizer's own (HF `tokenizer.bos_token_id`): config.json often names a

@@ -75,8 +75,9 @@ pub fn run(args: &SftArgs) -> Result<()> {
 /// The run on `backend`, with `staging` (a scratch folder beside --out, removed by the caller
 /// whatever happens) for the demo model's tokenizer and config.
 fn sft_with_staging<B: TrainBackend>(args: &SftArgs, staging: &Path, backend: B) -> Result<()> {
-    // the f32 weights the run starts from: the optimizer's master weights
-    let (source_dir, cfg, master, data) = if args.demo {
+    // the f32 weights the run starts from (the optimizer's master weights): the demo's random
+    // ones, or the model folder's, read once the step is known to fit
+    let (source_dir, cfg, random, data) = if args.demo {
         vocab::write_tokenizer_files(staging)?;
         let tok = Tokenizer::from_model_dir(staging)?;
         let config = vocab::demo_model_config(tok.vocab_size());
@@ -84,7 +85,7 @@ fn sft_with_staging<B: TrainBackend>(args: &SftArgs, staging: &Path, backend: B)
         let cfg = ModelConfig::from_json_str(&config)?;
         let random = Model::random(cfg.clone(), args.seed, CpuBackend)?;
         let data = demo_examples(&tok, 20_000)?;
-        (staging.to_path_buf(), cfg, random.params, data)
+        (staging.to_path_buf(), cfg, Some(random.params), data)
     } else {
         let dir = args
             .model
@@ -94,13 +95,13 @@ fn sft_with_staging<B: TrainBackend>(args: &SftArgs, staging: &Path, backend: B)
         let cfg = ModelConfig::from_model_dir(dir)?;
         let data_path = args.data.as_ref().expect("clap requires --data");
         let data = read_jsonl(data_path, &tok, cfg.max_position_embeddings)?;
-        check_memory(args, &cfg, &data, &backend)?;
-        let master = crate::weights::load_params(dir, &cfg, &ParamLayout::new(&cfg))?;
-        (dir.clone(), cfg, master, data)
+        (dir.clone(), cfg, None, data)
     };
-    if args.demo {
-        check_memory(args, &cfg, &data, &backend)?;
-    }
+    check_memory(args, &cfg, &data, &backend)?;
+    let master = match random {
+        Some(params) => params,
+        None => crate::weights::load_params(&source_dir, &cfg, &ParamLayout::new(&cfg))?,
+    };
     let mut model = Model::from_host(cfg, &master, backend)?;
     eprintln!(
         "sft: {} parameters on the {} backend, {} examples, {} steps of {}",
